@@ -1,0 +1,73 @@
+"""The regularizers of method.md §2, as functions of activations.
+
+Each takes activations `(..., N, D)` (N samples of a batch; leading dims free, so the same
+code serves an ensemble or a sequence) and returns a per-sample loss `(..., N)`. Selection
+and weighting by labels happen elsewhere (`anchor.terms`), so each function stays a formula.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    return F.normalize(v, dim=-1)
+
+
+def separation(z: torch.Tensor, power: float = 100.0, shift: bool = True) -> torch.Tensor:
+    """Push every sample away from the others in the batch (by angle).
+
+    Per sample i: Σ_{j≠i} s_ij^p with s_ij = (1 + cos_ij)/2 (shift) or cos_ij (no shift,
+    the older cos^10 form). A high power makes it act only on near-collisions.
+    """
+    u = _unit(z)
+    cos = u @ u.transpose(-1, -2)
+    s = (1.0 + cos) / 2.0 if shift else cos
+    pair = s.pow(power)
+    eye = torch.eye(z.shape[-2], dtype=z.dtype, device=z.device)
+    return (pair * (1.0 - eye)).sum(-1)
+
+
+def anchor(z: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """Angular anchor: 1 − cos(z, v̂). Zero exactly at the anchor, 2 opposite it."""
+    return 1.0 - (_unit(z) * _unit(direction)).sum(-1)
+
+
+def euclidean_anchor(z: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
+    """Older 'polar' anchor: squared distance to a fixed point (no normalisation)."""
+    return (z - point).pow(2).sum(-1)
+
+
+def _dim_mask(z: torch.Tensor, dims: list[int] | tuple[int, ...]) -> torch.Tensor:
+    mask = torch.zeros(z.shape[-1], dtype=z.dtype, device=z.device)
+    mask[list(dims)] = 1.0
+    return mask
+
+
+def subspace(z: torch.Tensor, dims: list[int] | tuple[int, ...]) -> torch.Tensor:
+    """Energy outside the kept dims: Σ_{d∉D} z_d². Planarity is dims (0, 1)."""
+    return (z.pow(2) * (1.0 - _dim_mask(z, dims))).sum(-1)
+
+
+def anti_anchor(z: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """max(0, cos(z, û)): reserves the hemisphere around û (e.g. û = −red keeps red's opposite empty)."""
+    return torch.relu((_unit(z) * _unit(direction)).sum(-1))
+
+
+def anti_subspace(z: torch.Tensor, dims: list[int] | tuple[int, ...]) -> torch.Tensor:
+    """Energy inside dims D: Σ_{d∈D} z_d². Clears D so only the concept uses it."""
+    return (z.pow(2) * _dim_mask(z, dims)).sum(-1)
+
+
+def unitarity(z: torch.Tensor) -> torch.Tensor:
+    """(‖z‖ − 1)² on a pre-normalisation activation (older runs with no explicit norm)."""
+    return (z.norm(dim=-1) - 1.0).pow(2)
+
+
+def euclidean_repulsion(z: torch.Tensor, eps: float = 1e-2) -> torch.Tensor:
+    """Per sample: mean over j≠i of 1/(‖z_i − z_j‖² + ε). Pushes points apart in space."""
+    d2 = (z.unsqueeze(-2) - z.unsqueeze(-3)).pow(2).sum(-1)
+    n = z.shape[-2]
+    eye = torch.eye(n, dtype=z.dtype, device=z.device)
+    return ((1.0 - eye) / (d2 + eps)).sum(-1) / max(n - 1, 1)

@@ -1,0 +1,118 @@
+"""Regularizer terms: a formula bound to a site, a schedule weight, and a sample selection.
+
+A concept term averages over the batch's samples labelled for that concept and is exactly
+0 when none are (method.md §2); 'unlabelled' averages over the rest; 'all' over everything.
+Written without data-dependent branches so it runs under vmap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
+
+import torch
+
+from anchoring.anchor import regularizers as R
+from anchoring.errors import AnchoringError
+
+Select = Literal["labelled", "unlabelled", "all"]
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A named concept: how samples get labelled for it, and where it should live.
+
+    `labeller` is any object with `probability(x)`, `exact(x)` and `draw(x, uniform)`;
+    `anchor` is a direction in latent space, `dims` a subspace; either may be absent.
+    """
+
+    name: str
+    labeller: object
+    anchor: tuple[float, ...] | None = None
+    dims: tuple[int, ...] | None = None
+
+
+@dataclass
+class Term:
+    name: str
+    kind: str
+    weight: str
+    site: str
+    formula: Callable[[torch.Tensor], torch.Tensor]
+    concept: str | None = None
+    select: Select = "all"
+    params: dict = field(default_factory=dict)
+
+    def __call__(self, acts: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Batch loss `(...)` from activations `(..., N, D)` and labels `(..., N)`."""
+        per_sample = self.formula(acts[self.site])
+        if self.select == "all":
+            return per_sample.mean(-1)
+        w = labels[self.concept]
+        if self.select == "unlabelled":
+            w = 1.0 - w
+        return (per_sample * w).sum(-1) / w.sum(-1).clamp_min(1.0)
+
+
+# kind -> (formula, needs direction, needs dims, default selection when tied to a concept)
+KINDS: dict[str, tuple[Callable, bool, bool, Select]] = {
+    "separation": (R.separation, False, False, "all"),
+    "anchor": (R.anchor, True, False, "labelled"),
+    "euclidean-anchor": (R.euclidean_anchor, True, False, "labelled"),
+    "subspace": (R.subspace, False, True, "labelled"),
+    "anti-anchor": (R.anti_anchor, True, False, "all"),
+    "anti-subspace": (R.anti_subspace, False, True, "all"),
+    "unitarity": (R.unitarity, False, False, "all"),
+    "euclidean-repulsion": (R.euclidean_repulsion, False, False, "all"),
+}
+OPTIONS = {"separation": {"power", "shift"}, "euclidean-repulsion": {"eps"}}
+
+
+def build_term(
+    kind: str,
+    weight: str,
+    *,
+    latent_dim: int,
+    site: str = "latent",
+    concept: Concept | None = None,
+    select: Select | None = None,
+    direction: Sequence[float] | None = None,
+    dims: Sequence[int] | None = None,
+    name: str | None = None,
+    **options,
+) -> Term:
+    """Validate one term's settings and bind its formula; every mistake names the term."""
+    if kind not in KINDS:
+        raise AnchoringError(f"unknown regularizer {kind!r} (known: {', '.join(KINDS)})")
+    formula, needs_dir, needs_dims, default_select = KINDS[kind]
+    label = name or (f"{kind}:{concept.name}" if concept else kind)
+    bad = set(options) - OPTIONS.get(kind, set())
+    if bad:
+        raise AnchoringError(f"term {label!r}: option(s) {sorted(bad)} do not apply to {kind}")
+    select = select or (default_select if concept else "all")
+    if select != "all" and concept is None:
+        raise AnchoringError(f"term {label!r}: select={select!r} needs a concept")
+    bound: dict = dict(options)
+    if needs_dir:
+        vec = direction if direction is not None else (concept.anchor if concept else None)
+        if vec is None:
+            raise AnchoringError(f"term {label!r}: {kind} needs a direction (or a concept with an anchor)")
+        if len(vec) != latent_dim:
+            raise AnchoringError(f"term {label!r}: direction has {len(vec)} entries, latent has {latent_dim}")
+        t = torch.tensor([float(x) for x in vec])
+        if kind != "euclidean-anchor" and float(t.norm()) == 0.0:
+            raise AnchoringError(f"term {label!r}: direction must be non-zero")
+        bound["direction" if kind != "euclidean-anchor" else "point"] = t
+    if needs_dims:
+        d = dims if dims is not None else (concept.dims if concept else None)
+        if d is None:
+            raise AnchoringError(f"term {label!r}: {kind} needs dims (or a concept with dims)")
+        if not d or any(not 0 <= int(i) < latent_dim for i in d):
+            raise AnchoringError(f"term {label!r}: dims {list(d)} must be within 0..{latent_dim - 1}")
+        bound["dims"] = tuple(int(i) for i in d)
+
+    def bound_formula(z: torch.Tensor, _f=formula, _kw=bound) -> torch.Tensor:
+        kw = {k: (v.to(z) if isinstance(v, torch.Tensor) else v) for k, v in _kw.items()}
+        return _f(z, **kw)
+
+    return Term(label, kind, weight, site, bound_formula, concept.name if concept else None, select, bound)

@@ -1,0 +1,175 @@
+"""Experiment configuration: validated at the boundary, resolved into one re-runnable TOML.
+
+A spec on disk may name its schedule as a CSV file next to it; the resolved config carries
+the dopesheet text inline, so a run directory's `config.toml` re-runs with nothing else.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from anchoring.errors import AnchoringError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    latent_dim: int = Field(4, ge=1, le=64, description="bottleneck width E")
+    hidden: list[int] = Field(default_factory=lambda: [16], description="hidden layer widths (encoder; decoder mirrors)")
+    normalize: bool = Field(True, description="L2-normalise the bottleneck")
+    output: Literal["linear", "sigmoid"] = "linear"
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(h < 1 for h in v):
+            raise ValueError("hidden widths must be positive")
+        return v
+
+
+class DataConfig(_Strict):
+    space: Literal["rgb", "hsv"] = "rgb"
+    rgb_levels: int = Field(8, ge=2, le=64, description="training grid: rgb_levels³ points")
+    hsv_shape: tuple[int, int, int] = Field((36, 10, 10), description="hue×sat×val grid when space = 'hsv'")
+    weights: Literal["uniform", "chroma"] = Field("uniform", description="per-point sampling weights")
+    batch_size: int = Field(64, ge=2, le=65536)
+    validation_levels: int = Field(10, ge=2, le=64, description="validation grid: levels³ RGB points")
+
+
+class ConceptConfig(_Strict):
+    name: str
+    labeller: str | None = Field(None, description="labeller name; defaults to the concept's name")
+    anchor: list[float] | None = None
+    dims: list[int] | None = None
+
+
+class TermConfig(_Strict):
+    kind: str
+    weight: str = Field(description="schedule column giving this term's weight")
+    concept: str | None = None
+    site: str = "latent"
+    select: Literal["labelled", "unlabelled", "all"] | None = None
+    direction: list[float] | None = None
+    dims: list[int] | None = None
+    power: float | None = None
+    shift: bool | None = None
+    eps: float | None = None
+    name: str | None = None
+
+    def options(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("power", "shift", "eps") if getattr(self, k) is not None}
+
+
+class TrainConfig(_Strict):
+    seeds: int = Field(8, description="number of seeds trained together")
+    seed: int = Field(0, description="first seed; seeds are seed … seed+seeds−1")
+    steps: int | None = Field(None, description="run length; the schedule is stretched to fit (default: the schedule's own)")
+    checkpoint_every: int = Field(500, ge=1)
+    snapshot_every: int = Field(100, ge=0, description="latent snapshot interval (0: off)")
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    @model_validator(mode="after")
+    def _positive(self) -> "TrainConfig":
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be a positive integer, got {self.seeds}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be ≥ 0, got {self.seed}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {self.steps}")
+        return self
+
+
+class EvaluateConfig(_Strict):
+    concept: str | None = Field("red", description="anchored concept whose direction is checked")
+    min_cosine: float = Field(0.9, description="anchoring criterion: cos(latent of the pure concept colour, anchor)")
+    hue_dims: tuple[int, int] = (0, 1)
+
+
+class ExperimentConfig(_Strict):
+    name: str
+    description: str = ""
+    upstream: str | None = Field(None, description="experiment number in the published write-ups")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    concepts: list[ConceptConfig] = Field(default_factory=list)
+    terms: list[TermConfig] = Field(default_factory=list)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    schedule: str = Field(description="dopesheet CSV text (a spec file may give a .csv path instead)")
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True), multiline_strings=True)
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: {where}: {first['msg']}{more}"
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value as TOML (numbers, booleans, lists, quoted strings), else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.path=value` overrides to a resolved config dict; unknown keys are errors."""
+    template = ExperimentConfig.model_validate(data).model_dump(mode="python")
+    for item in overrides:
+        if "=" not in item:
+            raise AnchoringError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node, shape = data, template
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(shape, list):
+                if not part.isdigit() or int(part) >= len(shape):
+                    raise AnchoringError(f"unknown --set key {key!r}: {part!r} is not an index below {len(shape)}")
+                part_key: Any = int(part)
+            elif isinstance(shape, dict) and part in shape:
+                part_key = part
+            else:
+                known = ", ".join(sorted(shape)) if isinstance(shape, dict) else "(none)"
+                raise AnchoringError(f"unknown --set key {key!r} (valid keys here: {known})")
+            if last:
+                node[part_key] = parse_value(raw.strip())
+            else:
+                if isinstance(node, dict) and part_key not in node:
+                    node[part_key] = {}
+                node, shape = node[part_key], shape[part_key]
+    return data
+
+
+def load_config(path: Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a spec or a run's config.toml, inline its schedule, apply overrides, validate."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise AnchoringError(f"cannot read {str(path)!r}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise AnchoringError(f"{path.name}: not valid TOML ({e})") from None
+    try:
+        if overrides:
+            data = apply_overrides(data, overrides)
+        sched = data.get("schedule")
+        if isinstance(sched, str) and "\n" not in sched and sched.strip().endswith(".csv"):
+            csv_path = (path.parent / sched.strip())
+            try:
+                data["schedule"] = csv_path.read_text()
+            except OSError as e:
+                raise AnchoringError(f"cannot read schedule {str(csv_path)!r}: {e.strerror}") from None
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as e:
+        raise AnchoringError(_one_line(e, path.name)) from None

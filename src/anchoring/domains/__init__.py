@@ -1,0 +1,1 @@
+"""Data and labels per domain."""

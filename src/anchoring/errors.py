@@ -1,0 +1,8 @@
+"""The one exception type users see: the CLI prints its message on one line, no traceback."""
+
+
+class AnchoringError(ValueError):
+    """A problem with the user's input (config, schedule, run directory...).
+
+    Raised *before* anything is written, so a bad command leaves no half-made run behind.
+    """

@@ -1,0 +1,90 @@
+"""From a config to the pieces of the loss: concepts, terms, and the data they read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from anchoring.anchor import Concept, Term, build_term
+from anchoring.config import ExperimentConfig
+from anchoring.domains.colour import get_labeller, hsv_grid, hsv_weights, rgb_grid, rgb_to_hsv
+from anchoring.errors import AnchoringError
+from anchoring.models import ColourAutoencoder
+from anchoring.schedule import Timeline, parse_dopesheet
+
+SCHEDULED = ("lr",)  # non-regularizer columns a schedule must provide
+ACTIONS = ("snapshot", "checkpoint")  # events a dopesheet ACTION cell may fire
+
+
+@dataclass
+class Objective:
+    concepts: list[Concept]
+    terms: list[Term]
+
+    @property
+    def sites(self) -> list[str]:
+        return sorted({t.site for t in self.terms})
+
+    @property
+    def weight_names(self) -> list[str]:
+        return list(dict.fromkeys(t.weight for t in self.terms))
+
+
+def build_model(cfg: ExperimentConfig) -> ColourAutoencoder:
+    m = cfg.model
+    return ColourAutoencoder(m.latent_dim, tuple(m.hidden), m.normalize, m.output)
+
+
+def build_objective(cfg: ExperimentConfig) -> Objective:
+    concepts: dict[str, Concept] = {}
+    for c in cfg.concepts:
+        if c.name in concepts:
+            raise AnchoringError(f"concept {c.name!r} is defined twice")
+        if c.anchor is not None and len(c.anchor) != cfg.model.latent_dim:
+            raise AnchoringError(f"concept {c.name!r}: anchor has {len(c.anchor)} entries, latent_dim is {cfg.model.latent_dim}")
+        concepts[c.name] = Concept(c.name, get_labeller(c.labeller or c.name),
+                                   tuple(c.anchor) if c.anchor else None, tuple(c.dims) if c.dims else None)
+    terms: list[Term] = []
+    for t in cfg.terms:
+        if t.concept is not None and t.concept not in concepts:
+            raise AnchoringError(f"term {t.kind!r} names unknown concept {t.concept!r} (defined: {', '.join(concepts) or 'none'})")
+        terms.append(build_term(t.kind, t.weight, latent_dim=cfg.model.latent_dim, site=t.site,
+                                concept=concepts.get(t.concept) if t.concept else None, select=t.select,
+                                direction=t.direction, dims=t.dims, name=t.name, **t.options()))
+    names = [t.name for t in terms]
+    for i, t in enumerate(terms):  # metric columns must be unique
+        if names.count(t.name) > 1:
+            t.name = f"{t.name}#{names[: i + 1].count(t.name)}"
+    return Objective(list(concepts.values()), terms)
+
+
+def build_timeline(cfg: ExperimentConfig, objective: Objective) -> Timeline:
+    """Parse the schedule and check it against the terms, both ways, naming the column."""
+    timeline = parse_dopesheet(cfg.schedule, source=f"{cfg.name} schedule")
+    used = set(objective.weight_names) | set(SCHEDULED)
+    for col in timeline.names:
+        if col not in used:
+            raise AnchoringError(f"schedule column {col!r} is not used by any term (term weights: {', '.join(objective.weight_names) or 'none'})")
+    for col in [*SCHEDULED, *objective.weight_names]:
+        if col not in timeline.tracks:
+            raise AnchoringError(f"schedule has no column {col!r} (needed by {'the optimiser' if col in SCHEDULED else 'a term'})")
+    for step, acts in timeline.actions.items():
+        for a in acts:
+            if a not in ACTIONS:
+                raise AnchoringError(f"schedule ACTION {a!r} at step {step} is unknown (known: {', '.join(ACTIONS)})")
+    if cfg.train.steps is not None and cfg.train.steps != timeline.steps:
+        timeline = timeline.rescaled(cfg.train.steps)
+    return timeline
+
+
+def training_points(cfg: ExperimentConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(points `(N, 3)` RGB, sampling weights `(N,)`) for the configured grid."""
+    d = cfg.data
+    if d.space == "rgb":
+        pts = rgb_grid(d.rgb_levels)
+        weights = hsv_weights(rgb_to_hsv(pts)) if d.weights == "chroma" else torch.ones(len(pts))
+    else:
+        pts, hsv = hsv_grid(*d.hsv_shape)
+        weights = hsv_weights(hsv) if d.weights == "chroma" else torch.ones(len(pts))
+    return pts, weights
