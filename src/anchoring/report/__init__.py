@@ -1,0 +1,1 @@
+"""Figures (matplotlib, Agg) and a self-contained HTML report."""

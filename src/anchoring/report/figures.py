@@ -1,0 +1,123 @@
+"""Figures people look at instead of reading tables; each returns a matplotlib Figure."""
+
+from __future__ import annotations
+
+import itertools
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from anchoring.schedule import Timeline  # noqa: E402
+
+BACKGROUND = "#808080"  # mid grey: neither black nor white points vanish
+
+
+def latent_slices(z: torch.Tensor, rgb: torch.Tensor, seeds: list[int], anchor: torch.Tensor | None = None,
+                  max_seeds: int = 8) -> Figure:
+    """Every axis-aligned 2-D projection of the latent, one row per seed, points in their true colour."""
+    z = z[:max_seeds].numpy()
+    n_seeds, _, dims = z.shape
+    pairs = list(itertools.combinations(range(dims), 2)) or [(0, 0)]
+    fig, axes = plt.subplots(n_seeds, len(pairs), figsize=(1.9 * len(pairs), 1.9 * n_seeds), squeeze=False)
+    colours = rgb.clamp(0, 1).numpy()
+    order = np.argsort(rgb.sum(-1).numpy())  # draw dark first so bright hues stay visible
+    for i, j in itertools.product(range(n_seeds), range(len(pairs))):
+        ax = axes[i, j]
+        a, b = pairs[j]
+        ax.set_facecolor(BACKGROUND)
+        ax.add_patch(plt.Circle((0, 0), 1.0, fill=False, lw=0.5, color="white"))
+        ax.scatter(z[i, order, a], z[i, order, b], c=colours[order], s=4, linewidths=0, rasterized=True)
+        if anchor is not None:
+            ax.scatter([anchor[a]], [anchor[b]], marker="x", c="black", s=30)
+        ax.set_xlim(-1.15, 1.15)
+        ax.set_ylim(-1.15, 1.15)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if i == 0:
+            ax.set_title(f"dims {a}–{b}", fontsize=8)
+        if j == 0:
+            ax.set_ylabel(f"seed {seeds[i]}", fontsize=8)
+    fig.tight_layout(pad=0.3)
+    return fig
+
+
+def running_mean(y: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over `window` steps that skips exact zeros and NaNs.
+
+    A concept term is exactly 0 on batches with no labelled sample; averaging those in
+    would show label sparsity, not the loss.
+    """
+    valid = np.isfinite(y) & (y != 0)
+    kernel = np.ones(window)
+    total = np.convolve(np.where(valid, y, 0.0), kernel)[: len(y)]
+    count = np.convolve(valid.astype(float), kernel)[: len(y)]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / count, np.nan)
+
+
+def loss_curves(metrics: torch.Tensor, names: list[str], seeds: list[int], window: int = 25) -> Figure:
+    """One panel per metric, a line per seed (running mean over `window` steps), log scale."""
+    m = metrics.numpy().astype(np.float64)
+    cols = min(len(names), 3)
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
+    steps = np.arange(m.shape[0])
+    for k, name in enumerate(names):
+        ax = axes[k // cols, k % cols]
+        for i, s in enumerate(seeds):
+            y = running_mean(m[:, i, k], window)
+            ax.plot(steps, np.where(y > 0, y, np.nan), lw=0.8, alpha=0.8, label=f"seed {s}" if k == 0 else None)
+        ax.set_yscale("log")
+        ax.set_title(f"{name} (mean of {window} steps)", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for k in range(len(names), rows * cols):
+        axes[k // cols, k % cols].axis("off")
+    if len(seeds) <= 10:
+        axes[0, 0].legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def schedule_plot(timeline: Timeline) -> Figure:
+    """Each scheduled hyperparameter over the run, phases shaded and actions marked."""
+    table = timeline.table()
+    names = timeline.names
+    fig, axes = plt.subplots(len(names), 1, figsize=(7, 1.5 * len(names) + 0.4), sharex=True, squeeze=False)
+    steps = np.arange(timeline.steps)
+    bounds = [s for s, _ in timeline.phases] + [timeline.steps]
+    for k, name in enumerate(names):
+        ax = axes[k, 0]
+        for p, (start, phase) in enumerate(timeline.phases):
+            ax.axvspan(start, bounds[p + 1], color=f"C{p % 10}", alpha=0.08)
+            if k == 0:
+                ax.text(start, 1.02, phase, transform=ax.get_xaxis_transform(), fontsize=7)
+        for s in timeline.actions:
+            ax.axvline(s, color="k", lw=0.5, ls=":")
+        ax.plot(steps, table[:, k], lw=1.2)
+        for t, _ in timeline.tracks[name].keys:
+            if t < timeline.steps:
+                ax.plot([t], [table[int(t), k]], "o", ms=3, color="k")
+        ax.set_ylabel(name, fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    return fig
+
+
+def save(fig: Figure, path, dpi: int = 80) -> None:
+    """PNG via an atomic rename; figures are closed so long sessions do not leak memory."""
+    import io
+
+    from anchoring.runs import write_atomic
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())

@@ -1,0 +1,137 @@
+"""Run directories: every file written atomically; `load_run` reads one back for analysis.
+
+Layout: config.toml (resolved, re-runnable), architecture.json, checkpoint.safetensors
+(stacked weights + optimiser state), metrics.csv (per step, per seed), snapshots.safetensors
+(latents over training), figures/*.png, report.html, summary.json (written last: its presence
+marks a finished run).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from anchoring.config import ExperimentConfig, load_config
+from anchoring.errors import AnchoringError
+
+CONFIG, ARCH, SUMMARY, METRICS, SNAPSHOTS, REPORT = (
+    "config.toml", "architecture.json", "summary.json", "metrics.csv", "snapshots.safetensors", "report.html")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write via a temp file in the same folder and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def new_run_dir(cfg: ExperimentConfig, out: Path | None, root: Path = Path("runs")) -> Path:
+    """Pick (but do not create) the run directory; refuse to overwrite an existing run."""
+    if out is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = root / cfg.name / stamp
+        n = 1
+        while out.exists():
+            n += 1
+            out = root / cfg.name / f"{stamp}-{n}"
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise AnchoringError(f"{str(out)!r} already exists and is not empty (choose another --out, or `anchoring resume` it)")
+    return out
+
+
+def architecture(cfg: ExperimentConfig) -> dict[str, Any]:
+    return {"kind": "colour-autoencoder", **cfg.model.model_dump(mode="json"), "seeds": list(range(cfg.train.seed, cfg.train.seed + cfg.train.seeds))}
+
+
+def write_metrics_csv(path: Path, header: list[str], rows) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for r in rows:
+        w.writerow([int(r[0]), int(r[1]), *(f"{v:.8g}" for v in r[2:])])
+    write_atomic(path, buf.getvalue())
+
+
+@dataclass
+class Run:
+    """A finished (or checkpointed) run: its config, one model per seed, and its summary."""
+
+    path: Path
+    config: ExperimentConfig
+    seeds: list[int]
+    models: list[nn.Module]
+    summary: dict[str, Any] | None = field(default=None)
+
+    @torch.no_grad()
+    def encode(self, rgb: torch.Tensor) -> torch.Tensor:
+        """Normalised latents `(seeds, ..., E)` for RGB `(..., 3)`."""
+        return torch.stack([m.encode(rgb) for m in self.models])
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """RGB `(seeds, ..., 3)` from latents `(seeds, ..., E)` (each seed decodes its own slice)."""
+        if z.shape[0] != len(self.models):
+            raise AnchoringError(f"decode expects latents shaped (seeds={len(self.models)}, ..., E), got {tuple(z.shape)}")
+        return torch.stack([m.decode(zi) for m, zi in zip(self.models, z)])
+
+    @torch.no_grad()
+    def reconstruct(self, rgb: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(rgb) for m in self.models])
+
+    def metrics(self) -> dict[str, list[float]]:
+        """metrics.csv as columns (step, seed, schedule values, losses)."""
+        p = self.path / METRICS
+        if not p.is_file():
+            raise AnchoringError(f"{str(self.path)!r} has no {METRICS}")
+        with p.open() as f:
+            rows = list(csv.reader(f))
+        return {name: [float(r[i]) for r in rows[1:]] for i, name in enumerate(rows[0])}
+
+
+def load_run(path: str | Path) -> Run:
+    """Open a run directory written by `anchoring run` (or `delete`): config, weights, summary."""
+    from anchoring.train.checkpoint import read_checkpoint
+    from anchoring.train.objective import build_model
+
+    p = Path(path)
+    if not p.is_dir():
+        raise AnchoringError(f"{str(p)!r} is not a run directory")
+    if not (p / CONFIG).is_file() or not (p / "checkpoint.safetensors").is_file():
+        raise AnchoringError(f"{str(p)!r} is not a readable run (needs {CONFIG} and checkpoint.safetensors)")
+    cfg = load_config(p / CONFIG)
+    _, tensors = read_checkpoint(p / "checkpoint.safetensors")
+    seeds = list(range(cfg.train.seed, cfg.train.seed + cfg.train.seeds))
+    models = []
+    for i in range(len(seeds)):
+        m = build_model(cfg)
+        try:
+            m.load_state_dict({k: tensors[f"param.{k}"][i] for k in m.state_dict()})
+        except (KeyError, RuntimeError, IndexError) as e:
+            raise AnchoringError(f"{str(p)!r}: checkpoint does not match its config ({type(e).__name__})") from None
+        m.eval()
+        models.append(m)
+    summary = json.loads((p / SUMMARY).read_text()) if (p / SUMMARY).is_file() else None
+    return Run(p, cfg, seeds, models, summary)
