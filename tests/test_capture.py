@@ -1,0 +1,53 @@
+import pytest
+import torch
+from torch import nn
+
+from anchoring.anchor import Capture
+from anchoring.errors import AnchoringError
+from anchoring.train import Ensemble
+
+
+class Tiny(nn.Module):
+    """A model the method knows nothing about: capture must work by module path alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(3, 5)
+        self.body = nn.Sequential(nn.Tanh(), nn.Linear(5, 2))
+        self.head = nn.Linear(2, 1)
+
+    def forward(self, x):
+        return self.head(self.body(self.stem(x)))
+
+
+def test_capture_reads_named_sites_and_cleans_up():
+    torch.manual_seed(0)
+    m = Tiny()
+    x = torch.randn(4, 3)
+    with Capture(m, ["stem", "body.1"]) as cap:
+        m(x)
+        assert torch.allclose(cap.acts["stem"], m.stem(x))
+        assert torch.allclose(cap.acts["body.1"], m.body(m.stem(x)))
+    assert not m.stem._forward_hooks and not m.body[1]._forward_hooks
+    assert cap.acts == {}
+
+
+def test_unknown_site_names_it():
+    with pytest.raises(AnchoringError, match="no module 'neck'.*stem"):
+        Capture(Tiny(), ["neck"])
+
+
+def test_ensemble_members_match_eager_models():
+    ens = Ensemble(Tiny, seeds=[5, 6, 7])
+    eager = []
+    for s in (5, 6, 7):
+        torch.manual_seed(s)
+        eager.append(Tiny())
+    x = torch.randn(3, 4, 3)
+    with Capture(ens.template, ["body.1"]) as cap:
+        out, acts = ens.run(lambda o, a, _x: (o, a["body.1"]), cap, x)
+    for i, m in enumerate(eager):
+        assert torch.allclose(out[i], m(x[i]), atol=1e-6)
+        assert torch.allclose(acts[i], m.body(m.stem(x[i])), atol=1e-6)
+    for i, m in enumerate(ens.members()):
+        assert torch.allclose(m(x[i]), eager[i](x[i]), atol=1e-6)

@@ -1,0 +1,100 @@
+import colorsys
+import math
+
+import pytest
+import torch
+
+from anchoring.domains.colour import (
+    GREY_NAMES, HUE_NAMES, NAMES, get_labeller, hsv_grid, hsv_similarity, hsv_to_rgb, hsv_weights,
+    named_colours, rgb_grid, rgb_to_hsv,
+)
+from anchoring.errors import AnchoringError
+
+
+@pytest.mark.parametrize("rgb,hsv", [
+    ((1, 0, 0), (0, 1, 1)), ((0, 1, 0), (1 / 3, 1, 1)), ((0, 0, 1), (2 / 3, 1, 1)),
+    ((0, 1, 1), (0.5, 1, 1)), ((1, 1, 1), (0, 0, 1)), ((0, 0, 0), (0, 0, 0)),
+    ((0.5, 0.25, 0.25), (0, 0.5, 0.5)), ((1, 0, 1), (5 / 6, 1, 1)),
+])
+def test_known_values(rgb, hsv):
+    got = rgb_to_hsv(torch.tensor(rgb, dtype=torch.float32))
+    assert torch.allclose(got, torch.tensor(hsv, dtype=torch.float32), atol=1e-6)
+    back = hsv_to_rgb(torch.tensor(hsv, dtype=torch.float32))
+    assert torch.allclose(back, torch.tensor(rgb, dtype=torch.float32), atol=1e-6)
+
+
+def test_matches_colorsys_and_round_trips():
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.rand(500, 3, generator=g)
+    hsv = rgb_to_hsv(rgb)
+    ref = torch.tensor([colorsys.rgb_to_hsv(*map(float, c)) for c in rgb])
+    assert torch.allclose(hsv, ref, atol=1e-5)
+    assert torch.allclose(hsv_to_rgb(hsv), rgb, atol=1e-5)
+    # batch dims are free
+    assert rgb_to_hsv(rgb.reshape(5, 100, 3)).shape == (5, 100, 3)
+
+
+def test_grids():
+    g = rgb_grid(8)
+    assert g.shape == (512, 3)
+    assert len(torch.unique(g, dim=0)) == 512
+    assert {tuple(c) for c in g.tolist()} >= {(0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (1.0, 0.0, 0.0)}
+    rgb, hsv = hsv_grid(36, 10, 10)
+    assert rgb.shape == hsv.shape == (3600, 3)
+    assert torch.allclose(rgb_to_hsv(rgb)[hsv[:, 1] * hsv[:, 2] > 0.05][:, 1:], hsv[hsv[:, 1] * hsv[:, 2] > 0.05][:, 1:], atol=1e-5)
+    w = hsv_weights(hsv)
+    black = hsv[:, 2] == 0
+    assert w[black].max() < w[~black].mean()  # the 360 copies of black are sampled rarely
+    with pytest.raises(ValueError):
+        rgb_grid(1)
+
+
+def test_named_colours():
+    named = named_colours()
+    assert list(named) == list(NAMES) and len(NAMES) == 17
+    assert len(HUE_NAMES) == 12 and len(GREY_NAMES) == 5
+    assert named["red"].tolist() == [1, 0, 0]
+    assert torch.allclose(named["cyan"], torch.tensor([0.0, 1, 1]))
+    assert torch.allclose(named["orange"], torch.tensor([1.0, 0.5, 0]))
+    assert torch.allclose(named["grey"], torch.tensor([0.5, 0.5, 0.5]))
+    hues = rgb_to_hsv(torch.stack([named[n] for n in HUE_NAMES]))[:, 0]
+    assert torch.allclose(hues, torch.arange(12) / 12.0, atol=1e-6)
+
+
+def test_label_probabilities_follow_the_formulas():
+    red, vib, des = get_labeller("red"), get_labeller("vibrant"), get_labeller("desaturated")
+    x = torch.tensor([[1.0, 0, 0], [0, 1, 1], [0.5, 0.5, 0.5], [0.9, 0.2, 0.4]])
+    r, g, b = x.unbind(-1)
+    assert torch.allclose(red.probability(x), 0.08 * (r * (1 - g / 2 - b / 2)) ** 8)
+    assert math.isclose(float(red.probability(x[0])), 0.08, rel_tol=1e-6)
+    hsv = rgb_to_hsv(x)
+    sv = hsv[:, 1] * hsv[:, 2]
+    assert torch.allclose(vib.probability(x), 0.01 * sv**10)
+    assert torch.allclose(des.probability(x), 0.5 * (1 - sv) ** 10)
+    assert float(vib.probability(x[2])) == 0.0 and math.isclose(float(des.probability(x[2])), 0.5)
+    assert red.exact(x).tolist() == [1.0, 0.0, 0.0, 0.0]
+    with pytest.raises(AnchoringError, match="unknown labeller 'blue'"):
+        get_labeller("blue")
+
+
+def test_labels_are_redrawn_bernoulli_and_sparse():
+    red = get_labeller("red")
+    pure = torch.tensor([1.0, 0, 0]).expand(200_000, 3)
+    u = torch.rand(200_000, generator=torch.Generator().manual_seed(1))
+    rate = red.draw(pure, u).mean().item()
+    assert abs(rate - 0.08) < 0.003  # pure red is labelled ~8% of the time, not always
+    grid = rgb_grid(8)
+    overall = sum(get_labeller(n).probability(grid).mean().item() for n in ("red", "vibrant"))
+    assert overall < 0.005  # ~0.1% of samples carry a label
+
+
+def test_similarity():
+    n = named_colours()
+    s = lambda a, b: float(hsv_similarity(n[a], n[b]))  # noqa: E731
+    assert s("red", "red") == pytest.approx(1.0)
+    assert s("red", "cyan") == pytest.approx(0.0, abs=1e-6)
+    assert s("red", "orange") == pytest.approx(2 / 3, abs=1e-5)
+    assert s("red", "orange") > s("red", "yellow") > s("red", "green")
+    # greys: hue does not matter, only value
+    assert s("grey", "white") == pytest.approx(0.5)
+    assert s("red", "white") == pytest.approx(s("white", "red"))

@@ -1,0 +1,158 @@
+import math
+
+import numpy as np
+import pytest
+
+from anchoring import experiments
+from anchoring.errors import AnchoringError
+from anchoring.schedule import Timeline, Track, parse_dopesheet
+from anchoring.train.objective import build_objective, build_timeline
+
+ANCHORED = """STEP,PHASE,ACTION,lr,separate,anchor,subspace
+0,Train,,1e-8,,0.01,0.01
++10,,,0.01,,,
++0.5,,,,,,0.1
+750,,,0.1,0.01,0.1,
++0.5,,,,,,0.1
++0.9,,,0.1,0,0,0
+1500,,,0.05,,,
+"""
+
+
+def keys(track):
+    return [(int(t), v) for t, v in track.keys]
+
+
+def test_published_schedule_resolves_relative_steps():
+    tl = parse_dopesheet(ANCHORED)
+    assert tl.steps == 1501
+    assert keys(tl.tracks["lr"]) == [(0, 1e-8), (10, 0.01), (750, 0.1), (1425, 0.1), (1500, 0.05)]
+    assert keys(tl.tracks["subspace"]) == [(0, 0.01), (375, 0.1), (1125, 0.1), (1425, 0.0)]
+    assert keys(tl.tracks["separate"]) == [(750, 0.01), (1425, 0.0)]
+    v = tl.values(0)
+    assert v["separate"] == 0.01  # before its first key, the first value holds
+    assert tl.values(1500) == {"lr": 0.05, "separate": 0.0, "anchor": 0.0, "subspace": 0.0}
+    assert tl.phases == [(0, "Train")]
+    assert tl.table().shape == (1501, 4)
+
+
+def test_minjerk_formula():
+    tr = Track([(100, 1.0), (200, 3.0)])
+    for u in (0.0, 0.25, 0.5, 0.8):
+        expect = 1.0 + 2.0 * (10 * u**3 - 15 * u**4 + 6 * u**5)
+        assert tr(100 + 100 * u) == pytest.approx(expect, abs=1e-12)
+    assert tr(50) == 1.0 and tr(250) == 3.0
+    assert tr.velocity(100) == pytest.approx(0.0) and tr.velocity(200 - 1e-9) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_linear_step_and_log_interpolation():
+    tl = parse_dopesheet("STEP,a:linear:linear,b:linear:step,c:log:linear,d:log\n0,0,1,1e-4,1e-4\n100,10,5,1e-2,1e-2\n")
+    assert tl.values(25)["a"] == pytest.approx(2.5)
+    assert tl.values(99)["b"] == 1.0 and tl.values(100)["b"] == 5.0  # step: hold, then jump at the key
+    assert tl.values(50)["c"] == pytest.approx(1e-3)  # halfway in log space = geometric mean
+    assert tl.values(50)["d"] == pytest.approx(1e-3)  # min-jerk is symmetric at its midpoint too
+    assert tl.values(25)["d"] == pytest.approx(10 ** (-4 + 2 * (10 / 64 - 15 / 256 + 6 / 1024)))
+
+
+def test_rows_out_of_order_are_an_error():
+    text = """STEP,PHASE,ACTION,x
+0,Warm,,0
++10,,,1
+-20,Main,"snapshot,checkpoint",2
++0.25,,,3
+100,,,4
++5,Tail,snapshot,
+200,,,5
+"""
+    # -20 is 20 before the next absolute row (100) = 80, but the +0.25 row after it is 25: out of order
+    with pytest.raises(AnchoringError, match="line 5: STEP '\\+0.25' resolves to 25, before the previous row's 80"):
+        parse_dopesheet(text)
+
+
+def test_relative_steps_in_order():
+    tl = parse_dopesheet("""STEP,PHASE,ACTION,x
+0,Warm,,0
++10,,,1
++0.5,Main,"snapshot,checkpoint",2
+-20,,,3
+100,,,4
++5,Tail,snapshot,
+200,,,5
+""")
+    assert keys(tl.tracks["x"]) == [(0, 0), (10, 1), (50, 2), (80, 3), (100, 4), (200, 5)]
+    assert tl.phases == [(0, "Warm"), (50, "Main"), (105, "Tail")]
+    assert tl.phase_at(49) == "Warm" and tl.phase_at(50) == "Main" and tl.phase_at(150) == "Tail"
+    assert tl.actions == {50: ["snapshot", "checkpoint"], 105: ["snapshot"]}
+    assert tl.steps == 201
+
+
+@pytest.mark.parametrize("text,message", [
+    ("STEP,x\nabc,1\n", "line 2: bad STEP 'abc'"),
+    ("STEP,x\n0,1\n+x,2\n", "line 3: bad STEP '\\+x'"),
+    ("STEP,x\n0,1\n+0.5,2\n", "needs a later absolute row"),
+    ("STEP,x:linear:cubic\n0,1\n", "unknown interpolation 'cubic'"),
+    ("STEP,x:sqrt\n0,1\n", "unknown space 'sqrt'"),
+    ("STEP,x\n0,1\n10,fast\n", "line 3, column 'x': 'fast' is not a number"),
+    ("STEP,x:log\n0,1\n10,0\n", "log-space values must be > 0"),
+    ("STEP,x,x\n0,1,2\n", "column 'x' appears twice"),
+    ("STEP,x\n10,1\n5,2\n", "resolves to 5, before the previous row's 10"),
+    ("STEP,x,y\n0,1,\n", "column 'y' has no values"),
+    ("x,STEP\n0,1\n", "first column must be STEP"),
+    ("STEP,x\n0,1,2,3\n", "4 cells but the header has 2"),
+    ("", "empty dopesheet"),
+])
+def test_malformed_dopesheets(text, message):
+    with pytest.raises(AnchoringError, match=message):
+        parse_dopesheet(text)
+
+
+@pytest.mark.parametrize("interp", ["minjerk", "linear"])
+def test_retarget_has_no_jump_in_value_or_velocity(interp):
+    tr = Track([(0, 0.0), (100, 1.0), (300, 0.5)], interp=interp)
+    before_v, before_dv = tr(40), tr.velocity(40)
+    tr.retarget(40, 2.0, 120)
+    h = 1e-4
+    assert tr(40) == pytest.approx(before_v, abs=1e-12)
+    assert tr.velocity(40) == pytest.approx(before_dv, rel=1e-9)
+    # numerically continuous from both sides
+    assert (tr(40) - tr(40 - h)) / h == pytest.approx((tr(40 + h) - tr(40)) / h, rel=1e-3)
+    assert tr(120) == pytest.approx(2.0)
+    assert tr.velocity(120 - 1e-9) == pytest.approx(0.0, abs=1e-6)
+    assert tr(300) == pytest.approx(0.5)  # later keyframes are still reached
+    assert tr(30) == pytest.approx(Track([(0, 0.0), (100, 1.0)], interp=interp)(30))  # the past is untouched
+
+
+def test_retarget_log_track_and_timeline_cache():
+    tl = Timeline({"lr": Track([(0, 1e-3), (100, 1e-1)], space="log")}, steps=101)
+    assert tl.table()[100, 0] == pytest.approx(0.1)
+    mid = tl.values(50)["lr"]
+    tl.retarget("lr", 50, 1e-4, 90)
+    assert tl.values(50)["lr"] == pytest.approx(mid)
+    assert tl.table()[90, 0] == pytest.approx(1e-4)  # cached table was rebuilt
+    assert tl.table()[95, 0] == pytest.approx(10**-2.5)  # then on to the untouched key at 100 (log midpoint)
+    with pytest.raises(AnchoringError, match="no schedule column 'wd'"):
+        tl.retarget("wd", 1, 1.0, 2)
+
+
+def test_rescaled_timeline_keeps_shape():
+    tl = parse_dopesheet(ANCHORED)
+    short = tl.rescaled(151)
+    assert short.steps == 151
+    assert keys(short.tracks["anchor"]) == [(0, 0.01), (75, 0.1), (142, 0.0)]
+    assert short.values(150)["lr"] == pytest.approx(0.05)
+
+
+def test_schedule_and_terms_must_match():
+    cfg = experiments.load("anchored")
+    extra = cfg.model_copy(update={"schedule": "STEP,lr,separate,anchor,subspace,wd\n0,0.01,0.01,0.01,0.01,0.1\n"})
+    with pytest.raises(AnchoringError, match="schedule column 'wd' is not used by any term"):
+        build_timeline(extra, build_objective(extra))
+    missing = cfg.model_copy(update={"schedule": "STEP,lr,separate,anchor\n0,0.01,0.01,0.01\n"})
+    with pytest.raises(AnchoringError, match="schedule has no column 'subspace'"):
+        build_timeline(missing, build_objective(missing))
+    no_lr = cfg.model_copy(update={"schedule": "STEP,separate,anchor,subspace\n0,0.01,0.01,0.01\n"})
+    with pytest.raises(AnchoringError, match="schedule has no column 'lr'"):
+        build_timeline(no_lr, build_objective(no_lr))
+    bad_action = cfg.model_copy(update={"schedule": cfg.schedule.replace("0,Train,,", "0,Train,explode,", 1)})
+    with pytest.raises(AnchoringError, match="ACTION 'explode'"):
+        build_timeline(bad_action, build_objective(bad_action))
