@@ -22,8 +22,8 @@ from anchoring.train import TrainingInterrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Sparse concept anchoring: train, inspect, steer and delete concepts.")
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)  # one-line outputs stay one line (paths, list rows)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def fail(message: str) -> None:

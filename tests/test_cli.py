@@ -1,0 +1,124 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from anchoring import experiments, load_run
+from anchoring.cli import app
+from anchoring.config import load_config
+
+runner = CliRunner()
+SPEC = experiments.find("anchored")
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, message, out=None):
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert message in lines[0], lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+    if out is not None:
+        assert not Path(out).exists(), "a failed command must not write a run directory"
+
+
+def spec_with_schedule(tmp_path, schedule):
+    text = SPEC.read_text().replace('schedule = "anchored.csv"', f"schedule = '''\n{schedule}'''")
+    p = tmp_path / "bad.toml"
+    p.write_text(text)
+    return p
+
+
+def test_list_shows_the_default():
+    r = invoke("list")
+    assert r.exit_code == 0
+    line = next(l for l in r.stdout.splitlines() if l.startswith("anchored "))
+    assert "[2.4.1]" in line and "(default)" in line
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run", "nosuch"], "unknown experiment 'nosuch'"),
+    (["run", "--set", "model.widht=3"], "unknown --set key 'model.widht'"),
+    (["run", "--set", "nothing"], "expected key=value"),
+    (["run", "--set", "model.latent_dim=many"], "model.latent_dim"),
+    (["run", "--seeds", "0"], "--seeds must be a positive integer, got 0"),
+    (["run", "--seeds", "-3"], "--seeds must be a positive integer, got -3"),
+    (["run", "--steps", "0"], "--steps must be a positive integer, got 0"),
+    (["run", "--seed", "-1"], "--seed must be ≥ 0"),
+    (["run", "--set", "train.seeds=0"], "seeds must be a positive integer"),
+    (["run", "--set", "terms.0.kind=repel"], "unknown regularizer 'repel'"),
+    (["run", "--set", "terms.9.kind=anchor"], "not an index below 3"),
+])
+def test_bad_arguments(tmp_path, args, message):
+    out = tmp_path / "run"
+    assert_one_line_error(invoke(*args, "--out", out), message, out)
+
+
+@pytest.mark.parametrize("schedule,message", [
+    ("STEP,lr,separate,anchor,subspace\n0,0.01,0.01,0.01,0.01\nsoon,0.1,,,\n", "bad STEP 'soon'"),
+    ("STEP,lr:linear:bouncy,separate,anchor,subspace\n0,0.01,0.01,0.01,0.01\n", "unknown interpolation 'bouncy'"),
+    ("STEP,lr,separate,anchor,subspace\n0,0.01,0.01,lots,0.01\n", "'lots' is not a number"),
+    ("STEP,lr,separate,anchor,subspace,planar\n0,0.01,0.01,0.01,0.01,1\n", "column 'planar' is not used by any term"),
+    ("STEP,lr,separate,anchor\n0,0.01,0.01,0.01\n", "schedule has no column 'subspace'"),
+])
+def test_malformed_dopesheet(tmp_path, schedule, message):
+    out = tmp_path / "run"
+    assert_one_line_error(invoke("run", spec_with_schedule(tmp_path, schedule), "--out", out), message, out)
+
+
+def test_unreadable_run_directories(tmp_path):
+    assert_one_line_error(invoke("resume", tmp_path / "missing"), "is not a run directory")
+    assert_one_line_error(invoke("show", tmp_path / "missing"), "is not a run directory")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.toml").write_text(SPEC.read_text().replace("anchored.csv", "nope.csv"))
+    assert_one_line_error(invoke("show", broken), "is not a readable run")
+    (broken / "checkpoint.safetensors").write_bytes(b"not a checkpoint")
+    assert_one_line_error(invoke("resume", broken), "cannot read schedule")
+    (broken / "config.toml").write_text(load_config(SPEC).to_toml())
+    assert_one_line_error(invoke("show", broken), "cannot read checkpoint")
+
+
+def test_real_process_prints_one_line_and_no_traceback(tmp_path):
+    exe = Path(sys.executable).with_name("anchoring")
+    r = subprocess.run([str(exe), "run", "--steps", "-5", "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: --steps must be a positive integer, got -5"
+    assert not (tmp_path / "x").exists()
+
+
+def test_refuses_to_overwrite_a_run(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    assert_one_line_error(invoke("run", "--out", out, "--steps", "5"), "already exists")
+
+
+def test_short_run_writes_a_complete_rerunnable_directory(tmp_path):
+    out = tmp_path / "short"
+    r = invoke("run", "--seeds", "2", "--seed", "3", "--steps", "40", "--out", out, "--set", "train.checkpoint_every=25")
+    assert r.exit_code == 0, r.stderr
+    assert f"report: {out / 'report.html'}" in r.stdout.replace("\n", "")
+    for name in ("config.toml", "architecture.json", "checkpoint.safetensors", "metrics.csv", "snapshots.safetensors",
+                 "summary.json", "report.html", "figures/latent_slices.png", "figures/loss_curves.png", "figures/schedule.png"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob(".*.tmp"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["seed"] for s in summary["seeds"]] == [3, 4]
+    run = load_run(out)
+    assert run.config.train.steps == 40 and run.seeds == [3, 4]
+    metrics = run.metrics()
+    assert len(metrics["step"]) == 40 * 2 and set(metrics["seed"]) == {3.0, 4.0}
+    assert "anchor:red" in metrics and "lr" in metrics
+    assert (out / "report.html").read_text().count("data:image/png;base64") == 3
+    # the resolved config re-runs as is, and gives the same numbers
+    again = tmp_path / "again"
+    assert invoke("run", out / "config.toml", "--out", again, "-q").exit_code == 0
+    assert (again / "metrics.csv").read_text() == (out / "metrics.csv").read_text()
+    assert invoke("show", out).exit_code == 0
