@@ -51,3 +51,25 @@ def test_ensemble_members_match_eager_models():
         assert torch.allclose(acts[i], m.body(m.stem(x[i])), atol=1e-6)
     for i, m in enumerate(ens.members()):
         assert torch.allclose(m(x[i]), eager[i](x[i]), atol=1e-6)
+
+
+def test_terms_can_read_before_or_after_normalisation():
+    from anchoring import experiments
+    from anchoring.models import ColourAutoencoder
+    from anchoring.train.objective import build_objective
+
+    cfg = experiments.load("anchored", ["terms.0.kind=unitarity", "terms.0.site=encoder"])
+    cfg.terms[0].power = cfg.terms[0].shift = None  # options that only apply to separation
+    objective = build_objective(cfg)
+    assert objective.sites == ["encoder", "latent"]
+    torch.manual_seed(0)
+    model = ColourAutoencoder()
+    x = torch.rand(16, 3)
+    with Capture(model, objective.sites) as cap:
+        model(x)
+        unit = objective.terms[0](cap.acts, {})
+        post = cap.acts["latent"]
+    assert torch.allclose(post.norm(dim=-1), torch.ones(16))  # the other site saw the normalised latent
+    pre = model.encoder(x)
+    assert torch.allclose(unit, (pre.norm(dim=-1) - 1).pow(2).mean())
+    assert unit > 0.01  # the pre-norm activation is not unit length

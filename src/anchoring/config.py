@@ -165,7 +165,9 @@ def load_config(path: Path, overrides: list[str] | None = None) -> ExperimentCon
             data = apply_overrides(data, overrides)
         sched = data.get("schedule")
         if isinstance(sched, str) and "\n" not in sched and sched.strip().endswith(".csv"):
-            csv_path = (path.parent / sched.strip())
+            # a schedule given on the command line is relative to where the user stands
+            from_cli = any(o.split("=", 1)[0].strip() == "schedule" for o in overrides or [])
+            csv_path = (Path.cwd() if from_cli else path.parent) / sched.strip()
             try:
                 data["schedule"] = csv_path.read_text()
             except OSError as e:

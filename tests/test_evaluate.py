@@ -1,0 +1,32 @@
+import math
+
+import pytest
+import torch
+
+from anchoring.evaluate.colour import anchor_cosine, hue_winding, hues_in_order
+
+
+def ring(angles_deg, dims=4):
+    a = torch.tensor(angles_deg, dtype=torch.float32) * math.pi / 180
+    z = torch.zeros(len(angles_deg), dims)
+    z[:, 0], z[:, 1] = torch.cos(a), torch.sin(a)
+    return z
+
+
+def test_hue_order_accepts_both_orientations_and_rejects_swaps():
+    ordered = ring([30 * i for i in range(12)])
+    assert hues_in_order(ordered) and float(hue_winding(ordered)) == pytest.approx(1.0)
+    assert hues_in_order(ring([-30 * i for i in range(12)]))  # mirror image is fine
+    swapped = ring([0, 60, 30, *[30 * i for i in range(3, 12)]])
+    assert not hues_in_order(swapped)
+    clumped = ring([5 * i for i in range(12)])  # in order but not going round
+    assert not hues_in_order(clumped) and round(float(hue_winding(clumped))) == 0
+    # batched over seeds, and reading another pair of dims
+    both = torch.stack([ordered, swapped])
+    assert hues_in_order(both).tolist() == [True, False]
+    assert not hues_in_order(ordered, dims=(2, 3))
+
+
+def test_anchor_cosine():
+    z = torch.tensor([[2.0, 0, 0, 0], [0, 1.0, 0, 0], [1.0, 1.0, 0, 0]])
+    assert torch.allclose(anchor_cosine(z, torch.tensor([1.0, 0, 0, 0])), torch.tensor([1.0, 0.0, 1 / math.sqrt(2)]))
