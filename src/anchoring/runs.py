@@ -66,6 +66,14 @@ def architecture(cfg: ExperimentConfig) -> dict[str, Any]:
     return {"kind": "colour-autoencoder", **cfg.model.model_dump(mode="json"), "seeds": list(range(cfg.train.seed, cfg.train.seed + cfg.train.seeds))}
 
 
+def model_from_architecture(arch: dict[str, Any]) -> nn.Module:
+    from anchoring.models import ColourAutoencoder
+
+    if arch.get("kind") != "colour-autoencoder":
+        raise AnchoringError(f"unknown architecture kind {arch.get('kind')!r}")
+    return ColourAutoencoder(arch["latent_dim"], tuple(arch["hidden"]), arch["normalize"], arch["output"])
+
+
 def write_metrics_csv(path: Path, header: list[str], rows) -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -114,7 +122,6 @@ class Run:
 def load_run(path: str | Path) -> Run:
     """Open a run directory written by `anchoring run` (or `delete`): config, weights, summary."""
     from anchoring.train.checkpoint import read_checkpoint
-    from anchoring.train.objective import build_model
 
     p = Path(path)
     if not p.is_dir():
@@ -123,10 +130,16 @@ def load_run(path: str | Path) -> Run:
         raise AnchoringError(f"{str(p)!r} is not a readable run (needs {CONFIG} and checkpoint.safetensors)")
     cfg = load_config(p / CONFIG)
     _, tensors = read_checkpoint(p / "checkpoint.safetensors")
-    seeds = list(range(cfg.train.seed, cfg.train.seed + cfg.train.seeds))
+    arch = architecture(cfg)
+    if (p / ARCH).is_file():  # the weights' true shape (an edited run may differ from its config)
+        try:
+            arch = json.loads((p / ARCH).read_text())
+        except json.JSONDecodeError:
+            raise AnchoringError(f"{str(p / ARCH)!r} is not valid JSON") from None
+    seeds = list(arch["seeds"])
     models = []
     for i in range(len(seeds)):
-        m = build_model(cfg)
+        m = model_from_architecture(arch)
         try:
             m.load_state_dict({k: tensors[f"param.{k}"][i] for k in m.state_dict()})
         except (KeyError, RuntimeError, IndexError) as e:
