@@ -14,7 +14,7 @@ from anchoring import runs
 from anchoring.config import ExperimentConfig, load_config
 from anchoring.domains.colour import rgb_grid
 from anchoring.errors import AnchoringError
-from anchoring.evaluate.colour import summarize_seeds
+from anchoring.evaluate.colour import concept_exemplar, summarize_seeds
 from anchoring.report import figures, html
 from anchoring.train import TrainResult, train
 from anchoring.train.objective import build_objective, build_timeline
@@ -31,7 +31,15 @@ class Outcome:
 
 def validate(cfg: ExperimentConfig) -> None:
     """Everything that can be checked without training, so bad input writes nothing."""
-    build_timeline(cfg, build_objective(cfg))
+    objective = build_objective(cfg)
+    build_timeline(cfg, objective)
+    from anchoring.control.plan import make_plan
+
+    names = [i.name for i in cfg.interventions]
+    if len(set(names)) != len(names):
+        raise AnchoringError("intervention names must be unique")
+    for spec in cfg.interventions:
+        make_plan(spec, objective.concepts, cfg.model.latent_dim)
     for c in cfg.concepts:
         for d in c.dims or []:
             if not 0 <= d < cfg.model.latent_dim:
@@ -91,19 +99,93 @@ def finish(result: TrainResult, path: Path) -> dict[str, Any]:
     figures.save(figures.loss_curves(result.metrics, result.metric_names, result.seeds), figdir / "loss_curves.png")
     figures.save(figures.schedule_plot(result.timeline), figdir / "schedule.png")
 
+    edits = evaluate_interventions(cfg, result.objective, models, rows, figdir)
+
     anchored = [r for r in rows if r.get("anchored")]
     summary: dict[str, Any] = {
         "experiment": cfg.name, "upstream": cfg.upstream, "steps": result.timeline.steps,
         "seeds": rows, "anchored_seeds": len(anchored) if rows and "anchored" in rows[0] else None,
-        "criterion": f"12 hues in order around dims {tuple(cfg.evaluate.hue_dims)} and cos({cfg.evaluate.concept}, anchor) ≥ {cfg.evaluate.min_cosine}",
+        "criterion": (f"12 hues in order around dims {tuple(cfg.evaluate.hue_dims)} and " if cfg.evaluate.hue_order else "")
+        + f"cos({cfg.evaluate.concept}, anchor) ≥ {cfg.evaluate.min_cosine}",
     }
+    if edits:
+        summary["interventions"] = edits
+        summary["pareto_seeds"] = pareto_seeds(rows, edits)
     write_report(path, cfg, rows, summary)
     return summary
+
+
+def evaluate_interventions(cfg: ExperimentConfig, objective, models, rows: list[dict], figdir: Path) -> dict[str, Any]:
+    """Run every configured edit on every seed; per-colour tables, selectivity, figures."""
+    from anchoring.control.plan import make_plan
+    from anchoring.domains.colour import NAMES, named_rgb
+    from anchoring.evaluate.control import evaluate_edit, named_error_table, stacked
+
+    out: dict[str, Any] = {}
+    seeds = [r["seed"] for r in rows]
+    for spec in cfg.interventions:
+        plan = make_plan(spec, objective.concepts, cfg.model.latent_dim)
+        concept = next((c for c in objective.concepts if c.name == spec.concept), None)
+        target = (concept_exemplar(concept.labeller, named_rgb()) if concept is not None else named_rgb()[0])
+        after = plan.reconstruct(models)
+        res = evaluate_edit(stacked(models), after, target, spec.k)
+        table = named_error_table(res["named_before"], res["named_after"], seeds)
+        out[spec.name] = {
+            "method": spec.method, "concept": spec.concept, "dims": list(plan.dims) if plan.dims else None,
+            "falloff": spec.falloff, "k": spec.k,
+            "selectivity": [float(x) for x in res["selectivity"]],
+            "selectivity_median": float(res["selectivity"].median()),
+            "named_after": {n: [float(x) for x in res["named_after"][:, j]] for j, n in enumerate(NAMES)},
+            "table": table,
+        }
+        figures.save(figures.hue_error_curves(res["hue_after"], (0.25, 0.5, 0.75, 1.0), f"{spec.name}: error vs hue (s = 1)"),
+                     figdir / f"{spec.name}_hue_error.png")
+        with torch.no_grad():
+            outputs = after(named_rgb())
+        figures.save(figures.reconstruction_grid(named_rgb(), outputs, NAMES, seeds), figdir / f"{spec.name}_reconstruction.png")
+    return out
+
+
+def pareto_seeds(rows: list[dict], edits: dict[str, Any]) -> list[int]:
+    """Seeds on the Pareto front of (val reconstruction, val anchoring loss, −selectivity of the first edit)."""
+    import numpy as np
+
+    from anchoring.evaluate.control import pareto_front
+
+    first = next(iter(edits.values()))
+    obj = np.array([[r["val_mse"], r.get("val_anchor_loss", 0.0), -first["selectivity"][i]] for i, r in enumerate(rows)])
+    return [rows[i]["seed"] for i in pareto_front(obj)]
 
 
 def seed_table(rows: list[dict]) -> tuple[list[str], list[list[Any]]]:
     keys = [k for k in ("seed", "anchor_cos", "hue_order", "val_mse", "val_anchor_loss", "anchored") if rows and k in rows[0]]
     return keys, [[r[k] for k in keys] for r in rows]
+
+
+EXPECTED = {
+    "ablate": "Ablation cuts whole latent dims. If the concept shares its axis with its opposite colour "
+              "(red at +dim 0, cyan at −dim 0, as in a plain anchored model) both lose that dim and both break "
+              "(≈1/3 each, the MSE of a random colour): expected, and the reason the isolated model reserves "
+              "red's opposite side (anti-anchor) and clears its dim for it (anti-subspace).",
+    "suppress": "Suppression removes the concept's component only where its cosine is positive, so the far "
+                "hemisphere (cyan for red) is untouched; the fully suppressed colour decodes to the decoder's "
+                "fallback (about mid grey, MSE(red, grey) = 1/4).",
+}
+
+
+def intervention_sections(summary: dict[str, Any], figs: Path) -> list[tuple[str, str]]:
+    sections = []
+    for name, e in summary.get("interventions", {}).items():
+        rows = [[r["colour"], r["before"], r["after"], r["after_min"], r["after_max"]] for r in e["table"]]
+        note = EXPECTED.get(e["method"], "")
+        body = (f"<p>{e['method']} {('of ' + e['concept']) if e['concept'] else ''} {('dims ' + str(e['dims'])) if e['dims'] else ''}; "
+                f"selectivity R² vs similarity^{e['k']:g}: median {e['selectivity_median']:.3f} "
+                f"(per seed: {', '.join(f'{x:.2f}' for x in e['selectivity'])})</p><p><i>{note}</i></p>"
+                + html.table_html(["colour", "MSE before (median)", "after (median)", "after min", "after max"], rows)
+                + html.image_html(figs / f"{name}_hue_error.png", "error vs hue")
+                + html.image_html(figs / f"{name}_reconstruction.png", "output colour (background) vs true colour (inset)"))
+        sections.append((f"Intervention: {name}", body))
+    return sections
 
 
 def write_report(path: Path, cfg: ExperimentConfig, rows: list[dict], summary: dict[str, Any]) -> None:
@@ -118,6 +200,7 @@ def write_report(path: Path, cfg: ExperimentConfig, rows: list[dict], summary: d
         ("Latent space (axis-aligned slices; × marks the anchor)", html.image_html(figs / "latent_slices.png", "latent slices")),
         ("Loss curves", html.image_html(figs / "loss_curves.png", "loss curves")),
         ("Schedule", html.image_html(figs / "schedule.png", "schedule")),
+        *intervention_sections(summary, figs),
         ("Resolved config", f"<pre>{html.html.escape(cfg.to_toml())}</pre>"),
     ]
     runs.write_atomic(path / runs.REPORT, html.page(f"anchoring: {cfg.name}", sections))

@@ -86,10 +86,23 @@ class TrainConfig(_Strict):
         return self
 
 
+class InterventionConfig(_Strict):
+    """An edit evaluated at the end of a run: inference-time (suppress, repel, zero) or surgery (ablate, prune)."""
+
+    name: str
+    method: Literal["suppress", "repel", "zero", "ablate", "prune"]
+    concept: str | None = Field(None, description="direction from this concept's anchor; dims from its anchor's non-zero entries or its dims")
+    dims: list[int] | None = None
+    falloff: str = Field("constant", description="constant[:s] | linear:a,b | power:a,p,b | bezier:x1,y1,x2,y2,end (repel only)")
+    k: float = Field(2.0, gt=0, description="selectivity: R² of error vs similarity^k")
+    site: str = "latent"
+
+
 class EvaluateConfig(_Strict):
     concept: str | None = Field("red", description="anchored concept whose direction is checked")
     min_cosine: float = Field(0.9, description="anchoring criterion: cos(latent of the pure concept colour, anchor)")
     hue_dims: tuple[int, int] = (0, 1)
+    hue_order: bool = Field(True, description="require the hues in order around hue_dims for a seed to count as anchored")
 
 
 class ExperimentConfig(_Strict):
@@ -102,6 +115,7 @@ class ExperimentConfig(_Strict):
     terms: list[TermConfig] = Field(default_factory=list)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    interventions: list[InterventionConfig] = Field(default_factory=list)
     schedule: str = Field(description="dopesheet CSV text (a spec file may give a .csv path instead)")
 
     def to_toml(self) -> str:

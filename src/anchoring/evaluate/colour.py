@@ -81,5 +81,5 @@ def summarize_seeds(encode, reconstruct, cfg, objective, validation: torch.Tenso
         for i, r in enumerate(rows):
             r["anchor_cos"] = float(cos[i])
             r["val_anchor_loss"] = float(val_anchor[i])
-            r["anchored"] = bool(order[i]) and float(cos[i]) >= cfg.evaluate.min_cosine
+            r["anchored"] = (bool(order[i]) or not cfg.evaluate.hue_order) and float(cos[i]) >= cfg.evaluate.min_cosine
     return rows

@@ -121,3 +121,82 @@ def save(fig: Figure, path, dpi: int = 80) -> None:
     fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
     write_atomic(path, buf.getvalue())
+
+
+def hue_error_curves(curves: torch.Tensor, values, title: str) -> Figure:
+    """Error vs hue (median over seeds, band = min–max) at several values (brightness)."""
+    c = curves.numpy()
+    hues = np.arange(c.shape[-1]) * 360.0 / c.shape[-1]
+    fig, ax = plt.subplots(figsize=(6.5, 3.0))
+    for k, v in enumerate(values):
+        med = np.median(c[:, k], axis=0)
+        ax.plot(hues, med, lw=1.5, label=f"v = {v:g}")
+        ax.fill_between(hues, c[:, k].min(0), c[:, k].max(0), alpha=0.15)
+    ax.set_xlabel("hue (degrees; red = 0)")
+    ax.set_ylabel("MSE after edit")
+    ax.set_xticks(range(0, 361, 30))
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def reconstruction_grid(truth: torch.Tensor, outputs: torch.Tensor, names, seeds: list[int], max_seeds: int = 8) -> Figure:
+    """Each cell: the model's output colour as background, the true colour as a small inset."""
+    out = outputs[:max_seeds].clamp(0, 1).numpy()
+    n_seeds, n = out.shape[:2]
+    fig, ax = plt.subplots(figsize=(0.55 * n + 1.2, 0.55 * n_seeds + 1.0))
+    for i in range(n_seeds):
+        for j in range(n):
+            ax.add_patch(plt.Rectangle((j, n_seeds - 1 - i), 1, 1, color=out[i, j]))
+            ax.add_patch(plt.Rectangle((j + 0.3, n_seeds - 1 - i + 0.3), 0.4, 0.4, color=truth[j].numpy(), ec="white", lw=0.5))
+    ax.set_xlim(0, n)
+    ax.set_ylim(0, n_seeds)
+    ax.set_xticks(np.arange(n) + 0.5, names, rotation=60, fontsize=7)
+    ax.set_yticks(np.arange(n_seeds) + 0.5, [f"seed {s}" for s in reversed(seeds[:n_seeds])], fontsize=7)
+    ax.set_aspect("equal")
+    fig.tight_layout()
+    return fig
+
+
+def intervention_lobes(shapes: dict, method: str = "suppress") -> Figure:
+    """Polar lobes: intervention magnitude vs angle to the concept, and where a unit point lands."""
+    from anchoring.control.interventions import repel, suppress
+    from anchoring.control.falloff import BezierMapper, FalloffMapper
+
+    theta = torch.linspace(-np.pi, np.pi, 721)
+    pts = torch.stack([torch.cos(theta), torch.sin(theta)], -1)
+    v = torch.tensor([1.0, 0.0])
+    fig = plt.figure(figsize=(9, 4.2))
+    ax1 = fig.add_subplot(1, 2, 1, projection="polar")
+    ax2 = fig.add_subplot(1, 2, 2)
+    for name, shape in shapes.items():
+        if method == "suppress":
+            moved = suppress(pts, v, shape)
+        else:
+            mapper = shape if isinstance(shape, (BezierMapper, FalloffMapper)) else FalloffMapper(shape)
+            moved = repel(pts, v, mapper)
+        magnitude = (moved - pts).norm(dim=-1)
+        ax1.plot(theta.numpy(), magnitude.numpy(), label=name)
+        ax2.plot(moved[:, 0].numpy(), moved[:, 1].numpy(), lw=1.2, label=name)
+    ax1.set_title(f"{method}: |change| vs angle to concept", fontsize=9)
+    ax2.plot(pts[:, 0].numpy(), pts[:, 1].numpy(), color="grey", lw=0.5, ls=":")
+    ax2.arrow(0, 0, 1, 0, head_width=0.04, color="red")
+    ax2.set_aspect("equal")
+    ax2.set_title("where the unit circle goes (concept → red arrow)", fontsize=9)
+    ax2.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def strength_curves(shapes: dict) -> Figure:
+    """g(α) (or m(α)) against alignment α ∈ [0, 1]."""
+    alpha = torch.linspace(0, 1, 201)
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    for name, shape in shapes.items():
+        ax.plot(alpha.numpy(), shape(alpha).numpy(), label=name)
+    ax.set_xlabel("alignment α = max(0, cos)")
+    ax.set_ylabel("strength g(α) / mapped cosine m(α)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

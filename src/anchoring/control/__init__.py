@@ -1,0 +1,11 @@
+"""Control: interventions at inference (hooks) and permanent deletion (surgery)."""
+
+from anchoring.control.falloff import BezierMapper, BoundedPower, Constant, FalloffMapper, Linear, parse_falloff
+from anchoring.control.interventions import Intervention, concept_alpha, intervene, repel, suppress, zero_dims
+from anchoring.control.surgery import ablate, ablate_direction, find_layout, prune
+
+__all__ = [
+    "BezierMapper", "BoundedPower", "Constant", "FalloffMapper", "Intervention", "Linear", "ablate",
+    "ablate_direction", "concept_alpha", "find_layout", "intervene", "parse_falloff", "prune", "repel",
+    "suppress", "zero_dims",
+]

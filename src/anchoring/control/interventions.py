@@ -1,0 +1,91 @@
+"""Inference-time interventions on activations, applied at a named site with a `with` block.
+
+α = max(0, ẑ·v̂): the concept's cosine, zero on the far hemisphere, so the opposite of the
+concept (cyan for red) is untouched by construction.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anchoring.anchor.capture import resolve_site
+from anchoring.control.falloff import BezierMapper, BoundedPower, Constant, FalloffMapper
+
+
+def concept_alpha(z: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    return torch.relu((F.normalize(z, dim=-1) * F.normalize(direction, dim=-1)).sum(-1))
+
+
+def suppress(z: torch.Tensor, direction: torch.Tensor, falloff: Callable = Constant()) -> torch.Tensor:
+    """ẑ' = ẑ − g(α)·α·v̂ (on the normalised activation; g ≡ 1 is plain projection)."""
+    v = F.normalize(direction.to(z), dim=-1)
+    u = F.normalize(z, dim=-1)
+    alpha = torch.relu((u * v).sum(-1, keepdim=True))
+    return u - falloff(alpha) * alpha * v
+
+
+def _orthogonal_fallback(v: torch.Tensor) -> torch.Tensor:
+    """A unit vector ⟂ v, for points exactly on the concept axis (no 'away' direction of their own)."""
+    basis = torch.eye(v.shape[-1], dtype=v.dtype, device=v.device)
+    e = basis[(v.abs()).argmin()]
+    w = e - (e @ v) * v
+    return F.normalize(w, dim=-1)
+
+
+def repel(z: torch.Tensor, direction: torch.Tensor, mapper: Callable = FalloffMapper()) -> torch.Tensor:
+    """Rotate ẑ away from v̂ to cosine m(α), keeping unit norm and the orthogonal direction.
+
+    Only where α > 0; elsewhere ẑ passes unchanged.
+    """
+    v = F.normalize(direction.to(z), dim=-1)
+    u = F.normalize(z, dim=-1)
+    cos = (u * v).sum(-1, keepdim=True)
+    w = u - cos * v
+    w_norm = w.norm(dim=-1, keepdim=True)
+    w_hat = torch.where(w_norm > 1e-6, w / w_norm.clamp_min(1e-12), _orthogonal_fallback(v))
+    m = mapper(cos.clamp_min(0.0)).clamp(-1.0, 1.0)
+    moved = m * v + (1.0 - m * m).clamp_min(0.0).sqrt() * w_hat
+    return torch.where(cos > 0, moved, u)
+
+
+def zero_dims(z: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    out = z.clone()
+    out[..., list(dims)] = 0.0
+    return out
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """A named edit of activations: `method` ∈ suppress | repel | zero."""
+
+    method: str
+    direction: tuple[float, ...] | None = None
+    dims: tuple[int, ...] | None = None
+    shape: BoundedPower | Constant | BezierMapper | FalloffMapper = field(default_factory=Constant)
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        if self.method == "zero":
+            assert self.dims is not None
+            return zero_dims(z, self.dims)
+        assert self.direction is not None
+        v = torch.tensor(self.direction, dtype=z.dtype)
+        if self.method == "suppress":
+            return suppress(z, v, self.shape)
+        shape = self.shape if isinstance(self.shape, (BezierMapper, FalloffMapper)) else FalloffMapper(self.shape)
+        return repel(z, v, shape)
+
+
+@contextmanager
+def intervene(model: nn.Module, site: str, edit: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[nn.Module]:
+    """While open, `site`'s output is replaced by `edit(output)` in every forward pass."""
+    handle = resolve_site(model, site).register_forward_hook(lambda _m, _i, out: edit(out))
+    try:
+        yield model
+    finally:
+        handle.remove()

@@ -1,0 +1,82 @@
+"""From an intervention spec to edited models: one place that knows every method's wiring."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from anchoring.anchor import Concept
+from anchoring.config import InterventionConfig
+from anchoring.control.falloff import BezierMapper, parse_falloff
+from anchoring.control.interventions import Intervention, intervene
+from anchoring.control.surgery import ablate, prune
+from anchoring.errors import AnchoringError
+
+SURGERY = {"ablate": ablate, "prune": prune}
+
+
+@dataclass
+class Plan:
+    spec: InterventionConfig
+    direction: tuple[float, ...] | None
+    dims: tuple[int, ...] | None
+
+    @property
+    def is_surgery(self) -> bool:
+        return self.spec.method in SURGERY
+
+    def edit_activation(self) -> Intervention:
+        shape = parse_falloff(self.spec.falloff)
+        if isinstance(shape, BezierMapper) and self.spec.method != "repel":
+            raise AnchoringError(f"intervention {self.spec.name!r}: a Bézier mapper only applies to repel")
+        return Intervention(self.spec.method, self.direction, self.dims, shape)
+
+    def edit_models(self, models: Sequence[nn.Module]) -> list[nn.Module]:
+        """Edited copies (surgery only)."""
+        fn = SURGERY[self.spec.method]
+        return [fn(m, self.dims, self.spec.site) for m in models]
+
+    def reconstruct(self, models: Sequence[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`rgb (N, 3) → (seeds, N, 3)` through the edited models."""
+        if self.is_surgery:
+            edited = self.edit_models(models)
+            return lambda x: torch.stack([m(x) for m in edited])
+        edit = self.edit_activation()
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            outs = []
+            for m in models:
+                with intervene(m, self.spec.site, edit):
+                    outs.append(m(x))
+            return torch.stack(outs)
+
+        return run
+
+
+def make_plan(spec: InterventionConfig, concepts: Sequence[Concept], latent_dim: int) -> Plan:
+    """Resolve direction/dims from the concept when not given; every gap is an error naming the spec."""
+    by_name = {c.name: c for c in concepts}
+    concept = None
+    if spec.concept is not None:
+        if spec.concept not in by_name:
+            raise AnchoringError(f"intervention {spec.name!r}: unknown concept {spec.concept!r} (have: {', '.join(by_name) or 'none'})")
+        concept = by_name[spec.concept]
+    direction = concept.anchor if concept else None
+    dims = tuple(spec.dims) if spec.dims is not None else None
+    if dims is None and concept is not None:
+        if concept.anchor is not None:
+            dims = tuple(i for i, x in enumerate(concept.anchor) if x != 0)
+        elif concept.dims is not None:
+            dims = tuple(concept.dims)
+    if spec.method in ("suppress", "repel") and direction is None:
+        raise AnchoringError(f"intervention {spec.name!r}: {spec.method} needs a concept with an anchor")
+    if spec.method in ("zero", "ablate", "prune"):
+        if not dims:
+            raise AnchoringError(f"intervention {spec.name!r}: {spec.method} needs dims (or a concept to take them from)")
+        if any(not 0 <= d < latent_dim for d in dims):
+            raise AnchoringError(f"intervention {spec.name!r}: dims {list(dims)} must be within 0..{latent_dim - 1}")
+    parse_falloff(spec.falloff)  # validate early
+    return Plan(spec, direction, dims)

@@ -1,0 +1,85 @@
+"""What an intervention breaks, colour by colour: per-colour error, selectivity, Pareto choice."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from anchoring.domains.colour import NAMES, hsv_grid, hsv_similarity, named_rgb
+
+Reconstruct = Callable[[torch.Tensor], torch.Tensor]  # rgb (N, 3) -> (seeds, N, 3)
+
+
+def colour_errors(reconstruct: Reconstruct, rgb: torch.Tensor) -> torch.Tensor:
+    """Per-colour MSE `(seeds, N)`: mean over RGB of the squared error, output clamped to [0, 1]."""
+    with torch.no_grad():
+        return (reconstruct(rgb).clamp(0.0, 1.0) - rgb).pow(2).mean(-1)
+
+
+def stacked(models: Sequence[nn.Module]) -> Reconstruct:
+    return lambda x: torch.stack([m(x) for m in models])
+
+
+def selectivity(errors: torch.Tensor, similarity: torch.Tensor, k: float) -> torch.Tensor:
+    """R² of a linear fit of error on similarity^k, per seed: 1 = the damage is exactly as predicted.
+
+    `errors` `(seeds, N)`, `similarity` `(N,)`. A seed whose errors do not vary scores 0.
+    """
+    x = similarity.double().pow(k)
+    x = x - x.mean()
+    e = errors.double() - errors.double().mean(-1, keepdim=True)
+    cov = (e * x).sum(-1)
+    denom = (e.pow(2).sum(-1) * x.pow(2).sum()).clamp_min(1e-30)
+    return (cov.pow(2) / denom).float()
+
+
+def selectivity_grid() -> torch.Tensor:
+    """Dense HSV grid for selectivity: 36 hues × 5 saturations × 5 values (greys repeated, as in HSV)."""
+    return hsv_grid(36, 5, 5)[0]
+
+
+def hue_curves(reconstruct: Reconstruct, values: Sequence[float] = (0.25, 0.5, 0.75, 1.0), hues: int = 72) -> torch.Tensor:
+    """Error vs hue at full saturation for several values: `(seeds, len(values), hues)`."""
+    from anchoring.domains.colour import hsv_to_rgb
+
+    h = torch.arange(hues) / hues
+    rows = [colour_errors(reconstruct, hsv_to_rgb(torch.stack([h, torch.ones(hues), torch.full((hues,), v)], -1))) for v in values]
+    return torch.stack(rows, dim=1)
+
+
+def named_error_table(before: torch.Tensor, after: torch.Tensor, seeds: Sequence[int]) -> list[dict]:
+    """Rows of (colour, median/min/max over seeds before and after): what the CLI prints."""
+    rows = []
+    for j, name in enumerate(NAMES):
+        b, a = before[:, j], after[:, j]
+        rows.append({"colour": name, "before": float(b.median()), "after": float(a.median()),
+                     "after_min": float(a.min()), "after_max": float(a.max())})
+    return rows
+
+
+def pareto_front(objectives: np.ndarray) -> list[int]:
+    """Indices of rows not dominated by any other (every column: lower is better)."""
+    front = []
+    for i, row in enumerate(objectives):
+        dominated = any(np.all(other <= row) and np.any(other < row) for j, other in enumerate(objectives) if j != i)
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def evaluate_edit(before: Reconstruct, after: Reconstruct, concept_rgb: torch.Tensor, k: float) -> dict[str, torch.Tensor]:
+    """All per-seed numbers for one edit: named-colour errors, dense-grid errors, selectivity."""
+    named = named_rgb()
+    grid = selectivity_grid()
+    sim = hsv_similarity(grid, concept_rgb.expand_as(grid))
+    after_grid = colour_errors(after, grid)
+    return {
+        "named_before": colour_errors(before, named),
+        "named_after": colour_errors(after, named),
+        "grid_after": after_grid,
+        "selectivity": selectivity(after_grid, sim, k),
+        "hue_after": hue_curves(after),
+    }
