@@ -4,17 +4,13 @@ import pytest
 import torch
 
 from anchoring import load_run
-from anchoring.cli import app
 from anchoring.domains.colour import HUE_NAMES, named_colours
-from typer.testing import CliRunner
 
 
 @pytest.mark.slow
-def test_default_experiment_anchors_red_and_orders_the_hues(tmp_path):
-    out = tmp_path / "anchored"
-    r = CliRunner().invoke(app, ["run", "--seeds", "3", "--out", str(out), "-q"])
-    assert r.exit_code == 0, r.stderr
-    assert "3/3 seeds anchored" in r.stdout
+def test_default_experiment_anchors_red_and_orders_the_hues(anchored_run):
+    out, stdout = anchored_run
+    assert "3/3 seeds anchored" in stdout
 
     run = load_run(out)  # check independently of the summary the CLI printed
     named = named_colours()

@@ -14,7 +14,7 @@ from anchoring import runs
 from anchoring.config import ExperimentConfig, load_config
 from anchoring.domains.colour import rgb_grid
 from anchoring.errors import AnchoringError
-from anchoring.evaluate.colour import concept_exemplar, summarize_seeds
+from anchoring.evaluate.colour import summarize_seeds
 from anchoring.report import figures, html
 from anchoring.train import TrainResult, train
 from anchoring.train.objective import build_objective, build_timeline
@@ -126,9 +126,8 @@ def evaluate_interventions(cfg: ExperimentConfig, objective, models, rows: list[
     for spec in cfg.interventions:
         plan = make_plan(spec, objective.concepts, cfg.model.latent_dim)
         concept = next((c for c in objective.concepts if c.name == spec.concept), None)
-        target = (concept_exemplar(concept.labeller, named_rgb()) if concept is not None else named_rgb()[0])
         after = plan.reconstruct(models)
-        res = evaluate_edit(stacked(models), after, target, spec.k)
+        res = evaluate_edit(stacked(models), after, concept, spec.k)
         table = named_error_table(res["named_before"], res["named_after"], seeds)
         out[spec.name] = {
             "method": spec.method, "concept": spec.concept, "dims": list(plan.dims) if plan.dims else None,

@@ -135,6 +135,128 @@ def show_cmd(run_dir: Path = typer.Argument(..., help="finished run directory"))
     print_outcome(api.Outcome(run.path, run.summary), run.summary.get("timing", {}).get("total_s", 0.0))
 
 
+def _dims(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        fail(f"--dims {text!r}: expected comma-separated integers, e.g. 0,1")
+    return None
+
+
+def _edit_spec(name: str, method: str, concept: str | None, dims: str | None, falloff: str, k: float, site: str):
+    from pydantic import ValidationError
+
+    from anchoring.config import InterventionConfig
+
+    if concept is None and dims is None:
+        fail("give --concept NAME or --dims 0,1")
+    try:
+        return InterventionConfig(name=name, method=method, concept=concept, dims=_dims(dims), falloff=falloff, k=k, site=site)
+    except ValidationError as e:
+        first = e.errors()[0]
+        fail(f"--{first['loc'][0]}: {first['msg']}")
+
+
+def _colour_table(title: str, rows: list[dict], selectivity: list[float]) -> None:
+    table = Table(title=title)
+    for h in ("colour", "before", "after (median)", "min", "max"):
+        table.add_column(h, justify="right")
+    for r in rows:
+        table.add_row(r["colour"], f"{r['before']:.4f}", f"{r['after']:.4f}", f"{r['after_min']:.4f}", f"{r['after_max']:.4f}")
+    out.print(table)
+    med = sorted(selectivity)[len(selectivity) // 2]
+    out.print(f"selectivity R² per seed: {', '.join(f'{x:.3f}' for x in selectivity)} (median {med:.3f})", markup=False)
+
+
+@app.command("intervene")
+def intervene_cmd(
+    run_dir: Path = typer.Argument(..., help="finished run directory"),
+    concept: Optional[str] = typer.Option(None, "--concept", help="concept whose anchor direction to act on"),
+    method: str = typer.Option("suppress", "--method", help="suppress | repel | zero"),
+    falloff: str = typer.Option("constant", "--falloff", help="constant[:s] | linear:a,b | power:a,p,b | bezier:x1,y1,x2,y2,end"),
+    dims: Optional[str] = typer.Option(None, "--dims", help="dims for --method zero, e.g. 0,1"),
+    k: float = typer.Option(2.0, "--k", help="selectivity exponent: R² of error vs similarity^k"),
+    site: str = typer.Option("latent", "--site", help="module path to intervene at"),
+    name: Optional[str] = typer.Option(None, "--name", help="output folder name under RUN/interventions/"),
+) -> None:
+    """Apply an inference-time intervention to every seed; print and save the per-colour table."""
+    from anchoring import control_api
+    from anchoring.runs import load_run
+
+    if method not in ("suppress", "repel", "zero"):
+        fail(f"--method must be suppress, repel or zero, not {method!r}")
+    label = name or f"{method}-{concept or 'dims' + (dims or '').replace(',', '')}-{falloff.replace(':', '-').replace(',', '_')}"
+    spec = _edit_spec(label, method, concept, dims, falloff, k, site)
+    try:
+        res = control_api.intervene(load_run(run_dir), spec)
+    except AnchoringError as e:
+        fail(str(e))
+    _colour_table(f"{label}: per-colour MSE", res.table, res.selectivity)
+    out.print(f"wrote {res.files[0].parent}", markup=False)
+
+
+@app.command("delete")
+def delete_cmd(
+    run_dir: Path = typer.Argument(..., help="finished run directory"),
+    out_dir: Path = typer.Option(..., "--out", help="where to write the edited run"),
+    concept: Optional[str] = typer.Option(None, "--concept", help="delete this concept's anchored dims"),
+    dims: Optional[str] = typer.Option(None, "--dims", help="or these dims, e.g. 0,1"),
+    method: str = typer.Option("ablate", "--method", help="ablate (zero weights) | prune (remove dims)"),
+    k: float = typer.Option(2.0, "--k", help="selectivity exponent"),
+    site: str = typer.Option("latent", "--site"),
+) -> None:
+    """Permanently delete a concept or dims from every seed; write an edited run."""
+    from anchoring import control_api
+    from anchoring.runs import load_run
+
+    if method not in ("ablate", "prune"):
+        fail(f"--method must be ablate or prune, not {method!r}")
+    spec = _edit_spec(f"{method}", method, concept, dims, "constant", k, site)
+    try:
+        res = control_api.delete(load_run(run_dir), spec, out_dir)
+    except AnchoringError as e:
+        fail(str(e))
+    _colour_table(f"{method}: per-colour MSE", res.table, res.selectivity)
+    out.print(f"edited run: {out_dir}", markup=False)
+
+
+@app.command("relearn")
+def relearn_cmd(
+    run_dir: Path = typer.Argument(..., help="finished run directory (its concept is deleted, then fine-tuned)"),
+    concept: str = typer.Option("red", "--concept"),
+    samples: str = typer.Option("1,4,16,64", "--samples", help="K values: concept samples to fine-tune on"),
+    steps: int = typer.Option(200, "--steps", help="fine-tuning steps"),
+    lr: float = typer.Option(0.01, "--lr"),
+    retain: int = typer.Option(0, "--retain", help="extra random colours mixed in (retain data)"),
+    threshold: float = typer.Option(0.01, "--threshold", help="concept MSE at which it counts as recovered"),
+    baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="also attack a post-hoc (unanchored) baseline"),
+) -> None:
+    """Relearning attack: steps until a deleted concept's error falls back under the threshold."""
+    from anchoring import control_api
+    from anchoring.runs import load_run
+
+    ks = _dims(samples) or []
+    try:
+        with progress_bar("baseline", sys.stderr.isatty()) as update:
+            res = control_api.relearn(load_run(run_dir), concept, ks, steps, lr=lr, retain=retain,
+                                      threshold=threshold, baseline=baseline, progress=update)
+    except AnchoringError as e:
+        fail(str(e))
+    table = Table(title=f"relearning {concept}: steps until MSE ≤ {threshold} (per seed; '-' = not within {steps})")
+    for h in ("model", "K", "start MSE", "median steps", "per seed"):
+        table.add_column(h, justify="right")
+    for r in res.rows:
+        got = [s for s in r["steps_to_recover"]]
+        finite = sorted(s if s is not None else steps + 1 for s in got)
+        med = finite[len(finite) // 2]
+        table.add_row(r["model"], str(r["K"]), f"{r['start_error']:.3f}", str(med) if med <= steps else f">{steps}",
+                      " ".join("-" if s is None else str(s) for s in got))
+    out.print(table)
+    out.print(f"wrote {res.path}", markup=False)
+
+
 def main() -> None:
     app()
 

@@ -23,11 +23,14 @@ def concept_alpha(z: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
 
 
 def suppress(z: torch.Tensor, direction: torch.Tensor, falloff: Callable = Constant()) -> torch.Tensor:
-    """ẑ' = ẑ − g(α)·α·v̂ (on the normalised activation; g ≡ 1 is plain projection)."""
+    """z' = z − g(α)·(z·v̂)⁺·v̂; on a unit latent this is ẑ − g(α)·α·v̂ (g ≡ 1: plain projection).
+
+    Points with α = 0 come back bit-identical.
+    """
     v = F.normalize(direction.to(z), dim=-1)
-    u = F.normalize(z, dim=-1)
-    alpha = torch.relu((u * v).sum(-1, keepdim=True))
-    return u - falloff(alpha) * alpha * v
+    along = torch.relu((z * v).sum(-1, keepdim=True))
+    alpha = along / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return z - falloff(alpha) * along * v
 
 
 def _orthogonal_fallback(v: torch.Tensor) -> torch.Tensor:
@@ -39,19 +42,20 @@ def _orthogonal_fallback(v: torch.Tensor) -> torch.Tensor:
 
 
 def repel(z: torch.Tensor, direction: torch.Tensor, mapper: Callable = FalloffMapper()) -> torch.Tensor:
-    """Rotate ẑ away from v̂ to cosine m(α), keeping unit norm and the orthogonal direction.
+    """Rotate z away from v̂ to cosine m(α), keeping its norm and its orthogonal direction.
 
-    Only where α > 0; elsewhere ẑ passes unchanged.
+    Only where α > 0; elsewhere z passes bit-identical.
     """
     v = F.normalize(direction.to(z), dim=-1)
-    u = F.normalize(z, dim=-1)
+    length = z.norm(dim=-1, keepdim=True)
+    u = z / length.clamp_min(1e-12)
     cos = (u * v).sum(-1, keepdim=True)
     w = u - cos * v
     w_norm = w.norm(dim=-1, keepdim=True)
     w_hat = torch.where(w_norm > 1e-6, w / w_norm.clamp_min(1e-12), _orthogonal_fallback(v))
     m = mapper(cos.clamp_min(0.0)).clamp(-1.0, 1.0)
-    moved = m * v + (1.0 - m * m).clamp_min(0.0).sqrt() * w_hat
-    return torch.where(cos > 0, moved, u)
+    moved = (m * v + (1.0 - m * m).clamp_min(0.0).sqrt() * w_hat) * length
+    return torch.where(cos > 0, moved, z)
 
 
 def zero_dims(z: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:

@@ -70,11 +70,24 @@ def pareto_front(objectives: np.ndarray) -> list[int]:
     return front
 
 
-def evaluate_edit(before: Reconstruct, after: Reconstruct, concept_rgb: torch.Tensor, k: float) -> dict[str, torch.Tensor]:
+def concept_similarity(concept, grid: torch.Tensor) -> torch.Tensor:
+    """How much each colour 'is' the concept: HSV similarity to its exemplar for a direction
+    concept, the labeller's own score (e.g. s·v for vibrant) for a subspace concept."""
+    from anchoring.evaluate.colour import concept_exemplar
+
+    if concept is None:
+        return hsv_similarity(grid, named_rgb()[0].expand_as(grid))
+    if concept.anchor is None and hasattr(concept.labeller, "score"):
+        return concept.labeller.score(grid)
+    exemplar = concept_exemplar(concept.labeller, named_rgb())
+    return hsv_similarity(grid, exemplar.expand_as(grid))
+
+
+def evaluate_edit(before: Reconstruct, after: Reconstruct, concept, k: float) -> dict[str, torch.Tensor]:
     """All per-seed numbers for one edit: named-colour errors, dense-grid errors, selectivity."""
     named = named_rgb()
     grid = selectivity_grid()
-    sim = hsv_similarity(grid, concept_rgb.expand_as(grid))
+    sim = concept_similarity(concept, grid)
     after_grid = colour_errors(after, grid)
     return {
         "named_before": colour_errors(before, named),

@@ -178,7 +178,7 @@ def intervention_lobes(shapes: dict, method: str = "suppress") -> Figure:
             moved = repel(pts, v, mapper)
         magnitude = (moved - pts).norm(dim=-1)
         ax1.plot(theta.numpy(), magnitude.numpy(), label=name)
-        ax2.plot(moved[:, 0].numpy(), moved[:, 1].numpy(), lw=1.2, label=name)
+        ax2.scatter(moved[:, 0].numpy(), moved[:, 1].numpy(), s=3, label=name)
     ax1.set_title(f"{method}: |change| vs angle to concept", fontsize=9)
     ax2.plot(pts[:, 0].numpy(), pts[:, 1].numpy(), color="grey", lw=0.5, ls=":")
     ax2.arrow(0, 0, 1, 0, head_width=0.04, color="red")
@@ -198,5 +198,25 @@ def strength_curves(shapes: dict) -> Figure:
     ax.set_xlabel("alignment α = max(0, cos)")
     ax.set_ylabel("strength g(α) / mapped cosine m(α)")
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def relearn_curves(curves: list[dict], threshold: float) -> Figure:
+    """Concept error vs fine-tuning step, median over seeds, one colour per K; solid = anchored."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    models = sorted({c["model"] for c in curves})
+    ks = sorted({c["K"] for c in curves})
+    for mi, model in enumerate(models):
+        for ki, k in enumerate(ks):
+            sel = [c for c in curves if c["model"] == model and c["K"] == k]
+            steps = sorted({c["step"] for c in sel})
+            med = [np.median([c["error"] for c in sel if c["step"] == s]) for s in steps]
+            ax.plot(steps, med, color=f"C{ki}", ls=["-", "--", ":"][mi % 3], label=f"{model}, K={k}")
+    ax.axhline(threshold, color="k", lw=0.6, ls=":")
+    ax.set_yscale("log")
+    ax.set_xlabel("fine-tuning step")
+    ax.set_ylabel("concept MSE (median over seeds)")
+    ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     return fig

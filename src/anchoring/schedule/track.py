@@ -117,6 +117,10 @@ class Track:
         y, dy, _ = self._state(t)
         return dy * (math.log(10.0) * 10.0**y if self.space == "log" else 1.0)
 
+    def key_values(self) -> list[tuple[float, float]]:
+        """Keyframes as (step, value) in real space."""
+        return [(t, self._from_space(y)) for t, y in self.keys]
+
     @property
     def last_step(self) -> float:
         return self.keys[-1][0]

@@ -1,0 +1,64 @@
+"""Relearning attack: does a deleted concept come back after a little fine-tuning?
+
+Fine-tune an edited model on K samples of the concept (plus optional retain data drawn
+from everything else) and record the concept's reconstruction error after every step.
+The baseline is the same architecture trained with no anchoring, with the concept
+direction found post hoc (difference of means) and projected out of the weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def concept_samples(labeller, pool: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """K distinct colours drawn from `pool` with probability ∝ p(concept | colour)."""
+    p = labeller.probability(pool).double()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.multinomial(p / p.sum(), k, replacement=False, generator=g)
+    return pool[idx]
+
+
+def post_hoc_direction(encode, labeller, pool: torch.Tensor) -> torch.Tensor:
+    """Mean latent of exactly-labelled colours minus mean of the rest, unit length.
+
+    `encode(rgb)` gives the site's activations; use the pre-normalisation site so the
+    direction can be projected out of the producing layer's weights.
+    """
+    with torch.no_grad():
+        z = encode(pool)
+    lab = labeller.exact(pool).bool()
+    return F.normalize(z[lab].mean(0) - z[~lab].mean(0), dim=-1)
+
+
+@dataclass
+class Curve:
+    errors: torch.Tensor  # (steps + 1,), error on the concept's colours before each step and after the last
+
+    def steps_to(self, threshold: float) -> int | None:
+        hit = (self.errors <= threshold).nonzero()
+        return int(hit[0]) if len(hit) else None
+
+
+def relearn(model: nn.Module, samples: torch.Tensor, probe: torch.Tensor, steps: int, lr: float = 0.01,
+            retain: torch.Tensor | None = None) -> Curve:
+    """Fine-tune a copy with Adam on `samples` (+ `retain`), full batch; error measured on `probe`."""
+    m = copy.deepcopy(model)
+    m.train()
+    opt = torch.optim.Adam(m.parameters(), lr=lr)
+    data = samples if retain is None else torch.cat([samples, retain])
+    errors = []
+    for _ in range(steps + 1):
+        with torch.no_grad():
+            errors.append((m(probe).clamp(0, 1) - probe).pow(2).mean())
+        if len(errors) > steps:
+            break
+        opt.zero_grad(set_to_none=True)
+        (m(data) - data).pow(2).mean().backward()
+        opt.step()
+    return Curve(torch.stack(errors))

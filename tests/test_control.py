@@ -1,0 +1,147 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from anchoring.control import (
+    BezierMapper, BoundedPower, Constant, FalloffMapper, Intervention, Linear, ablate, ablate_direction, find_layout,
+    intervene, parse_falloff, prune, repel, suppress,
+)
+from anchoring.errors import AnchoringError
+from anchoring.evaluate.control import pareto_front, selectivity
+from anchoring.models import ColourAutoencoder
+
+V = torch.tensor([1.0, 0.0, 0.0, 0.0])
+
+
+def unit_points(n=400, d=4, seed=0):
+    z = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+    return z / z.norm(dim=-1, keepdim=True)
+
+
+def test_suppress_is_an_exact_projection_on_the_near_hemisphere():
+    z = unit_points()
+    out = suppress(z, V)
+    near = z[:, 0] > 0
+    assert torch.allclose(out[near, 0], torch.zeros(int(near.sum())), atol=1e-6)  # concept component removed
+    assert torch.allclose(out[near, 1:], z[near, 1:])  # the rest untouched
+    assert torch.equal(out[~near], z[~near])  # far hemisphere (cyan for red) untouched
+    assert torch.allclose(suppress(V[None], V), torch.zeros(1, 4), atol=1e-7)  # pure concept → origin
+
+
+def test_falloff_threshold_leaves_weak_alignment_alone():
+    z = unit_points()
+    out = suppress(z, V, BoundedPower(a=0.5, p=2, b=1))
+    weak = z[:, 0] <= 0.5
+    assert torch.allclose(out[weak], z[weak], atol=1e-7)
+    strong = z[:, 0] > 0.5
+    assert (out[strong, 0] < z[strong, 0]).all()
+
+
+def test_repel_keeps_unit_norm_and_the_orthogonal_direction():
+    z = unit_points()
+    mapper = FalloffMapper(Linear(a=0.0, b=1.0))
+    out = repel(z, V, mapper)
+    assert torch.allclose(out.norm(dim=-1), torch.ones(len(z)), atol=1e-5)
+    near = z[:, 0] > 0
+    alpha = z[near, 0]
+    assert torch.allclose(out[near, 0], mapper(alpha), atol=1e-5)  # new cosine is m(α)
+    w_in = z[near, 1:] / z[near, 1:].norm(dim=-1, keepdim=True)
+    w_out = out[near, 1:] / out[near, 1:].norm(dim=-1, keepdim=True)
+    assert torch.allclose(w_in, w_out, atol=1e-5)
+    assert torch.equal(out[~near], z[~near])
+    on_axis = repel(V[None], V, FalloffMapper(Constant(1.0)))  # no orthogonal part: pick one, stay unit
+    assert on_axis[0, 0].abs() < 1e-6 and on_axis.norm() == pytest.approx(1.0)
+
+
+def test_falloff_and_mapper_bounds():
+    a = torch.linspace(0, 1, 101)
+    g = BoundedPower(a=0.2, p=3, b=0.7)(a)
+    assert (g >= 0).all() and (g <= 0.7 + 1e-7).all()
+    assert (g[a <= 0.2] == 0).all() and g[-1] == pytest.approx(0.7)
+    assert (torch.diff(g) >= -1e-7).all()
+    bez = BezierMapper(0.5, 0.0, 0.9, 0.1, end=0.0)
+    m = bez(a)
+    assert (m <= a + 1e-7).all() and m[0] == pytest.approx(0.0, abs=1e-6) and m[-1] == pytest.approx(0.0, abs=1e-6)
+    assert parse_falloff("power:0.2,2,1") == BoundedPower(0.2, 2.0, 1.0)
+    assert parse_falloff("linear:0.1,0.5") == BoundedPower(0.1, 1.0, 0.5)
+    for bad, msg in (("cubic:1", "unknown falloff"), ("power:x", "must be numbers"), ("power:1.5,1,1", "threshold a"),
+                     ("constant:1,2", "at most 1")):
+        with pytest.raises(AnchoringError, match=msg):
+            parse_falloff(bad)
+
+
+def test_intervene_hook_is_scoped():
+    torch.manual_seed(0)
+    m = ColourAutoencoder()
+    red = torch.tensor([[1.0, 0.0, 0.0]])
+    before = m(red)
+    with intervene(m, "latent", Intervention("zero", dims=(0, 1, 2, 3))):
+        assert torch.allclose(m(red), m.decoder(torch.zeros(1, 4)))
+    assert torch.equal(m(red), before)
+
+
+@pytest.mark.parametrize("dims", [[0], [0, 1], [1, 3]])
+def test_ablation_equals_pruning(dims):
+    torch.manual_seed(1)
+    m = ColourAutoencoder(latent_dim=4, hidden=(10, 10))
+    x = torch.rand(256, 3)
+    a, p = ablate(m, dims), prune(m, dims)
+    assert p.latent_dim == 4 - len(dims) and p.encoder[-1].out_features == 4 - len(dims)
+    assert (a(x) - p(x)).abs().max() < 1e-6
+    assert not torch.allclose(a(x), m(x))  # it did edit something
+    assert m.encoder[-1].weight.abs().sum() > 0 and torch.equal(m(x), m(x))  # original untouched
+
+
+class Plain(nn.Module):
+    def __init__(self, mid: nn.Module):
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.mid = mid
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(self.mid(self.a(x)))
+
+
+def test_surgery_on_a_foreign_model_and_refusals():
+    torch.manual_seed(0)
+    ok = Plain(nn.Identity())
+    layout = find_layout(ok, "mid", torch.zeros(1, 3))
+    assert (layout.producer, layout.consumer, layout.width) == ("a", "b", 4)
+    assert (ablate(ok, [2], site="mid")(torch.rand(5, 3)) - prune(ok, [2], site="mid")(torch.rand(5, 3))).shape == (5, 2)
+    with pytest.raises(AnchoringError, match="GELU.*sits between"):
+        ablate(Plain(nn.GELU()), [0], site="mid")
+
+    class Doubled(Plain):
+        def forward(self, x):
+            return self.b(2 * self.mid(self.a(x)))  # consumer reads a transformed copy
+
+    with pytest.raises(AnchoringError, match="not read directly by an nn.Linear"):
+        ablate(Doubled(nn.Identity()), [0], site="mid")
+    with pytest.raises(AnchoringError, match="cannot delete every latent dim"):
+        ablate(ok, [0, 1, 2, 3], site="mid")
+    with pytest.raises(AnchoringError, match="within 0..3"):
+        prune(ok, [4], site="mid")
+
+
+def test_direction_ablation_removes_that_direction():
+    torch.manual_seed(0)
+    m = ColourAutoencoder()
+    d = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    edited = ablate_direction(m, d)
+    z = edited.encoder(torch.rand(50, 3))
+    assert (z @ (d / d.norm())).abs().max() < 1e-5
+
+
+def test_selectivity_and_pareto():
+    sim = torch.linspace(0, 1, 50)
+    perfect = (0.3 * sim**2).expand(3, -1).clone()
+    assert torch.allclose(selectivity(perfect, sim, 2.0), torch.ones(3))
+    noise = torch.rand(3, 50, generator=torch.Generator().manual_seed(0))
+    assert (selectivity(noise, sim, 2.0) < 0.2).all()
+    assert selectivity(perfect, sim, 1.0)[0] < 1.0  # wrong exponent fits worse
+    pts = np.array([[1, 1, 1], [0, 2, 1], [2, 2, 2], [1, 1, 0]])
+    assert pareto_front(pts) == [1, 3]

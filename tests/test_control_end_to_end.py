@@ -1,0 +1,85 @@
+"""Trained models, real edits: red must break, cyan must not (where theory says so)."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from anchoring import load_run
+from anchoring.cli import app
+from anchoring.control_api import relearn
+
+runner = CliRunner()
+pytestmark = pytest.mark.slow
+
+
+def named_after(summary, edit):
+    return {k: torch.tensor(v) for k, v in summary["interventions"][edit]["named_after"].items()}
+
+
+def test_anchored_suppression_is_selective_and_ablation_is_not(anchored_run):
+    out, _ = anchored_run
+    summary = json.loads((out / "summary.json").read_text())
+    sup = named_after(summary, "suppress-red")
+    assert sup["red"].median() >= 0.15, sup["red"]
+    for c in ("cyan", "lime", "purple", "grey", "white"):
+        assert sup[c].median() <= 0.01, (c, sup[c])
+    assert summary["interventions"]["suppress-red"]["selectivity_median"] >= 0.8
+    abl = named_after(summary, "ablate-red")
+    assert abl["red"].median() >= 0.2 and abl["cyan"].median() >= 0.2  # shared axis: both break (expected)
+    assert "reason the isolated model" in (out / "report.html").read_text()
+
+
+def test_isolated_ablation_deletes_red_alone(isolated_run):
+    out, _ = isolated_run
+    summary = json.loads((out / "summary.json").read_text())
+    abl = named_after(summary, "ablate-red")
+    assert abl["red"].mean() >= 0.2, abl["red"]
+    assert (abl["red"] >= 20 * abl["cyan"].clamp_min(1e-3)).all(), (abl["red"], abl["cyan"])  # per seed
+    for c in ("cyan", "purple", "grey", "white"):
+        assert abl[c].max() <= 0.01, (c, abl[c])
+    assert summary["interventions"]["ablate-red"]["selectivity_median"] >= 0.7
+
+
+def test_intervene_and_delete_commands(anchored_run, tmp_path):
+    out, _ = anchored_run
+    r = runner.invoke(app, ["intervene", str(out), "--concept", "red", "--method", "repel", "--falloff", "power:0.1,2,1", "--name", "rp"])
+    assert r.exit_code == 0, r.stderr
+    assert "red" in r.stdout and "selectivity R² per seed" in r.stdout
+    for f in ("colours.csv", "per_seed.csv", "hue_error.png", "reconstruction.png", "lobes.png", "strength.png"):
+        assert (out / "interventions" / "rp" / f).is_file(), f
+    pruned = tmp_path / "pruned"
+    r = runner.invoke(app, ["delete", str(out), "--concept", "red", "--method", "prune", "--out", str(pruned)])
+    assert r.exit_code == 0, r.stderr
+    ablated = tmp_path / "ablated"
+    assert runner.invoke(app, ["delete", str(out), "--dims", "0", "--method", "ablate", "--out", str(ablated)]).exit_code == 0
+    p, a, orig = load_run(pruned), load_run(ablated), load_run(out)
+    x = torch.rand(64, 3, generator=torch.Generator().manual_seed(0))
+    assert p.encode(x).shape == (3, 64, 3)
+    assert (p.reconstruct(x) - a.reconstruct(x)).abs().max() < 1e-6  # the two deletions agree
+    red = torch.tensor([[1.0, 0.0, 0.0]])
+    assert (p.reconstruct(red) - red).pow(2).mean(-1).min() > 0.1 > (orig.reconstruct(red) - red).pow(2).mean(-1).max()
+    # bad input: one line, nothing written
+    for args, msg in ((["delete", str(out), "--concept", "blue", "--out", str(tmp_path / "x")], "no concept 'blue'"),
+                      (["delete", str(out), "--dims", "9", "--out", str(tmp_path / "x")], "within 0..3"),
+                      (["intervene", str(out), "--concept", "red", "--falloff", "wobbly"], "unknown falloff"),
+                      (["intervene", str(out)], "give --concept")):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+    assert not (tmp_path / "x").exists()
+
+
+def test_relearning_curves_are_recorded_and_more_samples_help(anchored_run):
+    out, _ = anchored_run
+    res = relearn(load_run(out), "red", [1, 64], steps=40, lr=0.01, baseline=False)
+    curves = (res.path / "curves.csv").read_text().splitlines()
+    assert len(curves) == 1 + 2 * 3 * 41  # header + K × seeds × (steps + 1)
+    rows = {r["K"]: r for r in res.rows}
+    assert rows[1]["start_error"] > 0.1  # deletion really removed red before the attack
+    import csv
+
+    data = list(csv.DictReader(open(res.path / "curves.csv")))
+    mean = {k: sum(float(d["error"]) for d in data if int(d["K"]) == k) / sum(1 for d in data if int(d["K"]) == k) for k in (1, 64)}
+    assert mean[64] < mean[1], mean  # on average, more concept samples relearn it faster
+    assert (res.path / "relearn.png").is_file()
