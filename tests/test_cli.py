@@ -124,3 +124,14 @@ def test_short_run_writes_a_complete_rerunnable_directory(tmp_path):
     assert invoke("run", out / "config.toml", "--out", again, "-q").exit_code == 0
     assert (again / "metrics.csv").read_text() == (out / "metrics.csv").read_text()
     assert invoke("show", out).exit_code == 0
+
+
+def test_figure_only_lobes_experiment(tmp_path):
+    out = tmp_path / "lobes"
+    r = invoke("run", "ex-2.1", "--out", out)
+    assert r.exit_code == 0, r.stderr
+    for f in ("suppress_lobes.png", "suppress_strength.png", "repel_lobes.png", "repel_strength.png"):
+        assert (out / "figures" / f).stat().st_size > 10_000, f
+    assert (out / "report.html").read_text().count("data:image/png;base64") == 4
+    names = [line.split()[0] for line in invoke("list").stdout.splitlines()]
+    assert {"anchored", "anchored-single", "hue-plane", "isolated", "isolated-sparse", "intervention-lobes"} <= set(names)

@@ -31,6 +31,14 @@ class Outcome:
 
 def validate(cfg: ExperimentConfig) -> None:
     """Everything that can be checked without training, so bad input writes nothing."""
+    if cfg.kind == "lobes":
+        from anchoring.control import parse_falloff
+
+        if not cfg.lobes:
+            raise AnchoringError(f"{cfg.name}: a 'lobes' experiment needs [[lobes]] entries")
+        for lobe in cfg.lobes:
+            parse_falloff(lobe.falloff)
+        return
     objective = build_objective(cfg)
     build_timeline(cfg, objective)
     from anchoring.control.plan import make_plan
@@ -51,8 +59,30 @@ def run(cfg: ExperimentConfig, out: Path | None = None, *, progress: Progress | 
     path = runs.new_run_dir(cfg, out)
     path.mkdir(parents=True, exist_ok=True)
     runs.write_atomic(path / runs.CONFIG, cfg.to_toml())
+    if cfg.kind == "lobes":
+        return _draw_lobes(cfg, path)
     runs.write_atomic(path / runs.ARCH, json.dumps(runs.architecture(cfg), indent=2))
     return _train_and_finish(cfg, path, resume=False, progress=progress)
+
+
+def _draw_lobes(cfg: ExperimentConfig, path: Path) -> Outcome:
+    """Figure-only experiment: every configured falloff/mapper as polar lobes and strength curves."""
+    from anchoring.control import parse_falloff
+
+    sections = [("Overview", f"<p>{cfg.description}</p>")]
+    for method in ("suppress", "repel"):
+        shapes = {f"{lobe.name} ({lobe.falloff})": parse_falloff(lobe.falloff) for lobe in cfg.lobes if lobe.method == method}
+        if not shapes:
+            continue
+        figures.save(figures.intervention_lobes(shapes, method), path / "figures" / f"{method}_lobes.png")
+        figures.save(figures.strength_curves(shapes), path / "figures" / f"{method}_strength.png")
+        sections += [(f"{method}: lobes", html.image_html(path / "figures" / f"{method}_lobes.png", f"{method} lobes")),
+                     (f"{method}: strength vs alignment", html.image_html(path / "figures" / f"{method}_strength.png", "strength"))]
+    runs.write_atomic(path / runs.REPORT, html.page(f"anchoring: {cfg.name}", sections))
+    summary = {"experiment": cfg.name, "upstream": cfg.upstream, "seeds": [], "anchored_seeds": None,
+               "lobes": [lobe.model_dump() for lobe in cfg.lobes]}
+    runs.write_atomic(path / runs.SUMMARY, json.dumps(summary, indent=2))
+    return Outcome(path, summary)
 
 
 def resume(path: Path, *, progress: Progress | None = None) -> Outcome:

@@ -53,12 +53,17 @@ def progress_bar(label: str, enabled: bool) -> Iterator:
 def print_outcome(outcome: api.Outcome, wall: float) -> None:
     rows = outcome.summary["seeds"]
     header, body = api.seed_table(rows)
-    table = Table(title=f"{outcome.summary['experiment']}: per-seed results")
-    for h in header:
-        table.add_column(h, justify="right")
-    for r in body:
-        table.add_row(*[("yes" if v else "NO") if isinstance(v, bool) else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in r])
-    out.print(table)
+    if rows:
+        table = Table(title=f"{outcome.summary['experiment']}: per-seed results")
+        for h in header:
+            table.add_column(h, justify="right")
+        for r in body:
+            table.add_row(*[("yes" if v else "NO") if isinstance(v, bool) else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in r])
+        out.print(table)
+    for name, e in outcome.summary.get("interventions", {}).items():
+        after = {r["colour"]: r["after"] for r in e["table"]}
+        shown = ", ".join(f"{c} {after[c]:.3f}" for c in ("red", "cyan", "lime", "purple", "grey") if c in after)
+        out.print(f"{name}: median MSE after — {shown}; selectivity R² median {e['selectivity_median']:.2f}", markup=False)
     n = outcome.summary.get("anchored_seeds")
     if n is not None:
         out.print(f"{n}/{len(rows)} seeds anchored ({outcome.summary['criterion']})", markup=False)

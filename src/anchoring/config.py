@@ -105,8 +105,16 @@ class EvaluateConfig(_Strict):
     hue_order: bool = Field(True, description="require the hues in order around hue_dims for a seed to count as anchored")
 
 
+class LobeConfig(_Strict):
+    name: str
+    method: Literal["suppress", "repel"]
+    falloff: str
+
+
 class ExperimentConfig(_Strict):
     name: str
+    kind: Literal["train", "lobes"] = Field("train", description="'lobes': draw intervention shapes only, no training")
+    lobes: list[LobeConfig] = Field(default_factory=list)
     description: str = ""
     upstream: str | None = Field(None, description="experiment number in the published write-ups")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -116,7 +124,7 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     interventions: list[InterventionConfig] = Field(default_factory=list)
-    schedule: str = Field(description="dopesheet CSV text (a spec file may give a .csv path instead)")
+    schedule: str = Field("", description="dopesheet CSV text (a spec file may give a .csv path instead)")
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True), multiline_strings=True)
