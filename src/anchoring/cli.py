@@ -175,6 +175,16 @@ def _colour_table(title: str, rows: list[dict], selectivity: list[float]) -> Non
     out.print(f"selectivity R² per seed: {', '.join(f'{x:.3f}' for x in selectivity)} (median {med:.3f})", markup=False)
 
 
+def _apply_edit(action, label: str):
+    """Run an edit, turning user errors into one line; print its per-colour table."""
+    try:
+        res = action()
+    except AnchoringError as e:
+        fail(str(e))
+    _colour_table(f"{label}: per-colour MSE", res.table, res.selectivity)
+    return res
+
+
 @app.command("intervene")
 def intervene_cmd(
     run_dir: Path = typer.Argument(..., help="finished run directory"),
@@ -194,11 +204,7 @@ def intervene_cmd(
         fail(f"--method must be suppress, repel or zero, not {method!r}")
     label = name or f"{method}-{concept or 'dims' + (dims or '').replace(',', '')}-{falloff.replace(':', '-').replace(',', '_')}"
     spec = _edit_spec(label, method, concept, dims, falloff, k, site)
-    try:
-        res = control_api.intervene(load_run(run_dir), spec)
-    except AnchoringError as e:
-        fail(str(e))
-    _colour_table(f"{label}: per-colour MSE", res.table, res.selectivity)
+    res = _apply_edit(lambda: control_api.intervene(load_run(run_dir), spec), label)
     out.print(f"wrote {res.files[0].parent}", markup=False)
 
 
@@ -218,12 +224,8 @@ def delete_cmd(
 
     if method not in ("ablate", "prune"):
         fail(f"--method must be ablate or prune, not {method!r}")
-    spec = _edit_spec(f"{method}", method, concept, dims, "constant", k, site)
-    try:
-        res = control_api.delete(load_run(run_dir), spec, out_dir)
-    except AnchoringError as e:
-        fail(str(e))
-    _colour_table(f"{method}: per-colour MSE", res.table, res.selectivity)
+    spec = _edit_spec(method, method, concept, dims, "constant", k, site)
+    _apply_edit(lambda: control_api.delete(load_run(run_dir), spec, out_dir), method)
     out.print(f"edited run: {out_dir}", markup=False)
 
 

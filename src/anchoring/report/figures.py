@@ -115,7 +115,7 @@ def save(fig: Figure, path, dpi: int = 80) -> None:
     """PNG via an atomic rename; figures are closed so long sessions do not leak memory."""
     import io
 
-    from anchoring.runs import write_atomic
+    from anchoring.atomic import write_atomic
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
