@@ -99,31 +99,29 @@ def run_cmd(
             overrides.append(f"train.{name}={value}")
     try:
         cfg = experiments.load(experiment, overrides)
-        t0 = time.perf_counter()
-        with progress_bar(cfg.name, not quiet and sys.stderr.isatty()) as update:
-            try:
-                outcome = api.run(cfg, out_dir, progress=update)
-            except TrainingInterrupted as e:
-                fail(f"interrupted after step {e.step}; checkpoint saved — continue with `anchoring resume <run dir>`")
-        print_outcome(outcome, time.perf_counter() - t0)
     except AnchoringError as e:
         fail(str(e))
+    _train(lambda update: api.run(cfg, out_dir, progress=update), cfg.name, quiet)
+
+
+def _train(action, label: str, quiet: bool) -> None:
+    """Train with a progress bar; Ctrl-C leaves a checkpoint and says how to resume."""
+    t0 = time.perf_counter()
+    try:
+        with progress_bar(label, not quiet and sys.stderr.isatty()) as update:
+            outcome = action(update)
+    except TrainingInterrupted as e:
+        fail(f"interrupted after step {e.step}; checkpoint saved — continue with `anchoring resume {e.run_dir}`")
+    except AnchoringError as e:
+        fail(str(e))
+    print_outcome(outcome, time.perf_counter() - t0)
 
 
 @app.command("resume")
 def resume_cmd(run_dir: Path = typer.Argument(..., help="run directory with a checkpoint"),
                quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
     """Continue an interrupted run from its last checkpoint (same numbers as an unbroken run)."""
-    try:
-        t0 = time.perf_counter()
-        with progress_bar("resume", not quiet and sys.stderr.isatty()) as update:
-            try:
-                outcome = api.resume(run_dir, progress=update)
-            except TrainingInterrupted as e:
-                fail(f"interrupted again after step {e.step}; checkpoint saved")
-        print_outcome(outcome, time.perf_counter() - t0)
-    except AnchoringError as e:
-        fail(str(e))
+    _train(lambda update: api.resume(run_dir, progress=update), "resume", quiet)
 
 
 @app.command("show")

@@ -29,9 +29,9 @@ Callback = Callable[[int, "TrainResult"], None]
 class TrainingInterrupted(Exception):
     """Raised after a clean stop (Ctrl-C / SIGTERM): the checkpoint holds every finished step."""
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, run_dir: Path | None = None) -> None:
         super().__init__(f"interrupted after step {step}")
-        self.step = step
+        self.step, self.run_dir = step, run_dir
 
 
 @dataclass
@@ -173,7 +173,7 @@ def train(
                 cb(step, result)
             if stop.set:
                 checkpoint(step + 1)
-                raise TrainingInterrupted(step + 1)
+                raise TrainingInterrupted(step + 1, run_dir)
     checkpoint(steps)
     return result
 
