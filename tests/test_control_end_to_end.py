@@ -29,6 +29,10 @@ def test_anchored_suppression_is_selective_and_ablation_is_not(anchored_run):
     abl = named_after(summary, "ablate-red")
     assert abl["red"].median() >= 0.2 and abl["cyan"].median() >= 0.2  # shared axis: both break (expected)
     assert "reason the isolated model" in (out / "report.html").read_text()
+    grid = summary["interventions"]["suppress-red"]["grid_mse"]
+    for space in ("hsv", "rgb"):  # dense grids: the edit costs something on average, but far less than on red
+        before, after = torch.tensor(grid[f"{space}_grid_before"]), torch.tensor(grid[f"{space}_grid_after"])
+        assert (after > before).all() and (after < sup["red"] / 3).all()
 
 
 def test_isolated_ablation_deletes_red_alone(isolated_run):

@@ -166,6 +166,7 @@ def evaluate_interventions(cfg: ExperimentConfig, objective, models, rows: list[
             "selectivity_median": float(res["selectivity"].median()),
             "named_after": {n: [float(x) for x in res["named_after"][:, j]] for j, n in enumerate(NAMES)},
             "table": table,
+            "grid_mse": {k: [float(x) for x in res[k]] for k in ("hsv_grid_before", "hsv_grid_after", "rgb_grid_before", "rgb_grid_after")},
         }
         figures.save(figures.hue_error_curves(res["hue_after"], (0.25, 0.5, 0.75, 1.0), f"{spec.name}: error vs hue (s = 1)"),
                      figdir / f"{spec.name}_hue_error.png")

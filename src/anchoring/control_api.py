@@ -60,6 +60,7 @@ def intervene(run: Run, spec: InterventionConfig) -> EditResult:
     res = evaluate_edit(stacked(run.models), after, concept, spec.k)
     table = named_error_table(res["named_before"], res["named_after"], run.seeds)
     per_seed = [{"seed": s, **{n: float(res["named_after"][i, j]) for j, n in enumerate(NAMES)},
+                 "hsv_grid_mse": float(res["hsv_grid_after"][i]), "rgb_grid_mse": float(res["rgb_grid_after"][i]),
                  "selectivity": float(res["selectivity"][i])} for i, s in enumerate(run.seeds)]
     out = run.path / "interventions" / spec.name
     runs.write_atomic(out / "colours.csv", _table_csv(table))

@@ -89,7 +89,14 @@ def evaluate_edit(before: Reconstruct, after: Reconstruct, concept, k: float) ->
     grid = selectivity_grid()
     sim = concept_similarity(concept, grid)
     after_grid = colour_errors(after, grid)
+    from anchoring.domains.colour import rgb_grid
+
+    cube = rgb_grid(8)
     return {
+        "hsv_grid_before": colour_errors(before, grid).mean(-1),
+        "hsv_grid_after": after_grid.mean(-1),
+        "rgb_grid_before": colour_errors(before, cube).mean(-1),
+        "rgb_grid_after": colour_errors(after, cube).mean(-1),
         "named_before": colour_errors(before, named),
         "named_after": colour_errors(after, named),
         "grid_after": after_grid,
