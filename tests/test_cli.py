@@ -116,8 +116,9 @@ def test_short_run_writes_a_complete_rerunnable_directory(tmp_path):
     metrics = run.metrics()
     assert len(metrics["step"]) == 40 * 2 and set(metrics["seed"]) == {3.0, 4.0}
     assert "anchor:red" in metrics and "lr" in metrics
-    figures = 3 + 2 * len(run.config.interventions)  # slices, losses, schedule + 2 per intervention
-    assert (out / "report.html").read_text().count("data:image/png;base64") == figures
+    figures = 4 + 2 * len(run.config.interventions)  # slices, losses, schedule, phase history + 2 per edit
+    report = (out / "report.html").read_text()
+    assert report.count("data:image/png;base64") == figures and report.count("data:image/gif;base64") == 1
     assert set(summary["interventions"]) == {i.name for i in run.config.interventions}
     # the resolved config re-runs as is, and gives the same numbers
     again = tmp_path / "again"

@@ -17,7 +17,7 @@ from anchoring.errors import AnchoringError
 from anchoring.evaluate.colour import summarize_seeds
 from anchoring.report import figures, html
 from anchoring.train import TrainResult, train
-from anchoring.train.objective import build_objective, build_timeline
+from anchoring.train.objective import build_objective, build_timeline, training_points
 from anchoring.train.loop import CHECKPOINT
 
 Progress = Callable[[int, int], None]
@@ -31,10 +31,10 @@ class Outcome:
 
 def validate(cfg: ExperimentConfig) -> None:
     """Everything that can be checked without training, so bad input writes nothing."""
-    if cfg.kind == "lobes":
+    if cfg.kind != "train":  # figure-only: nothing to train, only lobes to check
         from anchoring.control import parse_falloff
 
-        if not cfg.lobes:
+        if cfg.kind == "lobes" and not cfg.lobes:
             raise AnchoringError(f"{cfg.name}: a 'lobes' experiment needs [[lobes]] entries")
         for lobe in cfg.lobes:
             parse_falloff(lobe.falloff)
@@ -59,17 +59,34 @@ def run(cfg: ExperimentConfig, out: Path | None = None, *, progress: Progress | 
     path = runs.new_run_dir(cfg, out)
     path.mkdir(parents=True, exist_ok=True)
     runs.write_atomic(path / runs.CONFIG, cfg.to_toml())
-    if cfg.kind == "lobes":
-        return _draw_lobes(cfg, path)
+    if cfg.kind != "train":
+        return _draw_figures(cfg, path)
     runs.write_atomic(path / runs.ARCH, json.dumps(runs.architecture(cfg), indent=2))
     return _train_and_finish(cfg, path, resume=False, progress=progress)
 
 
-def _draw_lobes(cfg: ExperimentConfig, path: Path) -> Outcome:
-    """Figure-only experiment: every configured falloff/mapper as polar lobes and strength curves."""
+def _draw_figures(cfg: ExperimentConfig, path: Path) -> Outcome:
+    """Figure-only experiments: no training, a report of figures."""
+    sections = [("Overview", f"<p>{cfg.description}</p>")]
+    if cfg.kind == "lobes":
+        sections += _lobe_sections(cfg, path)
+    else:
+        made = figures.colour_spaces() if cfg.kind == "colour-spaces" else figures.timing_functions()
+        for name, fig in made:
+            figures.save(fig, path / "figures" / f"{name}.png")
+            sections.append((name.replace("_", " "), html.image_html(path / "figures" / f"{name}.png", name)))
+    runs.write_atomic(path / runs.REPORT, html.page(f"anchoring: {cfg.name}", sections))
+    summary = {"experiment": cfg.name, "upstream": cfg.upstream, "seeds": [], "anchored_seeds": None,
+               "figures": sorted(p.name for p in (path / "figures").glob("*.png"))}
+    runs.write_atomic(path / runs.SUMMARY, json.dumps(summary, indent=2))
+    return Outcome(path, summary)
+
+
+def _lobe_sections(cfg: ExperimentConfig, path: Path) -> list[tuple[str, str]]:
+    """Every configured falloff/mapper as polar lobes and strength curves."""
     from anchoring.control import parse_falloff
 
-    sections = [("Overview", f"<p>{cfg.description}</p>")]
+    sections = []
     for method in ("suppress", "repel"):
         shapes = {f"{lobe.name} ({lobe.falloff})": parse_falloff(lobe.falloff) for lobe in cfg.lobes if lobe.method == method}
         if not shapes:
@@ -78,11 +95,7 @@ def _draw_lobes(cfg: ExperimentConfig, path: Path) -> Outcome:
         figures.save(figures.strength_curves(shapes), path / "figures" / f"{method}_strength.png")
         sections += [(f"{method}: lobes", html.image_html(path / "figures" / f"{method}_lobes.png", f"{method} lobes")),
                      (f"{method}: strength vs alignment", html.image_html(path / "figures" / f"{method}_strength.png", "strength"))]
-    runs.write_atomic(path / runs.REPORT, html.page(f"anchoring: {cfg.name}", sections))
-    summary = {"experiment": cfg.name, "upstream": cfg.upstream, "seeds": [], "anchored_seeds": None,
-               "lobes": [lobe.model_dump() for lobe in cfg.lobes]}
-    runs.write_atomic(path / runs.SUMMARY, json.dumps(summary, indent=2))
-    return Outcome(path, summary)
+    return sections
 
 
 def resume(path: Path, *, progress: Progress | None = None) -> Outcome:
@@ -119,7 +132,9 @@ def finish(result: TrainResult, path: Path) -> dict[str, Any]:
     with torch.no_grad():
         encode = lambda x: torch.stack([m.encode(x) for m in models])  # noqa: E731
         recon = lambda x: torch.stack([m(x) for m in models])  # noqa: E731
-        rows = summarize_seeds(encode, recon, cfg, result.objective, rgb_grid(cfg.data.validation_levels))
+        # validate on what the model was meant to learn: the RGB cube, or the HSV grid it trained on
+        validation = rgb_grid(cfg.data.validation_levels) if cfg.data.space == "rgb" else training_points(cfg)[0]
+        rows = summarize_seeds(encode, recon, cfg, result.objective, validation)
         slice_points = rgb_grid(8)
         z = encode(slice_points)
     anchor = next((torch.tensor(c.anchor) for c in result.objective.concepts
@@ -128,6 +143,15 @@ def finish(result: TrainResult, path: Path) -> dict[str, Any]:
     figures.save(figures.latent_slices(z, slice_points, result.seeds, anchor), figdir / "latent_slices.png")
     figures.save(figures.loss_curves(result.metrics, result.metric_names, result.seeds), figdir / "loss_curves.png")
     figures.save(figures.schedule_plot(result.timeline), figdir / "schedule.png")
+    if len(result.snapshots) > 1:
+        from anchoring.report import animation
+
+        dims = tuple(cfg.evaluate.hue_dims)
+        figures.save(figures.phase_history(result.snapshots, result.snapshot_points, dims, 0, result.timeline.phases),
+                     figdir / "phase_history.png")
+        frames = animation.evolution_frames(result.snapshots, result.snapshot_points, dims, result.seeds)
+        animation.write_gif(frames, figdir / "evolution.gif")
+        animation.write_mp4(frames, figdir / "evolution.mp4")
 
     edits = evaluate_interventions(cfg, result.objective, models, rows, figdir)
 
@@ -230,6 +254,9 @@ def write_report(path: Path, cfg: ExperimentConfig, rows: list[dict], summary: d
         ("Latent space (axis-aligned slices; × marks the anchor)", html.image_html(figs / "latent_slices.png", "latent slices")),
         ("Loss curves", html.image_html(figs / "loss_curves.png", "loss curves")),
         ("Schedule", html.image_html(figs / "schedule.png", "schedule")),
+        *([("Phase history (seed %d)" % cfg.train.seed, html.image_html(figs / "phase_history.png", "phase history")),
+           ("Latent evolution", html.image_html(figs / "evolution.gif", "latent evolution", mime="image/gif"))]
+          if (figs / "evolution.gif").is_file() else []),
         *intervention_sections(summary, figs),
         ("Resolved config", f"<pre>{html.html.escape(cfg.to_toml())}</pre>"),
     ]

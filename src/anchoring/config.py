@@ -113,7 +113,8 @@ class LobeConfig(_Strict):
 
 class ExperimentConfig(_Strict):
     name: str
-    kind: Literal["train", "lobes"] = Field("train", description="'lobes': draw intervention shapes only, no training")
+    kind: Literal["train", "lobes", "colour-spaces", "transitions"] = Field(
+        "train", description="'train', or a figure-only experiment: 'lobes', 'colour-spaces', 'transitions'")
     lobes: list[LobeConfig] = Field(default_factory=list)
     description: str = ""
     upstream: str | None = Field(None, description="experiment number in the published write-ups")

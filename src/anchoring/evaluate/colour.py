@@ -71,9 +71,15 @@ def summarize_seeds(encode, reconstruct, cfg, objective, validation: torch.Tenso
     rows = [{"seed": s, "hue_order": bool(order[i]), "hue_winding": round(float(winding[i]), 3),
              "val_mse": float(mse[i])} for i, s in enumerate(seeds)]
     concept = next((c for c in objective.concepts if c.name == cfg.evaluate.concept), None)
-    if concept is not None and concept.anchor is not None:
+    from anchoring.evaluate.structure import structure_score
+
+    has_anchor = concept is not None and concept.anchor is not None
+    pure = concept_exemplar(concept.labeller, torch.cat([validation, torch.stack(list(named_colours().values()))])) if has_anchor else None
+    scores = structure_score(encode, dims, torch.tensor(concept.anchor) if has_anchor else None, pure)
+    for r, sc in zip(rows, scores):
+        r["structure"] = sc
+    if has_anchor:
         direction = torch.tensor(concept.anchor)
-        pure = concept_exemplar(concept.labeller, torch.cat([validation, torch.stack(list(named_colours().values()))]))
         cos = anchor_cosine(encode(pure), direction)
         exact = concept.labeller.exact(validation).bool()
         z_val = encode(validation)

@@ -220,3 +220,114 @@ def relearn_curves(curves: list[dict], threshold: float) -> Figure:
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     return fig
+
+
+def phase_history(snapshots: dict[int, torch.Tensor], rgb: torch.Tensor, dims: tuple[int, int], seed_index: int,
+                  phases: list[tuple[int, str]], thumbs: int = 8) -> Figure:
+    """A strip of small latent slices at chosen steps (phase starts first), the final one large."""
+    steps = sorted(snapshots)
+    wanted = sorted({min(steps, key=lambda s: abs(s - p)) for p, _ in phases} | set(steps[:: max(1, len(steps) // thumbs)]))
+    wanted = [s for s in wanted if s != steps[-1]][: thumbs - 1] + [steps[-1]]
+    colours = rgb.clamp(0, 1).numpy()
+    order = np.argsort(rgb.sum(-1).numpy())
+    fig = plt.figure(figsize=(1.6 * len(wanted), 1.6 + 4.2))
+    grid = fig.add_gridspec(2, len(wanted), height_ratios=[1, 2.6])
+    phase_of = {s: next((name for start, name in reversed(phases) if start <= s), "") for s in wanted}
+
+    def draw(ax, step, size):
+        z = snapshots[step][seed_index].numpy()
+        ax.set_facecolor(BACKGROUND)
+        ax.scatter(z[order, dims[0]], z[order, dims[1]], c=colours[order], s=size, linewidths=0)
+        ax.set_xlim(-1.15, 1.15)
+        ax.set_ylim(-1.15, 1.15)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    for i, s in enumerate(wanted):
+        ax = fig.add_subplot(grid[0, i])
+        draw(ax, s, 2)
+        ax.set_title(f"{s}\n{phase_of[s]}", fontsize=7)
+    big = fig.add_subplot(grid[1, :])
+    draw(big, steps[-1], 10)
+    big.set_title(f"final (step {steps[-1]}), dims {dims[0]}–{dims[1]}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def colour_spaces() -> list[tuple[str, Figure]]:
+    """The RGB cube, the HSV wheel (hue × saturation at full value) and the HSV cylinder."""
+    from anchoring.domains.colour import hsv_grid, hsv_to_rgb, rgb_grid
+
+    out = []
+    cube = rgb_grid(10).numpy()
+    fig = plt.figure(figsize=(5, 5))
+    ax = fig.add_subplot(projection="3d")
+    ax.scatter(cube[:, 0], cube[:, 1], cube[:, 2], c=cube, s=12, depthshade=False)
+    ax.set_xlabel("R")
+    ax.set_ylabel("G")
+    ax.set_zlabel("B")
+    ax.set_title("RGB cube (10³ points)")
+    out.append(("rgb_cube", fig))
+
+    h = torch.linspace(0, 1, 181)
+    s = torch.linspace(0, 1, 30)
+    hh, ss = torch.meshgrid(h, s, indexing="ij")
+    rgb = hsv_to_rgb(torch.stack([hh, ss, torch.ones_like(hh)], -1)).numpy()
+    fig = plt.figure(figsize=(5, 5))
+    ax = fig.add_subplot(projection="polar")
+    ax.scatter((hh * 2 * np.pi).numpy().ravel(), ss.numpy().ravel(), c=rgb.reshape(-1, 3), s=6, linewidths=0)
+    ax.set_yticklabels([])
+    ax.set_title("HSV wheel (v = 1): angle = hue, radius = saturation", fontsize=10)
+    out.append(("hsv_wheel", fig))
+
+    pts, hsv = hsv_grid(36, 6, 6)
+    theta = hsv[:, 0].numpy() * 2 * np.pi
+    fig = plt.figure(figsize=(5, 5))
+    ax = fig.add_subplot(projection="3d")
+    ax.scatter(hsv[:, 1].numpy() * np.cos(theta), hsv[:, 1].numpy() * np.sin(theta), hsv[:, 2].numpy(), c=pts.numpy(), s=10,
+               depthshade=False)
+    ax.set_zlabel("value")
+    ax.set_title("HSV cylinder (36 × 6 × 6)")
+    out.append(("hsv_cylinder", fig))
+    return out
+
+
+def timing_functions() -> list[tuple[str, Figure]]:
+    """Easing between two keyframes in every mode, and a transition re-targeted twice mid-flight."""
+    from anchoring.schedule import Track
+
+    steps = np.arange(0, 101)
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for space in ("linear", "log"):
+        for interp in ("minjerk", "linear", "step"):
+            tr = Track([(10, 0.01), (90, 1.0)], space=space, interp=interp)
+            ax.plot(steps, [tr(t) for t in steps], label=f"{space}:{interp}", ls="-" if space == "linear" else "--")
+    ax.set_xlabel("step")
+    ax.set_ylabel("value (keys 0.01 at 10, 1.0 at 90)")
+    ax.legend(fontsize=7)
+    ax.set_title("timing functions")
+    fig.tight_layout()
+    result = [("timing_functions", fig)]
+
+    original = Track([(0, 0.0), (100, 1.0)])
+    moved = Track([(0, 0.0), (100, 1.0)])
+    moved.retarget(35, 0.3, 70)   # the metric says: stop short
+    moved.retarget(55, 0.9, 100)  # ...then: go on after all
+    fine = np.linspace(0, 100, 1001)
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(6, 4.6), sharex=True)
+    a1.plot(fine, [original(t) for t in fine], color="grey", ls=":", label="keyframes only")
+    a1.plot(fine, [moved(t) for t in fine], label="re-targeted at 35 and 55")
+    a2.plot(fine, [original.velocity(t) for t in fine], color="grey", ls=":")
+    a2.plot(fine, [moved.velocity(t) for t in fine])
+    for ax in (a1, a2):
+        for t in (35, 55):
+            ax.axvline(t, color="k", lw=0.5, ls="--")
+    a1.set_ylabel("value")
+    a2.set_ylabel("velocity")
+    a2.set_xlabel("step")
+    a1.legend(fontsize=7)
+    a1.set_title("re-targeting mid-flight: no jump in value or velocity")
+    fig.tight_layout()
+    result.append(("retargeting", fig))
+    return result

@@ -26,9 +26,9 @@ def table_html(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def image_html(path: Path, caption: str) -> str:
+def image_html(path: Path, caption: str, mime: str = "image/png") -> str:
     data = base64.b64encode(path.read_bytes()).decode()
-    return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+    return f'<figure><img src="data:{mime};base64,{data}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
 
 
 def page(title: str, sections: Sequence[tuple[str, str]]) -> str:
