@@ -76,3 +76,56 @@ def test_figure_only_experiments(tmp_path, name, expect):
     assert r.exit_code == 0, r.stderr
     assert {p.name for p in (out / "figures").iterdir()} == expect
     assert all((out / "figures" / f).stat().st_size > 10_000 for f in expect)
+
+
+def test_curriculum_depth_and_weights():
+    from anchoring.domains.colour.curriculum import curriculum_depth, curriculum_weights
+
+    named = named_colours()
+    rgb = torch.stack([named[n] for n in ("red", "yellow", "orange", "grey", "white")] +
+                      [torch.tensor([0.5, 0.0, 0.0]), torch.tensor([1.0, 0.5, 0.5])])
+    assert curriculum_depth(rgb).tolist() == [0.0, 0.0, 0.25, 1.0, 0.75, 0.5, 0.75]
+    d = curriculum_depth(rgb)
+    assert curriculum_weights(d, 0.0).tolist() == [1, 1, 0, 0, 0, 0, 0]
+    assert curriculum_weights(d, 0.125)[2].item() == pytest.approx(0.5)  # the next band fades in
+    assert (curriculum_weights(d, 1.0) == 1).all()
+
+
+def test_curriculum_changes_the_data_the_sampler_draws():
+    from anchoring import experiments
+    from anchoring.domains.colour.curriculum import curriculum_depth
+    from anchoring.train import loop
+
+    cfg = experiments.load("curriculum", ["train.seeds=1", "train.steps=60", "train.snapshot_every=0"])
+    seen = []
+    real = loop.WeightedPoints.indices
+
+    def spy(self, u):
+        idx = real(self, u)
+        seen.append(curriculum_depth(self.points[idx]).max().item())
+        return idx
+
+    loop.WeightedPoints.indices = spy
+    try:
+        loop.train(cfg)
+    finally:
+        loop.WeightedPoints.indices = real
+    # stepped curriculum stretched to 60 steps: primaries only until the 'All hues' phase at step 10
+    assert max(seen[:10]) == 0.0
+    assert max(seen[-10:]) == 1.0
+
+
+@pytest.mark.parametrize("name", ["curriculum", "smooth-curriculum", "sparse-labels"])
+def test_m1_training_specs_run_end_to_end(tmp_path, name):
+    out = tmp_path / name
+    r = runner.invoke(app, ["run", name, "--seeds", "2", "--steps", "200", "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["seeds"]) == 2 and all("structure" in s for s in summary["seeds"])
+    assert all(s["val_mse"] < 0.1 for s in summary["seeds"])  # learned something in 200 steps
+    from safetensors import safe_open
+
+    with safe_open(str(out / "snapshots.safetensors"), "pt") as f:
+        snapshots = [k for k in f.keys() if k.startswith("step.")]
+    assert len(snapshots) >= 2
+    assert Image.open(out / "figures" / "evolution.gif").n_frames == len(snapshots)  # one frame per snapshot

@@ -17,7 +17,7 @@ from anchoring.errors import AnchoringError
 from anchoring.evaluate.colour import summarize_seeds
 from anchoring.report import figures, html
 from anchoring.train import TrainResult, train
-from anchoring.train.objective import build_objective, build_timeline, training_points
+from anchoring.train.objective import build_objective, build_timeline, check_curriculum, training_points
 from anchoring.train.loop import CHECKPOINT
 
 Progress = Callable[[int, int], None]
@@ -40,7 +40,7 @@ def validate(cfg: ExperimentConfig) -> None:
             parse_falloff(lobe.falloff)
         return
     objective = build_objective(cfg)
-    build_timeline(cfg, objective)
+    check_curriculum(cfg, build_timeline(cfg, objective))
     from anchoring.control.plan import make_plan
 
     names = [i.name for i in cfg.interventions]

@@ -234,12 +234,15 @@ def phase_history(snapshots: dict[int, torch.Tensor], rgb: torch.Tensor, dims: t
     grid = fig.add_gridspec(2, len(wanted), height_ratios=[1, 2.6])
     phase_of = {s: next((name for start, name in reversed(phases) if start <= s), "") for s in wanted}
 
+    # one scale for every panel: unit latents fit ±1.15, un-normalised ones set their own
+    lim = max([1.15] + [float(snapshots[s][seed_index][:, list(dims)].abs().max()) * 1.05 for s in wanted])
+
     def draw(ax, step, size):
         z = snapshots[step][seed_index].numpy()
         ax.set_facecolor(BACKGROUND)
         ax.scatter(z[order, dims[0]], z[order, dims[1]], c=colours[order], s=size, linewidths=0)
-        ax.set_xlim(-1.15, 1.15)
-        ax.set_ylim(-1.15, 1.15)
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")
         ax.set_xticks([])
         ax.set_yticks([])

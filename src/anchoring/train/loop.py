@@ -105,6 +105,12 @@ def train(
 
     table = torch.from_numpy(timeline.table())
     col = {n: i for i, n in enumerate(timeline.names)}
+    extent_col = col.get("extent")
+    if extent_col is not None:  # data curriculum: sampling weights follow the `extent` column
+        from anchoring.domains.colour.curriculum import curriculum_depth, curriculum_weights
+
+        depth = curriculum_depth(points)
+    last_extent = None
     lr_col = col["lr"]
     term_cols = torch.tensor([col[t.weight] for t in objective.terms], dtype=torch.long)
     metric_names = ["loss", "recon", *[t.name for t in objective.terms]]
@@ -147,6 +153,9 @@ def train(
         if start == 0 and every:
             snapshot(0)
         for step in range(start, steps):
+            if extent_col is not None and float(table[step, extent_col]) != last_extent:
+                last_extent = float(table[step, extent_col])
+                sampler.set_weights(weights * curriculum_weights(depth, last_extent))
             u = stream(step)
             idx = sampler.indices(u[..., 0])
             x = points[idx]

@@ -14,6 +14,7 @@ from anchoring.models import ColourAutoencoder
 from anchoring.schedule import Timeline, parse_dopesheet
 
 SCHEDULED = ("lr",)  # non-regularizer columns a schedule must provide
+OPTIONAL = ("extent",)  # columns with a meaning of their own: extent drives the data curriculum
 ACTIONS = ("snapshot", "checkpoint")  # events a dopesheet ACTION cell may fire
 
 
@@ -62,10 +63,10 @@ def build_objective(cfg: ExperimentConfig) -> Objective:
 def build_timeline(cfg: ExperimentConfig, objective: Objective) -> Timeline:
     """Parse the schedule and check it against the terms, both ways, naming the column."""
     timeline = parse_dopesheet(cfg.schedule, source=f"{cfg.name} schedule")
-    used = set(objective.weight_names) | set(SCHEDULED)
+    used = set(objective.weight_names) | set(SCHEDULED) | set(OPTIONAL)
     for col in timeline.names:
         if col not in used:
-            raise AnchoringError(f"schedule column {col!r} is not used by any term (term weights: {', '.join(objective.weight_names) or 'none'})")
+            raise AnchoringError(f"schedule column {col!r} is not used by any term (term weights: {', '.join(objective.weight_names) or 'none'}; other columns: lr, extent)")
     for col in [*SCHEDULED, *objective.weight_names]:
         if col not in timeline.tracks:
             raise AnchoringError(f"schedule has no column {col!r} (needed by {'the optimiser' if col in SCHEDULED else 'a term'})")
@@ -76,6 +77,18 @@ def build_timeline(cfg: ExperimentConfig, objective: Objective) -> Timeline:
     if cfg.train.steps is not None and cfg.train.steps != timeline.steps:
         timeline = timeline.rescaled(cfg.train.steps)
     return timeline
+
+
+def check_curriculum(cfg: ExperimentConfig, timeline: Timeline) -> None:
+    """With an `extent` column, the smallest extent must still leave some point to sample."""
+    if "extent" not in timeline.tracks:
+        return
+    from anchoring.domains.colour.curriculum import curriculum_depth, curriculum_weights
+
+    points, weights = training_points(cfg)
+    lowest = float(timeline.table()[:, timeline.names.index("extent")].min())
+    if float((weights * curriculum_weights(curriculum_depth(points), lowest)).sum()) == 0:
+        raise AnchoringError(f"curriculum: at extent {lowest:g} no training point has any weight (depth 0 = the six primaries/secondaries)")
 
 
 def training_points(cfg: ExperimentConfig) -> tuple[torch.Tensor, torch.Tensor]:

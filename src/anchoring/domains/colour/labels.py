@@ -60,6 +60,8 @@ LABELLERS: dict[str, Labeller] = {
     "red": Labeller("red", redness, scale=0.08, power=8.0),
     "vibrant": Labeller("vibrant", vibrancy, scale=0.01, power=10.0),
     "desaturated": Labeller("desaturated", desaturation, scale=0.5, power=10.0),
+    # dense, near-exact label for the curriculum experiments that predate sparse labels
+    "saturated": Labeller("saturated", vibrancy, scale=1.0, power=20.0),
 }
 
 
