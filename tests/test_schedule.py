@@ -1,5 +1,7 @@
 import math
 
+import torch
+
 import numpy as np
 import pytest
 
@@ -156,3 +158,45 @@ def test_schedule_and_terms_must_match():
     bad_action = cfg.model_copy(update={"schedule": cfg.schedule.replace("0,Train,,", "0,Train,explode,", 1)})
     with pytest.raises(AnchoringError, match="ACTION 'explode'"):
         build_timeline(bad_action, build_objective(bad_action))
+
+
+def test_reactive_controller_raises_a_weight_until_its_loss_is_low(tmp_path):
+    from anchoring.train import train
+
+    # the subspace (planarity) weight starts tiny; the controller must raise it until vibrant
+    # colours leave dims 2-3 (subspace loss below 0.02)
+    cfg = experiments.load("anchored", ["train.seeds=2", "train.steps=400", "train.checkpoint_every=100"])
+    cfg = cfg.model_copy(update={
+        "schedule": "STEP,lr,separate,anchor,subspace:log\n0,1e-8,0.01,0.05,1e-4\n10,0.01,,,\n399,0.02,,,\n",
+        "reactive": [__import__("anchoring.config", fromlist=["ReactiveConfig"]).ReactiveConfig(
+            param="subspace", metric="subspace:vibrant", target=0.02, every=50, factor=3.0, highest=0.5, ease=40)],
+    })
+    full = train(cfg, tmp_path / "full")
+    assert full.decisions, "the controller never acted"
+    track = full.timeline.tracks["subspace"]
+    assert track(399) > 1e-3  # raised from 1e-4
+    for d in full.decisions:  # every re-target is continuous in value
+        assert track(d.at) == pytest.approx(track(d.at - 1e-6), rel=1e-4)
+    assert all(d.value <= 0.5 for d in full.decisions)
+
+    def kill(step, _r):
+        if step == 230:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        train(cfg, tmp_path / "broken", callbacks=[kill])
+    resumed = train(cfg, tmp_path / "broken", resume=True)
+    assert [vars(d) for d in resumed.decisions] == [vars(d) for d in full.decisions]
+    assert torch.equal(resumed.metrics, full.metrics)
+
+
+def test_reactive_config_is_validated():
+    from anchoring.config import ReactiveConfig
+
+    cfg = experiments.load("anchored")
+    bad = cfg.model_copy(update={"reactive": [ReactiveConfig(param="wd", metric="recon", target=0.1)]})
+    with pytest.raises(AnchoringError, match="no column 'wd' to steer"):
+        build_timeline(bad, build_objective(bad))
+    bad = cfg.model_copy(update={"reactive": [ReactiveConfig(param="anchor", metric="nope", target=0.1)]})
+    with pytest.raises(AnchoringError, match="unknown metric 'nope'"):
+        build_timeline(bad, build_objective(bad))

@@ -162,6 +162,8 @@ def finish(result: TrainResult, path: Path) -> dict[str, Any]:
         "criterion": (f"12 hues in order around dims {tuple(cfg.evaluate.hue_dims)} and " if cfg.evaluate.hue_order else "")
         + f"cos({cfg.evaluate.concept}, anchor) ≥ {cfg.evaluate.min_cosine}",
     }
+    if result.decisions:
+        summary["reactive"] = [vars(d) for d in result.decisions]
     if edits:
         summary["interventions"] = edits
         summary["pareto_seeds"] = pareto_seeds(rows, edits)

@@ -98,6 +98,21 @@ class InterventionConfig(_Strict):
     site: str = "latent"
 
 
+class ReactiveConfig(_Strict):
+    """Steer a schedule column from a metric (e.g. raise a weight until its loss is below target)."""
+
+    param: str = Field(description="schedule column to steer")
+    metric: str = Field(description="metric to watch: loss, recon, or a term's name")
+    target: float
+    keep: Literal["below", "above"] = "below"
+    every: int = Field(100, ge=1, description="decide every N steps, on the median over seeds of the window's mean")
+    factor: float = Field(1.5, gt=1.0)
+    lowest: float = 0.0
+    highest: float = float("inf")
+    ease: int = Field(50, ge=1, description="steps each re-targeted transition takes")
+    relax: bool = Field(False, description="also lower the parameter when the metric is satisfied")
+
+
 class EvaluateConfig(_Strict):
     concept: str | None = Field("red", description="anchored concept whose direction is checked")
     min_cosine: float = Field(0.9, description="anchoring criterion: cos(latent of the pure concept colour, anchor)")
@@ -125,6 +140,7 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     interventions: list[InterventionConfig] = Field(default_factory=list)
+    reactive: list[ReactiveConfig] = Field(default_factory=list)
     schedule: str = Field("", description="dopesheet CSV text (a spec file may give a .csv path instead)")
 
     def to_toml(self) -> str:

@@ -16,6 +16,7 @@ from anchoring.config import ExperimentConfig
 from anchoring.domains.colour import rgb_grid
 from anchoring.errors import AnchoringError
 from anchoring.schedule import Timeline
+from anchoring.schedule.reactive import Decision, Reactive, apply
 from anchoring.train.checkpoint import read_checkpoint, restore_optimizer, save_checkpoint
 from anchoring.train.data import EnsembleStream, WeightedPoints
 from anchoring.train.ensemble import Ensemble
@@ -44,6 +45,7 @@ class TrainResult:
     metrics: torch.Tensor  # (steps, seeds, metrics)
     snapshot_points: torch.Tensor  # (N, 3) RGB
     snapshots: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> (seeds, N, E)
+    decisions: list = field(default_factory=list)  # reactive re-targets, in order
     steps_done: int = 0
 
     @property
@@ -111,6 +113,8 @@ def train(
 
         depth = curriculum_depth(points)
     last_extent = None
+    controllers = [Reactive(**r.model_dump()) for r in cfg.reactive]
+    steered = [(col[c.param], c.param) for c in controllers]
     lr_col = col["lr"]
     term_cols = torch.tensor([col[t.weight] for t in objective.terms], dtype=torch.long)
     metric_names = ["loss", "recon", *[t.name for t in objective.terms]]
@@ -131,11 +135,17 @@ def train(
         restore_optimizer(optimizer, ensemble.params, tensors)
         result.metrics[:start] = tensors["metrics"][:start]
         result.snapshots = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("snap.")}
+        for row in tensors.get("reactive", torch.zeros(0, 4)).tolist():  # replay the controllers' decisions
+            d = Decision(timeline.names[int(row[0])], int(row[1]), row[2], int(row[3]))
+            apply(timeline, d)
+            result.decisions.append(d)
 
     def checkpoint(step_done: int) -> None:
         if ckpt is None:
             return
         extra = {"metrics": result.metrics[:step_done]}
+        if result.decisions:
+            extra["reactive"] = torch.tensor([[col[d.param], d.at, d.value, d.until] for d in result.decisions], dtype=torch.float64)
         extra.update({f"snap.{s}": z for s, z in result.snapshots.items()})
         save_checkpoint(ckpt, step_done, ensemble.params, optimizer, extra)
 
@@ -161,6 +171,10 @@ def train(
             x = points[idx]
             labels = {n: (u[..., 1 + i] < probs[i][idx]).float() for i, n in enumerate(names)}
             row = table[step]
+            if steered:  # live values for columns a controller may have re-targeted
+                row = row.clone()
+                for c, name in steered:
+                    row[c] = timeline.tracks[name](step)
             for group in optimizer.param_groups:
                 group["lr"] = float(row[lr_col])
             w = row[term_cols].float()
@@ -171,6 +185,13 @@ def train(
             optimizer.step()
             result.metrics[step] = torch.cat([total.detach()[:, None], recon.detach()[:, None], values.detach()], dim=1)
             result.steps_done = step + 1
+            # controllers decide before any checkpoint, so a resumed run replays the same decisions
+            for c in controllers:
+                window = result.metrics[max(0, step + 1 - c.every): step + 1, :, metric_names.index(c.metric)]
+                d = c.decide(step + 1, window, timeline)
+                if d is not None:
+                    apply(timeline, d)
+                    result.decisions.append(d)
             actions = timeline.actions_at(step)
             if (every and (step + 1) % every == 0) or "snapshot" in actions or step + 1 == steps:
                 snapshot(step + 1)

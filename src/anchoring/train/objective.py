@@ -74,6 +74,12 @@ def build_timeline(cfg: ExperimentConfig, objective: Objective) -> Timeline:
         for a in acts:
             if a not in ACTIONS:
                 raise AnchoringError(f"schedule ACTION {a!r} at step {step} is unknown (known: {', '.join(ACTIONS)})")
+    metrics = ["loss", "recon", *[t.name for t in objective.terms]]
+    for r in cfg.reactive:
+        if r.param not in timeline.tracks:
+            raise AnchoringError(f"reactive: schedule has no column {r.param!r} to steer")
+        if r.metric not in metrics:
+            raise AnchoringError(f"reactive: unknown metric {r.metric!r} (metrics: {', '.join(metrics)})")
     if cfg.train.steps is not None and cfg.train.steps != timeline.steps:
         timeline = timeline.rescaled(cfg.train.steps)
     return timeline

@@ -1,0 +1,74 @@
+"""Reactive parameters: move a schedule track in response to a training metric.
+
+Every `every` steps the controller looks at the metric's recent median over seeds (mean
+over the window, skipping exact zeros, which sparse concept terms produce on unlabelled
+batches). If the metric is on the wrong side of its target, the parameter is re-targeted
+by `factor` (clamped to bounds) over `ease` steps; with `relax`, a satisfied metric lets
+the parameter fall back by the same factor. Re-targeting keeps value and velocity
+continuous (see `Track.retarget`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from anchoring.schedule.timeline import Timeline
+
+
+@dataclass
+class Decision:
+    param: str
+    at: int
+    value: float
+    until: int
+
+
+@dataclass
+class Reactive:
+    param: str
+    metric: str
+    target: float
+    every: int = 100
+    factor: float = 1.5
+    keep: str = "below"  # keep the metric below (or above) the target
+    lowest: float = 0.0
+    highest: float = float("inf")
+    ease: int = 50
+    relax: bool = False
+
+    def window_value(self, history: torch.Tensor) -> float | None:
+        """`history` is the metric over the last window, `(steps, seeds)`."""
+        per_seed = []
+        for col in history.T:
+            live = col[(col != 0) & torch.isfinite(col)]
+            if len(live):
+                per_seed.append(live.mean())
+        return float(torch.stack(per_seed).median()) if per_seed else None
+
+    def decide(self, step: int, history: torch.Tensor, timeline: Timeline) -> Decision | None:
+        if step == 0 or step % self.every:
+            return None
+        value = self.window_value(history)
+        if value is None:
+            return None
+        current = timeline.tracks[self.param](step)
+        violated = value > self.target if self.keep == "below" else value < self.target
+        if violated:
+            goal = min(max(current * self.factor, self.lowest if self.lowest > 0 else 1e-12), self.highest)
+        elif self.relax:
+            goal = max(current / self.factor, self.lowest)
+        else:
+            return None
+        if goal == current:
+            return None
+        until = min(step + self.ease, timeline.steps - 1)
+        if until <= step:
+            return None
+        return Decision(self.param, step, goal, until)
+
+
+def apply(timeline: Timeline, decision: Decision) -> None:
+    timeline.tracks[decision.param].retarget(decision.at, decision.value, decision.until)
+    timeline._table = None  # values after `at` changed
