@@ -31,6 +31,12 @@ class Outcome:
 
 def validate(cfg: ExperimentConfig) -> None:
     """Everything that can be checked without training, so bad input writes nothing."""
+    if cfg.kind == "compare":
+        if len(cfg.variants) < 2:
+            raise AnchoringError(f"{cfg.name}: a comparison needs at least two [[variants]]")
+        for v in cfg.variants:
+            validate(variant_config(cfg, v))
+        return
     if cfg.kind != "train":  # figure-only: nothing to train, only lobes to check
         from anchoring.control import parse_falloff
 
@@ -59,10 +65,40 @@ def run(cfg: ExperimentConfig, out: Path | None = None, *, progress: Progress | 
     path = runs.new_run_dir(cfg, out)
     path.mkdir(parents=True, exist_ok=True)
     runs.write_atomic(path / runs.CONFIG, cfg.to_toml())
+    if cfg.kind == "compare":
+        return _compare(cfg, path, progress)
     if cfg.kind != "train":
         return _draw_figures(cfg, path)
     runs.write_atomic(path / runs.ARCH, json.dumps(runs.architecture(cfg), indent=2))
     return _train_and_finish(cfg, path, resume=False, progress=progress)
+
+
+def variant_config(cfg: ExperimentConfig, variant) -> ExperimentConfig:
+    return cfg.model_copy(update={"kind": "train", "variants": [], "name": f"{cfg.name}-{variant.name}",
+                                  "schedule": variant.schedule})
+
+
+def _compare(cfg: ExperimentConfig, path: Path, progress: Progress | None) -> Outcome:
+    """Train every variant on the same seeds, then put their stability side by side."""
+    from anchoring.evaluate.stability import stability
+
+    arms = {}
+    for v in cfg.variants:
+        outcome = run(variant_config(cfg, v), path / "variants" / v.name, progress=progress)
+        arms[v.name] = (outcome, runs.load_run(outcome.path).metrics())
+    rows = [{"variant": name, **stability(metrics, outcome.summary)} for name, (outcome, metrics) in arms.items()]
+    figures.save(figures.compare_curves({n: m for n, (_, m) in arms.items()}), path / "figures" / "compare_loss.png")
+    header = list(rows[0])
+    sections = [("Overview", f"<p>{cfg.description}</p><p>Each variant trained on seeds {cfg.train.seed}…"
+                             f"{cfg.train.seed + cfg.train.seeds - 1}; full reports under variants/.</p>"),
+                ("Stability and outcome", html.table_html(header, [[r[h] for h in header] for r in rows])),
+                ("Loss (median over seeds, band = min–max)", html.image_html(path / "figures" / "compare_loss.png", "loss"))]
+    for name, (outcome, _) in arms.items():
+        sections.append((f"{name}: latent slices", html.image_html(outcome.path / "figures" / "latent_slices.png", name)))
+    runs.write_atomic(path / runs.REPORT, html.page(f"anchoring: {cfg.name}", sections))
+    summary = {"experiment": cfg.name, "upstream": cfg.upstream, "seeds": [], "anchored_seeds": None, "comparison": rows}
+    runs.write_atomic(path / runs.SUMMARY, json.dumps(summary, indent=2))
+    return Outcome(path, summary)
 
 
 def _draw_figures(cfg: ExperimentConfig, path: Path) -> Outcome:

@@ -60,6 +60,14 @@ def print_outcome(outcome: api.Outcome, wall: float) -> None:
         for r in body:
             table.add_row(*[("yes" if v else "NO") if isinstance(v, bool) else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in r])
         out.print(table)
+    comparison = outcome.summary.get("comparison")
+    if comparison:
+        table = Table(title=f"{outcome.summary['experiment']}: comparison")
+        for h in comparison[0]:
+            table.add_column(h, justify="right")
+        for r in comparison:
+            table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()])
+        out.print(table)
     for name, e in outcome.summary.get("interventions", {}).items():
         after = {r["colour"]: r["after"] for r in e["table"]}
         shown = ", ".join(f"{c} {after[c]:.3f}" for c in ("red", "cyan", "lime", "purple", "grey") if c in after)

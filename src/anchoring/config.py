@@ -126,10 +126,18 @@ class LobeConfig(_Strict):
     falloff: str
 
 
+class VariantConfig(_Strict):
+    """One arm of a comparison: the same experiment with another schedule."""
+
+    name: str
+    schedule: str
+
+
 class ExperimentConfig(_Strict):
     name: str
-    kind: Literal["train", "lobes", "colour-spaces", "transitions"] = Field(
-        "train", description="'train', or a figure-only experiment: 'lobes', 'colour-spaces', 'transitions'")
+    kind: Literal["train", "compare", "lobes", "colour-spaces", "transitions"] = Field(
+        "train", description="'train'; 'compare' (train each of `variants` on the same seeds); or figure-only: 'lobes', 'colour-spaces', 'transitions'")
+    variants: list[VariantConfig] = Field(default_factory=list)
     lobes: list[LobeConfig] = Field(default_factory=list)
     description: str = ""
     upstream: str | None = Field(None, description="experiment number in the published write-ups")
@@ -191,6 +199,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _inline_schedule(sched: Any, base: Path) -> Any:
+    """A `.csv` path (relative to `base`) becomes the file's text; anything else passes through."""
+    if isinstance(sched, str) and "\n" not in sched and sched.strip().endswith(".csv"):
+        csv_path = base / sched.strip()
+        try:
+            return csv_path.read_text()
+        except OSError as e:
+            raise AnchoringError(f"cannot read schedule {str(csv_path)!r}: {e.strerror}") from None
+    return sched if sched is not None else ""
+
+
 def load_config(path: Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read a spec or a run's config.toml, inline its schedule, apply overrides, validate."""
     try:
@@ -202,15 +221,12 @@ def load_config(path: Path, overrides: list[str] | None = None) -> ExperimentCon
     try:
         if overrides:
             data = apply_overrides(data, overrides)
-        sched = data.get("schedule")
-        if isinstance(sched, str) and "\n" not in sched and sched.strip().endswith(".csv"):
-            # a schedule given on the command line is relative to where the user stands
-            from_cli = any(o.split("=", 1)[0].strip() == "schedule" for o in overrides or [])
-            csv_path = (Path.cwd() if from_cli else path.parent) / sched.strip()
-            try:
-                data["schedule"] = csv_path.read_text()
-            except OSError as e:
-                raise AnchoringError(f"cannot read schedule {str(csv_path)!r}: {e.strerror}") from None
+        # a schedule given on the command line is relative to where the user stands
+        from_cli = any(o.split("=", 1)[0].strip() == "schedule" for o in overrides or [])
+        data["schedule"] = _inline_schedule(data.get("schedule"), Path.cwd() if from_cli else path.parent)
+        for variant in data.get("variants", []) if isinstance(data.get("variants"), list) else []:
+            if isinstance(variant, dict):
+                variant["schedule"] = _inline_schedule(variant.get("schedule"), path.parent)
         return ExperimentConfig.model_validate(data)
     except ValidationError as e:
         raise AnchoringError(_one_line(e, path.name)) from None

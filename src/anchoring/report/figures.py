@@ -334,3 +334,20 @@ def timing_functions() -> list[tuple[str, Figure]]:
     fig.tight_layout()
     result.append(("retargeting", fig))
     return result
+
+
+def compare_curves(arms: dict[str, dict[str, list[float]]], window: int = 25) -> Figure:
+    """Loss of each variant (median over seeds of a running mean, band = min–max), on one axis."""
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    for k, (name, m) in enumerate(arms.items()):
+        seed = np.array(m["seed"])
+        curves = np.stack([running_mean(np.array(m["loss"])[seed == s], window) for s in sorted(set(seed))])
+        steps = np.arange(curves.shape[1])
+        ax.plot(steps, np.median(curves, 0), color=f"C{k}", label=name)
+        ax.fill_between(steps, curves.min(0), curves.max(0), color=f"C{k}", alpha=0.15)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"loss (mean of {window} steps)")
+    ax.legend()
+    fig.tight_layout()
+    return fig
