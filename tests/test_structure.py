@@ -129,3 +129,44 @@ def test_m1_training_specs_run_end_to_end(tmp_path, name):
         snapshots = [k for k in f.keys() if k.startswith("step.")]
     assert len(snapshots) >= 2
     assert Image.open(out / "figures" / "evolution.gif").n_frames == len(snapshots)  # one frame per snapshot
+
+
+def test_smooth_vs_stepped_trains_both_on_the_same_seeds(tmp_path):
+    out = tmp_path / "svs"
+    r = runner.invoke(app, ["run", "ex-1.6", "--seeds", "2", "--steps", "200", "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.stderr
+    rows = {row["variant"]: row for row in json.loads((out / "summary.json").read_text())["comparison"]}
+    assert set(rows) == {"smooth", "stepped"}
+    for name in rows:
+        assert load_run(out / "variants" / name).seeds == [0, 1]
+    smooth = load_run(out / "variants" / "smooth").config.schedule
+    stepped = load_run(out / "variants" / "stepped").config.schedule
+    assert "extent:linear:step" in stepped and "extent:linear:step" not in smooth
+    assert (out / "figures" / "compare_loss.png").is_file()
+    assert "comparison" in r.stdout
+
+
+def test_term_masks_switch_terms_per_member():
+    from anchoring import experiments
+    from anchoring.train import train
+
+    base = experiments.load("anchored", ["train.steps=30", "train.snapshot_every=0"])
+    n_terms = len(base.terms)
+    masks = [[True] * n_terms, [False] * n_terms]
+    cfg = base.model_copy(update={"train": base.train.model_copy(update={"seed_list": [3, 3], "term_masks": masks})})
+    res = train(cfg)
+    loss, recon = res.metrics[..., 0], res.metrics[..., 1]
+    assert torch.equal(loss[:, 1], recon[:, 1])  # member 1: no terms at all
+    assert (loss[:, 0] > recon[:, 0]).any()  # member 0: terms add to its loss
+    assert torch.equal(res.metrics[0, 0, 1], res.metrics[0, 1, 1])  # same seed: identical first step
+
+
+def test_regularizer_combinations_covers_every_subset(tmp_path):
+    out = tmp_path / "combo"
+    r = runner.invoke(app, ["run", "ex-1.8", "--steps", "60", "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.stderr
+    rows = json.loads((out / "summary.json").read_text())["combinations"]
+    assert len(rows) == 31 and len({row["terms"] for row in rows}) == 31
+    assert rows[0]["n_terms"] == 5 and sum(row["n_terms"] == 1 for row in rows) == 5
+    assert load_run(out / "ensemble").seeds == [0] * 31  # every subset on the same seed
+    assert (out / "figures" / "combinations.png").stat().st_size > 10_000

@@ -31,6 +31,9 @@ class Outcome:
 
 def validate(cfg: ExperimentConfig) -> None:
     """Everything that can be checked without training, so bad input writes nothing."""
+    if cfg.kind == "combinations":
+        validate(combination_config(cfg)[0])
+        return
     if cfg.kind == "compare":
         if len(cfg.variants) < 2:
             raise AnchoringError(f"{cfg.name}: a comparison needs at least two [[variants]]")
@@ -67,6 +70,8 @@ def run(cfg: ExperimentConfig, out: Path | None = None, *, progress: Progress | 
     runs.write_atomic(path / runs.CONFIG, cfg.to_toml())
     if cfg.kind == "compare":
         return _compare(cfg, path, progress)
+    if cfg.kind == "combinations":
+        return _combinations(cfg, path, progress)
     if cfg.kind != "train":
         return _draw_figures(cfg, path)
     runs.write_atomic(path / runs.ARCH, json.dumps(runs.architecture(cfg), indent=2))
@@ -97,6 +102,64 @@ def _compare(cfg: ExperimentConfig, path: Path, progress: Progress | None) -> Ou
         sections.append((f"{name}: latent slices", html.image_html(outcome.path / "figures" / "latent_slices.png", name)))
     runs.write_atomic(path / runs.REPORT, html.page(f"anchoring: {cfg.name}", sections))
     summary = {"experiment": cfg.name, "upstream": cfg.upstream, "seeds": [], "anchored_seeds": None, "comparison": rows}
+    runs.write_atomic(path / runs.SUMMARY, json.dumps(summary, indent=2))
+    return Outcome(path, summary)
+
+
+def combination_config(cfg: ExperimentConfig) -> tuple[ExperimentConfig, list[tuple[str, ...]]]:
+    """One training config whose ensemble holds every subset × every seed, and the subsets."""
+    from itertools import combinations
+
+    names = [t.name for t in build_objective(cfg).terms]
+    chosen = cfg.combine or names
+    unknown = [c for c in chosen if c not in names]
+    if unknown:
+        raise AnchoringError(f"combine names unknown term(s) {unknown} (terms: {', '.join(names)})")
+    subsets = [c for k in range(len(chosen), 0, -1) for c in combinations(chosen, k)]
+    seeds = cfg.train.member_seeds()
+    masks = [[n in sub or n not in chosen for n in names] for sub in subsets for _ in seeds]
+    train_cfg = cfg.train.model_copy(update={"seed_list": seeds * len(subsets), "term_masks": masks})
+    return cfg.model_copy(update={"kind": "train", "combine": [], "name": f"{cfg.name}-ensemble", "train": train_cfg,
+                                  "interventions": []}), subsets
+
+
+def formed(row: dict[str, Any], max_angle: float) -> bool:
+    """The target structure: hues in order on the wheel, the anchor hit, vibrant colours flat, no collapse."""
+    st = row["structure"]
+    return (st["hue_order"] == 1.0 and st.get("anchor_angle_deg", 0.0) <= max_angle
+            and st["vibrant_in_plane"] >= 0.9 and st["spread_deg"] >= 2.0)
+
+
+def _combinations(cfg: ExperimentConfig, path: Path, progress: Progress | None) -> Outcome:
+    import math
+    import statistics
+
+    train_cfg, subsets = combination_config(cfg)
+    outcome = run(train_cfg, path / "ensemble", progress=progress)
+    members = outcome.summary["seeds"]
+    k = len(cfg.train.member_seeds())
+    max_angle = math.degrees(math.acos(min(1.0, cfg.evaluate.min_cosine)))
+    rows = []
+    for j, sub in enumerate(subsets):
+        group = members[j * k:(j + 1) * k]
+        med = lambda key: statistics.median(g["structure"].get(key, float("nan")) for g in group)  # noqa: E731
+        rows.append({"terms": " + ".join(sub), "n_terms": len(sub), "formed": f"{sum(formed(g, max_angle) for g in group)}/{k}",
+                     "hue_order": med("hue_order"), "anchor_angle_deg": med("anchor_angle_deg"),
+                     "vibrant_in_plane": med("vibrant_in_plane"), "spread_deg": med("spread_deg"),
+                     "val_mse": statistics.median(g["val_mse"] for g in group)})
+    run_ = runs.load_run(outcome.path)
+    grid_points = rgb_grid(8)
+    z = run_.encode(grid_points)[::k]  # first seed of each subset
+    figures.save(figures.thumbnail_grid(z, grid_points, [r["terms"] for r in rows], tuple(cfg.evaluate.hue_dims)),
+                 path / "figures" / "combinations.png")
+    header = list(rows[0])
+    sections = [("Overview", f"<p>{cfg.description}</p><p>{len(subsets)} subsets × {k} seed(s) trained as one ensemble; "
+                             f"'formed' = hue order 1.0, anchor within {max_angle:.0f}°, ≥ 90% of vibrant energy in the "
+                             f"hue plane, nearest-neighbour spread ≥ 2°. Per-member details under ensemble/.</p>"),
+                ("Per subset (medians over seeds)", html.table_html(header, [[r[h] for h in header] for r in rows])),
+                ("Latents (first seed of each subset, hue dims)", html.image_html(path / "figures" / "combinations.png", "grid"))]
+    runs.write_atomic(path / runs.REPORT, html.page(f"anchoring: {cfg.name}", sections))
+    summary = {"experiment": cfg.name, "upstream": cfg.upstream, "seeds": [], "anchored_seeds": None, "combinations": rows}
     runs.write_atomic(path / runs.SUMMARY, json.dumps(summary, indent=2))
     return Outcome(path, summary)
 

@@ -60,6 +60,9 @@ def print_outcome(outcome: api.Outcome, wall: float) -> None:
         for r in body:
             table.add_row(*[("yes" if v else "NO") if isinstance(v, bool) else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in r])
         out.print(table)
+    for r in outcome.summary.get("combinations", []):  # plain lines: 31 rows of long names
+        out.print(f"{r['formed']:>5} formed  hue order {r['hue_order']:.2f}  anchor {r['anchor_angle_deg']:6.1f}°  "
+                  f"in plane {r['vibrant_in_plane']:.2f}  spread {r['spread_deg']:5.1f}°  {r['terms']}", markup=False)
     comparison = outcome.summary.get("comparison")
     if comparison:
         table = Table(title=f"{outcome.summary['experiment']}: comparison")

@@ -74,6 +74,12 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(500, ge=1)
     snapshot_every: int = Field(100, ge=0, description="latent snapshot interval (0: off)")
     betas: tuple[float, float] = (0.9, 0.999)
+    seed_list: list[int] | None = Field(None, description="explicit seed per ensemble member (overrides seed/seeds; repeats allowed)")
+    term_masks: list[list[bool]] | None = Field(None, description="per member, which terms are on (for term-subset studies)")
+
+    def member_seeds(self) -> list[int]:
+        """The seed of every ensemble member, in order."""
+        return list(self.seed_list) if self.seed_list is not None else list(range(self.seed, self.seed + self.seeds))
 
     @model_validator(mode="after")
     def _positive(self) -> "TrainConfig":
@@ -83,6 +89,10 @@ class TrainConfig(_Strict):
             raise ValueError(f"seed must be ≥ 0, got {self.seed}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be a positive integer, got {self.steps}")
+        if self.seed_list is not None and (not self.seed_list or min(self.seed_list) < 0):
+            raise ValueError("seed_list must be non-empty seeds ≥ 0")
+        if self.term_masks is not None and len(self.term_masks) != len(self.member_seeds()):
+            raise ValueError(f"term_masks has {len(self.term_masks)} rows for {len(self.member_seeds())} members")
         return self
 
 
@@ -135,8 +145,10 @@ class VariantConfig(_Strict):
 
 class ExperimentConfig(_Strict):
     name: str
-    kind: Literal["train", "compare", "lobes", "colour-spaces", "transitions"] = Field(
-        "train", description="'train'; 'compare' (train each of `variants` on the same seeds); or figure-only: 'lobes', 'colour-spaces', 'transitions'")
+    kind: Literal["train", "compare", "combinations", "lobes", "colour-spaces", "transitions"] = Field(
+        "train", description="'train'; 'compare' (each of `variants` on the same seeds); 'combinations' (every non-empty "
+                             "subset of the terms in `combine`, in one ensemble); or figure-only: 'lobes', 'colour-spaces', 'transitions'")
+    combine: list[str] = Field(default_factory=list, description="term names whose subsets a 'combinations' run trains")
     variants: list[VariantConfig] = Field(default_factory=list)
     lobes: list[LobeConfig] = Field(default_factory=list)
     description: str = ""

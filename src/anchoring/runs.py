@@ -42,7 +42,7 @@ def new_run_dir(cfg: ExperimentConfig, out: Path | None, root: Path = Path("runs
 
 
 def architecture(cfg: ExperimentConfig) -> dict[str, Any]:
-    return {"kind": "colour-autoencoder", **cfg.model.model_dump(mode="json"), "seeds": list(range(cfg.train.seed, cfg.train.seed + cfg.train.seeds))}
+    return {"kind": "colour-autoencoder", **cfg.model.model_dump(mode="json"), "seeds": cfg.train.member_seeds()}
 
 
 def model_from_architecture(arch: dict[str, Any]) -> nn.Module:

@@ -62,7 +62,7 @@ def summarize_seeds(encode, reconstruct, cfg, objective, validation: torch.Tenso
 
     `encode(rgb)` → `(seeds, ..., E)`; `reconstruct(rgb)` → `(seeds, ..., 3)`.
     """
-    seeds = list(range(cfg.train.seed, cfg.train.seed + cfg.train.seeds))
+    seeds = cfg.train.member_seeds()
     dims = tuple(cfg.evaluate.hue_dims)
     zh = hue_latents(encode)
     order = hues_in_order(zh, dims)

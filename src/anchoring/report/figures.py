@@ -351,3 +351,29 @@ def compare_curves(arms: dict[str, dict[str, list[float]]], window: int = 25) ->
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def thumbnail_grid(z: torch.Tensor, rgb: torch.Tensor, titles: list[str], dims: tuple[int, int], cols: int = 8) -> Figure:
+    """One small latent slice per configuration (e.g. per subset of terms), true colours."""
+    n = len(titles)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.1 * rows), squeeze=False)
+    colours = rgb.clamp(0, 1).numpy()
+    order = np.argsort(rgb.sum(-1).numpy())
+    for k in range(rows * cols):
+        ax = axes[k // cols, k % cols]
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if k >= n:
+            ax.axis("off")
+            continue
+        zi = z[k].numpy()
+        lim = max(1.15, float(np.abs(zi[:, list(dims)]).max()) * 1.05)
+        ax.set_facecolor(BACKGROUND)
+        ax.scatter(zi[order, dims[0]], zi[order, dims[1]], c=colours[order], s=2, linewidths=0)
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        ax.set_title(titles[k].replace(" + ", "\n+ "), fontsize=6)
+    fig.tight_layout()
+    return fig

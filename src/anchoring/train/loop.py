@@ -54,7 +54,7 @@ class TrainResult:
 
 
 def _seeds(cfg: ExperimentConfig) -> list[int]:
-    return list(range(cfg.train.seed, cfg.train.seed + cfg.train.seeds))
+    return cfg.train.member_seeds()
 
 
 class _StopFlag:
@@ -118,6 +118,11 @@ def train(
     lr_col = col["lr"]
     term_cols = torch.tensor([col[t.weight] for t in objective.terms], dtype=torch.long)
     metric_names = ["loss", "recon", *[t.name for t in objective.terms]]
+    masks = None
+    if cfg.train.term_masks is not None:  # per-member term subsets (one ensemble, many objectives)
+        if any(len(m) != len(objective.terms) for m in cfg.train.term_masks):
+            raise AnchoringError(f"term_masks rows must have one entry per term ({len(objective.terms)})")
+        masks = torch.tensor(cfg.train.term_masks, dtype=torch.float32)
     steps = timeline.steps
     result = TrainResult(cfg, ensemble, objective, timeline, metric_names,
                          torch.full((steps, len(seeds), len(metric_names)), float("nan")), rgb_grid(8))
@@ -180,7 +185,7 @@ def train(
             w = row[term_cols].float()
             optimizer.zero_grad(set_to_none=True)
             recon, values = ensemble.run(member_loss, cap, x, labels)
-            total = recon + values @ w
+            total = recon + (values @ w if masks is None else (values * (masks * w)).sum(-1))
             total.sum().backward()
             optimizer.step()
             result.metrics[step] = torch.cat([total.detach()[:, None], recon.detach()[:, None], values.detach()], dim=1)
