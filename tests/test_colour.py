@@ -5,8 +5,17 @@ import pytest
 import torch
 
 from anchoring.domains.colour import (
-    GREY_NAMES, HUE_NAMES, NAMES, get_labeller, hsv_grid, hsv_similarity, hsv_to_rgb, hsv_weights,
-    named_colours, rgb_grid, rgb_to_hsv,
+    GREY_NAMES,
+    HUE_NAMES,
+    NAMES,
+    get_labeller,
+    hsv_grid,
+    hsv_similarity,
+    hsv_to_rgb,
+    hsv_weights,
+    named_colours,
+    rgb_grid,
+    rgb_to_hsv,
 )
 from anchoring.errors import AnchoringError
 

@@ -1,4 +1,3 @@
-import math
 
 import numpy as np
 import pytest
@@ -6,8 +5,20 @@ import torch
 from torch import nn
 
 from anchoring.control import (
-    BezierMapper, BoundedPower, Constant, FalloffMapper, Intervention, Linear, ablate, ablate_direction, find_layout,
-    intervene, parse_falloff, prune, repel, suppress,
+    BezierMapper,
+    BoundedPower,
+    Constant,
+    FalloffMapper,
+    Intervention,
+    Linear,
+    ablate,
+    ablate_direction,
+    find_layout,
+    intervene,
+    parse_falloff,
+    prune,
+    repel,
+    suppress,
 )
 from anchoring.errors import AnchoringError
 from anchoring.evaluate.control import pareto_front, selectivity

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch.func import vmap
 
-from anchoring.anchor import Concept, build_term, regularizers as R
+from anchoring.anchor import Concept, build_term
+from anchoring.anchor import regularizers as R
 from anchoring.domains.colour import get_labeller
 from anchoring.errors import AnchoringError
 

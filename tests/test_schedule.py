@@ -1,9 +1,6 @@
-import math
 
-import torch
-
-import numpy as np
 import pytest
+import torch
 
 from anchoring import experiments
 from anchoring.errors import AnchoringError

@@ -9,7 +9,12 @@ from typer.testing import CliRunner
 from anchoring import load_run
 from anchoring.cli import app
 from anchoring.domains.colour import HUE_NAMES, named_colours, rgb_to_hsv
-from anchoring.evaluate.structure import hue_order_agreement, nearest_neighbour_spread, plane_fraction, structure_score
+from anchoring.evaluate.structure import (
+    hue_order_agreement,
+    nearest_neighbour_spread,
+    plane_fraction,
+    structure_score,
+)
 
 runner = CliRunner()
 

@@ -5,20 +5,36 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from itertools import combinations
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors.torch import save as st_save
 
 from anchoring import runs
 from anchoring.config import ExperimentConfig, load_config
-from anchoring.domains.colour import rgb_grid
+from anchoring.control import parse_falloff
+from anchoring.control.plan import make_plan
+from anchoring.domains.colour import NAMES, named_rgb, rgb_grid
 from anchoring.errors import AnchoringError
 from anchoring.evaluate.colour import summarize_seeds
-from anchoring.report import figures, html
+from anchoring.evaluate.control import (
+    evaluate_edit,
+    named_error_table,
+    pareto_front,
+    stacked,
+)
+from anchoring.evaluate.stability import stability
+from anchoring.report import animation, figures, html
 from anchoring.train import TrainResult, train
-from anchoring.train.objective import build_objective, build_timeline, check_curriculum, training_points
-from anchoring.train.loop import CHECKPOINT
+from anchoring.train.loop import CHECKPOINT, metrics_table
+from anchoring.train.objective import (
+    build_objective,
+    build_timeline,
+    check_curriculum,
+    training_points,
+)
 
 Progress = Callable[[int, int], None]
 
@@ -41,8 +57,6 @@ def validate(cfg: ExperimentConfig) -> None:
             validate(variant_config(cfg, v))
         return
     if cfg.kind != "train":  # figure-only: nothing to train, only lobes to check
-        from anchoring.control import parse_falloff
-
         if cfg.kind == "lobes" and not cfg.lobes:
             raise AnchoringError(f"{cfg.name}: a 'lobes' experiment needs [[lobes]] entries")
         for lobe in cfg.lobes:
@@ -50,8 +64,6 @@ def validate(cfg: ExperimentConfig) -> None:
         return
     objective = build_objective(cfg)
     check_curriculum(cfg, build_timeline(cfg, objective))
-    from anchoring.control.plan import make_plan
-
     names = [i.name for i in cfg.interventions]
     if len(set(names)) != len(names):
         raise AnchoringError("intervention names must be unique")
@@ -85,8 +97,6 @@ def variant_config(cfg: ExperimentConfig, variant) -> ExperimentConfig:
 
 def _compare(cfg: ExperimentConfig, path: Path, progress: Progress | None) -> Outcome:
     """Train every variant on the same seeds, then put their stability side by side."""
-    from anchoring.evaluate.stability import stability
-
     arms = {}
     for v in cfg.variants:
         outcome = run(variant_config(cfg, v), path / "variants" / v.name, progress=progress)
@@ -108,8 +118,6 @@ def _compare(cfg: ExperimentConfig, path: Path, progress: Progress | None) -> Ou
 
 def combination_config(cfg: ExperimentConfig) -> tuple[ExperimentConfig, list[tuple[str, ...]]]:
     """One training config whose ensemble holds every subset × every seed, and the subsets."""
-    from itertools import combinations
-
     names = [t.name for t in build_objective(cfg).terms]
     chosen = cfg.combine or names
     unknown = [c for c in chosen if c not in names]
@@ -142,7 +150,9 @@ def _combinations(cfg: ExperimentConfig, path: Path, progress: Progress | None) 
     rows = []
     for j, sub in enumerate(subsets):
         group = members[j * k:(j + 1) * k]
-        med = lambda key: statistics.median(g["structure"].get(key, float("nan")) for g in group)  # noqa: E731
+        def med(key: str, group: list[dict] = group) -> float:
+            return statistics.median(g["structure"].get(key, float("nan")) for g in group)
+
         rows.append({"terms": " + ".join(sub), "n_terms": len(sub), "formed": f"{sum(formed(g, max_angle) for g in group)}/{k}",
                      "hue_order": med("hue_order"), "anchor_angle_deg": med("anchor_angle_deg"),
                      "vibrant_in_plane": med("vibrant_in_plane"), "spread_deg": med("spread_deg"),
@@ -183,8 +193,6 @@ def _draw_figures(cfg: ExperimentConfig, path: Path) -> Outcome:
 
 def _lobe_sections(cfg: ExperimentConfig, path: Path) -> list[tuple[str, str]]:
     """Every configured falloff/mapper as polar lobes and strength curves."""
-    from anchoring.control import parse_falloff
-
     sections = []
     for method in ("suppress", "repel"):
         shapes = {f"{lobe.name} ({lobe.falloff})": parse_falloff(lobe.falloff) for lobe in cfg.lobes if lobe.method == method}
@@ -218,12 +226,8 @@ def _train_and_finish(cfg: ExperimentConfig, path: Path, *, resume: bool, progre
 
 def finish(result: TrainResult, path: Path) -> dict[str, Any]:
     """Metrics, snapshots, evaluation, figures and report for a trained ensemble."""
-    from safetensors.torch import save as st_save
-
     cfg = result.config
     header = ["step", "seed", *result.timeline.names, *result.metric_names]
-    from anchoring.train.loop import metrics_table
-
     runs.write_metrics_csv(path / runs.METRICS, header, metrics_table(result))
     runs.write_atomic(path / runs.SNAPSHOTS, st_save({"points": result.snapshot_points,
                                                       **{f"step.{s}": z for s, z in sorted(result.snapshots.items())}}))
@@ -243,8 +247,6 @@ def finish(result: TrainResult, path: Path) -> dict[str, Any]:
     figures.save(figures.loss_curves(result.metrics, result.metric_names, result.seeds), figdir / "loss_curves.png")
     figures.save(figures.schedule_plot(result.timeline), figdir / "schedule.png")
     if len(result.snapshots) > 1:
-        from anchoring.report import animation
-
         dims = tuple(cfg.evaluate.hue_dims)
         figures.save(figures.phase_history(result.snapshots, result.snapshot_points, dims, 0, result.timeline.phases),
                      figdir / "phase_history.png")
@@ -272,10 +274,6 @@ def finish(result: TrainResult, path: Path) -> dict[str, Any]:
 
 def evaluate_interventions(cfg: ExperimentConfig, objective, models, rows: list[dict], figdir: Path) -> dict[str, Any]:
     """Run every configured edit on every seed; per-colour tables, selectivity, figures."""
-    from anchoring.control.plan import make_plan
-    from anchoring.domains.colour import NAMES, named_rgb
-    from anchoring.evaluate.control import evaluate_edit, named_error_table, stacked
-
     out: dict[str, Any] = {}
     seeds = [r["seed"] for r in rows]
     for spec in cfg.interventions:
@@ -304,8 +302,6 @@ def evaluate_interventions(cfg: ExperimentConfig, objective, models, rows: list[
 def pareto_seeds(rows: list[dict], edits: dict[str, Any]) -> list[int]:
     """Seeds on the Pareto front of (val reconstruction, val anchoring loss, −selectivity of the first edit)."""
     import numpy as np
-
-    from anchoring.evaluate.control import pareto_front
 
     first = next(iter(edits.values()))
     obj = np.array([[r["val_mse"], r.get("val_anchor_loss", 0.0), -first["selectivity"][i]] for i, r in enumerate(rows)])

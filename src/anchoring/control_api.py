@@ -12,9 +12,12 @@ from typing import Any, Sequence
 
 import torch
 
-from anchoring import runs
+from anchoring import api, runs
 from anchoring.config import InterventionConfig
+from anchoring.control import ablate_direction
 from anchoring.control.plan import make_plan
+from anchoring.control.relearn import concept_samples, post_hoc_direction
+from anchoring.control.relearn import relearn as finetune
 from anchoring.domains.colour import NAMES, named_rgb, rgb_grid
 from anchoring.errors import AnchoringError
 from anchoring.evaluate.control import evaluate_edit, named_error_table, stacked
@@ -115,10 +118,6 @@ class RelearnResult:
 def relearn(run: Run, concept_name: str, samples: Sequence[int], steps: int, *, lr: float = 0.01, retain: int = 0,
             threshold: float = 0.01, baseline: bool = True, progress=None) -> RelearnResult:
     """Delete the concept (ablate its dims), then fine-tune on K concept samples; same for a post-hoc baseline."""
-    from anchoring import api
-    from anchoring.control import ablate_direction
-    from anchoring.control.relearn import concept_samples, post_hoc_direction, relearn as finetune
-
     if any(k < 1 for k in samples) or steps < 1:
         raise AnchoringError("--samples and --steps must be positive integers")
     objective, concept = _concept(run, concept_name)
@@ -153,7 +152,7 @@ def relearn(run: Run, concept_name: str, samples: Sequence[int], steps: int, *, 
     for name, ms in models.items():
         for k in samples:
             recover = []
-            for i, (seed, m) in enumerate(zip(run.seeds, ms)):
+            for seed, m in zip(run.seeds, ms):
                 x = concept_samples(concept.labeller, pool, k, seed=seed * 1000 + k)
                 keep = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:retain]] if retain else None
                 curve = finetune(m, x, probe, steps, lr=lr, retain=keep)

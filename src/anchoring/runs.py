@@ -22,6 +22,8 @@ from torch import nn
 from anchoring.atomic import write_atomic
 from anchoring.config import ExperimentConfig, load_config
 from anchoring.errors import AnchoringError
+from anchoring.models import ColourAutoencoder
+from anchoring.train.checkpoint import read_checkpoint
 
 CONFIG, ARCH, SUMMARY, METRICS, SNAPSHOTS, REPORT = (
     "config.toml", "architecture.json", "summary.json", "metrics.csv", "snapshots.safetensors", "report.html")
@@ -46,8 +48,6 @@ def architecture(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def model_from_architecture(arch: dict[str, Any]) -> nn.Module:
-    from anchoring.models import ColourAutoencoder
-
     if arch.get("kind") != "colour-autoencoder":
         raise AnchoringError(f"unknown architecture kind {arch.get('kind')!r}")
     return ColourAutoencoder(arch["latent_dim"], tuple(arch["hidden"]), arch["normalize"], arch["output"])
@@ -100,8 +100,6 @@ class Run:
 
 def load_run(path: str | Path) -> Run:
     """Open a run directory written by `anchoring run` (or `delete`): config, weights, summary."""
-    from anchoring.train.checkpoint import read_checkpoint
-
     p = Path(path)
     if not p.is_dir():
         raise AnchoringError(f"{str(p)!r} is not a run directory")

@@ -1,7 +1,21 @@
 """Control: interventions at inference (hooks) and permanent deletion (surgery)."""
 
-from anchoring.control.falloff import BezierMapper, BoundedPower, Constant, FalloffMapper, Linear, parse_falloff
-from anchoring.control.interventions import Intervention, concept_alpha, intervene, repel, suppress, zero_dims
+from anchoring.control.falloff import (
+    BezierMapper,
+    BoundedPower,
+    Constant,
+    FalloffMapper,
+    Linear,
+    parse_falloff,
+)
+from anchoring.control.interventions import (
+    Intervention,
+    concept_alpha,
+    intervene,
+    repel,
+    suppress,
+    zero_dims,
+)
 from anchoring.control.surgery import ablate, ablate_direction, find_layout, prune
 
 __all__ = [

@@ -15,7 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from anchoring.anchor.capture import resolve_site
-from anchoring.control.falloff import BezierMapper, BoundedPower, Constant, FalloffMapper
+from anchoring.control.falloff import (
+    BezierMapper,
+    BoundedPower,
+    Constant,
+    FalloffMapper,
+)
 
 
 def concept_alpha(z: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from anchoring.domains.colour import NAMES, hsv_grid, hsv_similarity, named_rgb
+from anchoring.domains.colour import (
+    NAMES,
+    hsv_grid,
+    hsv_similarity,
+    hsv_to_rgb,
+    named_rgb,
+    rgb_grid,
+)
+from anchoring.evaluate.colour import concept_exemplar
 
 Reconstruct = Callable[[torch.Tensor], torch.Tensor]  # rgb (N, 3) -> (seeds, N, 3)
 
@@ -43,8 +51,6 @@ def selectivity_grid() -> torch.Tensor:
 
 def hue_curves(reconstruct: Reconstruct, values: Sequence[float] = (0.25, 0.5, 0.75, 1.0), hues: int = 72) -> torch.Tensor:
     """Error vs hue at full saturation for several values: `(seeds, len(values), hues)`."""
-    from anchoring.domains.colour import hsv_to_rgb
-
     h = torch.arange(hues) / hues
     rows = [colour_errors(reconstruct, hsv_to_rgb(torch.stack([h, torch.ones(hues), torch.full((hues,), v)], -1))) for v in values]
     return torch.stack(rows, dim=1)
@@ -73,8 +79,6 @@ def pareto_front(objectives: np.ndarray) -> list[int]:
 def concept_similarity(concept, grid: torch.Tensor) -> torch.Tensor:
     """How much each colour 'is' the concept: HSV similarity to its exemplar for a direction
     concept, the labeller's own score (e.g. s·v for vibrant) for a subspace concept."""
-    from anchoring.evaluate.colour import concept_exemplar
-
     if concept is None:
         return hsv_similarity(grid, named_rgb()[0].expand_as(grid))
     if concept.anchor is None and hasattr(concept.labeller, "score"):
@@ -89,8 +93,6 @@ def evaluate_edit(before: Reconstruct, after: Reconstruct, concept, k: float) ->
     grid = selectivity_grid()
     sim = concept_similarity(concept, grid)
     after_grid = colour_errors(after, grid)
-    from anchoring.domains.colour import rgb_grid
-
     cube = rgb_grid(8)
     return {
         "hsv_grid_before": colour_errors(before, grid).mean(-1),

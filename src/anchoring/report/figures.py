@@ -161,8 +161,8 @@ def reconstruction_grid(truth: torch.Tensor, outputs: torch.Tensor, names, seeds
 
 def intervention_lobes(shapes: dict, method: str = "suppress") -> Figure:
     """Polar lobes: intervention magnitude vs angle to the concept, and where a unit point lands."""
-    from anchoring.control.interventions import repel, suppress
     from anchoring.control.falloff import BezierMapper, FalloffMapper
+    from anchoring.control.interventions import repel, suppress
 
     theta = torch.linspace(-np.pi, np.pi, 721)
     pts = torch.stack([torch.cos(theta), torch.sin(theta)], -1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from anchoring.atomic import write_atomic
@@ -33,8 +33,6 @@ def save_checkpoint(path: Path, step: int, params: dict[str, torch.Tensor], opti
 
 def read_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor]]:
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         tensors = load_file(str(path))

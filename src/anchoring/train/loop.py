@@ -14,13 +14,24 @@ import torch
 from anchoring.anchor import Capture
 from anchoring.config import ExperimentConfig
 from anchoring.domains.colour import rgb_grid
+from anchoring.domains.colour.curriculum import curriculum_depth, curriculum_weights
 from anchoring.errors import AnchoringError
 from anchoring.schedule import Timeline
 from anchoring.schedule.reactive import Decision, Reactive, apply
-from anchoring.train.checkpoint import read_checkpoint, restore_optimizer, save_checkpoint
+from anchoring.train.checkpoint import (
+    read_checkpoint,
+    restore_optimizer,
+    save_checkpoint,
+)
 from anchoring.train.data import EnsembleStream, WeightedPoints
 from anchoring.train.ensemble import Ensemble
-from anchoring.train.objective import Objective, build_model, build_objective, build_timeline, training_points
+from anchoring.train.objective import (
+    Objective,
+    build_model,
+    build_objective,
+    build_timeline,
+    training_points,
+)
 
 CHECKPOINT = "checkpoint.safetensors"
 SNAPSHOT_SITE = "latent"
@@ -109,8 +120,6 @@ def train(
     col = {n: i for i, n in enumerate(timeline.names)}
     extent_col = col.get("extent")
     if extent_col is not None:  # data curriculum: sampling weights follow the `extent` column
-        from anchoring.domains.colour.curriculum import curriculum_depth, curriculum_weights
-
         depth = curriculum_depth(points)
     last_extent = None
     controllers = [Reactive(**r.model_dump()) for r in cfg.reactive]

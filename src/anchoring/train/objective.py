@@ -8,7 +8,13 @@ import torch
 
 from anchoring.anchor import Concept, Term, build_term
 from anchoring.config import ExperimentConfig
-from anchoring.domains.colour import get_labeller, hsv_grid, hsv_weights, rgb_grid, rgb_to_hsv
+from anchoring.domains.colour import (
+    get_labeller,
+    hsv_grid,
+    hsv_weights,
+    rgb_grid,
+    rgb_to_hsv,
+)
 from anchoring.errors import AnchoringError
 from anchoring.models import ColourAutoencoder
 from anchoring.schedule import Timeline, parse_dopesheet
