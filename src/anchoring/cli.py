@@ -5,6 +5,7 @@ Every user mistake ends as one line `error: …` on stderr with exit code 2, and
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -280,8 +281,103 @@ def relearn_cmd(
     out.print(f"wrote {res.path}", markup=False)
 
 
-def main() -> None:
-    app()
+@app.command("sweep")
+def sweep_cmd(
+    experiment: str = typer.Argument(experiments.DEFAULT, help="built-in name, ex-<number> alias, or a config .toml"),
+    seeds: Optional[int] = typer.Option(None, "--seeds", help="number of seeds per grid point"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="first seed"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="run length; the schedule is stretched to fit"),
+    sets: list[str] = typer.Option([], "--set", help="override a config key for every point"),
+    grid: list[str] = typer.Option([], "--grid", help="key=v1,v2: one grid axis (repeat for more axes)"),
+    workers: int = typer.Option(os.cpu_count() or 1, "--workers", help="parallel shards (default: one per core, one thread each)"),
+    backend: str = typer.Option("local", "--backend", help="local (worker processes) or ray"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start a local Ray)"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="sweep directory (default runs/<experiment>-sweep/<time>)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Split seeds (and a grid of settings) over processes or Ray; merge into one run and report."""
+    from datetime import datetime
+
+    from anchoring import sweep
+
+    overrides = list(sets)
+    for name, value in (("seeds", seeds), ("seed", seed), ("steps", steps)):
+        if value is not None:
+            if value < (0 if name == "seed" else 1):
+                fail(f"--{name} must be {'≥ 0' if name == 'seed' else 'a positive integer'}, got {value}")
+            overrides.append(f"train.{name}={value}")
+    if workers < 1:
+        fail(f"--workers must be ≥ 1, got {workers}")
+    if backend not in ("local", "ray"):
+        fail(f"--backend must be local or ray, got {backend!r}")
+    if address and backend != "ray":
+        fail("--address is for --backend ray")
+    t0 = time.perf_counter()
+    try:
+        axes = sweep.parse_grid(grid)
+        name = experiments.load(experiment, overrides).name
+        path = out_dir or Path("runs") / f"{name}-sweep" / datetime.now().strftime("%Y%m%d-%H%M%S")
+        with progress_bar(f"{name} shards", not quiet and sys.stderr.isatty()) as update:
+            summary = sweep.sweep(experiment, path, sets=overrides, grid=axes, workers=workers, backend=backend,
+                                  address=address, progress=update)
+    except AnchoringError as e:
+        fail(str(e))
+    if axes:
+        table = Table(title=f"sweep of {name}")
+        keys = [k for k in summary["points"][0] if k != "path"]
+        for k in keys:
+            table.add_column(k, justify="right")
+        for p in summary["points"]:
+            table.add_row(*[f"{p[k]:.4g}" if isinstance(p[k], float) else str(p[k]) for k in keys])
+        out.print(table)
+        out.print(f"wall time {time.perf_counter() - t0:.1f} s", markup=False)
+        out.print(f"report: {path / 'report.html'}", markup=False)
+    else:
+        print_outcome(api.Outcome(path, summary), time.perf_counter() - t0)
+
+
+@app.command("bench")
+def bench_cmd(
+    repeats: int = typer.Option(3, "--repeats", help="measurements per case (median, min and max are reported)"),
+    steps: int = typer.Option(300, "--steps", help="training steps per throughput case"),
+    ensembles: str = typer.Option("1,16,64", "--ensembles", help="ensemble sizes E to time, comma-separated"),
+    e2e: str = typer.Option("1,60", "--e2e-seeds", help="seed counts for the end-to-end `anchoring run anchored` cases ('' for none)"),
+    e2e_steps: Optional[int] = typer.Option(None, "--e2e-steps", help="shorten the end-to-end runs (default: full schedule)"),
+    json_out: Path = typer.Option(Path("runs/bench/bench.json"), "--json", help="where to write the results as JSON"),
+) -> None:
+    """Benchmark the trainer: eager single-model baseline vs ensembles, and end-to-end runs."""
+    from anchoring.benchmarks import run_suite
+
+    def ints(text: str, flag: str) -> list[int]:
+        try:
+            vals = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            fail(f"{flag} takes comma-separated integers, got {text!r}")
+        if any(v < 1 for v in vals):
+            fail(f"{flag} values must be positive, got {text!r}")
+        return vals
+
+    if repeats < 1 or steps < 2:
+        fail("--repeats must be ≥ 1 and --steps ≥ 2")
+    sizes, seeds = ints(ensembles, "--ensembles"), ints(e2e, "--e2e-seeds")
+    with err.status("benchmarking") as status:
+        res = run_suite(repeats, steps, sizes, seeds, e2e_steps, json_out, progress=lambda m: status.update(m))
+    table = Table(title=f"anchoring bench ({repeats} repeats, {steps} steps; torch {res['machine']['torch']}, "
+                        f"{res['machine']['cpus']} CPUs)")
+    for h in ("case", "median", "min", "max", "unit", "× baseline", "peak MB"):
+        table.add_column(h, justify="left" if h == "case" else "right")
+    for r in res["cases"]:
+        ratio = f"{r['vs_baseline']:.1f}" if "vs_baseline" in r else ""
+        table.add_row(r["case"], f"{r['median']:.4g}", f"{r['min']:.4g}", f"{r['max']:.4g}", r["unit"], ratio, f"{r['peak_mb']:.0f}")
+    out.print(table, width=max(out.width, 132))
+    if "e2e_ratio" in res:
+        a, b = res["e2e_ratio"]["cases"]
+        out.print(f"end-to-end wall ratio ({a}) / ({b}): {res['e2e_ratio']['ratio']:.2f}", markup=False)
+    out.print(f"json: {json_out}", markup=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    app(args=argv)
 
 
 if __name__ == "__main__":

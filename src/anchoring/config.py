@@ -83,6 +83,7 @@ class TrainConfig(_Strict):
     betas: tuple[float, float] = (0.9, 0.999)
     seed_list: list[int] | None = Field(None, description="explicit seed per ensemble member (overrides seed/seeds; repeats allowed)")
     term_masks: list[list[bool]] | None = Field(None, description="per member, which terms are on (for term-subset studies)")
+    fast: bool = Field(True, description="use the stacked-matmul path when the model supports it (same numbers, faster)")
 
     def member_seeds(self) -> list[int]:
         """The seed of every ensemble member, in order."""

@@ -15,6 +15,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from anchoring.anchor import Capture
+from anchoring.train.stacked import StackedChain, try_stacked
 
 
 class Ensemble:
@@ -38,6 +39,17 @@ class Ensemble:
             return fn(out, dict(capture.acts), x, *rest)
 
         return vmap(member)(self.params, self.buffers, *batched)
+
+    def fast_path(self, sites: list[str]) -> StackedChain | None:
+        """The stacked-matmul forward for this model if it qualifies (see `train.stacked`), else None."""
+        first = next((m for m in self.template.modules() if isinstance(m, nn.Linear)), None)
+
+        def generic(x: torch.Tensor):
+            with Capture(self.template, sites) as cap:
+                return self.run(lambda out, acts, _x: (out, acts), cap, x)
+
+        return try_stacked(self.template, sites, self.params, self.buffers, generic,
+                           first.in_features if first is not None else None)
 
     def capture_at(self, site: str, x: torch.Tensor) -> torch.Tensor:
         """Activations at `site` for inputs `(E, N, ...)`, without gradients."""

@@ -58,6 +58,7 @@ class TrainResult:
     snapshots: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> (seeds, N, E)
     decisions: list = field(default_factory=list)  # reactive re-targets, in order
     steps_done: int = 0
+    fast: bool = False  # trained through the stacked-matmul path
 
     @property
     def seeds(self) -> list[int]:
@@ -171,6 +172,18 @@ def train(
         values = torch.stack([t(acts, labels) for t in objective.terms]) if objective.terms else out.new_zeros(0)
         return recon, values
 
+    # the same loss on all members at once: terms take (..., N, D), so they need no vmap
+    fast = ensemble.fast_path(objective.sites) if cfg.train.fast else None
+    result.fast = fast is not None
+
+    def ensemble_loss(x, labels):
+        if fast is None:
+            return ensemble.run(member_loss, cap, x, labels)
+        out, acts = fast(ensemble.params, x)
+        recon = (out - x).pow(2).mean((-2, -1))
+        values = torch.stack([t(acts, labels) for t in objective.terms], -1) if objective.terms else out.new_zeros(len(out), 0)
+        return recon, values
+
     every = cfg.train.snapshot_every
     callbacks = list(callbacks)
     with Capture(ensemble.template, objective.sites) as cap, _StopFlag() as stop:
@@ -193,7 +206,7 @@ def train(
                 group["lr"] = float(row[lr_col])
             w = row[term_cols].float()
             optimizer.zero_grad(set_to_none=True)
-            recon, values = ensemble.run(member_loss, cap, x, labels)
+            recon, values = ensemble_loss(x, labels)
             total = recon + (values @ w if masks is None else (values * (masks * w)).sum(-1))
             total.sum().backward()
             optimizer.step()

@@ -1,0 +1,5 @@
+"""`python -m anchoring …` is the `anchoring` command."""
+
+from anchoring.cli import main
+
+main()

@@ -1,0 +1,128 @@
+"""Benchmark suite: `anchoring bench` (or `python -m anchoring.benchmarks`).
+
+Every case runs in a fresh process, so its peak memory is its own and no case warms caches
+for the next; repeats are interleaved (baseline, E=1, E=16, …, baseline, …) so a noisy
+neighbour slows all cases alike and the ratios stay meaningful. Each figure is reported as
+median, min and max over the repeats.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from anchoring.atomic import write_atomic
+
+
+@dataclass
+class Case:
+    name: str
+    unit: str
+    argv: list[str]  # what the child process runs
+    end_to_end: bool = False
+    samples: list[float] = field(default_factory=list)
+    peak_mb: list[float] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+
+def _child(case: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "anchoring.benchmarks.child", case, *args]
+
+
+def plan(steps: int, ensemble_sizes: list[int], e2e_seeds: list[int], e2e_steps: int | None) -> list[Case]:
+    cases = [Case("eager baseline (1 model)", "model-steps/s", _child("eager", str(steps)))]
+    for e in ensemble_sizes:
+        cases.append(Case(f"ensemble E={e}", "model-steps/s", _child("ensemble", str(e), str(steps), "fast")))
+    if ensemble_sizes:
+        e = max(ensemble_sizes)
+        cases.append(Case(f"ensemble E={e}, generic vmap path", "model-steps/s", _child("ensemble", str(e), str(steps), "generic")))
+    for n in e2e_seeds:
+        argv = [sys.executable, "-m", "anchoring", "run", "anchored", "--seeds", str(n), "-q"]
+        if e2e_steps is not None:
+            argv += ["--steps", str(e2e_steps)]
+        cases.append(Case(f"anchoring run anchored --seeds {n}", "s wall", argv, end_to_end=True))
+    return cases
+
+
+def _measure(case: Case, workdir: Path) -> None:
+    """Run the case once; append its figure and the child's peak RSS."""
+    argv = list(case.argv)
+    if case.end_to_end:
+        out_dir = Path(tempfile.mkdtemp(dir=workdir)) / "run"
+        argv += ["--out", str(out_dir)]
+    log_out, log_err = workdir / "stdout.txt", workdir / "stderr.txt"
+    with open(log_out, "w") as fo, open(log_err, "w") as fe:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=fo, stderr=fe)
+        # wait4 gives this child's own peak RSS (KiB on Linux), not a running max over all children
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    peak = usage.ru_maxrss / 1024.0
+    stdout, stderr = log_out.read_text(), log_err.read_text()
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark case {case.name!r} failed:\n{stderr.strip()[-2000:]}")
+    if case.end_to_end:
+        case.samples.append(wall)
+        summary = json.loads((out_dir / "summary.json").read_text())
+        case.extra = {"train_s": summary.get("timing", {}).get("train_s"), "anchored": summary.get("anchored_seeds")}
+        shutil.rmtree(out_dir.parent, ignore_errors=True)
+    else:
+        res = json.loads(stdout.strip().splitlines()[-1])
+        case.samples.append(res["model_steps_per_s"])
+        case.extra = {k: v for k, v in res.items() if k not in ("model_steps_per_s",)}
+    case.peak_mb.append(peak)
+
+
+def _stats(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)} if xs else {}
+
+
+def run_suite(repeats: int = 3, steps: int = 300, ensemble_sizes: list[int] | None = None,
+              e2e_seeds: list[int] | None = None, e2e_steps: int | None = None,
+              json_path: Path | None = None, progress: Callable[[str], None] | None = None) -> dict:
+    """Measure every case `repeats` times, interleaved; return (and optionally write) the results."""
+    ensemble_sizes = [1, 16, 64] if ensemble_sizes is None else ensemble_sizes
+    e2e_seeds = [1, 60] if e2e_seeds is None else e2e_seeds
+    cases = plan(steps, ensemble_sizes, e2e_seeds, e2e_steps)
+    with tempfile.TemporaryDirectory(prefix="anchoring-bench-") as tmp:
+        for r in range(repeats):
+            for case in cases:
+                if progress:
+                    progress(f"repeat {r + 1}/{repeats}: {case.name}")
+                _measure(case, Path(tmp))
+    base = statistics.median(cases[0].samples)
+    rows = []
+    for case in cases:
+        row = {"case": case.name, "unit": case.unit, **_stats(case.samples),
+               "peak_mb": max(case.peak_mb) if case.peak_mb else None, "samples": case.samples, **case.extra}
+        if case.unit == "model-steps/s":
+            row["vs_baseline"] = row["median"] / base
+        rows.append(row)
+    e2e = {c.name: statistics.median(c.samples) for c in cases if c.end_to_end}
+    result = {
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+                    "platform": platform.platform(), "torch_threads": torch.get_num_threads()},
+        "settings": {"repeats": repeats, "steps": steps, "ensemble_sizes": ensemble_sizes, "e2e_seeds": e2e_seeds,
+                     "e2e_steps": e2e_steps},
+        "cases": rows,
+    }
+    if len(e2e) >= 2:
+        names = list(e2e)
+        result["e2e_ratio"] = {"cases": [names[-1], names[0]], "ratio": e2e[names[-1]] / e2e[names[0]]}
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(json_path, json.dumps(result, indent=2))
+    return result

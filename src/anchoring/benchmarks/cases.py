@@ -1,0 +1,77 @@
+"""What the benchmark measures. Each case runs in its own process and prints one JSON line.
+
+The baseline is the loop a user would write by hand for one model: an eager `nn.Module`,
+`torch.optim.Adam`, forward hooks for the latent, the same objective, labels and schedule
+as the built-in `anchored` experiment. The ensemble cases run the project's trainer on E
+seeds at once. Times cover training steps only (set-up excluded); end-to-end cases are timed
+by the parent around a whole `anchoring run` process.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from anchoring.anchor import Capture
+from anchoring.experiments import load
+from anchoring.train import train
+from anchoring.train.data import WeightedPoints
+from anchoring.train.objective import build_model, build_objective, build_timeline, training_points
+
+EXPERIMENT = "anchored"
+
+
+def _config(seeds: int, steps: int, fast: bool = True):
+    cfg = load(EXPERIMENT)
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"seeds": seeds, "steps": steps, "fast": fast})})
+
+
+def eager_baseline(steps: int) -> dict:
+    """One model, written the obvious way; the yardstick every ensemble figure is divided by."""
+    cfg = _config(1, steps)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    objective = build_objective(cfg)
+    timeline = build_timeline(cfg, objective)
+    table = torch.from_numpy(timeline.table()).float()
+    col = {n: i for i, n in enumerate(timeline.names)}
+    points, weights = training_points(cfg)
+    sampler = WeightedPoints(points, weights)
+    probs = {c.name: c.labeller.probability(points) for c in objective.concepts}
+    opt = torch.optim.Adam(model.parameters(), lr=0.0)
+    g = torch.Generator().manual_seed(0)
+    with Capture(model, objective.sites) as cap:
+        t0 = time.perf_counter()
+        for step in range(steps):
+            idx = sampler.indices(torch.rand(cfg.data.batch_size, generator=g))
+            x = points[idx]
+            labels = {n: (torch.rand(len(idx), generator=g) < p[idx]).float() for n, p in probs.items()}
+            for group in opt.param_groups:
+                group["lr"] = float(table[step, col["lr"]])
+            opt.zero_grad()
+            loss = (model(x) - x).pow(2).mean()
+            for term in objective.terms:
+                loss = loss + float(table[step, col[term.weight]]) * term(cap.acts, labels)
+            loss.backward()
+            opt.step()
+        elapsed = time.perf_counter() - t0
+    return {"seconds": elapsed, "steps": steps, "model_steps_per_s": steps / elapsed}
+
+
+def ensemble(seeds: int, steps: int, fast: bool = True) -> dict:
+    """The project's trainer on `seeds` members; model-steps/s counts every member's step."""
+    cfg = _config(seeds, steps, fast)
+    done = {}
+
+    def progress(i: int, total: int) -> None:
+        if i == 1:
+            done["t1"] = time.perf_counter()  # exclude set-up and the first (warm-up) step
+
+    t0 = time.perf_counter()
+    result = train(cfg, progress=progress)
+    t1 = time.perf_counter()
+    elapsed = t1 - done.get("t1", t0)
+    timed = steps - 1 if "t1" in done else steps
+    return {"seconds": elapsed, "steps": timed, "model_steps_per_s": seeds * timed / elapsed,
+            "fast_path": result.fast, "total_s": t1 - t0}

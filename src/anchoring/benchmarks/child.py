@@ -1,0 +1,23 @@
+"""Entry point of one benchmark case in its own process: prints one JSON line."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from anchoring.benchmarks import cases
+
+
+def main(argv: list[str]) -> None:
+    kind, *args = argv
+    if kind == "eager":
+        res = cases.eager_baseline(int(args[0]))
+    elif kind == "ensemble":
+        res = cases.ensemble(int(args[0]), int(args[1]), fast=args[2] == "fast")
+    else:
+        raise SystemExit(f"unknown benchmark case {kind!r}")
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,104 @@
+"""Where shards run: local worker processes (one thread each), or Ray tasks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from typing import Callable
+
+from anchoring.atomic import write_atomic
+from anchoring.errors import AnchoringError
+from anchoring.sweep.worker import DONE, shard_bytes
+from anchoring.train.loop import CHECKPOINT
+
+Progress = Callable[[int, int], None]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = "1"  # one core per process: the shards are the parallelism
+    return env
+
+
+def run_local(shards: list, workers: int, retries: int, progress: Progress | None = None) -> None:
+    """Keep up to `workers` shard processes busy; a shard whose process dies is started again.
+
+    A restarted shard resumes from its own last checkpoint, and a shard writes `done` only
+    after its final checkpoint, so a crash can cost time but never duplicates or loses steps.
+    """
+    pending = [s for s in shards if not (s.dir / DONE).is_file()]
+    attempts = {s.name: 0 for s in shards}
+    running: dict[str, tuple[subprocess.Popen, object, object]] = {}
+    done = len(shards) - len(pending)
+    if progress:
+        progress(done, len(shards))
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                s = pending.pop(0)
+                attempts[s.name] += 1
+                log = open(s.dir / f"attempt{attempts[s.name]}.log", "w")
+                proc = subprocess.Popen([sys.executable, "-m", "anchoring.sweep.worker", str(s.dir)],
+                                        stdout=log, stderr=subprocess.STDOUT, env=_env())
+                running[s.name] = (proc, s, log)
+            time.sleep(0.05)
+            for name, (proc, s, log) in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                log.close()
+                del running[name]
+                if code == 0 and (s.dir / DONE).is_file():
+                    done += 1
+                    if progress:
+                        progress(done, len(shards))
+                elif attempts[name] <= retries:
+                    pending.append(s)  # resumes from its checkpoint
+                else:
+                    tail = (s.dir / f"attempt{attempts[name]}.log").read_text().strip().splitlines()[-5:]
+                    raise AnchoringError(f"shard {name} failed {attempts[name]} times (exit {code}): " + " | ".join(tail))
+    finally:
+        for proc, _, log in running.values():
+            proc.kill()
+            proc.wait()
+            log.close()
+
+
+def run_ray(shards: list, workers: int, address: str | None, retries: int, progress: Progress | None = None) -> None:
+    """Each shard a Ray task (1 CPU); Ray re-runs a task whose worker died. Results come back as bytes."""
+    try:
+        import ray
+    except ImportError:
+        raise AnchoringError("the ray backend needs Ray: pip install 'anchoring[ray]'") from None
+    started = not ray.is_initialized()
+    if started:
+        kwargs = {"address": address} if address else {"num_cpus": workers, "include_dashboard": False}
+        ray.init(log_to_driver=False, **kwargs)
+    try:
+        task = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=False)(_ray_shard)
+        todo = {task.remote(s.config.to_toml()): s for s in shards if not (s.dir / DONE).is_file()}
+        done = len(shards) - len(todo)
+        if progress:
+            progress(done, len(shards))
+        while todo:
+            ready, _ = ray.wait(list(todo), num_returns=1)
+            s = todo.pop(ready[0])
+            try:
+                data = ray.get(ready[0])
+            except Exception as e:  # noqa: BLE001 - Ray wraps worker errors in its own types
+                raise AnchoringError(f"shard {s.name} failed under Ray: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+            write_atomic(s.dir / CHECKPOINT, data)
+            write_atomic(s.dir / DONE, "ok\n")
+            done += 1
+            if progress:
+                progress(done, len(shards))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _ray_shard(config_toml: str) -> bytes:
+    return shard_bytes(config_toml)

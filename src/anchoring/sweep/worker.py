@@ -1,0 +1,69 @@
+"""One shard of a sweep: train a config's seeds to the end, leaving a final checkpoint.
+
+A shard trains in its own directory with regular checkpoints, so a retried shard resumes
+where its dead predecessor stopped; results are the same either way because batches are a
+pure function of (seed, step). `python -m anchoring.sweep.worker SHARD_DIR` is the process
+entry point of the local backend; `shard_bytes` is the Ray task body.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from anchoring.atomic import write_atomic
+from anchoring.config import load_config
+from anchoring.train import train
+from anchoring.train.loop import CHECKPOINT
+
+SHARD_CONFIG = "shard.toml"
+DONE = "done"
+FAULT_ENV = "ANCHORING_SWEEP_FAULT_STEP"  # testing aid: kill the first attempt of every shard at this step
+
+
+def _fault_callback(shard_dir: Path):
+    """SIGKILL this process once per shard at the configured step, to prove retries lose nothing."""
+    at = os.environ.get(FAULT_ENV)
+    marker = shard_dir / "fault-injected"
+    if at is None or marker.exists():
+        return []
+
+    def cb(step: int, _result) -> None:
+        if step + 1 == int(at):
+            marker.write_text("killed\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return [cb]
+
+
+def run_shard(shard_dir: Path) -> None:
+    """Train (or resume) the shard in `shard_dir`; write `done` last."""
+    torch.set_num_threads(1)
+    if (shard_dir / DONE).is_file():
+        return
+    cfg = load_config(shard_dir / SHARD_CONFIG)
+    resume = (shard_dir / CHECKPOINT).is_file()
+    train(cfg, shard_dir, resume=resume, callbacks=_fault_callback(shard_dir))
+    write_atomic(shard_dir / DONE, "ok\n")
+
+
+def shard_bytes(config_toml: str) -> bytes:
+    """Ray task body: train a shard in scratch space and return its final checkpoint's bytes.
+
+    Returning the bytes (rather than writing to a shared path) lets the driver collect shards
+    from any node of a cluster.
+    """
+    with tempfile.TemporaryDirectory(prefix="anchoring-shard-") as tmp:
+        d = Path(tmp)
+        (d / SHARD_CONFIG).write_text(config_toml)
+        run_shard(d)
+        return (d / CHECKPOINT).read_bytes()
+
+
+if __name__ == "__main__":
+    run_shard(Path(sys.argv[1]))

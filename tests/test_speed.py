@@ -1,0 +1,151 @@
+"""Fast ensemble path, sharded sweeps and the benchmark command: speed never changes results."""
+
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from anchoring import experiments, load_run, sweep
+from anchoring.cli import app
+from anchoring.errors import AnchoringError
+from anchoring.sweep.worker import FAULT_ENV
+from anchoring.train import train
+from anchoring.train.checkpoint import read_checkpoint
+from anchoring.train.ensemble import Ensemble
+
+
+def _cfg(*sets):
+    return experiments.load("anchored", ["train.seeds=3", "train.steps=60", "train.snapshot_every=0", *sets])
+
+
+def test_fast_path_is_used_and_matches_the_generic_path():
+    fast = train(_cfg())
+    slow = train(_cfg("train.fast=false"))
+    assert fast.fast and not slow.fast
+    # the anchored objective has an active separation term from step 0, so every part of the loss is exercised
+    torch.testing.assert_close(fast.metrics, slow.metrics, atol=1e-5, rtol=1e-4)
+    for k in fast.ensemble.params:
+        torch.testing.assert_close(fast.ensemble.params[k], slow.ensemble.params[k], atol=1e-5, rtol=1e-4)
+
+
+class Residual(nn.Module):
+    """Leaves registered as a chain, but forward adds a skip: the stacked path would be wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Linear(3, 3)
+        self.latent = nn.Identity()
+
+    def forward(self, x):
+        return self.latent(self.encoder(x) + x)
+
+
+class Chain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(3, 5), nn.GELU(), nn.Linear(5, 2))
+        self.latent = nn.Identity()
+        self.decoder = nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.decoder(self.latent(self.encoder(x)))
+
+
+def test_fast_path_only_for_models_it_reproduces():
+    assert Ensemble(Chain, [0, 1]).fast_path(["encoder", "latent"]) is not None
+    assert Ensemble(Residual, [0, 1]).fast_path(["latent"]) is None  # probe disagrees → generic path
+    hooked = Ensemble(Chain, [0, 1])
+    hooked.template.decoder.register_forward_hook(lambda *a: None)  # a user's hook must still fire
+    assert hooked.fast_path(["latent"]) is None
+
+
+def test_fast_chain_gives_the_hooked_activations():
+    ens = Ensemble(Chain, [3, 4])
+    chain = ens.fast_path(["encoder", "latent"])
+    x = torch.rand(2, 9, 3)
+    out, acts = chain(ens.params, x)
+    for i, m in enumerate(ens.members()):
+        torch.testing.assert_close(out[i], m(x[i]))
+        torch.testing.assert_close(acts["encoder"][i], m.encoder(x[i]))
+
+
+def test_grid_parsing_and_errors():
+    axes = sweep.parse_grid(["model.latent_dim=3,4", "train.seed=0,5"])
+    points = sweep.grid_points(axes)
+    assert len(points) == 4 and ["model.latent_dim=3", "train.seed=5"] in points
+    for bad in (["latent_dim"], ["x="], ["a=1", "a=2"]):
+        with pytest.raises(AnchoringError):
+            sweep.parse_grid(bad)
+
+
+def test_sweep_survives_killed_workers_and_equals_one_run(tmp_path, monkeypatch):
+    sets = ["train.steps=40", "train.checkpoint_every=10", "train.snapshot_every=20"]
+    monkeypatch.setenv(FAULT_ENV, "25")  # every shard's first process is SIGKILLed at step 25
+    r = CliRunner().invoke(app, ["sweep", "anchored", "--seeds", "3", "--workers", "2", "--out", str(tmp_path / "sw"),
+                                 "-q", *[a for s in sets for a in ("--set", s)]])
+    assert r.exit_code == 0, r.stderr
+    shards = sorted((tmp_path / "sw" / "shards").iterdir())
+    assert len(shards) == 2 and all((s / "attempt2.log").is_file() for s in shards)  # each died once, retried once
+    monkeypatch.delenv(FAULT_ENV)
+    ref = train(experiments.load("anchored", ["train.seeds=3", *sets]))
+    _, merged = read_checkpoint(tmp_path / "sw" / "checkpoint.safetensors")
+    for k, v in ref.ensemble.params.items():
+        torch.testing.assert_close(merged[f"param.{k}"], v.detach(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(merged["metrics"], ref.metrics, atol=1e-5, rtol=1e-4)
+    lines = (tmp_path / "sw" / "metrics.csv").read_text().strip().splitlines()
+    assert len(lines) == 1 + 40 * 3  # nothing lost, nothing trained twice into the result
+    summary = json.loads((tmp_path / "sw" / "summary.json").read_text())
+    assert [s["seed"] for s in summary["seeds"]] == [0, 1, 2] and summary["sweep"]["workers"] == 2
+    assert (tmp_path / "sw" / "report.html").is_file()
+
+
+def test_sweep_grid_writes_one_report_over_points(tmp_path):
+    r = CliRunner().invoke(app, ["sweep", "anchored", "--seeds", "1", "--steps", "20", "--workers", "2", "-q",
+                                 "--grid", "data.batch_size=16,32", "--grid", "train.seed=0,7", "--out", str(tmp_path / "g")])
+    assert r.exit_code == 0, r.stderr
+    summary = json.loads((tmp_path / "g" / "summary.json").read_text())
+    assert [p["point"] for p in summary["points"]] == [
+        "data.batch_size=16, train.seed=0", "data.batch_size=16, train.seed=7",
+        "data.batch_size=32, train.seed=0", "data.batch_size=32, train.seed=7"]
+    run = load_run(tmp_path / "g" / "points" / "data.batch_size=32,train.seed=7")
+    assert run.config.data.batch_size == 32 and [s["seed"] for s in run.summary["seeds"]] == [7]
+    assert "data.batch_size=32, train.seed=7" in (tmp_path / "g" / "report.html").read_text()
+
+
+def test_sweep_rejects_bad_input(tmp_path):
+    for args in (["--workers", "0"], ["--backend", "spark"], ["--grid", "nope"], ["--grid", "train.nope=1,2"],
+                 ["--address", "x:1"]):
+        r = CliRunner().invoke(app, ["sweep", "anchored", "--out", str(tmp_path / "x"), *args])
+        assert r.exit_code == 2 and r.stderr.startswith("error:"), (args, r.stderr)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_sweep_on_ray_equals_local(tmp_path):
+    pytest.importorskip("ray")
+    common = ["--seeds", "2", "--steps", "20", "--workers", "2", "-q"]
+    for backend in ("local", "ray"):
+        r = CliRunner().invoke(app, ["sweep", "anchored", *common, "--backend", backend, "--out", str(tmp_path / backend)])
+        assert r.exit_code == 0, r.stderr
+    _, a = read_checkpoint(tmp_path / "local" / "checkpoint.safetensors")
+    _, b = read_checkpoint(tmp_path / "ray" / "checkpoint.safetensors")
+    for k in a:
+        if k.startswith("param."):
+            torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_bench_prints_a_table_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    r = CliRunner().invoke(app, ["bench", "--repeats", "2", "--steps", "12", "--ensembles", "4", "--e2e-seeds", "1",
+                                 "--e2e-steps", "10", "--json", str(out)])
+    assert r.exit_code == 0, r.stderr
+    res = json.loads(out.read_text())
+    names = [c["case"] for c in res["cases"]]
+    assert names[0].startswith("eager baseline") and "ensemble E=4" in names
+    for c in res["cases"]:
+        assert c["n"] == 2 and c["min"] <= c["median"] <= c["max"] and c["median"] > 0 and c["peak_mb"] > 50
+    assert "ensemble E=4" in r.stdout and "× baseline" in r.stdout
