@@ -1,7 +1,6 @@
 """Fast ensemble path, sharded sweeps and the benchmark command: speed never changes results."""
 
 import json
-import os
 
 import pytest
 import torch

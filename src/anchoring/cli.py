@@ -377,6 +377,11 @@ def bench_cmd(
 
 
 def main(argv: list[str] | None = None) -> None:
+    if "OMP_NUM_THREADS" not in os.environ:
+        # the colour models' ops are tiny: one thread beats several (no OpenMP hand-offs per op)
+        import torch
+
+        torch.set_num_threads(1)
     app(args=argv)
 
 

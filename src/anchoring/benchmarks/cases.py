@@ -17,7 +17,12 @@ from anchoring.anchor import Capture
 from anchoring.experiments import load
 from anchoring.train import train
 from anchoring.train.data import WeightedPoints
-from anchoring.train.objective import build_model, build_objective, build_timeline, training_points
+from anchoring.train.objective import (
+    build_model,
+    build_objective,
+    build_timeline,
+    training_points,
+)
 
 EXPERIMENT = "anchored"
 

@@ -23,28 +23,42 @@ from anchoring.atomic import write_atomic  # noqa: E402
 from anchoring.report.figures import BACKGROUND  # noqa: E402
 
 
-def _frame(z: torch.Tensor, colours: np.ndarray, order: np.ndarray, dims: tuple[int, int], seeds: list[int], step: int) -> Image.Image:
-    n = len(seeds)
-    fig, axes = plt.subplots(1, n, figsize=(2.4 * n, 2.6), squeeze=False)
-    for i in range(n):
-        ax = axes[0, i]
-        ax.set_facecolor(BACKGROUND)
-        zi = z[i].numpy()
-        ax.scatter(zi[order, dims[0]], zi[order, dims[1]], c=colours[order], s=5, linewidths=0)
-        lim = max(1.15, float(np.abs(zi[:, list(dims)]).max()) * 1.05)
-        ax.set_xlim(-lim, lim)
-        ax.set_ylim(-lim, lim)
-        ax.set_aspect("equal")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(f"seed {seeds[i]}", fontsize=8)
-    fig.suptitle(f"step {step}  (dims {dims[0]}–{dims[1]})", fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=72)
-    plt.close(fig)
-    buf.seek(0)
-    return Image.open(buf).convert("RGB")
+class _FrameRenderer:
+    """One figure for every frame: only the points, limits and title change between frames.
+
+    Building and laying out a fresh figure per snapshot dominated the report's time; moving
+    the scatter offsets of a figure built once is several times cheaper and looks the same.
+    """
+
+    def __init__(self, colours: np.ndarray, order: np.ndarray, dims: tuple[int, int], seeds: list[int]) -> None:
+        self.order, self.dims = order, dims
+        n = len(seeds)
+        self.fig, axes = plt.subplots(1, n, figsize=(2.4 * n, 2.6), squeeze=False, dpi=72)
+        self.axes = list(axes[0])
+        self.points = []
+        for ax, seed in zip(self.axes, seeds):
+            ax.set_facecolor(BACKGROUND)
+            ax.set_aspect("equal")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"seed {seed}", fontsize=8)
+            self.points.append(ax.scatter(np.zeros(len(order)), np.zeros(len(order)), c=colours[order], s=5, linewidths=0))
+        self.title = self.fig.suptitle("", fontsize=9)
+        self.fig.tight_layout()
+
+    def __call__(self, z: torch.Tensor, step: int) -> Image.Image:
+        d0, d1 = self.dims
+        for ax, pts, zi in zip(self.axes, self.points, z.numpy()):
+            pts.set_offsets(np.column_stack([zi[self.order, d0], zi[self.order, d1]]))
+            lim = max(1.15, float(np.abs(zi[:, [d0, d1]]).max()) * 1.05)
+            ax.set_xlim(-lim, lim)
+            ax.set_ylim(-lim, lim)
+        self.title.set_text(f"step {step}  (dims {d0}–{d1})")
+        self.fig.canvas.draw()
+        return Image.fromarray(np.asarray(self.fig.canvas.buffer_rgba())[..., :3].copy())
+
+    def close(self) -> None:
+        plt.close(self.fig)
 
 
 def evolution_frames(snapshots: dict[int, torch.Tensor], rgb: torch.Tensor, dims: tuple[int, int], seeds: list[int],
@@ -52,7 +66,11 @@ def evolution_frames(snapshots: dict[int, torch.Tensor], rgb: torch.Tensor, dims
     colours = rgb.clamp(0, 1).numpy()
     order = np.argsort(rgb.sum(-1).numpy())
     shown = seeds[:max_seeds]
-    return [_frame(snapshots[s][: len(shown)], colours, order, dims, shown, s) for s in sorted(snapshots)]
+    render = _FrameRenderer(colours, order, dims, shown)
+    try:
+        return [render(snapshots[s][: len(shown)], s) for s in sorted(snapshots)]
+    finally:
+        render.close()
 
 
 def write_gif(frames: list[Image.Image], path: Path, ms_per_frame: int = 150) -> None:

@@ -26,9 +26,9 @@ from anchoring import api, experiments, runs
 from anchoring.config import ExperimentConfig
 from anchoring.errors import AnchoringError
 from anchoring.report import html
+from anchoring.sweep.worker import SHARD_CONFIG
 from anchoring.train.checkpoint import FORMAT, atomic_save, read_checkpoint
 from anchoring.train.loop import CHECKPOINT
-from anchoring.sweep.worker import SHARD_CONFIG
 
 Progress = Callable[[int, int], None]
 

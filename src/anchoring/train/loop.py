@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -90,6 +91,22 @@ class _StopFlag:
     def __exit__(self, *exc: object) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)  # type: ignore[arg-type]
+
+
+@contextmanager
+def flush_denormals():
+    """Flush denormal floats to zero while training.
+
+    Terms like s^100 of cosines produce values below 1e-38, and CPU arithmetic on denormals is
+    several times slower (the separation term's pow went from ~5 ms to ~1 ms at E=60). Losing
+    values that small changes nothing measurable; the flag is switched back off afterwards.
+    """
+    supported = torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if supported:
+            torch.set_flush_denormal(False)
 
 
 def train(
@@ -186,7 +203,7 @@ def train(
 
     every = cfg.train.snapshot_every
     callbacks = list(callbacks)
-    with Capture(ensemble.template, objective.sites) as cap, _StopFlag() as stop:
+    with Capture(ensemble.template, objective.sites) as cap, _StopFlag() as stop, flush_denormals():
         if start == 0 and every:
             snapshot(0)
         for step in range(start, steps):
