@@ -99,6 +99,17 @@ def list_cmd() -> None:
         out.print(f"{spec.name:<22} {tag:<9} {spec.description}{default}", markup=False, highlight=False)
 
 
+def train_overrides(sets: list[str], seeds: int | None, seed: int | None, steps: int | None) -> list[str]:
+    """--set items plus the --seeds/--seed/--steps shortcuts, checked."""
+    overrides = list(sets)
+    for name, value in (("seeds", seeds), ("seed", seed), ("steps", steps)):
+        if value is not None:
+            if value < (0 if name == "seed" else 1):
+                fail(f"--{name} must be {'≥ 0' if name == 'seed' else 'a positive integer'}, got {value}")
+            overrides.append(f"train.{name}={value}")
+    return overrides
+
+
 @app.command("run")
 def run_cmd(
     experiment: str = typer.Argument(experiments.DEFAULT, help="built-in name, ex-<number> alias, or a config .toml / run directory"),
@@ -110,12 +121,7 @@ def run_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
     """Train an experiment on several seeds at once, evaluate it and write a report."""
-    overrides = list(sets)
-    for name, value in (("seeds", seeds), ("seed", seed), ("steps", steps)):
-        if value is not None:
-            if value < (0 if name == "seed" else 1):
-                fail(f"--{name} must be {'≥ 0' if name == 'seed' else 'a positive integer'}, got {value}")
-            overrides.append(f"train.{name}={value}")
+    overrides = train_overrides(sets, seeds, seed, steps)
     try:
         cfg = experiments.load(experiment, overrides)
     except AnchoringError as e:
@@ -300,12 +306,7 @@ def sweep_cmd(
 
     from anchoring import sweep
 
-    overrides = list(sets)
-    for name, value in (("seeds", seeds), ("seed", seed), ("steps", steps)):
-        if value is not None:
-            if value < (0 if name == "seed" else 1):
-                fail(f"--{name} must be {'≥ 0' if name == 'seed' else 'a positive integer'}, got {value}")
-            overrides.append(f"train.{name}={value}")
+    overrides = train_overrides(sets, seeds, seed, steps)
     if workers < 1:
         fail(f"--workers must be ≥ 1, got {workers}")
     if backend not in ("local", "ray"):
@@ -369,7 +370,7 @@ def bench_cmd(
     for r in res["cases"]:
         ratio = f"{r['vs_baseline']:.1f}" if "vs_baseline" in r else ""
         table.add_row(r["case"], f"{r['median']:.4g}", f"{r['min']:.4g}", f"{r['max']:.4g}", r["unit"], ratio, f"{r['peak_mb']:.0f}")
-    out.print(table, width=max(out.width, 132))
+    Console(width=max(out.width, 132)).print(table)  # wide enough for one row per case, even when piped
     if "e2e_ratio" in res:
         a, b = res["e2e_ratio"]["cases"]
         out.print(f"end-to-end wall ratio ({a}) / ({b}): {res['e2e_ratio']['ratio']:.2f}", markup=False)
