@@ -69,7 +69,7 @@ def _measure(case: Case, workdir: Path) -> None:
         # wait4 gives this child's own peak RSS (KiB on Linux), not a running max over all children
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: tell Popen, or it waits again
     peak = usage.ru_maxrss / 1024.0
     stdout, stderr = log_out.read_text(), log_err.read_text()
     if proc.returncode != 0:

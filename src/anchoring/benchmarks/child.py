@@ -6,9 +6,11 @@ import json
 import sys
 
 from anchoring.benchmarks import cases
+from anchoring.cli import default_threads
 
 
 def main(argv: list[str]) -> None:
+    default_threads()  # the same thread setting as `anchoring run`, so cases compare like with like
     kind, *args = argv
     if kind == "eager":
         res = cases.eager_baseline(int(args[0]))
