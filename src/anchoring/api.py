@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save as st_save
 
-from anchoring import runs
+from anchoring import runs, transformer_api
 from anchoring.config import ExperimentConfig, load_config
 from anchoring.control import parse_falloff
 from anchoring.control.plan import make_plan
@@ -50,6 +50,9 @@ def validate(cfg: ExperimentConfig) -> None:
     if cfg.kind == "combinations":
         validate(combination_config(cfg)[0])
         return
+    if cfg.kind == "transformer":
+        transformer_api.validate(cfg)
+        return
     if cfg.kind == "compare":
         if len(cfg.variants) < 2:
             raise AnchoringError(f"{cfg.name}: a comparison needs at least two [[variants]]")
@@ -84,6 +87,8 @@ def run(cfg: ExperimentConfig, out: Path | None = None, *, progress: Progress | 
         return _compare(cfg, path, progress)
     if cfg.kind == "combinations":
         return _combinations(cfg, path, progress)
+    if cfg.kind == "transformer":
+        return Outcome(path, transformer_api.run(cfg, path, resume=False, progress=progress))
     if cfg.kind != "train":
         return _draw_figures(cfg, path)
     runs.write_atomic(path / runs.ARCH, json.dumps(runs.architecture(cfg), indent=2))
@@ -208,9 +213,11 @@ def _lobe_sections(cfg: ExperimentConfig, path: Path) -> list[tuple[str, str]]:
 def resume(path: Path, *, progress: Progress | None = None) -> Outcome:
     if not (path / runs.CONFIG).is_file():
         raise AnchoringError(f"{str(path)!r} is not a run directory (no {runs.CONFIG})")
-    if not (path / CHECKPOINT).is_file():
+    if not (path / CHECKPOINT).is_file() and not (path / "arms").is_dir():
         raise AnchoringError(f"{str(path)!r} has no checkpoint to resume from")
     cfg = load_config(path / runs.CONFIG)
+    if cfg.kind == "transformer":
+        return Outcome(path, transformer_api.run(cfg, path, resume=True, progress=progress))
     return _train_and_finish(cfg, path, resume=True, progress=progress)
 
 

@@ -58,7 +58,28 @@ def progress_bar(label: str, enabled: bool) -> Iterator:
         yield update
 
 
+def print_transformer(summary: dict) -> None:
+    keys = ["seed", "arm", "seen", "held-out", "complement", "lighten", "red answer", "no red"]
+    table = Table(title=f"{summary['experiment']}: exact match per model")
+    for k in keys:
+        table.add_column(k, justify="right")
+    for r in summary["models"]:
+        table.add_row(*[f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys])
+    out.print(table)
+    for name, block in summary.get("interventions", {}).items():
+        for arm, b in block.items():
+            out.print(f"{name} [{arm}, {b['per_seed'][0]['direction']}]: accuracy drop on red answers "
+                      f"{b['red_answer_drop']:+.3f}, on equations without red {b['no_red_drop']:+.3f} (median over seeds)", markup=False)
+    for name, t in summary.get("targets", {}).items():
+        out.print(f"{'met ' if t['met'] else 'MISS'}  {name}: {t['median']:.3f}", markup=False)
+
+
 def print_outcome(outcome: api.Outcome, wall: float) -> None:
+    if outcome.summary.get("kind") == "transformer":
+        print_transformer(outcome.summary)
+        out.print(f"wall time {wall:.1f} s", markup=False)
+        out.print(f"report: {outcome.path / 'report.html'}", markup=False, soft_wrap=True)
+        return
     rows = outcome.summary["seeds"]
     header, body = api.seed_table(rows)
     if rows:
@@ -152,8 +173,16 @@ def resume_cmd(run_dir: Path = typer.Argument(..., help="run directory with a ch
 @app.command("show")
 def show_cmd(run_dir: Path = typer.Argument(..., help="finished run directory")) -> None:
     """Print a finished run's per-seed table and report path."""
+    import json
+
     from anchoring.runs import load_run
 
+    summary_file = run_dir / "summary.json"
+    if summary_file.is_file():  # transformer runs hold several arms per seed: their summary says it all
+        summary = json.loads(summary_file.read_text())
+        if summary.get("kind") == "transformer":
+            print_outcome(api.Outcome(run_dir, summary), summary.get("timing", {}).get("total_s", 0.0))
+            return
     try:
         run = load_run(run_dir)
     except AnchoringError as e:

@@ -53,7 +53,10 @@ class DataConfig(_Strict):
 class ConceptConfig(_Strict):
     name: str
     labeller: str | None = Field(None, description="labeller name; defaults to the concept's name")
+    label_scale: float | None = Field(None, gt=0, le=1, description="override the labeller's scale (p = scale·score^power)")
     anchor: list[float] | None = None
+    axis: int | None = Field(None, ge=0, description="anchor on this basis axis of a wide site (transformer); "
+                                                    "also the concept's dims when none are given")
     dims: list[int] | None = None
 
 
@@ -69,6 +72,8 @@ class TermConfig(_Strict):
     shift: bool | None = None
     eps: float | None = None
     name: str | None = None
+    positions: str | None = Field(None, description="sequence sites: all | slot:<role> | mellowmax[:ω]")
+    head: int | None = Field(None, ge=0, description="sequence sites with per-head output (queries/keys): which head")
 
     def options(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("power", "shift", "eps") if getattr(self, k) is not None}
@@ -114,6 +119,8 @@ class InterventionConfig(_Strict):
     falloff: str = Field("constant", description="constant[:s] | linear:a,b | power:a,p,b | bezier:x1,y1,x2,y2,end (repel only)")
     k: float = Field(2.0, gt=0, description="selectivity: R² of error vs similarity^k")
     site: str = "latent"
+    sites: list[str] | None = Field(None, description="transformer: every site edited at once (default: the anchored sites)")
+    head: int | None = Field(None, ge=0, description="transformer: head of a per-head (query/key) site")
 
 
 class ReactiveConfig(_Strict):
@@ -144,6 +151,38 @@ class LobeConfig(_Strict):
     falloff: str
 
 
+class LanguageConfig(_Strict):
+    """The synthetic colour language of the transformer experiments."""
+
+    levels: int = Field(6, ge=2, le=16, description="lattice levels per channel: levels³ colour tokens")
+    mix_rule: Literal["exact", "half-up"] = Field("exact", description="'exact': only pairs whose mean lands on the "
+                                                                      "lattice; 'half-up': all pairs, rounded half up")
+    held_out: float = Field(0.2, ge=0.0, lt=1.0, description="share of unordered mix pairs never trained on")
+    split_seed: int = 1234
+    op_weights: tuple[float, float, float] = Field((0.5, 0.25, 0.25), description="mix, complement, lighten")
+    context: int = Field(64, ge=8, le=1024)
+    batch_size: int = Field(16, ge=1, le=4096)
+
+
+class TransformerConfig(_Strict):
+    width: int = Field(64, ge=8)
+    layers: int = Field(4, ge=1, le=48)
+    heads: int = Field(8, ge=1)
+    mlp_ratio: int = Field(2, ge=1, le=8)
+    alpha: float = Field(0.2, gt=0, description="initial step size α of every block")
+    logit_scale: float = Field(10.0, gt=0)
+    control: bool = Field(True, description="also train an unanchored control on the same seeds and batches")
+    eval_lines: int = Field(2048, ge=64, description="lines per evaluation set")
+    reddest: int = Field(10, ge=1, description="'red' equations: answer among the N reddest colours")
+    redish: float = Field(0.3, gt=0, le=1, description="an operand or answer with redness ≥ this is 'red-ish'")
+
+    @model_validator(mode="after")
+    def _heads(self) -> "TransformerConfig":
+        if self.width % self.heads or (self.width // self.heads) % 2:
+            raise ValueError(f"width {self.width} must split into {self.heads} heads of even size")
+        return self
+
+
 class VariantConfig(_Strict):
     """One arm of a comparison: the same experiment with another schedule."""
 
@@ -153,9 +192,9 @@ class VariantConfig(_Strict):
 
 class ExperimentConfig(_Strict):
     name: str
-    kind: Literal["train", "compare", "combinations", "lobes", "colour-spaces", "transitions"] = Field(
+    kind: Literal["train", "compare", "combinations", "lobes", "colour-spaces", "transitions", "transformer"] = Field(
         "train", description="'train'; 'compare' (each of `variants` on the same seeds); 'combinations' (every non-empty "
-                             "subset of the terms in `combine`, in one ensemble); or figure-only: 'lobes', 'colour-spaces', 'transitions'")
+                             "subset of the terms in `combine`, in one ensemble); 'transformer' (colour language, M3); or figure-only: 'lobes', 'colour-spaces', 'transitions'")
     combine: list[str] = Field(default_factory=list, description="term names whose subsets a 'combinations' run trains")
     variants: list[VariantConfig] = Field(default_factory=list)
     lobes: list[LobeConfig] = Field(default_factory=list)
@@ -163,6 +202,8 @@ class ExperimentConfig(_Strict):
     upstream: str | None = Field(None, description="experiment number in the published write-ups")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    language: LanguageConfig = Field(default_factory=LanguageConfig)
+    transformer: TransformerConfig = Field(default_factory=TransformerConfig)
     concepts: list[ConceptConfig] = Field(default_factory=list)
     terms: list[TermConfig] = Field(default_factory=list)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -172,7 +213,8 @@ class ExperimentConfig(_Strict):
     schedule: str = Field("", description="dopesheet CSV text (a spec file may give a .csv path instead)")
 
     def to_toml(self) -> str:
-        return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True), multiline_strings=True)
+        skip = None if self.kind == "transformer" else {"language", "transformer"}  # colour runs stay as they were
+        return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True, exclude=skip), multiline_strings=True)
 
 
 def _one_line(err: ValidationError, source: str) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -43,17 +43,35 @@ def build_model(cfg: ExperimentConfig) -> ColourAutoencoder:
     return ColourAutoencoder(m.latent_dim, tuple(m.hidden), m.normalize, m.output)
 
 
-def build_objective(cfg: ExperimentConfig) -> Objective:
+def build_concepts(cfg: ExperimentConfig, width: int) -> dict[str, Concept]:
+    """Concepts by name, with anchors checked against the width of the space they live in."""
     concepts: dict[str, Concept] = {}
     for c in cfg.concepts:
         if c.name in concepts:
             raise AnchoringError(f"concept {c.name!r} is defined twice")
-        if c.anchor is not None and len(c.anchor) != cfg.model.latent_dim:
-            raise AnchoringError(f"concept {c.name!r}: anchor has {len(c.anchor)} entries, latent_dim is {cfg.model.latent_dim}")
-        concepts[c.name] = Concept(c.name, get_labeller(c.labeller or c.name),
-                                   tuple(c.anchor) if c.anchor else None, tuple(c.dims) if c.dims else None)
+        if c.anchor is not None and c.axis is not None:
+            raise AnchoringError(f"concept {c.name!r}: give an anchor or an axis, not both")
+        anchor = tuple(c.anchor) if c.anchor else None
+        if c.axis is not None:
+            if c.axis >= width:
+                raise AnchoringError(f"concept {c.name!r}: axis {c.axis} is outside 0..{width - 1}")
+            anchor = tuple(1.0 if i == c.axis else 0.0 for i in range(width))
+        if anchor is not None and len(anchor) != width:
+            raise AnchoringError(f"concept {c.name!r}: anchor has {len(anchor)} entries, the anchored space has {width}")
+        labeller = get_labeller(c.labeller or c.name)
+        if c.label_scale is not None:
+            labeller = replace(labeller, scale=c.label_scale)
+        dims = tuple(c.dims) if c.dims else ((c.axis,) if c.axis is not None else None)
+        concepts[c.name] = Concept(c.name, labeller, anchor, dims)
+    return concepts
+
+
+def build_objective(cfg: ExperimentConfig) -> Objective:
+    concepts = build_concepts(cfg, cfg.model.latent_dim)
     terms: list[Term] = []
     for t in cfg.terms:
+        if t.positions is not None or t.head is not None:
+            raise AnchoringError(f"term {t.name or t.kind!r}: positions/head apply to transformer experiments only")
         if t.concept is not None and t.concept not in concepts:
             raise AnchoringError(f"term {t.kind!r} names unknown concept {t.concept!r} (defined: {', '.join(concepts) or 'none'})")
         terms.append(build_term(t.kind, t.weight, latent_dim=cfg.model.latent_dim, site=t.site,

@@ -1,0 +1,123 @@
+"""Anchoring on sequences: which vectors of a site a term reads, and how a line's positions pool.
+
+A concept label belongs to a *line* (a span of positions), not to a token, so a term needs
+a position selector:
+
+- `all`      every position (e.g. anti-subspace clears the anchor direction everywhere);
+- `slot:R`   positions whose role is R (e.g. `slot:a`, the first operand of each line);
+- `mellowmax:ω`  per labelled line, a soft minimum of the per-position loss over the line's
+  positions, `−(1/ω)·log mean_t exp(−ω·ℓ_t)`: its gradient weights are a softmax of −ω·ℓ,
+  so the pull goes mostly to the position already closest to the anchor — the concept's
+  token is found without being told where it is.
+
+Sites read `(B, T, D)` activations, or one head of `(B, H, T, d)` query/key activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from anchoring.errors import AnchoringError
+
+
+@dataclass(frozen=True)
+class SequenceSite:
+    """A module path, plus a head index when the module's output is `(B, H, T, d)`."""
+
+    module: str
+    head: int | None = None
+
+    def read(self, acts: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = acts[self.module]
+        if self.head is None:
+            if x.dim() != 3:
+                raise AnchoringError(f"site {self.module!r} gives {tuple(x.shape)}; name a head for per-head outputs")
+            return x
+        if x.dim() != 4 or not 0 <= self.head < x.shape[1]:
+            raise AnchoringError(f"site {self.module!r} has no head {self.head} (output {tuple(x.shape)})")
+        return x[:, self.head]
+
+    def __str__(self) -> str:
+        return self.module if self.head is None else f"{self.module}[head {self.head}]"
+
+
+@dataclass(frozen=True)
+class Positions:
+    """A parsed position selector: kind ∈ all | slot | mellowmax."""
+
+    kind: str
+    role: int | None = None
+    omega: float = 10.0
+
+    @staticmethod
+    def parse(text: str, roles: dict[str, int]) -> "Positions":
+        kind, _, arg = text.partition(":")
+        if kind == "all" and not arg:
+            return Positions("all")
+        if kind == "slot":
+            if arg not in roles:
+                raise AnchoringError(f"position selector {text!r}: unknown slot {arg!r} (slots: {', '.join(roles)})")
+            return Positions("slot", role=roles[arg])
+        if kind == "mellowmax":
+            try:
+                omega = float(arg) if arg else 10.0
+            except ValueError:
+                raise AnchoringError(f"position selector {text!r}: ω must be a number") from None
+            if not omega > 0:
+                raise AnchoringError(f"position selector {text!r}: ω must be positive")
+            return Positions("mellowmax", omega=omega)
+        raise AnchoringError(f"unknown position selector {text!r} (all | slot:<role> | mellowmax[:ω])")
+
+
+def soft_minimum(losses: torch.Tensor, mask: torch.Tensor, omega: float) -> torch.Tensor:
+    """Mellowmax soft minimum over the last dim where `mask` is True: −(1/ω)·log mean exp(−ω·ℓ).
+
+    Lies between the minimum (ω → ∞) and the mean (ω → 0). Rows with no True entry give 0.
+    """
+    x = (-omega * losses).masked_fill(~mask, float("-inf"))
+    n = mask.sum(-1)
+    lse = torch.logsumexp(x, dim=-1) - torch.log(n.clamp_min(1).to(losses.dtype))
+    return torch.where(n > 0, -lse / omega, torch.zeros_like(lse))
+
+
+def pool_lines(per_position: torch.Tensor, line: torch.Tensor, line_labels: torch.Tensor, omega: float) -> torch.Tensor:
+    """Mean over labelled lines of each line's soft minimum; 0 when no line is labelled.
+
+    `per_position` `(B, T)`, `line` `(B, T)` line index per position, `line_labels` `(B, K)`.
+    """
+    K = line_labels.shape[1]
+    member = line.unsqueeze(1) == torch.arange(K, device=line.device).view(1, K, 1)  # (B, K, T)
+    pooled = soft_minimum(per_position.unsqueeze(1).expand(-1, K, -1), member, omega)  # (B, K)
+    w = line_labels * member.any(-1)
+    return (pooled * w).sum() / w.sum().clamp_min(1.0)
+
+
+@dataclass
+class SequenceTerm:
+    """One regularizer on a sequence site: formula `(…, D) → (…)`, positions, and which lines."""
+
+    name: str
+    kind: str
+    weight: str
+    site: SequenceSite
+    formula: Callable[[torch.Tensor], torch.Tensor]
+    positions: Positions
+    concept: str | None = None
+    select: str = "all"  # all | labelled | unlabelled (lines)
+    direction: torch.Tensor | None = None  # the anchor's direction, for evaluation and interventions
+
+    def __call__(self, acts: dict[str, torch.Tensor], roles: torch.Tensor, line: torch.Tensor,
+                 line_labels: dict[str, torch.Tensor]) -> torch.Tensor:
+        ell = self.formula(self.site.read(acts))  # (B, T)
+        if self.positions.kind == "mellowmax":
+            return pool_lines(ell, line, line_labels[self.concept], self.positions.omega)
+        w = torch.ones_like(ell)
+        if self.positions.kind == "slot":
+            w = w * (roles == self.positions.role)
+        if self.select != "all":
+            lab = torch.gather(line_labels[self.concept], 1, line)
+            w = w * (lab if self.select == "labelled" else 1.0 - lab)
+        return (ell * w).sum() / w.sum().clamp_min(1.0)

@@ -1,0 +1,30 @@
+"""Line-level concept labels: each colour of a line may draw the label; the line carries it if any does.
+
+Drawn like the autoencoder's labels (sparse, noisy, fresh every batch); `exact` gives the
+deterministic version used for evaluation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from anchoring.domains.colour.labels import Labeller
+from anchoring.domains.colour_language.lattice import Lattice
+
+
+def colour_probability(lattice: Lattice, labeller: Labeller, colours: torch.Tensor) -> torch.Tensor:
+    """p(label) of each colour token in `colours` (any shape); −1 (no colour) gets 0."""
+    p = labeller.probability(lattice.rgb(colours.clamp_min(0)))
+    return torch.where(colours >= 0, p, torch.zeros_like(p))
+
+
+def draw_line_labels(lattice: Lattice, labeller: Labeller, colours: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """`(B, K)` 0/1 from `colours` `(B, K, 3)`: a line is labelled if any of its colours draws."""
+    p = colour_probability(lattice, labeller, colours)
+    hit = torch.rand(p.shape, generator=generator) < p
+    return hit.any(-1).float()
+
+
+def position_labels(line_labels: torch.Tensor, line: torch.Tensor) -> torch.Tensor:
+    """Spread `(B, K)` line labels to `(B, T)` positions through each position's line index."""
+    return torch.gather(line_labels, 1, line)

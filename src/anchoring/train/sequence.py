@@ -1,0 +1,192 @@
+"""Training the colour transformer: one seed, one arm (anchored or control), driven by a timeline.
+
+Batches and label draws are a pure function of (seed, step), so the anchored model and its
+unanchored control see exactly the same data, and a resumed run reproduces an uninterrupted
+one. The control draws the labels too (and ignores them) to keep that true.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from anchoring.anchor import Capture, build_term, resolve_site
+from anchoring.anchor.sequence import Positions, SequenceSite, SequenceTerm
+from anchoring.anchor.terms import Concept
+from anchoring.config import ExperimentConfig
+from anchoring.domains.colour_language import (
+    ROLE,
+    ColourLanguage,
+    Lattice,
+    draw_line_labels,
+)
+from anchoring.errors import AnchoringError
+from anchoring.models import NormalizedTransformer
+from anchoring.schedule import Timeline, parse_dopesheet
+from anchoring.train.checkpoint import (
+    read_checkpoint,
+    restore_optimizer,
+    save_checkpoint,
+)
+from anchoring.train.loop import TrainingInterrupted, _StopFlag, flush_denormals
+from anchoring.train.objective import build_concepts
+
+PER_VECTOR = ("anchor", "anti-anchor", "subspace", "anti-subspace")  # kinds that make sense per token
+
+
+@dataclass
+class SequenceObjective:
+    concepts: dict[str, Concept]
+    terms: list[SequenceTerm]
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted({t.site.module for t in self.terms})
+
+    @property
+    def weight_names(self) -> list[str]:
+        return list(dict.fromkeys(t.weight for t in self.terms))
+
+    def anchors(self, concept: str) -> list[tuple[SequenceSite, torch.Tensor]]:
+        """Every (site, unit direction) where `concept` is anchored, in term order, without repeats."""
+        seen: dict[SequenceSite, torch.Tensor] = {}
+        for t in self.terms:
+            if t.concept == concept and t.kind == "anchor" and t.site not in seen:
+                seen[t.site] = F.normalize(t.direction, dim=-1)
+        return list(seen.items())
+
+
+def build_language(cfg: ExperimentConfig) -> ColourLanguage:
+    lc = cfg.language
+    return ColourLanguage(Lattice(lc.levels), lc.mix_rule, lc.held_out, lc.split_seed)
+
+
+def build_transformer(cfg: ExperimentConfig, lang: ColourLanguage) -> NormalizedTransformer:
+    t = cfg.transformer
+    return NormalizedTransformer(lang.vocab_size, t.width, t.layers, t.heads, cfg.language.context, t.mlp_ratio,
+                                 t.alpha, t.logit_scale)
+
+
+def build_sequence_objective(cfg: ExperimentConfig, model: torch.nn.Module) -> SequenceObjective:
+    """Validate every term against the model's modules and the sites' widths, naming the term."""
+    width = cfg.transformer.width
+    head_width = width // cfg.transformer.heads
+    terms: list[SequenceTerm] = []
+    by_width: dict[int, dict[str, Concept]] = {}
+    for t in cfg.terms:
+        label = t.name or (f"{t.kind}:{t.concept}" if t.concept else t.kind)
+        if t.kind not in PER_VECTOR:
+            raise AnchoringError(f"term {label!r}: {t.kind!r} is not available on sequences (use {', '.join(PER_VECTOR)})")
+        resolve_site(model, t.site)
+        if t.head is not None and t.head >= cfg.transformer.heads:
+            raise AnchoringError(f"term {label!r}: head {t.head} is outside 0..{cfg.transformer.heads - 1}")
+        w = head_width if t.head is not None else width
+        concepts = by_width.setdefault(w, build_concepts(cfg, w))
+        if t.concept is not None and t.concept not in concepts:
+            raise AnchoringError(f"term {label!r} names unknown concept {t.concept!r} (defined: {', '.join(concepts) or 'none'})")
+        base = build_term(t.kind, t.weight, latent_dim=w, site=t.site, concept=concepts.get(t.concept) if t.concept else None,
+                          select=t.select, direction=t.direction, dims=t.dims, name=t.name)
+        positions = Positions.parse(t.positions or "all", ROLE)
+        if positions.kind == "mellowmax" and base.select != "labelled":
+            raise AnchoringError(f"term {label!r}: mellowmax pools over labelled lines, so it needs select = 'labelled'")
+        terms.append(SequenceTerm(base.name, t.kind, t.weight, SequenceSite(t.site, t.head), base.formula, positions,
+                                  base.concept, base.select, base.params.get("direction")))
+    names = [t.name for t in terms]
+    if len(set(names)) != len(names):
+        raise AnchoringError(f"term names must be unique on a transformer (got {names}); set `name`")
+    concepts = build_concepts(cfg, width) if not by_width else next(iter(by_width.values()))
+    return SequenceObjective(concepts, terms)
+
+
+def build_sequence_timeline(cfg: ExperimentConfig, objective: SequenceObjective) -> Timeline:
+    timeline = parse_dopesheet(cfg.schedule, source=f"{cfg.name} schedule")
+    needed = ["lr", *objective.weight_names]
+    for col in timeline.names:
+        if col not in needed:
+            raise AnchoringError(f"schedule column {col!r} is not used (columns: {', '.join(needed)})")
+    for col in needed:
+        if col not in timeline.tracks:
+            raise AnchoringError(f"schedule has no column {col!r} (needed by {'the optimiser' if col == 'lr' else 'a term'})")
+    if cfg.train.steps is not None and cfg.train.steps != timeline.steps:
+        timeline = timeline.rescaled(cfg.train.steps)
+    return timeline
+
+
+def batch_seed(seed: int, step: int) -> int:
+    return (seed + 1) * 1_000_003 + step
+
+
+@dataclass
+class ArmResult:
+    seed: int
+    anchored: bool
+    model: NormalizedTransformer
+    metric_names: list[str]
+    metrics: np.ndarray  # (steps, metrics)
+
+
+def train_arm(cfg: ExperimentConfig, seed: int, *, anchored: bool, checkpoint: Path | None = None,
+              progress: Callable[[int], None] | None = None) -> ArmResult:
+    """Train one model; `progress(step)` after each step. Resumes from `checkpoint` if it exists."""
+    lang = build_language(cfg)
+    torch.manual_seed(seed)
+    model = build_transformer(cfg, lang)
+    objective = build_sequence_objective(cfg, model)
+    timeline = build_sequence_timeline(cfg, objective)
+    terms = objective.terms if anchored else []
+    table = timeline.table()
+    col = {n: i for i, n in enumerate(timeline.names)}
+    names = [*timeline.names, "loss", "task", *[t.name for t in objective.terms], "labelled_lines"]
+    rows = np.full((timeline.steps, len(names)), np.nan)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.0, betas=cfg.train.betas)
+    params = dict(model.named_parameters())
+    start = 0
+    if checkpoint is not None and checkpoint.is_file():
+        start, tensors = read_checkpoint(checkpoint)
+        model.load_state_dict({k: tensors[f"param.{k}"] for k in params})
+        restore_optimizer(optimizer, params, tensors)
+        rows[:start] = tensors["metrics"].numpy()[:start]
+    lc = cfg.language
+    concepts = list(objective.concepts.values())
+    every = cfg.train.checkpoint_every
+
+    def save(step: int) -> None:
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, step, params, optimizer, {"metrics": torch.from_numpy(rows)})
+
+    with _StopFlag() as stop, flush_denormals():
+        model.train()
+        for step in range(start, timeline.steps):
+            g = torch.Generator().manual_seed(batch_seed(seed, step))
+            batch = lang.batch(lc.batch_size, lc.context, g, op_weights=lc.op_weights)
+            labels = {c.name: draw_line_labels(lang.lattice, c.labeller, batch.colours, g) for c in concepts}
+            values = table[step]
+            with Capture(model, [t.site.module for t in terms]) as cap:
+                logits = model(batch.inputs)
+                task = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())
+                term_values = [t(cap.acts, batch.roles, batch.line, labels) for t in terms]
+            loss = task + sum((float(values[col[t.weight]]) * v for t, v in zip(terms, term_values)), torch.zeros(()))
+            for group in optimizer.param_groups:
+                group["lr"] = float(values[col["lr"]])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            model.normalize_weights()
+            tv = {t.name: v.item() for t, v in zip(terms, term_values)}
+            n_lab = sum(float(v.sum()) for v in labels.values())
+            rows[step] = [*values, loss.item(), task.item(), *[tv.get(t.name, np.nan) for t in objective.terms], n_lab]
+            if progress is not None:
+                progress(step + 1)
+            if stop.set:
+                save(step + 1)
+                raise TrainingInterrupted(step + 1)
+            if (step + 1) % every == 0:
+                save(step + 1)
+    save(timeline.steps)
+    model.eval()
+    return ArmResult(seed, anchored, model, names, rows)

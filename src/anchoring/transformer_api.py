@@ -1,0 +1,277 @@
+"""The colour-transformer experiments (M3): train anchored and control arms, measure, edit, report.
+
+Every (arm, seed) trains on its own resumable checkpoint under `arms/`, so an interrupted run
+loses at most `checkpoint_every` steps of one model; `anchoring resume` picks up from there.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from safetensors.torch import save as st_save
+
+from anchoring import runs
+from anchoring.anchor.sequence import SequenceSite
+from anchoring.config import ExperimentConfig
+from anchoring.domains.colour.labels import redness
+from anchoring.errors import AnchoringError
+from anchoring.evaluate import transformer as ev
+from anchoring.report import html
+from anchoring.report import sequence_figures as sf
+from anchoring.report.figures import save as save_fig
+from anchoring.train.sequence import (
+    ArmResult,
+    build_language,
+    build_sequence_objective,
+    build_sequence_timeline,
+    build_transformer,
+    train_arm,
+)
+
+Progress = Callable[[int, int], None]
+ARCH_KIND = "colour-transformer"
+
+
+def arms(cfg: ExperimentConfig) -> list[str]:
+    """'anchored' when there are terms; 'control' when asked for, or when nothing is anchored."""
+    out = ["anchored"] if cfg.terms else []
+    if cfg.transformer.control or not cfg.terms:
+        out.append("control")
+    return out
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Everything checkable before training: the model builds, terms bind, the schedule fits, edits resolve."""
+    lang = build_language(cfg)
+    model = build_transformer(cfg, lang)
+    objective = build_sequence_objective(cfg, model)
+    build_sequence_timeline(cfg, objective)
+    names = [i.name for i in cfg.interventions]
+    if len(set(names)) != len(names):
+        raise AnchoringError("intervention names must be unique")
+    for spec in cfg.interventions:
+        if spec.method not in ("suppress", "ablate"):
+            raise AnchoringError(f"intervention {spec.name!r}: a transformer supports suppress or ablate, not {spec.method!r}")
+        edit_targets(cfg, objective, spec)
+    if cfg.interventions and not cfg.terms:
+        raise AnchoringError("interventions need an anchored concept (this experiment has no terms)")
+
+
+def edit_targets(cfg: ExperimentConfig, objective, spec) -> list[tuple[SequenceSite, torch.Tensor]]:
+    """(site, direction) pairs an intervention edits: the concept's anchored sites, or the ones it names."""
+    anchors = objective.anchors(spec.concept) if spec.concept else []
+    if not anchors:
+        raise AnchoringError(f"intervention {spec.name!r}: concept {spec.concept!r} is not anchored by any term")
+    if spec.sites is None:
+        return anchors
+    by_module = {s.module: (s, v) for s, v in anchors}
+    out = []
+    for m in spec.sites:
+        if m not in by_module:
+            raise AnchoringError(f"intervention {spec.name!r}: {m!r} is not an anchored site (anchored: {', '.join(by_module)})")
+        out.append(by_module[m])
+    return out
+
+
+def run(cfg: ExperimentConfig, path: Path, *, resume: bool, progress: Progress | None = None) -> dict[str, Any]:
+    validate(cfg)
+    runs.write_atomic(path / runs.ARCH, json.dumps(architecture(cfg), indent=2))
+    seeds = cfg.train.member_seeds()
+    names = arms(cfg)
+    lang = build_language(cfg)
+    steps = build_sequence_timeline(cfg, build_sequence_objective(cfg, build_transformer(cfg, lang))).steps
+    total = steps * len(seeds) * len(names)
+    results: dict[tuple[str, int], ArmResult] = {}
+    t0 = time.perf_counter()
+    for i, (arm, seed) in enumerate((a, s) for s in seeds for a in names):
+        done = i * steps
+        results[arm, seed] = train_arm(cfg, seed, anchored=arm == "anchored",
+                                       checkpoint=path / "arms" / f"{arm}-seed{seed}.safetensors",
+                                       progress=(lambda s, done=done: progress(done + s, total)) if progress else None)
+    train_s = time.perf_counter() - t0
+    summary = finish(cfg, path, lang, results, seeds, names)
+    summary["timing"] = {"train_s": round(train_s, 3), "total_s": round(time.perf_counter() - t0, 3)}
+    runs.write_atomic(path / runs.SUMMARY, json.dumps(summary, indent=2))
+    return summary
+
+
+def architecture(cfg: ExperimentConfig) -> dict[str, Any]:
+    return {"kind": ARCH_KIND, **cfg.transformer.model_dump(mode="json"), "vocab": build_language(cfg).vocab_size,
+            "context": cfg.language.context, "seeds": cfg.train.member_seeds(), "arms": arms(cfg)}
+
+
+def _median(xs: list[float]) -> float:
+    xs = [x for x in xs if not np.isnan(x)]
+    return statistics.median(xs) if xs else float("nan")
+
+
+def finish(cfg: ExperimentConfig, path: Path, lang, results: dict[tuple[str, int], ArmResult], seeds: list[int],
+           names: list[str]) -> dict[str, Any]:
+    tc, ctx = cfg.transformer, cfg.language.context
+    first = next(iter(results.values()))
+    objective = build_sequence_objective(cfg, first.model)
+    concept = cfg.evaluate.concept or (cfg.concepts[0].name if cfg.concepts else None)
+    anchors = objective.anchors(concept) if concept else []
+    # what every model is measured against: the anchor, or (control-only runs) a residual axis 0 for reference
+    residual = [SequenceSite("embed"), *[SequenceSite(f"blocks.{i}") for i in range(tc.layers)]]
+    extra = [s for s, _ in anchors if s not in residual]
+    map_sites = residual + extra
+    axis = torch.zeros(tc.width)
+    axis[0] = 1.0
+    anchor_of = {s: v for s, v in anchors}
+    map_dirs = [anchor_of.get(s, axis) if s.head is None else anchor_of[s] for s in map_sites]
+    weight, similarity = ev.concept_scores(lang)
+    sets = ev.eval_lines(lang, tc.eval_lines, tc.reddest)
+
+    # metrics.csv: step, seed, arm (1 = anchored), schedule values, losses
+    header = ["step", "seed", "anchored", *first.metric_names]
+    table = [np.column_stack([np.arange(len(r.metrics)), np.full(len(r.metrics), seed), np.full(len(r.metrics), arm == "anchored"), r.metrics])
+             for (arm, seed), r in results.items()]
+    runs.write_metrics_csv(path / runs.METRICS, header, np.concatenate(table))
+    runs.write_atomic(path / "checkpoint.safetensors", st_save(
+        {f"{arm}.{seed}.{k}": v.detach().contiguous() for (arm, seed), r in results.items() for k, v in r.model.state_dict().items()},
+        metadata={"format": "anchoring-transformer-1"}))
+
+    rows: list[dict[str, Any]] = []
+    maps: dict[str, list[torch.Tensor]] = {a: [] for a in names}
+    probes: dict[str, list] = {a: [] for a in names}
+    curves: dict[str, list] = {}
+    edits: dict[str, dict[str, list[dict]]] = {spec.name: {a: [] for a in names} for spec in cfg.interventions}
+    for (arm, seed), r in results.items():
+        model = r.model
+        row: dict[str, Any] = {"seed": seed, "arm": arm}
+        acc = ev.accuracy_table(model, lang, sets, ctx, tc.reddest, tc.redish)
+        row.update({k: v for k, v in acc.items() if not k.startswith("n ")})
+        amap = ev.alignment_map(model, lang, ctx, map_sites, map_dirs)
+        maps[arm].append(amap)
+        for s, _ in anchors:
+            i = map_sites.index(s)
+            for slot in ("a", "= → x"):
+                st = ev.alignment_stats(amap[i, ev.MAP_SLOTS.index(slot)], weight, similarity)
+                for k, v in st.items():
+                    row[f"{s} {slot} {k}"] = v
+        probe_sites = residual[1:] + extra
+        probe_dir = anchors[0][1] if anchors else None
+        probes[arm].append(ev.probe_concept(model, lang, ctx, probe_sites, probe_dir, tc.reddest))
+        curves.setdefault(f"{arm}", []).append(ev.accuracy_by_redness(model, lang, sets, ctx))
+        for spec in cfg.interventions:
+            targets = edit_targets(cfg, objective, spec)
+            if arm != "anchored":  # the control has no anchor: the same edit along a post-hoc direction
+                targets = [(s, ev.mean_difference(model, lang, ctx, s, tc.reddest)) for s, _ in targets]
+            with ev.edited(model, targets, spec.method):
+                after = ev.accuracy_table(model, lang, sets, ctx, tc.reddest, tc.redish)
+                curves.setdefault(f"{arm}, {spec.name}", []).append(ev.accuracy_by_redness(model, lang, sets, ctx))
+            edits[spec.name][arm].append({"seed": seed, "before": acc, "after": after,
+                                          "red_answer_drop": acc["red answer"] - after["red answer"],
+                                          "no_red_drop": acc["no red"] - after["no red"],
+                                          "direction": "anchor" if arm == "anchored" else "difference of means"})
+        rows.append(row)
+
+    summary = summarize(cfg, rows, edits, anchors, names)
+    summary["probes"] = {a: probes[a] for a in names}
+    figures(cfg, path, lang, results, maps, map_sites, curves, anchors)
+    write_report(cfg, path, summary)
+    return summary
+
+
+def summarize(cfg: ExperimentConfig, rows: list[dict], edits: dict, anchors, names: list[str]) -> dict[str, Any]:
+    med = {a: {k: _median([r[k] for r in rows if r["arm"] == a]) for k in rows[0] if k not in ("seed", "arm")
+               and all(k in r for r in rows if r["arm"] == a)} for a in names}
+    summary: dict[str, Any] = {"experiment": cfg.name, "upstream": cfg.upstream, "kind": "transformer",
+                               "seeds": [], "anchored_seeds": None, "models": rows, "median": med}
+    targets: dict[str, Any] = {}
+    if "anchored" in names and "control" in names:
+        gaps = [a["held-out"] - c["held-out"] for a in rows if a["arm"] == "anchored"
+                for c in rows if c["arm"] == "control" and c["seed"] == a["seed"]]
+        targets["held-out gap (anchored − control)"] = {"per_seed": gaps, "median": _median(gaps),
+                                                        "met": bool(gaps) and all(abs(g) <= 0.02 for g in gaps)}
+    for s, _ in anchors:
+        key = f"{s} a"
+        m = med["anchored"]
+        targets[f"containment at {s} (operand position)"] = {"median": m[f"{key} containment"], "met": m[f"{key} containment"] <= 0.1}
+        targets[f"margin at {s} (operand position)"] = {"median": m[f"{key} margin"], "met": m[f"{key} margin"] >= 0.3}
+    summary["interventions"] = {}
+    for name, per_arm in edits.items():
+        block = {}
+        for arm, items in per_arm.items():
+            block[arm] = {"per_seed": items,
+                          "red_answer_drop": _median([e["red_answer_drop"] for e in items]),
+                          "no_red_drop": _median([e["no_red_drop"] for e in items])}
+        summary["interventions"][name] = block
+        if "anchored" in block:
+            a = block["anchored"]
+            targets[f"{name}: red-answer accuracy drop ≥ 0.5"] = {"median": a["red_answer_drop"], "met": a["red_answer_drop"] >= 0.5}
+            targets[f"{name}: no-red accuracy drop ≤ 0.05"] = {"median": a["no_red_drop"], "met": a["no_red_drop"] <= 0.05}
+    summary["targets"] = targets
+    return summary
+
+
+def figures(cfg, path: Path, lang, results, maps, map_sites, curves, anchors) -> None:
+    figdir = path / "figures"
+    cols = list(ev.MAP_SLOTS)
+    rows = [str(s) for s in map_sites]
+    w, _ = ev.concept_scores(lang)
+    margin_maps, mean_maps = {}, {}
+    for arm, ms in maps.items():
+        stack = torch.stack(ms)  # (seeds, sites, slots, colours)
+        wn = w / w.sum()
+        margin_maps[arm] = ((stack * wn).sum(-1) - stack.mean(-1)).median(0).values.numpy()
+        mean_maps[arm] = stack.mean(-1).median(0).values.numpy()
+    save_fig(sf.alignment_maps(margin_maps, rows, cols, "margin: concept-weighted cos(h, anchor) − mean over colours (median over seeds)"),
+             figdir / "alignment_margin.png")
+    save_fig(sf.alignment_maps(mean_maps, rows, cols, "containment: mean cos(h, anchor) over all colours (median over seeds)"),
+             figdir / "alignment_containment.png")
+    if anchors:
+        s = anchors[0][0]
+        i = map_sites.index(s)
+        first = maps.get("anchored", next(iter(maps.values())))[0]
+        save_fig(sf.colour_alignment(first[i, 0].numpy(), lang.lattice.rgb().numpy(), redness(lang.lattice.rgb()).numpy(),
+                                     f"{s}, operand position, first seed"), figdir / "colour_alignment.png")
+    merged = {k: (v[0][0], np.nanmedian(np.stack([c[1] for c in v]), 0)) for k, v in curves.items()}
+    save_fig(sf.accuracy_vs_redness(merged, "exact match vs redness, before and after each edit"), figdir / "accuracy_vs_redness.png")
+    names = next(iter(results.values())).metric_names
+    show = [n for n in names if n not in ("lr", "labelled_lines") and n not in {t.weight for t in cfg.terms}]
+    arms_ = sorted({a for a, _ in results})
+    stacked = {a: np.stack([r.metrics for (arm, _), r in results.items() if arm == a]) for a in arms_}
+    idx = [names.index(n) for n in show]
+    save_fig(sf.training_curves({a: m[:, :, idx] for a, m in stacked.items()}, show, "training (median over seeds)"),
+             figdir / "training_curves.png")
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def write_report(cfg: ExperimentConfig, path: Path, summary: dict[str, Any]) -> None:
+    figs = path / "figures"
+    keys = ["seed", "arm", *ev.SETS, "red answer", "red-ish", "no red"]
+    model_rows = [[r.get(k, "") for k in keys] for r in summary["models"]]
+    sections = [("Overview", f"<p>{html.html.escape(cfg.description)}</p>"),
+                ("Exact match per model", html.table_html(keys, model_rows))]
+    if summary["targets"]:
+        sections.append(("Targets", html.table_html(["target", "median", "met"],
+                                                    [[k, v["median"], v["met"]] for k, v in summary["targets"].items()])))
+    for name, block in summary["interventions"].items():
+        body = html.table_html(["arm", "direction", "red-answer drop (median)", "no-red drop (median)"],
+                               [[arm, b["per_seed"][0]["direction"], b["red_answer_drop"], b["no_red_drop"]] for arm, b in block.items()])
+        sections.append((f"Intervention: {name}", body))
+    probe_rows = [[arm, p["site"], p["auc"], p.get("auc_without_anchor", float("nan"))]
+                  for arm, per_seed in summary["probes"].items() for p in per_seed[0]]
+    sections += [
+        ("Linear probes (first seed; AUC for 'among the reddest', cross-validated by colour)",
+         html.table_html(["arm", "site", "AUC", "AUC without anchor direction"], probe_rows)),
+        ("Alignment margin over layer × position", html.image_html(figs / "alignment_margin.png", "margin")),
+        ("Containment over layer × position", html.image_html(figs / "alignment_containment.png", "containment")),
+        *([("Alignment per colour", html.image_html(figs / "colour_alignment.png", "alignment per colour"))]
+          if (figs / "colour_alignment.png").is_file() else []),
+        ("Accuracy vs redness", html.image_html(figs / "accuracy_vs_redness.png", "accuracy vs redness")),
+        ("Training", html.image_html(figs / "training_curves.png", "training curves")),
+        ("Resolved config", f"<pre>{html.html.escape(cfg.to_toml())}</pre>"),
+    ]
+    runs.write_atomic(path / runs.REPORT, html.page(f"anchoring: {cfg.name}", sections))

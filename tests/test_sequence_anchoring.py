@@ -1,0 +1,89 @@
+"""The normalised transformer's invariants, position selectors and mellowmax pooling."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from anchoring.anchor import Capture
+from anchoring.anchor.sequence import Positions, SequenceSite, pool_lines, soft_minimum
+from anchoring.domains.colour_language import ROLE
+from anchoring.errors import AnchoringError
+from anchoring.models import NormalizedTransformer
+
+
+def test_weights_and_residual_stream_stay_on_the_sphere_after_a_step():
+    torch.manual_seed(0)
+    m = NormalizedTransformer(30, width=32, layers=2, heads=4, context=16)
+    opt = torch.optim.Adam(m.parameters(), lr=0.05)
+    x = torch.randint(30, (4, 16))
+    loss = F.cross_entropy(m(x).flatten(0, 1), torch.randint(30, (64,)))
+    loss.backward()
+    opt.step()
+    assert (m.embed.weight.norm(dim=1) - 1).abs().max() > 1e-3  # the step moved rows off the sphere…
+    m.normalize_weights()
+    ones = lambda t: torch.allclose(t, torch.ones_like(t), atol=1e-5)  # noqa: E731
+    assert ones(m.embed.weight.norm(dim=1)) and ones(m.unembed.weight.norm(dim=1))  # …and this puts them back
+    for b in m.blocks:
+        assert ones(b.attn.q.weight.norm(dim=1)) and ones(b.mlp.up.weight.norm(dim=1))
+        assert ones(b.attn.o.weight.norm(dim=0)) and ones(b.mlp.down.weight.norm(dim=0))
+    with Capture(m, ["blocks.0", "blocks.1", "blocks.1.attn.q_site"]) as cap:
+        m(x)
+        for site in ("blocks.0", "blocks.1"):
+            assert ones(cap.acts[site].norm(dim=-1))
+        assert cap.acts["blocks.1.attn.q_site"].shape == (4, 4, 16, 8)
+        assert ones(cap.acts["blocks.1.attn.q_site"].norm(dim=-1))
+
+
+def test_attention_is_causal():
+    torch.manual_seed(0)
+    m = NormalizedTransformer(30, width=32, layers=2, heads=4, context=16).eval()
+    x = torch.randint(30, (1, 16))
+    y = x.clone()
+    y[0, 10:] = (y[0, 10:] + 1) % 30
+    with torch.no_grad():
+        assert torch.allclose(m(x)[0, :10], m(y)[0, :10], atol=1e-5)
+        assert not torch.allclose(m(x)[0, 10:], m(y)[0, 10:], atol=1e-3)
+
+
+def test_soft_minimum_lies_between_min_and_mean_and_its_gradient_weights_are_a_distribution():
+    losses = torch.tensor([[0.9, 0.1, 0.5, 2.0]], requires_grad=True)
+    mask = torch.tensor([[True, True, True, False]])
+    out = soft_minimum(losses, mask, omega=10.0)
+    assert 0.1 <= out.item() <= losses[0, :3].mean().item()
+    (grad,) = torch.autograd.grad(out.sum(), losses)
+    assert bool((grad >= 0).all()) and float(grad[0, 3]) == 0.0
+    assert torch.allclose(grad.sum(), torch.tensor(1.0))
+    assert int(grad[0].argmax()) == 1  # most of the pull goes to the position closest already
+    sharp = soft_minimum(losses.detach(), mask, omega=1e4)
+    assert abs(float(sharp) - 0.1) < 1e-3
+    assert float(soft_minimum(losses.detach(), torch.zeros_like(mask), 10.0)) == 0.0
+
+
+def test_pool_lines_averages_labelled_lines_only():
+    ell = torch.tensor([[0.2, 0.8, 0.5, 0.5, 1.0, 1.0]])
+    line = torch.tensor([[0, 0, 1, 1, 2, 2]])
+    none = pool_lines(ell, line, torch.zeros(1, 3), 50.0)
+    assert float(none) == 0.0
+    one = pool_lines(ell, line, torch.tensor([[1.0, 0.0, 0.0]]), 50.0)
+    assert 0.2 <= float(one) < 0.25
+    two = pool_lines(ell, line, torch.tensor([[1.0, 1.0, 0.0]]), 50.0)
+    assert abs(float(two) - (float(one) + 0.5) / 2) < 1e-6
+
+
+def test_position_selectors_parse_and_reject_bad_input():
+    assert Positions.parse("all", ROLE).kind == "all"
+    assert Positions.parse("slot:a", ROLE).role == ROLE["a"]
+    assert Positions.parse("mellowmax:5", ROLE).omega == 5.0
+    for bad, msg in (("slot:z", "unknown slot"), ("mellowmax:x", "number"), ("mellowmax:-1", "positive"), ("every", "unknown")):
+        with pytest.raises(AnchoringError, match=msg):
+            Positions.parse(bad, ROLE)
+
+
+def test_sites_read_a_head_of_per_head_outputs():
+    acts = {"q": torch.randn(2, 4, 5, 8), "h": torch.randn(2, 5, 16)}
+    assert torch.equal(SequenceSite("q", 2).read(acts), acts["q"][:, 2])
+    assert SequenceSite("h").read(acts).shape == (2, 5, 16)
+    with pytest.raises(AnchoringError, match="name a head"):
+        SequenceSite("q").read(acts)
+    with pytest.raises(AnchoringError, match="no head 4"):
+        SequenceSite("q", 4).read(acts)
