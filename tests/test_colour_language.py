@@ -83,11 +83,11 @@ def test_line_labels_follow_redness_and_spread_to_positions():
     lat = lang.lattice
     always = get_labeller("red").__class__("red", get_labeller("red").score, scale=1.0, power=1.0)
     red, cyan = int(tok(lat, 5, 0, 0)), int(tok(lat, 0, 5, 5))
-    colours = torch.tensor([[[red, -1, cyan], [cyan, -1, red], [cyan, cyan, cyan]]])
+    colours = torch.tensor([[[red, -1, cyan], [cyan, red, red], [cyan, -1, red], [cyan, cyan, cyan]]])
     labels = draw_line_labels(lat, always, colours, torch.Generator().manual_seed(0))
-    assert labels.tolist() == [[1.0, 1.0, 0.0]]
-    line = torch.tensor([[0, 0, 1, 2, 2]])
-    assert position_labels(labels, line).tolist() == [[1.0, 1.0, 1.0, 0.0, 0.0]]
+    assert labels.tolist() == [[1.0, 1.0, 0.0, 0.0]]  # operands draw; a red answer alone does not
+    line = torch.tensor([[0, 0, 1, 2, 2, 3]])
+    assert position_labels(labels, line).tolist() == [[1.0, 1.0, 1.0, 0.0, 0.0, 0.0]]
 
 
 def test_bad_language_settings_are_errors():

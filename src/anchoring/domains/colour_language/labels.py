@@ -1,7 +1,8 @@
-"""Line-level concept labels: each colour of a line may draw the label; the line carries it if any does.
+"""Line-level concept labels: each operand of a line may draw the label; the line carries it if any does.
 
-Drawn like the autoencoder's labels (sparse, noisy, fresh every batch); `exact` gives the
-deterministic version used for evaluation.
+Drawn like the autoencoder's labels (sparse, noisy, fresh every batch). Only operands draw:
+when answers drew too, `~ cyan = red` was labelled, and the soft-minimum pooling sometimes
+pulled *cyan* (the operand) to red's anchor — cyan's alignment rose to 0.4 in a short run.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ def colour_probability(lattice: Lattice, labeller: Labeller, colours: torch.Tens
 
 
 def draw_line_labels(lattice: Lattice, labeller: Labeller, colours: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """`(B, K)` 0/1 from `colours` `(B, K, 3)`: a line is labelled if any of its colours draws."""
-    p = colour_probability(lattice, labeller, colours)
+    """`(B, K)` 0/1 from `colours` `(B, K, 3)` (a, b, answer): a line is labelled if an operand draws."""
+    p = colour_probability(lattice, labeller, colours[..., :2])
     hit = torch.rand(p.shape, generator=generator) < p
     return hit.any(-1).float()
 
