@@ -56,17 +56,48 @@ def test_both_arms_saw_the_same_batches_and_the_control_has_no_terms(small):
     assert torch.isnan(torch.tensor(c.metrics[:, term])).all()
 
 
-def test_suppressing_the_anchor_hurts_red_lines_more_than_others(small):
-    cfg, arms = small
-    model = arms["anchored"].model
+@pytest.mark.slow
+def test_suppressing_the_anchor_breaks_red_lines_and_spares_the_rest():
+    """A small model that has learned complement and lighten: suppression hits only red lines."""
+    cfg = experiments.load("transformer-anchor-residual", [*SMALL, "train.steps=800", "language.op_weights=[0.0,0.5,0.5]"])
+    model = train_arm(cfg, 0, anchored=True).model
     lang = build_language(cfg)
-    sets = ev.eval_lines(lang, 256)
-    objective = build_sequence_objective(cfg, model)
-    before = ev.accuracy_by_redness(model, lang, sets, cfg.language.context)[1]
-    with ev.edited(model, objective.anchors("red"), "suppress"):
-        after = ev.accuracy_by_redness(model, lang, sets, cfg.language.context)[1]
-    drop = before - after
-    assert drop[-1] > drop[0] + 0.1, (before, after)  # reddest bin loses more than the least red
+    sets = {k: v for k, v in ev.eval_lines(lang, 256).items() if k in ("complement", "lighten")}
+    anchors = build_sequence_objective(cfg, model).anchors("red")
+    ctx = cfg.language.context
+    before = ev.accuracy_table(model, lang, sets, ctx, 10, 0.3)
+    _, curve_before = ev.accuracy_by_redness(model, lang, sets, ctx)
+    with ev.edited(model, anchors, "suppress"):
+        after = ev.accuracy_table(model, lang, sets, ctx, 10, 0.3)
+        _, curve_after = ev.accuracy_by_redness(model, lang, sets, ctx)
+    assert before["no red"] > 0.9 and before["red answer"] > 0.9, before
+    assert before["no red"] - after["no red"] <= 0.02, (before, after)
+    assert (curve_before[-3:] - curve_after[-3:]).mean() >= 0.3, (curve_before, curve_after)  # redness ≥ 0.7
+
+
+def test_edits_remove_the_direction_at_every_listed_site_and_only_while_open():
+    torch.manual_seed(0)
+    from anchoring.anchor import Capture
+    from anchoring.models import NormalizedTransformer
+
+    m = NormalizedTransformer(30, width=16, layers=2, heads=2, context=8).eval()
+    x = torch.randint(30, (3, 8))
+    v = torch.randn(16)
+    vk = torch.randn(8)
+    targets = [(SequenceSite("blocks.0"), v), (SequenceSite("blocks.1.attn.k_site", 1), vk)]
+    with torch.no_grad():
+        plain = m(x)
+        for method in ("suppress", "ablate"):
+            with ev.edited(m, targets, method), Capture(m, ["blocks.0", "blocks.1.attn.k_site"]) as cap:
+                edited_out = m(x)
+                cos = torch.nn.functional.normalize(cap.acts["blocks.0"], dim=-1) @ torch.nn.functional.normalize(v, dim=0)
+                k = cap.acts["blocks.1.attn.k_site"]
+                cos_k = k[:, 1] @ torch.nn.functional.normalize(vk, dim=0)
+            assert float(cos.max()) < 1e-5 and float(cos_k.max()) < 1e-5
+            if method == "ablate":
+                assert float(cos.abs().max()) < 1e-5
+            assert not torch.allclose(edited_out, plain)
+        assert torch.equal(m(x), plain)  # hooks are gone after the block
 
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path):

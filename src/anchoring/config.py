@@ -119,8 +119,7 @@ class InterventionConfig(_Strict):
     falloff: str = Field("constant", description="constant[:s] | linear:a,b | power:a,p,b | bezier:x1,y1,x2,y2,end (repel only)")
     k: float = Field(2.0, gt=0, description="selectivity: R² of error vs similarity^k")
     site: str = "latent"
-    sites: list[str] | None = Field(None, description="transformer: every site edited at once (default: the anchored sites)")
-    head: int | None = Field(None, ge=0, description="transformer: head of a per-head (query/key) site")
+    sites: list[str] | None = Field(None, description="transformer: anchored sites edited at once (default: all of the concept's)")
 
 
 class ReactiveConfig(_Strict):

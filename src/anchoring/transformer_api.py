@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from anchoring import runs
+from anchoring.anchor import Capture
 from anchoring.anchor.sequence import SequenceSite
 from anchoring.config import ExperimentConfig
 from anchoring.domains.colour.labels import redness
@@ -52,6 +53,10 @@ def validate(cfg: ExperimentConfig) -> None:
     model = build_transformer(cfg, lang)
     objective = build_sequence_objective(cfg, model)
     build_sequence_timeline(cfg, objective)
+    with torch.no_grad(), Capture(model, objective.modules) as cap:  # each site gives what its term expects
+        model(torch.zeros(1, min(8, cfg.language.context), dtype=torch.long))
+        for t in objective.terms:
+            t.site.read(cap.acts)
     names = [i.name for i in cfg.interventions]
     if len(set(names)) != len(names):
         raise AnchoringError("intervention names must be unique")
