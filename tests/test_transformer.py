@@ -151,3 +151,22 @@ def test_cli_runs_a_transformer_experiment_and_writes_its_report(tmp_path):
     again = CliRunner().invoke(app, ["resume", str(out), "-q"])  # finished arms load from their checkpoints
     assert again.exit_code == 0, again.stderr
     assert json.loads((out / "summary.json").read_text())["models"] == summary["models"]
+
+
+@pytest.mark.slow
+def test_models_trained_in_worker_processes_match_models_trained_in_process(tmp_path):
+    from safetensors.torch import load_file
+
+    from anchoring import api
+
+    tiny = ["transformer.width=16", "transformer.layers=2", "transformer.heads=2", "language.context=16",
+            "transformer.eval_lines=64", "train.steps=12", "train.seeds=1", "terms.1.site=\"blocks.1\"",
+            "terms.3.site=\"blocks.1\"", "terms.0.site=\"blocks.0\"", "terms.2.site=\"blocks.0\""]
+    weights = {}
+    for workers in (1, 2):
+        cfg = experiments.load("transformer-anchor-residual", [*tiny, f"transformer.workers={workers}"])
+        outcome = api.run(cfg, tmp_path / f"w{workers}")
+        weights[workers] = load_file(str(outcome.path / "checkpoint.safetensors"))
+    assert weights[1].keys() == weights[2].keys() and any(k.startswith("control.") for k in weights[1])
+    for k in weights[1]:
+        assert torch.equal(weights[1][k], weights[2][k]), k

@@ -88,7 +88,7 @@ def run(cfg: ExperimentConfig, out: Path | None = None, *, progress: Progress | 
     if cfg.kind == "combinations":
         return _combinations(cfg, path, progress)
     if cfg.kind == "transformer":
-        return Outcome(path, transformer_api.run(cfg, path, resume=False, progress=progress))
+        return Outcome(path, transformer_api.run(cfg, path, progress=progress))
     if cfg.kind != "train":
         return _draw_figures(cfg, path)
     runs.write_atomic(path / runs.ARCH, json.dumps(runs.architecture(cfg), indent=2))
@@ -217,7 +217,7 @@ def resume(path: Path, *, progress: Progress | None = None) -> Outcome:
         raise AnchoringError(f"{str(path)!r} has no checkpoint to resume from")
     cfg = load_config(path / runs.CONFIG)
     if cfg.kind == "transformer":
-        return Outcome(path, transformer_api.run(cfg, path, resume=True, progress=progress))
+        return Outcome(path, transformer_api.run(cfg, path, progress=progress))
     return _train_and_finish(cfg, path, resume=True, progress=progress)
 
 

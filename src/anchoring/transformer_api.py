@@ -7,8 +7,12 @@ loses at most `checkpoint_every` steps of one model; `anchoring resume` picks up
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import os
 import statistics
+import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,6 +30,7 @@ from anchoring.evaluate import transformer as ev
 from anchoring.report import html
 from anchoring.report import sequence_figures as sf
 from anchoring.report.figures import save as save_fig
+from anchoring.train.loop import TrainingInterrupted
 from anchoring.train.sequence import (
     ArmResult,
     build_language,
@@ -84,7 +89,8 @@ def edit_targets(cfg: ExperimentConfig, objective, spec) -> list[tuple[SequenceS
     return out
 
 
-def run(cfg: ExperimentConfig, path: Path, *, resume: bool, progress: Progress | None = None) -> dict[str, Any]:
+def run(cfg: ExperimentConfig, path: Path, *, progress: Progress | None = None) -> dict[str, Any]:
+    """Train (or resume: finished steps are read from `arms/`), then evaluate and write the run."""
     validate(cfg)
     runs.write_atomic(path / runs.ARCH, json.dumps(architecture(cfg), indent=2))
     seeds = cfg.train.member_seeds()
@@ -92,18 +98,81 @@ def run(cfg: ExperimentConfig, path: Path, *, resume: bool, progress: Progress |
     lang = build_language(cfg)
     steps = build_sequence_timeline(cfg, build_sequence_objective(cfg, build_transformer(cfg, lang))).steps
     total = steps * len(seeds) * len(names)
-    results: dict[tuple[str, int], ArmResult] = {}
+    jobs = [(arm, seed) for seed in seeds for arm in names]
+    ckpt = {job: path / "arms" / f"{job[0]}-seed{job[1]}.safetensors" for job in jobs}
+    workers = min(len(jobs), cfg.transformer.workers or os.cpu_count() or 1)
     t0 = time.perf_counter()
-    for i, (arm, seed) in enumerate((a, s) for s in seeds for a in names):
+    if workers > 1:
+        _train_in_processes(cfg, jobs, ckpt, workers, steps, path, progress)
+    results: dict[tuple[str, int], ArmResult] = {}
+    for i, (arm, seed) in enumerate(jobs):  # in processes: each arm is finished and only loads here
         done = i * steps
-        results[arm, seed] = train_arm(cfg, seed, anchored=arm == "anchored",
-                                       checkpoint=path / "arms" / f"{arm}-seed{seed}.safetensors",
-                                       progress=(lambda s, done=done: progress(done + s, total)) if progress else None)
+        report = (lambda s, done=done: progress(done + s, total)) if progress and workers == 1 else None
+        try:
+            results[arm, seed] = train_arm(cfg, seed, anchored=arm == "anchored", checkpoint=ckpt[arm, seed], progress=report)
+        except TrainingInterrupted as e:
+            raise TrainingInterrupted(e.step, path) from None
     train_s = time.perf_counter() - t0
     summary = finish(cfg, path, lang, results, seeds, names)
     summary["timing"] = {"train_s": round(train_s, 3), "total_s": round(time.perf_counter() - t0, 3)}
     runs.write_atomic(path / runs.SUMMARY, json.dumps(summary, indent=2))
     return summary
+
+
+_queue: Any = None  # a worker's channel for progress, set by its initializer
+
+
+def _init_worker(queue) -> None:
+    global _queue
+    _queue = queue
+    torch.set_num_threads(1)
+
+
+def _train_job(cfg: ExperimentConfig, arm: str, seed: int, checkpoint: Path) -> None:
+    def report(step: int) -> None:
+        if step % 10 == 0:
+            _queue.put(((arm, seed), step))
+
+    train_arm(cfg, seed, anchored=arm == "anchored", checkpoint=checkpoint, progress=report)
+
+
+def _train_in_processes(cfg: ExperimentConfig, jobs: list[tuple[str, int]], ckpt: dict, workers: int, steps: int,
+                        path: Path, progress: Progress | None) -> None:
+    """Train every (arm, seed) in its own process, one per core; each resumes from its own checkpoint.
+
+    Ctrl-C reaches the workers too: each saves its checkpoint and stops, and the run resumes later.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    done: dict[tuple[str, int], int] = {}
+    stop = threading.Event()
+
+    def listen() -> None:
+        while not stop.is_set():
+            try:
+                job, step = queue.get(timeout=0.2)
+            except Exception:  # queue.Empty, or the queue closing at shutdown
+                continue
+            done[job] = step
+            if progress:
+                progress(sum(done.values()), steps * len(jobs))
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    try:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
+            futures = [pool.submit(_train_job, cfg, arm, seed, ckpt[arm, seed]) for arm, seed in jobs]
+            try:
+                for f in futures:
+                    f.result()
+            except KeyboardInterrupt:
+                pool.shutdown(wait=True, cancel_futures=True)  # workers save their checkpoints first
+                raise TrainingInterrupted(max(done.values(), default=0), path) from None
+            except TrainingInterrupted as e:
+                raise TrainingInterrupted(e.step, path) from None
+    finally:
+        stop.set()
+        listener.join()
 
 
 def architecture(cfg: ExperimentConfig) -> dict[str, Any]:
