@@ -314,7 +314,7 @@ def figures(cfg, path: Path, lang, results, maps, map_sites, curves, anchors) ->
     arms_ = sorted({a for a, _ in results})
     stacked = {a: np.stack([r.metrics for (arm, _), r in results.items() if arm == a]) for a in arms_}
     idx = [names.index(n) for n in show]
-    save_fig(sf.training_curves({a: m[:, :, idx] for a, m in stacked.items()}, show, "training (median over seeds)"),
+    save_fig(sf.training_curves({a: m[:, :, idx] for a, m in stacked.items()}, show, "training (mean over seeds, moving average; concept terms only where a batch had a labelled line)"),
              figdir / "training_curves.png")
 
 

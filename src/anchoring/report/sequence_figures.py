@@ -8,15 +8,22 @@ from matplotlib.figure import Figure
 from anchoring.report.figures import plt
 
 
+def short_site(name: str) -> str:
+    """'blocks.1.attn.k_site[head 0]' → 'blocks.1 keys h0': labels that fit beside a heatmap."""
+    return (name.replace(".attn.k_site", " keys").replace(".attn.q_site", " queries")
+            .replace("[head ", " h").replace("]", ""))
+
+
 def alignment_maps(maps: dict[str, np.ndarray], rows: list[str], cols: list[str], title: str) -> Figure:
     """One heatmap per model: rows = layers (sites), columns = line positions; value = a statistic of cos(h, anchor)."""
-    fig, axes = plt.subplots(1, len(maps), figsize=(3.6 * len(maps) + 0.8, 0.5 * len(rows) + 1.6), squeeze=False)
+    rows = [short_site(r) for r in rows]
+    fig, axes = plt.subplots(1, len(maps), figsize=(4.2 * len(maps) + 1.6, 0.5 * len(rows) + 1.6), squeeze=False)
     lim = max(0.1, max(float(np.nanmax(np.abs(m))) for m in maps.values()))
     im = None
     for ax, (name, m) in zip(axes[0], maps.items()):
         im = ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
         ax.set_xticks(range(len(cols)), cols, fontsize=8)
-        ax.set_yticks(range(len(rows)), rows, fontsize=8)
+        ax.set_yticks(range(len(rows)), rows if ax is axes[0, 0] else [], fontsize=8)
         ax.set_title(name, fontsize=9)
         for (i, j), v in np.ndenumerate(m):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
@@ -53,20 +60,25 @@ def accuracy_vs_redness(curves: dict[str, tuple[np.ndarray, np.ndarray]], title:
 
 
 def training_curves(curves: dict[str, np.ndarray], names: list[str], title: str) -> Figure:
-    """Loss terms over steps, one panel per metric; `curves[arm]` is `(seeds, steps, metrics)`."""
+    """Loss terms over steps (mean over seeds, moving average), one panel per metric; `curves[arm]` is `(seeds, steps, metrics)`."""
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
     for ax, (k, name) in zip(axes[0], enumerate(names)):
         for arm, c in curves.items():
-            y = c[:, :, k]
+            y = c[:, :, k].copy()
+            if name not in ("loss", "task"):
+                y[y == 0] = np.nan  # a concept term is exactly 0 in batches without a labelled line
             if np.all(np.isnan(y)):
                 continue
-            med = np.nanmedian(y, 0)
-            window = max(1, len(med) // 100)
-            smooth = np.convolve(med, np.ones(window) / window, mode="valid")
-            ax.plot(np.arange(len(smooth)) + window - 1, smooth, label=arm, lw=1)
+            med = np.nanmean(y, 0)
+            window = max(1, len(med) // 60)
+            ok = ~np.isnan(med)
+            box = np.ones(window)
+            smooth = np.convolve(np.where(ok, med, 0.0), box, "same") / np.maximum(np.convolve(ok, box, "same"), 1)
+            smooth[np.convolve(ok, box, "same") == 0] = np.nan
+            ax.plot(np.arange(len(smooth)), smooth, label=arm, lw=1)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
-        ax.set_yscale("log" if name != "task" else "linear")
+        ax.set_yscale("log")
         ax.tick_params(labelsize=7)
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
