@@ -117,7 +117,7 @@ def list_cmd() -> None:
     for spec in experiments.builtin().values():
         tag = f"[{spec.upstream}]" if spec.upstream else ""
         default = " (default)" if spec.name == experiments.DEFAULT else ""
-        out.print(f"{spec.name:<22} {tag:<9} {spec.description}{default}", markup=False, highlight=False)
+        out.print(f"{spec.name:<29} {tag:<9} {spec.description}{default}", markup=False, highlight=False)
 
 
 def train_overrides(sets: list[str], seeds: int | None, seed: int | None, steps: int | None) -> list[str]:
