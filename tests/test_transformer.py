@@ -147,6 +147,10 @@ def test_cli_runs_a_transformer_experiment_and_writes_its_report(tmp_path):
     for fig in ("alignment_margin.png", "alignment_containment.png", "accuracy_vs_redness.png", "training_curves.png"):
         assert (out / "figures" / fig).stat().st_size > 1000
     assert "Intervention: suppress-red-key" in (out / "report.html").read_text()
+    from safetensors.torch import load_file
+
+    align = load_file(str(out / "alignment.safetensors"))
+    assert align["anchored"].shape == (1, 4, 7, 216)  # seeds × (embed, 2 blocks, the key site) × slots × colours
     assert "exact match per model" in r.stdout
     again = CliRunner().invoke(app, ["resume", str(out), "-q"])  # finished arms load from their checkpoints
     assert again.exit_code == 0, again.stderr
@@ -170,3 +174,17 @@ def test_models_trained_in_worker_processes_match_models_trained_in_process(tmp_
     assert weights[1].keys() == weights[2].keys() and any(k.startswith("control.") for k in weights[1])
     for k in weights[1]:
         assert torch.equal(weights[1][k], weights[2][k]), k
+
+
+@pytest.mark.slow
+def test_control_experiment_trains_only_the_unanchored_model(tmp_path):
+    out = tmp_path / "control"
+    r = CliRunner().invoke(app, ["run", "colour-transformer", "--seeds", "2", "--steps", "20", "--out", str(out), "-q",
+                                 "--set", "transformer.width=16", "--set", "transformer.layers=1", "--set", "transformer.heads=2",
+                                 "--set", "language.context=16", "--set", "transformer.eval_lines=64"])
+    assert r.exit_code == 0, r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(m["seed"], m["arm"]) for m in summary["models"]] == [(0, "control"), (1, "control")]
+    assert summary["interventions"] == {} and summary["targets"] == {}
+    shown = CliRunner().invoke(app, ["show", str(out)])
+    assert shown.exit_code == 0 and "exact match per model" in shown.stdout

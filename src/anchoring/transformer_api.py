@@ -247,6 +247,10 @@ def finish(cfg: ExperimentConfig, path: Path, lang, results: dict[tuple[str, int
                                           "direction": "anchor" if arm == "anchored" else "difference of means"})
         rows.append(row)
 
+    runs.write_atomic(path / "alignment.safetensors", st_save(  # cos(h, anchor): (seeds, sites, slots, colours) per arm
+        {arm: torch.stack(ms).contiguous() for arm, ms in maps.items()},
+        metadata={"sites": json.dumps([str(s) for s in map_sites]), "slots": json.dumps(list(ev.MAP_SLOTS)),
+                  "seeds": json.dumps(seeds)}))
     summary = summarize(cfg, rows, edits, anchors, names)
     summary["probes"] = {a: probes[a] for a in names}
     figures(cfg, path, lang, results, maps, map_sites, curves, anchors)

@@ -69,7 +69,8 @@ def training_curves(curves: dict[str, np.ndarray], names: list[str], title: str)
                 y[y == 0] = np.nan  # a concept term is exactly 0 in batches without a labelled line
             if np.all(np.isnan(y)):
                 continue
-            med = np.nanmean(y, 0)
+            counts = (~np.isnan(y)).sum(0)
+            med = np.where(counts > 0, np.nansum(y, 0) / np.maximum(counts, 1), np.nan)
             window = max(1, len(med) // 60)
             ok = ~np.isnan(med)
             box = np.ones(window)
