@@ -3,13 +3,13 @@
 import pytest
 import torch
 
+from anchoring.anchor.sequence import position_labels
 from anchoring.domains.colour import get_labeller
 from anchoring.domains.colour_language import (
     ROLE,
     ColourLanguage,
     Lattice,
     draw_line_labels,
-    position_labels,
 )
 from anchoring.errors import AnchoringError
 

@@ -27,7 +27,8 @@ def small():
 def _red_and_cyan(cfg, model):
     lang = build_language(cfg)
     v = build_sequence_objective(cfg, model).anchors("red")[0][1]
-    amap = ev.alignment_map(model, lang, cfg.language.context, [SequenceSite("blocks.0")], v)[0, 0]
+    site = SequenceSite("blocks.0")
+    amap = ev.alignment_map(ev.probe(model, lang, cfg.language.context, [site]), [site], v)[0, 0]
     lat = lang.lattice
     red, cyan = (int(lat.token(torch.tensor(c))) for c in ([5, 0, 0], [0, 5, 5]))
     return float(amap[red]), float(amap[cyan]), amap
@@ -65,11 +66,13 @@ def test_suppressing_the_anchor_breaks_red_lines_and_spares_the_rest():
     sets = {k: v for k, v in ev.eval_lines(lang, 256).items() if k in ("complement", "lighten")}
     anchors = build_sequence_objective(cfg, model).anchors("red")
     ctx = cfg.language.context
-    before = ev.accuracy_table(model, lang, sets, ctx, 10, 0.3)
-    _, curve_before = ev.accuracy_by_redness(model, lang, sets, ctx)
+    right = ev.score(model, lang, sets, ctx)
+    before = ev.accuracy_table(lang, sets, right, 10, 0.3)
+    _, curve_before = ev.accuracy_by_redness(lang, sets, right)
     with ev.edited(model, anchors, "suppress"):
-        after = ev.accuracy_table(model, lang, sets, ctx, 10, 0.3)
-        _, curve_after = ev.accuracy_by_redness(model, lang, sets, ctx)
+        right_after = ev.score(model, lang, sets, ctx)
+    after = ev.accuracy_table(lang, sets, right_after, 10, 0.3)
+    _, curve_after = ev.accuracy_by_redness(lang, sets, right_after)
     assert before["no red"] > 0.9 and before["red answer"] > 0.9, before
     assert before["no red"] - after["no red"] <= 0.02, (before, after)
     assert (curve_before[-3:] - curve_after[-3:]).mean() >= 0.3, (curve_before, curve_after)  # redness ≥ 0.7

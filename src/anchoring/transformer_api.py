@@ -52,12 +52,13 @@ def arms(cfg: ExperimentConfig) -> list[str]:
     return out
 
 
-def validate(cfg: ExperimentConfig) -> None:
-    """Everything checkable before training: the model builds, terms bind, the schedule fits, edits resolve."""
+def validate(cfg: ExperimentConfig) -> int:
+    """Everything checkable before training (the model builds, terms bind, the schedule fits, edits
+    resolve); returns the run length in steps."""
     lang = build_language(cfg)
     model = build_transformer(cfg, lang)
     objective = build_sequence_objective(cfg, model)
-    build_sequence_timeline(cfg, objective)
+    steps = build_sequence_timeline(cfg, objective).steps
     with torch.no_grad(), Capture(model, objective.modules) as cap:  # each site gives what its term expects
         model(torch.zeros(1, min(8, cfg.language.context), dtype=torch.long))
         for t in objective.terms:
@@ -71,6 +72,7 @@ def validate(cfg: ExperimentConfig) -> None:
         edit_targets(cfg, objective, spec)
     if cfg.interventions and not cfg.terms:
         raise AnchoringError("interventions need an anchored concept (this experiment has no terms)")
+    return steps
 
 
 def edit_targets(cfg: ExperimentConfig, objective, spec) -> list[tuple[SequenceSite, torch.Tensor]]:
@@ -91,12 +93,11 @@ def edit_targets(cfg: ExperimentConfig, objective, spec) -> list[tuple[SequenceS
 
 def run(cfg: ExperimentConfig, path: Path, *, progress: Progress | None = None) -> dict[str, Any]:
     """Train (or resume: finished steps are read from `arms/`), then evaluate and write the run."""
-    validate(cfg)
+    steps = validate(cfg)
     runs.write_atomic(path / runs.ARCH, json.dumps(architecture(cfg), indent=2))
     seeds = cfg.train.member_seeds()
     names = arms(cfg)
     lang = build_language(cfg)
-    steps = build_sequence_timeline(cfg, build_sequence_objective(cfg, build_transformer(cfg, lang))).steps
     total = steps * len(seeds) * len(names)
     jobs = [(arm, seed) for seed in seeds for arm in names]
     ckpt = {job: path / "arms" / f"{job[0]}-seed{job[1]}.safetensors" for job in jobs}
@@ -217,12 +218,17 @@ def finish(cfg: ExperimentConfig, path: Path, lang, results: dict[tuple[str, int
     probes: dict[str, list] = {a: [] for a in names}
     curves: dict[str, list] = {}
     edits: dict[str, dict[str, list[dict]]] = {spec.name: {a: [] for a in names} for spec in cfg.interventions}
+    probe_sites = residual[1:] + extra
+    probe_dir = anchors[0][1] if anchors else None
+    targets_of = {spec.name: edit_targets(cfg, objective, spec) for spec in cfg.interventions}
     for (arm, seed), r in results.items():
         model = r.model
         row: dict[str, Any] = {"seed": seed, "arm": arm}
-        acc = ev.accuracy_table(model, lang, sets, ctx, tc.reddest, tc.redish)
+        right = ev.score(model, lang, sets, ctx)
+        acc = ev.accuracy_table(lang, sets, right, tc.reddest, tc.redish)
         row.update({k: v for k, v in acc.items() if not k.startswith("n ")})
-        amap = ev.alignment_map(model, lang, ctx, map_sites, map_dirs)
+        seen = ev.probe(model, lang, ctx, map_sites)
+        amap = ev.alignment_map(seen, map_sites, map_dirs)
         maps[arm].append(amap)
         for s, _ in anchors:
             i = map_sites.index(s)
@@ -230,17 +236,16 @@ def finish(cfg: ExperimentConfig, path: Path, lang, results: dict[tuple[str, int
                 st = ev.alignment_stats(amap[i, ev.MAP_SLOTS.index(slot)], weight, similarity)
                 for k, v in st.items():
                     row[f"{s} {slot} {k}"] = v
-        probe_sites = residual[1:] + extra
-        probe_dir = anchors[0][1] if anchors else None
-        probes[arm].append(ev.probe_concept(model, lang, ctx, probe_sites, probe_dir, tc.reddest))
-        curves.setdefault(f"{arm}", []).append(ev.accuracy_by_redness(model, lang, sets, ctx))
+        probes[arm].append(ev.probe_concept(seen, lang, probe_sites, probe_dir, tc.reddest))
+        curves.setdefault(f"{arm}", []).append(ev.accuracy_by_redness(lang, sets, right))
         for spec in cfg.interventions:
-            targets = edit_targets(cfg, objective, spec)
+            targets = targets_of[spec.name]
             if arm != "anchored":  # the control has no anchor: the same edit along a post-hoc direction
-                targets = [(s, ev.mean_difference(model, lang, ctx, s, tc.reddest)) for s, _ in targets]
+                targets = [(s, ev.mean_difference(seen, lang, s, tc.reddest)) for s, _ in targets]
             with ev.edited(model, targets, spec.method):
-                after = ev.accuracy_table(model, lang, sets, ctx, tc.reddest, tc.redish)
-                curves.setdefault(f"{arm}, {spec.name}", []).append(ev.accuracy_by_redness(model, lang, sets, ctx))
+                right_after = ev.score(model, lang, sets, ctx)
+            after = ev.accuracy_table(lang, sets, right_after, tc.reddest, tc.redish)
+            curves.setdefault(f"{arm}, {spec.name}", []).append(ev.accuracy_by_redness(lang, sets, right_after))
             edits[spec.name][arm].append({"seed": seed, "before": acc, "after": after,
                                           "red_answer_drop": acc["red answer"] - after["red answer"],
                                           "no_red_drop": acc["no red"] - after["no red"],
@@ -320,10 +325,6 @@ def figures(cfg, path: Path, lang, results, maps, map_sites, curves, anchors) ->
     idx = [names.index(n) for n in show]
     save_fig(sf.training_curves({a: m[:, :, idx] for a, m in stacked.items()}, show, "training (mean over seeds, moving average; concept terms only where a batch had a labelled line)"),
              figdir / "training_curves.png")
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
 def write_report(cfg: ExperimentConfig, path: Path, summary: dict[str, Any]) -> None:

@@ -72,6 +72,11 @@ class Positions:
         raise AnchoringError(f"unknown position selector {text!r} (all | slot:<role> | mellowmax[:ω])")
 
 
+def position_labels(line_labels: torch.Tensor, line: torch.Tensor) -> torch.Tensor:
+    """Spread `(B, K)` line labels to `(B, T)` positions through each position's line index."""
+    return torch.gather(line_labels, 1, line)
+
+
 def soft_minimum(losses: torch.Tensor, mask: torch.Tensor, omega: float) -> torch.Tensor:
     """Mellowmax soft minimum over the last dim where `mask` is True: −(1/ω)·log mean exp(−ω·ℓ).
 
@@ -118,6 +123,6 @@ class SequenceTerm:
         if self.positions.kind == "slot":
             w = w * (roles == self.positions.role)
         if self.select != "all":
-            lab = torch.gather(line_labels[self.concept], 1, line)
+            lab = position_labels(line_labels[self.concept], line)
             w = w * (lab if self.select == "labelled" else 1.0 - lab)
         return (ell * w).sum() / w.sum().clamp_min(1.0)

@@ -6,9 +6,9 @@ an anchored model and its control are scored on the same equations.
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -64,9 +64,8 @@ def line_correct(model: nn.Module, lang: ColourLanguage, lines: Lines, context: 
     """`(N,)` bool: the model's top prediction after each line's '=' is the answer."""
     batch, where = lang.pack_whole(lines.op, lines.a, lines.b, context)
     preds = torch.cat([model(batch.inputs[i:i + chunk]).argmax(-1) for i in range(0, len(batch.inputs), chunk)])
-    eq = batch.roles == ROLE["eq"]
     right = torch.zeros(batch.colours.shape[:2], dtype=torch.bool)
-    rows, pos = eq.nonzero(as_tuple=True)
+    rows, pos = batch.answer_query.nonzero(as_tuple=True)
     right[rows, batch.line[rows, pos]] = preds[rows, pos] == batch.targets[rows, pos]
     return right[where[:, 0], where[:, 1]]
 
@@ -92,33 +91,29 @@ def groups(lang: ColourLanguage, lines: Lines, k: int, redish: float) -> dict[st
             "no red": r.max(-1).values < redish}
 
 
-def accuracy_table(model: nn.Module, lang: ColourLanguage, sets: dict[str, Lines], context: int, k: int,
+def score(model: nn.Module, lang: ColourLanguage, sets: dict[str, Lines], context: int) -> dict[str, torch.Tensor]:
+    """Per set, `(N,)` bool: is each line answered right. The table and the curve below both read this."""
+    return {name: line_correct(model, lang, lines, context) for name, lines in sets.items()}
+
+
+def accuracy_table(lang: ColourLanguage, sets: dict[str, Lines], right: dict[str, torch.Tensor], k: int,
                    redish: float) -> dict[str, float]:
     """Exact match per set, and over all sets by redness group."""
-    out: dict[str, float] = {}
-    right_all, masks_all = [], {g: [] for g in ("red answer", "red-ish", "no red")}
-    for name, lines in sets.items():
-        right = line_correct(model, lang, lines, context)
-        out[name] = float(right.float().mean())
-        right_all.append(right)
-        for g, m in groups(lang, lines, k, redish).items():
-            masks_all[g].append(m)
-    right = torch.cat(right_all)
-    for g, ms in masks_all.items():
-        m = torch.cat(ms)
-        out[g] = float(right[m].float().mean()) if m.any() else float("nan")
+    out: dict[str, float] = {name: float(r.float().mean()) for name, r in right.items()}
+    masks = [groups(lang, lines, k, redish) for lines in sets.values()]
+    every = torch.cat(list(right.values()))
+    for g in ("red answer", "red-ish", "no red"):
+        m = torch.cat([ms[g] for ms in masks])
+        out[g] = float(every[m].float().mean()) if m.any() else float("nan")
         out[f"n {g}"] = int(m.sum())
     return out
 
 
-def accuracy_by_redness(model: nn.Module, lang: ColourLanguage, sets: dict[str, Lines], context: int,
+def accuracy_by_redness(lang: ColourLanguage, sets: dict[str, Lines], right: dict[str, torch.Tensor],
                         bins: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01)) -> tuple[np.ndarray, np.ndarray]:
     """Exact match by the reddest colour of a line (binned): a curve that should fall only at the red end."""
-    right, red = [], []
-    for lines in sets.values():
-        right.append(line_correct(model, lang, lines, context))
-        red.append(line_redness(lang, lines).max(-1).values)
-    right_t, red_t = torch.cat(right).float().numpy(), torch.cat(red).numpy()
+    right_t = torch.cat(list(right.values())).float().numpy()
+    red_t = torch.cat([line_redness(lang, lines).max(-1).values for lines in sets.values()]).numpy()
     idx = np.digitize(red_t, bins) - 1
     acc = np.array([right_t[idx == i].mean() if (idx == i).any() else np.nan for i in range(len(bins) - 1)])
     centres = 0.5 * (np.array(bins[:-1]) + np.array(bins[1:]))
@@ -167,28 +162,48 @@ def _slot_mean(h: torch.Tensor, roles: torch.Tensor, line: torch.Tensor, where: 
     return table[where[:, 0], where[:, 1]]
 
 
-@torch.no_grad()
-def alignment_map(model: nn.Module, lang: ColourLanguage, context: int, sites: Sequence[SequenceSite],
-                  direction: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+@dataclass
+class Probe:
+    """One model's activations on the probe lines at every site, captured once and read by the
+    alignment map, the linear probes and the post-hoc direction alike."""
+
+    mix: tuple  # capture_lines(...) of the mix lines
+    comp: tuple  # capture_lines(...) of the complement lines
+    colours: torch.Tensor  # operand a of each mix line
+
+    def slot(self, site: SequenceSite, role: int) -> torch.Tensor:
+        """`(N, D)` unit vectors at `role` of every mix line."""
+        acts, roles, line, where = self.mix
+        return F.normalize(_slot_mean(acts[site], roles, line, where, role), dim=-1)
+
+    def producing(self, site: SequenceSite) -> torch.Tensor:
+        """`(n_colours, D)` unit vectors at the '=' of the complement line whose answer is each colour."""
+        acts, roles, line, where = self.comp
+        return F.normalize(_slot_mean(acts[site], roles, line, where, ROLE["eq"]), dim=-1)
+
+
+def probe(model: nn.Module, lang: ColourLanguage, context: int, sites: Sequence[SequenceSite]) -> Probe:
+    mix, comp, xs = probe_lines(lang)
+    return Probe(capture_lines(model, lang, mix, context, sites), capture_lines(model, lang, comp, context, sites), xs)
+
+
+def alignment_map(p: Probe, sites: Sequence[SequenceSite], direction: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     """`(len(sites), len(MAP_SLOTS), n_colours)` mean cos(h, anchor) with colour x in each slot.
 
     Slots a…; are positions of mix lines `x + y = z ;` (averaged over partners y); '= → x' is the
     '=' of the complement line whose answer is x (where the model must produce x).
     """
     dirs = list(direction) if isinstance(direction, (list, tuple)) else [direction] * len(sites)
-    mix, comp, xs = probe_lines(lang)
-    acts, roles, line, where = capture_lines(model, lang, mix, context, sites)
-    cacts, croles, cline, cwhere = capture_lines(model, lang, comp, context, sites)
-    n = lang.n_colours
+    xs = p.colours
+    n = int(xs.max()) + 1
     out = torch.zeros(len(sites), len(MAP_SLOTS), n)
     mix_roles = [ROLE["a"], ROLE["op"], ROLE["b"], ROLE["eq"], ROLE["answer"], ROLE["end"]]
     for i, s in enumerate(sites):
         v = F.normalize(dirs[i], dim=-1)
         for j, role in enumerate(mix_roles):
-            cos = F.normalize(_slot_mean(acts[s], roles, line, where, role), dim=-1) @ v
+            cos = p.slot(s, role) @ v
             out[i, j] = torch.zeros(n).index_add_(0, xs, cos) / torch.bincount(xs, minlength=n).clamp_min(1)
-        cos = F.normalize(_slot_mean(cacts[s], croles, cline, cwhere, ROLE["eq"]), dim=-1) @ v
-        out[i, -1] = cos  # complement line k has answer k
+        out[i, -1] = p.producing(s) @ v
     return out
 
 
@@ -211,9 +226,8 @@ def alignment_stats(align: torch.Tensor, weight: torch.Tensor, similarity: torch
 
 # --- probes ------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def probe_concept(model: nn.Module, lang: ColourLanguage, context: int, sites: Sequence[SequenceSite],
-                  direction: torch.Tensor | None, k: int, folds: int = 5) -> list[dict[str, float]]:
+def probe_concept(p: Probe, lang: ColourLanguage, sites: Sequence[SequenceSite], direction: torch.Tensor | None,
+                  k: int, folds: int = 5) -> list[dict[str, float]]:
     """Per site: cross-validated (by colour) linear probe for 'among the k reddest' at the operand's own position.
 
     With the anchor direction projected out too: a probe that still works means the concept
@@ -223,12 +237,11 @@ def probe_concept(model: nn.Module, lang: ColourLanguage, context: int, sites: S
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import GroupKFold
 
-    mix, _, xs = probe_lines(lang)
-    acts, roles, line, where = capture_lines(model, lang, mix, context, sites)
+    xs = p.colours
     y = torch.isin(xs, reddest(lang, k)).numpy()
     out = []
     for s in sites:
-        X = F.normalize(_slot_mean(acts[s], roles, line, where, ROLE["a"]), dim=-1)
+        X = p.slot(s, ROLE["a"])
         row = {"site": str(s)}
         variants = {"auc": X}
         if direction is not None and direction.shape[-1] == X.shape[-1]:
@@ -266,27 +279,17 @@ def edit_for(method: str, direction: torch.Tensor, head: int | None) -> Callable
     return per_head
 
 
-class edited:
+@contextmanager
+def edited(model: nn.Module, targets: Sequence[tuple[SequenceSite, torch.Tensor]], method: str) -> Iterator[nn.Module]:
     """`with edited(model, [(site, direction), …], method):` every listed site edited at once."""
-
-    def __init__(self, model: nn.Module, targets: Sequence[tuple[SequenceSite, torch.Tensor]], method: str) -> None:
-        self.model, self.targets, self.method = model, targets, method
-        self._stack = ExitStack()
-
-    def __enter__(self) -> nn.Module:
-        for site, v in self.targets:
-            self._stack.enter_context(intervene(self.model, site.module, edit_for(self.method, v, site.head)))
-        return self.model
-
-    def __exit__(self, *exc) -> None:
-        self._stack.close()
+    with ExitStack() as stack:
+        for site, v in targets:
+            stack.enter_context(intervene(model, site.module, edit_for(method, v, site.head)))
+        yield model
 
 
-@torch.no_grad()
-def mean_difference(model: nn.Module, lang: ColourLanguage, context: int, site: SequenceSite, k: int) -> torch.Tensor:
+def mean_difference(p: Probe, lang: ColourLanguage, site: SequenceSite, k: int) -> torch.Tensor:
     """A post-hoc concept direction for a model trained without anchors: mean(reddest k) − mean(rest)."""
-    mix, _, xs = probe_lines(lang)
-    acts, roles, line, where = capture_lines(model, lang, mix, context, [site])
-    X = F.normalize(_slot_mean(acts[site], roles, line, where, ROLE["a"]), dim=-1)
-    red = torch.isin(xs, reddest(lang, k))
+    X = p.slot(site, ROLE["a"])
+    red = torch.isin(p.colours, reddest(lang, k))
     return F.normalize(X[red].mean(0) - X[~red].mean(0), dim=-1)

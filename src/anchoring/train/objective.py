@@ -86,14 +86,7 @@ def build_objective(cfg: ExperimentConfig) -> Objective:
 
 def build_timeline(cfg: ExperimentConfig, objective: Objective) -> Timeline:
     """Parse the schedule and check it against the terms, both ways, naming the column."""
-    timeline = parse_dopesheet(cfg.schedule, source=f"{cfg.name} schedule")
-    used = set(objective.weight_names) | set(SCHEDULED) | set(OPTIONAL)
-    for col in timeline.names:
-        if col not in used:
-            raise AnchoringError(f"schedule column {col!r} is not used by any term (term weights: {', '.join(objective.weight_names) or 'none'}; other columns: lr, extent)")
-    for col in [*SCHEDULED, *objective.weight_names]:
-        if col not in timeline.tracks:
-            raise AnchoringError(f"schedule has no column {col!r} (needed by {'the optimiser' if col in SCHEDULED else 'a term'})")
+    timeline = parse_schedule(cfg, objective.weight_names, OPTIONAL)
     for step, acts in timeline.actions.items():
         for a in acts:
             if a not in ACTIONS:
@@ -104,8 +97,27 @@ def build_timeline(cfg: ExperimentConfig, objective: Objective) -> Timeline:
             raise AnchoringError(f"reactive: schedule has no column {r.param!r} to steer")
         if r.metric not in metrics:
             raise AnchoringError(f"reactive: unknown metric {r.metric!r} (metrics: {', '.join(metrics)})")
+    return fit_steps(cfg, timeline)
+
+
+def parse_schedule(cfg: ExperimentConfig, weights: list[str], optional: tuple[str, ...] = ()) -> Timeline:
+    """The dopesheet, with its columns checked against the term weights both ways (shared by every model kind)."""
+    timeline = parse_dopesheet(cfg.schedule, source=f"{cfg.name} schedule")
+    used = set(weights) | set(SCHEDULED) | set(optional)
+    for col in timeline.names:
+        if col not in used:
+            raise AnchoringError(f"schedule column {col!r} is not used by any term (term weights: {', '.join(weights) or 'none'}; "
+                                 f"other columns: {', '.join([*SCHEDULED, *optional])})")
+    for col in [*SCHEDULED, *weights]:
+        if col not in timeline.tracks:
+            raise AnchoringError(f"schedule has no column {col!r} (needed by {'the optimiser' if col in SCHEDULED else 'a term'})")
+    return timeline
+
+
+def fit_steps(cfg: ExperimentConfig, timeline: Timeline) -> Timeline:
+    """Stretch the timeline to `train.steps` when the run asks for another length."""
     if cfg.train.steps is not None and cfg.train.steps != timeline.steps:
-        timeline = timeline.rescaled(cfg.train.steps)
+        return timeline.rescaled(cfg.train.steps)
     return timeline
 
 

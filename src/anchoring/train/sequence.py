@@ -27,14 +27,14 @@ from anchoring.domains.colour_language import (
 )
 from anchoring.errors import AnchoringError
 from anchoring.models import NormalizedTransformer
-from anchoring.schedule import Timeline, parse_dopesheet
+from anchoring.schedule import Timeline
 from anchoring.train.checkpoint import (
     read_checkpoint,
     restore_optimizer,
     save_checkpoint,
 )
 from anchoring.train.loop import TrainingInterrupted, _StopFlag, flush_denormals
-from anchoring.train.objective import build_concepts
+from anchoring.train.objective import build_concepts, fit_steps, parse_schedule
 
 PER_VECTOR = ("anchor", "anti-anchor", "subspace", "anti-subspace")  # kinds that make sense per token
 
@@ -86,7 +86,9 @@ def build_sequence_objective(cfg: ExperimentConfig, model: torch.nn.Module) -> S
         if t.head is not None and t.head >= cfg.transformer.heads:
             raise AnchoringError(f"term {label!r}: head {t.head} is outside 0..{cfg.transformer.heads - 1}")
         w = head_width if t.head is not None else width
-        concepts = by_width.setdefault(w, build_concepts(cfg, w))
+        if w not in by_width:
+            by_width[w] = build_concepts(cfg, w)
+        concepts = by_width[w]
         if t.concept is not None and t.concept not in concepts:
             raise AnchoringError(f"term {label!r} names unknown concept {t.concept!r} (defined: {', '.join(concepts) or 'none'})")
         base = build_term(t.kind, t.weight, latent_dim=w, site=t.site, concept=concepts.get(t.concept) if t.concept else None,
@@ -99,22 +101,17 @@ def build_sequence_objective(cfg: ExperimentConfig, model: torch.nn.Module) -> S
     names = [t.name for t in terms]
     if len(set(names)) != len(names):
         raise AnchoringError(f"term names must be unique on a transformer (got {names}); set `name`")
-    concepts = build_concepts(cfg, width) if not by_width else next(iter(by_width.values()))
+    concepts = next(iter(by_width.values())) if by_width else build_concepts(cfg, width)  # labellers, for label draws
     return SequenceObjective(concepts, terms)
 
 
 def build_sequence_timeline(cfg: ExperimentConfig, objective: SequenceObjective) -> Timeline:
-    timeline = parse_dopesheet(cfg.schedule, source=f"{cfg.name} schedule")
-    needed = ["lr", *objective.weight_names]
-    for col in timeline.names:
-        if col not in needed:
-            raise AnchoringError(f"schedule column {col!r} is not used (columns: {', '.join(needed)})")
-    for col in needed:
-        if col not in timeline.tracks:
-            raise AnchoringError(f"schedule has no column {col!r} (needed by {'the optimiser' if col == 'lr' else 'a term'})")
-    if cfg.train.steps is not None and cfg.train.steps != timeline.steps:
-        timeline = timeline.rescaled(cfg.train.steps)
-    return timeline
+    timeline = parse_schedule(cfg, objective.weight_names)
+    if timeline.actions:
+        step = min(timeline.actions)
+        raise AnchoringError(f"schedule ACTION {timeline.actions[step][0]!r} at step {step}: transformer runs take no actions "
+                             f"(they checkpoint every train.checkpoint_every steps)")
+    return fit_steps(cfg, timeline)
 
 
 def batch_seed(seed: int, step: int) -> int:
@@ -159,17 +156,16 @@ def train_arm(cfg: ExperimentConfig, seed: int, *, anchored: bool, checkpoint: P
         if checkpoint is not None:
             save_checkpoint(checkpoint, step, params, optimizer, {"metrics": torch.from_numpy(rows)})
 
-    with _StopFlag() as stop, flush_denormals():
+    with _StopFlag() as stop, flush_denormals(), Capture(model, [t.site.module for t in terms]) as cap:
         model.train()
         for step in range(start, timeline.steps):
             g = torch.Generator().manual_seed(batch_seed(seed, step))
             batch = lang.batch(lc.batch_size, lc.context, g, op_weights=lc.op_weights)
             labels = {c.name: draw_line_labels(lang.lattice, c.labeller, batch.colours, g) for c in concepts}
             values = table[step]
-            with Capture(model, [t.site.module for t in terms]) as cap:
-                logits = model(batch.inputs)
-                task = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())
-                term_values = [t(cap.acts, batch.roles, batch.line, labels) for t in terms]
+            logits = model(batch.inputs)  # the hooks refresh cap.acts in this same pass
+            task = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())
+            term_values = [t(cap.acts, batch.roles, batch.line, labels) for t in terms]
             loss = task + sum((float(values[col[t.weight]]) * v for t, v in zip(terms, term_values)), torch.zeros(()))
             for group in optimizer.param_groups:
                 group["lr"] = float(values[col["lr"]])

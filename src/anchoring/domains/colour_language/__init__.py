@@ -3,7 +3,6 @@
 from anchoring.domains.colour_language.labels import (
            colour_probability,
            draw_line_labels,
-           position_labels,
 )
 from anchoring.domains.colour_language.language import (
            OPS,
@@ -14,5 +13,4 @@ from anchoring.domains.colour_language.language import (
 )
 from anchoring.domains.colour_language.lattice import Lattice
 
-__all__ = ["OPS", "ROLE", "ROLES", "Batch", "ColourLanguage", "Lattice", "colour_probability", "draw_line_labels",
-           "position_labels"]
+__all__ = ["OPS", "ROLE", "ROLES", "Batch", "ColourLanguage", "Lattice", "colour_probability", "draw_line_labels"]

@@ -25,7 +25,3 @@ def draw_line_labels(lattice: Lattice, labeller: Labeller, colours: torch.Tensor
     hit = torch.rand(p.shape, generator=generator) < p
     return hit.any(-1).float()
 
-
-def position_labels(line_labels: torch.Tensor, line: torch.Tensor) -> torch.Tensor:
-    """Spread `(B, K)` line labels to `(B, T)` positions through each position's line index."""
-    return torch.gather(line_labels, 1, line)

@@ -81,15 +81,6 @@ class ColourLanguage:
     def op_token(self, symbol: str) -> int:
         return self.n_colours + OPERATORS.index(symbol)
 
-    def token_name(self, t: int) -> str:
-        if t >= self.n_colours:
-            return OPERATORS[t - self.n_colours]
-        r, g, b = (int(x) for x in self.lattice.channels(torch.tensor(t)))
-        return f"#{r}{g}{b}"
-
-    def decode(self, tokens: torch.Tensor) -> str:
-        return " ".join(self.token_name(int(t)) for t in tokens).replace(" ; ", " ;\n")
-
     # splits -----------------------------------------------------------------------------
     def mix_pairs(self, split: str) -> torch.Tensor:
         """`(P, 2)` unordered pairs (a ≤ b) of the 'seen' or 'held-out' split."""
