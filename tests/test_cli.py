@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from anchoring import experiments, load_run
 from anchoring.cli import app
-from anchoring.config import load_config
+from anchoring.experiments import load_config
 
 runner = CliRunner()
 SPEC = experiments.find("anchored")
@@ -78,11 +78,14 @@ def test_unreadable_run_directories(tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.toml").write_text(SPEC.read_text().replace("anchored.csv", "nope.csv"))
-    assert_one_line_error(invoke("show", broken), "is not a readable run")
+    assert_one_line_error(invoke("show", broken), "cannot read schedule")
     (broken / "checkpoint.safetensors").write_bytes(b"not a checkpoint")
     assert_one_line_error(invoke("resume", broken), "cannot read schedule")
     (broken / "config.toml").write_text(load_config(SPEC).to_toml())
-    assert_one_line_error(invoke("show", broken), "cannot read checkpoint")
+    assert_one_line_error(invoke("show", broken), "has not finished")
+    assert_one_line_error(invoke("intervene", broken, "--concept", "red"), "is not a readable run")
+    (broken / "architecture.json").write_text('{"kind": "colour-autoencoder"}')
+    assert_one_line_error(invoke("intervene", broken, "--concept", "red"), "cannot read checkpoint")
 
 
 def test_real_process_prints_one_line_and_no_traceback(tmp_path):
@@ -114,8 +117,9 @@ def test_short_run_writes_a_complete_rerunnable_directory(tmp_path):
     run = load_run(out)
     assert run.config.train.steps == 40 and run.seeds == [3, 4]
     metrics = run.metrics()
-    assert len(metrics["step"]) == 40 * 2 and set(metrics["seed"]) == {3.0, 4.0}
-    assert "anchor:red" in metrics and "lr" in metrics
+    loss = metrics[metrics.metric == "loss"]
+    assert len(loss) == 40 * 2 and set(loss.seed) == {3, 4} and sorted(set(loss.step)) == list(range(40))
+    assert {"anchor:red", "lr", "recon"} <= set(metrics.metric)
     figures = 4 + 2 * len(run.config.interventions)  # slices, losses, schedule, phase history + 2 per edit
     report = (out / "report.html").read_text()
     assert report.count("data:image/png;base64") == figures and report.count("data:image/gif;base64") == 1

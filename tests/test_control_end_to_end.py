@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from anchoring import load_run
 from anchoring.cli import app
-from anchoring.control_api import relearn
+from anchoring.kinds.colour.control import relearn
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from anchoring.evaluate.colour import anchor_cosine, hue_winding, hues_in_order
+from anchoring.kinds.colour.metrics import anchor_cosine, hue_winding, hues_in_order
 
 
 def ring(angles_deg, dims=4):

@@ -5,7 +5,7 @@ import torch
 from anchoring import experiments
 from anchoring.errors import AnchoringError
 from anchoring.schedule import Timeline, Track, parse_dopesheet
-from anchoring.train.objective import build_objective, build_timeline
+from anchoring.kinds.colour.objective import build_objective, build_timeline
 
 ANCHORED = """STEP,PHASE,ACTION,lr,separate,anchor,subspace
 0,Train,,1e-8,,0.01,0.01
@@ -158,14 +158,14 @@ def test_schedule_and_terms_must_match():
 
 
 def test_reactive_controller_raises_a_weight_until_its_loss_is_low(tmp_path):
-    from anchoring.train import train
+    from anchoring.kinds.colour.training import train
 
     # the subspace (planarity) weight starts tiny; the controller must raise it until vibrant
     # colours leave dims 2-3 (subspace loss below 0.02)
     cfg = experiments.load("anchored", ["train.seeds=2", "train.steps=400", "train.checkpoint_every=100"])
     cfg = cfg.model_copy(update={
         "schedule": "STEP,lr,separate,anchor,subspace:log\n0,1e-8,0.01,0.05,1e-4\n10,0.01,,,\n399,0.02,,,\n",
-        "reactive": [__import__("anchoring.config", fromlist=["ReactiveConfig"]).ReactiveConfig(
+        "reactive": [__import__("anchoring.kinds.colour.config", fromlist=["ReactiveConfig"]).ReactiveConfig(
             param="subspace", metric="subspace:vibrant", target=0.02, every=50, factor=3.0, highest=0.5, ease=40)],
     })
     full = train(cfg, tmp_path / "full")
@@ -182,13 +182,13 @@ def test_reactive_controller_raises_a_weight_until_its_loss_is_low(tmp_path):
 
     with pytest.raises(RuntimeError):
         train(cfg, tmp_path / "broken", callbacks=[kill])
-    resumed = train(cfg, tmp_path / "broken", resume=True)
+    resumed = train(cfg, tmp_path / "broken")
     assert [vars(d) for d in resumed.decisions] == [vars(d) for d in full.decisions]
     assert torch.equal(resumed.metrics, full.metrics)
 
 
 def test_reactive_config_is_validated():
-    from anchoring.config import ReactiveConfig
+    from anchoring.kinds.colour.config import ReactiveConfig
 
     cfg = experiments.load("anchored")
     bad = cfg.model_copy(update={"reactive": [ReactiveConfig(param="wd", metric="recon", target=0.1)]})

@@ -11,7 +11,7 @@ from anchoring import experiments, load_run, sweep
 from anchoring.cli import app
 from anchoring.errors import AnchoringError
 from anchoring.sweep.worker import FAULT_ENV
-from anchoring.train import train
+from anchoring.kinds.colour.training import train
 from anchoring.train.checkpoint import read_checkpoint
 from anchoring.train.ensemble import Ensemble
 

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from anchoring import load_run
 from anchoring.cli import app
 from anchoring.domains.colour import HUE_NAMES, named_colours, rgb_to_hsv
-from anchoring.evaluate.structure import (
+from anchoring.kinds.colour.structure import (
     hue_order_agreement,
     nearest_neighbour_spread,
     plane_fraction,
@@ -99,7 +99,7 @@ def test_curriculum_depth_and_weights():
 def test_curriculum_changes_the_data_the_sampler_draws():
     from anchoring import experiments
     from anchoring.domains.colour.curriculum import curriculum_depth
-    from anchoring.train import loop
+    from anchoring.kinds.colour import training as loop
 
     cfg = experiments.load("curriculum", ["train.seeds=1", "train.steps=60", "train.snapshot_every=0"])
     seen = []
@@ -153,7 +153,7 @@ def test_smooth_vs_stepped_trains_both_on_the_same_seeds(tmp_path):
 
 def test_term_masks_switch_terms_per_member():
     from anchoring import experiments
-    from anchoring.train import train
+    from anchoring.kinds.colour.training import train
 
     base = experiments.load("anchored", ["train.steps=30", "train.snapshot_every=0"])
     n_terms = len(base.terms)

@@ -4,7 +4,8 @@ import signal
 import pytest
 import torch
 
-from anchoring.train import TrainingInterrupted, train
+from anchoring.train import TrainingInterrupted
+from anchoring.kinds.colour.training import train
 
 
 def params(result):
@@ -37,7 +38,7 @@ def test_training_moves_red_towards_its_anchor(small_cfg):
 
 def _fresh_members(cfg):
     from anchoring.train import Ensemble
-    from anchoring.train.objective import build_model
+    from anchoring.kinds.colour.objective import build_model
 
     return Ensemble(lambda: build_model(cfg), list(range(cfg.train.seed, cfg.train.seed + cfg.train.seeds))).members()
 
@@ -55,7 +56,7 @@ def test_killed_and_resumed_equals_uninterrupted(small_cfg, tmp_path):
 
     with pytest.raises(Killed):
         train(small_cfg, tmp_path / "broken", callbacks=[kill])
-    resumed = train(small_cfg, tmp_path / "broken", resume=True)
+    resumed = train(small_cfg, tmp_path / "broken")
     for k, v in params(full).items():
         assert torch.equal(v, params(resumed)[k]), k
     assert torch.equal(full.metrics, resumed.metrics)
@@ -73,6 +74,6 @@ def test_ctrl_c_stops_cleanly_with_a_checkpoint(small_cfg, tmp_path):
     with pytest.raises(TrainingInterrupted) as info:
         train(small_cfg, tmp_path, callbacks=[ctrl_c])
     assert info.value.step == 78
-    resumed = train(small_cfg, tmp_path, resume=True)
+    resumed = train(small_cfg, tmp_path)
     for k, v in params(full).items():
         assert torch.equal(v, params(resumed)[k]), k

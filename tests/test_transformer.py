@@ -10,8 +10,8 @@ from anchoring import experiments
 from anchoring.anchor.sequence import SequenceSite
 from anchoring.cli import app
 from anchoring.errors import AnchoringError
-from anchoring.evaluate import transformer as ev
-from anchoring.train.sequence import build_language, build_sequence_objective, train_arm
+from anchoring.kinds.transformer import evaluate as ev
+from anchoring.kinds.transformer.training import build_language, build_sequence_objective, train_arm
 
 SMALL = ["transformer.width=32", "transformer.layers=2", "transformer.heads=4", "language.context=32",
          "concepts.0.label_scale=1.0", "terms.1.site=\"blocks.1\"", "terms.3.site=\"blocks.1\"",
@@ -121,7 +121,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
 
 
 def test_bad_transformer_configs_fail_before_training():
-    from anchoring import api
+    from anchoring import lifecycle
 
     for overrides, msg in ((["terms.0.positions=\"slot:x\""], "unknown slot"),
                            (["terms.0.site=\"blocks.9\""], "no module"),
@@ -130,7 +130,7 @@ def test_bad_transformer_configs_fail_before_training():
                            (["terms.2.positions=\"mellowmax\""], "labelled"),
                            (["transformer.heads=5"], "heads")):
         with pytest.raises(AnchoringError, match=msg):
-            api.validate(experiments.load("transformer-anchor-residual", overrides))
+            lifecycle.validate(experiments.load("transformer-anchor-residual", overrides))
 
 
 @pytest.mark.slow
@@ -164,7 +164,7 @@ def test_cli_runs_a_transformer_experiment_and_writes_its_report(tmp_path):
 def test_models_trained_in_worker_processes_match_models_trained_in_process(tmp_path):
     from safetensors.torch import load_file
 
-    from anchoring import api
+    from anchoring import lifecycle
 
     tiny = ["transformer.width=16", "transformer.layers=2", "transformer.heads=2", "language.context=16",
             "transformer.eval_lines=64", "train.steps=12", "train.seeds=1", "terms.1.site=\"blocks.1\"",
@@ -172,7 +172,7 @@ def test_models_trained_in_worker_processes_match_models_trained_in_process(tmp_
     weights = {}
     for workers in (1, 2):
         cfg = experiments.load("transformer-anchor-residual", [*tiny, f"transformer.workers={workers}"])
-        outcome = api.run(cfg, tmp_path / f"w{workers}")
+        outcome = lifecycle.run(cfg, tmp_path / f"w{workers}")
         weights[workers] = load_file(str(outcome.path / "checkpoint.safetensors"))
     assert weights[1].keys() == weights[2].keys() and any(k.startswith("control.") for k in weights[1])
     for k in weights[1]:

@@ -1,11 +1,13 @@
 """anchoring: sparse concept anchoring for PyTorch models.
 
-Train so that chosen concepts land at latent directions picked before training, then
-steer or delete them. See README.md for the command line; `load_run` opens a run.
+Train so that chosen concepts land at latent directions picked before training, then steer or
+delete them. See README.md for the command line and docs/ for the method; `load_run` opens
+any run directory.
 """
 
 from anchoring.errors import AnchoringError
-from anchoring.runs import Run, load_run
+from anchoring.kinds.base import Run
+from anchoring.lifecycle import load_run
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["AnchoringError", "Run", "__version__", "load_run"]

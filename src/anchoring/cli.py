@@ -1,4 +1,4 @@
-"""`anchoring` command: parse, call the experiment API, print tables and paths.
+"""`anchoring` command: parse, call the lifecycle or a kind, print what the kind says to print.
 
 Every user mistake ends as one line `error: …` on stderr with exit code 2, and nothing written.
 """
@@ -24,8 +24,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from anchoring import api, experiments
+from anchoring import __version__, experiments, lifecycle
 from anchoring.errors import AnchoringError
+from anchoring.kinds import kind_of
+from anchoring.runtime import default_threads
 from anchoring.train import TrainingInterrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
@@ -58,57 +60,33 @@ def progress_bar(label: str, enabled: bool) -> Iterator:
         yield update
 
 
-def print_transformer(summary: dict) -> None:
-    keys = ["seed", "arm", "seen", "held-out", "complement", "lighten", "red answer", "no red"]
-    table = Table(title=f"{summary['experiment']}: exact match per model")
-    for k in keys:
-        table.add_column(k, justify="right")
-    for r in summary["models"]:
-        table.add_row(*[f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys])
-    out.print(table)
-    for name, block in summary.get("interventions", {}).items():
-        for arm, b in block.items():
-            out.print(f"{name} [{arm}, {b['per_seed'][0]['direction']}]: accuracy drop on red answers "
-                      f"{b['red_answer_drop']:+.3f}, on equations without red {b['no_red_drop']:+.3f} (median over seeds)", markup=False)
-    for name, t in summary.get("targets", {}).items():
-        out.print(f"{'met ' if t['met'] else 'MISS'}  {name}: {t['median']:.3f}", markup=False)
+def print_lines(lines: list) -> None:
+    for line in lines:
+        if isinstance(line, str):
+            out.print(line, markup=False, highlight=False, soft_wrap=True)
+        else:
+            out.print(line)
 
 
-def print_outcome(outcome: api.Outcome, wall: float) -> None:
-    if outcome.summary.get("kind") == "transformer":
-        print_transformer(outcome.summary)
-        out.print(f"wall time {wall:.1f} s", markup=False)
-        out.print(f"report: {outcome.path / 'report.html'}", markup=False, soft_wrap=True)
-        return
-    rows = outcome.summary["seeds"]
-    header, body = api.seed_table(rows)
-    if rows:
-        table = Table(title=f"{outcome.summary['experiment']}: per-seed results")
-        for h in header:
-            table.add_column(h, justify="right")
-        for r in body:
-            table.add_row(*[("yes" if v else "NO") if isinstance(v, bool) else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in r])
-        out.print(table)
-    for r in outcome.summary.get("combinations", []):  # plain lines: 31 rows of long names
-        out.print(f"{r['formed']:>5} formed  hue order {r['hue_order']:.2f}  anchor {r['anchor_angle_deg']:6.1f}°  "
-                  f"in plane {r['vibrant_in_plane']:.2f}  spread {r['spread_deg']:5.1f}°  {r['terms']}", markup=False)
-    comparison = outcome.summary.get("comparison")
-    if comparison:
-        table = Table(title=f"{outcome.summary['experiment']}: comparison")
-        for h in comparison[0]:
-            table.add_column(h, justify="right")
-        for r in comparison:
-            table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()])
-        out.print(table)
-    for name, e in outcome.summary.get("interventions", {}).items():
-        after = {r["colour"]: r["after"] for r in e["table"]}
-        shown = ", ".join(f"{c} {after[c]:.3f}" for c in ("red", "cyan", "lime", "purple", "grey") if c in after)
-        out.print(f"{name}: median MSE after — {shown}; selectivity R² median {e['selectivity_median']:.2f}", markup=False)
-    n = outcome.summary.get("anchored_seeds")
-    if n is not None:
-        out.print(f"{n}/{len(rows)} seeds anchored ({outcome.summary['criterion']})", markup=False)
+def print_outcome(outcome: lifecycle.Outcome, wall: float) -> None:
+    """The kind's own lines for the run, then how long it took and where the report is."""
+    print_lines(outcome.lines())
     out.print(f"wall time {wall:.1f} s", markup=False)
-    out.print(f"report: {outcome.path / 'report.html'}", markup=False, soft_wrap=True)
+    report = outcome.path / "report.html"
+    if report.is_file():
+        out.print(f"report: {report}", markup=False, soft_wrap=True)
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        out.print(f"anchoring {__version__}", markup=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
+                                              help="print the version and exit")) -> None:
+    """Sparse concept anchoring: train, inspect, steer and delete concepts."""
 
 
 @app.command("list")
@@ -147,7 +125,7 @@ def run_cmd(
         cfg = experiments.load(experiment, overrides)
     except AnchoringError as e:
         fail(str(e))
-    _train(lambda update: api.run(cfg, out_dir, progress=update), cfg.name, quiet)
+    _train(lambda update: lifecycle.run(cfg, out_dir, progress=update), cfg.name, quiet)
 
 
 def _train(action, label: str, quiet: bool) -> None:
@@ -157,7 +135,12 @@ def _train(action, label: str, quiet: bool) -> None:
         with progress_bar(label, not quiet and sys.stderr.isatty()) as update:
             outcome = action(update)
     except TrainingInterrupted as e:
-        fail(f"interrupted after step {e.step}; checkpoint saved — continue with `anchoring resume {e.run_dir}`")
+        where = f"after step {e.step}; checkpoint saved" if e.step >= 0 else "after training, while evaluating"
+        err.print(f"interrupted {where} — continue with `anchoring resume {e.run_dir}`", markup=False, highlight=False)
+        raise typer.Exit(130)
+    except KeyboardInterrupt:
+        err.print("interrupted before the run directory was written; nothing to resume", markup=False)
+        raise typer.Exit(130)
     except AnchoringError as e:
         fail(str(e))
     print_outcome(outcome, time.perf_counter() - t0)
@@ -167,29 +150,17 @@ def _train(action, label: str, quiet: bool) -> None:
 def resume_cmd(run_dir: Path = typer.Argument(..., help="run directory with a checkpoint"),
                quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
     """Continue an interrupted run from its last checkpoint (same numbers as an unbroken run)."""
-    _train(lambda update: api.resume(run_dir, progress=update), "resume", quiet)
+    _train(lambda update: lifecycle.resume(run_dir, progress=update), "resume", quiet)
 
 
 @app.command("show")
 def show_cmd(run_dir: Path = typer.Argument(..., help="finished run directory")) -> None:
-    """Print a finished run's per-seed table and report path."""
-    import json
-
-    from anchoring.runs import load_run
-
-    summary_file = run_dir / "summary.json"
-    if summary_file.is_file():  # transformer runs hold several arms per seed: their summary says it all
-        summary = json.loads(summary_file.read_text())
-        if summary.get("kind") == "transformer":
-            print_outcome(api.Outcome(run_dir, summary), summary.get("timing", {}).get("total_s", 0.0))
-            return
+    """Print a finished run's tables and report path."""
     try:
-        run = load_run(run_dir)
+        outcome = lifecycle.show(run_dir)
     except AnchoringError as e:
         fail(str(e))
-    if run.summary is None:
-        fail(f"{str(run_dir)!r} has not finished (no summary.json); `anchoring resume` it")
-    print_outcome(api.Outcome(run.path, run.summary), run.summary.get("timing", {}).get("total_s", 0.0))
+    print_outcome(outcome, outcome.summary.get("timing", {}).get("total_s") or 0.0)
 
 
 def _dims(text: str | None) -> list[int] | None:
@@ -216,25 +187,20 @@ def _edit_spec(name: str, method: str, concept: str | None, dims: str | None, fa
         fail(f"--{first['loc'][0]}: {first['msg']}")
 
 
-def _colour_table(title: str, rows: list[dict], selectivity: list[float]) -> None:
-    table = Table(title=title)
-    for h in ("colour", "before", "after (median)", "min", "max"):
-        table.add_column(h, justify="right")
-    for r in rows:
-        table.add_row(r["colour"], f"{r['before']:.4f}", f"{r['after']:.4f}", f"{r['after_min']:.4f}", f"{r['after_max']:.4f}")
-    out.print(table)
-    med = sorted(selectivity)[len(selectivity) // 2]
-    out.print(f"selectivity R² per seed: {', '.join(f'{x:.3f}' for x in selectivity)} (median {med:.3f})", markup=False)
+def _open(run_dir: Path):
+    try:
+        return lifecycle.load_run(run_dir)
+    except AnchoringError as e:
+        fail(str(e))
 
 
-def _apply_edit(action, label: str):
-    """Run an edit, turning user errors into one line; print its per-colour table."""
+def _apply_edit(action) -> None:
+    """Run an edit, turning user errors into one line; print what the kind reports."""
     try:
         res = action()
     except AnchoringError as e:
         fail(str(e))
-    _colour_table(f"{label}: per-colour MSE", res.table, res.selectivity)
-    return res
+    print_lines(res.lines)
 
 
 @app.command("intervene")
@@ -248,16 +214,13 @@ def intervene_cmd(
     site: str = typer.Option("latent", "--site", help="module path to intervene at"),
     name: Optional[str] = typer.Option(None, "--name", help="output folder name under RUN/interventions/"),
 ) -> None:
-    """Apply an inference-time intervention to every seed; print and save the per-colour table."""
-    from anchoring import control_api
-    from anchoring.runs import load_run
-
-    if method not in ("suppress", "repel", "zero"):
-        fail(f"--method must be suppress, repel or zero, not {method!r}")
+    """Apply an inference-time intervention to every model of a run; print and save what it breaks."""
+    if method not in ("suppress", "repel", "zero", "ablate"):
+        fail(f"--method must be suppress, repel, zero (colour) or ablate (transformer), not {method!r}")
     label = name or f"{method}-{concept or 'dims' + (dims or '').replace(',', '')}-{falloff.replace(':', '-').replace(',', '_')}"
     spec = _edit_spec(label, method, concept, dims, falloff, k, site)
-    res = _apply_edit(lambda: control_api.intervene(load_run(run_dir), spec), label)
-    out.print(f"wrote {res.files[0].parent}", markup=False)
+    run = _open(run_dir)
+    _apply_edit(lambda: kind_of(run.config).intervene(run, spec))
 
 
 @app.command("delete")
@@ -271,14 +234,11 @@ def delete_cmd(
     site: str = typer.Option("latent", "--site"),
 ) -> None:
     """Permanently delete a concept or dims from every seed; write an edited run."""
-    from anchoring import control_api
-    from anchoring.runs import load_run
-
     if method not in ("ablate", "prune"):
         fail(f"--method must be ablate or prune, not {method!r}")
     spec = _edit_spec(method, method, concept, dims, "constant", k, site)
-    _apply_edit(lambda: control_api.delete(load_run(run_dir), spec, out_dir), method)
-    out.print(f"edited run: {out_dir}", markup=False)
+    run = _open(run_dir)
+    _apply_edit(lambda: kind_of(run.config).delete(run, spec, out_dir))
 
 
 @app.command("relearn")
@@ -293,27 +253,11 @@ def relearn_cmd(
     baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="also attack a post-hoc (unanchored) baseline"),
 ) -> None:
     """Relearning attack: steps until a deleted concept's error falls back under the threshold."""
-    from anchoring import control_api
-    from anchoring.runs import load_run
-
     ks = _dims(samples) or []
-    try:
-        with progress_bar("baseline", sys.stderr.isatty()) as update:
-            res = control_api.relearn(load_run(run_dir), concept, ks, steps, lr=lr, retain=retain,
-                                      threshold=threshold, baseline=baseline, progress=update)
-    except AnchoringError as e:
-        fail(str(e))
-    table = Table(title=f"relearning {concept}: steps until MSE ≤ {threshold} (per seed; '-' = not within {steps})")
-    for h in ("model", "K", "start MSE", "median steps", "per seed"):
-        table.add_column(h, justify="right")
-    for r in res.rows:
-        got = [s for s in r["steps_to_recover"]]
-        finite = sorted(s if s is not None else steps + 1 for s in got)
-        med = finite[len(finite) // 2]
-        table.add_row(r["model"], str(r["K"]), f"{r['start_error']:.3f}", str(med) if med <= steps else f">{steps}",
-                      " ".join("-" if s is None else str(s) for s in got))
-    out.print(table)
-    out.print(f"wrote {res.path}", markup=False)
+    run = _open(run_dir)
+    with progress_bar("baseline", sys.stderr.isatty()) as update:
+        _apply_edit(lambda: kind_of(run.config).relearn(run, concept=concept, samples=ks, steps=steps, lr=lr, retain=retain,
+                                                        threshold=threshold, baseline=baseline, progress=update))
 
 
 @app.command("sweep")
@@ -363,7 +307,7 @@ def sweep_cmd(
         out.print(f"wall time {time.perf_counter() - t0:.1f} s", markup=False)
         out.print(f"report: {path / 'report.html'}", markup=False)
     else:
-        print_outcome(api.Outcome(path, summary), time.perf_counter() - t0)
+        print_outcome(lifecycle.Outcome(path, summary), time.perf_counter() - t0)
 
 
 @app.command("bench")
@@ -404,15 +348,6 @@ def bench_cmd(
         a, b = res["e2e_ratio"]["cases"]
         out.print(f"end-to-end wall ratio ({a}) / ({b}): {res['e2e_ratio']['ratio']:.2f}", markup=False)
     out.print(f"json: {json_out}", markup=False)
-
-
-def default_threads() -> None:
-    """One torch thread unless OMP_NUM_THREADS says otherwise: the colour models' ops are tiny,
-    and one thread beats several (no OpenMP hand-off per op; 2 threads were ~2× slower here)."""
-    if "OMP_NUM_THREADS" not in os.environ:
-        import torch
-
-        torch.set_num_threads(1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,128 +1,123 @@
-"""Run directories: every file written atomically; `load_run` reads one back for analysis.
+"""Run directories, kind-agnostic: naming, atomic JSON/CSV writes, and reading them back safely.
 
-Layout: config.toml (resolved, re-runnable), architecture.json, checkpoint.safetensors
-(stacked weights + optimiser state), metrics.csv (per step, per seed), snapshots.safetensors
-(latents over training), figures/*.png, report.html, summary.json (written last: its presence
-marks a finished run).
+Layout: config.toml (resolved, re-runnable), architecture.json, checkpoint.safetensors,
+metrics.csv (long: one row per step and seed), figures/*.png, report.html, summary.json
+(written last: its presence marks a finished run). `anchoring.lifecycle` drives the writing;
+each kind adds its own files.
 """
 
 from __future__ import annotations
 
-import csv
 import io
 import json
-from dataclasses import dataclass, field
+import math
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
+import pandas as pd
 
 from anchoring.atomic import write_atomic
-from anchoring.config import ExperimentConfig, load_config
 from anchoring.errors import AnchoringError
-from anchoring.models import ColourAutoencoder
-from anchoring.train.checkpoint import read_checkpoint
 
 CONFIG, ARCH, SUMMARY, METRICS, SNAPSHOTS, REPORT = (
     "config.toml", "architecture.json", "summary.json", "metrics.csv", "snapshots.safetensors", "report.html")
 
+__all__ = ["ARCH", "CONFIG", "METRICS", "REPORT", "SNAPSHOTS", "SUMMARY", "check_writable", "new_run_dir",
+           "read_json", "read_metrics", "write_atomic", "write_json", "write_metrics_csv"]
 
-def new_run_dir(cfg: ExperimentConfig, out: Path | None, root: Path = Path("runs")) -> Path:
+
+def new_run_dir(name: str, out: Path | None, root: Path = Path("runs")) -> Path:
     """Pick (but do not create) the run directory; refuse to overwrite an existing run."""
     if out is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = root / cfg.name / stamp
+        out = root / name / stamp
         n = 1
         while out.exists():
             n += 1
-            out = root / cfg.name / f"{stamp}-{n}"
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            out = root / name / f"{stamp}-{n}"
+    if out.exists() and not out.is_dir():
+        raise AnchoringError(f"{str(out)!r} is a file, not a directory (choose another --out)")
+    if out.exists() and any(out.iterdir()):
         raise AnchoringError(f"{str(out)!r} already exists and is not empty (choose another --out, or `anchoring resume` it)")
     return out
 
 
-def architecture(cfg: ExperimentConfig) -> dict[str, Any]:
-    return {"kind": "colour-autoencoder", **cfg.model.model_dump(mode="json"), "seeds": cfg.train.member_seeds()}
+def check_writable(path: Path) -> None:
+    """Fail before any work when `path` (or its nearest existing parent) cannot be written."""
+    p = path
+    while not p.exists():
+        if p.parent == p:
+            break
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        raise AnchoringError(f"cannot write under {str(path)!r}: {str(p)!r} is a file")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise AnchoringError(f"cannot write under {str(path)!r}: {str(p)!r} is not writable")
+    try:  # some file systems (/proc, read-only mounts) pass the access check and still refuse
+        probe = p / f".anchoring-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise AnchoringError(f"cannot write under {str(path)!r}: {e.strerror}") from None
 
 
-def model_from_architecture(arch: dict[str, Any]) -> nn.Module:
-    if arch.get("kind") != "colour-autoencoder":
-        raise AnchoringError(f"unknown architecture kind {arch.get('kind')!r}")
-    return ColourAutoencoder(arch["latent_dim"], tuple(arch["hidden"]), arch["normalize"], arch["output"])
+def _finite(obj: Any) -> Any:
+    """NaN and ±inf become None (JSON null): a missing number, never invalid JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return _finite(obj.item())
+    return obj
 
 
-def write_metrics_csv(path: Path, header: list[str], rows) -> None:
-    """Step and seed as integers, every other column to 8 significant digits (nan stays nan)."""
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(_finite(obj), indent=2, allow_nan=False))
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of a run, or one line saying what is wrong with it."""
+    try:
+        return json.loads(path.read_text())
+    except OSError as e:
+        raise AnchoringError(f"cannot read {str(path)!r}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise AnchoringError(f"{str(path)!r} is corrupt (not valid JSON); re-run the experiment or restore the file") from None
+
+
+def write_metrics_csv(path: Path, header: list[str], rows, integer_columns: int = 2) -> None:
+    """The first `integer_columns` (step, seed, …) as integers, every other column to 8
+    significant digits (nan stays nan)."""
     rows = np.asarray(rows, dtype=np.float64)
     buf = io.StringIO()
     buf.write(",".join(header) + "\n")
-    np.savetxt(buf, rows, fmt=["%d", "%d", *["%.8g"] * (rows.shape[1] - 2)], delimiter=",")
+    np.savetxt(buf, rows, fmt=["%d"] * integer_columns + ["%.8g"] * (rows.shape[1] - integer_columns), delimiter=",")
     write_atomic(path, buf.getvalue())
 
 
-@dataclass
-class Run:
-    """A finished (or checkpointed) run: its config, one model per seed, and its summary."""
-
-    path: Path
-    config: ExperimentConfig
-    seeds: list[int]
-    models: list[nn.Module]
-    summary: dict[str, Any] | None = field(default=None)
-
-    @torch.no_grad()
-    def encode(self, rgb: torch.Tensor) -> torch.Tensor:
-        """Normalised latents `(seeds, ..., E)` for RGB `(..., 3)`."""
-        return torch.stack([m.encode(rgb) for m in self.models])
-
-    @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """RGB `(seeds, ..., 3)` from latents `(seeds, ..., E)` (each seed decodes its own slice)."""
-        if z.shape[0] != len(self.models):
-            raise AnchoringError(f"decode expects latents shaped (seeds={len(self.models)}, ..., E), got {tuple(z.shape)}")
-        return torch.stack([m.decode(zi) for m, zi in zip(self.models, z)])
-
-    @torch.no_grad()
-    def reconstruct(self, rgb: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m(rgb) for m in self.models])
-
-    def metrics(self) -> dict[str, list[float]]:
-        """metrics.csv as columns (step, seed, schedule values, losses)."""
-        p = self.path / METRICS
-        if not p.is_file():
-            raise AnchoringError(f"{str(self.path)!r} has no {METRICS}")
-        with p.open() as f:
-            rows = list(csv.reader(f))
-        return {name: [float(r[i]) for r in rows[1:]] for i, name in enumerate(rows[0])}
+ID_COLUMNS = ("step", "seed", "arm", "anchored")
 
 
-def load_run(path: str | Path) -> Run:
-    """Open a run directory written by `anchoring run` (or `delete`): config, weights, summary."""
-    p = Path(path)
-    if not p.is_dir():
-        raise AnchoringError(f"{str(p)!r} is not a run directory")
-    if not (p / CONFIG).is_file() or not (p / "checkpoint.safetensors").is_file():
-        raise AnchoringError(f"{str(p)!r} is not a readable run (needs {CONFIG} and checkpoint.safetensors)")
-    cfg = load_config(p / CONFIG)
-    _, tensors = read_checkpoint(p / "checkpoint.safetensors")
-    arch = architecture(cfg)
-    if (p / ARCH).is_file():  # the weights' true shape (an edited run may differ from its config)
-        try:
-            arch = json.loads((p / ARCH).read_text())
-        except json.JSONDecodeError:
-            raise AnchoringError(f"{str(p / ARCH)!r} is not valid JSON") from None
-    seeds = list(arch["seeds"])
-    models = []
-    for i in range(len(seeds)):
-        m = model_from_architecture(arch)
-        try:
-            m.load_state_dict({k: tensors[f"param.{k}"][i] for k in m.state_dict()})
-        except (KeyError, RuntimeError, IndexError) as e:
-            raise AnchoringError(f"{str(p)!r}: checkpoint does not match its config ({type(e).__name__})") from None
-        m.eval()
-        models.append(m)
-    summary = json.loads((p / SUMMARY).read_text()) if (p / SUMMARY).is_file() else None
-    return Run(p, cfg, seeds, models, summary)
+def read_metrics(run_dir: Path) -> pd.DataFrame:
+    """metrics.csv in long format: id columns (step, seed, and arm where a run has arms),
+    then `metric` and `value`, one row per number."""
+    p = run_dir / METRICS
+    if not p.is_file():
+        raise AnchoringError(f"{str(run_dir)!r} has no {METRICS}")
+    try:
+        wide = pd.read_csv(p)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+        raise AnchoringError(f"{str(p)!r} is not a metrics table ({type(e).__name__})") from None
+    ids = [c for c in ID_COLUMNS if c in wide.columns]
+    if "step" not in ids or "seed" not in ids or len(ids) == len(wide.columns):
+        raise AnchoringError(f"{str(p)!r} is not a metrics table (needs step, seed and metric columns)")
+    values = wide.drop(columns=ids)
+    if not all(pd.api.types.is_numeric_dtype(t) for t in values.dtypes):
+        raise AnchoringError(f"{str(p)!r} is not a metrics table (non-numeric values)")
+    return wide.melt(id_vars=ids, var_name="metric", value_name="value")

@@ -1,4 +1,4 @@
-"""Benchmark suite: `anchoring bench` (or `python -m anchoring.benchmarks`).
+"""Benchmark suite behind `anchoring bench`.
 
 Every case runs in a fresh process, so its peak memory is its own and no case warms caches
 for the next; repeats are interleaved (baseline, E=1, E=16, …, baseline, …) so a noisy

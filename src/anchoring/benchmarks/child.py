@@ -6,7 +6,7 @@ import json
 import sys
 
 from anchoring.benchmarks import cases
-from anchoring.cli import default_threads
+from anchoring.runtime import default_threads
 
 
 def main(argv: list[str]) -> None:

@@ -1,15 +1,16 @@
 """Relearning attack: does a deleted concept come back after a little fine-tuning?
 
-Fine-tune an edited model on K samples of the concept (plus optional retain data drawn
-from everything else) and record the concept's reconstruction error after every step.
-The baseline is the same architecture trained with no anchoring, with the concept
-direction found post hoc (difference of means) and projected out of the weights.
+Fine-tune an edited model on K samples of the concept (plus optional retain data) and record
+the concept's error after every step. The baseline is the same architecture trained with no
+anchoring, with the concept direction found post hoc (difference of means) and projected out
+of the weights. The task's loss and error come from the caller, so this knows no model.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -45,20 +46,20 @@ class Curve:
         return int(hit[0]) if len(hit) else None
 
 
-def relearn(model: nn.Module, samples: torch.Tensor, probe: torch.Tensor, steps: int, lr: float = 0.01,
-            retain: torch.Tensor | None = None) -> Curve:
-    """Fine-tune a copy with Adam on `samples` (+ `retain`), full batch; error measured on `probe`."""
+def relearn(model: nn.Module, loss: Callable[[nn.Module], torch.Tensor], error: Callable[[nn.Module], torch.Tensor],
+            steps: int, lr: float = 0.01) -> Curve:
+    """Fine-tune a copy with Adam on `loss(model)` (full batch); `error(model)` measured before each
+    step and after the last. Any model, any task: the caller says what is learned and what is measured."""
     m = copy.deepcopy(model)
     m.train()
     opt = torch.optim.Adam(m.parameters(), lr=lr)
-    data = samples if retain is None else torch.cat([samples, retain])
     errors = []
     for _ in range(steps + 1):
         with torch.no_grad():
-            errors.append((m(probe).clamp(0, 1) - probe).pow(2).mean())
+            errors.append(error(m).detach())
         if len(errors) > steps:
             break
         opt.zero_grad(set_to_none=True)
-        (m(data) - data).pow(2).mean().backward()
+        loss(m).backward()
         opt.step()
     return Curve(torch.stack(errors))

@@ -19,9 +19,22 @@ from torch import nn
 
 from anchoring.anchor.capture import resolve_site
 from anchoring.errors import AnchoringError
-from anchoring.models.colour_ae import L2Normalize
 
-PASS_THROUGH = (nn.Identity, nn.Dropout, L2Normalize)  # safe between producer and site
+
+
+def _passes_through(module: nn.Module, inputs: tuple, output: object) -> bool:
+    """A parameter-free leaf that only rescales each vector (identity, eval-mode dropout, an L2
+    normalisation …) keeps a zeroed dim or a removed direction absent, so it may sit between the
+    producing Linear and the site. Checked on the probe pass itself: the output must be a
+    positive multiple of the input, vector by vector — an element-wise nonlinearity is not."""
+    if any(True for _ in module.parameters()) or not inputs or not isinstance(output, torch.Tensor):
+        return False
+    x = inputs[0]
+    if not isinstance(x, torch.Tensor) or x.shape != output.shape:
+        return False
+    cos = F.cosine_similarity(x.flatten(0, -2).double(), output.flatten(0, -2).double(), dim=-1)
+    tiny = x.flatten(0, -2).norm(dim=-1) < 1e-12
+    return bool(((cos > 1 - 1e-6) | tiny).all())
 
 
 @dataclass
@@ -63,7 +76,7 @@ def find_layout(model: nn.Module, site: str, probe: torch.Tensor) -> Layout:
     # walk back to the producing Linear through pass-through modules only
     j = idx
     while j >= 0 and not isinstance(order[j][1], nn.Linear):
-        if not isinstance(order[j][1], PASS_THROUGH):
+        if not _passes_through(order[j][1], order[j][2], order[j][3]):
             raise AnchoringError(f"cannot edit weights at {site!r}: {order[j][0]} ({type(order[j][1]).__name__}) sits between it and the Linear that writes it")
         j -= 1
     if j < 0:

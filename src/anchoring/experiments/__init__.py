@@ -1,13 +1,16 @@
-"""Built-in experiments: TOML specs (with dopesheet CSVs) shipped as package data."""
+"""Built-in experiments (TOML specs with dopesheet CSVs, shipped as package data) and reading
+any spec or run config into its kind's validated config."""
 
 from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from anchoring.config import ExperimentConfig, load_config
+from anchoring.config import ExperimentBase
 from anchoring.errors import AnchoringError
+from anchoring.kinds import apply_overrides, validate_config
 
 HERE = Path(__file__).parent
 DEFAULT = "anchored"
@@ -30,7 +33,7 @@ def builtin() -> dict[str, Spec]:
 
 
 def find(name_or_path: str) -> Path:
-    """A built-in name, its `ex-<upstream>` alias, or a path to a TOML file."""
+    """A built-in name, its `ex-<upstream>` alias, or a path to a TOML file or run directory."""
     specs = builtin()
     if name_or_path in specs:
         return specs[name_or_path].path
@@ -47,5 +50,38 @@ def find(name_or_path: str) -> Path:
     raise AnchoringError(f"unknown experiment {name_or_path!r} (see `anchoring list`: {', '.join(specs)})")
 
 
-def load(name_or_path: str, overrides: list[str] | None = None) -> ExperimentConfig:
+def _inline_schedule(sched: Any, base: Path) -> Any:
+    """A `.csv` path (relative to `base`) becomes the file's text; anything else passes through."""
+    if isinstance(sched, str) and "\n" not in sched and sched.strip().endswith(".csv"):
+        csv_path = base / sched.strip()
+        try:
+            return csv_path.read_text()
+        except OSError as e:
+            raise AnchoringError(f"cannot read schedule {str(csv_path)!r}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise AnchoringError(f"schedule {str(csv_path)!r} is not UTF-8 text") from None
+    return sched
+
+
+def load_config(path: Path, overrides: list[str] | None = None) -> ExperimentBase:
+    """Read a spec or a run's config.toml, inline its schedule, apply overrides, validate."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise AnchoringError(f"cannot read {str(path)!r}: {e.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise AnchoringError(f"{path.name}: not valid TOML ({e})") from None
+    if overrides:
+        data = apply_overrides(data, overrides, path.name)
+    # a schedule given on the command line is relative to where the user stands
+    from_cli = any(o.split("=", 1)[0].strip() == "schedule" for o in overrides or [])
+    if "schedule" in data:
+        data["schedule"] = _inline_schedule(data.get("schedule"), Path.cwd() if from_cli else path.parent)
+    for variant in data.get("variants", []) if isinstance(data.get("variants"), list) else []:
+        if isinstance(variant, dict):
+            variant["schedule"] = _inline_schedule(variant.get("schedule"), path.parent)
+    return validate_config(data, path.name)
+
+
+def load(name_or_path: str, overrides: list[str] | None = None) -> ExperimentBase:
     return load_config(find(name_or_path), overrides)

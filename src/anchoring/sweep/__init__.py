@@ -22,13 +22,15 @@ from typing import Callable
 
 import torch
 
-from anchoring import api, experiments, runs
-from anchoring.config import ExperimentConfig
+from anchoring import experiments, lifecycle, runs
+from anchoring.config import ExperimentBase
 from anchoring.errors import AnchoringError
+from anchoring.kinds import kind_of
 from anchoring.report import html
 from anchoring.sweep.worker import SHARD_CONFIG
 from anchoring.train.checkpoint import FORMAT, atomic_save, read_checkpoint
-from anchoring.train.loop import CHECKPOINT
+
+CHECKPOINT = "checkpoint.safetensors"
 
 Progress = Callable[[int, int], None]
 
@@ -37,7 +39,7 @@ Progress = Callable[[int, int], None]
 class Shard:
     point: int  # index into the grid points
     seeds: list[int]
-    config: ExperimentConfig
+    config: ExperimentBase
     dir: Path
 
     @property
@@ -57,6 +59,9 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
             raise AnchoringError(f"--grid {item!r}: expected key=v1,v2,…")
         if key.strip() in (k for k, _ in grid):
             raise AnchoringError(f"--grid key {key.strip()!r} given twice")
+        dup = sorted({v for v in vals if vals.count(v) > 1})
+        if dup:
+            raise AnchoringError(f"--grid {key.strip()}: value(s) {', '.join(dup)} given twice (each grid point must be distinct)")
         grid.append((key.strip(), vals))
     return grid
 
@@ -74,17 +79,18 @@ def point_name(overrides: list[str]) -> str:
 
 
 def plan(experiment: str, sets: list[str], grid: list[tuple[str, list[str]]], workers: int,
-         root: Path) -> tuple[list[ExperimentConfig], list[Shard]]:
+         root: Path) -> tuple[list[ExperimentBase], list[Shard]]:
     """Configs per grid point and the shards that train them (validated before anything runs)."""
     configs, shards = [], []
     points = grid_points(grid)
     for i, extra in enumerate(points):
         cfg = experiments.load(experiment, [*sets, *extra])
-        if cfg.kind != "train":
-            raise AnchoringError(f"{cfg.name!r} is a {cfg.kind!r} experiment; sweeps shard training runs only")
+        if "sweep" not in kind_of(cfg).studies or getattr(cfg, "study", None):
+            what = f"a {cfg.study!r} study" if getattr(cfg, "study", None) else f"a {cfg.kind!r} experiment"
+            raise AnchoringError(f"{cfg.name!r} is {what}; sweeps shard the seeds of plain colour runs only")
         if cfg.train.seed_list is not None or cfg.train.term_masks is not None:
             raise AnchoringError("sweeps set the seeds themselves; remove train.seed_list / train.term_masks")
-        api.validate(cfg)
+        lifecycle.validate(cfg)
         configs.append(cfg)
         seeds = cfg.train.member_seeds()
         # reactive controllers decide from metrics of the whole ensemble: such a run cannot be split by seed
@@ -95,6 +101,21 @@ def plan(experiment: str, sets: list[str], grid: list[tuple[str, list[str]]], wo
             shard_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed_list": block})})
             shards.append(Shard(i, block, shard_cfg, root / "shards" / f"p{i:03d}-s{block[0]}-{block[-1]}"))
     return configs, shards
+
+
+def check_continuation(out: Path, shards: list[Shard]) -> None:
+    """Continuing a sweep reuses its shards only when they were planned from the very same
+    resolved config; anything else would mix old weights under new settings, so it is refused."""
+    root = out / "shards"
+    if not root.is_dir():
+        return
+    planned = {s.dir.name: s for s in shards}
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        s = planned.get(d.name)
+        old = d / SHARD_CONFIG
+        if s is None or (old.is_file() and old.read_text() != s.config.to_toml()):
+            raise AnchoringError(f"{str(out)!r} holds a sweep with other settings (shard {d.name} differs); "
+                                 f"continue it with the same command, or choose another --out")
 
 
 def merge_checkpoints(paths: list[Path], out: Path) -> None:
@@ -124,9 +145,13 @@ def sweep(experiment: str, out: Path, *, sets: list[str] | None = None, grid: li
     grid = grid or []
     if workers < 1:
         raise AnchoringError(f"--workers must be ≥ 1, got {workers}")
+    if out.exists() and not out.is_dir():
+        raise AnchoringError(f"{str(out)!r} is a file, not a sweep directory (choose another --out)")
     if out.exists() and any(out.iterdir()) and not (out / "shards").is_dir():
         raise AnchoringError(f"{str(out)!r} already exists and is not a sweep to continue")
     configs, shards = plan(experiment, sets or [], grid, workers, out)
+    check_continuation(out, shards)
+    runs.check_writable(out)
     for s in shards:
         s.dir.mkdir(parents=True, exist_ok=True)
         runs.write_atomic(s.dir / SHARD_CONFIG, s.config.to_toml())
@@ -147,18 +172,18 @@ def sweep(experiment: str, out: Path, *, sets: list[str] | None = None, grid: li
         path = out if not grid else out / "points" / point_name(extra)
         path.mkdir(parents=True, exist_ok=True)
         runs.write_atomic(path / runs.CONFIG, cfg.to_toml())
-        runs.write_atomic(path / runs.ARCH, json.dumps(runs.architecture(cfg), indent=2))
+        (path / runs.SUMMARY).unlink(missing_ok=True)  # a continued sweep re-evaluates its merged run
         merge_checkpoints([s.dir / CHECKPOINT for s in shards if s.point == i], path / CHECKPOINT)
-        outcome = api.resume(path)  # at the last step: evaluates, draws and reports, trains nothing
+        outcome = lifecycle.finish_merged(path)  # at the last step: evaluates, draws and reports, trains nothing
         results.append((extra, outcome))
     summary = _sweep_summary(experiment, grid, shards, results, workers, backend, train_s, time.perf_counter() - t0)
     if grid:
         _write_grid_report(out, summary, results)
     else:
-        merged = json.loads((out / runs.SUMMARY).read_text())
+        merged = runs.read_json(out / runs.SUMMARY)
         merged["sweep"] = summary["sweep"]
         merged["timing"] = summary["timing"]
-        runs.write_atomic(out / runs.SUMMARY, json.dumps(merged, indent=2))
+        runs.write_json(out / runs.SUMMARY, merged)
         summary = merged
     return summary
 
@@ -195,4 +220,4 @@ def _write_grid_report(out: Path, summary: dict, results) -> None:
         sections.append((f"{', '.join(extra)}: latent slices (full report: {o.path.relative_to(out)}/report.html)",
                          html.image_html(o.path / "figures" / "latent_slices.png", "latent slices")))
     runs.write_atomic(out / runs.REPORT, html.page(f"anchoring sweep: {summary['experiment']}", sections))
-    runs.write_atomic(out / runs.SUMMARY, json.dumps(summary, indent=2))
+    runs.write_json(out / runs.SUMMARY, summary)

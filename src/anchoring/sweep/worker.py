@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 
 from anchoring.atomic import write_atomic
-from anchoring.config import load_config
-from anchoring.train import train
-from anchoring.train.loop import CHECKPOINT
+from anchoring.experiments import load_config
+from anchoring.kinds.colour.training import CHECKPOINT, train
 
 SHARD_CONFIG = "shard.toml"
 DONE = "done"
@@ -47,8 +46,7 @@ def run_shard(shard_dir: Path) -> None:
     if (shard_dir / DONE).is_file():
         return
     cfg = load_config(shard_dir / SHARD_CONFIG)
-    resume = (shard_dir / CHECKPOINT).is_file()
-    train(cfg, shard_dir, resume=resume, callbacks=_fault_callback(shard_dir))
+    train(cfg, shard_dir, callbacks=_fault_callback(shard_dir))  # resumes from the shard's checkpoint if any
     write_atomic(shard_dir / DONE, "ok\n")
 
 

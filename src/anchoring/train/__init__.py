@@ -1,6 +1,6 @@
-"""Training: ensembles in lockstep, data streams, objective, checkpoints."""
+"""Training machinery shared by every kind: the loop skeleton, ensembles, data streams, checkpoints."""
 
 from anchoring.train.ensemble import Ensemble
-from anchoring.train.loop import TrainingInterrupted, TrainResult, train
+from anchoring.train.skeleton import Diverged, TrainingInterrupted, fit
 
-__all__ = ["Ensemble", "TrainResult", "TrainingInterrupted", "train"]
+__all__ = ["Diverged", "Ensemble", "TrainingInterrupted", "fit"]

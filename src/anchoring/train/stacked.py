@@ -17,8 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anchoring.models.colour_ae import L2Normalize
-
 Stacked = dict[str, torch.Tensor]
 
 
@@ -45,9 +43,10 @@ def _elementwise(module: nn.Module) -> Callable[[torch.Tensor, Stacked], torch.T
         return lambda x, _p: torch.sigmoid(x)
     if isinstance(module, (nn.Identity, nn.Dropout)) and not (isinstance(module, nn.Dropout) and module.p > 0):
         return lambda x, _p: x
-    if isinstance(module, L2Normalize):
-        eps = module.eps
-        return lambda x, _p: x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+    if not any(True for _ in module.parameters()) and not any(True for _ in module.buffers()):
+        # parameter-free per-vector ops (e.g. an L2 normalisation) act on (E, N, D) as on (N, D);
+        # the numeric probe in `try_stacked` rejects any whose forward does not
+        return lambda x, _p: module(x)
     return None
 
 

@@ -81,6 +81,31 @@ class ColourLanguage:
     def op_token(self, symbol: str) -> int:
         return self.n_colours + OPERATORS.index(symbol)
 
+    def tokenize(self, text: str) -> torch.Tensor:
+        """Token ids of whitespace-separated words: a colour as its three channel levels
+        (`500` is red on 6 levels) and the operators `+ = ~ ^ ;`."""
+        ids = []
+        L = self.lattice.levels
+        for word in text.split():
+            if word in OPERATORS:
+                ids.append(self.op_token(word))
+            elif len(word) == 3 and word.isdigit() and all(int(ch) < L for ch in word):
+                ids.append(int(self.lattice.token(torch.tensor([int(ch) for ch in word]))))
+            else:
+                raise AnchoringError(f"{word!r} is not a word of the colour language (colours are three levels "
+                                     f"0..{L - 1} like '{L - 1}00'; operators: {' '.join(OPERATORS)})")
+        return torch.tensor(ids, dtype=torch.long)
+
+    def words(self, tokens: torch.Tensor) -> list[str]:
+        """The inverse of `tokenize`, one word per token."""
+        out = []
+        for t in tokens.tolist():
+            if t >= self.n_colours:
+                out.append(OPERATORS[t - self.n_colours] if t - self.n_colours < len(OPERATORS) else "?")
+            else:
+                out.append("".join(str(int(c)) for c in self.lattice.channels(torch.tensor(t))))
+        return out
+
     # splits -----------------------------------------------------------------------------
     def mix_pairs(self, split: str) -> torch.Tensor:
         """`(P, 2)` unordered pairs (a ≤ b) of the 'seen' or 'held-out' split."""

@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from anchoring.anchor import Capture, build_term, resolve_site
+from anchoring.anchor.concepts import build_concepts
 from anchoring.anchor.sequence import Positions, SequenceSite, SequenceTerm
 from anchoring.anchor.terms import Concept
-from anchoring.config import ExperimentConfig
+from anchoring.domains.colour import get_labeller
 from anchoring.domains.colour_language import (
     ROLE,
     ColourLanguage,
@@ -26,15 +27,11 @@ from anchoring.domains.colour_language import (
     draw_line_labels,
 )
 from anchoring.errors import AnchoringError
+from anchoring.kinds.transformer.config import TransformerExperiment
 from anchoring.models import NormalizedTransformer
 from anchoring.schedule import Timeline
-from anchoring.train.checkpoint import (
-    read_checkpoint,
-    restore_optimizer,
-    save_checkpoint,
-)
-from anchoring.train.loop import TrainingInterrupted, _StopFlag, flush_denormals
-from anchoring.train.objective import build_concepts, fit_steps, parse_schedule
+from anchoring.train.skeleton import fit
+from anchoring.train.timeline import fit_steps, parse_schedule
 
 PER_VECTOR = ("anchor", "anti-anchor", "subspace", "anti-subspace")  # kinds that make sense per token
 
@@ -61,18 +58,18 @@ class SequenceObjective:
         return list(seen.items())
 
 
-def build_language(cfg: ExperimentConfig) -> ColourLanguage:
+def build_language(cfg: TransformerExperiment) -> ColourLanguage:
     lc = cfg.language
     return ColourLanguage(Lattice(lc.levels), lc.mix_rule, lc.held_out, lc.split_seed)
 
 
-def build_transformer(cfg: ExperimentConfig, lang: ColourLanguage) -> NormalizedTransformer:
+def build_transformer(cfg: TransformerExperiment, lang: ColourLanguage) -> NormalizedTransformer:
     t = cfg.transformer
     return NormalizedTransformer(lang.vocab_size, t.width, t.layers, t.heads, cfg.language.context, t.mlp_ratio,
                                  t.alpha, t.logit_scale)
 
 
-def build_sequence_objective(cfg: ExperimentConfig, model: torch.nn.Module) -> SequenceObjective:
+def build_sequence_objective(cfg: TransformerExperiment, model: torch.nn.Module) -> SequenceObjective:
     """Validate every term against the model's modules and the sites' widths, naming the term."""
     width = cfg.transformer.width
     head_width = width // cfg.transformer.heads
@@ -87,7 +84,7 @@ def build_sequence_objective(cfg: ExperimentConfig, model: torch.nn.Module) -> S
             raise AnchoringError(f"term {label!r}: head {t.head} is outside 0..{cfg.transformer.heads - 1}")
         w = head_width if t.head is not None else width
         if w not in by_width:
-            by_width[w] = build_concepts(cfg, w)
+            by_width[w] = build_concepts(cfg.concepts, w, get_labeller)
         concepts = by_width[w]
         if t.concept is not None and t.concept not in concepts:
             raise AnchoringError(f"term {label!r} names unknown concept {t.concept!r} (defined: {', '.join(concepts) or 'none'})")
@@ -101,17 +98,17 @@ def build_sequence_objective(cfg: ExperimentConfig, model: torch.nn.Module) -> S
     names = [t.name for t in terms]
     if len(set(names)) != len(names):
         raise AnchoringError(f"term names must be unique on a transformer (got {names}); set `name`")
-    concepts = next(iter(by_width.values())) if by_width else build_concepts(cfg, width)  # labellers, for label draws
+    concepts = next(iter(by_width.values())) if by_width else build_concepts(cfg.concepts, width, get_labeller)  # labellers, for label draws
     return SequenceObjective(concepts, terms)
 
 
-def build_sequence_timeline(cfg: ExperimentConfig, objective: SequenceObjective) -> Timeline:
-    timeline = parse_schedule(cfg, objective.weight_names)
+def build_sequence_timeline(cfg: TransformerExperiment, objective: SequenceObjective) -> Timeline:
+    timeline = parse_schedule(cfg.schedule, f"{cfg.name} schedule", objective.weight_names)
     if timeline.actions:
         step = min(timeline.actions)
         raise AnchoringError(f"schedule ACTION {timeline.actions[step][0]!r} at step {step}: transformer runs take no actions "
                              f"(they checkpoint every train.checkpoint_every steps)")
-    return fit_steps(cfg, timeline)
+    return fit_steps(timeline, cfg.train.steps)
 
 
 def batch_seed(seed: int, step: int) -> int:
@@ -127,62 +124,69 @@ class ArmResult:
     metrics: np.ndarray  # (steps, metrics)
 
 
-def train_arm(cfg: ExperimentConfig, seed: int, *, anchored: bool, checkpoint: Path | None = None,
+class ArmTask:
+    """One step of one model: a batch and its label draws from (seed, step), task loss plus the
+    anchored arm's terms, Adam, then the weights back on the sphere."""
+
+    def __init__(self, cfg: TransformerExperiment, seed: int, anchored: bool) -> None:
+        self.cfg, self.seed = cfg, seed
+        self.lang = build_language(cfg)
+        torch.manual_seed(seed)
+        self.model = build_transformer(cfg, self.lang)
+        self.objective = build_sequence_objective(cfg, self.model)
+        self.timeline = build_sequence_timeline(cfg, self.objective)
+        self.terms = self.objective.terms if anchored else []
+        self.table = self.timeline.table()
+        self.col = {n: i for i, n in enumerate(self.timeline.names)}
+        self.names = [*self.timeline.names, "loss", "task", *[t.name for t in self.objective.terms], "labelled_lines"]
+        self.metric_names = ["loss", "task", *[t.name for t in self.terms]]  # what `step` returns
+        self.steps = self.timeline.steps
+        self.rows = np.full((self.steps, len(self.names)), np.nan)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=0.0, betas=cfg.train.betas)
+        self.params = dict(self.model.named_parameters())
+        self.concepts = list(self.objective.concepts.values())
+        self.cap: Capture | None = None
+
+    def lr(self, step: int) -> float:
+        return float(self.table[step][self.col["lr"]])
+
+    def step(self, step: int) -> torch.Tensor:
+        lc, model, terms = self.cfg.language, self.model, self.terms
+        g = torch.Generator().manual_seed(batch_seed(self.seed, step))
+        batch = self.lang.batch(lc.batch_size, lc.context, g, op_weights=lc.op_weights)
+        labels = {c.name: draw_line_labels(self.lang.lattice, c.labeller, batch.colours, g) for c in self.concepts}
+        values = self.table[step]
+        logits = model(batch.inputs)  # the hooks refresh cap.acts in this same pass
+        task = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())
+        term_values = [t(self.cap.acts, batch.roles, batch.line, labels) for t in terms]
+        loss = task + sum((float(values[self.col[t.weight]]) * v for t, v in zip(terms, term_values)), torch.zeros(()))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        model.normalize_weights()
+        tv = {t.name: v.item() for t, v in zip(terms, term_values)}
+        n_lab = sum(float(v.sum()) for v in labels.values())
+        self.rows[step] = [*values, loss.item(), task.item(), *[tv.get(t.name, np.nan) for t in self.objective.terms], n_lab]
+        return torch.tensor([loss.item(), task.item(), *tv.values()])
+
+    def after_step(self, step: int) -> bool:
+        return False
+
+    def state(self, steps_done: int) -> dict[str, torch.Tensor]:
+        return {"metrics": torch.from_numpy(self.rows)}
+
+    def restore(self, steps_done: int, tensors: dict[str, torch.Tensor]) -> None:
+        self.rows[:steps_done] = tensors["metrics"].numpy()[:steps_done]
+
+
+def train_arm(cfg: TransformerExperiment, seed: int, *, anchored: bool, checkpoint: Path | None = None,
               progress: Callable[[int], None] | None = None) -> ArmResult:
     """Train one model; `progress(step)` after each step. Resumes from `checkpoint` if it exists."""
-    lang = build_language(cfg)
-    torch.manual_seed(seed)
-    model = build_transformer(cfg, lang)
-    objective = build_sequence_objective(cfg, model)
-    timeline = build_sequence_timeline(cfg, objective)
-    terms = objective.terms if anchored else []
-    table = timeline.table()
-    col = {n: i for i, n in enumerate(timeline.names)}
-    names = [*timeline.names, "loss", "task", *[t.name for t in objective.terms], "labelled_lines"]
-    rows = np.full((timeline.steps, len(names)), np.nan)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.0, betas=cfg.train.betas)
-    params = dict(model.named_parameters())
-    start = 0
-    if checkpoint is not None and checkpoint.is_file():
-        start, tensors = read_checkpoint(checkpoint)
-        model.load_state_dict({k: tensors[f"param.{k}"] for k in params})
-        restore_optimizer(optimizer, params, tensors)
-        rows[:start] = tensors["metrics"].numpy()[:start]
-    lc = cfg.language
-    concepts = list(objective.concepts.values())
-    every = cfg.train.checkpoint_every
-
-    def save(step: int) -> None:
-        if checkpoint is not None:
-            save_checkpoint(checkpoint, step, params, optimizer, {"metrics": torch.from_numpy(rows)})
-
-    with _StopFlag() as stop, flush_denormals(), Capture(model, [t.site.module for t in terms]) as cap:
-        model.train()
-        for step in range(start, timeline.steps):
-            g = torch.Generator().manual_seed(batch_seed(seed, step))
-            batch = lang.batch(lc.batch_size, lc.context, g, op_weights=lc.op_weights)
-            labels = {c.name: draw_line_labels(lang.lattice, c.labeller, batch.colours, g) for c in concepts}
-            values = table[step]
-            logits = model(batch.inputs)  # the hooks refresh cap.acts in this same pass
-            task = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())
-            term_values = [t(cap.acts, batch.roles, batch.line, labels) for t in terms]
-            loss = task + sum((float(values[col[t.weight]]) * v for t, v in zip(terms, term_values)), torch.zeros(()))
-            for group in optimizer.param_groups:
-                group["lr"] = float(values[col["lr"]])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            model.normalize_weights()
-            tv = {t.name: v.item() for t, v in zip(terms, term_values)}
-            n_lab = sum(float(v.sum()) for v in labels.values())
-            rows[step] = [*values, loss.item(), task.item(), *[tv.get(t.name, np.nan) for t in objective.terms], n_lab]
-            if progress is not None:
-                progress(step + 1)
-            if stop.set:
-                save(step + 1)
-                raise TrainingInterrupted(step + 1)
-            if (step + 1) % every == 0:
-                save(step + 1)
-    save(timeline.steps)
-    model.eval()
-    return ArmResult(seed, anchored, model, names, rows)
+    task = ArmTask(cfg, seed, anchored)
+    report = (lambda done, _total: progress(done)) if progress is not None else None
+    with Capture(task.model, [t.site.module for t in task.terms]) as cap:
+        task.cap = cap
+        task.model.train()
+        fit(task, checkpoint=checkpoint, every=cfg.train.checkpoint_every, progress=report)
+    task.model.eval()
+    return ArmResult(seed, anchored, task.model, task.names, task.rows)

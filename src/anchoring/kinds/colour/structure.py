@@ -19,12 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from anchoring.domains.colour import hsv_to_rgb, rgb_grid
-from anchoring.evaluate.colour import hue_latents
+from anchoring.kinds.colour.metrics import hue_latents, hue_winding
 
 
 def hue_order_agreement(z_hues: torch.Tensor, dims: tuple[int, int]) -> torch.Tensor:
     """`(..., 12, E)` → `(...)`: majority share of same-direction hue steps, 0 unless winding is ±1."""
-    from anchoring.evaluate.colour import hue_winding
 
     angle = torch.atan2(z_hues[..., dims[1]], z_hues[..., dims[0]])
     step = torch.diff(torch.cat([angle, angle[..., :1]], dim=-1), dim=-1)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import statistics
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -23,15 +22,17 @@ from safetensors.torch import save as st_save
 from anchoring import runs
 from anchoring.anchor import Capture
 from anchoring.anchor.sequence import SequenceSite
-from anchoring.config import ExperimentConfig
 from anchoring.domains.colour.labels import redness
 from anchoring.errors import AnchoringError
-from anchoring.evaluate import transformer as ev
+from anchoring.evaluate.stats import median
+from anchoring.kinds.base import Kind
+from anchoring.kinds.transformer import evaluate as ev
+from anchoring.kinds.transformer import figures as sf
+from anchoring.kinds.transformer.config import TransformerExperiment
 from anchoring.report import html
-from anchoring.report import sequence_figures as sf
 from anchoring.report.figures import save as save_fig
-from anchoring.train.loop import TrainingInterrupted
-from anchoring.train.sequence import (
+from anchoring.train.skeleton import TrainingInterrupted
+from anchoring.kinds.transformer.training import (
     ArmResult,
     build_language,
     build_sequence_objective,
@@ -44,7 +45,7 @@ Progress = Callable[[int, int], None]
 ARCH_KIND = "colour-transformer"
 
 
-def arms(cfg: ExperimentConfig) -> list[str]:
+def arms(cfg: TransformerExperiment) -> list[str]:
     """'anchored' when there are terms; 'control' when asked for, or when nothing is anchored."""
     out = ["anchored"] if cfg.terms else []
     if cfg.transformer.control or not cfg.terms:
@@ -52,7 +53,7 @@ def arms(cfg: ExperimentConfig) -> list[str]:
     return out
 
 
-def validate(cfg: ExperimentConfig) -> int:
+def validate(cfg: TransformerExperiment) -> int:
     """Everything checkable before training (the model builds, terms bind, the schedule fits, edits
     resolve); returns the run length in steps."""
     lang = build_language(cfg)
@@ -75,7 +76,7 @@ def validate(cfg: ExperimentConfig) -> int:
     return steps
 
 
-def edit_targets(cfg: ExperimentConfig, objective, spec) -> list[tuple[SequenceSite, torch.Tensor]]:
+def edit_targets(cfg: TransformerExperiment, objective, spec) -> list[tuple[SequenceSite, torch.Tensor]]:
     """(site, direction) pairs an intervention edits: the concept's anchored sites, or the ones it names."""
     anchors = objective.anchors(spec.concept) if spec.concept else []
     if not anchors:
@@ -91,10 +92,9 @@ def edit_targets(cfg: ExperimentConfig, objective, spec) -> list[tuple[SequenceS
     return out
 
 
-def run(cfg: ExperimentConfig, path: Path, *, progress: Progress | None = None) -> dict[str, Any]:
+def run(cfg: TransformerExperiment, path: Path, *, progress: Progress | None = None) -> dict[str, Any]:
     """Train (or resume: finished steps are read from `arms/`), then evaluate and write the run."""
     steps = validate(cfg)
-    runs.write_atomic(path / runs.ARCH, json.dumps(architecture(cfg), indent=2))
     seeds = cfg.train.member_seeds()
     names = arms(cfg)
     lang = build_language(cfg)
@@ -115,8 +115,7 @@ def run(cfg: ExperimentConfig, path: Path, *, progress: Progress | None = None) 
             raise TrainingInterrupted(e.step, path) from None
     train_s = time.perf_counter() - t0
     summary = finish(cfg, path, lang, results, seeds, names)
-    summary["timing"] = {"train_s": round(train_s, 3), "total_s": round(time.perf_counter() - t0, 3)}
-    runs.write_atomic(path / runs.SUMMARY, json.dumps(summary, indent=2))
+    summary["timing"] = {"train_s": round(train_s, 3)}
     return summary
 
 
@@ -129,7 +128,7 @@ def _init_worker(queue) -> None:
     torch.set_num_threads(1)
 
 
-def _train_job(cfg: ExperimentConfig, arm: str, seed: int, checkpoint: Path) -> None:
+def _train_job(cfg: TransformerExperiment, arm: str, seed: int, checkpoint: Path) -> None:
     def report(step: int) -> None:
         if step % 10 == 0:
             _queue.put(((arm, seed), step))
@@ -137,7 +136,7 @@ def _train_job(cfg: ExperimentConfig, arm: str, seed: int, checkpoint: Path) -> 
     train_arm(cfg, seed, anchored=arm == "anchored", checkpoint=checkpoint, progress=report)
 
 
-def _train_in_processes(cfg: ExperimentConfig, jobs: list[tuple[str, int]], ckpt: dict, workers: int, steps: int,
+def _train_in_processes(cfg: TransformerExperiment, jobs: list[tuple[str, int]], ckpt: dict, workers: int, steps: int,
                         path: Path, progress: Progress | None) -> None:
     """Train every (arm, seed) in its own process, one per core; each resumes from its own checkpoint.
 
@@ -176,17 +175,12 @@ def _train_in_processes(cfg: ExperimentConfig, jobs: list[tuple[str, int]], ckpt
         listener.join()
 
 
-def architecture(cfg: ExperimentConfig) -> dict[str, Any]:
+def architecture(cfg: TransformerExperiment) -> dict[str, Any]:
     return {"kind": ARCH_KIND, **cfg.transformer.model_dump(mode="json"), "vocab": build_language(cfg).vocab_size,
             "context": cfg.language.context, "seeds": cfg.train.member_seeds(), "arms": arms(cfg)}
 
 
-def _median(xs: list[float]) -> float:
-    xs = [x for x in xs if not np.isnan(x)]
-    return statistics.median(xs) if xs else float("nan")
-
-
-def finish(cfg: ExperimentConfig, path: Path, lang, results: dict[tuple[str, int], ArmResult], seeds: list[int],
+def finish(cfg: TransformerExperiment, path: Path, lang, results: dict[tuple[str, int], ArmResult], seeds: list[int],
            names: list[str]) -> dict[str, Any]:
     tc, ctx = cfg.transformer, cfg.language.context
     first = next(iter(results.values()))
@@ -208,7 +202,7 @@ def finish(cfg: ExperimentConfig, path: Path, lang, results: dict[tuple[str, int
     header = ["step", "seed", "anchored", *first.metric_names]
     table = [np.column_stack([np.arange(len(r.metrics)), np.full(len(r.metrics), seed), np.full(len(r.metrics), arm == "anchored"), r.metrics])
              for (arm, seed), r in results.items()]
-    runs.write_metrics_csv(path / runs.METRICS, header, np.concatenate(table))
+    runs.write_metrics_csv(path / runs.METRICS, header, np.concatenate(table), integer_columns=3)
     runs.write_atomic(path / "checkpoint.safetensors", st_save(
         {f"{arm}.{seed}.{k}": v.detach().contiguous() for (arm, seed), r in results.items() for k, v in r.model.state_dict().items()},
         metadata={"format": "anchoring-transformer-1"}))
@@ -263,8 +257,8 @@ def finish(cfg: ExperimentConfig, path: Path, lang, results: dict[tuple[str, int
     return summary
 
 
-def summarize(cfg: ExperimentConfig, rows: list[dict], edits: dict, anchors, names: list[str]) -> dict[str, Any]:
-    med = {a: {k: _median([r[k] for r in rows if r["arm"] == a]) for k in rows[0] if k not in ("seed", "arm")
+def summarize(cfg: TransformerExperiment, rows: list[dict], edits: dict, anchors, names: list[str]) -> dict[str, Any]:
+    med = {a: {k: median([r[k] for r in rows if r["arm"] == a]) for k in rows[0] if k not in ("seed", "arm")
                and all(k in r for r in rows if r["arm"] == a)} for a in names}
     summary: dict[str, Any] = {"experiment": cfg.name, "upstream": cfg.upstream, "kind": "transformer",
                                "seeds": [], "anchored_seeds": None, "models": rows, "median": med}
@@ -272,7 +266,7 @@ def summarize(cfg: ExperimentConfig, rows: list[dict], edits: dict, anchors, nam
     if "anchored" in names and "control" in names:
         gaps = [a["held-out"] - c["held-out"] for a in rows if a["arm"] == "anchored"
                 for c in rows if c["arm"] == "control" and c["seed"] == a["seed"]]
-        targets["held-out gap (anchored − control)"] = {"per_seed": gaps, "median": _median(gaps),
+        targets["held-out gap (anchored − control)"] = {"per_seed": gaps, "median": median(gaps),
                                                         "met": bool(gaps) and all(abs(g) <= 0.02 for g in gaps)}
     for s, _ in anchors:
         key = f"{s} a"
@@ -284,8 +278,8 @@ def summarize(cfg: ExperimentConfig, rows: list[dict], edits: dict, anchors, nam
         block = {}
         for arm, items in per_arm.items():
             block[arm] = {"per_seed": items,
-                          "red_answer_drop": _median([e["red_answer_drop"] for e in items]),
-                          "no_red_drop": _median([e["no_red_drop"] for e in items])}
+                          "red_answer_drop": median([e["red_answer_drop"] for e in items]),
+                          "no_red_drop": median([e["no_red_drop"] for e in items])}
         summary["interventions"][name] = block
         if "anchored" in block:
             a = block["anchored"]
@@ -327,7 +321,7 @@ def figures(cfg, path: Path, lang, results, maps, map_sites, curves, anchors) ->
              figdir / "training_curves.png")
 
 
-def write_report(cfg: ExperimentConfig, path: Path, summary: dict[str, Any]) -> None:
+def write_report(cfg: TransformerExperiment, path: Path, summary: dict[str, Any]) -> None:
     figs = path / "figures"
     keys = ["seed", "arm", *ev.SETS, "red answer", "red-ish", "no red"]
     model_rows = [[r.get(k, "") for k in keys] for r in summary["models"]]
@@ -354,3 +348,64 @@ def write_report(cfg: ExperimentConfig, path: Path, summary: dict[str, Any]) -> 
         ("Resolved config", f"<pre>{html.html.escape(cfg.to_toml())}</pre>"),
     ]
     runs.write_atomic(path / runs.REPORT, html.page(f"anchoring: {cfg.name}", sections))
+
+
+class TransformerKind(Kind):
+    name = "transformer"
+    config = TransformerExperiment
+
+    def validate(self, cfg: TransformerExperiment) -> None:
+        validate(cfg)
+
+    def architecture(self, cfg: TransformerExperiment) -> dict[str, Any]:
+        return architecture(cfg)
+
+    def execute(self, cfg: TransformerExperiment, path: Path, progress: Progress | None) -> dict[str, Any]:
+        return run(cfg, path, progress=progress)
+
+    def has_checkpoint(self, path: Path) -> bool:
+        return (path / "arms").is_dir() or (path / "checkpoint.safetensors").is_file()
+
+    def open(self, path: Path, cfg: TransformerExperiment, arch: dict[str, Any], summary: dict[str, Any] | None):
+        from anchoring.kinds.transformer.model import open_run
+
+        return open_run(path, cfg, arch, summary)
+
+    def summary_lines(self, summary: dict[str, Any]) -> list[Any]:
+        return summary_lines(summary)
+
+    def intervene(self, run_, spec):
+        from anchoring.kinds.transformer import control
+
+        return control.intervene(run_, spec)
+
+    def delete(self, run_, spec, out: Path):
+        from anchoring.kinds.transformer import control
+
+        return control.delete(run_, spec, out)
+
+
+KIND = TransformerKind()
+
+
+def summary_lines(summary: dict[str, Any]) -> list[Any]:
+    from rich.table import Table
+
+    if "edit" in summary:  # an edited run
+        from anchoring.kinds.transformer.control import _table
+
+        return [_table(f"{summary['experiment']}: deleted {summary['edit']['concept']}", summary["edit_rows"])]
+    keys = ["seed", "arm", "seen", "held-out", "complement", "lighten", "red answer", "no red"]
+    table = Table(title=f"{summary['experiment']}: exact match per model")
+    for k in keys:
+        table.add_column(k, justify="right")
+    for r in summary["models"]:
+        table.add_row(*[f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys])
+    lines: list[Any] = [table]
+    for name, block in summary.get("interventions", {}).items():
+        for arm, b in block.items():
+            lines.append(f"{name} [{arm}, {b['per_seed'][0]['direction']}]: accuracy drop on red answers "
+                         f"{b['red_answer_drop']:+.3f}, on equations without red {b['no_red_drop']:+.3f} (median over seeds)")
+    for name, t in summary.get("targets", {}).items():
+        lines.append(f"{'met ' if t['met'] else 'MISS'}  {name}: {t['median']:.3f}")
+    return lines

@@ -1,13 +1,13 @@
-"""From a config to the pieces of the loss: concepts, terms, and the data they read."""
+"""From a colour config to the pieces of the loss: concepts, terms, and the data they read."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from anchoring.anchor import Concept, Term, build_term
-from anchoring.config import ExperimentConfig
+from anchoring.anchor.concepts import build_concepts
 from anchoring.domains.colour import (
     get_labeller,
     hsv_grid,
@@ -16,10 +16,11 @@ from anchoring.domains.colour import (
     rgb_to_hsv,
 )
 from anchoring.errors import AnchoringError
+from anchoring.kinds.colour.config import ColourExperiment
 from anchoring.models import ColourAutoencoder
-from anchoring.schedule import Timeline, parse_dopesheet
+from anchoring.schedule import Timeline
+from anchoring.train.timeline import fit_steps, parse_schedule
 
-SCHEDULED = ("lr",)  # non-regularizer columns a schedule must provide
 OPTIONAL = ("extent",)  # columns with a meaning of their own: extent drives the data curriculum
 ACTIONS = ("snapshot", "checkpoint")  # events a dopesheet ACTION cell may fire
 
@@ -38,36 +39,13 @@ class Objective:
         return list(dict.fromkeys(t.weight for t in self.terms))
 
 
-def build_model(cfg: ExperimentConfig) -> ColourAutoencoder:
+def build_model(cfg: ColourExperiment) -> ColourAutoencoder:
     m = cfg.model
     return ColourAutoencoder(m.latent_dim, tuple(m.hidden), m.normalize, m.output)
 
 
-def build_concepts(cfg: ExperimentConfig, width: int) -> dict[str, Concept]:
-    """Concepts by name, with anchors checked against the width of the space they live in."""
-    concepts: dict[str, Concept] = {}
-    for c in cfg.concepts:
-        if c.name in concepts:
-            raise AnchoringError(f"concept {c.name!r} is defined twice")
-        if c.anchor is not None and c.axis is not None:
-            raise AnchoringError(f"concept {c.name!r}: give an anchor or an axis, not both")
-        anchor = tuple(c.anchor) if c.anchor else None
-        if c.axis is not None:
-            if c.axis >= width:
-                raise AnchoringError(f"concept {c.name!r}: axis {c.axis} is outside 0..{width - 1}")
-            anchor = tuple(1.0 if i == c.axis else 0.0 for i in range(width))
-        if anchor is not None and len(anchor) != width:
-            raise AnchoringError(f"concept {c.name!r}: anchor has {len(anchor)} entries, the anchored space has {width}")
-        labeller = get_labeller(c.labeller or c.name)
-        if c.label_scale is not None:
-            labeller = replace(labeller, scale=c.label_scale)
-        dims = tuple(c.dims) if c.dims else ((c.axis,) if c.axis is not None else None)
-        concepts[c.name] = Concept(c.name, labeller, anchor, dims)
-    return concepts
-
-
-def build_objective(cfg: ExperimentConfig) -> Objective:
-    concepts = build_concepts(cfg, cfg.model.latent_dim)
+def build_objective(cfg: ColourExperiment) -> Objective:
+    concepts = build_concepts(cfg.concepts, cfg.model.latent_dim, get_labeller)
     terms: list[Term] = []
     for t in cfg.terms:
         if t.positions is not None or t.head is not None:
@@ -84,9 +62,9 @@ def build_objective(cfg: ExperimentConfig) -> Objective:
     return Objective(list(concepts.values()), terms)
 
 
-def build_timeline(cfg: ExperimentConfig, objective: Objective) -> Timeline:
+def build_timeline(cfg: ColourExperiment, objective: Objective) -> Timeline:
     """Parse the schedule and check it against the terms, both ways, naming the column."""
-    timeline = parse_schedule(cfg, objective.weight_names, OPTIONAL)
+    timeline = parse_schedule(cfg.schedule, f"{cfg.name} schedule", objective.weight_names, OPTIONAL)
     for step, acts in timeline.actions.items():
         for a in acts:
             if a not in ACTIONS:
@@ -97,31 +75,10 @@ def build_timeline(cfg: ExperimentConfig, objective: Objective) -> Timeline:
             raise AnchoringError(f"reactive: schedule has no column {r.param!r} to steer")
         if r.metric not in metrics:
             raise AnchoringError(f"reactive: unknown metric {r.metric!r} (metrics: {', '.join(metrics)})")
-    return fit_steps(cfg, timeline)
+    return fit_steps(timeline, cfg.train.steps)
 
 
-def parse_schedule(cfg: ExperimentConfig, weights: list[str], optional: tuple[str, ...] = ()) -> Timeline:
-    """The dopesheet, with its columns checked against the term weights both ways (shared by every model kind)."""
-    timeline = parse_dopesheet(cfg.schedule, source=f"{cfg.name} schedule")
-    used = set(weights) | set(SCHEDULED) | set(optional)
-    for col in timeline.names:
-        if col not in used:
-            raise AnchoringError(f"schedule column {col!r} is not used by any term (term weights: {', '.join(weights) or 'none'}; "
-                                 f"other columns: {', '.join([*SCHEDULED, *optional])})")
-    for col in [*SCHEDULED, *weights]:
-        if col not in timeline.tracks:
-            raise AnchoringError(f"schedule has no column {col!r} (needed by {'the optimiser' if col in SCHEDULED else 'a term'})")
-    return timeline
-
-
-def fit_steps(cfg: ExperimentConfig, timeline: Timeline) -> Timeline:
-    """Stretch the timeline to `train.steps` when the run asks for another length."""
-    if cfg.train.steps is not None and cfg.train.steps != timeline.steps:
-        return timeline.rescaled(cfg.train.steps)
-    return timeline
-
-
-def check_curriculum(cfg: ExperimentConfig, timeline: Timeline) -> None:
+def check_curriculum(cfg: ColourExperiment, timeline: Timeline) -> None:
     """With an `extent` column, the smallest extent must still leave some point to sample."""
     if "extent" not in timeline.tracks:
         return
@@ -133,7 +90,7 @@ def check_curriculum(cfg: ExperimentConfig, timeline: Timeline) -> None:
         raise AnchoringError(f"curriculum: at extent {lowest:g} no training point has any weight (depth 0 = the six primaries/secondaries)")
 
 
-def training_points(cfg: ExperimentConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def training_points(cfg: ColourExperiment) -> tuple[torch.Tensor, torch.Tensor]:
     """(points `(N, 3)` RGB, sampling weights `(N,)`) for the configured grid."""
     d = cfg.data
     if d.space == "rgb":

@@ -1,0 +1,84 @@
+"""The experiment kinds, as sibling packages, and the one registry that maps a config's `kind`
+to its implementation. Nothing else in the project dispatches on `kind`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Union
+
+from pydantic import Field, TypeAdapter, ValidationError
+
+from anchoring.config import ExperimentBase, one_line, parse_value
+from anchoring.errors import AnchoringError
+from anchoring.kinds.base import Kind
+from anchoring.kinds.colour import KIND as COLOUR
+from anchoring.kinds.figures import KIND as FIGURES
+from anchoring.kinds.transformer import KIND as TRANSFORMER
+
+REGISTRY: dict[str, Kind] = {k.name: k for k in (COLOUR, TRANSFORMER, FIGURES)}
+
+_ADAPTER = TypeAdapter(Annotated[Union[tuple(k.config for k in REGISTRY.values())], Field(discriminator="kind")])  # type: ignore[misc]
+
+# kind names written by earlier versions, so old run directories still open
+_LEGACY = {"train": {"kind": "colour"}, "compare": {"kind": "colour", "study": "compare"},
+           "combinations": {"kind": "colour", "study": "combinations"},
+           "lobes": {"kind": "figures", "figures": "lobes"}, "colour-spaces": {"kind": "figures", "figures": "colour-spaces"},
+           "transitions": {"kind": "figures", "figures": "transitions"}}
+
+
+def kind_of(cfg: ExperimentBase) -> Kind:
+    return REGISTRY[cfg.kind]
+
+
+def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    kind = data.get("kind", "colour")
+    if isinstance(kind, str) and kind in _LEGACY:
+        data = {**data, **_LEGACY[kind]}
+    data.setdefault("kind", "colour")
+    return data
+
+
+def validate_config(data: dict[str, Any], source: str) -> ExperimentBase:
+    """A config dict as its kind's pydantic model; every problem is one line naming the key."""
+    data = _upgrade(data)
+    kind = data.get("kind")
+    if kind not in REGISTRY:
+        raise AnchoringError(f"{source}: kind: unknown kind {kind!r} (kinds: {', '.join(REGISTRY)})")
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValidationError as e:
+        raise AnchoringError(one_line(e, source, kind)) from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
+    """Apply `key.path=value` overrides to a config dict; a key the experiment's kind does not
+    have is an error naming the key and the kind."""
+    data = _upgrade(data)
+    cfg = validate_config(data, source)
+    template = cfg.model_dump(mode="python")
+    for item in overrides:
+        if "=" not in item:
+            raise AnchoringError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node, shape = data, template
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(shape, list):
+                if not part.isdigit() or int(part) >= len(shape):
+                    raise AnchoringError(f"unknown --set key {key!r}: {part!r} is not an index below {len(shape)}")
+                part_key: Any = int(part)
+            elif isinstance(shape, dict) and part in shape:
+                part_key = part
+            else:
+                known = ", ".join(sorted(shape)) if isinstance(shape, dict) else "(none)"
+                raise AnchoringError(f"unknown --set key {key!r} for a {cfg.kind!r} experiment (valid keys here: {known})")
+            if last:
+                node[part_key] = parse_value(raw.strip())
+            else:
+                if isinstance(node, dict) and part_key not in node:
+                    node[part_key] = {}
+                node, shape = node[part_key], shape[part_key]
+    return data
+
+
+__all__ = ["REGISTRY", "Kind", "apply_overrides", "kind_of", "validate_config"]

@@ -1,0 +1,95 @@
+"""What every experiment kind provides, and the defaults for what a kind cannot do.
+
+The lifecycle (`anchoring.lifecycle`) owns the run directory, atomic writes, timing, resume
+and `show`; a kind owns its config section, its training jobs, evaluation, figures and report,
+and the lines the CLI prints. Adding a kind is one package with a `KIND` object plus one line
+in `anchoring.kinds.REGISTRY`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import pandas as pd
+from torch import nn
+
+from anchoring.config import ExperimentBase, InterventionConfig
+from anchoring.errors import AnchoringError
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Run:
+    """A run directory opened for analysis: its config, trained models, summary and metrics."""
+
+    path: Path
+    config: Any
+    seeds: list[int]
+    models: list[nn.Module]
+    summary: dict[str, Any] | None = field(default=None)
+
+    @property
+    def kind(self) -> str:
+        return self.config.kind
+
+    def metrics(self) -> pd.DataFrame:
+        """metrics.csv in long format: one row per (step, seed[, arm], metric) with its value."""
+        from anchoring.runs import read_metrics
+
+        return read_metrics(self.path)
+
+
+@dataclass
+class EditResult:
+    """What an intervention or deletion did, for the CLI to print and the user to find."""
+
+    name: str
+    lines: list[Any]  # rich renderables or plain strings, printed in order
+    files: list[Path]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class Kind:
+    """Base class of the experiment kinds; subclasses override what applies to them."""
+
+    name: ClassVar[str]
+    config: ClassVar[type[ExperimentBase]]
+    studies: ClassVar[frozenset[str]] = frozenset()  # which studies (compare, combinations, sweep) can wrap it
+    trains: ClassVar[bool] = True
+
+    def unsupported(self, what: str) -> AnchoringError:
+        return AnchoringError(f"`{what}` does not apply to {self.name!r} runs")
+
+    def validate(self, cfg: Any) -> None:
+        """Everything that can be checked before training, so bad input writes nothing."""
+
+    def architecture(self, cfg: Any) -> dict[str, Any] | None:
+        """What `load_run` needs to rebuild the models (None: nothing is trained)."""
+        return None
+
+    def execute(self, cfg: Any, path: Path, progress: Progress | None) -> dict[str, Any]:
+        """Train (resuming from whatever checkpoints `path` holds), evaluate, draw and report;
+        return the summary (the lifecycle adds timing and writes it)."""
+        raise NotImplementedError
+
+    def has_checkpoint(self, path: Path) -> bool:
+        return False
+
+    def open(self, path: Path, cfg: Any, arch: dict[str, Any], summary: dict[str, Any] | None) -> Run:
+        raise self.unsupported("load_run")
+
+    def summary_lines(self, summary: dict[str, Any]) -> list[Any]:
+        """What the CLI prints for a finished run (rich renderables or plain strings)."""
+        return []
+
+    def intervene(self, run: Run, spec: InterventionConfig) -> EditResult:
+        raise self.unsupported("intervene")
+
+    def delete(self, run: Run, spec: InterventionConfig, out: Path) -> EditResult:
+        raise self.unsupported("delete")
+
+    def relearn(self, run: Run, **options: Any) -> EditResult:
+        raise self.unsupported("relearn")

@@ -1,0 +1,264 @@
+"""Control commands on a finished colour run: intervene, delete, relearn.
+
+An edited run (`delete`) records what was done to it in `edit.json`; concepts of such a run
+are re-indexed through every pruning in its lineage, so a later edit hits the concept it
+names, and a concept whose dims were removed is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from rich.table import Table
+
+from anchoring import runs
+from anchoring.anchor import Concept
+from anchoring.config import InterventionConfig
+from anchoring.control import ablate_direction
+from anchoring.control.plan import make_plan
+from anchoring.control.relearn import concept_samples, post_hoc_direction
+from anchoring.control.relearn import relearn as finetune
+from anchoring.domains.colour import NAMES, named_rgb, rgb_grid
+from anchoring.errors import AnchoringError
+from anchoring.evaluate.stats import median
+from anchoring.kinds.base import EditResult
+from anchoring.kinds.colour.edits import evaluate_edit, named_error_table, stacked
+from anchoring.kinds.colour.model import ColourRun
+from anchoring.kinds.colour.objective import build_objective
+from anchoring.report import figures, html
+from anchoring.train.checkpoint import FORMAT, atomic_save
+
+EDIT = "edit.json"
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.,+=-]*$")
+
+
+def edit_lineage(path: Path) -> list[dict[str, Any]]:
+    """Every edit between the trained run and `path`, oldest first."""
+    p = path / EDIT
+    return list(runs.read_json(p).get("lineage", [])) if p.is_file() else []
+
+
+def _reindex(concept: Concept, removed: Sequence[int], width: int) -> Concept | None:
+    """The concept after dims `removed` were pruned from a `width`-dim latent; None if it lived there."""
+    keep = [d for d in range(width) if d not in set(removed)]
+    if concept.anchor is not None and any(concept.anchor[d] != 0 for d in removed):
+        return None
+    if concept.dims is not None and any(d in set(removed) for d in concept.dims):
+        return None
+    anchor = tuple(concept.anchor[d] for d in keep) if concept.anchor is not None else None
+    dims = tuple(keep.index(d) for d in concept.dims) if concept.dims is not None else None
+    return replace(concept, anchor=anchor, dims=dims)
+
+
+def run_concepts(run: ColourRun) -> tuple[list[Concept], dict[str, str]]:
+    """The run's concepts as they stand after its edits, and why any concept is gone."""
+    concepts = build_objective(run.config).concepts
+    width = run.config.model.latent_dim
+    gone: dict[str, str] = {}
+    for e in edit_lineage(run.path):
+        if e["method"] == "prune":
+            kept = []
+            for c in concepts:
+                r = _reindex(c, e["dims"], width)
+                if r is None:
+                    gone[c.name] = f"its dims were pruned from this run (dims {e['dims']} removed from {e['source']!r})"
+                else:
+                    kept.append(r)
+            concepts, width = kept, width - len(e["dims"])
+    return concepts, gone
+
+
+def _concept(run: ColourRun, name: str | None) -> tuple[list[Concept], Concept | None]:
+    concepts, gone = run_concepts(run)
+    by_name = {c.name: c for c in concepts}
+    if name is not None and name not in by_name:
+        if name in gone:
+            raise AnchoringError(f"concept {name!r} cannot be edited: {gone[name]}")
+        raise AnchoringError(f"run has no concept {name!r} (has: {', '.join(by_name) or 'none'})")
+    return concepts, by_name.get(name) if name else None
+
+
+def _check_site(run: ColourRun, site: str) -> None:
+    """The site must exist and carry the latent (its width is the model's latent width)."""
+    from anchoring.anchor import Capture, resolve_site
+
+    model = run.models[0]
+    resolve_site(model, site)
+    with torch.no_grad(), Capture(model, [site]) as cap:
+        model(torch.zeros(1, 3))
+    width = cap.acts[site].shape[-1]
+    if width != run.latent_dim:
+        raise AnchoringError(f"--site {site!r} has width {width}, not the latent width {run.latent_dim}; "
+                             f"interventions act on the latent (e.g. --site latent)")
+
+
+def _table_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def colour_table(title: str, rows: list[dict], selectivity: list[float]) -> list[Any]:
+    table = Table(title=title)
+    for h in ("colour", "before", "after (median)", "min", "max"):
+        table.add_column(h, justify="right")
+    for r in rows:
+        table.add_row(r["colour"], f"{r['before']:.4f}", f"{r['after']:.4f}", f"{r['after_min']:.4f}", f"{r['after_max']:.4f}")
+    return [table, f"selectivity R² per seed: {', '.join(f'{x:.3f}' for x in selectivity)} (median {median(selectivity):.3f})"]
+
+
+def intervene(run: ColourRun, spec: InterventionConfig) -> EditResult:
+    """Evaluate one edit on every seed; write CSV + figures under RUN/interventions/<name>/."""
+    if not SAFE_NAME.match(spec.name):
+        raise AnchoringError(f"--name {spec.name!r}: use letters, digits and _.,+=- only (it names a folder inside the run)")
+    concepts, concept = _concept(run, spec.concept)
+    _check_site(run, spec.site)
+    plan = make_plan(spec, concepts, run.latent_dim)
+    out = run.path / "interventions" / spec.name
+    runs.check_writable(out)
+    after = plan.reconstruct(run.models)
+    res = evaluate_edit(stacked(run.models), after, concept, spec.k)
+    table = named_error_table(res["named_before"], res["named_after"], run.seeds)
+    per_seed = [{"seed": s, **{n: float(res["named_after"][i, j]) for j, n in enumerate(NAMES)},
+                 "hsv_grid_mse": float(res["hsv_grid_after"][i]), "rgb_grid_mse": float(res["rgb_grid_after"][i]),
+                 "selectivity": float(res["selectivity"][i])} for i, s in enumerate(run.seeds)]
+    runs.write_atomic(out / "colours.csv", _table_csv(table))
+    runs.write_atomic(out / "per_seed.csv", _table_csv(per_seed))
+    runs.write_atomic(out / "spec.json", spec.model_dump_json(indent=2))
+    figures.save(figures.hue_error_curves(res["hue_after"], (0.25, 0.5, 0.75, 1.0), f"{spec.name}: error vs hue"), out / "hue_error.png")
+    with torch.no_grad():
+        outputs = after(named_rgb())
+    figures.save(figures.reconstruction_grid(named_rgb(), outputs, NAMES, run.seeds), out / "reconstruction.png")
+    files = [out / "colours.csv", out / "per_seed.csv", out / "hue_error.png", out / "reconstruction.png"]
+    if spec.method in ("suppress", "repel"):
+        shape = plan.edit_activation().shape
+        figures.save(figures.intervention_lobes({spec.falloff: shape}, spec.method), out / "lobes.png")
+        figures.save(figures.strength_curves({spec.falloff: shape}), out / "strength.png")
+        files += [out / "lobes.png", out / "strength.png"]
+    selectivity = [float(x) for x in res["selectivity"]]
+    return EditResult(spec.name, [*colour_table(f"{spec.name}: per-colour MSE", table, selectivity), f"wrote {out}"], files,
+                      {"table": table, "selectivity": selectivity})
+
+
+def delete(run: ColourRun, spec: InterventionConfig, out: Path) -> EditResult:
+    """Write an edited copy of the run (ablate or prune) that `load_run` opens like any other."""
+    if spec.method not in ("ablate", "prune"):
+        raise AnchoringError(f"delete takes --method ablate or prune, not {spec.method!r}")
+    concepts, concept = _concept(run, spec.concept)
+    _check_site(run, spec.site)
+    plan = make_plan(spec, concepts, run.latent_dim)
+    out = runs.new_run_dir(run.config.name, out)
+    runs.check_writable(out)
+    edited = plan.edit_models(run.models)
+    res = evaluate_edit(stacked(run.models), stacked(edited), concept, spec.k)
+    table = named_error_table(res["named_before"], res["named_after"], run.seeds)
+    selectivity = [float(x) for x in res["selectivity"]]
+    out.mkdir(parents=True, exist_ok=True)
+    runs.write_atomic(out / runs.CONFIG, (run.path / runs.CONFIG).read_text())
+    arch = runs.read_json(run.path / runs.ARCH)
+    arch["latent_dim"] = int(getattr(edited[0], "latent_dim", arch["latent_dim"]))
+    runs.write_json(out / runs.ARCH, arch)
+    stacked_params = {f"param.{k}": torch.stack([m.state_dict()[k] for m in edited]) for k in edited[0].state_dict()}
+    atomic_save(stacked_params, out / "checkpoint.safetensors", {"format": FORMAT, "step": "0"})
+    edit = {"source": str(run.path), "method": spec.method, "concept": spec.concept, "dims": list(plan.dims or [])}
+    runs.write_json(out / EDIT, {**edit, "lineage": [*edit_lineage(run.path), edit]})
+    runs.write_atomic(out / "colours.csv", _table_csv(table))
+    figures.save(figures.hue_error_curves(res["hue_after"], (0.25, 0.5, 0.75, 1.0), f"{spec.method}: error vs hue"),
+                 out / "figures" / "hue_error.png")
+    with torch.no_grad():
+        outputs = stacked(edited)(named_rgb())
+    figures.save(figures.reconstruction_grid(named_rgb(), outputs, NAMES, run.seeds), out / "figures" / "reconstruction.png")
+    rows = [[r["colour"], r["before"], r["after"], r["after_min"], r["after_max"]] for r in table]
+    sections = [("Edit", f"<p>{spec.method} of {html.html.escape(spec.concept or 'dims')} (dims {list(plan.dims or [])}) "
+                         f"applied to {html.html.escape(str(run.path))}; selectivity R² median {median(selectivity):.3f}</p>"),
+                ("Per-colour MSE", html.table_html(["colour", "before (median)", "after (median)", "after min", "after max"], rows)),
+                ("Error vs hue", html.image_html(out / "figures" / "hue_error.png", "error vs hue")),
+                ("Reconstructions", html.image_html(out / "figures" / "reconstruction.png", "reconstructions"))]
+    runs.write_atomic(out / runs.REPORT, html.page(f"anchoring: {run.config.name} ({spec.method})", sections))
+    summary = {"experiment": run.config.name, "kind": "colour", "seeds": [], "edit": edit, "edit_table": table,
+               "edit_selectivity": selectivity}
+    runs.write_json(out / runs.SUMMARY, summary)
+    return EditResult(spec.name, [*colour_table(f"{spec.method}: per-colour MSE", table, selectivity), f"edited run: {out}"],
+                      [out], summary)
+
+
+def relearn(run: ColourRun, concept: str = "red", samples: Sequence[int] = (1, 4, 16, 64), steps: int = 200, *,
+            lr: float = 0.01, retain: int = 0, threshold: float = 0.01, baseline: bool = True, progress=None) -> EditResult:
+    """Delete the concept (ablate its dims), then fine-tune on K concept samples; same for a post-hoc baseline."""
+    import math
+
+    from anchoring import lifecycle
+    from anchoring.kinds.colour.objective import build_timeline
+
+    if not samples or any(k < 1 for k in samples) or steps < 1:
+        raise AnchoringError("--samples and --steps must be positive integers")
+    if not (math.isfinite(lr) and lr > 0):
+        raise AnchoringError(f"--lr must be a positive number, got {lr}")
+    if retain < 0:
+        raise AnchoringError(f"--retain must be ≥ 0, got {retain}")
+    concepts, c = _concept(run, concept)
+    if c is None or c.anchor is None:
+        raise AnchoringError(f"concept {concept!r} has no anchor to delete")
+    pool = rgb_grid(16)
+    available = int((c.labeller.probability(pool) > 0).sum())
+    if max(samples) > available:
+        raise AnchoringError(f"--samples {max(samples)}: only {available} distinct {concept} colours can be drawn (of {len(pool)})")
+    if retain > len(pool):
+        raise AnchoringError(f"--retain {retain}: the pool has only {len(pool)} colours")
+    plan = make_plan(InterventionConfig(name="relearn", method="ablate", concept=concept), concepts, run.latent_dim)
+    probe = pool[c.labeller.exact(pool).bool()]
+    out = run.path / "relearn" / concept
+    runs.check_writable(out)
+    models = {"anchored": plan.edit_models(run.models)}
+    if baseline:
+        base_dir = out / "baseline-run"
+        if not (base_dir / runs.SUMMARY).is_file():
+            if base_dir.exists():
+                import shutil
+
+                shutil.rmtree(base_dir)
+            cfg = run.config
+            lr_keys = build_timeline(cfg, build_objective(cfg)).tracks["lr"].key_values()
+            sched = "STEP,lr\n" + "".join(f"{int(t)},{v:.10g}\n" for t, v in lr_keys)
+            plain = cfg.model_copy(update={"name": f"{cfg.name}-unanchored", "concepts": [], "terms": [], "interventions": [],
+                                          "schedule": sched, "evaluate": cfg.evaluate.model_copy(update={"concept": None})})
+            lifecycle.run(plain, base_dir, progress=progress)
+        base = lifecycle.load_run(base_dir)
+        models["post-hoc"] = [ablate_direction(m, post_hoc_direction(m.encoder, c.labeller, pool), site="latent")
+                              for m in base.models]
+    rows, curves = [], []
+    for name, ms in models.items():
+        for k in samples:
+            recover, starts = [], []
+            for seed, m in zip(run.seeds, ms):
+                x = concept_samples(c.labeller, pool, k, seed=seed * 1000 + k)
+                if retain:
+                    x = torch.cat([x, pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:retain]]])
+                curve = finetune(m, lambda mm, x=x: (mm(x) - x).pow(2).mean(),
+                                 lambda mm: (mm(probe).clamp(0, 1) - probe).pow(2).mean(), steps, lr=lr)
+                recover.append(curve.steps_to(threshold))
+                starts.append(float(curve.errors[0]))
+                curves.extend({"model": name, "K": k, "seed": seed, "step": t, "error": float(e)} for t, e in enumerate(curve.errors))
+            rows.append({"model": name, "K": k, "steps_to_recover": recover, "start_error": median(starts)})
+    runs.write_atomic(out / "curves.csv", _table_csv(curves))
+    summary = {"concept": concept, "threshold": threshold, "steps": steps, "lr": lr, "retain": retain, "rows": rows}
+    runs.write_json(out / "summary.json", summary)
+    figures.save(figures.relearn_curves(curves, threshold), out / "relearn.png")
+    table = Table(title=f"relearning {concept}: steps until MSE ≤ {threshold} (per seed; '-' = not within {steps})")
+    for h in ("model", "K", "start MSE", "median steps", "per seed"):
+        table.add_column(h, justify="right")
+    for r in rows:
+        got = r["steps_to_recover"]
+        med = median([s if s is not None else steps + 1 for s in got])
+        table.add_row(r["model"], str(r["K"]), f"{r['start_error']:.3f}", f"{med:g}" if med <= steps else f">{steps}",
+                      " ".join("-" if s is None else str(s) for s in got))
+    return EditResult("relearn", [table, f"wrote {out}"], [out], summary)

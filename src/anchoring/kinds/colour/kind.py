@@ -1,0 +1,256 @@
+"""The colour autoencoder kind (M1, M2): an ensemble of seeds trained in lockstep, evaluated
+for hue structure and anchoring, edited (suppress, repel, ablate, prune) and reported."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.table import Table
+from safetensors.torch import save as st_save
+
+from anchoring import runs
+from anchoring.config import InterventionConfig
+from anchoring.control.plan import make_plan
+from anchoring.domains.colour import NAMES, named_rgb, rgb_grid
+from anchoring.errors import AnchoringError
+from anchoring.evaluate.control import pareto_front
+from anchoring.evaluate.stats import median
+from anchoring.kinds.base import EditResult, Kind, Progress, Run
+from anchoring.kinds.colour import control
+from anchoring.kinds.colour.config import ColourExperiment
+from anchoring.kinds.colour.edits import evaluate_edit, named_error_table, stacked
+from anchoring.kinds.colour.model import ColourRun, architecture, open_run
+from anchoring.kinds.colour.objective import build_objective, build_timeline, check_curriculum, training_points
+from anchoring.kinds.colour.summary import summarize_seeds
+from anchoring.kinds.colour.training import CHECKPOINT, TrainResult, metrics_table, train
+from anchoring.report import animation, figures, html
+
+
+class ColourKind(Kind):
+    name = "colour"
+    config = ColourExperiment
+    studies = frozenset({"compare", "combinations", "sweep"})
+
+    def validate(self, cfg: ColourExperiment) -> None:
+        objective = build_objective(cfg)
+        check_curriculum(cfg, build_timeline(cfg, objective))
+        names = [i.name for i in cfg.interventions]
+        if len(set(names)) != len(names):
+            raise AnchoringError("intervention names must be unique")
+        for spec in cfg.interventions:
+            make_plan(spec, objective.concepts, cfg.model.latent_dim)
+        for c in cfg.concepts:
+            for d in c.dims or []:
+                if not 0 <= d < cfg.model.latent_dim:
+                    raise AnchoringError(f"concept {c.name!r}: dim {d} is outside 0..{cfg.model.latent_dim - 1}")
+
+    def architecture(self, cfg: ColourExperiment) -> dict[str, Any]:
+        return architecture(cfg)
+
+    def execute(self, cfg: ColourExperiment, path: Path, progress: Progress | None) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        result = train(cfg, path, progress=progress)
+        train_s = time.perf_counter() - t0
+        summary = finish(result, path)
+        summary["timing"] = {"train_s": round(train_s, 3)}
+        return summary
+
+    def has_checkpoint(self, path: Path) -> bool:
+        return (path / CHECKPOINT).is_file()
+
+    def open(self, path: Path, cfg: ColourExperiment, arch: dict[str, Any], summary: dict[str, Any] | None) -> ColourRun:
+        return open_run(path, cfg, arch, summary)
+
+    def summary_lines(self, summary: dict[str, Any]) -> list[Any]:
+        return summary_lines(summary)
+
+    def intervene(self, run: Run, spec: InterventionConfig) -> EditResult:
+        return control.intervene(run, spec)
+
+    def delete(self, run: Run, spec: InterventionConfig, out: Path) -> EditResult:
+        return control.delete(run, spec, out)
+
+    def relearn(self, run: Run, **options: Any) -> EditResult:
+        return control.relearn(run, **options)
+
+
+KIND = ColourKind()
+
+
+def summary_lines(summary: dict[str, Any]) -> list[Any]:
+    """The per-seed table, each edit's headline numbers and the anchoring count."""
+    lines: list[Any] = []
+    rows = summary.get("seeds", [])
+    header, body = seed_table(rows)
+    if rows:
+        table = Table(title=f"{summary['experiment']}: per-seed results")
+        for h in header:
+            table.add_column(h, justify="right")
+        for r in body:
+            table.add_row(*[("yes" if v else "NO") if isinstance(v, bool) else (f"{v:.4g}" if isinstance(v, float) else str(v))
+                            for v in r])
+        lines.append(table)
+    for name, e in summary.get("interventions", {}).items():
+        after = {r["colour"]: r["after"] for r in e["table"]}
+        shown = ", ".join(f"{c} {after[c]:.3f}" for c in ("red", "cyan", "lime", "purple", "grey") if c in after)
+        lines.append(f"{name}: median MSE after — {shown}; selectivity R² median {e['selectivity_median']:.2f}")
+    for r in summary.get("combinations", []):  # plain lines: 31 rows of long names
+        lines.append(f"{r['formed']:>5} formed  hue order {r['hue_order']:.2f}  anchor {r['anchor_angle_deg']:6.1f}°  "
+                     f"in plane {r['vibrant_in_plane']:.2f}  spread {r['spread_deg']:5.1f}°  {r['terms']}")
+    comparison = summary.get("comparison")
+    if comparison:
+        table = Table(title=f"{summary['experiment']}: comparison")
+        for h in comparison[0]:
+            table.add_column(h, justify="right")
+        for r in comparison:
+            table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()])
+        lines.append(table)
+    if "edit" in summary:  # a run written by `delete`
+        from anchoring.kinds.colour.control import colour_table
+
+        e = summary["edit"]
+        lines += colour_table(f"{e['method']} of {e['concept'] or e['dims']}: per-colour MSE", summary["edit_table"],
+                              summary["edit_selectivity"])
+    n = summary.get("anchored_seeds")
+    if n is not None:
+        lines.append(f"{n}/{len(rows)} seeds anchored ({summary['criterion']})")
+    return lines
+
+
+def finish(result: TrainResult, path: Path) -> dict[str, Any]:
+    """Metrics, snapshots, evaluation, figures and report for a trained ensemble."""
+    cfg = result.config
+    header = ["step", "seed", *result.timeline.names, *result.metric_names]
+    runs.write_metrics_csv(path / runs.METRICS, header, metrics_table(result), integer_columns=2)
+    runs.write_atomic(path / runs.SNAPSHOTS, st_save({"points": result.snapshot_points,
+                                                      **{f"step.{s}": z for s, z in sorted(result.snapshots.items())}}))
+    models = result.ensemble.members()
+    with torch.no_grad():
+        encode = lambda x: torch.stack([m.encode(x) for m in models])  # noqa: E731
+        recon = lambda x: torch.stack([m(x) for m in models])  # noqa: E731
+        # validate on what the model was meant to learn: the RGB cube, or the HSV grid it trained on
+        validation = rgb_grid(cfg.data.validation_levels) if cfg.data.space == "rgb" else training_points(cfg)[0]
+        rows = summarize_seeds(encode, recon, cfg, result.objective, validation)
+        slice_points = rgb_grid(8)
+        z = encode(slice_points)
+    anchor = next((torch.tensor(c.anchor) for c in result.objective.concepts
+                   if c.name == cfg.evaluate.concept and c.anchor is not None), None)
+    figdir = path / "figures"
+    figures.save(figures.latent_slices(z, slice_points, result.seeds, anchor), figdir / "latent_slices.png")
+    figures.save(figures.loss_curves(result.metrics, result.metric_names, result.seeds), figdir / "loss_curves.png")
+    figures.save(figures.schedule_plot(result.timeline), figdir / "schedule.png")
+    if len(result.snapshots) > 1:
+        dims = tuple(cfg.evaluate.hue_dims)
+        figures.save(figures.phase_history(result.snapshots, result.snapshot_points, dims, 0, result.timeline.phases),
+                     figdir / "phase_history.png")
+        frames = animation.evolution_frames(result.snapshots, result.snapshot_points, dims, result.seeds)
+        animation.write_gif(frames, figdir / "evolution.gif")
+        animation.write_mp4(frames, figdir / "evolution.mp4")
+
+    edits = evaluate_interventions(cfg, result.objective, models, rows, figdir)
+
+    anchored = [r for r in rows if r.get("anchored")]
+    summary: dict[str, Any] = {
+        "experiment": cfg.name, "upstream": cfg.upstream, "steps": result.timeline.steps,
+        "seeds": rows, "anchored_seeds": len(anchored) if rows and "anchored" in rows[0] else None,
+        "criterion": (f"12 hues in order around dims {tuple(cfg.evaluate.hue_dims)} and " if cfg.evaluate.hue_order else "")
+        + f"cos({cfg.evaluate.concept}, anchor) ≥ {cfg.evaluate.min_cosine}",
+    }
+    if result.decisions:
+        summary["reactive"] = [vars(d) for d in result.decisions]
+    if edits:
+        summary["interventions"] = edits
+        summary["pareto_seeds"] = pareto_seeds(rows, edits)
+    write_report(path, cfg, rows, summary)
+    return summary
+
+
+def evaluate_interventions(cfg: ColourExperiment, objective, models, rows: list[dict], figdir: Path) -> dict[str, Any]:
+    """Run every configured edit on every seed; per-colour tables, selectivity, figures."""
+    out: dict[str, Any] = {}
+    seeds = [r["seed"] for r in rows]
+    for spec in cfg.interventions:
+        plan = make_plan(spec, objective.concepts, cfg.model.latent_dim)
+        concept = next((c for c in objective.concepts if c.name == spec.concept), None)
+        after = plan.reconstruct(models)
+        res = evaluate_edit(stacked(models), after, concept, spec.k)
+        table = named_error_table(res["named_before"], res["named_after"], seeds)
+        out[spec.name] = {
+            "method": spec.method, "concept": spec.concept, "dims": list(plan.dims) if plan.dims else None,
+            "falloff": spec.falloff, "k": spec.k,
+            "selectivity": [float(x) for x in res["selectivity"]],
+            "selectivity_median": median(res["selectivity"].tolist()),
+            "named_after": {n: [float(x) for x in res["named_after"][:, j]] for j, n in enumerate(NAMES)},
+            "table": table,
+            "grid_mse": {k: [float(x) for x in res[k]] for k in ("hsv_grid_before", "hsv_grid_after", "rgb_grid_before", "rgb_grid_after")},
+        }
+        figures.save(figures.hue_error_curves(res["hue_after"], (0.25, 0.5, 0.75, 1.0), f"{spec.name}: error vs hue (s = 1)"),
+                     figdir / f"{spec.name}_hue_error.png")
+        with torch.no_grad():
+            outputs = after(named_rgb())
+        figures.save(figures.reconstruction_grid(named_rgb(), outputs, NAMES, seeds), figdir / f"{spec.name}_reconstruction.png")
+    return out
+
+
+def pareto_seeds(rows: list[dict], edits: dict[str, Any]) -> list[int]:
+    """Seeds on the Pareto front of (val reconstruction, val anchoring loss, −selectivity of the first edit)."""
+    first = next(iter(edits.values()))
+    obj = np.array([[r["val_mse"], r.get("val_anchor_loss", 0.0), -first["selectivity"][i]] for i, r in enumerate(rows)])
+    return [rows[i]["seed"] for i in pareto_front(obj)]
+
+
+def seed_table(rows: list[dict]) -> tuple[list[str], list[list[Any]]]:
+    keys = [k for k in ("seed", "anchor_cos", "hue_order", "val_mse", "val_anchor_loss", "anchored") if rows and k in rows[0]]
+    return keys, [[r[k] for k in keys] for r in rows]
+
+
+EXPECTED = {
+    "ablate": "Ablation cuts whole latent dims. If the concept shares its axis with its opposite colour "
+              "(red at +dim 0, cyan at −dim 0, as in a plain anchored model) both lose that dim and both break "
+              "(≈1/3 each, the MSE of a random colour): expected, and the reason the isolated model reserves "
+              "red's opposite side (anti-anchor) and clears its dim for it (anti-subspace).",
+    "suppress": "Suppression removes the concept's component only where its cosine is positive, so the far "
+                "hemisphere (cyan for red) is untouched; the fully suppressed colour decodes to the decoder's "
+                "fallback (about mid grey, MSE(red, grey) = 1/4).",
+}
+
+
+def intervention_sections(summary: dict[str, Any], figs: Path) -> list[tuple[str, str]]:
+    sections = []
+    for name, e in summary.get("interventions", {}).items():
+        rows = [[r["colour"], r["before"], r["after"], r["after_min"], r["after_max"]] for r in e["table"]]
+        note = EXPECTED.get(e["method"], "")
+        body = (f"<p>{e['method']} {('of ' + e['concept']) if e['concept'] else ''} {('dims ' + str(e['dims'])) if e['dims'] else ''}; "
+                f"selectivity R² vs similarity^{e['k']:g}: median {e['selectivity_median']:.3f} "
+                f"(per seed: {', '.join(f'{x:.2f}' for x in e['selectivity'])})</p><p><i>{note}</i></p>"
+                + html.table_html(["colour", "MSE before (median)", "after (median)", "after min", "after max"], rows)
+                + html.image_html(figs / f"{name}_hue_error.png", "error vs hue")
+                + html.image_html(figs / f"{name}_reconstruction.png", "output colour (background) vs true colour (inset)"))
+        sections.append((f"Intervention: {name}", body))
+    return sections
+
+
+def write_report(path: Path, cfg: ColourExperiment, rows: list[dict], summary: dict[str, Any]) -> None:
+    header, body = seed_table(rows)
+    figs = path / "figures"
+    verdict = (f"<p><b>{summary['anchored_seeds']} of {len(rows)} seeds anchored</b> ({summary['criterion']}).</p>"
+               if summary.get("anchored_seeds") is not None else "")
+    sections = [
+        ("Overview", f"<p>{cfg.description}</p><p>upstream experiment: {cfg.upstream or '–'}; steps: {summary['steps']}; "
+                     f"seeds: {cfg.train.seed}…{cfg.train.seed + cfg.train.seeds - 1}</p>{verdict}"),
+        ("Per-seed results", html.table_html(header, body)),
+        ("Latent space (axis-aligned slices; × marks the anchor)", html.image_html(figs / "latent_slices.png", "latent slices")),
+        ("Loss curves", html.image_html(figs / "loss_curves.png", "loss curves")),
+        ("Schedule", html.image_html(figs / "schedule.png", "schedule")),
+        *([("Phase history (seed %d)" % cfg.train.seed, html.image_html(figs / "phase_history.png", "phase history")),
+           ("Latent evolution", html.image_html(figs / "evolution.gif", "latent evolution", mime="image/gif"))]
+          if (figs / "evolution.gif").is_file() else []),
+        *intervention_sections(summary, figs),
+        ("Resolved config", f"<pre>{html.html.escape(cfg.to_toml())}</pre>"),
+    ]
+    runs.write_atomic(path / runs.REPORT, html.page(f"anchoring: {cfg.name}", sections))

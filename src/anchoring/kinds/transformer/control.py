@@ -1,0 +1,176 @@
+"""Edits on a finished transformer run: suppress/ablate at the anchored sites (hooks), and a
+weight deletion that takes the anchor direction out of the residual stream for good."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.table import Table
+from safetensors.torch import save as st_save
+
+from anchoring import runs
+from anchoring.anchor import Capture
+from anchoring.config import InterventionConfig
+from anchoring.errors import AnchoringError
+from anchoring.kinds.base import EditResult
+from anchoring.kinds.transformer import evaluate as ev
+from anchoring.kinds.transformer.model import TransformerRun
+from anchoring.kinds.transformer.training import build_sequence_objective
+from anchoring.report import html
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.,+=-]*$")
+GROUPS = ("red answer", "red-ish", "no red")
+
+
+def _targets(run: TransformerRun, spec: InterventionConfig, model) -> list:
+    """(site, direction) pairs of the concept's anchored sites (all of them, or the one `--site` names)."""
+    cfg = run.config
+    objective = build_sequence_objective(cfg, model)
+    if spec.concept is None:
+        raise AnchoringError("a transformer edit needs --concept (its anchored direction)")
+    anchors = objective.anchors(spec.concept)
+    if not anchors:
+        known = sorted({t.concept for t in objective.terms if t.kind == "anchor" and t.concept})
+        raise AnchoringError(f"concept {spec.concept!r} is not anchored in this run (anchored: {', '.join(known) or 'none'})")
+    if spec.site in (None, "latent"):
+        return anchors
+    chosen = [(s, v) for s, v in anchors if s.module == spec.site]
+    if not chosen:
+        raise AnchoringError(f"--site {spec.site!r} is not an anchored site (anchored: {', '.join(s.module for s, _ in anchors)})")
+    return chosen
+
+
+def _accuracy_rows(run: TransformerRun, spec: InterventionConfig) -> list[dict[str, Any]]:
+    """Per (arm, seed): accuracy by redness group before and after the edit. The control has no
+    anchor, so it gets the same edit along a post-hoc direction (difference of means)."""
+    cfg, tc = run.config, run.config.transformer
+    lang = run.language
+    sets = ev.eval_lines(lang, tc.eval_lines, tc.reddest)
+    rows = []
+    for arm, models in run.arms.items():
+        for seed, model in zip(run.seeds, models):
+            targets = _targets(run, spec, model)
+            if arm != "anchored":
+                seen = ev.probe(model, lang, cfg.language.context, [s for s, _ in targets])
+                targets = [(s, ev.mean_difference(seen, lang, s, tc.reddest)) for s, _ in targets]
+            before = ev.accuracy_table(lang, sets, ev.score(model, lang, sets, cfg.language.context), tc.reddest, tc.redish)
+            with ev.edited(model, targets, spec.method):
+                after = ev.accuracy_table(lang, sets, ev.score(model, lang, sets, cfg.language.context), tc.reddest, tc.redish)
+            rows.append({"arm": arm, "seed": seed, "direction": "anchor" if arm == "anchored" else "difference of means",
+                         **{f"{g} before": before[g] for g in GROUPS}, **{f"{g} after": after[g] for g in GROUPS}})
+    return rows
+
+
+def _table(title: str, rows: list[dict[str, Any]]) -> Table:
+    table = Table(title=title)
+    for h in ("arm", "seed", *[f"{g}: before → after" for g in GROUPS]):
+        table.add_column(h, justify="right")
+    for r in rows:
+        table.add_row(r["arm"], str(r["seed"]), *[f"{r[f'{g} before']:.3f} → {r[f'{g} after']:.3f}" for g in GROUPS])
+    return table
+
+
+def intervene(run: TransformerRun, spec: InterventionConfig) -> EditResult:
+    """Suppress or ablate the concept's direction at its anchored sites; exact match split by redness."""
+    if spec.method not in ("suppress", "ablate"):
+        raise AnchoringError(f"a 'transformer' run supports --method suppress or ablate, not {spec.method!r}")
+    if not SAFE_NAME.match(spec.name):
+        raise AnchoringError(f"--name {spec.name!r}: use letters, digits and _.,+=- only (it names a folder inside the run)")
+    out = run.path / "interventions" / spec.name
+    runs.check_writable(out)
+    rows = _accuracy_rows(run, spec)
+    runs.write_json(out / "summary.json", {"spec": spec.model_dump(), "rows": rows})
+    return EditResult(spec.name, [_table(f"{spec.name}: exact match by redness", rows), f"wrote {out}"], [out], {"rows": rows})
+
+
+@torch.no_grad()
+def remove_direction(model, direction: torch.Tensor):
+    """A copy whose residual stream cannot carry `direction`: the embeddings and every matrix that
+    writes the residual (attention output, MLP down-projection) are projected off it.
+
+    With the state renormalised after every block and a per-dimension step α, the component stays
+    exactly zero when `direction` is a basis axis (the anchors of this project); for any other
+    direction α mixes it back in slightly, which `residual_component` measures."""
+    m = copy.deepcopy(model)
+    v = direction / direction.norm()
+    m.embed.weight.sub_(torch.outer(m.embed.weight @ v, v))
+    for b in m.blocks:
+        for lin in (b.attn.o, b.mlp.down):
+            lin.weight.sub_(torch.outer(v, v @ lin.weight))
+    return m
+
+
+@torch.no_grad()
+def residual_component(model, direction: torch.Tensor, tokens: torch.Tensor) -> float:
+    """Largest |h·v| over every residual-stream state (after the embedding and each block)."""
+    sites = ["embed", *[f"blocks.{i}" for i in range(len(model.blocks))]]
+    with Capture(model, sites) as cap:
+        model(tokens)
+    v = direction / direction.norm()
+    worst = 0.0
+    for s in sites:
+        h = cap.acts[s]
+        if s == "embed":
+            h = torch.nn.functional.normalize(h, dim=-1)
+        worst = max(worst, float((h @ v).abs().max()))
+    return worst
+
+
+def delete(run: TransformerRun, spec: InterventionConfig, out: Path) -> EditResult:
+    """Write a run whose anchored arm has the concept's direction removed from its weights; the
+    control arm is copied unchanged (it has no anchor to remove)."""
+    if spec.method != "ablate":
+        raise AnchoringError(f"delete on a 'transformer' run removes the anchor direction (--method ablate), not {spec.method!r}")
+    if "anchored" not in run.arms:
+        raise AnchoringError("this transformer run has no anchored arm to delete from")
+    out = runs.new_run_dir(run.config.name, out)
+    runs.check_writable(out)
+    cfg = run.config
+    edited: dict[str, list] = {arm: list(ms) for arm, ms in run.arms.items()}
+    lang = run.language
+    probe_tokens = lang.batch(4, cfg.language.context, torch.Generator().manual_seed(0)).inputs
+    leftover = []
+    for i, model in enumerate(run.arms["anchored"]):
+        directions = [v for _, v in _targets(run, spec, model) if v.shape[-1] == cfg.transformer.width]
+        if not directions:
+            raise AnchoringError("delete removes residual-stream directions; this concept is anchored only on per-head sites")
+        m = model
+        for v in directions:
+            m = remove_direction(m, v)
+        edited["anchored"][i] = m
+        leftover.append(max(residual_component(m, v, probe_tokens) for v in directions))
+    tc = cfg.transformer
+    sets = ev.eval_lines(lang, tc.eval_lines, tc.reddest)
+    rows = []
+    for arm, models in edited.items():
+        for seed, m, orig in zip(run.seeds, models, run.arms[arm]):
+            b = ev.accuracy_table(lang, sets, ev.score(orig, lang, sets, cfg.language.context), tc.reddest, tc.redish)
+            a = ev.accuracy_table(lang, sets, ev.score(m, lang, sets, cfg.language.context), tc.reddest, tc.redish)
+            rows.append({"arm": arm, "seed": seed, "edited": arm == "anchored",
+                         **{f"{g} before": b[g] for g in GROUPS}, **{f"{g} after": a[g] for g in GROUPS}})
+    out.mkdir(parents=True, exist_ok=True)
+    runs.write_atomic(out / runs.CONFIG, (run.path / runs.CONFIG).read_text())
+    runs.write_atomic(out / runs.ARCH, (run.path / runs.ARCH).read_text())
+    runs.write_atomic(out / "checkpoint.safetensors", st_save(
+        {f"{arm}.{seed}.{k}": v.detach().contiguous() for arm, ms in edited.items() for seed, m in zip(run.seeds, ms)
+         for k, v in m.state_dict().items()}, metadata={"format": "anchoring-transformer-1"}))
+    edit = {"source": str(run.path), "method": "delete-direction", "concept": spec.concept,
+            "max_residual_component": leftover}
+    runs.write_json(out / "edit.json", {**edit, "lineage": [edit]})
+    body = html.table_html(["arm", "seed", "edited", *[f"{g} {w}" for g in GROUPS for w in ("before", "after")]],
+                           [[r["arm"], r["seed"], r["edited"], *[r[f"{g} {w}"] for g in GROUPS for w in ("before", "after")]]
+                            for r in rows])
+    runs.write_atomic(out / runs.REPORT, html.page(f"anchoring: {cfg.name} (deleted {spec.concept})", [
+        ("Edit", f"<p>The anchor direction of {html.html.escape(spec.concept or '')} was projected out of the embeddings and "
+                 f"of every residual-writing matrix of the anchored arm (largest remaining |h·v| per seed: "
+                 f"{', '.join(f'{x:.2e}' for x in leftover)}).</p>"),
+        ("Exact match by redness", body)]))
+    summary = {"experiment": cfg.name, "kind": "transformer", "edit": edit, "edit_rows": rows}
+    runs.write_json(out / runs.SUMMARY, summary)
+    return EditResult("delete", [_table(f"delete {spec.concept}: exact match by redness", rows),
+                                 f"largest |h·v| left in the residual stream: {max(leftover):.2e}", f"edited run: {out}"],
+                      [out], summary)

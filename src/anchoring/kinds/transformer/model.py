@@ -1,0 +1,86 @@
+"""Rebuilding the transformer arms of a run, and the run object users analyse."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from anchoring.errors import AnchoringError
+from anchoring.kinds.base import Run
+from anchoring.kinds.transformer.config import TransformerExperiment
+from anchoring.kinds.transformer.training import build_language, build_transformer
+from anchoring.models import NormalizedTransformer
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+@dataclass
+class TransformerRun(Run):
+    """A transformer run: one model per (arm, seed); `models` lists them arm by arm."""
+
+    arms: dict[str, list[NormalizedTransformer]] = field(default_factory=dict)
+
+    @property
+    def language(self):
+        return build_language(self.config)
+
+    def model(self, arm: str | None = None, seed: int | None = None) -> NormalizedTransformer:
+        arm = arm or next(iter(self.arms))
+        if arm not in self.arms:
+            raise AnchoringError(f"run has no arm {arm!r} (arms: {', '.join(self.arms)})")
+        seed = self.seeds[0] if seed is None else seed
+        if seed not in self.seeds:
+            raise AnchoringError(f"run has no seed {seed} (seeds: {self.seeds})")
+        return self.arms[arm][self.seeds.index(seed)]
+
+    def tokenize(self, text: str) -> torch.Tensor:
+        """Token ids `(T,)` of a line of the colour language, e.g. '500 + 005 = 303 ;'."""
+        return self.language.tokenize(text)
+
+    @torch.no_grad()
+    def logits(self, text: str, arm: str | None = None, seed: int | None = None) -> torch.Tensor:
+        """Next-token logits `(T, vocab)` at every position of `text`."""
+        tokens = self.tokenize(text)
+        return self.model(arm, seed)(tokens[None])[0]
+
+    @torch.no_grad()
+    def loss_per_token(self, text: str, arm: str | None = None, seed: int | None = None) -> torch.Tensor:
+        """Nats for every predicted token `(T − 1,)`: token t+1 given tokens ≤ t."""
+        tokens = self.tokenize(text)
+        logits = self.model(arm, seed)(tokens[None])[0]
+        return F.cross_entropy(logits[:-1], tokens[1:], reduction="none")
+
+
+def read_arms(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path / CHECKPOINT))
+    except (OSError, SafetensorError) as e:
+        raise AnchoringError(f"cannot read {str(path / CHECKPOINT)!r}: {e}") from None
+
+
+def open_run(path: Path, cfg: TransformerExperiment, arch: dict[str, Any], summary: dict[str, Any] | None) -> TransformerRun:
+    for key in ("seeds", "arms"):
+        if key not in arch:
+            raise AnchoringError(f"{str(path / 'architecture.json')!r} has no {key!r} list")
+    tensors = read_arms(path)
+    lang = build_language(cfg)
+    arms: dict[str, list[NormalizedTransformer]] = {}
+    for arm in arch["arms"]:
+        arms[arm] = []
+        for seed in arch["seeds"]:
+            m = build_transformer(cfg, lang)
+            prefix = f"{arm}.{seed}."
+            try:
+                m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            except RuntimeError as e:
+                raise AnchoringError(f"{str(path)!r}: weights of {arm} seed {seed} do not match the config ({str(e)[:80]})") from None
+            m.eval()
+            arms[arm].append(m)
+    models = [m for ms in arms.values() for m in ms]
+    return TransformerRun(path, cfg, list(arch["seeds"]), models, summary, arms)

@@ -1,0 +1,130 @@
+"""The run lifecycle, written once for every kind: validate → new run directory → train →
+evaluate → report, and `resume`, `show` and `load_run` on any run directory.
+
+Everything that can be checked is checked before a directory is created, so bad input writes
+nothing; every file is written atomically; `summary.json` is written last and marks a finished
+run. The kind of a run is looked up in `anchoring.kinds.REGISTRY`, the only dispatch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from anchoring import runs, studies
+from anchoring.config import ExperimentBase
+from anchoring.errors import AnchoringError
+from anchoring.experiments import load_config
+from anchoring.kinds import kind_of
+from anchoring.kinds.base import Progress, Run
+from anchoring.train.skeleton import TrainingInterrupted
+
+
+@dataclass
+class Outcome:
+    path: Path
+    summary: dict[str, Any]
+
+    def lines(self) -> list[Any]:
+        """What the CLI prints for this run: the kind's own lines."""
+        from anchoring.kinds import REGISTRY
+
+        return REGISTRY[self.summary.get("kind", "colour")].summary_lines(self.summary)
+
+
+def validate(cfg: ExperimentBase) -> None:
+    """Everything checkable without training."""
+    kind = kind_of(cfg)
+    if getattr(cfg, "study", None):
+        studies.validate(cfg, kind)
+    else:
+        kind.validate(cfg)
+
+
+def run(cfg: ExperimentBase, out: Path | None = None, progress: Progress | None = None) -> Outcome:
+    """Train, evaluate and report an experiment into a new run directory."""
+    validate(cfg)
+    path = runs.new_run_dir(cfg.name, out)
+    runs.check_writable(path)
+    path.mkdir(parents=True, exist_ok=True)
+    runs.write_atomic(path / runs.CONFIG, cfg.to_toml())
+    return _execute(cfg, path, progress)
+
+
+def _execute(cfg: ExperimentBase, path: Path, progress: Progress | None) -> Outcome:
+    kind = kind_of(cfg)
+    t0 = time.perf_counter()
+    try:
+        if getattr(cfg, "study", None):
+            summary = studies.execute(cfg, path, progress, run)
+        else:
+            arch = kind.architecture(cfg)
+            if arch is not None:
+                runs.write_json(path / runs.ARCH, arch)
+            summary = kind.execute(cfg, path, progress)
+    except KeyboardInterrupt:  # during evaluation or the report: training state is safe on disk
+        raise TrainingInterrupted(-1, path) from None
+    except TrainingInterrupted as e:
+        raise TrainingInterrupted(e.step, path) from None
+    summary.setdefault("kind", cfg.kind)
+    summary.setdefault("timing", {})["total_s"] = round(time.perf_counter() - t0, 3)
+    runs.write_json(path / runs.SUMMARY, summary)
+    return Outcome(path, summary)
+
+
+def _config(path: Path) -> ExperimentBase:
+    if not path.is_dir():
+        raise AnchoringError(f"{str(path)!r} is not a run directory")
+    if not (path / runs.CONFIG).is_file():
+        raise AnchoringError(f"{str(path)!r} is not a run directory (no {runs.CONFIG})")
+    return load_config(path / runs.CONFIG)
+
+
+def resume(path: Path, progress: Progress | None = None) -> Outcome:
+    """Continue an interrupted run from its checkpoints (or from step 0 if it had none yet)."""
+    cfg = _config(path)
+    if (path / "edit.json").is_file():
+        raise AnchoringError(f"{str(path)!r} is an edited run (written by `anchoring delete`); there is no training to resume")
+    if (path / runs.SUMMARY).is_file():
+        raise AnchoringError(f"{str(path)!r} has already finished; `anchoring show {path}` prints it")
+    runs.check_writable(path / runs.SUMMARY)
+    validate(cfg)
+    return _execute(cfg, path, progress)
+
+
+def finish_merged(path: Path) -> Outcome:
+    """Evaluate and report a run whose checkpoint is already at its last step (a merged sweep)."""
+    return _execute(_config(path), path, None)
+
+
+def show(path: Path) -> Outcome:
+    """A finished run's summary, for printing."""
+    _config(path)
+    if not (path / runs.SUMMARY).is_file():
+        raise AnchoringError(f"{str(path)!r} has not finished (no {runs.SUMMARY}); `anchoring resume` it")
+    summary = runs.read_json(path / runs.SUMMARY)
+    if not isinstance(summary, dict):
+        raise AnchoringError(f"{str(path / runs.SUMMARY)!r} is not a run summary")
+    return Outcome(path, summary)
+
+
+def load_run(path: str | Path) -> Run:
+    """Open any run directory for analysis: its config, trained models and the kind's helpers
+    (colour: `encode`/`decode`; transformer: `tokenize`, `logits`, `loss_per_token`), and
+    `metrics()` as a long-format DataFrame."""
+    p = Path(path)
+    cfg = _config(p)
+    kind = kind_of(cfg)
+    if not kind.trains:
+        raise kind.unsupported("load_run")
+    if not (p / runs.ARCH).is_file():
+        raise AnchoringError(f"{str(p)!r} is not a readable run (no {runs.ARCH})")
+    arch = runs.read_json(p / runs.ARCH)
+    if not isinstance(arch, dict):
+        raise AnchoringError(f"{str(p / runs.ARCH)!r} is not an architecture description")
+    if not kind.has_checkpoint(p):
+        raise AnchoringError(f"{str(p)!r} has no trained weights yet; `anchoring resume` it")
+    summary = runs.read_json(p / runs.SUMMARY) if (p / runs.SUMMARY).is_file() else None
+    return kind.open(p, cfg, arch, summary)

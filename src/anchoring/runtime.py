@@ -1,0 +1,14 @@
+"""Process-wide settings every entry point shares (CLI, benchmark cases, sweep workers)."""
+
+from __future__ import annotations
+
+import os
+
+
+def default_threads() -> None:
+    """One torch thread unless OMP_NUM_THREADS says otherwise: the colour models' ops are tiny,
+    and one thread beats several (no OpenMP hand-off per op; 2 threads were ~2× slower here)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(1)

@@ -1,0 +1,29 @@
+"""A run's timeline from its dopesheet, checked against what the objective needs (any kind)."""
+
+from __future__ import annotations
+
+from anchoring.errors import AnchoringError
+from anchoring.schedule import Timeline, parse_dopesheet
+
+SCHEDULED = ("lr",)  # non-regularizer columns every schedule must provide
+
+
+def parse_schedule(schedule: str, source: str, weights: list[str], optional: tuple[str, ...] = ()) -> Timeline:
+    """The dopesheet, with its columns checked against the term weights both ways, naming the column."""
+    timeline = parse_dopesheet(schedule, source=source)
+    used = set(weights) | set(SCHEDULED) | set(optional)
+    for col in timeline.names:
+        if col not in used:
+            raise AnchoringError(f"schedule column {col!r} is not used by any term (term weights: {', '.join(weights) or 'none'}; "
+                                 f"other columns: {', '.join([*SCHEDULED, *optional])})")
+    for col in [*SCHEDULED, *weights]:
+        if col not in timeline.tracks:
+            raise AnchoringError(f"schedule has no column {col!r} (needed by {'the optimiser' if col in SCHEDULED else 'a term'})")
+    return timeline
+
+
+def fit_steps(timeline: Timeline, steps: int | None) -> Timeline:
+    """Stretch the timeline to `steps` when the run asks for another length."""
+    if steps is not None and steps != timeline.steps:
+        return timeline.rescaled(steps)
+    return timeline
