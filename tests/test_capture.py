@@ -55,8 +55,8 @@ def test_ensemble_members_match_eager_models():
 
 def test_terms_can_read_before_or_after_normalisation():
     from anchoring import experiments
-    from anchoring.models import ColourAutoencoder
     from anchoring.kinds.colour.objective import build_objective
+    from anchoring.models import ColourAutoencoder
 
     cfg = experiments.load("anchored", ["terms.0.kind=unitarity", "terms.0.site=encoder"])
     cfg.terms[0].power = cfg.terms[0].shift = None  # options that only apply to separation

@@ -38,7 +38,7 @@ def spec_with_schedule(tmp_path, schedule):
 def test_list_shows_the_default():
     r = invoke("list")
     assert r.exit_code == 0
-    line = next(l for l in r.stdout.splitlines() if l.startswith("anchored "))
+    line = next(x for x in r.stdout.splitlines() if x.startswith("anchored "))
     assert "[2.4.1]" in line and "(default)" in line
 
 

@@ -77,6 +77,8 @@ def test_intervene_and_delete_commands(anchored_run, tmp_path):
 def test_relearning_curves_are_recorded_and_more_samples_help(anchored_run):
     out, _ = anchored_run
     res = relearn(load_run(out), "red", [1, 64], steps=40, lr=0.01, baseline=False)
+    res.path = res.files[0]
+    res.rows = res.summary["rows"]
     curves = (res.path / "curves.csv").read_text().splitlines()
     assert len(curves) == 1 + 2 * 3 * 41  # header + K × seeds × (steps + 1)
     rows = {r["K"]: r for r in res.rows}
@@ -87,3 +89,20 @@ def test_relearning_curves_are_recorded_and_more_samples_help(anchored_run):
     mean = {k: sum(float(d["error"]) for d in data if int(d["K"]) == k) / sum(1 for d in data if int(d["K"]) == k) for k in (1, 64)}
     assert mean[64] < mean[1], mean  # on average, more concept samples relearn it faster
     assert (res.path / "relearn.png").is_file()
+
+
+def test_relearning_attack_on_the_post_hoc_baseline(anchored_run):
+    """The baseline path: an unanchored run of the same config, its difference-of-means direction
+    projected out of the weights, attacked the same way."""
+    out, _ = anchored_run
+    res = relearn(load_run(out), "red", [16], steps=20, lr=0.01, baseline=True)
+    rows = {r["model"]: r for r in res.summary["rows"]}
+    assert set(rows) == {"anchored", "post-hoc"}
+    base = res.files[0] / "baseline-run"
+    assert (base / "summary.json").is_file()
+    assert load_run(base).config.terms == [] and load_run(base).seeds == load_run(out).seeds
+    assert rows["post-hoc"]["start_error"] > 0.02  # the post-hoc edit did damage red before the attack
+    import csv
+
+    data = list(csv.DictReader(open(res.files[0] / "curves.csv")))
+    assert {d["model"] for d in data} == {"anchored", "post-hoc"} and len(data) == 2 * 3 * 21

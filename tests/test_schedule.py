@@ -4,8 +4,8 @@ import torch
 
 from anchoring import experiments
 from anchoring.errors import AnchoringError
-from anchoring.schedule import Timeline, Track, parse_dopesheet
 from anchoring.kinds.colour.objective import build_objective, build_timeline
+from anchoring.schedule import Timeline, Track, parse_dopesheet
 
 ANCHORED = """STEP,PHASE,ACTION,lr,separate,anchor,subspace
 0,Train,,1e-8,,0.01,0.01
@@ -175,6 +175,10 @@ def test_reactive_controller_raises_a_weight_until_its_loss_is_low(tmp_path):
     for d in full.decisions:  # every re-target is continuous in value
         assert track(d.at) == pytest.approx(track(d.at - 1e-6), rel=1e-4)
     assert all(d.value <= 0.5 for d in full.decisions)
+    # the metric it steers: above the target at first, below it at the end (median over seeds of a window's mean)
+    loss = full.metrics[:, :, full.metric_names.index("subspace:vibrant")]
+    assert loss[:50].mean(0).median() > 0.02
+    assert loss[-50:].mean(0).median() < 0.02
 
     def kill(step, _r):
         if step == 230:

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 from anchoring import experiments, load_run, sweep
 from anchoring.cli import app
 from anchoring.errors import AnchoringError
-from anchoring.sweep.worker import FAULT_ENV
 from anchoring.kinds.colour.training import train
+from anchoring.sweep.worker import FAULT_ENV
 from anchoring.train.checkpoint import read_checkpoint
 from anchoring.train.ensemble import Ensemble
 

@@ -123,11 +123,12 @@ def test_curriculum_changes_the_data_the_sampler_draws():
 @pytest.mark.parametrize("name", ["curriculum", "smooth-curriculum", "sparse-labels"])
 def test_m1_training_specs_run_end_to_end(tmp_path, name):
     out = tmp_path / name
-    r = runner.invoke(app, ["run", name, "--seeds", "2", "--steps", "200", "--out", str(out), "-q"])
+    r = runner.invoke(app, ["run", name, "--seeds", "2", "--steps", "400", "--out", str(out), "-q"])
     assert r.exit_code == 0, r.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["seeds"]) == 2 and all("structure" in s for s in summary["seeds"])
-    assert all(s["val_mse"] < 0.1 for s in summary["seeds"])  # learned something in 200 steps
+    # predicting the mean colour scores ~0.083 (the variance of a uniform channel); these must do far better
+    assert all(s["val_mse"] < 0.01 for s in summary["seeds"]), [s["val_mse"] for s in summary["seeds"]]
     from safetensors import safe_open
 
     with safe_open(str(out / "snapshots.safetensors"), "pt") as f:

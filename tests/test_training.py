@@ -4,8 +4,8 @@ import signal
 import pytest
 import torch
 
-from anchoring.train import TrainingInterrupted
 from anchoring.kinds.colour.training import train
+from anchoring.train import TrainingInterrupted
 
 
 def params(result):
@@ -37,8 +37,8 @@ def test_training_moves_red_towards_its_anchor(small_cfg):
 
 
 def _fresh_members(cfg):
-    from anchoring.train import Ensemble
     from anchoring.kinds.colour.objective import build_model
+    from anchoring.train import Ensemble
 
     return Ensemble(lambda: build_model(cfg), list(range(cfg.train.seed, cfg.train.seed + cfg.train.seeds))).members()
 

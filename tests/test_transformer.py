@@ -125,7 +125,7 @@ def test_bad_transformer_configs_fail_before_training():
 
     for overrides, msg in ((["terms.0.positions=\"slot:x\""], "unknown slot"),
                            (["terms.0.site=\"blocks.9\""], "no module"),
-                           (["terms.0.head=3"], "per-head|head"),
+                           (["terms.0.head=3"], r"site 'blocks.1' has no head 3"),
                            (["concepts.0.axis=64"], "axis 64"),
                            (["terms.2.positions=\"mellowmax\""], "labelled"),
                            (["transformer.heads=5"], "heads")):

@@ -10,7 +10,6 @@ the dopesheet text inline, so a run directory's `config.toml` re-runs with nothi
 from __future__ import annotations
 
 import tomllib
-from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
@@ -19,11 +18,8 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    field_validator,
     model_validator,
 )
-
-from anchoring.errors import AnchoringError
 
 
 class _Strict(BaseModel):

@@ -21,7 +21,6 @@ from anchoring.anchor.capture import resolve_site
 from anchoring.errors import AnchoringError
 
 
-
 def _passes_through(module: nn.Module, inputs: tuple, output: object) -> bool:
     """A parameter-free leaf that only rescales each vector (identity, eval-mode dropout, an L2
     normalisation …) keeps a zeroed dim or a removed direction absent, so it may sit between the
@@ -77,7 +76,8 @@ def find_layout(model: nn.Module, site: str, probe: torch.Tensor) -> Layout:
     j = idx
     while j >= 0 and not isinstance(order[j][1], nn.Linear):
         if not _passes_through(order[j][1], order[j][2], order[j][3]):
-            raise AnchoringError(f"cannot edit weights at {site!r}: {order[j][0]} ({type(order[j][1]).__name__}) sits between it and the Linear that writes it")
+            raise AnchoringError(f"cannot edit weights at {site!r}: {order[j][0]} ({type(order[j][1]).__name__}) "
+                                 f"sits between it and the Linear that writes it")
         j -= 1
     if j < 0:
         raise AnchoringError(f"cannot edit weights at {site!r}: no nn.Linear writes it")

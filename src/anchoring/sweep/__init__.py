@@ -11,7 +11,6 @@ numbers an unsharded run gives, to floating-point tolerance.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import statistics

@@ -11,6 +11,7 @@ from typing import Callable
 from anchoring.atomic import write_atomic
 from anchoring.errors import AnchoringError
 from anchoring.sweep.worker import DONE, shard_bytes
+
 CHECKPOINT = "checkpoint.safetensors"
 
 Progress = Callable[[int, int], None]

@@ -51,10 +51,6 @@ class Labeller:
         """Deterministic 0/1 labels for validation."""
         return (self.score(rgb).pow(self.power) >= self.threshold).float()
 
-    def draw(self, rgb: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-        """Bernoulli labels from pre-drawn uniforms (keeps the random stream outside)."""
-        return (uniform < self.probability(rgb)).float()
-
 
 LABELLERS: dict[str, Labeller] = {
     "red": Labeller("red", redness, scale=0.08, power=8.0),

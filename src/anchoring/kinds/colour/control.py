@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -93,7 +92,7 @@ def _check_site(run: ColourRun, site: str) -> None:
     resolve_site(model, site)
     with torch.no_grad(), Capture(model, [site]) as cap:
         model(torch.zeros(1, 3))
-    width = cap.acts[site].shape[-1]
+        width = cap.acts[site].shape[-1]
     if width != run.latent_dim:
         raise AnchoringError(f"--site {site!r} has width {width}, not the latent width {run.latent_dim}; "
                              f"interventions act on the latent (e.g. --site latent)")

@@ -3,7 +3,6 @@ for hue structure and anchoring, edited (suppress, repel, ablate, prune) and rep
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any

@@ -107,14 +107,19 @@ class ColourTask:
         self._row = row
         return float(row[self.col["lr"]])
 
-    def step(self, step: int) -> torch.Tensor:
+    def batch(self, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Points `(seeds, B, 3)` and Bernoulli labels per concept, a pure function of (seed, step):
+        a label is redrawn every time a point is drawn, with the labeller's probability."""
         if self.extent_col is not None and float(self.table[step, self.extent_col]) != self.last_extent:
             self.last_extent = float(self.table[step, self.extent_col])
             self.sampler.set_weights(self.weights * curriculum_weights(self.depth, self.last_extent))
         u = self.stream(step)
         idx = self.sampler.indices(u[..., 0])
-        x = self.points[idx]
         labels = {n: (u[..., 1 + i] < self.probs[i][idx]).float() for i, n in enumerate(self.names)}
+        return self.points[idx], labels
+
+    def step(self, step: int) -> torch.Tensor:
+        x, labels = self.batch(step)
         w = self._row[self.term_cols].float()
         self.optimizer.zero_grad(set_to_none=True)
         recon, values = self._loss(x, labels)

@@ -110,10 +110,11 @@ def residual_component(model, direction: torch.Tensor, tokens: torch.Tensor) -> 
     sites = ["embed", *[f"blocks.{i}" for i in range(len(model.blocks))]]
     with Capture(model, sites) as cap:
         model(tokens)
+        acts = dict(cap.acts)
     v = direction / direction.norm()
     worst = 0.0
     for s in sites:
-        h = cap.acts[s]
+        h = acts[s]
         if s == "embed":
             h = torch.nn.functional.normalize(h, dim=-1)
         worst = max(worst, float((h @ v).abs().max()))

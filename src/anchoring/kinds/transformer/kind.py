@@ -29,9 +29,6 @@ from anchoring.kinds.base import Kind
 from anchoring.kinds.transformer import evaluate as ev
 from anchoring.kinds.transformer import figures as sf
 from anchoring.kinds.transformer.config import TransformerExperiment
-from anchoring.report import html
-from anchoring.report.figures import save as save_fig
-from anchoring.train.skeleton import TrainingInterrupted
 from anchoring.kinds.transformer.training import (
     ArmResult,
     build_language,
@@ -40,6 +37,9 @@ from anchoring.kinds.transformer.training import (
     build_transformer,
     train_arm,
 )
+from anchoring.report import html
+from anchoring.report.figures import save as save_fig
+from anchoring.train.skeleton import TrainingInterrupted
 
 Progress = Callable[[int, int], None]
 ARCH_KIND = "colour-transformer"
@@ -317,7 +317,8 @@ def figures(cfg, path: Path, lang, results, maps, map_sites, curves, anchors) ->
     arms_ = sorted({a for a, _ in results})
     stacked = {a: np.stack([r.metrics for (arm, _), r in results.items() if arm == a]) for a in arms_}
     idx = [names.index(n) for n in show]
-    save_fig(sf.training_curves({a: m[:, :, idx] for a, m in stacked.items()}, show, "training (mean over seeds, moving average; concept terms only where a batch had a labelled line)"),
+    title = "training (mean over seeds, moving average; concept terms only where a batch had a labelled line)"
+    save_fig(sf.training_curves({a: m[:, :, idx] for a, m in stacked.items()}, show, title),
              figdir / "training_curves.png")
 
 

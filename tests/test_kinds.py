@@ -1,0 +1,138 @@
+"""One house for every kind: the same lifecycle, `load_run`, `show`, `intervene` and `delete` on
+colour and transformer runs; a key of another kind is an error naming the key and the kind;
+the method's packages import no concrete model or domain."""
+
+import ast
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import anchoring
+from anchoring import load_run
+from anchoring.cli import app
+
+runner = CliRunner()
+TINY_TRANSFORMER = ["--set", "transformer.width=32", "--set", "transformer.layers=2", "--set", "transformer.heads=4",
+                    "--set", "language.context=32", "--set", "transformer.eval_lines=128", "--set", "concepts.0.label_scale=1.0",
+                    "--set", "terms.0.site=\"blocks.0\"", "--set", "terms.2.site=\"blocks.0\"",
+                    "--set", "terms.1.site=\"blocks.1\"", "--set", "terms.3.site=\"blocks.1\"",
+                    "--set", "transformer.workers=1"]
+
+
+@pytest.fixture(scope="module")
+def two_kinds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kinds")
+    colour, transformer = root / "colour", root / "transformer"
+    r = runner.invoke(app, ["run", "anchored", "--seeds", "2", "--steps", "60", "--out", str(colour), "-q"])
+    assert r.exit_code == 0, r.stderr
+    r = runner.invoke(app, ["run", "transformer-anchor-residual", "--seeds", "1", "--steps", "60", "--out", str(transformer),
+                            "-q", *TINY_TRANSFORMER])
+    assert r.exit_code == 0, r.stderr
+    return colour, transformer
+
+
+def test_load_run_opens_every_kind_with_its_helpers(two_kinds):
+    colour, transformer = (load_run(p) for p in two_kinds)
+    assert colour.kind == "colour" and transformer.kind == "transformer"
+    z = colour.encode(torch.tensor([[1.0, 0.0, 0.0]]))
+    assert z.shape == (2, 1, 4) and torch.allclose(z.norm(dim=-1), torch.ones(2, 1))
+    assert colour.decode(z).shape == (2, 1, 3)
+    line = "500 + 005 = 303 ;"
+    tokens = transformer.tokenize(line)
+    assert transformer.language.words(tokens) == line.split()
+    assert set(transformer.arms) == {"anchored", "control"}
+    logits = transformer.logits(line, arm="control")
+    assert logits.shape == (len(tokens), transformer.language.vocab_size)
+    nats = transformer.loss_per_token(line, arm="anchored", seed=0)
+    assert nats.shape == (len(tokens) - 1,) and (nats >= 0).all()
+    assert not torch.equal(transformer.logits(line, arm="anchored"), logits)  # two different models
+    for run, ids in ((colour, {"step", "seed"}), (transformer, {"step", "seed", "anchored"})):
+        m = run.metrics()
+        assert isinstance(m, pd.DataFrame) and set(m.columns) == ids | {"metric", "value"}
+        assert m.step.max() == 59 and "loss" in set(m.metric)
+    with pytest.raises(anchoring.AnchoringError, match="is not a word of the colour language"):
+        transformer.tokenize("500 + purple")
+
+
+def test_show_intervene_and_delete_on_a_transformer_run(two_kinds, tmp_path):
+    _, run_dir = two_kinds
+    r = runner.invoke(app, ["show", str(run_dir)])
+    assert r.exit_code == 0 and "exact match per model" in r.stdout and "report:" in r.stdout, r.stderr
+    r = runner.invoke(app, ["intervene", str(run_dir), "--concept", "red", "--method", "suppress", "--name", "sup"])
+    assert r.exit_code == 0, r.stderr
+    assert "red answer" in r.stdout and "no red" in r.stdout
+    rows = json.loads((run_dir / "interventions" / "sup" / "summary.json").read_text())["rows"]
+    assert {(x["arm"], x["direction"]) for x in rows} == {("anchored", "anchor"), ("control", "difference of means")}
+    r = runner.invoke(app, ["intervene", str(run_dir), "--concept", "red", "--method", "repel"])
+    assert r.exit_code == 2 and "'transformer' run supports --method suppress or ablate" in r.stderr
+    deleted = tmp_path / "deleted"
+    r = runner.invoke(app, ["delete", str(run_dir), "--concept", "red", "--out", str(deleted)])
+    assert r.exit_code == 0, r.stderr
+    edit = json.loads((deleted / "edit.json").read_text())
+    assert max(edit["max_residual_component"]) < 1e-5  # the anchor axis is gone from every residual state
+    d, orig = load_run(deleted), load_run(run_dir)
+    for name, p in d.model("anchored").named_parameters():  # only the residual writers and embeddings changed
+        changed = not torch.equal(p, dict(orig.model("anchored").named_parameters())[name])
+        assert changed == (name == "embed.weight" or name.endswith("attn.o.weight") or name.endswith("mlp.down.weight")), name
+    assert all(torch.equal(a, b) for a, b in zip(d.model("control").parameters(), orig.model("control").parameters()))
+    r = runner.invoke(app, ["show", str(deleted)])
+    assert r.exit_code == 0 and "deleted red" in r.stdout, r.stderr
+    r = runner.invoke(app, ["resume", str(deleted)])
+    assert r.exit_code == 2 and "is an edited run" in r.stderr
+
+
+def test_commands_that_do_not_apply_say_so_naming_the_kind(tmp_path):
+    out = tmp_path / "lobes"
+    assert runner.invoke(app, ["run", "intervention-lobes", "--out", str(out), "-q"]).exit_code == 0
+    r = runner.invoke(app, ["intervene", str(out), "--concept", "red"])
+    assert r.exit_code == 2 and r.stderr.strip() == "error: `load_run` does not apply to 'figures' runs"
+
+
+CROSS = [("anchored", "transformer.width=32", "colour"), ("anchored", "language.context=16", "colour"),
+         ("transformer-anchor-residual", "model.latent_dim=5", "transformer"),
+         ("transformer-anchor-residual", "train.fast=false", "transformer"),
+         ("transformer-anchor-residual", "data.batch_size=8", "transformer"),
+         ("intervention-lobes", "train.seeds=2", "figures"), ("colour-spaces", "terms.0.kind=\"anchor\"", "figures")]
+
+
+@pytest.mark.parametrize("experiment,item,kind", CROSS)
+def test_a_key_of_another_kind_is_an_error_naming_key_and_kind(experiment, item, kind, tmp_path):
+    key = item.split("=")[0]
+    r = runner.invoke(app, ["run", experiment, "--set", item, "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert repr(key) in r.stderr and f"for a {kind!r} experiment" in r.stderr, r.stderr
+    # the same key written into a spec file
+    spec_path = anchoring.experiments.find(experiment)
+    section, _, leaf = key.partition(".")
+    head, _, rest = leaf.partition(".")
+    text = spec_path.read_text()
+    text = text.replace("schedule = \"", f"schedule = \"{spec_path.parent}/") if "schedule = \"" in text else text
+    extra = f"\n[{section}]\n{head} = {item.split('=', 1)[1]}\n" if not rest else f"\n[[{section}]]\n{rest} = 1\n"
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text + extra if f"[{section}]" not in text else text.replace(f"[{section}]", f"[{section}]\n{head} = 1", 1))
+    r = runner.invoke(app, ["run", str(bad), "--out", str(tmp_path / "y")])
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"for a {kind!r} experiment" in r.stderr and section in r.stderr, r.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_readme_latent_dim_example_is_explained():
+    r = runner.invoke(app, ["run", "--set", "model.latent_dim=5", "--steps", "2", "--out", "/nonexistent/never"])
+    assert r.exit_code == 2 and "anchor has 4 entries but the anchored space has 5 dims" in r.stderr
+
+
+PACKAGE = Path(anchoring.__file__).parent
+
+
+@pytest.mark.parametrize("layer", ["anchor", "control", "train"])
+def test_the_method_imports_no_concrete_model_or_domain(layer):
+    for path in (PACKAGE / layer).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for name in names:
+                assert not name.startswith(("anchoring.models", "anchoring.domains", "anchoring.kinds")), (path, name)
