@@ -151,3 +151,15 @@ def test_residual_toward_pulls_only_labelled_residuals_towards_the_reference_cen
     with pytest.raises(AnchoringError):
         build_term("anchor", "anchor", latent_dim=3, concept=red, toward=grey)
     assert torch.allclose(R.residual_toward(torch.tensor([[0.5, 0.0, 2.0]]), [0], torch.tensor([0.0, 0.0, 3.0])), torch.zeros(1))
+
+
+def test_landing_figures_draw(tmp_path):
+    from anchoring.report import figures
+    from anchoring.report.deletion_figures import landing_cosines, landing_plane
+
+    torch.manual_seed(0)
+    models = [ColourAutoencoder(latent_dim=5, hidden=(10, 10)) for _ in range(3)]
+    land = deletion_landing(models, [0])
+    figures.save(landing_cosines(land, [1, 2, 3]), tmp_path / "cos.png")
+    figures.save(landing_plane(land, [1, 2, 3]), tmp_path / "plane.png")
+    assert (tmp_path / "cos.png").stat().st_size > 0 and (tmp_path / "plane.png").stat().st_size > 0
