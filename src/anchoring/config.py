@@ -48,6 +48,7 @@ class TermConfig(_Strict):
     shift: bool | None = None
     eps: float | None = None
     name: str | None = None
+    toward: str | None = Field(None, description="residual-toward: the concept whose samples' centre the residual is pulled to")
     positions: str | None = Field(None, description="sequence sites: all | slot:<role> | mellowmax[:ω]")
     head: int | None = Field(None, ge=0, description="sequence sites with per-head output (queries/keys): which head")
 

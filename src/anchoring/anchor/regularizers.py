@@ -90,6 +90,18 @@ def anti_subspace(z: torch.Tensor, dims: list[int] | tuple[int, ...]) -> torch.T
     return (z.pow(2) * _dim_mask(z, dims)).sum(-1)
 
 
+def residual_toward(z: torch.Tensor, dims: list[int] | tuple[int, ...], target: torch.Tensor) -> torch.Tensor:
+    """1 − cos(z with dims D zeroed, target): where z lands if D is ablated (method.md §2, deletion).
+
+    With a normalised latent, ablating D leaves the decoder the direction of z's part outside D,
+    however small that part is. Pulling it towards `target` (broadcast against z, e.g. the
+    greys' centre) decides in training what the deleted concept will decode to. A zero
+    target (no reference sample in the batch) gives a constant 1 and no gradient.
+    """
+    r = z * (1.0 - _dim_mask(z, dims))
+    return 1.0 - (_unit(r) * _unit(target)).sum(-1)
+
+
 def unitarity(z: torch.Tensor) -> torch.Tensor:
     """(‖z‖ − 1)² on a pre-normalisation activation (older runs with no explicit norm)."""
     return (z.norm(dim=-1) - 1.0).pow(2)

@@ -42,16 +42,33 @@ class Term:
     concept: str | None = None
     select: Select = "all"
     params: dict = field(default_factory=dict)
+    toward: str | None = None
 
     def __call__(self, acts: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
         """Batch loss `(...)` from activations `(..., N, D)` and labels `(..., N)`."""
-        per_sample = self.formula(acts[self.site])
+        z = acts[self.site]
+        if self.toward is None:
+            per_sample = self.formula(z)
+        else:
+            per_sample = self.formula(z, target=reference_centre(z, labels[self.toward], self.params["dims"]).unsqueeze(-2))
         if self.select == "all":
             return per_sample.mean(-1)
         w = labels[self.concept]
         if self.select == "unlabelled":
             w = 1.0 - w
         return (per_sample * w).sum(-1) / w.sum(-1).clamp_min(1.0)
+
+
+def reference_centre(z: torch.Tensor, weights: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """Unit mean `(..., D)` of the weighted samples' unit latents with `dims` zeroed, detached.
+
+    Detached so a term pulling towards it moves only the samples it scores, not the reference
+    samples (e.g. the greys stay where reconstruction put them). Zero when no sample has weight.
+    """
+    u = R._unit(z.detach())
+    u = u * (1.0 - R._dim_mask(u, dims))
+    centre = (u * weights.unsqueeze(-1)).sum(-2)
+    return centre / centre.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 # kind -> (formula, needs direction, needs dims, default selection when tied to a concept)
@@ -62,6 +79,7 @@ KINDS: dict[str, tuple[Callable, bool, bool, Select]] = {
     "subspace": (R.subspace, False, True, "labelled"),
     "anti-anchor": (R.anti_anchor, True, False, "all"),
     "anti-subspace": (R.anti_subspace, False, True, "all"),
+    "residual-toward": (R.residual_toward, False, True, "labelled"),
     "unitarity": (R.unitarity, False, False, "all"),
     "euclidean-repulsion": (R.euclidean_repulsion, False, False, "all"),
 }
@@ -79,6 +97,7 @@ def build_term(
     direction: Sequence[float] | None = None,
     dims: Sequence[int] | None = None,
     name: str | None = None,
+    toward: Concept | None = None,
     **options,
 ) -> Term:
     """Validate one term's settings and bind its formula; every mistake names the term."""
@@ -110,9 +129,14 @@ def build_term(
         if not d or any(not 0 <= int(i) < latent_dim for i in d):
             raise AnchoringError(f"term {label!r}: dims {list(d)} must be within 0..{latent_dim - 1}")
         bound["dims"] = tuple(int(i) for i in d)
+    if (kind == "residual-toward") != (toward is not None):
+        raise AnchoringError(f"term {label!r}: 'toward' (a reference concept) is needed by residual-toward and only by it")
+    if kind == "residual-toward" and concept is None:
+        raise AnchoringError(f"term {label!r}: residual-toward needs a concept (whose residual it moves)")
 
-    def bound_formula(z: torch.Tensor, _f=formula, _kw=bound) -> torch.Tensor:
+    def bound_formula(z: torch.Tensor, _f=formula, _kw=bound, **extra) -> torch.Tensor:
         kw = {k: (v.to(z) if isinstance(v, torch.Tensor) else v) for k, v in _kw.items()}
-        return _f(z, **kw)
+        return _f(z, **kw, **extra)
 
-    return Term(label, kind, weight, site, bound_formula, concept.name if concept else None, select, bound)
+    return Term(label, kind, weight, site, bound_formula, concept.name if concept else None, select, bound,
+                toward.name if toward else None)

@@ -50,11 +50,13 @@ def build_objective(cfg: ColourExperiment) -> Objective:
     for t in cfg.terms:
         if t.positions is not None or t.head is not None:
             raise AnchoringError(f"term {t.name or t.kind!r}: positions/head apply to transformer experiments only")
-        if t.concept is not None and t.concept not in concepts:
-            raise AnchoringError(f"term {t.kind!r} names unknown concept {t.concept!r} (defined: {', '.join(concepts) or 'none'})")
+        for ref in (t.concept, t.toward):
+            if ref is not None and ref not in concepts:
+                raise AnchoringError(f"term {t.kind!r} names unknown concept {ref!r} (defined: {', '.join(concepts) or 'none'})")
         terms.append(build_term(t.kind, t.weight, latent_dim=cfg.model.latent_dim, site=t.site,
                                 concept=concepts.get(t.concept) if t.concept else None, select=t.select,
-                                direction=t.direction, dims=t.dims, name=t.name, **t.options()))
+                                direction=t.direction, dims=t.dims, name=t.name,
+                                toward=concepts.get(t.toward) if t.toward else None, **t.options()))
     names = [t.name for t in terms]
     for i, t in enumerate(terms):  # metric columns must be unique
         if names.count(t.name) > 1:
