@@ -11,7 +11,8 @@ from anchoring.anchor import regularizers as R
 from anchoring.anchor.terms import Concept
 from anchoring.domains.colour import NAMES, get_labeller, named_rgb
 from anchoring.errors import AnchoringError
-from anchoring.evaluate.deletion import (
+from anchoring.evaluate.selection import edit_summary, pareto_selection
+from anchoring.kinds.colour.deletion import (
     ablated_latent,
     cosines,
     deletion_landing,
@@ -21,7 +22,6 @@ from anchoring.evaluate.deletion import (
     residual_direction,
     residual_norm,
 )
-from anchoring.evaluate.selection import edit_summary, pareto_selection
 from anchoring.models import ColourAutoencoder
 
 
@@ -154,8 +154,8 @@ def test_residual_toward_pulls_only_labelled_residuals_towards_the_reference_cen
 
 
 def test_landing_figures_draw(tmp_path):
+    from anchoring.kinds.colour.deletion_figures import landing_cosines, landing_plane
     from anchoring.report import figures
-    from anchoring.report.deletion_figures import landing_cosines, landing_plane
 
     torch.manual_seed(0)
     models = [ColourAutoencoder(latent_dim=5, hidden=(10, 10)) for _ in range(3)]

@@ -9,12 +9,12 @@ all three at once: no weights to tune, and a seed that is best at any one object
 
 from __future__ import annotations
 
-import statistics
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from anchoring.evaluate.control import pareto_front
+from anchoring.evaluate.stats import median
 
 OBJECTIVES = ("val_mse", "val_anchor_loss")  # both: lower is better
 
@@ -53,8 +53,8 @@ def edit_summary(named_after: Mapping[str, Sequence[float]], seeds: Sequence[int
         if len(values) != len(seeds):
             raise ValueError(f"{name!r}: {len(values)} values for {len(seeds)} seeds")
         chosen = [float(values[i]) for i in picks]
-        return {"colour": name, "all": statistics.median(float(v) for v in values),
-                "selected": statistics.median(chosen) if chosen else float("nan"),
+        return {"colour": name, "all": median(values),
+                "selected": median(chosen),
                 "n_all": len(values), "n_selected": len(chosen)}
 
     out = [row(name, vals) for name, vals in named_after.items()]

@@ -52,6 +52,9 @@ class EvaluateConfig(_Strict):
     min_cosine: float = Field(0.9, description="anchoring criterion: cos(latent of the pure concept colour, anchor)")
     hue_dims: tuple[int, int] = (0, 1)
     hue_order: bool = Field(True, description="require the hues in order around hue_dims for a seed to count as anchored")
+    select: Literal["all", "pareto"] = Field("all", description="'pareto': tables and the CLI also show the edits on the seeds "
+                                                                "of the Pareto front (validation reconstruction, anchoring loss, "
+                                                                "selectivity); the summary always has both")
 
 
 class ColourTrainConfig(TrainConfig):

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.table import Table
 from safetensors.torch import save as st_save
@@ -17,12 +16,15 @@ from anchoring.config import InterventionConfig
 from anchoring.control.plan import make_plan
 from anchoring.domains.colour import NAMES, named_rgb, rgb_grid
 from anchoring.errors import AnchoringError
-from anchoring.evaluate.control import pareto_front
+from anchoring.evaluate.selection import edit_summary, pareto_selection
 from anchoring.evaluate.stats import median
 from anchoring.kinds.base import EditResult, Kind, Progress, Run
 from anchoring.kinds.colour import control
 from anchoring.kinds.colour.config import ColourExperiment
+from anchoring.kinds.colour.deletion import deletion_landing, landing_rows
+from anchoring.kinds.colour.deletion_figures import landing_cosines, landing_plane
 from anchoring.kinds.colour.edits import evaluate_edit, named_error_table, stacked
+from anchoring.kinds.colour.metrics import concept_exemplar
 from anchoring.kinds.colour.model import ColourRun, architecture, open_run
 from anchoring.kinds.colour.objective import build_objective, build_timeline, check_curriculum, training_points
 from anchoring.kinds.colour.summary import summarize_seeds
@@ -94,10 +96,16 @@ def summary_lines(summary: dict[str, Any]) -> list[Any]:
             table.add_row(*[("yes" if v else "NO") if isinstance(v, bool) else (f"{v:.4g}" if isinstance(v, float) else str(v))
                             for v in r])
         lines.append(table)
+    selected = summary.get("selection") if summary.get("select") == "pareto" else None
     for name, e in summary.get("interventions", {}).items():
         after = {r["colour"]: r["after"] for r in e["table"]}
         shown = ", ".join(f"{c} {after[c]:.3f}" for c in ("red", "cyan", "lime", "purple", "grey") if c in after)
         lines.append(f"{name}: median MSE after — {shown}; selectivity R² median {e['selectivity_median']:.2f}")
+        if selected:
+            sel = {r["colour"]: r["selected"] for r in selected["edits"][name]}
+            shown = ", ".join(f"{c} {sel[c]:.3f}" for c in ("red", "cyan", "lime", "purple", "grey") if c in sel)
+            lines.append(f"{name} on the {len(selected['seeds'])} Pareto-selected seeds {selected['seeds']}: {shown}; "
+                         f"selectivity R² median {sel['selectivity']:.2f}")
     for r in summary.get("combinations", []):  # plain lines: 31 rows of long names
         lines.append(f"{r['formed']:>5} formed  hue order {r['hue_order']:.2f}  anchor {r['anchor_angle_deg']:6.1f}°  "
                      f"in plane {r['vibrant_in_plane']:.2f}  spread {r['spread_deg']:5.1f}°  {r['terms']}")
@@ -165,6 +173,8 @@ def finish(result: TrainResult, path: Path) -> dict[str, Any]:
     if edits:
         summary["interventions"] = edits
         summary["pareto_seeds"] = pareto_seeds(rows, edits)
+        summary["selection"] = selection_summary(rows, edits, summary["pareto_seeds"])
+        summary["select"] = cfg.evaluate.select
     write_report(path, cfg, rows, summary)
     return summary
 
@@ -193,14 +203,27 @@ def evaluate_interventions(cfg: ColourExperiment, objective, models, rows: list[
         with torch.no_grad():
             outputs = after(named_rgb())
         figures.save(figures.reconstruction_grid(named_rgb(), outputs, NAMES, seeds), figdir / f"{spec.name}_reconstruction.png")
+        if spec.method in ("ablate", "prune") and concept is not None and concept.anchor is not None:
+            # where the concept lands once its dims are gone: what decides whether the deletion is clean
+            exemplar = concept_exemplar(concept.labeller, named_rgb())
+            landing = deletion_landing(models, list(plan.dims), exemplar)
+            out[spec.name]["landing"] = landing_rows(landing, seeds)
+            figures.save(landing_cosines(landing, seeds), figdir / f"{spec.name}_landing.png")
+            figures.save(landing_plane(landing, seeds), figdir / f"{spec.name}_landing_plane.png")
     return out
 
 
+def selection_summary(rows: list[dict], edits: dict[str, Any], selected: list[int]) -> dict[str, Any]:
+    """Every edit's per-colour medians over all seeds and over the Pareto-selected seeds, side by side:
+    a reader comparing with a paper that picked its runs from such a front needs both."""
+    seeds = [r["seed"] for r in rows]
+    return {"seeds": selected, "edits": {name: edit_summary(e["named_after"], seeds, selected, e["selectivity"])
+                                         for name, e in edits.items()}}
+
+
 def pareto_seeds(rows: list[dict], edits: dict[str, Any]) -> list[int]:
-    """Seeds on the Pareto front of (val reconstruction, val anchoring loss, −selectivity of the first edit)."""
-    first = next(iter(edits.values()))
-    obj = np.array([[r["val_mse"], r.get("val_anchor_loss", 0.0), -first["selectivity"][i]] for i, r in enumerate(rows)])
-    return [rows[i]["seed"] for i in pareto_front(obj)]
+    """Seeds on the Pareto front of (val reconstruction, val anchoring loss, selectivity of the first edit)."""
+    return pareto_selection(rows, next(iter(edits.values()))["selectivity"])
 
 
 def seed_table(rows: list[dict]) -> tuple[list[str], list[list[Any]]]:
@@ -230,7 +253,26 @@ def intervention_sections(summary: dict[str, Any], figs: Path) -> list[tuple[str
                 + html.table_html(["colour", "MSE before (median)", "after (median)", "after min", "after max"], rows)
                 + html.image_html(figs / f"{name}_hue_error.png", "error vs hue")
                 + html.image_html(figs / f"{name}_reconstruction.png", "output colour (background) vs true colour (inset)"))
+        if "landing" in e:
+            land = [[r["seed"], r["error"], r["residual_norm"], ", ".join(f"{n} {c:.2f}" for n, c in r["nearest"]),
+                     r["decoded_as"], r.get("cos_grey_centre", float("nan"))] for r in e["landing"]]
+            body += ("<p>Where the concept lands after the deletion: its latent with the deleted dims zeroed and "
+                     "renormalised, compared with the named colours' unedited latents. The deletion is clean when it "
+                     "lands where the decoder reads a neutral colour (near the greys' centre), not next to the concept.</p>"
+                     + html.table_html(["seed", "error after", "share outside the deleted dims", "nearest named colours (cos)",
+                                        "decodes as", "cos to greys' centre"], land)
+                     + html.image_html(figs / f"{name}_landing.png", "cosines after deletion")
+                     + html.image_html(figs / f"{name}_landing_plane.png", "landing among the named colours"))
         sections.append((f"Intervention: {name}", body))
+    selection = summary.get("selection")
+    if selection:
+        body = (f"<p>Seeds on the Pareto front of (validation reconstruction ↓, validation anchoring loss ↓, selectivity ↑ "
+                f"of the first edit): {selection['seeds']}. Medians over all seeds and over the selected ones:</p>")
+        for name, rows in selection["edits"].items():
+            body += f"<h3>{html.html.escape(name)}</h3>" + html.table_html(
+                ["colour", f"all ({rows[0]['n_all']})", f"selected ({rows[0]['n_selected']})"],
+                [[r["colour"], r["all"], r["selected"]] for r in rows])
+        sections.append(("Pareto selection", body))
     return sections
 
 

@@ -1,6 +1,6 @@
 """Where a deleted concept lands, drawn: one row per seed, red's post-ablation cosines to the named colours.
 
-Takes the dict from `anchoring.evaluate.deletion.deletion_landing`. Each row shows, as
+Takes the dict from `anchoring.kinds.colour.deletion.deletion_landing`. Each row shows, as
 colour-coded cells, cos(red's residual direction, each named colour's latent), with the
 colour the ablated model actually decodes red to as a swatch at the end of the row and the
 red error written over it. A clean deletion reads as a row whose bright cells sit on the
