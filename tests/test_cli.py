@@ -120,10 +120,14 @@ def test_short_run_writes_a_complete_rerunnable_directory(tmp_path):
     loss = metrics[metrics.metric == "loss"]
     assert len(loss) == 40 * 2 and set(loss.seed) == {3, 4} and sorted(set(loss.step)) == list(range(40))
     assert {"anchor:red", "lr", "recon"} <= set(metrics.metric)
-    figures = 4 + 2 * len(run.config.interventions)  # slices, losses, schedule, phase history + 2 per edit
+    deletions = sum(i.method in ("ablate", "prune") for i in run.config.interventions)
+    # slices, losses, schedule, phase history; 2 per edit; 2 more per deletion (where the concept lands)
+    figures = 4 + 2 * len(run.config.interventions) + 2 * deletions
     report = (out / "report.html").read_text()
     assert report.count("data:image/png;base64") == figures and report.count("data:image/gif;base64") == 1
     assert set(summary["interventions"]) == {i.name for i in run.config.interventions}
+    landing = summary["interventions"]["ablate-red"]["landing"]
+    assert [r["seed"] for r in landing] == [3, 4] and all(0 <= r["residual_norm"] <= 1 for r in landing)
     # the resolved config re-runs as is, and gives the same numbers
     again = tmp_path / "again"
     assert invoke("run", out / "config.toml", "--out", again, "-q").exit_code == 0

@@ -350,6 +350,31 @@ def bench_cmd(
     out.print(f"json: {json_out}", markup=False)
 
 
+@app.command("labels")
+def labels_cmd(
+    concept: str = typer.Argument(..., help="violence | deception | milton"),
+    corpus: str = typer.Option("shakespeare", "--corpus", help="shakespeare | milton | mixed | a folder of .txt files"),
+    coverage: float = typer.Option(0.3, "--coverage", help="share of reference positives that carry a weak label"),
+    false_positives: float = typer.Option(0.0, "--false-positives", help="share of reference negatives labelled"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="folder for report.html and summary.json"),
+) -> None:
+    """Weak labels for a text concept: rates per labelling function, overlaps, gold precision/recall."""
+    from anchoring.domains.text.report import label_report
+
+    try:
+        rows, path = label_report(concept, corpus, coverage, false_positives, out_dir)
+    except AnchoringError as e:
+        fail(str(e))
+    table = Table(title=f"{concept} labels on {corpus}")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    for name, value in rows:
+        table.add_row(name, value)
+    out.print(table)
+    if path is not None:
+        out.print(f"report: {path / 'report.html'}", markup=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     default_threads()
     app(args=argv)

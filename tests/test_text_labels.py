@@ -1,0 +1,155 @@
+"""Labelling functions on hand-written sentences, label sets and draws, the CLI, and the gold set."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from anchoring.cli import app
+from anchoring.domains.text.config import TextConfig
+from anchoring.domains.text.corpus import stage_spans
+from anchoring.domains.text.labelling import Passages, concept_spans, score_matrix, stage_violence
+from anchoring.domains.text.lexicons import lexicon_hits
+from anchoring.domains.text.weak import draw, label_probability, weak_set
+from anchoring.errors import AnchoringError
+from anchoring.text import weak_labels
+
+
+def words(text: str, concept: str) -> list[str]:
+    return [text[s:e].lower() for s, e, _ in lexicon_hits(text, concept)]
+
+
+def test_violence_lexicon_fires_and_near_misses():
+    assert words("He shall die; they kill'd him and slew the rest.", "violence") == ["die", "kill'd", "slew"]
+    assert words("Bloody murder! Stabb'd with a dagger.", "violence") == ["bloody", "murder", "stabb'd", "dagger"]
+    for miss in ("A moderate diet and a studied indifference.", "Skilled hands and skillful swordsmanship.",
+                 "The deadline is an indie matter.", "He swore by the swordfish."):
+        assert words(miss, "violence") == [], miss
+
+
+def test_deception_lie_rule():
+    assert words("Thou liest, false traitor! That is a lie.", "deception") == ["liest", "false", "traitor", "lie"]
+    assert words("I will give him the lie.", "deception") == ["lie"]
+    for posture in ("Here lies the king.", "Let us lie down and sleep.", "There thou liest down in the grass.",
+                    "I lie in bed."):
+        assert words(posture, "deception") == [], posture
+    assert words("He deceiv'd me; treachery!", "deception") == ["deceiv'd", "treachery"]
+
+
+def test_stage_direction_function():
+    text = "Have at thee!\n[They fight. Tybalt falls.]\nO, I am slain!\n[Dies.]"
+    hits = [text[s:e] for s, e in stage_violence(text, stage_spans(text))]
+    assert hits == ["fight", "Dies"]
+    calm = "Welcome.\n[Enter Romeo, dying of laughter? no: Enter Romeo.]\n[Exeunt.]"
+    assert stage_violence("Sit.\n[Exeunt.]", stage_spans("Sit.\n[Exeunt.]")) == []
+    assert "fight" not in [calm[s:e] for s, e in stage_violence(calm, stage_spans(calm))]
+    assert stage_violence("Dies.\nMore text", []) == [(0, 5)]  # unbracketed direction at a line start
+
+
+def test_vader_and_metadata_functions():
+    p = Passages(["What a lovely happy day!", "O horrible, hateful, wretched misery!"], ["comedy", "tragedy"],
+                 ["", "FIRST MURDERER"])
+    names, s = score_matrix(p, "violence")
+    vader, meta = s[:, names.index("vader:negative")], s[:, names.index("metadata:genre+role")]
+    assert vader[0] == 0 and vader[1] > 0.5
+    assert meta.tolist() == [0.0, 2.0]
+
+
+def test_weak_labels_and_spans_api():
+    p = weak_labels(["He stabs him with his dagger, and the blood runs.", "A fair morning, sweet and mild."], "violence")
+    assert p.shape == (2,) and p[0] >= 0.5 > p[1]
+    text = "He stabs him with his dagger."
+    assert [text[s:e] for s, e in concept_spans(text, "violence")] == ["stabs", "dagger"]
+    with pytest.raises(AnchoringError, match="unknown concept"):
+        weak_labels(["x"], "love")
+
+
+def test_weak_set_rates_exact_and_seeded():
+    rng = np.random.default_rng(0)
+    ref = (rng.random(30000) < 0.13).astype(np.int8)
+    for c, f in ((0.3, 0.0), (0.05, 0.02), (1.0, 0.1)):
+        w = weak_set(ref, c, f, seed=7).astype(bool)
+        assert abs(w[ref == 1].mean() - c) < 0.01 and abs(w[ref == 0].mean() - f) < 0.01
+    assert (weak_set(ref, 0.3, 0.01, 7) == weak_set(ref, 0.3, 0.01, 7)).all()
+    assert (weak_set(ref, 0.3, 0.01, 7) != weak_set(ref, 0.3, 0.01, 8)).any()
+    for bad in (-0.1, 1.5):
+        with pytest.raises(AnchoringError, match="coverage"):
+            weak_set(ref, bad, 0.0, 0)
+
+
+def test_batch_draws_keyed_by_seed_and_step():
+    prob = label_probability(np.array([1, 0] * 500), 0.3, 0.05)
+    a, b = draw(prob, seed=1, step=10), draw(prob, seed=1, step=10)
+    assert (a == b).all()
+    assert (draw(prob, seed=1, step=11) != a).any() and (draw(prob, seed=2, step=10) != a).any()
+    assert abs(a[::2].mean() - 0.3) < 0.06 and a[1::2].mean() < 0.12
+
+
+def test_config_validation():
+    assert TextConfig().concept == "violence" and TextConfig().coverage == 0.3
+    for bad in ({"coverage": 1.5}, {"concept": "love"}, {"split": (0.5, 0.2, 0.2)}, {"tokenizer": "word"}, {"typo": 1}):
+        with pytest.raises(ValidationError):
+            TextConfig(**bad)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["labels", "love"], "unknown concept"),
+    (["labels", "violence", "--coverage", "1.5"], "--coverage"),
+    (["labels", "violence", "--corpus", "EMPTY"], "empty"),
+    (["labels", "violence", "--corpus", "BINARY"], "binary"),
+])
+def test_cli_errors_write_nothing(tmp_path, args, message):
+    (tmp_path / "EMPTY").mkdir()
+    (tmp_path / "BINARY").mkdir()
+    (tmp_path / "BINARY" / "x.txt").write_bytes(b"\x00\x01")
+    out = tmp_path / "out"
+    args = [str(tmp_path / a) if a in ("EMPTY", "BINARY") else a for a in args]
+    r = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert r.exit_code == 2
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_cli_report_on_folder(tmp_path):
+    d = tmp_path / "texts"
+    d.mkdir()
+    (d / "a.txt").write_text("He drew his sword and slew the traitor; blood ran.\n\nA quiet supper.\n\n"
+                             "They fight, and the murderer dies.\n\nThe garden in spring.\n")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["labels", "violence", "--corpus", str(d), "--out", str(out)])
+    assert r.exit_code == 0, r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["passages"] == 4 and set(summary["functions"]) >= {"lexicon:violence", "stage:violence"}
+    page = (out / "report.html").read_text()
+    assert "<mark>slew</mark>" in page and "http" not in page
+
+
+def test_reference_violence_against_gold():
+    """Hand-labelled gold set (tests/data/violence_gold.csv). Numbers are in-sample: the lexicon weights
+    and the metadata weight were adjusted once after looking at the errors on this set."""
+    from anchoring.domains.text.report import gold_scores, read_gold
+
+    rows = read_gold()
+    assert len(rows) == 210 and sum(r["stratum"] == "random" for r in rows) == 150
+    g = gold_scores(rows)
+    assert g["combined"]["gold_positives"] == 38
+    assert g["combined"]["precision"] >= 0.70 and g["combined"]["recall"] >= 0.68  # measured 0.730, 0.711
+    assert g["random"]["precision"] >= 0.78 and g["random"]["recall"] >= 0.44  # measured 0.818, 0.474
+    assert g["tragedy_history"]["recall"] >= 0.90  # measured 0.947
+
+
+@pytest.mark.slow
+def test_calibration_shifts_still_give_target_rates():
+    from anchoring.domains.text.corpus import load_corpus
+    from anchoring.domains.text.weak import COMBINERS, reference_labels
+
+    p = Passages.of(load_corpus("shakespeare"))
+    for concept in ("violence", "deception"):
+        assert abs(reference_labels(p, concept).mean() - COMBINERS[concept].target_rate) < 0.005
+    ref = reference_labels(p, "violence")
+    w = weak_set(ref, 0.3, 0.02, seed=5).astype(bool)
+    assert abs(w[ref == 1].mean() - 0.3) < 0.01 and abs(w[ref == 0].mean() - 0.02) < 0.01
