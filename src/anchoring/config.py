@@ -23,7 +23,9 @@ from pydantic import (
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown keys and non-finite numbers (nan, inf) are errors at the boundary."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ConceptConfig(_Strict):

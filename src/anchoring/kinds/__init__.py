@@ -41,7 +41,7 @@ def validate_config(data: dict[str, Any], source: str) -> ExperimentBase:
     """A config dict as its kind's pydantic model; every problem is one line naming the key."""
     data = _upgrade(data)
     kind = data.get("kind")
-    if kind not in REGISTRY:
+    if not isinstance(kind, str) or kind not in REGISTRY:
         raise AnchoringError(f"{source}: kind: unknown kind {kind!r} (kinds: {', '.join(REGISTRY)})")
     try:
         return _ADAPTER.validate_python(data)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import re
 from pathlib import Path
 
@@ -85,8 +86,11 @@ def _resolve_steps(raw: list[tuple[int, str]]) -> list[int]:
 
 def parse_dopesheet(text: str, source: str = "dopesheet") -> Timeline:
     """Parse dopesheet CSV text; every error names the line and column at fault."""
-    rows = [(n, r) for n, r in enumerate(csv.reader(io.StringIO(text)), start=1)
-            if r and any(c.strip() for c in r) and not r[0].lstrip().startswith("#")]
+    try:
+        rows = [(n, r) for n, r in enumerate(csv.reader(io.StringIO(text)), start=1)
+                if r and any(c.strip() for c in r) and not r[0].lstrip().startswith("#")]
+    except csv.Error as e:
+        raise AnchoringError(f"{source}: not valid CSV ({e})") from None
     if not rows:
         raise AnchoringError(f"{source}: empty dopesheet")
     special, params = _parse_header(rows[0][1])
@@ -97,8 +101,9 @@ def parse_dopesheet(text: str, source: str = "dopesheet") -> Timeline:
         raise AnchoringError(f"{source}: no rows after the header")
     width = len(rows[0][1])
     for line, cells in body:
-        if len(cells) > width:
-            raise AnchoringError(f"{source} line {line}: {len(cells)} cells but the header has {width}")
+        if len(cells) != width:
+            raise AnchoringError(f"{source} line {line}: {len(cells)} cells but the header has {width} "
+                                 f"(leave a cell empty with nothing between its commas)")
     cell = lambda cells, i: cells[i].strip() if i < len(cells) else ""  # noqa: E731
     steps = _resolve_steps([(line, cell(cells, 0)) for line, cells in body])
 
@@ -113,6 +118,8 @@ def parse_dopesheet(text: str, source: str = "dopesheet") -> Timeline:
                 value = float(text_value)
             except ValueError:
                 raise AnchoringError(f"{source} line {line}, column {name!r}: {text_value!r} is not a number") from None
+            if not math.isfinite(value):
+                raise AnchoringError(f"{source} line {line}, column {name!r}: {text_value!r} is not a finite number")
             if step in keys:
                 raise AnchoringError(f"{source} line {line}, column {name!r}: step {step} is keyed twice")
             if space == "log" and value <= 0:

@@ -73,7 +73,7 @@ def run_ray(shards: list, workers: int, address: str | None, retries: int, progr
     try:
         import ray
     except ImportError:
-        raise AnchoringError("the ray backend needs Ray: pip install 'anchoring[ray]'") from None
+        raise AnchoringError("the ray backend needs Ray: pip install -c constraints.txt -e '.[ray]' (from the anchoring checkout)") from None
     started = not ray.is_initialized()
     if started:
         kwargs = {"address": address} if address else {"num_cpus": workers, "include_dashboard": False}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -15,8 +16,27 @@ FORMAT = "anchoring-checkpoint-1"
 ADAM_KEYS = ("exp_avg", "exp_avg_sq", "step")
 
 
+def checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order: a checkpoint that
+    was truncated, bit-flipped or hand-edited no longer matches the value stored inside it."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        v = tensors[k].detach().contiguous().cpu()
+        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
+
+
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    write_atomic(path, save({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=metadata))
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    write_atomic(path, save(tensors, metadata={**metadata, "sha256": checksum(tensors)}))
+
+
+def verify(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse a checkpoint whose contents do not match its stored checksum."""
+    if "sha256" in meta and checksum(tensors) != meta["sha256"]:
+        raise AnchoringError(f"checkpoint {str(path)!r} is corrupt (its checksum does not match); "
+                             f"restore it or start the run again")
 
 
 def save_checkpoint(path: Path, step: int, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
@@ -40,6 +60,7 @@ def read_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor]]:
         raise AnchoringError(f"cannot read checkpoint {str(path)!r}: {e}") from None
     if meta.get("format") != FORMAT:
         raise AnchoringError(f"{str(path)!r} is not an anchoring checkpoint")
+    verify(path, meta, tensors)
     return int(meta["step"]), tensors
 
 

@@ -19,6 +19,9 @@ def parse_schedule(schedule: str, source: str, weights: list[str], optional: tup
     for col in [*SCHEDULED, *weights]:
         if col not in timeline.tracks:
             raise AnchoringError(f"schedule has no column {col!r} (needed by {'the optimiser' if col in SCHEDULED else 'a term'})")
+    low = min(v for _, v in timeline.tracks["lr"].key_values())
+    if low < 0:
+        raise AnchoringError(f"{source}: lr must be ≥ 0 at every key, got {low:g}")
     return timeline
 
 

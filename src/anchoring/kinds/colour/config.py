@@ -42,7 +42,7 @@ class ReactiveConfig(_Strict):
     every: int = Field(100, ge=1, description="decide every N steps, on the median over seeds of the window's mean")
     factor: float = Field(1.5, gt=1.0)
     lowest: float = 0.0
-    highest: float = float("inf")
+    highest: float | None = Field(None, description="ceiling for the parameter (none by default)")
     ease: int = Field(50, ge=1, description="steps each re-targeted transition takes")
     relax: bool = Field(False, description="also lower the parameter when the metric is satisfied")
 

@@ -30,6 +30,7 @@ from anchoring.kinds.colour.objective import build_objective, build_timeline, ch
 from anchoring.kinds.colour.summary import summarize_seeds
 from anchoring.kinds.colour.training import CHECKPOINT, TrainResult, metrics_table, train
 from anchoring.report import animation, figures, html
+from anchoring.resources import check_fits
 
 
 class ColourKind(Kind):
@@ -38,6 +39,8 @@ class ColourKind(Kind):
     studies = frozenset({"compare", "combinations", "sweep"})
 
     def validate(self, cfg: ColourExperiment) -> None:
+        check_fits(memory_estimate(cfg), f"{cfg.name} with {members(cfg)} seeds", "train fewer --seeds at once "
+                   "(or split them with `anchoring sweep`)")
         objective = build_objective(cfg)
         check_curriculum(cfg, build_timeline(cfg, objective))
         names = [i.name for i in cfg.interventions]
@@ -81,6 +84,24 @@ class ColourKind(Kind):
 
 
 KIND = ColourKind()
+
+
+def members(cfg: ColourExperiment) -> int:
+    return len(cfg.train.seed_list) if cfg.train.seed_list is not None else cfg.train.seeds
+
+
+def memory_estimate(cfg: ColourExperiment) -> int:
+    """Bytes an ensemble of `members` seeds holds while training, without building it: weights,
+    gradients and two Adam moments per parameter; per-step metrics; latent snapshots; one
+    batch's activations through every layer (forward and backward); doubled for temporaries."""
+    m = cfg.model
+    widths = [3, *m.hidden, m.latent_dim, *reversed(m.hidden), 3]
+    params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+    steps = cfg.train.steps or 10_000
+    snaps = (steps // cfg.train.snapshot_every + 2) if cfg.train.snapshot_every else 2
+    per_member = (4 * params + steps * (2 + len(cfg.terms)) + snaps * 512 * m.latent_dim
+                  + 4 * cfg.data.batch_size * sum(widths) + cfg.data.batch_size ** 2)
+    return 2 * 4 * members(cfg) * per_member
 
 
 def summary_lines(summary: dict[str, Any]) -> list[Any]:

@@ -79,7 +79,8 @@ class ColourTask:
         self.extent_col = self.col.get("extent")
         self.depth = curriculum_depth(self.points) if self.extent_col is not None else None
         self.last_extent: float | None = None
-        self.controllers = [Reactive(**r.model_dump()) for r in cfg.reactive]
+        self.controllers = [Reactive(**{**r.model_dump(), "highest": r.highest if r.highest is not None else float("inf")})
+                            for r in cfg.reactive]
         self.steered = [(self.col[c.param], c.param) for c in self.controllers]
         self.term_cols = torch.tensor([self.col[t.weight] for t in objective.terms], dtype=torch.long)
         self.metric_names = ["loss", "recon", *[t.name for t in objective.terms]]

@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 from rich.table import Table
-from safetensors.torch import save as st_save
 
 from anchoring import runs
 from anchoring.anchor import Capture
@@ -21,6 +20,7 @@ from anchoring.kinds.transformer import evaluate as ev
 from anchoring.kinds.transformer.model import TransformerRun
 from anchoring.kinds.transformer.training import build_sequence_objective
 from anchoring.report import html
+from anchoring.train.checkpoint import atomic_save
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.,+=-]*$")
 GROUPS = ("red answer", "red-ish", "no red")
@@ -156,9 +156,8 @@ def delete(run: TransformerRun, spec: InterventionConfig, out: Path) -> EditResu
     out.mkdir(parents=True, exist_ok=True)
     runs.write_atomic(out / runs.CONFIG, (run.path / runs.CONFIG).read_text())
     runs.write_atomic(out / runs.ARCH, (run.path / runs.ARCH).read_text())
-    runs.write_atomic(out / "checkpoint.safetensors", st_save(
-        {f"{arm}.{seed}.{k}": v.detach().contiguous() for arm, ms in edited.items() for seed, m in zip(run.seeds, ms)
-         for k, v in m.state_dict().items()}, metadata={"format": "anchoring-transformer-1"}))
+    atomic_save({f"{arm}.{seed}.{k}": v for arm, ms in edited.items() for seed, m in zip(run.seeds, ms)
+                 for k, v in m.state_dict().items()}, out / "checkpoint.safetensors", {"format": "anchoring-transformer-1"})
     edit = {"source": str(run.path), "method": "delete-direction", "concept": spec.concept,
             "max_residual_component": leftover}
     runs.write_json(out / "edit.json", {**edit, "lineage": [edit]})

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from anchoring.errors import AnchoringError
@@ -16,6 +16,7 @@ from anchoring.kinds.base import Run
 from anchoring.kinds.transformer.config import TransformerExperiment
 from anchoring.kinds.transformer.training import build_language, build_transformer
 from anchoring.models import NormalizedTransformer
+from anchoring.train.checkpoint import verify
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -59,9 +60,13 @@ class TransformerRun(Run):
 
 def read_arms(path: Path) -> dict[str, torch.Tensor]:
     try:
-        return load_file(str(path / CHECKPOINT))
+        with safe_open(str(path / CHECKPOINT), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path / CHECKPOINT))
     except (OSError, SafetensorError) as e:
         raise AnchoringError(f"cannot read {str(path / CHECKPOINT)!r}: {e}") from None
+    verify(path / CHECKPOINT, meta, tensors)
+    return tensors
 
 
 def open_run(path: Path, cfg: TransformerExperiment, arch: dict[str, Any], summary: dict[str, Any] | None) -> TransformerRun:

@@ -1,0 +1,255 @@
+"""Nothing silently wrong: stale sweeps, edited runs, divergence, stuck states, and bad input that
+used to end in a traceback. Each test failed before the fix it covers."""
+
+import json
+import math
+import string
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from anchoring import AnchoringError, experiments, lifecycle, load_run, runs
+from anchoring.cli import app
+from anchoring.kinds import validate_config
+from anchoring.schedule import parse_dopesheet
+from anchoring.train.checkpoint import read_checkpoint
+
+runner = CliRunner()
+SHORT = ["--steps", "40", "-q"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(r, message):
+    assert r.exit_code == 2, (r.exit_code, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+
+
+# --- silent wrong results -------------------------------------------------------------------------
+
+def test_a_sweep_with_other_settings_never_reuses_old_shards(tmp_path):
+    base = ["sweep", "anchored", "--seeds", "2", "--workers", "2", "--steps", "30", "-q"]
+    out = tmp_path / "s"
+    assert invoke(*base, "--out", out).exit_code == 0
+    old = read_checkpoint(out / "checkpoint.safetensors")[1]
+    changed = ["--set", "terms.0.power=10", "--set", "model.normalize=false"]
+    one_line_error(invoke(*base, *changed, "--out", out), "holds a sweep with other settings")
+    assert torch.equal(read_checkpoint(out / "checkpoint.safetensors")[1]["param.encoder.0.weight"], old["param.encoder.0.weight"])
+    # the new settings into a fresh directory give other weights; the same settings continue in place
+    assert invoke(*base, *changed, "--out", tmp_path / "fresh").exit_code == 0
+    fresh = read_checkpoint(tmp_path / "fresh" / "checkpoint.safetensors")[1]
+    assert not torch.equal(fresh["param.encoder.0.weight"], old["param.encoder.0.weight"])
+    assert invoke(*base, "--out", out).exit_code == 0  # documented way to continue: the same command again
+    again = read_checkpoint(out / "checkpoint.safetensors")[1]
+    assert all(torch.equal(again[k], old[k]) for k in old if k.startswith("param."))
+
+
+def test_edits_after_pruning_hit_the_named_concept_or_are_refused(anchored_run, tmp_path):
+    out, _ = anchored_run
+    spare = tmp_path / "spare"  # prune dim 3, which neither red (dim 0) nor vibrant (dims 0-1) uses
+    assert invoke("delete", out, "--dims", "3", "--method", "prune", "--out", spare).exit_code == 0
+    twice = tmp_path / "twice"
+    r = invoke("delete", spare, "--concept", "red", "--method", "ablate", "--out", twice)
+    assert r.exit_code == 0, r.stderr
+    edit = json.loads((twice / "edit.json").read_text())
+    assert edit["dims"] == [0] and [e["method"] for e in edit["lineage"]] == ["prune", "ablate"]
+    table = {row["colour"]: row for row in json.loads((twice / "summary.json").read_text())["edit_table"]}
+    assert table["red"]["after"] > 0.2 and table["yellow"]["after"] < 0.1 and table["lime"]["after"] < 0.05
+    r = invoke("intervene", spare, "--concept", "red", "--method", "suppress", "--name", "sup")
+    assert r.exit_code == 0 and "red" in r.stdout, r.stderr
+
+    pruned = tmp_path / "pruned"
+    assert invoke("delete", out, "--concept", "red", "--method", "prune", "--out", pruned).exit_code == 0
+    one_line_error(invoke("delete", pruned, "--concept", "red", "--out", tmp_path / "x"), "its dims were pruned")
+    one_line_error(invoke("intervene", pruned, "--concept", "red"), "its dims were pruned")
+    one_line_error(invoke("resume", pruned), "is an edited run")
+    r = invoke("show", pruned)
+    assert r.exit_code == 0 and "prune of red" in r.stdout and str(pruned / "report.html") in r.stdout.replace("\n", "")
+    assert (pruned / "report.html").is_file()
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("lr", ["nan", "inf", "-0.1"])
+def test_bad_schedule_values_are_refused_before_training(tmp_path, lr):
+    sched = tmp_path / "s.csv"
+    sched.write_text(f"STEP,lr,separate,anchor,subspace\n0,1e-8,0.01,0.01,0.01\n10,{lr},,,\n39,0.01,,,\n")
+    r = invoke("run", "--set", f"schedule=\"{sched}\"", "--out", tmp_path / "r", *SHORT)
+    one_line_error(r, "lr" if lr == "-0.1" else "not a finite number")
+    assert not (tmp_path / "r").exists()
+
+
+def test_divergence_stops_the_run_naming_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    sched = tmp_path / "s.csv"
+    sched.write_text("STEP,lr,separate,anchor,subspace\n0,0.01,0.01,0.01,0.01\n20,0.01,,,\n21,1e30,,,\n39,1e30,,,\n")
+    out = tmp_path / "r"
+    r = invoke("run", "--seeds", "2", "--set", f"schedule=\"{sched}\"", "--set", "train.checkpoint_every=10", "--out", out, *SHORT)
+    one_line_error(r, "training diverged at step")
+    step = int(r.stderr.split("at step ")[1].split(":")[0])
+    assert step >= 21
+    done, tensors = read_checkpoint(out / "checkpoint.safetensors")
+    assert done <= step and all(torch.isfinite(v).all() for k, v in tensors.items() if k.startswith("param."))
+    assert not (out / "summary.json").exists()
+    one_line_error(invoke("run", "--set", "terms.0.power=nan", "--out", tmp_path / "n", *SHORT), "finite number")
+    assert not (tmp_path / "n").exists()
+
+
+def test_summaries_are_valid_json_with_null_for_a_missing_number(tmp_path):
+    runs.write_json(tmp_path / "s.json", {"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf")}})
+    text = (tmp_path / "s.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"a": None, "b": [1.0, None], "c": {"d": None}}
+
+
+# --- stuck states -----------------------------------------------------------------------------------
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(tmp_path):
+    cfg = experiments.load("anchored", ["train.seeds=2", "train.steps=30"])
+    out = tmp_path / "early"
+    out.mkdir()
+    runs.write_atomic(out / "config.toml", cfg.to_toml())  # all a run had written when it was killed
+    r = invoke("resume", out, "-q")
+    assert r.exit_code == 0, r.stderr
+    ref = lifecycle.run(cfg, tmp_path / "ref")
+    assert (out / "metrics.csv").read_text() == (ref.path / "metrics.csv").read_text()
+    one_line_error(invoke("resume", out), "has already finished")
+
+
+def test_interrupt_during_evaluation_says_how_to_resume(tmp_path, monkeypatch):
+    from anchoring.kinds.colour import kind as colour_kind
+
+    def broken(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(colour_kind, "finish", broken)
+    r = invoke("run", "--seeds", "1", "--out", tmp_path / "r", *SHORT)
+    assert r.exit_code == 130 and f"anchoring resume {tmp_path / 'r'}" in r.stderr.replace("\n", "")
+    monkeypatch.undo()
+    assert invoke("resume", tmp_path / "r", "-q").exit_code == 0
+
+
+# --- one line instead of a traceback ----------------------------------------------------------------
+
+def test_bad_input_is_one_line_and_writes_nothing(anchored_run, tmp_path):
+    out, _ = anchored_run
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    one_line_error(invoke("run", "--out", "/proc/x/run", *SHORT), "cannot write under")
+    one_line_error(invoke("run", "--set", "train.betas=[2,2]", "--out", tmp_path / "b", *SHORT), "betas")
+    one_line_error(invoke("relearn", out, "--lr", "-1"), "--lr must be a positive number")
+    one_line_error(invoke("relearn", out, "--samples", "100000", "--no-baseline"), "--samples 100000")
+    one_line_error(invoke("intervene", out, "--concept", "red", "--site", "decoder"), "not the latent width")
+    one_line_error(invoke("intervene", out, "--concept", "red", "--name", "../../x"), "--name")
+    one_line_error(invoke("delete", out, "--concept", "red", "--out", a_file), "is a file")
+    one_line_error(invoke("sweep", "--seeds", "1", "--out", a_file), "is a file")
+    one_line_error(invoke("sweep", "--seeds", "1", "--grid", "train.seed=1,1", "--out", tmp_path / "g"), "given twice")
+    one_line_error(invoke("run", "--seeds", "1000000000", "--out", tmp_path / "huge"), "GiB")
+    assert not any((tmp_path / n).exists() for n in ("b", "g", "huge")) and not (out.parent / "x").exists()
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("config.toml", "architecture.json", "checkpoint.safetensors", "summary.json", "metrics.csv"):
+        (copy / name).write_bytes((out / name).read_bytes())
+    (copy / "summary.json").write_text("{not json")
+    one_line_error(invoke("show", copy), "is corrupt")
+    (copy / "summary.json").write_text("")
+    one_line_error(invoke("show", copy), "is corrupt")
+    (copy / "summary.json").write_bytes((out / "summary.json").read_bytes())
+    (copy / "metrics.csv").write_bytes(b"\x00\x01garbage\nrows")
+    with pytest.raises(AnchoringError, match="not a metrics table"):
+        load_run(copy).metrics()
+    arch = json.loads((out / "architecture.json").read_text())
+    del arch["seeds"]
+    (copy / "architecture.json").write_text(json.dumps(arch))
+    one_line_error(invoke("intervene", copy, "--concept", "red"), "has no 'seeds'")
+    (copy / "architecture.json").write_text((out / "architecture.json").read_text())
+    data = bytearray((copy / "checkpoint.safetensors").read_bytes())
+    data[-3] ^= 0xFF  # one flipped bit pattern in the last tensor's bytes
+    (copy / "checkpoint.safetensors").write_bytes(bytes(data))
+    one_line_error(invoke("intervene", copy, "--concept", "red"), "is corrupt")
+
+
+def test_version_and_ray_hint():
+    r = invoke("--version")
+    assert r.exit_code == 0 and r.stdout.strip().startswith("anchoring ")
+    import builtins
+
+    from anchoring.sweep import backends
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *a, **k):
+        if name == "ray":
+            raise ImportError("no ray here")
+        return real_import(name, *a, **k)
+
+    builtins.__import__ = no_ray
+    try:
+        with pytest.raises(AnchoringError, match=r"pip install -c constraints.txt -e '\.\[ray\]'"):
+            backends.run_ray([], 1, None, 0, None)
+    finally:
+        builtins.__import__ = real_import
+
+
+def test_a_ragged_dopesheet_row_is_an_error():
+    with pytest.raises(AnchoringError, match="line 3: 2 cells but the header has 3"):
+        parse_dopesheet("STEP,lr,a\n0,0.1,1\n10,0.2\n")
+
+
+# --- fuzzing the parsers ----------------------------------------------------------------------------
+
+CELLS = st.one_of(st.sampled_from(["", "0", "1", "+10", "-5", "+0.5", "1e-8", "nan", "inf", "-1", "x", "0.1", "a,b", "\"q\""]),
+                  st.text(string.printable, max_size=6))
+HEADERS = st.lists(st.sampled_from(["STEP", "PHASE", "ACTION", "lr", "lr:log", "w:linear:step", "x:bad", "w", "", "STEP"]),
+                   min_size=0, max_size=5)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(HEADERS, st.lists(st.lists(CELLS, max_size=6), max_size=6))
+def test_dopesheet_parser_parses_or_says_why_in_one_line(header, rows):
+    text = "\n".join([",".join(header), *[",".join(r) for r in rows]])
+    try:
+        timeline = parse_dopesheet(text)
+    except AnchoringError as e:
+        assert "\n" not in str(e) and str(e)
+        return
+    table = timeline.table()
+    assert table.shape[0] == timeline.steps and all(math.isfinite(float(v)) for v in table.ravel())
+
+
+VALUES = st.one_of(st.integers(-3, 10**12), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=5),
+                   st.booleans(), st.lists(st.integers(-2, 9), max_size=4), st.none())
+KEYS = st.sampled_from(["model.latent_dim", "model.hidden", "train.seeds", "train.seed", "train.steps", "train.betas",
+                        "data.batch_size", "terms.0.power", "terms.9.power", "concepts.0.anchor", "kind", "nope",
+                        "transformer.width", "evaluate.select", "interventions.0.method", "schedule", "train.fast"])
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(KEYS, VALUES), max_size=4))
+def test_spec_parser_parses_or_says_why_in_one_line(items):
+    import tomllib
+
+    data = tomllib.loads(experiments.find("anchored").read_text())
+    data["schedule"] = (experiments.HERE / "anchored.csv").read_text()
+    for key, value in items:
+        node = data
+        parts = key.split(".")
+        try:
+            for p in parts[:-1]:
+                node = node[int(p)] if p.isdigit() else node.setdefault(p, {})
+            if parts[-1].isdigit():
+                node[int(parts[-1])] = value
+            else:
+                node[parts[-1]] = value
+        except (IndexError, KeyError, TypeError, AttributeError):
+            continue
+    try:
+        cfg = validate_config(data, "fuzz.toml")
+        lifecycle.validate(cfg)
+    except AnchoringError as e:
+        assert "\n" not in str(e) and str(e)
