@@ -253,3 +253,27 @@ def test_spec_parser_parses_or_says_why_in_one_line(items):
         lifecycle.validate(cfg)
     except AnchoringError as e:
         assert "\n" not in str(e) and str(e)
+
+
+def test_an_interrupted_comparison_resumes_its_variants(tmp_path, monkeypatch):
+    from anchoring.kinds.colour import kind as colour_kind
+
+    real = colour_kind.finish
+    calls = {"n": 0}
+
+    def second_fails(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(colour_kind, "finish", second_fails)
+    out = tmp_path / "svs"
+    r = invoke("run", "ex-1.6", "--seeds", "1", "--steps", "30", "--out", out, "-q")
+    assert r.exit_code == 130 and "anchoring resume" in r.stderr
+    monkeypatch.undo()
+    first = (out / "variants" / "smooth" / "summary.json").read_text()
+    r = invoke("resume", out, "-q")
+    assert r.exit_code == 0, r.stderr
+    assert (out / "variants" / "smooth" / "summary.json").read_text() == first  # the finished variant was reused
+    assert {row["variant"] for row in json.loads((out / "summary.json").read_text())["comparison"]} == {"smooth", "stepped"}

@@ -135,8 +135,8 @@ def _train(action, label: str, quiet: bool) -> None:
         with progress_bar(label, not quiet and sys.stderr.isatty()) as update:
             outcome = action(update)
     except TrainingInterrupted as e:
-        where = f"after step {e.step}; checkpoint saved" if e.step >= 0 else "after training, while evaluating"
-        err.print(f"interrupted {where} — continue with `anchoring resume {e.run_dir}`", markup=False, highlight=False)
+        where = f"interrupted after step {e.step}; checkpoint saved" if e.step >= 0 else "interrupted; the last checkpoint is kept"
+        err.print(f"{where} — continue with `anchoring resume {e.run_dir}`", markup=False, highlight=False)
         raise typer.Exit(130)
     except KeyboardInterrupt:
         err.print("interrupted before the run directory was written; nothing to resume", markup=False)

@@ -58,7 +58,7 @@ def _execute(cfg: ExperimentBase, path: Path, progress: Progress | None) -> Outc
     t0 = time.perf_counter()
     try:
         if getattr(cfg, "study", None):
-            summary = studies.execute(cfg, path, progress, run)
+            summary = studies.execute(cfg, path, progress, _run_or_continue)
         else:
             arch = kind.architecture(cfg)
             if arch is not None:
@@ -72,6 +72,16 @@ def _execute(cfg: ExperimentBase, path: Path, progress: Progress | None) -> Outc
     summary.setdefault("timing", {})["total_s"] = round(time.perf_counter() - t0, 3)
     runs.write_json(path / runs.SUMMARY, summary)
     return Outcome(path, summary)
+
+
+def _run_or_continue(cfg: ExperimentBase, path: Path, progress: Progress | None) -> Outcome:
+    """A study's sub-run: trained fresh, continued if a resumed study had started it, or reused
+    if it had finished — but only when it was started from the very same config."""
+    if (path / runs.CONFIG).is_file():
+        if (path / runs.CONFIG).read_text() != cfg.to_toml():
+            raise AnchoringError(f"{str(path)!r} was started with other settings; choose another --out")
+        return show(path) if (path / runs.SUMMARY).is_file() else _execute(cfg, path, progress)
+    return run(cfg, path, progress)
 
 
 def _config(path: Path) -> ExperimentBase:
