@@ -163,3 +163,25 @@ def test_landing_figures_draw(tmp_path):
     figures.save(landing_cosines(land, [1, 2, 3]), tmp_path / "cos.png")
     figures.save(landing_plane(land, [1, 2, 3]), tmp_path / "plane.png")
     assert (tmp_path / "cos.png").stat().st_size > 0 and (tmp_path / "plane.png").stat().st_size > 0
+
+
+def test_select_pareto_from_the_command_line(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from anchoring.cli import app
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["run", "anchored", "--seeds", "4", "--steps", "150", "--select", "pareto", "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    chosen = summary["selection"]["seeds"]
+    assert chosen and set(chosen) <= {0, 1, 2, 3} and summary["select"] == "pareto"
+    rows = {row["colour"]: row for row in summary["selection"]["edits"]["ablate-red"]}
+    assert rows["red"]["n_all"] == 4 and rows["red"]["n_selected"] == len(chosen)
+    assert f"Pareto-selected seeds {chosen}" in r.stdout
+    plain = CliRunner().invoke(app, ["show", str(out), "--select", "all"])
+    assert plain.exit_code == 0 and "Pareto-selected" not in plain.stdout
+    again = CliRunner().invoke(app, ["show", str(out), "--select", "pareto"])
+    assert again.exit_code == 0 and f"Pareto-selected seeds {chosen}" in again.stdout

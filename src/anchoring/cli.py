@@ -118,9 +118,15 @@ def run_cmd(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/<experiment>/<time>)"),
     sets: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set model.latent_dim=5"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    select: Optional[str] = typer.Option(None, "--select", help="pareto: also report the edits on the seeds of the Pareto "
+                                                                 "front (shorthand for --set evaluate.select=pareto)"),
 ) -> None:
     """Train an experiment on several seeds at once, evaluate it and write a report."""
     overrides = train_overrides(sets, seeds, seed, steps)
+    if select is not None:
+        if select not in ("all", "pareto"):
+            fail(f"--select must be all or pareto, not {select!r}")
+        overrides.append(f"evaluate.select={select}")
     try:
         cfg = experiments.load(experiment, overrides)
     except AnchoringError as e:
@@ -154,12 +160,19 @@ def resume_cmd(run_dir: Path = typer.Argument(..., help="run directory with a ch
 
 
 @app.command("show")
-def show_cmd(run_dir: Path = typer.Argument(..., help="finished run directory")) -> None:
+def show_cmd(run_dir: Path = typer.Argument(..., help="finished run directory"),
+             select: Optional[str] = typer.Option(None, "--select", help="pareto: also show the edits on the Pareto-selected seeds")) -> None:
     """Print a finished run's tables and report path."""
     try:
         outcome = lifecycle.show(run_dir)
     except AnchoringError as e:
         fail(str(e))
+    if select is not None:
+        if select not in ("all", "pareto"):
+            fail(f"--select must be all or pareto, not {select!r}")
+        if select == "pareto" and "selection" not in outcome.summary:
+            fail(f"{str(run_dir)!r} has no Pareto selection (it needs a colour run with at least one edit)")
+        outcome.summary["select"] = select
     print_outcome(outcome, outcome.summary.get("timing", {}).get("total_s") or 0.0)
 
 
