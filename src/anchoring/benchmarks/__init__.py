@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from typing import Callable
 import torch
 
 from anchoring.atomic import write_atomic
+from anchoring.evaluate.stats import median
 
 
 @dataclass
@@ -87,7 +87,7 @@ def _measure(case: Case, workdir: Path) -> None:
 
 
 def _stats(xs: list[float]) -> dict:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)} if xs else {}
+    return {"median": median(xs), "min": min(xs), "max": max(xs), "n": len(xs)} if xs else {}
 
 
 def run_suite(repeats: int = 3, steps: int = 300, ensemble_sizes: list[int] | None = None,
@@ -103,7 +103,7 @@ def run_suite(repeats: int = 3, steps: int = 300, ensemble_sizes: list[int] | No
                 if progress:
                     progress(f"repeat {r + 1}/{repeats}: {case.name}")
                 _measure(case, Path(tmp))
-    base = statistics.median(cases[0].samples)
+    base = median(cases[0].samples)
     rows = []
     for case in cases:
         row = {"case": case.name, "unit": case.unit, **_stats(case.samples),
@@ -111,7 +111,7 @@ def run_suite(repeats: int = 3, steps: int = 300, ensemble_sizes: list[int] | No
         if case.unit == "model-steps/s":
             row["vs_baseline"] = row["median"] / base
         rows.append(row)
-    e2e = {c.name: statistics.median(c.samples) for c in cases if c.end_to_end}
+    e2e = {c.name: median(c.samples) for c in cases if c.end_to_end}
     result = {
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
                     "platform": platform.platform(), "torch_threads": torch.get_num_threads()},

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from anchoring.schedule.timeline import Timeline
@@ -45,7 +46,7 @@ class Reactive:
             live = col[(col != 0) & torch.isfinite(col)]
             if len(live):
                 per_seed.append(live.mean())
-        return float(torch.stack(per_seed).median()) if per_seed else None
+        return float(np.median(torch.stack(per_seed).numpy())) if per_seed else None  # the project's one median
 
     def decide(self, step: int, history: torch.Tensor, timeline: Timeline) -> Decision | None:
         if step == 0 or step % self.every:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import statistics
 from typing import Any
 
 import numpy as np
+
+from anchoring.evaluate.stats import median
 
 
 def loss_spikes(loss: np.ndarray, window: int = 50, ratio: float = 3.0) -> int:
@@ -26,10 +27,10 @@ def stability(metrics: dict[str, list[float]], summary: dict[str, Any]) -> dict[
     final = [loss[seed_col == s][-1] for s in seeds]
     rows = summary["seeds"]
     return {
-        "loss spikes / seed (median)": float(statistics.median(spikes)),
-        "final loss (median)": float(statistics.median(final)),
+        "loss spikes / seed (median)": float(median(spikes)),
+        "final loss (median)": float(median(final)),
         "final loss spread (max/min)": float(max(final) / max(min(final), 1e-12)),
-        "val MSE (median)": float(statistics.median(r["val_mse"] for r in rows)),
+        "val MSE (median)": float(median(r["val_mse"] for r in rows)),
         "hues in order": f"{sum(r['hue_order'] for r in rows)}/{len(rows)}",
         "hue_order score (mean)": float(np.mean([r["structure"]["hue_order"] for r in rows])),
         "vibrant in plane (mean)": float(np.mean([r["structure"]["vibrant_in_plane"] for r in rows])),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import re
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from anchoring import experiments, lifecycle, runs
 from anchoring.config import ExperimentBase
 from anchoring.errors import AnchoringError
+from anchoring.evaluate.stats import median
 from anchoring.kinds import kind_of
 from anchoring.report import html
 from anchoring.sweep.worker import SHARD_CONFIG
@@ -191,9 +191,9 @@ def _point_row(extra: list[str], s: dict) -> dict:
     rows = s["seeds"]
     row = {"point": ", ".join(extra) or "–", "seeds": len(rows), "anchored": s.get("anchored_seeds")}
     if rows and "anchor_cos" in rows[0]:
-        row["anchor_cos_median"] = statistics.median(r["anchor_cos"] for r in rows)
+        row["anchor_cos_median"] = median(r["anchor_cos"] for r in rows)
     if rows:
-        row["val_mse_median"] = statistics.median(r["val_mse"] for r in rows)
+        row["val_mse_median"] = median(r["val_mse"] for r in rows)
     return row
 
 
