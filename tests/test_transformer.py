@@ -155,7 +155,10 @@ def test_cli_runs_a_transformer_experiment_and_writes_its_report(tmp_path):
     align = load_file(str(out / "alignment.safetensors"))
     assert align["anchored"].shape == (1, 4, 7, 216)  # seeds × (embed, 2 blocks, the key site) × slots × colours
     assert "exact match per model" in r.stdout
-    again = CliRunner().invoke(app, ["resume", str(out), "-q"])  # finished arms load from their checkpoints
+    finished = CliRunner().invoke(app, ["resume", str(out), "-q"])
+    assert finished.exit_code == 2 and "has already finished" in finished.stderr
+    (out / "summary.json").unlink()  # as if killed during evaluation: finished arms load from their checkpoints
+    again = CliRunner().invoke(app, ["resume", str(out), "-q"])
     assert again.exit_code == 0, again.stderr
     assert json.loads((out / "summary.json").read_text())["models"] == summary["models"]
 
