@@ -117,8 +117,11 @@ def _device(model: LanguageModel) -> torch.device:
 
 
 def score_ids(model: LanguageModel, ids: Sequence[int] | torch.Tensor, *, context: int, stride: int | None = None,
-              batch: int = 16) -> TokenScores:
+              batch: int | None = None) -> TokenScores:
     """Score one token sequence (any length) with a causal LM; windows are batched `batch` at a time.
+
+    Default batch: 4 windows on CPU (measured fastest for the default LM on one core: larger batches
+    fall out of cache), 64 on an accelerator.
 
     A module in training mode is switched to eval for the call and back afterwards, so dropout
     does not add noise to the scores.
@@ -134,6 +137,8 @@ def score_ids(model: LanguageModel, ids: Sequence[int] | torch.Tensor, *, contex
     if was_training:
         model.eval()
     device = _device(model)
+    if batch is None:
+        batch = 4 if device.type == "cpu" else 64
     try:
         with torch.inference_mode():
             if T == 1:  # nothing to score, but the page still needs log|V|
@@ -158,7 +163,7 @@ def score_ids(model: LanguageModel, ids: Sequence[int] | torch.Tensor, *, contex
 
 
 def score_text(model: LanguageModel, tokenizer: SpanTokenizer, text: str, *, context: int, stride: int | None = None,
-               batch: int = 16) -> tuple[list[tuple[int, int]], TokenScores]:
+               batch: int | None = None) -> tuple[list[tuple[int, int]], TokenScores]:
     """Tokenise `text` and score it: character spans per token and their scores (aligned 1:1)."""
     ids = tokenizer.encode(text)
     spans = [tuple(s) for s in tokenizer.spans(text)]
