@@ -35,6 +35,9 @@ def browser():
         pytest.skip("system Chromium / chromedriver not found (apt-get install chromium chromium-driver)")
     from selenium.webdriver.chrome.service import Service
 
+    # the driver and browser are given by path: Selenium Manager must neither download nor phone home
+    os.environ.setdefault("SE_OFFLINE", "true")
+    os.environ.setdefault("SE_AVOID_STATS", "true")
     profile = tempfile.mkdtemp(prefix="anchoring-chromium-")
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
