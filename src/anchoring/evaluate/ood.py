@@ -46,12 +46,12 @@ def _rng(seed: int, salt: str) -> random.Random:
     return random.Random(f"{seed}:{salt}")
 
 
-def crop(text: str, max_chars: int) -> str:
-    """At most `max_chars`, cut at the last line end that fits (hard cut when the first line is longer)."""
+def crop(text: str, max_chars: int, min_chars: int = 1) -> str:
+    """At most `max_chars`: cut after the last line end that keeps ≥ `min_chars`, else a hard cut at `max_chars`."""
     if len(text) <= max_chars:
         return text
-    cut = text.rfind("\n", 0, max_chars + 1)
-    return text[:cut + 1] if cut > 0 else text[:max_chars]
+    cut = text.rfind("\n", max(min_chars - 1, 0), max_chars)
+    return text[:cut + 1] if cut >= 0 else text[:max_chars]
 
 
 def select_passages(texts: Sequence[str], n: int, seed: int, *, min_chars: int = 200, max_chars: int = 600) -> list[str]:
@@ -59,11 +59,13 @@ def select_passages(texts: Sequence[str], n: int, seed: int, *, min_chars: int =
 
     Short speeches ("Ay, my lord.") carry too few tokens for a stable mean, so they are left out.
     """
+    if not 0 < min_chars <= max_chars:
+        raise AnchoringError(f"passage length range must satisfy 0 < min_chars ≤ max_chars, got {min_chars}…{max_chars}")
     pool = [t for t in texts if len(t.strip()) >= min_chars]
     if len(pool) < n:
         raise AnchoringError(f"only {len(pool)} passages have ≥ {min_chars} characters; asked for {n}")
     picked = _rng(seed, "select").sample(pool, n)
-    return [crop(t, max_chars) for t in picked]
+    return [crop(t, max_chars, min_chars) for t in picked]
 
 
 _WORDS = re.compile(r"\S+")
