@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import html
-import math
 import re
-import time
 from html.parser import HTMLParser
 
 import pytest
@@ -175,23 +173,14 @@ def test_single_character_text_renders():
     assert "no score" in page
 
 
-def test_ten_thousand_characters_render_within_two_seconds():
-    """Scoring + HTML for 10,000 characters with the default LM size (width 128, 4 layers, 4 heads, context 256).
-
-    Timed as CPU time of this process on one thread (conftest sets it): on a shared two-core machine
-    wall time also counts the other processes' turns, which is not the page's cost.
-    """
+def test_a_ten_thousand_character_page_has_every_line_scored():
+    """The default LM size (width 128, 4 layers, 4 heads, context 256) over 10,000 characters: more
+    than one context window, every line with its sparkline. How fast it is lives in `anchoring bench`."""
     base = TEXT * 3 + "What's in a name? That which we call a rose\nBy any other word would smell as sweet.\n\n"
     text = (base * (10_000 // len(base) + 1))[:10_000]
     tok = CharTokenizer("".join(chr(c) for c in range(32, 127)) + "\n")  # ~ the Shakespeare char vocabulary size
     torch.manual_seed(0)
     model = NormalizedTransformer(tok.vocab_size, width=128, layers=4, heads=4, context=256).eval()
-    sp.render_surprise(model, tok, text[:300], title="warm-up")
-    assert torch.get_num_threads() == 1
-    best = math.inf
-    for _ in range(2):
-        t = time.process_time()
-        page = sp.render_surprise(model, tok, text, title="timing")
-        best = min(best, time.process_time() - t)
+    page = sp.render_surprise(model, tok, text, title="ten thousand")
     assert page.count('class="spark"') >= sum(1 for line in text.split("\n") if line)
-    assert best <= 2.0, f"10,000 characters took {best:.2f} s of CPU"
+    assert "http://" not in page and "https://" not in page
