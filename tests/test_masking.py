@@ -1,0 +1,36 @@
+"""Gradient masks: the labelled loss reaches only masked entries; the rest reaches everything."""
+
+import torch
+from torch import nn
+
+from anchoring.train.masking import masked_backward, zero_entries
+
+
+def test_labelled_gradients_land_only_where_the_mask_says():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    params = dict(net.named_parameters())
+    mask = torch.zeros(6, 4, dtype=torch.bool)
+    mask[:2] = True  # two hidden units are the "forget" entries of the first layer
+    x_lab, x_rest = torch.randn(5, 4), torch.randn(7, 4)
+    labelled, rest = net(x_lab).pow(2).sum(), net(x_rest).pow(2).sum()
+    masked_backward(labelled, rest, params, {"0.weight": mask})
+    got = {n: p.grad.clone() for n, p in params.items()}
+    g_rest = torch.autograd.grad(net(x_rest).pow(2).sum(), list(params.values()))
+    g_lab = torch.autograd.grad(net(x_lab).pow(2).sum(), list(params.values()))
+    for (name, _), gr, gl in zip(params.items(), g_rest, g_lab):
+        expected = gr + (gl * mask if name == "0.weight" else 0.0)
+        assert torch.allclose(got[name], expected, atol=1e-6), name
+    # labelled data alone: only the masked entries move
+    net.zero_grad(set_to_none=True)
+    masked_backward(net(x_lab).pow(2).sum(), torch.zeros((), requires_grad=True) * 0 + net(x_rest).sum() * 0,
+                    params, {"0.weight": mask})
+    assert (params["0.weight"].grad[~mask] == 0).all() and (params["0.weight"].grad[mask] != 0).any()
+    assert all((params[n].grad == 0).all() for n in ("0.bias", "2.weight", "2.bias"))
+
+
+def test_zero_entries_deletes_only_the_forget_entries():
+    w = nn.Parameter(torch.ones(3, 3))
+    mask = torch.eye(3, dtype=torch.bool)
+    zero_entries({"w": w}, {"w": mask})
+    assert (w[mask] == 0).all() and (w[~mask] == 1).all()
