@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -16,7 +18,9 @@ def training_curves(curves: dict[str, dict[str, np.ndarray]], window: int = 25) 
         for arm, c in curves.items():
             if m in c and np.isfinite(c[m]).any():
                 ys = np.stack([running_mean(row, window) for row in np.atleast_2d(c[m])])
-                ax.plot(np.nanmean(ys, 0), label=arm, lw=1)
+                with warnings.catch_warnings():  # steps where no seed had a labelled passage stay NaN
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    ax.plot(np.nanmean(ys, 0), label=arm, lw=1)
         ax.set_title(m, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
