@@ -79,15 +79,18 @@ class Attention(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         B, T, D = h.shape
         H, d = self.heads, self.head_dim
-        # q and k in one matmul, rotated and normalised together: fewer, larger kernels
-        qk = F.linear(h, torch.cat([self.q.weight, self.k.weight])).view(B, T, 2 * H, d).transpose(1, 2)
-        cos, sin = self._tables(T, qk)
-        q, k = _unit(apply_rotary(qk, cos, sin)).split(H, dim=1)
+        # q, k and v in one matmul; q and k rotated (as complex pairs, one kernel) and normalised together
+        qkv = F.linear(h, torch.cat([self.q.weight, self.k.weight, self.v.weight]))
+        qk, v = qkv.split([2 * D, D], dim=-1)
+        cos, sin = self._tables(T, qkv)
+        turn = torch.complex(cos, sin)[:, None]  # (T, 1, d/2)
+        qk = torch.view_as_real(torch.view_as_complex(qk.reshape(B, T, 2 * H, d // 2, 2)) * turn).flatten(-2)
+        q, k = _unit(qk).transpose(1, 2).split(H, dim=1)
         q = self.q_site(q) * self.s_qk
         k = self.k_site(k) * self.s_qk
-        split = lambda x: x.view(B, T, H, d).transpose(1, 2)  # noqa: E731
+        v = v.reshape(B, T, H, d).transpose(1, 2)
         # q, k are scaled unit vectors: the logit scale √d (not 1/√d) lets attention be sharp
-        y = F.scaled_dot_product_attention(q, k, split(self.v(h)), is_causal=True, scale=math.sqrt(self.head_dim))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=math.sqrt(self.head_dim))
         return self.o(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -104,7 +107,8 @@ class MLP(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         u, v = self.up(h).chunk(2, dim=-1)
-        return self.down(u * self.s_u * F.silu(v * self.s_v * math.sqrt(self.width)))
+        # the learned scales multiply each other first: one full-size multiply per input, not two
+        return self.down(u * self.s_u * F.silu(v * (self.s_v * math.sqrt(self.width))))
 
 
 class Block(nn.Module):
@@ -116,8 +120,9 @@ class Block(nn.Module):
         self.alpha_mlp = nn.Parameter(torch.full((width,), alpha))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = _unit(h + self.alpha_attn * (_unit(self.attn(h)) - h))
-        return _unit(h + self.alpha_mlp * (_unit(self.mlp(h)) - h))
+        # h + α·(x − h) as one lerp kernel
+        h = _unit(torch.lerp(h, _unit(self.attn(h)), self.alpha_attn))
+        return _unit(torch.lerp(h, _unit(self.mlp(h)), self.alpha_mlp))
 
 
 class NormalizedTransformer(nn.Module):
@@ -142,7 +147,7 @@ class NormalizedTransformer(nn.Module):
         h = _unit(self.embed(tokens))
         for block in self.blocks:
             h = block(h)
-        return self.unembed(h) * self.s_z
+        return F.linear(h, self.unembed.weight * self.s_z[:, None])  # scale the (vocab, D) weight, not every logit
 
     @torch.no_grad()
     def normalize_weights(self) -> None:

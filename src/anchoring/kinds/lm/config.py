@@ -30,6 +30,8 @@ class LMConfig(_Strict):
                             description="anchored | control | weak-filtered | oracle-filtered (all share seeds, "
                                         "batch stream and labels)")
     workers: int = Field(1, ge=0, description="processes training (arm, seed) jobs side by side (0: one per CPU core)")
+    nproc: int = Field(1, ge=1, le=64, description="data-parallel processes per job (gloo): each takes batch_size/nproc "
+                                                  "windows of every step; jobs then run one after another")
 
     @model_validator(mode="after")
     def _shape(self) -> "LMConfig":
@@ -37,6 +39,8 @@ class LMConfig(_Strict):
             raise ValueError(f"width {self.width} must split into {self.heads} heads of even size")
         if self.window is not None and self.window > self.context:
             raise ValueError(f"window {self.window} is longer than the model's context {self.context}")
+        if self.batch_size % self.nproc:
+            raise ValueError(f"batch_size {self.batch_size} does not split over nproc = {self.nproc} processes")
         if len(set(self.arms)) != len(self.arms) or not self.arms:
             raise ValueError(f"arms must be distinct and non-empty, got {self.arms}")
         return self

@@ -95,7 +95,7 @@ def architecture(cfg: LMExperiment) -> dict[str, Any]:
             "seeds": cfg.train.member_seeds(), "arms": arms(cfg)}
 
 
-def _checkpoint(path: Path, arm: str, seed: int) -> Path:
+def checkpoint_path(path: Path, arm: str, seed: int) -> Path:
     return path / "arms" / f"{arm}-seed{seed}.safetensors"
 
 
@@ -105,9 +105,14 @@ def run(cfg: LMExperiment, path: Path, *, progress: Progress | None = None) -> d
     seeds = cfg.train.member_seeds()
     jobs = [(arm, seed) for seed in seeds for arm in arms(cfg)]
     total = steps * len(jobs)
-    workers = min(len(jobs), cfg.lm.workers or os.cpu_count() or 1)
+    workers = 1 if cfg.lm.nproc > 1 else min(len(jobs), cfg.lm.workers or os.cpu_count() or 1)
     t0 = time.perf_counter()
-    if workers > 1:
+    if cfg.lm.nproc > 1:
+        from anchoring.kinds.lm.distributed import train_data_parallel
+
+        train_data_parallel(cfg, path, jobs, cfg.lm.nproc)
+        workers = cfg.lm.nproc  # no progress from the ranks; the loop below only loads their checkpoints
+    elif workers > 1:
         _train_in_processes(cfg, path, jobs, workers)
     results: dict[tuple[str, int], ArmResult] = {}
     timing: dict[str, float] = {}
@@ -116,7 +121,7 @@ def run(cfg: LMExperiment, path: Path, *, progress: Progress | None = None) -> d
         report = (lambda s, done=done: progress(done + s, total)) if progress and workers == 1 else None
         t1 = time.perf_counter()
         try:
-            results[arm, seed] = train_arm(cfg, data, seed, arm, checkpoint=_checkpoint(path, arm, seed), progress=report)
+            results[arm, seed] = train_arm(cfg, data, seed, arm, checkpoint=checkpoint_path(path, arm, seed), progress=report)
         except TrainingInterrupted as e:
             raise TrainingInterrupted(e.step, path) from None
         timing[f"{arm}-seed{seed}_s"] = round(time.perf_counter() - t1, 3)
@@ -131,7 +136,7 @@ def _init_worker() -> None:
 
 
 def _train_job(cfg: LMExperiment, path: Path, arm: str, seed: int) -> None:
-    train_arm(cfg, load_data(cfg.text, path), seed, arm, checkpoint=_checkpoint(path, arm, seed))
+    train_arm(cfg, load_data(cfg.text, path), seed, arm, checkpoint=checkpoint_path(path, arm, seed))
 
 
 def _train_in_processes(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int]], workers: int) -> None:

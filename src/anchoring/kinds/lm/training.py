@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from anchoring.anchor import Capture, build_term, resolve_site
 from anchoring.anchor.concepts import build_concepts
-from anchoring.anchor.sequence import Positions, SequenceSite, SequenceTerm
+from anchoring.anchor.sequence import Positions, SequenceSite, SequenceTerm, position_labels, soft_minimum
 from anchoring.anchor.terms import Concept
 from anchoring.errors import AnchoringError
 from anchoring.kinds.lm.config import LMExperiment
@@ -143,7 +143,8 @@ class LMTask:
         self.steps = self.timeline.steps
         self.rows = np.full((self.steps, len(self.names)), np.nan)
         fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=0.0, betas=cfg.train.betas, fused=fused)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=0.0, betas=cfg.train.betas, fused=fused or None,
+                                          foreach=None if fused else True)  # foreach: one kernel per op over all params
         self.params = dict(self.model.named_parameters())
         self.cap: Capture | None = None
 
@@ -157,8 +158,7 @@ class LMTask:
         values = self.table[step]
         logits = self.model(x)  # the hooks refresh cap.acts in this same pass
         task = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        concept = self.cfg.text.concept
-        term_values = [t(self.cap.acts, line, line, {concept: lab}) for t in self.terms] if self.terms else []
+        term_values = [self._term(t, line, lab) for t in self.terms]
         loss = task
         for t, v in zip(self.terms, term_values):
             loss = loss + float(values[self.col[t.weight]]) * v
@@ -169,15 +169,42 @@ class LMTask:
         self.optimizer.step()
         self.model.normalize_weights()
         stats = torch.stack([loss.detach(), task.detach(), *[v.detach() for v in term_values]]).cpu()
-        if self.world > 1:
+        n_lab = lab.sum().detach().cpu().reshape(1)
+        if self.world > 1:  # metrics of the global batch: means of the ranks' means, total labelled passages
             import torch.distributed as dist
 
             dist.all_reduce(stats)
             stats /= self.world
+            dist.all_reduce(n_lab)
         tv = dict(zip([t.name for t in self.terms], stats[2:].tolist()))
         self.rows[step] = [*values, float(stats[0]), float(stats[1]), *[tv.get(t.name, np.nan) for t in self.objective.terms],
-                           float(lab.sum())]
+                           float(n_lab)]
         return stats
+
+    def _term(self, t: SequenceTerm, line: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
+        """A term's value on this batch. Data parallel: this rank's share of the *global* mean, scaled
+        by the number of ranks (gradients are averaged over ranks), so N ranks equal one process."""
+        concept = self.cfg.text.concept
+        if self.world == 1:
+            return t(self.cap.acts, line, line, {concept: lab})
+        import torch.distributed as dist
+
+        ell = t.formula(t.site.read(self.cap.acts))  # (B, T)
+        if t.positions.kind == "mellowmax":
+            K = lab.shape[1]
+            member = line.unsqueeze(1) == torch.arange(K, device=line.device).view(1, K, 1)
+            pooled = soft_minimum(ell.unsqueeze(1).expand(-1, K, -1), member, t.positions.omega)
+            w = lab * member.any(-1)
+            num = (pooled * w).sum()
+        else:
+            w = torch.ones_like(ell)
+            if t.select != "all":
+                pos = position_labels(lab, line)
+                w = w * (pos if t.select == "labelled" else 1.0 - pos)
+            num = (ell * w).sum()
+        den = w.sum().detach().clone()
+        dist.all_reduce(den)
+        return num / den.clamp_min(1.0) * self.world
 
     def after_step(self, step: int) -> bool:
         return False
