@@ -120,9 +120,10 @@ def run_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     select: Optional[str] = typer.Option(None, "--select", help="pareto: also report the edits on the seeds of the Pareto "
                                                                  "front (shorthand for --set evaluate.select=pareto)"),
+    nproc: Optional[int] = typer.Option(None, "--nproc", help="LM runs: data-parallel processes per job (= --set lm.nproc=N)"),
 ) -> None:
     """Train an experiment on several seeds at once, evaluate it and write a report."""
-    overrides = train_overrides(sets, seeds, seed, steps)
+    overrides = train_overrides(sets, seeds, seed, steps) + ([f"lm.nproc={nproc}"] if nproc is not None else [])
     if select is not None:
         if select not in ("all", "pareto"):
             fail(f"--select must be all or pareto, not {select!r}")
@@ -331,8 +332,10 @@ def bench_cmd(
     e2e: str = typer.Option("1,60", "--e2e-seeds", help="seed counts for the end-to-end `anchoring run anchored` cases ('' for none)"),
     e2e_steps: Optional[int] = typer.Option(None, "--e2e-steps", help="shorten the end-to-end runs (default: full schedule)"),
     json_out: Path = typer.Option(Path("runs/bench/bench.json"), "--json", help="where to write the results as JSON"),
+    lm_steps: int = typer.Option(30, "--lm-steps", help="timed steps of the LM cases (GPT-2-style baseline, project step, "
+                                                        "anchoring on; 0 skips them)"),
 ) -> None:
-    """Benchmark the trainer: eager single-model baseline vs ensembles, and end-to-end runs."""
+    """Benchmark the trainer: eager single-model baseline vs ensembles, end-to-end runs, LM step vs a GPT-2 baseline."""
     from anchoring.benchmarks import run_suite
 
     def ints(text: str, flag: str) -> list[int]:
@@ -344,11 +347,11 @@ def bench_cmd(
             fail(f"{flag} values must be positive, got {text!r}")
         return vals
 
-    if repeats < 1 or steps < 2:
-        fail("--repeats must be ≥ 1 and --steps ≥ 2")
+    if repeats < 1 or steps < 2 or lm_steps < 0:
+        fail("--repeats must be ≥ 1, --steps ≥ 2 and --lm-steps ≥ 0")
     sizes, seeds = ints(ensembles, "--ensembles"), ints(e2e, "--e2e-seeds")
     with err.status("benchmarking") as status:
-        res = run_suite(repeats, steps, sizes, seeds, e2e_steps, json_out, progress=lambda m: status.update(m))
+        res = run_suite(repeats, steps, sizes, seeds, e2e_steps, json_out, progress=lambda m: status.update(m), lm_steps=lm_steps)
     table = Table(title=f"anchoring bench ({repeats} repeats, {steps} steps; torch {res['machine']['torch']}, "
                         f"{res['machine']['cpus']} CPUs)")
     for h in ("case", "median", "min", "max", "unit", "× baseline", "peak MB"):

@@ -41,7 +41,10 @@ def _child(case: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "anchoring.benchmarks.child", case, *args]
 
 
-def plan(steps: int, ensemble_sizes: list[int], e2e_seeds: list[int], e2e_steps: int | None) -> list[Case]:
+LM_BASELINE = "lm: GPT-2-style baseline (4×4×128, block 64, batch 12)"
+
+
+def plan(steps: int, ensemble_sizes: list[int], e2e_seeds: list[int], e2e_steps: int | None, lm_steps: int = 0) -> list[Case]:
     cases = [Case("eager baseline (1 model)", "model-steps/s", _child("eager", str(steps)))]
     for e in ensemble_sizes:
         cases.append(Case(f"ensemble E={e}", "model-steps/s", _child("ensemble", str(e), str(steps), "fast")))
@@ -53,6 +56,11 @@ def plan(steps: int, ensemble_sizes: list[int], e2e_seeds: list[int], e2e_steps:
         if e2e_steps is not None:
             argv += ["--steps", str(e2e_steps)]
         cases.append(Case(f"anchoring run anchored --seeds {n}", "s wall", argv, end_to_end=True))
+    if lm_steps:  # LM cases: tokens/s, compared with the GPT-2-style baseline (not the colour one)
+        cases += [Case(LM_BASELINE, "tokens/s", _child("lm", "gpt2", str(lm_steps))),
+                  Case("lm: project step (nGPT, SwiGLU 3×: same size)", "tokens/s", _child("lm", "project", str(lm_steps), "3")),
+                  Case("lm: project step, anchoring on", "tokens/s", _child("lm", "anchored", str(lm_steps), "3")),
+                  Case("lm: project step, LM default SwiGLU 4×", "tokens/s", _child("lm", "project", str(lm_steps), "4"))]
     return cases
 
 
@@ -81,8 +89,9 @@ def _measure(case: Case, workdir: Path) -> None:
         shutil.rmtree(out_dir.parent, ignore_errors=True)
     else:
         res = json.loads(stdout.strip().splitlines()[-1])
-        case.samples.append(res["model_steps_per_s"])
-        case.extra = {k: v for k, v in res.items() if k not in ("model_steps_per_s",)}
+        key = "tokens_per_s" if case.unit == "tokens/s" else "model_steps_per_s"
+        case.samples.append(res[key])
+        case.extra = {k: v for k, v in res.items() if k != key}
     case.peak_mb.append(peak)
 
 
@@ -92,11 +101,11 @@ def _stats(xs: list[float]) -> dict:
 
 def run_suite(repeats: int = 3, steps: int = 300, ensemble_sizes: list[int] | None = None,
               e2e_seeds: list[int] | None = None, e2e_steps: int | None = None,
-              json_path: Path | None = None, progress: Callable[[str], None] | None = None) -> dict:
+              json_path: Path | None = None, progress: Callable[[str], None] | None = None, lm_steps: int = 0) -> dict:
     """Measure every case `repeats` times, interleaved; return (and optionally write) the results."""
     ensemble_sizes = [1, 16, 64] if ensemble_sizes is None else ensemble_sizes
     e2e_seeds = [1, 60] if e2e_seeds is None else e2e_seeds
-    cases = plan(steps, ensemble_sizes, e2e_seeds, e2e_steps)
+    cases = plan(steps, ensemble_sizes, e2e_seeds, e2e_steps, lm_steps)
     with tempfile.TemporaryDirectory(prefix="anchoring-bench-") as tmp:
         for r in range(repeats):
             for case in cases:
@@ -104,19 +113,22 @@ def run_suite(repeats: int = 3, steps: int = 300, ensemble_sizes: list[int] | No
                     progress(f"repeat {r + 1}/{repeats}: {case.name}")
                 _measure(case, Path(tmp))
     base = median(cases[0].samples)
+    lm_base = next((median(c.samples) for c in cases if c.name == LM_BASELINE), None)
     rows = []
     for case in cases:
         row = {"case": case.name, "unit": case.unit, **_stats(case.samples),
                "peak_mb": max(case.peak_mb) if case.peak_mb else None, "samples": case.samples, **case.extra}
         if case.unit == "model-steps/s":
             row["vs_baseline"] = row["median"] / base
+        elif case.unit == "tokens/s" and lm_base:
+            row["vs_baseline"] = row["median"] / lm_base
         rows.append(row)
     e2e = {c.name: median(c.samples) for c in cases if c.end_to_end}
     result = {
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
                     "platform": platform.platform(), "torch_threads": torch.get_num_threads()},
         "settings": {"repeats": repeats, "steps": steps, "ensemble_sizes": ensemble_sizes, "e2e_seeds": e2e_seeds,
-                     "e2e_steps": e2e_steps},
+                     "e2e_steps": e2e_steps, "lm_steps": lm_steps},
         "cases": rows,
     }
     if len(e2e) >= 2:

@@ -16,6 +16,10 @@ def main(argv: list[str]) -> None:
         res = cases.eager_baseline(int(args[0]))
     elif kind == "ensemble":
         res = cases.ensemble(int(args[0]), int(args[1]), fast=args[2] == "fast")
+    elif kind == "lm":
+        from anchoring.benchmarks.lm import lm_step
+
+        res = lm_step(args[0], int(args[1]), *(int(a) for a in args[2:]))
     else:
         raise SystemExit(f"unknown benchmark case {kind!r}")
     print(json.dumps(res))

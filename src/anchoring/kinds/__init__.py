@@ -12,9 +12,10 @@ from anchoring.errors import AnchoringError
 from anchoring.kinds.base import Kind
 from anchoring.kinds.colour import KIND as COLOUR
 from anchoring.kinds.figures import KIND as FIGURES
+from anchoring.kinds.lm import KIND as LM
 from anchoring.kinds.transformer import KIND as TRANSFORMER
 
-REGISTRY: dict[str, Kind] = {k.name: k for k in (COLOUR, TRANSFORMER, FIGURES)}
+REGISTRY: dict[str, Kind] = {k.name: k for k in (COLOUR, TRANSFORMER, FIGURES, LM)}
 
 _ADAPTER = TypeAdapter(Annotated[Union[tuple(k.config for k in REGISTRY.values())], Field(discriminator="kind")])  # type: ignore[misc]
 

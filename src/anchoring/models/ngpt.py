@@ -25,18 +25,36 @@ def _unit(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return F.normalize(x, dim=dim)
 
 
-def rotary(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
-    """Rotary position embedding of `(B, H, T, d)` (d even): rotate channel pairs by position."""
-    T, d = x.shape[-2], x.shape[-1]
-    freq = base ** (-torch.arange(0, d, 2, dtype=x.dtype, device=x.device) / d)
-    ang = torch.arange(T, dtype=x.dtype, device=x.device)[:, None] * freq[None, :]
-    cos, sin = ang.cos(), ang.sin()
+def rotary_tables(T: int, d: int, base: float = 10000.0, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin `(T, d/2)` of the rotary angles: position × frequency of each channel pair."""
+    freq = base ** (-torch.arange(0, d, 2, dtype=dtype, device=device) / d)
+    ang = torch.arange(T, dtype=dtype, device=device)[:, None] * freq[None, :]
+    return ang.cos(), ang.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the channel pairs (0,1), (2,3), … of `(…, T, d)` by the tabulated angles."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
 
 
+def rotary(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Rotary position embedding of `(B, H, T, d)` (d even): rotate channel pairs by position."""
+    cos, sin = rotary_tables(x.shape[-2], x.shape[-1], base, x.dtype, x.device)
+    return apply_rotary(x, cos, sin)
+
+
 class Attention(nn.Module):
-    def __init__(self, width: int, heads: int) -> None:
+    """Causal attention on unit queries and keys, with rotary positions.
+
+    The rotary cos/sin tables are buffers computed once for the model's context (and again only
+    if a longer sequence or another dtype/device shows up), not on every forward: at LM size the
+    trigonometry and `arange` of every call were a visible share of a CPU step. They are not
+    persistent, so checkpoints are unchanged.
+    """
+
+    def __init__(self, width: int, heads: int, context: int = 64) -> None:
         super().__init__()
         if width % heads or (width // heads) % 2:
             raise ValueError(f"width {width} must split into {heads} heads of even size")
@@ -48,14 +66,31 @@ class Attention(nn.Module):
         self.s_qk = nn.Parameter(torch.ones(heads, 1, self.head_dim))
         self.q_site = nn.Identity()
         self.k_site = nn.Identity()
+        cos, sin = rotary_tables(context, self.head_dim)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _tables(self, T: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if T > self.rope_cos.shape[0] or self.rope_cos.dtype != like.dtype or self.rope_cos.device != like.device:
+            cos, sin = rotary_tables(max(T, self.rope_cos.shape[0]), self.head_dim, dtype=like.dtype, device=like.device)
+            self.rope_cos, self.rope_sin = cos, sin
+        return self.rope_cos[:T], self.rope_sin[:T]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         B, T, D = h.shape
-        split = lambda x: x.view(B, T, self.heads, self.head_dim).transpose(1, 2)  # noqa: E731
-        q = self.q_site(_unit(rotary(split(self.q(h))))) * self.s_qk
-        k = self.k_site(_unit(rotary(split(self.k(h))))) * self.s_qk
+        H, d = self.heads, self.head_dim
+        # q, k and v in one matmul; q and k rotated (as complex pairs, one kernel) and normalised together
+        qkv = F.linear(h, torch.cat([self.q.weight, self.k.weight, self.v.weight]))
+        qk, v = qkv.split([2 * D, D], dim=-1)
+        cos, sin = self._tables(T, qkv)
+        turn = torch.complex(cos, sin)[:, None]  # (T, 1, d/2)
+        qk = torch.view_as_real(torch.view_as_complex(qk.reshape(B, T, 2 * H, d // 2, 2)) * turn).flatten(-2)
+        q, k = _unit(qk).transpose(1, 2).split(H, dim=1)
+        q = self.q_site(q) * self.s_qk
+        k = self.k_site(k) * self.s_qk
+        v = v.reshape(B, T, H, d).transpose(1, 2)
         # q, k are scaled unit vectors: the logit scale √d (not 1/√d) lets attention be sharp
-        y = F.scaled_dot_product_attention(q, k, split(self.v(h)), is_causal=True, scale=math.sqrt(self.head_dim))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=math.sqrt(self.head_dim))
         return self.o(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -72,20 +107,22 @@ class MLP(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         u, v = self.up(h).chunk(2, dim=-1)
-        return self.down(u * self.s_u * F.silu(v * self.s_v * math.sqrt(self.width)))
+        # the learned scales multiply each other first: one full-size multiply per input, not two
+        return self.down(u * self.s_u * F.silu(v * (self.s_v * math.sqrt(self.width))))
 
 
 class Block(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: int, alpha: float) -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: int, alpha: float, context: int = 64) -> None:
         super().__init__()
-        self.attn = Attention(width, heads)
+        self.attn = Attention(width, heads, context)
         self.mlp = MLP(width, mlp_ratio * width)
         self.alpha_attn = nn.Parameter(torch.full((width,), alpha))
         self.alpha_mlp = nn.Parameter(torch.full((width,), alpha))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = _unit(h + self.alpha_attn * (_unit(self.attn(h)) - h))
-        return _unit(h + self.alpha_mlp * (_unit(self.mlp(h)) - h))
+        # h + α·(x − h) as one lerp kernel
+        h = _unit(torch.lerp(h, _unit(self.attn(h)), self.alpha_attn))
+        return _unit(torch.lerp(h, _unit(self.mlp(h)), self.alpha_mlp))
 
 
 class NormalizedTransformer(nn.Module):
@@ -96,7 +133,7 @@ class NormalizedTransformer(nn.Module):
         super().__init__()
         self.context = context
         self.embed = nn.Embedding(vocab, width)
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, alpha) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, alpha, context) for _ in range(layers))
         self.unembed = nn.Linear(width, vocab, bias=False)
         self.s_z = nn.Parameter(torch.full((vocab,), logit_scale))
         for p in self.parameters():
@@ -110,15 +147,19 @@ class NormalizedTransformer(nn.Module):
         h = _unit(self.embed(tokens))
         for block in self.blocks:
             h = block(h)
-        return self.unembed(h) * self.s_z
+        return F.linear(h, self.unembed.weight * self.s_z[:, None])  # scale the (vocab, D) weight, not every logit
 
     @torch.no_grad()
     def normalize_weights(self) -> None:
-        """Put every matrix back on the sphere along the residual (embedding) dimension."""
-        self.embed.weight.copy_(_unit(self.embed.weight, 1))
-        self.unembed.weight.copy_(_unit(self.unembed.weight, 1))
-        for b in self.blocks:
-            for lin in (b.attn.q, b.attn.k, b.attn.v, b.mlp.up):  # read the residual: rows
-                lin.weight.copy_(_unit(lin.weight, 1))
-            for lin in (b.attn.o, b.mlp.down):  # write the residual: columns
-                lin.weight.copy_(_unit(lin.weight, 0))
+        """Put every matrix back on the sphere along the residual (embedding) dimension.
+
+        Called after every optimiser step, so it is done in place: one norm per matrix and one
+        fused clamp and one fused divide per group (`torch._foreach_*`), no normalised copies.
+        The result is what `F.normalize` gives (x / max(‖x‖, 1e-12))."""
+        rows = [self.embed.weight, self.unembed.weight,
+                *[lin.weight for b in self.blocks for lin in (b.attn.q, b.attn.k, b.attn.v, b.mlp.up)]]  # read the residual
+        cols = [lin.weight for b in self.blocks for lin in (b.attn.o, b.mlp.down)]  # write the residual
+        for group, dim in ((rows, 1), (cols, 0)):
+            norms = [torch.linalg.vector_norm(w, dim=dim, keepdim=True) for w in group]
+            torch._foreach_clamp_min_(norms, 1e-12)
+            torch._foreach_div_(group, norms)

@@ -1,0 +1,81 @@
+"""The language-model kind's config: `[text]` (data side), `[lm]` (model and batches), `[train]`, `[evaluate]`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from anchoring.config import TrainConfig, TrainedExperiment, _Strict
+from anchoring.domains.text.config import TextConfig
+
+ARMS = ("anchored", "control", "weak-filtered", "oracle-filtered")
+Arm = Literal["anchored", "control", "weak-filtered", "oracle-filtered"]
+
+
+class LMConfig(_Strict):
+    """The normalised transformer at LM size, and how training windows are cut."""
+
+    width: int = Field(128, ge=8)
+    layers: int = Field(4, ge=1, le=48)
+    heads: int = Field(4, ge=1)
+    mlp_ratio: int = Field(4, ge=1, le=8)
+    context: int = Field(256, ge=8, le=8192, description="the model's context (longest sequence it accepts)")
+    window: int | None = Field(None, ge=2, description="tokens per training window (default: the context); "
+                                                       "must not exceed the context")
+    batch_size: int = Field(16, ge=1, le=4096, description="windows per step (global, over all data-parallel ranks)")
+    alpha: float = Field(0.2, gt=0, description="initial step size α of every block")
+    logit_scale: float = Field(10.0, gt=0)
+    arms: list[Arm] = Field(default_factory=lambda: ["anchored", "control"],
+                            description="anchored | control | weak-filtered | oracle-filtered (all share seeds, "
+                                        "batch stream and labels)")
+    workers: int = Field(1, ge=0, description="processes training (arm, seed) jobs side by side (0: one per CPU core)")
+    nproc: int = Field(1, ge=1, le=64, description="data-parallel processes per job (gloo): each takes batch_size/nproc "
+                                                  "windows of every step; jobs then run one after another")
+
+    @model_validator(mode="after")
+    def _shape(self) -> "LMConfig":
+        if self.width % self.heads or (self.width // self.heads) % 2:
+            raise ValueError(f"width {self.width} must split into {self.heads} heads of even size")
+        if self.window is not None and self.window > self.context:
+            raise ValueError(f"window {self.window} is longer than the model's context {self.context}")
+        if self.batch_size % self.nproc:
+            raise ValueError(f"batch_size {self.batch_size} does not split over nproc = {self.nproc} processes")
+        if len(set(self.arms)) != len(self.arms) or not self.arms:
+            raise ValueError(f"arms must be distinct and non-empty, got {self.arms}")
+        return self
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per training window."""
+        return self.window or self.context
+
+
+class LMTrainConfig(TrainConfig):
+    device: Literal["cpu", "auto", "cuda"] = Field("cpu", description="'auto': CUDA when available, else CPU")
+    seeds: int = Field(1, description="number of seeds; every arm trains on each")
+    checkpoint_every: int = Field(100, ge=1)
+
+
+class LMEvaluateConfig(_Strict):
+    concept: str | None = Field(None, description="anchored concept measured (default: text.concept)")
+    eval_chars: int = Field(60_000, ge=1000, description="validation characters scored (whole passages, corpus order)")
+    after: int = Field(20, ge=0, description="characters after a concept word that still count as concept positions")
+    probe_positions: int = Field(3000, ge=50, description="positions per class (concept, retain) the probes fit on")
+    shade_passages: int = Field(3, ge=0, le=10, description="held-out passages printed with per-character alignment")
+    batch_size: int = Field(16, ge=1)
+
+    @field_validator("concept")
+    @classmethod
+    def _c(cls, v: str | None) -> str | None:
+        return v or None
+
+
+class LMExperiment(TrainedExperiment):
+    """kind = "lm": a character (or BPE) normalised-transformer LM, anchored arm plus controls."""
+
+    kind: Literal["lm"] = "lm"
+    text: TextConfig = Field(default_factory=TextConfig)
+    lm: LMConfig = Field(default_factory=LMConfig)
+    train: LMTrainConfig = Field(default_factory=LMTrainConfig)
+    evaluate: LMEvaluateConfig = Field(default_factory=LMEvaluateConfig)

@@ -1,0 +1,199 @@
+"""The text an LM run trains and is measured on: passages, split, tokens, labels, and the batch stream.
+
+**Batches.** For each seed, epoch e is a seeded permutation of *all* training passages
+(`default_rng([seed, e, BATCH_SALT])`), each passage followed by a blank line; a filtered arm drops
+the passages it removes from that same permutation. The surviving passages are concatenated into
+one token stream, and step s takes windows s·B … s·B+B−1 of `window+1` tokens at stride `window`.
+So every arm of a seed sees the passages in the same order; an arm that removes nothing sees the
+very same batches, and a filtered arm sees the same sequence with its removed passages cut out
+(it therefore reaches later passages a little sooner, and every step still has B full windows —
+no padding, the same tokens per step in every arm).
+
+**Labels.** The weak training labels are a fixed per-seed set, `weak_set(reference, coverage,
+false_positives, seed)` over the training passages: identical in every arm of a seed, and every
+process. Within a window, each passage's positions form one "line" for `pool_lines`; a passage
+cut by the window edge is still a line (its visible part).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from anchoring.domains.text.config import TextConfig
+from anchoring.domains.text.corpus import load_corpus
+from anchoring.domains.text.labelling import Passages
+from anchoring.domains.text.split import split_indices
+from anchoring.domains.text.tokenize import BPETokenizer, CharTokenizer, train_tokenizer
+from anchoring.domains.text.weak import reference_labels, weak_set
+from anchoring.errors import AnchoringError
+
+SEPARATOR = "\n\n"  # appended to every passage: the model sees where one passage ends
+BATCH_SALT = 0xBA7C
+TOKENIZER = "tokenizer.json"
+
+
+@dataclass
+class LMData:
+    """One corpus, split, tokenized and labelled; shared by every arm and seed of a run."""
+
+    text: TextConfig
+    texts: list[str]
+    parts: dict[str, np.ndarray]  # corpus indices per split
+    reference: np.ndarray  # 0/1 per corpus passage: the best labeller (ground truth)
+    tokenizer: CharTokenizer | BPETokenizer
+    train_tokens: list[np.ndarray] = field(default_factory=list)  # per training passage (with separator)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def encode(self, text: str) -> np.ndarray:
+        if isinstance(self.tokenizer, CharTokenizer):
+            return self.tokenizer.encode_array(text)
+        return np.asarray(self.tokenizer.encode(text), dtype=np.int32)
+
+    def weak(self, seed: int) -> np.ndarray:
+        """Weak 0/1 labels per training passage for `seed` (same in every arm)."""
+        t = self.text
+        return weak_set(self.reference[self.parts["train"]], t.coverage, t.false_positives, seed)
+
+    def keep(self, arm: str, seed: int) -> np.ndarray:
+        """Which training passages an arm trains on (bool per training passage)."""
+        n = len(self.parts["train"])
+        if arm == "weak-filtered":
+            return self.weak(seed) == 0
+        if arm == "oracle-filtered":
+            return self.reference[self.parts["train"]] == 0
+        return np.ones(n, dtype=bool)
+
+
+def _build(text: TextConfig) -> tuple[list[str], dict[str, np.ndarray], np.ndarray]:
+    corpus = load_corpus(text.corpus)
+    parts = split_indices(corpus.ids(), text.split, text.split_seed)
+    if len(parts["train"]) == 0:
+        raise AnchoringError(f"corpus {text.corpus!r} leaves no training passages after the split")
+    if len(parts["validation"]) == 0:
+        raise AnchoringError(f"corpus {text.corpus!r} leaves no validation passages; use more text or a larger split")
+    ref = reference_labels(Passages.of(corpus), text.concept).astype(np.int8)
+    return list(corpus.texts), parts, ref
+
+
+@functools.lru_cache(maxsize=4)
+def _cached(text_json: str) -> tuple[list[str], dict[str, np.ndarray], np.ndarray]:
+    return _build(TextConfig.model_validate_json(text_json))
+
+
+def load_data(text: TextConfig, run_dir: Path | None = None) -> LMData:
+    """Corpus, split and labels (cached per process), and the tokenizer: read from `run_dir` when the
+    run saved one (resume and `load_run` use the same vocabulary / merges), else trained on the
+    training passages and saved there."""
+    texts, parts, ref = _cached(text.model_dump_json())
+    tok_path = run_dir / TOKENIZER if run_dir is not None else None
+    if tok_path is not None and tok_path.is_file():
+        from anchoring.domains.text.tokenize import load_tokenizer
+
+        tok = load_tokenizer(tok_path)
+        if tok.kind != text.tokenizer:
+            raise AnchoringError(f"{tok_path} holds a {tok.kind} tokenizer but the config asks for {text.tokenizer}")
+    else:
+        tok = _tokenizer(text.model_dump_json())
+        if tok_path is not None:
+            tok_path.parent.mkdir(parents=True, exist_ok=True)
+            tok.save(tok_path)
+    data = LMData(text, texts, parts, ref, tok)
+    data.train_tokens = _encode_train(data, json.dumps([text.model_dump_json(), tok.kind, tok.vocab_size]))
+    return data
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(text_json: str) -> CharTokenizer | BPETokenizer:
+    text = TextConfig.model_validate_json(text_json)
+    texts, parts, _ = _cached(text_json)
+    return train_tokenizer(text.tokenizer, [texts[i] + SEPARATOR for i in parts["train"]], text.bpe_vocab)
+
+
+_ENCODED: dict[str, list[np.ndarray]] = {}
+
+
+def _encode_train(data: LMData, key: str) -> list[np.ndarray]:
+    if key not in _ENCODED:
+        _ENCODED.clear()
+        _ENCODED[key] = [data.encode(data.texts[i] + SEPARATOR) for i in data.parts["train"]]
+    return _ENCODED[key]
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor  # (B, T) token ids
+    targets: torch.Tensor  # (B, T) next tokens
+    passage: torch.Tensor  # (B, T) training-passage index of each input token
+    line: torch.Tensor  # (B, T) passage number within its window (0, 1, …): the "line" of pool_lines
+    line_labels: torch.Tensor  # (B, K) weak label of each window passage
+
+
+class Stream:
+    """The token stream of one (seed, arm): see the module docstring. Pure function of (seed, step)."""
+
+    def __init__(self, tokens: list[np.ndarray], keep: np.ndarray, seed: int, window: int) -> None:
+        self.tokens, self.keep, self.seed, self.window = tokens, keep, seed, window
+        lengths = np.array([len(t) for t in tokens], dtype=np.int64)
+        self.length = int(lengths[keep].sum())
+        if self.length < window + 1:
+            raise AnchoringError(f"the training text of this arm has {self.length} tokens, fewer than one window "
+                                 f"of {window + 1}")
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Training passages of `epoch` in stream order (the shared permutation, removed ones skipped)."""
+        perm = np.random.default_rng([self.seed, epoch, BATCH_SALT]).permutation(len(self.tokens))
+        return perm[self.keep[perm]]
+
+    def epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        if e not in self._epochs:
+            if len(self._epochs) >= 2:
+                self._epochs.pop(min(self._epochs))
+            order = self.order(e)
+            toks = np.concatenate([self.tokens[i] for i in order])
+            pid = np.repeat(order, [len(self.tokens[i]) for i in order])
+            self._epochs[e] = (toks, pid)
+        return self._epochs[e]
+
+    def span(self, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """`n` tokens (and their passage ids) from global stream offset `start`, across epochs."""
+        toks, pids = [], []
+        while n > 0:
+            e, off = divmod(start, self.length)
+            t, p = self.epoch(e)
+            take = min(n, self.length - off)
+            toks.append(t[off:off + take])
+            pids.append(p[off:off + take])
+            start, n = start + take, n - take
+        return np.concatenate(toks), np.concatenate(pids)
+
+    def batch(self, step: int, size: int, labels: np.ndarray, rows: range | None = None) -> Batch:
+        """Windows step·size … step·size+size−1 (or only `rows` of them, for a data-parallel rank)."""
+        T = self.window
+        rows = rows if rows is not None else range(size)
+        xs, ps = [], []
+        for r in rows:
+            t, p = self.span((step * size + r) * T, T + 1)
+            xs.append(t)
+            ps.append(p[:-1])
+        x = torch.from_numpy(np.stack(xs).astype(np.int64))
+        passage = torch.from_numpy(np.stack(ps).astype(np.int64))
+        change = torch.ones_like(passage, dtype=torch.bool)
+        change[:, 1:] = passage[:, 1:] != passage[:, :-1]
+        line = change.long().cumsum(1) - 1
+        K = int(line.max()) + 1
+        first = torch.zeros(len(rows), K, dtype=torch.long)
+        first.scatter_(1, line, passage)  # every position of a line holds the same passage id
+        lab = torch.from_numpy(labels.astype(np.float32))[first]
+        valid = torch.zeros(len(rows), K, dtype=torch.bool)
+        valid.scatter_(1, line, True)
+        return Batch(x[:, :-1], x[:, 1:], passage, line, lab * valid)

@@ -1,0 +1,81 @@
+"""Figures of an LM run: training curves, alignment per layer, held-out text shaded by alignment."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from anchoring.report.figures import plt, running_mean
+
+
+def training_curves(curves: dict[str, dict[str, np.ndarray]], window: int = 25) -> Figure:
+    """One panel per metric; one line per arm (mean over seeds of a trailing mean)."""
+    metrics = sorted({m for c in curves.values() for m in c})
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.0 * len(metrics), 3.0), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        for arm, c in curves.items():
+            if m in c and np.isfinite(c[m]).any():
+                ys = np.stack([running_mean(row, window) for row in np.atleast_2d(c[m])])
+                with warnings.catch_warnings():  # steps where no seed had a labelled passage stay NaN
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    ax.plot(np.nanmean(ys, 0), label=arm, lw=1)
+        ax.set_title(m, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def alignment_bars(rows: list[dict], sites: list[str], arms: list[str]) -> Figure:
+    """Mean alignment at concept and retain positions per layer and arm (median over seeds)."""
+    fig, axes = plt.subplots(1, len(arms), figsize=(3.6 * len(arms), 3.0), squeeze=False, sharey=True)
+    x = np.arange(len(sites))
+    for ax, arm in zip(axes[0], arms):
+        for k, (cls, colour) in enumerate((("concept", "#c0392b"), ("retain", "#7f8c8d"))):
+            vals = [np.median([r["alignment"][s][cls] for r in rows if r["arm"] == arm]) for s in sites]
+            ax.bar(x + (k - 0.5) * 0.38, vals, 0.38, color=colour, label=f"{cls} positions")
+        ax.set_xticks(x, [s.replace("blocks.", "L") for s in sites], fontsize=8)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_title(arm, fontsize=9)
+    axes[0, 0].set_ylabel("mean cos(h, anchor)", fontsize=8)
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def shaded_text(passages: list[tuple[str, str, np.ndarray, list[tuple[int, int]]]], cols: int = 90) -> Figure:
+    """Each passage's characters on a grid, background shaded by the alignment of the token they belong
+    to (red: towards the anchor, blue: away). `passages`: (title, text, alignment per token, token spans)."""
+    lines_per = []
+    for _title, text, _a, _s in passages:
+        n = sum(max(1, -(-len(line) // cols)) for line in text.split("\n"))
+        lines_per.append(n + 1)
+    total = sum(lines_per) + 1
+    fig = plt.figure(figsize=(cols * 0.085 + 0.6, total * 0.2 + 0.6))
+    ax = fig.add_axes([0.01, 0.01, 0.98, 0.98])
+    ax.set_xlim(0, cols)
+    ax.set_ylim(total, 0)
+    ax.axis("off")
+    cmap = plt.get_cmap("RdBu_r")
+    y = 0
+    for title, text, align, spans in passages:
+        ax.text(0, y + 0.5, title, fontsize=7, fontweight="bold", va="center")
+        y += 1
+        value = np.full(len(text), np.nan)
+        for a, (s, e) in zip(align, spans):
+            value[s:e] = a
+        x = 0
+        for i, ch in enumerate(text):
+            if ch == "\n" or x >= cols:
+                y, x = y + 1, 0
+                if ch == "\n":
+                    continue
+            if np.isfinite(value[i]):
+                ax.add_patch(plt.Rectangle((x, y), 1, 1, color=cmap(0.5 + 0.5 * float(np.clip(value[i], -1, 1))), lw=0))
+            ax.text(x + 0.5, y + 0.5, ch, fontsize=6, family="monospace", ha="center", va="center")
+            x += 1
+        y += 1
+    return fig

@@ -1,0 +1,333 @@
+"""The language-model experiments (M4): train every (arm, seed), measure, draw, report.
+
+Arms: `anchored` (the terms of the spec), `control` (no terms), `weak-filtered` (no terms; the
+weakly labelled training passages removed) and `oracle-filtered` (no terms; every reference-positive
+training passage removed). All arms of a seed share initial weights, batch stream and labels (see
+`data`). Each (arm, seed) is one job with its own resumable checkpoint under `arms/`; jobs run one
+after another in this process, or side by side in `lm.workers` processes (one job per process;
+torch single-threaded in each). Data parallel (`torchrun … -m anchoring run`, see `distributed`)
+instead splits every step's batch over the ranks and runs the jobs one after another.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import save as st_save
+
+from anchoring import runs
+from anchoring.anchor import Capture
+from anchoring.errors import AnchoringError
+from anchoring.evaluate.stats import median
+from anchoring.kinds.base import Kind
+from anchoring.kinds.lm import evaluate as ev
+from anchoring.kinds.lm import figures as lf
+from anchoring.kinds.lm.config import LMExperiment
+from anchoring.kinds.lm.data import LMData, load_data
+from anchoring.kinds.lm.training import ArmResult, build_model, build_objective, build_timeline, train_arm
+from anchoring.report import html
+from anchoring.report.figures import save as save_fig
+from anchoring.train.skeleton import TrainingInterrupted
+
+Progress = Callable[[int, int], None]
+ARCH_KIND = "lm-ngpt"
+CHECKPOINT = "checkpoint.safetensors"
+
+
+def arms(cfg: LMExperiment) -> list[str]:
+    return list(cfg.lm.arms)
+
+
+def validate(cfg: LMExperiment, data: bool = True) -> int:
+    """Everything checkable before training: model shape, terms against the model (sites exist,
+    axes/dims fit the width), schedule, arms; then the corpus, split and labels. Returns the steps."""
+    model = build_model(cfg, 8)  # the vocabulary does not change what the terms can bind to
+    objective = build_objective(cfg, model)
+    steps = build_timeline(cfg, objective).steps
+    with torch.no_grad(), Capture(model, objective.modules) as cap:
+        model(torch.zeros(1, 4, dtype=torch.long))
+        for t in objective.terms:
+            t.site.read(cap.acts)
+    if "anchored" in cfg.lm.arms and not objective.terms:
+        raise AnchoringError("arm 'anchored' needs terms (this experiment has none); use arms = ['control']")
+    concept = cfg.evaluate.concept or cfg.text.concept
+    if concept != cfg.text.concept:
+        raise AnchoringError(f"evaluate.concept {concept!r}: only text.concept ({cfg.text.concept!r}) is labelled")
+    if cfg.interventions:
+        raise AnchoringError("LM runs take no [[interventions]] yet (use `load_run(...).alignment` to inspect the anchor)")
+    if data:
+        d = load_data(cfg.text)
+        if int(d.reference[d.parts["validation"]].sum()) == 0:
+            raise AnchoringError(f"no validation passage carries {cfg.text.concept!r}; concept positions cannot be scored")
+    return steps
+
+
+def measured_direction(cfg: LMExperiment) -> tuple[torch.Tensor | None, tuple[int, ...] | None]:
+    """The concept's anchor (axis or vector), else its dims: what alignment is measured against, in every arm."""
+    model = build_model(cfg, 8)
+    concepts = build_objective(cfg, model).concepts
+    c = concepts.get(cfg.text.concept)
+    if c is not None and c.anchor is not None:
+        return torch.tensor(c.anchor), None
+    if c is not None and c.dims:
+        return None, c.dims
+    v = torch.zeros(cfg.lm.width)
+    v[0] = 1.0  # nothing anchored: axis 0, for reference
+    return v, None
+
+
+def anchored_sites(cfg: LMExperiment) -> list[str]:
+    model = build_model(cfg, 8)
+    return sorted({t.site.module for t in build_objective(cfg, model).terms if t.kind in ("anchor", "subspace")})
+
+
+def architecture(cfg: LMExperiment) -> dict[str, Any]:
+    d = load_data(cfg.text)
+    return {"kind": ARCH_KIND, **cfg.lm.model_dump(mode="json"), "vocab": d.vocab_size, "tokenizer": cfg.text.tokenizer,
+            "seeds": cfg.train.member_seeds(), "arms": arms(cfg)}
+
+
+def checkpoint_path(path: Path, arm: str, seed: int) -> Path:
+    return path / "arms" / f"{arm}-seed{seed}.safetensors"
+
+
+def run(cfg: LMExperiment, path: Path, *, progress: Progress | None = None) -> dict[str, Any]:
+    steps = validate(cfg)
+    data = load_data(cfg.text, path)  # saves (or, resuming, reads) the run's tokenizer
+    seeds = cfg.train.member_seeds()
+    jobs = [(arm, seed) for seed in seeds for arm in arms(cfg)]
+    total = steps * len(jobs)
+    workers = 1 if cfg.lm.nproc > 1 else min(len(jobs), cfg.lm.workers or os.cpu_count() or 1)
+    t0 = time.perf_counter()
+    if cfg.lm.nproc > 1:
+        from anchoring.kinds.lm.distributed import train_data_parallel
+
+        train_data_parallel(cfg, path, jobs, cfg.lm.nproc)
+        workers = cfg.lm.nproc  # no progress from the ranks; the loop below only loads their checkpoints
+    elif workers > 1:
+        _train_in_processes(cfg, path, jobs, workers)
+    results: dict[tuple[str, int], ArmResult] = {}
+    timing: dict[str, float] = {}
+    for i, (arm, seed) in enumerate(jobs):  # after the pool: each job only loads its finished checkpoint
+        done = i * steps
+        report = (lambda s, done=done: progress(done + s, total)) if progress and workers == 1 else None
+        t1 = time.perf_counter()
+        try:
+            results[arm, seed] = train_arm(cfg, data, seed, arm, checkpoint=checkpoint_path(path, arm, seed), progress=report)
+        except TrainingInterrupted as e:
+            raise TrainingInterrupted(e.step, path) from None
+        timing[f"{arm}-seed{seed}_s"] = round(time.perf_counter() - t1, 3)
+    train_s = time.perf_counter() - t0
+    summary = finish(cfg, path, data, results)
+    summary["timing"] = {"train_s": round(train_s, 3), **({} if workers > 1 else timing)}
+    return summary
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def _train_job(cfg: LMExperiment, path: Path, arm: str, seed: int) -> None:
+    train_arm(cfg, load_data(cfg.text, path), seed, arm, checkpoint=checkpoint_path(path, arm, seed))
+
+
+def _train_in_processes(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int]], workers: int) -> None:
+    """One process per (arm, seed) job; Ctrl-C reaches the workers, which save and stop."""
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
+        futures = [pool.submit(_train_job, cfg, path, arm, seed) for arm, seed in jobs]
+        try:
+            for f in futures:
+                f.result()
+        except KeyboardInterrupt:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise TrainingInterrupted(-1, path) from None
+        except TrainingInterrupted as e:
+            raise TrainingInterrupted(e.step, path) from None
+
+
+def write_weights(path: Path, models: dict[tuple[str, int], torch.nn.Module]) -> None:
+    runs.write_atomic(path / CHECKPOINT, st_save(
+        {f"{arm}.{seed}.{k}": v.detach().cpu().contiguous() for (arm, seed), m in models.items() for k, v in m.state_dict().items()},
+        metadata={"format": "anchoring-lm-1"}))
+
+
+def finish(cfg: LMExperiment, path: Path, data: LMData, results: dict[tuple[str, int], ArmResult]) -> dict[str, Any]:
+    names = arms(cfg)
+    first = next(iter(results.values()))
+    frames = []
+    for (arm, seed), r in results.items():
+        df = pd.DataFrame(r.metrics, columns=r.metric_names)
+        df.insert(0, "arm", arm)
+        df.insert(0, "seed", seed)
+        df.insert(0, "step", np.arange(len(df)))
+        frames.append(df)
+    runs.write_atomic(path / runs.METRICS, pd.concat(frames).to_csv(index=False, float_format="%.8g"))
+    write_weights(path, {k: r.model for k, r in results.items()})
+
+    direction, dims = measured_direction(cfg)
+    sites = ["embed", *[f"blocks.{i}" for i in range(cfg.lm.layers)]]
+    es = ev.eval_set(data, cfg.lm.tokens, cfg.evaluate.eval_chars, cfg.evaluate.after)
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for (arm, seed), r in results.items():
+        m = ev.measure(r.model, es, sites, direction, dims, cfg.evaluate.probe_positions, cfg.evaluate.batch_size)
+        rows.append({"arm": arm, "seed": seed, "loss": m["loss"], "bits": m["bits"], "alignment": m["alignment"],
+                     "probes": ev.probes(m["features"], m["feature_passages"], direction, dims),
+                     "train_task_last100": float(np.nanmean(r.metrics[-100:, r.metric_names.index("task")]))})
+    eval_s = time.perf_counter() - t0
+    summary = summarize(cfg, rows, names, es, sites)
+    summary["eval_s"] = round(eval_s, 3)
+    figures(cfg, path, data, results, rows, sites, direction, dims)
+    write_report(cfg, path, summary, first.metric_names)
+    return summary
+
+
+def summarize(cfg: LMExperiment, rows: list[dict], names: list[str], es: ev.EvalSet, sites: list[str]) -> dict[str, Any]:
+    med: dict[str, Any] = {}
+    for a in names:
+        mine = [r for r in rows if r["arm"] == a]
+        med[a] = {"loss": {k: median([r["loss"][k] for r in mine]) for k in ("all", "concept", "retain")},
+                  "alignment": {s: {k: median([r["alignment"][s][k] for r in mine]) for k in ("concept", "retain", "margin",
+                                                                                              "containment")}
+                                for s in sites}}
+    anchored = anchored_sites(cfg)
+    targets: dict[str, Any] = {}
+    if "control" in med:
+        c = med["control"]["loss"]["all"]
+        targets["control validation loss ≤ 1.60 nats/char"] = {"median": c, "met": c <= 1.60}
+    if "anchored" in med and "control" in med:
+        gaps = [a["loss"]["retain"] - c["loss"]["retain"] for a in rows if a["arm"] == "anchored"
+                for c in rows if c["arm"] == "control" and c["seed"] == a["seed"]]
+        targets["retain loss gap (anchored − control) ≤ 0.02"] = {"per_seed": gaps, "median": median(gaps),
+                                                                   "met": all(g <= 0.02 for g in gaps)}
+        for s in anchored:
+            m = med["anchored"]["alignment"][s]
+            targets[f"margin at {s} ≥ 0.3"] = {"median": m["margin"], "met": m["margin"] >= 0.3}
+            targets[f"containment at {s} ≤ 0.1"] = {"median": m["containment"], "met": m["containment"] <= 0.1}
+    return {"experiment": cfg.name, "upstream": cfg.upstream, "kind": "lm", "arms": names,
+            "seeds": cfg.train.member_seeds(), "steps": int(cfg.train.steps or 0) or None,
+            "concept": cfg.text.concept, "anchored_sites": anchored, "models": rows, "median": med, "targets": targets,
+            "eval": {"passages": len(es.passages), "positions": {
+                "concept": int((es.cls[:, :-1] == ev.CONCEPT).sum()), "retain": int((es.cls[:, :-1] == ev.RETAIN).sum()),
+                "all": int((es.cls[:, :-1] != ev.PAD).sum())},
+                "concept_positions": f"tokens of reference-positive passages overlapping a concept word or the "
+                                     f"{cfg.evaluate.after} characters after it",
+                "retain_positions": "every token of a reference-negative passage"}}
+
+
+def figures(cfg: LMExperiment, path: Path, data: LMData, results, rows, sites, direction, dims) -> None:
+    figdir = path / "figures"
+    curves: dict[str, dict[str, np.ndarray]] = {}
+    for (arm, _seed), r in results.items():
+        for m in ("task", *[n for n in r.metric_names if n.startswith(("anchor", "clear", "subspace"))]):
+            if m in r.metric_names:
+                curves.setdefault(arm, {}).setdefault(m, []).append(r.metrics[:, r.metric_names.index(m)])
+    curves = {a: {m: np.stack(v) for m, v in c.items()} for a, c in curves.items()}
+    save_fig(lf.training_curves(curves), figdir / "training_curves.png")
+    save_fig(lf.alignment_bars(rows, sites, arms(cfg)), figdir / "alignment.png")
+    n = cfg.evaluate.shade_passages
+    if n:
+        val = [int(i) for i in data.parts["validation"]]
+        pos = [i for i in val if data.reference[i] and len(data.texts[i]) >= 80][: max(1, n - 1)]
+        neg = [i for i in val if not data.reference[i] and len(data.texts[i]) >= 80][:1]
+        site = (anchored_sites(cfg) or sites[-1:])[0]
+        items = []
+        for arm in [a for a in ("anchored", "control") if (a, cfg.train.member_seeds()[0]) in results]:
+            model = results[arm, cfg.train.member_seeds()[0]].model
+            for i in pos + neg:
+                text = data.texts[i][:600]
+                a, spans = ev.token_alignment(model, data, text, site, direction, dims)
+                tag = "concept" if data.reference[i] else "no concept"
+                items.append((f"{arm}, {site}, validation passage {i} ({tag})", text, a, spans))
+        if items:
+            save_fig(lf.shaded_text(items), figdir / "shaded_passages.png")
+
+
+def write_report(cfg: LMExperiment, path: Path, summary: dict[str, Any], metric_names: list[str]) -> None:
+    figs = path / "figures"
+    loss_rows = [[r["arm"], r["seed"], *[r["loss"][k] for k in ("all", "concept", "retain")],
+                  *[r["bits"][k] for k in ("all", "concept", "retain")]] for r in summary["models"]]
+    sites = list(summary["models"][0]["alignment"])
+    al_rows = [[r["arm"], r["seed"], s, *[r["alignment"][s][k] for k in ("concept", "retain", "margin", "containment")]]
+               for r in summary["models"] for s in sites]
+    pr_rows = [[r["arm"], r["seed"], p["site"], p["auc"], p["auc_without_anchor"]] for r in summary["models"] for p in r["probes"]]
+    ev_ = summary["eval"]
+    sections = [
+        ("Overview", f"<p>{html.html.escape(cfg.description)}</p><p>Concept positions: {html.html.escape(ev_['concept_positions'])} "
+                     f"({ev_['positions']['concept']} positions); retain: {html.html.escape(ev_['retain_positions'])} "
+                     f"({ev_['positions']['retain']}); {ev_['passages']} validation passages, {ev_['positions']['all']} "
+                     f"positions in all.</p>"),
+        ("Validation loss (nats/char, then bits/char)",
+         html.table_html(["arm", "seed", "all", "concept", "retain", "all (bits)", "concept (bits)", "retain (bits)"], loss_rows)),
+    ]
+    if summary["targets"]:
+        sections.append(("Targets", html.table_html(["target", "median", "met"],
+                                                    [[k, v["median"], v["met"]] for k, v in summary["targets"].items()])))
+    sections += [
+        ("Alignment cos(h, anchor) per layer", html.table_html(["arm", "seed", "site", "concept", "retain", "margin",
+                                                                "containment"], al_rows)),
+        ("Alignment per layer (figure)", html.image_html(figs / "alignment.png", "alignment")),
+        ("Linear probes (AUC, concept vs retain positions; fitted on even passages, scored on odd)",
+         html.table_html(["arm", "seed", "site", "AUC", "AUC without anchor direction"], pr_rows)),
+        ("Training", html.image_html(figs / "training_curves.png", "training curves")),
+    ]
+    if (figs / "shaded_passages.png").is_file():
+        sections.append(("Held-out passages shaded by alignment (red: towards the anchor)",
+                         html.image_html(figs / "shaded_passages.png", "shaded passages")))
+    sections.append(("Resolved config", f"<pre>{html.html.escape(cfg.to_toml())}</pre>"))
+    runs.write_atomic(path / runs.REPORT, html.page(f"anchoring: {cfg.name}", sections))
+
+
+class LMKind(Kind):
+    name = "lm"
+    config = LMExperiment
+
+    def validate(self, cfg: LMExperiment) -> None:
+        validate(cfg)
+
+    def architecture(self, cfg: LMExperiment) -> dict[str, Any]:
+        return architecture(cfg)
+
+    def execute(self, cfg: LMExperiment, path: Path, progress: Progress | None) -> dict[str, Any]:
+        return run(cfg, path, progress=progress)
+
+    def has_checkpoint(self, path: Path) -> bool:
+        return (path / CHECKPOINT).is_file()
+
+    def open(self, path: Path, cfg: LMExperiment, arch: dict[str, Any], summary: dict[str, Any] | None):
+        from anchoring.kinds.lm.model import open_run
+
+        return open_run(path, cfg, arch, summary)
+
+    def summary_lines(self, summary: dict[str, Any]) -> list[Any]:
+        return summary_lines(summary)
+
+
+KIND = LMKind()
+
+
+def summary_lines(summary: dict[str, Any]) -> list[Any]:
+    from rich.table import Table
+
+    sites = summary.get("anchored_sites") or []
+    table = Table(title=f"{summary['experiment']}: validation nats/char and alignment")
+    cols = ["arm", "seed", "all", "concept", "retain", *[f"{s} margin" for s in sites], *[f"{s} containment" for s in sites]]
+    for c in cols:
+        table.add_column(c, justify="right")
+    for r in summary["models"]:
+        table.add_row(r["arm"], str(r["seed"]), *[f"{r['loss'][k]:.3f}" for k in ("all", "concept", "retain")],
+                      *[f"{r['alignment'][s]['margin']:.3f}" for s in sites],
+                      *[f"{r['alignment'][s]['containment']:.3f}" for s in sites])
+    lines: list[Any] = [table]
+    for name, t in summary.get("targets", {}).items():
+        lines.append(f"{'met ' if t['met'] else 'MISS'}  {name}: {t['median']:.3f}")
+    return lines

@@ -1,0 +1,120 @@
+"""Rebuilding the arms of an LM run, and the run object users analyse (`load_run`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from anchoring.errors import AnchoringError
+from anchoring.kinds.base import Run
+from anchoring.kinds.lm import evaluate as ev
+from anchoring.kinds.lm.config import LMExperiment
+from anchoring.kinds.lm.data import LMData, load_data
+from anchoring.kinds.lm.training import build_model
+from anchoring.models import NormalizedTransformer
+
+
+@dataclass
+class LMRun(Run):
+    """An LM run: one model per (arm, seed), its tokenizer and the measured anchor direction."""
+
+    arms: dict[str, list[NormalizedTransformer]] = field(default_factory=dict)
+    data: LMData | None = None
+
+    def model(self, arm: str | None = None, seed: int | None = None) -> NormalizedTransformer:
+        arm = arm or next(iter(self.arms))
+        if arm not in self.arms:
+            raise AnchoringError(f"run has no arm {arm!r} (arms: {', '.join(self.arms)})")
+        seed = self.seeds[0] if seed is None else seed
+        if seed not in self.seeds:
+            raise AnchoringError(f"run has no seed {seed} (seeds: {self.seeds})")
+        return self.arms[arm][self.seeds.index(seed)]
+
+    def tokenize(self, text: str) -> torch.Tensor:
+        """Token ids `(T,)` with the run's own tokenizer (saved in the run directory)."""
+        return torch.from_numpy(np.asarray(self.data.encode(text), dtype=np.int64))
+
+    @torch.no_grad()
+    def loss_per_token(self, texts: str | list[str], arm: str | None = None, seed: int | None = None) -> list[dict[str, Any]]:
+        """Per text: `nats` `(T − 1,)` for every predicted token (token t+1 given tokens ≤ t, first
+        `context` tokens), the predicted tokens' character `spans`, and `nats_per_char` over them."""
+        model = self.model(arm, seed)
+        out = []
+        for text in [texts] if isinstance(texts, str) else texts:
+            ids = self.tokenize(text)[: model.context]
+            spans = self.data.tokenizer.spans(text)[: len(ids)]
+            if len(ids) < 2:
+                out.append({"nats": torch.zeros(0), "spans": [], "nats_per_char": float("nan")})
+                continue
+            nats = F.cross_entropy(model(ids[None])[0, :-1], ids[1:], reduction="none")
+            chars = sum(e - s for s, e in spans[1:])
+            out.append({"nats": nats, "spans": spans[1:], "nats_per_char": float(nats.sum()) / max(chars, 1)})
+        return out
+
+    def alignment(self, texts: str | list[str], arm: str | None = None, seed: int | None = None,
+                  site: str | None = None) -> list[dict[str, Any]]:
+        """Per text: alignment with the anchor of the residual state at every token (`values`) and the
+        tokens' character `spans`; `site` defaults to the first anchored layer."""
+        from anchoring.kinds.lm.kind import anchored_sites, measured_direction
+
+        direction, dims = measured_direction(self.config)
+        site = site or (anchored_sites(self.config) or [f"blocks.{self.config.lm.layers - 1}"])[0]
+        valid = ["embed", *[f"blocks.{i}" for i in range(self.config.lm.layers)]]
+        if site not in valid:
+            raise AnchoringError(f"site {site!r} is not a residual site of this model ({', '.join(valid)})")
+        model = self.model(arm, seed)
+        out = []
+        for text in [texts] if isinstance(texts, str) else texts:
+            a, spans = ev.token_alignment(model, self.data, text, site, direction, dims)
+            out.append({"values": torch.from_numpy(a), "spans": spans})
+        return out
+
+    @torch.no_grad()
+    def generate(self, prompt: str, arm: str | None = None, n: int = 200, seed: int | None = None,
+                 temperature: float = 1.0, sample_seed: int = 0) -> str:
+        """`prompt` continued by `n` sampled tokens (temperature 0: greedy); the last `context` tokens condition."""
+        model = self.model(arm, seed)
+        ids = self.tokenize(prompt).tolist() or [0]
+        g = torch.Generator().manual_seed(sample_seed)
+        start = len(ids)
+        for _ in range(n):
+            logits = model(torch.tensor([ids[-model.context:]]))[0, -1]
+            if temperature <= 0:
+                nxt = int(logits.argmax())
+            else:
+                nxt = int(torch.multinomial(F.softmax(logits / temperature, -1), 1, generator=g))
+            ids.append(nxt)
+        return prompt + self.data.tokenizer.decode(ids[start:])
+
+
+def open_run(path: Path, cfg: LMExperiment, arch: dict[str, Any], summary: dict[str, Any] | None) -> LMRun:
+    for key in ("seeds", "arms", "vocab"):
+        if key not in arch:
+            raise AnchoringError(f"{str(path / 'architecture.json')!r} has no {key!r}")
+    try:
+        tensors = load_file(str(path / "checkpoint.safetensors"))
+    except (OSError, SafetensorError) as e:
+        raise AnchoringError(f"cannot read {str(path / 'checkpoint.safetensors')!r}: {e}") from None
+    data = load_data(cfg.text, path)
+    if data.vocab_size != arch["vocab"]:
+        raise AnchoringError(f"{str(path)!r}: tokenizer has {data.vocab_size} tokens, the weights {arch['vocab']}")
+    out: dict[str, list[NormalizedTransformer]] = {}
+    for arm in arch["arms"]:
+        out[arm] = []
+        for seed in arch["seeds"]:
+            m = build_model(cfg, arch["vocab"])
+            prefix = f"{arm}.{seed}."
+            try:
+                m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            except RuntimeError as e:
+                raise AnchoringError(f"{str(path)!r}: weights of {arm} seed {seed} do not match the config ({str(e)[:80]})") from None
+            m.eval()
+            out[arm].append(m)
+    return LMRun(path, cfg, list(arch["seeds"]), [m for ms in out.values() for m in ms], summary, out, data)

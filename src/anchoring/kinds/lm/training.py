@@ -1,0 +1,242 @@
+"""Training one (arm, seed) of an LM run: the batch stream, the task loss, the anchored arm's terms.
+
+Every arm of a seed starts from the same initial weights (`torch.manual_seed(seed)` before the
+model is built), reads the same stream (filtered arms skip their removed passages, see `data`) and
+the same weak labels. Only the anchored arm adds its terms; the others ignore the labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from anchoring.anchor import Capture, build_term, resolve_site
+from anchoring.anchor.concepts import build_concepts
+from anchoring.anchor.sequence import Positions, SequenceSite, SequenceTerm, position_labels, soft_minimum
+from anchoring.anchor.terms import Concept
+from anchoring.errors import AnchoringError
+from anchoring.kinds.lm.config import LMExperiment
+from anchoring.kinds.lm.data import LMData, Stream
+from anchoring.models import NormalizedTransformer
+from anchoring.schedule import Timeline
+from anchoring.train.skeleton import fit
+from anchoring.train.timeline import fit_steps, parse_schedule
+
+PER_VECTOR = ("anchor", "anti-anchor", "subspace", "anti-subspace")
+
+
+class _TextLabels:
+    """Placeholder labeller: text labels come from the weak set, not from a function of the input."""
+
+    scale = 1.0
+
+
+@dataclass
+class Objective:
+    concepts: dict[str, Concept]
+    terms: list[SequenceTerm]
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted({t.site.module for t in self.terms})
+
+    @property
+    def weight_names(self) -> list[str]:
+        return list(dict.fromkeys(t.weight for t in self.terms))
+
+
+def build_model(cfg: LMExperiment, vocab: int) -> NormalizedTransformer:
+    m = cfg.lm
+    return NormalizedTransformer(vocab, m.width, m.layers, m.heads, m.context, m.mlp_ratio, m.alpha, m.logit_scale)
+
+
+def build_objective(cfg: LMExperiment, model: torch.nn.Module) -> Objective:
+    """Bind every term to the model (sites must exist, axes/dims fit the width), naming the term."""
+    width = cfg.lm.width
+    concepts = build_concepts(cfg.concepts, width, lambda _name: _TextLabels())
+    for name in concepts:
+        if name != cfg.text.concept:
+            raise AnchoringError(f"concept {name!r}: an LM run labels only text.concept ({cfg.text.concept!r}); "
+                                 f"name the concept {cfg.text.concept!r} or set text.concept")
+    terms: list[SequenceTerm] = []
+    for t in cfg.terms:
+        label = t.name or (f"{t.kind}:{t.concept}" if t.concept else t.kind)
+        if t.kind not in PER_VECTOR:
+            raise AnchoringError(f"term {label!r}: {t.kind!r} is not available on sequences (use {', '.join(PER_VECTOR)})")
+        if t.head is not None:
+            raise AnchoringError(f"term {label!r}: LM terms read the residual stream (`embed`, `blocks.i`); no heads")
+        resolve_site(model, t.site)
+        if t.concept is not None and t.concept not in concepts:
+            raise AnchoringError(f"term {label!r} names unknown concept {t.concept!r} (defined: {', '.join(concepts) or 'none'})")
+        base = build_term(t.kind, t.weight, latent_dim=width, site=t.site,
+                          concept=concepts.get(t.concept) if t.concept else None, select=t.select,
+                          direction=t.direction, dims=t.dims, name=t.name)
+        positions = Positions.parse(t.positions or "all", {})
+        if positions.kind == "mellowmax" and base.select != "labelled":
+            raise AnchoringError(f"term {label!r}: mellowmax pools over labelled passages, so it needs select = 'labelled'")
+        terms.append(SequenceTerm(base.name, t.kind, t.weight, SequenceSite(t.site), base.formula, positions,
+                                  base.concept, base.select, base.params.get("direction")))
+    names = [t.name for t in terms]
+    if len(set(names)) != len(names):
+        raise AnchoringError(f"term names must be unique (got {names}); set `name`")
+    return Objective(concepts, terms)
+
+
+def build_timeline(cfg: LMExperiment, objective: Objective) -> Timeline:
+    timeline = parse_schedule(cfg.schedule, f"{cfg.name} schedule", objective.weight_names)
+    if timeline.actions:
+        step = min(timeline.actions)
+        raise AnchoringError(f"schedule ACTION {timeline.actions[step][0]!r} at step {step}: LM runs take no actions")
+    return fit_steps(timeline, cfg.train.steps)
+
+
+def device_of(cfg: LMExperiment) -> torch.device:
+    d = cfg.train.device
+    if d == "cuda" and not torch.cuda.is_available():
+        raise AnchoringError("train.device = 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
+    if d == "cuda" or (d == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@dataclass
+class ArmResult:
+    arm: str
+    seed: int
+    model: NormalizedTransformer
+    metric_names: list[str]
+    metrics: np.ndarray  # (steps, metrics)
+
+
+class LMTask:
+    """One optimiser step of one (arm, seed); the `Task` that `train.skeleton.fit` drives.
+
+    With `rank`/`world` (data parallel) the task takes only its rank's rows of the global batch and
+    averages gradients over ranks before the step, so every rank holds the same model as one
+    process taking the whole batch."""
+
+    def __init__(self, cfg: LMExperiment, data: LMData, seed: int, arm: str, *, device: torch.device | None = None,
+                 rank: int = 0, world: int = 1) -> None:
+        self.cfg, self.seed, self.arm = cfg, seed, arm
+        self.device = device or device_of(cfg)
+        self.rank, self.world = rank, world
+        torch.manual_seed(seed)
+        self.model = build_model(cfg, data.vocab_size).to(self.device)
+        self.objective = build_objective(cfg, self.model)
+        self.timeline = build_timeline(cfg, self.objective)
+        self.terms = self.objective.terms if arm == "anchored" else []
+        self.table = self.timeline.table()
+        self.col = {n: i for i, n in enumerate(self.timeline.names)}
+        self.stream = Stream(data.train_tokens, data.keep(arm, seed), seed, cfg.lm.tokens)
+        self.labels = data.weak(seed)
+        B = cfg.lm.batch_size
+        if B % world:
+            raise AnchoringError(f"lm.batch_size {B} does not split over {world} processes")
+        self.rows_of_rank = range(rank * B // world, (rank + 1) * B // world)
+        self.names = [*self.timeline.names, "loss", "task", *[t.name for t in self.objective.terms], "labelled_passages"]
+        self.metric_names = ["loss", "task", *[t.name for t in self.terms]]
+        self.steps = self.timeline.steps
+        self.rows = np.full((self.steps, len(self.names)), np.nan)
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=0.0, betas=cfg.train.betas, fused=fused or None,
+                                          foreach=None if fused else True)  # foreach: one kernel per op over all params
+        self.params = dict(self.model.named_parameters())
+        self.cap: Capture | None = None
+
+    def lr(self, step: int) -> float:
+        return float(self.table[step][self.col["lr"]])
+
+    def step(self, step: int) -> torch.Tensor:
+        b = self.stream.batch(step, self.cfg.lm.batch_size, self.labels, self.rows_of_rank)
+        dev = self.device
+        x, y, line, lab = b.inputs.to(dev), b.targets.to(dev), b.line.to(dev), b.line_labels.to(dev)
+        values = self.table[step]
+        logits = self.model(x)  # the hooks refresh cap.acts in this same pass
+        task = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        term_values = [self._term(t, line, lab) for t in self.terms]
+        loss = task
+        for t, v in zip(self.terms, term_values):
+            loss = loss + float(values[self.col[t.weight]]) * v
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.world > 1:
+            _average_gradients(self.model, self.world)
+        self.optimizer.step()
+        self.model.normalize_weights()
+        stats = torch.stack([loss.detach(), task.detach(), *[v.detach() for v in term_values]]).cpu()
+        n_lab = lab.sum().detach().cpu().reshape(1)
+        if self.world > 1:  # metrics of the global batch: means of the ranks' means, total labelled passages
+            import torch.distributed as dist
+
+            dist.all_reduce(stats)
+            stats /= self.world
+            dist.all_reduce(n_lab)
+        tv = dict(zip([t.name for t in self.terms], stats[2:].tolist()))
+        self.rows[step] = [*values, float(stats[0]), float(stats[1]), *[tv.get(t.name, np.nan) for t in self.objective.terms],
+                           float(n_lab)]
+        return stats
+
+    def _term(self, t: SequenceTerm, line: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
+        """A term's value on this batch. Data parallel: this rank's share of the *global* mean, scaled
+        by the number of ranks (gradients are averaged over ranks), so N ranks equal one process."""
+        concept = self.cfg.text.concept
+        if self.world == 1:
+            return t(self.cap.acts, line, line, {concept: lab})
+        import torch.distributed as dist
+
+        ell = t.formula(t.site.read(self.cap.acts))  # (B, T)
+        if t.positions.kind == "mellowmax":
+            K = lab.shape[1]
+            member = line.unsqueeze(1) == torch.arange(K, device=line.device).view(1, K, 1)
+            pooled = soft_minimum(ell.unsqueeze(1).expand(-1, K, -1), member, t.positions.omega)
+            w = lab * member.any(-1)
+            num = (pooled * w).sum()
+        else:
+            w = torch.ones_like(ell)
+            if t.select != "all":
+                pos = position_labels(lab, line)
+                w = w * (pos if t.select == "labelled" else 1.0 - pos)
+            num = (ell * w).sum()
+        den = w.sum().detach().clone()
+        dist.all_reduce(den)
+        return num / den.clamp_min(1.0) * self.world
+
+    def after_step(self, step: int) -> bool:
+        return False
+
+    def state(self, steps_done: int) -> dict[str, torch.Tensor]:
+        return {"metrics": torch.from_numpy(self.rows)}
+
+    def restore(self, steps_done: int, tensors: dict[str, torch.Tensor]) -> None:
+        self.rows[:steps_done] = tensors["metrics"].numpy()[:steps_done]
+
+
+def _average_gradients(model: torch.nn.Module, world: int) -> None:
+    """All-reduce every gradient (one flat buffer) and divide by the number of ranks."""
+    import torch.distributed as dist
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
+
+
+def train_arm(cfg: LMExperiment, data: LMData, seed: int, arm: str, *, checkpoint: Path | None = None,
+              progress: Callable[[int], None] | None = None, rank: int = 0, world: int = 1) -> ArmResult:
+    """Train one model; `progress(step)` after each step. Resumes from `checkpoint` if it exists."""
+    task = LMTask(cfg, data, seed, arm, rank=rank, world=world)
+    report = (lambda done, _total: progress(done)) if progress is not None else None
+    with Capture(task.model, [t.site.module for t in task.terms]) as cap:
+        task.cap = cap
+        task.model.train()
+        if checkpoint is not None and rank > 0:  # every rank holds the same state; each keeps its own file
+            checkpoint = checkpoint.with_name(f"{checkpoint.stem}.rank{rank}{checkpoint.suffix}")
+        fit(task, checkpoint=checkpoint, every=cfg.train.checkpoint_every, progress=report)
+    task.model.eval()
+    return ArmResult(arm, seed, task.model.cpu(), task.names, task.rows)

@@ -1,0 +1,30 @@
+"""Data-parallel LM training (gloo, 2 processes) trains the same model as one process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from anchoring import experiments, lifecycle
+from test_lm_kind import tiny, write_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("lm-ddp") / "texts", files=2, paragraphs=80)
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(corpus, tmp_path):
+    base = tiny(corpus, "train.steps=8", 'lm.arms=["anchored","control"]', "evaluate.shade_passages=0",
+                'terms.0.positions="mellowmax:3"')
+    one = lifecycle.run(experiments.load("lm-anchor", base), tmp_path / "one")
+    two = lifecycle.run(experiments.load("lm-anchor", [*base, "lm.nproc=2"]), tmp_path / "two")
+    a, b = load_file(str(tmp_path / "one" / "checkpoint.safetensors")), load_file(str(tmp_path / "two" / "checkpoint.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), (k, float((a[k] - b[k]).abs().max()))
+    assert (tmp_path / "two" / "arms" / "anchored-seed0.rank1.safetensors").is_file()
+    l1 = {r["arm"]: r["loss"]["all"] for r in one.summary["models"]}
+    l2 = {r["arm"]: r["loss"]["all"] for r in two.summary["models"]}
+    assert l1 == pytest.approx(l2, abs=1e-4)

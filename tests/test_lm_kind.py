@@ -1,0 +1,180 @@
+"""The language-model kind on a tiny corpus the tests write themselves: a real anchoring effect,
+identical batches across arms (except filtered passages), bit-exact resume, one-line config errors,
+`load_run` helpers and the BPE switch."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from anchoring import experiments, lifecycle
+from anchoring.cli import app
+from anchoring.errors import AnchoringError
+from anchoring.kinds.lm.data import Stream, load_data
+from anchoring.kinds.lm.training import train_arm
+
+CALM = ["The morning light fell soft upon the garden and the birds sang sweetly.",
+        "She walked along the river and thought of supper and of home.",
+        "We shall have music in the hall tonight, and dancing till the dawn.",
+        "The merchant counted coins and smiled upon his ledger.",
+        "A gentle rain fell on the fields, and the farmer was content.",
+        "My lord, the letters came this morning from the north.",
+        "Sweet friend, come sit with me and tell me of your travels."]
+VIOLENT = ["He drew his sword and stabbed him in the heart, and the blood ran red.",
+           "They will murder the king tonight and kill his guards with daggers.",
+           "The soldiers fight and slay their foes; the battle is a slaughter.",
+           "I'll kill thee, villain, and stab thee till thou bleed!",
+           "Revenge! Murder! Let the bloody dagger strike him dead."]
+
+
+def write_corpus(folder, files: int = 3, paragraphs: int = 120, violent: float = 0.3, seed: int = 0):
+    """Blank-line separated paragraphs of one to three calm sentences, or (share `violent`) violent ones."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in range(files):
+        paras = []
+        for _ in range(paragraphs):
+            pool = VIOLENT if rng.random() < violent else CALM
+            sents = [rng.choice(pool) for _ in range(rng.randint(1, 3))]
+            paras.append(" ".join(sents))
+        (folder / f"part{f}.txt").write_text("\n\n".join(paras) + "\n")
+    return folder
+
+
+# ω = 3, anchor 0.5, anti-subspace 1.0: the setting that separated concept from retain on this corpus
+# (ω = 10 or anchor = anti-subspace left both at ~0.1 after 250 steps)
+SCHEDULE = "STEP,lr,anchor,anti-subspace\n0,1e-4,0,0\n20,0.004,0.5,1.0\n350,0.004,,\n400,0.001,,\n"
+
+
+def tiny(corpus, *extra: str) -> list[str]:
+    return [f'text.corpus="{corpus}"', "text.coverage=1.0", "lm.width=32", "lm.layers=2", "lm.heads=2", "lm.context=64",
+            "lm.batch_size=8", "train.seeds=1", "train.checkpoint_every=10", 'terms.0.site="blocks.0"',
+            'terms.2.site="blocks.0"', 'terms.1.site="blocks.1"', 'terms.3.site="blocks.1"',
+            'terms.0.positions="mellowmax:3"', 'terms.1.positions="mellowmax:3"', "evaluate.eval_chars=6000",
+            "evaluate.probe_positions=400", "evaluate.shade_passages=2", *extra]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("lm-corpus") / "texts")
+
+
+@pytest.fixture(scope="module")
+def finished(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lm-run") / "run"
+    overrides = tiny(corpus, "train.steps=400", 'lm.arms=["anchored","control","weak-filtered"]')
+    cfg = experiments.load("lm-anchor", overrides)
+    cfg = cfg.model_copy(update={"schedule": SCHEDULE})
+    outcome = lifecycle.run(cfg, out)
+    return out, outcome.summary
+
+
+def test_anchored_alignment_at_concept_positions_rises_above_the_control(finished):
+    path, summary = finished
+    rows = {r["arm"]: r for r in summary["models"]}
+    for site in ("blocks.0", "blocks.1"):
+        a, c = rows["anchored"]["alignment"][site], rows["control"]["alignment"][site]
+        assert a["concept"] > c["concept"] + 0.15, (site, a, c)
+        assert a["margin"] > c["margin"] + 0.1, (site, a, c)
+        assert abs(a["containment"]) < 0.15, (site, a)
+    assert rows["anchored"]["loss"]["retain"] < rows["control"]["loss"]["retain"] + 0.15
+    for f in ("report.html", "metrics.csv", "checkpoint.safetensors", "tokenizer.json", "figures/shaded_passages.png",
+              "figures/training_curves.png", "figures/alignment.png"):
+        assert (path / f).is_file(), f
+    assert {p["site"] for p in rows["anchored"]["probes"]} == {"embed", "blocks.0", "blocks.1"}
+    saved = json.loads((path / "summary.json").read_text())
+    assert saved["eval"]["positions"]["concept"] > 100 and saved["eval"]["positions"]["retain"] > 1000
+
+
+def test_arms_saw_the_same_batches_except_filtered_passages(corpus, finished):
+    path, _ = finished
+    cfg = experiments.load("lm-anchor", tiny(corpus))
+    data = load_data(cfg.text)
+    seed, T = 0, cfg.lm.tokens
+    full = Stream(data.train_tokens, data.keep("control", seed), seed, T)
+    same = Stream(data.train_tokens, data.keep("anchored", seed), seed, T)
+    keep = data.keep("weak-filtered", seed)
+    assert (~keep).sum() == data.weak(seed).sum() > 0
+    filt = Stream(data.train_tokens, keep, seed, T)
+    for step in (0, 7, 60):  # anchored and control: identical windows and labels
+        a, b = same.batch(step, 8, data.weak(seed)), full.batch(step, 8, data.weak(seed))
+        assert torch.equal(a.inputs, b.inputs) and torch.equal(a.line_labels, b.line_labels)
+    for epoch in (0, 1):  # the filtered arm: the same order with the removed passages cut out
+        order = full.order(epoch)
+        assert np.array_equal(filt.order(epoch), order[keep[order]])
+    seen = torch.cat([filt.batch(s, 8, data.weak(seed)).passage.flatten() for s in range(20)]).unique().numpy()
+    assert keep[seen].all()
+    metrics = __import__("pandas").read_csv(path / "metrics.csv")
+    lab = {arm: metrics[metrics.arm == arm]["labelled_passages"].to_numpy() for arm in ("anchored", "control")}
+    assert np.array_equal(lab["anchored"], lab["control"]) and lab["anchored"].sum() > 0
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_an_interrupt_is_bit_exact(corpus, tmp_path):
+    cfg = experiments.load("lm-anchor", tiny(corpus, "train.steps=30"))
+    data = load_data(cfg.text)
+    full = train_arm(cfg, data, 0, "anchored", checkpoint=tmp_path / "full.safetensors")
+
+    def kill(step: int) -> None:
+        if step == 17:  # between checkpoints 10 and 20: steps 11–17 are redone
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_arm(cfg, data, 0, "anchored", checkpoint=tmp_path / "broken.safetensors", progress=kill)
+    resumed = train_arm(cfg, data, 0, "anchored", checkpoint=tmp_path / "broken.safetensors")
+    for (k, v), (_, w) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(v, w), k
+    assert np.array_equal(full.metrics, resumed.metrics, equal_nan=True)
+
+
+@pytest.mark.parametrize("override, message", [
+    ('terms.0.site="blocks.7"', "no module 'blocks.7'"),
+    ("concepts.0.axis=32", "axis 32 is outside 0..31"),
+    ("lm.window=128", "window 128 is longer than the model's context 64"),
+])
+def test_bad_config_is_one_line(corpus, tmp_path, override, message):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["run", "lm-anchor", *[a for o in tiny(corpus, override) for a in ("--set", o)],
+                                 "--out", str(out), "-q"])
+    assert r.exit_code == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert not out.exists()
+    with pytest.raises(AnchoringError, match="kind: unknown|no module|axis|window"):
+        lifecycle.validate(experiments.load("lm-anchor", tiny(corpus, override)))
+
+
+def test_load_run_gives_tokens_losses_alignment_and_samples(finished):
+    path, summary = finished
+    run = lifecycle.load_run(path)
+    assert set(run.arms) == {"anchored", "control", "weak-filtered"}
+    text = "He drew his sword and stabbed him. The birds sang sweetly."
+    assert run.tokenize(text).shape == (len(text),)
+    out = run.loss_per_token([text, "A gentle rain fell."], arm="control")
+    assert out[0]["nats"].shape == (len(text) - 1,) and len(out[0]["spans"]) == len(text) - 1
+    assert 0 < out[0]["nats_per_char"] < 5
+    al = run.alignment(text, arm="anchored", site="blocks.1")[0]
+    assert al["values"].shape == (len(text),) and float(al["values"].abs().max()) <= 1.0 + 1e-5
+    sample = run.generate("The ", arm="anchored", n=30)
+    assert sample.startswith("The ") and len(sample) == 34
+    with pytest.raises(AnchoringError, match="no arm"):
+        run.model("oracle-filtered")
+
+
+def test_bpe_switch_saves_its_merges_and_scores_per_character(corpus, tmp_path):
+    cfg = experiments.load("lm-anchor", tiny(corpus, "train.steps=5", 'text.tokenizer="bpe"', "text.bpe_vocab=300",
+                                            'lm.arms=["control"]', "evaluate.shade_passages=0"))
+    out = lifecycle.run(cfg, tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "tokenizer.json").read_text())["kind"] == "bpe"
+    row = out.summary["models"][0]
+    assert 0 < row["loss"]["all"] < 10  # nats per character (summed nats over characters)
+    run = lifecycle.load_run(tmp_path / "run")
+    assert len(run.tokenize("the soldiers fight")) < len("the soldiers fight")
