@@ -24,7 +24,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from anchoring import __version__, experiments, lifecycle
+from anchoring import __version__, experiments, lifecycle, runs
 from anchoring.errors import AnchoringError
 from anchoring.kinds import kind_of
 from anchoring.runtime import default_threads
@@ -364,6 +364,45 @@ def bench_cmd(
         a, b = res["e2e_ratio"]["cases"]
         out.print(f"end-to-end wall ratio ({a}) / ({b}): {res['e2e_ratio']['ratio']:.2f}", markup=False)
     out.print(f"json: {json_out}", markup=False)
+
+
+@app.command("surprisal")
+def surprisal_cmd(
+    run_dir: Path = typer.Argument(..., help="a language-model run"),
+    text: Optional[str] = typer.Argument(None, help="text to score (or --file)"),
+    file: Optional[Path] = typer.Option(None, "--file", help="read the text from this file"),
+    arm: Optional[str] = typer.Option(None, "--arm", help="which arm's model (default: the first)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="which seed's model (default: the first)"),
+    edit: Optional[str] = typer.Option(None, "--edit", help="suppress | delete: show the text before and after"),
+    out_path: Path = typer.Option(Path("surprisal.html"), "--out", help="where to write the page"),
+) -> None:
+    """Per-token surprisal, entropy and s₂ of a text under an LM run, as a page you open in a browser."""
+    from anchoring.report.surprise_page import render_surprise, write_surprise_page
+
+    if (text is None) == (file is None):
+        fail("give the text as an argument or with --file, not both")
+    if file is not None:
+        try:
+            text = file.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"cannot read --file {str(file)!r}: {getattr(e, 'strerror', None) or 'not UTF-8 text'}")
+    run = _open(run_dir)
+    if run.kind != "lm":
+        fail(f"`surprisal` applies to language-model runs, not {run.kind!r} runs")
+    try:
+        model = run.model(arm, seed)
+        after = None
+        if edit is not None:
+            from anchoring.kinds.lm.edits import edited
+
+            after = edited(model, run.config, edit)
+        title = f"{run.config.name}: {arm or next(iter(run.arms))} arm" + (f", before and after {edit}" if edit else "")
+        page = render_surprise(model, run.data.tokenizer, text, context=model.context, edited_model=after, title=title)
+        runs.check_writable(out_path)
+        write_surprise_page(out_path, page)
+    except AnchoringError as e:
+        fail(str(e))
+    out.print(f"page: {out_path}", markup=False, soft_wrap=True)
 
 
 @app.command("labels")

@@ -141,6 +141,11 @@ class NormalizedTransformer(nn.Module):
                 nn.init.normal_(p, std=1.0 / math.sqrt(width))
         self.normalize_weights()
 
+    def residual_writers(self) -> tuple[list[str], list[str]]:
+        """(embedding tables, Linear layers) whose outputs enter the residual stream, by module path."""
+        writers = [f"blocks.{i}.{part}" for i in range(len(self.blocks)) for part in ("attn.o", "mlp.down")]
+        return ["embed"], writers
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.shape[-1] > self.context:
             raise ValueError(f"sequence of {tokens.shape[-1]} tokens is longer than the context {self.context}")

@@ -3,7 +3,6 @@ weight deletion that takes the anchor direction out of the residual stream for g
 
 from __future__ import annotations
 
-import copy
 import re
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from rich.table import Table
 from anchoring import runs
 from anchoring.anchor import Capture
 from anchoring.config import InterventionConfig
+from anchoring.control.surgery import project_out
 from anchoring.errors import AnchoringError
 from anchoring.kinds.base import EditResult
 from anchoring.kinds.transformer import evaluate as ev
@@ -87,21 +87,13 @@ def intervene(run: TransformerRun, spec: InterventionConfig) -> EditResult:
     return EditResult(spec.name, [_table(f"{spec.name}: exact match by redness", rows), f"wrote {out}"], [out], {"rows": rows})
 
 
-@torch.no_grad()
 def remove_direction(model, direction: torch.Tensor):
-    """A copy whose residual stream cannot carry `direction`: the embeddings and every matrix that
-    writes the residual (attention output, MLP down-projection) are projected off it.
-
-    With the state renormalised after every block and a per-dimension step α, the component stays
-    exactly zero when `direction` is a basis axis (the anchors of this project); for any other
-    direction α mixes it back in slightly, which `residual_component` measures."""
-    m = copy.deepcopy(model)
-    v = direction / direction.norm()
-    m.embed.weight.sub_(torch.outer(m.embed.weight @ v, v))
-    for b in m.blocks:
-        for lin in (b.attn.o, b.mlp.down):
-            lin.weight.sub_(torch.outer(v, v @ lin.weight))
-    return m
+    """A copy whose residual stream cannot carry `direction` (`control.surgery.project_out` over the
+    model's embeddings and residual writers). With the state renormalised after every block and a
+    per-dimension step α, the component stays exactly zero when `direction` is a basis axis (the
+    anchors here); for any other direction α mixes a little back in, which `residual_component` measures."""
+    embeddings, writers = model.residual_writers()
+    return project_out(model, direction, embeddings, writers)
 
 
 @torch.no_grad()

@@ -1,0 +1,60 @@
+"""Edits of a language-model run: deleting the anchored direction costs the concept's text more than
+the rest, and `anchoring surprisal` shows the text before and after as a self-contained page."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from anchoring import experiments, lifecycle
+from anchoring.cli import app
+from anchoring.kinds.lm.edits import edited
+from test_lm_kind import CALM, SCHEDULE, VIOLENT, tiny, write_corpus
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+    corpus = write_corpus(tmp_path_factory.mktemp("lm-edit-corpus") / "texts")
+    cfg = experiments.load("lm-anchor", tiny(corpus, "train.steps=400", 'lm.arms=["anchored","control"]'))
+    out = tmp_path_factory.mktemp("lm-edit") / "run"
+    lifecycle.run(cfg.model_copy(update={"schedule": SCHEDULE}), out)
+    return lifecycle.load_run(out)
+
+
+def _mean_nats(run, model, texts):
+    losses = []
+    for t in texts:
+        ids = run.tokenize(t)[None, : model.context if hasattr(model, "context") else 64]
+        with torch.no_grad():
+            logits = model(ids)[0, :-1]
+        losses.append(torch.nn.functional.cross_entropy(logits, ids[0, 1:]).item())
+    return sum(losses) / len(losses)
+
+
+def test_deleting_the_anchored_direction_costs_concept_text_more_than_the_rest(lm_run):
+    model = lm_run.model("anchored")
+    deleted = edited(model, lm_run.config, "delete")
+    forget = _mean_nats(lm_run, deleted, VIOLENT) - _mean_nats(lm_run, model, VIOLENT)
+    retain = _mean_nats(lm_run, deleted, CALM) - _mean_nats(lm_run, model, CALM)
+    assert forget > retain and forget > 0.05, (forget, retain)
+    # suppression (hooks) touches the anchored sites only while the wrapper runs
+    sup = edited(model, lm_run.config, "suppress")
+    ids = lm_run.tokenize(VIOLENT[0])[None, :64]
+    with torch.no_grad():
+        assert not torch.allclose(sup(ids), model(ids))
+        assert torch.equal(model(ids), lm_run.model("anchored")(ids))
+
+
+def test_surprisal_page_before_and_after_delete(lm_run, tmp_path):
+    page = tmp_path / "page.html"
+    text = "He drew his sword and stabbed him.\n\nThe birds sang sweetly in the garden.\n"
+    r = CliRunner().invoke(app, ["surprisal", str(lm_run.path), text, "--arm", "anchored", "--edit", "delete", "--out", str(page)])
+    assert r.exit_code == 0, r.stderr
+    html = page.read_text()
+    assert "before and after delete" in html and html.count('class="spark"') >= 2
+    assert "http://" not in html and "https://" not in html
+    r = CliRunner().invoke(app, ["surprisal", str(lm_run.path), "--out", str(tmp_path / "x.html")])
+    assert r.exit_code == 2 and "give the text" in r.stderr and not (tmp_path / "x.html").exists()
+    r = CliRunner().invoke(app, ["surprisal", str(lm_run.path), text, "--edit", "erase", "--out", str(tmp_path / "y.html")])
+    assert r.exit_code == 2 and "--edit must be one of" in r.stderr and not (tmp_path / "y.html").exists()
