@@ -58,3 +58,14 @@ def test_surprisal_page_before_and_after_delete(lm_run, tmp_path):
     assert r.exit_code == 2 and "give the text" in r.stderr and not (tmp_path / "x.html").exists()
     r = CliRunner().invoke(app, ["surprisal", str(lm_run.path), text, "--edit", "erase", "--out", str(tmp_path / "y.html")])
     assert r.exit_code == 2 and "--edit must be one of" in r.stderr and not (tmp_path / "y.html").exists()
+
+
+def test_ood_detection_with_the_runs_own_surprise(lm_run):
+    from anchoring.kinds.lm.ood import evaluate_ood
+
+    res = evaluate_ood(lm_run, n=10, seed=0, min_chars=40)
+    table = res["auroc"]["0"]
+    assert set(table) == {"shuffled", "random", "suffix"}  # no Milton for a folder corpus
+    assert table["random"]["s2"] > 0.9 and table["random"]["surprisal"] > 0.9
+    (deleted,) = res["deleted"]
+    assert deleted["n_concept"] > 0 and deleted["concept_s2"] > deleted["retain_s2"]
