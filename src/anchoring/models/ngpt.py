@@ -83,8 +83,11 @@ class Attention(nn.Module):
         qkv = F.linear(h, torch.cat([self.q.weight, self.k.weight, self.v.weight]))
         qk, v = qkv.split([2 * D, D], dim=-1)
         cos, sin = self._tables(T, qkv)
-        turn = torch.complex(cos, sin)[:, None]  # (T, 1, d/2)
-        qk = torch.view_as_real(torch.view_as_complex(qk.reshape(B, T, 2 * H, d // 2, 2)) * turn).flatten(-2)
+        if torch.compiler.is_compiling():  # inductor fuses the real form (it cannot generate complex kernels)
+            qk = apply_rotary(qk.reshape(B, T, 2 * H, d), cos[:, None], sin[:, None])
+        else:
+            turn = torch.complex(cos, sin)[:, None]  # (T, 1, d/2)
+            qk = torch.view_as_real(torch.view_as_complex(qk.reshape(B, T, 2 * H, d // 2, 2)) * turn).flatten(-2)
         q, k = _unit(qk).transpose(1, 2).split(H, dim=1)
         q = self.q_site(q) * self.s_qk
         k = self.k_site(k) * self.s_qk
