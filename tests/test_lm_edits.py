@@ -69,3 +69,12 @@ def test_ood_detection_with_the_runs_own_surprise(lm_run):
     assert table["random"]["s2"] > 0.9 and table["random"]["surprisal"] > 0.9
     (deleted,) = res["deleted"]
     assert deleted["n_concept"] > 0 and deleted["concept_s2"] > deleted["retain_s2"]
+
+
+def test_generate_prints_continuations_with_and_without_the_edit(lm_run):
+    r = CliRunner().invoke(app, ["generate", str(lm_run.path), "--prompt", "He drew his ", "--edit", "delete", "-n", "20",
+                                 "--samples", "1", "--temperature", "0"])
+    assert r.exit_code == 0, r.stderr
+    assert "as trained" in r.stdout and "after delete" in r.stdout and r.stdout.count("He drew his") >= 2
+    greedy = lm_run.generate("He drew his ", arm="anchored", n=20, temperature=0)
+    assert greedy == lm_run.generate("He drew his ", arm="anchored", n=20, temperature=0)  # deterministic

@@ -405,6 +405,45 @@ def surprisal_cmd(
     out.print(f"page: {out_path}", markup=False, soft_wrap=True)
 
 
+@app.command("generate")
+def generate_cmd(
+    run_dir: Path = typer.Argument(..., help="a language-model run"),
+    prompt: str = typer.Option(..., "--prompt", help="text to continue"),
+    arm: Optional[str] = typer.Option(None, "--arm", help="which arm (default: the first)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="which seed's model (default: the first)"),
+    edit: Optional[str] = typer.Option(None, "--edit", help="suppress | delete: continue with and without the edit"),
+    n: int = typer.Option(200, "-n", help="tokens to generate"),
+    temperature: float = typer.Option(0.8, "--temperature", help="0: greedy"),
+    samples: int = typer.Option(2, "--samples", help="continuations per model (sampling seeds 0 … N−1)"),
+) -> None:
+    """Continuations of a prompt, side by side with and without an edit (same sampling seeds)."""
+    if n < 1 or samples < 1 or not temperature >= 0:
+        fail("-n and --samples must be ≥ 1 and --temperature ≥ 0")
+    run = _open(run_dir)
+    if run.kind != "lm":
+        fail(f"`generate` applies to language-model runs, not {run.kind!r} runs")
+    try:
+        model = run.model(arm, seed)
+        after = None
+        if edit is not None:
+            from anchoring.kinds.lm.edits import edited
+
+            after = edited(model, run.config, edit)
+        table = Table(title=f"{run.config.name}: {arm or next(iter(run.arms))} arm", show_lines=True)
+        table.add_column("sample", justify="right")
+        table.add_column("as trained")
+        if after is not None:
+            table.add_column(f"after {edit}")
+        for k in range(samples):
+            cells = [run.generate(prompt, n=n, temperature=temperature, sample_seed=k, model=model)]
+            if after is not None:
+                cells.append(run.generate(prompt, n=n, temperature=temperature, sample_seed=k, model=after))
+            table.add_row(str(k), *cells)
+    except AnchoringError as e:
+        fail(str(e))
+    out.print(table)
+
+
 @app.command("labels")
 def labels_cmd(
     concept: str = typer.Argument(..., help="violence | deception | milton"),

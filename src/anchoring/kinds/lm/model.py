@@ -78,9 +78,10 @@ class LMRun(Run):
 
     @torch.no_grad()
     def generate(self, prompt: str, arm: str | None = None, n: int = 200, seed: int | None = None,
-                 temperature: float = 1.0, sample_seed: int = 0) -> str:
-        """`prompt` continued by `n` sampled tokens (temperature 0: greedy); the last `context` tokens condition."""
-        model = self.model(arm, seed)
+                 temperature: float = 1.0, sample_seed: int = 0, model: torch.nn.Module | None = None) -> str:
+        """`prompt` continued by `n` sampled tokens (temperature 0: greedy); the last `context` tokens condition.
+        `model` replaces the arm's model (an edited copy, say) with the same tokenizer and sampling seed."""
+        model = model if model is not None else self.model(arm, seed)
         ids = self.tokenize(prompt).tolist() or [0]
         g = torch.Generator().manual_seed(sample_seed)
         start = len(ids)
