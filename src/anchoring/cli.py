@@ -366,6 +366,22 @@ def bench_cmd(
     out.print(f"json: {json_out}", markup=False)
 
 
+def _lm_models(command: str, run_dir: Path, arm: str | None, seed: int | None, edit: str | None):
+    """(run, the arm's model, the model under `edit` or None) of a language-model run, or one line why not."""
+    run = _open(run_dir)
+    if run.kind != "lm":
+        fail(f"`{command}` applies to language-model runs, not {run.kind!r} runs")
+    try:
+        model = run.model(arm, seed)
+        if edit is None:
+            return run, model, None
+        from anchoring.kinds.lm.edits import edited
+
+        return run, model, edited(model, run.config, edit)
+    except AnchoringError as e:
+        fail(str(e))
+
+
 @app.command("surprisal")
 def surprisal_cmd(
     run_dir: Path = typer.Argument(..., help="a language-model run"),
@@ -386,16 +402,8 @@ def surprisal_cmd(
             text = file.read_text()
         except (OSError, UnicodeDecodeError) as e:
             fail(f"cannot read --file {str(file)!r}: {getattr(e, 'strerror', None) or 'not UTF-8 text'}")
-    run = _open(run_dir)
-    if run.kind != "lm":
-        fail(f"`surprisal` applies to language-model runs, not {run.kind!r} runs")
+    run, model, after = _lm_models("surprisal", run_dir, arm, seed, edit)
     try:
-        model = run.model(arm, seed)
-        after = None
-        if edit is not None:
-            from anchoring.kinds.lm.edits import edited
-
-            after = edited(model, run.config, edit)
         title = f"{run.config.name}: {arm or next(iter(run.arms))} arm" + (f", before and after {edit}" if edit else "")
         page = render_surprise(model, run.data.tokenizer, text, context=model.context, edited_model=after, title=title)
         runs.check_writable(out_path)
@@ -419,16 +427,8 @@ def generate_cmd(
     """Continuations of a prompt, side by side with and without an edit (same sampling seeds)."""
     if n < 1 or samples < 1 or not temperature >= 0:
         fail("-n and --samples must be ≥ 1 and --temperature ≥ 0")
-    run = _open(run_dir)
-    if run.kind != "lm":
-        fail(f"`generate` applies to language-model runs, not {run.kind!r} runs")
+    run, model, after = _lm_models("generate", run_dir, arm, seed, edit)
     try:
-        model = run.model(arm, seed)
-        after = None
-        if edit is not None:
-            from anchoring.kinds.lm.edits import edited
-
-            after = edited(model, run.config, edit)
         table = Table(title=f"{run.config.name}: {arm or next(iter(run.arms))} arm", show_lines=True)
         table.add_column("sample", justify="right")
         table.add_column("as trained")
