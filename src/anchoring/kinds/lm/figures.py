@@ -48,7 +48,9 @@ def alignment_bars(rows: list[dict], sites: list[str], arms: list[str]) -> Figur
 
 def shaded_text(passages: list[tuple[str, str, np.ndarray, list[tuple[int, int]]]], cols: int = 90) -> Figure:
     """Each passage's characters on a grid, background shaded by the alignment of the token they belong
-    to (red: towards the anchor, blue: away). `passages`: (title, text, alignment per token, token spans)."""
+    to (red: towards the anchor, blue: away), on a colour scale of ± the largest |alignment| shown (at least
+    0.1), so small but real differences stay visible. `passages`: (title, text, alignment per token, token spans)."""
+    scale = max([0.1, *[float(np.nanmax(np.abs(a))) for _t, _x, a, _s in passages if len(a)]])
     lines_per = []
     for _title, text, _a, _s in passages:
         n = sum(max(1, -(-len(line) // cols)) for line in text.split("\n"))
@@ -60,6 +62,7 @@ def shaded_text(passages: list[tuple[str, str, np.ndarray, list[tuple[int, int]]
     ax.set_ylim(total, 0)
     ax.axis("off")
     cmap = plt.get_cmap("RdBu_r")
+    ax.set_title(f"colour scale ±{scale:.2f}", fontsize=7, loc="right")
     y = 0
     for title, text, align, spans in passages:
         ax.text(0, y + 0.5, title, fontsize=7, fontweight="bold", va="center")
@@ -74,7 +77,7 @@ def shaded_text(passages: list[tuple[str, str, np.ndarray, list[tuple[int, int]]
                 if ch == "\n":
                     continue
             if np.isfinite(value[i]):
-                ax.add_patch(plt.Rectangle((x, y), 1, 1, color=cmap(0.5 + 0.5 * float(np.clip(value[i], -1, 1))), lw=0))
+                ax.add_patch(plt.Rectangle((x, y), 1, 1, color=cmap(0.5 + 0.5 * float(np.clip(value[i] / scale, -1, 1))), lw=0))
             ax.text(x + 0.5, y + 0.5, ch, fontsize=6, family="monospace", ha="center", va="center")
             x += 1
         y += 1
