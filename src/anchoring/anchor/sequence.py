@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from anchoring.anchor.terms import Concept
 from anchoring.errors import AnchoringError
 
 
@@ -126,3 +127,25 @@ class SequenceTerm:
             lab = position_labels(line_labels[self.concept], line)
             w = w * (lab if self.select == "labelled" else 1.0 - lab)
         return (ell * w).sum() / w.sum().clamp_min(1.0)
+
+
+@dataclass
+class SequenceObjective:
+    concepts: dict[str, Concept]
+    terms: list[SequenceTerm]
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted({t.site.module for t in self.terms})
+
+    @property
+    def weight_names(self) -> list[str]:
+        return list(dict.fromkeys(t.weight for t in self.terms))
+
+    def anchors(self, concept: str) -> list[tuple[SequenceSite, torch.Tensor]]:
+        """Every (site, unit direction) where `concept` is anchored, in term order, without repeats."""
+        seen: dict[SequenceSite, torch.Tensor] = {}
+        for t in self.terms:
+            if t.concept == concept and t.kind == "anchor" and t.site not in seen:
+                seen[t.site] = torch.nn.functional.normalize(t.direction, dim=-1)
+        return list(seen.items())

@@ -43,6 +43,23 @@ class Run:
 
 
 @dataclass
+class ArmsRun(Run):
+    """A run that trains several arms (anchored, control, filtered …) on every seed."""
+
+    arms: dict[str, list[nn.Module]] = field(default_factory=dict)
+
+    def model(self, arm: str | None = None, seed: int | None = None) -> nn.Module:
+        """One arm's model for one seed (default: the first arm, the first seed)."""
+        arm = arm or next(iter(self.arms))
+        if arm not in self.arms:
+            raise AnchoringError(f"run has no arm {arm!r} (arms: {', '.join(self.arms)})")
+        seed = self.seeds[0] if seed is None else seed
+        if seed not in self.seeds:
+            raise AnchoringError(f"run has no seed {seed} (seeds: {self.seeds})")
+        return self.arms[arm][self.seeds.index(seed)]
+
+
+@dataclass
 class EditResult:
     """What an intervention or deletion did, for the CLI to print and the user to find."""
 

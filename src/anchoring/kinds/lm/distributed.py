@@ -13,7 +13,7 @@ then loads rank 0's finished checkpoint and evaluates as usual.
 from __future__ import annotations
 
 import os
-import socket
+import tempfile
 from pathlib import Path
 
 import torch
@@ -22,22 +22,16 @@ from anchoring.errors import AnchoringError
 from anchoring.kinds.lm.config import LMExperiment
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, world: int, port: int, cfg: LMExperiment, path: Path, jobs: list[tuple[str, int]]) -> None:
+def _rank_main(rank: int, world: int, store: str, cfg: LMExperiment, path: Path, jobs: list[tuple[str, int]]) -> None:
     import torch.distributed as dist
 
     from anchoring.kinds.lm.data import load_data
     from anchoring.kinds.lm.kind import checkpoint_path
     from anchoring.kinds.lm.training import train_arm
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # ranks meet through a file, not a TCP port: no race with other processes for a free port
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         data = load_data(cfg.text, path)
         for arm, seed in jobs:
@@ -53,7 +47,8 @@ def train_data_parallel(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int
     if cfg.lm.batch_size % world:
         raise AnchoringError(f"lm.batch_size {cfg.lm.batch_size} does not split over lm.nproc = {world} processes")
     try:
-        tmp.spawn(_rank_main, args=(world, free_port(), cfg, path, jobs), nprocs=world, join=True)
+        with tempfile.TemporaryDirectory(prefix="anchoring-ddp-") as meet:
+            tmp.spawn(_rank_main, args=(world, os.path.join(meet, "store"), cfg, path, jobs), nprocs=world, join=True)
     except tmp.ProcessRaisedException as e:
         last = str(e).strip().splitlines()[-1] if str(e).strip() else "a rank failed"
         raise AnchoringError(f"data-parallel training failed: {last}") from None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from anchoring.errors import AnchoringError
-from anchoring.kinds.base import Run
+from anchoring.kinds.base import ArmsRun
 from anchoring.kinds.lm import evaluate as ev
 from anchoring.kinds.lm.config import LMExperiment
 from anchoring.kinds.lm.data import LMData, load_data
@@ -22,20 +22,10 @@ from anchoring.models import NormalizedTransformer
 
 
 @dataclass
-class LMRun(Run):
+class LMRun(ArmsRun):
     """An LM run: one model per (arm, seed), its tokenizer and the measured anchor direction."""
 
-    arms: dict[str, list[NormalizedTransformer]] = field(default_factory=dict)
     data: LMData | None = None
-
-    def model(self, arm: str | None = None, seed: int | None = None) -> NormalizedTransformer:
-        arm = arm or next(iter(self.arms))
-        if arm not in self.arms:
-            raise AnchoringError(f"run has no arm {arm!r} (arms: {', '.join(self.arms)})")
-        seed = self.seeds[0] if seed is None else seed
-        if seed not in self.seeds:
-            raise AnchoringError(f"run has no seed {seed} (seeds: {self.seeds})")
-        return self.arms[arm][self.seeds.index(seed)]
 
     def tokenize(self, text: str) -> torch.Tensor:
         """Token ids `(T,)` with the run's own tokenizer (saved in the run directory)."""

@@ -17,8 +17,7 @@ import torch.nn.functional as F
 
 from anchoring.anchor import Capture, build_term, resolve_site
 from anchoring.anchor.concepts import build_concepts
-from anchoring.anchor.sequence import Positions, SequenceSite, SequenceTerm, position_labels, soft_minimum
-from anchoring.anchor.terms import Concept
+from anchoring.anchor.sequence import Positions, SequenceObjective, SequenceSite, SequenceTerm, position_labels, soft_minimum
 from anchoring.errors import AnchoringError
 from anchoring.kinds.lm.config import LMExperiment
 from anchoring.kinds.lm.data import LMData, Stream
@@ -36,18 +35,6 @@ class _TextLabels:
     scale = 1.0
 
 
-@dataclass
-class Objective:
-    concepts: dict[str, Concept]
-    terms: list[SequenceTerm]
-
-    @property
-    def modules(self) -> list[str]:
-        return sorted({t.site.module for t in self.terms})
-
-    @property
-    def weight_names(self) -> list[str]:
-        return list(dict.fromkeys(t.weight for t in self.terms))
 
 
 def build_model(cfg: LMExperiment, vocab: int) -> NormalizedTransformer:
@@ -55,7 +42,7 @@ def build_model(cfg: LMExperiment, vocab: int) -> NormalizedTransformer:
     return NormalizedTransformer(vocab, m.width, m.layers, m.heads, m.context, m.mlp_ratio, m.alpha, m.logit_scale)
 
 
-def build_objective(cfg: LMExperiment, model: torch.nn.Module) -> Objective:
+def build_objective(cfg: LMExperiment, model: torch.nn.Module) -> SequenceObjective:
     """Bind every term to the model (sites must exist, axes/dims fit the width), naming the term."""
     width = cfg.lm.width
     concepts = build_concepts(cfg.concepts, width, lambda _name: _TextLabels())
@@ -84,10 +71,10 @@ def build_objective(cfg: LMExperiment, model: torch.nn.Module) -> Objective:
     names = [t.name for t in terms]
     if len(set(names)) != len(names):
         raise AnchoringError(f"term names must be unique (got {names}); set `name`")
-    return Objective(concepts, terms)
+    return SequenceObjective(concepts, terms)
 
 
-def build_timeline(cfg: LMExperiment, objective: Objective) -> Timeline:
+def build_timeline(cfg: LMExperiment, objective: SequenceObjective) -> Timeline:
     timeline = parse_schedule(cfg.schedule, f"{cfg.name} schedule", objective.weight_names)
     if timeline.actions:
         step = min(timeline.actions)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from anchoring.errors import AnchoringError
-from anchoring.kinds.base import Run
+from anchoring.kinds.base import ArmsRun
 from anchoring.kinds.transformer.config import TransformerExperiment
 from anchoring.kinds.transformer.training import build_language, build_transformer
 from anchoring.models import NormalizedTransformer
@@ -22,23 +22,12 @@ CHECKPOINT = "checkpoint.safetensors"
 
 
 @dataclass
-class TransformerRun(Run):
+class TransformerRun(ArmsRun):
     """A transformer run: one model per (arm, seed); `models` lists them arm by arm."""
-
-    arms: dict[str, list[NormalizedTransformer]] = field(default_factory=dict)
 
     @property
     def language(self):
         return build_language(self.config)
-
-    def model(self, arm: str | None = None, seed: int | None = None) -> NormalizedTransformer:
-        arm = arm or next(iter(self.arms))
-        if arm not in self.arms:
-            raise AnchoringError(f"run has no arm {arm!r} (arms: {', '.join(self.arms)})")
-        seed = self.seeds[0] if seed is None else seed
-        if seed not in self.seeds:
-            raise AnchoringError(f"run has no seed {seed} (seeds: {self.seeds})")
-        return self.arms[arm][self.seeds.index(seed)]
 
     def tokenize(self, text: str) -> torch.Tensor:
         """Token ids `(T,)` of a line of the colour language, e.g. '500 + 005 = 303 ;'."""

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from anchoring.anchor import Capture, build_term, resolve_site
 from anchoring.anchor.concepts import build_concepts
-from anchoring.anchor.sequence import Positions, SequenceSite, SequenceTerm
+from anchoring.anchor.sequence import Positions, SequenceObjective, SequenceSite, SequenceTerm
 from anchoring.anchor.terms import Concept
 from anchoring.domains.colour import get_labeller
 from anchoring.domains.colour_language import (
@@ -34,28 +34,6 @@ from anchoring.train.skeleton import fit
 from anchoring.train.timeline import fit_steps, parse_schedule
 
 PER_VECTOR = ("anchor", "anti-anchor", "subspace", "anti-subspace")  # kinds that make sense per token
-
-
-@dataclass
-class SequenceObjective:
-    concepts: dict[str, Concept]
-    terms: list[SequenceTerm]
-
-    @property
-    def modules(self) -> list[str]:
-        return sorted({t.site.module for t in self.terms})
-
-    @property
-    def weight_names(self) -> list[str]:
-        return list(dict.fromkeys(t.weight for t in self.terms))
-
-    def anchors(self, concept: str) -> list[tuple[SequenceSite, torch.Tensor]]:
-        """Every (site, unit direction) where `concept` is anchored, in term order, without repeats."""
-        seen: dict[SequenceSite, torch.Tensor] = {}
-        for t in self.terms:
-            if t.concept == concept and t.kind == "anchor" and t.site not in seen:
-                seen[t.site] = F.normalize(t.direction, dim=-1)
-        return list(seen.items())
 
 
 def build_language(cfg: TransformerExperiment) -> ColourLanguage:
