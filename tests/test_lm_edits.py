@@ -78,3 +78,16 @@ def test_generate_prints_continuations_with_and_without_the_edit(lm_run):
     assert "as trained" in r.stdout and "after delete" in r.stdout and r.stdout.count("He drew his") >= 2
     greedy = lm_run.generate("He drew his ", arm="anchored", n=20, temperature=0)
     assert greedy == lm_run.generate("He drew his ", arm="anchored", n=20, temperature=0)  # deterministic
+
+
+def test_the_lm_ood_experiment_reports_auroc_and_roc_curves(tmp_path):
+    corpus = write_corpus(tmp_path / "texts", paragraphs=60)
+    out = tmp_path / "ood"
+    cfg = experiments.load("lm-ood", tiny(corpus, "train.steps=60", "evaluate.ood_passages=5", "evaluate.ood_min_chars=40"))
+    outcome = lifecycle.run(cfg.model_copy(update={"schedule": SCHEDULE}), out)
+    table = outcome.summary["ood"]["auroc"]["0"]
+    assert set(table) == {"shuffled", "random", "suffix"} and all(0 <= t["s2"] <= 1 for t in table.values())
+    assert (out / "figures" / "ood_roc.png").stat().st_size > 5000
+    assert "Out-of-distribution detection" in (out / "report.html").read_text()
+    r = CliRunner().invoke(app, ["show", str(out)])
+    assert r.exit_code == 0 and "OOD AUROC" in r.stdout and "after delete" in r.stdout

@@ -64,6 +64,9 @@ class LMEvaluateConfig(_Strict):
     probe_positions: int = Field(3000, ge=50, description="positions per class (concept, retain) the probes fit on")
     shade_passages: int = Field(3, ge=0, le=10, description="held-out passages printed with per-character alignment")
     batch_size: int = Field(16, ge=1)
+    ood: bool = Field(False, description="also score out-of-distribution sets by passage-mean s₂ and surprisal (lm-ood)")
+    ood_passages: int = Field(200, ge=5, description="passages per OOD set")
+    ood_min_chars: int = Field(200, ge=10, description="shortest held-out passage an OOD set draws")
 
     @field_validator("concept")
     @classmethod

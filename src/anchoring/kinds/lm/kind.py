@@ -186,9 +186,30 @@ def finish(cfg: LMExperiment, path: Path, data: LMData, results: dict[tuple[str,
     eval_s = time.perf_counter() - t0
     summary = summarize(cfg, rows, names, es, sites)
     summary["eval_s"] = round(eval_s, 3)
+    if cfg.evaluate.ood:
+        summary["ood"] = ood(cfg, path, data, results)
     figures(cfg, path, data, results, rows, sites, direction, dims)
     write_report(cfg, path, summary, first.metric_names)
     return summary
+
+
+def ood(cfg: LMExperiment, path: Path, data: LMData, results: dict[tuple[str, int], ArmResult]) -> dict[str, Any]:
+    """Out-of-distribution detection with the run's own models (`kinds.lm.ood`), and its ROC figure."""
+    from anchoring.evaluate.ood import roc_figure
+    from anchoring.kinds.lm.model import LMRun
+    from anchoring.kinds.lm.ood import evaluate_ood
+
+    seeds = cfg.train.member_seeds()
+    by_arm = {a: [results[a, s].model for s in seeds] for a in arms(cfg)}
+    run_ = LMRun(path, cfg, seeds, [m for ms in by_arm.values() for m in ms], None, by_arm, data)
+    arm = "control" if "control" in by_arm else next(iter(by_arm))
+    e = cfg.evaluate
+    res = evaluate_ood(run_, n=e.ood_passages, seed=seeds[0], arm=arm, min_chars=e.ood_min_chars)
+    first = res["scores"][str(seeds[0])]
+    scores = {k: {m: np.asarray(v[m]) for m in v} for k, v in first.items()}
+    save_fig(roc_figure(scores, metrics=("s2", "surprisal"), title=f"{arm} arm, seed {seeds[0]}: held-out text against each set"),
+             path / "figures" / "ood_roc.png")
+    return res
 
 
 def summarize(cfg: LMExperiment, rows: list[dict], names: list[str], es: ev.EvalSet, sites: list[str]) -> dict[str, Any]:
@@ -280,6 +301,18 @@ def write_report(cfg: LMExperiment, path: Path, summary: dict[str, Any], metric_
          html.table_html(["arm", "seed", "site", "AUC", "AUC without anchor direction"], pr_rows)),
         ("Training", html.image_html(figs / "training_curves.png", "training curves")),
     ]
+    if "ood" in summary:
+        o = summary["ood"]
+        rows = [[seed, name, t["s2"], t["surprisal"], "s₂" if t["s2"] > t["surprisal"] else "surprisal"]
+                for seed, table in o["auroc"].items() for name, t in table.items()]
+        body = (f"<p>{o['n']} passages per set, scored by the {o['arm']} arm; AUROC of each set against held-out text.</p>"
+                + html.table_html(["seed", "set", "AUROC s₂", "AUROC surprisal", "better"], rows)
+                + html.image_html(figs / "ood_roc.png", "ROC curves"))
+        if o["deleted"]:
+            body += ("<p>After deleting the anchored direction: mean s₂ of held-out concept passages vs the rest.</p>"
+                     + html.table_html(["seed", "concept s₂", "retain s₂", "AUROC"],
+                                       [[d["seed"], d["concept_s2"], d["retain_s2"], d["auroc_s2"]] for d in o["deleted"]]))
+        sections.append(("Out-of-distribution detection", body))
     if (figs / "shaded_passages.png").is_file():
         sections.append(("Held-out passages shaded by alignment (red: towards the anchor)",
                          html.image_html(figs / "shaded_passages.png", "shaded passages")))
@@ -330,4 +363,12 @@ def summary_lines(summary: dict[str, Any]) -> list[Any]:
     lines: list[Any] = [table]
     for name, t in summary.get("targets", {}).items():
         lines.append(f"{'met ' if t['met'] else 'MISS'}  {name}: {t['median']:.3f}")
+    o = summary.get("ood")
+    if o:
+        for seed, table in o["auroc"].items():
+            shown = ", ".join(f"{k} {t['s2']:.3f} / {t['surprisal']:.3f}" for k, t in table.items())
+            lines.append(f"OOD AUROC ({o['arm']}, seed {seed}), s₂ / surprisal: {shown}")
+        for d in o["deleted"]:
+            lines.append(f"after delete (seed {d['seed']}): concept passages s₂ {d['concept_s2']:+.3f}, "
+                         f"retain {d['retain_s2']:+.3f}, AUROC {d['auroc_s2']:.3f}")
     return lines
