@@ -140,7 +140,7 @@ def test_sweep_on_ray_equals_local(tmp_path):
 def test_bench_prints_a_table_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     r = CliRunner().invoke(app, ["bench", "--repeats", "2", "--steps", "12", "--ensembles", "4", "--e2e-seeds", "1",
-                                 "--e2e-steps", "10", "--json", str(out)])
+                                 "--e2e-steps", "10", "--lm-steps", "2", "--json", str(out)])
     assert r.exit_code == 0, r.stderr
     res = json.loads(out.read_text())
     names = [c["case"] for c in res["cases"]]
@@ -148,3 +148,6 @@ def test_bench_prints_a_table_and_writes_json(tmp_path):
     for c in res["cases"]:
         assert c["n"] == 2 and c["min"] <= c["median"] <= c["max"] and c["median"] > 0 and c["peak_mb"] > 50
     assert "ensemble E=4" in r.stdout and "× baseline" in r.stdout
+    lm = {c["case"]: c for c in res["cases"] if c["case"].startswith("lm:")}
+    assert len(lm) == 4 and all(c["unit"] == "tokens/s" and "vs_baseline" in c for c in lm.values())
+    assert any(c["case"].startswith("surprise page") and c["unit"] == "s" for c in res["cases"])

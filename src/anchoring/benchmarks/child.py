@@ -16,6 +16,10 @@ def main(argv: list[str]) -> None:
         res = cases.eager_baseline(int(args[0]))
     elif kind == "ensemble":
         res = cases.ensemble(int(args[0]), int(args[1]), fast=args[2] == "fast")
+    elif kind == "text":
+        res = cases.text_pipeline()
+    elif kind == "surprise":
+        res = cases.surprise_page()
     elif kind == "lm":
         from anchoring.benchmarks.lm import lm_step
 
