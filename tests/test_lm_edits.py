@@ -34,6 +34,9 @@ def _mean_nats(run, model, texts):
 
 def test_deleting_the_anchored_direction_costs_concept_text_more_than_the_rest(lm_run):
     model = lm_run.model("anchored")
+    probe = lm_run.tokenize(VIOLENT[0])[None, :64]
+    with torch.no_grad():
+        untouched = model(probe)
     deleted = edited(model, lm_run.config, "delete")
     forget = _mean_nats(lm_run, deleted, VIOLENT) - _mean_nats(lm_run, model, VIOLENT)
     retain = _mean_nats(lm_run, deleted, CALM) - _mean_nats(lm_run, model, CALM)
@@ -43,7 +46,7 @@ def test_deleting_the_anchored_direction_costs_concept_text_more_than_the_rest(l
     ids = lm_run.tokenize(VIOLENT[0])[None, :64]
     with torch.no_grad():
         assert not torch.allclose(sup(ids), model(ids))
-        assert torch.equal(model(ids), lm_run.model("anchored")(ids))
+        assert torch.equal(model(probe), untouched)  # neither edit changed the run's own model or left a hook on it
 
 
 def test_surprisal_page_before_and_after_delete(lm_run, tmp_path):

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import pandas as pd
 from anchoring.atomic import write_atomic
 from anchoring.errors import AnchoringError
 
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.,+=-]*$")  # a folder name a user may give inside a run
 CONFIG, ARCH, SUMMARY, METRICS, SNAPSHOTS, REPORT = (
     "config.toml", "architecture.json", "summary.json", "metrics.csv", "snapshots.safetensors", "report.html")
 

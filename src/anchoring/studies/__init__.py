@@ -51,8 +51,8 @@ def compare(cfg: ColourExperiment, path: Path, progress: Progress | None, run: R
     rows = [{"variant": name, **stability(metrics, outcome.summary)} for name, (outcome, metrics) in arms.items()]
     figures.save(figures.compare_curves({n: m for n, (_, m) in arms.items()}), path / "figures" / "compare_loss.png")
     header = list(rows[0])
-    sections = [("Overview", f"<p>{cfg.description}</p><p>Each variant trained on seeds {cfg.train.seed}…"
-                             f"{cfg.train.seed + cfg.train.seeds - 1}; full reports under variants/.</p>"),
+    sections = [("Overview", f"<p>{cfg.description}</p><p>Each variant trained on seeds "
+                             f"{', '.join(map(str, cfg.train.member_seeds()))}; full reports under variants/.</p>"),
                 ("Stability and outcome", html.table_html(header, [[r[h] for h in header] for r in rows])),
                 ("Loss (median over seeds, band = min–max)", html.image_html(path / "figures" / "compare_loss.png", "loss"))]
     for name, (outcome, _) in arms.items():

@@ -27,9 +27,7 @@ from anchoring.evaluate.stats import median
 from anchoring.kinds import kind_of
 from anchoring.report import html
 from anchoring.sweep.worker import SHARD_CONFIG
-from anchoring.train.checkpoint import FORMAT, atomic_save, read_checkpoint
-
-CHECKPOINT = "checkpoint.safetensors"
+from anchoring.train.checkpoint import CHECKPOINT, FORMAT, atomic_save, read_checkpoint
 
 Progress = Callable[[int, int], None]
 

@@ -11,8 +11,7 @@ from typing import Callable
 from anchoring.atomic import write_atomic
 from anchoring.errors import AnchoringError
 from anchoring.sweep.worker import DONE, shard_bytes
-
-CHECKPOINT = "checkpoint.safetensors"
+from anchoring.train.checkpoint import CHECKPOINT
 
 Progress = Callable[[int, int], None]
 

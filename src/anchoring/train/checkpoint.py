@@ -13,6 +13,7 @@ from anchoring.atomic import write_atomic
 from anchoring.errors import AnchoringError
 
 FORMAT = "anchoring-checkpoint-1"
+CHECKPOINT = "checkpoint.safetensors"  # a run's (final or latest) weights, in every kind
 ADAM_KEYS = ("exp_avg", "exp_avg_sq", "step")
 
 

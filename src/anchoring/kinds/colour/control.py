@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,7 +34,6 @@ from anchoring.report import figures, html
 from anchoring.train.checkpoint import FORMAT, atomic_save
 
 EDIT = "edit.json"
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.,+=-]*$")
 
 
 def edit_lineage(path: Path) -> list[dict[str, Any]]:
@@ -117,7 +115,7 @@ def colour_table(title: str, rows: list[dict], selectivity: list[float]) -> list
 
 def intervene(run: ColourRun, spec: InterventionConfig) -> EditResult:
     """Evaluate one edit on every seed; write CSV + figures under RUN/interventions/<name>/."""
-    if not SAFE_NAME.match(spec.name):
+    if not runs.SAFE_NAME.match(spec.name):
         raise AnchoringError(f"--name {spec.name!r}: use letters, digits and _.,+=- only (it names a folder inside the run)")
     concepts, concept = _concept(run, spec.concept)
     _check_site(run, spec.site)

@@ -304,12 +304,12 @@ def write_report(path: Path, cfg: ColourExperiment, rows: list[dict], summary: d
                if summary.get("anchored_seeds") is not None else "")
     sections = [
         ("Overview", f"<p>{cfg.description}</p><p>upstream experiment: {cfg.upstream or '–'}; steps: {summary['steps']}; "
-                     f"seeds: {cfg.train.seed}…{cfg.train.seed + cfg.train.seeds - 1}</p>{verdict}"),
+                     f"seeds: {', '.join(map(str, cfg.train.member_seeds()))}</p>{verdict}"),
         ("Per-seed results", html.table_html(header, body)),
         ("Latent space (axis-aligned slices; × marks the anchor)", html.image_html(figs / "latent_slices.png", "latent slices")),
         ("Loss curves", html.image_html(figs / "loss_curves.png", "loss curves")),
         ("Schedule", html.image_html(figs / "schedule.png", "schedule")),
-        *([("Phase history (seed %d)" % cfg.train.seed, html.image_html(figs / "phase_history.png", "phase history")),
+        *([("Phase history (seed %d)" % cfg.train.member_seeds()[0], html.image_html(figs / "phase_history.png", "phase history")),
            ("Latent evolution", html.image_html(figs / "evolution.gif", "latent evolution", mime="image/gif"))]
           if (figs / "evolution.gif").is_file() else []),
         *intervention_sections(summary, figs),

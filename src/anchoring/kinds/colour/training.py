@@ -24,11 +24,11 @@ from anchoring.kinds.colour.objective import (
 )
 from anchoring.schedule import Timeline
 from anchoring.schedule.reactive import Decision, Reactive, apply
+from anchoring.train.checkpoint import CHECKPOINT
 from anchoring.train.data import EnsembleStream, WeightedPoints
 from anchoring.train.ensemble import Ensemble
 from anchoring.train.skeleton import Progress, fit
 
-CHECKPOINT = "checkpoint.safetensors"
 SNAPSHOT_SITE = "latent"
 Callback = Callable[[int, "TrainResult"], None]
 

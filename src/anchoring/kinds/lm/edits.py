@@ -51,7 +51,7 @@ def edited(model: nn.Module, cfg: LMExperiment, edit: str) -> nn.Module:
         sites = anchored_sites(cfg)
         if not sites:
             raise AnchoringError("this run anchors nothing, so there is no site to suppress at")
-        return Suppressed(model, sites, directions)
+        return Suppressed(model, sites, directions).eval()
     embeddings, writers = model.residual_writers()
     out = model
     for v in directions:

@@ -35,11 +35,11 @@ from anchoring.kinds.lm.data import LMData, load_data
 from anchoring.kinds.lm.training import ArmResult, build_model, build_objective, build_timeline, train_arm
 from anchoring.report import html
 from anchoring.report.figures import save as save_fig
+from anchoring.train.checkpoint import CHECKPOINT
 from anchoring.train.skeleton import TrainingInterrupted
 
 Progress = Callable[[int, int], None]
 ARCH_KIND = "lm-ngpt"
-CHECKPOINT = "checkpoint.safetensors"
 
 
 def arms(cfg: LMExperiment) -> list[str]:
@@ -67,14 +67,26 @@ def validate(cfg: LMExperiment, data: bool = True) -> int:
         d = load_data(cfg.text)
         if int(d.reference[d.parts["validation"]].sum()) == 0:
             raise AnchoringError(f"no validation passage carries {cfg.text.concept!r}; concept positions cannot be scored")
+        e = cfg.evaluate
+        if e.ood:  # checked now, not after hours of training
+            test = d.parts["test"]
+            long = sum(len(d.texts[i]) >= e.ood_min_chars for i in test)
+            if long < e.ood_passages:
+                raise AnchoringError(f"evaluate.ood: only {long} test passages have ≥ {e.ood_min_chars} characters, "
+                                     f"{e.ood_passages} asked for (lower evaluate.ood_passages or evaluate.ood_min_chars)")
+            if not int(d.reference[test].sum()):
+                raise AnchoringError(f"evaluate.ood: no test passage carries {cfg.text.concept!r} to compare after delete")
     return steps
 
 
 def measured_direction(cfg: LMExperiment) -> tuple[torch.Tensor | None, tuple[int, ...] | None]:
     """The concept's anchor (axis or vector), else its dims: what alignment is measured against, in every arm."""
     model = build_model(cfg, 8)
-    concepts = build_objective(cfg, model).concepts
-    c = concepts.get(cfg.text.concept)
+    objective = build_objective(cfg, model)
+    anchors = objective.anchors(cfg.text.concept)  # what the anchor terms actually pull towards (a term's own
+    if anchors:                                    # direction wins over the concept's), as training uses it
+        return anchors[0][1].clone(), None
+    c = objective.concepts.get(cfg.text.concept)
     if c is not None and c.anchor is not None:
         return torch.tensor(c.anchor), None
     if c is not None and c.dims:
@@ -309,9 +321,12 @@ def write_report(cfg: LMExperiment, path: Path, summary: dict[str, Any], metric_
                 + html.table_html(["seed", "set", "AUROC s₂", "AUROC surprisal", "better"], rows)
                 + html.image_html(figs / "ood_roc.png", "ROC curves"))
         if o["deleted"]:
-            body += ("<p>After deleting the anchored direction: mean s₂ of held-out concept passages vs the rest.</p>"
-                     + html.table_html(["seed", "concept s₂", "retain s₂", "AUROC"],
-                                       [[d["seed"], d["concept_s2"], d["retain_s2"], d["auroc_s2"]] for d in o["deleted"]]))
+            body += ("<p>The anchored arm before and after deleting its direction: mean s₂ of held-out concept "
+                     "passages vs the rest, and the AUROC separating them.</p>"
+                     + html.table_html(["seed", "concept s₂ before", "retain s₂ before", "AUROC before",
+                                        "concept s₂ after", "retain s₂ after", "AUROC after"],
+                                       [[d["seed"], d["concept_s2_before"], d["retain_s2_before"], d["auroc_s2_before"],
+                                         d["concept_s2"], d["retain_s2"], d["auroc_s2"]] for d in o["deleted"]]))
         sections.append(("Out-of-distribution detection", body))
     if (figs / "shaded_passages.png").is_file():
         sections.append(("Held-out passages shaded by alignment (red: towards the anchor)",
@@ -369,6 +384,7 @@ def summary_lines(summary: dict[str, Any]) -> list[Any]:
             shown = ", ".join(f"{k} {t['s2']:.3f} / {t['surprisal']:.3f}" for k, t in table.items())
             lines.append(f"OOD AUROC ({o['arm']}, seed {seed}), s₂ / surprisal: {shown}")
         for d in o["deleted"]:
-            lines.append(f"after delete (seed {d['seed']}): concept passages s₂ {d['concept_s2']:+.3f}, "
-                         f"retain {d['retain_s2']:+.3f}, AUROC {d['auroc_s2']:.3f}")
+            lines.append(f"after delete (seed {d['seed']}): concept passages s₂ {d['concept_s2']:+.3f} "
+                         f"(before {d['concept_s2_before']:+.3f}), retain {d['retain_s2']:+.3f} "
+                         f"(before {d['retain_s2_before']:+.3f}), AUROC {d['auroc_s2']:.3f} (before {d['auroc_s2_before']:.3f})")
     return lines

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from anchoring.evaluate.ood import auroc, auroc_table, comparison_sets, score_sets
+from anchoring.evaluate.ood import auroc, auroc_table, comparison_sets, score_sets, select_passages
 from anchoring.evaluate.surprise import passage_mean_scores
 from anchoring.kinds.lm.edits import edited
 from anchoring.kinds.lm.model import LMRun
@@ -55,11 +55,17 @@ def evaluate_ood(run: LMRun, *, n: int = 200, seed: int = 0, arm: str = "control
         out["auroc"][str(s)] = auroc_table(scores, metrics=("s2", "surprisal"))
         out.setdefault("scores", {})[str(s)] = {k: {m: v[m].tolist() for m in ("s2", "surprisal")} for k, v in scores.items()}
     if "anchored" in run.arms:
-        concept, retain = heldout(run, True)[:n], heldout(run, False)[:n]
+        pool_c, pool_r = heldout(run, True), [t for t in heldout(run, False) if len(t.strip()) >= min_chars]
+        concept = select_passages(pool_c, min(n, len(pool_c)), seed, min_chars=1, max_chars=600)
+        retain = select_passages(pool_r, min(n, len(pool_r)), seed, min_chars=min_chars, max_chars=600)
         for s in run.seeds:
-            model = edited(run.model("anchored", s), run.config, "delete")
-            c = passage_mean_scores(model, run.data.tokenizer, concept, context=model.context)["s2"].numpy()
-            r = passage_mean_scores(model, run.data.tokenizer, retain, context=model.context)["s2"].numpy()
-            out["deleted"].append({"seed": s, "concept_s2": float(np.nanmean(c)), "retain_s2": float(np.nanmean(r)),
-                                   "auroc_s2": auroc(r, c), "n_concept": len(c), "n_retain": len(r)})
+            row: dict[str, Any] = {"seed": s, "n_concept": len(concept), "n_retain": len(retain)}
+            # the same sets before the edit: what the deletion adds, not what the concept text scores anyway
+            for when, model in (("before", run.model("anchored", s)), ("after", edited(run.model("anchored", s), run.config, "delete"))):
+                c = passage_mean_scores(model, run.data.tokenizer, concept, context=model.context)["s2"].numpy()
+                r = passage_mean_scores(model, run.data.tokenizer, retain, context=model.context)["s2"].numpy()
+                row.update({f"concept_s2_{when}": float(np.nanmean(c)), f"retain_s2_{when}": float(np.nanmean(r)),
+                            f"auroc_s2_{when}": auroc(r, c)})
+            row.update(concept_s2=row["concept_s2_after"], retain_s2=row["retain_s2_after"], auroc_s2=row["auroc_s2_after"])
+            out["deleted"].append(row)
     return out

@@ -3,7 +3,6 @@ weight deletion that takes the anchor direction out of the residual stream for g
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ from anchoring.kinds.transformer.training import build_sequence_objective
 from anchoring.report import html
 from anchoring.train.checkpoint import atomic_save
 
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.,+=-]*$")
 GROUPS = ("red answer", "red-ish", "no red")
 
 
@@ -36,11 +34,13 @@ def _targets(run: TransformerRun, spec: InterventionConfig, model) -> list:
     if not anchors:
         known = sorted({t.concept for t in objective.terms if t.kind == "anchor" and t.concept})
         raise AnchoringError(f"concept {spec.concept!r} is not anchored in this run (anchored: {', '.join(known) or 'none'})")
-    if spec.site in (None, "latent"):
+    wanted = spec.sites if spec.sites is not None else ([] if spec.site in (None, "latent") else [spec.site])
+    if not wanted:
         return anchors
-    chosen = [(s, v) for s, v in anchors if s.module == spec.site]
-    if not chosen:
-        raise AnchoringError(f"--site {spec.site!r} is not an anchored site (anchored: {', '.join(s.module for s, _ in anchors)})")
+    chosen = [(s, v) for s, v in anchors if s.module in wanted]
+    missing = sorted(set(wanted) - {s.module for s, _ in chosen})
+    if missing:
+        raise AnchoringError(f"site(s) {', '.join(missing)} not anchored (anchored: {', '.join(s.module for s, _ in anchors)})")
     return chosen
 
 
@@ -78,7 +78,7 @@ def intervene(run: TransformerRun, spec: InterventionConfig) -> EditResult:
     """Suppress or ablate the concept's direction at its anchored sites; exact match split by redness."""
     if spec.method not in ("suppress", "ablate"):
         raise AnchoringError(f"a 'transformer' run supports --method suppress or ablate, not {spec.method!r}")
-    if not SAFE_NAME.match(spec.name):
+    if not runs.SAFE_NAME.match(spec.name):
         raise AnchoringError(f"--name {spec.name!r}: use letters, digits and _.,+=- only (it names a folder inside the run)")
     out = run.path / "interventions" / spec.name
     runs.check_writable(out)
@@ -152,7 +152,8 @@ def delete(run: TransformerRun, spec: InterventionConfig, out: Path) -> EditResu
                  for k, v in m.state_dict().items()}, out / "checkpoint.safetensors", {"format": "anchoring-transformer-1"})
     edit = {"source": str(run.path), "method": "delete-direction", "concept": spec.concept,
             "max_residual_component": leftover}
-    runs.write_json(out / "edit.json", {**edit, "lineage": [edit]})
+    previous = runs.read_json(run.path / "edit.json").get("lineage", []) if (run.path / "edit.json").is_file() else []
+    runs.write_json(out / "edit.json", {**edit, "lineage": [*previous, edit]})
     body = html.table_html(["arm", "seed", "edited", *[f"{g} {w}" for g in GROUPS for w in ("before", "after")]],
                            [[r["arm"], r["seed"], r["edited"], *[r[f"{g} {w}"] for g in GROUPS for w in ("before", "after")]]
                             for r in rows])

@@ -16,9 +16,7 @@ from anchoring.kinds.base import ArmsRun
 from anchoring.kinds.transformer.config import TransformerExperiment
 from anchoring.kinds.transformer.training import build_language, build_transformer
 from anchoring.models import NormalizedTransformer
-from anchoring.train.checkpoint import verify
-
-CHECKPOINT = "checkpoint.safetensors"
+from anchoring.train.checkpoint import CHECKPOINT, verify
 
 
 @dataclass
