@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from anchoring.control.erasure import mean_difference
 
 
 def concept_samples(labeller, pool: torch.Tensor, k: int, seed: int) -> torch.Tensor:
@@ -33,8 +34,7 @@ def post_hoc_direction(encode, labeller, pool: torch.Tensor) -> torch.Tensor:
     """
     with torch.no_grad():
         z = encode(pool)
-    lab = labeller.exact(pool).bool()
-    return F.normalize(z[lab].mean(0) - z[~lab].mean(0), dim=-1)
+    return mean_difference(z, labeller.exact(pool))
 
 
 @dataclass

@@ -43,6 +43,8 @@ def edit_summary(named_after: Mapping[str, Sequence[float]], seeds: Sequence[int
     `selectivity` compares that too. Reading both columns side by side shows what selection
     buys, and whether it merely hides seeds where the edit missed.
     """
+    if len(set(int(s) for s in seeds)) != len(seeds):
+        raise ValueError("seeds repeat (a seed_list with repeats): selection by seed would be ambiguous")
     index = {int(s): i for i, s in enumerate(seeds)}
     missing = [s for s in selected if int(s) not in index]
     if missing:

@@ -41,6 +41,8 @@ class ColourKind(Kind):
     def validate(self, cfg: ColourExperiment) -> None:
         check_fits(memory_estimate(cfg), f"{cfg.name} with {members(cfg)} seeds", "train fewer --seeds at once "
                    "(or split them with `anchoring sweep`)")
+        if cfg.evaluate.select == "pareto" and cfg.train.seed_list is not None and len(set(cfg.train.seed_list)) != len(cfg.train.seed_list):
+            raise AnchoringError("evaluate.select = 'pareto' picks seeds by name, so train.seed_list must not repeat a seed")
         objective = build_objective(cfg)
         check_curriculum(cfg, build_timeline(cfg, objective))
         names = [i.name for i in cfg.interventions]
@@ -193,9 +195,10 @@ def finish(result: TrainResult, path: Path) -> dict[str, Any]:
         summary["reactive"] = [vars(d) for d in result.decisions]
     if edits:
         summary["interventions"] = edits
-        summary["pareto_seeds"] = pareto_seeds(rows, edits)
-        summary["selection"] = selection_summary(rows, edits, summary["pareto_seeds"])
-        summary["select"] = cfg.evaluate.select
+        if len({r["seed"] for r in rows}) == len(rows):  # seeds name members only when none repeats
+            summary["pareto_seeds"] = pareto_seeds(rows, edits)
+            summary["selection"] = selection_summary(rows, edits, summary["pareto_seeds"])
+            summary["select"] = cfg.evaluate.select
     write_report(path, cfg, rows, summary)
     return summary
 

@@ -18,6 +18,7 @@ from torch import nn
 from anchoring.anchor import Capture
 from anchoring.anchor.sequence import SequenceSite
 from anchoring.control import intervene, suppress
+from anchoring.control.erasure import mean_difference as mean_difference_of
 from anchoring.domains.colour import hsv_similarity
 from anchoring.domains.colour.labels import redness
 from anchoring.domains.colour_language import ROLE, ColourLanguage
@@ -290,6 +291,4 @@ def edited(model: nn.Module, targets: Sequence[tuple[SequenceSite, torch.Tensor]
 
 def mean_difference(p: Probe, lang: ColourLanguage, site: SequenceSite, k: int) -> torch.Tensor:
     """A post-hoc concept direction for a model trained without anchors: mean(reddest k) − mean(rest)."""
-    X = p.slot(site, ROLE["a"])
-    red = torch.isin(p.colours, reddest(lang, k))
-    return F.normalize(X[red].mean(0) - X[~red].mean(0), dim=-1)
+    return mean_difference_of(p.slot(site, ROLE["a"]), torch.isin(p.colours, reddest(lang, k)))
