@@ -13,9 +13,12 @@ import signal
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from anchoring.errors import AnchoringError
 from anchoring.train.checkpoint import read_checkpoint, restore_optimizer, save_checkpoint
@@ -59,6 +62,22 @@ class Task(Protocol):
 
     def restore(self, steps_done: int, tensors: dict[str, torch.Tensor]) -> None:
         """Take back what `state` saved."""
+
+
+class MetricRows:
+    """Task bookkeeping for a single model whose metrics are one numpy row per step (`self.rows`):
+    no per-step actions, and the rows so far are all a checkpoint needs beyond weights and Adam."""
+
+    rows: "np.ndarray"
+
+    def after_step(self, step: int) -> bool:
+        return False
+
+    def state(self, steps_done: int) -> dict[str, torch.Tensor]:
+        return {"metrics": torch.from_numpy(self.rows)}
+
+    def restore(self, steps_done: int, tensors: dict[str, torch.Tensor]) -> None:
+        self.rows[:steps_done] = tensors["metrics"].numpy()[:steps_done]
 
 
 class StopFlag:

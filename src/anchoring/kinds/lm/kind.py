@@ -21,12 +21,12 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import save as st_save
 
 from anchoring import runs
 from anchoring.anchor import Capture
 from anchoring.errors import AnchoringError
 from anchoring.evaluate.stats import median
+from anchoring.kinds.arms import write_arms
 from anchoring.kinds.base import Kind
 from anchoring.kinds.lm import evaluate as ev
 from anchoring.kinds.lm import figures as lf
@@ -167,9 +167,7 @@ def _train_in_processes(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int
 
 
 def write_weights(path: Path, models: dict[tuple[str, int], torch.nn.Module]) -> None:
-    runs.write_atomic(path / CHECKPOINT, st_save(
-        {f"{arm}.{seed}.{k}": v.detach().cpu().contiguous() for (arm, seed), m in models.items() for k, v in m.state_dict().items()},
-        metadata={"format": "anchoring-lm-1"}))
+    write_arms(path, models, "anchoring-lm-1")
 
 
 def finish(cfg: LMExperiment, path: Path, data: LMData, results: dict[tuple[str, int], ArmResult]) -> dict[str, Any]:

@@ -9,16 +9,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from anchoring.errors import AnchoringError
+from anchoring.kinds.arms import load_arms
 from anchoring.kinds.base import ArmsRun
 from anchoring.kinds.lm import evaluate as ev
 from anchoring.kinds.lm.config import LMExperiment
 from anchoring.kinds.lm.data import LMData, load_data
 from anchoring.kinds.lm.training import build_model
-from anchoring.models import NormalizedTransformer
 
 
 @dataclass
@@ -86,26 +84,10 @@ class LMRun(ArmsRun):
 
 
 def open_run(path: Path, cfg: LMExperiment, arch: dict[str, Any], summary: dict[str, Any] | None) -> LMRun:
-    for key in ("seeds", "arms", "vocab"):
-        if key not in arch:
-            raise AnchoringError(f"{str(path / 'architecture.json')!r} has no {key!r}")
-    try:
-        tensors = load_file(str(path / "checkpoint.safetensors"))
-    except (OSError, SafetensorError) as e:
-        raise AnchoringError(f"cannot read {str(path / 'checkpoint.safetensors')!r}: {e}") from None
+    if "vocab" not in arch:
+        raise AnchoringError(f"{str(path / 'architecture.json')!r} has no 'vocab'")
     data = load_data(cfg.text, path)
     if data.vocab_size != arch["vocab"]:
         raise AnchoringError(f"{str(path)!r}: tokenizer has {data.vocab_size} tokens, the weights {arch['vocab']}")
-    out: dict[str, list[NormalizedTransformer]] = {}
-    for arm in arch["arms"]:
-        out[arm] = []
-        for seed in arch["seeds"]:
-            m = build_model(cfg, arch["vocab"])
-            prefix = f"{arm}.{seed}."
-            try:
-                m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-            except RuntimeError as e:
-                raise AnchoringError(f"{str(path)!r}: weights of {arm} seed {seed} do not match the config ({str(e)[:80]})") from None
-            m.eval()
-            out[arm].append(m)
+    out = load_arms(path, arch, lambda: build_model(cfg, arch["vocab"]))
     return LMRun(path, cfg, list(arch["seeds"]), [m for ms in out.values() for m in ms], summary, out, data)

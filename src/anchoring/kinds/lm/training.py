@@ -23,7 +23,7 @@ from anchoring.kinds.lm.config import LMExperiment
 from anchoring.kinds.lm.data import LMData, Stream
 from anchoring.models import NormalizedTransformer
 from anchoring.schedule import Timeline
-from anchoring.train.skeleton import fit
+from anchoring.train.skeleton import MetricRows, fit
 from anchoring.train.timeline import fit_steps, parse_schedule
 
 PER_VECTOR = ("anchor", "anti-anchor", "subspace", "anti-subspace")
@@ -100,7 +100,7 @@ class ArmResult:
     metrics: np.ndarray  # (steps, metrics)
 
 
-class LMTask:
+class LMTask(MetricRows):
     """One optimiser step of one (arm, seed); the `Task` that `train.skeleton.fit` drives.
 
     With `rank`/`world` (data parallel) the task takes only its rank's rows of the global batch and
@@ -192,15 +192,6 @@ class LMTask:
         den = w.sum().detach().clone()
         dist.all_reduce(den)
         return num / den.clamp_min(1.0) * self.world
-
-    def after_step(self, step: int) -> bool:
-        return False
-
-    def state(self, steps_done: int) -> dict[str, torch.Tensor]:
-        return {"metrics": torch.from_numpy(self.rows)}
-
-    def restore(self, steps_done: int, tensors: dict[str, torch.Tensor]) -> None:
-        self.rows[:steps_done] = tensors["metrics"].numpy()[:steps_done]
 
 
 def _average_gradients(model: torch.nn.Module, world: int) -> None:

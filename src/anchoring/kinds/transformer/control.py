@@ -14,12 +14,12 @@ from anchoring.anchor import Capture
 from anchoring.config import InterventionConfig
 from anchoring.control.surgery import project_out
 from anchoring.errors import AnchoringError
+from anchoring.kinds.arms import write_arms
 from anchoring.kinds.base import EditResult
 from anchoring.kinds.transformer import evaluate as ev
 from anchoring.kinds.transformer.model import TransformerRun
 from anchoring.kinds.transformer.training import build_sequence_objective
 from anchoring.report import html
-from anchoring.train.checkpoint import atomic_save
 
 GROUPS = ("red answer", "red-ish", "no red")
 
@@ -148,8 +148,7 @@ def delete(run: TransformerRun, spec: InterventionConfig, out: Path) -> EditResu
     out.mkdir(parents=True, exist_ok=True)
     runs.write_atomic(out / runs.CONFIG, (run.path / runs.CONFIG).read_text())
     runs.write_atomic(out / runs.ARCH, (run.path / runs.ARCH).read_text())
-    atomic_save({f"{arm}.{seed}.{k}": v for arm, ms in edited.items() for seed, m in zip(run.seeds, ms)
-                 for k, v in m.state_dict().items()}, out / "checkpoint.safetensors", {"format": "anchoring-transformer-1"})
+    write_arms(out, {(arm, seed): m for arm, ms in edited.items() for seed, m in zip(run.seeds, ms)}, "anchoring-transformer-1")
     edit = {"source": str(run.path), "method": "delete-direction", "concept": spec.concept,
             "max_residual_component": leftover}
     previous = runs.read_json(run.path / "edit.json").get("lineage", []) if (run.path / "edit.json").is_file() else []

@@ -25,6 +25,7 @@ from anchoring.anchor.sequence import SequenceSite
 from anchoring.domains.colour.labels import redness
 from anchoring.errors import AnchoringError
 from anchoring.evaluate.stats import median
+from anchoring.kinds.arms import write_arms
 from anchoring.kinds.base import Kind
 from anchoring.kinds.transformer import evaluate as ev
 from anchoring.kinds.transformer import figures as sf
@@ -39,7 +40,6 @@ from anchoring.kinds.transformer.training import (
 )
 from anchoring.report import html
 from anchoring.report.figures import save as save_fig
-from anchoring.train.checkpoint import atomic_save
 from anchoring.train.skeleton import TrainingInterrupted
 
 Progress = Callable[[int, int], None]
@@ -204,8 +204,7 @@ def finish(cfg: TransformerExperiment, path: Path, lang, results: dict[tuple[str
     table = [np.column_stack([np.arange(len(r.metrics)), np.full(len(r.metrics), seed), np.full(len(r.metrics), arm == "anchored"), r.metrics])
              for (arm, seed), r in results.items()]
     runs.write_metrics_csv(path / runs.METRICS, header, np.concatenate(table), integer_columns=3)
-    atomic_save({f"{arm}.{seed}.{k}": v for (arm, seed), r in results.items() for k, v in r.model.state_dict().items()},
-                path / "checkpoint.safetensors", {"format": "anchoring-transformer-1"})
+    write_arms(path, {k: r.model for k, r in results.items()}, "anchoring-transformer-1")
 
     rows: list[dict[str, Any]] = []
     maps: dict[str, list[torch.Tensor]] = {a: [] for a in names}

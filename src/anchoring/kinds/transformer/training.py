@@ -30,7 +30,7 @@ from anchoring.errors import AnchoringError
 from anchoring.kinds.transformer.config import TransformerExperiment
 from anchoring.models import NormalizedTransformer
 from anchoring.schedule import Timeline
-from anchoring.train.skeleton import fit
+from anchoring.train.skeleton import MetricRows, fit
 from anchoring.train.timeline import fit_steps, parse_schedule
 
 PER_VECTOR = ("anchor", "anti-anchor", "subspace", "anti-subspace")  # kinds that make sense per token
@@ -102,7 +102,7 @@ class ArmResult:
     metrics: np.ndarray  # (steps, metrics)
 
 
-class ArmTask:
+class ArmTask(MetricRows):
     """One step of one model: a batch and its label draws from (seed, step), task loss plus the
     anchored arm's terms, Adam, then the weights back on the sphere."""
 
@@ -146,15 +146,6 @@ class ArmTask:
         n_lab = sum(float(v.sum()) for v in labels.values())
         self.rows[step] = [*values, loss.item(), task.item(), *[tv.get(t.name, np.nan) for t in self.objective.terms], n_lab]
         return torch.tensor([loss.item(), task.item(), *tv.values()])
-
-    def after_step(self, step: int) -> bool:
-        return False
-
-    def state(self, steps_done: int) -> dict[str, torch.Tensor]:
-        return {"metrics": torch.from_numpy(self.rows)}
-
-    def restore(self, steps_done: int, tensors: dict[str, torch.Tensor]) -> None:
-        self.rows[:steps_done] = tensors["metrics"].numpy()[:steps_done]
 
 
 def train_arm(cfg: TransformerExperiment, seed: int, *, anchored: bool, checkpoint: Path | None = None,

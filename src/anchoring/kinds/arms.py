@@ -1,0 +1,52 @@
+"""Weights of kinds that train several arms per seed (transformer, language model): one
+checkpoint file with every (arm, seed) model under `<arm>.<seed>.<parameter>`, checksummed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from anchoring.errors import AnchoringError
+from anchoring.train.checkpoint import CHECKPOINT, atomic_save, verify
+
+
+def write_arms(path: Path, models: dict[tuple[str, int], nn.Module], fmt: str) -> None:
+    atomic_save({f"{arm}.{seed}.{k}": v.detach().cpu() for (arm, seed), m in models.items() for k, v in m.state_dict().items()},
+                path / CHECKPOINT, {"format": fmt})
+
+
+def read_arms(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path / CHECKPOINT), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path / CHECKPOINT))
+    except (OSError, SafetensorError) as e:
+        raise AnchoringError(f"cannot read {str(path / CHECKPOINT)!r}: {e}") from None
+    verify(path / CHECKPOINT, meta, tensors)
+    return tensors
+
+
+def load_arms(path: Path, arch: dict, build: Callable[[], nn.Module]) -> dict[str, list[nn.Module]]:
+    """Every arm's models, seed by seed, rebuilt with `build()` and filled from the checkpoint."""
+    for key in ("seeds", "arms"):
+        if key not in arch:
+            raise AnchoringError(f"{str(path / 'architecture.json')!r} has no {key!r} list")
+    tensors = read_arms(path)
+    out: dict[str, list[nn.Module]] = {}
+    for arm in arch["arms"]:
+        out[arm] = []
+        for seed in arch["seeds"]:
+            m = build()
+            prefix = f"{arm}.{seed}."
+            try:
+                m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            except RuntimeError as e:
+                raise AnchoringError(f"{str(path)!r}: weights of {arm} seed {seed} do not match the config ({str(e)[:80]})") from None
+            m.eval()
+            out[arm].append(m)
+    return out
