@@ -74,6 +74,45 @@ class LMEvaluateConfig(_Strict):
         return v or None
 
 
+Posthoc = Literal["mean-difference", "leace"]
+
+
+class UnlearningConfig(_Strict):
+    """`[unlearning]`: forget/retain loss after each method's edit, and how well the edit survives fine-tuning."""
+
+    enabled: bool = Field(False, description="measure every unlearning method after training (needs the control arm)")
+    relearn_k: list[int] = Field(default_factory=lambda: [4, 16, 64],
+                                 description="forget passages (reference-positive, training) the attacker fine-tunes on")
+    relearn_steps: int = Field(40, ge=0, description="Adam steps of each relearning fine-tune")
+    relearn_lr: float = Field(1e-3, gt=0, description="learning rate of the relearning and recovery fine-tunes")
+    relearn_batch: int = Field(8, ge=1, description="windows per fine-tuning step")
+    recover_steps: int = Field(100, ge=0, description="most steps of the 50/50 forget/retain fine-tune (steps to recover)")
+    eval_chars: int = Field(20_000, ge=200, description="validation characters the fine-tuning curves are scored on "
+                                                        "(every step, so keep it small)")
+    posthoc: list[Posthoc] = Field(default_factory=lambda: ["mean-difference", "leace"],
+                                   description="post-hoc directions fitted on the control arm")
+    fit_positions: int = Field(4000, ge=20, description="training positions the post-hoc directions are fitted on")
+
+    @field_validator("relearn_k")
+    @classmethod
+    def _k(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("relearn_k needs at least one K")
+        bad = [k for k in v if k <= 0]
+        if bad:
+            raise ValueError(f"relearn_k entries must be positive passage counts, got {bad[0]}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"relearn_k entries must be distinct, got {v}")
+        return v
+
+    @field_validator("posthoc")
+    @classmethod
+    def _p(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"posthoc methods must be distinct, got {v}")
+        return v
+
+
 class LMExperiment(TrainedExperiment):
     """kind = "lm": a character (or BPE) normalised-transformer LM, anchored arm plus controls."""
 
@@ -82,3 +121,10 @@ class LMExperiment(TrainedExperiment):
     lm: LMConfig = Field(default_factory=LMConfig)
     train: LMTrainConfig = Field(default_factory=LMTrainConfig)
     evaluate: LMEvaluateConfig = Field(default_factory=LMEvaluateConfig)
+    unlearning: UnlearningConfig = Field(default_factory=UnlearningConfig)
+
+    @model_validator(mode="after")
+    def _unlearning_arms(self) -> "LMExperiment":
+        if self.unlearning.enabled and "control" not in self.lm.arms:
+            raise ValueError("unlearning.enabled needs the control arm (the 'before' of every filter and post-hoc method)")
+        return self

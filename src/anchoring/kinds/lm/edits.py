@@ -1,9 +1,14 @@
-"""Edits of an LM run's models by the concept's anchor: suppression through hooks at the anchored
-sites, and deletion of the direction from the weights (no hook needed afterwards)."""
+"""Edits of an LM run's models along a concept direction: suppression through hooks at residual
+sites, and deletion of the direction from the weights (no hook needed afterwards).
+
+By default the direction is the anchored arm's own anchor (or its subspace's axes) at the anchored
+sites; `edited(..., directions=…, sites=…)` applies the same code to any directions, such as the
+post-hoc ones fitted on the control arm (`kinds.lm.posthoc`)."""
 
 from __future__ import annotations
 
 from contextlib import ExitStack
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -15,6 +20,7 @@ from anchoring.kinds.lm.config import LMExperiment
 from anchoring.kinds.lm.kind import anchored_sites, measured_direction
 
 EDITS = ("suppress", "delete")
+Edit = Callable[[torch.Tensor], torch.Tensor]
 
 
 def concept_directions(cfg: LMExperiment) -> list[torch.Tensor]:
@@ -25,35 +31,70 @@ def concept_directions(cfg: LMExperiment) -> list[torch.Tensor]:
     return [torch.eye(cfg.lm.width)[d] for d in dims or ()]
 
 
-class Suppressed(nn.Module):
-    """A model whose anchored sites have the concept's half-space projected out on every forward."""
+def orthonormal(directions: Sequence[torch.Tensor], tol: float = 1e-6) -> list[torch.Tensor]:
+    """An orthonormal basis of the span of `directions` (Gram–Schmidt in order; dependent ones dropped)."""
+    basis: list[torch.Tensor] = []
+    for v in directions:
+        w = v.double().flatten()
+        for b in basis:
+            w = w - (w @ b) * b
+        if w.norm() > tol * max(float(v.double().norm()), 1.0):
+            basis.append(w / w.norm())
+    return [b.float() for b in basis]
 
-    def __init__(self, model: nn.Module, sites: list[str], directions: list[torch.Tensor]) -> None:
+
+class Suppressed(nn.Module):
+    """A model whose sites are edited on every forward: by default the concept's half-space is
+    projected out along each direction (`Intervention("suppress", …)` with the falloff `shape`);
+    `edits` gives a site its own edit instead (LEACE's eraser, say)."""
+
+    def __init__(self, model: nn.Module, sites: list[str], directions: list[torch.Tensor] | Mapping[str, list[torch.Tensor]],
+                 shape=None, edits: Mapping[str, Edit] | None = None) -> None:
         super().__init__()
-        self.inner, self.sites, self.directions = model, sites, directions
+        self.inner, self.sites = model, sites
+        per_site = directions if isinstance(directions, Mapping) else {s: directions for s in sites}
+        self.directions = {s: list(per_site.get(s, [])) for s in sites}
+        self.shape = shape if shape is not None else Constant()
+        self.edits = dict(edits or {})
         self.context = getattr(model, "context", None)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         with ExitStack() as stack:
             for site in self.sites:
-                for v in self.directions:
-                    edit = Intervention("suppress", tuple(v.tolist()), None, Constant())
+                if site in self.edits:
+                    stack.enter_context(intervene(self.inner, site, self.edits[site]))
+                    continue
+                for v in self.directions[site]:
+                    edit = Intervention("suppress", tuple(v.tolist()), None, self.shape)
                     stack.enter_context(intervene(self.inner, site, edit))
             return self.inner(tokens)
 
 
-def edited(model: nn.Module, cfg: LMExperiment, edit: str) -> nn.Module:
-    """`model` under `edit` (suppress | delete), for any arm: the anchored arm's own anchor."""
-    if edit not in EDITS:
-        raise AnchoringError(f"--edit must be one of {', '.join(EDITS)}, not {edit!r}")
-    directions = concept_directions(cfg)
-    if edit == "suppress":
-        sites = anchored_sites(cfg)
-        if not sites:
-            raise AnchoringError("this run anchors nothing, so there is no site to suppress at")
-        return Suppressed(model, sites, directions).eval()
+def delete(model: nn.Module, directions: Sequence[torch.Tensor]) -> nn.Module:
+    """A copy with the span of `directions` removed from the embeddings and every residual writer:
+    the directions are orthonormalised first, then each basis vector is projected out in turn."""
     embeddings, writers = model.residual_writers()
     out = model
-    for v in directions:
+    for v in orthonormal(directions):
         out = project_out(out, v, embeddings, writers)
+    if out is model:
+        raise AnchoringError("nothing to delete: no direction given")
     return out.eval()
+
+
+def edited(model: nn.Module, cfg: LMExperiment, edit: str, *,
+           directions: list[torch.Tensor] | Mapping[str, list[torch.Tensor]] | None = None,
+           sites: list[str] | None = None, shape=None, edits: Mapping[str, Edit] | None = None) -> nn.Module:
+    """`model` under `edit` (suppress | delete). Default: the anchored arm's own anchor at the anchored
+    sites. `directions` (one list for every site, or a list per site), `sites`, the suppression falloff
+    `shape` (`control.falloff`; Constant by default) and per-site hook `edits` override that."""
+    if edit not in EDITS:
+        raise AnchoringError(f"--edit must be one of {', '.join(EDITS)}, not {edit!r}")
+    directions = concept_directions(cfg) if directions is None else directions
+    if edit == "suppress":
+        sites = sites if sites is not None else anchored_sites(cfg)
+        if not sites:
+            raise AnchoringError("this run anchors nothing, so there is no site to suppress at")
+        return Suppressed(model, sites, directions, shape, edits).eval()
+    flat = [v for vs in directions.values() for v in vs] if isinstance(directions, Mapping) else list(directions)
+    return delete(model, flat)
