@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -81,4 +82,74 @@ def shaded_text(passages: list[tuple[str, str, np.ndarray, list[tuple[int, int]]
             ax.text(x + 0.5, y + 0.5, ch, fontsize=6, family="monospace", ha="center", va="center")
             x += 1
         y += 1
+    return fig
+
+
+def _method_colours(methods: list[str]) -> dict[str, Any]:
+    cmap = plt.get_cmap("tab10")
+    return {m: cmap(i % 10) for i, m in enumerate(methods)}
+
+
+def unlearning_tradeoff(rows: list[dict]) -> Figure:
+    """Δforget at concept positions against retain cost, one point per (method, seed)."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colour = _method_colours(methods)
+    fig, ax = plt.subplots(figsize=(5.6, 4.0))
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m]
+        ax.scatter([r["retain_cost"] for r in mine], [r["d_forget_concept"] for r in mine], color=colour[m], label=m, s=22)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.axvline(0, color="k", lw=0.5)
+    ax.set_xlabel("retain cost (nats/char)", fontsize=8)
+    ax.set_ylabel("Δforget at concept positions (nats/char)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def relearning_curves(points: list[dict], ks: list[int]) -> Figure:
+    """Forget-concept loss against fine-tuning step, one panel per K, one line per method (mean over
+    seeds); the control's loss on the same text dashed."""
+    relearn = [p for p in points if p["fine_tune"].startswith("relearn")]
+    methods = list(dict.fromkeys(p["method"] for p in relearn))
+    colour = _method_colours(methods)
+    fig, axes = plt.subplots(1, len(ks), figsize=(4.0 * len(ks), 3.2), squeeze=False, sharey=True)
+    for ax, k in zip(axes[0], ks):
+        mine = [p for p in relearn if p["k"] == k]
+        for m in methods:
+            steps = sorted({p["step"] for p in mine if p["method"] == m})
+            ys = [np.mean([p["forget_concept"] for p in mine if p["method"] == m and p["step"] == s]) for s in steps]
+            ax.plot(steps, ys, color=colour[m], lw=1.2, label=m)
+        if mine:
+            ax.axhline(float(np.mean(sorted({p["control_concept"] for p in mine}))), color="k", ls="--", lw=0.8,
+                       label="control")
+        ax.set_title(f"K = {k} forget passages", fontsize=9)
+        ax.set_xlabel("fine-tuning step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0, 0].set_ylabel("forget loss at concept positions (nats/char)", fontsize=8)
+    axes[0, 0].legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def coverage_figure(points: list[tuple[float, str, float]]) -> Figure:
+    """R (Δforget relative to the oracle filter) against weak-label coverage, one line per method;
+    `points` = [(coverage, method, R)], several seeds per coverage averaged (NaN skipped)."""
+    methods = list(dict.fromkeys(m for _c, m, _r in points))
+    colour = _method_colours(methods)
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for m in methods:
+        covs = sorted({c for c, mm, _r in points if mm == m})
+        ys = []
+        for c in covs:
+            vals = [r for cc, mm, r in points if mm == m and cc == c and r is not None and np.isfinite(r)]
+            ys.append(float(np.mean(vals)) if vals else np.nan)
+        ax.plot(covs, ys, marker="o", ms=3, color=colour[m], label=m)
+    ax.axhline(1.0, color="k", ls="--", lw=0.6)
+    ax.set_xlabel("label coverage", fontsize=8)
+    ax.set_ylabel("R = Δforget / Δforget(oracle filter)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
     return fig

@@ -198,6 +198,8 @@ def finish(cfg: LMExperiment, path: Path, data: LMData, results: dict[tuple[str,
     summary["eval_s"] = round(eval_s, 3)
     if cfg.evaluate.ood:
         summary["ood"] = ood(cfg, path, data, results)
+    if cfg.unlearning.enabled:
+        summary["unlearning"] = unlearning(cfg, path, data, results)
     figures(cfg, path, data, results, rows, sites, direction, dims)
     write_report(cfg, path, summary, first.metric_names)
     return summary
@@ -220,6 +222,18 @@ def ood(cfg: LMExperiment, path: Path, data: LMData, results: dict[tuple[str, in
     save_fig(roc_figure(scores, metrics=("s2", "surprisal"), title=f"{arm} arm, seed {seeds[0]}: held-out text against each set"),
              path / "figures" / "ood_roc.png")
     return res
+
+
+def unlearning(cfg: LMExperiment, path: Path, data: LMData, results: dict[tuple[str, int], ArmResult]) -> dict[str, Any]:
+    """Forget/retain loss per unlearning method and seed, relearning curves (CSV) and their figures."""
+    from anchoring.kinds.lm import unlearning as ul
+
+    out = ul.evaluate(cfg, data, {k: r.model for k, r in results.items()}, path)
+    points = out.pop("curve_points")
+    save_fig(lf.unlearning_tradeoff(out["rows"]), path / "figures" / "unlearning_tradeoff.png")
+    if any(p["fine_tune"].startswith("relearn") for p in points):
+        save_fig(lf.relearning_curves(points, out["relearn_k"]), path / "figures" / "relearning_curves.png")
+    return out
 
 
 def summarize(cfg: LMExperiment, rows: list[dict], names: list[str], es: ev.EvalSet, sites: list[str]) -> dict[str, Any]:
@@ -326,6 +340,22 @@ def write_report(cfg: LMExperiment, path: Path, summary: dict[str, Any], metric_
                                        [[d["seed"], d["concept_s2_before"], d["retain_s2_before"], d["auroc_s2_before"],
                                          d["concept_s2"], d["retain_s2"], d["auroc_s2"]] for d in o["deleted"]]))
         sections.append(("Out-of-distribution detection", body))
+    if "unlearning" in summary:
+        from anchoring.kinds.lm import unlearning as ul
+
+        u = summary["unlearning"]
+        header, rows = ul.table(u)
+        body = (f"<p>Nats/char on held-out text. Forget: reference-positive passages (whole, and at concept positions); "
+                f"retain: reference-negative passages. Δ = after − before; selectivity = Δforget (concept) / retain cost; "
+                f"R = Δforget (concept) / that of the oracle filter against the control. Relearning: "
+                f"{u['relearn_steps']} fine-tuning steps on K forget passages, scored on {u['eval_positions']['curves']} "
+                f"positions; relearned = lowest concept loss − the control's, kept = share of Δforget that survives. "
+                f"{html.html.escape(u['note'])}. Curves: {html.html.escape(u['curves'])}.</p>"
+                + html.table_html(header, rows)
+                + html.image_html(figs / "unlearning_tradeoff.png", "Δforget (concept) against retain cost"))
+        if (figs / "relearning_curves.png").is_file():
+            body += html.image_html(figs / "relearning_curves.png", "relearning curves")
+        sections.append(("Unlearning", body))
     if (figs / "shaded_passages.png").is_file():
         sections.append(("Held-out passages shaded by alignment (red: towards the anchor)",
                          html.image_html(figs / "shaded_passages.png", "shaded passages")))
@@ -376,6 +406,10 @@ def summary_lines(summary: dict[str, Any]) -> list[Any]:
     lines: list[Any] = [table]
     for name, t in summary.get("targets", {}).items():
         lines.append(f"{'met ' if t['met'] else 'MISS'}  {name}: {t['median']:.3f}")
+    if summary.get("unlearning"):
+        from anchoring.kinds.lm import unlearning as ul
+
+        lines += ul.lines(summary["unlearning"])
     o = summary.get("ood")
     if o:
         for seed, table in o["auroc"].items():

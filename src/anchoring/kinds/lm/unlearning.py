@@ -1,0 +1,311 @@
+"""The unlearning evaluation of an LM run: forget and retain loss before and after each method, and
+how much of the forgetting survives a relearning fine-tune (see docs/method.md, "Unlearning").
+
+Methods, per seed (each with the model it starts from, "before", and the one it ends with, "after"):
+
+- `anchoring · delete|suppress`: the anchored arm, edited along its own anchor (every dim of a subspace);
+- `mean-difference · …`, `LEACE · …`: the control arm, edited along post-hoc directions (`posthoc`);
+- `weak filter`, `oracle filter`: before = the control arm, after = the filtered arm;
+- `SGTM`, `gradient routing`: the arm as trained, and `baselines.ablated` of it (only when those arms exist).
+
+Losses are nats per character on held-out text (`evaluate.eval_set`): *forget* = every token of a
+reference-positive passage, *concept* = its concept positions, *retain* = every token of a
+reference-negative passage. Fine-tunes score a smaller fixed subset (`unlearning.eval_chars`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anchoring import runs
+from anchoring.kinds.lm import evaluate as ev
+from anchoring.kinds.lm.config import LMExperiment
+from anchoring.kinds.lm.data import LMData
+
+CURVES = "unlearning_curves.csv"
+PICK_SALT, BATCH_SALT, MIX_SALT = 0x4E1, 0x4E2, 0x4E3
+TINY = 1e-6  # nats/char: a difference this small is no difference
+POSTHOC_NAMES = {"mean-difference": "mean-difference", "leace": "LEACE"}
+BASELINES = {"sgtm": "SGTM", "routing": "gradient routing"}
+Progress = Callable[[int, int], None]
+
+
+@torch.no_grad()
+def losses(model: nn.Module, es: ev.EvalSet, batch: int = 16) -> dict[str, float]:
+    """Nats per character: `forget` (reference-positive passages, whole), `concept` (their concept
+    positions) and `retain` (reference-negative passages). Loss only: no captures, no probes."""
+    model.eval()
+    nats = dict.fromkeys(("forget", "concept", "retain"), 0.0)
+    chars = dict.fromkeys(nats, 0.0)
+    for b0 in range(0, len(es.tokens), batch):
+        x = es.tokens[b0:b0 + batch]
+        ell = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten(), reduction="none").view(x.shape[0], -1)
+        tc, ch = es.cls[b0:b0 + batch, 1:], es.chars[b0:b0 + batch, 1:]
+        for name, mask in (("forget", (tc == ev.CONCEPT) | (tc == ev.OTHER)), ("concept", tc == ev.CONCEPT),
+                           ("retain", tc == ev.RETAIN)):
+            nats[name] += float(ell[mask].sum())
+            chars[name] += float(ch[mask].sum())
+    return {k: nats[k] / chars[k] if chars[k] else float("nan") for k in nats}
+
+
+def ratio(num: float, den: float) -> float:
+    """num/den, honest at the edges: den ≤ TINY gives inf when num > TINY, else NaN."""
+    if not (math.isfinite(num) and math.isfinite(den)):
+        return float("nan")
+    if den <= TINY:
+        return float("inf") if num > TINY else float("nan")
+    return num / den
+
+
+@dataclass
+class Method:
+    name: str
+    arm: str
+    before: nn.Module
+    after: nn.Module
+    weights_edited: bool  # False: a hook, which fine-tuning cannot meaningfully attack
+
+
+def methods(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.Module], seed: int) -> list[Method]:
+    """Every method that applies to this run's arms, for `seed` (see the module docstring)."""
+    from anchoring.kinds.lm import posthoc
+    from anchoring.kinds.lm.edits import edited
+    from anchoring.kinds.lm.kind import anchored_sites
+
+    arms = cfg.lm.arms
+    control = models["control", seed]
+    out: list[Method] = []
+    if "anchored" in arms:
+        a = models["anchored", seed]
+        out += [Method("anchoring · delete", "anchored", a, edited(a, cfg, "delete"), True),
+                Method("anchoring · suppress", "anchored", a, edited(a, cfg, "suppress"), False)]
+    if cfg.unlearning.posthoc:
+        sites = anchored_sites(cfg) or [f"blocks.{cfg.lm.layers - 1}"]
+        for key, f in posthoc.fit(control, cfg, data, seed, sites).items():
+            name = POSTHOC_NAMES[key]
+            out += [Method(f"{name} · delete", "control", control, f.delete(control, cfg), True),
+                    Method(f"{name} · suppress", "control", control, f.suppress(control, cfg), False)]
+    for arm, name in (("weak-filtered", "weak filter"), ("oracle-filtered", "oracle filter")):
+        if arm in arms:
+            out.append(Method(name, arm, control, models[arm, seed], True))
+    extra = [a for a in BASELINES if a in arms]
+    if extra:
+        from anchoring.kinds.lm.baselines import ablated  # only present where those arms are
+
+        for arm in extra:
+            m = models[arm, seed]
+            out.append(Method(BASELINES[arm], arm, m, ablated(m, cfg, arm), True))
+    return out
+
+
+class Windows:
+    """Fine-tuning windows cut from a set of training passages: their tokens joined in a fixed order
+    (repeated when shorter than a window), and per step `n` windows at offsets drawn from
+    `default_rng([seed, step, salt])`: the same windows for every method of a seed."""
+
+    def __init__(self, data: LMData, passages: np.ndarray, window: int, seed: int, salt: int) -> None:
+        toks = np.concatenate([data.train_tokens[i] for i in passages]).astype(np.int64)
+        self.length = len(toks)
+        self.tokens = np.tile(toks, -(-(self.length + window + 1) // self.length) + 1)
+        self.window, self.seed, self.salt = window, seed, salt
+
+    def batch(self, step: int, n: int) -> torch.Tensor:
+        rng = np.random.default_rng([self.seed, step, self.salt])
+        starts = rng.integers(0, self.length, n)
+        return torch.from_numpy(np.stack([self.tokens[s:s + self.window + 1] for s in starts]))
+
+
+def forget_passages(data: LMData, seed: int) -> np.ndarray:
+    """Reference-positive training passages (indices into the training list) in a seeded order: the
+    attacker's first K, the same for every method of a seed and nested across K."""
+    ref = data.reference[data.parts["train"]]
+    pos = np.flatnonzero(ref == 1)
+    return pos[np.random.default_rng([seed, PICK_SALT]).permutation(len(pos))]
+
+
+def finetune(model: nn.Module, batches: Callable[[int], torch.Tensor], steps: int, lr: float,
+             score: Callable[[nn.Module], dict[str, float]], stop: Callable[[dict[str, float]], bool] | None = None,
+             tick: Callable[[], None] | None = None) -> list[dict[str, float]]:
+    """Adam on a copy of `model`; `score` before the first step and after each (steps + 1 points, or
+    fewer when `stop` says so). Weights are put back on the sphere after each step if the model does that."""
+    m = copy.deepcopy(model)
+    opt = torch.optim.Adam(m.parameters(), lr=lr)
+    curve = [score(m)]
+    for step in range(steps):
+        if stop is not None and stop(curve[-1]):
+            break
+        m.train()
+        x = batches(step)
+        loss = F.cross_entropy(m(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if hasattr(m, "normalize_weights"):
+            with torch.no_grad():
+                m.normalize_weights()
+        curve.append(score(m))
+        if tick is not None:
+            tick()
+    return curve
+
+
+@contextmanager
+def _bar(total: int, progress: Progress | None) -> Iterator[Callable[[], None]]:
+    """A tick per fine-tuning step: to `progress(done, total)`, else a rich bar on a terminal."""
+    done = [0]
+    if progress is None and sys.stderr.isatty():
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as Bar
+
+        with Bar(TextColumn("unlearning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True) as bar:
+            task = bar.add_task("unlearning", total=total)
+            yield lambda: bar.advance(task)
+        return
+
+    def tick() -> None:
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], total)
+
+    yield tick
+
+
+def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.Module], path: Path | None = None,
+             progress: Progress | None = None) -> dict[str, Any]:
+    """Rows per (method, seed) and the fine-tuning curves (also written to `path/unlearning_curves.csv`)."""
+    u = cfg.unlearning
+    seeds = sorted({s for _a, s in models})
+    window = cfg.lm.tokens
+    es = ev.eval_set(data, window, cfg.evaluate.eval_chars, cfg.evaluate.after)
+    small = ev.eval_set(data, window, u.eval_chars, cfg.evaluate.after)
+    bs = cfg.evaluate.batch_size
+    by_seed = {s: methods(cfg, data, models, s) for s in seeds}
+    n_edited = sum(m.weights_edited for ms in by_seed.values() for m in ms)
+    rows: list[dict[str, Any]] = []
+    curves: list[dict[str, Any]] = []
+    with _bar(n_edited * (len(u.relearn_k) * u.relearn_steps + u.recover_steps), progress) as tick:
+        for seed in seeds:
+            control = models["control", seed]
+            control_small = losses(control, small, bs)
+            target = control_small["concept"]
+            forget = forget_passages(data, seed)
+            ref = data.reference[data.parts["train"]]
+            mix_f = Windows(data, forget, window, seed, MIX_SALT)
+            mix_r = Windows(data, np.flatnonzero(ref == 0), window, seed, MIX_SALT + 1)
+            half = max(1, u.relearn_batch // 2)
+            attack = {k: Windows(data, forget[:k], window, seed, BATCH_SALT + k) for k in u.relearn_k}
+            seed_rows = []
+            for m in by_seed[seed]:
+                before, after = losses(m.before, es, bs), losses(m.after, es, bs)
+                row: dict[str, Any] = {
+                    "method": m.name, "seed": seed, "arm": m.arm, "weights_edited": m.weights_edited,
+                    "before": before, "after": after,
+                    "d_forget": after["forget"] - before["forget"], "d_forget_concept": after["concept"] - before["concept"],
+                    "retain_cost": after["retain"] - before["retain"], "relearn": {}, "recover_steps": None}
+                row["selectivity"] = ratio(row["d_forget_concept"], row["retain_cost"])
+                if m.weights_edited:
+                    sb = losses(m.before, small, bs)["concept"]
+                    score = lambda model: losses(model, small, bs)  # noqa: E731
+                    for k, w in attack.items():
+                        curve = finetune(m.after, lambda step, w=w: w.batch(step, u.relearn_batch), u.relearn_steps,
+                                         u.relearn_lr, score, tick=tick)
+                        lowest = min(c["concept"] for c in curve)
+                        row["relearn"][str(k)] = {
+                            "passages": int(min(k, len(forget))), "relearned": lowest - target,
+                            "kept": ratio(lowest - sb, curve[0]["concept"] - sb) if curve[0]["concept"] - sb > TINY
+                            else float("nan"), "lowest": lowest, "before_edit": sb, "after_edit": curve[0]["concept"]}
+                        curves += [{"seed": seed, "method": m.name, "fine_tune": f"relearn K={k}", "k": k, "step": i,
+                                    "forget_concept": c["concept"], "forget": c["forget"], "retain": c["retain"],
+                                    "control_concept": target} for i, c in enumerate(curve)]
+                    rec = finetune(m.after, lambda step: torch.cat([mix_f.batch(step, half), mix_r.batch(step, half)]),
+                                   u.recover_steps, u.relearn_lr, score, stop=lambda c: c["concept"] <= target, tick=tick)
+                    hit = [i for i, c in enumerate(rec) if c["concept"] <= target]
+                    row["recover_steps"] = hit[0] if hit else None
+                    curves += [{"seed": seed, "method": m.name, "fine_tune": "recover", "k": 0, "step": i,
+                                "forget_concept": c["concept"], "forget": c["forget"], "retain": c["retain"],
+                                "control_concept": target} for i, c in enumerate(rec)]
+                seed_rows.append(row)
+            oracle = next((r for r in seed_rows if r["method"] == "oracle filter"), None)
+            for r in seed_rows:
+                d = oracle["d_forget_concept"] if oracle else float("nan")
+                r["R"] = r["d_forget_concept"] / d if oracle and abs(d) > TINY else float("nan")
+            rows += seed_rows
+    if path is not None:
+        runs.write_atomic(path / CURVES, pd.DataFrame(curves).to_csv(index=False, float_format="%.8g"))
+    return {"rows": rows, "curves": CURVES, "curve_points": curves, "relearn_k": list(u.relearn_k),
+            "relearn_steps": u.relearn_steps, "recover_cap": u.recover_steps,
+            "eval_positions": {"table": int((es.cls[:, 1:] != ev.PAD).sum()), "curves": int((small.cls[:, 1:] != ev.PAD).sum())},
+            "note": "suppress rows are hooks, not weight edits: they are not fine-tuned (no relearn or recover numbers)"}
+
+
+def _num(v: Any) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def columns(ks: list[int]) -> list[str]:
+    return ["method", "seed", "forget before", "forget after", "concept before", "concept after", "retain before",
+            "retain after", "Δforget", "Δforget (concept)", "retain cost", "selectivity", "R",
+            *[f"{name} K={k}" for k in ks for name in ("relearned", "kept")], "steps to recover"]
+
+
+def table(unlearning: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """Every method a row per seed plus its median over seeds; every metric a column. `recover`
+    beyond the cap shows as "> N"; hooks (not fine-tuned) show "hook" there."""
+    from anchoring.evaluate.stats import median
+
+    ks = unlearning["relearn_k"]
+    cap = unlearning.get("recover_cap")
+
+    def values(r: dict[str, Any]) -> list[float]:
+        rel = r.get("relearn") or {}
+        return [_num(r["before"]["forget"]), _num(r["after"]["forget"]), _num(r["before"]["concept"]),
+                _num(r["after"]["concept"]), _num(r["before"]["retain"]), _num(r["after"]["retain"]),
+                _num(r["d_forget"]), _num(r["d_forget_concept"]), _num(r["retain_cost"]), _num(r["selectivity"]),
+                _num(r["R"]), *[_num(rel.get(str(k), {}).get(name)) for k in ks for name in ("relearned", "kept")]]
+
+    def recover(r: dict[str, Any]) -> Any:
+        if not r["weights_edited"]:
+            return "hook"
+        return r["recover_steps"] if r["recover_steps"] is not None else f"> {cap}"
+
+    rows: list[list[Any]] = []
+    for m in dict.fromkeys(r["method"] for r in unlearning["rows"]):
+        mine = [r for r in unlearning["rows"] if r["method"] == m]
+        vals = np.array([values(r) for r in mine], dtype=float)
+        steps = [r["recover_steps"] for r in mine]
+        med_rec: Any = recover(mine[0]) if not mine[0]["weights_edited"] else (
+            median([float(s) if s is not None else float("inf") for s in steps]))
+        if isinstance(med_rec, float) and not math.isfinite(med_rec):
+            med_rec = f"> {cap}"
+        rows.append([m, "median", *[median(list(col)) for col in vals.T], med_rec])
+        rows += [[m, r["seed"], *values(r), recover(r)] for r in mine]
+    return columns(ks), rows
+
+
+def lines(unlearning: dict[str, Any]) -> list[Any]:
+    """The CLI's unlearning table: medians over seeds."""
+    from rich.table import Table
+
+    header, rows = table(unlearning)
+    keep = ["method", "Δforget", "Δforget (concept)", "retain cost", "selectivity", "R",
+            *[h for h in header if h.startswith("kept")], "steps to recover"]
+    idx = [header.index(h) for h in keep]
+    t = Table(title="unlearning: median over seeds (nats/char on held-out text)")
+    for h in keep:
+        t.add_column(h, justify="right")
+    for r in rows:
+        if r[1] == "median":
+            t.add_row(*[f"{r[i]:.3f}" if isinstance(r[i], float) else str(r[i]) for i in idx])
+    return [t, f"hooks (suppress rows) are not fine-tuned; relearning fine-tunes {unlearning['relearn_steps']} steps"]

@@ -1,0 +1,144 @@
+"""The LM unlearning evaluation on a tiny run: every method a row, anchoring's deletion hits the
+concept harder than the rest, R is relative to the oracle filter, curves have one point per step,
+and the numbers repeat exactly; plus the post-hoc and edit building blocks on their own."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from anchoring import experiments, lifecycle
+from anchoring.cli import app
+from anchoring.control.erasure import mean_difference
+from anchoring.kinds.lm import unlearning as ul
+from anchoring.kinds.lm.edits import Suppressed, delete, orthonormal
+from anchoring.kinds.lm.figures import coverage_figure
+from anchoring.models import NormalizedTransformer
+from test_lm_kind import SCHEDULE, tiny, write_corpus
+
+ARMS = '["anchored","control","weak-filtered","oracle-filtered"]'
+UNLEARNING = ["unlearning.enabled=true", "unlearning.relearn_k=[2]", "unlearning.relearn_steps=3",
+              "unlearning.recover_steps=3", "unlearning.eval_chars=1500", "unlearning.fit_positions=600"]
+
+
+@pytest.fixture(scope="module")
+def unlearned(tmp_path_factory):
+    corpus = write_corpus(tmp_path_factory.mktemp("lm-unlearn-corpus") / "texts")
+    cfg = experiments.load("lm-anchor", tiny(corpus, "train.steps=400", f"lm.arms={ARMS}", *UNLEARNING))
+    out = tmp_path_factory.mktemp("lm-unlearn") / "run"
+    outcome = lifecycle.run(cfg.model_copy(update={"schedule": SCHEDULE}), out)
+    return out, outcome.summary
+
+
+def test_every_method_is_a_row_and_anchoring_delete_hits_the_concept(unlearned):
+    path, summary = unlearned
+    u = summary["unlearning"]
+    methods = {r["method"] for r in u["rows"]}
+    assert methods == {"anchoring · delete", "anchoring · suppress", "mean-difference · delete", "mean-difference · suppress",
+                       "LEACE · delete", "LEACE · suppress", "weak filter", "oracle filter"}
+    rows = {r["method"]: r for r in u["rows"]}
+    a = rows["anchoring · delete"]
+    assert a["d_forget_concept"] > a["retain_cost"] and a["d_forget_concept"] > 0.05, a
+    assert rows["oracle filter"]["R"] == 1.0
+    assert all(math.isfinite(r["R"]) for r in u["rows"])
+    assert not rows["anchoring · suppress"]["relearn"] and rows["anchoring · suppress"]["recover_steps"] is None
+    assert set(rows["weak filter"]["relearn"]) == {"2"}
+    header, table = ul.table(u)
+    assert len(table) == 2 * len(methods) and all(len(r) == len(header) for r in table)
+    assert (path / "figures" / "unlearning_tradeoff.png").stat().st_size > 3000
+    assert (path / "figures" / "relearning_curves.png").stat().st_size > 3000
+    assert "Unlearning" in (path / "report.html").read_text()
+    r = CliRunner().invoke(app, ["show", str(path)])
+    assert r.exit_code == 0 and "unlearning" in r.stdout and "are not fine-tuned" in r.stdout
+
+
+def test_relearning_curves_have_a_point_per_step_and_repeat_exactly(unlearned):
+    import pandas as pd
+
+    path, summary = unlearned
+    curves = pd.read_csv(path / ul.CURVES)
+    relearn = curves[curves.fine_tune == "relearn K=2"]
+    edited = [r["method"] for r in summary["unlearning"]["rows"] if r["weights_edited"]]
+    assert sorted(relearn.method.unique()) == sorted(edited)
+    assert all(len(g) == 3 + 1 for _m, g in relearn.groupby("method"))
+    run = lifecycle.load_run(path)
+    models = {(arm, s): m for arm in run.arms for s, m in zip(run.seeds, run.arms[arm])}
+    again = ul.evaluate(run.config, run.data, models)
+    twice = ul.evaluate(run.config, run.data, models)
+    assert again["rows"] == twice["rows"] and again["curve_points"] == twice["curve_points"]
+    first = {r["method"]: r for r in summary["unlearning"]["rows"]}
+    for r in again["rows"]:  # the same numbers as during the run (weights reloaded from disk)
+        assert r["d_forget_concept"] == pytest.approx(first[r["method"]]["d_forget_concept"], abs=1e-5)
+
+
+def test_mean_difference_points_from_the_unlabelled_to_the_labelled_mean():
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randn(400, 6, generator=g)
+    labels = torch.arange(400) % 3 == 0
+    acts[labels] += torch.tensor([0.0, 3.0, 0.0, 0.0, -1.0, 0.0])
+    v = mean_difference(acts, labels)
+    gap = acts[labels].mean(0) - acts[~labels].mean(0)
+    assert torch.allclose(v, gap / gap.norm(), atol=1e-6) and v[1] > 0.9
+
+
+def test_suppress_touches_only_the_concepts_half_space():
+    torch.manual_seed(0)
+    model = NormalizedTransformer(11, 16, 2, 2, 16).eval()
+    v = torch.nn.functional.normalize(torch.randn(16), dim=0)
+    seen = {}
+    sup = Suppressed(model, ["blocks.0"], [v])
+    handle = model.blocks[1].register_forward_pre_hook(lambda _m, args: seen.__setitem__("h", args[0]))
+    try:
+        h0 = torch.nn.functional.normalize(torch.randn(1, 4, 16), dim=-1)
+        with torch.no_grad():  # replace blocks.0's output by a fixed state, then suppress it
+            for sign in (-1.0, 1.0):
+                h = h0 - (h0 @ v)[..., None] * v + sign * 0.5 * v
+                fix = model.blocks[0].register_forward_hook(lambda _m, _i, _o, h=h: h.clone())
+                sup(torch.zeros(1, 4, dtype=torch.long))
+                fix.remove()
+                if sign < 0:
+                    assert torch.equal(seen["h"], h)  # negative component along v: untouched
+                else:
+                    assert torch.allclose(seen["h"] @ v, torch.zeros(1, 4), atol=1e-6)  # positive one removed
+                    assert torch.allclose(seen["h"], h - 0.5 * v, atol=1e-6)
+    finally:
+        handle.remove()
+
+
+def test_deleting_several_directions_leaves_no_component_along_any():
+    torch.manual_seed(1)
+    model = NormalizedTransformer(13, 16, 3, 2, 16).eval()
+    a = torch.randn(16)
+    dirs = [a, a + 0.3 * torch.randn(16), torch.randn(16)]  # far from orthogonal
+    out = delete(model, dirs)
+    basis = orthonormal(dirs)
+    assert len(basis) == 3
+    from anchoring.anchor import Capture
+
+    sites = ["embed", *[f"blocks.{i}" for i in range(3)]]
+    with torch.no_grad(), Capture(out, sites) as cap:
+        out(torch.randint(0, 13, (2, 10)))
+        for s in sites:
+            for b in basis:
+                assert (cap.acts[s] @ b).abs().max() < 1e-5, s
+
+
+def test_coverage_figure_draws_r_against_coverage():
+    pts = [(c, m, r) for c in (0.1, 0.3, 1.0) for m, r in (("anchoring · delete", c), ("weak filter", c * c))]
+    fig = coverage_figure(pts + [(0.3, "weak filter", float("nan"))])
+    ax = fig.axes[0]
+    assert [line.get_label() for line in ax.get_lines()[:2]] == ["anchoring · delete", "weak filter"]
+    assert list(ax.get_lines()[1].get_ydata()) == pytest.approx([0.01, 0.09, 1.0])
+
+
+@pytest.mark.parametrize("override,message", [("unlearning.relearn_k=[0]", "relearn_k"),
+                                              ('lm.arms=["anchored"]', "needs the control arm")])
+def test_bad_unlearning_config_is_one_line(tmp_path, override, message):
+    from anchoring.errors import AnchoringError
+
+    with pytest.raises((AnchoringError, ValueError)) as e:
+        experiments.load("lm-anchor", tiny(tmp_path, "unlearning.enabled=true", override))
+    assert message in str(e.value) and "\n" not in str(e.value).strip()
