@@ -142,3 +142,15 @@ def test_bad_unlearning_config_is_one_line(tmp_path, override, message):
     with pytest.raises((AnchoringError, ValueError)) as e:
         experiments.load("lm-anchor", tiny(tmp_path, "unlearning.enabled=true", override))
     assert message in str(e.value) and "\n" not in str(e.value).strip()
+
+
+def test_the_leace_range_is_the_difference_of_means_for_one_binary_label():
+    from anchoring.control.erasure import leace
+    from anchoring.kinds.lm.posthoc import range_direction
+
+    g = torch.Generator().manual_seed(2)
+    acts = torch.randn(600, 8, generator=g) @ torch.randn(8, 8, generator=g)  # correlated features
+    labels = torch.arange(600) % 4 == 0
+    acts[labels] += torch.randn(8, generator=g)
+    v = range_direction(acts, leace(acts, labels.float()))
+    assert torch.nn.functional.cosine_similarity(v, mean_difference(acts, labels), dim=0).abs() > 0.999  # up to sign

@@ -85,11 +85,11 @@ def fit_activations(model: nn.Module, cfg: LMExperiment, data: LMData, seed: int
 
 
 def range_direction(acts: torch.Tensor, erase: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """The unit direction an eraser moves points along: top right singular vector of x − erase(x)."""
+    """The unit direction an eraser moves points along: top right singular vector of x − erase(x)
+    (its sign is arbitrary; deleting a direction does not depend on it)."""
     delta = (acts - erase(acts)).double()
     _, _, vh = torch.linalg.svd(delta, full_matrices=False)
-    v = vh[0]
-    return (v * torch.sign(v @ delta.mean(0)) if float(v @ delta.mean(0)) else v).float()
+    return vh[0].float()
 
 
 def fit(model: nn.Module, cfg: LMExperiment, data: LMData, seed: int, sites: list[str]) -> dict[str, PosthocFit]:
