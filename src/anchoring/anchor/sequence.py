@@ -8,7 +8,12 @@ a position selector:
 - `mellowmax:ω`  per labelled line, a soft minimum of the per-position loss over the line's
   positions, `−(1/ω)·log mean_t exp(−ω·ℓ_t)`: its gradient weights are a softmax of −ω·ℓ,
   so the pull goes mostly to the position already closest to the anchor — the concept's
-  token is found without being told where it is.
+  token is found without being told where it is. On a term that selects *unlabelled* lines
+  (anti-anchor, anti-subspace) it is the soft *maximum* `(1/ω)·log mean_t exp(ω·ℓ_t)`: a line
+  without the label is charged for its worst position. The pair is multiple-instance learning:
+  a labelled line needs one position on the anchor, an unlabelled line may have none. Without
+  the second half a model satisfies the pull by putting a token that every line has (a space,
+  a newline) on the anchor, which a per-position mean penalty barely notices.
 
 Sites read `(B, T, D)` activations, or one head of `(B, H, T, d)` query/key activations.
 """
@@ -89,15 +94,26 @@ def soft_minimum(losses: torch.Tensor, mask: torch.Tensor, omega: float) -> torc
     return torch.where(n > 0, -lse / omega, torch.zeros_like(lse))
 
 
-def pool_lines(per_position: torch.Tensor, line: torch.Tensor, line_labels: torch.Tensor, omega: float) -> torch.Tensor:
-    """Mean over labelled lines of each line's soft minimum; 0 when no line is labelled.
+def pooled_lines(per_position: torch.Tensor, line: torch.Tensor, line_labels: torch.Tensor, omega: float,
+                 select: str = "labelled") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per line `(B, K)`: the soft minimum over its positions (select = labelled) or the soft
+    maximum (select = unlabelled), and each line's weight (1 for a selected line present in the row)."""
+    K = line_labels.shape[1]
+    member = line.unsqueeze(1) == torch.arange(K, device=line.device).view(1, K, 1)  # (B, K, T)
+    x = per_position.unsqueeze(1).expand(-1, K, -1)
+    present = member.any(-1).to(per_position.dtype)
+    if select == "unlabelled":
+        return -soft_minimum(-x, member, omega), (1.0 - line_labels) * present
+    return soft_minimum(x, member, omega), line_labels * present
+
+
+def pool_lines(per_position: torch.Tensor, line: torch.Tensor, line_labels: torch.Tensor, omega: float,
+               select: str = "labelled") -> torch.Tensor:
+    """Mean over the selected lines of each line's pooled value (see `pooled_lines`); 0 when none is.
 
     `per_position` `(B, T)`, `line` `(B, T)` line index per position, `line_labels` `(B, K)`.
     """
-    K = line_labels.shape[1]
-    member = line.unsqueeze(1) == torch.arange(K, device=line.device).view(1, K, 1)  # (B, K, T)
-    pooled = soft_minimum(per_position.unsqueeze(1).expand(-1, K, -1), member, omega)  # (B, K)
-    w = line_labels * member.any(-1)
+    pooled, w = pooled_lines(per_position, line, line_labels, omega, select)
     return (pooled * w).sum() / w.sum().clamp_min(1.0)
 
 
@@ -119,7 +135,7 @@ class SequenceTerm:
                  line_labels: dict[str, torch.Tensor]) -> torch.Tensor:
         ell = self.formula(self.site.read(acts))  # (B, T)
         if self.positions.kind == "mellowmax":
-            return pool_lines(ell, line, line_labels[self.concept], self.positions.omega)
+            return pool_lines(ell, line, line_labels[self.concept], self.positions.omega, self.select)
         w = torch.ones_like(ell)
         if self.positions.kind == "slot":
             w = w * (roles == self.positions.role)

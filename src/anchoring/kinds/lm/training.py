@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from anchoring.anchor import Capture, build_term, resolve_site
 from anchoring.anchor.concepts import build_concepts
-from anchoring.anchor.sequence import Positions, SequenceObjective, SequenceSite, SequenceTerm, position_labels, soft_minimum
+from anchoring.anchor.sequence import Positions, SequenceObjective, SequenceSite, SequenceTerm, pooled_lines, position_labels
 from anchoring.errors import AnchoringError
 from anchoring.kinds.lm.config import LMExperiment
 from anchoring.kinds.lm.data import LMData, Stream
@@ -64,8 +64,9 @@ def build_objective(cfg: LMExperiment, model: torch.nn.Module) -> SequenceObject
                           concept=concepts.get(t.concept) if t.concept else None, select=t.select,
                           direction=t.direction, dims=t.dims, name=t.name)
         positions = Positions.parse(t.positions or "all", {})
-        if positions.kind == "mellowmax" and base.select != "labelled":
-            raise AnchoringError(f"term {label!r}: mellowmax pools over labelled passages, so it needs select = 'labelled'")
+        if positions.kind == "mellowmax" and base.select == "all":
+            raise AnchoringError(f"term {label!r}: mellowmax pools over passages of one side, so it needs select = "
+                                 f"'labelled' (soft minimum) or 'unlabelled' (soft maximum)")
         terms.append(SequenceTerm(base.name, t.kind, t.weight, SequenceSite(t.site), base.formula, positions,
                                   base.concept, base.select, base.params.get("direction")))
     names = [t.name for t in terms]
@@ -178,10 +179,7 @@ class LMTask(MetricRows):
 
         ell = t.formula(t.site.read(self.cap.acts))  # (B, T)
         if t.positions.kind == "mellowmax":
-            K = lab.shape[1]
-            member = line.unsqueeze(1) == torch.arange(K, device=line.device).view(1, K, 1)
-            pooled = soft_minimum(ell.unsqueeze(1).expand(-1, K, -1), member, t.positions.omega)
-            w = lab * member.any(-1)
+            pooled, w = pooled_lines(ell, line, lab, t.positions.omega, t.select)
             num = (pooled * w).sum()
         else:
             w = torch.ones_like(ell)

@@ -1,0 +1,116 @@
+"""`anchoring intervene` and `anchoring delete` on an LM run.
+
+Both act with the run's own anchor (the concept's axis, or every dim of its subspace) on every
+arm, and report what the edit costs in the unlearning currency: validation nats/char on forget
+passages (whole, and at concept positions) and on retain passages, before → after. On the control
+and the filtered arms the anchor is just an arbitrary direction, which is the point of showing
+them: only the anchored arm should lose its concept.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from anchoring import runs
+from anchoring.config import InterventionConfig
+from anchoring.control.falloff import parse_falloff
+from anchoring.errors import AnchoringError
+from anchoring.kinds.arms import write_arms
+from anchoring.kinds.base import EditResult
+from anchoring.kinds.lm import evaluate as ev
+from anchoring.kinds.lm.edits import concept_directions, edited, residual_component
+from anchoring.kinds.lm.kind import anchored_sites
+from anchoring.kinds.lm.unlearning import losses
+from anchoring.report import html
+
+KEYS = ("forget", "concept", "retain")
+
+
+def _eval_set(run) -> ev.EvalSet:
+    cfg = run.config
+    return ev.eval_set(run.data, cfg.lm.tokens, cfg.evaluate.eval_chars, cfg.evaluate.after)
+
+
+def _rows(run, after_of) -> list[dict[str, Any]]:
+    es = _eval_set(run)
+    rows = []
+    for arm, models in run.arms.items():
+        for i, (seed, model) in enumerate(zip(run.seeds, models)):
+            b = losses(model, es, run.config.evaluate.batch_size)
+            a = losses(after_of(arm, i, model), es, run.config.evaluate.batch_size)
+            rows.append({"arm": arm, "seed": seed, **{f"{k} before": b[k] for k in KEYS}, **{f"{k} after": a[k] for k in KEYS}})
+    return rows
+
+
+def _table(title: str, rows: list[dict[str, Any]]) -> Table:
+    table = Table(title=title)
+    for h in ("arm", "seed", *[f"{k}: before → after" for k in KEYS], "Δconcept − Δretain"):
+        table.add_column(h, justify="right")
+    for r in rows:
+        gap = (r["concept after"] - r["concept before"]) - (r["retain after"] - r["retain before"])
+        table.add_row(r["arm"], str(r["seed"]), *[f"{r[f'{k} before']:.3f} → {r[f'{k} after']:.3f}" for k in KEYS], f"{gap:+.3f}")
+    return table
+
+
+def intervene(run, spec: InterventionConfig) -> EditResult:
+    """Suppress the concept's half-space at the anchored sites (hooks; the weights stay as they are)."""
+    if spec.method != "suppress":
+        raise AnchoringError(f"an 'lm' run supports --method suppress (weight deletion: `anchoring delete`), not {spec.method!r}")
+    if not runs.SAFE_NAME.match(spec.name):
+        raise AnchoringError(f"--name {spec.name!r}: use letters, digits and _.,+=- only (it names a folder inside the run)")
+    cfg = run.config
+    sites = spec.sites or anchored_sites(cfg)
+    if spec.site != "latent":
+        sites = [spec.site]
+    valid = ["embed", *[f"blocks.{i}" for i in range(cfg.lm.layers)]]
+    for s in sites:
+        if s not in valid:
+            raise AnchoringError(f"site {s!r} is not a residual site of this model ({', '.join(valid)})")
+    if not sites:
+        raise AnchoringError("this run anchors nothing; name a residual site with --site")
+    shape = parse_falloff(spec.falloff)
+    out = run.path / "interventions" / spec.name
+    runs.check_writable(out)
+    rows = _rows(run, lambda arm, i, m: edited(m, cfg, "suppress", sites=sites, shape=shape))
+    runs.write_json(out / "summary.json", {"spec": spec.model_dump(), "sites": sites, "rows": rows})
+    return EditResult(spec.name, [_table(f"{spec.name} at {', '.join(sites)}: validation nats/char", rows), f"wrote {out}"],
+                      [out], {"rows": rows})
+
+
+def delete(run, spec: InterventionConfig, out: Path) -> EditResult:
+    """Write a run whose models have the anchor direction(s) projected out of the embeddings and of
+    every residual-writing matrix (see docs/method.md); `load_run` opens it like any LM run."""
+    if spec.method != "ablate":
+        raise AnchoringError(f"delete on an 'lm' run removes the anchor direction (--method ablate), not {spec.method!r}")
+    cfg = run.config
+    if spec.concept is not None and spec.concept != cfg.text.concept:
+        raise AnchoringError(f"--concept {spec.concept!r}: this run anchors {cfg.text.concept!r}")
+    out = runs.new_run_dir(cfg.name, out)
+    runs.check_writable(out)
+    directions = concept_directions(cfg)
+    new = {arm: [edited(m, cfg, "delete") for m in ms] for arm, ms in run.arms.items()}
+    probe = run.tokenize(run.data.texts[int(run.data.parts["validation"][0])])[None, : cfg.lm.context]
+    leftover = max(residual_component(m, v, probe) for ms in new.values() for m in ms for v in directions)
+    rows = _rows(run, lambda arm, i, m: new[arm][i])
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (runs.CONFIG, runs.ARCH, "tokenizer.json"):
+        runs.write_atomic(out / name, (run.path / name).read_text())
+    write_arms(out, {(arm, seed): m for arm, ms in new.items() for seed, m in zip(run.seeds, ms)}, "anchoring-lm-1")
+    edit = {"source": str(run.path), "method": "delete-direction", "concept": cfg.text.concept,
+            "directions": len(directions), "max_residual_component": leftover}
+    previous = runs.read_json(run.path / "edit.json").get("lineage", []) if (run.path / "edit.json").is_file() else []
+    runs.write_json(out / "edit.json", {**edit, "lineage": [*previous, edit]})
+    head = ["arm", "seed", *[f"{k} {w}" for k in KEYS for w in ("before", "after")]]
+    runs.write_atomic(out / runs.REPORT, html.page(f"anchoring: {cfg.name} (deleted {cfg.text.concept})", [
+        ("Edit", f"<p>The anchor of {html.html.escape(cfg.text.concept)} ({len(directions)} direction(s)) was projected "
+                 f"out of the embeddings and of every residual-writing matrix of every arm; the largest |h·v| left in any "
+                 f"residual state of a validation passage is {leftover:.2e}.</p>"),
+        ("Validation nats/char", html.table_html(head, [[r[k] for k in head] for r in rows]))]))
+    summary = {"experiment": cfg.name, "kind": "lm", "edit": edit, "edit_rows": rows}
+    runs.write_json(out / runs.SUMMARY, summary)
+    return EditResult("delete", [_table(f"delete {cfg.text.concept}: validation nats/char", rows),
+                                 f"largest |h·v| left in the residual stream: {leftover:.2e}", f"edited run: {out}"],
+                      [out], summary)
