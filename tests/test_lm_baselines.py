@@ -203,3 +203,20 @@ def test_control_sgtm_routing_train_write_and_reopen(corpus, tmp_path):
         cut = ablated(run.model(arm), run.config, arm)
         assert not torch.equal(cut(run.tokenize(text)[None]), run.model(arm)(run.tokenize(text)[None]))
         assert run.generate("The ", model=cut, n=5).startswith("The ")
+
+
+def test_sgtm_and_routing_data_parallel_equal_one_process(corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    base = tiny(corpus, "train.steps=4", 'lm.arms=["sgtm","routing"]', "evaluate.shade_passages=0", *ROUTE)
+    lifecycle.run(experiments.load("lm-anchor", base), tmp_path / "one")
+    lifecycle.run(experiments.load("lm-anchor", [*base, "lm.nproc=2"]), tmp_path / "two")
+    a, b = (load_file(str(tmp_path / d / "checkpoint.safetensors")) for d in ("one", "two"))
+    assert a.keys() == b.keys() and a["routing.0.blocks.0.mlp.s_u"].shape == (cfg_hidden(corpus) + 8,)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), (k, float((a[k] - b[k]).abs().max()))
+
+
+def cfg_hidden(corpus) -> int:
+    cfg = config(corpus)
+    return cfg.lm.width * cfg.lm.mlp_ratio
