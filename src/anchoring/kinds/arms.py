@@ -31,8 +31,9 @@ def read_arms(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_arms(path: Path, arch: dict, build: Callable[[], nn.Module]) -> dict[str, list[nn.Module]]:
-    """Every arm's models, seed by seed, rebuilt with `build()` and filled from the checkpoint."""
+def load_arms(path: Path, arch: dict, build: Callable[[str], nn.Module]) -> dict[str, list[nn.Module]]:
+    """Every arm's models, seed by seed, rebuilt with `build(arm)` (arms may differ in shape) and
+    filled from the checkpoint."""
     for key in ("seeds", "arms"):
         if key not in arch:
             raise AnchoringError(f"{str(path / 'architecture.json')!r} has no {key!r} list")
@@ -41,7 +42,7 @@ def load_arms(path: Path, arch: dict, build: Callable[[], nn.Module]) -> dict[st
     for arm in arch["arms"]:
         out[arm] = []
         for seed in arch["seeds"]:
-            m = build()
+            m = build(arm)
             prefix = f"{arm}.{seed}."
             try:
                 m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})

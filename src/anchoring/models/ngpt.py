@@ -98,27 +98,50 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU whose gate and value inputs are cosines, rescaled by learned vectors."""
+    """SwiGLU whose gate and value inputs are cosines, rescaled by learned vectors.
 
-    def __init__(self, width: int, hidden: int) -> None:
+    `extra` hidden units (default none) come after the `hidden` original ones: `up` holds the u rows
+    of all `hidden + extra` units, then their v rows; `down` one column per unit. `route`, when set to
+    a `(B, T)` bool tensor (True: a labelled position) before a forward, routes gradients by unit (see
+    `routed_down`); it is a plain attribute, not a buffer, so checkpoints do not hold it. With
+    `extra = 0` the module is exactly the plain SwiGLU."""
+
+    def __init__(self, width: int, hidden: int, extra: int = 0) -> None:
         super().__init__()
-        self.up = nn.Linear(width, 2 * hidden, bias=False)
-        self.down = nn.Linear(hidden, width, bias=False)
-        self.s_u = nn.Parameter(torch.ones(hidden))
-        self.s_v = nn.Parameter(torch.ones(hidden))
-        self.width = width
+        n = hidden + extra
+        self.up = nn.Linear(width, 2 * n, bias=False)
+        self.down = nn.Linear(n, width, bias=False)
+        self.s_u = nn.Parameter(torch.ones(n))
+        self.s_v = nn.Parameter(torch.ones(n))
+        self.width, self.hidden, self.extra = width, hidden, extra
+        self.route: torch.Tensor | None = None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         u, v = self.up(h).chunk(2, dim=-1)
         # the learned scales multiply each other first: one full-size multiply per input, not two
-        return self.down(u * self.s_u * F.silu(v * (self.s_v * math.sqrt(self.width))))
+        a = u * self.s_u * F.silu(v * (self.s_v * math.sqrt(self.width)))
+        if self.extra and self.route is not None:
+            return routed_down(a, self.down.weight, self.route, self.hidden)
+        return self.down(a)
+
+
+def routed_down(a: torch.Tensor, weight: torch.Tensor, route: torch.Tensor, hidden: int) -> torch.Tensor:
+    """`a @ weightᵀ` with gradients routed by unit: at labelled positions (`route` True) only the
+    units from `hidden` on (the extra ones) pass gradients, at the other positions only the first
+    `hidden`. A blocked (position, unit) pair sends no gradient to anything: not to its activation
+    (so not to its `up` rows, scales or earlier layers) and not to its `down` column, which is why
+    the blocked part goes through a detached copy of the weight. The forward value is `a @ weightᵀ`
+    (summed in two parts)."""
+    extra = (torch.arange(a.shape[-1], device=a.device) >= hidden)
+    live = (route.to(torch.bool).unsqueeze(-1) == extra).to(a.dtype)  # (B, T, units)
+    return F.linear(a * live, weight) + F.linear((a * (1.0 - live)).detach(), weight.detach())
 
 
 class Block(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: int, alpha: float, context: int = 64) -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: int, alpha: float, context: int = 64, extra: int = 0) -> None:
         super().__init__()
         self.attn = Attention(width, heads, context)
-        self.mlp = MLP(width, mlp_ratio * width)
+        self.mlp = MLP(width, mlp_ratio * width, extra)
         self.alpha_attn = nn.Parameter(torch.full((width,), alpha))
         self.alpha_mlp = nn.Parameter(torch.full((width,), alpha))
 
@@ -129,10 +152,16 @@ class Block(nn.Module):
 
 
 class NormalizedTransformer(nn.Module):
-    """Causal LM over `vocab` tokens; `forward(tokens (B, T)) → logits (B, T, vocab)`."""
+    """Causal LM over `vocab` tokens; `forward(tokens (B, T)) → logits (B, T, vocab)`.
+
+    `extra_units` `{block: n}` gives those blocks' MLPs n extra hidden units (gradient routing). The
+    model is first built and initialised exactly as without them (same draws from the global RNG, so
+    every other weight equals the plain model's under the same seed); the extra units' `up` rows and
+    `down` columns are then drawn from their own generator seeded with `extra_seed`, their scales 1."""
 
     def __init__(self, vocab: int, width: int = 64, layers: int = 4, heads: int = 8, context: int = 64,
-                 mlp_ratio: int = 4, alpha: float = 0.2, logit_scale: float = 10.0) -> None:
+                 mlp_ratio: int = 4, alpha: float = 0.2, logit_scale: float = 10.0,
+                 extra_units: dict[int, int] | None = None, extra_seed: int = 0) -> None:
         super().__init__()
         self.context = context
         self.embed = nn.Embedding(vocab, width)
@@ -142,7 +171,31 @@ class NormalizedTransformer(nn.Module):
         for p in self.parameters():
             if p.dim() == 2:
                 nn.init.normal_(p, std=1.0 / math.sqrt(width))
+        if extra_units:
+            self._add_units(extra_units, extra_seed)
         self.normalize_weights()
+
+    @torch.no_grad()
+    def _add_units(self, extra_units: dict[int, int], seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        for i, n in sorted(extra_units.items()):
+            if not 0 <= i < len(self.blocks):
+                raise ValueError(f"no block {i} (the model has {len(self.blocks)})")
+            old = self.blocks[i].mlp
+            if n <= 0:
+                continue
+            with torch.random.fork_rng(devices=[]):  # nn.Linear's own init must not advance the global RNG
+                new = MLP(old.width, old.hidden, n)
+            H, W = old.hidden, old.width
+            std = 1.0 / math.sqrt(W)
+            new.up.weight[:H] = old.up.weight[:H]
+            new.up.weight[H + n:2 * H + n] = old.up.weight[H:]
+            new.up.weight[H:H + n] = torch.randn(n, W, generator=g) * std
+            new.up.weight[2 * H + n:] = torch.randn(n, W, generator=g) * std
+            new.down.weight[:, :H] = old.down.weight
+            new.down.weight[:, H:] = torch.randn(W, n, generator=g) * std
+            new.s_u[:H], new.s_v[:H] = old.s_u, old.s_v
+            self.blocks[i].mlp = new  # same position among the block's modules: the same parameter order
 
     def residual_writers(self) -> tuple[list[str], list[str]]:
         """(embedding tables, Linear layers) whose outputs enter the residual stream, by module path."""

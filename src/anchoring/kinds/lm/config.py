@@ -9,8 +9,8 @@ from pydantic import Field, field_validator, model_validator
 from anchoring.config import TrainConfig, TrainedExperiment, _Strict
 from anchoring.domains.text.config import TextConfig
 
-ARMS = ("anchored", "control", "weak-filtered", "oracle-filtered")
-Arm = Literal["anchored", "control", "weak-filtered", "oracle-filtered"]
+ARMS = ("anchored", "control", "weak-filtered", "oracle-filtered", "sgtm", "routing")
+Arm = Literal["anchored", "control", "weak-filtered", "oracle-filtered", "sgtm", "routing"]
 
 
 class LMConfig(_Strict):
@@ -27,8 +27,8 @@ class LMConfig(_Strict):
     alpha: float = Field(0.2, gt=0, description="initial step size α of every block")
     logit_scale: float = Field(10.0, gt=0)
     arms: list[Arm] = Field(default_factory=lambda: ["anchored", "control"],
-                            description="anchored | control | weak-filtered | oracle-filtered (all share seeds, "
-                                        "batch stream and labels)")
+                            description="anchored | control | weak-filtered | oracle-filtered | sgtm | routing (all "
+                                        "share seeds, batch stream and labels)")
     workers: int = Field(1, ge=0, description="processes training (arm, seed) jobs side by side (0: one per CPU core)")
     nproc: int = Field(1, ge=1, le=64, description="data-parallel processes per job (gloo): each takes batch_size/nproc "
                                                   "windows of every step; jobs then run one after another")
@@ -49,6 +49,39 @@ class LMConfig(_Strict):
     def tokens(self) -> int:
         """Tokens per training window."""
         return self.window or self.context
+
+
+class SGTMConfig(_Strict):
+    """The `sgtm` arm (selective gradient masking): which entries of each block are "forget"
+    parameters, the only ones weakly labelled positions update (see `kinds.lm.baselines`)."""
+
+    heads: int = Field(1, ge=0, description="attention heads per block that are forget parameters (the last ones)")
+    mlp_fraction: float = Field(1 / 16, ge=0, le=1, description="share of each block's MLP hidden units that are "
+                                                                "forget parameters (the last ones; at least one if > 0)")
+    layers: list[int] | None = Field(None, description="blocks with forget parameters (default: every block)")
+
+    @model_validator(mode="after")
+    def _some(self) -> "SGTMConfig":
+        if self.heads == 0 and self.mlp_fraction == 0:
+            raise ValueError("sgtm: heads = 0 and mlp_fraction = 0 designate no forget parameters")
+        if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers)):
+            raise ValueError(f"sgtm.layers must be distinct and non-empty, got {self.layers}")
+        return self
+
+
+class RoutingConfig(_Strict):
+    """The `routing` arm (gradient routing, expand–route–ablate): extra MLP hidden units in these
+    blocks learn only from weakly labelled positions and are zeroed after training."""
+
+    layers: list[int] = Field(default_factory=lambda: [0, 1], description="blocks whose MLP gets the extra units")
+    extra_units: int = Field(64, ge=1, description="extra hidden units per routed block")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: list[int]) -> list[int]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"routing.layers must be distinct and non-empty, got {v}")
+        return v
 
 
 class LMTrainConfig(TrainConfig):
@@ -122,9 +155,23 @@ class LMExperiment(TrainedExperiment):
     train: LMTrainConfig = Field(default_factory=LMTrainConfig)
     evaluate: LMEvaluateConfig = Field(default_factory=LMEvaluateConfig)
     unlearning: UnlearningConfig = Field(default_factory=UnlearningConfig)
+    sgtm: SGTMConfig = Field(default_factory=SGTMConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
 
     @model_validator(mode="after")
     def _unlearning_arms(self) -> "LMExperiment":
         if self.unlearning.enabled and "control" not in self.lm.arms:
             raise ValueError("unlearning.enabled needs the control arm (the 'before' of every filter and post-hoc method)")
+        return self
+
+    @model_validator(mode="after")
+    def _blocks(self) -> "LMExperiment":
+        """The [sgtm] / [routing] sections against the model's shape, where their arm is trained."""
+        n = self.lm.layers
+        for name, layers in (("sgtm", self.sgtm.layers or []), ("routing", self.routing.layers)):
+            bad = [i for i in layers if not 0 <= i < n]
+            if name in self.lm.arms and bad:
+                raise ValueError(f"{name}.layers: no block {bad[0]} (the model has {n} blocks: 0..{n - 1})")
+        if "sgtm" in self.lm.arms and self.sgtm.heads > self.lm.heads:
+            raise ValueError(f"sgtm.heads = {self.sgtm.heads} exceeds the model's {self.lm.heads} heads per block")
         return self

@@ -1,8 +1,12 @@
 """The language-model experiments (M4): train every (arm, seed), measure, draw, report.
 
 Arms: `anchored` (the terms of the spec), `control` (no terms), `weak-filtered` (no terms; the
-weakly labelled training passages removed) and `oracle-filtered` (no terms; every reference-positive
-training passage removed). All arms of a seed share initial weights, batch stream and labels (see
+weakly labelled training passages removed), `oracle-filtered` (no terms; every reference-positive
+training passage removed), and two training-time unlearning baselines (see `baselines`): `sgtm`
+(weakly labelled positions update only designated forget entries of each block) and `routing`
+(weakly labelled positions' gradients routed into extra MLP units of early blocks); their deletion
+edit is `baselines.ablated`, and the checkpoint keeps the trained, un-ablated models. All arms of a
+seed share initial weights (the routing arm's extra units aside), batch stream and labels (see
 `data`). Each (arm, seed) is one job with its own resumable checkpoint under `arms/`; jobs run one
 after another in this process, or side by side in `lm.workers` processes (one job per process;
 torch single-threaded in each). Data parallel (`torchrun … -m anchoring run`, see `distributed`)
@@ -30,6 +34,7 @@ from anchoring.kinds.arms import write_arms
 from anchoring.kinds.base import Kind
 from anchoring.kinds.lm import evaluate as ev
 from anchoring.kinds.lm import figures as lf
+from anchoring.kinds.lm.baselines import forget_masks
 from anchoring.kinds.lm.config import LMExperiment
 from anchoring.kinds.lm.data import LMData, load_data
 from anchoring.kinds.lm.training import ArmResult, build_model, build_objective, build_timeline, train_arm
@@ -56,6 +61,10 @@ def validate(cfg: LMExperiment, data: bool = True) -> int:
         model(torch.zeros(1, 4, dtype=torch.long))
         for t in objective.terms:
             t.site.read(cap.acts)
+    if "sgtm" in cfg.lm.arms:
+        forget_masks(model, cfg)  # forget heads / units fit the model
+    if "routing" in cfg.lm.arms:
+        build_model(cfg, 8, "routing")
     if "anchored" in cfg.lm.arms and not objective.terms:
         raise AnchoringError("arm 'anchored' needs terms (this experiment has none); use arms = ['control']")
     concept = cfg.evaluate.concept or cfg.text.concept

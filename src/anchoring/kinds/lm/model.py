@@ -89,5 +89,5 @@ def open_run(path: Path, cfg: LMExperiment, arch: dict[str, Any], summary: dict[
     data = load_data(cfg.text, path)
     if data.vocab_size != arch["vocab"]:
         raise AnchoringError(f"{str(path)!r}: tokenizer has {data.vocab_size} tokens, the weights {arch['vocab']}")
-    out = load_arms(path, arch, lambda: build_model(cfg, arch["vocab"]))
+    out = load_arms(path, arch, lambda arm: build_model(cfg, arch["vocab"], arm))
     return LMRun(path, cfg, list(arch["seeds"]), [m for ms in out.values() for m in ms], summary, out, data)

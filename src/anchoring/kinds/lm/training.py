@@ -2,7 +2,9 @@
 
 Every arm of a seed starts from the same initial weights (`torch.manual_seed(seed)` before the
 model is built), reads the same stream (filtered arms skip their removed passages, see `data`) and
-the same weak labels. Only the anchored arm adds its terms; the others ignore the labels.
+the same weak labels. Only the anchored arm adds its terms. The `sgtm` and `routing` arms use the
+labels to steer gradients (see `baselines`); the routing arm's model has extra MLP units, added
+after the shared initial weights are drawn, so its other weights still equal the control's.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from anchoring.anchor import Capture, build_term, resolve_site
 from anchoring.anchor.concepts import build_concepts
 from anchoring.anchor.sequence import Positions, SequenceObjective, SequenceSite, SequenceTerm, pooled_lines, position_labels
 from anchoring.errors import AnchoringError
+from anchoring.kinds.lm.baselines import forget_masks, routing
 from anchoring.kinds.lm.config import LMExperiment
 from anchoring.kinds.lm.data import LMData, Stream
 from anchoring.models import NormalizedTransformer
 from anchoring.schedule import Timeline
+from anchoring.train.masking import masked_backward
 from anchoring.train.skeleton import MetricRows, fit
 from anchoring.train.timeline import fit_steps, parse_schedule
 
@@ -37,9 +41,16 @@ class _TextLabels:
 
 
 
-def build_model(cfg: LMExperiment, vocab: int) -> NormalizedTransformer:
+def build_model(cfg: LMExperiment, vocab: int, arm: str | None = None, seed: int = 0) -> NormalizedTransformer:
+    """The arm's model: the routing arm's has `routing.extra_units` extra MLP units in `routing.layers`
+    (drawn from a generator seeded with `seed`, apart from the global RNG); every other arm's is plain."""
     m = cfg.lm
-    return NormalizedTransformer(vocab, m.width, m.layers, m.heads, m.context, m.mlp_ratio, m.alpha, m.logit_scale)
+    extra = {i: cfg.routing.extra_units for i in cfg.routing.layers} if arm == "routing" else None
+    try:
+        return NormalizedTransformer(vocab, m.width, m.layers, m.heads, m.context, m.mlp_ratio, m.alpha, m.logit_scale,
+                                     extra_units=extra, extra_seed=seed)
+    except ValueError as e:
+        raise AnchoringError(f"routing.layers: {e}") from None
 
 
 def build_objective(cfg: LMExperiment, model: torch.nn.Module) -> SequenceObjective:
@@ -114,7 +125,7 @@ class LMTask(MetricRows):
         self.device = device or device_of(cfg)
         self.rank, self.world = rank, world
         torch.manual_seed(seed)
-        self.model = build_model(cfg, data.vocab_size).to(self.device)
+        self.model = build_model(cfg, data.vocab_size, arm, seed).to(self.device)
         self.objective = build_objective(cfg, self.model)
         self.timeline = build_timeline(cfg, self.objective)
         self.terms = self.objective.terms if arm == "anchored" else []
@@ -135,6 +146,7 @@ class LMTask(MetricRows):
                                           foreach=None if fused else True)  # foreach: one kernel per op over all params
         self.params = dict(self.model.named_parameters())
         self.cap: Capture | None = None
+        self.forget = {k: v.to(self.device) for k, v in forget_masks(self.model, cfg).items()} if arm == "sgtm" else None
 
     def lr(self, step: int) -> float:
         return float(self.table[step][self.col["lr"]])
@@ -144,14 +156,18 @@ class LMTask(MetricRows):
         dev = self.device
         x, y, line, lab = b.inputs.to(dev), b.targets.to(dev), b.line.to(dev), b.line_labels.to(dev)
         values = self.table[step]
-        logits = self.model(x)  # the hooks refresh cap.acts in this same pass
-        task = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        term_values = [self._term(t, line, lab) for t in self.terms]
-        loss = task
-        for t, v in zip(self.terms, term_values):
-            loss = loss + float(values[self.col[t.weight]]) * v
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.arm in ("sgtm", "routing"):
+            loss = task = self._baseline_backward(x, y, position_labels(lab, line).bool())
+            term_values: list[torch.Tensor] = []
+        else:
+            logits = self.model(x)  # the hooks refresh cap.acts in this same pass
+            task = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            term_values = [self._term(t, line, lab) for t in self.terms]
+            loss = task
+            for t, v in zip(self.terms, term_values):
+                loss = loss + float(values[self.col[t.weight]]) * v
+            loss.backward()
         if self.world > 1:
             _average_gradients(self.model, self.world)
         self.optimizer.step()
@@ -168,6 +184,23 @@ class LMTask(MetricRows):
         self.rows[step] = [*values, float(stats[0]), float(stats[1]), *[tv.get(t.name, np.nan) for t in self.objective.terms],
                            float(n_lab)]
         return stats
+
+    def _baseline_backward(self, x: torch.Tensor, y: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of the sgtm / routing arms (gradients into `.grad`); returns the mean CE.
+
+        sgtm: the labelled positions' CE and the rest's, each summed and divided by all positions,
+        go through `masked_backward` (labelled → forget entries only). routing: one mean CE, its
+        gradients routed by the MLPs' `route` mask during this forward."""
+        if self.arm == "routing":
+            with routing(self.model, labelled):
+                task = F.cross_entropy(self.model(x).flatten(0, 1), y.flatten())
+                task.backward()
+            return task
+        ce = F.cross_entropy(self.model(x).flatten(0, 1), y.flatten(), reduction="none")
+        w = labelled.flatten().to(ce.dtype)
+        lab_loss, rest = (ce * w).sum() / ce.numel(), (ce * (1.0 - w)).sum() / ce.numel()
+        masked_backward(lab_loss, rest, self.params, self.forget)
+        return (lab_loss + rest).detach()
 
     def _term(self, t: SequenceTerm, line: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
         """A term's value on this batch. Data parallel: this rank's share of the *global* mean, scaled

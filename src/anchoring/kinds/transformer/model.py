@@ -43,6 +43,6 @@ class TransformerRun(ArmsRun):
 
 def open_run(path: Path, cfg: TransformerExperiment, arch: dict[str, Any], summary: dict[str, Any] | None) -> TransformerRun:
     lang = build_language(cfg)
-    arms = load_arms(path, arch, lambda: build_transformer(cfg, lang))
+    arms = load_arms(path, arch, lambda _arm: build_transformer(cfg, lang))
     models = [m for ms in arms.values() for m in ms]
     return TransformerRun(path, cfg, list(arch["seeds"]), models, summary, arms)
