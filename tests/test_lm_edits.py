@@ -3,6 +3,8 @@ the rest, and `anchoring surprisal` shows the text before and after as a self-co
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -94,3 +96,34 @@ def test_the_lm_ood_experiment_reports_auroc_and_roc_curves(tmp_path):
     assert "Out-of-distribution detection" in (out / "report.html").read_text()
     r = CliRunner().invoke(app, ["show", str(out)])
     assert r.exit_code == 0 and "OOD AUROC" in r.stdout and "after delete" in r.stdout
+
+
+def test_intervene_on_an_lm_run_suppresses_and_reports_forget_and_retain(lm_run):
+    r = CliRunner().invoke(app, ["intervene", str(lm_run.path), "--concept", "violence", "--name", "sup"])
+    assert r.exit_code == 0, r.stderr
+    assert "validation nats/char" in r.stdout
+    rows = json.loads((lm_run.path / "interventions" / "sup" / "summary.json").read_text())["rows"]
+    assert {(x["arm"], x["seed"]) for x in rows} == {("anchored", 0), ("control", 0)}
+    a = next(x for x in rows if x["arm"] == "anchored")
+    # the edit must change the anchored model's losses, and the concept more than the rest
+    assert a["concept after"] - a["concept before"] > a["retain after"] - a["retain before"]
+    r = CliRunner().invoke(app, ["intervene", str(lm_run.path), "--concept", "violence", "--method", "zero"])
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "--method suppress" in r.stderr
+
+
+def test_delete_on_an_lm_run_writes_a_run_that_load_run_opens(lm_run, tmp_path):
+    out = tmp_path / "deleted"
+    r = CliRunner().invoke(app, ["delete", str(lm_run.path), "--concept", "violence", "--out", str(out)])
+    assert r.exit_code == 0, r.stderr
+    run = lifecycle.load_run(out)
+    from anchoring.kinds.lm.edits import concept_directions, residual_component
+
+    (v,) = concept_directions(run.config)
+    ids = run.tokenize(VIOLENT[0])[None, :64]
+    assert residual_component(run.model("anchored"), v, ids) < 1e-5  # the saved weights carry no anchor component
+    assert residual_component(lm_run.model("anchored"), v, ids) > 1e-2  # the original did
+    rows = run.summary["edit_rows"]
+    a = next(x for x in rows if x["arm"] == "anchored")
+    assert a["concept after"] - a["concept before"] > a["retain after"] - a["retain before"]
+    r = CliRunner().invoke(app, ["show", str(out)])
+    assert r.exit_code == 0 and "deleted violence" in r.stdout

@@ -396,12 +396,29 @@ class LMKind(Kind):
     def summary_lines(self, summary: dict[str, Any]) -> list[Any]:
         return summary_lines(summary)
 
+    def intervene(self, run_, spec):
+        from anchoring.kinds.lm import control
+
+        return control.intervene(run_, spec)
+
+    def delete(self, run_, spec, out: Path):
+        from anchoring.kinds.lm import control
+
+        return control.delete(run_, spec, out)
+
 
 KIND = LMKind()
 
 
 def summary_lines(summary: dict[str, Any]) -> list[Any]:
     from rich.table import Table
+
+    if "edit" in summary:  # a run written by `anchoring delete`
+        from anchoring.kinds.lm.control import _table
+
+        e = summary["edit"]
+        return [_table(f"{summary['experiment']}: deleted {e['concept']}", summary["edit_rows"]),
+                f"largest |h·v| left in the residual stream: {e['max_residual_component']:.2e}"]
 
     sites = summary.get("anchored_sites") or []
     table = Table(title=f"{summary['experiment']}: validation nats/char and alignment")
