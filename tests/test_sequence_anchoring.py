@@ -70,6 +70,19 @@ def test_pool_lines_averages_labelled_lines_only():
     assert abs(float(two) - (float(one) + 0.5) / 2) < 1e-6
 
 
+def test_pool_lines_charges_each_unlabelled_line_for_its_worst_position():
+    ell = torch.tensor([[0.2, 0.8, 0.5, 0.5, 0.0, 1.0]], requires_grad=True)
+    line = torch.tensor([[0, 0, 1, 1, 2, 2]])
+    labels = torch.tensor([[1.0, 0.0, 0.0]])  # line 0 labelled: ignored on this side
+    worst = pool_lines(ell, line, labels, 200.0, select="unlabelled")
+    assert abs(float(worst) - (0.5 + 1.0) / 2) < 0.01  # soft max of line 1 (0.5) and of line 2 (1.0)
+    worst.backward()
+    assert float(ell.grad[0, :2].abs().sum()) == 0.0  # the labelled line gets no push
+    assert float(ell.grad[0, 5]) > 0.49 and float(ell.grad[0, 4]) < 1e-6  # line 2's push lands on its worst position
+    mean_like = pool_lines(ell.detach(), line, labels, 1e-4, select="unlabelled")
+    assert abs(float(mean_like) - (0.5 + 0.5) / 2) < 1e-3  # small ω: the mean of each line
+
+
 def test_position_selectors_parse_and_reject_bad_input():
     assert Positions.parse("all", ROLE).kind == "all"
     assert Positions.parse("slot:a", ROLE).role == ROLE["a"]
