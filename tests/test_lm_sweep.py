@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from anchoring import experiments, lifecycle, sweep
+from anchoring.errors import AnchoringError
 from anchoring.kinds.lm.data import load_data
 from anchoring.kinds.lm.shards import sweep_row
 from anchoring.kinds.lm.training import LMTask, train_arm
@@ -96,6 +97,8 @@ def test_lm_sweep_plans_one_shard_per_seed_block(spec, tmp_path):
     _, shards = sweep.plan(str(spec), [], sweep.parse_grid(["text.coverage=0.5,1.0"]), 4, tmp_path)
     assert [(s.point, s.seeds) for s in shards] == [(0, [0]), (0, [1]), (1, [0]), (1, [1])]
     assert all(s.config.train.seed_list == s.seeds for s in shards)
+    with pytest.raises(AnchoringError, match="lm.nproc"):
+        sweep.plan(str(spec), ["lm.nproc=2"], [], 2, tmp_path)
 
 
 def test_a_finished_lm_checkpoint_is_only_read(spec, tmp_path, monkeypatch):

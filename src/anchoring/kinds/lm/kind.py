@@ -361,6 +361,11 @@ class LMKind(Kind):
     # sweeps: a shard trains every (arm, seed) job of a block of seeds (see kinds.lm.shards)
     sweep_figure = ("figures/alignment.png", "alignment per layer")
 
+    def seed_blocks(self, cfg: LMExperiment, n: int) -> list[list[int]]:
+        from anchoring.kinds.lm import shards
+
+        return shards.seed_blocks(cfg, super().seed_blocks(cfg, n))
+
     def train_shard(self, cfg: LMExperiment, shard_dir: Path, callbacks=()) -> None:
         from anchoring.kinds.lm import shards
 

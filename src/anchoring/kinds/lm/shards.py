@@ -33,6 +33,12 @@ def total_steps(cfg: LMExperiment) -> int:
     return build_timeline(cfg, build_objective(cfg, build_model(cfg, 8))).steps
 
 
+def seed_blocks(cfg: LMExperiment, blocks: list[list[int]]) -> list[list[int]]:
+    if cfg.lm.nproc > 1:
+        raise AnchoringError("sweeps train each job in one process; remove lm.nproc (data parallel) or use `anchoring run`")
+    return blocks
+
+
 def train_shard(cfg: LMExperiment, shard_dir: Path, callbacks: Sequence[StepCallback] = ()) -> None:
     """Every (arm, seed) job of the shard's seeds, each resuming from its checkpoint; `callbacks`
     see the steps of whichever job is training."""
