@@ -8,9 +8,10 @@ in `anchoring.kinds.REGISTRY`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import pandas as pd
 from torch import nn
@@ -19,6 +20,7 @@ from anchoring.config import ExperimentBase, InterventionConfig
 from anchoring.errors import AnchoringError
 
 Progress = Callable[[int, int], None]
+StepCallback = Callable[[int], None]  # called with the index of each finished training step
 
 
 @dataclass
@@ -110,3 +112,33 @@ class Kind:
 
     def relearn(self, run: Run, **options: Any) -> EditResult:
         raise self.unsupported("relearn")
+
+    # Sweeps (`anchoring.sweep`), for kinds whose `studies` include "sweep". A shard is one grid
+    # point × a block of its seeds, trained in its own directory by its own process.
+
+    sweep_figure: ClassVar[tuple[str, str] | None] = None  # (path in a run directory, caption) for the grid report
+
+    def seed_blocks(self, cfg: Any, n: int) -> list[list[int]]:
+        """The point's seeds in at most `n` contiguous blocks, one shard each; refuse what cannot be split."""
+        seeds = cfg.train.member_seeds()
+        n = max(1, min(len(seeds), n))
+        size = math.ceil(len(seeds) / n)
+        return [seeds[b:b + size] for b in range(0, len(seeds), size)]
+
+    def train_shard(self, cfg: Any, shard_dir: Path, callbacks: Sequence[StepCallback] = ()) -> None:
+        """Train (resuming from whatever `shard_dir` holds) every seed of the shard's config into `shard_dir`."""
+        raise self.unsupported("sweep")
+
+    def shard_files(self, cfg: Any, shard_dir: Path) -> list[Path]:
+        """The files (relative to `shard_dir`) a finished shard's result consists of: what a remote
+        worker sends back and `merge_shards` reads."""
+        raise self.unsupported("sweep")
+
+    def merge_shards(self, cfg: Any, shard_dirs: list[Path], path: Path) -> None:
+        """Combine a point's finished shards (in seed order) into run directory `path`, so that
+        `execute` there finds every model trained and only evaluates."""
+        raise self.unsupported("sweep")
+
+    def sweep_row(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """One grid point's line in the sweep report, from its run summary."""
+        return {"seeds": len(summary.get("seeds") or [])}

@@ -1,33 +1,31 @@
 """Sweeps: an experiment's seeds (and a grid of settings) split into shards over processes.
 
-A shard is one grid point × a contiguous block of seeds, trained as one ensemble in its own
-process with one thread. Shards are independent and deterministic, so the local backend can
-retry a shard whose process died (it resumes from the shard's last checkpoint) and the Ray
-backend can let Ray retry it; nothing is trained twice into the result. When every shard of
-a grid point is done, their checkpoints are concatenated along the seed axis into one run
+A shard is one grid point × a contiguous block of seeds, trained in its own process with one
+thread; what it trains and how a point's shards are put together is the experiment kind's
+(`Kind.seed_blocks`, `train_shard`, `merge_shards`; colour: one ensemble per shard, whose
+checkpoints are concatenated along the seed axis; lm: every (arm, seed) job of the block, whose
+per-job checkpoints are gathered into the point's `arms/`). Shards are independent and
+deterministic, so the local backend can retry a shard whose process died (it resumes from the
+shard's last checkpoints) and the Ray backend can let Ray retry it; nothing is trained twice
+into the result. When every shard of a grid point is done, they are merged into one run
 directory, which is then evaluated and reported exactly like `anchoring run` output: the same
 numbers an unsharded run gives, to floating-point tolerance.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from anchoring import experiments, lifecycle, runs
 from anchoring.config import ExperimentBase
 from anchoring.errors import AnchoringError
-from anchoring.evaluate.stats import median
-from anchoring.kinds import kind_of
+from anchoring.kinds import REGISTRY, kind_of
 from anchoring.report import html
 from anchoring.sweep.worker import SHARD_CONFIG
-from anchoring.train.checkpoint import CHECKPOINT, FORMAT, atomic_save, read_checkpoint
 
 Progress = Callable[[int, int], None]
 
@@ -82,19 +80,16 @@ def plan(experiment: str, sets: list[str], grid: list[tuple[str, list[str]]], wo
     points = grid_points(grid)
     for i, extra in enumerate(points):
         cfg = experiments.load(experiment, [*sets, *extra])
-        if "sweep" not in kind_of(cfg).studies or getattr(cfg, "study", None):
+        kind = kind_of(cfg)
+        if "sweep" not in kind.studies or getattr(cfg, "study", None):
             what = f"a {cfg.study!r} study" if getattr(cfg, "study", None) else f"a {cfg.kind!r} experiment"
-            raise AnchoringError(f"{cfg.name!r} is {what}; sweeps shard the seeds of plain colour runs only")
-        if cfg.train.seed_list is not None or cfg.train.term_masks is not None:
-            raise AnchoringError("sweeps set the seeds themselves; remove train.seed_list / train.term_masks")
+            able = ", ".join(k.name for k in REGISTRY.values() if "sweep" in k.studies)
+            raise AnchoringError(f"{cfg.name!r} is {what}; sweeps shard the seeds of plain runs of these kinds only: {able}")
+        if cfg.train.seed_list is not None:
+            raise AnchoringError("sweeps set the seeds themselves; remove train.seed_list")
         lifecycle.validate(cfg)
         configs.append(cfg)
-        seeds = cfg.train.member_seeds()
-        # reactive controllers decide from metrics of the whole ensemble: such a run cannot be split by seed
-        n_blocks = 1 if cfg.reactive else max(1, min(len(seeds), math.ceil(workers / len(points))))
-        size = math.ceil(len(seeds) / n_blocks)
-        for b in range(0, len(seeds), size):
-            block = seeds[b:b + size]
+        for block in kind.seed_blocks(cfg, -(-workers // len(points))):
             shard_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed_list": block})})
             shards.append(Shard(i, block, shard_cfg, root / "shards" / f"p{i:03d}-s{block[0]}-{block[-1]}"))
     return configs, shards
@@ -113,25 +108,6 @@ def check_continuation(out: Path, shards: list[Shard]) -> None:
         if s is None or (old.is_file() and old.read_text() != s.config.to_toml()):
             raise AnchoringError(f"{str(out)!r} holds a sweep with other settings (shard {d.name} differs); "
                                  f"continue it with the same command, or choose another --out")
-
-
-def merge_checkpoints(paths: list[Path], out: Path) -> None:
-    """Concatenate shard checkpoints along the member axis (in the order given)."""
-    loaded = [read_checkpoint(p) for p in paths]
-    steps = {s for s, _ in loaded}
-    if len(steps) != 1:
-        raise AnchoringError(f"shards stopped at different steps {sorted(steps)}")
-    parts = [t for _, t in loaded]
-    merged: dict[str, torch.Tensor] = {}
-    for key in parts[0]:
-        vals = [p[key] for p in parts]
-        if key == "metrics":
-            merged[key] = torch.cat(vals, dim=1)  # (steps, members, metrics)
-        elif key.endswith(".step"):
-            merged[key] = vals[0]  # Adam's step count is shared by all members
-        else:
-            merged[key] = torch.cat(vals, dim=0)  # params, Adam moments, snapshots: (members, ...)
-    atomic_save(merged, out, {"format": FORMAT, "step": str(steps.pop())})
 
 
 def sweep(experiment: str, out: Path, *, sets: list[str] | None = None, grid: list[tuple[str, list[str]]] | None = None,
@@ -170,8 +146,8 @@ def sweep(experiment: str, out: Path, *, sets: list[str] | None = None, grid: li
         path.mkdir(parents=True, exist_ok=True)
         runs.write_atomic(path / runs.CONFIG, cfg.to_toml())
         (path / runs.SUMMARY).unlink(missing_ok=True)  # a continued sweep re-evaluates its merged run
-        merge_checkpoints([s.dir / CHECKPOINT for s in shards if s.point == i], path / CHECKPOINT)
-        outcome = lifecycle.finish_merged(path)  # at the last step: evaluates, draws and reports, trains nothing
+        kind_of(cfg).merge_shards(cfg, [s.dir for s in shards if s.point == i], path)
+        outcome = lifecycle.finish_merged(path)  # every model at its last step: evaluates, draws and reports, trains nothing
         results.append((extra, outcome))
     summary = _sweep_summary(experiment, grid, shards, results, workers, backend, train_s, time.perf_counter() - t0)
     if grid:
@@ -186,20 +162,16 @@ def sweep(experiment: str, out: Path, *, sets: list[str] | None = None, grid: li
 
 
 def _point_row(extra: list[str], s: dict) -> dict:
-    rows = s["seeds"]
-    row = {"point": ", ".join(extra) or "–", "seeds": len(rows), "anchored": s.get("anchored_seeds")}
-    if rows and "anchor_cos" in rows[0]:
-        row["anchor_cos_median"] = median(r["anchor_cos"] for r in rows)
-    if rows:
-        row["val_mse_median"] = median(r["val_mse"] for r in rows)
-    return row
+    return {"point": ", ".join(extra) or "–", **REGISTRY[s.get("kind", "colour")].sweep_row(s)}
 
 
 def _sweep_summary(experiment: str, grid, shards: list[Shard], results, workers: int, backend: str,
                    train_s: float, total_s: float) -> dict:
+    points = [_point_row(extra, o.summary) for extra, o in results]
+    keys = list(dict.fromkeys(k for p in points for k in p))  # points may differ (e.g. one has unlearning rows)
     return {
         "experiment": experiment, "grid": [{"key": k, "values": v} for k, v in grid],
-        "points": [_point_row(extra, o.summary) | {"path": str(o.path)} for extra, o in results],
+        "points": [{k: p.get(k) for k in keys} | {"path": str(o.path)} for p, (_, o) in zip(points, results)],
         "sweep": {"backend": backend, "workers": workers, "shards": [{"name": s.name, "seeds": s.seeds} for s in shards]},
         "timing": {"train_s": round(train_s, 3), "total_s": round(total_s, 3)},
     }
@@ -214,7 +186,10 @@ def _write_grid_report(out: Path, summary: dict, results) -> None:
                              f"{summary['sweep']['backend']} worker(s); {summary['timing']['total_s']:.1f} s.</p>"),
                 ("Per grid point", html.table_html(header, rows))]
     for extra, o in results:
-        sections.append((f"{', '.join(extra)}: latent slices (full report: {o.path.relative_to(out)}/report.html)",
-                         html.image_html(o.path / "figures" / "latent_slices.png", "latent slices")))
+        figure = REGISTRY[o.summary.get("kind", "colour")].sweep_figure
+        if figure is None or not (o.path / figure[0]).is_file():
+            continue
+        sections.append((f"{', '.join(extra)}: {figure[1]} (full report: {o.path.relative_to(out)}/report.html)",
+                         html.image_html(o.path / figure[0], figure[1])))
     runs.write_atomic(out / runs.REPORT, html.page(f"anchoring sweep: {summary['experiment']}", sections))
     runs.write_json(out / runs.SUMMARY, summary)

@@ -10,8 +10,7 @@ from typing import Callable
 
 from anchoring.atomic import write_atomic
 from anchoring.errors import AnchoringError
-from anchoring.sweep.worker import DONE, shard_bytes
-from anchoring.train.checkpoint import CHECKPOINT
+from anchoring.sweep.worker import DONE, shard_payload
 
 Progress = Callable[[int, int], None]
 
@@ -68,7 +67,8 @@ def run_local(shards: list, workers: int, retries: int, progress: Progress | Non
 
 
 def run_ray(shards: list, workers: int, address: str | None, retries: int, progress: Progress | None = None) -> None:
-    """Each shard a Ray task (1 CPU); Ray re-runs a task whose worker died. Results come back as bytes."""
+    """Each shard a Ray task (1 CPU); Ray re-runs a task whose worker died. Results come back as
+    the bytes of the shard's result files, written into the shard directory here."""
     try:
         import ray
     except ImportError:
@@ -87,10 +87,11 @@ def run_ray(shards: list, workers: int, address: str | None, retries: int, progr
             ready, _ = ray.wait(list(todo), num_returns=1)
             s = todo.pop(ready[0])
             try:
-                data = ray.get(ready[0])
+                files = ray.get(ready[0])
             except Exception as e:  # noqa: BLE001 - Ray wraps worker errors in its own types
                 raise AnchoringError(f"shard {s.name} failed under Ray: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-            write_atomic(s.dir / CHECKPOINT, data)
+            for rel, data in files.items():
+                write_atomic(s.dir / rel, data)
             write_atomic(s.dir / DONE, "ok\n")
             done += 1
             if progress:
@@ -100,5 +101,5 @@ def run_ray(shards: list, workers: int, address: str | None, retries: int, progr
             ray.shutdown()
 
 
-def _ray_shard(config_toml: str) -> bytes:
-    return shard_bytes(config_toml)
+def _ray_shard(config_toml: str) -> dict[str, bytes]:
+    return shard_payload(config_toml)

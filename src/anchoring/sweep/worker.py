@@ -1,9 +1,11 @@
-"""One shard of a sweep: train a config's seeds to the end, leaving a final checkpoint.
+"""One shard of a sweep: train a config's seeds to the end, leaving the kind's final checkpoint(s).
 
 A shard trains in its own directory with regular checkpoints, so a retried shard resumes
 where its dead predecessor stopped; results are the same either way because batches are a
-pure function of (seed, step). `python -m anchoring.sweep.worker SHARD_DIR` is the process
-entry point of the local backend; `shard_bytes` is the Ray task body.
+pure function of (seed, step). What a shard trains and which files it leaves is up to its
+kind (`Kind.train_shard`, `Kind.shard_files`, found through `kinds.kind_of`).
+`python -m anchoring.sweep.worker SHARD_DIR` is the process entry point of the local backend;
+`shard_payload` is the Ray task body.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from anchoring.atomic import write_atomic
 from anchoring.experiments import load_config
-from anchoring.kinds.colour.training import CHECKPOINT, train
+from anchoring.kinds import kind_of
 
 SHARD_CONFIG = "shard.toml"
 DONE = "done"
@@ -26,13 +28,14 @@ FAULT_ENV = "ANCHORING_SWEEP_FAULT_STEP"  # testing aid: kill the first attempt 
 
 
 def _fault_callback(shard_dir: Path):
-    """SIGKILL this process once per shard at the configured step, to prove retries lose nothing."""
+    """SIGKILL this process once per shard at the configured step (of the first model the shard
+    trains), to prove retries lose nothing."""
     at = os.environ.get(FAULT_ENV)
     marker = shard_dir / "fault-injected"
     if at is None or marker.exists():
         return []
 
-    def cb(step: int, _result) -> None:
+    def cb(step: int) -> None:
         if step + 1 == int(at):
             marker.write_text("killed\n")
             os.kill(os.getpid(), signal.SIGKILL)
@@ -46,12 +49,13 @@ def run_shard(shard_dir: Path) -> None:
     if (shard_dir / DONE).is_file():
         return
     cfg = load_config(shard_dir / SHARD_CONFIG)
-    train(cfg, shard_dir, callbacks=_fault_callback(shard_dir))  # resumes from the shard's checkpoint if any
+    kind_of(cfg).train_shard(cfg, shard_dir, callbacks=_fault_callback(shard_dir))  # resumes from its checkpoints
     write_atomic(shard_dir / DONE, "ok\n")
 
 
-def shard_bytes(config_toml: str) -> bytes:
-    """Ray task body: train a shard in scratch space and return its final checkpoint's bytes.
+def shard_payload(config_toml: str) -> dict[str, bytes]:
+    """Ray task body: train a shard in scratch space and return its result files' bytes, by path
+    relative to the shard directory.
 
     Returning the bytes (rather than writing to a shared path) lets the driver collect shards
     from any node of a cluster.
@@ -60,7 +64,8 @@ def shard_bytes(config_toml: str) -> bytes:
         d = Path(tmp)
         (d / SHARD_CONFIG).write_text(config_toml)
         run_shard(d)
-        return (d / CHECKPOINT).read_bytes()
+        cfg = load_config(d / SHARD_CONFIG)
+        return {str(rel): (d / rel).read_bytes() for rel in kind_of(cfg).shard_files(cfg, d)}
 
 
 if __name__ == "__main__":

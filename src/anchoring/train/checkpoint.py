@@ -70,3 +70,34 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, params: dict[str, torch.
         state = {key: tensors[f"adam.{k}.{key}"].clone() for key in ADAM_KEYS if f"adam.{k}.{key}" in tensors}
         if state:
             optimizer.state[p] = state
+
+
+def concat_members(paths: list[Path], out: Path) -> None:
+    """Concatenate ensemble checkpoints (same config, disjoint seeds) along the member axis, in the
+    order given: what training all their seeds as one ensemble would have saved."""
+    loaded = [read_checkpoint(p) for p in paths]
+    steps = {s for s, _ in loaded}
+    if len(steps) != 1:
+        raise AnchoringError(f"shards stopped at different steps {sorted(steps)}")
+    parts = [t for _, t in loaded]
+    merged: dict[str, torch.Tensor] = {}
+    for key in parts[0]:
+        vals = [p[key] for p in parts]
+        if key == "metrics":
+            merged[key] = torch.cat(vals, dim=1)  # (steps, members, metrics)
+        elif key.endswith(".step"):
+            merged[key] = vals[0]  # Adam's step count is shared by all members
+        else:
+            merged[key] = torch.cat(vals, dim=0)  # params, Adam moments, snapshots: (members, ...)
+    atomic_save(merged, out, {"format": FORMAT, "step": str(steps.pop())})
+
+
+def steps_done(path: Path) -> int:
+    """How many steps the checkpoint at `path` holds (0 when there is none), from its metadata only."""
+    if not path.is_file():
+        return 0
+    try:
+        with safe_open(str(path), "pt") as f:
+            return int((f.metadata() or {}).get("step", 0))
+    except (OSError, SafetensorError, ValueError) as e:
+        raise AnchoringError(f"cannot read checkpoint {str(path)!r}: {e}") from None

@@ -166,5 +166,6 @@ def fit(task: Task, *, checkpoint: Path | None, every: int, progress: Progress |
             if stop.set:
                 save(step + 1)
                 raise TrainingInterrupted(step + 1, run_dir)
-    save(task.steps)
+    if start < task.steps:  # a checkpoint already at the last step is only read, never rewritten
+        save(task.steps)
     return start

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from rich.table import Table
@@ -18,7 +18,7 @@ from anchoring.domains.colour import NAMES, named_rgb, rgb_grid
 from anchoring.errors import AnchoringError
 from anchoring.evaluate.selection import edit_summary, pareto_selection
 from anchoring.evaluate.stats import median
-from anchoring.kinds.base import EditResult, Kind, Progress, Run
+from anchoring.kinds.base import EditResult, Kind, Progress, Run, StepCallback
 from anchoring.kinds.colour import control
 from anchoring.kinds.colour.config import ColourExperiment
 from anchoring.kinds.colour.deletion import deletion_landing, landing_rows
@@ -31,6 +31,7 @@ from anchoring.kinds.colour.summary import summarize_seeds
 from anchoring.kinds.colour.training import CHECKPOINT, TrainResult, metrics_table, train
 from anchoring.report import animation, figures, html
 from anchoring.resources import check_fits
+from anchoring.train.checkpoint import concat_members
 
 
 class ColourKind(Kind):
@@ -83,6 +84,32 @@ class ColourKind(Kind):
 
     def relearn(self, run: Run, **options: Any) -> EditResult:
         return control.relearn(run, **options)
+
+    sweep_figure = ("figures/latent_slices.png", "latent slices")
+
+    def seed_blocks(self, cfg: ColourExperiment, n: int) -> list[list[int]]:
+        if cfg.train.term_masks is not None:
+            raise AnchoringError("sweeps set the seeds themselves; remove train.term_masks")
+        # reactive controllers decide from metrics of the whole ensemble: such a run cannot be split by seed
+        return super().seed_blocks(cfg, 1 if cfg.reactive else n)
+
+    def train_shard(self, cfg: ColourExperiment, shard_dir: Path, callbacks: Sequence[StepCallback] = ()) -> None:
+        train(cfg, shard_dir, callbacks=[lambda step, _result, cb=cb: cb(step) for cb in callbacks])
+
+    def shard_files(self, cfg: ColourExperiment, shard_dir: Path) -> list[Path]:
+        return [Path(CHECKPOINT)]
+
+    def merge_shards(self, cfg: ColourExperiment, shard_dirs: list[Path], path: Path) -> None:
+        concat_members([d / CHECKPOINT for d in shard_dirs], path / CHECKPOINT)  # the ensemble of all the seeds
+
+    def sweep_row(self, summary: dict[str, Any]) -> dict[str, Any]:
+        rows = summary["seeds"]
+        row = {"seeds": len(rows), "anchored": summary.get("anchored_seeds")}
+        if rows and "anchor_cos" in rows[0]:
+            row["anchor_cos_median"] = median(r["anchor_cos"] for r in rows)
+        if rows:
+            row["val_mse_median"] = median(r["val_mse"] for r in rows)
+        return row
 
 
 KIND = ColourKind()

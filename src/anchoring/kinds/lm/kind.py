@@ -40,7 +40,7 @@ from anchoring.kinds.lm.data import LMData, load_data
 from anchoring.kinds.lm.training import ArmResult, build_model, build_objective, build_timeline, train_arm
 from anchoring.report import html
 from anchoring.report.figures import save as save_fig
-from anchoring.train.checkpoint import CHECKPOINT
+from anchoring.train.checkpoint import CHECKPOINT, steps_done
 from anchoring.train.skeleton import TrainingInterrupted
 
 Progress = Callable[[int, int], None]
@@ -133,8 +133,8 @@ def run(cfg: LMExperiment, path: Path, *, progress: Progress | None = None) -> d
 
         train_data_parallel(cfg, path, jobs, cfg.lm.nproc)
         workers = cfg.lm.nproc  # no progress from the ranks; the loop below only loads their checkpoints
-    elif workers > 1:
-        _train_in_processes(cfg, path, jobs, workers)
+    elif workers > 1:  # a job already at its last step (a resumed run, a merged sweep) needs no process
+        _train_in_processes(cfg, path, [j for j in jobs if steps_done(checkpoint_path(path, *j)) < steps], workers)
     results: dict[tuple[str, int], ArmResult] = {}
     timing: dict[str, float] = {}
     for i, (arm, seed) in enumerate(jobs):  # after the pool: each job only loads its finished checkpoint
@@ -375,6 +375,7 @@ def write_report(cfg: LMExperiment, path: Path, summary: dict[str, Any], metric_
 class LMKind(Kind):
     name = "lm"
     config = LMExperiment
+    studies = frozenset({"sweep"})
 
     def validate(self, cfg: LMExperiment) -> None:
         validate(cfg)
@@ -405,6 +406,34 @@ class LMKind(Kind):
         from anchoring.kinds.lm import control
 
         return control.delete(run_, spec, out)
+
+    # sweeps: a shard trains every (arm, seed) job of a block of seeds (see kinds.lm.shards)
+    sweep_figure = ("figures/alignment.png", "alignment per layer")
+
+    def seed_blocks(self, cfg: LMExperiment, n: int) -> list[list[int]]:
+        from anchoring.kinds.lm import shards
+
+        return shards.seed_blocks(cfg, super().seed_blocks(cfg, n))
+
+    def train_shard(self, cfg: LMExperiment, shard_dir: Path, callbacks=()) -> None:
+        from anchoring.kinds.lm import shards
+
+        shards.train_shard(cfg, shard_dir, callbacks)
+
+    def shard_files(self, cfg: LMExperiment, shard_dir: Path) -> list[Path]:
+        from anchoring.kinds.lm import shards
+
+        return shards.shard_files(cfg, shard_dir)
+
+    def merge_shards(self, cfg: LMExperiment, shard_dirs: list[Path], path: Path) -> None:
+        from anchoring.kinds.lm import shards
+
+        shards.merge_shards(cfg, shard_dirs, path)
+
+    def sweep_row(self, summary: dict[str, Any]) -> dict[str, Any]:
+        from anchoring.kinds.lm import shards
+
+        return shards.sweep_row(summary)
 
 
 KIND = LMKind()

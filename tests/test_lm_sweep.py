@@ -1,0 +1,130 @@
+"""LM experiments through `anchoring sweep`: a grid point's seeds trained as shards in worker
+processes (one killed mid-training and resumed), merged into a run directory that only evaluates,
+with the same weights and numbers as one `run` in one process."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from anchoring import experiments, lifecycle, sweep
+from anchoring.errors import AnchoringError
+from anchoring.kinds.lm.data import load_data
+from anchoring.kinds.lm.shards import sweep_row
+from anchoring.kinds.lm.training import LMTask, train_arm
+from anchoring.sweep.worker import FAULT_ENV
+from anchoring.train.checkpoint import steps_done
+from test_lm_kind import SCHEDULE, tiny, write_corpus
+
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory):
+    """A spec file of a tiny two-arm, two-seed LM experiment (the sweep takes a name or a path)."""
+    root = tmp_path_factory.mktemp("lm-sweep")
+    corpus = write_corpus(root / "texts")
+    cfg = experiments.load("lm-anchor", tiny(corpus, f"train.steps={STEPS}", "train.seeds=2",
+                                             'lm.arms=["anchored","control"]'))
+    path = root / "tiny-lm.toml"
+    path.write_text(cfg.model_copy(update={"schedule": SCHEDULE}).to_toml())
+    return path
+
+
+def _numbers(x, prefix=""):
+    """Every number in a summary, by its path (timings left out)."""
+    if isinstance(x, dict):
+        for k, v in x.items():
+            if "timing" not in str(k) and not str(k).endswith("_s"):
+                yield from _numbers(v, f"{prefix}.{k}")
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from _numbers(v, f"{prefix}[{i}]")
+    elif isinstance(x, (int, float)) and not isinstance(x, bool):
+        yield prefix, float(x)
+
+
+def _refuse_training(monkeypatch):
+    def step(self, step):
+        raise AssertionError(f"{self.arm} seed {self.seed} trained step {step} again")
+
+    monkeypatch.setattr(LMTask, "step", step)
+
+
+def test_lm_grid_sweep_equals_one_run_per_point(spec, tmp_path, monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, "15")  # every shard's first process dies at step 15 (checkpoint at 10)
+    # the shards train in worker processes; this process only merges and evaluates, so any step here fails
+    _refuse_training(monkeypatch)
+    out = tmp_path / "sw"
+    summary = sweep.sweep(str(spec), out, grid=sweep.parse_grid(["text.coverage=0.5,1.0"]), workers=2)
+    shards = sorted((out / "shards").iterdir())
+    assert [s.name for s in shards] == ["p000-s0-1", "p001-s0-1"]  # one shard per point: both seeds, both arms
+    assert all((s / "attempt2.log").is_file() and not (s / "attempt3.log").exists() for s in shards)
+    monkeypatch.undo()
+
+    assert [p["point"] for p in summary["points"]] == ["text.coverage=0.5", "text.coverage=1.0"]
+    for p in summary["points"]:
+        assert p["seeds"] == 2
+        for arm in ("anchored", "control"):
+            for key in ("loss_all", "loss_concept", "loss_retain", "margin@blocks.0", "margin@blocks.1"):
+                assert math.isfinite(p[f"{arm}_{key}"]), (arm, key)
+    assert json.loads((out / "summary.json").read_text())["points"][1]["path"].endswith("text.coverage=1.0")
+    assert "alignment per layer" in (out / "report.html").read_text()
+
+    point = out / "points" / "text.coverage=0.5"
+    run = lifecycle.load_run(point)
+    assert run.config.text.coverage == 0.5 and run.seeds == [0, 1] and set(run.arms) == {"anchored", "control"}
+    ref_path = tmp_path / "ref"
+    ref = lifecycle.run(experiments.load(str(spec), ["text.coverage=0.5"]), ref_path)
+    ref_run = lifecycle.load_run(ref_path)
+    for arm in ("anchored", "control"):
+        for seed in (0, 1):
+            a, b = run.model(arm, seed).state_dict(), ref_run.model(arm, seed).state_dict()
+            for k in a:
+                torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=f"{arm} seed {seed} {k}")
+    assert ref.summary["seeds"] == run.summary["seeds"]
+    mine, theirs = dict(_numbers(run.summary)), dict(_numbers(lifecycle.show(ref_path).summary))  # both as saved
+    assert mine.keys() == theirs.keys() and len(mine) > 50
+    for k, v in theirs.items():
+        assert mine[k] == pytest.approx(v, abs=1e-6, nan_ok=True), k
+    assert (point / "metrics.csv").read_text().count("\n") == 1 + STEPS * 4  # nothing lost, nothing twice
+
+
+def test_lm_sweep_plans_one_shard_per_seed_block(spec, tmp_path):
+    _, shards = sweep.plan(str(spec), [], sweep.parse_grid(["text.coverage=0.5,1.0"]), 4, tmp_path)
+    assert [(s.point, s.seeds) for s in shards] == [(0, [0]), (0, [1]), (1, [0]), (1, [1])]
+    assert all(s.config.train.seed_list == s.seeds for s in shards)
+    with pytest.raises(AnchoringError, match="lm.nproc"):
+        sweep.plan(str(spec), ["lm.nproc=2"], [], 2, tmp_path)
+
+
+def test_a_finished_lm_checkpoint_is_only_read(spec, tmp_path, monkeypatch):
+    cfg = experiments.load(str(spec), ["train.steps=10"])
+    data = load_data(cfg.text)
+    ckpt = tmp_path / "a.safetensors"
+    first = train_arm(cfg, data, 0, "anchored", checkpoint=ckpt)
+    assert steps_done(ckpt) == 10
+    before = ckpt.stat().st_mtime_ns, ckpt.read_bytes()
+    _refuse_training(monkeypatch)
+    again = train_arm(cfg, data, 0, "anchored", checkpoint=ckpt)
+    assert (ckpt.stat().st_mtime_ns, ckpt.read_bytes()) == before  # not even re-saved
+    for (k, v), w in zip(first.model.state_dict().items(), again.model.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
+def test_lm_sweep_row_takes_unlearning_medians_when_present():
+    summary = {"seeds": [0, 1], "arms": ["anchored"], "anchored_sites": ["blocks.1"],
+               "median": {"anchored": {"loss": {"all": 1.5, "concept": 2.0, "retain": 1.4},
+                                       "alignment": {"blocks.1": {"margin": 0.4}}}}}
+    row = sweep_row(summary)
+    assert row == {"seeds": 2, "anchored_loss_all": 1.5, "anchored_loss_concept": 2.0, "anchored_loss_retain": 1.4,
+                   "anchored_margin@blocks.1": 0.4}
+    summary["unlearning"] = {"rows": [{"method": "delete", "seed": 0, "R": 0.2, "dforget_concept": 1.0},
+                                      {"method": "delete", "seed": 1, "R": 0.4, "dforget_concept": 3.0},
+                                      {"method": "relearn", "seed": 0, "R": 0.9, "dforget_concept": 0.5}]}
+    row = sweep_row(summary)
+    assert row["delete_R"] == pytest.approx(0.3) and row["delete_dforget_concept"] == pytest.approx(2.0)
+    assert row["relearn_R"] == 0.9 and row["relearn_dforget_concept"] == 0.5
