@@ -128,3 +128,19 @@ def test_lm_sweep_row_takes_unlearning_medians_when_present():
     row = sweep_row(summary)
     assert row["delete_R"] == pytest.approx(0.3) and row["delete_dforget_concept"] == pytest.approx(2.0)
     assert row["relearn_R"] == 0.9 and row["relearn_dforget_concept"] == 0.5
+
+
+def test_a_coverage_grid_draws_r_against_coverage(tmp_path):
+    from types import SimpleNamespace
+
+    from anchoring.kinds.lm.shards import grid_figures
+
+    def point(cov, r_anchor):
+        rows = [{"method": "oracle filter", "seed": 0, "R": 1.0}, {"method": "anchoring · delete", "seed": 0, "R": r_anchor}]
+        return ([f"text.coverage={cov}"], SimpleNamespace(summary={"kind": "lm", "unlearning": {"rows": rows}}))
+
+    figs = grid_figures(tmp_path, [point(0.1, 0.2), point(0.3, 0.5)])
+    assert len(figs) == 1 and figs[0][1].stat().st_size > 5000
+    assert grid_figures(tmp_path / "one", [point(0.3, 0.5)]) == []  # one coverage is no curve
+    other = ([ "text.false_positives=0.1"], point(0.3, 0.5)[1])
+    assert grid_figures(tmp_path / "fp", [other, other]) == []  # a grid that does not vary coverage

@@ -139,6 +139,10 @@ class Kind:
         `execute` there finds every model trained and only evaluates."""
         raise self.unsupported("sweep")
 
+    def grid_figures(self, out: Path, results: list[tuple[list[str], Any]]) -> list[tuple[str, Path]]:
+        """Figures across the grid points of a sweep (written under `out/figures`), as (caption, path)."""
+        return []
+
     def sweep_row(self, summary: dict[str, Any]) -> dict[str, Any]:
         """One grid point's line in the sweep report, from its run summary."""
         return {"seeds": len(summary.get("seeds") or [])}

@@ -185,6 +185,9 @@ def _write_grid_report(out: Path, summary: dict, results) -> None:
                              f"{len(summary['sweep']['shards'])} shards on {summary['sweep']['workers']} "
                              f"{summary['sweep']['backend']} worker(s); {summary['timing']['total_s']:.1f} s.</p>"),
                 ("Per grid point", html.table_html(header, rows))]
+    kind = REGISTRY[results[0][1].summary.get("kind", "colour")]
+    for caption, fig_path in kind.grid_figures(out, results):
+        sections.append((caption, html.image_html(fig_path, caption)))
     for extra, o in results:
         figure = REGISTRY[o.summary.get("kind", "colour")].sweep_figure
         if figure is None or not (o.path / figure[0]).is_file():

@@ -430,6 +430,11 @@ class LMKind(Kind):
 
         shards.merge_shards(cfg, shard_dirs, path)
 
+    def grid_figures(self, out: Path, results) -> list[tuple[str, Path]]:
+        from anchoring.kinds.lm import shards
+
+        return shards.grid_figures(out, results)
+
     def sweep_row(self, summary: dict[str, Any]) -> dict[str, Any]:
         from anchoring.kinds.lm import shards
 

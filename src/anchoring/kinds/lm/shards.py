@@ -110,3 +110,22 @@ def sweep_row(summary: dict[str, Any]) -> dict[str, Any]:
         for key in ("R", "dforget_concept"):
             row[f"{method}_{key}"] = median(r[key] for r in mine if r.get(key) is not None)
     return row
+
+
+def grid_figures(out: Path, results: list) -> list[tuple[str, Path]]:
+    """R against label coverage when the grid varies `text.coverage` and the points were scored for
+    unlearning: one line per method, seeds averaged (`figures.coverage_figure`)."""
+    from anchoring.kinds.lm.figures import coverage_figure
+    from anchoring.report.figures import save
+
+    points = []
+    for extra, o in results:
+        cov = [float(e.split("=", 1)[1]) for e in extra if e.startswith("text.coverage=")]
+        rows = (o.summary.get("unlearning") or {}).get("rows") or []
+        if cov and rows:
+            points += [(cov[0], r["method"], r.get("R")) for r in rows]
+    if len({c for c, _m, _r in points}) < 2:
+        return []
+    path = out / "figures" / "r_vs_coverage.png"
+    save(coverage_figure(points), path)
+    return [("R (Δforget at concept positions over the oracle filter's) against weak-label coverage", path)]
