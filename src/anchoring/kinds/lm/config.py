@@ -124,7 +124,8 @@ class UnlearningConfig(_Strict):
                                                         "(every step, so keep it small)")
     posthoc: list[Posthoc] = Field(default_factory=lambda: ["mean-difference", "leace"],
                                    description="post-hoc directions fitted on the control arm")
-    fit_positions: int = Field(4000, ge=20, description="training positions the post-hoc directions are fitted on")
+    fit_positions: int = Field(32768, ge=20, description="training positions the post-hoc directions are fitted on "
+                                                         "(read from the control stream, one batch of windows at a time)")
 
     @field_validator("relearn_k")
     @classmethod
