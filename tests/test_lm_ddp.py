@@ -28,3 +28,32 @@ def test_two_processes_equal_one_with_the_same_global_batch(corpus, tmp_path):
     l1 = {r["arm"]: r["loss"]["all"] for r in one.summary["models"]}
     l2 = {r["arm"]: r["loss"]["all"] for r in two.summary["models"]}
     assert l1 == pytest.approx(l2, abs=1e-4)
+
+
+def test_torchrun_workers_train_the_same_model_as_one_process(corpus, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    base = tiny(corpus, "train.steps=6", 'lm.arms=["anchored","control"]', "evaluate.shade_passages=0",
+                'terms.0.positions="mellowmax:3"')
+    cfg = experiments.load("lm-anchor", base)
+    spec = tmp_path / "spec.toml"
+    spec.write_text(cfg.to_toml())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "anchoring", "run", str(spec), "--out", str(tmp_path / "tr"), "-q"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    one = lifecycle.run(cfg, tmp_path / "one")
+    a, b = load_file(str(tmp_path / "one" / "checkpoint.safetensors")), load_file(str(tmp_path / "tr" / "checkpoint.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), (k, float((a[k] - b[k]).abs().max()))
+    assert (tmp_path / "tr" / "arms" / "control-seed0.rank1.safetensors").is_file()  # rank 1 trained its share
+    assert lifecycle.show(tmp_path / "tr").summary["models"][0]["loss"]["all"] == pytest.approx(
+        one.summary["models"][0]["loss"]["all"], abs=1e-4)
+    # without --out the workers could not agree on a directory: one clear line, nothing trained
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "anchoring", "run", str(spec), "-q"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0 and "with --out DIR" in r.stderr

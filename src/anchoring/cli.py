@@ -132,6 +132,21 @@ def run_cmd(
         cfg = experiments.load(experiment, overrides)
     except AnchoringError as e:
         fail(str(e))
+    from anchoring.kinds.lm.distributed import launched_by_torchrun
+
+    launched = launched_by_torchrun()
+    if launched:
+        if cfg.kind != "lm" or out_dir is None:
+            fail("under torchrun, run an LM experiment with --out DIR (every worker must write the same run)")
+        if launched[0] != 0:  # rank 0 makes the run, trains its share and evaluates; the others only train
+            from anchoring.kinds.lm.distributed import follow
+
+            try:
+                follow(cfg, out_dir)
+            except AnchoringError as e:
+                fail(str(e))
+            return
+        quiet = True
     _train(lambda update: lifecycle.run(cfg, out_dir, progress=update), cfg.name, quiet)
 
 

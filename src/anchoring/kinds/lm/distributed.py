@@ -8,6 +8,14 @@ the same model as one process taking the whole batch, up to the order of floatin
 Every rank keeps its own checkpoint (`arms/<arm>-seed<s>.rank<r>.safetensors`; rank 0 without the
 suffix), so an interrupted data-parallel run resumes with the same number of processes; the parent
 then loads rank 0's finished checkpoint and evaluates as usual.
+
+Two ways to start the ranks: `lm.nproc = N` (or `anchoring run --nproc N`) spawns them from one
+command and meets them through a file; or PyTorch's own launcher,
+`torchrun --standalone --nproc-per-node N -m anchoring run lm-anchor --out DIR`, where every
+worker runs the same command: rank 0 makes the run directory, trains its share and evaluates; the
+other ranks join the group once rank 0 is in (so the directory and tokenizer exist), train their
+share and write only their rank checkpoints. The backend is NCCL when training on CUDA with a GPU
+per rank, gloo otherwise.
 """
 
 from __future__ import annotations
@@ -22,22 +30,59 @@ from anchoring.errors import AnchoringError
 from anchoring.kinds.lm.config import LMExperiment
 
 
-def _rank_main(rank: int, world: int, store: str, cfg: LMExperiment, path: Path, jobs: list[tuple[str, int]]) -> None:
+def backend(cfg: LMExperiment, world: int) -> str:
+    """NCCL when the ranks train on CUDA and there is a GPU for each, else gloo."""
+    from anchoring.kinds.lm.training import device_of
+
+    return "nccl" if device_of(cfg).type == "cuda" and torch.cuda.device_count() >= world else "gloo"
+
+
+def launched_by_torchrun() -> tuple[int, int] | None:
+    """(rank, world size) when this process is one of several started by `torchrun`, else None."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
+        return None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
+
+
+def _train_jobs(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int]], rank: int, world: int, init_method: str) -> None:
     import torch.distributed as dist
 
     from anchoring.kinds.lm.data import load_data
     from anchoring.kinds.lm.kind import checkpoint_path
     from anchoring.kinds.lm.training import train_arm
 
+    if cfg.lm.batch_size % world:
+        raise AnchoringError(f"lm.batch_size {cfg.lm.batch_size} does not split over {world} processes")
     torch.set_num_threads(1)
-    # ranks meet through a file, not a TCP port: no race with other processes for a free port
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    name = backend(cfg, world)
+    if name == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    dist.init_process_group(name, init_method=init_method, rank=rank, world_size=world)
     try:
         data = load_data(cfg.text, path)
         for arm, seed in jobs:
             train_arm(cfg, data, seed, arm, checkpoint=checkpoint_path(path, arm, seed), rank=rank, world=world)
     finally:
         dist.destroy_process_group()
+
+
+def _rank_main(rank: int, world: int, store: str, cfg: LMExperiment, path: Path, jobs: list[tuple[str, int]]) -> None:
+    # ranks meet through a file, not a TCP port: no race with other processes for a free port
+    _train_jobs(cfg, path, jobs, rank, world, f"file://{store}")
+
+
+def train_as_torchrun_rank(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int]]) -> None:
+    """This process's share of every job, under torchrun (its env names rank, world and rendezvous)."""
+    rank, world = launched_by_torchrun() or (0, 1)
+    _train_jobs(cfg, path, jobs, rank, world, "env://")
+
+
+def follow(cfg: LMExperiment, path: Path) -> None:
+    """A torchrun rank other than 0: train this rank's share of every (arm, seed) job, write nothing else."""
+    from anchoring.kinds.lm.kind import arms
+
+    train_as_torchrun_rank(cfg, path, [(arm, seed) for seed in cfg.train.member_seeds() for arm in arms(cfg)])
 
 
 def train_data_parallel(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int]], world: int) -> None:

@@ -128,7 +128,14 @@ def run(cfg: LMExperiment, path: Path, *, progress: Progress | None = None) -> d
     total = steps * len(jobs)
     workers = 1 if cfg.lm.nproc > 1 else min(len(jobs), cfg.lm.workers or os.cpu_count() or 1)
     t0 = time.perf_counter()
-    if cfg.lm.nproc > 1:
+    from anchoring.kinds.lm.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():  # rank 0 of torchrun's workers; the others train in `distributed.follow`
+        from anchoring.kinds.lm.distributed import train_as_torchrun_rank
+
+        train_as_torchrun_rank(cfg, path, jobs)
+        workers = launched_by_torchrun()[1]
+    elif cfg.lm.nproc > 1:
         from anchoring.kinds.lm.distributed import train_data_parallel
 
         train_data_parallel(cfg, path, jobs, cfg.lm.nproc)
