@@ -122,12 +122,12 @@ def test_lm_sweep_row_takes_unlearning_medians_when_present():
     row = sweep_row(summary)
     assert row == {"seeds": 2, "anchored_loss_all": 1.5, "anchored_loss_concept": 2.0, "anchored_loss_retain": 1.4,
                    "anchored_margin@blocks.1": 0.4}
-    summary["unlearning"] = {"rows": [{"method": "delete", "seed": 0, "R": 0.2, "dforget_concept": 1.0},
-                                      {"method": "delete", "seed": 1, "R": 0.4, "dforget_concept": 3.0},
-                                      {"method": "relearn", "seed": 0, "R": 0.9, "dforget_concept": 0.5}]}
+    summary["unlearning"] = {"rows": [{"method": "delete", "seed": 0, "R": 0.2, "d_forget_concept": 1.0},
+                                      {"method": "delete", "seed": 1, "R": 0.4, "d_forget_concept": 3.0},
+                                      {"method": "relearn", "seed": 0, "R": 0.9, "d_forget_concept": 0.5}]}
     row = sweep_row(summary)
-    assert row["delete_R"] == pytest.approx(0.3) and row["delete_dforget_concept"] == pytest.approx(2.0)
-    assert row["relearn_R"] == 0.9 and row["relearn_dforget_concept"] == 0.5
+    assert row["delete_R"] == pytest.approx(0.3) and row["delete_d_forget_concept"] == pytest.approx(2.0)
+    assert row["relearn_R"] == 0.9 and row["relearn_d_forget_concept"] == 0.5
 
 
 def test_a_coverage_grid_draws_r_against_coverage(tmp_path):

@@ -51,6 +51,11 @@ def test_every_method_is_a_row_and_anchoring_delete_hits_the_concept(unlearned):
     assert (path / "figures" / "unlearning_tradeoff.png").stat().st_size > 3000
     assert (path / "figures" / "relearning_curves.png").stat().st_size > 3000
     assert "Unlearning" in (path / "report.html").read_text()
+    from anchoring.kinds.lm.shards import sweep_row
+
+    row = sweep_row(summary)  # what a coverage sweep's grid report shows for this point
+    assert row["anchoring · delete_d_forget_concept"] == pytest.approx(a["d_forget_concept"])
+    assert row["oracle filter_R"] == 1.0
     r = CliRunner().invoke(app, ["show", str(path)])
     assert r.exit_code == 0 and "unlearning" in r.stdout and "are not fine-tuned" in r.stdout
 
@@ -154,3 +159,27 @@ def test_the_leace_range_is_the_difference_of_means_for_one_binary_label():
     acts[labels] += torch.randn(8, generator=g)
     v = range_direction(acts, leace(acts, labels.float()))
     assert torch.nn.functional.cosine_similarity(v, mean_difference(acts, labels), dim=0).abs() > 0.999  # up to sign
+
+
+def test_medians_rank_never_recovered_and_free_edits_as_the_extremes():
+    assert ul.ranked_median([float("inf"), float("inf"), 0.5]) == float("inf")
+    assert ul.ranked_median([float("inf"), 7.0, 3.0]) == 7.0
+    assert ul.ranked_median([float("nan"), 2.0, 4.0]) == 3.0
+    rows = [{"method": "m", "seed": s, "weights_edited": True, "recover_steps": rec, "before": dict.fromkeys(("forget", "concept", "retain"), 1.0),
+             "after": dict.fromkeys(("forget", "concept", "retain"), 1.0), "d_forget": 0.0, "d_forget_concept": 0.0,
+             "retain_cost": 0.0, "selectivity": sel, "R": 0.0, "relearn": {}}
+            for s, rec, sel in ((0, None, float("inf")), (1, None, float("inf")), (2, 7, 0.5))]
+    header, table = ul.table({"rows": rows, "relearn_k": [], "recover_cap": 50})
+    median = table[0]
+    assert median[1] == "median" and median[header.index("steps to recover")] == "> 50"
+    assert median[header.index("selectivity")] == float("inf")
+
+
+def test_unlearning_refuses_anchor_sites_outside_the_residual_stream():
+    from anchoring.errors import AnchoringError
+    from anchoring.kinds.lm.kind import validate
+
+    cfg = experiments.load("lm-anchor", ['lm.arms=["anchored","control"]', "unlearning.enabled=true",
+                                         'terms.0.site="blocks.1.mlp"'])
+    with pytest.raises(AnchoringError, match="residual-stream anchor sites"):
+        validate(cfg, data=False)

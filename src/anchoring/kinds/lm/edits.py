@@ -72,13 +72,19 @@ class Suppressed(nn.Module):
 
 def delete(model: nn.Module, directions: Sequence[torch.Tensor]) -> nn.Module:
     """A copy with the span of `directions` removed from the embeddings and every residual writer:
-    the directions are orthonormalised first, then each basis vector is projected out in turn."""
+    the directions are orthonormalised first, then each basis vector is projected out in turn; a
+    model that keeps its weights on the unit sphere (`normalize_weights`) is put back there, so the
+    edited model is one its own training could have produced, and fine-tuning it (the relearning
+    attack) does not begin with a jump from the renormalisation."""
     embeddings, writers = model.residual_writers()
     out = model
     for v in orthonormal(directions):
         out = project_out(out, v, embeddings, writers)
     if out is model:
         raise AnchoringError("nothing to delete: no direction given")
+    if hasattr(out, "normalize_weights"):  # back on the sphere, as after every training step: the
+        with torch.no_grad():              # projection shortened the writer columns and embedding rows;
+            out.normalize_weights()        # rescaling them keeps their component along v at exactly 0
     return out.eval()
 
 

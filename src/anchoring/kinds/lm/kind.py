@@ -72,8 +72,16 @@ def validate(cfg: LMExperiment, data: bool = True) -> int:
         raise AnchoringError(f"evaluate.concept {concept!r}: only text.concept ({cfg.text.concept!r}) is labelled")
     if cfg.interventions:
         raise AnchoringError("LM runs take no [[interventions]] yet (use `load_run(...).alignment` to inspect the anchor)")
+    if cfg.unlearning.enabled:
+        residual = {"embed", *[f"blocks.{i}" for i in range(cfg.lm.layers)]}
+        odd = [s for s in anchored_sites(cfg) if s not in residual]
+        if odd:
+            raise AnchoringError(f"unlearning needs residual-stream anchor sites (embed, blocks.i); {odd[0]!r} is not one")
     if data:
         d = load_data(cfg.text)
+        if cfg.unlearning.enabled and not int(d.reference[d.parts["train"]].sum()):
+            raise AnchoringError(f"unlearning: no training passage carries {cfg.text.concept!r}, so there is nothing to "
+                                 f"relearn from")
         if int(d.reference[d.parts["validation"]].sum()) == 0:
             raise AnchoringError(f"no validation passage carries {cfg.text.concept!r}; concept positions cannot be scored")
         e = cfg.evaluate

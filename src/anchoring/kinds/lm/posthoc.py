@@ -6,12 +6,13 @@ its residual state at every anchored site is captured, and each position is labe
 label of the training passage it lies in (the same weak labels the anchored arm trained with).
 Per site:
 
-- *mean-difference*: the unit vector from the mean of unlabelled to the mean of labelled states;
+- *mean-difference*: the unit vector from the mean of unlabelled to the mean of labelled states; its
+  suppress hook removes h·v beyond the midpoint of the two class means (`beyond_midpoint`);
 - *LEACE*: the least-squares concept eraser (`control.erasure.leace`), plus the direction it moves
   states along (top singular vector of x − erase(x) over the fitted states; rank one for one label).
 
-Suppress hooks every site: mean-difference by half-space suppression along its direction (the same
-`Intervention` as an anchor), LEACE by the eraser itself. Delete removes the directions from the
+Suppress hooks every site: mean-difference by half-space suppression beyond the class midpoint,
+LEACE by the eraser itself. Delete removes the directions from the
 embeddings and every residual writer (`edits.delete`, orthonormalised over sites); for LEACE that
 removes the eraser's range only, so only the hook is exact LEACE.
 """
@@ -84,6 +85,23 @@ def fit_activations(model: nn.Module, cfg: LMExperiment, data: LMData, seed: int
     return {s: torch.cat(a)[idx] for s, a in acts.items()}, y[idx]
 
 
+def beyond_midpoint(acts: torch.Tensor, labels: torch.Tensor, v: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Half-space suppression for a direction that was not trained to mean "concept = positive":
+    remove only the part of h·v beyond the midpoint c of the two class means along v,
+    h ← h − max(0, h·v − c)·v. (The anchored arm's suppress thresholds at 0, because anchoring put
+    the concept on the positive side; a control's states sit wherever training left them, so a
+    threshold at 0 could hit almost every position or almost none.)"""
+    lab = labels.bool()
+    proj = acts.float() @ v.float()
+    c = 0.5 * (float(proj[lab].mean()) + float(proj[~lab].mean()))
+
+    def edit(h: torch.Tensor) -> torch.Tensor:
+        u = v.to(h.dtype)
+        return h - torch.relu(h @ u - c).unsqueeze(-1) * u
+
+    return edit
+
+
 def range_direction(acts: torch.Tensor, erase: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """The unit direction an eraser moves points along: top right singular vector of x − erase(x)
     (its sign is arbitrary; deleting a direction does not depend on it)."""
@@ -98,7 +116,8 @@ def fit(model: nn.Module, cfg: LMExperiment, data: LMData, seed: int, sites: lis
     out: dict[str, PosthocFit] = {}
     for method in cfg.unlearning.posthoc:
         if method == "mean-difference":
-            out[method] = PosthocFit(method, sites, {s: mean_difference(acts[s], y) for s in sites})
+            dirs = {s: mean_difference(acts[s], y) for s in sites}
+            out[method] = PosthocFit(method, sites, dirs, {s: beyond_midpoint(acts[s], y, dirs[s]) for s in sites})
         else:
             erasers = {s: leace(acts[s], y) for s in sites}
             out[method] = PosthocFit(method, sites, {s: range_direction(acts[s], erasers[s]) for s in sites}, erasers)

@@ -107,7 +107,7 @@ def sweep_row(summary: dict[str, Any]) -> dict[str, Any]:
     rows = (unlearning.get("rows") if isinstance(unlearning, dict) else None) or []
     for method in dict.fromkeys(r["method"] for r in rows if "method" in r):
         mine = [r for r in rows if r.get("method") == method]
-        for key in ("R", "dforget_concept"):
+        for key in ("R", "d_forget_concept"):
             row[f"{method}_{key}"] = median(r[key] for r in mine if r.get(key) is not None)
     return row
 

@@ -172,14 +172,15 @@ class LMTask(MetricRows):
             _average_gradients(self.model, self.world)
         self.optimizer.step()
         self.model.normalize_weights()
-        stats = torch.stack([loss.detach(), task.detach(), *[v.detach() for v in term_values]]).cpu()
-        n_lab = lab.sum().detach().cpu().reshape(1)
+        stats = torch.stack([loss.detach(), task.detach(), *[v.detach() for v in term_values]])
+        n_lab = lab.sum().detach().reshape(1)
         if self.world > 1:  # metrics of the global batch: means of the ranks' means, total labelled passages
             import torch.distributed as dist
 
-            dist.all_reduce(stats)
+            dist.all_reduce(stats)  # on the training device: an NCCL group reduces CUDA tensors only
             stats /= self.world
             dist.all_reduce(n_lab)
+        stats, n_lab = stats.cpu(), n_lab.cpu()
         tv = dict(zip([t.name for t in self.terms], stats[2:].tolist()))
         self.rows[step] = [*values, float(stats[0]), float(stats[1]), *[tv.get(t.name, np.nan) for t in self.objective.terms],
                            float(n_lab)]

@@ -205,7 +205,7 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
             mix_f = Windows(data, forget, window, seed, MIX_SALT)
             mix_r = Windows(data, np.flatnonzero(ref == 0), window, seed, MIX_SALT + 1)
             half = max(1, u.relearn_batch // 2)
-            attack = {k: Windows(data, forget[:k], window, seed, BATCH_SALT + k) for k in u.relearn_k}
+            attack = {k: Windows(data, forget[:k], window, seed, (BATCH_SALT << 20) + k) for k in u.relearn_k}  # never a MIX_SALT
             seed_rows = []
             for m in by_seed[seed]:
                 before, after = losses(m.before, es, bs), losses(m.after, es, bs)
@@ -260,10 +260,17 @@ def columns(ks: list[int]) -> list[str]:
             *[f"{name} K={k}" for k in ks for name in ("relearned", "kept")], "steps to recover"]
 
 
+def ranked_median(values: list[float]) -> float:
+    """Median over seeds that ranks ±inf as the extremes they are (a seed that never recovered, an
+    edit with no retain cost) instead of dropping them; NaN (undefined) values are left out."""
+    kept = [v for v in values if not math.isnan(v)]
+    return float(np.median(kept)) if kept else float("nan")
+
+
 def table(unlearning: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """Every method a row per seed plus its median over seeds; every metric a column. `recover`
     beyond the cap shows as "> N"; hooks (not fine-tuned) show "hook" there."""
-    from anchoring.evaluate.stats import median
+    median = ranked_median
 
     ks = unlearning["relearn_k"]
     cap = unlearning.get("recover_cap")
