@@ -56,6 +56,11 @@ def test_every_method_is_a_row_and_anchoring_delete_hits_the_concept(unlearned):
     row = sweep_row(summary)  # what a coverage sweep's grid report shows for this point
     assert row["anchoring · delete_d_forget_concept"] == pytest.approx(a["d_forget_concept"])
     assert row["oracle filter_R"] == 1.0
+    t = summary["targets"]["anchoring · delete: Δforget at concept positions ≥ 0.5 nats/char"]
+    assert t["median"] == pytest.approx(a["d_forget_concept"]) and t["met"] == (a["d_forget_concept"] >= 0.5)
+    md = rows["mean-difference · delete"]
+    ratio = summary["targets"]["Δforget (concept) of anchoring · delete ≥ 3 × mean-difference · delete"]["median"]
+    assert ratio == pytest.approx(a["d_forget_concept"] / md["d_forget_concept"]) or md["d_forget_concept"] <= 0
     r = CliRunner().invoke(app, ["show", str(path)])
     assert r.exit_code == 0 and "unlearning" in r.stdout and "are not fine-tuned" in r.stdout
 

@@ -241,6 +241,9 @@ def finish(cfg: LMExperiment, path: Path, data: LMData, results: dict[tuple[str,
         summary["ood"] = ood(cfg, path, data, results)
     if cfg.unlearning.enabled:
         summary["unlearning"] = unlearning(cfg, path, data, results)
+        from anchoring.kinds.lm.unlearning import targets as unlearning_targets
+
+        summary["targets"].update(unlearning_targets(summary["unlearning"]))
     figures(cfg, path, data, results, rows, sites, direction, dims)
     write_report(cfg, path, summary, first.metric_names)
     return summary

@@ -260,6 +260,37 @@ def columns(ks: list[int]) -> list[str]:
             *[f"{name} K={k}" for k in ks for name in ("relearned", "kept")], "steps to recover"]
 
 
+def targets(unlearning: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The unlearning targets, medians over seeds (where the rows they need exist)."""
+    rows = unlearning["rows"]
+
+    def med(method: str, get) -> float:
+        return ranked_median([_num(get(r)) for r in rows if r["method"] == method])
+
+    out: dict[str, dict[str, Any]] = {}
+    delete, md = "anchoring · delete", "mean-difference · delete"
+    if not any(r["method"] == delete for r in rows):
+        return out
+    d = med(delete, lambda r: r["d_forget_concept"])
+    cost = med(delete, lambda r: r["retain_cost"])
+    out["anchoring · delete: Δforget at concept positions ≥ 0.5 nats/char"] = {"median": d, "met": d >= 0.5}
+    out["anchoring · delete: retain cost ≤ 0.02 nats/char"] = {"median": cost, "met": cost <= 0.02}
+    if any(r["method"] == md for r in rows):
+        ratio_ = ranked_median([a["d_forget_concept"] / b["d_forget_concept"] if b["d_forget_concept"] > TINY else float("nan")
+                                for a in rows if a["method"] == delete for b in rows
+                                if b["method"] == md and b["seed"] == a["seed"]])
+        out["Δforget (concept) of anchoring · delete ≥ 3 × mean-difference · delete"] = {
+            "median": ratio_, "met": ratio_ >= 3.0, "retain_costs": [cost, med(md, lambda r: r["retain_cost"])]}
+    ks = unlearning.get("relearn_k") or []
+    if ks:
+        k = max(ks)
+        kept = med(delete, lambda r: (r.get("relearn") or {}).get(str(k), {}).get("kept"))
+        out[f"anchoring · delete keeps ≥ 50% of Δforget after relearning on K = {k}"] = {"median": kept, "met": kept >= 0.5}
+    r_ = med(delete, lambda r: r["R"])
+    out["R (anchoring · delete vs oracle filter) ≥ 0.5"] = {"median": r_, "met": r_ >= 0.5}
+    return out
+
+
 def ranked_median(values: list[float]) -> float:
     """Median over seeds that ranks ±inf as the extremes they are (a seed that never recovered, an
     edit with no retain cost) instead of dropping them; NaN (undefined) values are left out."""
