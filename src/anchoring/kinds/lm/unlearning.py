@@ -37,6 +37,7 @@ from anchoring.kinds.lm.data import LMData
 CURVES = "unlearning_curves.csv"
 PICK_SALT, BATCH_SALT, MIX_SALT = 0x4E1, 0x4E2, 0x4E3
 TINY = 1e-6  # nats/char: a difference this small is no difference
+KEPT_FLOOR = 0.01  # nats/char: an edit must raise the curve's forget loss this much for "kept" to be a share
 POSTHOC_NAMES = {"mean-difference": "mean-difference", "leace": "LEACE"}
 BASELINES = {"sgtm": "SGTM", "routing": "gradient routing"}
 Progress = Callable[[int, int], None]
@@ -224,7 +225,7 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
                         lowest = min(c["concept"] for c in curve)
                         row["relearn"][str(k)] = {
                             "passages": int(min(k, len(forget))), "relearned": lowest - target,
-                            "kept": ratio(lowest - sb, curve[0]["concept"] - sb) if curve[0]["concept"] - sb > TINY
+                            "kept": ratio(lowest - sb, curve[0]["concept"] - sb) if curve[0]["concept"] - sb >= KEPT_FLOOR
                             else float("nan"), "lowest": lowest, "before_edit": sb, "after_edit": curve[0]["concept"]}
                         curves += [{"seed": seed, "method": m.name, "fine_tune": f"relearn K={k}", "k": k, "step": i,
                                     "forget_concept": c["concept"], "forget": c["forget"], "retain": c["retain"],
