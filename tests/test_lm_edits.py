@@ -116,12 +116,14 @@ def test_delete_on_an_lm_run_writes_a_run_that_load_run_opens(lm_run, tmp_path):
     r = CliRunner().invoke(app, ["delete", str(lm_run.path), "--concept", "violence", "--out", str(out)])
     assert r.exit_code == 0, r.stderr
     run = lifecycle.load_run(out)
-    from anchoring.kinds.lm.edits import concept_directions, residual_component
+    from anchoring.control.surgery import residual_component
+    from anchoring.kinds.lm.edits import concept_directions
 
     (v,) = concept_directions(run.config)
     ids = run.tokenize(VIOLENT[0])[None, :64]
-    assert residual_component(run.model("anchored"), v, ids) < 1e-5  # the saved weights carry no anchor component
-    assert residual_component(lm_run.model("anchored"), v, ids) > 1e-2  # the original did
+    sites = ["embed", *[f"blocks.{i}" for i in range(run.config.lm.layers)]]
+    assert residual_component(run.model("anchored"), v, ids, sites) < 1e-5  # the saved weights carry no anchor component
+    assert residual_component(lm_run.model("anchored"), v, ids, sites) > 1e-2  # the original did
     rows = run.summary["edit_rows"]
     a = next(x for x in rows if x["arm"] == "anchored")
     assert a["concept after"] - a["concept before"] > a["retain after"] - a["retain before"]

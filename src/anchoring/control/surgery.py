@@ -186,3 +186,16 @@ def project_out(model: nn.Module, direction: torch.Tensor, embeddings: Sequence[
         if lin.bias is not None:
             lin.bias.sub_((lin.bias @ v.to(w.dtype)) * v.to(w.dtype))
     return m
+
+
+@torch.no_grad()
+def residual_component(model: nn.Module, direction: torch.Tensor, tokens: torch.Tensor, sites: Sequence[str]) -> float:
+    """Largest |ĥ·v̂| over the states at `sites` on `tokens`, each state unit-normalised: how much of
+    `direction` an edited model still carries. Which sites make up the residual stream is the
+    caller's to say (for the normalised transformers: the embedding output and every block's)."""
+    from anchoring.anchor.capture import Capture
+
+    v = F.normalize(direction.float(), dim=0)
+    with Capture(model, list(sites)) as cap:
+        model(tokens)
+        return max(float((F.normalize(cap.acts[s].float(), dim=-1) @ v).abs().max()) for s in sites)

@@ -17,11 +17,12 @@ from rich.table import Table
 from anchoring import runs
 from anchoring.config import InterventionConfig
 from anchoring.control.falloff import parse_falloff
+from anchoring.control.surgery import residual_component
 from anchoring.errors import AnchoringError
 from anchoring.kinds.arms import write_arms
 from anchoring.kinds.base import EditResult
 from anchoring.kinds.lm import evaluate as ev
-from anchoring.kinds.lm.edits import concept_directions, edited, residual_component
+from anchoring.kinds.lm.edits import concept_directions, edited
 from anchoring.kinds.lm.kind import anchored_sites
 from anchoring.kinds.lm.unlearning import losses
 from anchoring.report import html
@@ -91,9 +92,10 @@ def delete(run, spec: InterventionConfig, out: Path) -> EditResult:
     out = runs.new_run_dir(cfg.name, out)
     runs.check_writable(out)
     directions = concept_directions(cfg)
-    new = {arm: [edited(m, cfg, "delete") for m in ms] for arm, ms in run.arms.items()}
+    new = {arm: [edited(m, cfg, "delete", directions=directions) for m in ms] for arm, ms in run.arms.items()}
     probe = run.tokenize(run.data.texts[int(run.data.parts["validation"][0])])[None, : cfg.lm.context]
-    leftover = max(residual_component(m, v, probe) for ms in new.values() for m in ms for v in directions)
+    sites = ["embed", *[f"blocks.{i}" for i in range(cfg.lm.layers)]]
+    leftover = max(residual_component(m, v, probe, sites) for ms in new.values() for m in ms for v in directions)
     rows = _rows(run, lambda arm, i, m: new[arm][i])
     out.mkdir(parents=True, exist_ok=True)
     for name in (runs.CONFIG, runs.ARCH, "tokenizer.json"):

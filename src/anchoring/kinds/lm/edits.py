@@ -105,16 +105,3 @@ def edited(model: nn.Module, cfg: LMExperiment, edit: str, *,
     flat = [v for vs in directions.values() for v in vs] if isinstance(directions, Mapping) else list(directions)
     return delete(model, flat)
 
-
-@torch.no_grad()
-def residual_component(model: nn.Module, direction: torch.Tensor, tokens: torch.Tensor) -> float:
-    """Largest |ĥ·v̂| over every residual-stream state the model names (its embedding output, unit-
-    normalised, and each block's output): how much of `direction` a deleted model still carries."""
-    from anchoring.anchor import Capture
-
-    embeddings, _ = model.residual_writers()
-    sites = [*embeddings, *[f"blocks.{i}" for i in range(len(model.blocks))]]
-    v = direction / direction.norm()
-    with Capture(model, sites) as cap:
-        model(tokens)
-        return max(float((torch.nn.functional.normalize(cap.acts[s], dim=-1) @ v).abs().max()) for s in sites)

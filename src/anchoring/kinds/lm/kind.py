@@ -138,11 +138,12 @@ def run(cfg: LMExperiment, path: Path, *, progress: Progress | None = None) -> d
     t0 = time.perf_counter()
     from anchoring.kinds.lm.distributed import launched_by_torchrun
 
-    if launched_by_torchrun():  # rank 0 of torchrun's workers; the others train in `distributed.follow`
+    launched = launched_by_torchrun()
+    if launched:  # rank 0 of torchrun's workers; the others train in `distributed.follow`
         from anchoring.kinds.lm.distributed import train_as_torchrun_rank
 
         train_as_torchrun_rank(cfg, path, jobs)
-        workers = launched_by_torchrun()[1]
+        workers = launched[1]
     elif cfg.lm.nproc > 1:
         from anchoring.kinds.lm.distributed import train_data_parallel
 

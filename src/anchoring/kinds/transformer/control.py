@@ -10,9 +10,8 @@ import torch
 from rich.table import Table
 
 from anchoring import runs
-from anchoring.anchor import Capture
 from anchoring.config import InterventionConfig
-from anchoring.control.surgery import project_out
+from anchoring.control.surgery import project_out, residual_component
 from anchoring.errors import AnchoringError
 from anchoring.kinds.arms import write_arms
 from anchoring.kinds.base import EditResult
@@ -96,21 +95,9 @@ def remove_direction(model, direction: torch.Tensor):
     return project_out(model, direction, embeddings, writers)
 
 
-@torch.no_grad()
-def residual_component(model, direction: torch.Tensor, tokens: torch.Tensor) -> float:
-    """Largest |h·v| over every residual-stream state (after the embedding and each block)."""
-    sites = ["embed", *[f"blocks.{i}" for i in range(len(model.blocks))]]
-    with Capture(model, sites) as cap:
-        model(tokens)
-        acts = dict(cap.acts)
-    v = direction / direction.norm()
-    worst = 0.0
-    for s in sites:
-        h = acts[s]
-        if s == "embed":
-            h = torch.nn.functional.normalize(h, dim=-1)
-        worst = max(worst, float((h @ v).abs().max()))
-    return worst
+def residual_sites(model) -> list[str]:
+    """The residual-stream states of a normalised transformer: after the embedding and each block."""
+    return ["embed", *[f"blocks.{i}" for i in range(len(model.blocks))]]
 
 
 def delete(run: TransformerRun, spec: InterventionConfig, out: Path) -> EditResult:
@@ -135,7 +122,7 @@ def delete(run: TransformerRun, spec: InterventionConfig, out: Path) -> EditResu
         for v in directions:
             m = remove_direction(m, v)
         edited["anchored"][i] = m
-        leftover.append(max(residual_component(m, v, probe_tokens) for v in directions))
+        leftover.append(max(residual_component(m, v, probe_tokens, residual_sites(m)) for v in directions))
     tc = cfg.transformer
     sets = ev.eval_lines(lang, tc.eval_lines, tc.reddest)
     rows = []
