@@ -27,7 +27,7 @@ def corpus(tmp_path_factory):
 
 
 def config(corpus, *extra: str):
-    return experiments.load("lm-anchor", tiny(corpus, "train.steps=6", "evaluate.shade_passages=0",
+    return experiments.load("lm-anchor-passages", tiny(corpus, "train.steps=6", "evaluate.shade_passages=0",
                                               'lm.arms=["control","sgtm","routing"]', *ROUTE, *extra))
 
 
@@ -176,11 +176,11 @@ def test_plain_models_are_unchanged_and_routing_shares_the_control_init(corpus):
 ])
 def test_bad_baseline_config_is_one_line(corpus, tmp_path, override, message):
     args = [a for o in tiny(corpus, 'lm.arms=["control","sgtm","routing"]', override) for a in ("--set", o)]
-    r = CliRunner().invoke(app, ["run", "lm-anchor", *args, "--out", str(tmp_path / "run"), "-q"])
+    r = CliRunner().invoke(app, ["run", "lm-anchor-passages", *args, "--out", str(tmp_path / "run"), "-q"])
     assert r.exit_code == 2, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
-    cfg = experiments.load("lm-anchor", tiny(corpus, 'lm.arms=["control"]', override))  # unused arm: not checked
+    cfg = experiments.load("lm-anchor-passages", tiny(corpus, 'lm.arms=["control"]', override))  # unused arm: not checked
     assert cfg.lm.arms == ["control"]
 
 
@@ -209,8 +209,8 @@ def test_sgtm_and_routing_data_parallel_equal_one_process(corpus, tmp_path):
     from safetensors.torch import load_file
 
     base = tiny(corpus, "train.steps=4", 'lm.arms=["sgtm","routing"]', "evaluate.shade_passages=0", *ROUTE)
-    lifecycle.run(experiments.load("lm-anchor", base), tmp_path / "one")
-    lifecycle.run(experiments.load("lm-anchor", [*base, "lm.nproc=2"]), tmp_path / "two")
+    lifecycle.run(experiments.load("lm-anchor-passages", base), tmp_path / "one")
+    lifecycle.run(experiments.load("lm-anchor-passages", [*base, "lm.nproc=2"]), tmp_path / "two")
     a, b = (load_file(str(tmp_path / d / "checkpoint.safetensors")) for d in ("one", "two"))
     assert a.keys() == b.keys() and a["routing.0.blocks.0.mlp.s_u"].shape == (cfg_hidden(corpus) + 8,)
     for k in a:

@@ -18,8 +18,8 @@ def corpus(tmp_path_factory):
 def test_two_processes_equal_one_with_the_same_global_batch(corpus, tmp_path):
     base = tiny(corpus, "train.steps=8", 'lm.arms=["anchored","control"]', "evaluate.shade_passages=0",
                 'terms.0.positions="mellowmax:3"')
-    one = lifecycle.run(experiments.load("lm-anchor", base), tmp_path / "one")
-    two = lifecycle.run(experiments.load("lm-anchor", [*base, "lm.nproc=2"]), tmp_path / "two")
+    one = lifecycle.run(experiments.load("lm-anchor-passages", base), tmp_path / "one")
+    two = lifecycle.run(experiments.load("lm-anchor-passages", [*base, "lm.nproc=2"]), tmp_path / "two")
     a, b = load_file(str(tmp_path / "one" / "checkpoint.safetensors")), load_file(str(tmp_path / "two" / "checkpoint.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
@@ -37,7 +37,7 @@ def test_torchrun_workers_train_the_same_model_as_one_process(corpus, tmp_path):
 
     base = tiny(corpus, "train.steps=6", 'lm.arms=["anchored","control"]', "evaluate.shade_passages=0",
                 'terms.0.positions="mellowmax:3"')
-    cfg = experiments.load("lm-anchor", base)
+    cfg = experiments.load("lm-anchor-passages", base)
     spec = tmp_path / "spec.toml"
     spec.write_text(cfg.to_toml())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -66,7 +66,7 @@ def test_sigterm_to_a_multi_worker_run_stops_its_workers_with_checkpoints(corpus
     import sys
     import time
 
-    cfg = experiments.load("lm-anchor", tiny(corpus, "train.steps=20000", 'lm.arms=["anchored","control"]', "lm.workers=2",
+    cfg = experiments.load("lm-anchor-passages", tiny(corpus, "train.steps=20000", 'lm.arms=["anchored","control"]', "lm.workers=2",
                                              "train.checkpoint_every=5"))
     spec = tmp_path / "spec.toml"
     spec.write_text(cfg.to_toml())

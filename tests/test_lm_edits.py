@@ -18,7 +18,7 @@ from test_lm_kind import CALM, SCHEDULE, VIOLENT, tiny, write_corpus
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory):
     corpus = write_corpus(tmp_path_factory.mktemp("lm-edit-corpus") / "texts")
-    cfg = experiments.load("lm-anchor", tiny(corpus, "train.steps=400", 'lm.arms=["anchored","control"]'))
+    cfg = experiments.load("lm-anchor-passages", tiny(corpus, "train.steps=400", 'lm.arms=["anchored","control"]'))
     out = tmp_path_factory.mktemp("lm-edit") / "run"
     lifecycle.run(cfg.model_copy(update={"schedule": SCHEDULE}), out)
     return lifecycle.load_run(out)

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from anchoring import experiments, lifecycle
 from anchoring.cli import app
+from anchoring.domains.text.lexicons import lexicon_hits
 from anchoring.errors import AnchoringError
 from anchoring.kinds.lm.data import Stream, load_data
 from anchoring.kinds.lm.training import train_arm
@@ -68,7 +69,7 @@ def corpus(tmp_path_factory):
 def finished(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("lm-run") / "run"
     overrides = tiny(corpus, "train.steps=400", 'lm.arms=["anchored","control","weak-filtered"]')
-    cfg = experiments.load("lm-anchor", overrides)
+    cfg = experiments.load("lm-anchor-passages", overrides)
     cfg = cfg.model_copy(update={"schedule": SCHEDULE})
     outcome = lifecycle.run(cfg, out)
     return out, outcome.summary
@@ -93,7 +94,7 @@ def test_anchored_alignment_at_concept_positions_rises_above_the_control(finishe
 
 def test_arms_saw_the_same_batches_except_filtered_passages(corpus, finished):
     path, _ = finished
-    cfg = experiments.load("lm-anchor", tiny(corpus))
+    cfg = experiments.load("lm-anchor-passages", tiny(corpus))
     data = load_data(cfg.text)
     seed, T = 0, cfg.lm.tokens
     full = Stream(data.train_tokens, data.keep("control", seed), seed, T)
@@ -119,7 +120,7 @@ class Killed(Exception):
 
 
 def test_resume_after_an_interrupt_is_bit_exact(corpus, tmp_path):
-    cfg = experiments.load("lm-anchor", tiny(corpus, "train.steps=30"))
+    cfg = experiments.load("lm-anchor-passages", tiny(corpus, "train.steps=30"))
     data = load_data(cfg.text)
     full = train_arm(cfg, data, 0, "anchored", checkpoint=tmp_path / "full.safetensors")
 
@@ -142,14 +143,14 @@ def test_resume_after_an_interrupt_is_bit_exact(corpus, tmp_path):
 ])
 def test_bad_config_is_one_line(corpus, tmp_path, override, message):
     out = tmp_path / "run"
-    r = CliRunner().invoke(app, ["run", "lm-anchor", *[a for o in tiny(corpus, override) for a in ("--set", o)],
+    r = CliRunner().invoke(app, ["run", "lm-anchor-passages", *[a for o in tiny(corpus, override) for a in ("--set", o)],
                                  "--out", str(out), "-q"])
     assert r.exit_code == 2, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
     assert not out.exists()
     with pytest.raises(AnchoringError, match="kind: unknown|no module|axis|window"):
-        lifecycle.validate(experiments.load("lm-anchor", tiny(corpus, override)))
+        lifecycle.validate(experiments.load("lm-anchor-passages", tiny(corpus, override)))
 
 
 def test_load_run_gives_tokens_losses_alignment_and_samples(finished):
@@ -170,7 +171,7 @@ def test_load_run_gives_tokens_losses_alignment_and_samples(finished):
 
 
 def test_bpe_switch_saves_its_merges_and_scores_per_character(corpus, tmp_path):
-    cfg = experiments.load("lm-anchor", tiny(corpus, "train.steps=5", 'text.tokenizer="bpe"', "text.bpe_vocab=300",
+    cfg = experiments.load("lm-anchor-passages", tiny(corpus, "train.steps=5", 'text.tokenizer="bpe"', "text.bpe_vocab=300",
                                             'lm.arms=["control"]', "evaluate.shade_passages=0"))
     out = lifecycle.run(cfg, tmp_path / "run")
     assert json.loads((tmp_path / "run" / "tokenizer.json").read_text())["kind"] == "bpe"
@@ -187,3 +188,61 @@ def test_subspace_variant_measures_the_share_of_h_in_its_dims(corpus, tmp_path):
     for r in out.summary["models"]:
         for s in ("blocks.0", "blocks.1"):
             assert 0.0 <= r["alignment"][s]["concept"] <= 1.0 and 0.0 <= r["alignment"][s]["retain"] <= 1.0
+
+
+def test_span_labels_mark_the_labellers_words_and_the_text_after_them(corpus):
+    cfg = experiments.load("lm-anchor-passages", tiny(corpus, 'text.weak_labels="spans"', "text.span_after=3"))
+    data = load_data(cfg.text)
+    masks = data.span_masks()
+    assert masks is not None and len(masks) == len(data.train_tokens)
+    i = next(j for j, t in enumerate(data.parts["train"]) if "stabbed him" in data.texts[t])
+    text = data.texts[data.parts["train"][i]] + "\n\n"
+    marked = "".join(c for c, m in zip(text, masks[i]) if m)
+    assert "stabbed hi" in marked and "stabbed him" not in marked and "drew" not in marked  # word + 3 characters
+    calm = next(j for j, t in enumerate(data.parts["train"]) if data.texts[t] and "sword" not in data.texts[t]
+                and not data.reference[t] and "kill" not in data.texts[t])
+    assert not masks[calm].any()
+    # a batch labels a position only inside a weakly labelled passage, and there only runs that start at
+    # a word the labeller fired on (runs that touch the window's edges may be cut, so they are skipped)
+    weak = data.weak(0)
+    stream = Stream(data.train_tokens, data.keep("anchored", 0), 0, cfg.lm.tokens, masks)
+    runs = unlabelled_inside = 0
+    for step in range(6):
+        b = stream.batch(step, 8, weak)
+        lab, inside = b.labels.numpy(), weak[b.passage.numpy()]
+        assert ((lab == 0) | (inside == 1)).all()
+        unlabelled_inside += int(((inside == 1) & (lab == 0)).sum())
+        for r in range(lab.shape[0]):
+            text = data.tokenizer.decode(b.inputs[r].tolist())
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], lab[r], [0]])))
+            for s, e in zip(edges[::2], edges[1::2]):
+                if 0 < s and e < len(text):
+                    runs += 1
+                    hits = lexicon_hits(text[s:e], "violence")
+                    assert hits and hits[0][0] == 0, (text[max(0, s - 10):s], text[s:e])
+    assert runs > 0 and unlabelled_inside > 0  # spans, not whole passages
+    plain = experiments.load("lm-anchor-passages", tiny(corpus))
+    b = Stream(data.train_tokens, data.keep("anchored", 0), 0, cfg.lm.tokens).batch(0, 8, weak)
+    assert plain.text.weak_labels == "passages" and np.array_equal(b.labels.numpy(), weak[b.passage.numpy()])
+
+
+def test_span_labels_refuse_mellowmax_pooling(corpus):
+    cfg = experiments.load("lm-anchor-passages", tiny(corpus, 'text.weak_labels="spans"'))
+    with pytest.raises(AnchoringError, match="mellowmax pools over labelled passages"):
+        lifecycle.validate(cfg)
+
+
+SPANS_SCHEDULE = "STEP,lr,anchor,anti-subspace\n0,1e-4,0,0\n20,0.004,0.5,1.0\n250,0.004,,\n300,0.001,,\n"
+
+
+def test_span_labels_anchor_the_labelled_words_above_the_control(corpus, tmp_path):
+    """The shipped lm-anchor (labels on the labeller's words, one anchored site): concept positions
+    align with the anchor far more than retain positions, and more than in the control."""
+    overrides = [o for o in tiny(corpus, "train.steps=300", 'lm.arms=["anchored","control"]', "evaluate.shade_passages=0")
+                 if not o.startswith("terms.")] + ['terms.0.site="blocks.1"', 'terms.1.site="blocks.1"']
+    cfg = experiments.load("lm-anchor", overrides).model_copy(update={"schedule": SPANS_SCHEDULE})
+    assert cfg.text.weak_labels == "spans" and [t.select for t in cfg.terms] == ["labelled", "unlabelled"]
+    rows = {r["arm"]: r for r in lifecycle.run(cfg, tmp_path / "run").summary["models"]}
+    a, c = rows["anchored"]["alignment"]["blocks.1"], rows["control"]["alignment"]["blocks.1"]
+    assert a["margin"] > 0.3 and a["margin"] > c["margin"] + 0.25, (a, c)
+    assert abs(a["containment"]) < 0.15, a

@@ -27,7 +27,7 @@ def spec(tmp_path_factory):
     """A spec file of a tiny two-arm, two-seed LM experiment (the sweep takes a name or a path)."""
     root = tmp_path_factory.mktemp("lm-sweep")
     corpus = write_corpus(root / "texts")
-    cfg = experiments.load("lm-anchor", tiny(corpus, f"train.steps={STEPS}", "train.seeds=2",
+    cfg = experiments.load("lm-anchor-passages", tiny(corpus, f"train.steps={STEPS}", "train.seeds=2",
                                              'lm.arms=["anchored","control"]'))
     path = root / "tiny-lm.toml"
     path.write_text(cfg.model_copy(update={"schedule": SCHEDULE}).to_toml())

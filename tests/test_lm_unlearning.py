@@ -27,7 +27,7 @@ UNLEARNING = ["unlearning.enabled=true", "unlearning.relearn_k=[2]", "unlearning
 @pytest.fixture(scope="module")
 def unlearned(tmp_path_factory):
     corpus = write_corpus(tmp_path_factory.mktemp("lm-unlearn-corpus") / "texts")
-    cfg = experiments.load("lm-anchor", tiny(corpus, "train.steps=400", f"lm.arms={ARMS}", *UNLEARNING))
+    cfg = experiments.load("lm-anchor-passages", tiny(corpus, "train.steps=400", f"lm.arms={ARMS}", *UNLEARNING))
     out = tmp_path_factory.mktemp("lm-unlearn") / "run"
     outcome = lifecycle.run(cfg.model_copy(update={"schedule": SCHEDULE}), out)
     return out, outcome.summary
@@ -150,7 +150,7 @@ def test_bad_unlearning_config_is_one_line(tmp_path, override, message):
     from anchoring.errors import AnchoringError
 
     with pytest.raises((AnchoringError, ValueError)) as e:
-        experiments.load("lm-anchor", tiny(tmp_path, "unlearning.enabled=true", override))
+        experiments.load("lm-anchor-passages", tiny(tmp_path, "unlearning.enabled=true", override))
     assert message in str(e.value) and "\n" not in str(e.value).strip()
 
 
@@ -184,7 +184,7 @@ def test_unlearning_refuses_anchor_sites_outside_the_residual_stream():
     from anchoring.errors import AnchoringError
     from anchoring.kinds.lm.kind import validate
 
-    cfg = experiments.load("lm-anchor", ['lm.arms=["anchored","control"]', "unlearning.enabled=true",
+    cfg = experiments.load("lm-anchor-passages", ['lm.arms=["anchored","control"]', "unlearning.enabled=true",
                                          'terms.0.site="blocks.1.mlp"'])
     with pytest.raises(AnchoringError, match="residual-stream anchor sites"):
         validate(cfg, data=False)

@@ -132,7 +132,9 @@ class SequenceTerm:
     direction: torch.Tensor | None = None  # the anchor's direction, for evaluation and interventions
 
     def __call__(self, acts: dict[str, torch.Tensor], roles: torch.Tensor, line: torch.Tensor,
-                 line_labels: dict[str, torch.Tensor]) -> torch.Tensor:
+                 line_labels: dict[str, torch.Tensor], labels: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """`labels`: per-position `(B, T)` labels per concept, where they are finer than the lines'
+        (text labelled by spans); by default every position takes its line's label."""
         ell = self.formula(self.site.read(acts))  # (B, T)
         if self.positions.kind == "mellowmax":
             return pool_lines(ell, line, line_labels[self.concept], self.positions.omega, self.select)
@@ -140,7 +142,7 @@ class SequenceTerm:
         if self.positions.kind == "slot":
             w = w * (roles == self.positions.role)
         if self.select != "all":
-            lab = position_labels(line_labels[self.concept], line)
+            lab = labels[self.concept] if labels is not None else position_labels(line_labels[self.concept], line)
             w = w * (lab if self.select == "labelled" else 1.0 - lab)
         return (ell * w).sum() / w.sum().clamp_min(1.0)
 

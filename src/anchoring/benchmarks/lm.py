@@ -7,7 +7,7 @@ implementation) and the same warm-up (the first `WARMUP` steps are not timed). T
 model a user would write by hand: learned positions, pre-LayerNorm, GELU MLP 4×, tied embeddings,
 no hooks, no weight normalisation. The project's step adds what the method needs: the normalised
 transformer (weights back on the sphere after every step) and, for the anchored case, the hooks and
-the four sequence terms of `lm-anchor`.
+the sequence terms of `lm-anchor` (its span labels included).
 """
 
 from __future__ import annotations

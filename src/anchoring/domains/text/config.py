@@ -21,6 +21,11 @@ class TextConfig(BaseModel):
     concept: str = "violence"
     coverage: float = Field(0.3, ge=0.0, le=1.0, description="fraction of reference positives that carry a weak label")
     false_positives: float = Field(0.0, ge=0.0, le=1.0, description="fraction of reference negatives labelled positive")
+    weak_labels: Literal["passages", "spans"] = Field(
+        "passages", description="what a weak label marks: the whole passage, or only the labeller's words in it plus "
+                                "`span_after` characters (positions inside spans are labelled, the rest unlabelled)")
+    span_after: int = Field(20, ge=0, le=200, description="characters after a labelled word that weak_labels = 'spans' "
+                                                          "also marks")
 
     @field_validator("split")
     @classmethod

@@ -13,6 +13,12 @@ no padding, the same tokens per step in every arm).
 false_positives, seed)` over the training passages: identical in every arm of a seed, and every
 process. Within a window, each passage's positions form one "line" for `pool_lines`; a passage
 cut by the window edge is still a line (its visible part).
+
+With `text.weak_labels = "spans"` a weak label marks positions, not passages: the tokens of a
+weakly labelled passage that overlap a word where the labeller fired (`concept_spans`) or one of
+the `span_after` characters after it — the same rule that makes an evaluation *concept position*.
+`Batch.labels` then carries these per-position labels; with "passages" it carries every
+position's passage label.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch
 
 from anchoring.domains.text.config import TextConfig
 from anchoring.domains.text.corpus import load_corpus
-from anchoring.domains.text.labelling import Passages
+from anchoring.domains.text.labelling import Passages, concept_spans
 from anchoring.domains.text.split import split_indices
 from anchoring.domains.text.tokenize import BPETokenizer, CharTokenizer, train_tokenizer
 from anchoring.domains.text.weak import reference_labels, weak_set
@@ -48,6 +54,7 @@ class LMData:
     reference: np.ndarray  # 0/1 per corpus passage: the best labeller (ground truth)
     tokenizer: CharTokenizer | BPETokenizer
     train_tokens: list[np.ndarray] = field(default_factory=list)  # per training passage (with separator)
+    _spans: list[np.ndarray] | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -63,6 +70,15 @@ class LMData:
         t = self.text
         return weak_set(self.reference[self.parts["train"]], t.coverage, t.false_positives, seed)
 
+    def span_masks(self) -> list[np.ndarray] | None:
+        """Per training passage, which tokens the labeller's spans cover (None unless weak_labels = 'spans')."""
+        if self.text.weak_labels != "spans":
+            return None
+        if self._spans is None:
+            self._spans = [token_mask(self, self.texts[i] + SEPARATOR, self.text.concept, self.text.span_after)
+                           for i in self.parts["train"]]
+        return self._spans
+
     def keep(self, arm: str, seed: int) -> np.ndarray:
         """Which training passages an arm trains on (bool per training passage)."""
         n = len(self.parts["train"])
@@ -71,6 +87,18 @@ class LMData:
         if arm == "oracle-filtered":
             return self.reference[self.parts["train"]] == 0
         return np.ones(n, dtype=bool)
+
+
+def token_mask(data: LMData, text: str, concept: str, after: int) -> np.ndarray:
+    """Bool per token of `text`: does the token overlap a labeller span or the `after` characters past it."""
+    covered = np.zeros(len(text), dtype=bool)
+    for s, e in concept_spans(text, concept):
+        covered[s:min(len(text), e + after)] = True
+    prefix = np.concatenate([[0], np.cumsum(covered)])
+    spans = np.asarray(data.tokenizer.spans(text), dtype=np.int64).reshape(-1, 2)
+    start = np.minimum(spans[:, 0], len(text))
+    end = np.minimum(np.maximum(spans[:, 1], spans[:, 0] + 1), len(text))  # a zero-width byte token reads its character
+    return prefix[end] - prefix[start] > 0
 
 
 def _build(text: TextConfig) -> tuple[list[str], dict[str, np.ndarray], np.ndarray]:
@@ -135,58 +163,69 @@ class Batch:
     passage: torch.Tensor  # (B, T) training-passage index of each input token
     line: torch.Tensor  # (B, T) passage number within its window (0, 1, …): the "line" of pool_lines
     line_labels: torch.Tensor  # (B, K) weak label of each window passage
+    labels: torch.Tensor  # (B, T) weak label of each input position (its passage's, or its span's)
 
 
 class Stream:
     """The token stream of one (seed, arm): see the module docstring. Pure function of (seed, step)."""
 
-    def __init__(self, tokens: list[np.ndarray], keep: np.ndarray, seed: int, window: int) -> None:
-        self.tokens, self.keep, self.seed, self.window = tokens, keep, seed, window
+    def __init__(self, tokens: list[np.ndarray], keep: np.ndarray, seed: int, window: int,
+                 spans: list[np.ndarray] | None = None) -> None:
+        self.tokens, self.keep, self.seed, self.window, self.spans = tokens, keep, seed, window, spans
         lengths = np.array([len(t) for t in tokens], dtype=np.int64)
         self.length = int(lengths[keep].sum())
         if self.length < window + 1:
             raise AnchoringError(f"the training text of this arm has {self.length} tokens, fewer than one window "
                                  f"of {window + 1}")
-        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
 
     def order(self, epoch: int) -> np.ndarray:
         """Training passages of `epoch` in stream order (the shared permutation, removed ones skipped)."""
         perm = np.random.default_rng([self.seed, epoch, BATCH_SALT]).permutation(len(self.tokens))
         return perm[self.keep[perm]]
 
-    def epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+    def epoch(self, e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         if e not in self._epochs:
             if len(self._epochs) >= 2:
                 self._epochs.pop(min(self._epochs))
             order = self.order(e)
             toks = np.concatenate([self.tokens[i] for i in order])
             pid = np.repeat(order, [len(self.tokens[i]) for i in order])
-            self._epochs[e] = (toks, pid)
+            mask = np.concatenate([self.spans[i] for i in order]) if self.spans is not None else None
+            self._epochs[e] = (toks, pid, mask)
         return self._epochs[e]
 
-    def span(self, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """`n` tokens (and their passage ids) from global stream offset `start`, across epochs."""
-        toks, pids = [], []
+    def span(self, start: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """`n` tokens, their passage ids and span flags (None without spans) from global stream
+        offset `start`, across epochs."""
+        toks, pids, masks = [], [], []
         while n > 0:
             e, off = divmod(start, self.length)
-            t, p = self.epoch(e)
+            t, p, m = self.epoch(e)
             take = min(n, self.length - off)
             toks.append(t[off:off + take])
             pids.append(p[off:off + take])
+            if m is not None:
+                masks.append(m[off:off + take])
             start, n = start + take, n - take
-        return np.concatenate(toks), np.concatenate(pids)
+        return np.concatenate(toks), np.concatenate(pids), (np.concatenate(masks) if masks else None)
 
     def batch(self, step: int, size: int, labels: np.ndarray, rows: range | None = None) -> Batch:
         """Windows step·size … step·size+size−1 (or only `rows` of them, for a data-parallel rank)."""
         T = self.window
         rows = rows if rows is not None else range(size)
-        xs, ps = [], []
+        xs, ps, ms = [], [], []
         for r in rows:
-            t, p = self.span((step * size + r) * T, T + 1)
+            t, p, m = self.span((step * size + r) * T, T + 1)
             xs.append(t)
             ps.append(p[:-1])
+            if m is not None:
+                ms.append(m[:-1])
         x = torch.from_numpy(np.stack(xs).astype(np.int64))
         passage = torch.from_numpy(np.stack(ps).astype(np.int64))
+        per_position = labels[passage.numpy()].astype(np.float32)
+        if ms:
+            per_position = per_position * np.stack(ms)
         change = torch.ones_like(passage, dtype=torch.bool)
         change[:, 1:] = passage[:, 1:] != passage[:, :-1]
         line = change.long().cumsum(1) - 1
@@ -196,4 +235,4 @@ class Stream:
         lab = torch.from_numpy(labels.astype(np.float32))[first]
         valid = torch.zeros(len(rows), K, dtype=torch.bool)
         valid.scatter_(1, line, True)
-        return Batch(x[:, :-1], x[:, 1:], passage, line, lab * valid)
+        return Batch(x[:, :-1], x[:, 1:], passage, line, lab * valid, torch.from_numpy(per_position))

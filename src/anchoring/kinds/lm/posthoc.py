@@ -2,8 +2,8 @@
 
 For each seed, the control model reads training windows from its own batch stream (`Stream` of that
 seed, steps 0, 1, … until `fit_positions` positions are collected, then a seeded subset of them);
-its residual state at every anchored site is captured, and each position is labelled by the weak
-label of the training passage it lies in (the same weak labels the anchored arm trained with).
+its residual state at every anchored site is captured, and each position carries the weak label
+the anchored arm trained with: its passage's, or, with `text.weak_labels = "spans"`, its span's.
 Per site:
 
 - *mean-difference*: the unit vector from the mean of unlabelled to the mean of labelled states; its
@@ -57,7 +57,7 @@ def fit_activations(model: nn.Module, cfg: LMExperiment, data: LMData, seed: int
                     positions: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Residual states `(positions, D)` per site from the control stream of `seed`, and the weak 0/1
     label of each position's passage."""
-    stream = Stream(data.train_tokens, data.keep("control", seed), seed, cfg.lm.tokens)
+    stream = Stream(data.train_tokens, data.keep("control", seed), seed, cfg.lm.tokens, data.span_masks())
     weak = data.weak(seed)
     acts: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
     labels: list[torch.Tensor] = []
@@ -69,7 +69,7 @@ def fit_activations(model: nn.Module, cfg: LMExperiment, data: LMData, seed: int
             model(b.inputs)
             for s in sites:
                 acts[s].append(cap.acts[s].reshape(-1, cap.acts[s].shape[-1]).float())
-            labels.append(torch.from_numpy(weak[b.passage.numpy()].astype(np.float32)).flatten())
+            labels.append(b.labels.flatten())
             n += labels[-1].numel()
             got = torch.cat(labels)
             if n >= positions and 0 < got.sum() < len(got):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from anchoring.anchor import Capture, build_term, resolve_site
 from anchoring.anchor.concepts import build_concepts
-from anchoring.anchor.sequence import Positions, SequenceObjective, SequenceSite, SequenceTerm, pooled_lines, position_labels
+from anchoring.anchor.sequence import Positions, SequenceObjective, SequenceSite, SequenceTerm, pooled_lines
 from anchoring.errors import AnchoringError
 from anchoring.kinds.lm.baselines import forget_masks, routing
 from anchoring.kinds.lm.config import LMExperiment
@@ -75,6 +75,9 @@ def build_objective(cfg: LMExperiment, model: torch.nn.Module) -> SequenceObject
                           concept=concepts.get(t.concept) if t.concept else None, select=t.select,
                           direction=t.direction, dims=t.dims, name=t.name)
         positions = Positions.parse(t.positions or "all", {})
+        if positions.kind == "mellowmax" and cfg.text.weak_labels == "spans":
+            raise AnchoringError(f"term {label!r}: mellowmax pools over labelled passages, but text.weak_labels = "
+                                 f"'spans' labels positions; use positions = 'all' with select = 'labelled'")
         if positions.kind == "mellowmax" and base.select == "all":
             raise AnchoringError(f"term {label!r}: mellowmax pools over passages of one side, so it needs select = "
                                  f"'labelled' (soft minimum) or 'unlabelled' (soft maximum)")
@@ -131,7 +134,7 @@ class LMTask(MetricRows):
         self.terms = self.objective.terms if arm == "anchored" else []
         self.table = self.timeline.table()
         self.col = {n: i for i, n in enumerate(self.timeline.names)}
-        self.stream = Stream(data.train_tokens, data.keep(arm, seed), seed, cfg.lm.tokens)
+        self.stream = Stream(data.train_tokens, data.keep(arm, seed), seed, cfg.lm.tokens, data.span_masks())
         self.labels = data.weak(seed)
         B = cfg.lm.batch_size
         if B % world:
@@ -155,15 +158,16 @@ class LMTask(MetricRows):
         b = self.stream.batch(step, self.cfg.lm.batch_size, self.labels, self.rows_of_rank)
         dev = self.device
         x, y, line, lab = b.inputs.to(dev), b.targets.to(dev), b.line.to(dev), b.line_labels.to(dev)
+        pos = b.labels.to(dev)
         values = self.table[step]
         self.optimizer.zero_grad(set_to_none=True)
         if self.arm in ("sgtm", "routing"):
-            loss = task = self._baseline_backward(x, y, position_labels(lab, line).bool())
+            loss = task = self._baseline_backward(x, y, pos.bool())
             term_values: list[torch.Tensor] = []
         else:
             logits = self.model(x)  # the hooks refresh cap.acts in this same pass
             task = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-            term_values = [self._term(t, line, lab) for t in self.terms]
+            term_values = [self._term(t, line, lab, pos) for t in self.terms]
             loss = task
             for t, v in zip(self.terms, term_values):
                 loss = loss + float(values[self.col[t.weight]]) * v
@@ -203,12 +207,13 @@ class LMTask(MetricRows):
         masked_backward(lab_loss, rest, self.params, self.forget)
         return (lab_loss + rest).detach()
 
-    def _term(self, t: SequenceTerm, line: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
-        """A term's value on this batch. Data parallel: this rank's share of the *global* mean, scaled
-        by the number of ranks (gradients are averaged over ranks), so N ranks equal one process."""
+    def _term(self, t: SequenceTerm, line: torch.Tensor, lab: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """A term's value on this batch (`lab` per line, `pos` per position). Data parallel: this rank's
+        share of the *global* mean, scaled by the number of ranks (gradients are averaged over ranks),
+        so N ranks equal one process."""
         concept = self.cfg.text.concept
         if self.world == 1:
-            return t(self.cap.acts, line, line, {concept: lab})
+            return t(self.cap.acts, line, line, {concept: lab}, {concept: pos})
         import torch.distributed as dist
 
         ell = t.formula(t.site.read(self.cap.acts))  # (B, T)
@@ -218,7 +223,6 @@ class LMTask(MetricRows):
         else:
             w = torch.ones_like(ell)
             if t.select != "all":
-                pos = position_labels(lab, line)
                 w = w * (pos if t.select == "labelled" else 1.0 - pos)
             num = (ell * w).sum()
         den = w.sum().detach().clone()
