@@ -182,9 +182,11 @@ def test_bpe_switch_saves_its_merges_and_scores_per_character(corpus, tmp_path):
 
 
 def test_subspace_variant_measures_the_share_of_h_in_its_dims(corpus, tmp_path):
-    overrides = [o for o in tiny(corpus, "train.steps=20", "evaluate.shade_passages=0") if "positions" not in o]
-    out = lifecycle.run(experiments.load("lm-anchor-subspace", overrides), tmp_path / "run")
-    assert out.summary["anchored_sites"] == ["blocks.0", "blocks.1"]
+    overrides = [o for o in tiny(corpus, "train.steps=20", "evaluate.shade_passages=0") if not o.startswith("terms.")]
+    cfg = experiments.load("lm-anchor-subspace", [*overrides, 'terms.0.site="blocks.1"', 'terms.1.site="blocks.1"'])
+    assert cfg.text.weak_labels == "spans"
+    out = lifecycle.run(cfg, tmp_path / "run")
+    assert out.summary["anchored_sites"] == ["blocks.1"]
     for r in out.summary["models"]:
         for s in ("blocks.0", "blocks.1"):
             assert 0.0 <= r["alignment"][s]["concept"] <= 1.0 and 0.0 <= r["alignment"][s]["retain"] <= 1.0
