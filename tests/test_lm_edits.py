@@ -88,7 +88,9 @@ def test_generate_prints_continuations_with_and_without_the_edit(lm_run):
 def test_the_lm_ood_experiment_reports_auroc_and_roc_curves(tmp_path):
     corpus = write_corpus(tmp_path / "texts", paragraphs=60)
     out = tmp_path / "ood"
-    cfg = experiments.load("lm-ood", tiny(corpus, "train.steps=60", "evaluate.ood_passages=5", "evaluate.ood_min_chars=40"))
+    overrides = [o for o in tiny(corpus, "train.steps=60", "evaluate.ood_passages=5", "evaluate.ood_min_chars=40")
+                 if not o.startswith("terms.")]
+    cfg = experiments.load("lm-ood", [*overrides, 'terms.0.site="blocks.1"', 'terms.1.site="blocks.1"'])
     outcome = lifecycle.run(cfg.model_copy(update={"schedule": SCHEDULE}), out)
     table = outcome.summary["ood"]["auroc"]["0"]
     assert set(table) == {"shuffled", "random", "suffix"} and all(0 <= t["s2"] <= 1 for t in table.values())
