@@ -248,3 +248,13 @@ def test_span_labels_anchor_the_labelled_words_above_the_control(corpus, tmp_pat
     a, c = rows["anchored"]["alignment"]["blocks.1"], rows["control"]["alignment"]["blocks.1"]
     assert a["margin"] > 0.3 and a["margin"] > c["margin"] + 0.25, (a, c)
     assert abs(a["containment"]) < 0.15, a
+
+
+def test_every_job_reports_its_training_seconds_also_from_worker_processes(corpus, tmp_path):
+    cfg = experiments.load("lm-anchor-passages", tiny(corpus, "train.steps=12", 'lm.arms=["anchored","control"]',
+                                                      "lm.workers=2", "evaluate.shade_passages=0"))
+    timing = lifecycle.run(cfg, tmp_path / "run").summary["timing"]
+    jobs = {k: v for k, v in timing.items() if k.endswith("-seed0_s")}
+    assert set(jobs) == {"anchored-seed0_s", "control-seed0_s"} and all(0 < v < timing["train_s"] for v in jobs.values())
+    r = CliRunner().invoke(app, ["show", str(tmp_path / "run")], env={"COLUMNS": "250"})
+    assert r.exit_code == 0 and "train s" in r.stdout

@@ -152,19 +152,18 @@ def run(cfg: LMExperiment, path: Path, *, progress: Progress | None = None) -> d
     elif workers > 1:  # a job already at its last step (a resumed run, a merged sweep) needs no process
         _train_in_processes(cfg, path, [j for j in jobs if steps_done(checkpoint_path(path, *j)) < steps], workers)
     results: dict[tuple[str, int], ArmResult] = {}
-    timing: dict[str, float] = {}
     for i, (arm, seed) in enumerate(jobs):  # after the pool: each job only loads its finished checkpoint
         done = i * steps
         report = (lambda s, done=done: progress(done + s, total)) if progress and workers == 1 else None
-        t1 = time.perf_counter()
         try:
             results[arm, seed] = train_arm(cfg, data, seed, arm, checkpoint=checkpoint_path(path, arm, seed), progress=report)
         except TrainingInterrupted as e:
             raise TrainingInterrupted(e.step, path) from None
-        timing[f"{arm}-seed{seed}_s"] = round(time.perf_counter() - t1, 3)
     train_s = time.perf_counter() - t0
     summary = finish(cfg, path, data, results)
-    summary["timing"] = {"train_s": round(train_s, 3), **({} if workers > 1 else timing)}
+    # each job's own seconds in training steps (kept in its checkpoint, so worker processes and resumes count)
+    timing = {f"{arm}-seed{seed}_s": round(r.seconds, 3) for (arm, seed), r in results.items()}
+    summary["timing"] = {"train_s": round(train_s, 3), **timing}
     return summary
 
 
@@ -492,13 +491,17 @@ def summary_lines(summary: dict[str, Any]) -> list[Any]:
 
     sites = summary.get("anchored_sites") or []
     table = Table(title=f"{summary['experiment']}: validation nats/char and alignment")
-    cols = ["arm", "seed", "all", "concept", "retain", *[f"{s} margin" for s in sites], *[f"{s} containment" for s in sites]]
+    timing = summary.get("timing", {})
+    cols = ["arm", "seed", "all", "concept", "retain", *[f"{s} margin" for s in sites], *[f"{s} containment" for s in sites],
+            "train s"]
     for c in cols:
         table.add_column(c, justify="right")
     for r in summary["models"]:
+        seconds = timing.get(f"{r['arm']}-seed{r['seed']}_s")
         table.add_row(r["arm"], str(r["seed"]), *[f"{r['loss'][k]:.3f}" for k in ("all", "concept", "retain")],
                       *[f"{r['alignment'][s]['margin']:.3f}" for s in sites],
-                      *[f"{r['alignment'][s]['containment']:.3f}" for s in sites])
+                      *[f"{r['alignment'][s]['containment']:.3f}" for s in sites],
+                      "–" if seconds is None else f"{seconds:.0f}")
     lines: list[Any] = [table]
     for name, t in summary.get("targets", {}).items():
         lines.append(f"{'met ' if t['met'] else 'MISS'}  {name}: {t['median']:.3f}")

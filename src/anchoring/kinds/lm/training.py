@@ -9,6 +9,7 @@ after the shared initial weights are drawn, so its other weights still equal the
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -113,6 +114,7 @@ class ArmResult:
     model: NormalizedTransformer
     metric_names: list[str]
     metrics: np.ndarray  # (steps, metrics)
+    seconds: float = 0.0  # time spent in training steps, summed over every session that trained it
 
 
 class LMTask(MetricRows):
@@ -150,11 +152,28 @@ class LMTask(MetricRows):
         self.params = dict(self.model.named_parameters())
         self.cap: Capture | None = None
         self.forget = {k: v.to(self.device) for k, v in forget_masks(self.model, cfg).items()} if arm == "sgtm" else None
+        self.seconds = 0.0
 
     def lr(self, step: int) -> float:
         return float(self.table[step][self.col["lr"]])
 
+    def state(self, steps_done: int) -> dict[str, torch.Tensor]:
+        """The metric rows, plus the seconds spent in steps so far: a job's training time survives a
+        resume and is known even when the job ran in a worker process."""
+        return {**super().state(steps_done), "seconds": torch.tensor([self.seconds], dtype=torch.float64)}
+
+    def restore(self, steps_done: int, tensors: dict[str, torch.Tensor]) -> None:
+        super().restore(steps_done, tensors)
+        self.seconds = float(tensors["seconds"][0]) if "seconds" in tensors else 0.0
+
     def step(self, step: int) -> torch.Tensor:
+        t0 = time.perf_counter()
+        try:
+            return self._step(step)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _step(self, step: int) -> torch.Tensor:
         b = self.stream.batch(step, self.cfg.lm.batch_size, self.labels, self.rows_of_rank)
         dev = self.device
         x, y, line, lab = b.inputs.to(dev), b.targets.to(dev), b.line.to(dev), b.line_labels.to(dev)
@@ -253,4 +272,4 @@ def train_arm(cfg: LMExperiment, data: LMData, seed: int, arm: str, *, checkpoin
             checkpoint = checkpoint.with_name(f"{checkpoint.stem}.rank{rank}{checkpoint.suffix}")
         fit(task, checkpoint=checkpoint, every=cfg.train.checkpoint_every, progress=report)
     task.model.eval()
-    return ArmResult(arm, seed, task.model.cpu(), task.names, task.rows)
+    return ArmResult(arm, seed, task.model.cpu(), task.names, task.rows, task.seconds)
