@@ -15,11 +15,20 @@ def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("lm-ddp") / "texts", files=2, paragraphs=80)
 
 
-def test_two_processes_equal_one_with_the_same_global_batch(corpus, tmp_path):
-    base = tiny(corpus, "train.steps=8", 'lm.arms=["anchored","control"]', "evaluate.shade_passages=0",
-                'terms.0.positions="mellowmax:3"')
-    one = lifecycle.run(experiments.load("lm-anchor-passages", base), tmp_path / "one")
-    two = lifecycle.run(experiments.load("lm-anchor-passages", [*base, "lm.nproc=2"]), tmp_path / "two")
+SPANS = [o for o in tiny("CORPUS") if not o.startswith("terms.")] + ['terms.0.site="blocks.1"', 'terms.1.site="blocks.1"']
+
+
+@pytest.mark.parametrize("experiment", ["lm-anchor-passages", "lm-anchor"])
+def test_two_processes_equal_one_with_the_same_global_batch(corpus, tmp_path, experiment):
+    """Passage labels pooled by mellowmax, and the shipped span labels (per-position selection)."""
+    if experiment == "lm-anchor":
+        base = [o.replace("CORPUS", str(corpus)) for o in SPANS] + ["train.steps=8", 'lm.arms=["anchored","control"]',
+                                                                    "evaluate.shade_passages=0"]
+    else:
+        base = tiny(corpus, "train.steps=8", 'lm.arms=["anchored","control"]', "evaluate.shade_passages=0",
+                    'terms.0.positions="mellowmax:3"')
+    one = lifecycle.run(experiments.load(experiment, base), tmp_path / "one")
+    two = lifecycle.run(experiments.load(experiment, [*base, "lm.nproc=2"]), tmp_path / "two")
     a, b = load_file(str(tmp_path / "one" / "checkpoint.safetensors")), load_file(str(tmp_path / "two" / "checkpoint.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
