@@ -264,3 +264,13 @@ def test_every_job_reports_its_training_seconds_also_from_worker_processes(corpu
     console.print(summary_lines(json.loads((tmp_path / "run" / "summary.json").read_text()))[0])
     text = console.export_text()
     assert "train s" in text and f"{jobs['control-seed0_s']:.0f}" in text
+
+
+def test_a_target_without_a_value_shows_as_undefined():
+    """A target whose median is undefined (NaN in the run, null once summary.json is read back) must not
+    break `anchoring show`."""
+    from anchoring.kinds.lm.kind import summary_lines
+
+    lines = summary_lines({"experiment": "x", "models": [], "targets": {"kept ≥ 50%": {"median": None, "met": False},
+                                                                          "margin": {"median": 0.4, "met": True}}})
+    assert "MISS  kept ≥ 50%: undefined" in lines and "met   margin: 0.400" in lines

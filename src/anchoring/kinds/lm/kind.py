@@ -504,7 +504,9 @@ def summary_lines(summary: dict[str, Any]) -> list[Any]:
                       "–" if seconds is None else f"{seconds:.0f}")
     lines: list[Any] = [table]
     for name, t in summary.get("targets", {}).items():
-        lines.append(f"{'met ' if t['met'] else 'MISS'}  {name}: {t['median']:.3f}")
+        m = t.get("median")
+        shown = "undefined" if m is None or m != m else f"{m:.3f}"  # NaN in the run, null once read back from JSON
+        lines.append(f"{'met ' if t['met'] else 'MISS'}  {name}: {shown}")
     if summary.get("unlearning"):
         from anchoring.kinds.lm import unlearning as ul
 
