@@ -30,3 +30,16 @@ def test_leace_removes_every_linear_trace_of_the_concept():
     assert before > 0.85 and after < majority + 0.03, (before, after, majority)
     centred = erased - erased.mean(0)
     assert (centred.T @ (labels - labels.mean())).abs().max() < 1e-3 * len(labels)  # no covariance with the label
+
+
+def test_leace_still_erases_a_rare_label_with_a_small_mean_gap():
+    """1% positives shifted by 0.3 along one axis (what span labels give): the class means must
+    coincide after erasure. With the package's default svd_tol the eraser was the identity here."""
+    g = torch.Generator().manual_seed(1)
+    acts = torch.randn(20000, 16, generator=g, dtype=torch.float64)
+    labels = (torch.rand(20000, generator=g) < 0.01).double()
+    acts[:, 0] += 0.3 * labels
+    gap = lambda x: (x[labels.bool()].mean(0) - x[~labels.bool()].mean(0)).norm().item()  # noqa: E731
+    assert gap(acts) > 0.2
+    erased = leace(acts, labels)(acts)
+    assert gap(erased) < 1e-6 and (erased - acts).norm(dim=-1).mean() > 1e-3

@@ -23,7 +23,11 @@ def leace(acts: torch.Tensor, labels: torch.Tensor) -> Callable[[torch.Tensor], 
     edit after which no linear probe beats a constant at predicting `labels` from the activations."""
     from concept_erasure import LeaceFitter
 
-    fitter = LeaceFitter(acts.shape[-1], 1, dtype=torch.float64)
+    # svd_tol: the package drops singular values of the whitened cross-covariance below 0.01 by default.
+    # For one binary label that value is √(p(1−p)) × the whitened class-mean gap, so a rare label (1% of
+    # positions, as span labels are) with a modest gap falls under it and the eraser silently becomes
+    # the identity. Keep it positive, as the package requires, but far below any real signal.
+    fitter = LeaceFitter(acts.shape[-1], 1, dtype=torch.float64, svd_tol=1e-9)
     fitter.update(acts.double(), labels.double().reshape(-1, 1))
     eraser = fitter.eraser
 
