@@ -75,8 +75,8 @@ class LMData:
         if self.text.weak_labels != "spans":
             return None
         if self._spans is None:
-            self._spans = [token_mask(self, self.texts[i] + SEPARATOR, self.text.concept, self.text.span_after)
-                           for i in self.parts["train"]]
+            texts = [self.texts[i] + SEPARATOR for i in self.parts["train"]]
+            self._spans = [token_mask(t, self.tokenizer.spans(t), self.text.concept, self.text.span_after) for t in texts]
         return self._spans
 
     def keep(self, arm: str, seed: int) -> np.ndarray:
@@ -89,15 +89,18 @@ class LMData:
         return np.ones(n, dtype=bool)
 
 
-def token_mask(data: LMData, text: str, concept: str, after: int) -> np.ndarray:
-    """Bool per token of `text`: does the token overlap a labeller span or the `after` characters past it."""
+def token_mask(text: str, token_spans: list[tuple[int, int]], concept: str, after: int) -> np.ndarray:
+    """Bool per token (given by its character span in `text`): does it overlap a word where the
+    labeller fired, or one of the `after` characters past it. The rule of a training span label and
+    of an evaluation concept position alike."""
     covered = np.zeros(len(text), dtype=bool)
     for s, e in concept_spans(text, concept):
         covered[s:min(len(text), e + after)] = True
     prefix = np.concatenate([[0], np.cumsum(covered)])
-    spans = np.asarray(data.tokenizer.spans(text), dtype=np.int64).reshape(-1, 2)
-    start = np.minimum(spans[:, 0], len(text))
-    end = np.minimum(np.maximum(spans[:, 1], spans[:, 0] + 1), len(text))  # a zero-width byte token reads its character
+    spans = np.asarray(token_spans, dtype=np.int64).reshape(-1, 2)
+    empty = spans[:, 1] <= spans[:, 0]  # a zero-width byte token reads the characters around it
+    start = np.clip(np.where(empty, spans[:, 0] - 1, spans[:, 0]), 0, len(text))
+    end = np.clip(np.where(empty, spans[:, 0] + 1, spans[:, 1]), 0, len(text))
     return prefix[end] - prefix[start] > 0
 
 

@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from anchoring.anchor import Capture
-from anchoring.domains.text.labelling import concept_spans
-from anchoring.kinds.lm.data import SEPARATOR, LMData
+from anchoring.kinds.lm.data import SEPARATOR, LMData, token_mask
 
 CONCEPT, RETAIN, OTHER, PAD = 1, 2, 0, -1
 LN2 = float(np.log(2.0))
@@ -42,29 +41,19 @@ class EvalSet:
     passages: list[int]
 
 
-def char_classes(text: str, positive: bool, concept: str, after: int) -> np.ndarray:
-    """Per character of `text`: CONCEPT, RETAIN or OTHER (see the module docstring)."""
-    out = np.full(len(text), RETAIN if not positive else OTHER, dtype=np.int8)
-    if positive:
-        for s, e in concept_spans(text, concept):
-            out[s:min(len(text), e + after)] = CONCEPT
-    return out
-
-
 def token_table(data: LMData, text: str, positive: bool, concept: str, after: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Token ids, characters per token and class per token of one passage (with its separator)."""
     full = text + SEPARATOR
     ids = data.encode(full)
     spans = data.tokenizer.spans(full)
-    cc = char_classes(full, positive, concept, after)
     chars = np.zeros(len(ids), dtype=np.float32)
-    cls = np.empty(len(ids), dtype=np.int8)
     prev = None
     for i, (s, e) in enumerate(spans):
         chars[i] = 0.0 if (s, e) == prev else e - s  # a multi-byte character cut into byte tokens counts once
         prev = (s, e)
-        seg = cc[s:e] if e > s else cc[max(s - 1, 0):s + 1]
-        cls[i] = CONCEPT if (seg == CONCEPT).any() else (RETAIN if not positive else OTHER)
+    if not positive:
+        return ids, chars, np.full(len(ids), RETAIN, dtype=np.int8)
+    cls = np.where(token_mask(full, spans, concept, after), CONCEPT, OTHER).astype(np.int8)
     return ids, chars, cls
 
 

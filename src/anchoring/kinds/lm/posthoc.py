@@ -55,8 +55,8 @@ class PosthocFit:
 @torch.no_grad()
 def fit_activations(model: nn.Module, cfg: LMExperiment, data: LMData, seed: int, sites: list[str],
                     positions: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Residual states `(positions, D)` per site from the control stream of `seed`, and the weak 0/1
-    label of each position's passage."""
+    """Residual states `(positions, D)` per site from the control stream of `seed`, and each position's
+    weak 0/1 label (`Batch.labels`: its passage's, or its span's)."""
     stream = Stream(data.train_tokens, data.keep("control", seed), seed, cfg.lm.tokens, data.span_masks())
     weak = data.weak(seed)
     acts: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
