@@ -39,6 +39,34 @@ def test_two_processes_equal_one_with_the_same_global_batch(corpus, tmp_path, ex
     assert l1 == pytest.approx(l2, abs=1e-4)
 
 
+def test_a_rank_leaves_no_gloo_threads_behind_after_training(corpus, tmp_path):
+    """A rank's process group is really destroyed when its jobs end: gloo worker threads that
+    outlive it can abort the process at interpreter exit (seen as SIGABRT under torchrun)."""
+    import subprocess
+    import sys
+
+    cfg = experiments.load("lm-anchor", [o.replace("CORPUS", str(corpus)) for o in SPANS] + ["train.steps=2", 'lm.arms=["control"]'])
+    spec = tmp_path / "spec.toml"
+    spec.write_text(cfg.to_toml())
+    code = f"""
+import os
+from pathlib import Path
+from anchoring import experiments
+from anchoring.kinds.lm.data import load_data
+from anchoring.kinds.lm.distributed import _train_jobs
+cfg = experiments.load({str(spec)!r})
+out = Path({str(tmp_path / "run")!r}); (out / "arms").mkdir(parents=True)
+load_data(cfg.text, out)
+_train_jobs(cfg, out, [("control", 0)], 0, 1, "file://" + str(out / "store"))
+print(sorted(open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task")))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "run" / "arms" / "control-seed0.safetensors").is_file()
+    threads = r.stdout.strip().splitlines()[-1]
+    assert "gloo" not in threads, threads
+
+
 def test_torchrun_workers_train_the_same_model_as_one_process(corpus, tmp_path):
     import os
     import subprocess

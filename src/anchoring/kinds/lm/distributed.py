@@ -58,11 +58,18 @@ def _train_jobs(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int]], rank
     name = backend(cfg, world)
     if name == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    # Building the first optimiser imports torch._dynamo, which keeps references to every process
+    # group alive at that moment; destroy_process_group then cannot free gloo's worker threads, and
+    # one of them may still be releasing a tensor when the interpreter shuts down: SIGABRT at exit
+    # (about one torchrun run in 20 here). Imported before the group exists, it holds nothing.
+    import torch._dynamo as _dynamo  # noqa: F401
+
     dist.init_process_group(name, init_method=init_method, rank=rank, world_size=world)
     try:
         data = load_data(cfg.text, path)
         for arm, seed in jobs:
             train_arm(cfg, data, seed, arm, checkpoint=checkpoint_path(path, arm, seed), rank=rank, world=world)
+        dist.barrier()  # no rank closes its connections while another still finishes the last reduction
     finally:
         dist.destroy_process_group()
 
