@@ -32,6 +32,9 @@ class LMConfig(_Strict):
     workers: int = Field(1, ge=0, description="processes training (arm, seed) jobs side by side (0: one per CPU core)")
     nproc: int = Field(1, ge=1, le=64, description="data-parallel processes per job (gloo): each takes batch_size/nproc "
                                                   "windows of every step; jobs then run one after another")
+    route: bool = Field(False, description="anchored arm: at weakly labelled positions, gradients flow back through "
+                                           "each anchored site only along the concept's direction(s), so the layers "
+                                           "before it can teach the concept only through the anchor (anchor.route)")
 
     @model_validator(mode="after")
     def _shape(self) -> "LMConfig":

@@ -10,9 +10,10 @@ after the shared initial weights are drawn, so its other weights still equal the
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from anchoring.anchor import Capture, build_term, resolve_site
 from anchoring.anchor.concepts import build_concepts
+from anchoring.anchor.route import RouteThrough
 from anchoring.anchor.sequence import Positions, SequenceObjective, SequenceSite, SequenceTerm, pooled_lines
 from anchoring.errors import AnchoringError
 from anchoring.kinds.lm.baselines import forget_masks, routing
@@ -151,6 +153,7 @@ class LMTask(MetricRows):
                                           foreach=None if fused else True)  # foreach: one kernel per op over all params
         self.params = dict(self.model.named_parameters())
         self.cap: Capture | None = None
+        self.route: RouteThrough | None = None
         self.forget = {k: v.to(self.device) for k, v in forget_masks(self.model, cfg).items()} if arm == "sgtm" else None
         self.seconds = 0.0
 
@@ -178,6 +181,8 @@ class LMTask(MetricRows):
         dev = self.device
         x, y, line, lab = b.inputs.to(dev), b.targets.to(dev), b.line.to(dev), b.line_labels.to(dev)
         pos = b.labels.to(dev)
+        if self.route is not None:
+            self.route.mask = pos.bool()
         values = self.table[step]
         self.optimizer.zero_grad(set_to_none=True)
         if self.arm in ("sgtm", "routing"):
@@ -260,13 +265,29 @@ def _average_gradients(model: torch.nn.Module, world: int) -> None:
     torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
+@contextmanager
+def routed(task: "LMTask") -> Iterator[RouteThrough | None]:
+    """`lm.route` on the anchored arm: labelled positions' gradients pass each anchored site only
+    along the concept's direction(s); every other arm (and route = false) trains unrouted."""
+    if task.arm != "anchored" or not task.cfg.lm.route:
+        yield None
+        return
+    from anchoring.kinds.lm.edits import concept_directions  # edits → kind → training: import late
+
+    sites = [t.site.module for t in task.terms if t.kind in ("anchor", "subspace")]
+    if not sites:
+        raise AnchoringError("lm.route: the anchored arm has no anchor or subspace term to route through")
+    with RouteThrough(task.model, sites, concept_directions(task.cfg)) as route:
+        yield route
+
+
 def train_arm(cfg: LMExperiment, data: LMData, seed: int, arm: str, *, checkpoint: Path | None = None,
               progress: Callable[[int], None] | None = None, rank: int = 0, world: int = 1) -> ArmResult:
     """Train one model; `progress(step)` after each step. Resumes from `checkpoint` if it exists."""
     task = LMTask(cfg, data, seed, arm, rank=rank, world=world)
     report = (lambda done, _total: progress(done)) if progress is not None else None
-    with Capture(task.model, [t.site.module for t in task.terms]) as cap:
-        task.cap = cap
+    with Capture(task.model, [t.site.module for t in task.terms]) as cap, routed(task) as route:
+        task.cap, task.route = cap, route  # Capture's hooks come first: the terms see the unrouted states
         task.model.train()
         if checkpoint is not None and rank > 0:  # every rank holds the same state; each keeps its own file
             checkpoint = checkpoint.with_name(f"{checkpoint.stem}.rank{rank}{checkpoint.suffix}")
