@@ -274,3 +274,25 @@ def test_a_target_without_a_value_shows_as_undefined():
     lines = summary_lines({"experiment": "x", "models": [], "targets": {"kept ≥ 50%": {"median": None, "met": False},
                                                                           "margin": {"median": 0.4, "met": True}}})
     assert "MISS  kept ≥ 50%: undefined" in lines and "met   margin: 0.400" in lines
+
+
+def test_route_changes_only_the_anchored_arm_and_needs_an_anchor(corpus, tmp_path):
+    """lm.route alters how the anchored arm learns (its weights differ after a few steps) and leaves
+    every other arm bit-for-bit the same; without an anchor term it is refused before training."""
+    from safetensors.torch import load_file
+
+    base = [o for o in tiny(corpus, "train.steps=6", 'lm.arms=["anchored","control"]', "evaluate.shade_passages=0")
+            if not o.startswith("terms.")] + ['terms.0.site="blocks.1"', 'terms.1.site="blocks.1"']
+    ckpt = {}
+    for route in (False, True):
+        lifecycle.run(experiments.load("lm-anchor", [*base, f"lm.route={str(route).lower()}"]), tmp_path / str(route))
+        ckpt[route] = {arm: load_file(str(tmp_path / str(route) / "arms" / f"{arm}-seed0.safetensors"))
+                       for arm in ("anchored", "control")}
+    moved = [k for k in ckpt[True]["anchored"] if k.startswith("param.blocks.0")
+             and not torch.equal(ckpt[True]["anchored"][k], ckpt[False]["anchored"][k])]
+    assert moved, "the route changed nothing the layer before the site learned"
+    params = [k for k in ckpt[True]["control"] if k.startswith("param.")]
+    assert params and all(torch.equal(ckpt[True]["control"][k], ckpt[False]["control"][k]) for k in params)
+    cfg = experiments.load("lm-anchor", [*base, "lm.route=true", 'terms.0.kind="anti-subspace"', 'terms.0.select="all"'])
+    with pytest.raises(AnchoringError, match="lm.route needs an anchor"):
+        lifecycle.validate(cfg)

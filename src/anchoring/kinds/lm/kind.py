@@ -67,6 +67,8 @@ def validate(cfg: LMExperiment, data: bool = True) -> int:
         build_model(cfg, 8, "routing")
     if "anchored" in cfg.lm.arms and not objective.terms:
         raise AnchoringError("arm 'anchored' needs terms (this experiment has none); use arms = ['control']")
+    if cfg.lm.route and "anchored" in cfg.lm.arms and not any(t.kind in ("anchor", "subspace") for t in objective.terms):
+        raise AnchoringError("lm.route needs an anchor or subspace term: there is no anchored site to route through")
     concept = cfg.evaluate.concept or cfg.text.concept
     if concept != cfg.text.concept:
         raise AnchoringError(f"evaluate.concept {concept!r}: only text.concept ({cfg.text.concept!r}) is labelled")
