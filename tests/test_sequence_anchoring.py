@@ -34,6 +34,18 @@ def test_weights_and_residual_stream_stay_on_the_sphere_after_a_step():
         assert ones(cap.acts["blocks.1.attn.q_site"].norm(dim=-1))
 
 
+def test_the_models_unit_normalisation_matches_f_normalize_in_value_gradient_and_under_vmap():
+    from anchoring.models.ngpt import _unit
+
+    x = torch.randn(3, 5, 8, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(_unit, (x,))  # the hand-written backward is the true derivative
+    g = torch.randn(3, 5, 8, dtype=torch.double)
+    (mine,) = torch.autograd.grad(_unit(x), x, g)
+    (ref,) = torch.autograd.grad(F.normalize(x, dim=-1), x, g)
+    assert torch.allclose(_unit(x), F.normalize(x, dim=-1)) and torch.allclose(mine, ref)
+    assert torch.allclose(torch.func.vmap(_unit)(x), F.normalize(x, dim=-1))
+
+
 def test_attention_is_causal():
     torch.manual_seed(0)
     m = NormalizedTransformer(30, width=32, layers=2, heads=4, context=16).eval()

@@ -21,8 +21,38 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _unit(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    return F.normalize(x, dim=dim)
+class _Unit(torch.autograd.Function):
+    """x / max(‖x‖, 1e-12) over the last dim, with a hand-written backward.
+
+    The model normalises about five times per block, so this is the most frequent op of a step.
+    `F.normalize` records norm, clamp, expand and divide for autograd and differentiates each;
+    the closed form of the projection, dx = (g − y⟨g, y⟩)/‖x‖, takes half the time (forward and
+    backward of a (12, 64, 128) batch: about 410 → 220 µs on one CPU thread). The result is
+    `F.normalize`'s to float rounding.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-12).reciprocal_()
+        return x * inv, inv
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        y, inv = output
+        ctx.mark_non_differentiable(inv)
+        ctx.save_for_backward(y, inv)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+        y, inv = ctx.saved_tensors
+        return g.addcmul(y, (g * y).sum(-1, keepdim=True), value=-1).mul_(inv)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """`x` scaled to unit length along its last dim (the sphere every state lives on)."""
+    return _Unit.apply(x)[0]
 
 
 def rotary_tables(T: int, d: int, base: float = 10000.0, dtype: torch.dtype = torch.float32,
@@ -79,19 +109,20 @@ class Attention(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         B, T, D = h.shape
         H, d = self.heads, self.head_dim
-        # q, k and v in one matmul; q and k rotated (as complex pairs, one kernel) and normalised together
-        qkv = F.linear(h, torch.cat([self.q.weight, self.k.weight, self.v.weight]))
-        qk, v = qkv.split([2 * D, D], dim=-1)
-        cos, sin = self._tables(T, qkv)
+        # q and k in one matmul, rotated (as complex pairs, one kernel) and normalised together; v in
+        # its own matmul, so the backward does not concatenate the gradients of qk and v
+        qk = F.linear(h, torch.cat([self.q.weight, self.k.weight])).reshape(B, T, 2 * H, d)
+        v = F.linear(h, self.v.weight).reshape(B, T, H, d).transpose(1, 2)
+        cos, sin = self._tables(T, qk)
         if torch.compiler.is_compiling():  # inductor fuses the real form (it cannot generate complex kernels)
-            qk = apply_rotary(qk.reshape(B, T, 2 * H, d), cos[:, None], sin[:, None])
+            qk = apply_rotary(qk, cos[:, None], sin[:, None])
         else:
             turn = torch.complex(cos, sin)[:, None]  # (T, 1, d/2)
             qk = torch.view_as_real(torch.view_as_complex(qk.reshape(B, T, 2 * H, d // 2, 2)) * turn).flatten(-2)
         q, k = _unit(qk).transpose(1, 2).split(H, dim=1)
-        q = self.q_site(q) * self.s_qk
-        k = self.k_site(k) * self.s_qk
-        v = v.reshape(B, T, H, d).transpose(1, 2)
+        # (s·q)·(s·k) = (s²·q)·k: one scaled copy instead of two
+        q = self.q_site(q) * self.s_qk.square()
+        k = self.k_site(k)
         # q, k are scaled unit vectors: the logit scale √d (not 1/√d) lets attention be sharp
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=math.sqrt(self.head_dim))
         return self.o(y.transpose(1, 2).reshape(B, T, D))
@@ -117,9 +148,15 @@ class MLP(nn.Module):
         self.route: torch.Tensor | None = None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        u, v = self.up(h).chunk(2, dim=-1)
-        # the learned scales multiply each other first: one full-size multiply per input, not two
-        a = u * self.s_u * F.silu(v * (self.s_v * math.sqrt(self.width)))
+        # The learned scales multiply the (units × width) weight rows, not the (batch × time × units)
+        # activations: the same function for a fraction of the element-wise work, and u and v come
+        # from two matmuls on row slices, so the backward needs no concatenation of their gradients
+        # (the MLP's forward and backward about 13% faster at the nanoGPT CPU size). `up` is read
+        # through its weight, so a hook on `mlp.up` would not fire; the hook points are the blocks'.
+        n, w = self.s_u.shape[0], self.up.weight
+        u = F.linear(h, w[:n] * self.s_u[:, None])
+        v = F.linear(h, w[n:] * (self.s_v * math.sqrt(self.width))[:, None])
+        a = u * F.silu(v)
         if self.extra and self.route is not None:
             return routed_down(a, self.down.weight, self.route, self.hidden)
         return self.down(a)
