@@ -266,6 +266,21 @@ def test_every_job_reports_its_training_seconds_also_from_worker_processes(corpu
     assert "train s" in text and f"{jobs['control-seed0_s']:.0f}" in text
 
 
+def test_a_checkpoint_without_seconds_gives_unknown_training_time_not_zero(corpus):
+    """A job resumed from a checkpoint that did not keep its seconds cannot know how long it trained:
+    the summary must say unknown (NaN in the task, null in summary.json), never 0."""
+    from anchoring.kinds.lm.training import LMTask
+
+    cfg = experiments.load("lm-anchor-passages", tiny(corpus, "train.steps=4", 'lm.arms=["control"]'))
+    task = LMTask(cfg, load_data(cfg.text), 0, "control")
+    task.step(0)
+    saved = task.state(1)
+    assert saved["seconds"][0] > 0
+    task.restore(1, {k: v for k, v in saved.items() if k != "seconds"})
+    task.step(1)
+    assert np.isnan(task.seconds)
+
+
 def test_a_target_without_a_value_shows_as_undefined():
     """A target whose median is undefined (NaN in the run, null once summary.json is read back) must not
     break `anchoring show`."""

@@ -15,6 +15,7 @@ instead splits every step's batch over the ranks and runs the jobs one after ano
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import os
 import time
@@ -164,7 +165,8 @@ def run(cfg: LMExperiment, path: Path, *, progress: Progress | None = None) -> d
     train_s = time.perf_counter() - t0
     summary = finish(cfg, path, data, results)
     # each job's own seconds in training steps (kept in its checkpoint, so worker processes and resumes count)
-    timing = {f"{arm}-seed{seed}_s": round(r.seconds, 3) for (arm, seed), r in results.items()}
+    timing = {f"{arm}-seed{seed}_s": None if math.isnan(r.seconds) else round(r.seconds, 3)
+              for (arm, seed), r in results.items()}
     summary["timing"] = {"train_s": round(train_s, 3), **timing}
     return summary
 

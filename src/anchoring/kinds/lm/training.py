@@ -116,7 +116,7 @@ class ArmResult:
     model: NormalizedTransformer
     metric_names: list[str]
     metrics: np.ndarray  # (steps, metrics)
-    seconds: float = 0.0  # time spent in training steps, summed over every session that trained it
+    seconds: float = 0.0  # time spent in training steps, summed over every session that trained it (NaN: unknown)
 
 
 class LMTask(MetricRows):
@@ -167,7 +167,9 @@ class LMTask(MetricRows):
 
     def restore(self, steps_done: int, tensors: dict[str, torch.Tensor]) -> None:
         super().restore(steps_done, tensors)
-        self.seconds = float(tensors["seconds"][0]) if "seconds" in tensors else 0.0
+        # a checkpoint written before the seconds were kept: the time already spent is unknown (NaN
+        # stays NaN as steps add to it), not zero
+        self.seconds = float(tensors["seconds"][0]) if "seconds" in tensors else float("nan")
 
     def step(self, step: int) -> torch.Tensor:
         t0 = time.perf_counter()
