@@ -44,6 +44,9 @@ def test_the_models_unit_normalisation_matches_f_normalize_in_value_gradient_and
     (ref,) = torch.autograd.grad(F.normalize(x, dim=-1), x, g)
     assert torch.allclose(_unit(x), F.normalize(x, dim=-1)) and torch.allclose(mine, ref)
     assert torch.allclose(torch.func.vmap(_unit)(x), F.normalize(x, dim=-1))
+    (first,) = torch.autograd.grad(_unit(x), x, g, create_graph=True)
+    with pytest.raises(RuntimeError):  # no silent second derivative
+        torch.autograd.grad(first.sum(), x)
 
 
 def test_attention_is_causal():

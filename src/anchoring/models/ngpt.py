@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 class _Unit(torch.autograd.Function):
@@ -45,6 +46,7 @@ class _Unit(torch.autograd.Function):
         ctx.save_for_backward(y, inv)
 
     @staticmethod
+    @once_differentiable  # first order only: a second derivative through it raises instead of being wrong
     def backward(ctx, g: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
         y, inv = ctx.saved_tensors
         return g.addcmul(y, (g * y).sum(-1, keepdim=True), value=-1).mul_(inv)
