@@ -151,3 +151,16 @@ def test_bench_prints_a_table_and_writes_json(tmp_path):
     lm = {c["case"]: c for c in res["cases"] if c["case"].startswith("lm:")}
     assert len(lm) == 4 and all(c["unit"] == "tokens/s" and "vs_baseline" in c for c in lm.values())
     assert any(c["case"].startswith("surprise page") and c["unit"] == "s" for c in res["cases"])
+
+
+def test_the_sweep_worker_starts_without_a_reimport_warning_and_explains_a_missing_argument():
+    """The local backend starts shards as `python -m anchoring.sweep.worker DIR`; the package must not
+    have imported that module already (runpy warns into every shard's log), and a call without a
+    shard directory gets a usage line, not a traceback."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "anchoring.sweep.worker"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "usage: python -m anchoring.sweep.worker SHARD_DIR" in p.stderr, p.stderr
+    assert "RuntimeWarning" not in p.stderr and "Traceback" not in p.stderr, p.stderr

@@ -25,7 +25,7 @@ from anchoring.config import ExperimentBase
 from anchoring.errors import AnchoringError
 from anchoring.kinds import REGISTRY, kind_of
 from anchoring.report import html
-from anchoring.sweep.worker import SHARD_CONFIG
+from anchoring.sweep.layout import SHARD_CONFIG
 
 Progress = Callable[[int, int], None]
 

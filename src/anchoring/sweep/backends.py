@@ -10,7 +10,8 @@ from typing import Callable
 
 from anchoring.atomic import write_atomic
 from anchoring.errors import AnchoringError
-from anchoring.sweep.worker import DONE, shard_payload
+from anchoring.sweep.layout import DONE
+from anchoring.sweep.worker import shard_payload
 
 Progress = Callable[[int, int], None]
 

@@ -21,9 +21,8 @@ import torch
 from anchoring.atomic import write_atomic
 from anchoring.experiments import load_config
 from anchoring.kinds import kind_of
+from anchoring.sweep.layout import DONE, SHARD_CONFIG
 
-SHARD_CONFIG = "shard.toml"
-DONE = "done"
 FAULT_ENV = "ANCHORING_SWEEP_FAULT_STEP"  # testing aid: kill the first attempt of every shard at this step
 
 
@@ -69,4 +68,6 @@ def shard_payload(config_toml: str) -> dict[str, bytes]:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m anchoring.sweep.worker SHARD_DIR (a shard directory written by `anchoring sweep`)")
     run_shard(Path(sys.argv[1]))

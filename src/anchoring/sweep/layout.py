@@ -1,0 +1,8 @@
+"""Names of the files in a shard's directory, shared by the planner, the backends and the worker.
+
+They live apart from `worker` so that importing the package does not import the worker module:
+`python -m anchoring.sweep.worker` would otherwise find it already imported and warn.
+"""
+
+SHARD_CONFIG = "shard.toml"  # the shard's resolved config
+DONE = "done"  # written atomically once the shard's final checkpoints are in place
