@@ -15,6 +15,7 @@ from anchoring.control import (
     ablate_direction,
     find_layout,
     intervene,
+    keeping_norm,
     parse_falloff,
     prune,
     repel,
@@ -40,6 +41,17 @@ def test_suppress_is_an_exact_projection_on_the_near_hemisphere():
     assert torch.allclose(out[near, 1:], z[near, 1:])  # the rest untouched
     assert torch.equal(out[~near], z[~near])  # far hemisphere (cyan for red) untouched
     assert torch.allclose(suppress(V[None], V), torch.zeros(1, 4), atol=1e-7)  # pure concept → origin
+
+
+def test_keeping_norm_changes_only_the_direction_and_only_where_the_edit_acts():
+    z = unit_points() * 3.0  # off the unit sphere on purpose: the old length, whatever it was
+    out = keeping_norm(lambda x: suppress(x, V))(z)
+    near = z[:, 0] > 0
+    assert torch.equal(out[~near], z[~near])  # the edit's no-ops stay bit-identical
+    assert torch.allclose(out.norm(dim=-1), z.norm(dim=-1), atol=1e-5)
+    assert torch.allclose(out[near, 0], torch.zeros(int(near.sum())), atol=1e-6)
+    cos = torch.nn.functional.cosine_similarity(out[near], suppress(z, V)[near], dim=-1)
+    assert torch.allclose(cos, torch.ones_like(cos), atol=1e-6)  # the projection's direction
 
 
 def test_falloff_threshold_leaves_weak_alignment_alone():

@@ -94,28 +94,57 @@ def test_mean_difference_points_from_the_unlabelled_to_the_labelled_mean():
     assert torch.allclose(v, gap / gap.norm(), atol=1e-6) and v[1] > 0.9
 
 
-def test_suppress_touches_only_the_concepts_half_space():
+def test_suppress_touches_only_the_concepts_half_space_and_keeps_the_state_on_the_sphere():
     torch.manual_seed(0)
     model = NormalizedTransformer(11, 16, 2, 2, 16).eval()
     v = torch.nn.functional.normalize(torch.randn(16), dim=0)
     seen = {}
-    sup = Suppressed(model, ["blocks.0"], [v])
     handle = model.blocks[1].register_forward_pre_hook(lambda _m, args: seen.__setitem__("h", args[0]))
     try:
         h0 = torch.nn.functional.normalize(torch.randn(1, 4, 16), dim=-1)
         with torch.no_grad():  # replace blocks.0's output by a fixed state, then suppress it
-            for sign in (-1.0, 1.0):
-                h = h0 - (h0 @ v)[..., None] * v + sign * 0.5 * v
-                fix = model.blocks[0].register_forward_hook(lambda _m, _i, _o, h=h: h.clone())
-                sup(torch.zeros(1, 4, dtype=torch.long))
-                fix.remove()
-                if sign < 0:
-                    assert torch.equal(seen["h"], h)  # negative component along v: untouched
-                else:
+            for keep_norm in (None, False):  # None: the model's own flag (unit residual: keep the length)
+                sup = Suppressed(model, ["blocks.0"], [v], keep_norm=keep_norm)
+                for sign in (-1.0, 1.0):
+                    h = h0 - (h0 @ v)[..., None] * v + sign * 0.5 * v
+                    fix = model.blocks[0].register_forward_hook(lambda _m, _i, _o, h=h: h.clone())
+                    sup(torch.zeros(1, 4, dtype=torch.long))
+                    fix.remove()
+                    if sign < 0:
+                        assert torch.equal(seen["h"], h)  # negative component along v: untouched
+                        continue
                     assert torch.allclose(seen["h"] @ v, torch.zeros(1, 4), atol=1e-6)  # positive one removed
-                    assert torch.allclose(seen["h"], h - 0.5 * v, atol=1e-6)
+                    if keep_norm is None:  # the same direction as the projection, at the old length
+                        assert torch.allclose(seen["h"].norm(dim=-1), h.norm(dim=-1), atol=1e-6)
+                        assert torch.allclose(seen["h"], torch.nn.functional.normalize(h - 0.5 * v, dim=-1)
+                                              * h.norm(dim=-1, keepdim=True), atol=1e-6)
+                    else:
+                        assert torch.allclose(seen["h"], h - 0.5 * v, atol=1e-6)
     finally:
         handle.remove()
+
+
+def test_suppressing_at_the_last_block_does_not_just_flatten_the_logits():
+    """The unembedding of a normalised transformer reads the last state's length as the logits' scale:
+    a projection that shortens the state makes every next token less certain. Keeping the length
+    leaves the logits' spread where it was."""
+    torch.manual_seed(2)
+    model = NormalizedTransformer(17, 16, 2, 2, 16).eval()
+    tokens = torch.randint(0, 17, (3, 12))
+    from anchoring.anchor import Capture
+
+    with torch.no_grad(), Capture(model, ["blocks.1"]) as cap:
+        logits = model(tokens)
+        h = cap.acts["blocks.1"][0, 5]
+        other = torch.randn(16)
+        other -= (other @ h) * h / (h @ h)
+        v = torch.nn.functional.normalize(0.95 * h / h.norm() + 0.31 * other / other.norm(), dim=0)  # cos(h, v) ≈ 0.95
+        kept = Suppressed(model, ["blocks.1"], [v])(tokens)
+        shrunk = Suppressed(model, ["blocks.1"], [v], keep_norm=False)(tokens)
+    c = float(h @ v / h.norm())
+    # without the length the edit is the same state, shorter: every logit times √(1 − c²) ≈ 0.31
+    assert torch.allclose(shrunk[0, 5], kept[0, 5] * (1 - c * c) ** 0.5, atol=1e-4)
+    assert float(kept[0, 5].std()) > 0.8 * float(logits[0, 5].std())  # kept: the spread stays
 
 
 def test_deleting_several_directions_leaves_no_component_along_any():

@@ -12,6 +12,7 @@ from anchoring.control.interventions import (
     Intervention,
     concept_alpha,
     intervene,
+    keeping_norm,
     repel,
     suppress,
     zero_dims,
@@ -20,6 +21,6 @@ from anchoring.control.surgery import ablate, ablate_direction, find_layout, pru
 
 __all__ = [
     "BezierMapper", "BoundedPower", "Constant", "FalloffMapper", "Intervention", "Linear", "ablate",
-    "ablate_direction", "concept_alpha", "find_layout", "intervene", "parse_falloff", "prune", "repel",
+    "ablate_direction", "concept_alpha", "find_layout", "intervene", "keeping_norm", "parse_falloff", "prune", "repel",
     "suppress", "zero_dims",
 ]

@@ -63,6 +63,26 @@ def repel(z: torch.Tensor, direction: torch.Tensor, mapper: Callable = FalloffMa
     return torch.where(cos > 0, moved, z)
 
 
+def keeping_norm(edit: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`edit`, with each output vector rescaled to its input's length.
+
+    For a residual stream that lives on the unit sphere (a normalised transformer): there the
+    length is not free, since the unembedding reads it as the logits' scale. Projecting a component
+    out shortens the state, which flattens the next-token distribution wherever the component was
+    large, and that raises the loss there whatever the direction meant. Keeping the length leaves
+    only the change of direction. States the edit leaves alone come back bit-identical.
+    """
+
+    def edit_on_sphere(z: torch.Tensor) -> torch.Tensor:
+        out = edit(z)
+        before = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
+        after = torch.linalg.vector_norm(out, dim=-1, keepdim=True)
+        changed = (out != z).any(dim=-1, keepdim=True)
+        return torch.where(changed, out * (before / after.clamp_min(1e-12)), z)
+
+    return edit_on_sphere
+
+
 def zero_dims(z: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
     out = z.clone()
     out[..., list(dims)] = 0.0

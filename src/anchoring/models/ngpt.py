@@ -198,6 +198,8 @@ class NormalizedTransformer(nn.Module):
     every other weight equals the plain model's under the same seed); the extra units' `up` rows and
     `down` columns are then drawn from their own generator seeded with `extra_seed`, their scales 1."""
 
+    unit_residual = True  # every residual state is a unit vector, and its length sets the logits' scale
+
     def __init__(self, vocab: int, width: int = 64, layers: int = 4, heads: int = 8, context: int = 64,
                  mlp_ratio: int = 4, alpha: float = 0.2, logit_scale: float = 10.0,
                  extra_units: dict[int, int] | None = None, extra_seed: int = 0) -> None:

@@ -13,7 +13,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from anchoring.control import Constant, Intervention, intervene
+from anchoring.control import Constant, Intervention, intervene, keeping_norm
 from anchoring.control.surgery import project_out
 from anchoring.errors import AnchoringError
 from anchoring.kinds.lm.config import LMExperiment
@@ -46,12 +46,18 @@ def orthonormal(directions: Sequence[torch.Tensor], tol: float = 1e-6) -> list[t
 class Suppressed(nn.Module):
     """A model whose sites are edited on every forward: by default the concept's half-space is
     projected out along each direction (`Intervention("suppress", …)` with the falloff `shape`);
-    `edits` gives a site its own edit instead (LEACE's eraser, say)."""
+    `edits` gives a site its own edit instead (LEACE's eraser, say).
+
+    `keep_norm` (default: the model's `unit_residual` flag) rescales every edited state to its old
+    length (`control.keeping_norm`). A normalised transformer's unembedding reads the last state's
+    length as the logits' scale, so without it an edit that removes a large component also makes the
+    model less sure of every next token there, and the loss rises for that reason alone."""
 
     def __init__(self, model: nn.Module, sites: list[str], directions: list[torch.Tensor] | Mapping[str, list[torch.Tensor]],
-                 shape=None, edits: Mapping[str, Edit] | None = None) -> None:
+                 shape=None, edits: Mapping[str, Edit] | None = None, keep_norm: bool | None = None) -> None:
         super().__init__()
         self.inner, self.sites = model, sites
+        self.keep_norm = bool(getattr(model, "unit_residual", False)) if keep_norm is None else keep_norm
         per_site = directions if isinstance(directions, Mapping) else {s: directions for s in sites}
         self.directions = {s: list(per_site.get(s, [])) for s in sites}
         self.shape = shape if shape is not None else Constant()
@@ -61,12 +67,10 @@ class Suppressed(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         with ExitStack() as stack:
             for site in self.sites:
-                if site in self.edits:
-                    stack.enter_context(intervene(self.inner, site, self.edits[site]))
-                    continue
-                for v in self.directions[site]:
-                    edit = Intervention("suppress", tuple(v.tolist()), None, self.shape)
-                    stack.enter_context(intervene(self.inner, site, edit))
+                chain: list[Edit] = ([self.edits[site]] if site in self.edits else
+                                     [Intervention("suppress", tuple(v.tolist()), None, self.shape) for v in self.directions[site]])
+                for edit in chain:
+                    stack.enter_context(intervene(self.inner, site, keeping_norm(edit) if self.keep_norm else edit))
             return self.inner(tokens)
 
 
@@ -90,10 +94,12 @@ def delete(model: nn.Module, directions: Sequence[torch.Tensor]) -> nn.Module:
 
 def edited(model: nn.Module, cfg: LMExperiment, edit: str, *,
            directions: list[torch.Tensor] | Mapping[str, list[torch.Tensor]] | None = None,
-           sites: list[str] | None = None, shape=None, edits: Mapping[str, Edit] | None = None) -> nn.Module:
+           sites: list[str] | None = None, shape=None, edits: Mapping[str, Edit] | None = None,
+           keep_norm: bool | None = None) -> nn.Module:
     """`model` under `edit` (suppress | delete). Default: the anchored arm's own anchor at the anchored
     sites. `directions` (one list for every site, or a list per site), `sites`, the suppression falloff
-    `shape` (`control.falloff`; Constant by default) and per-site hook `edits` override that."""
+    `shape` (`control.falloff`; Constant by default) and per-site hook `edits` override that;
+    `keep_norm` as in `Suppressed`."""
     if edit not in EDITS:
         raise AnchoringError(f"--edit must be one of {', '.join(EDITS)}, not {edit!r}")
     directions = concept_directions(cfg) if directions is None else directions
@@ -101,7 +107,7 @@ def edited(model: nn.Module, cfg: LMExperiment, edit: str, *,
         sites = sites if sites is not None else anchored_sites(cfg)
         if not sites:
             raise AnchoringError("this run anchors nothing, so there is no site to suppress at")
-        return Suppressed(model, sites, directions, shape, edits).eval()
+        return Suppressed(model, sites, directions, shape, edits, keep_norm).eval()
     flat = [v for vs in directions.values() for v in vs] if isinstance(directions, Mapping) else list(directions)
     return delete(model, flat)
 
