@@ -52,6 +52,9 @@ def test_keeping_norm_changes_only_the_direction_and_only_where_the_edit_acts():
     assert torch.allclose(out[near, 0], torch.zeros(int(near.sum())), atol=1e-6)
     cos = torch.nn.functional.cosine_similarity(out[near], suppress(z, V)[near], dim=-1)
     assert torch.allclose(cos, torch.ones_like(cos), atol=1e-6)  # the projection's direction
+    for dtype in (torch.float32, torch.float16):  # a state on the axis has no direction left: zero, not NaN
+        on_axis = keeping_norm(lambda x: suppress(x, V.to(dtype)))(V[None].to(dtype))
+        assert torch.equal(on_axis, torch.zeros(1, 4, dtype=dtype))
 
 
 def test_falloff_threshold_leaves_weak_alignment_alone():

@@ -124,6 +124,30 @@ def test_suppress_touches_only_the_concepts_half_space_and_keeps_the_state_on_th
         handle.remove()
 
 
+def test_own_hooks_run_as_given_and_models_off_the_sphere_keep_the_plain_projection():
+    """The LEACE eraser and the midpoint hook are defined by a property of their output, which a
+    rescale would undo, so `edits` hooks are not wrapped; a model that does not declare a unit
+    residual stream gets the plain projection."""
+    torch.manual_seed(3)
+    model = NormalizedTransformer(11, 16, 2, 2, 16).eval()
+    seen = {}
+    handle = model.blocks[1].register_forward_pre_hook(lambda _m, args: seen.__setitem__("h", args[0]))
+    tokens = torch.randint(0, 11, (2, 6))
+    with torch.no_grad():
+        model(tokens)
+        plain = seen["h"].clone()
+        Suppressed(model, ["blocks.0"], [], edits={"blocks.0": lambda h: 0.5 * h})(tokens)
+    handle.remove()
+    assert torch.equal(seen["h"], 0.5 * plain)  # not rescaled back to length 1
+    v = torch.nn.functional.normalize(torch.randn(4), dim=0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Identity())  # no unit_residual flag
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        z = net[0](x)
+        out = Suppressed(net, ["1"], [v])(x)
+    assert torch.allclose(out, z - torch.relu(z @ v)[:, None] * v, atol=1e-6)
+
+
 def test_suppressing_at_the_last_block_does_not_just_flatten_the_logits():
     """The unembedding of a normalised transformer reads the last state's length as the logits' scale:
     a projection that shortens the state makes every next token less certain. Keeping the length

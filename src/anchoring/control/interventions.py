@@ -70,15 +70,16 @@ def keeping_norm(edit: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torc
     length is not free, since the unembedding reads it as the logits' scale. Projecting a component
     out shortens the state, which flattens the next-token distribution wherever the component was
     large, and that raises the loss there whatever the direction meant. Keeping the length leaves
-    only the change of direction. States the edit leaves alone come back bit-identical.
+    only the change of direction. States the edit leaves alone come back bit-identical (x·(‖x‖/‖x‖)
+    is x exactly); a state the edit sends to zero (one lying on the removed direction) stays zero,
+    since it has no direction left to keep.
     """
 
     def edit_on_sphere(z: torch.Tensor) -> torch.Tensor:
         out = edit(z)
         before = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
         after = torch.linalg.vector_norm(out, dim=-1, keepdim=True)
-        changed = (out != z).any(dim=-1, keepdim=True)
-        return torch.where(changed, out * (before / after.clamp_min(1e-12)), z)
+        return out * torch.where(after > 0, before / after.clamp_min(torch.finfo(after.dtype).tiny), 0.0)
 
     return edit_on_sphere
 

@@ -48,10 +48,14 @@ class Suppressed(nn.Module):
     projected out along each direction (`Intervention("suppress", …)` with the falloff `shape`);
     `edits` gives a site its own edit instead (LEACE's eraser, say).
 
-    `keep_norm` (default: the model's `unit_residual` flag) rescales every edited state to its old
-    length (`control.keeping_norm`). A normalised transformer's unembedding reads the last state's
-    length as the logits' scale, so without it an edit that removes a large component also makes the
-    model less sure of every next token there, and the loss rises for that reason alone."""
+    `keep_norm` (default: the model's `unit_residual` flag) rescales every state a direction's
+    half-space projection edits to its old length (`control.keeping_norm`). A normalised
+    transformer's unembedding reads the last state's length as the logits' scale, so without it an
+    edit that removes a large component also makes the model less sure of every next token there,
+    and the loss rises for that reason alone. With the default (constant) falloff the edited state's
+    component along the direction is 0, and the rescale keeps it 0. Hooks given in `edits` run exactly as given: they are maps defined by
+    a property of their output (the LEACE eraser equalises the class means; the mean-difference
+    hook caps h·v at the class midpoint), which a rescale would undo."""
 
     def __init__(self, model: nn.Module, sites: list[str], directions: list[torch.Tensor] | Mapping[str, list[torch.Tensor]],
                  shape=None, edits: Mapping[str, Edit] | None = None, keep_norm: bool | None = None) -> None:
@@ -67,9 +71,11 @@ class Suppressed(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         with ExitStack() as stack:
             for site in self.sites:
-                chain: list[Edit] = ([self.edits[site]] if site in self.edits else
-                                     [Intervention("suppress", tuple(v.tolist()), None, self.shape) for v in self.directions[site]])
-                for edit in chain:
+                if site in self.edits:
+                    stack.enter_context(intervene(self.inner, site, self.edits[site]))
+                    continue
+                for v in self.directions[site]:
+                    edit: Edit = Intervention("suppress", tuple(v.tolist()), None, self.shape)
                     stack.enter_context(intervene(self.inner, site, keeping_norm(edit) if self.keep_norm else edit))
             return self.inner(tokens)
 
