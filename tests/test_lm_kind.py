@@ -311,3 +311,19 @@ def test_route_changes_only_the_anchored_arm_and_needs_an_anchor(corpus, tmp_pat
     cfg = experiments.load("lm-anchor", [*base, "lm.route=true", 'terms.0.kind="anti-subspace"', 'terms.0.select="all"'])
     with pytest.raises(AnchoringError, match="lm.route needs an anchor"):
         lifecycle.validate(cfg)
+
+
+def test_the_retain_gap_target_is_judged_on_the_median_it_prints():
+    from anchoring.kinds.lm.kind import retain_gap
+
+    def rows(gaps):
+        out = []
+        for seed, g in enumerate(gaps):
+            out += [{"arm": "control", "seed": seed, "loss": {"retain": 1.45 + 0.01 * seed}},
+                    {"arm": "anchored", "seed": seed, "loss": {"retain": 1.45 + 0.01 * seed + g}}]
+        return out
+
+    one_seed_over = retain_gap(rows([0.015, 0.022, 0.018]))  # seed 1 over the bound, the median under it
+    assert one_seed_over["median"] == pytest.approx(0.018) and one_seed_over["met"]
+    assert one_seed_over["per_seed"] == pytest.approx([0.015, 0.022, 0.018])  # each against its own seed's control
+    assert not retain_gap(rows([0.01, 0.03, 0.025]))["met"]

