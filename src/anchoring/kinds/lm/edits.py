@@ -53,9 +53,10 @@ class Suppressed(nn.Module):
     transformer's unembedding reads the last state's length as the logits' scale, so without it an
     edit that removes a large component also makes the model less sure of every next token there,
     and the loss rises for that reason alone. With the default (constant) falloff the edited state's
-    component along the direction is 0, and the rescale keeps it 0. Hooks given in `edits` run exactly as given: they are maps defined by
-    a property of their output (the LEACE eraser equalises the class means; the mean-difference
-    hook caps h·v at the class midpoint), which a rescale would undo."""
+    component along the direction is 0, and the rescale keeps it 0. Hooks given in `edits` run
+    exactly as given: they are maps defined by a property of their output (the LEACE eraser
+    equalises the class means; the mean-difference hook caps h·v at the class midpoint), which a
+    rescale would undo."""
 
     def __init__(self, model: nn.Module, sites: list[str], directions: list[torch.Tensor] | Mapping[str, list[torch.Tensor]],
                  shape=None, edits: Mapping[str, Edit] | None = None, keep_norm: bool | None = None) -> None:
