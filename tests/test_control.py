@@ -16,6 +16,7 @@ from anchoring.control import (
     find_layout,
     intervene,
     keeping_norm,
+    matched_random,
     parse_falloff,
     prune,
     repel,
@@ -55,6 +56,27 @@ def test_keeping_norm_changes_only_the_direction_and_only_where_the_edit_acts():
     for dtype in (torch.float32, torch.float16):  # a state on the axis has no direction left: zero, not NaN
         on_axis = keeping_norm(lambda x: suppress(x, V.to(dtype)))(V[None].to(dtype))
         assert torch.equal(on_axis, torch.zeros(1, 4, dtype=dtype))
+
+
+def test_matched_random_moves_the_same_states_by_the_same_angles_but_not_off_the_concept():
+    torch.manual_seed(0)
+    z = torch.randn(500, 16) * 2.5
+    v = torch.eye(16)[0]
+    aimed = keeping_norm(lambda x: suppress(x, v))
+    out = matched_random(aimed, torch.Generator().manual_seed(3))(z)
+    edited = z[:, 0] > 0
+    assert torch.equal(out[~edited], z[~edited])  # where the edit does nothing, neither does its control
+    assert torch.allclose(out.norm(dim=-1), z.norm(dim=-1), atol=1e-5)
+    cos = torch.nn.functional.cosine_similarity
+    assert torch.allclose(cos(out, z, dim=-1)[edited], cos(aimed(z), z, dim=-1)[edited], atol=1e-5)  # same angle
+    # not aimed: the concept's share of the state shrinks only as the turn demands (cos θ of it), where
+    # the aimed edit takes it to zero
+    share = out[edited, 0] / out[edited].norm(dim=-1)
+    assert torch.allclose(share, cos(out, z, dim=-1)[edited] * z[edited, 0] / z[edited].norm(dim=-1), atol=1e-5)
+    assert (share > 0).all() and aimed(z)[edited, 0].abs().max() < 1e-6
+    again = matched_random(aimed, torch.Generator().manual_seed(3))(z)
+    other = matched_random(aimed, torch.Generator().manual_seed(4))(z)
+    assert torch.equal(out, again) and not torch.allclose(out[edited], other[edited])
 
 
 def test_falloff_threshold_leaves_weak_alignment_alone():

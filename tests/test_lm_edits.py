@@ -105,10 +105,13 @@ def test_intervene_on_an_lm_run_suppresses_and_reports_forget_and_retain(lm_run)
     assert r.exit_code == 0, r.stderr
     assert "validation nats/char" in r.stdout
     rows = json.loads((lm_run.path / "interventions" / "sup" / "summary.json").read_text())["rows"]
-    assert {(x["arm"], x["seed"]) for x in rows} == {("anchored", 0), ("control", 0)}
+    assert {(x["arm"], x["seed"]) for x in rows} == {("anchored", 0), ("control", 0), ("anchored · matched random move", 0)}
     a = next(x for x in rows if x["arm"] == "anchored")
     # the edit must change the anchored model's losses, and the concept more than the rest
     assert a["concept after"] - a["concept before"] > a["retain after"] - a["retain before"]
+    m = next(x for x in rows if x["arm"] == "anchored · matched random move")  # its control: same before, another after
+    assert m["concept before"] == a["concept before"] and m["concept after"] != a["concept after"]
+    assert "matched random move" in r.stdout
     r = CliRunner().invoke(app, ["intervene", str(lm_run.path), "--concept", "violence", "--method", "zero"])
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "--method suppress" in r.stderr
 

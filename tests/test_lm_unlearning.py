@@ -37,7 +37,8 @@ def test_every_method_is_a_row_and_anchoring_delete_hits_the_concept(unlearned):
     path, summary = unlearned
     u = summary["unlearning"]
     methods = {r["method"] for r in u["rows"]}
-    assert methods == {"anchoring · delete", "anchoring · suppress", "mean-difference · delete", "mean-difference · suppress",
+    assert methods == {"anchoring · delete", "anchoring · suppress", "anchoring · matched random move",
+                       "mean-difference · delete", "mean-difference · suppress",
                        "LEACE · delete", "LEACE · suppress", "weak filter", "oracle filter"}
     rows = {r["method"]: r for r in u["rows"]}
     a = rows["anchoring · delete"]
@@ -45,6 +46,8 @@ def test_every_method_is_a_row_and_anchoring_delete_hits_the_concept(unlearned):
     assert rows["oracle filter"]["R"] == 1.0
     assert all(math.isfinite(r["R"]) for r in u["rows"])
     assert not rows["anchoring · suppress"]["relearn"] and rows["anchoring · suppress"]["recover_steps"] is None
+    assert not rows["anchoring · matched random move"]["relearn"]
+    assert rows["anchoring · matched random move"]["d_forget_concept"] != rows["anchoring · suppress"]["d_forget_concept"]
     assert set(rows["weak filter"]["relearn"]) == {"2"}
     header, table = ul.table(u)
     assert len(table) == 2 * len(methods) and all(len(r) == len(header) for r in table)

@@ -13,6 +13,7 @@ from anchoring.control.interventions import (
     concept_alpha,
     intervene,
     keeping_norm,
+    matched_random,
     repel,
     suppress,
     zero_dims,
@@ -21,6 +22,6 @@ from anchoring.control.surgery import ablate, ablate_direction, find_layout, pru
 
 __all__ = [
     "BezierMapper", "BoundedPower", "Constant", "FalloffMapper", "Intervention", "Linear", "ablate",
-    "ablate_direction", "concept_alpha", "find_layout", "intervene", "keeping_norm", "parse_falloff", "prune", "repel",
+    "ablate_direction", "concept_alpha", "find_layout", "intervene", "keeping_norm", "matched_random", "parse_falloff", "prune", "repel",
     "suppress", "zero_dims",
 ]

@@ -84,6 +84,34 @@ def keeping_norm(edit: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torc
     return edit_on_sphere
 
 
+def matched_random(edit: Callable[[torch.Tensor], torch.Tensor], generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The control for `edit`: each vector is turned by the same angle `edit` turns it, but towards a
+    random direction orthogonal to the vector and to the edit's own displacement, and keeps its length.
+
+    A hook that removes a concept also moves states, and a state moved by any large angle may cost
+    loss whatever the direction. This control moves the same states by the same angles without
+    aiming at the concept, so the difference between the two is what removing the concept did.
+    States the edit leaves alone come back bit-identical. The random directions come from
+    `generator`: the same generator state gives the same control.
+    """
+
+    def moved_at_random(z: torch.Tensor) -> torch.Tensor:
+        out = edit(z)
+        length = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
+        u = z / length.clamp_min(torch.finfo(z.dtype).tiny)
+        cos = ((u * out).sum(-1, keepdim=True) / torch.linalg.vector_norm(out, dim=-1, keepdim=True).clamp_min(
+            torch.finfo(z.dtype).tiny)).clamp(-1.0, 1.0)
+        r = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
+        for w in (u, out - (u * out).sum(-1, keepdim=True) * u):  # ⟂ the vector, then ⟂ the edit's displacement
+            w = w / torch.linalg.vector_norm(w, dim=-1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
+            r = r - (r * w).sum(-1, keepdim=True) * w
+        r = r / torch.linalg.vector_norm(r, dim=-1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
+        turned = (cos * u + (1.0 - cos * cos).clamp_min(0.0).sqrt() * r) * length
+        return torch.where((out != z).any(-1, keepdim=True), turned, z)
+
+    return moved_at_random
+
+
 def zero_dims(z: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
     out = z.clone()
     out[..., list(dims)] = 0.0

@@ -5,6 +5,8 @@ arm, and report what the edit costs in the unlearning currency: validation nats/
 passages (whole, and at concept positions) and on retain passages, before → after. On the control
 and the filtered arms the anchor is just an arbitrary direction, which is the point of showing
 them: only the anchored arm should lose its concept.
+`intervene` also scores the anchored arm under the hook's matched control (`control.matched_random`):
+the same states turned by the same angles, towards random directions.
 """
 
 from __future__ import annotations
@@ -35,14 +37,20 @@ def _eval_set(run) -> ev.EvalSet:
     return ev.eval_set(run.data, cfg.lm.tokens, cfg.evaluate.eval_chars, cfg.evaluate.after)
 
 
-def _rows(run, after_of) -> list[dict[str, Any]]:
+def _rows(run, after_of, controls: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Before → after of every (arm, seed); `controls` {label: after_of} adds rows for other edits of
+    the anchored arm (labelled "anchored · label"), scored against the same "before"."""
     es = _eval_set(run)
     rows = []
     for arm, models in run.arms.items():
         for i, (seed, model) in enumerate(zip(run.seeds, models)):
             b = losses(model, es, run.config.evaluate.batch_size)
-            a = losses(after_of(arm, i, model), es, run.config.evaluate.batch_size)
-            rows.append({"arm": arm, "seed": seed, **{f"{k} before": b[k] for k in KEYS}, **{f"{k} after": a[k] for k in KEYS}})
+            edits = {arm: after_of}
+            if arm == "anchored":
+                edits.update({f"anchored · {label}": f for label, f in (controls or {}).items()})
+            for name, f in edits.items():
+                a = losses(f(arm, i, model), es, run.config.evaluate.batch_size)
+                rows.append({"arm": name, "seed": seed, **{f"{k} before": b[k] for k in KEYS}, **{f"{k} after": a[k] for k in KEYS}})
     return rows
 
 
@@ -75,9 +83,14 @@ def intervene(run, spec: InterventionConfig) -> EditResult:
     shape = parse_falloff(spec.falloff)
     out = run.path / "interventions" / spec.name
     runs.check_writable(out)
-    rows = _rows(run, lambda arm, i, m: edited(m, cfg, "suppress", sites=sites, shape=shape))
+    rows = _rows(run, lambda arm, i, m: edited(m, cfg, "suppress", sites=sites, shape=shape),
+                 {"matched random move": lambda arm, i, m: edited(m, cfg, "suppress", sites=sites, shape=shape,
+                                                                  random_control=run.seeds[i])})
     runs.write_json(out / "summary.json", {"spec": spec.model_dump(), "sites": sites, "rows": rows})
-    return EditResult(spec.name, [_table(f"{spec.name} at {', '.join(sites)}: validation nats/char", rows), f"wrote {out}"],
+    note = ("anchored · matched random move: the states the hook edits, turned by the same angles towards random "
+            "directions (the hook's control)") if "anchored" in run.arms else None
+    return EditResult(spec.name, [_table(f"{spec.name} at {', '.join(sites)}: validation nats/char", rows),
+                                  *([note] if note else []), f"wrote {out}"],
                       [out], {"rows": rows})
 
 

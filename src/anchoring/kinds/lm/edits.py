@@ -13,7 +13,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from anchoring.control import Constant, Intervention, intervene, keeping_norm
+from anchoring.control import Constant, Intervention, intervene, keeping_norm, matched_random
 from anchoring.control.surgery import project_out
 from anchoring.errors import AnchoringError
 from anchoring.kinds.lm.config import LMExperiment
@@ -56,10 +56,16 @@ class Suppressed(nn.Module):
     component along the direction is 0, and the rescale keeps it 0. Hooks given in `edits` run
     exactly as given: they are maps defined by a property of their output (the LEACE eraser
     equalises the class means; the mean-difference hook caps h·v at the class midpoint), which a
-    rescale would undo."""
+    rescale would undo.
+
+    `random_control` (a seed) turns the direction hooks into their matched control
+    (`control.matched_random`): every state they would edit is turned by the same angle towards a
+    random direction instead, so its row says how much loss an untargeted move of the same size
+    costs."""
 
     def __init__(self, model: nn.Module, sites: list[str], directions: list[torch.Tensor] | Mapping[str, list[torch.Tensor]],
-                 shape=None, edits: Mapping[str, Edit] | None = None, keep_norm: bool | None = None) -> None:
+                 shape=None, edits: Mapping[str, Edit] | None = None, keep_norm: bool | None = None,
+                 random_control: int | None = None) -> None:
         super().__init__()
         self.inner, self.sites = model, sites
         self.keep_norm = bool(getattr(model, "unit_residual", False)) if keep_norm is None else keep_norm
@@ -68,8 +74,10 @@ class Suppressed(nn.Module):
         self.shape = shape if shape is not None else Constant()
         self.edits = dict(edits or {})
         self.context = getattr(model, "context", None)
+        self.random_control = random_control
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        g = None if self.random_control is None else torch.Generator().manual_seed(self.random_control)
         with ExitStack() as stack:
             for site in self.sites:
                 if site in self.edits:
@@ -77,7 +85,8 @@ class Suppressed(nn.Module):
                     continue
                 for v in self.directions[site]:
                     edit: Edit = Intervention("suppress", tuple(v.tolist()), None, self.shape)
-                    stack.enter_context(intervene(self.inner, site, keeping_norm(edit) if self.keep_norm else edit))
+                    edit = keeping_norm(edit) if self.keep_norm else edit
+                    stack.enter_context(intervene(self.inner, site, edit if g is None else matched_random(edit, g)))
             return self.inner(tokens)
 
 
@@ -102,11 +111,11 @@ def delete(model: nn.Module, directions: Sequence[torch.Tensor]) -> nn.Module:
 def edited(model: nn.Module, cfg: LMExperiment, edit: str, *,
            directions: list[torch.Tensor] | Mapping[str, list[torch.Tensor]] | None = None,
            sites: list[str] | None = None, shape=None, edits: Mapping[str, Edit] | None = None,
-           keep_norm: bool | None = None) -> nn.Module:
+           keep_norm: bool | None = None, random_control: int | None = None) -> nn.Module:
     """`model` under `edit` (suppress | delete). Default: the anchored arm's own anchor at the anchored
     sites. `directions` (one list for every site, or a list per site), `sites`, the suppression falloff
     `shape` (`control.falloff`; Constant by default) and per-site hook `edits` override that;
-    `keep_norm` as in `Suppressed`."""
+    `keep_norm` and `random_control` (suppress only) as in `Suppressed`."""
     if edit not in EDITS:
         raise AnchoringError(f"--edit must be one of {', '.join(EDITS)}, not {edit!r}")
     directions = concept_directions(cfg) if directions is None else directions
@@ -114,7 +123,9 @@ def edited(model: nn.Module, cfg: LMExperiment, edit: str, *,
         sites = sites if sites is not None else anchored_sites(cfg)
         if not sites:
             raise AnchoringError("this run anchors nothing, so there is no site to suppress at")
-        return Suppressed(model, sites, directions, shape, edits, keep_norm).eval()
+        return Suppressed(model, sites, directions, shape, edits, keep_norm, random_control).eval()
+    if random_control is not None:
+        raise AnchoringError("the matched random control is a hook: it goes with suppress, not delete")
     flat = [v for vs in directions.values() for v in vs] if isinstance(directions, Mapping) else list(directions)
     return delete(model, flat)
 

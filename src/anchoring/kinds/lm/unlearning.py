@@ -4,6 +4,8 @@ how much of the forgetting survives a relearning fine-tune (see docs/method.md, 
 Methods, per seed (each with the model it starts from, "before", and the one it ends with, "after"):
 
 - `anchoring · delete|suppress`: the anchored arm, edited along its own anchor (every dim of a subspace);
+- `anchoring · matched random move`: the anchored arm, every state the suppress hook edits turned by the
+  same angle towards a random direction instead (`control.matched_random`): the suppress row's control;
 - `mean-difference · …`, `LEACE · …`: the control arm, edited along post-hoc directions (`posthoc`);
 - `weak filter`, `oracle filter`: before = the control arm, after = the filtered arm;
 - `SGTM`, `gradient routing`: the arm as trained, and `baselines.ablated` of it (only when those arms exist).
@@ -91,7 +93,8 @@ def methods(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.Mo
     if "anchored" in arms:
         a = models["anchored", seed]
         out += [Method("anchoring · delete", "anchored", a, edited(a, cfg, "delete"), True),
-                Method("anchoring · suppress", "anchored", a, edited(a, cfg, "suppress"), False)]
+                Method("anchoring · suppress", "anchored", a, edited(a, cfg, "suppress"), False),
+                Method("anchoring · matched random move", "anchored", a, edited(a, cfg, "suppress", random_control=seed), False)]
     if cfg.unlearning.posthoc:
         sites = anchored_sites(cfg) or [f"blocks.{cfg.lm.layers - 1}"]
         for key, f in posthoc.fit(control, cfg, data, seed, sites).items():
@@ -248,7 +251,7 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
     return {"rows": rows, "curves": CURVES, "curve_points": curves, "relearn_k": list(u.relearn_k),
             "relearn_steps": u.relearn_steps, "recover_cap": u.recover_steps,
             "eval_positions": {"table": int((es.cls[:, 1:] != ev.PAD).sum()), "curves": int((small.cls[:, 1:] != ev.PAD).sum())},
-            "note": "suppress rows are hooks, not weight edits: they are not fine-tuned (no relearn or recover numbers)"}
+            "note": "suppress rows and the matched random move are hooks, not weight edits: they are not fine-tuned (no relearn or recover numbers)"}
 
 
 def _num(v: Any) -> float:
@@ -347,4 +350,4 @@ def lines(unlearning: dict[str, Any]) -> list[Any]:
     for r in rows:
         if r[1] == "median":
             t.add_row(*[f"{r[i]:.3f}" if isinstance(r[i], float) else str(r[i]) for i in idx])
-    return [t, f"hooks (suppress rows) are not fine-tuned; relearning fine-tunes {unlearning['relearn_steps']} steps"]
+    return [t, f"hooks (suppress rows, matched random move) are not fine-tuned; relearning fine-tunes {unlearning['relearn_steps']} steps"]
