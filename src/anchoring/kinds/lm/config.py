@@ -20,6 +20,8 @@ class LMConfig(_Strict):
     layers: int = Field(4, ge=1, le=48)
     heads: int = Field(4, ge=1)
     mlp_ratio: int = Field(4, ge=1, le=8)
+    mlp_hidden: int | None = Field(None, ge=1, description="hidden units of each MLP (default: mlp_ratio × width); "
+                                                          "344 ≈ 8/3 × 128 gives a GELU MLP 4×'s parameter count")
     context: int = Field(256, ge=8, le=8192, description="the model's context (longest sequence it accepts)")
     window: int | None = Field(None, ge=2, description="tokens per training window (default: the context); "
                                                        "must not exceed the context")

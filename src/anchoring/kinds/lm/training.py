@@ -51,7 +51,7 @@ def build_model(cfg: LMExperiment, vocab: int, arm: str | None = None, seed: int
     extra = {i: cfg.routing.extra_units for i in cfg.routing.layers} if arm == "routing" else None
     try:
         return NormalizedTransformer(vocab, m.width, m.layers, m.heads, m.context, m.mlp_ratio, m.alpha, m.logit_scale,
-                                     extra_units=extra, extra_seed=seed)
+                                     extra_units=extra, extra_seed=seed, mlp_hidden=m.mlp_hidden)
     except ValueError as e:
         raise AnchoringError(f"routing.layers: {e}") from None
 
