@@ -77,6 +77,17 @@ def test_matched_random_moves_the_same_states_by_the_same_angles_but_not_off_the
     again = matched_random(aimed, torch.Generator().manual_seed(3))(z)
     other = matched_random(aimed, torch.Generator().manual_seed(4))(z)
     assert torch.equal(out, again) and not torch.allclose(out[edited], other[edited])
+    # a state on the axis: the edit leaves nothing, and so does its control (no angle to match)
+    assert torch.equal(matched_random(aimed, torch.Generator().manual_seed(3))(v[None] * 2.0), torch.zeros(1, 16))
+    # small turns are matched too (no cancellation in 1 − cos²), and half precision gets float32 arithmetic
+    slight = torch.cat([torch.full((64, 1), 1e-3), torch.randn(64, 15)], dim=1)
+    a_slight = keeping_norm(lambda x: suppress(x, v))(slight)
+    m_slight = matched_random(aimed, torch.Generator().manual_seed(5))(slight)
+    turn = (slight - a_slight).norm(dim=-1)
+    assert torch.allclose((slight - m_slight).norm(dim=-1), turn, rtol=1e-3) and (turn > 0).all()
+    half = matched_random(aimed, torch.Generator().manual_seed(3))(z.half())
+    assert half.dtype == torch.float16
+    assert torch.allclose(cos(half.float(), z, dim=-1)[edited], cos(aimed(z), z, dim=-1)[edited], atol=2e-3)
 
 
 def test_falloff_threshold_leaves_weak_alignment_alone():

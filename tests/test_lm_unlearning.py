@@ -46,8 +46,9 @@ def test_every_method_is_a_row_and_anchoring_delete_hits_the_concept(unlearned):
     assert rows["oracle filter"]["R"] == 1.0
     assert all(math.isfinite(r["R"]) for r in u["rows"])
     assert not rows["anchoring · suppress"]["relearn"] and rows["anchoring · suppress"]["recover_steps"] is None
-    assert not rows["anchoring · matched random move"]["relearn"]
-    assert rows["anchoring · matched random move"]["d_forget_concept"] != rows["anchoring · suppress"]["d_forget_concept"]
+    ctl = rows["anchoring · matched random move"]
+    assert not ctl["relearn"] and ctl["d_forget_concept"] != 0.0
+    assert ctl["d_forget_concept"] != rows["anchoring · suppress"]["d_forget_concept"]
     assert set(rows["weak filter"]["relearn"]) == {"2"}
     header, table = ul.table(u)
     assert len(table) == 2 * len(methods) and all(len(r) == len(header) for r in table)
@@ -66,6 +67,20 @@ def test_every_method_is_a_row_and_anchoring_delete_hits_the_concept(unlearned):
     assert ratio == pytest.approx(a["d_forget_concept"] / md["d_forget_concept"]) or md["d_forget_concept"] <= 0
     r = CliRunner().invoke(app, ["show", str(path)])
     assert r.exit_code == 0 and "unlearning" in r.stdout and "are not fine-tuned" in r.stdout
+
+
+def test_the_matched_control_row_is_what_intervene_reports(unlearned):
+    """The table and `anchoring intervene` score the same control on the same batches: one number."""
+    import json
+
+    path, summary = unlearned
+    row = next(r for r in summary["unlearning"]["rows"] if r["method"] == "anchoring · matched random move")
+    r = CliRunner().invoke(app, ["intervene", str(path), "--concept", "violence", "--name", "ctl"])
+    assert r.exit_code == 0, r.stderr
+    got = json.loads((path / "interventions" / "ctl" / "summary.json").read_text())["rows"]
+    m = next(x for x in got if x["arm"] == "anchored · matched random move" and x["seed"] == row["seed"])
+    assert m["concept after"] - m["concept before"] == pytest.approx(row["d_forget_concept"], abs=1e-9)
+    assert m["retain after"] - m["retain before"] == pytest.approx(row["retain_cost"], abs=1e-9)
 
 
 def test_relearning_curves_have_a_point_per_step_and_repeat_exactly(unlearned):
@@ -194,9 +209,11 @@ def test_deleting_several_directions_leaves_no_component_along_any():
 
 def test_coverage_figure_draws_r_against_coverage():
     pts = [(c, m, r) for c in (0.1, 0.3, 1.0) for m, r in (("anchoring · delete", c), ("weak filter", c * c))]
-    fig = coverage_figure(pts + [(0.3, "weak filter", float("nan"))])
+    fig = coverage_figure(pts + [(0.3, "weak filter", float("nan")), (0.3, "anchoring · matched random move", 7.0)])
     ax = fig.axes[0]
     assert [line.get_label() for line in ax.get_lines()[:2]] == ["anchoring · delete", "weak filter"]
+    assert "anchoring · matched random move" not in [line.get_label() for line in ax.get_lines()]  # a control, not a method
+    assert ax.get_ylim()[1] < 7.0
     assert list(ax.get_lines()[1].get_ydata()) == pytest.approx([0.01, 0.09, 1.0])
 
 

@@ -90,24 +90,32 @@ def matched_random(edit: Callable[[torch.Tensor], torch.Tensor], generator: torc
 
     A hook that removes a concept also moves states, and a state moved by any large angle may cost
     loss whatever the direction. This control moves the same states by the same angles without
-    aiming at the concept, so the difference between the two is what removing the concept did.
-    States the edit leaves alone come back bit-identical. The random directions come from
-    `generator`: the same generator state gives the same control.
+    aiming at the concept, so comparing the two separates what the direction did from what moving
+    by that much did. States the edit leaves alone come back bit-identical, and one the edit sends
+    to zero gets the edit's zero (it has no angle to match). The random directions come from
+    `generator` (drawn on the CPU, so every device gets the same numbers): the same generator state
+    and the same input shapes give the same control. Computed in float32 whatever the input's type.
     """
 
     def moved_at_random(z: torch.Tensor) -> torch.Tensor:
         out = edit(z)
-        length = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
-        u = z / length.clamp_min(torch.finfo(z.dtype).tiny)
-        cos = ((u * out).sum(-1, keepdim=True) / torch.linalg.vector_norm(out, dim=-1, keepdim=True).clamp_min(
-            torch.finfo(z.dtype).tiny)).clamp(-1.0, 1.0)
-        r = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
-        for w in (u, out - (u * out).sum(-1, keepdim=True) * u):  # ⟂ the vector, then ⟂ the edit's displacement
-            w = w / torch.linalg.vector_norm(w, dim=-1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
+        x, y = z.float(), out.float()
+        tiny = torch.finfo(torch.float32).tiny
+        length = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        u = x / length.clamp_min(tiny)
+        along = (u * y).sum(-1, keepdim=True)
+        across = y - along * u  # the output's part ⟂ the input: its size gives sin of the turn, exact for small turns
+        size = torch.linalg.vector_norm(y, dim=-1, keepdim=True).clamp_min(tiny)
+        cos, sin = along / size, torch.linalg.vector_norm(across, dim=-1, keepdim=True) / size
+        r = torch.randn(z.shape, generator=generator).to(z.device)
+        for w in (u, across):  # ⟂ the vector, then ⟂ the edit's displacement (its part ⟂ the vector)
+            w = w / torch.linalg.vector_norm(w, dim=-1, keepdim=True).clamp_min(tiny)
             r = r - (r * w).sum(-1, keepdim=True) * w
-        r = r / torch.linalg.vector_norm(r, dim=-1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
-        turned = (cos * u + (1.0 - cos * cos).clamp_min(0.0).sqrt() * r) * length
-        return torch.where((out != z).any(-1, keepdim=True), turned, z)
+        r = r / torch.linalg.vector_norm(r, dim=-1, keepdim=True).clamp_min(tiny)
+        turned = ((cos * u + sin * r) * length).to(z.dtype)
+        moved = (out != z).any(-1, keepdim=True)
+        zeroed = (out == 0).all(-1, keepdim=True)
+        return torch.where(moved, torch.where(zeroed, out, turned), z)
 
     return moved_at_random
 

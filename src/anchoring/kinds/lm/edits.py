@@ -75,6 +75,8 @@ class Suppressed(nn.Module):
         self.edits = dict(edits or {})
         self.context = getattr(model, "context", None)
         self.random_control = random_control
+        if random_control is not None and self.edits:
+            raise AnchoringError("the matched random control is defined for the direction hooks, not for hooks given in `edits`")
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         g = None if self.random_control is None else torch.Generator().manual_seed(self.random_control)

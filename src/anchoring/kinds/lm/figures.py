@@ -85,9 +85,14 @@ def shaded_text(passages: list[tuple[str, str, np.ndarray, list[tuple[int, int]]
     return fig
 
 
+CONTROL_ROWS = ("anchoring · matched random move",)  # a method's control, not a method: drawn hollow, left out of R plots
+
+
 def _method_colours(methods: list[str]) -> dict[str, Any]:
-    cmap = plt.get_cmap("tab10")
-    return {m: cmap(i % 10) for i, m in enumerate(methods)}
+    """One colour per method (up to 20 distinct), grey for control rows."""
+    cmap = plt.get_cmap("tab20")
+    real = [m for m in methods if m not in CONTROL_ROWS]
+    return {**{m: cmap(i % 20) for i, m in enumerate(real)}, **{m: "0.45" for m in methods if m in CONTROL_ROWS}}
 
 
 def unlearning_tradeoff(rows: list[dict]) -> Figure:
@@ -97,7 +102,11 @@ def unlearning_tradeoff(rows: list[dict]) -> Figure:
     fig, ax = plt.subplots(figsize=(5.6, 4.0))
     for m in methods:
         mine = [r for r in rows if r["method"] == m]
-        ax.scatter([r["retain_cost"] for r in mine], [r["d_forget_concept"] for r in mine], color=colour[m], label=m, s=22)
+        xs, ys = [r["retain_cost"] for r in mine], [r["d_forget_concept"] for r in mine]
+        if m in CONTROL_ROWS:  # hollow: the suppress hook's matched control, for reference
+            ax.scatter(xs, ys, facecolors="none", edgecolors=colour[m], label=m, s=22)
+        else:
+            ax.scatter(xs, ys, color=colour[m], label=m, s=22)
     ax.axhline(0, color="k", lw=0.5)
     ax.axvline(0, color="k", lw=0.5)
     ax.set_xlabel("retain cost (nats/char)", fontsize=8)
@@ -135,8 +144,9 @@ def relearning_curves(points: list[dict], ks: list[int]) -> Figure:
 
 def coverage_figure(points: list[tuple[float, str, float]]) -> Figure:
     """R (Δforget relative to the oracle filter) against weak-label coverage, one line per method;
-    `points` = [(coverage, method, R)], several seeds per coverage averaged (NaN skipped)."""
-    methods = list(dict.fromkeys(m for _c, m, _r in points))
+    `points` = [(coverage, method, R)], several seeds per coverage averaged (NaN skipped). Control rows
+    are left out: R counts any damage, and a control's would set the scale."""
+    methods = list(dict.fromkeys(m for _c, m, _r in points if m not in CONTROL_ROWS))
     colour = _method_colours(methods)
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     for m in methods:
