@@ -327,3 +327,40 @@ def test_the_retain_gap_target_is_judged_on_the_median_it_prints():
     assert one_seed_over["median"] == pytest.approx(0.018) and one_seed_over["met"]
     assert one_seed_over["per_seed"] == pytest.approx([0.015, 0.022, 0.018])  # each against its own seed's control
     assert not retain_gap(rows([0.01, 0.03, 0.025]))["met"]
+
+
+@pytest.fixture(scope="module")
+def late_concept(tmp_path_factory):
+    """A corpus whose violent passages all come last (as Milton comes after the plays)."""
+    folder = tmp_path_factory.mktemp("lm-late") / "texts"
+    folder.mkdir(parents=True)
+    rng = random.Random(1)
+    for f, share in enumerate((0.0, 0.0, 0.7)):
+        paras = [" ".join(rng.choice(VIOLENT if rng.random() < share else CALM) for _ in range(rng.randint(1, 3)))
+                 for _ in range(400)]
+        (folder / f"part{f}.txt").write_text("\n\n".join(paras) + "\n")
+    return folder
+
+
+def test_an_evaluation_prefix_without_the_concept_is_refused_and_the_shuffled_order_finds_it(late_concept, tmp_path):
+    from anchoring.kinds.lm import evaluate as ev
+
+    args = tiny(late_concept, "evaluate.eval_chars=3000")
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["run", "lm-anchor-passages", *[a for o in args for a in ("--set", o)], "--out", str(out), "-q"])
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, (r.stdout, r.stderr)
+    assert "hold no passage with 'violence'" in r.stderr and 'evaluate.order = "shuffled"' in r.stderr
+    assert not out.exists()
+    cfg = experiments.load("lm-anchor-passages", [*args, 'evaluate.order="shuffled"'])
+    lifecycle.validate(cfg)
+    data = load_data(cfg.text)
+    first = ev.eval_passages(data, 3000, order="shuffled")
+    assert first == ev.eval_passages(data, 3000, order="shuffled")  # one fixed order
+    assert data.reference[first].any() and not data.reference[ev.eval_passages(data, 3000)].any()
+    # scored without any concept position, alignment has no concept mean: NaN, never a margin made up from 0
+    from anchoring.models import NormalizedTransformer
+
+    es = ev.eval_set(data, 64, 3000, 20)
+    m = ev.measure(NormalizedTransformer(data.vocab_size, 32, 2, 2, 64), es, ["blocks.1"], torch.eye(32)[0], None, 50)
+    a = m["alignment"]["blocks.1"]
+    assert a["n_concept"] == 0 and np.isnan(a["concept"]) and np.isnan(a["margin"]) and np.isfinite(a["containment"])

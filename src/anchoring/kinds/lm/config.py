@@ -97,7 +97,10 @@ class LMTrainConfig(TrainConfig):
 
 class LMEvaluateConfig(_Strict):
     concept: str | None = Field(None, description="anchored concept measured (default: text.concept)")
-    eval_chars: int = Field(60_000, ge=1000, description="validation characters scored (whole passages, corpus order)")
+    eval_chars: int = Field(60_000, ge=1000, description="validation characters scored (whole passages, in `order`)")
+    order: Literal["corpus", "shuffled"] = Field("corpus", description="which validation passages come first: corpus "
+                                                 "order, or one fixed permutation of the split (for a concept confined "
+                                                 "to one part of the corpus)")
     after: int = Field(20, ge=0, description="characters after a concept word that still count as concept positions")
     probe_positions: int = Field(3000, ge=50, description="positions per class (concept, retain) the probes fit on")
     shade_passages: int = Field(3, ge=0, le=10, description="held-out passages printed with per-character alignment")

@@ -34,7 +34,7 @@ KEYS = ("forget", "concept", "retain")
 
 def _eval_set(run) -> ev.EvalSet:
     cfg = run.config
-    return ev.eval_set(run.data, cfg.lm.tokens, cfg.evaluate.eval_chars, cfg.evaluate.after)
+    return ev.eval_set(run.data, cfg.lm.tokens, cfg.evaluate.eval_chars, cfg.evaluate.after, order=cfg.evaluate.order)
 
 
 def _rows(run, after_of, controls: dict[str, Any] | None = None) -> list[dict[str, Any]]:

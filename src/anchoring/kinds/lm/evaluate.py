@@ -57,21 +57,36 @@ def token_table(data: LMData, text: str, positive: bool, concept: str, after: in
     return ids, chars, cls
 
 
-def eval_set(data: LMData, window: int, max_chars: int, after: int, part: str = "validation") -> EvalSet:
-    concept = data.text.concept
-    ids, chars, cls, pas, used = [], [], [], [], []
-    total = 0
-    for i in data.parts[part]:
-        i = int(i)
+ORDER_SALT = 0xE7A1
+
+
+def eval_passages(data: LMData, max_chars: int, part: str = "validation", order: str = "corpus") -> list[int]:
+    """The passages an evaluation scores: whole passages of `part` until `max_chars` characters, in
+    corpus order or (`order = "shuffled"`) in one fixed permutation of the split (the same for every
+    seed and arm). Corpus order is contiguous text; a concept that sits in one region of the corpus
+    (Milton after the plays) needs the shuffled order to appear at all."""
+    idx = [int(i) for i in data.parts[part]]
+    if order == "shuffled":
+        idx = [idx[j] for j in np.random.default_rng([data.text.split_seed, ORDER_SALT]).permutation(len(idx))]
+    used, total = [], 0
+    for i in idx:
         if total >= max_chars:
             break
+        used.append(i)
+        total += len(data.texts[i])
+    return used
+
+
+def eval_set(data: LMData, window: int, max_chars: int, after: int, part: str = "validation", order: str = "corpus") -> EvalSet:
+    concept = data.text.concept
+    ids, chars, cls, pas, used = [], [], [], [], []
+    for i in eval_passages(data, max_chars, part, order):
         t, c, k = token_table(data, data.texts[i], bool(data.reference[i]), concept, after)
         ids.append(t)
         chars.append(c)
         cls.append(k)
         pas.append(np.full(len(t), i))
         used.append(i)
-        total += len(data.texts[i])
     cat = [np.concatenate(a) for a in (ids, chars, cls, pas)]
     n = max(1, -(-(len(cat[0]) - 1) // window))
     L = n * window + 1
@@ -142,8 +157,9 @@ def measure(model, es: EvalSet, sites: list[str], direction: torch.Tensor | None
     loss = {k: nats[k] / chars[k] if chars[k] else float("nan") for k in nats}
     out: dict = {"loss": loss, "bits": {k: v / LN2 for k, v in loss.items()}, "chars": chars, "alignment": {}}
     for s in sites:
-        c = align[s]["concept"][0] / max(align[s]["concept"][1], 1)
-        r = align[s]["retain"][0] / max(align[s]["retain"][1], 1)
+        # no positions of a class: its mean is unknown (NaN), not 0, so no margin is made up
+        c = align[s]["concept"][0] / align[s]["concept"][1] if align[s]["concept"][1] else float("nan")
+        r = align[s]["retain"][0] / align[s]["retain"][1] if align[s]["retain"][1] else float("nan")
         out["alignment"][s] = {"concept": c, "retain": r, "margin": c - r, "containment": r,
                                "n_concept": align[s]["concept"][1], "n_retain": align[s]["retain"][1]}
     passage_of = {k: es.passage[:, :-1][pick[k][:, 0], pick[k][:, 1]].numpy() if len(pick[k]) else np.zeros(0, int)

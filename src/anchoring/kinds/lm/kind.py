@@ -88,6 +88,14 @@ def validate(cfg: LMExperiment, data: bool = True) -> int:
         if int(d.reference[d.parts["validation"]].sum()) == 0:
             raise AnchoringError(f"no validation passage carries {cfg.text.concept!r}; concept positions cannot be scored")
         e = cfg.evaluate
+        scored = [("evaluate.eval_chars", e.eval_chars)] + ([("unlearning.eval_chars", cfg.unlearning.eval_chars)]
+                                                             if cfg.unlearning.enabled else [])
+        for key, n in scored:  # the scored prefix must hold both classes, or every concept number is made up
+            ref = d.reference[ev.eval_passages(d, n, order=e.order)]
+            if not ref.any() or ref.all():
+                which = f"no passage with {cfg.text.concept!r}" if not ref.any() else "no passage without it"
+                raise AnchoringError(f"the {n:,} validation characters scored ({key}, evaluate.order = {e.order!r}) hold "
+                                     f"{which}; set evaluate.order = \"shuffled\" or raise {key}")
         if e.ood:  # checked now, not after hours of training
             test = d.parts["test"]
             long = sum(len(d.texts[i]) >= e.ood_min_chars for i in test)
@@ -230,7 +238,7 @@ def finish(cfg: LMExperiment, path: Path, data: LMData, results: dict[tuple[str,
 
     direction, dims = measured_direction(cfg)
     sites = ["embed", *[f"blocks.{i}" for i in range(cfg.lm.layers)]]
-    es = ev.eval_set(data, cfg.lm.tokens, cfg.evaluate.eval_chars, cfg.evaluate.after)
+    es = ev.eval_set(data, cfg.lm.tokens, cfg.evaluate.eval_chars, cfg.evaluate.after, order=cfg.evaluate.order)
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for (arm, seed), r in results.items():

@@ -192,8 +192,8 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
     u = cfg.unlearning
     seeds = sorted({s for _a, s in models})
     window = cfg.lm.tokens
-    es = ev.eval_set(data, window, cfg.evaluate.eval_chars, cfg.evaluate.after)
-    small = ev.eval_set(data, window, u.eval_chars, cfg.evaluate.after)
+    es = ev.eval_set(data, window, cfg.evaluate.eval_chars, cfg.evaluate.after, order=cfg.evaluate.order)
+    small = ev.eval_set(data, window, u.eval_chars, cfg.evaluate.after, order=cfg.evaluate.order)
     bs = cfg.evaluate.batch_size
     by_seed = {s: methods(cfg, data, models, s) for s in seeds}
     n_edited = sum(m.weights_edited for ms in by_seed.values() for m in ms)
