@@ -79,14 +79,14 @@ def eval_passages(data: LMData, max_chars: int, part: str = "validation", order:
 
 def eval_set(data: LMData, window: int, max_chars: int, after: int, part: str = "validation", order: str = "corpus") -> EvalSet:
     concept = data.text.concept
-    ids, chars, cls, pas, used = [], [], [], [], []
-    for i in eval_passages(data, max_chars, part, order):
+    ids, chars, cls, pas = [], [], [], []
+    used = eval_passages(data, max_chars, part, order)
+    for i in used:
         t, c, k = token_table(data, data.texts[i], bool(data.reference[i]), concept, after)
         ids.append(t)
         chars.append(c)
         cls.append(k)
         pas.append(np.full(len(t), i))
-        used.append(i)
     cat = [np.concatenate(a) for a in (ids, chars, cls, pas)]
     n = max(1, -(-(len(cat[0]) - 1) // window))
     L = n * window + 1

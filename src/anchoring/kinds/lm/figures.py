@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from anchoring.kinds.lm.unlearning import CONTROL_ROWS  # drawn hollow, left out of R plots
 from anchoring.report.figures import plt, running_mean
 
 
@@ -83,9 +84,6 @@ def shaded_text(passages: list[tuple[str, str, np.ndarray, list[tuple[int, int]]
             x += 1
         y += 1
     return fig
-
-
-CONTROL_ROWS = ("anchoring · matched random move",)  # a method's control, not a method: drawn hollow, left out of R plots
 
 
 def _method_colours(methods: list[str]) -> dict[str, Any]:

@@ -42,6 +42,8 @@ TINY = 1e-6  # nats/char: a difference this small is no difference
 KEPT_FLOOR = 0.01  # nats/char: an edit must raise the curve's forget loss this much for "kept" to be a share
 POSTHOC_NAMES = {"mean-difference": "mean-difference", "leace": "LEACE"}
 BASELINES = {"sgtm": "SGTM", "routing": "gradient routing"}
+MATCHED_RANDOM = "anchoring · matched random move"
+CONTROL_ROWS = (MATCHED_RANDOM,)  # a method's control, not a method: figures draw it apart
 Progress = Callable[[int, int], None]
 
 
@@ -94,7 +96,7 @@ def methods(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.Mo
         a = models["anchored", seed]
         out += [Method("anchoring · delete", "anchored", a, edited(a, cfg, "delete"), True),
                 Method("anchoring · suppress", "anchored", a, edited(a, cfg, "suppress"), False),
-                Method("anchoring · matched random move", "anchored", a, edited(a, cfg, "suppress", random_control=seed), False)]
+                Method(MATCHED_RANDOM, "anchored", a, edited(a, cfg, "suppress", random_control=seed), False)]
     if cfg.unlearning.posthoc:
         sites = anchored_sites(cfg) or [f"blocks.{cfg.lm.layers - 1}"]
         for key, f in posthoc.fit(control, cfg, data, seed, sites).items():
