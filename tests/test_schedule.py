@@ -201,3 +201,17 @@ def test_reactive_config_is_validated():
     bad = cfg.model_copy(update={"reactive": [ReactiveConfig(param="anchor", metric="nope", target=0.1)]})
     with pytest.raises(AnchoringError, match="unknown metric 'nope'"):
         build_timeline(bad, build_objective(bad))
+
+
+def test_a_shipped_schedule_named_on_the_command_line_is_found_from_any_directory(tmp_path, monkeypatch):
+    """`--set schedule=NAME.csv` reads NAME.csv where the user stands if it is there, else the
+    shipped schedule of that name; a name that is neither is still a one-line error."""
+    monkeypatch.chdir(tmp_path)
+    light = experiments.load("lm-anchor", ["schedule=lm-spans-light.csv"])
+    assert light.schedule == (experiments.HERE / "lm-spans-light.csv").read_text()
+    assert light.schedule != experiments.load("lm-anchor").schedule
+    own = "STEP,lr,anchor,anti-subspace\n0,0.001,0.5,0.5\n"
+    (tmp_path / "lm-spans-light.csv").write_text(own)
+    assert experiments.load("lm-anchor", ["schedule=lm-spans-light.csv"]).schedule == own
+    with pytest.raises(AnchoringError, match="cannot read schedule"):
+        experiments.load("lm-anchor", ["schedule=no-such-schedule.csv"])

@@ -51,9 +51,15 @@ def find(name_or_path: str) -> Path:
 
 
 def _inline_schedule(sched: Any, base: Path) -> Any:
-    """A `.csv` path (relative to `base`) becomes the file's text; anything else passes through."""
+    """A `.csv` path (relative to `base`) becomes the file's text; anything else passes through.
+
+    A bare file name that is not under `base` but is one of the shipped schedules (next to the
+    built-in specs) is that one, so `--set schedule=lm-spans-light.csv` works from any directory."""
     if isinstance(sched, str) and "\n" not in sched and sched.strip().endswith(".csv"):
         csv_path = base / sched.strip()
+        shipped = HERE / sched.strip()
+        if not csv_path.exists() and Path(sched.strip()).name == sched.strip() and shipped.is_file():
+            csv_path = shipped
         try:
             return csv_path.read_text()
         except OSError as e:
