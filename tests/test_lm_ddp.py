@@ -69,6 +69,7 @@ print(sorted(open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.list
 
 def test_torchrun_workers_train_the_same_model_as_one_process(corpus, tmp_path):
     import os
+    import shutil
     import subprocess
     import sys
 
@@ -89,6 +90,17 @@ def test_torchrun_workers_train_the_same_model_as_one_process(corpus, tmp_path):
         assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), (k, float((a[k] - b[k]).abs().max()))
     assert (tmp_path / "tr" / "arms" / "control-seed0.rank1.safetensors").is_file()  # rank 1 trained its share
     assert lifecycle.show(tmp_path / "tr").summary["models"][0]["loss"]["all"] == pytest.approx(
+        one.summary["models"][0]["loss"]["all"], abs=1e-4)
+    # resumed under torchrun, rank 0 alone evaluates and reports; rank 1 only finishes its share
+    shutil.copytree(tmp_path / "tr", tmp_path / "again")
+    for name in ("summary.json", "report.html"):
+        (tmp_path / "again" / name).unlink()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "anchoring", "resume", str(tmp_path / "again"), "-q"], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count(str(tmp_path / "again" / "report.html")) == 1, r.stdout  # one report, printed by one rank
+    assert lifecycle.show(tmp_path / "again").summary["models"][0]["loss"]["all"] == pytest.approx(
         one.summary["models"][0]["loss"]["all"], abs=1e-4)
     # without --out the workers could not agree on a directory: one clear line, nothing trained
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

@@ -116,6 +116,21 @@ def test_intervene_on_an_lm_run_suppresses_and_reports_forget_and_retain(lm_run)
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "--method suppress" in r.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["intervene", "--concept", "milton", "--name", "x"], "this run anchors 'violence'"),  # not silently violence
+    (["intervene", "--dims", "5", "--name", "x"], "--dims is for the colour models"),
+    (["delete", "--concept", "milton"], "this run anchors 'violence'"),
+    (["delete", "--dims", "5"], "--dims is for the colour models"),  # not silently the concept's axis
+    (["delete", "--concept", "violence", "--site", "blocks.0"], "takes no --site"),
+])
+def test_lm_edits_refuse_options_they_would_ignore(lm_run, tmp_path, args, message):
+    out = tmp_path / "edited"
+    extra = ["--out", str(out)] if args[0] == "delete" else []
+    r = CliRunner().invoke(app, [args[0], str(lm_run.path), *args[1:], *extra])
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+    assert not out.exists() and not (lm_run.path / "interventions" / "x").exists()
+
+
 def test_delete_on_an_lm_run_writes_a_run_that_load_run_opens(lm_run, tmp_path):
     out = tmp_path / "deleted"
     r = CliRunner().invoke(app, ["delete", str(lm_run.path), "--concept", "violence", "--out", str(out)])

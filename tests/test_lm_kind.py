@@ -140,6 +140,8 @@ def test_resume_after_an_interrupt_is_bit_exact(corpus, tmp_path):
     ('terms.0.site="blocks.7"', "no module 'blocks.7'"),
     ("concepts.0.axis=32", "axis 32 is outside 0..31"),
     ("lm.window=128", "window 128 is longer than the model's context 64"),
+    ('terms.0.site="blocks.0.mlp.up"', "does not run in the model's forward pass"),  # exists, but its weight is read directly
+    *([] if torch.cuda.is_available() else [('train.device="cuda"', "no CUDA device is available")]),
 ])
 def test_bad_config_is_one_line(corpus, tmp_path, override, message):
     out = tmp_path / "run"
@@ -149,7 +151,7 @@ def test_bad_config_is_one_line(corpus, tmp_path, override, message):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
     assert not out.exists()
-    with pytest.raises(AnchoringError, match="kind: unknown|no module|axis|window"):
+    with pytest.raises(AnchoringError, match="kind: unknown|no module|axis|window|does not run|CUDA"):
         lifecycle.validate(experiments.load("lm-anchor-passages", tiny(corpus, override)))
 
 

@@ -172,6 +172,22 @@ def _train(action, label: str, quiet: bool) -> None:
 def resume_cmd(run_dir: Path = typer.Argument(..., help="run directory with a checkpoint"),
                quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
     """Continue an interrupted run from its last checkpoint (same numbers as an unbroken run)."""
+    from anchoring.kinds.lm.distributed import launched_by_torchrun
+
+    launched = launched_by_torchrun()
+    if launched:  # as in `run`: rank 0 resumes and evaluates, the other ranks only train their share
+        try:
+            cfg = lifecycle.resumable_config(run_dir)
+            if cfg.kind != "lm":
+                fail("under torchrun, resume an LM run")
+            if launched[0] != 0:
+                from anchoring.kinds.lm.distributed import follow
+
+                follow(cfg, run_dir)
+                return
+        except AnchoringError as e:
+            fail(str(e))
+        quiet = True
     _train(lambda update: lifecycle.resume(run_dir, progress=update), "resume", quiet)
 
 

@@ -92,13 +92,19 @@ def _config(path: Path) -> ExperimentBase:
     return load_config(path / runs.CONFIG)
 
 
-def resume(path: Path, progress: Progress | None = None) -> Outcome:
-    """Continue an interrupted run from its checkpoints (or from step 0 if it had none yet)."""
+def resumable_config(path: Path):
+    """The config of a run that can be resumed (refused: an edited run, a finished one)."""
     cfg = _config(path)
     if (path / "edit.json").is_file():
         raise AnchoringError(f"{str(path)!r} is an edited run (written by `anchoring delete`); there is no training to resume")
     if (path / runs.SUMMARY).is_file():
         raise AnchoringError(f"{str(path)!r} has already finished; `anchoring show {path}` prints it")
+    return cfg
+
+
+def resume(path: Path, progress: Progress | None = None) -> Outcome:
+    """Continue an interrupted run from its checkpoints (or from step 0 if it had none yet)."""
+    cfg = resumable_config(path)
     runs.check_writable(path / runs.SUMMARY)
     validate(cfg)
     return _execute(cfg, path, progress)

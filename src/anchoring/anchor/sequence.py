@@ -37,6 +37,9 @@ class SequenceSite:
     head: int | None = None
 
     def read(self, acts: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.module not in acts:  # a module that exists but is not called (its weight is read directly)
+            raise AnchoringError(f"site {self.module!r} does not run in the model's forward pass, so it has no "
+                                 f"activations to anchor; pick a module that is called (a block's output, say)")
         x = acts[self.module]
         if self.head is None:
             if x.dim() != 3:

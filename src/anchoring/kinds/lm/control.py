@@ -24,6 +24,7 @@ from anchoring.errors import AnchoringError
 from anchoring.kinds.arms import write_arms
 from anchoring.kinds.base import EditResult
 from anchoring.kinds.lm import evaluate as ev
+from anchoring.kinds.lm.config import LMExperiment
 from anchoring.kinds.lm.edits import concept_directions, edited
 from anchoring.kinds.lm.kind import anchored_sites
 from anchoring.kinds.lm.unlearning import losses
@@ -64,6 +65,14 @@ def _table(title: str, rows: list[dict[str, Any]]) -> Table:
     return table
 
 
+def _same_concept(spec: InterventionConfig, cfg: LMExperiment) -> None:
+    """An LM run edits its own concept's anchor: another concept or a list of dims would be ignored."""
+    if spec.dims is not None:
+        raise AnchoringError(f"--dims is for the colour models; an 'lm' run edits its concept's anchor (--concept {cfg.text.concept})")
+    if spec.concept is not None and spec.concept != cfg.text.concept:
+        raise AnchoringError(f"--concept {spec.concept!r}: this run anchors {cfg.text.concept!r}")
+
+
 def intervene(run, spec: InterventionConfig) -> EditResult:
     """Suppress the concept's half-space at the anchored sites (hooks; the weights stay as they are)."""
     if spec.method != "suppress":
@@ -71,6 +80,7 @@ def intervene(run, spec: InterventionConfig) -> EditResult:
     if not runs.SAFE_NAME.match(spec.name):
         raise AnchoringError(f"--name {spec.name!r}: use letters, digits and _.,+=- only (it names a folder inside the run)")
     cfg = run.config
+    _same_concept(spec, cfg)
     sites = spec.sites or anchored_sites(cfg)
     if spec.site != "latent":
         sites = [spec.site]
@@ -100,8 +110,9 @@ def delete(run, spec: InterventionConfig, out: Path) -> EditResult:
     if spec.method != "ablate":
         raise AnchoringError(f"delete on an 'lm' run removes the anchor direction (--method ablate), not {spec.method!r}")
     cfg = run.config
-    if spec.concept is not None and spec.concept != cfg.text.concept:
-        raise AnchoringError(f"--concept {spec.concept!r}: this run anchors {cfg.text.concept!r}")
+    _same_concept(spec, cfg)
+    if spec.site != "latent" or spec.sites:
+        raise AnchoringError("delete on an 'lm' run removes the anchor from every residual writer; it takes no --site")
     out = runs.new_run_dir(cfg.name, out)
     runs.check_writable(out)
     directions = concept_directions(cfg)
