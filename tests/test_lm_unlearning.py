@@ -44,10 +44,14 @@ def test_every_method_is_a_row_and_anchoring_delete_hits_the_concept(unlearned):
     a = rows["anchoring · delete"]
     assert a["d_forget_concept"] > a["retain_cost"] and a["d_forget_concept"] > 0.05, a
     assert rows["oracle filter"]["R"] == 1.0
+    assert rows["anchoring · delete"]["leftover"] < 1e-5  # a basis axis: removed exactly
+    assert all(0.0 <= rows[m]["leftover"] < 1.0 for m in ("mean-difference · delete", "LEACE · delete"))
+    assert "leftover" not in rows["anchoring · suppress"] and "leftover" not in rows["oracle filter"]
     assert all(math.isfinite(r["R"]) for r in u["rows"])
-    assert not rows["anchoring · suppress"]["relearn"] and rows["anchoring · suppress"]["recover_steps"] is None
+    for hook in ("anchoring · suppress", "mean-difference · suppress", "LEACE · suppress"):  # attacked with the hook in place
+        assert rows[hook]["fine_tuned"] and set(rows[hook]["relearn"]) == {"2"}, hook
     ctl = rows["anchoring · matched random move"]
-    assert not ctl["relearn"] and ctl["d_forget_concept"] != 0.0
+    assert not ctl["fine_tuned"] and not ctl["relearn"] and ctl["recover_steps"] is None and ctl["d_forget_concept"] != 0.0
     assert ctl["d_forget_concept"] != rows["anchoring · suppress"]["d_forget_concept"]
     assert set(rows["weak filter"]["relearn"]) == {"2"}
     header, table = ul.table(u)
@@ -66,7 +70,7 @@ def test_every_method_is_a_row_and_anchoring_delete_hits_the_concept(unlearned):
     ratio = summary["targets"]["Δforget (concept) of anchoring · delete ≥ 3 × mean-difference · delete"]["median"]
     assert ratio == pytest.approx(a["d_forget_concept"] / md["d_forget_concept"]) or md["d_forget_concept"] <= 0
     r = CliRunner().invoke(app, ["show", str(path)])
-    assert r.exit_code == 0 and "unlearning" in r.stdout and "are not fine-tuned" in r.stdout
+    assert r.exit_code == 0 and "unlearning" in r.stdout and "they are fine-tuned" in r.stdout
 
 
 def test_the_matched_control_row_is_what_intervene_reports(unlearned):
@@ -89,8 +93,9 @@ def test_relearning_curves_have_a_point_per_step_and_repeat_exactly(unlearned):
     path, summary = unlearned
     curves = pd.read_csv(path / ul.CURVES)
     relearn = curves[curves.fine_tune == "relearn K=2"]
-    edited = [r["method"] for r in summary["unlearning"]["rows"] if r["weights_edited"]]
-    assert sorted(relearn.method.unique()) == sorted(edited)
+    attacked = [r["method"] for r in summary["unlearning"]["rows"] if r["fine_tuned"]]
+    assert "anchoring · suppress" in attacked and "anchoring · matched random move" not in attacked
+    assert sorted(relearn.method.unique()) == sorted(attacked)
     assert all(len(g) == 3 + 1 for _m, g in relearn.groupby("method"))
     run = lifecycle.load_run(path)
     models = {(arm, s): m for arm in run.arms for s, m in zip(run.seeds, run.arms[arm])}
@@ -140,6 +145,64 @@ def test_suppress_touches_only_the_concepts_half_space_and_keeps_the_state_on_th
                         assert torch.allclose(seen["h"], h - 0.5 * v, atol=1e-6)
     finally:
         handle.remove()
+
+
+def test_a_subspace_concept_is_suppressed_on_both_sides_of_every_axis():
+    """The subspace term counts energy (Σ z_d² over the dims), so a labelled state may sit at −e_d: the
+    suppression of a subspace concept removes the whole component, where a direction's removes only
+    its positive half-space. `edited` picks it for a run whose concept is anchored in dims."""
+    torch.manual_seed(6)
+    model = NormalizedTransformer(11, 16, 2, 2, 16).eval()
+    e0, e1 = torch.eye(16)[0], torch.eye(16)[1]
+    seen = {}
+    handle = model.blocks[1].register_forward_pre_hook(lambda _m, args: seen.__setitem__("h", args[0]))
+    h0 = torch.nn.functional.normalize(torch.randn(1, 4, 16), dim=-1)
+    h = h0.clone()
+    h[..., 0], h[..., 1] = -0.6, 0.3  # negative along e0, positive along e1
+    try:
+        with torch.no_grad():
+            fix = model.blocks[0].register_forward_hook(lambda _m, _i, _o: h.clone())
+            Suppressed(model, ["blocks.0"], [e0, e1], subspace=True)(torch.zeros(1, 4, dtype=torch.long))
+            both = seen["h"].clone()
+            Suppressed(model, ["blocks.0"], [e0, e1])(torch.zeros(1, 4, dtype=torch.long))
+            halves = seen["h"].clone()
+            fix.remove()
+    finally:
+        handle.remove()
+    assert torch.allclose(both[..., :2], torch.zeros(1, 4, 2), atol=1e-6)  # both signs gone
+    assert torch.allclose(both.norm(dim=-1), h.norm(dim=-1), atol=1e-6)  # at the old length
+    assert float(halves[..., 0].max()) < -0.1 and abs(float(halves[..., 1].max())) < 1e-6  # half-spaces: −e0 stays
+    from anchoring import experiments
+    from anchoring.kinds.lm.edits import edited
+
+    for name, expected in (("lm-anchor-subspace", True), ("lm-anchor", False)):
+        cfg = experiments.load(name)
+        m = NormalizedTransformer(11, cfg.lm.width, cfg.lm.layers, cfg.lm.heads, 16)
+        assert edited(m, cfg, "suppress").subspace is expected, name
+
+
+def test_the_attack_on_a_hook_fine_tunes_the_weights_around_it_and_keeps_the_hook():
+    """Fine-tuning a suppressed model moves the inner model's weights, keeps them on the sphere, and
+    leaves the hook in place: the state it edits still has no positive component along the direction."""
+    torch.manual_seed(4)
+    model = NormalizedTransformer(11, 16, 2, 2, 16).eval()
+    v = torch.nn.functional.normalize(torch.randn(16), dim=0)
+    sup = Suppressed(model, ["blocks.0"], [v])
+    g = torch.Generator().manual_seed(0)
+    batches = lambda step: torch.randint(0, 11, (4, 9), generator=g)  # noqa: E731
+    seen_model = {}
+    curve = ul.finetune(sup, batches, 5, 1e-2, lambda m: (seen_model.setdefault("m", m), {"n": 0.0})[1])
+    m = seen_model["m"]  # the copy `finetune` trains (score sees it before the first step and after each)
+    assert len(curve) == 6 and m is not sup and m.inner is not model
+    assert all(torch.equal(a, b) for a, b in zip(sup.inner.state_dict().values(), model.state_dict().values()))  # original untouched
+    assert not torch.equal(m.inner.blocks[0].attn.q.weight, model.blocks[0].attn.q.weight)  # the weights moved
+    assert torch.allclose(m.inner.blocks[0].attn.q.weight.norm(dim=1), torch.ones(16), atol=1e-5)  # on the sphere
+    seen = {}
+    handle = m.inner.blocks[1].register_forward_pre_hook(lambda _m, args: seen.__setitem__("h", args[0]))
+    with torch.no_grad():
+        m(torch.randint(0, 11, (3, 8), generator=g))
+    handle.remove()
+    assert float((seen["h"] @ v).max()) <= 1e-6  # the hook still removes the positive half-space
 
 
 def test_own_hooks_run_as_given_and_models_off_the_sphere_keep_the_plain_projection():
@@ -205,6 +268,28 @@ def test_deleting_several_directions_leaves_no_component_along_any():
         for s in sites:
             for b in basis:
                 assert (cap.acts[s] @ b).abs().max() < 1e-5, s
+
+
+def test_after_training_only_a_basis_axis_is_deleted_exactly():
+    """Each block steps by a per-dimension α. A fresh model has one α everywhere, so any direction is
+    removed exactly (the test above); once training makes α uneven, a slanted direction leaks back in
+    through it, while a basis axis (the anchors) stays at exactly zero. `residual_component` is what
+    `anchoring delete` and the unlearning rows ("direction left") report."""
+    from anchoring.control.surgery import residual_component
+
+    torch.manual_seed(5)
+    model = NormalizedTransformer(13, 16, 3, 2, 16).eval()
+    with torch.no_grad():
+        for b in model.blocks:
+            b.alpha_attn.uniform_(0.05, 0.5)
+            b.alpha_mlp.uniform_(0.05, 0.5)
+    tokens = torch.randint(0, 13, (2, 10))
+    sites = ["embed", *[f"blocks.{i}" for i in range(3)]]
+    axis, slanted = torch.eye(16)[3], torch.nn.functional.normalize(torch.randn(16), dim=0)
+    with torch.no_grad():
+        assert residual_component(delete(model, [axis]), axis, tokens, sites) < 1e-6
+        assert residual_component(delete(model, [slanted]), slanted, tokens, sites) > 0.01
+        assert residual_component(model, slanted, tokens, sites) > residual_component(delete(model, [slanted]), slanted, tokens, sites)
 
 
 def test_coverage_figure_draws_r_against_coverage():

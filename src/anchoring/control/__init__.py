@@ -16,6 +16,7 @@ from anchoring.control.interventions import (
     matched_random,
     repel,
     suppress,
+    suppress_subspace,
     zero_dims,
 )
 from anchoring.control.surgery import ablate, ablate_direction, find_layout, prune
@@ -23,5 +24,5 @@ from anchoring.control.surgery import ablate, ablate_direction, find_layout, pru
 __all__ = [
     "BezierMapper", "BoundedPower", "Constant", "FalloffMapper", "Intervention", "Linear", "ablate",
     "ablate_direction", "concept_alpha", "find_layout", "intervene", "keeping_norm", "matched_random", "parse_falloff", "prune", "repel",
-    "suppress", "zero_dims",
+    "suppress", "suppress_subspace", "zero_dims",
 ]

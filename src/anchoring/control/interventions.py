@@ -38,6 +38,18 @@ def suppress(z: torch.Tensor, direction: torch.Tensor, falloff: Callable = Const
     return z - falloff(alpha) * along * v
 
 
+def suppress_subspace(z: torch.Tensor, basis: torch.Tensor, falloff: Callable = Constant()) -> torch.Tensor:
+    """z' = z − g(α)·Pz, with P the projection onto the rows of `basis` (orthonormal) and α = ‖Pz‖/‖z‖.
+
+    A concept anchored in a subspace counts its energy there, Σ z_d², whatever the signs, so unlike a
+    direction it has no half-space to spare: the whole component goes (g ≡ 1). Points with no
+    component come back bit-identical."""
+    b = basis.to(z)
+    pz = (z @ b.T) @ b
+    alpha = torch.linalg.vector_norm(pz, dim=-1, keepdim=True) / torch.linalg.vector_norm(z, dim=-1, keepdim=True).clamp_min(1e-12)
+    return z - falloff(alpha) * pz
+
+
 def _orthogonal_fallback(v: torch.Tensor) -> torch.Tensor:
     """A unit vector ⟂ v, for points exactly on the concept axis (no 'away' direction of their own)."""
     basis = torch.eye(v.shape[-1], dtype=v.dtype, device=v.device)

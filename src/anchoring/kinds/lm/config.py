@@ -130,6 +130,9 @@ class UnlearningConfig(_Strict):
     recover_steps: int = Field(100, ge=0, description="most steps of the 50/50 forget/retain fine-tune (steps to recover)")
     eval_chars: int = Field(20_000, ge=200, description="validation characters the fine-tuning curves are scored on "
                                                         "(every step, so keep it small)")
+    attack_hooks: bool = Field(True, description="fine-tune the hook methods (the suppress rows) too, with the hook kept in "
+                                                  "place: the attack a hook that ships inside the model has to survive "
+                                                  "(the matched random move, a control, is never fine-tuned)")
     posthoc: list[Posthoc] = Field(default_factory=lambda: ["mean-difference", "leace"],
                                    description="post-hoc directions fitted on the control arm")
     fit_positions: int = Field(32768, ge=20, description="training positions the post-hoc directions are fitted on "

@@ -13,7 +13,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from anchoring.control import Constant, Intervention, intervene, keeping_norm, matched_random
+from anchoring.control import Constant, Intervention, intervene, keeping_norm, matched_random, suppress_subspace
 from anchoring.control.surgery import project_out
 from anchoring.errors import AnchoringError
 from anchoring.kinds.lm.config import LMExperiment
@@ -61,11 +61,15 @@ class Suppressed(nn.Module):
     `random_control` (a seed) turns the direction hooks into their matched control
     (`control.matched_random`): every state they would edit is turned by the same angle towards a
     random direction instead, so its row says how much loss an untargeted move of the same size
-    costs."""
+    costs.
+
+    `subspace` (a concept anchored in k dims): each site's directions span one subspace, whose whole
+    component is removed (`control.suppress_subspace`), both signs: the subspace term counts energy,
+    so a labelled state may sit at −e_d as well as at +e_d."""
 
     def __init__(self, model: nn.Module, sites: list[str], directions: list[torch.Tensor] | Mapping[str, list[torch.Tensor]],
                  shape=None, edits: Mapping[str, Edit] | None = None, keep_norm: bool | None = None,
-                 random_control: int | None = None) -> None:
+                 random_control: int | None = None, subspace: bool = False) -> None:
         super().__init__()
         self.inner, self.sites = model, sites
         self.keep_norm = bool(getattr(model, "unit_residual", False)) if keep_norm is None else keep_norm
@@ -74,9 +78,16 @@ class Suppressed(nn.Module):
         self.shape = shape if shape is not None else Constant()
         self.edits = dict(edits or {})
         self.context = getattr(model, "context", None)
-        self.random_control = random_control
+        self.random_control, self.subspace = random_control, subspace
         if random_control is not None and self.edits:
             raise AnchoringError("the matched random control is defined for the direction hooks, not for hooks given in `edits`")
+
+    @torch.no_grad()
+    def normalize_weights(self) -> None:
+        """The inner model's own renormalisation, if it has one: fine-tuning the model with the hook in
+        place (the relearning attack on a hook) keeps its weights where its training kept them."""
+        if hasattr(self.inner, "normalize_weights"):
+            self.inner.normalize_weights()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         g = None if self.random_control is None else torch.Generator().manual_seed(self.random_control)
@@ -85,8 +96,12 @@ class Suppressed(nn.Module):
                 if site in self.edits:
                     stack.enter_context(intervene(self.inner, site, self.edits[site]))
                     continue
-                for v in self.directions[site]:
-                    edit: Edit = Intervention("suppress", tuple(v.tolist()), None, self.shape)
+                if self.subspace:
+                    basis = torch.stack(orthonormal(self.directions[site]))
+                    edits: list[Edit] = [lambda z, b=basis: suppress_subspace(z, b, self.shape)]
+                else:
+                    edits = [Intervention("suppress", tuple(v.tolist()), None, self.shape) for v in self.directions[site]]
+                for edit in edits:
                     edit = keeping_norm(edit) if self.keep_norm else edit
                     stack.enter_context(intervene(self.inner, site, edit if g is None else matched_random(edit, g)))
             return self.inner(tokens)
@@ -120,12 +135,13 @@ def edited(model: nn.Module, cfg: LMExperiment, edit: str, *,
     `keep_norm` and `random_control` (suppress only) as in `Suppressed`."""
     if edit not in EDITS:
         raise AnchoringError(f"--edit must be one of {', '.join(EDITS)}, not {edit!r}")
+    subspace = directions is None and measured_direction(cfg)[0] is None  # the run's own concept, anchored in k dims
     directions = concept_directions(cfg) if directions is None else directions
     if edit == "suppress":
         sites = sites if sites is not None else anchored_sites(cfg)
         if not sites:
             raise AnchoringError("this run anchors nothing, so there is no site to suppress at")
-        return Suppressed(model, sites, directions, shape, edits, keep_norm, random_control).eval()
+        return Suppressed(model, sites, directions, shape, edits, keep_norm, random_control, subspace).eval()
     if random_control is not None:
         raise AnchoringError("the matched random control is a hook: it goes with suppress, not delete")
     flat = [v for vs in directions.values() for v in vs] if isinstance(directions, Mapping) else list(directions)

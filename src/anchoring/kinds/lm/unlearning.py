@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anchoring import runs
+from anchoring.control.surgery import residual_component
 from anchoring.kinds.lm import evaluate as ev
 from anchoring.kinds.lm.config import LMExperiment
 from anchoring.kinds.lm.data import LMData
@@ -80,13 +81,14 @@ class Method:
     arm: str
     before: nn.Module
     after: nn.Module
-    weights_edited: bool  # False: a hook, which fine-tuning cannot meaningfully attack
+    weights_edited: bool  # False: a hook (fine-tuned with the hook in place when `unlearning.attack_hooks`)
+    removed: list[torch.Tensor] | None = None  # a deletion's directions: its row reports how much of them is left
 
 
 def methods(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.Module], seed: int) -> list[Method]:
     """Every method that applies to this run's arms, for `seed` (see the module docstring)."""
     from anchoring.kinds.lm import posthoc
-    from anchoring.kinds.lm.edits import edited
+    from anchoring.kinds.lm.edits import concept_directions, edited
     from anchoring.kinds.lm.kind import anchored_sites
 
     arms = cfg.lm.arms
@@ -94,14 +96,14 @@ def methods(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.Mo
     out: list[Method] = []
     if "anchored" in arms:
         a = models["anchored", seed]
-        out += [Method("anchoring · delete", "anchored", a, edited(a, cfg, "delete"), True),
+        out += [Method("anchoring · delete", "anchored", a, edited(a, cfg, "delete"), True, concept_directions(cfg)),
                 Method("anchoring · suppress", "anchored", a, edited(a, cfg, "suppress"), False),
                 Method(MATCHED_RANDOM, "anchored", a, edited(a, cfg, "suppress", random_control=seed), False)]
     if cfg.unlearning.posthoc:
         sites = anchored_sites(cfg) or [f"blocks.{cfg.lm.layers - 1}"]
         for key, f in posthoc.fit(control, cfg, data, seed, sites).items():
             name = POSTHOC_NAMES[key]
-            out += [Method(f"{name} · delete", "control", control, f.delete(control, cfg), True),
+            out += [Method(f"{name} · delete", "control", control, f.delete(control, cfg), True, list(f.directions.values())),
                     Method(f"{name} · suppress", "control", control, f.suppress(control, cfg), False)]
     for arm, name in (("weak-filtered", "weak filter"), ("oracle-filtered", "oracle filter")):
         if arm in arms:
@@ -198,7 +200,8 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
     small = ev.eval_set(data, window, u.eval_chars, cfg.evaluate.after, order=cfg.evaluate.order)
     bs = cfg.evaluate.batch_size
     by_seed = {s: methods(cfg, data, models, s) for s in seeds}
-    n_edited = sum(m.weights_edited for ms in by_seed.values() for m in ms)
+    probe, residual = es.tokens[:bs, :-1], ["embed", *[f"blocks.{i}" for i in range(cfg.lm.layers)]]
+    n_edited = sum(attacked(m, u.attack_hooks) for ms in by_seed.values() for m in ms)
     rows: list[dict[str, Any]] = []
     curves: list[dict[str, Any]] = []
     with _bar(n_edited * (len(u.relearn_k) * u.relearn_steps + u.recover_steps), progress) as tick:
@@ -219,9 +222,13 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
                     "method": m.name, "seed": seed, "arm": m.arm, "weights_edited": m.weights_edited,
                     "before": before, "after": after,
                     "d_forget": after["forget"] - before["forget"], "d_forget_concept": after["concept"] - before["concept"],
-                    "retain_cost": after["retain"] - before["retain"], "relearn": {}, "recover_steps": None}
+                    "retain_cost": after["retain"] - before["retain"], "relearn": {}, "recover_steps": None,
+                    "fine_tuned": attacked(m, u.attack_hooks)}
                 row["selectivity"] = ratio(row["d_forget_concept"], row["retain_cost"])
-                if m.weights_edited:
+                if m.removed:  # exact (0) for a basis axis; a slanted direction leaks back through the per-dim step α
+                    with torch.no_grad():
+                        row["leftover"] = max(residual_component(m.after, v, probe, residual) for v in m.removed)
+                if row["fine_tuned"]:
                     sb = losses(m.before, small, bs)["concept"]
                     score = lambda model: losses(model, small, bs)  # noqa: E731
                     for k, w in attack.items():
@@ -253,7 +260,17 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
     return {"rows": rows, "curves": CURVES, "curve_points": curves, "relearn_k": list(u.relearn_k),
             "relearn_steps": u.relearn_steps, "recover_cap": u.recover_steps,
             "eval_positions": {"table": int((es.cls[:, 1:] != ev.PAD).sum()), "curves": int((small.cls[:, 1:] != ev.PAD).sum())},
-            "note": "suppress rows and the matched random move are hooks, not weight edits: they are not fine-tuned (no relearn or recover numbers)"}
+            "note": ("suppress rows are hooks, not weight edits: they are fine-tuned with the hook kept in place; the matched "
+                     "random move (their control) is not fine-tuned" if u.attack_hooks else
+                     "suppress rows and the matched random move are hooks, not weight edits: they are not fine-tuned "
+                     "(no relearn or recover numbers)")}
+
+
+def attacked(m: Method, hooks: bool) -> bool:
+    """Whether the relearning attack and the recovery fine-tune run on `m`: every weight edit, and the
+    hooks too when `hooks` (fine-tuned with the hook in place: the attacker gets the weights around a
+    hook that ships as part of the model, not the hook itself), never the matched random control."""
+    return m.weights_edited or (hooks and m.name not in CONTROL_ROWS)
 
 
 def _num(v: Any) -> float:
@@ -262,7 +279,7 @@ def _num(v: Any) -> float:
 
 def columns(ks: list[int]) -> list[str]:
     return ["method", "seed", "forget before", "forget after", "concept before", "concept after", "retain before",
-            "retain after", "Δforget", "Δforget (concept)", "retain cost", "selectivity", "R",
+            "retain after", "Δforget", "Δforget (concept)", "retain cost", "selectivity", "R", "direction left",
             *[f"{name} K={k}" for k in ks for name in ("relearned", "kept")], "steps to recover"]
 
 
@@ -306,7 +323,7 @@ def ranked_median(values: list[float]) -> float:
 
 def table(unlearning: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """Every method a row per seed plus its median over seeds; every metric a column. `recover`
-    beyond the cap shows as "> N"; hooks (not fine-tuned) show "hook" there."""
+    beyond the cap shows as "> N"; rows that were not fine-tuned (hooks, unless they were attacked) show "hook" there."""
     median = ranked_median
 
     ks = unlearning["relearn_k"]
@@ -317,10 +334,10 @@ def table(unlearning: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
         return [_num(r["before"]["forget"]), _num(r["after"]["forget"]), _num(r["before"]["concept"]),
                 _num(r["after"]["concept"]), _num(r["before"]["retain"]), _num(r["after"]["retain"]),
                 _num(r["d_forget"]), _num(r["d_forget_concept"]), _num(r["retain_cost"]), _num(r["selectivity"]),
-                _num(r["R"]), *[_num(rel.get(str(k), {}).get(name)) for k in ks for name in ("relearned", "kept")]]
+                _num(r["R"]), _num(r.get("leftover")), *[_num(rel.get(str(k), {}).get(name)) for k in ks for name in ("relearned", "kept")]]
 
     def recover(r: dict[str, Any]) -> Any:
-        if not r["weights_edited"]:
+        if not r.get("fine_tuned", r["weights_edited"]):  # summaries written before hooks could be attacked
             return "hook"
         return r["recover_steps"] if r["recover_steps"] is not None else f"> {cap}"
 
@@ -329,7 +346,7 @@ def table(unlearning: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
         mine = [r for r in unlearning["rows"] if r["method"] == m]
         vals = np.array([values(r) for r in mine], dtype=float)
         steps = [r["recover_steps"] for r in mine]
-        med_rec: Any = recover(mine[0]) if not mine[0]["weights_edited"] else (
+        med_rec: Any = recover(mine[0]) if not mine[0].get("fine_tuned", mine[0]["weights_edited"]) else (
             median([float(s) if s is not None else float("inf") for s in steps]))
         if isinstance(med_rec, float) and not math.isfinite(med_rec):
             med_rec = f"> {cap}"
@@ -352,4 +369,4 @@ def lines(unlearning: dict[str, Any]) -> list[Any]:
     for r in rows:
         if r[1] == "median":
             t.add_row(*[f"{r[i]:.3f}" if isinstance(r[i], float) else str(r[i]) for i in idx])
-    return [t, f"hooks (suppress rows, matched random move) are not fine-tuned; relearning fine-tunes {unlearning['relearn_steps']} steps"]
+    return [t, f"{unlearning['note']}; relearning fine-tunes {unlearning['relearn_steps']} steps"]
