@@ -98,16 +98,22 @@ def test_arms_saw_the_same_batches_except_filtered_passages(corpus, finished):
     data = load_data(cfg.text)
     seed, T = 0, cfg.lm.tokens
     full = Stream(data.train_tokens, data.keep("control", seed), seed, T)
-    same = Stream(data.train_tokens, data.keep("anchored", seed), seed, T)
     keep = data.keep("weak-filtered", seed)
     assert (~keep).sum() == data.weak(seed).sum() > 0
     filt = Stream(data.train_tokens, keep, seed, T)
+    from anchoring.kinds.lm.training import LMTask
+
+    tasks = {arm: LMTask(cfg, data, seed, arm) for arm in ("anchored", "control")}  # what training itself draws
     for step in (0, 7, 60):  # anchored and control: identical windows and labels
-        a, b = same.batch(step, 8, data.weak(seed)), full.batch(step, 8, data.weak(seed))
-        assert torch.equal(a.inputs, b.inputs) and torch.equal(a.line_labels, b.line_labels)
-    for epoch in (0, 1):  # the filtered arm: the same order with the removed passages cut out
-        order = full.order(epoch)
-        assert np.array_equal(filt.order(epoch), order[keep[order]])
+        a, b = [t.stream.batch(step, cfg.lm.batch_size, t.labels, t.rows_of_rank) for t in tasks.values()]
+        for field in ("inputs", "targets", "line_labels", "labels", "passage"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert np.array_equal(tasks["anchored"].labels, tasks["control"].labels) and tasks["anchored"].labels.sum() > 0
+    for epoch in (0, 1):  # the filtered arm: every kept passage, in the full order, the removed ones cut out
+        order, cut = full.order(epoch), filt.order(epoch)
+        assert sorted(cut.tolist()) == np.flatnonzero(keep).tolist()
+        where = {int(p): i for i, p in enumerate(order)}
+        assert all(where[int(x)] < where[int(y)] for x, y in zip(cut[:-1], cut[1:]))
     seen = torch.cat([filt.batch(s, 8, data.weak(seed)).passage.flatten() for s in range(20)]).unique().numpy()
     assert keep[seen].all()
     metrics = __import__("pandas").read_csv(path / "metrics.csv")
