@@ -1,7 +1,8 @@
 """LM training-step throughput: the project's step against a plain GPT-2-style baseline.
 
 Size is nanoGPT's CPU recipe for Shakespeare characters: 4 layers × 4 heads × width 128, block 64,
-batch 12. Both models get the same windows (the project's own stream over the training passages),
+batch 12. Both models get the same windows (the project's own stream over the training passages, drawn
+inside the timed step for both, as a training loop does),
 the same optimiser settings (Adam-family, lr 1e-3, betas of the config, no weight decay, foreach
 implementation) and the same warm-up (the first `WARMUP` steps are not timed). The baseline is the
 model a user would write by hand: learned positions, pre-LayerNorm, GELU MLP 4×, tied embeddings,
@@ -85,10 +86,9 @@ def lm_step(which: str, steps: int, mlp_hidden: int = SAME_SIZE) -> dict:
         torch.manual_seed(0)
         model = GPT2(data.vocab_size, cfg.lm.width, cfg.lm.layers, cfg.lm.heads, cfg.lm.context)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=cfg.train.betas, weight_decay=0.0, foreach=True)
-        batches = [task.stream.batch(s, B, task.labels) for s in range(steps + WARMUP)]
 
         def one(step: int) -> None:
-            b = batches[step]
+            b = task.stream.batch(step, B, task.labels, task.rows_of_rank)  # the project's step draws its batch too
             loss = F.cross_entropy(model(b.inputs).flatten(0, 1), b.targets.flatten())
             opt.zero_grad(set_to_none=True)
             loss.backward()
