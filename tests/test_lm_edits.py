@@ -147,5 +147,8 @@ def test_delete_on_an_lm_run_writes_a_run_that_load_run_opens(lm_run, tmp_path):
     rows = run.summary["edit_rows"]
     a = next(x for x in rows if x["arm"] == "anchored")
     assert a["concept after"] - a["concept before"] > a["retain after"] - a["retain before"]
+    m = next(x for x in rows if x["arm"] == "anchored · matched random deletion")  # its control: same model, other axis
+    assert m["concept before"] == a["concept before"] and m["concept after"] != a["concept after"]
+    assert "matched random deletion" in r.stdout and set(run.arms) == set(lm_run.arms)  # the control is scored, not written
     r = CliRunner().invoke(app, ["show", str(out)])
     assert r.exit_code == 0 and "deleted violence" in r.stdout

@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 from anchoring import experiments, lifecycle
 from anchoring.cli import app
 from anchoring.control.erasure import mean_difference
+from anchoring.errors import AnchoringError
 from anchoring.kinds.lm import unlearning as ul
-from anchoring.kinds.lm.edits import Suppressed, delete, orthonormal
+from anchoring.kinds.lm.edits import Suppressed, delete, matched_directions, orthonormal
 from anchoring.kinds.lm.figures import coverage_figure
 from anchoring.models import NormalizedTransformer
 from test_lm_kind import SCHEDULE, tiny, write_corpus
@@ -38,7 +39,7 @@ def test_every_method_is_a_row_and_anchoring_delete_hits_the_concept(unlearned):
     u = summary["unlearning"]
     methods = {r["method"] for r in u["rows"]}
     assert methods == {"anchoring · delete", "anchoring · suppress", "anchoring · matched random move",
-                       "mean-difference · delete", "mean-difference · suppress",
+                       "anchoring · matched random deletion", "mean-difference · delete", "mean-difference · suppress",
                        "LEACE · delete", "LEACE · suppress", "weak filter", "oracle filter"}
     rows = {r["method"]: r for r in u["rows"]}
     a = rows["anchoring · delete"]
@@ -53,8 +54,12 @@ def test_every_method_is_a_row_and_anchoring_delete_hits_the_concept(unlearned):
     ctl = rows["anchoring · matched random move"]
     assert not ctl["fine_tuned"] and not ctl["relearn"] and ctl["recover_steps"] is None and ctl["d_forget_concept"] != 0.0
     assert ctl["d_forget_concept"] != rows["anchoring · suppress"]["d_forget_concept"]
+    rnd = rows["anchoring · matched random deletion"]  # the delete row's control: other axes, removed exactly, not attacked
+    assert not rnd["fine_tuned"] and not rnd["relearn"] and rnd["recover_steps"] is None and rnd["leftover"] < 1e-5
+    assert rnd["before"] == a["before"] and rnd["d_forget_concept"] != a["d_forget_concept"]
     assert set(rows["weak filter"]["relearn"]) == {"2"}
     header, table = ul.table(u)
+    assert [r[-1] for r in table if r[0] == "anchoring · matched random deletion"] == ["control", "control"]
     assert len(table) == 2 * len(methods) and all(len(r) == len(header) for r in table)
     assert (path / "figures" / "unlearning_tradeoff.png").stat().st_size > 3000
     assert (path / "figures" / "relearning_curves.png").stat().st_size > 3000
@@ -290,6 +295,22 @@ def test_after_training_only_a_basis_axis_is_deleted_exactly():
         assert residual_component(delete(model, [axis]), axis, tokens, sites) < 1e-6
         assert residual_component(delete(model, [slanted]), slanted, tokens, sites) > 0.01
         assert residual_component(model, slanted, tokens, sites) > residual_component(delete(model, [slanted]), slanted, tokens, sites)
+
+
+def test_the_matched_deletion_removes_as_many_other_directions():
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    axes = [torch.eye(16)[0], torch.eye(16)[5]]
+    got = matched_directions(axes, g())
+    picked = [int(v.argmax()) for v in got]
+    assert len(got) == 2 and len(set(picked)) == 2 and not {0, 5} & set(picked)  # other basis axes, exactly
+    assert all(float(v.max()) == 1.0 and float(v.abs().sum()) == 1.0 for v in got)
+    assert [int(v.argmax()) for v in matched_directions(axes, g())] == picked  # the seed decides
+    assert len({int(v.argmax()) for s in range(20) for v in matched_directions(axes, torch.Generator().manual_seed(s))}) > 4
+    slanted = [torch.nn.functional.normalize(torch.randn(16, generator=g()), dim=0)]
+    (w,) = matched_directions(slanted, g())
+    assert abs(float(w @ slanted[0])) < 1e-6 and abs(float(w.norm()) - 1) < 1e-6 and float(w.abs().max()) < 1.0
+    with pytest.raises(AnchoringError, match="no direction is left"):
+        matched_directions(list(torch.eye(4)), g())
 
 
 def test_coverage_figure_draws_r_against_coverage():

@@ -6,7 +6,9 @@ passages (whole, and at concept positions) and on retain passages, before → af
 and the filtered arms the anchor is just an arbitrary direction, which is the point of showing
 them: only the anchored arm should lose its concept.
 `intervene` also scores the anchored arm under the hook's matched control (`control.matched_random`):
-the same states turned by the same angles, towards random directions.
+the same states turned by the same angles, towards random directions. `delete` likewise scores the
+anchored arm with as many other directions deleted (`edits.matched_directions`): what removing that
+many directions the concept was not put on costs the same model.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.table import Table
 
 from anchoring import runs
@@ -25,7 +28,7 @@ from anchoring.kinds.arms import write_arms
 from anchoring.kinds.base import EditResult
 from anchoring.kinds.lm import evaluate as ev
 from anchoring.kinds.lm.config import LMExperiment
-from anchoring.kinds.lm.edits import concept_directions, edited
+from anchoring.kinds.lm.edits import concept_directions, edited, matched_directions
 from anchoring.kinds.lm.kind import anchored_sites
 from anchoring.kinds.lm.unlearning import losses
 from anchoring.report import html
@@ -120,7 +123,9 @@ def delete(run, spec: InterventionConfig, out: Path) -> EditResult:
     probe = run.tokenize(run.data.texts[int(run.data.parts["validation"][0])])[None, : cfg.lm.context]
     sites = ["embed", *[f"blocks.{i}" for i in range(cfg.lm.layers)]]
     leftover = max(residual_component(m, v, probe, sites) for ms in new.values() for m in ms for v in directions)
-    rows = _rows(run, lambda arm, i, m: new[arm][i])
+    rows = _rows(run, lambda arm, i, m: new[arm][i],
+                 {"matched random deletion": lambda arm, i, m: edited(
+                     m, cfg, "delete", directions=matched_directions(directions, torch.Generator().manual_seed(run.seeds[i])))})
     out.mkdir(parents=True, exist_ok=True)
     for name in (runs.CONFIG, runs.ARCH, "tokenizer.json"):
         runs.write_atomic(out / name, (run.path / name).read_text())
@@ -137,6 +142,8 @@ def delete(run, spec: InterventionConfig, out: Path) -> EditResult:
         ("Validation nats/char", html.table_html(head, [[r[k] for k in head] for r in rows]))]))
     summary = {"experiment": cfg.name, "kind": "lm", "edit": edit, "edit_rows": rows}
     runs.write_json(out / runs.SUMMARY, summary)
-    return EditResult("delete", [_table(f"delete {cfg.text.concept}: validation nats/char", rows),
+    note = (f"anchored · matched random deletion: {len(directions)} other direction(s) of the same model deleted the same way "
+            "(the deletion's control; not written to the edited run)") if "anchored" in run.arms else None
+    return EditResult("delete", [_table(f"delete {cfg.text.concept}: validation nats/char", rows), *([note] if note else []),
                                  f"largest |h·v| left in the residual stream: {leftover:.2e}", f"edited run: {out}"],
                       [out], summary)

@@ -107,6 +107,29 @@ class Suppressed(nn.Module):
             return self.inner(tokens)
 
 
+def matched_directions(directions: Sequence[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
+    """As many directions as `directions` span, drawn at random and orthogonal to that span: deleting
+    them is the deletion's control, since every removed direction costs the model something, whether
+    or not it held the concept. A concept on basis axes gets other basis axes, because only a basis
+    axis is removed exactly (a slanted direction leaks back through the per-dimension step α); any
+    other concept gets random orthonormal directions orthogonal to its span."""
+    basis = orthonormal(directions)
+    if not basis:
+        raise AnchoringError("nothing to match: no direction given")
+    width = basis[0].numel()
+    if len(basis) >= width:
+        raise AnchoringError(f"the concept spans all {width} dims: no direction is left to match it with")
+    axes = [int(b.abs().argmax()) for b in basis]
+    if all(float(b.abs().max()) == 1.0 for b in basis):
+        others = [d for d in range(width) if d not in axes]
+        pick = torch.randperm(len(others), generator=generator)[: len(basis)]
+        return [torch.eye(width)[others[int(i)]] for i in pick]
+    q = torch.stack(basis).double()
+    draws = torch.randn(len(basis), width, generator=generator, dtype=torch.float64)
+    draws = draws - (draws @ q.T) @ q  # off the concept's span
+    return orthonormal(list(draws))
+
+
 def delete(model: nn.Module, directions: Sequence[torch.Tensor]) -> nn.Module:
     """A copy with the span of `directions` removed from the embeddings and every residual writer:
     the directions are orthonormalised first, then each basis vector is projected out in turn; a

@@ -6,6 +6,8 @@ Methods, per seed (each with the model it starts from, "before", and the one it 
 - `anchoring · delete|suppress`: the anchored arm, edited along its own anchor (every dim of a subspace);
 - `anchoring · matched random move`: the anchored arm, every state the suppress hook edits turned by the
   same angle towards a random direction instead (`control.matched_random`): the suppress row's control;
+- `anchoring · matched random deletion`: the anchored arm with as many other directions deleted, the
+  same way (`edits.matched_directions`): the delete row's control;
 - `mean-difference · …`, `LEACE · …`: the control arm, edited along post-hoc directions (`posthoc`);
 - `weak filter`, `oracle filter`: before = the control arm, after = the filtered arm;
 - `SGTM`, `gradient routing`: the arm as trained, and `baselines.ablated` of it (only when those arms exist).
@@ -44,7 +46,8 @@ KEPT_FLOOR = 0.01  # nats/char: an edit must raise the curve's forget loss this 
 POSTHOC_NAMES = {"mean-difference": "mean-difference", "leace": "LEACE"}
 BASELINES = {"sgtm": "SGTM", "routing": "gradient routing"}
 MATCHED_RANDOM = "anchoring · matched random move"
-CONTROL_ROWS = (MATCHED_RANDOM,)  # a method's control, not a method: figures draw it apart
+MATCHED_DELETE = "anchoring · matched random deletion"
+CONTROL_ROWS = (MATCHED_RANDOM, MATCHED_DELETE)  # a method's control, not a method: figures draw it apart, never attacked
 Progress = Callable[[int, int], None]
 
 
@@ -88,17 +91,19 @@ class Method:
 def methods(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.Module], seed: int) -> list[Method]:
     """Every method that applies to this run's arms, for `seed` (see the module docstring)."""
     from anchoring.kinds.lm import posthoc
-    from anchoring.kinds.lm.edits import concept_directions, edited
+    from anchoring.kinds.lm.edits import concept_directions, edited, matched_directions
     from anchoring.kinds.lm.kind import anchored_sites
 
     arms = cfg.lm.arms
     control = models["control", seed]
     out: list[Method] = []
     if "anchored" in arms:
-        a = models["anchored", seed]
-        out += [Method("anchoring · delete", "anchored", a, edited(a, cfg, "delete"), True, concept_directions(cfg)),
+        a, concept = models["anchored", seed], concept_directions(cfg)
+        others = matched_directions(concept, torch.Generator().manual_seed(seed))
+        out += [Method("anchoring · delete", "anchored", a, edited(a, cfg, "delete"), True, concept),
                 Method("anchoring · suppress", "anchored", a, edited(a, cfg, "suppress"), False),
-                Method(MATCHED_RANDOM, "anchored", a, edited(a, cfg, "suppress", random_control=seed), False)]
+                Method(MATCHED_RANDOM, "anchored", a, edited(a, cfg, "suppress", random_control=seed), False),
+                Method(MATCHED_DELETE, "anchored", a, edited(a, cfg, "delete", directions=others), True, others)]
     if cfg.unlearning.posthoc:
         sites = anchored_sites(cfg) or [f"blocks.{cfg.lm.layers - 1}"]
         for key, f in posthoc.fit(control, cfg, data, seed, sites).items():
@@ -261,16 +266,16 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
             "relearn_steps": u.relearn_steps, "recover_cap": u.recover_steps,
             "eval_positions": {"table": int((es.cls[:, 1:] != ev.PAD).sum()), "curves": int((small.cls[:, 1:] != ev.PAD).sum())},
             "note": ("suppress rows are hooks, not weight edits: they are fine-tuned with the hook kept in place; the matched "
-                     "random move (their control) is not fine-tuned" if u.attack_hooks else
+                     "controls (random move, random deletion) are not fine-tuned" if u.attack_hooks else
                      "suppress rows and the matched random move are hooks, not weight edits: they are not fine-tuned "
-                     "(no relearn or recover numbers)")}
+                     "(no relearn or recover numbers), nor is the matched random deletion")}
 
 
 def attacked(m: Method, hooks: bool) -> bool:
     """Whether the relearning attack and the recovery fine-tune run on `m`: every weight edit, and the
     hooks too when `hooks` (fine-tuned with the hook in place: the attacker gets the weights around a
-    hook that ships as part of the model, not the hook itself), never the matched random control."""
-    return m.weights_edited or (hooks and m.name not in CONTROL_ROWS)
+    hook that ships as part of the model, not the hook itself), never a matched control."""
+    return m.name not in CONTROL_ROWS and (m.weights_edited or hooks)
 
 
 def _num(v: Any) -> float:
@@ -323,7 +328,8 @@ def ranked_median(values: list[float]) -> float:
 
 def table(unlearning: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """Every method a row per seed plus its median over seeds; every metric a column. `recover`
-    beyond the cap shows as "> N"; rows that were not fine-tuned (hooks, unless they were attacked) show "hook" there."""
+    beyond the cap shows as "> N"; rows that were not fine-tuned show "hook" there (hooks, unless they were attacked), or "control"
+    (the matched controls)."""
     median = ranked_median
 
     ks = unlearning["relearn_k"]
@@ -337,6 +343,8 @@ def table(unlearning: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
                 _num(r["R"]), _num(r.get("leftover")), *[_num(rel.get(str(k), {}).get(name)) for k in ks for name in ("relearned", "kept")]]
 
     def recover(r: dict[str, Any]) -> Any:
+        if r["method"] in CONTROL_ROWS and not r.get("fine_tuned"):
+            return "control"
         if not r.get("fine_tuned", r["weights_edited"]):  # summaries written before hooks could be attacked
             return "hook"
         return r["recover_steps"] if r["recover_steps"] is not None else f"> {cap}"
