@@ -372,3 +372,25 @@ def test_an_evaluation_prefix_without_the_concept_is_refused_and_the_shuffled_or
     m = ev.measure(NormalizedTransformer(data.vocab_size, 32, 2, 2, 64), es, ["blocks.1"], torch.eye(32)[0], None, 50)
     a = m["alignment"]["blocks.1"]
     assert a["n_concept"] == 0 and np.isnan(a["concept"]) and np.isnan(a["margin"]) and np.isfinite(a["containment"])
+
+
+def test_the_cleared_experiment_keeps_unlabelled_text_off_the_axis_at_every_residual_site(corpus, tmp_path):
+    """`lm-anchor-cleared` clears the axis at every residual site, not only where it anchors: against the
+    same run with the clearing at the anchored site alone, calm text sits nearer zero on the axis at the
+    sites before the anchored one, which is what lets a weight deletion spare retain text."""
+    size = [f'text.corpus="{corpus}"', "text.coverage=1.0", "lm.width=32", "lm.layers=4", "lm.heads=2", "lm.context=64",
+            "lm.batch_size=8", "train.seeds=1", "train.steps=150", "train.checkpoint_every=50", "evaluate.eval_chars=3000",
+            "evaluate.probe_positions=200", "evaluate.shade_passages=1", 'lm.arms=["anchored"]']
+    cleared = experiments.load("lm-anchor-cleared", size).model_copy(update={"schedule": SCHEDULE})
+    assert cleared.lm.route and {t.site for t in cleared.terms if t.kind == "anti-subspace"} == {
+        "embed", "blocks.0", "blocks.1", "blocks.2", "blocks.3"}
+    one_site = cleared.model_copy(update={"terms": [t for t in cleared.terms if t.kind == "anchor" or t.site == "blocks.2"]})
+    mean_off_axis = {}
+    for name, cfg in (("cleared", cleared), ("one site", one_site)):
+        lifecycle.run(cfg, tmp_path / name)
+        run = lifecycle.load_run(tmp_path / name)
+        mean_off_axis[name] = {s: float(np.mean([float(torch.as_tensor(a["values"]).abs().mean())
+                                                     for a in run.alignment(CALM, arm="anchored", site=s)]))
+                               for s in ("embed", "blocks.0", "blocks.1")}
+    for s in ("embed", "blocks.0", "blocks.1"):
+        assert mean_off_axis["cleared"][s] < 0.5 * mean_off_axis["one site"][s], (s, mean_off_axis)
