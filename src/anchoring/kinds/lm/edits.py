@@ -119,8 +119,8 @@ def matched_directions(directions: Sequence[torch.Tensor], generator: torch.Gene
     width = basis[0].numel()
     if len(basis) >= width:
         raise AnchoringError(f"the concept spans all {width} dims: no direction is left to match it with")
-    axes = [int(b.abs().argmax()) for b in basis]
     if all(float(b.abs().max()) == 1.0 for b in basis):
+        axes = {int(b.abs().argmax()) for b in basis}
         others = [d for d in range(width) if d not in axes]
         pick = torch.randperm(len(others), generator=generator)[: len(basis)]
         return [torch.eye(width)[others[int(i)]] for i in pick]

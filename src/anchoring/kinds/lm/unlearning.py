@@ -343,7 +343,7 @@ def table(unlearning: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
                 _num(r["R"]), _num(r.get("leftover")), *[_num(rel.get(str(k), {}).get(name)) for k in ks for name in ("relearned", "kept")]]
 
     def recover(r: dict[str, Any]) -> Any:
-        if r["method"] in CONTROL_ROWS and not r.get("fine_tuned"):
+        if r["method"] in CONTROL_ROWS:  # never fine-tuned
             return "control"
         if not r.get("fine_tuned", r["weights_edited"]):  # summaries written before hooks could be attacked
             return "hook"
