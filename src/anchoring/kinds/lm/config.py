@@ -37,6 +37,15 @@ class LMConfig(_Strict):
     route: bool = Field(False, description="anchored arm: at weakly labelled positions, gradients flow back through "
                                            "each anchored site only along the concept's direction(s), so the layers "
                                            "before it can teach the concept only through the anchor (anchor.route)")
+    self_label: float | None = Field(None, gt=0.0, lt=1.0,
+                                     description="anchored arm: from step self_label_from on, every position whose "
+                                                 "alignment at the anchored site exceeds this counts as labelled for the "
+                                                 "sequence terms (pulled by the anchor, no longer pushed off by the "
+                                                 "anti-subspace terms); None: only the weak labels count")
+    self_label_from: int = Field(0, ge=0, description="first step at which self_label applies")
+    self_label_mode: Literal["pull", "spare"] = Field("pull", description="pull: self-labelled positions count as "
+                                                     "labelled for every term; spare: the clearing terms leave them "
+                                                     "alone, but the anchor does not pull them")
 
     @model_validator(mode="after")
     def _shape(self) -> "LMConfig":

@@ -144,7 +144,9 @@ class LMTask(MetricRows):
         if B % world:
             raise AnchoringError(f"lm.batch_size {B} does not split over {world} processes")
         self.rows_of_rank = range(rank * B // world, (rank + 1) * B // world)
-        self.names = [*self.timeline.names, "loss", "task", *[t.name for t in self.objective.terms], "labelled_passages"]
+        self.self_label = self_labeller(cfg, self.objective) if arm == "anchored" else None
+        self.names = [*self.timeline.names, "loss", "task", *[t.name for t in self.objective.terms], "labelled_passages",
+                      *(["self_labelled"] if cfg.lm.self_label is not None else [])]
         self.metric_names = ["loss", "task", *[t.name for t in self.terms]]
         self.steps = self.timeline.steps
         self.rows = np.full((self.steps, len(self.names)), np.nan)
@@ -186,6 +188,7 @@ class LMTask(MetricRows):
         if self.route is not None:
             self.route.mask = pos.bool()
         values = self.table[step]
+        n_self: torch.Tensor | None = None
         self.optimizer.zero_grad(set_to_none=True)
         if self.arm in ("sgtm", "routing"):
             loss = task = self._baseline_backward(x, y, pos.bool())
@@ -193,7 +196,12 @@ class LMTask(MetricRows):
         else:
             logits = self.model(x)  # the hooks refresh cap.acts in this same pass
             task = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-            term_values = [self._term(t, line, lab, pos) for t in self.terms]
+            spared = pos  # the positions the clearing (select = unlabelled) terms leave alone
+            if self.self_label is not None and step >= self.cfg.lm.self_label_from:
+                spared, n_self = self.self_label(self.cap.acts, pos)
+                if self.cfg.lm.self_label_mode == "pull":
+                    pos = spared
+            term_values = [self._term(t, line, lab, spared if t.select == "unlabelled" else pos) for t in self.terms]
             loss = task
             for t, v in zip(self.terms, term_values):
                 loss = loss + float(values[self.col[t.weight]]) * v
@@ -204,6 +212,9 @@ class LMTask(MetricRows):
         self.model.normalize_weights()
         stats = torch.stack([loss.detach(), task.detach(), *[v.detach() for v in term_values]])
         n_lab = lab.sum().detach().reshape(1)
+        if self.cfg.lm.self_label is not None:  # share of this batch's positions labelled by the model itself
+            none = float("nan") if self.self_label is None else 0.0  # NaN: an arm that does not self-label
+            stats = torch.cat([stats, (n_self if n_self is not None else stats.new_full((), none)).reshape(1).to(stats)])
         if self.world > 1:  # metrics of the global batch: means of the ranks' means, total labelled passages
             import torch.distributed as dist
 
@@ -211,9 +222,9 @@ class LMTask(MetricRows):
             stats /= self.world
             dist.all_reduce(n_lab)
         stats, n_lab = stats.cpu(), n_lab.cpu()
-        tv = dict(zip([t.name for t in self.terms], stats[2:].tolist()))
+        tv = dict(zip([t.name for t in self.terms], stats[2:2 + len(self.terms)].tolist()))
         self.rows[step] = [*values, float(stats[0]), float(stats[1]), *[tv.get(t.name, np.nan) for t in self.objective.terms],
-                           float(n_lab)]
+                           float(n_lab), *([float(stats[-1])] if self.cfg.lm.self_label is not None else [])]
         return stats
 
     def _baseline_backward(self, x: torch.Tensor, y: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
@@ -254,6 +265,39 @@ class LMTask(MetricRows):
         den = w.sum().detach().clone()
         dist.all_reduce(den)
         return num / den.clamp_min(1.0) * self.world
+
+
+def self_labeller(cfg: LMExperiment, objective: SequenceObjective
+                  ) -> Callable[[dict[str, torch.Tensor], torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+    """`lm.self_label` (self-training): a function `(acts, pos) → (pos ∪ self-labelled, share self-labelled)`.
+
+    Why: a weak label covers a fraction of the concept's passages, and the anti-subspace terms push
+    every unlabelled position off the axis, the unlabelled 70% of the concept's spans included, though
+    they hold the very same words. Once the anchor has formed, positions the model itself puts near
+    the axis are taken as labelled, so the pull and the push stop fighting over them. The alignment
+    is read from this step's forward at the first anchored site, detached: a label, not a loss."""
+    tau = cfg.lm.self_label
+    if tau is None:
+        return None
+    concept = cfg.text.concept
+    term = next((t for t in objective.terms if t.kind in ("anchor", "subspace") and t.concept == concept), None)
+    if term is None:
+        raise AnchoringError("lm.self_label: the anchored arm has no anchor or subspace term for the concept")
+    anchors = dict(objective.anchors(concept))
+    direction = anchors.get(term.site)
+    dims = objective.concepts[concept].dims if direction is None else None
+    if direction is None and not dims:
+        raise AnchoringError("lm.self_label: the concept has neither an anchor direction nor dims to measure alignment on")
+
+    def label(acts: dict[str, torch.Tensor], pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            h = term.site.read(acts).float()
+            u = h / h.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            a = u @ direction.to(u) if direction is not None else u[..., list(dims)].norm(dim=-1)
+            mine = (a > tau).to(pos.dtype)
+        return torch.maximum(pos, mine), (mine * (1.0 - pos)).mean()
+
+    return label
 
 
 def _average_gradients(model: torch.nn.Module, world: int) -> None:
