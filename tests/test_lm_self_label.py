@@ -39,8 +39,7 @@ def test_off_by_default_and_refused_without_an_anchor():
     cfg = _cfg()
     assert self_labeller(cfg, build_objective(cfg, build_model(cfg, 8))) is None
     clear_only = _cfg("lm.self_label=0.5")
-    clear_only = clear_only.model_copy(update={"terms": [t for t in clear_only.terms if t.kind != "anchor"],
-                                               "lm": clear_only.lm.model_copy(update={"route": False})})
+    clear_only = clear_only.model_copy(update={"terms": [t for t in clear_only.terms if t.kind != "anchor"]})
     with pytest.raises(AnchoringError, match="no anchor or subspace term"):
         self_labeller(clear_only, build_objective(clear_only, build_model(clear_only, 8)))
     with pytest.raises(ValueError):

@@ -27,6 +27,7 @@ from anchoring.errors import AnchoringError
 from anchoring.kinds.lm.baselines import forget_masks, routing
 from anchoring.kinds.lm.config import LMExperiment
 from anchoring.kinds.lm.data import LMData, Stream
+from anchoring.kinds.lm.evaluate import direction_alignment
 from anchoring.models import NormalizedTransformer
 from anchoring.schedule import Timeline
 from anchoring.train.masking import masked_backward
@@ -188,7 +189,8 @@ class LMTask(MetricRows):
         if self.route is not None:
             self.route.mask = pos.bool()
         values = self.table[step]
-        n_self: torch.Tensor | None = None
+        # share of the positions the model labelled itself: 0 until self_label_from, NaN in an arm that never does
+        n_self = torch.tensor(0.0 if self.self_label is not None else float("nan"))
         self.optimizer.zero_grad(set_to_none=True)
         if self.arm in ("sgtm", "routing"):
             loss = task = self._baseline_backward(x, y, pos.bool())
@@ -212,9 +214,8 @@ class LMTask(MetricRows):
         self.model.normalize_weights()
         stats = torch.stack([loss.detach(), task.detach(), *[v.detach() for v in term_values]])
         n_lab = lab.sum().detach().reshape(1)
-        if self.cfg.lm.self_label is not None:  # share of this batch's positions labelled by the model itself
-            none = float("nan") if self.self_label is None else 0.0  # NaN: an arm that does not self-label
-            stats = torch.cat([stats, (n_self if n_self is not None else stats.new_full((), none)).reshape(1).to(stats)])
+        if self.cfg.lm.self_label is not None:
+            stats = torch.cat([stats, n_self.reshape(1).to(stats)])
         if self.world > 1:  # metrics of the global batch: means of the ranks' means, total labelled passages
             import torch.distributed as dist
 
@@ -291,9 +292,7 @@ def self_labeller(cfg: LMExperiment, objective: SequenceObjective
 
     def label(acts: dict[str, torch.Tensor], pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            h = term.site.read(acts).float()
-            u = h / h.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            a = u @ direction.to(u) if direction is not None else u[..., list(dims)].norm(dim=-1)
+            a = direction_alignment(term.site.read(acts), None if direction is None else direction.to(pos.device), dims)
             mine = (a > tau).to(pos.dtype)
         return torch.maximum(pos, mine), (mine * (1.0 - pos)).mean()
 
