@@ -140,7 +140,7 @@ def test_sweep_on_ray_equals_local(tmp_path):
 def test_bench_prints_a_table_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     r = CliRunner().invoke(app, ["bench", "--repeats", "2", "--steps", "12", "--ensembles", "4", "--e2e-seeds", "1",
-                                 "--e2e-steps", "10", "--lm-steps", "2", "--json", str(out)])
+                                 "--e2e-steps", "10", "--lm-steps", "2", "--no-lm-compiled", "--json", str(out)])
     assert r.exit_code == 0, r.stderr
     res = json.loads(out.read_text())
     names = [c["case"] for c in res["cases"]]
@@ -151,6 +151,31 @@ def test_bench_prints_a_table_and_writes_json(tmp_path):
     lm = {c["case"]: c for c in res["cases"] if c["case"].startswith("lm:")}
     assert len(lm) == 4 and all(c["unit"] == "tokens/s" and "vs_baseline" in c for c in lm.values())
     assert any(c["case"].startswith("surprise page") and c["unit"] == "s" for c in res["cases"])
+
+
+def test_compiled_lm_cases_are_compared_with_the_compiled_baseline(monkeypatch):
+    """With --lm-compiled the project's compiled step is set against the compiled baseline, and every
+    other LM case still against the eager one. Samples are stubbed: this checks the bookkeeping, the
+    cases themselves run in the bench test above and in test_lm_compile."""
+    import anchoring.benchmarks as bench
+
+    speed = {bench.LM_BASELINE: 100.0, bench.LM_BASELINE_COMPILED: 150.0}
+
+    def fake(case, _workdir):
+        case.samples.append(speed.get(case.name, 120.0))
+        case.peak_mb.append(1.0)
+
+    monkeypatch.setattr(bench, "_measure", fake)
+    res = bench.run_suite(1, 2, [], [], None, lm_steps=2, lm_compiled=True)
+    rows = {c["case"]: c for c in res["cases"]}
+    against_compiled = [c for c in rows.values() if c.get("versus") == bench.LM_BASELINE_COMPILED]
+    assert len(against_compiled) == 1
+    assert against_compiled[0]["vs_baseline"] == pytest.approx(120.0 / 150.0)
+    assert rows[bench.LM_BASELINE_COMPILED]["vs_baseline"] == pytest.approx(1.5)  # the compile speed-up of the baseline
+    assert rows["lm: project step, anchoring on"]["vs_baseline"] == pytest.approx(1.2)
+    compiled_cases = [c for c in bench.plan(2, [], [], None, 2, True) if c.argv[-1] == "compiled"]
+    assert {c.name for c in compiled_cases} == {bench.LM_BASELINE_COMPILED, against_compiled[0]["case"]}
+    assert not any(c.argv[-1] == "compiled" or c.versus for c in bench.plan(2, [], [], None, 2, False))
 
 
 def test_the_sweep_worker_starts_without_a_reimport_warning_and_explains_a_missing_argument():

@@ -376,6 +376,9 @@ def bench_cmd(
     json_out: Path = typer.Option(Path("runs/bench/bench.json"), "--json", help="where to write the results as JSON"),
     lm_steps: int = typer.Option(30, "--lm-steps", help="timed steps of the LM cases (GPT-2-style baseline, project step, "
                                                         "anchoring on; 0 skips them)"),
+    lm_compiled: bool = typer.Option(False, "--lm-compiled/--no-lm-compiled",
+                                     help="also time both LM models through torch.compile, compiled project step against "
+                                          "compiled baseline (each case compiles first, untimed: about a minute per case)"),
 ) -> None:
     """Benchmark the trainer: eager single-model baseline vs ensembles, end-to-end runs, LM step vs a GPT-2 baseline."""
     from anchoring.benchmarks import run_suite
@@ -393,13 +396,14 @@ def bench_cmd(
         fail("--repeats must be ≥ 1, --steps ≥ 2 and --lm-steps ≥ 0")
     sizes, seeds = ints(ensembles, "--ensembles"), ints(e2e, "--e2e-seeds")
     with err.status("benchmarking") as status:
-        res = run_suite(repeats, steps, sizes, seeds, e2e_steps, json_out, progress=lambda m: status.update(m), lm_steps=lm_steps)
+        res = run_suite(repeats, steps, sizes, seeds, e2e_steps, json_out, progress=lambda m: status.update(m), lm_steps=lm_steps,
+                        lm_compiled=lm_compiled)
     table = Table(title=f"anchoring bench ({repeats} repeats, {steps} steps; torch {res['machine']['torch']}, "
                         f"{res['machine']['cpus']} CPUs)")
     for h in ("case", "median", "min", "max", "unit", "× baseline", "peak MB"):
         table.add_column(h, justify="left" if h == "case" else "right")
     for r in res["cases"]:
-        ratio = f"{r['vs_baseline']:.1f}" if "vs_baseline" in r else ""
+        ratio = f"{r['vs_baseline']:.2f}" if "vs_baseline" in r else ""
         table.add_row(r["case"], f"{r['median']:.4g}", f"{r['min']:.4g}", f"{r['max']:.4g}", r["unit"], ratio, f"{r['peak_mb']:.0f}")
     Console(width=max(out.width, 132)).print(table)  # wide enough for one row per case, even when piped
     if "e2e_ratio" in res:

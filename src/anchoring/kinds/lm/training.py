@@ -110,6 +110,31 @@ def device_of(cfg: LMExperiment) -> torch.device:
     return torch.device("cpu")
 
 
+def compiled(model: torch.nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`train.compile`: the model's forward through torch.compile, for training steps only.
+
+    Why: the normalised transformer spends a large share of a CPU step on small element-wise ops
+    (five normalisations per block, the lerps, the learned scales), each a separate pass over
+    memory in eager mode; inductor fuses them. The module itself is untouched, so its hooks,
+    parameters and checkpoints are the eager model's, and evaluation stays eager. A missing C++
+    compiler (inductor's CPU kernels need one) is reported before the first step, in one line.
+
+    Dynamo does not guard on module hooks, so a graph compiled for one arm (the control, with no
+    hooks) would be reused for the next arm of the same shape and silently skip its anchoring
+    hooks; every task therefore starts from an empty compile cache (`torch._dynamo.reset`), and
+    its graph is built at its first step, with the hooks it trains with already in place."""
+    if device.type == "cpu":
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        try:
+            get_cpp_compiler()
+        except Exception as e:  # inductor's InvalidCxxCompiler, or anything its search raises
+            raise AnchoringError(f"train.compile = true needs a C++ compiler for CPU kernels and found none "
+                                 f"({type(e).__name__}); install g++ or set CXX, or leave train.compile off") from None
+    torch._dynamo.reset()
+    return torch.compile(model)
+
+
 @dataclass
 class ArmResult:
     arm: str
@@ -134,6 +159,7 @@ class LMTask(MetricRows):
         self.rank, self.world = rank, world
         torch.manual_seed(seed)
         self.model = build_model(cfg, data.vocab_size, arm, seed).to(self.device)
+        self.forward = compiled(self.model, self.device) if cfg.train.compile else self.model
         self.objective = build_objective(cfg, self.model)
         self.timeline = build_timeline(cfg, self.objective)
         self.terms = self.objective.terms if arm == "anchored" else []
@@ -196,7 +222,7 @@ class LMTask(MetricRows):
             loss = task = self._baseline_backward(x, y, pos.bool())
             term_values: list[torch.Tensor] = []
         else:
-            logits = self.model(x)  # the hooks refresh cap.acts in this same pass
+            logits = self.forward(x)  # the hooks refresh cap.acts in this same pass
             task = F.cross_entropy(logits.flatten(0, 1), y.flatten())
             spared = pos  # the positions the clearing (select = unlabelled) terms leave alone
             if self.self_label is not None and step >= self.cfg.lm.self_label_from:
@@ -236,10 +262,10 @@ class LMTask(MetricRows):
         gradients routed by the MLPs' `route` mask during this forward."""
         if self.arm == "routing":
             with routing(self.model, labelled):
-                task = F.cross_entropy(self.model(x).flatten(0, 1), y.flatten())
+                task = F.cross_entropy(self.forward(x).flatten(0, 1), y.flatten())
                 task.backward()
             return task
-        ce = F.cross_entropy(self.model(x).flatten(0, 1), y.flatten(), reduction="none")
+        ce = F.cross_entropy(self.forward(x).flatten(0, 1), y.flatten(), reduction="none")
         w = labelled.flatten().to(ce.dtype)
         lab_loss, rest = (ce * w).sum() / ce.numel(), (ce * (1.0 - w)).sum() / ce.numel()
         masked_backward(lab_loss, rest, self.params, self.forget)
