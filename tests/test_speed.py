@@ -155,8 +155,8 @@ def test_bench_prints_a_table_and_writes_json(tmp_path):
 
 def test_compiled_lm_cases_are_compared_with_the_compiled_baseline(monkeypatch):
     """With --lm-compiled the project's compiled step is set against the compiled baseline, and every
-    other LM case still against the eager one. Samples are stubbed: this checks the bookkeeping, the
-    cases themselves run in the bench test above and in test_lm_compile."""
+    other LM case still against the eager one. Samples are stubbed: this checks the bookkeeping and
+    what each child is asked to run (compiled training itself is checked in test_lm_compile)."""
     import anchoring.benchmarks as bench
 
     speed = {bench.LM_BASELINE: 100.0, bench.LM_BASELINE_COMPILED: 150.0}
@@ -176,6 +176,23 @@ def test_compiled_lm_cases_are_compared_with_the_compiled_baseline(monkeypatch):
     compiled_cases = [c for c in bench.plan(2, [], [], None, 2, True) if c.argv[-1] == "compiled"]
     assert {c.name for c in compiled_cases} == {bench.LM_BASELINE_COMPILED, against_compiled[0]["case"]}
     assert not any(c.argv[-1] == "compiled" or c.versus for c in bench.plan(2, [], [], None, 2, False))
+
+
+def test_the_bench_child_passes_compiled_and_the_mlp_width_through(monkeypatch, capsys):
+    import anchoring.benchmarks.lm as lm
+    from anchoring.benchmarks import child
+
+    calls = []
+    monkeypatch.setattr(lm, "lm_step", lambda *a, **k: calls.append((a, k)) or {"tokens_per_s": 1.0})
+    child.main(["lm", "project", "5", "344", "compiled"])
+    child.main(["lm", "gpt2", "5"])
+    assert calls == [(("project", 5, 344), {"compiled": True}), (("gpt2", 5), {"compiled": False})]
+    assert capsys.readouterr().out.count("tokens_per_s") == 2
+
+
+def test_lm_compiled_without_lm_cases_is_refused():
+    r = CliRunner().invoke(app, ["bench", "--lm-steps", "0", "--lm-compiled"])
+    assert r.exit_code != 0 and "--lm-steps" in r.stderr
 
 
 def test_the_sweep_worker_starts_without_a_reimport_warning_and_explains_a_missing_argument():

@@ -378,7 +378,7 @@ def bench_cmd(
                                                         "anchoring on; 0 skips them)"),
     lm_compiled: bool = typer.Option(False, "--lm-compiled/--no-lm-compiled",
                                      help="also time both LM models through torch.compile, compiled project step against "
-                                          "compiled baseline (each case compiles first, untimed: about a minute per case)"),
+                                          "compiled baseline (each case compiles first, untimed)"),
 ) -> None:
     """Benchmark the trainer: eager single-model baseline vs ensembles, end-to-end runs, LM step vs a GPT-2 baseline."""
     from anchoring.benchmarks import run_suite
@@ -394,6 +394,8 @@ def bench_cmd(
 
     if repeats < 1 or steps < 2 or lm_steps < 0:
         fail("--repeats must be ≥ 1, --steps ≥ 2 and --lm-steps ≥ 0")
+    if lm_compiled and not lm_steps:
+        fail("--lm-compiled times LM cases, and --lm-steps 0 skips them: give --lm-steps N")
     sizes, seeds = ints(ensembles, "--ensembles"), ints(e2e, "--e2e-seeds")
     with err.status("benchmarking") as status:
         res = run_suite(repeats, steps, sizes, seeds, e2e_steps, json_out, progress=lambda m: status.update(m), lm_steps=lm_steps,

@@ -42,7 +42,9 @@ class RouteThrough:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def _hook(self, _module: nn.Module, _inputs: tuple, output):
-        if self.mask is None or not self.mask.any():
+        # an all-false mask routes nothing (route_along returns h exactly); the shortcut is skipped under
+        # torch.compile, where branching on a tensor's value would split the graph at every site
+        if self.mask is None or (not torch.compiler.is_compiling() and not self.mask.any()):
             return None
         h = output[0] if isinstance(output, tuple) else output
         routed = route_along(h, self.basis.to(h.device, h.dtype), self.mask.to(h.device))

@@ -125,14 +125,14 @@ def run_suite(repeats: int = 3, steps: int = 300, ensemble_sizes: list[int] | No
                 if progress:
                     progress(f"repeat {r + 1}/{repeats}: {case.name}")
                 _measure(case, Path(tmp))
-    base = median(cases[0].samples)
-    lm_base = next((median(c.samples) for c in cases if c.name == LM_BASELINE), None)
+    medians = {c.name: median(c.samples) for c in cases if c.samples}
+    base, lm_base = medians[cases[0].name], medians.get(LM_BASELINE)
     rows = []
     for case in cases:
         row = {"case": case.name, "unit": case.unit, **_stats(case.samples),
                "peak_mb": max(case.peak_mb) if case.peak_mb else None, "samples": case.samples, **case.extra}
         if case.versus is not None:
-            row["vs_baseline"] = row["median"] / median(next(c.samples for c in cases if c.name == case.versus))
+            row["vs_baseline"] = row["median"] / medians[case.versus]
             row["versus"] = case.versus
         elif case.unit == "model-steps/s":
             row["vs_baseline"] = row["median"] / base

@@ -101,8 +101,8 @@ class RoutingConfig(_Strict):
 class LMTrainConfig(TrainConfig):
     device: Literal["cpu", "auto", "cuda"] = Field("cpu", description="'auto': CUDA when available, else CPU")
     compile: bool = Field(False, description="run the training forward (and its backward) through torch.compile: "
-                          "fused kernels, the same model to float rounding; the first step pays the compilation "
-                          "(about a minute on CPU) and CPU needs a C++ compiler")
+                          "fused kernels, the same model to float rounding; the first step of every arm pays the "
+                          "compilation (about 35 s on one CPU thread at the default size) and CPU needs a C++ compiler")
     seeds: int = Field(1, description="number of seeds; every arm trains on each")
     checkpoint_every: int = Field(100, ge=1)
 

@@ -38,7 +38,8 @@ from anchoring.kinds.lm import figures as lf
 from anchoring.kinds.lm.baselines import forget_masks
 from anchoring.kinds.lm.config import LMExperiment
 from anchoring.kinds.lm.data import LMData, load_data
-from anchoring.kinds.lm.training import ArmResult, build_model, build_objective, build_timeline, device_of, train_arm
+from anchoring.kinds.lm.training import (ArmResult, build_model, build_objective, build_timeline, check_compile, device_of,
+                                         train_arm)
 from anchoring.report import html
 from anchoring.report.figures import save as save_fig
 from anchoring.train.checkpoint import CHECKPOINT, steps_done
@@ -56,6 +57,7 @@ def validate(cfg: LMExperiment, data: bool = True) -> int:
     """Everything checkable before training: model shape, terms against the model (sites exist,
     axes/dims fit the width), schedule, arms; then the corpus, split and labels. Returns the steps."""
     device_of(cfg)  # a device that is not there fails here, before the run directory exists
+    check_compile(cfg)  # and so does train.compile without a C++ compiler
     model = build_model(cfg, 8)  # the vocabulary does not change what the terms can bind to
     objective = build_objective(cfg, model)
     steps = build_timeline(cfg, objective).steps

@@ -110,27 +110,33 @@ def device_of(cfg: LMExperiment) -> torch.device:
     return torch.device("cpu")
 
 
-def compiled(model: torch.nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`train.compile`: the model's forward through torch.compile, for training steps only.
-
-    Why: the normalised transformer spends a large share of a CPU step on small element-wise ops
-    (five normalisations per block, the lerps, the learned scales), each a separate pass over
-    memory in eager mode; inductor fuses them. The module itself is untouched, so its hooks,
-    parameters and checkpoints are the eager model's, and evaluation stays eager. A missing C++
-    compiler (inductor's CPU kernels need one) is reported before the first step, in one line.
-
-    Dynamo does not guard on module hooks, so a graph compiled for one arm (the control, with no
-    hooks) would be reused for the next arm of the same shape and silently skip its anchoring
-    hooks; every task therefore starts from an empty compile cache (`torch._dynamo.reset`), and
-    its graph is built at its first step, with the hooks it trains with already in place."""
-    if device.type == "cpu":
+def check_compile(cfg: LMExperiment) -> None:
+    """`train.compile` on CPU needs a C++ compiler for inductor's kernels: say so in one line before
+    the run directory exists, not in a compiler traceback at the first step."""
+    if not cfg.train.compile or device_of(cfg).type != "cpu":
+        return
+    try:
         from torch._inductor.cpp_builder import get_cpp_compiler
 
-        try:
-            get_cpp_compiler()
-        except Exception as e:  # inductor's InvalidCxxCompiler, or anything its search raises
-            raise AnchoringError(f"train.compile = true needs a C++ compiler for CPU kernels and found none "
-                                 f"({type(e).__name__}); install g++ or set CXX, or leave train.compile off") from None
+        get_cpp_compiler()
+    except Exception as e:  # inductor's InvalidCxxCompiler, or anything its search raises
+        raise AnchoringError(f"train.compile = true needs a C++ compiler for CPU kernels and found none "
+                             f"({type(e).__name__}); install g++ or set CXX, or leave train.compile off") from None
+
+
+def compiled(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`train.compile`: the model's forward through torch.compile, for training steps only.
+
+    Why: the normalised transformer spends a large share of a small model's CPU step on element-wise
+    ops (five normalisations per block, the lerps, the learned scales), each a separate pass over
+    memory in eager mode; inductor fuses them. The module itself is untouched, so its hooks,
+    parameters and checkpoints are the eager model's, and evaluation and relearning stay eager.
+
+    By default (`torch._dynamo.config.skip_nnmodule_hook_guards`) dynamo does not guard on module
+    hooks, so a graph compiled for one arm (the control, with no hooks) would be reused for the next
+    arm of the same shape without its anchoring hooks. Every task therefore starts from an empty
+    compile cache (`torch._dynamo.reset`, which also drops any other compiled code in the process),
+    and its graph is built at its first step, with the hooks it trains with already in place."""
     torch._dynamo.reset()
     return torch.compile(model)
 
@@ -159,7 +165,6 @@ class LMTask(MetricRows):
         self.rank, self.world = rank, world
         torch.manual_seed(seed)
         self.model = build_model(cfg, data.vocab_size, arm, seed).to(self.device)
-        self.forward = compiled(self.model, self.device) if cfg.train.compile else self.model
         self.objective = build_objective(cfg, self.model)
         self.timeline = build_timeline(cfg, self.objective)
         self.terms = self.objective.terms if arm == "anchored" else []
@@ -185,6 +190,10 @@ class LMTask(MetricRows):
         self.route: RouteThrough | None = None
         self.forget = {k: v.to(self.device) for k, v in forget_masks(self.model, cfg).items()} if arm == "sgtm" else None
         self.seconds = 0.0
+        check_compile(cfg)
+        # SGTM takes two backward passes through one graph (retain_graph); through the compiled graph
+        # the second step's gradients came out up to 26% off eager's (cause not found), so it stays eager
+        self.forward = compiled(self.model) if cfg.train.compile and arm != "sgtm" else self.model
 
     def lr(self, step: int) -> float:
         return float(self.table[step][self.col["lr"]])
