@@ -38,8 +38,7 @@ from anchoring.kinds.lm import figures as lf
 from anchoring.kinds.lm.baselines import forget_masks
 from anchoring.kinds.lm.config import LMExperiment
 from anchoring.kinds.lm.data import LMData, load_data
-from anchoring.kinds.lm.training import (ArmResult, build_model, build_objective, build_timeline, check_compile, device_of,
-                                         train_arm)
+from anchoring.kinds.lm.training import ArmResult, build_model, build_objective, build_timeline, check_compile, device_of, train_arm
 from anchoring.report import html
 from anchoring.report.figures import save as save_fig
 from anchoring.train.checkpoint import CHECKPOINT, steps_done
