@@ -208,3 +208,24 @@ def test_selectivity_and_pareto():
     assert selectivity(perfect, sim, 1.0)[0] < 1.0  # wrong exponent fits worse
     pts = np.array([[1, 1, 1], [0, 2, 1], [2, 2, 2], [1, 1, 0]])
     assert pareto_front(pts) == [1, 3]
+
+
+def test_the_relearning_attack_measures_in_eval_mode_and_trains_in_train_mode():
+    from anchoring.control.relearn import relearn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.5), nn.Linear(16, 1)).eval()
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    modes = []
+
+    def loss(m: nn.Module) -> torch.Tensor:
+        modes.append(m.training)
+        return ((m(x) - y) ** 2).mean()
+
+    def error(m: nn.Module) -> torch.Tensor:
+        return ((m(x) - y) ** 2).mean()
+
+    curve = relearn(model, loss, error, steps=3)
+    with torch.no_grad():
+        assert float(curve.errors[0]) == float(error(model))  # dropout off: the edited model's own error, exactly
+    assert modes == [True, True, True] and not model.training  # the copy trained; the given model untouched

@@ -187,6 +187,13 @@ def test_bpe_switch_saves_its_merges_and_scores_per_character(corpus, tmp_path):
     assert 0 < row["loss"]["all"] < 10  # nats per character (summed nats over characters)
     run = lifecycle.load_run(tmp_path / "run")
     assert len(run.tokenize("the soldiers fight")) < len("the soldiers fight")
+    # characters outside the corpus come as several byte tokens that share one span: each counts once
+    text = "The knight drew his sword — café, 漢字 😀."
+    spans = run.data.tokenizer.spans(text)
+    assert len(spans) > len(set(spans))  # the case being tested: byte tokens of one character
+    scored = run.loss_per_token(text, arm="control")[0]
+    predicted = len(text) - spans[0][1]  # every character after the first token's
+    assert float(scored["nats"].sum()) / scored["nats_per_char"] == pytest.approx(predicted, rel=1e-5)
 
 
 def test_subspace_variant_measures_the_share_of_h_in_its_dims(corpus, tmp_path):

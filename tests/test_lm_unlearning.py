@@ -4,13 +4,14 @@ and the numbers repeat exactly; plus the post-hoc and edit building blocks on th
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from anchoring import experiments, lifecycle
+from anchoring import experiments, lifecycle, runs
 from anchoring.cli import app
 from anchoring.control.erasure import mean_difference
 from anchoring.errors import AnchoringError
@@ -350,13 +351,30 @@ def test_medians_rank_never_recovered_and_free_edits_as_the_extremes():
     assert ul.ranked_median([float("inf"), 7.0, 3.0]) == 7.0
     assert ul.ranked_median([float("nan"), 2.0, 4.0]) == 3.0
     rows = [{"method": "m", "seed": s, "weights_edited": True, "recover_steps": rec, "before": dict.fromkeys(("forget", "concept", "retain"), 1.0),
-             "after": dict.fromkeys(("forget", "concept", "retain"), 1.0), "d_forget": 0.0, "d_forget_concept": 0.0,
-             "retain_cost": 0.0, "selectivity": sel, "R": 0.0, "relearn": {}}
-            for s, rec, sel in ((0, None, float("inf")), (1, None, float("inf")), (2, 7, 0.5))]
-    header, table = ul.table({"rows": rows, "relearn_k": [], "recover_cap": 50})
-    median = table[0]
-    assert median[1] == "median" and median[header.index("steps to recover")] == "> 50"
-    assert median[header.index("selectivity")] == float("inf")
+             "after": dict.fromkeys(("forget", "concept", "retain"), 1.0), "d_forget": 0.0, "d_forget_concept": dc,
+             "retain_cost": rc, "selectivity": ul.ratio(dc, rc), "R": 0.0, "relearn": {}}
+            for s, rec, dc, rc in ((0, None, 0.3, 0.0), (1, None, 0.2, -0.01), (2, 7, 0.5, 1.0))]
+    unlearning = {"rows": rows, "relearn_k": [], "recover_cap": 50}
+    # summary.json stores inf as null: `anchoring show` must print what the run printed
+    for u in (unlearning, json.loads(json.dumps(runs._finite(unlearning)))):
+        header, table = ul.table(u)
+        median = table[0]
+        assert median[1] == "median" and median[header.index("steps to recover")] == "> 50"
+        assert median[header.index("selectivity")] == float("inf")
+        assert [r[header.index("selectivity")] for r in table[1:]] == [float("inf"), float("inf"), 0.5]
+
+
+def test_r_is_undefined_when_the_oracle_filter_removed_nothing():
+    def rows(oracle: float) -> list[dict]:
+        return [{"method": "oracle filter", "d_forget_concept": oracle}, {"method": "anchoring · suppress", "d_forget_concept": -0.06},
+                {"method": "anchoring · delete", "d_forget_concept": 0.03}]
+    ok = rows(0.2)
+    ul.set_r(ok)
+    assert [r["R"] for r in ok] == pytest.approx([1.0, -0.3, 0.15])
+    for d in (-0.1, 0.0):  # a negative Δ must not flip every row's sign
+        bad = rows(d)
+        ul.set_r(bad)
+        assert all(math.isnan(r["R"]) for r in bad)
 
 
 def test_unlearning_refuses_anchor_sites_outside_the_residual_stream():

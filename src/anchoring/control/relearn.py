@@ -51,14 +51,15 @@ def relearn(model: nn.Module, loss: Callable[[nn.Module], torch.Tensor], error: 
     """Fine-tune a copy with Adam on `loss(model)` (full batch); `error(model)` measured before each
     step and after the last. Any model, any task: the caller says what is learned and what is measured."""
     m = copy.deepcopy(model)
-    m.train()
     opt = torch.optim.Adam(m.parameters(), lr=lr)
     errors = []
     for _ in range(steps + 1):
+        m.eval()  # measured as it would be used (dropout off, running statistics frozen) ...
         with torch.no_grad():
             errors.append(error(m).detach())
         if len(errors) > steps:
             break
+        m.train()  # ... and trained as in training
         opt.zero_grad(set_to_none=True)
         loss(m).backward()
         opt.step()

@@ -255,10 +255,7 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
                                 "forget_concept": c["concept"], "forget": c["forget"], "retain": c["retain"],
                                 "control_concept": target} for i, c in enumerate(rec)]
                 seed_rows.append(row)
-            oracle = next((r for r in seed_rows if r["method"] == "oracle filter"), None)
-            for r in seed_rows:
-                d = oracle["d_forget_concept"] if oracle else float("nan")
-                r["R"] = r["d_forget_concept"] / d if oracle and abs(d) > TINY else float("nan")
+            set_r(seed_rows)
             rows += seed_rows
     if path is not None:
         runs.write_atomic(path / CURVES, pd.DataFrame(curves).to_csv(index=False, float_format="%.8g"))
@@ -326,6 +323,16 @@ def ranked_median(values: list[float]) -> float:
     return float(np.median(kept)) if kept else float("nan")
 
 
+def set_r(seed_rows: list[dict[str, Any]]) -> None:
+    """R of every row of one seed: its Δforget (concept) over the oracle filter's. NaN without an
+    oracle row, or where the oracle removed nothing (Δ ≤ TINY): dividing by a negative Δ would turn
+    an edit that made the concept easier into a positive R."""
+    oracle = next((r for r in seed_rows if r["method"] == "oracle filter"), None)
+    d = oracle["d_forget_concept"] if oracle else float("nan")
+    for r in seed_rows:
+        r["R"] = r["d_forget_concept"] / d if d > TINY else float("nan")
+
+
 def table(unlearning: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """Every method a row per seed plus its median over seeds; every metric a column. `recover`
     beyond the cap shows as "> N"; rows that were not fine-tuned show "hook" there (hooks, unless they were attacked), or "control"
@@ -339,7 +346,7 @@ def table(unlearning: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
         rel = r.get("relearn") or {}
         return [_num(r["before"]["forget"]), _num(r["after"]["forget"]), _num(r["before"]["concept"]),
                 _num(r["after"]["concept"]), _num(r["before"]["retain"]), _num(r["after"]["retain"]),
-                _num(r["d_forget"]), _num(r["d_forget_concept"]), _num(r["retain_cost"]), _num(r["selectivity"]),
+                _num(r["d_forget"]), _num(r["d_forget_concept"]), _num(r["retain_cost"]), ratio(_num(r["d_forget_concept"]), _num(r["retain_cost"])),
                 _num(r["R"]), _num(r.get("leftover")), *[_num(rel.get(str(k), {}).get(name)) for k in ks for name in ("relearned", "kept")]]
 
     def recover(r: dict[str, Any]) -> Any:
