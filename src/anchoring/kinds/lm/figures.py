@@ -130,7 +130,8 @@ def relearning_curves(points: list[dict], ks: list[int]) -> Figure:
             ys = [np.mean([p["forget_concept"] for p in mine if p["method"] == m and p["step"] == s]) for s in steps]
             ax.plot(steps, ys, color=colour[m], lw=1.2, label=m)
         if mine:
-            ax.axhline(float(np.mean(sorted({p["control_concept"] for p in mine}))), color="k", ls="--", lw=0.8,
+            per_seed = {p["seed"]: p["control_concept"] for p in mine}  # one control loss per seed, equal values or not
+            ax.axhline(float(np.mean(list(per_seed.values()))), color="k", ls="--", lw=0.8,
                        label="control")
         ax.set_title(f"K = {k} forget passages", fontsize=9)
         ax.set_xlabel("fine-tuning step", fontsize=8)
