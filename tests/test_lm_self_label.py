@@ -73,3 +73,8 @@ def test_self_labels_change_training_only_from_their_first_step(tmp_path):
     assert on.metrics[8, anchor] != off.metrics[8, anchor]
     assert spare.metrics[8, anchor] == off.metrics[8, anchor]
     assert spare.metrics[8, clear] != off.metrics[8, clear] and spare.metrics[8, clear] == on.metrics[8, clear]
+    # the other arms of the same config train as usual; their share is NaN (they never self-label), not a divergence
+    cfg = experiments.load("lm-anchor-cleared", [*base[:-2], "train.steps=3", "lm.self_label=0.05"])
+    control = train_arm(cfg, load_data(cfg.text), 0, "control")
+    assert np.isnan(control.metrics[:, control.metric_names.index("self_labelled")]).all()
+    assert np.isfinite(control.metrics[:, control.metric_names.index("loss")]).all()

@@ -261,7 +261,7 @@ class LMTask(MetricRows):
         tv = dict(zip([t.name for t in self.terms], stats[2:2 + len(self.terms)].tolist()))
         self.rows[step] = [*values, float(stats[0]), float(stats[1]), *[tv.get(t.name, np.nan) for t in self.objective.terms],
                            float(n_lab), *([float(stats[-1])] if self.cfg.lm.self_label is not None else [])]
-        return stats
+        return stats[:len(self.metric_names)]  # what divergence is judged on: the self-labelled share is NaN by design in other arms
 
     def _baseline_backward(self, x: torch.Tensor, y: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
         """Forward and backward of the sgtm / routing arms (gradients into `.grad`); returns the mean CE.
