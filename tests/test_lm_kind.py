@@ -147,6 +147,7 @@ def test_resume_after_an_interrupt_is_bit_exact(corpus, tmp_path):
     ("concepts.0.axis=32", "axis 32 is outside 0..31"),
     ("lm.window=128", "window 128 is longer than the model's context 64"),
     ('terms.0.site="blocks.0.mlp.up"', "does not run in the model's forward pass"),  # exists, but its weight is read directly
+    ("text.false_positives=1.0", "arm 'weak-filtered' (seed 0) would train on 0 tokens"),  # every passage weakly labelled
     *([] if torch.cuda.is_available() else [('train.device="cuda"', "no CUDA device is available")]),
 ])
 def test_bad_config_is_one_line(corpus, tmp_path, override, message):
@@ -157,7 +158,7 @@ def test_bad_config_is_one_line(corpus, tmp_path, override, message):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
     assert not out.exists()
-    with pytest.raises(AnchoringError, match="kind: unknown|no module|axis|window|does not run|CUDA"):
+    with pytest.raises(AnchoringError, match="kind: unknown|no module|axis|window|does not run|CUDA|would train on"):
         lifecycle.validate(experiments.load("lm-anchor-passages", tiny(corpus, override)))
 
 

@@ -89,6 +89,14 @@ def validate(cfg: LMExperiment, data: bool = True) -> int:
                                  f"relearn from")
         if int(d.reference[d.parts["validation"]].sum()) == 0:
             raise AnchoringError(f"no validation passage carries {cfg.text.concept!r}; concept positions cannot be scored")
+        lengths = np.array([len(t) for t in d.train_tokens], dtype=np.int64)
+        for arm in arms(cfg):  # a filtered arm may remove nearly everything (e.g. text.false_positives = 1)
+            for seed in cfg.train.member_seeds():
+                n = int(lengths[d.keep(arm, seed)].sum())
+                if n < cfg.lm.tokens + 1:
+                    raise AnchoringError(f"arm {arm!r} (seed {seed}) would train on {n:,} tokens, fewer than one window "
+                                         f"of {cfg.lm.tokens + 1} tokens: use more text, a shorter lm.window or lm.context "
+                                         f"or drop the arm")
         e = cfg.evaluate
         scored = [("evaluate.eval_chars", e.eval_chars)] + ([("unlearning.eval_chars", cfg.unlearning.eval_chars)]
                                                              if cfg.unlearning.enabled else [])
