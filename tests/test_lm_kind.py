@@ -162,6 +162,15 @@ def test_bad_config_is_one_line(corpus, tmp_path, override, message):
         lifecycle.validate(experiments.load("lm-anchor-passages", tiny(corpus, override)))
 
 
+def test_a_model_too_big_for_memory_is_refused_before_anything_is_built(corpus, tmp_path):
+    out = tmp_path / "run"
+    big = tiny(corpus, "lm.width=8192", "lm.heads=64", "lm.layers=48", "lm.batch_size=4096")
+    r = CliRunner().invoke(app, ["run", "lm-anchor-passages", *[a for o in big for a in ("--set", o)], "--out", str(out), "-q"])
+    assert r.exit_code == 2 and not out.exists(), (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs about" in lines[0] and "lm.batch_size" in lines[0], r.stderr
+
+
 def test_load_run_gives_tokens_losses_alignment_and_samples(finished):
     path, summary = finished
     run = lifecycle.load_run(path)

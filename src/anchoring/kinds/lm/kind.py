@@ -41,6 +41,7 @@ from anchoring.kinds.lm.data import LMData, load_data
 from anchoring.kinds.lm.training import ArmResult, build_model, build_objective, build_timeline, check_compile, device_of, train_arm
 from anchoring.report import html
 from anchoring.report.figures import save as save_fig
+from anchoring.resources import check_fits
 from anchoring.train.checkpoint import CHECKPOINT, steps_done
 from anchoring.train.skeleton import TrainingInterrupted
 
@@ -52,9 +53,28 @@ def arms(cfg: LMExperiment) -> list[str]:
     return list(cfg.lm.arms)
 
 
+def memory_estimate(cfg: LMExperiment) -> int:
+    """Bytes the training processes hold at once, without building a model: weights, gradients and
+    two Adam moments per parameter; one step's saved activations (about 10 states of the width and
+    4 of the MLP per position and block, 3 of the vocabulary for the logits); doubled for
+    temporaries; times the processes that train side by side. A rough upper bound, meant to refuse
+    a configuration that cannot fit rather than to predict the peak."""
+    m = cfg.lm
+    vocab = cfg.text.bpe_vocab if cfg.text.tokenizer == "bpe" else 256
+    hidden = m.mlp_hidden or m.mlp_ratio * m.width
+    params = 2 * vocab * m.width + m.layers * (4 * m.width ** 2 + 3 * m.width * hidden + 2 * hidden + 2 * m.width)
+    positions = m.batch_size // m.nproc * m.tokens
+    activations = positions * (m.layers * (10 * m.width + 4 * hidden) + 3 * vocab)
+    side_by_side = m.nproc if m.nproc > 1 else min(len(m.arms) * cfg.train.seeds, m.workers or os.cpu_count() or 1)
+    return 2 * 4 * side_by_side * (4 * params + activations)
+
+
 def validate(cfg: LMExperiment, data: bool = True) -> int:
-    """Everything checkable before training: model shape, terms against the model (sites exist,
+    """Everything checkable before training: memory, model shape, terms against the model (sites exist,
     axes/dims fit the width), schedule, arms; then the corpus, split and labels. Returns the steps."""
+    check_fits(memory_estimate(cfg), f"{cfg.name} (width {cfg.lm.width}, {cfg.lm.layers} layers, batch "
+               f"{cfg.lm.batch_size} × {cfg.lm.tokens} tokens)", "lower lm.batch_size, lm.context or the model's size, "
+               "or lm.workers")  # before the check below builds a model
     device_of(cfg)  # a device that is not there fails here, before the run directory exists
     check_compile(cfg)  # and so does train.compile without a C++ compiler
     model = build_model(cfg, 8)  # the vocabulary does not change what the terms can bind to
