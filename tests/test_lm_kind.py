@@ -142,6 +142,14 @@ def test_resume_after_an_interrupt_is_bit_exact(corpus, tmp_path):
     assert np.array_equal(full.metrics, resumed.metrics, equal_nan=True)
 
 
+def test_a_checkpoint_that_no_longer_fits_the_config_is_one_error(corpus, tmp_path):
+    cfg = experiments.load("lm-anchor-passages", tiny(corpus, "train.steps=10", 'lm.arms=["control"]'))
+    train_arm(cfg, load_data(cfg.text), 0, "control", checkpoint=tmp_path / "c.safetensors")
+    wider = experiments.load("lm-anchor-passages", tiny(corpus, "train.steps=20", 'lm.arms=["control"]', "lm.width=64"))
+    with pytest.raises(AnchoringError, match="does not match the model the run's config builds"):
+        train_arm(wider, load_data(wider.text), 0, "control", checkpoint=tmp_path / "c.safetensors")
+
+
 @pytest.mark.parametrize("override, message", [
     ('terms.0.site="blocks.7"', "no module 'blocks.7'"),
     ("concepts.0.axis=32", "axis 32 is outside 0..31"),

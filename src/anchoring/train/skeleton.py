@@ -139,6 +139,13 @@ def fit(task: Task, *, checkpoint: Path | None, every: int, progress: Progress |
     start = 0
     if checkpoint is not None and checkpoint.is_file():
         start, tensors = read_checkpoint(checkpoint)
+        for k, p in task.params.items():  # a config or tokenizer edited since the checkpoint: say so, copy nothing
+            saved = tensors.get(f"param.{k}")
+            if saved is None or saved.shape != p.shape:
+                found = "missing" if saved is None else f"of shape {tuple(saved.shape)}"
+                raise AnchoringError(f"checkpoint {checkpoint.name} does not match the model the run's config builds "
+                                     f"({k}: {found}, the model's is {tuple(p.shape)}); was the run's config or "
+                                     f"tokenizer changed since it was written?")
         with torch.no_grad():
             for k, p in task.params.items():
                 p.copy_(tensors[f"param.{k}"])
