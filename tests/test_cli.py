@@ -144,3 +144,17 @@ def test_figure_only_lobes_experiment(tmp_path):
     assert (out / "report.html").read_text().count("data:image/png;base64") == 4
     names = [line.split()[0] for line in invoke("list").stdout.splitlines()]
     assert {"anchored", "anchored-single", "hue-plane", "isolated", "isolated-sparse", "intervention-lobes"} <= set(names)
+
+
+def test_an_os_error_is_one_line_from_the_entry_point(monkeypatch, capsys):
+    import anchoring.cli as cli
+
+    def disk_full(args=None):
+        raise OSError(28, "No space left on device", "/runs/x/arms/control-seed0.safetensors")
+
+    monkeypatch.setattr(cli, "app", disk_full)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["run"])
+    assert exit_.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["error: No space left on device: /runs/x/arms/control-seed0.safetensors"]

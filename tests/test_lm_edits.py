@@ -152,3 +152,25 @@ def test_delete_on_an_lm_run_writes_a_run_that_load_run_opens(lm_run, tmp_path):
     assert "matched random deletion" in r.stdout and set(run.arms) == set(lm_run.arms)  # the control is scored, not written
     r = CliRunner().invoke(app, ["show", str(out)])
     assert r.exit_code == 0 and "deleted violence" in r.stdout
+
+
+def test_a_delete_that_fails_while_writing_leaves_nothing(lm_run, tmp_path, monkeypatch):
+    from anchoring import runs
+    from anchoring.config import InterventionConfig
+    from anchoring.kinds.lm.control import delete
+
+    real = runs.write_json
+
+    def full_disk(path, obj):
+        if path.name == runs.SUMMARY:  # the last file: everything else is already written
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, obj)
+
+    monkeypatch.setattr(runs, "write_json", full_disk)
+    out = tmp_path / "deleted"
+    with pytest.raises(OSError, match="No space"):
+        delete(lm_run, InterventionConfig(name="d", method="ablate", concept="violence"), out)
+    assert list(tmp_path.iterdir()) == []  # neither the run nor its hidden staging directory
+    monkeypatch.setattr(runs, "write_json", real)
+    r = CliRunner().invoke(app, ["delete", str(lm_run.path), "--concept", "violence", "--out", str(out)])
+    assert r.exit_code == 0 and (out / runs.SUMMARY).is_file() and [p.name for p in tmp_path.iterdir()] == ["deleted"]

@@ -519,7 +519,12 @@ def labels_cmd(
 
 def main(argv: list[str] | None = None) -> None:
     default_threads()
-    app(args=argv)
+    try:
+        app(args=argv)
+    except OSError as e:  # a full disk, a file vanished under a run: the system's reason, in one line
+        where = f": {e.filename}" if e.filename else ""
+        err.print(f"error: {e.strerror or e}{where}", markup=False, highlight=False, soft_wrap=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

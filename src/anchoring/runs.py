@@ -13,9 +13,11 @@ import json
 import math
 import os
 import re
+import shutil
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
@@ -28,7 +30,7 @@ CONFIG, ARCH, SUMMARY, METRICS, SNAPSHOTS, REPORT = (
     "config.toml", "architecture.json", "summary.json", "metrics.csv", "snapshots.safetensors", "report.html")
 
 __all__ = ["ARCH", "CONFIG", "METRICS", "REPORT", "SNAPSHOTS", "SUMMARY", "check_writable", "new_run_dir",
-           "read_json", "read_metrics", "write_atomic", "write_json", "write_metrics_csv"]
+           "read_json", "read_metrics", "staged", "write_atomic", "write_json", "write_metrics_csv"]
 
 
 def new_run_dir(name: str, out: Path | None, root: Path = Path("runs")) -> Path:
@@ -45,6 +47,24 @@ def new_run_dir(name: str, out: Path | None, root: Path = Path("runs")) -> Path:
     if out.exists() and any(out.iterdir()):
         raise AnchoringError(f"{str(out)!r} already exists and is not empty (choose another --out, or `anchoring resume` it)")
     return out
+
+
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A hidden sibling of `out` to write a whole run into; renamed to `out` only when the block
+    ends without an error, removed otherwise. An edit stopped half-way (Ctrl-C, a full disk)
+    leaves no directory that looks like a run to resume."""
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.is_dir():
+            out.rmdir()  # new_run_dir let it through only if empty
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def check_writable(path: Path) -> None:

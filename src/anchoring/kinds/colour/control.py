@@ -159,31 +159,31 @@ def delete(run: ColourRun, spec: InterventionConfig, out: Path) -> EditResult:
     res = evaluate_edit(stacked(run.models), stacked(edited), concept, spec.k)
     table = named_error_table(res["named_before"], res["named_after"], run.seeds)
     selectivity = [float(x) for x in res["selectivity"]]
-    out.mkdir(parents=True, exist_ok=True)
-    runs.write_atomic(out / runs.CONFIG, (run.path / runs.CONFIG).read_text())
-    arch = runs.read_json(run.path / runs.ARCH)
-    arch["latent_dim"] = int(getattr(edited[0], "latent_dim", arch["latent_dim"]))
-    runs.write_json(out / runs.ARCH, arch)
-    stacked_params = {f"param.{k}": torch.stack([m.state_dict()[k] for m in edited]) for k in edited[0].state_dict()}
-    atomic_save(stacked_params, out / "checkpoint.safetensors", {"format": FORMAT, "step": "0"})
-    edit = {"source": str(run.path), "method": spec.method, "concept": spec.concept, "dims": list(plan.dims or [])}
-    runs.write_json(out / EDIT, {**edit, "lineage": [*edit_lineage(run.path), edit]})
-    runs.write_atomic(out / "colours.csv", _table_csv(table))
-    figures.save(figures.hue_error_curves(res["hue_after"], (0.25, 0.5, 0.75, 1.0), f"{spec.method}: error vs hue"),
-                 out / "figures" / "hue_error.png")
-    with torch.no_grad():
-        outputs = stacked(edited)(named_rgb())
-    figures.save(figures.reconstruction_grid(named_rgb(), outputs, NAMES, run.seeds), out / "figures" / "reconstruction.png")
-    rows = [[r["colour"], r["before"], r["after"], r["after_min"], r["after_max"]] for r in table]
-    sections = [("Edit", f"<p>{spec.method} of {html.html.escape(spec.concept or 'dims')} (dims {list(plan.dims or [])}) "
-                         f"applied to {html.html.escape(str(run.path))}; selectivity R² median {median(selectivity):.3f}</p>"),
-                ("Per-colour MSE", html.table_html(["colour", "before (median)", "after (median)", "after min", "after max"], rows)),
-                ("Error vs hue", html.image_html(out / "figures" / "hue_error.png", "error vs hue")),
-                ("Reconstructions", html.image_html(out / "figures" / "reconstruction.png", "reconstructions"))]
-    runs.write_atomic(out / runs.REPORT, html.page(f"anchoring: {run.config.name} ({spec.method})", sections))
-    summary = {"experiment": run.config.name, "kind": "colour", "seeds": [], "edit": edit, "edit_table": table,
-               "edit_selectivity": selectivity}
-    runs.write_json(out / runs.SUMMARY, summary)
+    with runs.staged(out) as tmp:  # all of it or nothing under `out`
+        runs.write_atomic(tmp / runs.CONFIG, (run.path / runs.CONFIG).read_text())
+        arch = runs.read_json(run.path / runs.ARCH)
+        arch["latent_dim"] = int(getattr(edited[0], "latent_dim", arch["latent_dim"]))
+        runs.write_json(tmp / runs.ARCH, arch)
+        stacked_params = {f"param.{k}": torch.stack([m.state_dict()[k] for m in edited]) for k in edited[0].state_dict()}
+        atomic_save(stacked_params, tmp / "checkpoint.safetensors", {"format": FORMAT, "step": "0"})
+        edit = {"source": str(run.path), "method": spec.method, "concept": spec.concept, "dims": list(plan.dims or [])}
+        runs.write_json(tmp / EDIT, {**edit, "lineage": [*edit_lineage(run.path), edit]})
+        runs.write_atomic(tmp / "colours.csv", _table_csv(table))
+        figures.save(figures.hue_error_curves(res["hue_after"], (0.25, 0.5, 0.75, 1.0), f"{spec.method}: error vs hue"),
+                     tmp / "figures" / "hue_error.png")
+        with torch.no_grad():
+            outputs = stacked(edited)(named_rgb())
+        figures.save(figures.reconstruction_grid(named_rgb(), outputs, NAMES, run.seeds), tmp / "figures" / "reconstruction.png")
+        rows = [[r["colour"], r["before"], r["after"], r["after_min"], r["after_max"]] for r in table]
+        sections = [("Edit", f"<p>{spec.method} of {html.html.escape(spec.concept or 'dims')} (dims {list(plan.dims or [])}) "
+                             f"applied to {html.html.escape(str(run.path))}; selectivity R² median {median(selectivity):.3f}</p>"),
+                    ("Per-colour MSE", html.table_html(["colour", "before (median)", "after (median)", "after min", "after max"], rows)),
+                    ("Error vs hue", html.image_html(tmp / "figures" / "hue_error.png", "error vs hue")),
+                    ("Reconstructions", html.image_html(tmp / "figures" / "reconstruction.png", "reconstructions"))]
+        runs.write_atomic(tmp / runs.REPORT, html.page(f"anchoring: {run.config.name} ({spec.method})", sections))
+        summary = {"experiment": run.config.name, "kind": "colour", "seeds": [], "edit": edit, "edit_table": table,
+                   "edit_selectivity": selectivity}
+        runs.write_json(tmp / runs.SUMMARY, summary)
     return EditResult(spec.name, [*colour_table(f"{spec.method}: per-colour MSE", table, selectivity), f"edited run: {out}"],
                       [out], summary)
 

@@ -126,22 +126,22 @@ def delete(run, spec: InterventionConfig, out: Path) -> EditResult:
     rows = _rows(run, lambda arm, i, m: new[arm][i],
                  {"matched random deletion": lambda arm, i, m: edited(
                      m, cfg, "delete", directions=matched_directions(directions, torch.Generator().manual_seed(run.seeds[i])))})
-    out.mkdir(parents=True, exist_ok=True)
-    for name in (runs.CONFIG, runs.ARCH, "tokenizer.json"):
-        runs.write_atomic(out / name, (run.path / name).read_text())
-    write_arms(out, {(arm, seed): m for arm, ms in new.items() for seed, m in zip(run.seeds, ms)}, "anchoring-lm-1")
     edit = {"source": str(run.path), "method": "delete-direction", "concept": cfg.text.concept,
             "directions": len(directions), "max_residual_component": leftover}
-    previous = runs.read_json(run.path / "edit.json").get("lineage", []) if (run.path / "edit.json").is_file() else []
-    runs.write_json(out / "edit.json", {**edit, "lineage": [*previous, edit]})
-    head = ["arm", "seed", *[f"{k} {w}" for k in KEYS for w in ("before", "after")]]
-    runs.write_atomic(out / runs.REPORT, html.page(f"anchoring: {cfg.name} (deleted {cfg.text.concept})", [
-        ("Edit", f"<p>The anchor of {html.html.escape(cfg.text.concept)} ({len(directions)} direction(s)) was projected "
-                 f"out of the embeddings and of every residual-writing matrix of every arm; the largest |h·v| left in any "
-                 f"residual state of a validation passage is {leftover:.2e}.</p>"),
-        ("Validation nats/char", html.table_html(head, [[r[k] for k in head] for r in rows]))]))
     summary = {"experiment": cfg.name, "kind": "lm", "edit": edit, "edit_rows": rows}
-    runs.write_json(out / runs.SUMMARY, summary)
+    with runs.staged(out) as tmp:  # all of it or nothing under `out`
+        for name in (runs.CONFIG, runs.ARCH, "tokenizer.json"):
+            runs.write_atomic(tmp / name, (run.path / name).read_text())
+        write_arms(tmp, {(arm, seed): m for arm, ms in new.items() for seed, m in zip(run.seeds, ms)}, "anchoring-lm-1")
+        previous = runs.read_json(run.path / "edit.json").get("lineage", []) if (run.path / "edit.json").is_file() else []
+        runs.write_json(tmp / "edit.json", {**edit, "lineage": [*previous, edit]})
+        head = ["arm", "seed", *[f"{k} {w}" for k in KEYS for w in ("before", "after")]]
+        runs.write_atomic(tmp / runs.REPORT, html.page(f"anchoring: {cfg.name} (deleted {cfg.text.concept})", [
+            ("Edit", f"<p>The anchor of {html.html.escape(cfg.text.concept)} ({len(directions)} direction(s)) was projected "
+                     f"out of the embeddings and of every residual-writing matrix of every arm; the largest |h·v| left in any "
+                     f"residual state of a validation passage is {leftover:.2e}.</p>"),
+            ("Validation nats/char", html.table_html(head, [[r[k] for k in head] for r in rows]))]))
+        runs.write_json(tmp / runs.SUMMARY, summary)
     note = (f"anchored · matched random deletion: {len(directions)} other direction(s) of the same model deleted the same way "
             "(the deletion's control; not written to the edited run)") if "anchored" in run.arms else None
     return EditResult("delete", [_table(f"delete {cfg.text.concept}: validation nats/char", rows), *([note] if note else []),

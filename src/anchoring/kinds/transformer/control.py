@@ -132,24 +132,24 @@ def delete(run: TransformerRun, spec: InterventionConfig, out: Path) -> EditResu
             a = ev.accuracy_table(lang, sets, ev.score(m, lang, sets, cfg.language.context), tc.reddest, tc.redish)
             rows.append({"arm": arm, "seed": seed, "edited": arm == "anchored",
                          **{f"{g} before": b[g] for g in GROUPS}, **{f"{g} after": a[g] for g in GROUPS}})
-    out.mkdir(parents=True, exist_ok=True)
-    runs.write_atomic(out / runs.CONFIG, (run.path / runs.CONFIG).read_text())
-    runs.write_atomic(out / runs.ARCH, (run.path / runs.ARCH).read_text())
-    write_arms(out, {(arm, seed): m for arm, ms in edited.items() for seed, m in zip(run.seeds, ms)}, "anchoring-transformer-1")
-    edit = {"source": str(run.path), "method": "delete-direction", "concept": spec.concept,
-            "max_residual_component": leftover}
-    previous = runs.read_json(run.path / "edit.json").get("lineage", []) if (run.path / "edit.json").is_file() else []
-    runs.write_json(out / "edit.json", {**edit, "lineage": [*previous, edit]})
-    body = html.table_html(["arm", "seed", "edited", *[f"{g} {w}" for g in GROUPS for w in ("before", "after")]],
-                           [[r["arm"], r["seed"], r["edited"], *[r[f"{g} {w}"] for g in GROUPS for w in ("before", "after")]]
-                            for r in rows])
-    runs.write_atomic(out / runs.REPORT, html.page(f"anchoring: {cfg.name} (deleted {spec.concept})", [
-        ("Edit", f"<p>The anchor direction of {html.html.escape(spec.concept or '')} was projected out of the embeddings and "
-                 f"of every residual-writing matrix of the anchored arm (largest remaining |h·v| per seed: "
-                 f"{', '.join(f'{x:.2e}' for x in leftover)}).</p>"),
-        ("Exact match by redness", body)]))
-    summary = {"experiment": cfg.name, "kind": "transformer", "edit": edit, "edit_rows": rows}
-    runs.write_json(out / runs.SUMMARY, summary)
+    with runs.staged(out) as tmp:  # all of it or nothing under `out`
+        runs.write_atomic(tmp / runs.CONFIG, (run.path / runs.CONFIG).read_text())
+        runs.write_atomic(tmp / runs.ARCH, (run.path / runs.ARCH).read_text())
+        write_arms(tmp, {(arm, seed): m for arm, ms in edited.items() for seed, m in zip(run.seeds, ms)}, "anchoring-transformer-1")
+        edit = {"source": str(run.path), "method": "delete-direction", "concept": spec.concept,
+                "max_residual_component": leftover}
+        previous = runs.read_json(run.path / "edit.json").get("lineage", []) if (run.path / "edit.json").is_file() else []
+        runs.write_json(tmp / "edit.json", {**edit, "lineage": [*previous, edit]})
+        body = html.table_html(["arm", "seed", "edited", *[f"{g} {w}" for g in GROUPS for w in ("before", "after")]],
+                               [[r["arm"], r["seed"], r["edited"], *[r[f"{g} {w}"] for g in GROUPS for w in ("before", "after")]]
+                                for r in rows])
+        runs.write_atomic(tmp / runs.REPORT, html.page(f"anchoring: {cfg.name} (deleted {spec.concept})", [
+            ("Edit", f"<p>The anchor direction of {html.html.escape(spec.concept or '')} was projected out of the embeddings and "
+                     f"of every residual-writing matrix of the anchored arm (largest remaining |h·v| per seed: "
+                     f"{', '.join(f'{x:.2e}' for x in leftover)}).</p>"),
+            ("Exact match by redness", body)]))
+        summary = {"experiment": cfg.name, "kind": "transformer", "edit": edit, "edit_rows": rows}
+        runs.write_json(tmp / runs.SUMMARY, summary)
     return EditResult("delete", [_table(f"delete {spec.concept}: exact match by redness", rows),
                                  f"largest |h·v| left in the residual stream: {max(leftover):.2e}", f"edited run: {out}"],
                       [out], summary)
