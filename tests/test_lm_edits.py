@@ -174,3 +174,8 @@ def test_a_delete_that_fails_while_writing_leaves_nothing(lm_run, tmp_path, monk
     monkeypatch.setattr(runs, "write_json", real)
     r = CliRunner().invoke(app, ["delete", str(lm_run.path), "--concept", "violence", "--out", str(out)])
     assert r.exit_code == 0 and (out / runs.SUMMARY).is_file() and [p.name for p in tmp_path.iterdir()] == ["deleted"]
+
+
+def test_surprisal_refuses_a_directory_as_its_page(lm_run, tmp_path):
+    r = CliRunner().invoke(app, ["surprisal", str(lm_run.path), "The sword", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "is a directory" in r.stderr, r.stderr

@@ -195,6 +195,22 @@ def test_lm_compiled_without_lm_cases_is_refused():
     assert r.exit_code != 0 and "--lm-steps" in r.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--e2e-steps", "0"], "--e2e-steps must be a positive integer"),
+    (["--ensembles", "100000000"], "the ensemble case E=100000000 needs about"),
+    (["--json", "{dir}"], "is a directory"),
+    (["--json", "{file}/x.json"], "is a file"),
+])
+def test_bench_refuses_bad_output_and_sizes_before_measuring(tmp_path, args, message, monkeypatch):
+    import anchoring.benchmarks as benchmarks
+
+    monkeypatch.setattr(benchmarks, "run_suite", lambda *a, **k: pytest.fail("measured before refusing"))
+    (tmp_path / "afile").write_text("x")
+    args = [a.format(dir=tmp_path, file=tmp_path / "afile") for a in args]
+    r = CliRunner().invoke(app, ["bench", "--lm-steps", "0", "--e2e-seeds", "", *args])
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+
+
 def test_the_sweep_worker_starts_without_a_reimport_warning_and_explains_a_missing_argument():
     """The local backend starts shards as `python -m anchoring.sweep.worker DIR`; the package must not
     have imported that module already (runpy warns into every shard's log), and a call without a

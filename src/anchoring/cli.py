@@ -396,7 +396,21 @@ def bench_cmd(
         fail("--repeats must be ≥ 1, --steps ≥ 2 and --lm-steps ≥ 0")
     if lm_compiled and not lm_steps:
         fail("--lm-compiled times LM cases, and --lm-steps 0 skips them: give --lm-steps N")
+    if e2e_steps is not None and e2e_steps < 1:
+        fail(f"--e2e-steps must be a positive integer, got {e2e_steps}")
     sizes, seeds = ints(ensembles, "--ensembles"), ints(e2e, "--e2e-seeds")
+    try:  # before minutes of measuring, not after
+        from anchoring.benchmarks.cases import ensemble_config
+        from anchoring.kinds.colour.kind import memory_estimate
+        from anchoring.resources import check_fits
+
+        for e in sizes:
+            check_fits(memory_estimate(ensemble_config(e, steps)), f"the ensemble case E={e}", "give --ensembles smaller sizes")
+        if json_out.is_dir():
+            raise AnchoringError(f"--json {str(json_out)!r} is a directory; give a file path")
+        runs.check_writable(json_out.parent)
+    except AnchoringError as e:
+        fail(str(e))
     with err.status("benchmarking") as status:
         res = run_suite(repeats, steps, sizes, seeds, e2e_steps, json_out, progress=lambda m: status.update(m), lm_steps=lm_steps,
                         lm_compiled=lm_compiled)
@@ -445,6 +459,8 @@ def surprisal_cmd(
 
     if (text is None) == (file is None):
         fail("give the text as an argument or with --file, not both")
+    if out_path.is_dir():
+        fail(f"--out {str(out_path)!r} is a directory; give the page's file name")
     if file is not None:
         try:
             text = file.read_text()

@@ -28,7 +28,8 @@ from anchoring.train.skeleton import flush_denormals
 EXPERIMENT = "anchored"
 
 
-def _config(seeds: int, steps: int, fast: bool = True):
+def ensemble_config(seeds: int, steps: int, fast: bool = True):
+    """The config every ensemble case trains (also what the CLI sizes memory from before measuring)."""
     cfg = load(EXPERIMENT)
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"seeds": seeds, "steps": steps, "fast": fast})})
 
@@ -38,7 +39,7 @@ def eager_baseline(steps: int) -> dict:
 
     It gets what the trainer gets, so the ratio measures the ensemble and nothing else: fused Adam
     with the same betas, denormals flushed, and the first (warm-up) step left out of the time."""
-    cfg = _config(1, steps)
+    cfg = ensemble_config(1, steps)
     torch.manual_seed(0)
     model = build_model(cfg)
     objective = build_objective(cfg)
@@ -73,7 +74,7 @@ def eager_baseline(steps: int) -> dict:
 
 def ensemble(seeds: int, steps: int, fast: bool = True) -> dict:
     """The project's trainer on `seeds` members; model-steps/s counts every member's step."""
-    cfg = _config(seeds, steps, fast)
+    cfg = ensemble_config(seeds, steps, fast)
     done = {}
 
     def progress(i: int, total: int) -> None:
