@@ -127,7 +127,8 @@ def test_falloff_and_mapper_bounds():
     assert parse_falloff("power:0.2,2,1") == BoundedPower(0.2, 2.0, 1.0)
     assert parse_falloff("linear:0.1,0.5") == BoundedPower(0.1, 1.0, 0.5)
     for bad, msg in (("cubic:1", "unknown falloff"), ("power:x", "must be numbers"), ("power:1.5,1,1", "threshold a"),
-                     ("constant:1,2", "at most 1")):
+                     ("constant:1,2", "at most 1"), ("constant:nan", "finite"), ("power:0.1,inf,0.9", "finite"),
+                     ("constant:-1", "strength must be ≥ 0")):
         with pytest.raises(AnchoringError, match=msg):
             parse_falloff(bad)
 

@@ -6,6 +6,7 @@ repulsion. All are small frozen dataclasses, callable on tensors, so they print 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -108,4 +109,8 @@ def parse_falloff(text: str | None) -> BoundedPower | Constant | BezierMapper:
     fn, most = shapes[kind]
     if len(nums) > most:
         raise AnchoringError(f"falloff {kind!r} takes at most {most} numbers, got {len(nums)}")
+    if not all(math.isfinite(x) for x in nums):  # nan or inf would turn every edited value into NaN
+        raise AnchoringError(f"falloff {text!r}: arguments must be finite numbers")
+    if kind == "constant" and nums and nums[0] < 0:
+        raise AnchoringError(f"falloff strength must be ≥ 0, got {nums[0]:g} (a negative strength adds the concept)")
     return fn(*nums)
