@@ -83,6 +83,13 @@ def test_generate_prints_continuations_with_and_without_the_edit(lm_run):
     assert "as trained" in r.stdout and "after delete" in r.stdout and r.stdout.count("He drew his") >= 2
     greedy = lm_run.generate("He drew his ", arm="anchored", n=20, temperature=0)
     assert greedy == lm_run.generate("He drew his ", arm="anchored", n=20, temperature=0)  # deterministic
+    # a hot sample from an untrained-looking distribution still never emits the unknown character
+    hot = lm_run.generate("He drew his ", arm="control", n=300, temperature=5.0)
+    assert "\ufffd" not in hot and len(hot) == len("He drew his ") + 300
+    for args, message in ((["--prompt", ""], "prompt is empty"), (["--prompt", "Zébra ☃"], "never saw in training"),
+                          (["--prompt", "He ", "--temperature", "inf"], "finite")):
+        r = CliRunner().invoke(app, ["generate", str(lm_run.path), *args])
+        assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, (args, r.stderr)
 
 
 def test_the_lm_ood_experiment_reports_auroc_and_roc_curves(tmp_path):

@@ -489,8 +489,8 @@ def generate_cmd(
     samples: int = typer.Option(2, "--samples", help="continuations per model (sampling seeds 0 … N−1)"),
 ) -> None:
     """Continuations of a prompt, side by side with and without an edit (same sampling seeds)."""
-    if n < 1 or samples < 1 or not temperature >= 0:
-        fail("-n and --samples must be ≥ 1 and --temperature ≥ 0")
+    if n < 1 or samples < 1 or not 0 <= temperature < float("inf"):
+        fail("-n and --samples must be ≥ 1 and --temperature a finite number ≥ 0")
     run, model, after = _lm_models("generate", run_dir, arm, seed, edit)
     try:
         table = Table(title=f"{run.config.name}: {arm or next(iter(run.arms))} arm", show_lines=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,12 +71,22 @@ class LMRun(ArmsRun):
                  temperature: float = 1.0, sample_seed: int = 0, model: torch.nn.Module | None = None) -> str:
         """`prompt` continued by `n` sampled tokens (temperature 0: greedy); the last `context` tokens condition.
         `model` replaces the arm's model (an edited copy, say) with the same tokenizer and sampling seed."""
+        if not prompt:
+            raise AnchoringError("the prompt is empty: give at least one character to continue")
+        if not math.isfinite(temperature):
+            raise AnchoringError(f"temperature must be a finite number ≥ 0, got {temperature}")
         model = model if model is not None else self.model(arm, seed)
-        ids = self.tokenize(prompt).tolist() or [0]
+        ids = self.tokenize(prompt).tolist()
+        char_level = self.data.tokenizer.kind == "char"  # there id 0 stands for every character never seen in training
+        if char_level and 0 in ids:
+            unseen = sorted({c for c, i in zip(prompt, ids) if i == 0})
+            raise AnchoringError(f"the prompt has characters the model never saw in training: {''.join(unseen[:10])!r}")
         g = torch.Generator().manual_seed(sample_seed)
         start = len(ids)
         for _ in range(n):
             logits = model(torch.tensor([ids[-model.context:]]))[0, -1]
+            if char_level:
+                logits[0] = float("-inf")  # never continue with "a character not in the vocabulary"
             if temperature <= 0:
                 nxt = int(logits.argmax())
             else:
