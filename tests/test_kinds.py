@@ -136,3 +136,16 @@ def test_the_method_imports_no_concrete_model_or_domain(layer):
                 [a.name for a in node.names] if isinstance(node, ast.Import) else []
             for name in names:
                 assert not name.startswith(("anchoring.models", "anchoring.domains", "anchoring.kinds")), (path, name)
+
+
+def test_weights_that_do_not_fit_the_config_are_one_line_naming_the_tensor(tmp_path):
+    from torch import nn
+
+    from anchoring.errors import AnchoringError
+    from anchoring.kinds.arms import load_arms, write_arms
+
+    write_arms(tmp_path, {("control", 0): nn.Linear(3, 4)}, "test-1")
+    with pytest.raises(AnchoringError) as e:
+        load_arms(tmp_path, {"arms": ["control"], "seeds": [0]}, lambda arm: nn.Linear(3, 2))
+    message = str(e.value)
+    assert "\n" not in message and "size mismatch for weight" in message and "do not match the config" in message

@@ -47,7 +47,14 @@ def load_arms(path: Path, arch: dict, build: Callable[[str], nn.Module]) -> dict
             try:
                 m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
             except RuntimeError as e:
-                raise AnchoringError(f"{str(path)!r}: weights of {arm} seed {seed} do not match the config ({str(e)[:80]})") from None
+                raise AnchoringError(f"{str(path)!r}: weights of {arm} seed {seed} do not match the config ({_first_mismatch(e)})") from None
             m.eval()
             out[arm].append(m)
     return out
+
+
+def _first_mismatch(e: Exception) -> str:
+    """The first specific line of torch's multi-line load_state_dict error ("size mismatch for x: …")."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    specific = [ln for ln in lines if ln.startswith(("size mismatch", "Missing key", "Unexpected key"))]
+    return (specific or lines or [type(e).__name__])[0][:160]
