@@ -30,3 +30,11 @@ def test_hue_order_accepts_both_orientations_and_rejects_swaps():
 def test_anchor_cosine():
     z = torch.tensor([[2.0, 0, 0, 0], [0, 1.0, 0, 0], [1.0, 1.0, 0, 0]])
     assert torch.allclose(anchor_cosine(z, torch.tensor([1.0, 0, 0, 0])), torch.tensor([1.0, 0.0, 1 / math.sqrt(2)]))
+
+
+def test_a_target_number_never_rounds_onto_its_bound():
+    from anchoring.evaluate.stats import target_text
+
+    assert target_text(0.0204) == "0.0204" and target_text(0.2996) == "0.2996" and target_text(0.29996) == "0.29996"
+    assert target_text(0.3) == "0.300" and target_text(1.476) == "1.476" and target_text(-0.25) == "-0.250"
+    assert target_text(float("nan")) == "undefined" and target_text(None) == "undefined"

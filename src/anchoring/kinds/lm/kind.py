@@ -30,7 +30,7 @@ import torch
 from anchoring import runs
 from anchoring.anchor import Capture
 from anchoring.errors import AnchoringError
-from anchoring.evaluate.stats import median
+from anchoring.evaluate.stats import median, target_text
 from anchoring.kinds.arms import write_arms
 from anchoring.kinds.base import Kind
 from anchoring.kinds.lm import evaluate as ev
@@ -408,7 +408,7 @@ def write_report(cfg: LMExperiment, path: Path, summary: dict[str, Any], metric_
     ]
     if summary["targets"]:
         sections.append(("Targets", html.table_html(["target", "median", "met"],
-                                                    [[k, v["median"], v["met"]] for k, v in summary["targets"].items()])))
+                                                    [[k, target_text(v["median"]), v["met"]] for k, v in summary["targets"].items()])))
     sections += [
         ("Alignment cos(h, anchor) per layer", html.table_html(["arm", "seed", "site", "concept", "retain", "margin",
                                                                 "containment"], al_rows)),
@@ -552,9 +552,7 @@ def summary_lines(summary: dict[str, Any]) -> list[Any]:
                       "–" if seconds is None else f"{seconds:.0f}")
     lines: list[Any] = [table]
     for name, t in summary.get("targets", {}).items():
-        m = t.get("median")
-        shown = "undefined" if m is None or m != m else f"{m:.3f}"  # NaN in the run, null once read back from JSON
-        lines.append(f"{'met ' if t['met'] else 'MISS'}  {name}: {shown}")
+        lines.append(f"{'met ' if t['met'] else 'MISS'}  {name}: {target_text(t.get('median'))}")  # None: NaN read back from JSON
     if summary.get("unlearning"):
         from anchoring.kinds.lm import unlearning as ul
 
