@@ -128,7 +128,8 @@ def test_bad_transformer_configs_fail_before_training():
                            (["terms.0.head=3"], r"site 'blocks.1' has no head 3"),
                            (["concepts.0.axis=64"], "axis 64"),
                            (["terms.2.positions=\"mellowmax\""], "labelled"),
-                           (["transformer.heads=5"], "heads")):
+                           (["transformer.heads=5"], "heads"),
+                           (["language.held_out=0.0"], "held-out split of mix pairs empty")):
         with pytest.raises(AnchoringError, match=msg):
             lifecycle.validate(experiments.load("transformer-anchor-residual", overrides))
 
@@ -194,3 +195,15 @@ def test_control_experiment_trains_only_the_unanchored_model(tmp_path):
     assert summary["interventions"] == {} and summary["targets"] == {}
     shown = CliRunner().invoke(app, ["show", str(out)])
     assert shown.exit_code == 0 and "exact match per model" in shown.stdout
+
+
+def test_the_held_out_gap_line_shows_the_seed_it_is_judged_on():
+    from anchoring.kinds.transformer.kind import summarize, summary_lines
+
+    cfg = experiments.load("transformer-anchor-residual")
+    keys = ("seen", "complement", "lighten", "red answer", "no red")
+    rows = [{"seed": s, "arm": arm, **dict.fromkeys(keys, 0.9), "held-out": 0.9 - (0.05 if arm == "anchored" and s == 2 else 0.0)}
+            for s in range(3) for arm in ("anchored", "control")]
+    summary = summarize(cfg, rows, {}, [], ["anchored", "control"])
+    (line,) = [x for x in summary_lines(summary) if isinstance(x, str) and "held-out gap" in x]
+    assert line.startswith("MISS") and line.endswith("-0.050"), line  # the median (0.000) would read as met
