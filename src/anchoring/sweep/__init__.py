@@ -155,7 +155,7 @@ def sweep(experiment: str, out: Path, *, sets: list[str] | None = None, grid: li
     else:
         merged = runs.read_json(out / runs.SUMMARY)
         merged["sweep"] = summary["sweep"]
-        merged["timing"] = summary["timing"]
+        merged["timing"] = {**merged.get("timing", {}), **summary["timing"]}  # keep the run's own entries (per-arm train times)
         runs.write_json(out / runs.SUMMARY, merged)
         summary = merged
     return summary
