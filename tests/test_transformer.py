@@ -207,3 +207,13 @@ def test_the_held_out_gap_line_shows_the_seed_it_is_judged_on():
     summary = summarize(cfg, rows, {}, [], ["anchored", "control"])
     (line,) = [x for x in summary_lines(summary) if isinstance(x, str) and "held-out gap" in x]
     assert line.startswith("MISS") and line.endswith("-0.050"), line  # the median (0.000) would read as met
+
+
+def test_the_heatmaps_take_the_median_the_tables_take():
+    from anchoring.kinds.transformer.kind import median_maps
+
+    w = torch.tensor([1.0, 0.0])  # colour 0 is the concept
+    maps = {"anchored": [torch.full((1, 1, 2), c) for c in (0.012, 0.185)]}  # two seeds' containment
+    margin, containment = median_maps(maps, w)
+    assert containment["anchored"][0, 0] == pytest.approx((0.012 + 0.185) / 2)  # not the lower middle value
+    assert margin["anchored"][0, 0] == pytest.approx(0.0)  # equal cosines everywhere: no margin

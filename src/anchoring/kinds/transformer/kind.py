@@ -293,19 +293,25 @@ def summarize(cfg: TransformerExperiment, rows: list[dict], edits: dict, anchors
     return summary
 
 
+def median_maps(maps: dict[str, list[torch.Tensor]], w: torch.Tensor) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per arm, the median over seeds of each (site, slot)'s margin (concept-weighted mean cos − mean
+    cos over colours) and containment (mean cos). `maps[arm]`: one `(sites, slots, colours)` per seed.
+    np.median, the mean of the middle two for an even count, as every table and target line takes;
+    torch's median takes the lower one, so a heatmap could show a target met that the table misses."""
+    margin, mean = {}, {}
+    for arm, ms in maps.items():
+        stack = torch.stack(ms)  # (seeds, sites, slots, colours)
+        margin[arm] = np.median(((stack * (w / w.sum())).sum(-1) - stack.mean(-1)).numpy(), axis=0)
+        mean[arm] = np.median(stack.mean(-1).numpy(), axis=0)
+    return margin, mean
+
+
 def figures(cfg, path: Path, lang, results, maps, map_sites, curves, anchors) -> None:
     figdir = path / "figures"
     cols = list(ev.MAP_SLOTS)
     rows = [str(s) for s in map_sites]
     w, _ = ev.concept_scores(lang)
-    margin_maps, mean_maps = {}, {}
-    for arm, ms in maps.items():
-        stack = torch.stack(ms)  # (seeds, sites, slots, colours)
-        wn = w / w.sum()
-        # np.median (the mean of the middle two for an even count), as every table and target line uses;
-        # torch's median takes the lower one, so a figure could show a target met that the table misses
-        margin_maps[arm] = np.median(((stack * wn).sum(-1) - stack.mean(-1)).numpy(), axis=0)
-        mean_maps[arm] = np.median(stack.mean(-1).numpy(), axis=0)
+    margin_maps, mean_maps = median_maps(maps, w)
     save_fig(sf.alignment_maps(margin_maps, rows, cols, "margin: concept-weighted cos(h, anchor) − mean over colours (median over seeds)"),
              figdir / "alignment_margin.png")
     save_fig(sf.alignment_maps(mean_maps, rows, cols, "containment: mean cos(h, anchor) over all colours (median over seeds)"),
