@@ -41,16 +41,23 @@ class EvalSet:
     passages: list[int]
 
 
+def chars_per_token(spans: list[tuple[int, int]]) -> np.ndarray:
+    """Characters each token adds, so nats/char divides by the text's length: a multi-byte character
+    cut into byte tokens gives each of them its span, and counts once (on the first)."""
+    chars = np.zeros(len(spans), dtype=np.float32)
+    prev = None
+    for i, (s, e) in enumerate(spans):
+        chars[i] = 0.0 if (s, e) == prev else e - s
+        prev = (s, e)
+    return chars
+
+
 def token_table(data: LMData, text: str, positive: bool, concept: str, after: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Token ids, characters per token and class per token of one passage (with its separator)."""
     full = text + SEPARATOR
     ids = data.encode(full)
     spans = data.tokenizer.spans(full)
-    chars = np.zeros(len(ids), dtype=np.float32)
-    prev = None
-    for i, (s, e) in enumerate(spans):
-        chars[i] = 0.0 if (s, e) == prev else e - s  # a multi-byte character cut into byte tokens counts once
-        prev = (s, e)
+    chars = chars_per_token(spans)
     if not positive:
         return ids, chars, np.full(len(ids), RETAIN, dtype=np.int8)
     cls = np.where(token_mask(full, spans, concept, after), CONCEPT, OTHER).astype(np.int8)

@@ -43,8 +43,7 @@ class LMRun(ArmsRun):
                 out.append({"nats": torch.zeros(0), "spans": [], "nats_per_char": float("nan")})
                 continue
             nats = F.cross_entropy(model(ids[None])[0, :-1], ids[1:], reduction="none")
-            # a multi-byte character cut into byte tokens gives each of them its span: count it once
-            chars = sum(e - s for i, (s, e) in enumerate(spans) if i and (s, e) != spans[i - 1])
+            chars = float(ev.chars_per_token(spans)[1:].sum())  # the predicted tokens' characters
             out.append({"nats": nats, "spans": spans[1:], "nats_per_char": float(nats.sum()) / max(chars, 1)})
         return out
 

@@ -58,9 +58,9 @@ def validate(cfg: TransformerExperiment) -> int:
     """Everything checkable before training (the model builds, terms bind, the schedule fits, edits
     resolve); returns the run length in steps."""
     lang = build_language(cfg)
-    if not len(lang.mix_pairs("held-out")) or not len(lang.mix_pairs("seen")):  # both are scored after training
-        empty = "held-out" if not len(lang.mix_pairs("held-out")) else "seen"
-        raise AnchoringError(f"language.held_out = {cfg.language.held_out:g} leaves the {empty} split of mix pairs "
+    empty = [split for split in ("held-out", "seen") if not len(lang.mix_pairs(split))]  # both are scored after training
+    if empty:
+        raise AnchoringError(f"language.held_out = {cfg.language.held_out:g} leaves the {empty[0]} split of mix pairs "
                              f"empty; both are scored (use a share that keeps at least one pair on each side)")
     model = build_transformer(cfg, lang)
     objective = build_sequence_objective(cfg, model)
