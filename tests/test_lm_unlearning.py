@@ -39,11 +39,12 @@ def test_every_method_is_a_row_and_anchoring_delete_hits_the_concept(unlearned):
     path, summary = unlearned
     u = summary["unlearning"]
     methods = {r["method"] for r in u["rows"]}
-    assert methods == {"anchoring · delete", "anchoring · suppress", "anchoring · matched random move",
-                       "anchoring · matched random deletion", "mean-difference · delete", "mean-difference · suppress",
-                       "LEACE · delete", "LEACE · suppress", "weak filter", "oracle filter"}
     rows = {r["method"]: r for r in u["rows"]}
     a = rows["anchoring · delete"]
+    assert methods == {"anchoring · delete", "anchoring · suppress", "anchoring · matched random move",
+                       "anchoring · matched random deletion", "mean-difference · delete", "mean-difference · suppress",
+                       "LEACE · delete", "LEACE · suppress", "weak filter", "oracle filter",
+                       *([ul.MATCHED_COST] if a["retain_cost"] > ul.TINY else [])}
     assert a["d_forget_concept"] > a["retain_cost"] and a["d_forget_concept"] > 0.05, a
     assert rows["oracle filter"]["R"] == 1.0
     assert rows["anchoring · delete"]["leftover"] < 1e-5  # a basis axis: removed exactly
@@ -77,6 +78,84 @@ def test_every_method_is_a_row_and_anchoring_delete_hits_the_concept(unlearned):
     assert ratio == pytest.approx(a["d_forget_concept"] / md["d_forget_concept"]) or md["d_forget_concept"] <= 0
     r = CliRunner().invoke(app, ["show", str(path)])
     assert r.exit_code == 0 and "unlearning" in r.stdout and "they are fine-tuned" in r.stdout
+
+
+def test_the_mean_difference_deletion_is_compared_at_anchorings_retain_cost(unlearned):
+    """The ≥ 3 × target is stated at one retain cost: the dearer mean-difference deletion is dialled down
+    to the anchored deletion's cost (bisection on the strength), and the target line divides by that row."""
+    path, summary = unlearned
+    rows = {(r["method"], r["seed"]): r for r in summary["unlearning"]["rows"]}
+    seeds = sorted({s for _m, s in rows})
+    for seed in seeds:
+        a, md = rows["anchoring · delete", seed], rows["mean-difference · delete", seed]
+        got = rows.get((ul.MATCHED_COST, seed))
+        assert (got is not None) == (a["retain_cost"] > ul.TINY)
+        if got is None:
+            continue
+        assert got["before"] == md["before"] and not got["fine_tuned"] and got["relearn"] == {}
+        assert 0.0 < got["strength"] <= 1.0
+        if md["retain_cost"] <= a["retain_cost"]:  # already cheaper in full: left as it is
+            assert got["strength"] == 1.0 and got["after"] == md["after"]
+        else:
+            assert got["strength"] < 1.0 and got["retain_cost"] == pytest.approx(a["retain_cost"], abs=2e-3)
+    line = summary["targets"].get("Δforget (concept) of anchoring · delete ≥ 3 × mean-difference · delete at the same retain cost")
+    matched = [rows[ul.MATCHED_COST, s] for s in seeds if (ul.MATCHED_COST, s) in rows]
+    assert (line is not None) == bool(matched)
+    if matched:
+        want = ul.ranked_median([ul.ratio(rows["anchoring · delete", r["seed"]]["d_forget_concept"], r["d_forget_concept"])
+                                 for r in matched])
+        assert line["median"] == pytest.approx(want, nan_ok=True) and line["strengths"] == [r["strength"] for r in matched]
+        assert "dialled" not in ul.matched_note({"rows": []}) and "β = " in ul.matched_note(summary["unlearning"])
+        header, table = ul.table(summary["unlearning"])
+        assert all(r[-1] == "–" for r in table if r[0] == ul.MATCHED_COST)
+
+
+def test_cost_matching_finds_the_strength_that_costs_the_asked_retain_loss(unlearned):
+    """On the run's control and its mean-difference directions: half the full deletion's retain cost is
+    found at a strength strictly between 0 and 1, within the bisection's tolerance, and a cost above the
+    full deletion's gives the full deletion."""
+    from anchoring.kinds.lm import evaluate as ev
+
+    path, summary = unlearned
+    run = lifecycle.load_run(path)
+    cfg, data = run.config, run.data
+    control = run.arms["control"][0]
+    es = ev.eval_set(data, cfg.lm.tokens, cfg.evaluate.eval_chars, cfg.evaluate.after, order=cfg.evaluate.order)
+    dirs = [mean_difference_direction(control, cfg, data, run.seeds[0])]
+    before = ul.losses(control, es)["retain"]
+    full = ul.losses(delete(control, dirs), es)["retain"] - before
+    assert full > 1e-3, full  # the tiny control does use the direction
+    beta, got = ul.cost_matched(control, dirs, full / 2, before, es, cfg.evaluate.batch_size, iters=20)
+    assert 0.0 < beta < 1.0 and got["retain"] - before == pytest.approx(full / 2, abs=2e-4)
+    assert ul.losses(delete(control, dirs, beta), es)["retain"] == pytest.approx(got["retain"], abs=1e-7)
+    assert ul.cost_matched(control, dirs, 2 * full, before, es, cfg.evaluate.batch_size)[0] == 1.0
+
+
+def mean_difference_direction(model, cfg, data, seed):
+    from anchoring.kinds.lm import posthoc
+    from anchoring.kinds.lm.kind import anchored_sites
+
+    fit = posthoc.fit(model, cfg, data, seed, anchored_sites(cfg))["mean-difference"]
+    return next(iter(fit.directions.values()))
+
+
+def test_a_partial_deletion_removes_that_share_of_the_component():
+    from anchoring.control.surgery import project_out
+
+    torch.manual_seed(2)
+    model = NormalizedTransformer(11, 16, 2, 2, 16).eval()
+    v = torch.nn.functional.normalize(torch.randn(16), dim=0)
+    embeddings, writers = model.residual_writers()
+    half = project_out(model, v, embeddings, writers, 0.25)
+    assert torch.allclose(half.embed.weight @ v, 0.75 * (model.embed.weight @ v), atol=1e-6)
+    assert torch.allclose(v @ half.blocks[1].mlp.down.weight, 0.75 * (v @ model.blocks[1].mlp.down.weight), atol=1e-6)
+    w = torch.randn(16)
+    w = w - (w @ v) * v  # the part off v is untouched
+    assert torch.allclose(half.embed.weight @ w, model.embed.weight @ w, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(delete(model, [v], 1.0).state_dict().values(), delete(model, [v]).state_dict().values()))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(delete(model, [v], 0.0).state_dict().values(), model.state_dict().values()))
+    with pytest.raises(AnchoringError, match=r"strength must be in \[0, 1\]"):
+        project_out(model, v, embeddings, writers, 1.5)
 
 
 def test_the_matched_control_row_is_what_intervene_reports(unlearned):

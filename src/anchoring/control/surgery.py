@@ -166,25 +166,31 @@ def prune(model: nn.Module, dims: Sequence[int], site: str = "latent") -> nn.Mod
 
 
 @torch.no_grad()
-def project_out(model: nn.Module, direction: torch.Tensor, embeddings: Sequence[str], writers: Sequence[str]) -> nn.Module:
+def project_out(model: nn.Module, direction: torch.Tensor, embeddings: Sequence[str], writers: Sequence[str],
+                strength: float = 1.0) -> nn.Module:
     """A copy whose residual stream cannot carry `direction`: every embedding table named in
     `embeddings` (rows are vectors in the stream) and every `nn.Linear` in `writers` (outputs are
     added to the stream) is projected off it, `W ← (I − v̂v̂ᵀ)W`. Which modules those are is the
     model's to say; for a normalised residual stream `docs/method.md` explains why nothing else needs
-    to change."""
+    to change.
+
+    `strength` β in [0, 1] removes only that share of the component, `W ← (I − β v̂v̂ᵀ)W`: a dial
+    between no edit and the deletion, so that two deletions can be compared at the same cost."""
+    if not 0.0 <= strength <= 1.0:
+        raise AnchoringError(f"deletion strength must be in [0, 1], not {strength}")
     m = copy.deepcopy(model)
     v = F.normalize(direction.to(torch.float32), dim=0)
     for name in embeddings:
         w = resolve_site(m, name).weight
-        w.sub_(torch.outer(w @ v.to(w.dtype), v.to(w.dtype)))
+        w.sub_(torch.outer(w @ v.to(w.dtype), v.to(w.dtype)), alpha=strength)
     for name in writers:
         lin = resolve_site(m, name)
         if not isinstance(lin, nn.Linear) or lin.out_features != v.numel():
             raise AnchoringError(f"{name!r} is not a Linear writing a {v.numel()}-wide residual stream")
         w = lin.weight
-        w.sub_(torch.outer(v.to(w.dtype), v.to(w.dtype) @ w))
+        w.sub_(torch.outer(v.to(w.dtype), v.to(w.dtype) @ w), alpha=strength)
         if lin.bias is not None:
-            lin.bias.sub_((lin.bias @ v.to(w.dtype)) * v.to(w.dtype))
+            lin.bias.sub_((lin.bias @ v.to(w.dtype)) * v.to(w.dtype), alpha=strength)
     return m
 
 

@@ -130,16 +130,17 @@ def matched_directions(directions: Sequence[torch.Tensor], generator: torch.Gene
     return orthonormal(list(draws))
 
 
-def delete(model: nn.Module, directions: Sequence[torch.Tensor]) -> nn.Module:
+def delete(model: nn.Module, directions: Sequence[torch.Tensor], strength: float = 1.0) -> nn.Module:
     """A copy with the span of `directions` removed from the embeddings and every residual writer:
     the directions are orthonormalised first, then each basis vector is projected out in turn; a
     model that keeps its weights on the unit sphere (`normalize_weights`) is put back there, so the
     edited model is one its own training could have produced, and fine-tuning it (the relearning
-    attack) does not begin with a jump from the renormalisation."""
+    attack) does not begin with a jump from the renormalisation. `strength` < 1 removes only that
+    share of each component (`surgery.project_out`): the dial that matches two deletions' costs."""
     embeddings, writers = model.residual_writers()
     out = model
     for v in orthonormal(directions):
-        out = project_out(out, v, embeddings, writers)
+        out = project_out(out, v, embeddings, writers, strength)
     if out is model:
         raise AnchoringError("nothing to delete: no direction given")
     if hasattr(out, "normalize_weights"):  # back on the sphere, as after every training step: the

@@ -442,7 +442,8 @@ def write_report(cfg: LMExperiment, path: Path, summary: dict[str, Any], metric_
                 f"R = Δforget (concept) / that of the oracle filter against the control. Relearning: "
                 f"{u['relearn_steps']} fine-tuning steps on K forget passages, scored on {u['eval_positions']['curves']} "
                 f"positions; relearned = lowest concept loss − the control's, kept = share of Δforget that survives. "
-                f"{html.html.escape(u['note'])}. Curves: {html.html.escape(u['curves'])}.</p>"
+                f"{html.html.escape(u['note'])}. {html.html.escape(ul.matched_note(u))}{'. ' if ul.matched_note(u) else ''}"
+                f"Curves: {html.html.escape(u['curves'])}.</p>"
                 + html.table_html(header, rows)
                 + html.image_html(figs / "unlearning_tradeoff.png", "Δforget (concept) against retain cost"))
         if (figs / "relearning_curves.png").is_file():

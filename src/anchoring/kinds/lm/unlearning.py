@@ -47,6 +47,7 @@ POSTHOC_NAMES = {"mean-difference": "mean-difference", "leace": "LEACE"}
 BASELINES = {"sgtm": "SGTM", "routing": "gradient routing"}
 MATCHED_RANDOM = "anchoring · matched random move"
 MATCHED_DELETE = "anchoring · matched random deletion"
+MATCHED_COST = "mean-difference · delete at anchoring's retain cost"  # the deletion target's comparison, not attacked
 CONTROL_ROWS = (MATCHED_RANDOM, MATCHED_DELETE)  # a method's control, not a method: figures draw it apart, never attacked
 Progress = Callable[[int, int], None]
 
@@ -222,14 +223,8 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
             attack = {k: Windows(data, forget[:k], window, seed, (BATCH_SALT << 20) + k) for k in u.relearn_k}  # never a MIX_SALT
             seed_rows = []
             for m in by_seed[seed]:
-                before, after = losses(m.before, es, bs), losses(m.after, es, bs)
-                row: dict[str, Any] = {
-                    "method": m.name, "seed": seed, "arm": m.arm, "weights_edited": m.weights_edited,
-                    "before": before, "after": after,
-                    "d_forget": after["forget"] - before["forget"], "d_forget_concept": after["concept"] - before["concept"],
-                    "retain_cost": after["retain"] - before["retain"], "relearn": {}, "recover_steps": None,
-                    "fine_tuned": attacked(m, u.attack_hooks)}
-                row["selectivity"] = ratio(row["d_forget_concept"], row["retain_cost"])
+                row = _row(m.name, seed, m.arm, m.weights_edited, losses(m.before, es, bs), losses(m.after, es, bs),
+                           attacked(m, u.attack_hooks))
                 if m.removed:  # exact (0) for a basis axis; a slanted direction leaks back through the per-dim step α
                     with torch.no_grad():
                         row["leftover"] = max(residual_component(m.after, v, probe, residual) for v in m.removed)
@@ -255,6 +250,9 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
                                 "forget_concept": c["concept"], "forget": c["forget"], "retain": c["retain"],
                                 "control_concept": target} for i, c in enumerate(rec)]
                 seed_rows.append(row)
+            matched = cost_matched_row(seed_rows, by_seed[seed], es, bs)
+            if matched is not None:
+                seed_rows.append(matched)
             set_r(seed_rows)
             rows += seed_rows
     if path is not None:
@@ -266,6 +264,61 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
                      "controls (random move, random deletion) are not fine-tuned" if u.attack_hooks else
                      "suppress rows and the matched random move are hooks, not weight edits: they are not fine-tuned "
                      "(no relearn or recover numbers), nor is the matched random deletion")}
+
+
+def _row(method: str, seed: int, arm: str, weights_edited: bool, before: dict[str, float], after: dict[str, float],
+         fine_tuned: bool) -> dict[str, Any]:
+    """A table row's losses and differences (relearning and recovery filled in by the caller)."""
+    row: dict[str, Any] = {
+        "method": method, "seed": seed, "arm": arm, "weights_edited": weights_edited, "before": before, "after": after,
+        "d_forget": after["forget"] - before["forget"], "d_forget_concept": after["concept"] - before["concept"],
+        "retain_cost": after["retain"] - before["retain"], "relearn": {}, "recover_steps": None, "fine_tuned": fine_tuned}
+    row["selectivity"] = ratio(row["d_forget_concept"], row["retain_cost"])
+    return row
+
+
+def cost_matched(model: nn.Module, directions: list[torch.Tensor], cost: float, retain_before: float, es: ev.EvalSet,
+                 bs: int, iters: int = 14, tol: float = 1e-4) -> tuple[float, dict[str, float]]:
+    """The strength β in [0, 1] at which deleting `directions` from `model` (`edits.delete(…, β)`) costs
+    retain text `cost` nats/char on `es`, and the losses there. Why: a deletion that costs retain text more
+    also removes more, so comparing two deletions is only fair at one cost; the dearer one is dialled
+    down to the cheaper one's. Bisection, since retain cost grows with β (0 at β = 0); a full deletion
+    that costs no more than `cost` is returned as it is (β = 1). Of the strengths tried, the one whose
+    cost is nearest `cost` is kept."""
+    from anchoring.kinds.lm.edits import delete
+
+    def at(beta: float) -> dict[str, float]:
+        return losses(delete(model, directions, beta), es, bs)
+
+    full = at(1.0)
+    if full["retain"] - retain_before <= cost:
+        return 1.0, full
+    lo, hi = 0.0, 1.0
+    best = (abs(full["retain"] - retain_before - cost), 1.0, full)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        got = at(mid)
+        c = got["retain"] - retain_before
+        best = min(best, (abs(c - cost), mid, got), key=lambda t: t[0])
+        if abs(c - cost) <= tol:
+            break
+        lo, hi = (lo, mid) if c > cost else (mid, hi)
+    return best[1], best[2]
+
+
+def cost_matched_row(seed_rows: list[dict[str, Any]], ms: list[Method], es: ev.EvalSet, bs: int) -> dict[str, Any] | None:
+    """`mean-difference · delete` dialled to the retain cost of `anchoring · delete` (`cost_matched`), as a
+    row with its strength; None when either row is missing or the anchored deletion cost retain text
+    nothing (only β = 0, no edit, would match it)."""
+    a = next((r for r in seed_rows if r["method"] == "anchoring · delete"), None)
+    md = next((m for m in ms if m.name == "mean-difference · delete"), None)
+    if a is None or md is None or not a["retain_cost"] > TINY:
+        return None
+    before = next(r for r in seed_rows if r["method"] == md.name)["before"]
+    strength, after = cost_matched(md.before, md.removed or [], a["retain_cost"], before["retain"], es, bs)
+    row = _row(MATCHED_COST, a["seed"], md.arm, True, before, after, False)
+    row["strength"] = strength
+    return row
 
 
 def attacked(m: Method, hooks: bool) -> bool:
@@ -306,6 +359,11 @@ def targets(unlearning: dict[str, Any]) -> dict[str, dict[str, Any]]:
                                 if b["method"] == md and b["seed"] == a["seed"]])
         out["Δforget (concept) of anchoring · delete ≥ 3 × mean-difference · delete"] = {
             "median": ratio_, "met": ratio_ >= 3.0, "retain_costs": [cost, med(md, lambda r: r["retain_cost"])]}
+    if any(r["method"] == MATCHED_COST for r in rows):  # the target as stated: at the same retain cost
+        ratio_ = ranked_median([ratio(a["d_forget_concept"], b["d_forget_concept"]) for a in rows if a["method"] == delete
+                                for b in rows if b["method"] == MATCHED_COST and b["seed"] == a["seed"]])
+        out["Δforget (concept) of anchoring · delete ≥ 3 × mean-difference · delete at the same retain cost"] = {
+            "median": ratio_, "met": ratio_ >= 3.0, "strengths": [r["strength"] for r in rows if r["method"] == MATCHED_COST]}
     ks = unlearning.get("relearn_k") or []
     if ks:
         k = max(ks)
@@ -352,6 +410,8 @@ def table(unlearning: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     def recover(r: dict[str, Any]) -> Any:
         if r["method"] in CONTROL_ROWS:  # never fine-tuned
             return "control"
+        if r["method"] == MATCHED_COST:  # a dialled-down copy of a row that is attacked in full
+            return "–"
         if not r.get("fine_tuned", r["weights_edited"]):  # summaries written before hooks could be attacked
             return "hook"
         return r["recover_steps"] if r["recover_steps"] is not None else f"> {cap}"
@@ -370,6 +430,16 @@ def table(unlearning: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     return columns(ks), rows
 
 
+def matched_note(unlearning: dict[str, Any]) -> str:
+    """What the cost-matched row is, with its strength per seed ("" when the table has none)."""
+    got = [r for r in unlearning["rows"] if r["method"] == MATCHED_COST]
+    if not got:
+        return ""
+    betas = ", ".join(f"{r['strength']:.3f} (seed {r['seed']})" for r in got)
+    return (f"{MATCHED_COST}: the same deletion with only a share β of each direction's component removed, β chosen "
+            f"per seed so that its retain cost equals that of anchoring · delete (β = {betas}); not fine-tuned")
+
+
 def lines(unlearning: dict[str, Any]) -> list[Any]:
     """The CLI's unlearning table: medians over seeds."""
     from rich.table import Table
@@ -384,4 +454,5 @@ def lines(unlearning: dict[str, Any]) -> list[Any]:
     for r in rows:
         if r[1] == "median":
             t.add_row(*[f"{r[i]:.3f}" if isinstance(r[i], float) else str(r[i]) for i in idx])
-    return [t, f"{unlearning['note']}; relearning fine-tunes {unlearning['relearn_steps']} steps"]
+    note = matched_note(unlearning)
+    return [t, f"{unlearning['note']}; relearning fine-tunes {unlearning['relearn_steps']} steps", *([note] if note else [])]
