@@ -437,12 +437,13 @@ def write_report(cfg: LMExperiment, path: Path, summary: dict[str, Any], metric_
 
         u = summary["unlearning"]
         header, rows = ul.table(u)
+        matched = ul.matched_note(u)
         body = (f"<p>Nats/char on held-out text. Forget: reference-positive passages (whole, and at concept positions); "
                 f"retain: reference-negative passages. Δ = after − before; selectivity = Δforget (concept) / retain cost; "
                 f"R = Δforget (concept) / that of the oracle filter against the control. Relearning: "
                 f"{u['relearn_steps']} fine-tuning steps on K forget passages, scored on {u['eval_positions']['curves']} "
                 f"positions; relearned = lowest concept loss − the control's, kept = share of Δforget that survives. "
-                f"{html.html.escape(u['note'])}. {html.html.escape(ul.matched_note(u))}{'. ' if ul.matched_note(u) else ''}"
+                f"{html.html.escape(u['note'])}. {html.html.escape(matched)}{'. ' if matched else ''}"
                 f"Curves: {html.html.escape(u['curves'])}.</p>"
                 + html.table_html(header, rows)
                 + html.image_html(figs / "unlearning_tradeoff.png", "Δforget (concept) against retain cost"))

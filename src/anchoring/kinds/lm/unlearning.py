@@ -278,19 +278,20 @@ def _row(method: str, seed: int, arm: str, weights_edited: bool, before: dict[st
 
 
 def cost_matched(model: nn.Module, directions: list[torch.Tensor], cost: float, retain_before: float, es: ev.EvalSet,
-                 bs: int, iters: int = 14, tol: float = 1e-4) -> tuple[float, dict[str, float]]:
+                 bs: int, iters: int = 14, tol: float = 1e-4,
+                 full: dict[str, float] | None = None) -> tuple[float, dict[str, float]]:
     """The strength β in [0, 1] at which deleting `directions` from `model` (`edits.delete(…, β)`) costs
     retain text `cost` nats/char on `es`, and the losses there. Why: a deletion that costs retain text more
     also removes more, so comparing two deletions is only fair at one cost; the dearer one is dialled
     down to the cheaper one's. Bisection, since retain cost grows with β (0 at β = 0); a full deletion
     that costs no more than `cost` is returned as it is (β = 1). Of the strengths tried, the one whose
-    cost is nearest `cost` is kept."""
+    cost is nearest `cost` is kept. `full`: the full deletion's losses on `es`, when the caller has them."""
     from anchoring.kinds.lm.edits import delete
 
     def at(beta: float) -> dict[str, float]:
         return losses(delete(model, directions, beta), es, bs)
 
-    full = at(1.0)
+    full = at(1.0) if full is None else full
     if full["retain"] - retain_before <= cost:
         return 1.0, full
     lo, hi = 0.0, 1.0
@@ -314,9 +315,10 @@ def cost_matched_row(seed_rows: list[dict[str, Any]], ms: list[Method], es: ev.E
     md = next((m for m in ms if m.name == "mean-difference · delete"), None)
     if a is None or md is None or not a["retain_cost"] > TINY:
         return None
-    before = next(r for r in seed_rows if r["method"] == md.name)["before"]
-    strength, after = cost_matched(md.before, md.removed or [], a["retain_cost"], before["retain"], es, bs)
-    row = _row(MATCHED_COST, a["seed"], md.arm, True, before, after, False)
+    whole = next(r for r in seed_rows if r["method"] == md.name)  # its full deletion is scored already
+    strength, after = cost_matched(md.before, md.removed or [], a["retain_cost"], whole["before"]["retain"], es, bs,
+                                   full=whole["after"])
+    row = _row(MATCHED_COST, a["seed"], md.arm, True, whole["before"], after, False)
     row["strength"] = strength
     return row
 
