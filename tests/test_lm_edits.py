@@ -161,6 +161,43 @@ def test_delete_on_an_lm_run_writes_a_run_that_load_run_opens(lm_run, tmp_path):
     assert r.exit_code == 0 and "deleted violence" in r.stdout
 
 
+def test_blinding_the_readers_writes_a_run_whose_later_layers_ignore_the_anchor(lm_run, tmp_path):
+    """`--method blind`: every matrix that reads the stream after the anchored site is blind to the
+    anchor (its weights times the axis are 0), the layers before it are untouched, the stream still
+    carries the axis, and the concept's text pays more than the rest and more than the same edit
+    along another axis of the same model."""
+    out = tmp_path / "blinded"
+    r = CliRunner().invoke(app, ["delete", str(lm_run.path), "--concept", "violence", "--method", "blind", "--out", str(out)])
+    assert r.exit_code == 0, r.stderr
+    run = lifecycle.load_run(out)
+    from anchoring.kinds.lm.edits import concept_directions, downstream_readers, first_site
+    from anchoring.kinds.lm.kind import anchored_sites
+
+    (v,) = concept_directions(run.config)
+    before, after = lm_run.model("anchored"), run.model("anchored")
+    site = first_site(after, anchored_sites(run.config))
+    later = downstream_readers(after, site)
+    assert later and later[-1] == "unembed" and f"blocks.{int(site.split('.')[1]) + 1}.attn.q" in later
+    for name, mod in after.named_modules():
+        if isinstance(mod, torch.nn.Linear) and mod.in_features == v.numel():
+            old = before.get_submodule(name).weight
+            if name in later:
+                assert (mod.weight @ v).abs().max() < 1e-6 and (old @ v).abs().max() > 1e-3, name
+            else:
+                assert torch.allclose(mod.weight, old, atol=1e-6), name  # earlier readers and every writer: as trained
+    assert run.summary["edit"]["method"] == "blind-readers" and run.summary["edit"]["max_residual_component"] > 1e-2
+    rows = run.summary["edit_rows"]
+    a = next(x for x in rows if x["arm"] == "anchored")
+    m = next(x for x in rows if x["arm"] == "anchored · matched random blinding")
+    d_concept, d_retain = a["concept after"] - a["concept before"], a["retain after"] - a["retain before"]
+    assert d_concept > d_retain and d_concept > m["concept after"] - m["concept before"], (a, m)
+    r = CliRunner().invoke(app, ["show", str(out)])
+    assert r.exit_code == 0 and "readers blinded to violence" in r.stdout
+    r = CliRunner().invoke(app, ["generate", str(lm_run.path), "--prompt", "He drew his ", "--edit", "blind", "-n", "10",
+                                 "--arm", "anchored", "--samples", "1"])
+    assert r.exit_code == 0 and "after blind" in r.stdout, r.stderr
+
+
 def test_a_delete_that_fails_while_writing_leaves_nothing(lm_run, tmp_path, monkeypatch):
     from anchoring import runs
     from anchoring.config import InterventionConfig

@@ -41,10 +41,17 @@ def test_every_method_is_a_row_and_anchoring_delete_hits_the_concept(unlearned):
     methods = {r["method"] for r in u["rows"]}
     rows = {r["method"]: r for r in u["rows"]}
     a = rows["anchoring · delete"]
-    assert methods == {"anchoring · delete", "anchoring · suppress", "anchoring · matched random move",
-                       "anchoring · matched random deletion", "mean-difference · delete", "mean-difference · suppress",
-                       "LEACE · delete", "LEACE · suppress", "weak filter", "oracle filter",
-                       *([ul.MATCHED_COST] if a["retain_cost"] > ul.TINY else [])}
+    assert methods == {"anchoring · delete", "anchoring · blind", "anchoring · suppress", "anchoring · matched random move",
+                       "anchoring · matched random deletion", ul.MATCHED_BLIND, "mean-difference · delete",
+                       "mean-difference · blind", "mean-difference · suppress", "LEACE · delete", "LEACE · blind",
+                       "LEACE · suppress", "weak filter", "oracle filter", *([ul.MATCHED_COST] if a["retain_cost"] > ul.TINY else [])}
+    b, rb = rows["anchoring · blind"], rows[ul.MATCHED_BLIND]  # the readers' edit: attacked; its control: not
+    assert b["fine_tuned"] and set(b["relearn"]) == {"2"} and "leftover" not in b and b["before"] == a["before"]
+    assert not rb["fine_tuned"] and not rb["relearn"] and b["d_forget_concept"] > rb["d_forget_concept"]
+    assert rows["mean-difference · blind"]["fine_tuned"] and rows["LEACE · blind"]["fine_tuned"]
+    line = summary["targets"]["anchoring · blind: Δforget at concept positions ≥ 0.5 nats/char"]
+    assert line["median"] == pytest.approx(b["d_forget_concept"])
+    assert "Δforget (concept) of anchoring · blind ≥ 3 × mean-difference · blind" in summary["targets"]
     assert a["d_forget_concept"] > a["retain_cost"] and a["d_forget_concept"] > 0.05, a
     assert rows["oracle filter"]["R"] == 1.0
     assert rows["anchoring · delete"]["leftover"] < 1e-5  # a basis axis: removed exactly
@@ -159,6 +166,44 @@ def test_a_partial_deletion_removes_that_share_of_the_component():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(delete(model, [v], 0.0).state_dict().values(), model.state_dict().values()))
     with pytest.raises(AnchoringError, match=r"strength must be in \[0, 1\]"):
         project_out(model, v, embeddings, writers, 1.5)
+
+
+def test_blinding_a_reader_removes_its_response_to_the_direction_and_nothing_else():
+    from anchoring.control.surgery import blind_readers
+    from anchoring.kinds.lm.edits import blind, downstream_readers, first_site
+
+    torch.manual_seed(4)
+    model = NormalizedTransformer(11, 16, 3, 2, 16).eval()
+    v = torch.nn.functional.normalize(torch.randn(16), dim=0)
+    readers = downstream_readers(model, "blocks.0")
+    assert readers == [f"blocks.{i}.{p}" for i in (1, 2) for p in ("attn.q", "attn.k", "attn.v", "mlp.up")] + ["unembed"]
+    assert len(downstream_readers(model, "embed")) == 13
+    out = blind_readers(model, v, readers)
+    x = torch.randn(5, 16)
+    for name in readers:  # lin(x + t·v) = lin(x): the reader no longer sees the direction
+        lin = out.get_submodule(name)
+        assert torch.allclose(lin(x + 3.0 * v), lin(x), atol=1e-5), name
+        w = torch.randn(16)
+        w = w - (w @ v) * v
+        assert torch.allclose(lin.weight @ w, model.get_submodule(name).weight @ w, atol=1e-5)  # the rest is kept
+    for name in ("blocks.0.attn.q", "blocks.0.mlp.up", "blocks.1.attn.o", "blocks.2.mlp.down"):
+        assert torch.equal(out.get_submodule(name).weight, model.get_submodule(name).weight), name
+    half = blind_readers(model, v, ["unembed"], 0.5)
+    assert torch.allclose(half.unembed.weight @ v, 0.5 * (model.unembed.weight @ v), atol=1e-6)
+    deep = NormalizedTransformer(11, 16, 12, 2, 16).eval()
+    assert first_site(deep, ["blocks.10", "blocks.2"]) == "blocks.2"  # residual order, not the names' sort order
+    by_first = blind(deep, [v], ["blocks.10", "blocks.2"])
+    assert (by_first.blocks[3].attn.k.weight @ v).abs().max() < 1e-6
+    assert torch.allclose(by_first.blocks[2].attn.k.weight, deep.blocks[2].attn.k.weight, atol=1e-6)
+    edited_ = blind(model, [v], ["blocks.0"])  # back on the sphere, still blind
+    assert torch.allclose(edited_.blocks[1].attn.q.weight.norm(dim=1), torch.ones(16), atol=1e-5)
+    assert (edited_.blocks[2].mlp.up.weight @ v).abs().max() < 1e-6
+    with pytest.raises(AnchoringError, match="not a residual site"):
+        downstream_readers(model, "blocks.7")
+    with pytest.raises(AnchoringError, match="not a Linear reading a 16-wide"):
+        blind_readers(model, v, ["blocks.0.mlp.down"])
+    with pytest.raises(AnchoringError, match=r"strength must be in \[0, 1\]"):
+        blind_readers(model, v, readers, -0.1)
 
 
 def test_the_matched_control_row_is_what_intervene_reports(unlearned):

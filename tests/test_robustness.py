@@ -277,3 +277,15 @@ def test_an_interrupted_comparison_resumes_its_variants(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.stderr
     assert (out / "variants" / "smooth" / "summary.json").read_text() == first  # the finished variant was reused
     assert {row["variant"] for row in json.loads((out / "summary.json").read_text())["comparison"]} == {"smooth", "stepped"}
+
+
+def test_a_colour_run_refuses_the_lm_only_blind_edit_before_training():
+    """`blind` is in the shared edit vocabulary for `anchoring delete --method blind` on LM runs; a colour
+    experiment's [[interventions]] must not take it for some other edit."""
+    import tomllib
+
+    data = tomllib.loads(experiments.find("anchored").read_text())
+    data["schedule"] = (experiments.HERE / "anchored.csv").read_text()
+    data["interventions"] = [{"name": "b", "method": "blind", "concept": "red"}]
+    with pytest.raises(AnchoringError, match="blind is an LM edit"):
+        lifecycle.validate(validate_config(data, "blind.toml"))

@@ -274,13 +274,14 @@ def delete_cmd(
     out_dir: Path = typer.Option(..., "--out", help="where to write the edited run"),
     concept: Optional[str] = typer.Option(None, "--concept", help="delete this concept's anchored dims"),
     dims: Optional[str] = typer.Option(None, "--dims", help="or these dims, e.g. 0,1"),
-    method: str = typer.Option("ablate", "--method", help="ablate (zero weights) | prune (remove dims)"),
+    method: str = typer.Option("ablate", "--method", help="ablate (zero weights; LM: the writers of the stream) | prune (remove dims) | "
+                                                         "blind (LM: the readers after the anchored site)"),
     k: float = typer.Option(2.0, "--k", help="selectivity exponent"),
     site: str = typer.Option("latent", "--site"),
 ) -> None:
     """Permanently delete a concept or dims from every seed; write an edited run."""
-    if method not in ("ablate", "prune"):
-        fail(f"--method must be ablate or prune, not {method!r}")
+    if method not in ("ablate", "prune", "blind"):
+        fail(f"--method must be ablate, prune or blind, not {method!r}")
     spec = _edit_spec(method, method, concept, dims, "constant", k, site)
     run = _open(run_dir)
     _apply_edit(lambda: kind_of(run.config).delete(run, spec, out_dir))
@@ -451,7 +452,7 @@ def surprisal_cmd(
     file: Optional[Path] = typer.Option(None, "--file", help="read the text from this file"),
     arm: Optional[str] = typer.Option(None, "--arm", help="which arm's model (default: the first)"),
     seed: Optional[int] = typer.Option(None, "--seed", help="which seed's model (default: the first)"),
-    edit: Optional[str] = typer.Option(None, "--edit", help="suppress | delete: show the text before and after"),
+    edit: Optional[str] = typer.Option(None, "--edit", help="suppress | delete | blind: show the text before and after"),
     out_path: Path = typer.Option(Path("surprisal.html"), "--out", help="where to write the page"),
 ) -> None:
     """Per-token surprisal, entropy and s₂ of a text under an LM run, as a page you open in a browser."""
@@ -483,7 +484,7 @@ def generate_cmd(
     prompt: str = typer.Option(..., "--prompt", help="text to continue"),
     arm: Optional[str] = typer.Option(None, "--arm", help="which arm (default: the first)"),
     seed: Optional[int] = typer.Option(None, "--seed", help="which seed's model (default: the first)"),
-    edit: Optional[str] = typer.Option(None, "--edit", help="suppress | delete: continue with and without the edit"),
+    edit: Optional[str] = typer.Option(None, "--edit", help="suppress | delete | blind: continue with and without the edit"),
     n: int = typer.Option(200, "-n", help="tokens to generate"),
     temperature: float = typer.Option(0.8, "--temperature", help="0: greedy"),
     samples: int = typer.Option(2, "--samples", help="continuations per model (sampling seeds 0 … N−1)"),

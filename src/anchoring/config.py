@@ -88,10 +88,11 @@ class TrainConfig(_Strict):
 
 
 class InterventionConfig(_Strict):
-    """An edit evaluated at the end of a run: inference-time (suppress, repel, zero) or surgery (ablate, prune)."""
+    """An edit evaluated at the end of a run: inference-time (suppress, repel, zero) or surgery (ablate, prune;
+    blind: an LM's readers after the anchored site)."""
 
     name: str
-    method: Literal["suppress", "repel", "zero", "ablate", "prune"]
+    method: Literal["suppress", "repel", "zero", "ablate", "prune", "blind"]
     concept: str | None = Field(None, description="direction from this concept's anchor; dims from its anchor's non-zero entries or its dims")
     dims: list[int] | None = None
     falloff: str = Field("constant", description="constant[:s] | linear:a,b | power:a,p,b | bezier:x1,y1,x2,y2,end (repel only)")

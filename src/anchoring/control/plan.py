@@ -58,6 +58,8 @@ class Plan:
 
 def make_plan(spec: InterventionConfig, concepts: Sequence[Concept], latent_dim: int) -> Plan:
     """Resolve direction/dims from the concept when not given; every gap is an error naming the spec."""
+    if spec.method == "blind":
+        raise AnchoringError(f"intervention {spec.name!r}: blind is an LM edit (`anchoring delete --method blind` on an LM run)")
     by_name = {c.name: c for c in concepts}
     concept = None
     if spec.concept is not None:

@@ -195,6 +195,28 @@ def project_out(model: nn.Module, direction: torch.Tensor, embeddings: Sequence[
 
 
 @torch.no_grad()
+def blind_readers(model: nn.Module, direction: torch.Tensor, readers: Sequence[str], strength: float = 1.0) -> nn.Module:
+    """A copy in which no `nn.Linear` named in `readers` responds to `direction`: each one's input
+    weights are projected off it, `W ← W(I − β v̂v̂ᵀ)`, so `lin(x + t·v̂) = lin(x)` for every x and t
+    (at β = 1). The stream may still carry the direction; the modules that read it no longer see it.
+    Which modules read the stream where is the model's to say (`residual_readers`); `docs/method.md`
+    says why this removes more than the writer-side `project_out` in a normalised stream."""
+    if not 0.0 <= strength <= 1.0:
+        raise AnchoringError(f"blinding strength must be in [0, 1], not {strength}")
+    if not readers:
+        raise AnchoringError("nothing to blind: no reader given")
+    m = copy.deepcopy(model)
+    v = F.normalize(direction.to(torch.float32), dim=0)
+    for name in readers:
+        lin = resolve_site(m, name)
+        if not isinstance(lin, nn.Linear) or lin.in_features != v.numel():
+            raise AnchoringError(f"{name!r} is not a Linear reading a {v.numel()}-wide residual stream")
+        w = lin.weight
+        w.sub_(torch.outer(w @ v.to(w.dtype), v.to(w.dtype)), alpha=strength)
+    return m
+
+
+@torch.no_grad()
 def residual_component(model: nn.Module, direction: torch.Tensor, tokens: torch.Tensor, sites: Sequence[str]) -> float:
     """Largest |ĥ·v̂| over the states at `sites` on `tokens`, each state unit-normalised: how much of
     `direction` an edited model still carries. Which sites make up the residual stream is the

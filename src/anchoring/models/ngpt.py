@@ -246,6 +246,17 @@ class NormalizedTransformer(nn.Module):
         writers = [f"blocks.{i}.{part}" for i in range(len(self.blocks)) for part in ("attn.o", "mlp.down")]
         return ["embed"], writers
 
+    def residual_readers(self) -> dict[str, list[str]]:
+        """The Linear layers that read the residual stream, by the residual site they follow: block i's
+        q, k and v read the state at site `blocks.{i-1}` (`embed` for block 0), and its MLP input the
+        state after the block's own attention step, so all four lie between that site and
+        `blocks.{i}`; the unembedding reads the state after the last block. Readers downstream of a
+        site S are the lists of S and of every later site."""
+        sites = ["embed", *[f"blocks.{i}" for i in range(len(self.blocks))]]
+        out = {s: [f"blocks.{i}.{p}" for p in ("attn.q", "attn.k", "attn.v", "mlp.up")] for i, s in enumerate(sites[:-1])}
+        out[sites[-1]] = ["unembed"]
+        return out
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.shape[-1] > self.context:
             raise ValueError(f"sequence of {tokens.shape[-1]} tokens is longer than the context {self.context}")

@@ -28,7 +28,7 @@ from anchoring.kinds.arms import write_arms
 from anchoring.kinds.base import EditResult
 from anchoring.kinds.lm import evaluate as ev
 from anchoring.kinds.lm.config import LMExperiment
-from anchoring.kinds.lm.edits import concept_directions, edited, matched_directions
+from anchoring.kinds.lm.edits import concept_directions, edited, first_site, matched_directions
 from anchoring.kinds.lm.kind import anchored_sites
 from anchoring.kinds.lm.unlearning import losses
 from anchoring.report import html
@@ -109,25 +109,32 @@ def intervene(run, spec: InterventionConfig) -> EditResult:
 
 def delete(run, spec: InterventionConfig, out: Path) -> EditResult:
     """Write a run whose models have the anchor direction(s) projected out of the embeddings and of
-    every residual-writing matrix (see docs/method.md); `load_run` opens it like any LM run."""
-    if spec.method != "ablate":
-        raise AnchoringError(f"delete on an 'lm' run removes the anchor direction (--method ablate), not {spec.method!r}")
+    every residual-writing matrix (`--method ablate`), or out of every matrix that reads the stream
+    after the anchored site (`--method blind`; see docs/method.md); `load_run` opens it like any LM run."""
+    if spec.method not in ("ablate", "blind"):
+        raise AnchoringError(f"delete on an 'lm' run removes the anchor direction from the writers (--method ablate) "
+                             f"or the readers (--method blind), not {spec.method!r}")
     cfg = run.config
     _same_concept(spec, cfg)
     if spec.site != "latent" or spec.sites:
-        raise AnchoringError("delete on an 'lm' run removes the anchor from every residual writer; it takes no --site")
+        raise AnchoringError("delete on an 'lm' run edits every residual writer (or reader after the anchored site); it takes no --site")
+    kind = "blind" if spec.method == "blind" else "delete"
+    if kind == "blind" and not anchored_sites(cfg):
+        raise AnchoringError("--method blind blinds the readers after the anchored site, and this run anchors nothing")
     out = runs.new_run_dir(cfg.name, out)
     runs.check_writable(out)
     directions = concept_directions(cfg)
-    new = {arm: [edited(m, cfg, "delete", directions=directions) for m in ms] for arm, ms in run.arms.items()}
+    new = {arm: [edited(m, cfg, kind, directions=directions) for m in ms] for arm, ms in run.arms.items()}
+    new_any = next(iter(new.values()))[0]
     probe = run.tokenize(run.data.texts[int(run.data.parts["validation"][0])])[None, : cfg.lm.context]
     sites = ["embed", *[f"blocks.{i}" for i in range(cfg.lm.layers)]]
     leftover = max(residual_component(m, v, probe, sites) for ms in new.values() for m in ms for v in directions)
+    control = "matched random deletion" if kind == "delete" else "matched random blinding"
     rows = _rows(run, lambda arm, i, m: new[arm][i],
-                 {"matched random deletion": lambda arm, i, m: edited(
-                     m, cfg, "delete", directions=matched_directions(directions, torch.Generator().manual_seed(run.seeds[i])))})
-    edit = {"source": str(run.path), "method": "delete-direction", "concept": cfg.text.concept,
-            "directions": len(directions), "max_residual_component": leftover}
+                 {control: lambda arm, i, m: edited(
+                     m, cfg, kind, directions=matched_directions(directions, torch.Generator().manual_seed(run.seeds[i])))})
+    edit = {"source": str(run.path), "method": "delete-direction" if kind == "delete" else "blind-readers",
+            "concept": cfg.text.concept, "directions": len(directions), "max_residual_component": leftover}
     summary = {"experiment": cfg.name, "kind": "lm", "edit": edit, "edit_rows": rows}
     with runs.staged(out) as tmp:  # all of it or nothing under `out`
         for name in (runs.CONFIG, runs.ARCH, "tokenizer.json"):
@@ -138,12 +145,15 @@ def delete(run, spec: InterventionConfig, out: Path) -> EditResult:
         head = ["arm", "seed", *[f"{k} {w}" for k in KEYS for w in ("before", "after")]]
         runs.write_atomic(tmp / runs.REPORT, html.page(f"anchoring: {cfg.name} (deleted {cfg.text.concept})", [
             ("Edit", f"<p>The anchor of {html.html.escape(cfg.text.concept)} ({len(directions)} direction(s)) was projected "
-                     f"out of the embeddings and of every residual-writing matrix of every arm; the largest |h·v| left in any "
-                     f"residual state of a validation passage is {leftover:.2e}.</p>"),
+                     + ("out of the embeddings and of every residual-writing matrix of every arm"
+                        if kind == "delete" else "out of every matrix of every arm that reads the residual stream after "
+                        + html.html.escape(first_site(new_any, anchored_sites(cfg))) + " (the stream still carries it)")
+                     + f"; the largest |h·v| left in any residual state of a validation passage is {leftover:.2e}.</p>"),
             ("Validation nats/char", html.table_html(head, [[r[k] for k in head] for r in rows]))]))
         runs.write_json(tmp / runs.SUMMARY, summary)
-    note = (f"anchored · matched random deletion: {len(directions)} other direction(s) of the same model deleted the same way "
-            "(the deletion's control; not written to the edited run)") if "anchored" in run.arms else None
-    return EditResult("delete", [_table(f"delete {cfg.text.concept}: validation nats/char", rows), *([note] if note else []),
-                                 f"largest |h·v| left in the residual stream: {leftover:.2e}", f"edited run: {out}"],
+    note = (f"anchored · {control}: {len(directions)} other direction(s) of the same model edited the same way "
+            "(the edit's control; not written to the edited run)") if "anchored" in run.arms else None
+    return EditResult(kind, [_table(f"{kind} {cfg.text.concept}: validation nats/char", rows), *([note] if note else []),
+                             f"largest |h·v| left in the residual stream: {leftover:.2e}"
+                             + (" (blinding leaves the stream as it is)" if kind == "blind" else ""), f"edited run: {out}"],
                       [out], summary)

@@ -1,5 +1,6 @@
 """Edits of an LM run's models along a concept direction: suppression through hooks at residual
-sites, and deletion of the direction from the weights (no hook needed afterwards).
+sites, deletion of the direction from the weights that write the stream, and blinding of the weights
+that read it after the anchored site (both permanent: no hook needed afterwards).
 
 By default the direction is the anchored arm's own anchor (or its subspace's axes) at the anchored
 sites; `edited(..., directions=…, sites=…)` applies the same code to any directions, such as the
@@ -14,12 +15,12 @@ import torch
 from torch import nn
 
 from anchoring.control import Constant, Intervention, intervene, keeping_norm, matched_random, suppress_subspace
-from anchoring.control.surgery import project_out
+from anchoring.control.surgery import blind_readers, project_out
 from anchoring.errors import AnchoringError
 from anchoring.kinds.lm.config import LMExperiment
 from anchoring.kinds.lm.kind import anchored_sites, measured_direction
 
-EDITS = ("suppress", "delete")
+EDITS = ("suppress", "delete", "blind")
 Edit = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -149,13 +150,50 @@ def delete(model: nn.Module, directions: Sequence[torch.Tensor], strength: float
     return out.eval()
 
 
+def downstream_readers(model: nn.Module, site: str) -> list[str]:
+    """Every Linear that reads the residual stream at or after residual site `site` (`residual_readers`)."""
+    by_site = model.residual_readers()
+    order = list(by_site)
+    if site not in by_site:
+        raise AnchoringError(f"site {site!r} is not a residual site of this model ({', '.join(order)})")
+    return [r for s in order[order.index(site):] for r in by_site[s]]
+
+
+def first_site(model: nn.Module, sites: Sequence[str]) -> str:
+    """The earliest of `sites` in the model's residual order (names sort "blocks.10" before "blocks.2");
+    a name that is not a residual site comes first, so that `downstream_readers` refuses it."""
+    if not sites:
+        raise AnchoringError("blind needs a residual site to blind the readers after; this run anchors nothing")
+    order = list(model.residual_readers())
+    return min(sites, key=lambda s: order.index(s) if s in order else -1)
+
+
+def blind(model: nn.Module, directions: Sequence[torch.Tensor], sites: Sequence[str], strength: float = 1.0) -> nn.Module:
+    """A copy in which every matrix that reads the stream after the first of `sites` is blind to the
+    span of `directions` (`surgery.blind_readers`, basis vector by basis vector), put back on the
+    sphere as `delete` does. The layers up to that site, and the stream itself, keep the direction:
+    what the anchor holds is still written, but nothing downstream can use it (`docs/method.md`,
+    "LM blinding")."""
+    readers = downstream_readers(model, first_site(model, sites))
+    out = model
+    for v in orthonormal(directions):
+        out = blind_readers(out, v, readers, strength)
+    if out is model:
+        raise AnchoringError("nothing to blind: no direction given")
+    if hasattr(out, "normalize_weights"):
+        with torch.no_grad():
+            out.normalize_weights()
+    return out.eval()
+
+
 def edited(model: nn.Module, cfg: LMExperiment, edit: str, *,
            directions: list[torch.Tensor] | Mapping[str, list[torch.Tensor]] | None = None,
            sites: list[str] | None = None, shape=None, edits: Mapping[str, Edit] | None = None,
            keep_norm: bool | None = None, random_control: int | None = None) -> nn.Module:
-    """`model` under `edit` (suppress | delete). Default: the anchored arm's own anchor at the anchored
-    sites. `directions` (one list for every site, or a list per site), `sites`, the suppression falloff
-    `shape` (`control.falloff`; Constant by default) and per-site hook `edits` override that;
+    """`model` under `edit` (suppress | delete | blind). Default: the anchored arm's own anchor at the
+    anchored sites (blind: the readers after the first of them). `directions` (one list for every
+    site, or a list per site), `sites`, the suppression falloff `shape` (`control.falloff`; Constant
+    by default) and per-site hook `edits` override that;
     `keep_norm` and `random_control` (suppress only) as in `Suppressed`."""
     if edit not in EDITS:
         raise AnchoringError(f"--edit must be one of {', '.join(EDITS)}, not {edit!r}")
@@ -167,7 +205,9 @@ def edited(model: nn.Module, cfg: LMExperiment, edit: str, *,
             raise AnchoringError("this run anchors nothing, so there is no site to suppress at")
         return Suppressed(model, sites, directions, shape, edits, keep_norm, random_control, subspace).eval()
     if random_control is not None:
-        raise AnchoringError("the matched random control is a hook: it goes with suppress, not delete")
+        raise AnchoringError(f"the matched random control is a hook: it goes with suppress, not {edit}")
     flat = [v for vs in directions.values() for v in vs] if isinstance(directions, Mapping) else list(directions)
+    if edit == "blind":
+        return blind(model, flat, sites if sites is not None else anchored_sites(cfg))
     return delete(model, flat)
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from anchoring.kinds.lm.unlearning import CONTROL_ROWS, MATCHED_DELETE  # drawn hollow, left out of R plots
+from anchoring.kinds.lm.unlearning import CONTROL_ROWS, MATCHED_BLIND, MATCHED_DELETE  # drawn hollow, left out of R plots
 from anchoring.report.figures import plt, running_mean
 
 
@@ -101,9 +101,9 @@ def unlearning_tradeoff(rows: list[dict]) -> Figure:
     for m in methods:
         mine = [r for r in rows if r["method"] == m]
         xs, ys = [r["retain_cost"] for r in mine], [r["d_forget_concept"] for r in mine]
-        if m in CONTROL_ROWS:  # hollow: the matched controls, for reference (square: the deletion's)
+        if m in CONTROL_ROWS:  # hollow: the matched controls, for reference (square: the deletion's, diamond: the blinding's)
             ax.scatter(xs, ys, facecolors="none", edgecolors=colour[m], label=m, s=22,
-                       marker="s" if m == MATCHED_DELETE else "o")
+                       marker={MATCHED_DELETE: "s", MATCHED_BLIND: "D"}.get(m, "o"))
         else:
             ax.scatter(xs, ys, color=colour[m], label=m, s=22)
     ax.axhline(0, color="k", lw=0.5)

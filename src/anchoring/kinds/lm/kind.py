@@ -536,7 +536,8 @@ def summary_lines(summary: dict[str, Any]) -> list[Any]:
         from anchoring.kinds.lm.control import _table
 
         e = summary["edit"]
-        return [_table(f"{summary['experiment']}: deleted {e['concept']}", summary["edit_rows"]),
+        what = "readers blinded to" if e.get("method") == "blind-readers" else "deleted"
+        return [_table(f"{summary['experiment']}: {what} {e['concept']}", summary["edit_rows"]),
                 f"largest |h·v| left in the residual stream: {e['max_residual_component']:.2e}"]
 
     sites = summary.get("anchored_sites") or []

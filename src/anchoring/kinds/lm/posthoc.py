@@ -14,7 +14,8 @@ Per site:
 Suppress hooks every site: mean-difference by half-space suppression beyond the class midpoint,
 LEACE by the eraser itself. Delete removes the directions from the
 embeddings and every residual writer (`edits.delete`, orthonormalised over sites); for LEACE that
-removes the eraser's range only, so only the hook is exact LEACE.
+removes the eraser's range only, so only the hook is exact LEACE. Blind makes every residual reader
+after the first fitted site blind to the same directions (`edits.blind`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ class PosthocFit:
 
     def delete(self, model: nn.Module, cfg: LMExperiment) -> nn.Module:
         return edited(model, cfg, "delete", directions=[self.directions[s] for s in self.sites])
+
+    def blind(self, model: nn.Module, cfg: LMExperiment) -> nn.Module:
+        return edited(model, cfg, "blind", directions=[self.directions[s] for s in self.sites], sites=self.sites)
 
 
 @torch.no_grad()

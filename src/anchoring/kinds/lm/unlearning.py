@@ -3,11 +3,14 @@ how much of the forgetting survives a relearning fine-tune (see docs/method.md, 
 
 Methods, per seed (each with the model it starts from, "before", and the one it ends with, "after"):
 
-- `anchoring · delete|suppress`: the anchored arm, edited along its own anchor (every dim of a subspace);
+- `anchoring · delete|blind|suppress`: the anchored arm, edited along its own anchor (every dim of a
+  subspace): the writers' deletion, the readers' blinding after the anchored site, the hook;
 - `anchoring · matched random move`: the anchored arm, every state the suppress hook edits turned by the
   same angle towards a random direction instead (`control.matched_random`): the suppress row's control;
 - `anchoring · matched random deletion`: the anchored arm with as many other directions deleted, the
   same way (`edits.matched_directions`): the delete row's control;
+- `anchoring · matched random blinding`: likewise, the readers blinded to those other directions: the
+  blind row's control;
 - `mean-difference · …`, `LEACE · …`: the control arm, edited along post-hoc directions (`posthoc`);
 - `weak filter`, `oracle filter`: before = the control arm, after = the filtered arm;
 - `SGTM`, `gradient routing`: the arm as trained, and `baselines.ablated` of it (only when those arms exist).
@@ -47,8 +50,9 @@ POSTHOC_NAMES = {"mean-difference": "mean-difference", "leace": "LEACE"}
 BASELINES = {"sgtm": "SGTM", "routing": "gradient routing"}
 MATCHED_RANDOM = "anchoring · matched random move"
 MATCHED_DELETE = "anchoring · matched random deletion"
+MATCHED_BLIND = "anchoring · matched random blinding"
 MATCHED_COST = "mean-difference · delete at anchoring's retain cost"  # the deletion target's comparison, not attacked
-CONTROL_ROWS = (MATCHED_RANDOM, MATCHED_DELETE)  # a method's control, not a method: figures draw it apart, never attacked
+CONTROL_ROWS = (MATCHED_RANDOM, MATCHED_DELETE, MATCHED_BLIND)  # a method's control, not a method: figures draw it apart, never attacked
 Progress = Callable[[int, int], None]
 
 
@@ -105,11 +109,15 @@ def methods(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.Mo
                 Method("anchoring · suppress", "anchored", a, edited(a, cfg, "suppress"), False),
                 Method(MATCHED_RANDOM, "anchored", a, edited(a, cfg, "suppress", random_control=seed), False),
                 Method(MATCHED_DELETE, "anchored", a, edited(a, cfg, "delete", directions=others), True, others)]
+        if anchored_sites(cfg):  # blinding reads after the anchored site
+            out += [Method("anchoring · blind", "anchored", a, edited(a, cfg, "blind"), True),
+                    Method(MATCHED_BLIND, "anchored", a, edited(a, cfg, "blind", directions=others), True)]
     if cfg.unlearning.posthoc:
         sites = anchored_sites(cfg) or [f"blocks.{cfg.lm.layers - 1}"]
         for key, f in posthoc.fit(control, cfg, data, seed, sites).items():
             name = POSTHOC_NAMES[key]
             out += [Method(f"{name} · delete", "control", control, f.delete(control, cfg), True, list(f.directions.values())),
+                    Method(f"{name} · blind", "control", control, f.blind(control, cfg), True),
                     Method(f"{name} · suppress", "control", control, f.suppress(control, cfg), False)]
     for arm, name in (("weak-filtered", "weak filter"), ("oracle-filtered", "oracle filter")):
         if arm in arms:
@@ -261,9 +269,9 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
             "relearn_steps": u.relearn_steps, "recover_cap": u.recover_steps,
             "eval_positions": {"table": int((es.cls[:, 1:] != ev.PAD).sum()), "curves": int((small.cls[:, 1:] != ev.PAD).sum())},
             "note": ("suppress rows are hooks, not weight edits: they are fine-tuned with the hook kept in place; the matched "
-                     "controls (random move, random deletion) are not fine-tuned" if u.attack_hooks else
+                     "controls (random move, random deletion, random blinding) are not fine-tuned" if u.attack_hooks else
                      "suppress rows and the matched random move are hooks, not weight edits: they are not fine-tuned "
-                     "(no relearn or recover numbers), nor is the matched random deletion")}
+                     "(no relearn or recover numbers), nor are the matched random deletion and blinding")}
 
 
 def _row(method: str, seed: int, arm: str, weights_edited: bool, before: dict[str, float], after: dict[str, float],
@@ -348,31 +356,34 @@ def targets(unlearning: dict[str, Any]) -> dict[str, dict[str, Any]]:
         return ranked_median([_num(get(r)) for r in rows if r["method"] == method])
 
     out: dict[str, dict[str, Any]] = {}
-    delete, md = "anchoring · delete", "mean-difference · delete"
-    if not any(r["method"] == delete for r in rows):
-        return out
-    d = med(delete, lambda r: r["d_forget_concept"])
-    cost = med(delete, lambda r: r["retain_cost"])
-    out["anchoring · delete: Δforget at concept positions ≥ 0.5 nats/char"] = {"median": d, "met": d >= 0.5}
-    out["anchoring · delete: retain cost ≤ 0.02 nats/char"] = {"median": cost, "met": cost <= 0.02}
-    if any(r["method"] == md for r in rows):
-        ratio_ = ranked_median([a["d_forget_concept"] / b["d_forget_concept"] if b["d_forget_concept"] > TINY else float("nan")
-                                for a in rows if a["method"] == delete for b in rows
-                                if b["method"] == md and b["seed"] == a["seed"]])
-        out["Δforget (concept) of anchoring · delete ≥ 3 × mean-difference · delete"] = {
-            "median": ratio_, "met": ratio_ >= 3.0, "retain_costs": [cost, med(md, lambda r: r["retain_cost"])]}
-    if any(r["method"] == MATCHED_COST for r in rows):  # the target as stated: at the same retain cost
-        ratio_ = ranked_median([ratio(a["d_forget_concept"], b["d_forget_concept"]) for a in rows if a["method"] == delete
-                                for b in rows if b["method"] == MATCHED_COST and b["seed"] == a["seed"]])
-        out["Δforget (concept) of anchoring · delete ≥ 3 × mean-difference · delete at the same retain cost"] = {
-            "median": ratio_, "met": ratio_ >= 3.0, "strengths": [r["strength"] for r in rows if r["method"] == MATCHED_COST]}
-    ks = unlearning.get("relearn_k") or []
-    if ks:
-        k = max(ks)
-        kept = med(delete, lambda r: (r.get("relearn") or {}).get(str(k), {}).get("kept"))
-        out[f"anchoring · delete keeps ≥ 50% of Δforget after relearning on K = {k}"] = {"median": kept, "met": kept >= 0.5}
-    r_ = med(delete, lambda r: r["R"])
-    out["R (anchoring · delete vs oracle filter) ≥ 0.5"] = {"median": r_, "met": r_ >= 0.5}
+    # the writers' deletion first (the edit the targets name), then the readers' blinding, each against
+    # the same edit along the post-hoc mean-difference direction
+    for edit in ("delete", "blind"):
+        mine, md = f"anchoring · {edit}", f"mean-difference · {edit}"
+        if not any(r["method"] == mine for r in rows):
+            continue
+        d = med(mine, lambda r: r["d_forget_concept"])
+        cost = med(mine, lambda r: r["retain_cost"])
+        out[f"{mine}: Δforget at concept positions ≥ 0.5 nats/char"] = {"median": d, "met": d >= 0.5}
+        out[f"{mine}: retain cost ≤ 0.02 nats/char"] = {"median": cost, "met": cost <= 0.02}
+        if any(r["method"] == md for r in rows):
+            ratio_ = ranked_median([a["d_forget_concept"] / b["d_forget_concept"] if b["d_forget_concept"] > TINY else float("nan")
+                                    for a in rows if a["method"] == mine for b in rows
+                                    if b["method"] == md and b["seed"] == a["seed"]])
+            out[f"Δforget (concept) of {mine} ≥ 3 × {md}"] = {
+                "median": ratio_, "met": ratio_ >= 3.0, "retain_costs": [cost, med(md, lambda r: r["retain_cost"])]}
+        if edit == "delete" and any(r["method"] == MATCHED_COST for r in rows):  # the target as stated: at the same retain cost
+            ratio_ = ranked_median([ratio(a["d_forget_concept"], b["d_forget_concept"]) for a in rows if a["method"] == mine
+                                    for b in rows if b["method"] == MATCHED_COST and b["seed"] == a["seed"]])
+            out[f"Δforget (concept) of {mine} ≥ 3 × {md} at the same retain cost"] = {
+                "median": ratio_, "met": ratio_ >= 3.0, "strengths": [r["strength"] for r in rows if r["method"] == MATCHED_COST]}
+        ks = unlearning.get("relearn_k") or []
+        if ks:
+            k = max(ks)
+            kept = med(mine, lambda r: (r.get("relearn") or {}).get(str(k), {}).get("kept"))
+            out[f"{mine} keeps ≥ 50% of Δforget after relearning on K = {k}"] = {"median": kept, "met": kept >= 0.5}
+        r_ = med(mine, lambda r: r["R"])
+        out[f"R ({mine} vs oracle filter) ≥ 0.5"] = {"median": r_, "met": r_ >= 0.5}
     return out
 
 
