@@ -195,6 +195,9 @@ def test_blinding_a_reader_removes_its_response_to_the_direction_and_nothing_els
     by_first = blind(deep, [v], ["blocks.10", "blocks.2"])
     assert (by_first.blocks[3].attn.k.weight @ v).abs().max() < 1e-6
     assert torch.allclose(by_first.blocks[2].attn.k.weight, deep.blocks[2].attn.k.weight, atol=1e-6)
+    two = blind(model, [torch.eye(16)[0], torch.eye(16)[0] + torch.eye(16)[3]], ["blocks.0"])  # a subspace: its whole span
+    for axis in (0, 3):
+        assert (two.blocks[1].attn.v.weight[:, axis]).abs().max() < 1e-6 and (two.unembed.weight[:, axis]).abs().max() < 1e-6
     edited_ = blind(model, [v], ["blocks.0"])  # back on the sphere, still blind
     assert torch.allclose(edited_.blocks[1].attn.q.weight.norm(dim=1), torch.ones(16), atol=1e-5)
     assert (edited_.blocks[2].mlp.up.weight @ v).abs().max() < 1e-6
