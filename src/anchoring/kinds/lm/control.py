@@ -119,13 +119,13 @@ def delete(run, spec: InterventionConfig, out: Path) -> EditResult:
     if spec.site != "latent" or spec.sites:
         raise AnchoringError("delete on an 'lm' run edits every residual writer (or reader after the anchored site); it takes no --site")
     kind = "blind" if spec.method == "blind" else "delete"
-    if kind == "blind" and not anchored_sites(cfg):
-        raise AnchoringError("--method blind blinds the readers after the anchored site, and this run anchors nothing")
     out = runs.new_run_dir(cfg.name, out)
     runs.check_writable(out)
     directions = concept_directions(cfg)
     new = {arm: [edited(m, cfg, kind, directions=directions) for m in ms] for arm, ms in run.arms.items()}
-    new_any = next(iter(new.values()))[0]
+    what = ("out of the embeddings and of every residual-writing matrix of every arm" if kind == "delete" else
+            "out of every matrix of every arm that reads the residual stream after "
+            f"{first_site(next(iter(new.values()))[0], anchored_sites(cfg))} (the stream still carries it)")
     probe = run.tokenize(run.data.texts[int(run.data.parts["validation"][0])])[None, : cfg.lm.context]
     sites = ["embed", *[f"blocks.{i}" for i in range(cfg.lm.layers)]]
     leftover = max(residual_component(m, v, probe, sites) for ms in new.values() for m in ms for v in directions)
@@ -145,10 +145,8 @@ def delete(run, spec: InterventionConfig, out: Path) -> EditResult:
         head = ["arm", "seed", *[f"{k} {w}" for k in KEYS for w in ("before", "after")]]
         runs.write_atomic(tmp / runs.REPORT, html.page(f"anchoring: {cfg.name} (deleted {cfg.text.concept})", [
             ("Edit", f"<p>The anchor of {html.html.escape(cfg.text.concept)} ({len(directions)} direction(s)) was projected "
-                     + ("out of the embeddings and of every residual-writing matrix of every arm"
-                        if kind == "delete" else "out of every matrix of every arm that reads the residual stream after "
-                        + html.html.escape(first_site(new_any, anchored_sites(cfg))) + " (the stream still carries it)")
-                     + f"; the largest |h·v| left in any residual state of a validation passage is {leftover:.2e}.</p>"),
+                     f"{html.html.escape(what)}; the largest |h·v| left in any residual state of a validation passage is "
+                     f"{leftover:.2e}.</p>"),
             ("Validation nats/char", html.table_html(head, [[r[k] for k in head] for r in rows]))]))
         runs.write_json(tmp / runs.SUMMARY, summary)
     note = (f"anchored · {control}: {len(directions)} other direction(s) of the same model edited the same way "

@@ -139,14 +139,23 @@ def delete(model: nn.Module, directions: Sequence[torch.Tensor], strength: float
     attack) does not begin with a jump from the renormalisation. `strength` < 1 removes only that
     share of each component (`surgery.project_out`): the dial that matches two deletions' costs."""
     embeddings, writers = model.residual_writers()
+    return _per_basis_vector(model, directions, lambda m, v: project_out(m, v, embeddings, writers, strength), "delete")
+
+
+def _per_basis_vector(model: nn.Module, directions: Sequence[torch.Tensor],
+                      one: Callable[[nn.Module, torch.Tensor], nn.Module], what: str) -> nn.Module:
+    """`one` (a copying weight edit along one unit vector) applied for each vector of an orthonormal
+    basis of `directions`, then the model put back on the sphere, as after every training step: the
+    projection shortened the rows or columns it touched, and rescaling them keeps their component
+    along each vector at exactly 0."""
     out = model
     for v in orthonormal(directions):
-        out = project_out(out, v, embeddings, writers, strength)
+        out = one(out, v)
     if out is model:
-        raise AnchoringError("nothing to delete: no direction given")
-    if hasattr(out, "normalize_weights"):  # back on the sphere, as after every training step: the
-        with torch.no_grad():              # projection shortened the writer columns and embedding rows;
-            out.normalize_weights()        # rescaling them keeps their component along v at exactly 0
+        raise AnchoringError(f"nothing to {what}: no direction given")
+    if hasattr(out, "normalize_weights"):
+        with torch.no_grad():
+            out.normalize_weights()
     return out.eval()
 
 
@@ -175,15 +184,7 @@ def blind(model: nn.Module, directions: Sequence[torch.Tensor], sites: Sequence[
     what the anchor holds is still written, but nothing downstream can use it (`docs/method.md`,
     "LM blinding")."""
     readers = downstream_readers(model, first_site(model, sites))
-    out = model
-    for v in orthonormal(directions):
-        out = blind_readers(out, v, readers, strength)
-    if out is model:
-        raise AnchoringError("nothing to blind: no direction given")
-    if hasattr(out, "normalize_weights"):
-        with torch.no_grad():
-            out.normalize_weights()
-    return out.eval()
+    return _per_basis_vector(model, directions, lambda m, v: blind_readers(m, v, readers, strength), "blind")
 
 
 def edited(model: nn.Module, cfg: LMExperiment, edit: str, *,
