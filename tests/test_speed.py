@@ -186,8 +186,33 @@ def test_the_bench_child_passes_compiled_and_the_mlp_width_through(monkeypatch, 
     monkeypatch.setattr(lm, "lm_step", lambda *a, **k: calls.append((a, k)) or {"tokens_per_s": 1.0})
     child.main(["lm", "project", "5", "344", "compiled"])
     child.main(["lm", "gpt2", "5"])
-    assert calls == [(("project", 5, 344), {"compiled": True}), (("gpt2", 5), {"compiled": False})]
-    assert capsys.readouterr().out.count("tokens_per_s") == 2
+    child.main(["lm", "anchored", "5", "512", "cuda"])
+    assert calls == [(("project", 5, 344), {"compiled": True, "device": "cpu"}), (("gpt2", 5), {"compiled": False, "device": "cpu"}),
+                     (("anchored", 5, 512), {"compiled": False, "device": "cuda"})]
+    assert capsys.readouterr().out.count("tokens_per_s") == 3
+
+
+def test_lm_device_puts_every_lm_case_and_only_those_on_the_device():
+    """The baseline and the project's steps must train on the same device, or the ratio compares machines."""
+    import anchoring.benchmarks as bench
+
+    on_gpu = bench.plan(2, [1], [], None, 2, True, lm_device="cuda")
+    lm_cases = [c for c in on_gpu if c.unit == "tokens/s"]
+    assert len(lm_cases) == 6 and all(c.argv[-1] == "cuda" for c in lm_cases)
+    assert not any("cuda" in c.argv for c in on_gpu if c.unit != "tokens/s")
+    assert not any("cuda" in c.argv for c in bench.plan(2, [1], [], None, 2, True))
+
+
+@pytest.mark.parametrize("device, message", [
+    ("tpu", "--lm-device takes cpu or cuda"),
+    *([] if torch.cuda.is_available() else [("cuda", "no CUDA device is available here")]),
+])
+def test_bench_refuses_an_lm_device_it_cannot_use(device, message, monkeypatch):
+    import anchoring.benchmarks as benchmarks
+
+    monkeypatch.setattr(benchmarks, "run_suite", lambda *a, **k: pytest.fail("measured before refusing"))
+    r = CliRunner().invoke(app, ["bench", "--e2e-seeds", "", "--lm-device", device])
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
 
 
 def test_lm_compiled_without_lm_cases_is_refused():

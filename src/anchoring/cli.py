@@ -380,6 +380,7 @@ def bench_cmd(
     lm_compiled: bool = typer.Option(False, "--lm-compiled/--no-lm-compiled",
                                      help="also time both LM models through torch.compile, compiled project step against "
                                           "compiled baseline (each case compiles first, untimed)"),
+    lm_device: str = typer.Option("cpu", "--lm-device", help="where the LM cases train, all of them alike: cpu or cuda"),
 ) -> None:
     """Benchmark the trainer: eager single-model baseline vs ensembles, end-to-end runs, LM step vs a GPT-2 baseline."""
     from anchoring.benchmarks import run_suite
@@ -397,6 +398,12 @@ def bench_cmd(
         fail("--repeats must be ≥ 1, --steps ≥ 2 and --lm-steps ≥ 0")
     if lm_compiled and not lm_steps:
         fail("--lm-compiled times LM cases, and --lm-steps 0 skips them: give --lm-steps N")
+    if lm_device not in ("cpu", "cuda"):
+        fail(f"--lm-device takes cpu or cuda, got {lm_device!r}")
+    import torch
+
+    if lm_device == "cuda" and not torch.cuda.is_available():
+        fail("--lm-device cuda: no CUDA device is available here")
     if e2e_steps is not None and e2e_steps < 1:
         fail(f"--e2e-steps must be a positive integer, got {e2e_steps}")
     sizes, seeds = ints(ensembles, "--ensembles"), ints(e2e, "--e2e-seeds")
@@ -414,8 +421,8 @@ def bench_cmd(
         fail(str(e))
     with err.status("benchmarking") as status:
         res = run_suite(repeats, steps, sizes, seeds, e2e_steps, json_out, progress=lambda m: status.update(m), lm_steps=lm_steps,
-                        lm_compiled=lm_compiled)
-    table = Table(title=f"anchoring bench ({repeats} repeats, {steps} steps; torch {res['machine']['torch']}, "
+                        lm_compiled=lm_compiled, lm_device=lm_device)
+    table = Table(title=f"anchoring bench ({repeats} repeats, {steps} steps; torch {res['machine']['torch']}, LM on {lm_device}, "
                         f"{res['machine']['cpus']} CPUs)")
     for h in ("case", "median", "min", "max", "unit", "× baseline", "peak MB"):
         table.add_column(h, justify="left" if h == "case" else "right")

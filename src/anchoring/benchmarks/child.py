@@ -23,8 +23,9 @@ def main(argv: list[str]) -> None:
     elif kind == "lm":
         from anchoring.benchmarks.lm import lm_step
 
-        compiled = "compiled" in args
-        res = lm_step(args[0], int(args[1]), *(int(a) for a in args[2:] if a != "compiled"), compiled=compiled)
+        flags = {"compiled", "cuda"}
+        res = lm_step(args[0], int(args[1]), *(int(a) for a in args[2:] if a not in flags), compiled="compiled" in args,
+                      device="cuda" if "cuda" in args else "cpu")
     else:
         raise SystemExit(f"unknown benchmark case {kind!r}")
     print(json.dumps(res))

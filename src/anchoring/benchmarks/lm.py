@@ -65,14 +65,16 @@ class GPT2(nn.Module):
 SAME_SIZE = 344  # SwiGLU hidden units: 3 × 128 × 344 weights ≈ the GELU MLP 4×'s 2 × 128 × 512 (+0.8%)
 
 
-def lm_step(which: str, steps: int, mlp_hidden: int = SAME_SIZE, compiled: bool = False) -> dict:
+def lm_step(which: str, steps: int, mlp_hidden: int = SAME_SIZE, compiled: bool = False, device: str = "cpu") -> dict:
     """tokens/s of one training step: `which` ∈ project | anchored | gpt2.
 
     The project's SwiGLU MLP has three matrices where the baseline's GELU MLP 4× has two, so 344
     hidden units (8/3 × 128, rounded up to a multiple of 8) give it the baseline's MLP size within
     1%; the LM default is 4 × width = 512 (half as large again). `compiled`: the baseline's model
     through `torch.compile`, the project's step with `train.compile = true`; the compilation happens
-    in the untimed warm-up."""
+    in the untimed warm-up. `device="cuda"`: both models train on the GPU, both optimisers take their
+    fused CUDA implementation (the project's step picks it there), and the clock stops only after
+    the GPU has finished the timed steps."""
     from anchoring import experiments
     from anchoring.anchor import Capture
     from anchoring.kinds.lm.data import load_data
@@ -81,19 +83,23 @@ def lm_step(which: str, steps: int, mlp_hidden: int = SAME_SIZE, compiled: bool 
 
     arm = "anchored" if which == "anchored" else "control"
     cfg = experiments.load("lm-anchor", [*SIZE, f"lm.mlp_hidden={mlp_hidden}", f"train.steps={steps + WARMUP}", f'lm.arms=["{arm}"]',
-                                         f"train.compile={str(compiled and which != 'gpt2').lower()}"])  # gpt2: task for batches only
+                                         f"train.compile={str(compiled and which != 'gpt2').lower()}",
+                                         f'train.device="{device}"'])  # gpt2: task for batches only
     data = load_data(cfg.text)
     task = LMTask(cfg, data, 0, arm)
     B, T = cfg.lm.batch_size, cfg.lm.tokens
     if which == "gpt2":
         torch.manual_seed(0)
-        model = GPT2(data.vocab_size, cfg.lm.width, cfg.lm.layers, cfg.lm.heads, cfg.lm.context)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=cfg.train.betas, weight_decay=0.0, foreach=True)
+        model = GPT2(data.vocab_size, cfg.lm.width, cfg.lm.layers, cfg.lm.heads, cfg.lm.context).to(task.device)
+        fused = task.device.type == "cuda"  # the same implementation choice as the project's optimiser
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=cfg.train.betas, weight_decay=0.0, fused=fused or None,
+                                foreach=None if fused else True)
         forward = torch.compile(model) if compiled else model
 
         def one(step: int) -> None:
             b = task.stream.batch(step, B, task.labels, task.rows_of_rank)  # the project's step draws its batch too
-            loss = F.cross_entropy(forward(b.inputs).flatten(0, 1), b.targets.flatten())
+            x, y = b.inputs.to(task.device), b.targets.to(task.device)
+            loss = F.cross_entropy(forward(x).flatten(0, 1), y.flatten())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -107,14 +113,20 @@ def lm_step(which: str, steps: int, mlp_hidden: int = SAME_SIZE, compiled: bool 
             task.step(step)
 
         params = sum(p.numel() for p in task.model.parameters())
+    def sync() -> None:
+        if task.device.type == "cuda":
+            torch.cuda.synchronize(task.device)
+
     with Capture(task.model, [t.site.module for t in task.terms]) as cap, flush_denormals():
         task.cap = cap
         for s in range(WARMUP):
             one(s)
+        sync()
         t0 = time.perf_counter()
         for s in range(WARMUP, WARMUP + steps):
             one(s)
+        sync()
         elapsed = time.perf_counter() - t0
     return {"seconds": elapsed, "steps": steps, "tokens_per_s": steps * B * T / elapsed, "params": params,
             "vocab": data.vocab_size, "threads": torch.get_num_threads(), "mlp_hidden": None if which == "gpt2" else mlp_hidden,
-            "compiled": compiled}
+            "compiled": compiled, "device": torch.cuda.get_device_name(task.device) if task.device.type == "cuda" else "cpu"}
