@@ -70,3 +70,16 @@ def test_two_ranks_on_cuda_equal_one_process(corpus, tmp_path):
     close(load_file(str(tmp_path / "one" / "checkpoint.safetensors")), load_file(str(tmp_path / "two" / "checkpoint.safetensors")),
           atol=1e-4)
     assert (tmp_path / "two" / "arms" / "anchored-seed0.rank1.safetensors").is_file()
+
+
+def test_compiled_training_on_cuda_equals_eager(corpus):
+    """`train.compile` on CUDA (inductor's Triton kernels, not the C++ ones the CPU tests build):
+    the anchored arm's losses, term values and weights equal the eager CUDA arm's to float rounding."""
+    from anchoring.kinds.lm.data import load_data
+    from anchoring.kinds.lm.training import train_arm
+    from test_lm_compile import SIZE, _same
+
+    base = [f'text.corpus="{corpus}"', "text.coverage=1.0", *SIZE, 'train.device="cuda"']
+    eager = experiments.load("lm-anchor", base)
+    data = load_data(eager.text)
+    _same(train_arm(eager, data, 0, "anchored"), train_arm(experiments.load("lm-anchor", [*base, "train.compile=true"]), data, 0, "anchored"))
