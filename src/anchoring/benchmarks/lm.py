@@ -113,6 +113,7 @@ def lm_step(which: str, steps: int, mlp_hidden: int = SAME_SIZE, compiled: bool 
             task.step(step)
 
         params = sum(p.numel() for p in task.model.parameters())
+
     def sync() -> None:
         if task.device.type == "cuda":
             torch.cuda.synchronize(task.device)
