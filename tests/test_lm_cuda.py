@@ -40,6 +40,7 @@ def test_auto_trains_on_cuda_and_gives_the_cpu_model(corpus, tmp_path):
     gpu = experiments.load("lm-anchor", [*base, 'train.device="auto"'])
     assert device_of(gpu).type == "cuda"
     on_gpu = lifecycle.run(gpu, tmp_path / "gpu")
+    assert on_gpu.summary["timing"]["device"].startswith("cuda (")  # the summary says where it trained
     on_cpu = lifecycle.run(experiments.load("lm-anchor", base), tmp_path / "cpu")
     # checkpoints are written from CPU copies, so a CUDA run opens anywhere
     close(load_file(str(tmp_path / "gpu" / "checkpoint.safetensors")), load_file(str(tmp_path / "cpu" / "checkpoint.safetensors")),

@@ -34,6 +34,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(corpus, tmp_path, ex
     for k in a:
         assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), (k, float((a[k] - b[k]).abs().max()))
     assert (tmp_path / "two" / "arms" / "anchored-seed0.rank1.safetensors").is_file()
+    assert (two.summary["timing"]["processes"], two.summary["timing"]["parallel"]) == (2, "data-parallel ranks")
     l1 = {r["arm"]: r["loss"]["all"] for r in one.summary["models"]}
     l2 = {r["arm"]: r["loss"]["all"] for r in two.summary["models"]}
     assert l1 == pytest.approx(l2, abs=1e-4)

@@ -294,9 +294,13 @@ def test_every_job_reports_its_training_seconds_also_from_worker_processes(corpu
     from anchoring.kinds.lm.kind import summary_lines
 
     console = Console(width=250, record=True)
-    console.print(summary_lines(json.loads((tmp_path / "run" / "summary.json").read_text()))[0])
+    lines = summary_lines(json.loads((tmp_path / "run" / "summary.json").read_text()))
+    console.print(lines[0])
     text = console.export_text()
     assert "train s" in text and f"{jobs['control-seed0_s']:.0f}" in text
+    # and where those seconds were spent: "auto" in the config does not say
+    assert (timing["device"], timing["processes"], timing["parallel"], timing["torch"]) == ("cpu", 2, "job processes", torch.__version__)
+    assert f"trained on cpu, torch {torch.__version__}, 2 job processes" in lines
 
 
 def test_a_checkpoint_without_seconds_gives_unknown_training_time_not_zero(corpus):

@@ -205,8 +205,17 @@ def run(cfg: LMExperiment, path: Path, *, progress: Progress | None = None) -> d
     # each job's own seconds in training steps (kept in its checkpoint, so worker processes and resumes count)
     timing = {f"{arm}-seed{seed}_s": None if math.isnan(r.seconds) else round(r.seconds, 3)
               for (arm, seed), r in results.items()}
-    summary["timing"] = {"train_s": round(train_s, 3), **timing}
+    summary["timing"] = {"train_s": round(train_s, 3), **timing,
+                         **trained_on(cfg, workers, "data-parallel ranks" if launched or cfg.lm.nproc > 1 else "job processes")}
     return summary
+
+
+def trained_on(cfg: LMExperiment, processes: int, how: str) -> dict[str, Any]:
+    """Where the seconds above were spent: `train.device = "auto"` leaves the config silent on it, and
+    a time means little without the device, the torch build and the number of processes."""
+    dev = device_of(cfg)
+    name = f"cuda ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "cpu"
+    return {"device": name, "torch": torch.__version__, "processes": processes, "parallel": how}
 
 
 def _init_worker() -> None:
@@ -554,6 +563,8 @@ def summary_lines(summary: dict[str, Any]) -> list[Any]:
                       *[f"{r['alignment'][s]['containment']:.3f}" for s in sites],
                       "–" if seconds is None else f"{seconds:.0f}")
     lines: list[Any] = [table]
+    if "device" in timing:  # runs written before it was recorded do not say
+        lines.append(f"trained on {timing['device']}, torch {timing['torch']}, {timing['processes']} {timing['parallel']}")
     for name, t in summary.get("targets", {}).items():
         lines.append(f"{'met ' if t['met'] else 'MISS'}  {name}: {target_text(t.get('median'))}")  # None: NaN read back from JSON
     if summary.get("unlearning"):
