@@ -65,9 +65,10 @@ def test_two_ranks_on_cuda_equal_one_process(corpus, tmp_path):
     same model as one process taking the whole global batch."""
     base = spans(corpus, "train.steps=8", 'lm.arms=["anchored","control"]', 'train.device="cuda"')
     cfg = experiments.load("lm-anchor", base)
-    print("backend for 2 ranks:", backend(cfg, 2))
+    assert backend(cfg, 2) == ("nccl" if torch.cuda.device_count() >= 2 else "gloo")
     lifecycle.run(cfg, tmp_path / "one")
-    lifecycle.run(experiments.load("lm-anchor", [*base, "lm.nproc=2"]), tmp_path / "two")
+    two = lifecycle.run(experiments.load("lm-anchor", [*base, "lm.nproc=2"]), tmp_path / "two")
+    assert (two.summary["timing"]["processes"], two.summary["timing"]["parallel"]) == (2, "data-parallel ranks")
     close(load_file(str(tmp_path / "one" / "checkpoint.safetensors")), load_file(str(tmp_path / "two" / "checkpoint.safetensors")),
           atol=1e-4)
     assert (tmp_path / "two" / "arms" / "anchored-seed0.rank1.safetensors").is_file()

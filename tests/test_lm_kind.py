@@ -300,7 +300,19 @@ def test_every_job_reports_its_training_seconds_also_from_worker_processes(corpu
     assert "train s" in text and f"{jobs['control-seed0_s']:.0f}" in text
     # and where those seconds were spent: "auto" in the config does not say
     assert (timing["device"], timing["processes"], timing["parallel"], timing["torch"]) == ("cpu", 2, "job processes", torch.__version__)
-    assert f"trained on cpu, torch {torch.__version__}, 2 job processes" in lines
+    assert any(isinstance(x, str) and x.startswith(f"trained on cpu, torch {torch.__version__}, 2 job processes") for x in lines)
+
+
+def test_the_summary_says_where_training_ran_and_never_guesses(corpus, tmp_path):
+    cfg = experiments.load("lm-anchor-passages", tiny(corpus, "train.steps=4", 'lm.arms=["control"]', "lm.workers=1",
+                                                      "evaluate.shade_passages=0"))
+    timing = lifecycle.run(cfg, tmp_path / "run").summary["timing"]
+    assert (timing["device"], timing["processes"], timing["parallel"]) == ("cpu", 1, "process")
+    # stopped after training, before its summary (or a sweep merging its shards' finished checkpoints):
+    # nothing trains in the call that finishes it, so the run does not say where training ran, rather than guess
+    (tmp_path / "run" / "summary.json").unlink()
+    again = lifecycle.resume(tmp_path / "run").summary["timing"]
+    assert "control-seed0_s" in again and not {"device", "torch", "processes", "parallel"} & set(again)
 
 
 def test_a_checkpoint_without_seconds_gives_unknown_training_time_not_zero(corpus):

@@ -150,6 +150,7 @@ def test_bench_prints_a_table_and_writes_json(tmp_path):
     assert "ensemble E=4" in r.stdout and "× baseline" in r.stdout
     lm = {c["case"]: c for c in res["cases"] if c["case"].startswith("lm:")}
     assert len(lm) == 4 and all(c["unit"] == "tokens/s" and "vs_baseline" in c for c in lm.values())
+    assert {c["device"] for c in lm.values()} == {"cpu"} and not any("gpu_peak_mb" in c for c in lm.values())
     assert any(c["case"].startswith("surprise page") and c["unit"] == "s" for c in res["cases"])
 
 
@@ -205,13 +206,14 @@ def test_lm_device_puts_every_lm_case_and_only_those_on_the_device():
 
 @pytest.mark.parametrize("device, message", [
     ("tpu", "--lm-device takes cpu or cuda"),
+    ("cuda --lm-steps 0", "--lm-steps 0 skips them"),
     *([] if torch.cuda.is_available() else [("cuda", "no CUDA device is available here")]),
 ])
 def test_bench_refuses_an_lm_device_it_cannot_use(device, message, monkeypatch):
     import anchoring.benchmarks as benchmarks
 
     monkeypatch.setattr(benchmarks, "run_suite", lambda *a, **k: pytest.fail("measured before refusing"))
-    r = CliRunner().invoke(app, ["bench", "--e2e-seeds", "", "--lm-device", device])
+    r = CliRunner().invoke(app, ["bench", "--e2e-seeds", "", "--lm-device", *device.split()])
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
 
 

@@ -400,6 +400,8 @@ def bench_cmd(
         fail("--lm-compiled times LM cases, and --lm-steps 0 skips them: give --lm-steps N")
     if lm_device not in ("cpu", "cuda"):
         fail(f"--lm-device takes cpu or cuda, got {lm_device!r}")
+    if lm_device != "cpu" and not lm_steps:
+        fail(f"--lm-device {lm_device} places the LM cases, and --lm-steps 0 skips them: give --lm-steps N")
     import torch
 
     if lm_device == "cuda" and not torch.cuda.is_available():

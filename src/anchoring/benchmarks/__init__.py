@@ -61,7 +61,7 @@ def plan(steps: int, ensemble_sizes: list[int], e2e_seeds: list[int], e2e_steps:
             argv += ["--steps", str(e2e_steps)]
         cases.append(Case(f"anchoring run anchored --seeds {n}", "s wall", argv, end_to_end=True))
     if lm_steps:  # LM cases: tokens/s, compared with the GPT-2-style baseline (not the colour one)
-        dev = ["cuda"] if lm_device == "cuda" else []  # every LM case, baseline included, on the same device
+        dev = ["cuda"] if lm_device == "cuda" else []  # every LM training case, baseline included, on the same device
 
         def lm(*args: str) -> list[str]:
             return _child("lm", *args, *dev)

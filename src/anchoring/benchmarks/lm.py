@@ -130,4 +130,6 @@ def lm_step(which: str, steps: int, mlp_hidden: int = SAME_SIZE, compiled: bool 
         elapsed = time.perf_counter() - t0
     return {"seconds": elapsed, "steps": steps, "tokens_per_s": steps * B * T / elapsed, "params": params,
             "vocab": data.vocab_size, "threads": torch.get_num_threads(), "mlp_hidden": None if which == "gpt2" else mlp_hidden,
-            "compiled": compiled, "device": torch.cuda.get_device_name(task.device) if task.device.type == "cuda" else "cpu"}
+            "compiled": compiled, "device": torch.cuda.get_device_name(task.device) if task.device.type == "cuda" else "cpu",
+            # the table's peak MB is the process's host memory; on a GPU this is the device's
+            **({"gpu_peak_mb": torch.cuda.max_memory_allocated(task.device) / 2**20} if task.device.type == "cuda" else {})}

@@ -176,6 +176,7 @@ def run(cfg: LMExperiment, path: Path, *, progress: Progress | None = None) -> d
     jobs = [(arm, seed) for seed in seeds for arm in arms(cfg)]
     total = steps * len(jobs)
     workers = 1 if cfg.lm.nproc > 1 else min(len(jobs), cfg.lm.workers or os.cpu_count() or 1)
+    trains = any(steps_done(checkpoint_path(path, *j)) < steps for j in jobs)  # False: a merged sweep, a finished resume
     t0 = time.perf_counter()
     from anchoring.kinds.lm.distributed import launched_by_torchrun
 
@@ -205,17 +206,19 @@ def run(cfg: LMExperiment, path: Path, *, progress: Progress | None = None) -> d
     # each job's own seconds in training steps (kept in its checkpoint, so worker processes and resumes count)
     timing = {f"{arm}-seed{seed}_s": None if math.isnan(r.seconds) else round(r.seconds, 3)
               for (arm, seed), r in results.items()}
-    summary["timing"] = {"train_s": round(train_s, 3), **timing,
-                         **trained_on(cfg, workers, "data-parallel ranks" if launched or cfg.lm.nproc > 1 else "job processes")}
+    summary["timing"] = {"train_s": round(train_s, 3), **timing}
+    if trains:  # where every job came finished (a merged sweep, a resume after the last step), this process cannot say
+        summary["timing"].update(trained_on(cfg, workers, "data-parallel ranks" if launched or cfg.lm.nproc > 1 else "job processes"))
     return summary
 
 
 def trained_on(cfg: LMExperiment, processes: int, how: str) -> dict[str, Any]:
     """Where the seconds above were spent: `train.device = "auto"` leaves the config silent on it, and
-    a time means little without the device, the torch build and the number of processes."""
+    a time means little without the device, the torch build and the number of processes. A resumed
+    run reports the session that finished it."""
     dev = device_of(cfg)
     name = f"cuda ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "cpu"
-    return {"device": name, "torch": torch.__version__, "processes": processes, "parallel": how}
+    return {"device": name, "torch": torch.__version__, "processes": processes, "parallel": how if processes > 1 else "process"}
 
 
 def _init_worker() -> None:
@@ -564,7 +567,8 @@ def summary_lines(summary: dict[str, Any]) -> list[Any]:
                       "–" if seconds is None else f"{seconds:.0f}")
     lines: list[Any] = [table]
     if "device" in timing:  # runs written before it was recorded do not say
-        lines.append(f"trained on {timing['device']}, torch {timing['torch']}, {timing['processes']} {timing['parallel']}")
+        lines.append(f"trained on {timing['device']}, torch {timing['torch']}, {timing['processes']} {timing['parallel']} "
+                     "(the session that finished the training)")
     for name, t in summary.get("targets", {}).items():
         lines.append(f"{'met ' if t['met'] else 'MISS'}  {name}: {target_text(t.get('median'))}")  # None: NaN read back from JSON
     if summary.get("unlearning"):
