@@ -91,9 +91,8 @@ def lm_step(which: str, steps: int, mlp_hidden: int = SAME_SIZE, compiled: bool 
     if which == "gpt2":
         torch.manual_seed(0)
         model = GPT2(data.vocab_size, cfg.lm.width, cfg.lm.layers, cfg.lm.heads, cfg.lm.context).to(task.device)
-        fused = task.device.type == "cuda"  # the same implementation choice as the project's optimiser
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=cfg.train.betas, weight_decay=0.0, fused=fused or None,
-                                foreach=None if fused else True)
+        impl = {k: task.optimizer.defaults[k] for k in ("fused", "foreach")}  # the project's optimiser's own choice
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=cfg.train.betas, weight_decay=0.0, **impl)
         forward = torch.compile(model) if compiled else model
 
         def one(step: int) -> None:

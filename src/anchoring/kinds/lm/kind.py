@@ -176,7 +176,7 @@ def run(cfg: LMExperiment, path: Path, *, progress: Progress | None = None) -> d
     jobs = [(arm, seed) for seed in seeds for arm in arms(cfg)]
     total = steps * len(jobs)
     workers = 1 if cfg.lm.nproc > 1 else min(len(jobs), cfg.lm.workers or os.cpu_count() or 1)
-    trains = any(steps_done(checkpoint_path(path, *j)) < steps for j in jobs)  # False: a merged sweep, a finished resume
+    todo = [j for j in jobs if steps_done(checkpoint_path(path, *j)) < steps]  # empty: a merged sweep, a finished resume
     t0 = time.perf_counter()
     from anchoring.kinds.lm.distributed import launched_by_torchrun
 
@@ -192,7 +192,7 @@ def run(cfg: LMExperiment, path: Path, *, progress: Progress | None = None) -> d
         train_data_parallel(cfg, path, jobs, cfg.lm.nproc)
         workers = cfg.lm.nproc  # no progress from the ranks; the loop below only loads their checkpoints
     elif workers > 1:  # a job already at its last step (a resumed run, a merged sweep) needs no process
-        _train_in_processes(cfg, path, [j for j in jobs if steps_done(checkpoint_path(path, *j)) < steps], workers)
+        _train_in_processes(cfg, path, todo, workers)
     results: dict[tuple[str, int], ArmResult] = {}
     for i, (arm, seed) in enumerate(jobs):  # after the pool: each job only loads its finished checkpoint
         done = i * steps
@@ -207,7 +207,7 @@ def run(cfg: LMExperiment, path: Path, *, progress: Progress | None = None) -> d
     timing = {f"{arm}-seed{seed}_s": None if math.isnan(r.seconds) else round(r.seconds, 3)
               for (arm, seed), r in results.items()}
     summary["timing"] = {"train_s": round(train_s, 3), **timing}
-    if trains:  # where every job came finished (a merged sweep, a resume after the last step), this process cannot say
+    if todo:  # where every job came finished (a merged sweep, a resume after the last step), this process cannot say
         summary["timing"].update(trained_on(cfg, workers, "data-parallel ranks" if launched or cfg.lm.nproc > 1 else "job processes"))
     return summary
 
