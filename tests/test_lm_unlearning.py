@@ -525,3 +525,50 @@ def test_the_relearning_figure_draws_the_control_as_the_mean_over_seeds():
     fig = relearning_curves(points, [4])
     dashed = [line for line in fig.axes[0].lines if line.get_linestyle() == "--"]
     assert len(dashed) == 1 and dashed[0].get_ydata()[0] == pytest.approx(1.5)  # two seeds at 1.0 count twice
+
+
+def test_repair_fine_tunes_on_retain_text_and_keeps_the_edit(unlearned):
+    """`unlearning.repair_steps`: every edit (not the filters) is fine-tuned on retain windows with the
+    edit put back after each step, so the deleted axis is still exactly gone, the repair lowers the
+    retain loss the edit left, and the table says so."""
+    path, summary = unlearned
+    assert all("edit_only" not in r for r in summary["unlearning"]["rows"])  # off by default
+    run = lifecycle.load_run(path)
+    models = {(arm, s): m for arm in run.arms for s, m in zip(run.seeds, run.arms[arm])}
+    cfg = run.config.model_copy(update={"unlearning": run.config.unlearning.model_copy(
+        update={"repair_steps": 6, "relearn_steps": 0, "recover_steps": 0})})
+    got = ul.evaluate(cfg, run.data, models)
+    rows = {r["method"]: r for r in got["rows"]}
+    assert ul.MATCHED_COST not in rows
+    for name in ("weak filter", "oracle filter"):  # trained arms, not edits
+        assert "edit_only" not in rows[name]
+    plain = {r["method"]: r for r in summary["unlearning"]["rows"]}
+    for name in ("anchoring · delete", "anchoring · blind", "anchoring · suppress", "mean-difference · delete"):
+        r = rows[name]
+        assert r["repair_steps"] == 6 and r["before"] == plain[name]["before"], name
+        assert r["edit_only"]["retain"] == pytest.approx(plain[name]["after"]["retain"], abs=1e-5), name  # the edit alone
+        assert r["after"]["retain"] < r["edit_only"]["retain"], name  # the repair lowered the retain loss
+    assert rows["anchoring · delete"]["leftover"] < 1e-5  # the deleted axis stayed out through the repair
+    assert "repaired before scoring: 6 fine-tuning steps" in " ".join(str(x) for x in ul.lines(got)[1:])
+
+
+def test_a_repair_without_re_editing_lets_a_deleted_direction_back():
+    """The constraint is what keeps the edit: the same retain fine-tune without `redo` writes along the
+    deleted axis again, with it every writer stays orthogonal to it."""
+    torch.manual_seed(5)
+    model = NormalizedTransformer(11, 16, 2, 2, 16).eval()
+    axis = torch.eye(16)[3]
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 11, (40, 4, 9), generator=g)
+    after = delete(model, [axis])
+    m = ul.Method("anchoring · delete", "anchored", model, after, True, [axis], lambda x: delete(x, [axis]))
+    kept = ul.repaired(m, lambda step: data[step], 8, 1e-2)
+    loose = ul.repaired(ul.Method(m.name, m.arm, model, after, True, [axis]), lambda step: data[step], 8, 1e-2)
+
+    def along(x):  # the largest write along the axis: an embedding row, or a writer's output column
+        writes = [x.embed.weight.T, *[w for b in x.blocks for w in (b.attn.o.weight, b.mlp.down.weight)]]
+        return max(float((axis @ w).abs().max()) for w in writes)
+
+    assert along(after) < 1e-6 and along(kept) < 1e-6
+    assert along(loose) > 1e-3
+    assert not torch.equal(kept.blocks[0].attn.q.weight, after.blocks[0].attn.q.weight)  # it did train

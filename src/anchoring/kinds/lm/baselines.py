@@ -21,7 +21,9 @@ A blocked (position, unit) pair gives no gradient to the unit's `up` rows, scale
 nor through its activation to earlier layers. Everything outside the routed MLPs learns from every
 position. Where this may differ from the paper: gradient routing as described there masks gradients
 on activations, which would still let a `down` column learn from every token; here whole units are
-masked. No auxiliary loss and no fine-tuning after the ablation are done here.
+masked. No auxiliary loss is used. A fine-tune on retain text after the ablation, with the extra
+units held at zero, is the evaluation's optional repair (`unlearning.repair_steps`), applied to
+every edit alike.
 
 **Deletion.** The stored checkpoint is the trained model; `ablated(model, cfg, arm)` returns a copy
 with the forget entries (sgtm) or the extra units (routing: their `up` rows, `down` columns and

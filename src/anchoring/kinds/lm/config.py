@@ -147,6 +147,9 @@ class UnlearningConfig(_Strict):
                                                   "(the matched random move, a control, is never fine-tuned)")
     posthoc: list[Posthoc] = Field(default_factory=lambda: ["mean-difference", "leace"],
                                    description="post-hoc directions fitted on the control arm")
+    repair_steps: int = Field(0, ge=0, description="retain-only fine-tuning steps after every edit, with the edit "
+                                                    "re-applied after each step, before it is scored and attacked (0: none)")
+    repair_lr: float = Field(1e-3, gt=0, description="learning rate of the repair fine-tune")
     fit_positions: int = Field(32768, ge=20, description="training positions the post-hoc directions are fitted on "
                                                          "(read from the control stream, one batch of windows at a time)")
 

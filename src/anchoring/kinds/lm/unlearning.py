@@ -15,6 +15,10 @@ Methods, per seed (each with the model it starts from, "before", and the one it 
 - `weak filter`, `oracle filter`: before = the control arm, after = the filtered arm;
 - `SGTM`, `gradient routing`: the arm as trained, and `baselines.ablated` of it (only when those arms exist).
 
+With `unlearning.repair_steps` > 0 every edit's "after" model is first *repaired*: fine-tuned on
+retain passages only, with the edit put back after every step (`repaired`), before it is scored
+and attacked. The filters are trained arms, not edits, and are not repaired.
+
 Losses are nats per character on held-out text (`evaluate.eval_set`): *forget* = every token of a
 reference-positive passage, *concept* = its concept positions, *retain* = every token of a
 reference-negative passage. Fine-tunes score a smaller fixed subset (`unlearning.eval_chars`).
@@ -43,7 +47,7 @@ from anchoring.kinds.lm.config import LMExperiment
 from anchoring.kinds.lm.data import LMData
 
 CURVES = "unlearning_curves.csv"
-PICK_SALT, BATCH_SALT, MIX_SALT = 0x4E1, 0x4E2, 0x4E3
+PICK_SALT, BATCH_SALT, MIX_SALT, REPAIR_SALT = 0x4E1, 0x4E2, 0x4E3, 0x4E4
 TINY = 1e-6  # nats/char: a difference this small is no difference
 KEPT_FLOOR = 0.01  # nats/char: an edit must raise the curve's forget loss this much for "kept" to be a share
 POSTHOC_NAMES = {"mean-difference": "mean-difference", "leace": "LEACE"}
@@ -91,6 +95,8 @@ class Method:
     after: nn.Module
     weights_edited: bool  # False: a hook (fine-tuned with the hook in place when `unlearning.attack_hooks`)
     removed: list[torch.Tensor] | None = None  # a deletion's directions: its row reports how much of them is left
+    redo: Callable[[nn.Module], nn.Module] | None = None  # the weight edit as a copying map, applied again after each repair step
+    repairable: bool = True  # False for the filters: a trained arm, not an edit of `before`
 
 
 def methods(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.Module], seed: int) -> list[Method]:
@@ -105,31 +111,52 @@ def methods(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.Mo
     if "anchored" in arms:
         a, concept = models["anchored", seed], concept_directions(cfg)
         others = matched_directions(concept, torch.Generator().manual_seed(seed))
-        out += [Method("anchoring · delete", "anchored", a, edited(a, cfg, "delete"), True, concept),
+
+        def deleting(dirs: list[torch.Tensor]) -> Callable[[nn.Module], nn.Module]:
+            return lambda m: edited(m, cfg, "delete", directions=dirs)
+
+        def blinding(dirs: list[torch.Tensor] | None) -> Callable[[nn.Module], nn.Module]:
+            return lambda m: edited(m, cfg, "blind", directions=dirs)
+
+        out += [Method("anchoring · delete", "anchored", a, edited(a, cfg, "delete"), True, concept, deleting(concept)),
                 Method("anchoring · suppress", "anchored", a, edited(a, cfg, "suppress"), False),
                 Method(MATCHED_RANDOM, "anchored", a, edited(a, cfg, "suppress", random_control=seed), False),
-                Method(MATCHED_DELETE, "anchored", a, edited(a, cfg, "delete", directions=others), True, others)]
+                Method(MATCHED_DELETE, "anchored", a, edited(a, cfg, "delete", directions=others), True, others, deleting(others))]
         if anchored_sites(cfg):  # blinding reads after the anchored site
-            out += [Method("anchoring · blind", "anchored", a, edited(a, cfg, "blind"), True),
-                    Method(MATCHED_BLIND, "anchored", a, edited(a, cfg, "blind", directions=others), True)]
+            out += [Method("anchoring · blind", "anchored", a, edited(a, cfg, "blind"), True, redo=blinding(None)),
+                    Method(MATCHED_BLIND, "anchored", a, edited(a, cfg, "blind", directions=others), True, redo=blinding(others))]
     if cfg.unlearning.posthoc:
         sites = anchored_sites(cfg) or [f"blocks.{cfg.lm.layers - 1}"]
         for key, f in posthoc.fit(control, cfg, data, seed, sites).items():
             name = POSTHOC_NAMES[key]
-            out += [Method(f"{name} · delete", "control", control, f.delete(control, cfg), True, list(f.directions.values())),
-                    Method(f"{name} · blind", "control", control, f.blind(control, cfg), True),
+            out += [Method(f"{name} · delete", "control", control, f.delete(control, cfg), True, list(f.directions.values()),
+                           lambda m, f=f: f.delete(m, cfg)),
+                    Method(f"{name} · blind", "control", control, f.blind(control, cfg), True, redo=lambda m, f=f: f.blind(m, cfg)),
                     Method(f"{name} · suppress", "control", control, f.suppress(control, cfg), False)]
     for arm, name in (("weak-filtered", "weak filter"), ("oracle-filtered", "oracle filter")):
         if arm in arms:
-            out.append(Method(name, arm, control, models[arm, seed], True))
+            out.append(Method(name, arm, control, models[arm, seed], True, repairable=False))
     extra = [a for a in BASELINES if a in arms]
     if extra:
         from anchoring.kinds.lm.baselines import ablated  # only present where those arms are
 
         for arm in extra:
             m = models[arm, seed]
-            out.append(Method(BASELINES[arm], arm, m, ablated(m, cfg, arm), True))
+            out.append(Method(BASELINES[arm], arm, m, ablated(m, cfg, arm), True, redo=lambda x, arm=arm: ablated(x, cfg, arm)))
     return out
+
+
+def repaired(m: Method, batches: Callable[[int], torch.Tensor], steps: int, lr: float,
+             tick: Callable[[], None] | None = None) -> nn.Module:
+    """`m.after` fine-tuned for `steps` Adam steps on retain windows, with the edit re-applied in place
+    after every step (`m.redo`; a hook method keeps its hook, which is part of the model). Why: an edit
+    is often judged after a short repair on data it should spare, since that undoes damage that is not
+    about the concept. The edit must survive the repair, or the repair would just be relearning: a
+    deletion's directions stay out of the writers, ablated units stay at zero."""
+    keep = None if m.redo is None else (lambda model: model.load_state_dict(m.redo(model).state_dict()))
+    out: list[nn.Module] = []
+    finetune(m.after, batches, steps, lr, lambda model: out.append(model) or {}, tick=tick, keep=keep)
+    return out[-1].eval()
 
 
 class Windows:
@@ -159,9 +186,10 @@ def forget_passages(data: LMData, seed: int) -> np.ndarray:
 
 def finetune(model: nn.Module, batches: Callable[[int], torch.Tensor], steps: int, lr: float,
              score: Callable[[nn.Module], dict[str, float]], stop: Callable[[dict[str, float]], bool] | None = None,
-             tick: Callable[[], None] | None = None) -> list[dict[str, float]]:
+             tick: Callable[[], None] | None = None, keep: Callable[[nn.Module], Any] | None = None) -> list[dict[str, float]]:
     """Adam on a copy of `model`; `score` before the first step and after each (steps + 1 points, or
-    fewer when `stop` says so). Weights are put back on the sphere after each step if the model does that."""
+    fewer when `stop` says so). Weights are put back on the sphere after each step if the model does that,
+    then `keep` (in place) constrains them, when given."""
     m = copy.deepcopy(model)
     opt = torch.optim.Adam(m.parameters(), lr=lr)
     curve = [score(m)]
@@ -177,6 +205,9 @@ def finetune(model: nn.Module, batches: Callable[[int], torch.Tensor], steps: in
         if hasattr(m, "normalize_weights"):
             with torch.no_grad():
                 m.normalize_weights()
+        if keep is not None:
+            with torch.no_grad():
+                keep(m)
         curve.append(score(m))
         if tick is not None:
             tick()
@@ -216,9 +247,10 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
     by_seed = {s: methods(cfg, data, models, s) for s in seeds}
     probe, residual = es.tokens[:bs, :-1], ["embed", *[f"blocks.{i}" for i in range(cfg.lm.layers)]]
     n_edited = sum(attacked(m, u.attack_hooks) for ms in by_seed.values() for m in ms)
+    n_repaired = sum(m.repairable for ms in by_seed.values() for m in ms) if u.repair_steps else 0
     rows: list[dict[str, Any]] = []
     curves: list[dict[str, Any]] = []
-    with _bar(n_edited * (len(u.relearn_k) * u.relearn_steps + u.recover_steps), progress) as tick:
+    with _bar(n_edited * (len(u.relearn_k) * u.relearn_steps + u.recover_steps) + n_repaired * u.repair_steps, progress) as tick:
         for seed in seeds:
             control = models["control", seed]
             control_small = losses(control, small, bs)
@@ -229,10 +261,18 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
             mix_r = Windows(data, np.flatnonzero(ref == 0), window, seed, MIX_SALT + 1)
             half = max(1, u.relearn_batch // 2)
             attack = {k: Windows(data, forget[:k], window, seed, (BATCH_SALT << 20) + k) for k in u.relearn_k}  # never a MIX_SALT
+            fix = Windows(data, np.flatnonzero(ref == 0), window, seed, REPAIR_SALT)
             seed_rows = []
             for m in by_seed[seed]:
+                edit_only = None
+                if u.repair_steps and m.repairable:
+                    edit_only = losses(m.after, es, bs)
+                    m.after = repaired(m, lambda step: fix.batch(step, u.relearn_batch), u.repair_steps, u.repair_lr, tick)
                 row = _row(m.name, seed, m.arm, m.weights_edited, losses(m.before, es, bs), losses(m.after, es, bs),
                            attacked(m, u.attack_hooks))
+                if edit_only is not None:  # the edit alone, before its repair
+                    row["edit_only"] = edit_only
+                    row["repair_steps"] = u.repair_steps
                 if m.removed:  # exact (0) for a basis axis; a slanted direction leaks back through the per-dim step α
                     with torch.no_grad():
                         row["leftover"] = max(residual_component(m.after, v, probe, residual) for v in m.removed)
@@ -258,7 +298,7 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
                                 "forget_concept": c["concept"], "forget": c["forget"], "retain": c["retain"],
                                 "control_concept": target} for i, c in enumerate(rec)]
                 seed_rows.append(row)
-            matched = cost_matched_row(seed_rows, by_seed[seed], es, bs)
+            matched = None if u.repair_steps else cost_matched_row(seed_rows, by_seed[seed], es, bs)
             if matched is not None:
                 seed_rows.append(matched)
             set_r(seed_rows)
@@ -266,7 +306,7 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
     if path is not None:
         runs.write_atomic(path / CURVES, pd.DataFrame(curves).to_csv(index=False, float_format="%.8g"))
     return {"rows": rows, "curves": CURVES, "curve_points": curves, "relearn_k": list(u.relearn_k),
-            "relearn_steps": u.relearn_steps, "recover_cap": u.recover_steps,
+            "relearn_steps": u.relearn_steps, "recover_cap": u.recover_steps, "repair_steps": u.repair_steps,
             "eval_positions": {"table": int((es.cls[:, 1:] != ev.PAD).sum()), "curves": int((small.cls[:, 1:] != ev.PAD).sum())},
             "note": ("suppress rows are hooks, not weight edits: they are fine-tuned with the hook kept in place; the matched "
                      "controls (random move, random deletion, random blinding) are not fine-tuned" if u.attack_hooks else
@@ -468,4 +508,15 @@ def lines(unlearning: dict[str, Any]) -> list[Any]:
         if r[1] == "median":
             t.add_row(*[f"{r[i]:.3f}" if isinstance(r[i], float) else str(r[i]) for i in idx])
     note = matched_note(unlearning)
-    return [t, f"{unlearning['note']}; relearning fine-tunes {unlearning['relearn_steps']} steps", *([note] if note else [])]
+    fixed = repair_note(unlearning)
+    return [t, f"{unlearning['note']}; relearning fine-tunes {unlearning['relearn_steps']} steps",
+            *([note] if note else []), *([fixed] if fixed else [])]
+
+
+def repair_note(unlearning: dict[str, Any]) -> str:
+    """What "after" means when the edits were repaired ("" when they were not)."""
+    n = unlearning.get("repair_steps") or 0
+    if not n:
+        return ""
+    return (f"every edit (not the filters) was repaired before scoring: {n} fine-tuning steps on retain passages with the "
+            "edit re-applied after each step; the mean-difference deletion at anchoring's retain cost is not computed then")
