@@ -536,7 +536,7 @@ def test_repair_fine_tunes_on_retain_text_and_keeps_the_edit(unlearned):
     run = lifecycle.load_run(path)
     models = {(arm, s): m for arm in run.arms for s, m in zip(run.seeds, run.arms[arm])}
     cfg = run.config.model_copy(update={"unlearning": run.config.unlearning.model_copy(
-        update={"repair_steps": 6, "relearn_steps": 0, "recover_steps": 0})})
+        update={"repair_steps": 6, "repair_lr": 1e-3, "relearn_steps": 0, "recover_steps": 0})})
     got = ul.evaluate(cfg, run.data, models)
     rows = {r["method"]: r for r in got["rows"]}
     assert ul.MATCHED_COST not in rows
@@ -549,6 +549,10 @@ def test_repair_fine_tunes_on_retain_text_and_keeps_the_edit(unlearned):
         assert r["edit_only"]["retain"] == pytest.approx(plain[name]["after"]["retain"], abs=1e-5), name  # the edit alone
         assert r["after"]["retain"] < r["edit_only"]["retain"], name  # the repair lowered the retain loss
     assert rows["anchoring · delete"]["leftover"] < 1e-5  # the deleted axis stayed out through the repair
+    alone = rows[ul.REPAIR_ONLY]  # the control arm repaired, no edit: a control, never attacked
+    assert alone["edit_only"] == alone["before"] == rows["mean-difference · delete"]["before"] and not alone["fine_tuned"]
+    assert alone["after"]["retain"] < alone["before"]["retain"]
+    assert ul.REPAIR_ONLY not in {r["method"] for r in summary["unlearning"]["rows"]}
     assert "repaired before scoring: 6 fine-tuning steps" in " ".join(str(x) for x in ul.lines(got)[1:])
 
 

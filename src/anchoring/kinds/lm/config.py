@@ -149,7 +149,8 @@ class UnlearningConfig(_Strict):
                                    description="post-hoc directions fitted on the control arm")
     repair_steps: int = Field(0, ge=0, description="retain-only fine-tuning steps after every edit, with the edit "
                                                     "re-applied after each step, before it is scored and attacked (0: none)")
-    repair_lr: float = Field(1e-3, gt=0, description="learning rate of the repair fine-tune")
+    repair_lr: float = Field(1e-4, gt=0, description="learning rate of the repair fine-tune (a fresh Adam at 1e-3 "
+                                                    "moves a converged model enough to cost retain text by itself)")
     fit_positions: int = Field(32768, ge=20, description="training positions the post-hoc directions are fitted on "
                                                          "(read from the control stream, one batch of windows at a time)")
 

@@ -13,7 +13,8 @@ Methods, per seed (each with the model it starts from, "before", and the one it 
   blind row's control;
 - `mean-difference · …`, `LEACE · …`: the control arm, edited along post-hoc directions (`posthoc`);
 - `weak filter`, `oracle filter`: before = the control arm, after = the filtered arm;
-- `SGTM`, `gradient routing`: the arm as trained, and `baselines.ablated` of it (only when those arms exist).
+- `SGTM`, `gradient routing`: the arm as trained, and `baselines.ablated` of it (only when those arms exist);
+- `repair alone (control)`: with a repair (below), the control arm repaired without any edit.
 
 With `unlearning.repair_steps` > 0 every edit's "after" model is first *repaired*: fine-tuned on
 retain passages only, with the edit put back after every step (`repaired`), before it is scored
@@ -56,7 +57,8 @@ MATCHED_RANDOM = "anchoring · matched random move"
 MATCHED_DELETE = "anchoring · matched random deletion"
 MATCHED_BLIND = "anchoring · matched random blinding"
 MATCHED_COST = "mean-difference · delete at anchoring's retain cost"  # the deletion target's comparison, not attacked
-CONTROL_ROWS = (MATCHED_RANDOM, MATCHED_DELETE, MATCHED_BLIND)  # a method's control, not a method: figures draw it apart, never attacked
+REPAIR_ONLY = "repair alone (control)"  # the control arm repaired without any edit: what the repair does by itself
+CONTROL_ROWS = (MATCHED_RANDOM, MATCHED_DELETE, MATCHED_BLIND, REPAIR_ONLY)  # a method's control, not a method: figures draw it apart, never attacked
 Progress = Callable[[int, int], None]
 
 
@@ -136,6 +138,8 @@ def methods(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.Mo
     for arm, name in (("weak-filtered", "weak filter"), ("oracle-filtered", "oracle filter")):
         if arm in arms:
             out.append(Method(name, arm, control, models[arm, seed], True, repairable=False))
+    if cfg.unlearning.repair_steps:  # retain-only training shifts a model away from the forget text by itself
+        out.append(Method(REPAIR_ONLY, "control", control, control, True))
     extra = [a for a in BASELINES if a in arms]
     if extra:
         from anchoring.kinds.lm.baselines import ablated  # only present where those arms are
