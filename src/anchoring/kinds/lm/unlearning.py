@@ -114,19 +114,16 @@ def methods(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.Mo
         a, concept = models["anchored", seed], concept_directions(cfg)
         others = matched_directions(concept, torch.Generator().manual_seed(seed))
 
-        def deleting(dirs: list[torch.Tensor]) -> Callable[[nn.Module], nn.Module]:
-            return lambda m: edited(m, cfg, "delete", directions=dirs)
+        def weight_edit(name: str, redo: Callable[[nn.Module], nn.Module], removed: list[torch.Tensor] | None = None) -> Method:
+            return Method(name, "anchored", a, redo(a), True, removed, redo)
 
-        def blinding(dirs: list[torch.Tensor] | None) -> Callable[[nn.Module], nn.Module]:
-            return lambda m: edited(m, cfg, "blind", directions=dirs)
-
-        out += [Method("anchoring · delete", "anchored", a, edited(a, cfg, "delete"), True, concept, deleting(concept)),
+        out += [weight_edit("anchoring · delete", lambda m: edited(m, cfg, "delete"), concept),
                 Method("anchoring · suppress", "anchored", a, edited(a, cfg, "suppress"), False),
                 Method(MATCHED_RANDOM, "anchored", a, edited(a, cfg, "suppress", random_control=seed), False),
-                Method(MATCHED_DELETE, "anchored", a, edited(a, cfg, "delete", directions=others), True, others, deleting(others))]
+                weight_edit(MATCHED_DELETE, lambda m: edited(m, cfg, "delete", directions=others), others)]
         if anchored_sites(cfg):  # blinding reads after the anchored site
-            out += [Method("anchoring · blind", "anchored", a, edited(a, cfg, "blind"), True, redo=blinding(None)),
-                    Method(MATCHED_BLIND, "anchored", a, edited(a, cfg, "blind", directions=others), True, redo=blinding(others))]
+            out += [weight_edit("anchoring · blind", lambda m: edited(m, cfg, "blind")),
+                    weight_edit(MATCHED_BLIND, lambda m: edited(m, cfg, "blind", directions=others))]
     if cfg.unlearning.posthoc:
         sites = anchored_sites(cfg) or [f"blocks.{cfg.lm.layers - 1}"]
         for key, f in posthoc.fit(control, cfg, data, seed, sites).items():
@@ -265,11 +262,11 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
             mix_r = Windows(data, np.flatnonzero(ref == 0), window, seed, MIX_SALT + 1)
             half = max(1, u.relearn_batch // 2)
             attack = {k: Windows(data, forget[:k], window, seed, (BATCH_SALT << 20) + k) for k in u.relearn_k}  # never a MIX_SALT
-            fix = Windows(data, np.flatnonzero(ref == 0), window, seed, REPAIR_SALT)
+            fix = Windows(data, np.flatnonzero(ref == 0), window, seed, REPAIR_SALT) if u.repair_steps else None
             seed_rows = []
             for m in by_seed[seed]:
                 edit_only = None
-                if u.repair_steps and m.repairable:
+                if fix is not None and m.repairable:
                     edit_only = losses(m.after, es, bs)
                     m.after = repaired(m, lambda step: fix.batch(step, u.relearn_batch), u.repair_steps, u.repair_lr, tick)
                 row = _row(m.name, seed, m.arm, m.weights_edited, losses(m.before, es, bs), losses(m.after, es, bs),
