@@ -129,6 +129,9 @@ def test_intervene_on_an_lm_run_suppresses_and_reports_forget_and_retain(lm_run)
     (["delete", "--concept", "milton"], "this run anchors 'violence'"),
     (["delete", "--dims", "5"], "--dims is for the colour models"),  # not silently the concept's axis
     (["delete", "--concept", "violence", "--site", "blocks.0"], "takes no --site"),
+    (["delete", "--concept", "violence", "--repair-lr", "1e-3"], "--repair-lr needs --repair-steps"),
+    (["delete", "--concept", "violence", "--repair-steps", "2", "--repair-lr", "0"], "--repair-lr must be a positive number"),
+    (["delete", "--concept", "violence", "--repair-steps", "-1"], "--repair-steps must be ≥ 0"),
 ])
 def test_lm_edits_refuse_options_they_would_ignore(lm_run, tmp_path, args, message):
     out = tmp_path / "edited"
@@ -159,6 +162,48 @@ def test_delete_on_an_lm_run_writes_a_run_that_load_run_opens(lm_run, tmp_path):
     assert "matched random deletion" in r.stdout and set(run.arms) == set(lm_run.arms)  # the control is scored, not written
     r = CliRunner().invoke(app, ["show", str(out)])
     assert r.exit_code == 0 and "deleted violence" in r.stdout
+
+
+def test_delete_with_a_repair_writes_the_model_the_unlearning_table_scores(lm_run, tmp_path):
+    """`--repair-steps`: each deleted model is fine-tuned on retain text with the deletion put back
+    after every step, so the saved weights still carry no anchor component but differ from the plain
+    deletion's, the repair lowers the retain loss the deletion left, the anchored model repaired with
+    no edit is scored as the repair's control, and the saved anchored arm is the very model the
+    unlearning table's repaired `anchoring · delete` row scores."""
+    from anchoring.control.surgery import residual_component
+    from anchoring.kinds.lm import unlearning as ul
+    from anchoring.kinds.lm.edits import concept_directions
+
+    plain, fixed = tmp_path / "deleted", tmp_path / "repaired"
+    assert CliRunner().invoke(app, ["delete", str(lm_run.path), "--concept", "violence", "--out", str(plain)]).exit_code == 0
+    r = CliRunner().invoke(app, ["delete", str(lm_run.path), "--concept", "violence", "--repair-steps", "6",
+                                 "--repair-lr", "1e-3", "--out", str(fixed)])
+    assert r.exit_code == 0, r.stderr
+    assert "repaired: 6 fine-tuning steps" in r.stdout and "repair alone (control)" in r.stdout
+    run, raw = lifecycle.load_run(fixed), lifecycle.load_run(plain)
+    assert run.summary["edit"]["repair_steps"] == 6 and run.summary["edit"]["repair_lr"] == 1e-3
+    (v,) = concept_directions(run.config)
+    ids = run.tokenize(VIOLENT[0])[None, :64]
+    sites = ["embed", *[f"blocks.{i}" for i in range(run.config.lm.layers)]]
+    assert residual_component(run.model("anchored"), v, ids, sites) < 1e-5  # the deletion held through the repair
+    w, w0 = run.model("anchored").state_dict(), raw.model("anchored").state_dict()
+    assert max((w[k] - w0[k]).abs().max().item() for k in w) > 1e-4  # the repair trained
+    row = {x["arm"]: x for x in run.summary["edit_rows"]}
+    row0 = {x["arm"]: x for x in raw.summary["edit_rows"]}
+    for arm in ("anchored", "control", "anchored · matched random deletion"):
+        assert row[arm]["retain before"] == row0[arm]["retain before"]
+        assert row[arm]["retain after"] < row0[arm]["retain after"], arm  # the repair lowered what the edit cost
+    alone = row["anchored · repair alone (control)"]
+    assert alone["retain after"] < alone["retain before"]  # retain text only: the no-edit repair helps it
+    u = lm_run.config.unlearning.model_copy(update={"repair_steps": 6, "repair_lr": 1e-3, "relearn_steps": 0,
+                                                     "recover_steps": 0, "posthoc": []})
+    models = {(a, s): m for a in lm_run.arms for s, m in zip(lm_run.seeds, lm_run.arms[a])}
+    got = ul.evaluate(lm_run.config.model_copy(update={"unlearning": u}), lm_run.data, models)
+    table = next(x for x in got["rows"] if x["method"] == "anchoring · delete")
+    for k in ("forget", "concept", "retain"):
+        assert abs(table["after"][k] - row["anchored"][f"{k} after"]) < 1e-5, k
+    r = CliRunner().invoke(app, ["show", str(fixed)])
+    assert r.exit_code == 0 and "repaired for 6 steps on retain text" in r.stdout
 
 
 def test_blinding_the_readers_writes_a_run_whose_later_layers_ignore_the_anchor(lm_run, tmp_path):

@@ -68,6 +68,9 @@ def test_edits_after_pruning_hit_the_named_concept_or_are_refused(anchored_run, 
     pruned = tmp_path / "pruned"
     assert invoke("delete", out, "--concept", "red", "--method", "prune", "--out", pruned).exit_code == 0
     one_line_error(invoke("delete", pruned, "--concept", "red", "--out", tmp_path / "x"), "its dims were pruned")
+    one_line_error(invoke("delete", out, "--concept", "red", "--repair-steps", "5", "--out", tmp_path / "x"),
+                   "are for 'lm' runs")  # a colour run has no retain text to repair on
+    assert not (tmp_path / "x").exists()
     one_line_error(invoke("intervene", pruned, "--concept", "red"), "its dims were pruned")
     one_line_error(invoke("resume", pruned), "is an edited run")
     r = invoke("show", pruned)

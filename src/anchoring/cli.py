@@ -278,13 +278,28 @@ def delete_cmd(
                                                          "blind (LM: the readers after the anchored site)"),
     k: float = typer.Option(2.0, "--k", help="selectivity exponent"),
     site: str = typer.Option("latent", "--site"),
+    repair_steps: int = typer.Option(0, "--repair-steps", help="LM: then fine-tune every edited model this many steps on "
+                                                               "retain passages, the edit put back after each step"),
+    repair_lr: Optional[float] = typer.Option(None, "--repair-lr", help="LM: the repair's learning rate "
+                                                                        "(default: the run's unlearning.repair_lr)"),
 ) -> None:
     """Permanently delete a concept or dims from every seed; write an edited run."""
     if method not in ("ablate", "prune", "blind"):
         fail(f"--method must be ablate, prune or blind, not {method!r}")
     spec = _edit_spec(method, method, concept, dims, "constant", k, site)
     run = _open(run_dir)
-    _apply_edit(lambda: kind_of(run.config).delete(run, spec, out_dir))
+    if (repair_steps or repair_lr is not None) and run.config.kind != "lm":
+        fail(f"--repair-steps and --repair-lr are for 'lm' runs; this is a {run.config.kind!r} run")
+    if repair_steps < 0:
+        fail(f"--repair-steps must be ≥ 0, got {repair_steps}")
+    if repair_lr is not None and not repair_steps:
+        fail("--repair-lr needs --repair-steps")
+    if not repair_steps:
+        _apply_edit(lambda: kind_of(run.config).delete(run, spec, out_dir))
+        return
+    with progress_bar("repair", sys.stderr.isatty()) as update:
+        _apply_edit(lambda: kind_of(run.config).delete(run, spec, out_dir, repair_steps=repair_steps, repair_lr=repair_lr,
+                                                       progress=update))
 
 
 @app.command("relearn")

@@ -13,6 +13,8 @@ many directions the concept was not put on costs the same model.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from anchoring.kinds.lm import evaluate as ev
 from anchoring.kinds.lm.config import LMExperiment
 from anchoring.kinds.lm.edits import concept_directions, edited, first_site, matched_directions
 from anchoring.kinds.lm.kind import anchored_sites
-from anchoring.kinds.lm.unlearning import losses
+from anchoring.kinds.lm.unlearning import REPAIR_ONLY, losses, repair, repair_windows
 from anchoring.report import html
 
 KEYS = ("forget", "concept", "retain")
@@ -107,10 +109,15 @@ def intervene(run, spec: InterventionConfig) -> EditResult:
                       [out], {"rows": rows})
 
 
-def delete(run, spec: InterventionConfig, out: Path) -> EditResult:
+def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repair_lr: float | None = None,
+           progress: Callable[[int, int], None] | None = None) -> EditResult:
     """Write a run whose models have the anchor direction(s) projected out of the embeddings and of
     every residual-writing matrix (`--method ablate`), or out of every matrix that reads the stream
-    after the anchored site (`--method blind`; see docs/method.md); `load_run` opens it like any LM run."""
+    after the anchored site (`--method blind`; see docs/method.md); `load_run` opens it like any LM run.
+    With `repair_steps`, every edited model (and the matched control) is then fine-tuned on retain
+    passages with the edit put back after each step, as the unlearning table's repair does
+    (`unlearning.repair`, same windows, rate `unlearning.repair_lr` unless given), and the anchored arm
+    repaired with no edit is scored as that repair's own control."""
     if spec.method not in ("ablate", "blind"):
         raise AnchoringError(f"delete on an 'lm' run removes the anchor direction from the writers (--method ablate) "
                              f"or the readers (--method blind), not {spec.method!r}")
@@ -118,11 +125,39 @@ def delete(run, spec: InterventionConfig, out: Path) -> EditResult:
     _same_concept(spec, cfg)
     if spec.site != "latent" or spec.sites:
         raise AnchoringError("delete on an 'lm' run edits every residual writer (or reader after the anchored site); it takes no --site")
+    if repair_steps < 0:
+        raise AnchoringError(f"--repair-steps must be ≥ 0, got {repair_steps}")
+    lr = cfg.unlearning.repair_lr if repair_lr is None else repair_lr
+    if not (math.isfinite(lr) and lr > 0):
+        raise AnchoringError(f"--repair-lr must be a positive number, got {lr}")
     kind = "blind" if spec.method == "blind" else "delete"
     out = runs.new_run_dir(cfg.name, out)
     runs.check_writable(out)
     directions = concept_directions(cfg)
-    new = {arm: [edited(m, cfg, kind, directions=directions) for m in ms] for arm, ms in run.arms.items()}
+    seed_of = {i: s for i, s in enumerate(run.seeds)}
+    others = {i: matched_directions(directions, torch.Generator().manual_seed(s)) for i, s in seed_of.items()}
+    redo = {"edit": lambda i: (lambda m: edited(m, cfg, kind, directions=directions)),
+            "control": lambda i: (lambda m: edited(m, cfg, kind, directions=others[i])),
+            "none": lambda i: None}
+    n_models = sum(len(ms) for ms in run.arms.values()) + 2 * len(run.arms.get("anchored", []))
+    done = [0]
+
+    def fixed(model: torch.nn.Module, i: int, which: str) -> torch.nn.Module:
+        """`model` edited (`which`), then repaired on retain text when asked (the edit kept in place)."""
+        f = redo[which](i)
+        after = model if f is None else f(model)
+        if not repair_steps:
+            return after
+        windows = repair_windows(run.data, cfg.lm.tokens, seed_of[i])
+
+        def tick() -> None:
+            done[0] += 1
+            if progress is not None:
+                progress(done[0], n_models * repair_steps)
+
+        return repair(after, f, lambda step: windows.batch(step, cfg.unlearning.relearn_batch), repair_steps, lr, tick)
+
+    new = {arm: [fixed(m, i, "edit") for i, m in enumerate(ms)] for arm, ms in run.arms.items()}
     what = ("out of the embeddings and of every residual-writing matrix of every arm" if kind == "delete" else
             "out of every matrix of every arm that reads the residual stream after "
             f"{first_site(next(iter(new.values()))[0], anchored_sites(cfg))} (the stream still carries it)")
@@ -130,12 +165,17 @@ def delete(run, spec: InterventionConfig, out: Path) -> EditResult:
     sites = ["embed", *[f"blocks.{i}" for i in range(cfg.lm.layers)]]
     leftover = max(residual_component(m, v, probe, sites) for ms in new.values() for m in ms for v in directions)
     control = "matched random deletion" if kind == "delete" else "matched random blinding"
-    rows = _rows(run, lambda arm, i, m: new[arm][i],
-                 {control: lambda arm, i, m: edited(
-                     m, cfg, kind, directions=matched_directions(directions, torch.Generator().manual_seed(run.seeds[i])))})
+    controls = {control: lambda arm, i, m: fixed(m, i, "control")}
+    if repair_steps:
+        controls[REPAIR_ONLY] = lambda arm, i, m: fixed(m, i, "none")
+    rows = _rows(run, lambda arm, i, m: new[arm][i], controls)
     edit = {"source": str(run.path), "method": "delete-direction" if kind == "delete" else "blind-readers",
-            "concept": cfg.text.concept, "directions": len(directions), "max_residual_component": leftover}
+            "concept": cfg.text.concept, "directions": len(directions), "max_residual_component": leftover,
+            **({"repair_steps": repair_steps, "repair_lr": lr} if repair_steps else {})}
     summary = {"experiment": cfg.name, "kind": "lm", "edit": edit, "edit_rows": rows}
+    fixed_note = (f"every edited model was repaired: {repair_steps} fine-tuning steps at {lr:g} on retain passages, with the "
+                  f"edit put back after each step; 'before' is the model as trained, and anchored · {REPAIR_ONLY} is the "
+                  "anchored model given the same repair with no edit") if repair_steps else ""
     with runs.staged(out) as tmp:  # all of it or nothing under `out`
         for name in (runs.CONFIG, runs.ARCH, "tokenizer.json"):
             runs.write_atomic(tmp / name, (run.path / name).read_text())
@@ -146,12 +186,13 @@ def delete(run, spec: InterventionConfig, out: Path) -> EditResult:
         runs.write_atomic(tmp / runs.REPORT, html.page(f"anchoring: {cfg.name} (deleted {cfg.text.concept})", [
             ("Edit", f"<p>The anchor of {html.html.escape(cfg.text.concept)} ({len(directions)} direction(s)) was projected "
                      f"{html.html.escape(what)}; the largest |h·v| left in any residual state of a validation passage is "
-                     f"{leftover:.2e}.</p>"),
+                     f"{leftover:.2e}.{' ' + html.html.escape(fixed_note) if fixed_note else ''}</p>"),
             ("Validation nats/char", html.table_html(head, [[r[k] for k in head] for r in rows]))]))
         runs.write_json(tmp / runs.SUMMARY, summary)
     note = (f"anchored · {control}: {len(directions)} other direction(s) of the same model edited the same way "
             "(the edit's control; not written to the edited run)") if "anchored" in run.arms else None
     return EditResult(kind, [_table(f"{kind} {cfg.text.concept}: validation nats/char", rows), *([note] if note else []),
+                             *([fixed_note] if fixed_note else []),
                              f"largest |h·v| left in the residual stream: {leftover:.2e}"
                              + (" (blinding leaves the stream as it is)" if kind == "blind" else ""), f"edited run: {out}"],
                       [out], summary)

@@ -499,10 +499,10 @@ class LMKind(Kind):
 
         return control.intervene(run_, spec)
 
-    def delete(self, run_, spec, out: Path):
+    def delete(self, run_, spec, out: Path, **options: Any):
         from anchoring.kinds.lm import control
 
-        return control.delete(run_, spec, out)
+        return control.delete(run_, spec, out, **options)
 
     # sweeps: a shard trains every (arm, seed) job of a block of seeds (see kinds.lm.shards)
     sweep_figure = ("figures/alignment.png", "alignment per layer")
@@ -549,7 +549,8 @@ def summary_lines(summary: dict[str, Any]) -> list[Any]:
 
         e = summary["edit"]
         what = "readers blinded to" if e.get("method") == "blind-readers" else "deleted"
-        return [_table(f"{summary['experiment']}: {what} {e['concept']}", summary["edit_rows"]),
+        fixed = f", repaired for {e['repair_steps']} steps on retain text" if e.get("repair_steps") else ""
+        return [_table(f"{summary['experiment']}: {what} {e['concept']}{fixed}", summary["edit_rows"]),
                 f"largest |h·v| left in the residual stream: {e['max_residual_component']:.2e}"]
 
     sites = summary.get("anchored_sites") or []

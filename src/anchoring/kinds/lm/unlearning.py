@@ -147,17 +147,31 @@ def methods(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.Mo
     return out
 
 
+def repair(model: nn.Module, redo: Callable[[nn.Module], nn.Module] | None, batches: Callable[[int], torch.Tensor],
+           steps: int, lr: float, tick: Callable[[], None] | None = None) -> nn.Module:
+    """A copy of the edited `model` fine-tuned for `steps` Adam steps on retain windows, with the edit
+    re-applied in place after every step (`redo`, a copying map; None for a hook, which is part of the
+    model, or for no edit). Why: an edit is often judged after a short repair on data it should spare,
+    since that undoes damage that is not about the concept. The edit must survive the repair, or the
+    repair would just be relearning: a deletion's directions stay out of the writers, ablated units
+    stay at zero."""
+    keep = None if redo is None else (lambda m: m.load_state_dict(redo(m).state_dict()))
+    out: list[nn.Module] = []
+    finetune(model, batches, steps, lr, lambda m: out.append(m) or {}, tick=tick, keep=keep)
+    return out[-1].eval()
+
+
 def repaired(m: Method, batches: Callable[[int], torch.Tensor], steps: int, lr: float,
              tick: Callable[[], None] | None = None) -> nn.Module:
-    """`m.after` fine-tuned for `steps` Adam steps on retain windows, with the edit re-applied in place
-    after every step (`m.redo`; a hook method keeps its hook, which is part of the model). Why: an edit
-    is often judged after a short repair on data it should spare, since that undoes damage that is not
-    about the concept. The edit must survive the repair, or the repair would just be relearning: a
-    deletion's directions stay out of the writers, ablated units stay at zero."""
-    keep = None if m.redo is None else (lambda model: model.load_state_dict(m.redo(model).state_dict()))
-    out: list[nn.Module] = []
-    finetune(m.after, batches, steps, lr, lambda model: out.append(model) or {}, tick=tick, keep=keep)
-    return out[-1].eval()
+    """`m.after` repaired (`repair`) with the method's own edit kept in place."""
+    return repair(m.after, m.redo, batches, steps, lr, tick)
+
+
+def repair_windows(data: LMData, window: int, seed: int) -> "Windows":
+    """The repair's windows for `seed`: retain passages (no reference label) only, the same for every
+    method of a seed and for `anchoring delete --repair-steps`."""
+    ref = data.reference[data.parts["train"]]
+    return Windows(data, np.flatnonzero(ref == 0), window, seed, REPAIR_SALT)
 
 
 class Windows:
@@ -262,7 +276,7 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
             mix_r = Windows(data, np.flatnonzero(ref == 0), window, seed, MIX_SALT + 1)
             half = max(1, u.relearn_batch // 2)
             attack = {k: Windows(data, forget[:k], window, seed, (BATCH_SALT << 20) + k) for k in u.relearn_k}  # never a MIX_SALT
-            fix = Windows(data, np.flatnonzero(ref == 0), window, seed, REPAIR_SALT) if u.repair_steps else None
+            fix = repair_windows(data, window, seed) if u.repair_steps else None
             seed_rows = []
             for m in by_seed[seed]:
                 edit_only = None
