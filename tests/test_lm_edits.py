@@ -164,14 +164,12 @@ def test_delete_on_an_lm_run_writes_a_run_that_load_run_opens(lm_run, tmp_path):
     assert r.exit_code == 0 and "deleted violence" in r.stdout
 
 
-def test_delete_with_a_repair_writes_the_model_the_unlearning_table_scores(lm_run, tmp_path):
+def test_delete_with_a_repair_keeps_the_edit_and_lowers_its_retain_cost(lm_run, tmp_path):
     """`--repair-steps`: each deleted model is fine-tuned on retain text with the deletion put back
     after every step, so the saved weights still carry no anchor component but differ from the plain
-    deletion's, the repair lowers the retain loss the deletion left, the anchored model repaired with
-    no edit is scored as the repair's control, and the saved anchored arm is the very model the
-    unlearning table's repaired `anchoring · delete` row scores."""
+    deletion's, the repair lowers the retain loss every edit left, and the anchored model repaired
+    with no edit is scored as the repair's control."""
     from anchoring.control.surgery import residual_component
-    from anchoring.kinds.lm import unlearning as ul
     from anchoring.kinds.lm.edits import concept_directions
 
     plain, fixed = tmp_path / "deleted", tmp_path / "repaired"
@@ -188,22 +186,53 @@ def test_delete_with_a_repair_writes_the_model_the_unlearning_table_scores(lm_ru
     assert residual_component(run.model("anchored"), v, ids, sites) < 1e-5  # the deletion held through the repair
     w, w0 = run.model("anchored").state_dict(), raw.model("anchored").state_dict()
     assert max((w[k] - w0[k]).abs().max().item() for k in w) > 1e-4  # the repair trained
-    row = {x["arm"]: x for x in run.summary["edit_rows"]}
-    row0 = {x["arm"]: x for x in raw.summary["edit_rows"]}
-    for arm in ("anchored", "control", "anchored · matched random deletion"):
-        assert row[arm]["retain before"] == row0[arm]["retain before"]
-        assert row[arm]["retain after"] < row0[arm]["retain after"], arm  # the repair lowered what the edit cost
-    alone = row["anchored · repair alone (control)"]
+    row = {(x["arm"], x["seed"]): x for x in run.summary["edit_rows"]}
+    row0 = {(x["arm"], x["seed"]): x for x in raw.summary["edit_rows"]}
+    for key in row0:
+        assert row[key]["retain before"] == row0[key]["retain before"]
+        assert row[key]["retain after"] < row0[key]["retain after"], key  # the repair lowered what the edit cost
+    (seed,) = lm_run.seeds
+    alone = row["anchored · repair alone (control)", seed]
     assert alone["retain after"] < alone["retain before"]  # retain text only: the no-edit repair helps it
-    u = lm_run.config.unlearning.model_copy(update={"repair_steps": 6, "repair_lr": 1e-3, "relearn_steps": 0,
-                                                     "recover_steps": 0, "posthoc": []})
-    models = {(a, s): m for a in lm_run.arms for s, m in zip(lm_run.seeds, lm_run.arms[a])}
-    got = ul.evaluate(lm_run.config.model_copy(update={"unlearning": u}), lm_run.data, models)
-    table = next(x for x in got["rows"] if x["method"] == "anchoring · delete")
-    for k in ("forget", "concept", "retain"):
-        assert abs(table["after"][k] - row["anchored"][f"{k} after"]) < 1e-5, k
     r = CliRunner().invoke(app, ["show", str(fixed)])
     assert r.exit_code == 0 and "repaired for 6 steps on retain text" in r.stdout
+
+
+@pytest.mark.parametrize("method, table", [("ablate", ("anchoring · delete", "anchoring · matched random deletion")),
+                                           ("blind", ("anchoring · blind", "anchoring · matched random blinding"))])
+def test_a_repaired_delete_scores_what_the_repaired_unlearning_table_scores(lm_run, tmp_path, method, table):
+    """The library call under another seed number, so a seed taken from a list position instead of the
+    run's seeds would pick other windows and other control directions: the edited arm and its matched
+    control equal the table's repaired rows for that seed, the repair-alone row equals the anchored
+    model repaired with no edit on that seed's retain windows, and the progress reaches its total."""
+    import dataclasses
+
+    from anchoring.config import InterventionConfig
+    from anchoring.kinds.lm import unlearning as ul
+    from anchoring.kinds.lm.control import _eval_set, delete
+
+    seed = 5
+    run = dataclasses.replace(lm_run, seeds=[seed])
+    calls: list[tuple[int, int]] = []
+    res = delete(run, InterventionConfig(name=method, method=method, concept="violence"), tmp_path / "out",
+                 repair_steps=3, repair_lr=1e-3, progress=lambda done, total: calls.append((done, total)))
+    n = sum(len(ms) for ms in run.arms.values()) + 2
+    assert calls[-1] == (3 * n, 3 * n) and len(calls) == 3 * n
+    row = {x["arm"]: x for x in res.summary["edit_rows"]}
+    cfg = run.config
+    u = cfg.unlearning.model_copy(update={"repair_steps": 3, "repair_lr": 1e-3, "relearn_steps": 0, "recover_steps": 0,
+                                          "posthoc": []})
+    got = ul.evaluate(cfg.model_copy(update={"unlearning": u}), run.data, {(a, seed): ms[0] for a, ms in run.arms.items()})
+    by = {x["method"]: x for x in got["rows"]}
+    control = table[1].removeprefix("anchoring · ")
+    for ours, theirs in (("anchored", table[0]), (f"anchored · {control}", table[1])):
+        for k in ("forget", "concept", "retain"):
+            assert abs(by[theirs]["after"][k] - row[ours][f"{k} after"]) < 1e-5, (ours, k)
+    windows = ul.repair_windows(run.data, cfg.lm.tokens, seed)
+    alone = ul.repair(run.arms["anchored"][0], None, lambda s: windows.batch(s, u.relearn_batch), 3, 1e-3)
+    want = ul.losses(alone, _eval_set(run), cfg.evaluate.batch_size)
+    for k in ("forget", "concept", "retain"):
+        assert abs(want[k] - row["anchored · repair alone (control)"][f"{k} after"]) < 1e-6, k
 
 
 def test_blinding_the_readers_writes_a_run_whose_later_layers_ignore_the_anchor(lm_run, tmp_path):

@@ -127,8 +127,10 @@ def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repa
         raise AnchoringError("delete on an 'lm' run edits every residual writer (or reader after the anchored site); it takes no --site")
     if repair_steps < 0:
         raise AnchoringError(f"--repair-steps must be ≥ 0, got {repair_steps}")
+    if repair_lr is not None and not repair_steps:
+        raise AnchoringError("--repair-lr needs --repair-steps")
     lr = cfg.unlearning.repair_lr if repair_lr is None else repair_lr
-    if not (math.isfinite(lr) and lr > 0):
+    if repair_steps and not (math.isfinite(lr) and lr > 0):
         raise AnchoringError(f"--repair-lr must be a positive number, got {lr}")
     kind = "blind" if spec.method == "blind" else "delete"
     out = runs.new_run_dir(cfg.name, out)
@@ -141,6 +143,7 @@ def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repa
             "none": lambda i: None}
     n_models = sum(len(ms) for ms in run.arms.values()) + 2 * len(run.arms.get("anchored", []))
     done = [0]
+    windows_of: dict[int, Any] = {}  # per seed: every model of a seed repairs on the same windows
 
     def fixed(model: torch.nn.Module, i: int, which: str) -> torch.nn.Module:
         """`model` edited (`which`), then repaired on retain text when asked (the edit kept in place)."""
@@ -148,7 +151,9 @@ def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repa
         after = model if f is None else f(model)
         if not repair_steps:
             return after
-        windows = repair_windows(run.data, cfg.lm.tokens, seed_of[i])
+        if i not in windows_of:
+            windows_of[i] = repair_windows(run.data, cfg.lm.tokens, seed_of[i])
+        windows = windows_of[i]
 
         def tick() -> None:
             done[0] += 1
@@ -174,8 +179,9 @@ def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repa
             **({"repair_steps": repair_steps, "repair_lr": lr} if repair_steps else {})}
     summary = {"experiment": cfg.name, "kind": "lm", "edit": edit, "edit_rows": rows}
     fixed_note = (f"every edited model was repaired: {repair_steps} fine-tuning steps at {lr:g} on retain passages, with the "
-                  f"edit put back after each step; 'before' is the model as trained, and anchored · {REPAIR_ONLY} is the "
-                  "anchored model given the same repair with no edit") if repair_steps else ""
+                  "edit put back after each step; 'before' is the model as trained"
+                  + (f", and anchored · {REPAIR_ONLY} is the anchored model given the same repair with no edit"
+                     if "anchored" in run.arms else "")) if repair_steps else ""
     with runs.staged(out) as tmp:  # all of it or nothing under `out`
         for name in (runs.CONFIG, runs.ARCH, "tokenizer.json"):
             runs.write_atomic(tmp / name, (run.path / name).read_text())

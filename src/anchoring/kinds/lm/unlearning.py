@@ -43,6 +43,7 @@ from torch import nn
 
 from anchoring import runs
 from anchoring.control.surgery import residual_component
+from anchoring.errors import AnchoringError
 from anchoring.kinds.lm import evaluate as ev
 from anchoring.kinds.lm.config import LMExperiment
 from anchoring.kinds.lm.data import LMData
@@ -57,7 +58,7 @@ MATCHED_RANDOM = "anchoring · matched random move"
 MATCHED_DELETE = "anchoring · matched random deletion"
 MATCHED_BLIND = "anchoring · matched random blinding"
 MATCHED_COST = "mean-difference · delete at anchoring's retain cost"  # the deletion target's comparison, not attacked
-REPAIR_ONLY = "repair alone (control)"  # the control arm repaired without any edit: what the repair does by itself
+REPAIR_ONLY = "repair alone (control)"  # a model repaired without any edit (the table: the control arm; `delete`: the anchored arm)
 CONTROL_ROWS = (MATCHED_RANDOM, MATCHED_DELETE, MATCHED_BLIND, REPAIR_ONLY)  # a method's control, not a method: figures draw it apart, never attacked
 Progress = Callable[[int, int], None]
 
@@ -171,6 +172,8 @@ def repair_windows(data: LMData, window: int, seed: int) -> "Windows":
     """The repair's windows for `seed`: retain passages (no reference label) only, the same for every
     method of a seed and for `anchoring delete --repair-steps`."""
     ref = data.reference[data.parts["train"]]
+    if not (ref == 0).any():
+        raise AnchoringError("a repair trains on retain passages, and this run's training split has none")
     return Windows(data, np.flatnonzero(ref == 0), window, seed, REPAIR_SALT)
 
 
