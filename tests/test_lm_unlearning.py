@@ -566,8 +566,8 @@ def test_a_repair_without_re_editing_lets_a_deleted_direction_back():
     data = torch.randint(0, 11, (40, 4, 9), generator=g)
     after = delete(model, [axis])
     m = ul.Method("anchoring · delete", "anchored", model, after, True, [axis], lambda x: delete(x, [axis]))
-    kept = ul.repaired(m, lambda step: data[step], 8, 1e-2)
-    loose = ul.repaired(ul.Method(m.name, m.arm, model, after, True, [axis]), lambda step: data[step], 8, 1e-2)
+    kept = ul.repair(m.after, m.redo, lambda step: data[step], 8, 1e-2)
+    loose = ul.repair(after, None, lambda step: data[step], 8, 1e-2)
 
     def along(x):  # the largest write along the axis: an embedding row, or a writer's output column
         writes = [x.embed.weight.T, *[w for b in x.blocks for w in (b.attn.o.weight, b.mlp.down.weight)]]

@@ -288,16 +288,12 @@ def delete_cmd(
         fail(f"--method must be ablate, prune or blind, not {method!r}")
     spec = _edit_spec(method, method, concept, dims, "constant", k, site)
     run = _open(run_dir)
-    if (repair_steps or repair_lr is not None) and run.config.kind != "lm":
-        fail(f"--repair-steps and --repair-lr are for 'lm' runs; this is a {run.config.kind!r} run")
-    if repair_steps < 0:
-        fail(f"--repair-steps must be ≥ 0, got {repair_steps}")
-    if repair_lr is not None and not repair_steps:
-        fail("--repair-lr needs --repair-steps")
-    if not repair_steps:
+    if run.config.kind != "lm":
+        if repair_steps or repair_lr is not None:
+            fail(f"--repair-steps and --repair-lr are for 'lm' runs; this is a {run.config.kind!r} run")
         _apply_edit(lambda: kind_of(run.config).delete(run, spec, out_dir))
         return
-    with progress_bar("repair", sys.stderr.isatty()) as update:
+    with progress_bar("repair", repair_steps > 0 and sys.stderr.isatty()) as update:  # the LM checks the options itself
         _apply_edit(lambda: kind_of(run.config).delete(run, spec, out_dir, repair_steps=repair_steps, repair_lr=repair_lr,
                                                        progress=update))
 

@@ -136,23 +136,22 @@ def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repa
     out = runs.new_run_dir(cfg.name, out)
     runs.check_writable(out)
     directions = concept_directions(cfg)
-    seed_of = {i: s for i, s in enumerate(run.seeds)}
-    others = {i: matched_directions(directions, torch.Generator().manual_seed(s)) for i, s in seed_of.items()}
-    redo = {"edit": lambda i: (lambda m: edited(m, cfg, kind, directions=directions)),
-            "control": lambda i: (lambda m: edited(m, cfg, kind, directions=others[i])),
-            "none": lambda i: None}
+    others = [matched_directions(directions, torch.Generator().manual_seed(seed)) for seed in run.seeds]
     n_models = sum(len(ms) for ms in run.arms.values()) + 2 * len(run.arms.get("anchored", []))
     done = [0]
     windows_of: dict[int, Any] = {}  # per seed: every model of a seed repairs on the same windows
 
-    def fixed(model: torch.nn.Module, i: int, which: str) -> torch.nn.Module:
-        """`model` edited (`which`), then repaired on retain text when asked (the edit kept in place)."""
-        f = redo[which](i)
-        after = model if f is None else f(model)
+    def concept_edit(m: torch.nn.Module) -> torch.nn.Module:
+        return edited(m, cfg, kind, directions=directions)
+
+    def fixed(model: torch.nn.Module, i: int, edit: Callable[[torch.nn.Module], torch.nn.Module] | None) -> torch.nn.Module:
+        """`model` (of seed `run.seeds[i]`) edited, then repaired on retain text when asked, the edit
+        kept in place; `edit` None: the repair alone."""
+        after = model if edit is None else edit(model)
         if not repair_steps:
             return after
         if i not in windows_of:
-            windows_of[i] = repair_windows(run.data, cfg.lm.tokens, seed_of[i])
+            windows_of[i] = repair_windows(run.data, cfg.lm.tokens, run.seeds[i])
         windows = windows_of[i]
 
         def tick() -> None:
@@ -160,9 +159,9 @@ def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repa
             if progress is not None:
                 progress(done[0], n_models * repair_steps)
 
-        return repair(after, f, lambda step: windows.batch(step, cfg.unlearning.relearn_batch), repair_steps, lr, tick)
+        return repair(after, edit, lambda step: windows.batch(step, cfg.unlearning.relearn_batch), repair_steps, lr, tick)
 
-    new = {arm: [fixed(m, i, "edit") for i, m in enumerate(ms)] for arm, ms in run.arms.items()}
+    new = {arm: [fixed(m, i, concept_edit) for i, m in enumerate(ms)] for arm, ms in run.arms.items()}
     what = ("out of the embeddings and of every residual-writing matrix of every arm" if kind == "delete" else
             "out of every matrix of every arm that reads the residual stream after "
             f"{first_site(next(iter(new.values()))[0], anchored_sites(cfg))} (the stream still carries it)")
@@ -170,9 +169,9 @@ def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repa
     sites = ["embed", *[f"blocks.{i}" for i in range(cfg.lm.layers)]]
     leftover = max(residual_component(m, v, probe, sites) for ms in new.values() for m in ms for v in directions)
     control = "matched random deletion" if kind == "delete" else "matched random blinding"
-    controls = {control: lambda arm, i, m: fixed(m, i, "control")}
+    controls = {control: lambda arm, i, m: fixed(m, i, lambda x: edited(x, cfg, kind, directions=others[i]))}
     if repair_steps:
-        controls[REPAIR_ONLY] = lambda arm, i, m: fixed(m, i, "none")
+        controls[REPAIR_ONLY] = lambda arm, i, m: fixed(m, i, None)
     rows = _rows(run, lambda arm, i, m: new[arm][i], controls)
     edit = {"source": str(run.path), "method": "delete-direction" if kind == "delete" else "blind-readers",
             "concept": cfg.text.concept, "directions": len(directions), "max_residual_component": leftover,

@@ -17,7 +17,7 @@ Methods, per seed (each with the model it starts from, "before", and the one it 
 - `repair alone (control)`: with a repair (below), the control arm repaired without any edit.
 
 With `unlearning.repair_steps` > 0 every edit's "after" model is first *repaired*: fine-tuned on
-retain passages only, with the edit put back after every step (`repaired`), before it is scored
+retain passages only, with the edit put back after every step (`repair`), before it is scored
 and attacked. The filters are trained arms, not edits, and are not repaired.
 
 Losses are nats per character on held-out text (`evaluate.eval_set`): *forget* = every token of a
@@ -162,12 +162,6 @@ def repair(model: nn.Module, redo: Callable[[nn.Module], nn.Module] | None, batc
     return out[-1].eval()
 
 
-def repaired(m: Method, batches: Callable[[int], torch.Tensor], steps: int, lr: float,
-             tick: Callable[[], None] | None = None) -> nn.Module:
-    """`m.after` repaired (`repair`) with the method's own edit kept in place."""
-    return repair(m.after, m.redo, batches, steps, lr, tick)
-
-
 def repair_windows(data: LMData, window: int, seed: int) -> "Windows":
     """The repair's windows for `seed`: retain passages (no reference label) only, the same for every
     method of a seed and for `anchoring delete --repair-steps`."""
@@ -285,7 +279,8 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
                 edit_only = None
                 if fix is not None and m.repairable:
                     edit_only = losses(m.after, es, bs)
-                    m.after = repaired(m, lambda step: fix.batch(step, u.relearn_batch), u.repair_steps, u.repair_lr, tick)
+                    m.after = repair(m.after, m.redo, lambda step: fix.batch(step, u.relearn_batch), u.repair_steps,
+                                     u.repair_lr, tick)
                 row = _row(m.name, seed, m.arm, m.weights_edited, losses(m.before, es, bs), losses(m.after, es, bs),
                            attacked(m, u.attack_hooks))
                 if edit_only is not None:  # the edit alone, before its repair
