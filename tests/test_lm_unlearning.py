@@ -494,6 +494,25 @@ def test_medians_rank_never_recovered_and_free_edits_as_the_extremes():
         assert [r[header.index("selectivity")] for r in table[1:]] == [float("inf"), float("inf"), 0.5]
 
 
+def test_targets_count_an_edit_that_removed_nothing_as_keeping_nothing():
+    """"kept" is undefined on a seed whose edit barely moved the forget loss; the robustness target
+    counts that seed as keeping nothing, rather than letting the one seed that worked decide, and a
+    mean-difference edit that removed nothing loses the ratio on every line alike."""
+    def row(method: str, seed: int, d: float, kept: float | None = None) -> dict:
+        return {"method": method, "seed": seed, "d_forget_concept": d, "retain_cost": 0.01, "R": 1.0,
+                "relearn": {} if kept is None else {"64": {"kept": kept}}}
+    rows = [row("anchoring · delete", 0, 0.3, 0.9), row("anchoring · delete", 1, 0.005, float("nan")),
+            row("anchoring · delete", 2, 0.004, float("nan")),
+            *[row("mean-difference · delete", s, d) for s, d in ((0, 0.0), (1, 0.001), (2, 0.002))]]
+    got = ul.targets({"rows": rows, "relearn_k": [4, 64]})
+    kept = got["anchoring · delete keeps ≥ 50% of Δforget after relearning on K = 64"]
+    assert kept["median"] == 0.0 and not kept["met"] and kept["undefined_seeds"] == 2
+    rows[1]["relearn"]["64"]["kept"] = rows[2]["relearn"]["64"]["kept"] = 0.7
+    assert ul.targets({"rows": rows, "relearn_k": [64]})["anchoring · delete keeps ≥ 50% of Δforget after relearning on K = 64"]["met"]
+    three = got["Δforget (concept) of anchoring · delete ≥ 3 × mean-difference · delete"]
+    assert three["median"] == pytest.approx(5.0)  # inf (seed 0: the baseline removed nothing), 5, 2; not 3.5
+
+
 def test_r_is_undefined_when_the_oracle_filter_removed_nothing():
     def rows(oracle: float) -> list[dict]:
         return [{"method": "oracle filter", "d_forget_concept": oracle}, {"method": "anchoring · suppress", "d_forget_concept": -0.06},
@@ -576,3 +595,19 @@ def test_a_repair_without_re_editing_lets_a_deleted_direction_back():
     assert along(after) < 1e-6 and along(kept) < 1e-6
     assert along(loose) > 1e-3
     assert not torch.equal(kept.blocks[0].attn.q.weight, after.blocks[0].attn.q.weight)  # it did train
+
+
+def test_the_recovery_does_not_replay_the_repairs_retain_windows(unlearned):
+    """A repaired model recovers on retain windows it has not just been repaired on: the recovery's
+    retain half is drawn apart from the repair's windows, step by step, though both come from the
+    same retain passages of the same seed."""
+    path, _ = unlearned
+    run = lifecycle.load_run(path)
+    seed, window, n = run.seeds[0], run.config.lm.tokens, run.config.unlearning.relearn_batch
+    fix = ul.repair_windows(run.data, window, seed)
+    mix_f, mix_r = ul.recovery_windows(run.data, ul.forget_passages(run.data, seed), window, seed)
+    half = max(1, n // 2)
+    assert mix_r.length == fix.length  # the same retain passages
+    for step in range(5):
+        assert not torch.equal(mix_r.batch(step, half), fix.batch(step, n)[:half]), step
+        assert not torch.equal(mix_r.batch(step, half), mix_f.batch(step, half)), step

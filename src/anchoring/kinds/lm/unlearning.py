@@ -49,7 +49,7 @@ from anchoring.kinds.lm.config import LMExperiment
 from anchoring.kinds.lm.data import LMData
 
 CURVES = "unlearning_curves.csv"
-PICK_SALT, BATCH_SALT, MIX_SALT, REPAIR_SALT = 0x4E1, 0x4E2, 0x4E3, 0x4E4
+PICK_SALT, BATCH_SALT, MIX_SALT, REPAIR_SALT, MIX_RETAIN_SALT = 0x4E1, 0x4E2, 0x4E3, 0x4E4, 0x4E5
 TINY = 1e-6  # nats/char: a difference this small is no difference
 KEPT_FLOOR = 0.01  # nats/char: an edit must raise the curve's forget loss this much for "kept" to be a share
 POSTHOC_NAMES = {"mean-difference": "mean-difference", "leace": "LEACE"}
@@ -171,6 +171,14 @@ def repair_windows(data: LMData, window: int, seed: int) -> "Windows":
     return Windows(data, np.flatnonzero(ref == 0), window, seed, REPAIR_SALT)
 
 
+def recovery_windows(data: LMData, forget: np.ndarray, window: int, seed: int) -> tuple["Windows", "Windows"]:
+    """The recovery run's forget and retain windows. Each has a salt of its own, so that a repaired
+    model does not meet its repair's retain windows again while it recovers."""
+    ref = data.reference[data.parts["train"]]
+    return (Windows(data, forget, window, seed, MIX_SALT),
+            Windows(data, np.flatnonzero(ref == 0), window, seed, MIX_RETAIN_SALT))
+
+
 class Windows:
     """Fine-tuning windows cut from a set of training passages: their tokens joined in a fixed order
     (repeated when shorter than a window), and per step `n` windows at offsets drawn from
@@ -268,9 +276,7 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
             control_small = losses(control, small, bs)
             target = control_small["concept"]
             forget = forget_passages(data, seed)
-            ref = data.reference[data.parts["train"]]
-            mix_f = Windows(data, forget, window, seed, MIX_SALT)
-            mix_r = Windows(data, np.flatnonzero(ref == 0), window, seed, MIX_SALT + 1)
+            mix_f, mix_r = recovery_windows(data, forget, window, seed)
             half = max(1, u.relearn_batch // 2)
             attack = {k: Windows(data, forget[:k], window, seed, (BATCH_SALT << 20) + k) for k in u.relearn_k}  # never a MIX_SALT
             fix = repair_windows(data, window, seed) if u.repair_steps else None
@@ -420,9 +426,8 @@ def targets(unlearning: dict[str, Any]) -> dict[str, dict[str, Any]]:
         out[f"{mine}: Δforget at concept positions ≥ 0.5 nats/char"] = {"median": d, "met": d >= 0.5}
         out[f"{mine}: retain cost ≤ 0.02 nats/char"] = {"median": cost, "met": cost <= 0.02}
         if any(r["method"] == md for r in rows):
-            ratio_ = ranked_median([a["d_forget_concept"] / b["d_forget_concept"] if b["d_forget_concept"] > TINY else float("nan")
-                                    for a in rows if a["method"] == mine for b in rows
-                                    if b["method"] == md and b["seed"] == a["seed"]])
+            ratio_ = ranked_median([ratio(a["d_forget_concept"], b["d_forget_concept"]) for a in rows if a["method"] == mine
+                                    for b in rows if b["method"] == md and b["seed"] == a["seed"]])
             out[f"Δforget (concept) of {mine} ≥ 3 × {md}"] = {
                 "median": ratio_, "met": ratio_ >= 3.0, "retain_costs": [cost, med(md, lambda r: r["retain_cost"])]}
         if edit == "delete" and any(r["method"] == MATCHED_COST for r in rows):  # the target as stated: at the same retain cost
@@ -433,8 +438,13 @@ def targets(unlearning: dict[str, Any]) -> dict[str, dict[str, Any]]:
         ks = unlearning.get("relearn_k") or []
         if ks:
             k = max(ks)
-            kept = med(mine, lambda r: (r.get("relearn") or {}).get(str(k), {}).get("kept"))
-            out[f"{mine} keeps ≥ 50% of Δforget after relearning on K = {k}"] = {"median": kept, "met": kept >= 0.5}
+            # a seed whose edit raised the forget loss too little for a share ("kept" undefined) kept nothing:
+            # leaving it out would let the seeds where the edit worked decide alone
+            shares = [_num((r.get("relearn") or {}).get(str(k), {}).get("kept")) for r in rows
+                      if r["method"] == mine and r.get("relearn")]
+            kept = ranked_median([0.0 if math.isnan(v) else v for v in shares])
+            out[f"{mine} keeps ≥ 50% of Δforget after relearning on K = {k}"] = {
+                "median": kept, "met": kept >= 0.5, "undefined_seeds": sum(math.isnan(v) for v in shares)}
         r_ = med(mine, lambda r: r["R"])
         out[f"R ({mine} vs oracle filter) ≥ 0.5"] = {"median": r_, "met": r_ >= 0.5}
     return out
