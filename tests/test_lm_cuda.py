@@ -85,3 +85,28 @@ def test_compiled_training_on_cuda_equals_eager(corpus):
     eager = experiments.load("lm-anchor", base)
     data = load_data(eager.text)
     _same(train_arm(eager, data, 0, "anchored"), train_arm(experiments.load("lm-anchor", [*base, "train.compile=true"]), data, 0, "anchored"))
+
+
+def test_resume_on_cuda_gives_the_uninterrupted_model(corpus, tmp_path):
+    """A checkpoint is read onto the CPU; its Adam moments (and fused Adam's step count) must go back
+    beside the CUDA parameters, and the resumed run must equal the one never interrupted."""
+    import numpy as np
+
+    from anchoring.kinds.lm.data import load_data
+    from anchoring.kinds.lm.training import train_arm
+    from test_lm_kind import Killed
+
+    cfg = experiments.load("lm-anchor-passages", tiny(corpus, "train.steps=30", 'train.device="cuda"'))
+    data = load_data(cfg.text)
+    full = train_arm(cfg, data, 0, "anchored", checkpoint=tmp_path / "full.safetensors")
+
+    def kill(step: int) -> None:
+        if step == 17:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_arm(cfg, data, 0, "anchored", checkpoint=tmp_path / "broken.safetensors", progress=kill)
+    resumed = train_arm(cfg, data, 0, "anchored", checkpoint=tmp_path / "broken.safetensors")
+    # CUDA attention backward may reduce in any order, so equal up to rounding rather than bit for bit
+    close(full.model.state_dict(), resumed.model.state_dict(), atol=1e-5)
+    assert np.allclose(full.metrics, resumed.metrics, atol=1e-5, equal_nan=True)

@@ -134,3 +134,31 @@ def test_sigterm_to_a_multi_worker_run_stops_its_workers_with_checkpoints(corpus
     before = {p.name: p.stat().st_mtime_ns for p in arms.glob("*.safetensors")}
     time.sleep(1.5)  # a worker left running would keep writing checkpoints every 5 steps
     assert {p.name: p.stat().st_mtime_ns for p in arms.glob("*.safetensors")} == before
+
+
+def test_ranks_whose_checkpoints_hold_different_steps_refuse_to_resume(corpus, tmp_path):
+    """A crash between two ranks' saves, or a resume with another number of processes, leaves the
+    ranks' checkpoints at different steps; resuming them together would average gradients of
+    different steps without a word, so every rank stops with one line instead."""
+    import shutil
+
+    from anchoring.errors import AnchoringError
+    from anchoring.kinds.lm.data import load_data
+    from anchoring.kinds.lm.distributed import train_data_parallel
+    from anchoring.kinds.lm.kind import checkpoint_path
+
+    base = [o.replace("CORPUS", str(corpus)) for o in SPANS] + ['lm.arms=["control"]']
+    out = tmp_path / "run"
+    (out / "arms").mkdir(parents=True)
+    load_data(experiments.load("lm-anchor", base).text, out)
+    train_data_parallel(experiments.load("lm-anchor", [*base, "train.steps=2"]), out, [("control", 0)], 2)
+    rank0 = checkpoint_path(out, "control", 0)
+    rank1 = rank0.with_name("control-seed0.rank1.safetensors")
+    assert rank0.is_file() and rank1.is_file()
+    longer = experiments.load("lm-anchor", [*base, "train.steps=4"])
+    same = tmp_path / "same"
+    shutil.copytree(out, same)
+    train_data_parallel(longer, same, [("control", 0)], 2)  # both at step 2: they resume together
+    rank1.unlink()  # rank 1 would start again at step 0 while rank 0 goes on from step 2
+    with pytest.raises(AnchoringError, match=r"different steps \(0 and 2"):
+        train_data_parallel(longer, out, [("control", 0)], 2)

@@ -463,3 +463,49 @@ def test_the_cleared_experiment_keeps_unlabelled_text_off_the_axis_at_every_resi
                                for s in ("embed", "blocks.0", "blocks.1")}
     for s in ("embed", "blocks.0", "blocks.1"):
         assert on_axis["cleared"][s] < 0.5 * on_axis["one site"][s], (s, on_axis)
+
+
+def test_nats_per_char_divide_by_each_character_once_under_bpe():
+    """BPE tokens can end inside a multi-byte character, so neighbouring tokens' spans overlap by a
+    character without being equal; the character counts must still add up to the text's length."""
+    from anchoring.domains.text.tokenize import BPETokenizer
+    from anchoring.kinds.lm.evaluate import chars_per_token
+
+    tok = BPETokenizer.train(["aéééb café naïve ééé 日本 " * 20, "hello world, plain text"], vocab_size=270)
+    for text in ("aéééb", "café é naïve", "naïve 日本 ok", "plain", "日"):
+        spans = tok.spans(text)
+        chars = chars_per_token(spans)
+        assert chars.sum() == len(text), (text, spans)
+        assert (chars >= 0).all()
+
+
+def test_a_saved_tokenizer_gets_its_own_encodings_not_those_of_a_fresh_one(corpus, tmp_path):
+    """The training passages' encodings are cached per process. A run's saved tokenizer of the same
+    kind and size as a freshly trained one, but not the same, must not reuse the fresh one's ids."""
+    from anchoring.domains.text.tokenize import CharTokenizer
+    from anchoring.kinds.lm.data import TOKENIZER
+
+    text = experiments.load("lm-anchor-passages", tiny(corpus)).text
+    fresh = load_data(text)  # fills the cache with the freshly trained tokenizer's encodings
+    chars = fresh.tokenizer.chars
+    swapped = CharTokenizer(chars[1] + chars[0] + chars[2:])  # same kind, same size, two ids swapped
+    swapped.save(tmp_path / TOKENIZER)
+    saved = load_data(text, tmp_path)
+    assert saved.tokenizer.vocab_size == fresh.tokenizer.vocab_size
+    first = saved.texts[saved.parts["train"][0]]
+    assert list(saved.train_tokens[0][:len(first)]) == swapped.encode(first)
+    assert not all(np.array_equal(a, b) for a, b in zip(saved.train_tokens, fresh.train_tokens))
+
+
+def test_anchor_terms_of_one_concept_with_different_directions_are_one_error():
+    """Alignment, probes and edits measure one direction per concept at every site; two anchor terms
+    pulling towards different directions would be scored against the first one's at both sites."""
+    from anchoring.kinds.lm.kind import validate
+
+    other = [0.0] * 128
+    other[1] = 1.0
+    cfg = experiments.load("lm-anchor-passages", [f"terms.1.direction={other}"])
+    with pytest.raises(AnchoringError, match="pull towards different directions at blocks.1 and blocks.3"):
+        validate(cfg, data=False)
+    same = experiments.load("lm-anchor-passages", [f"terms.1.direction={[1.0] + [0.0] * 127}"])  # the concept's own axis
+    validate(same, data=False)

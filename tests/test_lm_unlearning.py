@@ -526,11 +526,14 @@ def test_r_is_undefined_when_the_oracle_filter_removed_nothing():
         assert all(math.isnan(r["R"]) for r in bad)
 
 
-def test_unlearning_refuses_anchor_sites_outside_the_residual_stream():
+@pytest.mark.parametrize("unlearning", ["true", "false"])
+def test_anchor_sites_outside_the_residual_stream_are_refused_before_training(unlearning):
+    """Alignment, probes and every edit read the residual stream, so an anchor elsewhere would train
+    for nothing and fail at the summary: refused by `validate`, with or without unlearning."""
     from anchoring.errors import AnchoringError
     from anchoring.kinds.lm.kind import validate
 
-    cfg = experiments.load("lm-anchor-passages", ['lm.arms=["anchored","control"]', "unlearning.enabled=true",
+    cfg = experiments.load("lm-anchor-passages", ['lm.arms=["anchored","control"]', f"unlearning.enabled={unlearning}",
                                          'terms.0.site="blocks.1.mlp"'])
     with pytest.raises(AnchoringError, match="residual-stream anchor sites"):
         validate(cfg, data=False)

@@ -66,8 +66,13 @@ def read_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor]]:
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+    """Put the saved Adam state back, on the devices Adam keeps it on: the moments beside their
+    parameter (a checkpoint is read onto the CPU, the model may train on a GPU), the step count
+    there too for fused or capturable Adam and on the CPU otherwise."""
+    on_device = {id(p): bool(g.get("fused") or g.get("capturable")) for g in optimizer.param_groups for p in g["params"]}
     for k, p in params.items():
-        state = {key: tensors[f"adam.{k}.{key}"].clone() for key in ADAM_KEYS if f"adam.{k}.{key}" in tensors}
+        state = {key: tensors[f"adam.{k}.{key}"].to(p.device, copy=True) if key != "step" or on_device.get(id(p))
+                 else tensors[f"adam.{k}.{key}"].clone() for key in ADAM_KEYS if f"adam.{k}.{key}" in tensors}
         if state:
             optimizer.state[p] = state
 

@@ -103,6 +103,23 @@ class StopFlag:
             signal.signal(sig, old)  # type: ignore[arg-type]
 
 
+def _ranks() -> int:
+    """The number of data-parallel processes training this model together (1 without a process group)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _agree(value: int, device: torch.device) -> int:
+    """The largest `value` over all ranks. A signal can reach one rank a step before another, and a
+    crash can land between two ranks' saves; agreeing keeps the ranks on one step."""
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 @contextmanager
 def flush_denormals() -> Iterator[None]:
     """Flush denormal floats to zero while training.
@@ -151,6 +168,14 @@ def fit(task: Task, *, checkpoint: Path | None, every: int, progress: Progress |
                 p.copy_(tensors[f"param.{k}"])
         restore_optimizer(task.optimizer, task.params, tensors)
         task.restore(start, tensors)
+    device, world = next(iter(task.params.values())).device, _ranks()
+    if world > 1:  # data parallel: every rank must take up the same step, or the averaged gradients mix steps
+        lo, hi = -_agree(-start, device), _agree(start, device)
+        if lo != hi:
+            where = f"checkpoint {checkpoint.name}" if checkpoint is not None else "the checkpoints"
+            raise AnchoringError(f"the data-parallel ranks' checkpoints are at different steps ({lo} and {hi}; {where}), "
+                                 f"so they cannot resume together; resume with the number of processes that wrote them, "
+                                 f"or delete this job's checkpoints to train it again")
 
     def save(done: int) -> None:
         if checkpoint is not None:
@@ -170,7 +195,7 @@ def fit(task: Task, *, checkpoint: Path | None, every: int, progress: Progress |
                 progress(step + 1, task.steps)
             for cb in callbacks:
                 cb(step)
-            if stop.set:
+            if _agree(int(stop.set), device) if world > 1 else stop.set:  # every rank stops after the same step
                 save(step + 1)
                 raise TrainingInterrupted(step + 1, run_dir)
     if start < task.steps:  # a checkpoint already at the last step is only read, never rewritten

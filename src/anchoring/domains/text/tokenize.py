@@ -24,6 +24,10 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: Iterable[int]) -> str: ...
     def spans(self, text: str) -> list[tuple[int, int]]: ...
+    def dumps(self) -> str:
+        """Everything that decides the encoding, as the text `save` writes."""
+        ...
+
     def save(self, path: Path) -> None: ...
 
 
@@ -75,8 +79,11 @@ class CharTokenizer:
     def spans(self, text: str) -> list[tuple[int, int]]:
         return [(i, i + 1) for i in range(len(text))]
 
+    def dumps(self) -> str:
+        return json.dumps({"kind": "char", "chars": self.chars}, ensure_ascii=False)
+
     def save(self, path: Path) -> None:
-        write_atomic(Path(path), json.dumps({"kind": "char", "chars": self.chars}, ensure_ascii=False))
+        write_atomic(Path(path), self.dumps())
 
 
 class BPETokenizer:
@@ -85,7 +92,7 @@ class BPETokenizer:
     Unknown characters fall back to their UTF-8 bytes (all 256 are in the base alphabet), so there
     is no unknown token. Offsets from `tokenizers` are in characters; when a multi-byte character
     is cut over several tokens each of those tokens reports that whole character's span, so spans
-    of neighbouring tokens can coincide.
+    of neighbouring tokens can coincide or overlap.
     """
 
     kind = "bpe"
@@ -118,8 +125,11 @@ class BPETokenizer:
     def spans(self, text: str) -> list[tuple[int, int]]:
         return [tuple(o) for o in self._tok.encode(text, add_special_tokens=False).offsets]
 
+    def dumps(self) -> str:
+        return json.dumps({"kind": "bpe", "tokenizer": json.loads(self._tok.to_str())})
+
     def save(self, path: Path) -> None:
-        write_atomic(Path(path), json.dumps({"kind": "bpe", "tokenizer": json.loads(self._tok.to_str())}))
+        write_atomic(Path(path), self.dumps())
 
 
 def load_tokenizer(path: Path) -> CharTokenizer | BPETokenizer:

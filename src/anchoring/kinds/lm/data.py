@@ -24,6 +24,7 @@ position's passage label.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +139,9 @@ def load_data(text: TextConfig, run_dir: Path | None = None) -> LMData:
             tok_path.parent.mkdir(parents=True, exist_ok=True)
             tok.save(tok_path)
     data = LMData(text, texts, parts, ref, tok)
-    data.train_tokens = _encode_train(data, json.dumps([text.model_dump_json(), tok.kind, tok.vocab_size]))
+    # keyed by the tokenizer's content: a saved tokenizer that differs from a freshly trained one of the same
+    # kind and size (another `tokenizers` version, a tie broken otherwise) must not reuse the other's encodings
+    data.train_tokens = _encode_train(data, json.dumps([text.model_dump_json(), hashlib.sha256(tok.dumps().encode()).hexdigest()]))
     return data
 
 

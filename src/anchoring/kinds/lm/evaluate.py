@@ -2,8 +2,9 @@
 retain passages; alignment with the anchor per layer; linear probes for the concept.
 
 **Which positions count.** Validation passages are scored whole, in corpus order, packed like the
-training stream (windows of `window+1` tokens at stride `window`), so every token is predicted with
-the preceding text as context. A token's characters are its tokenizer span.
+training stream (windows of `window+1` tokens at stride `window`), so every token is predicted once,
+with the text before it in its window as context (the context starts afresh at each window, as in
+training). A token's characters are its tokenizer span.
 
 - *concept*: a token of a reference-positive passage that overlaps a word where `concept_spans`
   fired or one of the `after` (20) characters that follow it — the word and the text it colours;
@@ -43,12 +44,12 @@ class EvalSet:
 
 def chars_per_token(spans: list[tuple[int, int]]) -> np.ndarray:
     """Characters each token adds, so nats/char divides by the text's length: a multi-byte character
-    cut into byte tokens gives each of them its span, and counts once (on the first)."""
+    cut across byte tokens lies in the span of each of them, and counts once (on the first)."""
     chars = np.zeros(len(spans), dtype=np.float32)
-    prev = None
+    reached = 0  # characters before this are counted
     for i, (s, e) in enumerate(spans):
-        chars[i] = 0.0 if (s, e) == prev else e - s
-        prev = (s, e)
+        chars[i] = max(0, e - max(s, reached))
+        reached = max(reached, e)
     return chars
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from anchoring.evaluate.stats import median
 from anchoring.kinds.lm.unlearning import CONTROL_ROWS, MATCHED_BLIND, MATCHED_DELETE  # drawn hollow, left out of R plots
 from anchoring.report.figures import plt, running_mean
 
@@ -37,12 +38,12 @@ def alignment_bars(rows: list[dict], sites: list[str], arms: list[str]) -> Figur
     x = np.arange(len(sites))
     for ax, arm in zip(axes[0], arms):
         for k, (cls, colour) in enumerate((("concept", "#c0392b"), ("retain", "#7f8c8d"))):
-            vals = [np.median([r["alignment"][s][cls] for r in rows if r["arm"] == arm]) for s in sites]
+            vals = [median(r["alignment"][s][cls] for r in rows if r["arm"] == arm) for s in sites]  # as the summary's
             ax.bar(x + (k - 0.5) * 0.38, vals, 0.38, color=colour, label=f"{cls} positions")
         ax.set_xticks(x, [s.replace("blocks.", "L") for s in sites], fontsize=8)
         ax.axhline(0, color="k", lw=0.5)
         ax.set_title(arm, fontsize=9)
-    axes[0, 0].set_ylabel("mean cos(h, anchor)", fontsize=8)
+    axes[0, 0].set_ylabel("mean cos(h, anchor), or share in the subspace", fontsize=8)
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
     return fig

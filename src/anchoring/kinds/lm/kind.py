@@ -97,11 +97,17 @@ def validate(cfg: LMExperiment, data: bool = True) -> int:
         raise AnchoringError(f"evaluate.concept {concept!r}: only text.concept ({cfg.text.concept!r}) is labelled")
     if cfg.interventions:
         raise AnchoringError("LM runs take no [[interventions]] yet (use `load_run(...).alignment` to inspect the anchor)")
-    if cfg.unlearning.enabled:
-        residual = {"embed", *[f"blocks.{i}" for i in range(cfg.lm.layers)]}
-        odd = [s for s in anchored_sites(cfg) if s not in residual]
-        if odd:
-            raise AnchoringError(f"unlearning needs residual-stream anchor sites (embed, blocks.i); {odd[0]!r} is not one")
+    anchors = objective.anchors(cfg.text.concept)  # alignment, probes and edits use one direction at every site
+    for site, v in anchors[1:]:
+        if not torch.allclose(v, anchors[0][1], atol=1e-6):
+            raise AnchoringError(f"the anchor terms of {cfg.text.concept!r} pull towards different directions at "
+                                 f"{anchors[0][0].module} and {site.module}; an LM run measures and edits one direction "
+                                 f"per concept, so give every term the same one (or none, to use the concept's anchor)")
+    residual = {"embed", *[f"blocks.{i}" for i in range(cfg.lm.layers)]}  # where alignment is measured and edits act
+    odd = [s for s in anchored_sites(cfg) if s not in residual]
+    if odd:
+        raise AnchoringError(f"an LM anchors its concept in the residual stream, so anchor and subspace terms need "
+                             f"residual-stream anchor sites (embed, blocks.i); {odd[0]!r} is not one")
     if data:
         d = load_data(cfg.text)
         if cfg.unlearning.enabled and not int(d.reference[d.parts["train"]].sum()):
