@@ -7,7 +7,8 @@ the *global* count of labelled passages (or positions) as their denominator. So 
 the same model as one process taking the whole batch, up to the order of floating-point sums.
 Every rank keeps its own checkpoint (`arms/<arm>-seed<s>.rank<r>.safetensors`; rank 0 without the
 suffix), so an interrupted data-parallel run resumes with the same number of processes; the parent
-then loads rank 0's finished checkpoint and evaluates as usual.
+then loads rank 0's finished checkpoint and evaluates as usual. The training loop makes the ranks
+agree on when to stop and refuses to resume ranks whose checkpoints hold different steps.
 
 Two ways to start the ranks: `lm.nproc = N` (or `anchoring run --nproc N`) spawns them from one
 command and meets them through a file; or PyTorch's own launcher,
