@@ -260,6 +260,10 @@ def test_blinding_the_readers_writes_a_run_whose_later_layers_ignore_the_anchor(
             else:
                 assert torch.allclose(mod.weight, old, atol=1e-6), name  # earlier readers and every writer: as trained
     assert run.summary["edit"]["method"] == "blind-readers" and run.summary["edit"]["max_residual_component"] > 1e-2
+    assert run.summary["edit"]["readers_after"] == site  # the written run says where it was blinded
+    assert (out / "config.toml").read_text().startswith("# The weights of this run are those of ")
+    r = CliRunner().invoke(app, ["delete", str(lm_run.path), "--concept", "violence", "--method", "blind", "--out", str(out)])
+    assert r.exit_code != 0 and "not empty" in r.stderr and "resume" not in r.stderr  # an edit is not resumed
     rows = run.summary["edit_rows"]
     a = next(x for x in rows if x["arm"] == "anchored")
     m = next(x for x in rows if x["arm"] == "anchored · matched random blinding")
@@ -297,3 +301,34 @@ def test_a_delete_that_fails_while_writing_leaves_nothing(lm_run, tmp_path, monk
 def test_surprisal_refuses_a_directory_as_its_page(lm_run, tmp_path):
     r = CliRunner().invoke(app, ["surprisal", str(lm_run.path), "The sword", "--out", str(tmp_path)])
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "is a directory" in r.stderr, r.stderr
+
+
+def test_a_run_that_anchors_nothing_has_no_direction_to_edit():
+    """Alignment in such a run is measured along axis 0 for reference; deleting or blinding that
+    axis and calling it the concept would be a made-up edit, so every edit refuses in one line."""
+    from anchoring.errors import AnchoringError
+    from anchoring.kinds.lm.edits import concept_directions
+    from anchoring.kinds.lm.kind import measured_direction
+    from anchoring.kinds.lm.training import build_model
+
+    cfg = experiments.load("lm-control")
+    v, _ = measured_direction(cfg)
+    assert v is not None and v[0] == 1.0  # still measured, for reference
+    model = build_model(cfg, 8)
+    for edit in ("delete", "blind", "suppress"):
+        with pytest.raises(AnchoringError, match="anchors nothing"):
+            edited(model, cfg, edit)
+    with pytest.raises(AnchoringError, match="anchors nothing"):
+        concept_directions(cfg)
+    assert len(concept_directions(experiments.load("lm-anchor"))) == 1
+
+
+def test_generate_prints_brackets_in_the_text_as_they_are(lm_run, monkeypatch):
+    """Shakespeare's stage directions ("[Exit.]") and any sampled "[...]" are text, not markup for the
+    terminal table: printed as they are, never raising a markup error after all the sampling."""
+    from anchoring.kinds.lm.model import LMRun
+
+    monkeypatch.setattr(LMRun, "generate", lambda self, prompt, **kw: prompt + " [/Exit] [bold]ROMEO[/bold]")
+    r = CliRunner().invoke(app, ["generate", str(lm_run.path), "--prompt", "He ", "-n", "5", "--samples", "1"])
+    assert r.exit_code == 0, r.stderr
+    assert "[/Exit]" in r.stdout and "[bold]ROMEO[/bold]" in r.stdout

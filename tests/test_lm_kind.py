@@ -188,8 +188,21 @@ def test_load_run_gives_tokens_losses_alignment_and_samples(finished):
     out = run.loss_per_token([text, "A gentle rain fell."], arm="control")
     assert out[0]["nats"].shape == (len(text) - 1,) and len(out[0]["spans"]) == len(text) - 1
     assert 0 < out[0]["nats_per_char"] < 5
+    # a text longer than the context (64 here) is scored whole, each token with up to 64 tokens before it
+    long = " ".join([text] * 5)
+    whole = run.loss_per_token(long, arm="control")[0]
+    assert whole["nats"].shape == (len(long) - 1,) and torch.isfinite(whole["nats"]).all()
+    head = run.loss_per_token(long[:64], arm="control")[0]["nats"]
+    assert torch.allclose(whole["nats"][:63], head, atol=1e-5)  # inside the first window: the same context
+    assert whole["nats_per_char"] == pytest.approx(float(whole["nats"].sum()) / (len(long) - 1))
+    for bad in ({"temperature": -1.0}, {"n": 0}):
+        with pytest.raises(AnchoringError, match="≥"):
+            run.generate("The ", arm="anchored", **bad)
     al = run.alignment(text, arm="anchored", site="blocks.1")[0]
     assert al["values"].shape == (len(text),) and float(al["values"].abs().max()) <= 1.0 + 1e-5
+    far = run.alignment(long, arm="anchored", site="blocks.1")[0]["values"]  # every token, window by window
+    assert far.shape == (len(long),) and torch.isfinite(far).all()
+    assert torch.allclose(far[:64], run.alignment(long[:64], arm="anchored", site="blocks.1")[0]["values"], atol=1e-5)
     sample = run.generate("The ", arm="anchored", n=30)
     assert sample.startswith("The ") and len(sample) == 34
     with pytest.raises(AnchoringError, match="no arm"):

@@ -23,6 +23,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from anchoring import __version__, experiments, lifecycle, runs
 from anchoring.errors import AnchoringError
@@ -514,7 +515,8 @@ def generate_cmd(
         fail("-n and --samples must be ≥ 1 and --temperature a finite number ≥ 0")
     run, model, after = _lm_models("generate", run_dir, arm, seed, edit)
     try:
-        table = Table(title=f"{run.config.name}: {arm or next(iter(run.arms))} arm", show_lines=True)
+        which = f"{arm or next(iter(run.arms))} arm, seed {run.seeds[0] if seed is None else seed}"
+        table = Table(title=Text(f"{run.config.name}: {which}"), show_lines=True)
         table.add_column("sample", justify="right")
         table.add_column("as trained")
         if after is not None:
@@ -523,7 +525,7 @@ def generate_cmd(
             cells = [run.generate(prompt, n=n, temperature=temperature, sample_seed=k, model=model)]
             if after is not None:
                 cells.append(run.generate(prompt, n=n, temperature=temperature, sample_seed=k, model=after))
-            table.add_row(str(k), *cells)
+            table.add_row(str(k), *[Text(c) for c in cells])  # plain text: Shakespeare's "[Exit.]" is not markup
     except AnchoringError as e:
         fail(str(e))
     out.print(table)
@@ -544,7 +546,7 @@ def labels_cmd(
         rows, path = label_report(concept, corpus, coverage, false_positives, out_dir)
     except AnchoringError as e:
         fail(str(e))
-    table = Table(title=f"{concept} labels on {corpus}")
+    table = Table(title=Text(f"{concept} labels on {corpus}"))
     table.add_column("quantity")
     table.add_column("value", justify="right")
     for name, value in rows:

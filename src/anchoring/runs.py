@@ -33,8 +33,9 @@ __all__ = ["ARCH", "CONFIG", "METRICS", "REPORT", "SNAPSHOTS", "SUMMARY", "check
            "read_json", "read_metrics", "staged", "write_atomic", "write_json", "write_metrics_csv"]
 
 
-def new_run_dir(name: str, out: Path | None, root: Path = Path("runs")) -> Path:
-    """Pick (but do not create) the run directory; refuse to overwrite an existing run."""
+def new_run_dir(name: str, out: Path | None, root: Path = Path("runs"), resumable: bool = True) -> Path:
+    """Pick (but do not create) the run directory; refuse to overwrite an existing run. `resumable`:
+    whether the refusal may suggest `anchoring resume` (a training run; an edit is not resumed)."""
     if out is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         out = root / name / stamp
@@ -45,7 +46,8 @@ def new_run_dir(name: str, out: Path | None, root: Path = Path("runs")) -> Path:
     if out.exists() and not out.is_dir():
         raise AnchoringError(f"{str(out)!r} is a file, not a directory (choose another --out)")
     if out.exists() and any(out.iterdir()):
-        raise AnchoringError(f"{str(out)!r} already exists and is not empty (choose another --out, or `anchoring resume` it)")
+        hint = ", or `anchoring resume` it" if resumable else ""
+        raise AnchoringError(f"{str(out)!r} already exists and is not empty (choose another --out{hint})")
     return out
 
 

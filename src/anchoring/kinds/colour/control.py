@@ -153,7 +153,7 @@ def delete(run: ColourRun, spec: InterventionConfig, out: Path) -> EditResult:
     concepts, concept = _concept(run, spec.concept)
     _check_site(run, spec.site)
     plan = make_plan(spec, concepts, run.latent_dim)
-    out = runs.new_run_dir(run.config.name, out)
+    out = runs.new_run_dir(run.config.name, out, resumable=False)
     runs.check_writable(out)
     edited = plan.edit_models(run.models)
     res = evaluate_edit(stacked(run.models), stacked(edited), concept, spec.k)

@@ -133,7 +133,7 @@ def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repa
     if repair_steps and not (math.isfinite(lr) and lr > 0):
         raise AnchoringError(f"--repair-lr must be a positive number, got {lr}")
     kind = "blind" if spec.method == "blind" else "delete"
-    out = runs.new_run_dir(cfg.name, out)
+    out = runs.new_run_dir(cfg.name, out, resumable=False)
     runs.check_writable(out)
     directions = concept_directions(cfg)
     others = [matched_directions(directions, torch.Generator().manual_seed(seed)) for seed in run.seeds]
@@ -162,9 +162,9 @@ def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repa
         return repair(after, edit, lambda step: windows.batch(step, cfg.unlearning.relearn_batch), repair_steps, lr, tick)
 
     new = {arm: [fixed(m, i, concept_edit) for i, m in enumerate(ms)] for arm, ms in run.arms.items()}
+    after_site = first_site(next(iter(new.values()))[0], anchored_sites(cfg)) if kind == "blind" else None
     what = ("out of the embeddings and of every residual-writing matrix of every arm" if kind == "delete" else
-            "out of every matrix of every arm that reads the residual stream after "
-            f"{first_site(next(iter(new.values()))[0], anchored_sites(cfg))} (the stream still carries it)")
+            f"out of every matrix of every arm that reads the residual stream after {after_site} (the stream still carries it)")
     probe = run.tokenize(run.data.texts[int(run.data.parts["validation"][0])])[None, : cfg.lm.context]
     sites = ["embed", *[f"blocks.{i}" for i in range(cfg.lm.layers)]]
     leftover = max(residual_component(m, v, probe, sites) for ms in new.values() for m in ms for v in directions)
@@ -175,6 +175,7 @@ def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repa
     rows = _rows(run, lambda arm, i, m: new[arm][i], controls)
     edit = {"source": str(run.path), "method": "delete-direction" if kind == "delete" else "blind-readers",
             "concept": cfg.text.concept, "directions": len(directions), "max_residual_component": leftover,
+            **({"readers_after": after_site} if after_site else {}),
             **({"repair_steps": repair_steps, "repair_lr": lr} if repair_steps else {})}
     summary = {"experiment": cfg.name, "kind": "lm", "edit": edit, "edit_rows": rows}
     fixed_note = (f"every edited model was repaired: {repair_steps} fine-tuning steps at {lr:g} on retain passages, with the "
@@ -182,8 +183,11 @@ def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repa
                   + (f", and anchored · {REPAIR_ONLY} is the anchored model given the same repair with no edit"
                      if "anchored" in run.arms else "")) if repair_steps else ""
     with runs.staged(out) as tmp:  # all of it or nothing under `out`
+        note = (f"# The weights of this run are those of {run.path} after `anchoring delete` ({edit['method']}, concept "
+                f"{cfg.text.concept}; edit.json says how).\n# Training this config again gives the models before the edit.\n")
         for name in (runs.CONFIG, runs.ARCH, "tokenizer.json"):
-            runs.write_atomic(tmp / name, (run.path / name).read_text())
+            text = (run.path / name).read_text()
+            runs.write_atomic(tmp / name, note + text if name == runs.CONFIG else text)
         write_arms(tmp, {(arm, seed): m for arm, ms in new.items() for seed, m in zip(run.seeds, ms)}, "anchoring-lm-1")
         previous = runs.read_json(run.path / "edit.json").get("lineage", []) if (run.path / "edit.json").is_file() else []
         runs.write_json(tmp / "edit.json", {**edit, "lineage": [*previous, edit]})

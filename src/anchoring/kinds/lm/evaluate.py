@@ -207,10 +207,14 @@ def probes(features: dict, passages: dict, direction: torch.Tensor | None, dims:
 @torch.no_grad()
 def token_alignment(model, data: LMData, text: str, site: str, direction: torch.Tensor | None,
                     dims: tuple[int, ...] | None) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """Alignment of the residual state at every token of `text` (first `context` tokens), with spans."""
-    ids = data.encode(text)[: model.context]
-    spans = data.tokenizer.spans(text)[: len(ids)]
+    """Alignment of the residual state at every token of `text`, with spans. A text longer than the
+    context is read in consecutive windows of `context` tokens, each from a fresh start, as the
+    validation text is read for the summary."""
+    ids = np.asarray(data.encode(text), dtype=np.int64)
+    spans = data.tokenizer.spans(text)
+    parts = []
     with Capture(model, [site]) as cap:
-        model(torch.from_numpy(np.asarray(ids, dtype=np.int64))[None])
-        a = direction_alignment(cap.acts[site][0], direction, dims)
-    return a.numpy(), spans
+        for a in range(0, len(ids), model.context):
+            model(torch.from_numpy(ids[a:a + model.context])[None])
+            parts.append(direction_alignment(cap.acts[site][0], direction, dims))
+    return (torch.cat(parts).numpy() if parts else np.zeros(0, np.float32)), spans

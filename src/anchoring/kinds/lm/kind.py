@@ -143,8 +143,9 @@ def validate(cfg: LMExperiment, data: bool = True) -> int:
     return steps
 
 
-def measured_direction(cfg: LMExperiment) -> tuple[torch.Tensor | None, tuple[int, ...] | None]:
-    """The concept's anchor (axis or vector), else its dims: what alignment is measured against, in every arm."""
+def measured_direction(cfg: LMExperiment, fallback: bool = True) -> tuple[torch.Tensor | None, tuple[int, ...] | None]:
+    """The concept's anchor (axis or vector), else its dims: what alignment is measured against, in every arm.
+    A run that anchors nothing is measured along axis 0 for reference; `fallback=False` gives (None, None) then."""
     model = build_model(cfg, 8)
     objective = build_objective(cfg, model)
     anchors = objective.anchors(cfg.text.concept)  # what the anchor terms actually pull towards (a term's own
@@ -155,6 +156,8 @@ def measured_direction(cfg: LMExperiment) -> tuple[torch.Tensor | None, tuple[in
         return torch.tensor(c.anchor), None
     if c is not None and c.dims:
         return None, c.dims
+    if not fallback:
+        return None, None
     v = torch.zeros(cfg.lm.width)
     v[0] = 1.0  # nothing anchored: axis 0, for reference
     return v, None

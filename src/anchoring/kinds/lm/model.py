@@ -32,17 +32,23 @@ class LMRun(ArmsRun):
 
     @torch.no_grad()
     def loss_per_token(self, texts: str | list[str], arm: str | None = None, seed: int | None = None) -> list[dict[str, Any]]:
-        """Per text: `nats` `(T − 1,)` for every predicted token (token t+1 given tokens ≤ t, first
-        `context` tokens), the predicted tokens' character `spans`, and `nats_per_char` over them."""
+        """Per text: `nats` `(T − 1,)` for every predicted token (token t+1 given tokens ≤ t; a text
+        longer than the model's context is scored in sliding windows, each token with up to `context`
+        tokens before it), the predicted tokens' character `spans`, and `nats_per_char` over them.
+
+        Each text is scored on its own, from its first token; the run's summary scores validation
+        passages packed into windows, so its nats/char differ a little from these."""
+        from anchoring.evaluate.surprise import score_ids
+
         model = self.model(arm, seed)
         out = []
         for text in [texts] if isinstance(texts, str) else texts:
-            ids = self.tokenize(text)[: model.context]
-            spans = self.data.tokenizer.spans(text)[: len(ids)]
+            ids = self.tokenize(text)
+            spans = self.data.tokenizer.spans(text)
             if len(ids) < 2:
                 out.append({"nats": torch.zeros(0), "spans": [], "nats_per_char": float("nan")})
                 continue
-            nats = F.cross_entropy(model(ids[None])[0, :-1], ids[1:], reduction="none")
+            nats = score_ids(model, ids, context=model.context).surprisal[1:]
             chars = float(ev.chars_per_token(spans)[1:].sum())  # the predicted tokens' characters
             out.append({"nats": nats, "spans": spans[1:], "nats_per_char": float(nats.sum()) / max(chars, 1)})
         return out
@@ -72,8 +78,10 @@ class LMRun(ArmsRun):
         `model` replaces the arm's model (an edited copy, say) with the same tokenizer and sampling seed."""
         if not prompt:
             raise AnchoringError("the prompt is empty: give at least one character to continue")
-        if not math.isfinite(temperature):
+        if not (math.isfinite(temperature) and temperature >= 0):
             raise AnchoringError(f"temperature must be a finite number ≥ 0, got {temperature}")
+        if n < 1:
+            raise AnchoringError(f"n (tokens to generate) must be ≥ 1, got {n}")
         model = model if model is not None else self.model(arm, seed)
         ids = self.tokenize(prompt).tolist()
         char_level = self.data.tokenizer.kind == "char"  # there id 0 stands for every character never seen in training

@@ -107,7 +107,7 @@ def delete(run: TransformerRun, spec: InterventionConfig, out: Path) -> EditResu
         raise AnchoringError(f"delete on a 'transformer' run removes the anchor direction (--method ablate), not {spec.method!r}")
     if "anchored" not in run.arms:
         raise AnchoringError("this transformer run has no anchored arm to delete from")
-    out = runs.new_run_dir(run.config.name, out)
+    out = runs.new_run_dir(run.config.name, out, resumable=False)
     runs.check_writable(out)
     cfg = run.config
     edited: dict[str, list] = {arm: list(ms) for arm, ms in run.arms.items()}
