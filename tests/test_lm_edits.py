@@ -264,6 +264,12 @@ def test_blinding_the_readers_writes_a_run_whose_later_layers_ignore_the_anchor(
     assert (out / "config.toml").read_text().startswith("# The weights of this run are those of ")
     r = CliRunner().invoke(app, ["delete", str(lm_run.path), "--concept", "violence", "--method", "blind", "--out", str(out)])
     assert r.exit_code != 0 and "not empty" in r.stderr and "resume" not in r.stderr  # an edit is not resumed
+    twice = tmp_path / "twice"  # an edit of the edited run: one note, naming the run it came from
+    r = CliRunner().invoke(app, ["delete", str(out), "--concept", "violence", "--out", str(twice)])
+    assert r.exit_code == 0, r.stderr
+    config = (twice / "config.toml").read_text()
+    assert config.count("# The weights of this run") == 1 and f"those of {out} after" in config
+    assert len(json.loads((twice / "edit.json").read_text())["lineage"]) == 2
     rows = run.summary["edit_rows"]
     a = next(x for x in rows if x["arm"] == "anchored")
     m = next(x for x in rows if x["arm"] == "anchored · matched random blinding")
@@ -320,6 +326,13 @@ def test_a_run_that_anchors_nothing_has_no_direction_to_edit():
             edited(model, cfg, edit)
     with pytest.raises(AnchoringError, match="anchors nothing"):
         concept_directions(cfg)
+    from types import SimpleNamespace
+
+    from anchoring.config import InterventionConfig
+    from anchoring.kinds.lm.control import intervene
+
+    with pytest.raises(AnchoringError, match="anchors nothing"):  # even with a site named: axis 0 is not the concept
+        intervene(SimpleNamespace(config=cfg), InterventionConfig(name="s", method="suppress", site="blocks.1"))
     assert len(concept_directions(experiments.load("lm-anchor"))) == 1
 
 

@@ -520,5 +520,8 @@ def test_anchor_terms_of_one_concept_with_different_directions_are_one_error():
     cfg = experiments.load("lm-anchor-passages", [f"terms.1.direction={other}"])
     with pytest.raises(AnchoringError, match="pull towards different directions at blocks.1 and blocks.3"):
         validate(cfg, data=False)
+    one_site = experiments.load("lm-anchor-passages", [f"terms.1.direction={other}", 'terms.1.site="blocks.1"'])
+    with pytest.raises(AnchoringError, match="different directions at blocks.1 and blocks.1"):
+        validate(one_site, data=False)  # two pulls at one site
     same = experiments.load("lm-anchor-passages", [f"terms.1.direction={[1.0] + [0.0] * 127}"])  # the concept's own axis
     validate(same, data=False)

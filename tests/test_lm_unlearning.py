@@ -499,14 +499,20 @@ def test_targets_count_an_edit_that_removed_nothing_as_keeping_nothing():
     counts that seed as keeping nothing, rather than letting the one seed that worked decide, and a
     mean-difference edit that removed nothing loses the ratio on every line alike."""
     def row(method: str, seed: int, d: float, kept: float | None = None) -> dict:
-        return {"method": method, "seed": seed, "d_forget_concept": d, "retain_cost": 0.01, "R": 1.0,
-                "relearn": {} if kept is None else {"64": {"kept": kept}}}
+        losses = dict.fromkeys(("forget", "concept", "retain"), 1.0)
+        return {"method": method, "seed": seed, "d_forget_concept": d, "d_forget": d, "retain_cost": 0.01, "R": 1.0,
+                "before": losses, "after": losses, "weights_edited": True, "fine_tuned": kept is not None,
+                "recover_steps": None, "relearn": {} if kept is None else {"64": {"kept": kept, "relearned": 0.0}}}
     rows = [row("anchoring · delete", 0, 0.3, 0.9), row("anchoring · delete", 1, 0.005, float("nan")),
             row("anchoring · delete", 2, 0.004, float("nan")),
             *[row("mean-difference · delete", s, d) for s, d in ((0, 0.0), (1, 0.001), (2, 0.002))]]
     got = ul.targets({"rows": rows, "relearn_k": [4, 64]})
     kept = got["anchoring · delete keeps ≥ 50% of Δforget after relearning on K = 64"]
     assert kept["median"] == 0.0 and not kept["met"] and kept["undefined_seeds"] == 2
+    header, table = ul.table({"rows": rows, "relearn_k": [64], "recover_cap": 50})
+    median = next(t for t in table if t[:2] == ["anchoring · delete", "median"])
+    assert median[header.index("kept K=64")] == 0.0  # the table's median counts them as the target line does
+    assert math.isnan(next(t for t in table if t[:2] == ["anchoring · delete", 1])[header.index("kept K=64")])  # per seed: undefined
     rows[1]["relearn"]["64"]["kept"] = rows[2]["relearn"]["64"]["kept"] = 0.7
     assert ul.targets({"rows": rows, "relearn_k": [64]})["anchoring · delete keeps ≥ 50% of Δforget after relearning on K = 64"]["met"]
     three = got["Δforget (concept) of anchoring · delete ≥ 3 × mean-difference · delete"]

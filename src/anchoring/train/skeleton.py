@@ -103,13 +103,6 @@ class StopFlag:
             signal.signal(sig, old)  # type: ignore[arg-type]
 
 
-def _ranks() -> int:
-    """The number of data-parallel processes training this model together (1 without a process group)."""
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _agree(value: int, device: torch.device) -> int:
     """The largest `value` over all ranks. A signal can reach one rank a step before another, and a
     crash can land between two ranks' saves; agreeing keeps the ranks on one step."""
@@ -168,7 +161,8 @@ def fit(task: Task, *, checkpoint: Path | None, every: int, progress: Progress |
                 p.copy_(tensors[f"param.{k}"])
         restore_optimizer(task.optimizer, task.params, tensors)
         task.restore(start, tensors)
-    device, world = next(iter(task.params.values())).device, _ranks()
+    # the task's own count of data-parallel ranks: another process group in the process is not this model's
+    device, world = next(iter(task.params.values())).device, int(getattr(task, "world", 1))
     if world > 1:  # data parallel: every rank must take up the same step, or the averaged gradients mix steps
         lo, hi = -_agree(-start, device), _agree(start, device)
         if lo != hi:

@@ -86,6 +86,7 @@ def intervene(run, spec: InterventionConfig) -> EditResult:
         raise AnchoringError(f"--name {spec.name!r}: use letters, digits and _.,+=- only (it names a folder inside the run)")
     cfg = run.config
     _same_concept(spec, cfg)
+    concept_directions(cfg)  # a run that anchors nothing has no direction to suppress: say so before anything else
     sites = spec.sites or anchored_sites(cfg)
     if spec.site != "latent":
         sites = [spec.site]
@@ -94,7 +95,8 @@ def intervene(run, spec: InterventionConfig) -> EditResult:
         if s not in valid:
             raise AnchoringError(f"site {s!r} is not a residual site of this model ({', '.join(valid)})")
     if not sites:
-        raise AnchoringError("this run anchors nothing; name a residual site with --site")
+        raise AnchoringError(f"this run's concept {cfg.text.concept!r} has an anchor but no anchored site; name a "
+                             f"residual site with --site")
     shape = parse_falloff(spec.falloff)
     out = run.path / "interventions" / spec.name
     runs.check_writable(out)
@@ -184,10 +186,17 @@ def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repa
                      if "anchored" in run.arms else "")) if repair_steps else ""
     with runs.staged(out) as tmp:  # all of it or nothing under `out`
         note = (f"# The weights of this run are those of {run.path} after `anchoring delete` ({edit['method']}, concept "
-                f"{cfg.text.concept}; edit.json says how).\n# Training this config again gives the models before the edit.\n")
+                f"{cfg.text.concept}; edit.json lists every edit since training).\n# Training this config again gives the "
+                f"models before any of those edits.\n")
         for name in (runs.CONFIG, runs.ARCH, "tokenizer.json"):
             text = (run.path / name).read_text()
-            runs.write_atomic(tmp / name, note + text if name == runs.CONFIG else text)
+            if name == runs.CONFIG:  # an edit of an edited run: the new note replaces the old one
+                kept = text.splitlines(keepends=True)
+                while kept and kept[0].startswith(("# The weights of this run are those of ",
+                                                   "# Training this config again gives the models")):
+                    kept.pop(0)
+                text = note + "".join(kept)
+            runs.write_atomic(tmp / name, text)
         write_arms(tmp, {(arm, seed): m for arm, ms in new.items() for seed, m in zip(run.seeds, ms)}, "anchoring-lm-1")
         previous = runs.read_json(run.path / "edit.json").get("lineage", []) if (run.path / "edit.json").is_file() else []
         runs.write_json(tmp / "edit.json", {**edit, "lineage": [*previous, edit]})

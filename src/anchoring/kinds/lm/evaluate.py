@@ -208,8 +208,9 @@ def probes(features: dict, passages: dict, direction: torch.Tensor | None, dims:
 def token_alignment(model, data: LMData, text: str, site: str, direction: torch.Tensor | None,
                     dims: tuple[int, ...] | None) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Alignment of the residual state at every token of `text`, with spans. A text longer than the
-    context is read in consecutive windows of `context` tokens, each from a fresh start, as the
-    validation text is read for the summary."""
+    context is read in consecutive windows of `context` tokens, each from a fresh start (the summary
+    reads validation text the same way, in windows of `lm.tokens`, which is the context unless
+    `lm.window` is set)."""
     ids = np.asarray(data.encode(text), dtype=np.int64)
     spans = data.tokenizer.spans(text)
     parts = []

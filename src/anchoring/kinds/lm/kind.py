@@ -26,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from anchoring import runs
 from anchoring.anchor import Capture
@@ -97,12 +98,17 @@ def validate(cfg: LMExperiment, data: bool = True) -> int:
         raise AnchoringError(f"evaluate.concept {concept!r}: only text.concept ({cfg.text.concept!r}) is labelled")
     if cfg.interventions:
         raise AnchoringError("LM runs take no [[interventions]] yet (use `load_run(...).alignment` to inspect the anchor)")
-    anchors = objective.anchors(cfg.text.concept)  # alignment, probes and edits use one direction at every site
-    for site, v in anchors[1:]:
-        if not torch.allclose(v, anchors[0][1], atol=1e-6):
+    pulls = [t for t in objective.terms if t.concept == cfg.text.concept and t.kind == "anchor"]
+    for t in pulls[1:]:  # alignment, probes and edits use one direction at every site
+        if not torch.allclose(F.normalize(t.direction, dim=-1), F.normalize(pulls[0].direction, dim=-1), atol=1e-6):
             raise AnchoringError(f"the anchor terms of {cfg.text.concept!r} pull towards different directions at "
-                                 f"{anchors[0][0].module} and {site.module}; an LM run measures and edits one direction "
+                                 f"{pulls[0].site.module} and {t.site.module}; an LM run measures and edits one direction "
                                  f"per concept, so give every term the same one (or none, to use the concept's anchor)")
+    if "anchored" in cfg.lm.arms and (cfg.unlearning.enabled or cfg.evaluate.ood):
+        v, dims = measured_direction(cfg, fallback=False)
+        if v is None and not dims:  # both edit the anchored arm along its concept's direction after training
+            raise AnchoringError(f"unlearning and evaluate.ood edit the anchored arm along {cfg.text.concept!r}'s anchor, "
+                                 f"and this experiment gives that concept no anchor, dims or anchor term")
     residual = {"embed", *[f"blocks.{i}" for i in range(cfg.lm.layers)]}  # where alignment is measured and edits act
     odd = [s for s in anchored_sites(cfg) if s not in residual]
     if odd:

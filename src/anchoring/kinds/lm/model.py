@@ -33,8 +33,8 @@ class LMRun(ArmsRun):
     @torch.no_grad()
     def loss_per_token(self, texts: str | list[str], arm: str | None = None, seed: int | None = None) -> list[dict[str, Any]]:
         """Per text: `nats` `(T − 1,)` for every predicted token (token t+1 given tokens ≤ t; a text
-        longer than the model's context is scored in sliding windows, each token with up to `context`
-        tokens before it), the predicted tokens' character `spans`, and `nats_per_char` over them.
+        longer than the model's context is scored in overlapping windows of `context` tokens, so every
+        token after the first window has at least half a window before it), the predicted tokens' character `spans`, and `nats_per_char` over them.
 
         Each text is scored on its own, from its first token; the run's summary scores validation
         passages packed into windows, so its nats/char differ a little from these."""

@@ -438,16 +438,25 @@ def targets(unlearning: dict[str, Any]) -> dict[str, dict[str, Any]]:
         ks = unlearning.get("relearn_k") or []
         if ks:
             k = max(ks)
-            # a seed whose edit raised the forget loss too little for a share ("kept" undefined) kept nothing:
-            # leaving it out would let the seeds where the edit worked decide alone
-            shares = [_num((r.get("relearn") or {}).get(str(k), {}).get("kept")) for r in rows
-                      if r["method"] == mine and r.get("relearn")]
-            kept = ranked_median([0.0 if math.isnan(v) else v for v in shares])
+            attacked = [r for r in rows if r["method"] == mine and str(k) in (r.get("relearn") or {})]
+            kept = ranked_median([kept_for_median(r, k) for r in attacked])
             out[f"{mine} keeps ≥ 50% of Δforget after relearning on K = {k}"] = {
-                "median": kept, "met": kept >= 0.5, "undefined_seeds": sum(math.isnan(v) for v in shares)}
+                "median": kept, "met": kept >= 0.5,
+                "undefined_seeds": sum(math.isnan(_num(r["relearn"][str(k)].get("kept"))) for r in attacked)}
         r_ = med(mine, lambda r: r["R"])
         out[f"R ({mine} vs oracle filter) ≥ 0.5"] = {"median": r_, "met": r_ >= 0.5}
     return out
+
+
+def kept_for_median(row: dict[str, Any], k: int) -> float:
+    """A row's share kept at K = k as medians count it: NaN when the row was not attacked at k, and 0
+    when it was but its edit raised the forget loss too little for a share ("kept" undefined): it
+    had nothing to keep, and leaving it out would let the seeds where the edit worked decide alone."""
+    got = (row.get("relearn") or {}).get(str(k))
+    if got is None:
+        return float("nan")
+    v = _num(got.get("kept"))
+    return 0.0 if math.isnan(v) else v
 
 
 def ranked_median(values: list[float]) -> float:
@@ -501,7 +510,12 @@ def table(unlearning: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
             median([float(s) if s is not None else float("inf") for s in steps]))
         if isinstance(med_rec, float) and not math.isfinite(med_rec):
             med_rec = f"> {cap}"
-        rows.append([m, "median", *[median(list(col)) for col in vals.T], med_rec])
+        med = [median(list(col)) for col in vals.T]
+        head = columns(ks)
+        for k in ks:  # as the target line: an attacked seed whose edit had nothing to keep kept 0, not "unknown"
+            shares = [kept_for_median(r, k) for r in mine]
+            med[head.index(f"kept K={k}") - 2] = median(shares)
+        rows.append([m, "median", *med, med_rec])
         rows += [[m, r["seed"], *values(r), recover(r)] for r in mine]
     return columns(ks), rows
 
