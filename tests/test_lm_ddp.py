@@ -162,3 +162,20 @@ def test_ranks_whose_checkpoints_hold_different_steps_refuse_to_resume(corpus, t
     rank1.unlink()  # rank 1 would start again at step 0 while rank 0 goes on from step 2
     with pytest.raises(AnchoringError, match=r"different steps \(0 and 2"):
         train_data_parallel(longer, out, [("control", 0)], 2)
+
+
+def test_a_signal_that_reaches_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """Ctrl-C or SIGTERM can reach one rank a step before another (or only one). The ranks agree after
+    every step, so all of them stop after the same step with checkpoints at that step, instead of one
+    rank stopping while the other waits in its next gradient reduction."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("ddp_stop_worker.py")
+    r = subprocess.run([sys.executable, str(worker), str(tmp_path)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = [(tmp_path / f"result{rank}.txt").read_text() for rank in (0, 1)]
+    assert got == ["stopped 4 4", "stopped 4 4"], got  # both after step 4 (rank 1 got the signal in step 3), both saved
