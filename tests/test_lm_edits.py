@@ -118,7 +118,9 @@ def test_intervene_on_an_lm_run_suppresses_and_reports_forget_and_retain(lm_run)
     assert a["concept after"] - a["concept before"] > a["retain after"] - a["retain before"]
     m = next(x for x in rows if x["arm"] == "anchored · matched random move")  # its control: same before, another after
     assert m["concept before"] == a["concept before"] and m["concept after"] != a["concept after"]
-    assert "matched random move" in r.stdout
+    assert "matched random move" in r.stdout and "replacing" not in r.stdout
+    again = CliRunner().invoke(app, ["intervene", str(lm_run.path), "--concept", "violence", "--name", "sup"])
+    assert again.exit_code == 0 and "replacing an earlier intervention named 'sup'" in " ".join(again.stdout.split())
     r = CliRunner().invoke(app, ["intervene", str(lm_run.path), "--concept", "violence", "--method", "zero"])
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "--method suppress" in r.stderr
 
@@ -216,8 +218,10 @@ def test_a_repaired_delete_scores_what_the_repaired_unlearning_table_scores(lm_r
     calls: list[tuple[int, int]] = []
     res = delete(run, InterventionConfig(name=method, method=method, concept="violence"), tmp_path / "out",
                  repair_steps=3, repair_lr=1e-3, progress=lambda done, total: calls.append((done, total)))
-    n = sum(len(ms) for ms in run.arms.values()) + 2
-    assert calls[-1] == (3 * n, 3 * n) and len(calls) == 3 * n
+    n = sum(len(ms) for ms in run.arms.values()) + 2  # every arm's model, and the anchored arm's two controls
+    scored = 2 * sum(len(ms) for ms in run.arms.values()) + 2  # before and after each, and the controls' after
+    assert calls[-1] == (3 * n + scored, 3 * n + scored) and len(calls) == 3 * n + scored
+    assert [d for d, _ in calls] == list(range(1, 3 * n + scored + 1))
     row = {x["arm"]: x for x in res.summary["edit_rows"]}
     cfg = run.config
     u = cfg.unlearning.model_copy(update={"repair_steps": 3, "repair_lr": 1e-3, "relearn_steps": 0, "recover_steps": 0,

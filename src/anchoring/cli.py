@@ -294,7 +294,7 @@ def delete_cmd(
             fail(f"--repair-steps and --repair-lr are for 'lm' runs; this is a {run.config.kind!r} run")
         _apply_edit(lambda: kind_of(run.config).delete(run, spec, out_dir))
         return
-    with progress_bar("repair", repair_steps > 0 and sys.stderr.isatty()) as update:  # the LM checks the options itself
+    with progress_bar("repair and score" if repair_steps else "score", sys.stderr.isatty()) as update:  # the LM checks the options itself
         _apply_edit(lambda: kind_of(run.config).delete(run, spec, out_dir, repair_steps=repair_steps, repair_lr=repair_lr,
                                                        progress=update))
 

@@ -43,19 +43,23 @@ def _eval_set(run) -> ev.EvalSet:
     return ev.eval_set(run.data, cfg.lm.tokens, cfg.evaluate.eval_chars, cfg.evaluate.after, order=cfg.evaluate.order)
 
 
-def _rows(run, after_of, controls: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def _rows(run, after_of, controls: dict[str, Any] | None = None, tick: Callable[[], None] | None = None) -> list[dict[str, Any]]:
     """Before → after of every (arm, seed); `controls` {label: after_of} adds rows for other edits of
-    the anchored arm (labelled "anchored · label"), scored against the same "before"."""
+    the anchored arm (labelled "anchored · label"), scored against the same "before". `tick()` after
+    every model scored."""
     es = _eval_set(run)
     rows = []
+    tick = tick or (lambda: None)
     for arm, models in run.arms.items():
         for i, (seed, model) in enumerate(zip(run.seeds, models)):
             b = losses(model, es, run.config.evaluate.batch_size)
+            tick()
             edits = {arm: after_of}
             if arm == "anchored":
                 edits.update({f"anchored · {label}": f for label, f in (controls or {}).items()})
             for name, f in edits.items():
                 a = losses(f(arm, i, model), es, run.config.evaluate.batch_size)
+                tick()
                 rows.append({"arm": name, "seed": seed, **{f"{k} before": b[k] for k in KEYS}, **{f"{k} after": a[k] for k in KEYS}})
     return rows
 
@@ -100,6 +104,7 @@ def intervene(run, spec: InterventionConfig) -> EditResult:
     shape = parse_falloff(spec.falloff)
     out = run.path / "interventions" / spec.name
     runs.check_writable(out)
+    earlier = (out / "summary.json").is_file()
     rows = _rows(run, lambda arm, i, m: edited(m, cfg, "suppress", sites=sites, shape=shape),
                  {"matched random move": lambda arm, i, m: edited(m, cfg, "suppress", sites=sites, shape=shape,
                                                                   random_control=run.seeds[i])})
@@ -107,7 +112,8 @@ def intervene(run, spec: InterventionConfig) -> EditResult:
     note = ("anchored · matched random move: the states the hook edits, turned by the same angles towards random "
             "directions (the hook's control)") if "anchored" in run.arms else None
     return EditResult(spec.name, [_table(f"{spec.name} at {', '.join(sites)}: validation nats/char", rows),
-                                  *([note] if note else []), f"wrote {out}"],
+                                  *([note] if note else []),
+                                  f"wrote {out}" + (f" (replacing an earlier intervention named {spec.name!r})" if earlier else "")],
                       [out], {"rows": rows})
 
 
@@ -140,7 +146,16 @@ def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repa
     directions = concept_directions(cfg)
     others = [matched_directions(directions, torch.Generator().manual_seed(seed)) for seed in run.seeds]
     n_models = sum(len(ms) for ms in run.arms.values()) + 2 * len(run.arms.get("anchored", []))
+    n_controls = 2 if repair_steps else 1  # the matched random edit, and the repair alone
+    n_scored = 2 * sum(len(ms) for ms in run.arms.values()) + n_controls * len(run.arms.get("anchored", []))
+    total = n_models * repair_steps + n_scored  # repair steps, then every model scored before and after
     done = [0]
+
+    def tick() -> None:
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], total)
+
     windows_of: dict[int, Any] = {}  # per seed: every model of a seed repairs on the same windows
 
     def concept_edit(m: torch.nn.Module) -> torch.nn.Module:
@@ -155,12 +170,6 @@ def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repa
         if i not in windows_of:
             windows_of[i] = repair_windows(run.data, cfg.lm.tokens, run.seeds[i])
         windows = windows_of[i]
-
-        def tick() -> None:
-            done[0] += 1
-            if progress is not None:
-                progress(done[0], n_models * repair_steps)
-
         return repair(after, edit, lambda step: windows.batch(step, cfg.unlearning.relearn_batch), repair_steps, lr, tick)
 
     new = {arm: [fixed(m, i, concept_edit) for i, m in enumerate(ms)] for arm, ms in run.arms.items()}
@@ -174,7 +183,7 @@ def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repa
     controls = {control: lambda arm, i, m: fixed(m, i, lambda x: edited(x, cfg, kind, directions=others[i]))}
     if repair_steps:
         controls[REPAIR_ONLY] = lambda arm, i, m: fixed(m, i, None)
-    rows = _rows(run, lambda arm, i, m: new[arm][i], controls)
+    rows = _rows(run, lambda arm, i, m: new[arm][i], controls, tick)
     edit = {"source": str(run.path), "method": "delete-direction" if kind == "delete" else "blind-readers",
             "concept": cfg.text.concept, "directions": len(directions), "max_residual_component": leftover,
             **({"readers_after": after_site} if after_site else {}),
