@@ -39,7 +39,8 @@ class Diverged(AnchoringError):
 
 
 class Task(Protocol):
-    """What a kind provides to `fit`."""
+    """What a kind provides to `fit`. A data-parallel task also has `world`, the number of ranks
+    training it together (1 when absent), so that `fit` keeps those ranks on one step."""
 
     params: dict[str, torch.Tensor]
     optimizer: torch.optim.Optimizer

@@ -105,12 +105,9 @@ def validate(cfg: LMExperiment, data: bool = True) -> int:
                                  f"{pulls[0].site.module} and {t.site.module}; an LM run measures and edits one direction "
                                  f"per concept, so give every term the same one (or none, to use the concept's anchor)")
     if "anchored" in cfg.lm.arms and (cfg.unlearning.enabled or cfg.evaluate.ood):
-        v, dims = measured_direction(cfg, fallback=False)
-        if v is None and not dims:  # both edit the anchored arm along its concept's direction after training
-            raise AnchoringError(f"unlearning and evaluate.ood edit the anchored arm along {cfg.text.concept!r}'s anchor, "
-                                 f"and this experiment gives that concept no anchor, dims or anchor term")
+        measured_direction(cfg, fallback=False)  # both edit the anchored arm along it after training: refuse now
     residual = {"embed", *[f"blocks.{i}" for i in range(cfg.lm.layers)]}  # where alignment is measured and edits act
-    odd = [s for s in anchored_sites(cfg) if s not in residual]
+    odd = sorted({t.site.module for t in objective.terms if t.kind in ("anchor", "subspace")} - residual)
     if odd:
         raise AnchoringError(f"an LM anchors its concept in the residual stream, so anchor and subspace terms need "
                              f"residual-stream anchor sites (embed, blocks.i); {odd[0]!r} is not one")
@@ -151,7 +148,8 @@ def validate(cfg: LMExperiment, data: bool = True) -> int:
 
 def measured_direction(cfg: LMExperiment, fallback: bool = True) -> tuple[torch.Tensor | None, tuple[int, ...] | None]:
     """The concept's anchor (axis or vector), else its dims: what alignment is measured against, in every arm.
-    A run that anchors nothing is measured along axis 0 for reference; `fallback=False` gives (None, None) then."""
+    A run that anchors nothing is measured along axis 0 for reference; with `fallback=False` (an edit
+    needs the concept's own direction) it is an error instead."""
     model = build_model(cfg, 8)
     objective = build_objective(cfg, model)
     anchors = objective.anchors(cfg.text.concept)  # what the anchor terms actually pull towards (a term's own
@@ -162,8 +160,9 @@ def measured_direction(cfg: LMExperiment, fallback: bool = True) -> tuple[torch.
         return torch.tensor(c.anchor), None
     if c is not None and c.dims:
         return None, c.dims
-    if not fallback:
-        return None, None
+    if not fallback:  # axis 0 is where alignment is read for reference, not the concept
+        raise AnchoringError(f"this run anchors nothing for {cfg.text.concept!r} (no anchor, dims or anchor term), "
+                             f"so it has no direction to edit")
     v = torch.zeros(cfg.lm.width)
     v[0] = 1.0  # nothing anchored: axis 0, for reference
     return v, None

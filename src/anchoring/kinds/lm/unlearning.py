@@ -501,6 +501,7 @@ def table(unlearning: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
             return "hook"
         return r["recover_steps"] if r["recover_steps"] is not None else f"> {cap}"
 
+    head = columns(ks)
     rows: list[list[Any]] = []
     for m in dict.fromkeys(r["method"] for r in unlearning["rows"]):
         mine = [r for r in unlearning["rows"] if r["method"] == m]
@@ -511,13 +512,12 @@ def table(unlearning: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
         if isinstance(med_rec, float) and not math.isfinite(med_rec):
             med_rec = f"> {cap}"
         med = [median(list(col)) for col in vals.T]
-        head = columns(ks)
         for k in ks:  # as the target line: an attacked seed whose edit had nothing to keep kept 0, not "unknown"
             shares = [kept_for_median(r, k) for r in mine]
             med[head.index(f"kept K={k}") - 2] = median(shares)
         rows.append([m, "median", *med, med_rec])
         rows += [[m, r["seed"], *values(r), recover(r)] for r in mine]
-    return columns(ks), rows
+    return head, rows
 
 
 def matched_note(unlearning: dict[str, Any]) -> str:
