@@ -340,6 +340,26 @@ def test_a_run_that_anchors_nothing_has_no_direction_to_edit():
     assert len(concept_directions(experiments.load("lm-anchor"))) == 1
 
 
+def test_validate_refuses_unlearning_on_an_anchored_arm_that_anchors_no_direction():
+    """An anchored arm can carry terms yet pull towards nothing (only a clearing term here); unlearning
+    and `evaluate.ood` delete along the concept's direction after training, so the config is refused
+    before training starts, not after it. Without them the same config trains."""
+    from anchoring.errors import AnchoringError
+    from anchoring.kinds.lm.kind import validate
+
+    base = experiments.load("lm-anchor", ['lm.arms=["anchored","control"]'])
+    d = base.model_dump()
+    d["concepts"] = [{"name": "violence"}]
+    d["schedule"] = "STEP,lr,anti-subspace\n0,1e-3,1\n100,1e-3,\n"
+    d["terms"] = [{"name": "clear", "kind": "anti-subspace", "concept": "violence", "site": "blocks.3",
+                   "positions": "all", "select": "unlabelled", "weight": "anti-subspace", "dims": [0]}]
+    for key in ("unlearning", "evaluate"):
+        on = {**d, key: {**d[key], ("enabled" if key == "unlearning" else "ood"): True}}
+        with pytest.raises(AnchoringError, match="anchors nothing"):
+            validate(type(base).model_validate(on), data=False)
+    assert validate(type(base).model_validate(d), data=False) > 0  # trains: the refusal is about the edit
+
+
 def test_generate_prints_brackets_in_the_text_as_they_are(lm_run, monkeypatch):
     """Shakespeare's stage directions ("[Exit.]") and any sampled "[...]" are text, not markup for the
     terminal table: printed as they are, never raising a markup error after all the sampling."""
