@@ -1,6 +1,7 @@
 """Fast ensemble path, sharded sweeps and the benchmark command: speed never changes results."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -227,6 +228,9 @@ def test_lm_compiled_without_lm_cases_is_refused():
     (["--ensembles", "100000000"], "the ensemble case E=100000000 needs about"),
     (["--json", "{dir}"], "is a directory"),
     (["--json", "{file}/x.json"], "is a file"),
+    (["--repeats", "0"], "--repeats must be ≥ 1, got 0"),
+    (["--steps", "1"], "--steps must be ≥ 2, got 1"),
+    (["--lm-steps", "-1"], "--lm-steps must be ≥ 0, got -1"),
 ])
 def test_bench_refuses_bad_output_and_sizes_before_measuring(tmp_path, args, message, monkeypatch):
     import anchoring.benchmarks as benchmarks
@@ -269,3 +273,44 @@ def test_the_lm_benchmark_compares_models_of_the_same_size():
     assert abs(total - 1) < 0.01, total
     default = build_model(experiments.load("lm-anchor", SIZE), 65)  # without the key: mlp_ratio × width, as before
     assert all(b.mlp.hidden == cfg.lm.mlp_ratio * cfg.lm.width for b in default.blocks)
+
+
+def test_lm_compiled_without_a_cpp_compiler_is_refused_before_measuring(monkeypatch):
+    """Otherwise every eager case runs first and the compiled baseline dies in inductor's traceback."""
+    import anchoring.benchmarks as benchmarks
+    import anchoring.kinds.lm.training as training
+
+    monkeypatch.setattr(training, "missing_cpp_compiler", lambda: "InvalidCxxCompiler")
+    monkeypatch.setattr(benchmarks, "run_suite", lambda *a, **k: pytest.fail("measured before refusing"))
+    r = CliRunner().invoke(app, ["bench", "--e2e-seeds", "", "--ensembles", "", "--lm-steps", "2", "--lm-compiled"])
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "needs a C++ compiler" in r.stderr, r.stderr
+
+
+def test_a_failing_case_is_one_line_and_writes_no_json(tmp_path, monkeypatch):
+    import anchoring.benchmarks as bench
+
+    failing = bench.Case("eager baseline (1 model)", "model-steps/s", [sys.executable, "-c", "import sys; sys.exit('the child broke')"])
+    monkeypatch.setattr(bench, "plan", lambda *a, **k: [failing])
+    out = tmp_path / "bench.json"
+    r = CliRunner().invoke(app, ["bench", "--repeats", "1", "--ensembles", "", "--e2e-seeds", "", "--lm-steps", "0", "--json", str(out)])
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "eager baseline" in r.stderr and "the child broke" in r.stderr and not out.exists()
+
+
+def test_what_children_report_besides_their_figure_covers_every_repeat(monkeypatch):
+    """A figure of the last repeat next to the median of all would read as describing them all: peaks are
+    the maximum over repeats, agreed values stay single, and what varies is kept per repeat."""
+    import anchoring.benchmarks as bench
+
+    reports = iter([{"device": "cpu", "gpu_peak_mb": 5.0, "seconds": 1.0}, {"device": "cpu", "gpu_peak_mb": 9.0, "seconds": 3.0}])
+
+    def fake(case, _workdir):
+        case.samples.append(1.0)
+        case.peak_mb.append(1.0)
+        case.extras.append(next(reports))
+
+    monkeypatch.setattr(bench, "_measure", fake)
+    monkeypatch.setattr(bench, "plan", lambda *a, **k: [bench.Case("eager baseline (1 model)", "model-steps/s", [])])
+    row = bench.run_suite(2, 2, [], [])["cases"][0]
+    assert row["device"] == "cpu" and row["gpu_peak_mb"] == 9.0 and row["per_repeat"] == {"seconds": [1.0, 3.0]}
+    assert "seconds" not in row

@@ -406,8 +406,9 @@ def bench_cmd(
             fail(f"{flag} values must be positive, got {text!r}")
         return vals
 
-    if repeats < 1 or steps < 2 or lm_steps < 0:
-        fail("--repeats must be ≥ 1, --steps ≥ 2 and --lm-steps ≥ 0")
+    for flag, value, least in (("--repeats", repeats, 1), ("--steps", steps, 2), ("--lm-steps", lm_steps, 0)):
+        if value < least:
+            fail(f"{flag} must be ≥ {least}, got {value}")
     if lm_compiled and not lm_steps:
         fail("--lm-compiled times LM cases, and --lm-steps 0 skips them: give --lm-steps N")
     if lm_device not in ("cpu", "cuda"):
@@ -418,6 +419,13 @@ def bench_cmd(
 
     if lm_device == "cuda" and not torch.cuda.is_available():
         fail("--lm-device cuda: no CUDA device is available here")
+    if lm_compiled and lm_device == "cpu":  # before the eager cases run, not after them
+        from anchoring.kinds.lm.training import missing_cpp_compiler
+
+        problem = missing_cpp_compiler()
+        if problem:
+            fail(f"--lm-compiled needs a C++ compiler for CPU kernels and found none ({problem}); install g++ or set CXX, "
+                 f"or drop --lm-compiled")
     if e2e_steps is not None and e2e_steps < 1:
         fail(f"--e2e-steps must be a positive integer, got {e2e_steps}")
     sizes, seeds = ints(ensembles, "--ensembles"), ints(e2e, "--e2e-seeds")
@@ -433,10 +441,14 @@ def bench_cmd(
         runs.check_writable(json_out.parent)
     except AnchoringError as e:
         fail(str(e))
-    with err.status("benchmarking") as status:
-        res = run_suite(repeats, steps, sizes, seeds, e2e_steps, json_out, progress=lambda m: status.update(m), lm_steps=lm_steps,
-                        lm_compiled=lm_compiled, lm_device=lm_device)
-    table = Table(title=f"anchoring bench ({repeats} repeats, {steps} steps; torch {res['machine']['torch']}, LM on {lm_device}, "
+    try:
+        with err.status("benchmarking") as status:
+            res = run_suite(repeats, steps, sizes, seeds, e2e_steps, json_out, progress=lambda m: status.update(m), lm_steps=lm_steps,
+                            lm_compiled=lm_compiled, lm_device=lm_device)
+    except AnchoringError as e:  # a case whose process failed: its last line, nothing written
+        fail(str(e))
+    lm_part = f"LM: {lm_steps} steps on {lm_device}" if lm_steps else "no LM cases"
+    table = Table(title=f"anchoring bench ({repeats} repeats; colour: {steps} steps; {lm_part}; torch {res['machine']['torch']}, "
                         f"{res['machine']['cpus']} CPUs)")
     for h in ("case", "median", "min", "max", "unit", "× baseline", "peak MB"):
         table.add_column(h, justify="left" if h == "case" else "right")

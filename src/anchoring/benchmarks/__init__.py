@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from anchoring.atomic import write_atomic
+from anchoring.errors import AnchoringError
 from anchoring.evaluate.stats import median
 
 
@@ -35,7 +36,7 @@ class Case:
     end_to_end: bool = False
     samples: list[float] = field(default_factory=list)
     peak_mb: list[float] = field(default_factory=list)
-    extra: dict = field(default_factory=dict)
+    extras: list[dict] = field(default_factory=list)  # per repeat: what the child reported besides its figure
     versus: str | None = None  # the case its "× baseline" is taken against (default: the suite's baseline of its unit)
 
 
@@ -98,18 +99,37 @@ def _measure(case: Case, workdir: Path) -> None:
     peak = usage.ru_maxrss / 1024.0
     stdout, stderr = log_out.read_text(), log_err.read_text()
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmark case {case.name!r} failed:\n{stderr.strip()[-2000:]}")
+        last = next((ln.strip() for ln in reversed(stderr.splitlines()) if ln.strip()), f"exit status {proc.returncode}")
+        raise AnchoringError(f"benchmark case {case.name!r} failed: {last}")
     if case.end_to_end:
         case.samples.append(wall)
         summary = json.loads((out_dir / "summary.json").read_text())
-        case.extra = {"train_s": summary.get("timing", {}).get("train_s"), "anchored": summary.get("anchored_seeds")}
+        case.extras.append({"train_s": summary.get("timing", {}).get("train_s"), "anchored": summary.get("anchored_seeds")})
         shutil.rmtree(out_dir.parent, ignore_errors=True)
     else:
         res = json.loads(stdout.strip().splitlines()[-1])
         key = {"tokens/s": "tokens_per_s", "s": "seconds"}.get(case.unit, "model_steps_per_s")
         case.samples.append(res[key])
-        case.extra = {k: v for k, v in res.items() if k != key}
+        case.extras.append({k: v for k, v in res.items() if k != key})
     case.peak_mb.append(peak)
+
+
+def _extras(extras: list[dict]) -> dict:
+    """The children's other figures over the repeats: peaks as their maximum (like `peak_mb`), what every
+    repeat agrees on as it is, and what varies as `per_repeat` lists in the order of `samples`, so no
+    figure of one repeat stands next to the median as if it described them all."""
+    keys = list(dict.fromkeys(k for e in extras for k in e))
+    out: dict = {}
+    varying: dict = {}
+    for k in keys:
+        vals = [e.get(k) for e in extras]
+        if k.endswith("peak_mb") and all(isinstance(v, (int, float)) for v in vals):
+            out[k] = max(vals)
+        elif all(v == vals[0] for v in vals):
+            out[k] = vals[0]
+        else:
+            varying[k] = vals
+    return out | ({"per_repeat": varying} if varying else {})
 
 
 def _stats(xs: list[float]) -> dict:
@@ -135,7 +155,7 @@ def run_suite(repeats: int = 3, steps: int = 300, ensemble_sizes: list[int] | No
     rows = []
     for case in cases:
         row = {"case": case.name, "unit": case.unit, **_stats(case.samples),
-               "peak_mb": max(case.peak_mb) if case.peak_mb else None, "samples": case.samples, **case.extra}
+               "peak_mb": max(case.peak_mb) if case.peak_mb else None, "samples": case.samples, **_extras(case.extras)}
         if case.versus is not None:
             row["vs_baseline"] = row["median"] / medians[case.versus]
             row["versus"] = case.versus

@@ -115,13 +115,21 @@ def check_compile(cfg: LMExperiment) -> None:
     the run directory exists, not in a compiler traceback at the first step."""
     if not cfg.train.compile or device_of(cfg).type != "cpu":
         return
+    problem = missing_cpp_compiler()
+    if problem:
+        raise AnchoringError(f"train.compile = true needs a C++ compiler for CPU kernels and found none "
+                             f"({problem}); install g++ or set CXX, or leave train.compile off")
+
+
+def missing_cpp_compiler() -> str | None:
+    """Why inductor could not find a C++ compiler for CPU kernels (the error's type), or None if it can."""
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
 
         get_cpp_compiler()
     except Exception as e:  # inductor's InvalidCxxCompiler, or anything its search raises
-        raise AnchoringError(f"train.compile = true needs a C++ compiler for CPU kernels and found none "
-                             f"({type(e).__name__}); install g++ or set CXX, or leave train.compile off") from None
+        return type(e).__name__
+    return None
 
 
 def compiled(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
