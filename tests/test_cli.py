@@ -54,6 +54,7 @@ def test_list_shows_the_default():
     (["run", "--set", "train.seeds=0"], "seeds must be a positive integer"),
     (["run", "--set", "terms.0.kind=repel"], "unknown regularizer 'repel'"),
     (["run", "--set", "terms.9.kind=anchor"], "not an index below 3"),
+    (["run", "anchored", "--nproc", "2"], "--nproc is for LM experiments; 'anchored' is a 'colour' experiment"),
 ])
 def test_bad_arguments(tmp_path, args, message):
     out = tmp_path / "run"
@@ -158,3 +159,20 @@ def test_an_os_error_is_one_line_from_the_entry_point(monkeypatch, capsys):
     assert exit_.value.code == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == ["error: No space left on device: /runs/x/arms/control-seed0.safetensors"]
+
+
+@pytest.mark.parametrize("command", ["run", "resume"])
+def test_torchrun_workers_refuse_a_batch_they_cannot_share_before_any_directory_exists(tmp_path, monkeypatch, command):
+    """Rank 0 would otherwise make the run directory and its config before a rank found the split impossible."""
+    out = tmp_path / "run"
+    if command == "resume":  # an interrupted run with batch 15, resumed under 2 torchrun workers
+        out.mkdir()
+        (out / "config.toml").write_text(experiments.load("lm-control", ["lm.batch_size=15"]).to_toml())
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = ["run", "lm-control", "--set", "lm.batch_size=15", "--out", str(out)] if command == "run" else ["resume", str(out)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "lm.batch_size 15 does not split over torchrun's 2 processes" in r.stderr
+    assert (not out.exists()) if command == "run" else sorted(p.name for p in out.iterdir()) == ["config.toml"]

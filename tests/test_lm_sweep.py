@@ -86,6 +86,9 @@ def test_lm_grid_sweep_equals_one_run_per_point(spec, tmp_path, monkeypatch):
             for k in a:
                 torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=f"{arm} seed {seed} {k}")
     assert ref.summary["seeds"] == run.summary["seeds"]
+    t = run.summary["timing"]  # the merged point trained nothing: no training seconds of its own, the jobs' own kept
+    assert t["train_s"] is None and t["load_s"] >= 0 and ref.summary["timing"]["train_s"] > 0
+    assert all(t[f"{arm}-seed{seed}_s"] > 0 for arm in ("anchored", "control") for seed in (0, 1))
     mine, theirs = dict(_numbers(run.summary)), dict(_numbers(lifecycle.show(ref_path).summary))  # both as saved
     assert mine.keys() == theirs.keys() and len(mine) > 50
     for k, v in theirs.items():
@@ -144,3 +147,31 @@ def test_a_coverage_grid_draws_r_against_coverage(tmp_path):
     assert grid_figures(tmp_path / "one", [point(0.3, 0.5)]) == []  # one coverage is no curve
     other = ([ "text.false_positives=0.1"], point(0.3, 0.5)[1])
     assert grid_figures(tmp_path / "fp", [other, other]) == []  # a grid that does not vary coverage
+
+
+def test_r_against_coverage_keeps_the_grids_other_axes_apart(tmp_path, monkeypatch):
+    """With a second grid axis, points of one coverage differ in more than their seeds: averaging them
+    would draw an R that no run had. Without the oracle-filtered arm no point has an R: no figure."""
+    from types import SimpleNamespace
+
+    import anchoring.kinds.lm.figures as figures
+    from anchoring.kinds.lm.shards import grid_figures
+    from anchoring.kinds.lm.unlearning import MATCHED_DELETE
+
+    drawn = []
+    monkeypatch.setattr(figures, "coverage_figure", lambda points: drawn.append(points) or figures.plt.figure())
+
+    def point(cov, fp, r):
+        rows = [{"method": "anchoring · delete", "R": r}, {"method": MATCHED_DELETE, "R": 5.0}]
+        return [f"text.coverage={cov}", f"text.false_positives={fp}"], SimpleNamespace(summary={"unlearning": {"rows": rows}})
+
+    results = [point(0.1, 0, 0.2), point(0.1, 0.5, 0.8), point(1.0, 0, 0.4), point(1.0, 0.5, 0.6)]
+    assert len(grid_figures(tmp_path, results)) == 1
+    series = {}
+    for cov, label, r in drawn[0]:
+        series.setdefault(label, []).append((cov, r))
+    assert series == {"anchoring · delete · text.false_positives=0": [(0.1, 0.2), (1.0, 0.4)],
+                      "anchoring · delete · text.false_positives=0.5": [(0.1, 0.8), (1.0, 0.6)]}
+    no_r = [([f"text.coverage={c}"], SimpleNamespace(summary={"unlearning": {"rows": [{"method": "m", "R": r}]}}))
+            for c, r in ((0.3, float("nan")), (1.0, None))]
+    assert grid_figures(tmp_path, no_r) == []

@@ -76,7 +76,7 @@ def test_grid_parsing_and_errors():
     axes = sweep.parse_grid(["model.latent_dim=3,4", "train.seed=0,5"])
     points = sweep.grid_points(axes)
     assert len(points) == 4 and ["model.latent_dim=3", "train.seed=5"] in points
-    for bad in (["latent_dim"], ["x="], ["a=1", "a=2"]):
+    for bad in (["latent_dim"], ["x="], ["a=1", "a=2"], ["a=1,,2"], ["a=1,"]):
         with pytest.raises(AnchoringError):
             sweep.parse_grid(bad)
 
@@ -116,11 +116,81 @@ def test_sweep_grid_writes_one_report_over_points(tmp_path):
 
 
 def test_sweep_rejects_bad_input(tmp_path):
-    for args in (["--workers", "0"], ["--backend", "spark"], ["--grid", "nope"], ["--grid", "train.nope=1,2"],
-                 ["--address", "x:1"]):
+    for args, message in ((["--workers", "0"], "--workers"), (["--backend", "spark"], "--backend"), (["--grid", "nope"], "--grid"),
+                          (["--grid", "train.nope=1,2"], "--grid point train.nope=1: unknown key 'train.nope'"),
+                          (["--address", "x:1"], "--address"),
+                          (["--grid", "train.steps=10,1e1"], "train.steps=10 and train.steps=1e1 give the same config"),
+                          (["--grid", "train.steps=1,0"], "--grid point train.steps=0:"),
+                          (["--grid", "model.name=a b,a_b"], "would share the folder points/model.name=a_b")):
         r = CliRunner().invoke(app, ["sweep", "anchored", "--out", str(tmp_path / "x"), *args])
-        assert r.exit_code == 2 and r.stderr.startswith("error:"), (args, r.stderr)
+        assert r.exit_code == 2 and r.stderr.startswith("error:") and message in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_sweep_is_not_run_under_torchrun(tmp_path, monkeypatch):
+    """Every torchrun worker would run the whole sweep into one folder at once."""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    r = CliRunner().invoke(app, ["sweep", "anchored", "--seeds", "1", "--steps", "5", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "without torchrun" in r.stderr and not (tmp_path / "x").exists(), r.stderr
+
+
+def test_continuing_a_sweep_says_what_changed(tmp_path):
+    """A sweep without a grid leaves a run at its root; a grid sweep into it would put a grid report next
+    to that run. Another --workers splits the seeds into other shards. Both are refused, saying so."""
+    base = ["sweep", "anchored", "--seeds", "2", "--steps", "6", "-q", "--out", str(tmp_path / "s")]
+    r = CliRunner().invoke(app, [*base, "--workers", "2"])
+    assert r.exit_code == 0, r.stderr
+    r = CliRunner().invoke(app, [*base, "--workers", "2", "--grid", "train.seed=0,5"])
+    assert r.exit_code == 2 and "holds a sweep with no grid" in r.stderr, r.stderr
+    r = CliRunner().invoke(app, [*base, "--workers", "1"])
+    assert r.exit_code == 2 and "continue it with --workers 2" in r.stderr, r.stderr
+    assert not (tmp_path / "s" / "points").exists()
+    r = CliRunner().invoke(app, [*base, "--workers", "2"])  # the same command continues (here: re-evaluates)
+    assert r.exit_code == 0, r.stderr
+
+
+def test_sigterm_to_a_sweep_stops_its_workers_and_the_same_command_continues(tmp_path):
+    """A SIGTERM sent to the sweep alone must not leave its workers training into the shards (a continued
+    sweep would then train each shard twice at once); the continued sweep numbers its attempts after
+    the earlier ones, whose logs stay."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "sw"
+    cmd = [sys.executable, "-m", "anchoring", "sweep", "anchored", "--seeds", "2", "--workers", "2", "-q", "--out", str(out),
+           "--steps", "1000000", "--set", "train.checkpoint_every=10"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def start_then_stop(ready) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        deadline = time.time() + 120
+        while time.time() < deadline and not ready():
+            time.sleep(0.2)
+        assert ready(), "the workers never got going"
+        proc.send_signal(signal.SIGTERM)
+        proc.stderr_text = proc.communicate(timeout=120)[1]
+        return proc
+
+    proc = start_then_stop(lambda: len(list(out.glob("shards/*/*.safetensors"))) >= 2)
+    assert proc.returncode == 130 and f"continue with the same command and --out {out}" in proc.stderr_text, proc.stderr_text
+    assert [p for p in os.listdir("/proc") if p.isdigit() and str(out) in _cmdline(p)] == [], "workers outlived the sweep"
+    shards = sorted(p for p in (out / "shards").iterdir() if p.is_dir())
+    assert len(shards) == 2 and all(sorted(x.name for x in s.glob("attempt*.log")) == ["attempt1.log"] for s in shards)
+    proc = start_then_stop(lambda: all((s / "attempt2.log").is_file() for s in shards))
+    assert proc.returncode == 130
+    assert all(sorted(x.name for x in s.glob("attempt*.log")) == ["attempt1.log", "attempt2.log"] for s in shards)
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
+    except OSError:
+        return ""
 
 
 @pytest.mark.slow

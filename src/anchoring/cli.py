@@ -124,13 +124,17 @@ def run_cmd(
     nproc: Optional[int] = typer.Option(None, "--nproc", help="LM runs: data-parallel processes per job (= --set lm.nproc=N)"),
 ) -> None:
     """Train an experiment on several seeds at once, evaluate it and write a report."""
-    overrides = train_overrides(sets, seeds, seed, steps) + ([f"lm.nproc={nproc}"] if nproc is not None else [])
+    overrides = train_overrides(sets, seeds, seed, steps)
     if select is not None:
         if select not in ("all", "pareto"):
             fail(f"--select must be all or pareto, not {select!r}")
         overrides.append(f"evaluate.select={select}")
     try:
         cfg = experiments.load(experiment, overrides)
+        if nproc is not None:
+            if cfg.kind != "lm":
+                fail(f"--nproc is for LM experiments; {cfg.name!r} is a {cfg.kind!r} experiment")
+            cfg = experiments.load(experiment, [*overrides, f"lm.nproc={nproc}"])
     except AnchoringError as e:
         fail(str(e))
     from anchoring.kinds.lm.distributed import launched_by_torchrun
@@ -139,6 +143,7 @@ def run_cmd(
     if launched:
         if cfg.kind != "lm" or out_dir is None:
             fail("under torchrun, run an LM experiment with --out DIR (every worker must write the same run)")
+        _check_split(cfg, launched[1])
         if launched[0] != 0:  # rank 0 makes the run, trains its share and evaluates; the others only train
             from anchoring.kinds.lm.distributed import follow
 
@@ -149,6 +154,12 @@ def run_cmd(
             return
         quiet = True
     _train(lambda update: lifecycle.run(cfg, out_dir, progress=update), cfg.name, quiet)
+
+
+def _check_split(cfg, world: int) -> None:
+    """Every torchrun worker refuses a batch it cannot share before rank 0 makes the run directory."""
+    if cfg.lm.batch_size % world:
+        fail(f"lm.batch_size {cfg.lm.batch_size} does not split over torchrun's {world} processes: give a multiple of {world}")
 
 
 def _train(action, label: str, quiet: bool) -> None:
@@ -181,6 +192,7 @@ def resume_cmd(run_dir: Path = typer.Argument(..., help="run directory with a ch
             cfg = lifecycle.resumable_config(run_dir)
             if cfg.kind != "lm":
                 fail("under torchrun, resume an LM run")
+            _check_split(cfg, launched[1])
             if launched[0] != 0:
                 from anchoring.kinds.lm.distributed import follow
 
@@ -344,7 +356,12 @@ def sweep_cmd(
         fail(f"--backend must be local or ray, got {backend!r}")
     if address and backend != "ray":
         fail("--address is for --backend ray")
+    from anchoring.kinds.lm.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():  # every torchrun worker would run the whole sweep into the same folder
+        fail("a sweep starts its own worker processes: run `anchoring sweep` without torchrun (--workers N sets how many)")
     t0 = time.perf_counter()
+    path = None
     try:
         axes = sweep.parse_grid(grid)
         name = experiments.load(experiment, overrides).name
@@ -354,6 +371,13 @@ def sweep_cmd(
                                   address=address, progress=update)
     except AnchoringError as e:
         fail(str(e))
+    except (KeyboardInterrupt, TrainingInterrupted):  # the workers have saved and stopped (backends.run_local)
+        if path is not None and (path / "shards").is_dir():
+            line = f"sweep interrupted; finished shards and checkpoints are kept — continue with the same command and --out {path}"
+        else:
+            line = "sweep interrupted before any shard was written; nothing to continue"
+        err.print(line, markup=False, highlight=False)
+        raise typer.Exit(130)
     if axes:
         table = Table(title=f"sweep of {name}")
         keys = [k for k in summary["points"][0] if k != "path"]

@@ -27,6 +27,8 @@ from anchoring.kinds import REGISTRY, kind_of
 from anchoring.report import html
 from anchoring.sweep.layout import SHARD_CONFIG
 
+SWEEP_PLAN = "sweep.json"  # how the sweep was planned: experiment, --set items, grid, workers
+
 Progress = Callable[[int, int], None]
 
 
@@ -49,9 +51,11 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
         if "=" not in item:
             raise AnchoringError(f"--grid {item!r}: expected key=v1,v2,…")
         key, values = item.split("=", 1)
-        vals = [v.strip() for v in values.split(",") if v.strip()]
-        if not key.strip() or not vals:
+        vals = [v.strip() for v in values.split(",")]
+        if not key.strip() or not any(vals):
             raise AnchoringError(f"--grid {item!r}: expected key=v1,v2,…")
+        if not all(vals):
+            raise AnchoringError(f"--grid {item!r}: an empty value between commas (each value is one grid point)")
         if key.strip() in (k for k, _ in grid):
             raise AnchoringError(f"--grid key {key.strip()!r} given twice")
         dup = sorted({v for v in vals if vals.count(v) > 1})
@@ -78,8 +82,23 @@ def plan(experiment: str, sets: list[str], grid: list[tuple[str, list[str]]], wo
     """Configs per grid point and the shards that train them (validated before anything runs)."""
     configs, shards = [], []
     points = grid_points(grid)
+    folders: dict[str, list[str]] = {}
+    for extra in points if grid else []:  # two points in one folder: one would overwrite the other's run
+        twin = folders.setdefault(point_name(extra), extra)
+        if twin is not extra:
+            raise AnchoringError(f"--grid points {', '.join(twin)} and {', '.join(extra)} would share the folder "
+                                 f"points/{point_name(extra)} (folder names keep letters, digits and _.,=+- only); "
+                                 f"give values that differ there")
+    seen: dict[str, list[str]] = {}
     for i, extra in enumerate(points):
-        cfg = experiments.load(experiment, [*sets, *extra])
+        try:
+            cfg = experiments.load(experiment, [*sets, *extra])
+        except AnchoringError as e:  # --set items alone were loaded already, so the point is at fault
+            raise AnchoringError(f"--grid point {', '.join(extra)}: {str(e).replace('--set key', 'key')}") from None
+        twin = seen.setdefault(cfg.to_toml(), extra)
+        if twin is not extra:
+            raise AnchoringError(f"--grid points {', '.join(twin)} and {', '.join(extra)} give the same config; "
+                                 f"each grid point must be distinct")
         kind = kind_of(cfg)
         if "sweep" not in kind.studies or getattr(cfg, "study", None):
             what = f"a {cfg.study!r} study" if getattr(cfg, "study", None) else f"a {cfg.kind!r} experiment"
@@ -95,17 +114,25 @@ def plan(experiment: str, sets: list[str], grid: list[tuple[str, list[str]]], wo
     return configs, shards
 
 
-def check_continuation(out: Path, shards: list[Shard]) -> None:
+def check_continuation(out: Path, shards: list[Shard], plan_record: dict) -> None:
     """Continuing a sweep reuses its shards only when they were planned from the very same
-    resolved config; anything else would mix old weights under new settings, so it is refused."""
+    resolved config; anything else would mix old weights under new settings, so it is refused.
+    `sweep.json` records how the sweep was planned, so the refusal can say what changed."""
     root = out / "shards"
     if not root.is_dir():
         return
+    old_plan = runs.read_json(out / SWEEP_PLAN) if (out / SWEEP_PLAN).is_file() else {}
+    if old_plan and bool(old_plan.get("grid")) != bool(plan_record["grid"]):  # the root would mix a run with a grid's report
+        has = "a grid" if old_plan.get("grid") else "no grid"
+        raise AnchoringError(f"{str(out)!r} holds a sweep with {has}: continue it with the same command, or choose another --out")
     planned = {s.dir.name: s for s in shards}
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         s = planned.get(d.name)
         old = d / SHARD_CONFIG
         if s is None or (old.is_file() and old.read_text() != s.config.to_toml()):
+            if old_plan and old_plan.get("workers") != plan_record["workers"]:
+                raise AnchoringError(f"{str(out)!r} is a sweep started with --workers {old_plan.get('workers')}, which set "
+                                     f"its shards' seed blocks: continue it with --workers {old_plan.get('workers')}")
             raise AnchoringError(f"{str(out)!r} holds a sweep with other settings (shard {d.name} differs); "
                                  f"continue it with the same command, or choose another --out")
 
@@ -123,11 +150,13 @@ def sweep(experiment: str, out: Path, *, sets: list[str] | None = None, grid: li
     if out.exists() and any(out.iterdir()) and not (out / "shards").is_dir():
         raise AnchoringError(f"{str(out)!r} already exists and is not a sweep to continue")
     configs, shards = plan(experiment, sets or [], grid, workers, out)
-    check_continuation(out, shards)
+    record = {"experiment": configs[0].name, "sets": list(sets or []), "grid": [[k, v] for k, v in grid], "workers": workers}
+    check_continuation(out, shards, record)
     runs.check_writable(out)
     for s in shards:
         s.dir.mkdir(parents=True, exist_ok=True)
         runs.write_atomic(s.dir / SHARD_CONFIG, s.config.to_toml())
+    runs.write_json(out / SWEEP_PLAN, record)  # after the shards: a folder holding only this is no sweep to continue
     if backend == "local":
         from anchoring.sweep.backends import run_local
 
@@ -141,6 +170,9 @@ def sweep(experiment: str, out: Path, *, sets: list[str] | None = None, grid: li
     train_s = time.perf_counter() - t0
     points = grid_points(grid)
     results = []
+    if grid:  # a continued sweep re-evaluates every point: an interruption must not leave the old report looking finished
+        for name in (runs.SUMMARY, runs.REPORT):
+            (out / name).unlink(missing_ok=True)
     for i, (cfg, extra) in enumerate(zip(configs, points)):
         path = out if not grid else out / "points" / point_name(extra)
         path.mkdir(parents=True, exist_ok=True)
@@ -149,7 +181,7 @@ def sweep(experiment: str, out: Path, *, sets: list[str] | None = None, grid: li
         kind_of(cfg).merge_shards(cfg, [s.dir for s in shards if s.point == i], path)
         outcome = lifecycle.finish_merged(path)  # every model at its last step: evaluates, draws and reports, trains nothing
         results.append((extra, outcome))
-    summary = _sweep_summary(experiment, grid, shards, results, workers, backend, train_s, time.perf_counter() - t0)
+    summary = _sweep_summary(configs[0].name, grid, shards, results, workers, backend, train_s, time.perf_counter() - t0)
     if grid:
         _write_grid_report(out, summary, results)
     else:

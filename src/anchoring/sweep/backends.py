@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Callable
 
@@ -23,24 +26,53 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _next_attempt(shard_dir) -> int:
+    """Attempt logs of an interrupted sweep stay: a continued sweep numbers its attempts after them."""
+    nums = [int(m.group(1)) for p in shard_dir.glob("attempt*.log") if (m := re.fullmatch(r"attempt(\d+)\.log", p.name))]
+    return max(nums, default=0)
+
+
+def _stop(running: dict) -> None:
+    """SIGTERM first: a worker's training loop saves a checkpoint and stops; SIGKILL only a worker that hangs."""
+    for proc, _, _ in running.values():
+        if proc.poll() is None:
+            proc.terminate()
+    for proc, _, log in running.values():
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
 def run_local(shards: list, workers: int, retries: int, progress: Progress | None = None) -> None:
     """Keep up to `workers` shard processes busy; a shard whose process dies is started again.
 
     A restarted shard resumes from its own last checkpoint, and a shard writes `done` only
     after its final checkpoint, so a crash can cost time but never duplicates or loses steps.
+    Ctrl-C, or a SIGTERM sent to this process alone, stops every worker (each saves first) before
+    this returns, so no worker is left training into the sweep after its parent has gone.
     """
     pending = [s for s in shards if not (s.dir / DONE).is_file()]
     attempts = {s.name: 0 for s in shards}
+    first = {s.name: _next_attempt(s.dir) for s in shards}
     running: dict[str, tuple[subprocess.Popen, object, object]] = {}
     done = len(shards) - len(pending)
     if progress:
         progress(done, len(shards))
+
+    def terminate(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, terminate) if main else None
     try:
         while pending or running:
             while pending and len(running) < workers:
                 s = pending.pop(0)
                 attempts[s.name] += 1
-                log = open(s.dir / f"attempt{attempts[s.name]}.log", "w")
+                log = open(s.dir / f"attempt{first[s.name] + attempts[s.name]}.log", "w")
                 proc = subprocess.Popen([sys.executable, "-m", "anchoring.sweep.worker", str(s.dir)],
                                         stdout=log, stderr=subprocess.STDOUT, env=_env())
                 running[s.name] = (proc, s, log)
@@ -58,13 +90,14 @@ def run_local(shards: list, workers: int, retries: int, progress: Progress | Non
                 elif attempts[name] <= retries:
                     pending.append(s)  # resumes from its checkpoint
                 else:
-                    tail = (s.dir / f"attempt{attempts[name]}.log").read_text().strip().splitlines()[-5:]
+                    tail = (s.dir / f"attempt{first[name] + attempts[name]}.log").read_text().strip().splitlines()[-5:]
                     raise AnchoringError(f"shard {name} failed {attempts[name]} times (exit {code}): " + " | ".join(tail))
     finally:
-        for proc, _, log in running.values():
-            proc.kill()
-            proc.wait()
-            log.close()
+        if main:  # a second SIGTERM must not cut the stopping short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _stop(running)
+        if main:
+            signal.signal(signal.SIGTERM, old)
 
 
 def run_ray(shards: list, workers: int, address: str | None, retries: int, progress: Progress | None = None) -> None:

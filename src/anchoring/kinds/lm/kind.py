@@ -220,7 +220,10 @@ def run(cfg: LMExperiment, path: Path, *, progress: Progress | None = None) -> d
     # each job's own seconds in training steps (kept in its checkpoint, so worker processes and resumes count)
     timing = {f"{arm}-seed{seed}_s": None if math.isnan(r.seconds) else round(r.seconds, 3)
               for (arm, seed), r in results.items()}
-    summary["timing"] = {"train_s": round(train_s, 3), **timing}
+    # where every job came finished (a merged sweep, a resume after the last step) this process only loaded
+    # checkpoints: its seconds are no training time, and the jobs' own seconds above are the training's
+    summary["timing"] = {"train_s": round(train_s, 3)} if todo else {"train_s": None, "load_s": round(train_s, 3)}
+    summary["timing"].update(timing)
     if todo:  # where every job came finished (a merged sweep, a resume after the last step), this process cannot say
         summary["timing"].update(trained_on(cfg, workers, "data-parallel ranks" if launched or cfg.lm.nproc > 1 else "job processes"))
     return summary

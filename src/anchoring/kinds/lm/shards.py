@@ -8,6 +8,7 @@ only loads and evaluates, exactly as a run that trained them itself.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -114,17 +115,21 @@ def sweep_row(summary: dict[str, Any]) -> dict[str, Any]:
 
 def grid_figures(out: Path, results: list) -> list[tuple[str, Path]]:
     """R against label coverage when the grid varies `text.coverage` and the points were scored for
-    unlearning: one line per method, seeds averaged (`figures.coverage_figure`)."""
-    from anchoring.kinds.lm.figures import coverage_figure
+    unlearning: one line per method and setting of the grid's other axes (never averaged across
+    them), seeds averaged (`figures.coverage_figure`). No figure when no point has an R (a run
+    without the oracle-filtered arm has none)."""
+    from anchoring.kinds.lm.figures import CONTROL_ROWS, coverage_figure
     from anchoring.report.figures import save
 
     points = []
     for extra, o in results:
         cov = [float(e.split("=", 1)[1]) for e in extra if e.startswith("text.coverage=")]
+        others = ", ".join(e for e in extra if not e.startswith("text.coverage="))
         rows = (o.summary.get("unlearning") or {}).get("rows") or []
         if cov and rows:
-            points += [(cov[0], r["method"], r.get("R")) for r in rows]
-    if len({c for c, _m, _r in points}) < 2:
+            points += [(cov[0], r["method"] + (f" · {others}" if others else ""), r.get("R")) for r in rows
+                       if r["method"] not in CONTROL_ROWS]
+    if len({c for c, _m, _r in points}) < 2 or not any(r is not None and math.isfinite(r) for _c, _m, r in points):
         return []
     path = out / "figures" / "r_vs_coverage.png"
     save(coverage_figure(points), path)
