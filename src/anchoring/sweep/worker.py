@@ -23,7 +23,9 @@ from anchoring.experiments import load_config
 from anchoring.kinds import kind_of
 from anchoring.sweep.layout import DONE, SHARD_CONFIG
 
-FAULT_ENV = "ANCHORING_SWEEP_FAULT_STEP"  # testing aid: kill the first attempt of every shard at this step
+# testing aid for the local backend: kill the first attempt of every shard at this step (its marker lives in the
+# shard directory; a Ray task trains in fresh scratch space, where every attempt would be the first)
+FAULT_ENV = "ANCHORING_SWEEP_FAULT_STEP"
 
 
 def _fault_callback(shard_dir: Path):
