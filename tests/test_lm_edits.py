@@ -60,7 +60,7 @@ def test_surprisal_page_before_and_after_delete(lm_run, tmp_path):
     assert "before and after delete" in html and html.count('class="spark"') >= 2
     assert "http://" not in html and "https://" not in html
     r = CliRunner().invoke(app, ["surprisal", str(lm_run.path), "--out", str(tmp_path / "x.html")])
-    assert r.exit_code == 2 and "give the text" in r.stderr and not (tmp_path / "x.html").exists()
+    assert r.exit_code == 2 and "give the text to score" in r.stderr and not (tmp_path / "x.html").exists()
     r = CliRunner().invoke(app, ["surprisal", str(lm_run.path), text, "--edit", "erase", "--out", str(tmp_path / "y.html")])
     assert r.exit_code == 2 and "--edit must be one of" in r.stderr and not (tmp_path / "y.html").exists()
 
@@ -74,6 +74,42 @@ def test_ood_detection_with_the_runs_own_surprise(lm_run):
     assert table["random"]["s2"] > 0.9 and table["random"]["surprisal"] > 0.9
     (deleted,) = res["deleted"]
     assert deleted["n_concept"] > 0 and deleted["concept_s2"] > deleted["retain_s2"]
+    assert deleted["n_retain"] == deleted["n_concept"]  # one retain passage matched to each concept passage's length
+
+
+def test_retain_passages_are_matched_to_the_concept_passages_lengths():
+    """A passage mean depends on the passage's length, so concept and retain passages compared by their
+    means are drawn with the same lengths; each retain passage is used once."""
+    from anchoring.kinds.lm.ood import length_matched
+
+    pool = ["r" * n for n in (500, 20, 210, 35, 900, 60, 15, 300)]
+    like = ["c" * n for n in (30, 17, 250, 700)]
+    got = length_matched(pool, like, max_chars=600)
+    assert [len(t) for t in got] == [35, 15, 210, 600]  # the closest unused one, the 900 cropped to 600
+    from anchoring.errors import AnchoringError
+
+    with pytest.raises(AnchoringError, match="only 2 passages"):
+        length_matched(pool[:2], like)
+
+
+def test_milton_is_scored_only_on_passages_written_in_the_training_characters():
+    from anchoring.evaluate.ood import written_in
+
+    texts = ["Of Mans First Disobedience,\nand the Fruit", "NOTES.\n~discovers~ the +sophrosyne+", "plain words"]
+    assert written_in(texts, "".join(sorted(set("".join(texts[::2]))))) == [texts[0], texts[2]]
+
+
+def test_the_ood_table_calls_equal_aurocs_a_tie_and_names_the_held_out_corpus():
+    import numpy as np
+
+    from anchoring.evaluate.ood import roc_figure
+    from anchoring.kinds.lm.kind import better
+
+    assert better(0.8401, 0.8399) == "tie" and better(0.9, 0.8) == "s₂" and better(0.8, 0.9) == "surprisal"
+    rng = np.random.default_rng(0)
+    scores = {"shakespeare": {"s2": rng.normal(0, 1, 20)}, "random": {"s2": rng.normal(3, 1, 20)}}
+    fig = roc_figure(scores, metrics=("s2",), reference_label="texts")
+    assert fig.axes[0].get_xlabel() == "false-positive rate (held-out texts)"
 
 
 def test_generate_prints_continuations_with_and_without_the_edit(lm_run):

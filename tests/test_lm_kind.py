@@ -490,6 +490,10 @@ def test_nats_per_char_divide_by_each_character_once_under_bpe():
         chars = chars_per_token(spans)
         assert chars.sum() == len(text), (text, spans)
         assert (chars >= 0).all()
+    # a first character cut into byte tokens counts on its last byte: a score that skips the first token
+    # (nothing predicts it) still divides the later bytes' nats by that character
+    spans = tok.spans("🎉x")
+    assert len(spans) > 2 and chars_per_token(spans)[1:].sum() == 2
 
 
 def test_a_saved_tokenizer_gets_its_own_encodings_not_those_of_a_fresh_one(corpus, tmp_path):

@@ -184,3 +184,28 @@ def test_a_ten_thousand_character_page_has_every_line_scored():
     page = sp.render_surprise(model, tok, text, title="ten thousand")
     assert page.count('class="spark"') >= sum(1 for line in text.split("\n") if line)
     assert "http://" not in page and "https://" not in page
+
+
+def test_indentation_starts_its_own_row():
+    """Only a blank line's newline joins the row above; spaces that indent verse stay at the start of their line."""
+    text = "He drew his sword,\n    and the birds sang.\n" + "a\n" + " " * 120 + "b"
+    tok = CharTokenizer.train([text])
+    spans, scores = score_text(tiny(tok.vocab_size, 256), tok, text, context=256)
+    rows = shown_text(sp.surprise_page(text, spans, scores, title="indent"))
+    assert rows[0] == "He drew his sword,↵" and rows[1].startswith("    and")
+    assert max(len(r) for r in rows) <= sp.WRAP
+
+
+def test_a_character_cut_into_byte_tokens_keeps_the_scores_of_its_later_bytes():
+    """A first character of several byte tokens: nothing predicts its first byte, but the model does
+    predict the others, so its display unit is scored by them, and only scored tokens are counted."""
+    tok = BPETokenizer.train(["plain words " * 40], vocab_size=270)
+    text = "🎉 hi"
+    spans, scores = score_text(tiny(tok.vocab_size), tok, text, context=32)
+    assert len(spans) > len(text) and torch.isnan(scores.surprisal[0]) and not torch.isnan(scores.surprisal[1:]).any()
+    page = sp.surprise_page(text, spans, scores, title="emoji")
+    tips = [html.unescape(a["data-tip"]) for t, a in parse(page).tags if t == "span" and "data-tip" in a]
+    lv = scores.log_vocab
+    first = [k for k, s in enumerate(spans) if s == spans[0]]
+    assert f"i/log|V| {float(scores.surprisal[first[1:]].sum()) / lv:.3f}" in tips[0] and "no score" not in tips[0]
+    assert f"mean over {len(spans) - 1} tokens" in page

@@ -515,7 +515,9 @@ def surprisal_cmd(
     """Per-token surprisal, entropy and s₂ of a text under an LM run, as a page you open in a browser."""
     from anchoring.report.surprise_page import render_surprise, write_surprise_page
 
-    if (text is None) == (file is None):
+    if text is None and file is None:
+        fail("give the text to score as an argument or with --file")
+    if text is not None and file is not None:
         fail("give the text as an argument or with --file, not both")
     if out_path.is_dir():
         fail(f"--out {str(out_path)!r} is a directory; give the page's file name")

@@ -128,7 +128,7 @@ def _rows(text: str, units: list[_Unit]) -> list[list[tuple[_Unit, str]]]:
         shown = _shown(piece)
         if not shown:
             continue
-        if not row and rows and piece.strip(" \t\r") == "\n" * piece.count("\n") and piece:
+        if not row and rows and "\n" in piece and piece.strip(" \t\r") == "\n" * piece.count("\n"):
             rows[-1].append((u, shown))  # a blank line's newline ends the line above instead of sitting alone
             continue
         if row and width + len(shown) > WRAP:
@@ -153,6 +153,12 @@ def _passages(text: str) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
 
 
+def _nansum(xs) -> float:
+    """Sum of the scored values; NaN only when none is scored."""
+    vals = [x for x in xs if not math.isnan(x)]
+    return math.fsum(vals) if vals else math.nan
+
+
 class _Values:
     """Scores as Python floats per display unit (sums over merged tokens), normalised by log|V|."""
 
@@ -164,9 +170,8 @@ class _Values:
         for u in units:
             if not u.tokens:
                 continue
-            i = sum(surprisal[k] for k in u.tokens)
-            h = sum(entropy[k] for k in u.tokens)
-            s = sum(s2[k] for k in u.tokens)
+            # a unit's first token may be the text's first, which nothing predicts (NaN): the others still count
+            i, h, s = (_nansum(v[k] for k in u.tokens) for v in (surprisal, entropy, s2))
             self.by_unit[id(u)] = (i, h, i / lv, h / lv, s)
 
     def get(self, u: _Unit) -> tuple[float, float, float, float, float] | None:
@@ -312,7 +317,8 @@ def surprise_page(text: str, token_spans: Sequence[tuple[int, int]], scores: Tok
         keep = (starts >= lo) & (starts < hi)
         sub = TokenScores(sc.surprisal[keep], sc.entropy[keep], sc.s2[keep], sc.log_vocab)
         m = sub.mean()
-        return {"i": m["surprisal"] / sc.log_vocab, "h": m["entropy"] / sc.log_vocab, "s2": m["s2"], "n": int(keep.sum())}
+        scored = int((keep & ~torch.isnan(sc.surprisal)).sum())  # the first token is predicted by nothing
+        return {"i": m["surprisal"] / sc.log_vocab, "h": m["entropy"] / sc.log_vocab, "s2": m["s2"], "n": scored}
 
     # rows grouped by passage (a row belongs to the passage its first unit starts in)
     body, table = [], []

@@ -43,13 +43,17 @@ class EvalSet:
 
 
 def chars_per_token(spans: list[tuple[int, int]]) -> np.ndarray:
-    """Characters each token adds, so nats/char divides by the text's length: a multi-byte character
-    cut across byte tokens lies in the span of each of them, and counts once (on the first)."""
+    """Characters each token completes, so nats/char divides by the text's length: a multi-byte
+    character cut across byte tokens lies in the span of each of them, and counts once, on the last.
+    Why the last: a score that leaves out the first token (nothing predicts it) then leaves out no
+    character whose later bytes it still scores."""
     chars = np.zeros(len(spans), dtype=np.float32)
-    reached = 0  # characters before this are counted
-    for i, (s, e) in enumerate(spans):
-        chars[i] = max(0, e - max(s, reached))
-        reached = max(reached, e)
+    limit = None  # characters from here on are counted (by later tokens)
+    for i in range(len(spans) - 1, -1, -1):
+        s, e = spans[i]
+        end = e if limit is None else min(e, limit)
+        chars[i] = max(0, end - s)
+        limit = s if limit is None else min(limit, s)
     return chars
 
 

@@ -320,6 +320,13 @@ def finish(cfg: LMExperiment, path: Path, data: LMData, results: dict[tuple[str,
     return summary
 
 
+def better(s2: float, surprisal: float) -> str:
+    """Which passage mean separates the set better; equal to the printed three decimals is a tie."""
+    if round(s2, 3) == round(surprisal, 3):
+        return "tie"
+    return "s₂" if s2 > surprisal else "surprisal"
+
+
 def ood(cfg: LMExperiment, path: Path, data: LMData, results: dict[tuple[str, int], ArmResult]) -> dict[str, Any]:
     """Out-of-distribution detection with the run's own models (`kinds.lm.ood`), and its ROC figure."""
     from anchoring.evaluate.ood import roc_figure
@@ -334,8 +341,8 @@ def ood(cfg: LMExperiment, path: Path, data: LMData, results: dict[tuple[str, in
     res = evaluate_ood(run_, n=e.ood_passages, seed=seeds[0], arm=arm, min_chars=e.ood_min_chars)
     first = res["scores"][str(seeds[0])]
     scores = {k: {m: np.asarray(v[m]) for m in v} for k, v in first.items()}
-    save_fig(roc_figure(scores, metrics=("s2", "surprisal"), title=f"{arm} arm, seed {seeds[0]}: held-out text against each set"),
-             path / "figures" / "ood_roc.png")
+    save_fig(roc_figure(scores, metrics=("s2", "surprisal"), title=f"{arm} arm, seed {seeds[0]}: held-out text against each set",
+                        reference_label=Path(cfg.text.corpus).name), path / "figures" / "ood_roc.png")
     return res
 
 
@@ -448,7 +455,7 @@ def write_report(cfg: LMExperiment, path: Path, summary: dict[str, Any], metric_
     ]
     if "ood" in summary:
         o = summary["ood"]
-        rows = [[seed, name, t["s2"], t["surprisal"], "s₂" if t["s2"] > t["surprisal"] else "surprisal"]
+        rows = [[seed, name, t["s2"], t["surprisal"], better(t["s2"], t["surprisal"])]
                 for seed, table in o["auroc"].items() for name, t in table.items()]
         body = (f"<p>{o['n']} passages per set, scored by the {o['arm']} arm; AUROC of each set against held-out text.</p>"
                 + html.table_html(["seed", "set", "AUROC s₂", "AUROC surprisal", "better"], rows)

@@ -5,16 +5,19 @@ comparison sets are another domain (Milton, when the corpus is Shakespeare), the
 their words shuffled within each line, random characters from the training vocabulary, and the same
 passages with a random 20–40 character suffix. Every set is scored by passage-mean s₂ and, for
 comparison, passage-mean surprisal; AUROC per pair. After `delete`, the held-out concept passages are
-a further set: the deleted model should find them stranger than the rest.
+a further set: the deleted model should find them stranger than the rest, which are drawn to match the
+concept passages' lengths one by one.
 """
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import numpy as np
 
-from anchoring.evaluate.ood import auroc, auroc_table, comparison_sets, score_sets, select_passages
+from anchoring.errors import AnchoringError
+from anchoring.evaluate.ood import auroc, auroc_table, comparison_sets, crop, score_sets, select_passages
 from anchoring.evaluate.surprise import passage_mean_scores
 from anchoring.kinds.lm.edits import edited
 from anchoring.kinds.lm.model import LMRun
@@ -29,10 +32,32 @@ def heldout(run: LMRun, concept: bool | None = None) -> list[str]:
     return [d.texts[i] for i in idx]
 
 
+def training_characters(run: LMRun) -> str:
+    """Every character of the run's training split: what random text is drawn from, and what another
+    domain's passages must be written in to be scored on style rather than on unknown characters."""
+    d = run.data
+    return "".join(sorted({c for i in d.parts["train"] for c in set(d.texts[i])}))
+
+
+def length_matched(pool: list[str], like: list[str], max_chars: int = 600) -> list[str]:
+    """For each text of `like` in turn, the unused passage of `pool` (cropped to `max_chars`) closest to
+    it in length (ties: the pool's order). Why: a passage mean depends on its length (early tokens of a
+    short passage have little context), so concept and retain passages compared by their means must
+    have the same lengths."""
+    free = [crop(t, max_chars) for t in pool]
+    if len(free) < len(like):
+        raise AnchoringError(f"only {len(free)} passages to match {len(like)} by length")
+    out = []
+    for t in like:
+        j = min(range(len(free)), key=lambda i: abs(len(free[i]) - len(t)))
+        out.append(free.pop(j))
+    return out
+
+
 def ood_sets(run: LMRun, n: int, seed: int, min_chars: int = 200) -> dict[str, list[str]]:
     """The comparison sets for this run; Milton only when the run learned Shakespeare alone."""
     tok = run.data.tokenizer
-    vocabulary = "".join(sorted({c for t in heldout(run) for c in t if c.isprintable() or c == "\n"}))
+    vocabulary = "".join(c for c in training_characters(run) if c.isprintable() or c == "\n")
     milton: list[str] = []
     if run.config.text.corpus == "shakespeare":
         from anchoring.domains.text.corpus import load_corpus
@@ -55,9 +80,9 @@ def evaluate_ood(run: LMRun, *, n: int = 200, seed: int = 0, arm: str = "control
         out["auroc"][str(s)] = auroc_table(scores, metrics=("s2", "surprisal"))
         out.setdefault("scores", {})[str(s)] = {k: {m: v[m].tolist() for m in ("s2", "surprisal")} for k, v in scores.items()}
     if "anchored" in run.arms:
-        pool_c, pool_r = heldout(run, True), [t for t in heldout(run, False) if len(t.strip()) >= min_chars]
+        pool_c, pool_r = heldout(run, True), heldout(run, False)
         concept = select_passages(pool_c, min(n, len(pool_c)), seed, min_chars=1, max_chars=600)
-        retain = select_passages(pool_r, min(n, len(pool_r)), seed, min_chars=min_chars, max_chars=600)
+        retain = length_matched(random.Random(f"{seed}:retain").sample(pool_r, len(pool_r)), concept)
         for s in run.seeds:
             row: dict[str, Any] = {"seed": s, "n_concept": len(concept), "n_retain": len(retain)}
             # the same sets before the edit: what the deletion adds, not what the concept text scores anyway
