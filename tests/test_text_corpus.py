@@ -172,3 +172,24 @@ def test_real_milton_and_mixed():
     assert 1000 < len(m) and len(set(m.work)) == 7  # 14 texts, 7 byte-identical pairs
     mixed = C.load_corpus("mixed")
     assert mixed.domain.count("milton") == len(m)
+    # the files reprint one another's verse: no long line is left in two passages (so in two splits)
+    lines = [ln.strip() for t in m.texts for ln in {x.strip() for x in t.split("\n")} if len(ln.strip()) >= 30]
+    assert len(lines) == len(set(lines)) > 10_000
+
+
+def test_a_passage_repeating_an_earlier_passages_line_is_dropped():
+    """A reprint puts the same verse in two passages, which a split by passage can put on both sides."""
+    c = C.Corpus("m")
+    verse = "Hence, loathed Melancholy, of Cerberus and blackest Midnight born"
+    for i, text in enumerate([f"{verse}\nIn Stygian cave forlorn", "Another poem, with lines that are all its own here",
+                              f"Preface\n{verse}\nand more", "Lines\nIn Stygian cave forlorn"]):
+        c.add(text, f"w{i}", 1, "milton")
+    kept = C.without_repeats(c)
+    assert kept.work == ["w0", "w1", "w3"]  # a short line shared by chance does not count
+
+
+def test_a_folder_with_a_file_that_is_not_text_names_its_suffix(tmp_path):
+    (tmp_path / "a.txt").write_text("Some words.\n")
+    (tmp_path / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    with pytest.raises(AnchoringError, match="x.png is not a .txt file"):
+        C.load_folder(tmp_path)

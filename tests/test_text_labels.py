@@ -153,3 +153,17 @@ def test_calibration_shifts_still_give_target_rates():
     ref = reference_labels(p, "violence")
     w = weak_set(ref, 0.3, 0.02, seed=5).astype(bool)
     assert abs(w[ref == 1].mean() - 0.3) < 0.01 and abs(w[ref == 0].mean() - 0.02) < 0.01
+
+
+def test_milton_reference_labels_are_exact_only_where_the_source_is_known():
+    """A built-in corpus knows each passage's author; a user's folder (domain "user") does not, and may
+    hold Milton, so the labeller decides there instead of every passage counting as not Milton."""
+    from anchoring.domains.text.weak import reference_labels
+
+    milton = ("Of Mans First Disobedience, and the Fruit Of that Forbidden Tree, whose mortal tast Brought Death into "
+              "the World, and all our woe, With loss of Eden, till one greater Man Restore us, and regain the blissful "
+              "Seat, Sing Heav'nly Muse, that on the secret top Of Oreb: Satan thir")
+    texts = [milton, "Good morrow, my lord. How does your honour?"]
+    assert list(reference_labels(Passages(texts, domain=["user", "user"]), "milton")) == [1, 0]
+    # known sources are exact, whatever the words say
+    assert list(reference_labels(Passages(texts, domain=["shakespeare", "milton"]), "milton")) == [0, 1]

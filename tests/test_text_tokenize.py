@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from anchoring.domains.text.tokenize import UNKNOWN_CHAR, BPETokenizer, CharTokenizer, load_tokenizer, train_tokenizer
@@ -53,3 +55,8 @@ def test_bad_tokenizer_inputs(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(AnchoringError):
         load_tokenizer(tmp_path / "bad.json")
+    # a damaged body of a known kind is one line too, not a KeyError or the tokenizers library's exception
+    for body, message in (('{"kind": "char"}', "no 'chars'"), ('{"kind": "bpe", "tokenizer": {"model": 3}}', "(bpe)")):
+        (tmp_path / "damaged.json").write_text(body)
+        with pytest.raises(AnchoringError, match=re.escape(message)):
+            load_tokenizer(tmp_path / "damaged.json")

@@ -17,7 +17,7 @@ class TextConfig(BaseModel):
     tokenizer: Literal["char", "bpe"] = "char"
     bpe_vocab: int = Field(1024, ge=260, le=65536, description="byte-level BPE vocabulary size (≥ 256 bytes + a few merges)")
     split: tuple[float, float, float] = Field((0.9, 0.05, 0.05), description="train / validation / test fractions of passages")
-    split_seed: int = Field(0, ge=0)
+    split_seed: int = Field(0, ge=0, lt=2**64)  # the split hashes it as 8 bytes
     concept: str = "violence"
     coverage: float = Field(0.3, ge=0.0, le=1.0, description="fraction of reference positives that carry a weak label")
     false_positives: float = Field(0.0, ge=0.0, le=1.0, description="fraction of reference negatives labelled positive")

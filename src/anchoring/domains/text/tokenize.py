@@ -139,13 +139,17 @@ def load_tokenizer(path: Path) -> CharTokenizer | BPETokenizer:
         kind = data["kind"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise AnchoringError(f"cannot read tokenizer {path}: {e}") from None
-    if kind == "char":
-        return CharTokenizer(data["chars"])
-    if kind == "bpe":
+    if kind not in ("char", "bpe"):
+        raise AnchoringError(f"tokenizer {path}: unknown kind {kind!r}")
+    try:
+        if kind == "char":
+            return CharTokenizer(data["chars"])
         from tokenizers import Tokenizer as HFTokenizer
 
         return BPETokenizer(HFTokenizer.from_str(json.dumps(data["tokenizer"])))
-    raise AnchoringError(f"tokenizer {path}: unknown kind {kind!r}")
+    except Exception as e:  # a missing field, or whatever the tokenizers library says of a damaged body
+        what = f"no {e}" if isinstance(e, KeyError) else str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise AnchoringError(f"cannot read tokenizer {path} ({kind}): {what}") from None
 
 
 def train_tokenizer(kind: str, texts: list[str], bpe_vocab: int = 1024) -> CharTokenizer | BPETokenizer:
