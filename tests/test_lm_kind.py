@@ -529,3 +529,35 @@ def test_anchor_terms_of_one_concept_with_different_directions_are_one_error():
         validate(one_site, data=False)  # two pulls at one site
     same = experiments.load("lm-anchor-passages", [f"terms.1.direction={[1.0] + [0.0] * 127}"])  # the concept's own axis
     validate(same, data=False)
+
+
+def test_a_run_refuses_to_go_on_over_a_corpus_that_changed(tmp_path):
+    """Resume and load_run re-read the corpus; a folder edited since the run started would silently change
+    the batches, the split and every score. The run keeps a fingerprint and refuses in one line."""
+    from anchoring.kinds.lm import data as lm_data
+
+    folder = write_corpus(tmp_path / "texts")
+    text = experiments.load("lm-anchor-passages", tiny(folder)).text
+    run_dir = tmp_path / "run"
+    load_data(text, run_dir)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["corpus.json", "tokenizer.json"]
+    load_data(text, run_dir)  # unchanged: goes on
+
+    def fresh() -> None:  # another session: nothing cached from this one
+        for f in (lm_data._cached, lm_data._fingerprint, lm_data._tokenizer):
+            f.cache_clear()
+
+    part = sorted(folder.iterdir())[0]
+    original = part.read_text()
+    part.write_text(original + "\n\nA new paragraph, written after the run began, of calm and quiet days.\n")
+    fresh()
+    with pytest.raises(AnchoringError, match="trained on another corpus, split or labels"):
+        load_data(text, run_dir)
+    part.write_text(original)
+    fresh()
+    load_data(text, run_dir)  # restored: goes on
+    (run_dir / "corpus.json").unlink()  # a run from before the fingerprint: not checked
+    part.write_text(original + "\n\nAnother paragraph.\n")
+    fresh()
+    load_data(text, run_dir)
+    fresh()

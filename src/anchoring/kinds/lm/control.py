@@ -30,6 +30,7 @@ from anchoring.kinds.arms import write_arms
 from anchoring.kinds.base import EditResult
 from anchoring.kinds.lm import evaluate as ev
 from anchoring.kinds.lm.config import LMExperiment
+from anchoring.kinds.lm.data import CORPUS
 from anchoring.kinds.lm.edits import concept_directions, edited, first_site, matched_directions
 from anchoring.kinds.lm.kind import anchored_sites
 from anchoring.kinds.lm.unlearning import REPAIR_ONLY, losses, repair, repair_windows
@@ -206,6 +207,8 @@ def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repa
                     kept.pop(0)
                 text = note + "".join(kept)
             runs.write_atomic(tmp / name, text)
+        if (run.path / CORPUS).is_file():  # the source's corpus fingerprint: the edited run rests on the same text
+            runs.write_atomic(tmp / CORPUS, (run.path / CORPUS).read_text())
         write_arms(tmp, {(arm, seed): m for arm, ms in new.items() for seed, m in zip(run.seeds, ms)}, "anchoring-lm-1")
         previous = runs.read_json(run.path / "edit.json").get("lineage", []) if (run.path / "edit.json").is_file() else []
         runs.write_json(tmp / "edit.json", {**edit, "lineage": [*previous, edit]})

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from anchoring.atomic import write_atomic
 from anchoring.domains.text.config import TextConfig
 from anchoring.domains.text.corpus import load_corpus
 from anchoring.domains.text.labelling import Passages, concept_spans
@@ -43,6 +44,7 @@ from anchoring.errors import AnchoringError
 SEPARATOR = "\n\n"  # appended to every passage: the model sees where one passage ends
 BATCH_SALT = 0xBA7C
 TOKENIZER = "tokenizer.json"
+CORPUS = "corpus.json"  # a fingerprint of the passages, split and reference labels the run trained on
 
 
 @dataclass
@@ -133,16 +135,50 @@ def load_data(text: TextConfig, run_dir: Path | None = None) -> LMData:
         tok = load_tokenizer(tok_path)
         if tok.kind != text.tokenizer:
             raise AnchoringError(f"{tok_path} holds a {tok.kind} tokenizer but the config asks for {text.tokenizer}")
+        check_corpus(run_dir, _fingerprint(text.model_dump_json()))
     else:
         tok = _tokenizer(text.model_dump_json())
         if tok_path is not None:
             tok_path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(run_dir / CORPUS, json.dumps(_fingerprint(text.model_dump_json())) + "\n")  # before the tokenizer
             tok.save(tok_path)
     data = LMData(text, texts, parts, ref, tok)
     # keyed by the tokenizer's content: a saved tokenizer that differs from a freshly trained one of the same
     # kind and size (another `tokenizers` version, a tie broken otherwise) must not reuse the other's encodings
     data.train_tokens = _encode_train(data, json.dumps([text.model_dump_json(), hashlib.sha256(tok.dumps().encode()).hexdigest()]))
     return data
+
+
+@functools.lru_cache(maxsize=4)
+def _fingerprint(text_json: str) -> dict[str, object]:
+    """What the run's numbers rest on besides its config: every passage, its split and its reference
+    label. A corpus folder edited, or a labeller's package upgraded, between two sessions of one run
+    changes it."""
+    texts, parts, ref = _cached(text_json)
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8", "surrogatepass") + b"\0")
+    for name in sorted(parts):
+        h.update(name.encode() + np.asarray(parts[name], dtype=np.int64).tobytes())
+    h.update(np.asarray(ref, dtype=np.int8).tobytes())
+    return {"sha256": h.hexdigest(), "passages": len(texts)}
+
+
+def check_corpus(run_dir: Path, now: dict[str, object]) -> None:
+    """Refuse to go on with a run whose corpus, split or labels changed since it started (runs from
+    before the fingerprint have none, and are not checked)."""
+    path = run_dir / CORPUS
+    if not path.is_file():
+        return
+    try:
+        then = json.loads(path.read_text(encoding="utf-8"))
+        digest, count = then["sha256"], then["passages"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise AnchoringError(f"cannot read {path}: {e}") from None
+    if digest != now["sha256"]:
+        raise AnchoringError(f"{str(run_dir)!r} trained on another corpus, split or labels ({count:,} passages then, "
+                             f"{now['passages']:,} now): restore the corpus it was trained on (or the labelling "
+                             f"packages' versions), or start a new run")
 
 
 @functools.lru_cache(maxsize=4)

@@ -20,7 +20,7 @@ from anchoring.errors import AnchoringError
 from anchoring.evaluate.stats import median
 from anchoring.kinds.base import StepCallback
 from anchoring.kinds.lm.config import LMExperiment
-from anchoring.kinds.lm.data import TOKENIZER, load_data
+from anchoring.kinds.lm.data import CORPUS, TOKENIZER, load_data
 from anchoring.kinds.lm.kind import arms, checkpoint_path
 from anchoring.kinds.lm.training import build_model, build_objective, build_timeline, train_arm
 from anchoring.train.checkpoint import steps_done
@@ -54,7 +54,7 @@ def train_shard(cfg: LMExperiment, shard_dir: Path, callbacks: Sequence[StepCall
 
 
 def shard_files(cfg: LMExperiment, shard_dir: Path) -> list[Path]:
-    return [Path(TOKENIZER), *[checkpoint_path(Path(), arm, seed) for arm, seed in jobs(cfg)]]
+    return [Path(TOKENIZER), Path(CORPUS), *[checkpoint_path(Path(), arm, seed) for arm, seed in jobs(cfg)]]
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -84,6 +84,9 @@ def merge_shards(cfg: LMExperiment, shard_dirs: list[Path], path: Path) -> None:
     if len(set(toks.values())) != 1:
         raise AnchoringError(f"the shards of {str(path)!r} trained different tokenizers; they cannot be merged")
     write_atomic(path / TOKENIZER, next(iter(toks.values())))
+    prints = [d / CORPUS for d in shard_dirs if (d / CORPUS).is_file()]
+    if prints:  # the shards' corpus fingerprint (the same in all: same config, same process-independent build)
+        write_atomic(path / CORPUS, prints[0].read_bytes())
     steps = total_steps(cfg)
     for arm, seed in jobs(cfg):
         found = [checkpoint_path(d, arm, seed) for d in shard_dirs if checkpoint_path(d, arm, seed).is_file()]
