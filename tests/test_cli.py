@@ -177,3 +177,77 @@ def test_torchrun_workers_refuse_a_batch_they_cannot_share_before_any_directory_
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "lm.batch_size 15 does not split over torchrun's 2 processes" in r.stderr
     assert (not out.exists()) if command == "run" else sorted(p.name for p in out.iterdir()) == ["config.toml"]
+
+
+@pytest.fixture()
+def unfinished(tmp_path):
+    """A short colour run whose summary is gone: a run stopped during its evaluation."""
+    out = tmp_path / "run"
+    assert invoke("run", "--seeds", "1", "--steps", "10", "--out", out, "-q").exit_code == 0
+    (out / "summary.json").unlink()
+    return out
+
+
+def test_resume_refuses_a_config_edited_since_the_run_started(unfinished):
+    """Its checkpoints were trained under the old settings; going on under new ones would mix two configs
+    in one run (and a shorter `steps` would not fit the saved metrics at all)."""
+    config = unfinished / "config.toml"
+    original = config.read_text()
+    config.write_text(original.replace("steps = 10", "steps = 5"))
+    assert_one_line_error(invoke("resume", unfinished), "was edited after the run started")
+    assert not (unfinished / "summary.json").exists()
+    config.write_text(original)
+    r = invoke("resume", unfinished, "-q")
+    assert r.exit_code == 0, r.stderr
+
+
+def test_an_edit_or_attack_refuses_a_run_still_in_training(unfinished, tmp_path):
+    assert_one_line_error(invoke("intervene", unfinished, "--concept", "red"), "has not finished training")
+    assert not (unfinished / "interventions").exists()
+    assert_one_line_error(invoke("delete", unfinished, "--concept", "red", "--out", tmp_path / "d"), "has not finished training",
+                          tmp_path / "d")
+
+
+def test_sigterm_outside_the_training_loop_stops_with_the_resume_hint(tmp_path, monkeypatch):
+    """The loop turns SIGTERM into a clean stop; during evaluation it used to kill the process with no word."""
+    import os
+    import signal
+    import time
+
+    from anchoring import lifecycle
+
+    def evaluating(cfg, out, progress=None):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+        raise AssertionError("SIGTERM was not handled")
+
+    monkeypatch.setattr(lifecycle, "run", evaluating)
+    before = signal.getsignal(signal.SIGTERM)
+    r = invoke("run", "--seeds", "1", "--steps", "10", "--out", tmp_path / "x")
+    assert r.exit_code == 130 and "interrupted" in r.stderr, r.stderr
+    assert signal.getsignal(signal.SIGTERM) == before  # the command's handler is gone again
+
+
+def test_ctrl_c_while_the_summary_is_written_says_to_resume(tmp_path, monkeypatch):
+    from anchoring import runs
+
+    real = runs.write_json
+
+    def interrupted(path, data):
+        if path.name == "summary.json":
+            raise KeyboardInterrupt
+        return real(path, data)
+
+    monkeypatch.setattr(runs, "write_json", interrupted)
+    out = tmp_path / "run"
+    r = invoke("run", "--seeds", "1", "--steps", "10", "--out", out, "-q")
+    assert r.exit_code == 130 and f"continue with `anchoring resume {out}`" in r.stderr, r.stderr
+    monkeypatch.setattr(runs, "write_json", real)
+    assert invoke("resume", out, "-q").exit_code == 0 and (out / "summary.json").is_file()
+
+
+def test_a_non_empty_folder_that_is_no_run_is_not_offered_for_resume(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    r = invoke("run", "--seeds", "1", "--steps", "10", "--out", tmp_path)
+    assert_one_line_error(r, "already exists and is not empty")
+    assert "resume" not in r.stderr

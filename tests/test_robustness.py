@@ -98,9 +98,18 @@ def test_divergence_stops_the_run_naming_step_and_keeps_the_last_good_checkpoint
     assert step >= 21
     done, tensors = read_checkpoint(out / "checkpoint.safetensors")
     assert done <= step and all(torch.isfinite(v).all() for k, v in tensors.items() if k.startswith("param."))
+    assert f"the checkpoint holds the last {done} good steps" in r.stderr and "in seed" in r.stderr, r.stderr
     assert not (out / "summary.json").exists()
     one_line_error(invoke("run", "--set", "terms.0.power=nan", "--out", tmp_path / "n", *SHORT), "finite number")
     assert not (tmp_path / "n").exists()
+
+
+def test_divergence_before_any_checkpoint_says_nothing_was_saved_and_names_the_seed():
+    from anchoring.train.skeleton import divergence_message
+
+    row = torch.tensor([[0.1, 0.2], [float("nan"), float("nan")]])
+    line = divergence_message(5, 0.01, row, ["anchor:red", "loss"], seeds=[3, 4], saved=0)
+    assert "anchor:red is not finite in seed 4" in line and "nothing was checkpointed yet" in line
 
 
 def test_summaries_are_valid_json_with_null_for_a_missing_number(tmp_path):

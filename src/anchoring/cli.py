@@ -163,13 +163,24 @@ def _check_split(cfg, world: int) -> None:
 
 
 def _train(action, label: str, quiet: bool) -> None:
-    """Train with a progress bar; Ctrl-C leaves a checkpoint and says how to resume."""
+    """Train with a progress bar; Ctrl-C, or a SIGTERM at any moment (the training loop turns one into
+    a clean stop; elsewhere, during evaluation say, it interrupts like Ctrl-C), leaves what was saved
+    and says how to resume."""
+    import signal
+    import threading
+
+    def terminate(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, terminate) if main_thread else None
     t0 = time.perf_counter()
     try:
         with progress_bar(label, not quiet and sys.stderr.isatty()) as update:
             outcome = action(update)
     except TrainingInterrupted as e:
-        where = f"interrupted after step {e.step}; checkpoint saved" if e.step >= 0 else "interrupted; the last checkpoint is kept"
+        where = (f"interrupted after step {e.step}; checkpoint saved" if e.step >= 0
+                 else "interrupted; whatever the run had saved is kept")
         err.print(f"{where} — continue with `anchoring resume {e.run_dir}`", markup=False, highlight=False)
         raise typer.Exit(130)
     except KeyboardInterrupt:
@@ -177,6 +188,9 @@ def _train(action, label: str, quiet: bool) -> None:
         raise typer.Exit(130)
     except AnchoringError as e:
         fail(str(e))
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old)
     print_outcome(outcome, time.perf_counter() - t0)
 
 
@@ -245,7 +259,11 @@ def _edit_spec(name: str, method: str, concept: str | None, dims: str | None, fa
         fail(f"--{first['loc'][0]}: {first['msg']}")
 
 
-def _open(run_dir: Path):
+def _open(run_dir: Path, finished: bool = False):
+    """The run for an edit or an attack; `finished`: refuse a run still in training, whose edit would
+    stay inside it, describing half-trained models, after it is resumed."""
+    if finished and run_dir.is_dir() and (run_dir / runs.CONFIG).is_file() and not (run_dir / runs.SUMMARY).is_file():
+        fail(f"{str(run_dir)!r} has not finished training; `anchoring resume {run_dir}` first")
     try:
         return lifecycle.load_run(run_dir)
     except AnchoringError as e:
@@ -277,7 +295,7 @@ def intervene_cmd(
         fail(f"--method must be suppress, repel, zero (colour) or ablate (transformer), not {method!r}")
     label = name or f"{method}-{concept or 'dims' + (dims or '').replace(',', '')}-{falloff.replace(':', '-').replace(',', '_')}"
     spec = _edit_spec(label, method, concept, dims, falloff, k, site)
-    run = _open(run_dir)
+    run = _open(run_dir, finished=True)
     _apply_edit(lambda: kind_of(run.config).intervene(run, spec))
 
 
@@ -300,7 +318,7 @@ def delete_cmd(
     if method not in ("ablate", "prune", "blind"):
         fail(f"--method must be ablate, prune or blind, not {method!r}")
     spec = _edit_spec(method, method, concept, dims, "constant", k, site)
-    run = _open(run_dir)
+    run = _open(run_dir, finished=True)
     if run.config.kind != "lm":
         if repair_steps or repair_lr is not None:
             fail(f"--repair-steps and --repair-lr are for 'lm' runs; this is a {run.config.kind!r} run")
@@ -324,7 +342,7 @@ def relearn_cmd(
 ) -> None:
     """Relearning attack: steps until a deleted concept's error falls back under the threshold."""
     ks = _dims(samples) or []
-    run = _open(run_dir)
+    run = _open(run_dir, finished=True)
     with progress_bar("baseline", sys.stderr.isatty()) as update:
         _apply_edit(lambda: kind_of(run.config).relearn(run, concept=concept, samples=ks, steps=steps, lr=lr, retain=retain,
                                                         threshold=threshold, baseline=baseline, progress=update))
@@ -488,7 +506,7 @@ def bench_cmd(
 
 def _lm_models(command: str, run_dir: Path, arm: str | None, seed: int | None, edit: str | None):
     """(run, the arm's model, the model under `edit` or None) of a language-model run, or one line why not."""
-    run = _open(run_dir)
+    run = _open(run_dir)  # reading only: a run still in training can be looked at
     if run.kind != "lm":
         fail(f"`{command}` applies to language-model runs, not {run.kind!r} runs")
     try:

@@ -8,6 +8,7 @@ run. The kind of a run is looked up in `anchoring.kinds.REGISTRY`, the only disp
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,9 @@ def run(cfg: ExperimentBase, out: Path | None = None, progress: Progress | None 
     path = runs.new_run_dir(cfg.name, out)
     runs.check_writable(path)
     path.mkdir(parents=True, exist_ok=True)
-    runs.write_atomic(path / runs.CONFIG, cfg.to_toml())
+    text = cfg.to_toml()
+    runs.write_atomic(path / runs.CONFIG_DIGEST, hashlib.sha256(text.encode()).hexdigest() + "\n")
+    runs.write_atomic(path / runs.CONFIG, text)
     return _execute(cfg, path, progress)
 
 
@@ -70,7 +73,10 @@ def _execute(cfg: ExperimentBase, path: Path, progress: Progress | None) -> Outc
         raise TrainingInterrupted(e.step, path) from None
     summary.setdefault("kind", cfg.kind)
     summary.setdefault("timing", {})["total_s"] = round(time.perf_counter() - t0, 3)
-    runs.write_json(path / runs.SUMMARY, summary)
+    try:
+        runs.write_json(path / runs.SUMMARY, summary)
+    except KeyboardInterrupt:  # the summary is written atomically: either there or not, and resume writes it
+        raise TrainingInterrupted(-1, path) from None
     return Outcome(path, summary)
 
 
@@ -99,6 +105,11 @@ def resumable_config(path: Path):
         raise AnchoringError(f"{str(path)!r} is an edited run (written by `anchoring delete`); there is no training to resume")
     if (path / runs.SUMMARY).is_file():
         raise AnchoringError(f"{str(path)!r} has already finished; `anchoring show {path}` prints it")
+    digest = path / runs.CONFIG_DIGEST
+    if digest.is_file() and digest.read_text().strip() != hashlib.sha256((path / runs.CONFIG).read_bytes()).hexdigest():
+        raise AnchoringError(f"{str(path / runs.CONFIG)!r} was edited after the run started, and its checkpoints were "
+                             f"trained under the settings before; run the edited config as a new run "
+                             f"(`anchoring run {path / runs.CONFIG} --out NEW`), or restore the file to resume")
     return cfg
 
 

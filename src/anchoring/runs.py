@@ -28,8 +28,9 @@ from anchoring.errors import AnchoringError
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.,+=-]*$")  # a folder name a user may give inside a run
 CONFIG, ARCH, SUMMARY, METRICS, SNAPSHOTS, REPORT = (
     "config.toml", "architecture.json", "summary.json", "metrics.csv", "snapshots.safetensors", "report.html")
+CONFIG_DIGEST = "config.sha256"  # of config.toml as the run was started: a resume refuses a config edited since
 
-__all__ = ["ARCH", "CONFIG", "METRICS", "REPORT", "SNAPSHOTS", "SUMMARY", "check_writable", "new_run_dir",
+__all__ = ["ARCH", "CONFIG", "CONFIG_DIGEST", "METRICS", "REPORT", "SNAPSHOTS", "SUMMARY", "check_writable", "new_run_dir",
            "read_json", "read_metrics", "staged", "write_atomic", "write_json", "write_metrics_csv"]
 
 
@@ -46,7 +47,7 @@ def new_run_dir(name: str, out: Path | None, root: Path = Path("runs"), resumabl
     if out.exists() and not out.is_dir():
         raise AnchoringError(f"{str(out)!r} is a file, not a directory (choose another --out)")
     if out.exists() and any(out.iterdir()):
-        hint = ", or `anchoring resume` it" if resumable else ""
+        hint = ", or `anchoring resume` it" if resumable and (out / CONFIG).is_file() else ""
         raise AnchoringError(f"{str(out)!r} already exists and is not empty (choose another --out{hint})")
     return out
 

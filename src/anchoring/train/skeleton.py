@@ -130,14 +130,22 @@ def flush_denormals() -> Iterator[None]:
             torch.set_flush_denormal(False)
 
 
-def divergence_message(step: int, lr: float, row: torch.Tensor, names: list[str]) -> str:
-    """One line naming the step and the first metric that stopped being finite."""
+def divergence_message(step: int, lr: float, row: torch.Tensor, names: list[str], seeds: list[int] | None = None,
+                       saved: int = 0) -> str:
+    """One line naming the step, the first metric that stopped being finite, the seeds it did so in
+    (`seeds`: one per row of an ensemble's metrics) and what the checkpoint holds (`saved` steps)."""
     flat = row.reshape(-1, len(names))
     bad = [j for j in range(len(names)) if not bool(torch.isfinite(flat[:, j]).all())]
     named = [j for j in bad if names[j] != "loss"] or bad  # the total is NaN whenever any part is
     name = names[named[0]] if named else "loss"
-    return (f"training diverged at step {step}: {name} is not finite (lr {lr:g}); the run's checkpoint keeps "
-            f"the last good step — lower the learning rate or the term's weight")
+    who = ""
+    if seeds is not None and len(seeds) == flat.shape[0]:
+        rows = [seeds[i] for i in range(flat.shape[0]) if not bool(torch.isfinite(flat[i]).all())]
+        who = f" in seed{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows))}"
+    kept = (f"the checkpoint holds the last {saved} good steps, and resuming would meet the same step again"
+            if saved else "nothing was checkpointed yet")
+    return (f"training diverged at step {step}: {name} is not finite{who} (lr {lr:g}); {kept} — lower the learning "
+            f"rate or the term's weight, in a new run")
 
 
 def fit(task: Task, *, checkpoint: Path | None, every: int, progress: Progress | None = None,
@@ -172,9 +180,13 @@ def fit(task: Task, *, checkpoint: Path | None, every: int, progress: Progress |
                                  f"so they cannot resume together; resume with the number of processes that wrote them, "
                                  f"or delete this job's checkpoints to train it again")
 
+    saved = start
+
     def save(done: int) -> None:
+        nonlocal saved
         if checkpoint is not None:
             save_checkpoint(checkpoint, done, task.params, task.optimizer, task.state(done))
+            saved = done
 
     with StopFlag() as stop, flush_denormals():
         for step in range(start, task.steps):
@@ -183,7 +195,8 @@ def fit(task: Task, *, checkpoint: Path | None, every: int, progress: Progress |
                 group["lr"] = lr
             row = task.step(step)
             if not bool(torch.isfinite(row).all()):
-                raise Diverged(divergence_message(step, lr, row, task.metric_names))
+                seeds = getattr(task, "member_seeds", None) or ([task.seed] if hasattr(task, "seed") else None)
+                raise Diverged(divergence_message(step, lr, row, task.metric_names, seeds, saved if checkpoint else 0))
             if task.after_step(step) or (step + 1) % every == 0:
                 save(step + 1)
             if progress is not None:

@@ -63,7 +63,7 @@ class ColourTask:
         self.cfg = cfg
         self.objective = objective = build_objective(cfg)
         self.timeline = timeline = build_timeline(cfg, objective)
-        seeds = cfg.train.member_seeds()
+        self.member_seeds = seeds = cfg.train.member_seeds()  # one per row of the metrics
         self.ensemble = ensemble = Ensemble(lambda: build_model(cfg), seeds)
         self.points, self.weights = training_points(cfg)
         self.sampler = WeightedPoints(self.points, self.weights)

@@ -45,6 +45,7 @@ from anchoring.report.figures import save as save_fig
 from anchoring.resources import check_fits
 from anchoring.train.checkpoint import CHECKPOINT, steps_done
 from anchoring.train.skeleton import TrainingInterrupted
+from anchoring.train.workers import sigterm_to_workers
 
 Progress = Callable[[int, int], None]
 ARCH_KIND = "lm-ngpt"
@@ -250,32 +251,17 @@ def _train_in_processes(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int
     """One process per (arm, seed) job. Ctrl-C reaches the workers (same process group), which save
     and stop; a SIGTERM sent to this process alone is passed on to them, so no worker is left
     training into the run directory after its parent has gone."""
-    import signal
-    import threading
-
     ctx = mp.get_context("spawn")
-
-    def terminate(*_: object) -> None:
-        for child in mp.active_children():
-            child.terminate()  # SIGTERM: the worker's StopFlag saves a checkpoint and stops
-        raise KeyboardInterrupt
-
-    main = threading.current_thread() is threading.main_thread()
-    old = signal.signal(signal.SIGTERM, terminate) if main else None
-    try:
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
-            futures = [pool.submit(_train_job, cfg, path, arm, seed) for arm, seed in jobs]
-            try:
-                for f in futures:
-                    f.result()
-            except KeyboardInterrupt:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise TrainingInterrupted(-1, path) from None
-            except TrainingInterrupted as e:
-                raise TrainingInterrupted(e.step, path) from None
-    finally:
-        if main:
-            signal.signal(signal.SIGTERM, old)
+    with sigterm_to_workers(), ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
+        futures = [pool.submit(_train_job, cfg, path, arm, seed) for arm, seed in jobs]
+        try:
+            for f in futures:
+                f.result()
+        except KeyboardInterrupt:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise TrainingInterrupted(-1, path) from None
+        except TrainingInterrupted as e:
+            raise TrainingInterrupted(e.step, path) from None
 
 
 def write_weights(path: Path, models: dict[tuple[str, int], torch.nn.Module]) -> None:

@@ -41,6 +41,7 @@ from anchoring.kinds.transformer.training import (
 from anchoring.report import html
 from anchoring.report.figures import save as save_fig
 from anchoring.train.skeleton import TrainingInterrupted
+from anchoring.train.workers import sigterm_to_workers
 
 Progress = Callable[[int, int], None]
 ARCH_KIND = "colour-transformer"
@@ -145,7 +146,8 @@ def _train_in_processes(cfg: TransformerExperiment, jobs: list[tuple[str, int]],
                         path: Path, progress: Progress | None) -> None:
     """Train every (arm, seed) in its own process, one per core; each resumes from its own checkpoint.
 
-    Ctrl-C reaches the workers too: each saves its checkpoint and stops, and the run resumes later.
+    Ctrl-C reaches the workers too, and a SIGTERM to this process alone is passed on to them: each
+    saves its checkpoint and stops, and the run resumes later.
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -165,7 +167,7 @@ def _train_in_processes(cfg: TransformerExperiment, jobs: list[tuple[str, int]],
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
     try:
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
+        with sigterm_to_workers(), ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
             futures = [pool.submit(_train_job, cfg, arm, seed, ckpt[arm, seed]) for arm, seed in jobs]
             try:
                 for f in futures:
