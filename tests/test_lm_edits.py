@@ -143,6 +143,15 @@ def test_the_lm_ood_experiment_reports_auroc_and_roc_curves(tmp_path):
     assert r.exit_code == 0 and "OOD AUROC" in r.stdout and "after delete" in r.stdout
 
 
+def test_lm_ood_refuses_before_training_when_retain_passages_cannot_match_the_concept_ones(tmp_path):
+    corpus = write_corpus(tmp_path / "texts", paragraphs=60, violent=0.9)
+    overrides = [o for o in tiny(corpus, "evaluate.ood_passages=5", "evaluate.ood_min_chars=40", 'evaluate.order="shuffled"')
+                 if not o.startswith("terms.")]
+    r = CliRunner().invoke(app, ["run", "lm-ood", "--out", str(tmp_path / "ood"), *[a for o in
+                                 [*overrides, 'terms.0.site="blocks.1"', 'terms.1.site="blocks.1"'] for a in ("--set", o)]])
+    assert r.exit_code == 2 and "to match 5 with it by length" in r.stderr and not (tmp_path / "ood").exists(), r.stderr
+
+
 def test_intervene_on_an_lm_run_suppresses_and_reports_forget_and_retain(lm_run):
     r = CliRunner().invoke(app, ["intervene", str(lm_run.path), "--concept", "violence", "--name", "sup"])
     assert r.exit_code == 0, r.stderr

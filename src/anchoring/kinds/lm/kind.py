@@ -144,6 +144,11 @@ def validate(cfg: LMExperiment, data: bool = True) -> int:
                                      f"{e.ood_passages} asked for (lower evaluate.ood_passages or evaluate.ood_min_chars)")
             if not int(d.reference[test].sum()):
                 raise AnchoringError(f"evaluate.ood: no test passage carries {cfg.text.concept!r} to compare after delete")
+            n_concept = min(e.ood_passages, int(d.reference[test].sum()))
+            n_retain = int(len(test) - d.reference[test].sum())
+            if "anchored" in cfg.lm.arms and n_retain < n_concept:  # one retain passage matched to each concept passage
+                raise AnchoringError(f"evaluate.ood: {n_retain} test passages without {cfg.text.concept!r} to match "
+                                     f"{n_concept} with it by length; lower evaluate.ood_passages or use more text")
     return steps
 
 
