@@ -110,30 +110,13 @@ def test_torchrun_workers_train_the_same_model_as_one_process(corpus, tmp_path):
 
 
 def test_sigterm_to_a_multi_worker_run_stops_its_workers_with_checkpoints(corpus, tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
+    from signals import sigterm_stops_the_workers
 
     cfg = experiments.load("lm-anchor-passages", tiny(corpus, "train.steps=20000", 'lm.arms=["anchored","control"]', "lm.workers=2",
                                              "train.checkpoint_every=5"))
     spec = tmp_path / "spec.toml"
     spec.write_text(cfg.to_toml())
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "anchoring", "run", str(spec), "--out", str(out), "-q"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    arms = out / "arms"
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(arms.glob("*.safetensors"))) < 2:
-        time.sleep(0.2)
-    assert len(list(arms.glob("*.safetensors"))) == 2, "the workers never checkpointed"
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "anchoring resume" in err, err
-    before = {p.name: p.stat().st_mtime_ns for p in arms.glob("*.safetensors")}
-    time.sleep(1.5)  # a worker left running would keep writing checkpoints every 5 steps
-    assert {p.name: p.stat().st_mtime_ns for p in arms.glob("*.safetensors")} == before
+    sigterm_stops_the_workers([str(spec)], tmp_path / "run")
 
 
 def test_ranks_whose_checkpoints_hold_different_steps_refuse_to_resume(corpus, tmp_path):

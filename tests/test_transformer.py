@@ -168,31 +168,13 @@ def test_cli_runs_a_transformer_experiment_and_writes_its_report(tmp_path):
 def test_sigterm_to_a_run_with_worker_processes_stops_its_workers(tmp_path):
     """A SIGTERM sent to the parent alone is passed on: the workers save and stop with it, instead of
     training on, unparented, into the run directory."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
+    from signals import sigterm_stops_the_workers
 
     tiny = ["transformer.width=16", "transformer.layers=2", "transformer.heads=2", "language.context=16",
             "transformer.eval_lines=64", "train.steps=100000", "train.seeds=1", "train.checkpoint_every=5",
             "terms.1.site=\"blocks.1\"", "terms.3.site=\"blocks.1\"", "terms.0.site=\"blocks.0\"", "terms.2.site=\"blocks.0\"",
             "transformer.workers=2"]
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "anchoring", "run", "transformer-anchor-residual", "-q", "--out", str(out),
-                             *[a for o in tiny for a in ("--set", o)]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    arms = out / "arms"
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(arms.glob("*.safetensors"))) < 2:
-        time.sleep(0.2)
-    assert len(list(arms.glob("*.safetensors"))) == 2, "the workers never checkpointed"
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "anchoring resume" in err, err
-    before = {p.name: p.stat().st_mtime_ns for p in arms.glob("*.safetensors")}
-    time.sleep(1.5)  # a worker left running would keep writing checkpoints every 5 steps
-    assert {p.name: p.stat().st_mtime_ns for p in arms.glob("*.safetensors")} == before
+    sigterm_stops_the_workers(["transformer-anchor-residual", *[a for o in tiny for a in ("--set", o)]], tmp_path / "run")
 
 
 @pytest.mark.slow
