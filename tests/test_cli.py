@@ -85,9 +85,14 @@ def test_unreadable_run_directories(tmp_path):
     assert_one_line_error(invoke("resume", broken), "cannot read schedule")
     (broken / "config.toml").write_text(load_config(SPEC).to_toml())
     assert_one_line_error(invoke("show", broken), "has not finished")
-    assert_one_line_error(invoke("intervene", broken, "--concept", "red"), "is not a readable run")
+    assert_one_line_error(invoke("intervene", broken, "--concept", "red"), "has not finished training")
+    from anchoring.errors import AnchoringError
+
+    with pytest.raises(AnchoringError, match="is not a readable run"):
+        load_run(broken)
     (broken / "architecture.json").write_text('{"kind": "colour-autoencoder"}')
-    assert_one_line_error(invoke("intervene", broken, "--concept", "red"), "cannot read checkpoint")
+    with pytest.raises(AnchoringError, match="cannot read checkpoint"):
+        load_run(broken)
 
 
 def test_real_process_prints_one_line_and_no_traceback(tmp_path):
