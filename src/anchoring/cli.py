@@ -162,10 +162,10 @@ def _check_split(cfg, world: int) -> None:
         fail(f"lm.batch_size {cfg.lm.batch_size} does not split over torchrun's {world} processes: give a multiple of {world}")
 
 
-def _train(action, label: str, quiet: bool) -> None:
-    """Train with a progress bar; Ctrl-C, or a SIGTERM at any moment (the training loop turns one into
-    a clean stop; elsewhere, during evaluation say, it interrupts like Ctrl-C), leaves what was saved
-    and says how to resume."""
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block a SIGTERM interrupts like Ctrl-C (the training loop, which installs its own
+    handler, turns either into a clean stop), so a command stopped by a scheduler says what it kept."""
     import signal
     import threading
 
@@ -174,9 +174,19 @@ def _train(action, label: str, quiet: bool) -> None:
 
     main_thread = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, terminate) if main_thread else None
+    try:
+        yield
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _train(action, label: str, quiet: bool) -> None:
+    """Train with a progress bar; Ctrl-C, or a SIGTERM at any moment (during evaluation too), leaves
+    what was saved and says how to resume."""
     t0 = time.perf_counter()
     try:
-        with progress_bar(label, not quiet and sys.stderr.isatty()) as update:
+        with sigterm_as_interrupt(), progress_bar(label, not quiet and sys.stderr.isatty()) as update:
             outcome = action(update)
     except TrainingInterrupted as e:
         where = (f"interrupted after step {e.step}; checkpoint saved" if e.step >= 0
@@ -188,9 +198,6 @@ def _train(action, label: str, quiet: bool) -> None:
         raise typer.Exit(130)
     except AnchoringError as e:
         fail(str(e))
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, old)
     print_outcome(outcome, time.perf_counter() - t0)
 
 
@@ -384,14 +391,15 @@ def sweep_cmd(
         axes = sweep.parse_grid(grid)
         name = experiments.load(experiment, overrides).name
         path = out_dir or Path("runs") / f"{name}-sweep" / datetime.now().strftime("%Y%m%d-%H%M%S")
-        with progress_bar(f"{name} shards", not quiet and sys.stderr.isatty()) as update:
+        with sigterm_as_interrupt(), progress_bar(f"{name} shards", not quiet and sys.stderr.isatty()) as update:
             summary = sweep.sweep(experiment, path, sets=overrides, grid=axes, workers=workers, backend=backend,
                                   address=address, progress=update)
     except AnchoringError as e:
         fail(str(e))
     except (KeyboardInterrupt, TrainingInterrupted):  # the workers have saved and stopped (backends.run_local)
         if path is not None and (path / "shards").is_dir():
-            line = f"sweep interrupted; finished shards and checkpoints are kept — continue with the same command and --out {path}"
+            kept = "finished shards and checkpoints are kept" if backend == "local" else "finished shards are kept"
+            line = f"sweep interrupted; {kept} — continue with the same command and --out {path}"
         else:
             line = "sweep interrupted before any shard was written; nothing to continue"
         err.print(line, markup=False, highlight=False)

@@ -33,17 +33,23 @@ def _next_attempt(shard_dir) -> int:
 
 
 def _stop(running: dict) -> None:
-    """SIGTERM first: a worker's training loop saves a checkpoint and stops; SIGKILL only a worker that hangs."""
+    """SIGTERM first: a worker's training loop saves a checkpoint and stops (one that Ctrl-C reached
+    already takes the SIGTERM as the same stop); SIGKILL only a worker that hangs."""
     for proc, _, _ in running.values():
         if proc.poll() is None:
             proc.terminate()
     for proc, _, log in running.values():
         try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        except KeyboardInterrupt:  # a further Ctrl-C: stop waiting politely
             proc.kill()
             proc.wait()
-        log.close()
+        finally:
+            log.close()
 
 
 def run_local(shards: list, workers: int, retries: int, progress: Progress | None = None) -> None:
@@ -93,11 +99,13 @@ def run_local(shards: list, workers: int, retries: int, progress: Progress | Non
                     tail = (s.dir / f"attempt{first[name] + attempts[name]}.log").read_text().strip().splitlines()[-5:]
                     raise AnchoringError(f"shard {name} failed {attempts[name]} times (exit {code}): " + " | ".join(tail))
     finally:
-        if main:  # a second SIGTERM must not cut the stopping short
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        _stop(running)
-        if main:
-            signal.signal(signal.SIGTERM, old)
+        try:
+            if main:  # a second SIGTERM must not cut the stopping short
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            _stop(running)
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, old)
 
 
 def run_ray(shards: list, workers: int, address: str | None, retries: int, progress: Progress | None = None) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Protocol
@@ -82,10 +83,18 @@ class MetricRows:
 
 
 class StopFlag:
-    """Turns SIGINT/SIGTERM into a flag the loop checks between steps, so state stays whole."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps, so state stays whole.
+
+    A second signal gives up at once, but only from `GRACE` seconds after the first: one stop often
+    arrives twice (Ctrl-C reaches a worker, and its parent passes a SIGTERM on; a scheduler signals
+    the whole process group, and the parent forwards it again), and the duplicate must not cut the
+    final save short."""
+
+    GRACE = 2.0
 
     def __init__(self) -> None:
         self.set = False
+        self._at = 0.0
         self._old: dict[int, object] = {}
 
     def __enter__(self) -> "StopFlag":
@@ -95,9 +104,11 @@ class StopFlag:
         return self
 
     def _handle(self, *_: object) -> None:
-        if self.set:  # second Ctrl-C: give up immediately
-            raise KeyboardInterrupt
-        self.set = True
+        if self.set:
+            if time.monotonic() - self._at > self.GRACE:  # a second Ctrl-C, later: give up immediately
+                raise KeyboardInterrupt
+            return
+        self.set, self._at = True, time.monotonic()
 
     def __exit__(self, *exc: object) -> None:
         for sig, old in self._old.items():
@@ -142,7 +153,7 @@ def divergence_message(step: int, lr: float, row: torch.Tensor, names: list[str]
     if seeds is not None and len(seeds) == flat.shape[0]:
         rows = [seeds[i] for i in range(flat.shape[0]) if not bool(torch.isfinite(flat[i]).all())]
         who = f" in seed{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows))}"
-    kept = (f"the checkpoint holds the last {saved} good steps, and resuming would meet the same step again"
+    kept = (f"the checkpoint holds the run after its first {saved} steps, all finite, and resuming would meet the same step again"
             if saved else "nothing was checkpointed yet")
     return (f"training diverged at step {step}: {name} is not finite{who} (lr {lr:g}); {kept} — lower the learning "
             f"rate or the term's weight, in a new run")

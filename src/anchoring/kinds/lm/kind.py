@@ -144,6 +144,16 @@ def validate(cfg: LMExperiment, data: bool = True) -> int:
                                      f"{e.ood_passages} asked for (lower evaluate.ood_passages or evaluate.ood_min_chars)")
             if not int(d.reference[test].sum()):
                 raise AnchoringError(f"evaluate.ood: no test passage carries {cfg.text.concept!r} to compare after delete")
+            if cfg.text.corpus == "shakespeare":  # the Milton set: passages in the training characters, long enough
+                from anchoring.domains.text.corpus import load_corpus
+                from anchoring.evaluate.ood import written_in
+
+                seen = "".join({c for i in d.parts["train"] for c in set(d.texts[i])})
+                milton = [t for t in written_in(load_corpus("milton").texts, seen) if len(t.strip()) >= e.ood_min_chars]
+                if len(milton) < e.ood_passages:
+                    raise AnchoringError(f"evaluate.ood: only {len(milton)} Milton passages of ≥ {e.ood_min_chars} characters "
+                                         f"are written in the training characters, {e.ood_passages} asked for "
+                                         f"(lower evaluate.ood_passages)")
             n_concept = min(e.ood_passages, int(d.reference[test].sum()))
             n_retain = int(len(test) - d.reference[test].sum())
             if "anchored" in cfg.lm.arms and n_retain < n_concept:  # one retain passage matched to each concept passage

@@ -84,9 +84,12 @@ def merge_shards(cfg: LMExperiment, shard_dirs: list[Path], path: Path) -> None:
     if len(set(toks.values())) != 1:
         raise AnchoringError(f"the shards of {str(path)!r} trained different tokenizers; they cannot be merged")
     write_atomic(path / TOKENIZER, next(iter(toks.values())))
-    prints = [d / CORPUS for d in shard_dirs if (d / CORPUS).is_file()]
-    if prints:  # the shards' corpus fingerprint (the same in all: same config, same process-independent build)
-        write_atomic(path / CORPUS, prints[0].read_bytes())
+    prints = {(d / CORPUS).read_bytes() for d in shard_dirs if (d / CORPUS).is_file()}
+    if len(prints) > 1:  # e.g. Ray nodes whose labelling packages differ
+        raise AnchoringError(f"the shards of {str(path)!r} trained on different corpora, splits or labels "
+                             f"({CORPUS} differs); they cannot be merged")
+    if prints:
+        write_atomic(path / CORPUS, prints.pop())
     steps = total_steps(cfg)
     for arm, seed in jobs(cfg):
         found = [checkpoint_path(d, arm, seed) for d in shard_dirs if checkpoint_path(d, arm, seed).is_file()]
