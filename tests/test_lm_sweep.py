@@ -175,3 +175,17 @@ def test_r_against_coverage_keeps_the_grids_other_axes_apart(tmp_path, monkeypat
     no_r = [([f"text.coverage={c}"], SimpleNamespace(summary={"unlearning": {"rows": [{"method": "m", "R": r}]}}))
             for c, r in ((0.3, float("nan")), (1.0, None))]
     assert grid_figures(tmp_path, no_r) == []
+
+
+def test_shards_that_trained_on_different_corpora_are_not_merged(spec, tmp_path):
+    from anchoring.kinds.lm.shards import merge_shards
+
+    cfg = experiments.load(str(spec))
+    shards = [tmp_path / "a", tmp_path / "b"]
+    for i, d in enumerate(shards):
+        d.mkdir()
+        (d / "tokenizer.json").write_text('{"kind": "char", "chars": "ab"}')
+        (d / "corpus.json").write_text(f'{{"sha256": "{i}", "passages": 1}}')
+    (tmp_path / "point").mkdir()
+    with pytest.raises(AnchoringError, match="trained on different corpora"):
+        merge_shards(cfg, shards, tmp_path / "point")
