@@ -30,6 +30,7 @@ from anchoring.errors import AnchoringError
 from anchoring.kinds import kind_of
 from anchoring.runtime import default_threads
 from anchoring.train import TrainingInterrupted
+from anchoring.train.workers import sigterm_interrupts
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Sparse concept anchoring: train, inspect, steer and delete concepts.")
@@ -162,31 +163,12 @@ def _check_split(cfg, world: int) -> None:
         fail(f"lm.batch_size {cfg.lm.batch_size} does not split over torchrun's {world} processes: give a multiple of {world}")
 
 
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block a SIGTERM interrupts like Ctrl-C (the training loop, which installs its own
-    handler, turns either into a clean stop), so a command stopped by a scheduler says what it kept."""
-    import signal
-    import threading
-
-    def terminate(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    main_thread = threading.current_thread() is threading.main_thread()
-    old = signal.signal(signal.SIGTERM, terminate) if main_thread else None
-    try:
-        yield
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, old)
-
-
 def _train(action, label: str, quiet: bool) -> None:
     """Train with a progress bar; Ctrl-C, or a SIGTERM at any moment (during evaluation too), leaves
     what was saved and says how to resume."""
     t0 = time.perf_counter()
     try:
-        with sigterm_as_interrupt(), progress_bar(label, not quiet and sys.stderr.isatty()) as update:
+        with sigterm_interrupts(), progress_bar(label, not quiet and sys.stderr.isatty()) as update:
             outcome = action(update)
     except TrainingInterrupted as e:
         where = (f"interrupted after step {e.step}; checkpoint saved" if e.step >= 0
@@ -391,7 +373,7 @@ def sweep_cmd(
         axes = sweep.parse_grid(grid)
         name = experiments.load(experiment, overrides).name
         path = out_dir or Path("runs") / f"{name}-sweep" / datetime.now().strftime("%Y%m%d-%H%M%S")
-        with sigterm_as_interrupt(), progress_bar(f"{name} shards", not quiet and sys.stderr.isatty()) as update:
+        with sigterm_interrupts(), progress_bar(f"{name} shards", not quiet and sys.stderr.isatty()) as update:
             summary = sweep.sweep(experiment, path, sets=overrides, grid=axes, workers=workers, backend=backend,
                                   address=address, progress=update)
     except AnchoringError as e:

@@ -15,13 +15,15 @@ from typing import Iterator
 
 
 @contextmanager
-def sigterm_to_workers() -> Iterator[None]:
-    """Within the block, a SIGTERM to this process is passed to its worker processes (each saves a
-    checkpoint and stops) and then raised here as KeyboardInterrupt, the parent's usual stop."""
+def sigterm_interrupts(pass_to_workers: bool = False) -> Iterator[None]:
+    """Within the block a SIGTERM to this process raises KeyboardInterrupt here, the usual stop (the
+    training loop, which installs its own handler, turns either into a clean stop); with
+    `pass_to_workers`, it is first passed to this process's workers, each of which saves and stops."""
 
     def terminate(*_: object) -> None:
-        for child in mp.active_children():
-            child.terminate()
+        if pass_to_workers:
+            for child in mp.active_children():
+                child.terminate()
         raise KeyboardInterrupt
 
     main = threading.current_thread() is threading.main_thread()
@@ -31,3 +33,8 @@ def sigterm_to_workers() -> Iterator[None]:
     finally:
         if main:
             signal.signal(signal.SIGTERM, old)
+
+
+def sigterm_to_workers():
+    """`sigterm_interrupts` for a parent of worker processes."""
+    return sigterm_interrupts(pass_to_workers=True)
