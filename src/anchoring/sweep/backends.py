@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
-import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 from anchoring.atomic import write_atomic
 from anchoring.errors import AnchoringError
 from anchoring.sweep.layout import DONE
 from anchoring.sweep.worker import shard_payload
+from anchoring.train.workers import sigterm_interrupts
 
 Progress = Callable[[int, int], None]
 
@@ -26,10 +26,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _next_attempt(shard_dir) -> int:
-    """Attempt logs of an interrupted sweep stay: a continued sweep numbers its attempts after them."""
+def _next_log(shard_dir: Path) -> Path:
+    """The shard's next attempt log: logs of an interrupted sweep stay, and a continued sweep numbers after them."""
     nums = [int(m.group(1)) for p in shard_dir.glob("attempt*.log") if (m := re.fullmatch(r"attempt(\d+)\.log", p.name))]
-    return max(nums, default=0)
+    return shard_dir / f"attempt{max(nums, default=0) + 1}.log"
 
 
 def _stop(running: dict) -> None:
@@ -40,12 +40,8 @@ def _stop(running: dict) -> None:
             proc.terminate()
     for proc, _, log in running.values():
         try:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        except KeyboardInterrupt:  # a further Ctrl-C: stop waiting politely
+            proc.wait(timeout=60)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):  # a hung worker, or a further Ctrl-C or SIGTERM
             proc.kill()
             proc.wait()
         finally:
@@ -62,50 +58,38 @@ def run_local(shards: list, workers: int, retries: int, progress: Progress | Non
     """
     pending = [s for s in shards if not (s.dir / DONE).is_file()]
     attempts = {s.name: 0 for s in shards}
-    first = {s.name: _next_attempt(s.dir) for s in shards}
     running: dict[str, tuple[subprocess.Popen, object, object]] = {}
     done = len(shards) - len(pending)
     if progress:
         progress(done, len(shards))
-
-    def terminate(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    main = threading.current_thread() is threading.main_thread()
-    old = signal.signal(signal.SIGTERM, terminate) if main else None
-    try:
-        while pending or running:
-            while pending and len(running) < workers:
-                s = pending.pop(0)
-                attempts[s.name] += 1
-                log = open(s.dir / f"attempt{first[s.name] + attempts[s.name]}.log", "w")
-                proc = subprocess.Popen([sys.executable, "-m", "anchoring.sweep.worker", str(s.dir)],
-                                        stdout=log, stderr=subprocess.STDOUT, env=_env())
-                running[s.name] = (proc, s, log)
-            time.sleep(0.05)
-            for name, (proc, s, log) in list(running.items()):
-                code = proc.poll()
-                if code is None:
-                    continue
-                log.close()
-                del running[name]
-                if code == 0 and (s.dir / DONE).is_file():
-                    done += 1
-                    if progress:
-                        progress(done, len(shards))
-                elif attempts[name] <= retries:
-                    pending.append(s)  # resumes from its checkpoint
-                else:
-                    tail = (s.dir / f"attempt{first[name] + attempts[name]}.log").read_text().strip().splitlines()[-5:]
-                    raise AnchoringError(f"shard {name} failed {attempts[name]} times (exit {code}): " + " | ".join(tail))
-    finally:
+    with sigterm_interrupts():
         try:
-            if main:  # a second SIGTERM must not cut the stopping short
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            _stop(running)
+            while pending or running:
+                while pending and len(running) < workers:
+                    s = pending.pop(0)
+                    attempts[s.name] += 1
+                    log = open(_next_log(s.dir), "w")
+                    proc = subprocess.Popen([sys.executable, "-m", "anchoring.sweep.worker", str(s.dir)],
+                                            stdout=log, stderr=subprocess.STDOUT, env=_env())
+                    running[s.name] = (proc, s, log)
+                time.sleep(0.05)
+                for name, (proc, s, log) in list(running.items()):
+                    code = proc.poll()
+                    if code is None:
+                        continue
+                    log.close()
+                    del running[name]
+                    if code == 0 and (s.dir / DONE).is_file():
+                        done += 1
+                        if progress:
+                            progress(done, len(shards))
+                    elif attempts[name] <= retries:
+                        pending.append(s)  # resumes from its checkpoint
+                    else:
+                        tail = Path(log.name).read_text().strip().splitlines()[-5:]
+                        raise AnchoringError(f"shard {name} failed {attempts[name]} times (exit {code}): " + " | ".join(tail))
         finally:
-            if main:
-                signal.signal(signal.SIGTERM, old)
+            _stop(running)
 
 
 def run_ray(shards: list, workers: int, address: str | None, retries: int, progress: Progress | None = None) -> None:

@@ -191,7 +191,7 @@ def fit(task: Task, *, checkpoint: Path | None, every: int, progress: Progress |
                                  f"so they cannot resume together; resume with the number of processes that wrote them, "
                                  f"or delete this job's checkpoints to train it again")
 
-    saved = start
+    saved = start  # steps the checkpoint on disk holds (0 without one)
 
     def save(done: int) -> None:
         nonlocal saved
@@ -207,7 +207,7 @@ def fit(task: Task, *, checkpoint: Path | None, every: int, progress: Progress |
             row = task.step(step)
             if not bool(torch.isfinite(row).all()):
                 seeds = getattr(task, "member_seeds", None) or ([task.seed] if hasattr(task, "seed") else None)
-                raise Diverged(divergence_message(step, lr, row, task.metric_names, seeds, saved if checkpoint else 0))
+                raise Diverged(divergence_message(step, lr, row, task.metric_names, seeds, saved))
             if task.after_step(step) or (step + 1) % every == 0:
                 save(step + 1)
             if progress is not None:

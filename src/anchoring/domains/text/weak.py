@@ -72,6 +72,9 @@ def probabilities(p: Passages, concept: str) -> np.ndarray:
     return combiner(concept).probability(scores)
 
 
+KNOWN_SOURCES = ("shakespeare", "milton")  # corpus domains whose author is known
+
+
 def reference_labels(p: Passages, concept: str) -> np.ndarray:
     """The best labeller's 0/1 labels (ground truth for evaluation). For `milton`, exact where every
     passage's source is a built-in corpus; a user's folder (domain "user") may hold Milton, so the
@@ -79,9 +82,6 @@ def reference_labels(p: Passages, concept: str) -> np.ndarray:
     if concept == "milton" and p.domain and all(d in KNOWN_SOURCES for d in p.domain):
         return exact_domain_labels(p.domain, "milton")
     return (probabilities(p, concept) >= 0.5).astype(np.int8)
-
-
-KNOWN_SOURCES = ("shakespeare", "milton")  # corpus domains whose author is known
 
 
 def exact_domain_labels(domain: list[str], name: str = "milton") -> np.ndarray:

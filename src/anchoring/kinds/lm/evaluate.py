@@ -48,12 +48,11 @@ def chars_per_token(spans: list[tuple[int, int]]) -> np.ndarray:
     Why the last: a score that leaves out the first token (nothing predicts it) then leaves out no
     character whose later bytes it still scores."""
     chars = np.zeros(len(spans), dtype=np.float32)
-    limit = None  # characters from here on are counted (by later tokens)
+    limit = max((e for _, e in spans), default=0)  # characters from here on are counted (by later tokens)
     for i in range(len(spans) - 1, -1, -1):
         s, e = spans[i]
-        end = e if limit is None else min(e, limit)
-        chars[i] = max(0, end - s)
-        limit = s if limit is None else min(limit, s)
+        chars[i] = max(0, min(e, limit) - s)
+        limit = min(limit, s)
     return chars
 
 

@@ -147,9 +147,10 @@ def validate(cfg: LMExperiment, data: bool = True) -> int:
             if cfg.text.corpus == "shakespeare":  # the Milton set: passages in the training characters, long enough
                 from anchoring.domains.text.corpus import load_corpus
                 from anchoring.evaluate.ood import written_in
+                from anchoring.kinds.lm.ood import ood_vocabulary
 
-                seen = "".join({c for i in d.parts["train"] for c in set(d.texts[i])})
-                milton = [t for t in written_in(load_corpus("milton").texts, seen) if len(t.strip()) >= e.ood_min_chars]
+                milton = [t for t in written_in(load_corpus("milton").texts, ood_vocabulary(d))
+                          if len(t.strip()) >= e.ood_min_chars]
                 if len(milton) < e.ood_passages:
                     raise AnchoringError(f"evaluate.ood: only {len(milton)} Milton passages of ≥ {e.ood_min_chars} characters "
                                          f"are written in the training characters, {e.ood_passages} asked for "
@@ -237,10 +238,10 @@ def run(cfg: LMExperiment, path: Path, *, progress: Progress | None = None) -> d
     timing = {f"{arm}-seed{seed}_s": None if math.isnan(r.seconds) else round(r.seconds, 3)
               for (arm, seed), r in results.items()}
     # where every job came finished (a merged sweep, a resume after the last step) this process only loaded
-    # checkpoints: its seconds are no training time, and the jobs' own seconds above are the training's
+    # checkpoints: its seconds are no training time, and it cannot say where the jobs' own seconds were spent
     summary["timing"] = {"train_s": round(train_s, 3)} if todo else {"train_s": None, "load_s": round(train_s, 3)}
     summary["timing"].update(timing)
-    if todo:  # where every job came finished (a merged sweep, a resume after the last step), this process cannot say
+    if todo:
         summary["timing"].update(trained_on(cfg, workers, "data-parallel ranks" if launched or cfg.lm.nproc > 1 else "job processes"))
     return summary
 

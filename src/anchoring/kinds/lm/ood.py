@@ -19,6 +19,7 @@ import numpy as np
 from anchoring.errors import AnchoringError
 from anchoring.evaluate.ood import auroc, auroc_table, comparison_sets, crop, score_sets, select_passages
 from anchoring.evaluate.surprise import passage_mean_scores
+from anchoring.kinds.lm.data import LMData
 from anchoring.kinds.lm.edits import edited
 from anchoring.kinds.lm.model import LMRun
 
@@ -32,11 +33,12 @@ def heldout(run: LMRun, concept: bool | None = None) -> list[str]:
     return [d.texts[i] for i in idx]
 
 
-def training_characters(run: LMRun) -> str:
-    """Every character of the run's training split: what random text is drawn from, and what another
-    domain's passages must be written in to be scored on style rather than on unknown characters."""
-    d = run.data
-    return "".join(sorted({c for i in d.parts["train"] for c in set(d.texts[i])}))
+def ood_vocabulary(data: LMData) -> str:
+    """The printable characters (and line ends) of the training split: what random text is drawn from,
+    and what another domain's passages must be written in to be scored on style rather than on
+    unknown characters."""
+    chars = {c for i in data.parts["train"] for c in set(data.texts[i])}
+    return "".join(sorted(c for c in chars if c.isprintable() or c == "\n"))
 
 
 def length_matched(pool: list[str], like: list[str], max_chars: int = 600) -> list[str]:
@@ -57,7 +59,7 @@ def length_matched(pool: list[str], like: list[str], max_chars: int = 600) -> li
 def ood_sets(run: LMRun, n: int, seed: int, min_chars: int = 200) -> dict[str, list[str]]:
     """The comparison sets for this run; Milton only when the run learned Shakespeare alone."""
     tok = run.data.tokenizer
-    vocabulary = "".join(c for c in training_characters(run) if c.isprintable() or c == "\n")
+    vocabulary = ood_vocabulary(run.data)
     milton: list[str] = []
     if run.config.text.corpus == "shakespeare":
         from anchoring.domains.text.corpus import load_corpus
