@@ -3,6 +3,7 @@ used to end in a traceback. Each test failed before the fix it covers."""
 
 import json
 import math
+import os
 import string
 
 import pytest
@@ -318,3 +319,24 @@ def test_one_stop_delivered_twice_does_not_cut_the_final_save_short(monkeypatch)
         monkeypatch.setattr(StopFlag, "GRACE", 0.0)
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)  # Python runs the handler as soon as the call returns
+
+
+def test_an_atomic_write_reaches_the_disk_before_it_replaces_the_old_file(tmp_path, monkeypatch):
+    """A rename can be written to disk before the data it points to; after a power cut the file
+    would then be empty. The data must be synced before the rename, and the rename after it."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("replace", None))
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    runs.write_atomic(tmp_path / "metrics.json", "{}")
+    assert events == [("fsync", False), ("replace", None), ("fsync", True)]
+    assert (tmp_path / "metrics.json").read_text() == "{}"

@@ -1,4 +1,6 @@
-"""Atomic file writes: temp file in the same folder, then rename. Readers never see half a file."""
+"""Atomic file writes: temp file in the same folder, flushed to disk, then rename. Readers never see
+half a file, and a crash or power cut just after a save leaves the old file or the new one, never an
+empty one (a rename can reach the disk before the data it points to)."""
 
 from __future__ import annotations
 
@@ -13,10 +15,27 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, path)
+        _sync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _sync_dir(folder: Path) -> None:
+    """Make the rename itself durable. Some file systems cannot open a folder for syncing: skip there."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
