@@ -189,3 +189,17 @@ def test_shards_that_trained_on_different_corpora_are_not_merged(spec, tmp_path)
     (tmp_path / "point").mkdir()
     with pytest.raises(AnchoringError, match="trained on different corpora"):
         merge_shards(cfg, shards, tmp_path / "point")
+
+
+def test_the_memory_check_counts_every_shard_that_trains_at_once(spec, tmp_path, monkeypatch):
+    """Each shard process passes its own memory check, so the sweep must add up the shards its
+    workers train side by side: four that fit alone may not fit together."""
+    from anchoring import resources
+    from anchoring.kinds.lm.kind import memory_estimate
+
+    _, shards = sweep.plan(str(spec), [], sweep.parse_grid(["text.coverage=0.5,1.0"]), 4, tmp_path)
+    one = max(memory_estimate(s.config) for s in shards)
+    monkeypatch.setattr(resources, "available_bytes", lambda: int(2.5 * one / 0.8))  # room for two, not four
+    sweep.plan(str(spec), [], sweep.parse_grid(["text.coverage=0.5,1.0"]), 2, tmp_path)
+    with pytest.raises(AnchoringError, match="4 shards training at once.*--workers"):
+        sweep.plan(str(spec), [], sweep.parse_grid(["text.coverage=0.5,1.0"]), 4, tmp_path)

@@ -125,6 +125,11 @@ class Kind:
         size = math.ceil(len(seeds) / n)
         return [seeds[b:b + size] for b in range(0, len(seeds), size)]
 
+    def shard_memory(self, cfg: Any) -> int:
+        """Bytes one shard process holds while it trains `cfg` (a shard's config), as the kind's
+        memory check estimates them; 0 where the kind has no estimate."""
+        return 0
+
     def train_shard(self, cfg: Any, shard_dir: Path, callbacks: Sequence[StepCallback] = ()) -> None:
         """Train (resuming from whatever `shard_dir` holds) every seed of the shard's config into `shard_dir`."""
         raise self.unsupported("sweep")

@@ -25,6 +25,7 @@ from anchoring.config import ExperimentBase
 from anchoring.errors import AnchoringError
 from anchoring.kinds import REGISTRY, kind_of
 from anchoring.report import html
+from anchoring.resources import check_fits
 from anchoring.sweep.layout import SHARD_CONFIG
 
 SWEEP_PLAN = "sweep.json"  # how the sweep was planned: experiment, --set items, grid, workers
@@ -111,6 +112,8 @@ def plan(experiment: str, sets: list[str], grid: list[tuple[str, list[str]]], wo
         for block in kind.seed_blocks(cfg, -(-workers // len(points))):
             shard_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed_list": block})})
             shards.append(Shard(i, block, shard_cfg, root / "shards" / f"p{i:03d}-s{block[0]}-{block[-1]}"))
+    busy = sorted((kind_of(s.config).shard_memory(s.config) for s in shards), reverse=True)[:workers]
+    check_fits(sum(busy), f"{min(workers, len(shards))} shards training at once", "give --workers a smaller number")
     return configs, shards
 
 

@@ -93,6 +93,9 @@ class ColourKind(Kind):
         # reactive controllers decide from metrics of the whole ensemble: such a run cannot be split by seed
         return super().seed_blocks(cfg, 1 if cfg.reactive else n)
 
+    def shard_memory(self, cfg: ColourExperiment) -> int:
+        return memory_estimate(cfg)  # the shard's seeds as one ensemble
+
     def train_shard(self, cfg: ColourExperiment, shard_dir: Path, callbacks: Sequence[StepCallback] = ()) -> None:
         train(cfg, shard_dir, callbacks=[lambda step, _result, cb=cb: cb(step) for cb in callbacks])
 

@@ -538,6 +538,9 @@ class LMKind(Kind):
 
         return shards.seed_blocks(cfg, super().seed_blocks(cfg, n))
 
+    def shard_memory(self, cfg: LMExperiment) -> int:
+        return memory_estimate(cfg.model_copy(update={"lm": cfg.lm.model_copy(update={"workers": 1, "nproc": 1})}))  # one job at a time
+
     def train_shard(self, cfg: LMExperiment, shard_dir: Path, callbacks=()) -> None:
         from anchoring.kinds.lm import shards
 
