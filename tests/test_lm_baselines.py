@@ -220,3 +220,26 @@ def test_sgtm_and_routing_data_parallel_equal_one_process(corpus, tmp_path):
 def cfg_hidden(corpus) -> int:
     cfg = config(corpus)
     return cfg.lm.width * cfg.lm.mlp_ratio
+
+
+def test_sgtm_and_routing_steer_the_losses_of_labelled_target_tokens(corpus, monkeypatch):
+    """The loss at position t predicts token t+1, so a loss-side method must mark the positions
+    whose *target* is labelled: with span labels, the first letter of a labelled word is predicted
+    at the position before the word, which the input labels leave unmarked."""
+    cfg = config(corpus, 'text.weak_labels="spans"', 'terms.0.positions="all"', 'terms.1.positions="all"',
+                 'terms.0.select="labelled"', 'terms.1.select="labelled"')
+    data = load_data(cfg.text)
+    task = LMTask(cfg, data, 0, "sgtm")
+    b = task.stream.batch(0, cfg.lm.batch_size, task.labels)
+    assert torch.equal(b.target_labels[:, :-1], b.labels[:, 1:])
+    starts = (b.target_labels[:, :-1] == 1) & (b.labels[:, :-1] == 0)  # positions just before a labelled run
+    assert starts.any()
+    for r, t in starts.nonzero().tolist()[:20]:
+        assert data.tokenizer.decode([int(b.targets[r, t])]).isalpha()  # the run starts at a word's first letter
+    seen = []
+    for arm in ("sgtm", "routing"):
+        task = LMTask(cfg, data, 0, arm)
+        monkeypatch.setattr(task, "_baseline_backward", lambda x, y, labelled: seen.append(labelled.clone()) or
+                            torch.tensor(1.0, requires_grad=True).sum())
+        task.step(0)
+    assert all(torch.equal(s, b.target_labels.bool()) for s in seen) and len(seen) == 2

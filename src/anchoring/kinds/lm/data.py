@@ -206,6 +206,10 @@ class Batch:
     line: torch.Tensor  # (B, T) passage number within its window (0, 1, …): the "line" of pool_lines
     line_labels: torch.Tensor  # (B, K) weak label of each window passage
     labels: torch.Tensor  # (B, T) weak label of each input position (its passage's, or its span's)
+    # (B, T) weak label of each position's target token: what a loss-side method (SGTM, gradient routing) steers
+    # by, since the loss at position t is the prediction of token t+1 (the first letter of a labelled word is
+    # predicted at the position before it)
+    target_labels: torch.Tensor
 
 
 class Stream:
@@ -260,14 +264,15 @@ class Stream:
         for r in rows:
             t, p, m = self.span((step * size + r) * T, T + 1)
             xs.append(t)
-            ps.append(p[:-1])
+            ps.append(p)
             if m is not None:
-                ms.append(m[:-1])
+                ms.append(m)
         x = torch.from_numpy(np.stack(xs).astype(np.int64))
-        passage = torch.from_numpy(np.stack(ps).astype(np.int64))
-        per_position = labels[passage.numpy()].astype(np.float32)
+        every = labels[np.stack(ps)].astype(np.float32)  # (B, T+1): one label per token of the window
         if ms:
-            per_position = per_position * np.stack(ms)
+            every = every * np.stack(ms)
+        passage = torch.from_numpy(np.stack(ps)[:, :-1].astype(np.int64))
+        per_position, per_target = every[:, :-1], every[:, 1:]
         change = torch.ones_like(passage, dtype=torch.bool)
         change[:, 1:] = passage[:, 1:] != passage[:, :-1]
         line = change.long().cumsum(1) - 1
@@ -277,4 +282,5 @@ class Stream:
         lab = torch.from_numpy(labels.astype(np.float32))[first]
         valid = torch.zeros(len(rows), K, dtype=torch.bool)
         valid.scatter_(1, line, True)
-        return Batch(x[:, :-1], x[:, 1:], passage, line, lab * valid, torch.from_numpy(per_position))
+        return Batch(x[:, :-1], x[:, 1:], passage, line, lab * valid, torch.from_numpy(np.ascontiguousarray(per_position)),
+                     torch.from_numpy(np.ascontiguousarray(per_target)))

@@ -159,6 +159,13 @@ class ArmResult:
     seconds: float = 0.0  # time spent in training steps, summed over every session that trained it (NaN: unknown)
 
 
+def term_columns(names: list[str]) -> list[str]:
+    """The regularizer terms' columns of an arm's metric rows (`LMTask.names`): those between
+    "task" and "labelled_passages". The schedule's weight columns come first and may share a
+    term's prefix (the weight `anchor`, the term `anchor@3`), so a prefix cannot tell them apart."""
+    return names[names.index("task") + 1:names.index("labelled_passages")]
+
+
 class LMTask(MetricRows):
     """One optimiser step of one (arm, seed); the `Task` that `train.skeleton.fit` drives.
 
@@ -236,7 +243,7 @@ class LMTask(MetricRows):
         n_self = torch.tensor(0.0 if self.self_label is not None else float("nan"))
         self.optimizer.zero_grad(set_to_none=True)
         if self.arm in ("sgtm", "routing"):
-            loss = task = self._baseline_backward(x, y, pos.bool())
+            loss = task = self._baseline_backward(x, y, b.target_labels.to(dev).bool())
             term_values: list[torch.Tensor] = []
         else:
             logits = self.forward(x)  # the hooks refresh cap.acts in this same pass
@@ -273,6 +280,7 @@ class LMTask(MetricRows):
 
     def _baseline_backward(self, x: torch.Tensor, y: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
         """Forward and backward of the sgtm / routing arms (gradients into `.grad`); returns the mean CE.
+        `labelled` marks the positions whose *target* token is labelled, the losses both methods steer.
 
         sgtm: the labelled positions' CE and the rest's, each summed and divided by all positions,
         go through `masked_backward` (labelled → forget entries only). routing: one mean CE, its
