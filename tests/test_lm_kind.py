@@ -381,6 +381,39 @@ def test_a_target_without_a_value_shows_as_undefined():
     assert "MISS  kept ≥ 50%: undefined" in lines and "met   margin: 0.400" in lines
 
 
+def test_an_infinite_target_prints_as_infinite_in_the_report_and_after_reading_back(tmp_path):
+    """A ratio target whose median is +∞ (the mean-difference edit removed nothing on most seeds) used
+    to crash the report before summary.json was written; read back from JSON (null) it printed
+    "undefined". Undefined values in the per-seed table print as a dash instead of a traceback."""
+    from anchoring import runs
+    from anchoring.evaluate.stats import mark_infinite
+    from anchoring.kinds.lm.kind import summary_lines
+
+    targets = mark_infinite({"ratio ≥ 3": {"median": float("inf"), "met": True},
+                             "R ≥ 0.5": {"median": 0.25, "met": False, "undefined_seeds": 2}})
+    model = {"arm": "anchored", "seed": 0, "loss": {"all": 1.5, "concept": float("nan"), "retain": 1.4},
+             "alignment": {"blocks.1": {"margin": float("nan"), "containment": 0.05}}}
+    summary = {"experiment": "x", "anchored_sites": ["blocks.1"], "models": [model], "targets": targets}
+    runs.write_json(tmp_path / "summary.json", summary)
+    for s in (summary, runs.read_json(tmp_path / "summary.json")):
+        lines = summary_lines(s)
+        assert "met   ratio ≥ 3: ∞" in lines, lines
+        assert "MISS  R ≥ 0.5: 0.250 (2 seeds undefined, left out)" in lines, lines
+
+
+def test_the_training_curves_show_the_terms_not_the_schedule_weights(corpus):
+    """The schedule weight `anchor` shares its prefix with the term `anchor@…`: a panel of it showed the
+    weight's ramp, in the control arm too, as if it were a curve of training."""
+    from anchoring.kinds.lm.training import LMTask, term_columns
+
+    cfg = experiments.load("lm-anchor-passages", tiny(corpus))
+    task = LMTask(cfg, load_data(cfg.text), 0, "control")
+    weights = set(task.timeline.names)
+    assert "anchor" in weights and any(t.name.startswith("anchor") for t in task.objective.terms)
+    assert term_columns(task.names) == [t.name for t in task.objective.terms]
+    assert not weights & set(term_columns(task.names))
+
+
 def test_route_changes_only_the_anchored_arm_and_needs_an_anchor(corpus, tmp_path):
     """lm.route alters how the anchored arm learns (its weights differ after a few steps) and leaves
     every other arm bit-for-bit the same; without an anchor term it is refused before training."""

@@ -24,7 +24,7 @@ def training_curves(curves: dict[str, dict[str, np.ndarray]], window: int = 25) 
                 with warnings.catch_warnings():  # steps where no seed had a labelled passage stay NaN
                     warnings.simplefilter("ignore", RuntimeWarning)
                     ax.plot(np.nanmean(ys, 0), label=arm, lw=1)
-        ax.set_title(m, fontsize=9)
+        ax.set_title("task loss (nats/token)" if m == "task" else m, fontsize=9)  # per token: BPE tokens hold several characters
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0, 0].legend(fontsize=7)

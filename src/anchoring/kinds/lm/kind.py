@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from anchoring import runs
 from anchoring.anchor import Capture
 from anchoring.errors import AnchoringError
-from anchoring.evaluate.stats import median, target_text
+from anchoring.evaluate.stats import mark_infinite, median, target_median, target_text
 from anchoring.kinds.arms import write_arms
 from anchoring.kinds.base import Kind
 from anchoring.kinds.lm import evaluate as ev
@@ -39,7 +39,7 @@ from anchoring.kinds.lm import figures as lf
 from anchoring.kinds.lm.baselines import forget_masks
 from anchoring.kinds.lm.config import LMExperiment
 from anchoring.kinds.lm.data import LMData, load_data
-from anchoring.kinds.lm.training import ArmResult, build_model, build_objective, build_timeline, check_compile, device_of, train_arm
+from anchoring.kinds.lm.training import ArmResult, build_model, build_objective, build_timeline, check_compile, device_of, term_columns, train_arm
 from anchoring.report import html
 from anchoring.report.figures import save as save_fig
 from anchoring.resources import check_fits
@@ -317,6 +317,7 @@ def finish(cfg: LMExperiment, path: Path, data: LMData, results: dict[tuple[str,
         from anchoring.kinds.lm.unlearning import targets as unlearning_targets
 
         summary["targets"].update(unlearning_targets(summary["unlearning"]))
+    mark_infinite(summary["targets"])
     figures(cfg, path, data, results, rows, sites, direction, dims)
     write_report(cfg, path, summary, first.metric_names)
     return summary
@@ -403,9 +404,8 @@ def figures(cfg: LMExperiment, path: Path, data: LMData, results, rows, sites, d
     figdir = path / "figures"
     curves: dict[str, dict[str, np.ndarray]] = {}
     for (arm, _seed), r in results.items():
-        for m in ("task", *[n for n in r.metric_names if n.startswith(("anchor", "clear", "subspace"))]):
-            if m in r.metric_names:
-                curves.setdefault(arm, {}).setdefault(m, []).append(r.metrics[:, r.metric_names.index(m)])
+        for m in ("task", *term_columns(r.metric_names)):
+            curves.setdefault(arm, {}).setdefault(m, []).append(r.metrics[:, r.metric_names.index(m)])
     curves = {a: {m: np.stack(v) for m, v in c.items()} for a, c in curves.items()}
     save_fig(lf.training_curves(curves), figdir / "training_curves.png")
     save_fig(lf.alignment_bars(rows, sites, arms(cfg)), figdir / "alignment.png")
@@ -445,8 +445,8 @@ def write_report(cfg: LMExperiment, path: Path, summary: dict[str, Any], metric_
          html.table_html(["arm", "seed", "all", "concept", "retain", "all (bits)", "concept (bits)", "retain (bits)"], loss_rows)),
     ]
     if summary["targets"]:
-        sections.append(("Targets", html.table_html(["target", "median", "met"],
-                                                    [[k, target_text(v["median"]), v["met"]] for k, v in summary["targets"].items()])))
+        shown = [[k, target_text(target_median(v)) + _left_out(v), v["met"]] for k, v in summary["targets"].items()]
+        sections.append(("Targets", html.table_html(["target", "median", "met"], shown)))
     sections += [
         ("Alignment cos(h, anchor) per layer", html.table_html(["arm", "seed", "site", "concept", "retain", "margin",
                                                                 "containment"], al_rows)),
@@ -570,6 +570,19 @@ class LMKind(Kind):
 KIND = LMKind()
 
 
+def _left_out(t: dict[str, Any]) -> str:
+    """What a target line adds when some seeds had no value for it (their median leaves them out)."""
+    n = t.get("undefined_seeds") or 0
+    treated = "left out" if t.get("undefined_counted_as") is None else f"counted as {t['undefined_counted_as']:g}"
+    return f" ({n} seed{'s' * (n != 1)} undefined, {treated})" if n else ""
+
+
+def _cell(x: float | None) -> str:
+    """A table cell of three decimals; "–" for a value that is undefined (NaN in the run, null once
+    summary.json is read back: a class with no positions, a probe with one class)."""
+    return "–" if x is None or x != x else f"{x:.3f}"
+
+
 def summary_lines(summary: dict[str, Any]) -> list[Any]:
     from rich.table import Table
 
@@ -591,16 +604,16 @@ def summary_lines(summary: dict[str, Any]) -> list[Any]:
         table.add_column(c, justify="right")
     for r in summary["models"]:
         seconds = timing.get(f"{r['arm']}-seed{r['seed']}_s")
-        table.add_row(r["arm"], str(r["seed"]), *[f"{r['loss'][k]:.3f}" for k in ("all", "concept", "retain")],
-                      *[f"{r['alignment'][s]['margin']:.3f}" for s in sites],
-                      *[f"{r['alignment'][s]['containment']:.3f}" for s in sites],
+        table.add_row(r["arm"], str(r["seed"]), *[_cell(r["loss"][k]) for k in ("all", "concept", "retain")],
+                      *[_cell(r["alignment"][s]["margin"]) for s in sites],
+                      *[_cell(r["alignment"][s]["containment"]) for s in sites],
                       "–" if seconds is None else f"{seconds:.0f}")
     lines: list[Any] = [table]
     if "device" in timing:  # runs written before it was recorded do not say
         lines.append(f"trained on {timing['device']}, torch {timing['torch']}, {timing['processes']} {timing['parallel']} "
                      "(the session that finished the training)")
     for name, t in summary.get("targets", {}).items():
-        lines.append(f"{'met ' if t['met'] else 'MISS'}  {name}: {target_text(t.get('median'))}")  # None: NaN read back from JSON
+        lines.append(f"{'met ' if t['met'] else 'MISS'}  {name}: {target_text(target_median(t))}{_left_out(t)}")  # None: NaN read back from JSON
     if summary.get("unlearning"):
         from anchoring.kinds.lm import unlearning as ul
 

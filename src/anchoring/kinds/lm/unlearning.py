@@ -426,15 +426,19 @@ def targets(unlearning: dict[str, Any]) -> dict[str, dict[str, Any]]:
         out[f"{mine}: Δforget at concept positions ≥ 0.5 nats/char"] = {"median": d, "met": d >= 0.5}
         out[f"{mine}: retain cost ≤ 0.02 nats/char"] = {"median": cost, "met": cost <= 0.02}
         if any(r["method"] == md for r in rows):
-            ratio_ = ranked_median([ratio(a["d_forget_concept"], b["d_forget_concept"]) for a in rows if a["method"] == mine
-                                    for b in rows if b["method"] == md and b["seed"] == a["seed"]])
+            ratios = [ratio(a["d_forget_concept"], b["d_forget_concept"]) for a in rows if a["method"] == mine
+                      for b in rows if b["method"] == md and b["seed"] == a["seed"]]
+            ratio_ = ranked_median(ratios)
             out[f"Δforget (concept) of {mine} ≥ 3 × {md}"] = {
-                "median": ratio_, "met": ratio_ >= 3.0, "retain_costs": [cost, med(md, lambda r: r["retain_cost"])]}
+                "median": ratio_, "met": ratio_ >= 3.0, "retain_costs": [cost, med(md, lambda r: r["retain_cost"])],
+                "undefined_seeds": sum(math.isnan(v) for v in ratios)}
         if edit == "delete" and any(r["method"] == MATCHED_COST for r in rows):  # the target as stated: at the same retain cost
-            ratio_ = ranked_median([ratio(a["d_forget_concept"], b["d_forget_concept"]) for a in rows if a["method"] == mine
-                                    for b in rows if b["method"] == MATCHED_COST and b["seed"] == a["seed"]])
+            ratios = [ratio(a["d_forget_concept"], b["d_forget_concept"]) for a in rows if a["method"] == mine
+                      for b in rows if b["method"] == MATCHED_COST and b["seed"] == a["seed"]]
+            ratio_ = ranked_median(ratios)
             out[f"Δforget (concept) of {mine} ≥ 3 × {md} at the same retain cost"] = {
-                "median": ratio_, "met": ratio_ >= 3.0, "strengths": [r["strength"] for r in rows if r["method"] == MATCHED_COST]}
+                "median": ratio_, "met": ratio_ >= 3.0, "strengths": [r["strength"] for r in rows if r["method"] == MATCHED_COST],
+                "undefined_seeds": sum(math.isnan(v) for v in ratios)}
         ks = unlearning.get("relearn_k") or []
         if ks:
             k = max(ks)
@@ -442,9 +446,11 @@ def targets(unlearning: dict[str, Any]) -> dict[str, dict[str, Any]]:
             kept = ranked_median([kept_for_median(r, k) for r in attacked])
             out[f"{mine} keeps ≥ 50% of Δforget after relearning on K = {k}"] = {
                 "median": kept, "met": kept >= 0.5,
-                "undefined_seeds": sum(math.isnan(_num(r["relearn"][str(k)].get("kept"))) for r in attacked)}
+                "undefined_seeds": sum(math.isnan(_num(r["relearn"][str(k)].get("kept"))) for r in attacked),
+                "undefined_counted_as": 0.0}  # see kept_for_median
         r_ = med(mine, lambda r: r["R"])
-        out[f"R ({mine} vs oracle filter) ≥ 0.5"] = {"median": r_, "met": r_ >= 0.5}
+        out[f"R ({mine} vs oracle filter) ≥ 0.5"] = {
+            "median": r_, "met": r_ >= 0.5, "undefined_seeds": sum(math.isnan(_num(r["R"])) for r in rows if r["method"] == mine)}
     return out
 
 

@@ -24,7 +24,7 @@ from anchoring.anchor import Capture
 from anchoring.anchor.sequence import SequenceSite
 from anchoring.domains.colour.labels import redness
 from anchoring.errors import AnchoringError
-from anchoring.evaluate.stats import median, target_text
+from anchoring.evaluate.stats import mark_infinite, median, target_median, target_text
 from anchoring.kinds.arms import write_arms
 from anchoring.kinds.base import Kind
 from anchoring.kinds.transformer import evaluate as ev
@@ -291,7 +291,7 @@ def summarize(cfg: TransformerExperiment, rows: list[dict], edits: dict, anchors
             a = block["anchored"]
             targets[f"{name}: red-answer accuracy drop ≥ 0.5"] = {"median": a["red_answer_drop"], "met": a["red_answer_drop"] >= 0.5}
             targets[f"{name}: no-red accuracy drop ≤ 0.05"] = {"median": a["no_red_drop"], "met": a["no_red_drop"] <= 0.05}
-    summary["targets"] = targets
+    summary["targets"] = mark_infinite(targets)
     return summary
 
 
@@ -344,7 +344,7 @@ def write_report(cfg: TransformerExperiment, path: Path, summary: dict[str, Any]
                 ("Exact match per model", html.table_html(keys, model_rows))]
     if summary["targets"]:
         sections.append(("Targets", html.table_html(["target", "median", "met"],
-                                                    [[k, target_text(v["median"]), v["met"]] for k, v in summary["targets"].items()])))
+                                                    [[k, target_text(target_median(v)), v["met"]] for k, v in summary["targets"].items()])))
     for name, block in summary["interventions"].items():
         body = html.table_html(["arm", "direction", "red-answer drop (median)", "no-red drop (median)"],
                                [[arm, b["per_seed"][0]["direction"], b["red_answer_drop"], b["no_red_drop"]] for arm, b in block.items()])
@@ -422,5 +422,5 @@ def summary_lines(summary: dict[str, Any]) -> list[Any]:
             lines.append(f"{name} [{arm}, {b['per_seed'][0]['direction']}]: accuracy drop on red answers "
                          f"{b['red_answer_drop']:+.3f}, on equations without red {b['no_red_drop']:+.3f} (median over seeds)")
     for name, t in summary.get("targets", {}).items():
-        lines.append(f"{'met ' if t['met'] else 'MISS'}  {name}: {target_text(t['median'])}")
+        lines.append(f"{'met ' if t['met'] else 'MISS'}  {name}: {target_text(target_median(t))}")
     return lines
