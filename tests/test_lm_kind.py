@@ -414,6 +414,22 @@ def test_the_training_curves_show_the_terms_not_the_schedule_weights(corpus):
     assert not weights & set(term_columns(task.names))
 
 
+@pytest.mark.parametrize("n", [1, 2])  # the tiny corpus has one long concept passage in validation
+def test_the_shaded_figure_prints_as_many_passages_as_asked_and_names_the_seed(corpus, tmp_path, monkeypatch, n):
+    from anchoring.kinds.lm import figures as lf
+
+    drawn = []
+    real = lf.shaded_text
+    monkeypatch.setattr(lf, "shaded_text", lambda items: drawn.extend(items) or real(items))
+    cfg = experiments.load("lm-anchor-passages", tiny(corpus, "train.steps=2", "train.seed=4",
+                                                      'lm.arms=["anchored","control"]', f"evaluate.shade_passages={n}"))
+    lifecycle.run(cfg, tmp_path / "run")
+    for arm in ("anchored", "control"):
+        titles = [t for t, *_ in drawn if t.startswith(f"{arm}, seed 4,")]
+        assert len(titles) == n, titles
+        assert sum("(no concept)" in t for t in titles) == (1 if n >= 2 else 0)
+
+
 def test_route_changes_only_the_anchored_arm_and_needs_an_anchor(corpus, tmp_path):
     """lm.route alters how the anchored arm learns (its weights differ after a few steps) and leaves
     every other arm bit-for-bit the same; without an anchor term it is refused before training."""

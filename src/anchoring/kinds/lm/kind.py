@@ -412,17 +412,19 @@ def figures(cfg: LMExperiment, path: Path, data: LMData, results, rows, sites, d
     n = cfg.evaluate.shade_passages
     if n:
         val = [int(i) for i in data.parts["validation"]]
+        # n passages: one without the concept for contrast (when n ≥ 2), the rest with it
         pos = [i for i in val if data.reference[i] and len(data.texts[i]) >= 80][: max(1, n - 1)]
-        neg = [i for i in val if not data.reference[i] and len(data.texts[i]) >= 80][:1]
+        neg = [i for i in val if not data.reference[i] and len(data.texts[i]) >= 80][: 1 if n >= 2 else 0]
         site = (anchored_sites(cfg) or sites[-1:])[0]
         items = []
-        for arm in [a for a in ("anchored", "control") if (a, cfg.train.member_seeds()[0]) in results]:
-            model = results[arm, cfg.train.member_seeds()[0]].model
+        seed = cfg.train.member_seeds()[0]
+        for arm in [a for a in ("anchored", "control") if (a, seed) in results]:
+            model = results[arm, seed].model
             for i in pos + neg:
                 text = data.texts[i][:600]
                 a, spans = ev.token_alignment(model, data, text, site, direction, dims)
                 tag = "concept" if data.reference[i] else "no concept"
-                items.append((f"{arm}, {site}, validation passage {i} ({tag})", text, a, spans))
+                items.append((f"{arm}, seed {seed}, {site}, validation passage {i} ({tag})", text, a, spans))
         if items:
             save_fig(lf.shaded_text(items), figdir / "shaded_passages.png")
 
@@ -489,7 +491,9 @@ def write_report(cfg: LMExperiment, path: Path, summary: dict[str, Any], metric_
             body += html.image_html(figs / "relearning_curves.png", "relearning curves")
         sections.append(("Unlearning", body))
     if (figs / "shaded_passages.png").is_file():
-        sections.append(("Held-out passages shaded by alignment (red: towards the anchor)",
+        shading = ("red: a larger share of the state in the concept's subspace" if measured_direction(cfg)[1]
+                   else "red: towards the anchor, blue: away")
+        sections.append((f"Held-out passages shaded by alignment ({shading})",
                          html.image_html(figs / "shaded_passages.png", "shaded passages")))
     sections.append(("Resolved config", f"<pre>{html.html.escape(cfg.to_toml())}</pre>"))
     runs.write_atomic(path / runs.REPORT, html.page(f"anchoring: {cfg.name}", sections))
