@@ -340,3 +340,12 @@ def test_an_atomic_write_reaches_the_disk_before_it_replaces_the_old_file(tmp_pa
     runs.write_atomic(tmp_path / "metrics.json", "{}")
     assert events == [("fsync", False), ("replace", None), ("fsync", True)]
     assert (tmp_path / "metrics.json").read_text() == "{}"
+
+
+def test_report_tables_show_undefined_and_infinite_values_as_such():
+    """A report cell of NaN read "nan" and one of ∞ "inf"; they mean undefined and unbounded."""
+    from anchoring.report.html import table_html
+
+    page = table_html(["a", "b", "c", "d"], [[float("nan"), float("inf"), float("-inf"), 0.12345]])
+    assert '<td title="undefined">–</td>' in page and "<td>∞</td>" in page and "<td>−∞</td>" in page
+    assert "<td>0.1235</td>" in page and "nan" not in page and "inf" not in page

@@ -17,6 +17,10 @@ def table_html(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def cell(v: Any) -> str:
         if isinstance(v, bool):
             return f'<td class="{"ok" if v else "bad"}">{"yes" if v else "no"}</td>'
+        if isinstance(v, float) and v != v:  # undefined (a class with no positions, a ratio over 0 / 0)
+            return '<td title="undefined">–</td>'
+        if isinstance(v, float) and v in (float("inf"), float("-inf")):
+            return f"<td>{'∞' if v > 0 else '−∞'}</td>"
         if isinstance(v, float):
             return f"<td>{v:.4g}</td>"
         return f"<td>{html.escape(str(v))}</td>"

@@ -1,7 +1,8 @@
 """Measuring an LM: loss in nats per character on validation text, split into concept positions and
 retain passages; alignment with the anchor per layer; linear probes for the concept.
 
-**Which positions count.** Validation passages are scored whole, in corpus order, packed like the
+**Which positions count.** Validation passages are scored whole, in corpus order (or one fixed
+shuffle of it, `evaluate.order = "shuffled"`), packed like the
 training stream (windows of `window+1` tokens at stride `window`), so every token is predicted once,
 with the text before it in its window as context (the context starts afresh at each window, as in
 training). A token's characters are its tokenizer span.
