@@ -170,6 +170,24 @@ def test_bad_config_is_one_line(corpus, tmp_path, override, message):
         lifecycle.validate(experiments.load("lm-anchor-passages", tiny(corpus, override)))
 
 
+def test_scored_concept_passages_without_a_word_of_the_concept_are_refused(corpus, tmp_path, monkeypatch):
+    """A passage's reference label can come from sentiment or metadata while no word of it marks a
+    position; if no scored passage has such a word, every concept number would be NaN after training."""
+    from anchoring.kinds.lm import kind
+
+    real = kind.concept_spans
+    calls = []
+    monkeypatch.setattr(kind, "concept_spans", lambda text, concept: calls.append(text) or [])
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["run", "lm-anchor-passages", *[a for o in tiny(corpus) for a in ("--set", o)],
+                                 "--out", str(out), "-q"])
+    assert r.exit_code == 2 and not out.exists() and calls, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no concept positions to score" in lines[0], r.stderr
+    monkeypatch.setattr(kind, "concept_spans", real)
+    lifecycle.validate(experiments.load("lm-anchor-passages", tiny(corpus)))  # the real labeller finds words
+
+
 def test_a_model_too_big_for_memory_is_refused_before_anything_is_built(corpus, tmp_path):
     out = tmp_path / "run"
     big = tiny(corpus, "lm.width=8192", "lm.heads=64", "lm.layers=48", "lm.batch_size=4096")

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from anchoring import runs
 from anchoring.anchor import Capture
+from anchoring.domains.text.labelling import concept_spans
 from anchoring.errors import AnchoringError
 from anchoring.evaluate.stats import mark_infinite, median, target_median, target_text
 from anchoring.kinds.arms import write_arms
@@ -131,11 +132,17 @@ def validate(cfg: LMExperiment, data: bool = True) -> int:
         scored = [("evaluate.eval_chars", e.eval_chars)] + ([("unlearning.eval_chars", cfg.unlearning.eval_chars)]
                                                              if cfg.unlearning.enabled else [])
         for key, n in scored:  # the scored prefix must hold both classes, or every concept number is made up
-            ref = d.reference[ev.eval_passages(d, n, order=e.order)]
+            passages = ev.eval_passages(d, n, order=e.order)
+            ref = d.reference[passages]
             if not ref.any() or ref.all():
                 which = f"no passage with {cfg.text.concept!r}" if not ref.any() else "no passage without it"
                 raise AnchoringError(f"the {n:,} validation characters scored ({key}, evaluate.order = {e.order!r}) hold "
                                      f"{which}; set evaluate.order = \"shuffled\" or raise {key}")
+            if not any(concept_spans(d.texts[i], cfg.text.concept) for i in np.asarray(passages)[ref.astype(bool)]):
+                # a reference label can come from elsewhere (sentiment, metadata) than the words that mark positions
+                raise AnchoringError(f"the {n:,} validation characters scored ({key}) hold passages with "
+                                     f"{cfg.text.concept!r} but no word of it, so there are no concept positions to "
+                                     f"score; set evaluate.order = \"shuffled\" or raise {key}")
         if e.ood:  # checked now, not after hours of training
             test = d.parts["test"]
             long = sum(len(d.texts[i]) >= e.ood_min_chars for i in test)
