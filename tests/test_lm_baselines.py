@@ -232,6 +232,9 @@ def test_sgtm_and_routing_steer_the_losses_of_labelled_target_tokens(corpus, mon
     task = LMTask(cfg, data, 0, "sgtm")
     b = task.stream.batch(0, cfg.lm.batch_size, task.labels)
     assert torch.equal(b.target_labels[:, :-1], b.labels[:, 1:])
+    assert torch.equal(b.target_labels[:-1, -1], b.labels[1:, 0])  # a window's last target opens the next window
+    after = task.stream.batch(1, cfg.lm.batch_size, task.labels)
+    assert b.target_labels[-1, -1] == after.labels[0, 0]
     starts = (b.target_labels[:, :-1] == 1) & (b.labels[:, :-1] == 0)  # positions just before a labelled run
     assert starts.any()
     for r, t in starts.nonzero().tolist()[:20]:

@@ -436,9 +436,10 @@ def test_the_training_curves_show_the_terms_not_the_schedule_weights(corpus):
 def test_the_shaded_figure_prints_as_many_passages_as_asked_and_names_the_seed(corpus, tmp_path, monkeypatch, n):
     from anchoring.kinds.lm import figures as lf
 
-    drawn = []
-    real = lf.shaded_text
+    drawn, panels = [], []
+    real, real_curves = lf.shaded_text, lf.training_curves
     monkeypatch.setattr(lf, "shaded_text", lambda items: drawn.extend(items) or real(items))
+    monkeypatch.setattr(lf, "training_curves", lambda curves: panels.append(curves) or real_curves(curves))
     cfg = experiments.load("lm-anchor-passages", tiny(corpus, "train.steps=2", "train.seed=4",
                                                       'lm.arms=["anchored","control"]', f"evaluate.shade_passages={n}"))
     lifecycle.run(cfg, tmp_path / "run")
@@ -446,6 +447,9 @@ def test_the_shaded_figure_prints_as_many_passages_as_asked_and_names_the_seed(c
         titles = [t for t, *_ in drawn if t.startswith(f"{arm}, seed 4,")]
         assert len(titles) == n, titles
         assert sum("(no concept)" in t for t in titles) == (1 if n >= 2 else 0)
+    terms = [t.name for t in cfg.terms] if cfg.terms else []
+    for arm in ("anchored", "control"):  # one panel per term, none of the schedule's weight columns
+        assert set(panels[0][arm]) == {"task", *terms}, sorted(panels[0][arm])
 
 
 def test_route_changes_only_the_anchored_arm_and_needs_an_anchor(corpus, tmp_path):

@@ -193,13 +193,30 @@ def test_shards_that_trained_on_different_corpora_are_not_merged(spec, tmp_path)
 
 def test_the_memory_check_counts_every_shard_that_trains_at_once(spec, tmp_path, monkeypatch):
     """Each shard process passes its own memory check, so the sweep must add up the shards its
-    workers train side by side: four that fit alone may not fit together."""
+    workers train side by side: four that fit alone may not fit together. Finished shards of a
+    continued sweep train nothing, and a Ray cluster trains on its own machines."""
     from anchoring import resources
     from anchoring.kinds.lm.kind import memory_estimate
+    from anchoring.sweep.layout import DONE
 
-    _, shards = sweep.plan(str(spec), [], sweep.parse_grid(["text.coverage=0.5,1.0"]), 4, tmp_path)
+    grid = sweep.parse_grid(["text.coverage=0.5,1.0"])
+    _, shards = sweep.plan(str(spec), [], grid, 4, tmp_path)
     one = max(memory_estimate(s.config) for s in shards)
     monkeypatch.setattr(resources, "available_bytes", lambda: int(2.5 * one / 0.8))  # room for two, not four
-    sweep.plan(str(spec), [], sweep.parse_grid(["text.coverage=0.5,1.0"]), 2, tmp_path)
+    sweep.check_memory(shards, 2)
     with pytest.raises(AnchoringError, match="4 shards training at once.*--workers"):
-        sweep.plan(str(spec), [], sweep.parse_grid(["text.coverage=0.5,1.0"]), 4, tmp_path)
+        sweep.check_memory(shards, 4)
+    with pytest.raises(AnchoringError, match="4 shards training at once"):
+        sweep.sweep(str(spec), tmp_path / "sw", grid=grid, workers=4)
+    assert not (tmp_path / "sw").exists()
+    for s in shards[:2]:
+        s.dir.mkdir(parents=True)
+        (s.dir / DONE).write_text("ok\n")
+    sweep.check_memory(shards, 4)  # two left to train
+
+    def remote(*a, **k):
+        raise RuntimeError("reached the Ray backend")
+
+    monkeypatch.setattr("anchoring.sweep.backends.run_ray", remote)
+    with pytest.raises(RuntimeError, match="reached the Ray backend"):
+        sweep.sweep(str(spec), tmp_path / "sw-ray", grid=grid, workers=4, backend="ray", address="ray://cluster:10001")

@@ -4,6 +4,7 @@ used to end in a traceback. Each test failed before the fix it covers."""
 import json
 import math
 import os
+import stat
 import string
 
 import pytest
@@ -328,7 +329,7 @@ def test_an_atomic_write_reaches_the_disk_before_it_replaces_the_old_file(tmp_pa
     real_fsync, real_replace = os.fsync, os.replace
 
     def fsync(fd):
-        events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}")))
+        events.append(("fsync", stat.S_ISDIR(os.fstat(fd).st_mode)))
         real_fsync(fd)
 
     def replace(a, b):
@@ -344,8 +345,11 @@ def test_an_atomic_write_reaches_the_disk_before_it_replaces_the_old_file(tmp_pa
 
 def test_report_tables_show_undefined_and_infinite_values_as_such():
     """A report cell of NaN read "nan" and one of ∞ "inf"; they mean undefined and unbounded."""
+    import numpy as np
+
     from anchoring.report.html import table_html
 
-    page = table_html(["a", "b", "c", "d"], [[float("nan"), float("inf"), float("-inf"), 0.12345]])
+    page = table_html(["a", "b", "c", "d", "e"], [[float("nan"), float("inf"), float("-inf"), 0.12345, np.float32("nan")]])
+    assert page.count('<td title="undefined">–</td>') == 2
     assert '<td title="undefined">–</td>' in page and "<td>∞</td>" in page and "<td>−∞</td>" in page
     assert "<td>0.1235</td>" in page and "nan" not in page and "inf" not in page

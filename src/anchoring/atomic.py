@@ -21,13 +21,22 @@ def write_atomic(path: Path, data: str | bytes) -> None:
         os.umask(mask)
         os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, path)
-        _sync_dir(path.parent)
+        sync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def _sync_dir(folder: Path) -> None:
+def sync_file(path: Path | str) -> None:
+    """Flush a file written by other means (a copy) to disk before it is renamed into place."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_dir(folder: Path) -> None:
     """Make the rename itself durable. Some file systems cannot open a folder for syncing: skip there."""
     try:
         fd = os.open(folder, os.O_RDONLY)

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
-from anchoring.atomic import write_atomic
+from anchoring.atomic import sync_dir, write_atomic
 from anchoring.errors import AnchoringError
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.,+=-]*$")  # a folder name a user may give inside a run
@@ -65,6 +65,7 @@ def staged(out: Path) -> Iterator[Path]:
         if out.is_dir():
             out.rmdir()  # new_run_dir let it through only if empty
         os.replace(tmp, out)
+        sync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

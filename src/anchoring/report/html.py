@@ -7,6 +7,8 @@ import html
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f3f3f3}.ok{color:#070}.bad{color:#b00;font-weight:bold}img{max-width:100%}
@@ -17,6 +19,8 @@ def table_html(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def cell(v: Any) -> str:
         if isinstance(v, bool):
             return f'<td class="{"ok" if v else "bad"}">{"yes" if v else "no"}</td>'
+        if isinstance(v, np.floating):
+            v = float(v)
         if isinstance(v, float) and v != v:  # undefined (a class with no positions, a ratio over 0 / 0)
             return '<td title="undefined">–</td>'
         if isinstance(v, float) and v in (float("inf"), float("-inf")):

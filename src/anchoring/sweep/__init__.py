@@ -26,7 +26,7 @@ from anchoring.errors import AnchoringError
 from anchoring.kinds import REGISTRY, kind_of
 from anchoring.report import html
 from anchoring.resources import check_fits
-from anchoring.sweep.layout import SHARD_CONFIG
+from anchoring.sweep.layout import DONE, SHARD_CONFIG
 
 SWEEP_PLAN = "sweep.json"  # how the sweep was planned: experiment, --set items, grid, workers
 
@@ -112,9 +112,15 @@ def plan(experiment: str, sets: list[str], grid: list[tuple[str, list[str]]], wo
         for block in kind.seed_blocks(cfg, -(-workers // len(points))):
             shard_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed_list": block})})
             shards.append(Shard(i, block, shard_cfg, root / "shards" / f"p{i:03d}-s{block[0]}-{block[-1]}"))
-    busy = sorted((kind_of(s.config).shard_memory(s.config) for s in shards), reverse=True)[:workers]
-    check_fits(sum(busy), f"{min(workers, len(shards))} shards training at once", "give --workers a smaller number")
     return configs, shards
+
+
+def check_memory(shards: list[Shard], workers: int) -> None:
+    """Each shard process checks only itself, so add up the largest shards that this machine's
+    workers will train side by side (finished ones, of a continued sweep, train nothing)."""
+    todo = [s for s in shards if not (s.dir / DONE).is_file()]
+    busy = sorted((kind_of(s.config).shard_memory(s.config) for s in todo), reverse=True)[:workers]
+    check_fits(sum(busy), f"{min(workers, len(todo))} shards training at once", "give --workers a smaller number")
 
 
 def check_continuation(out: Path, shards: list[Shard], plan_record: dict) -> None:
@@ -155,6 +161,8 @@ def sweep(experiment: str, out: Path, *, sets: list[str] | None = None, grid: li
     configs, shards = plan(experiment, sets or [], grid, workers, out)
     record = {"experiment": configs[0].name, "sets": list(sets or []), "grid": [[k, v] for k, v in grid], "workers": workers}
     check_continuation(out, shards, record)
+    if backend == "local" or (backend == "ray" and not address):  # a Ray cluster trains on its own machines
+        check_memory(shards, workers)
     runs.check_writable(out)
     for s in shards:
         s.dir.mkdir(parents=True, exist_ok=True)

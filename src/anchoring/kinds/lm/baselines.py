@@ -6,7 +6,7 @@ and v, their columns of o, their `s_qk` entries) and the last `round(sgtm.mlp_fr
 MLP hidden units (at least one when the fraction is > 0: their u and v rows of `up`, their columns of
 `down`, their `s_u`/`s_v` entries). The choice is deterministic (the last head(s), the last units)
 so every seed and every reader of a checkpoint agrees on it. In training the token loss is split
-into the weakly labelled positions' cross-entropy and the rest's, both divided by the number of
+into the cross-entropy of the positions whose target token is weakly labelled and the rest's, both divided by the number of
 positions (their sum is the usual mean); the labelled part updates only the forget entries, the
 rest updates everything (`train.masking.masked_backward`). The paper also has *retain*-labelled
 data that may not touch the forget entries; this toolkit's weak labels are positive-or-unlabelled,
@@ -15,7 +15,7 @@ so every unlabelled position updates all parameters (the paper's treatment of un
 **routing** (gradient routing, "expand, route, ablate", after Cloud et al. 2024). The MLPs of the
 blocks `routing.layers` get `routing.extra_units` extra hidden units (`build_model(…, arm="routing")`;
 the other weights start equal to the control's, see `NormalizedTransformer`). In training the task
-sets each routed MLP's `route` to the positions' weak labels: at labelled positions only the extra
+sets each routed MLP's `route` to the weak labels of the positions' target tokens (`Batch.target_labels`): at labelled positions only the extra
 units pass gradients, at the other positions only the original units do (`models.ngpt.routed_down`).
 A blocked (position, unit) pair gives no gradient to the unit's `up` rows, scales or `down` column,
 nor through its activation to earlier layers. Everything outside the routed MLPs learns from every

@@ -67,7 +67,7 @@ class LMConfig(_Strict):
 
 class SGTMConfig(_Strict):
     """The `sgtm` arm (selective gradient masking): which entries of each block are "forget"
-    parameters, the only ones weakly labelled positions update (see `kinds.lm.baselines`)."""
+    parameters, the only ones the loss of predicting weakly labelled tokens updates (see `kinds.lm.baselines`)."""
 
     heads: int = Field(1, ge=0, description="attention heads per block that are forget parameters (the last ones)")
     mlp_fraction: float = Field(1 / 16, ge=0, le=1, description="share of each block's MLP hidden units that are "
@@ -85,7 +85,7 @@ class SGTMConfig(_Strict):
 
 class RoutingConfig(_Strict):
     """The `routing` arm (gradient routing, expand–route–ablate): extra MLP hidden units in these
-    blocks learn only from weakly labelled positions and are zeroed after training."""
+    blocks learn only from positions whose next token is weakly labelled, and are zeroed after training."""
 
     layers: list[int] = Field(default_factory=lambda: [0, 1], description="blocks whose MLP gets the extra units")
     extra_units: int = Field(64, ge=1, description="extra hidden units per routed block")

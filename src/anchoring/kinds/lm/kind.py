@@ -3,8 +3,9 @@
 Arms: `anchored` (the terms of the spec), `control` (no terms), `weak-filtered` (no terms; the
 weakly labelled training passages removed), `oracle-filtered` (no terms; every reference-positive
 training passage removed), and two training-time unlearning baselines (see `baselines`): `sgtm`
-(weakly labelled positions update only designated forget entries of each block) and `routing`
-(weakly labelled positions' gradients routed into extra MLP units of early blocks); their deletion
+(the loss of predicting weakly labelled tokens updates only designated forget entries of each block)
+and `routing` (the gradients of positions whose next token is weakly labelled routed into extra MLP
+units of early blocks); their deletion
 edit is `baselines.ablated`, and the checkpoint keeps the trained, un-ablated models. All arms of a
 seed share initial weights (the routing arm's extra units aside), batch stream and labels (see
 `data`). Each (arm, seed) is one job with its own resumable checkpoint under `arms/`; jobs run one

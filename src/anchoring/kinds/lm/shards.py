@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from anchoring.atomic import write_atomic
+from anchoring.atomic import sync_dir, sync_file, write_atomic
 from anchoring.errors import AnchoringError
 from anchoring.evaluate.stats import median
 from anchoring.kinds.base import StepCallback
@@ -69,7 +69,9 @@ def _link(src: Path, dst: Path) -> None:
             os.link(src, tmp)
         except OSError:
             shutil.copy2(src, tmp)
+            sync_file(tmp)
         os.replace(tmp, dst)
+        sync_dir(dst.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
