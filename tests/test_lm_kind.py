@@ -10,6 +10,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 from typer.testing import CliRunner
 
 from anchoring import experiments, lifecycle
@@ -417,6 +418,11 @@ def test_an_infinite_target_prints_as_infinite_in_the_report_and_after_reading_b
         lines = summary_lines(s)
         assert "met   ratio ≥ 3: ∞" in lines, lines
         assert "MISS  R ≥ 0.5: 0.250 (2 seeds undefined, left out)" in lines, lines
+        console = Console(width=200, record=True)
+        console.print(lines[0])
+        row = next(line for line in console.export_text().splitlines() if "anchored" in line)
+        cells = [c.strip() for c in row.strip("│ ").split("│")]
+        assert cells[3] == "–" and cells[5] == "–" and "nan" not in row, row  # concept loss, margin
 
 
 def test_the_training_curves_show_the_terms_not_the_schedule_weights(corpus):
