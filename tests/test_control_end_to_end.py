@@ -106,3 +106,11 @@ def test_relearning_attack_on_the_post_hoc_baseline(anchored_run):
 
     data = list(csv.DictReader(open(res.files[0] / "curves.csv")))
     assert {d["model"] for d in data} == {"anchored", "post-hoc"} and len(data) == 2 * 3 * 21
+
+
+def test_the_relearning_median_never_averages_a_seed_that_did_not_recover():
+    from anchoring.kinds.colour.control import median_steps
+
+    assert median_steps([8, None], 10) == ">10"  # was 9.5: (8 + 11) / 2
+    assert median_steps([8, 4], 10) == "6" and median_steps([8, 4, None], 10) == "8"
+    assert median_steps([None, None], 10) == ">10"

@@ -69,6 +69,12 @@ def test_show_intervene_and_delete_on_a_transformer_run(two_kinds, tmp_path):
     assert {(x["arm"], x["direction"]) for x in rows} == {("anchored", "anchor"), ("control", "difference of means")}
     r = runner.invoke(app, ["intervene", str(run_dir), "--concept", "red", "--method", "repel"])
     assert r.exit_code == 2 and "'transformer' run supports --method suppress or ablate" in r.stderr
+    for flag, value in (("--falloff", "constant:0"), ("--dims", "0"), ("--k", "3")):  # ignored before, and recorded as applied
+        for cmd in ("intervene", "delete") if flag == "--dims" else ("intervene",):  # delete has only --dims of these
+            r = runner.invoke(app, [cmd, str(run_dir), "--concept", "red", flag, value,
+                                    *(["--out", str(tmp_path / "unused")] if cmd == "delete" else ["--name", "unused"])])
+            assert r.exit_code == 2 and f"{flag} does not apply to 'transformer' runs" in r.stderr, (cmd, flag, r.stderr)
+    assert not (run_dir / "interventions" / "unused").exists() and not (tmp_path / "unused").exists()
     deleted = tmp_path / "deleted"
     r = runner.invoke(app, ["delete", str(run_dir), "--concept", "red", "--out", str(deleted)])
     assert r.exit_code == 0, r.stderr

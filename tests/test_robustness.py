@@ -158,13 +158,16 @@ def test_bad_input_is_one_line_and_writes_nothing(anchored_run, tmp_path):
     one_line_error(invoke("run", "--set", "train.betas=[2,2]", "--out", tmp_path / "b", *SHORT), "betas")
     one_line_error(invoke("relearn", out, "--lr", "-1"), "--lr must be a positive number")
     one_line_error(invoke("relearn", out, "--samples", "100000", "--no-baseline"), "--samples 100000")
+    one_line_error(invoke("relearn", out, "--threshold", "nan", "--no-baseline"), "--threshold must be a number ≥ 0")
+    one_line_error(invoke("run", "--set", 'interventions.0.falloff="bezier:0.5,0,0.9,0.1,0"', "--out", tmp_path / "bz",
+                          *SHORT), "a Bézier mapper only applies to repel")  # before training, not after
     one_line_error(invoke("intervene", out, "--concept", "red", "--site", "decoder"), "not the latent width")
     one_line_error(invoke("intervene", out, "--concept", "red", "--name", "../../x"), "--name")
     one_line_error(invoke("delete", out, "--concept", "red", "--out", a_file), "is a file")
     one_line_error(invoke("sweep", "--seeds", "1", "--out", a_file), "is a file")
     one_line_error(invoke("sweep", "--seeds", "1", "--grid", "train.seed=1,1", "--out", tmp_path / "g"), "given twice")
     one_line_error(invoke("run", "--seeds", "1000000000", "--out", tmp_path / "huge"), "GiB")
-    assert not any((tmp_path / n).exists() for n in ("b", "g", "huge")) and not (out.parent / "x").exists()
+    assert not any((tmp_path / n).exists() for n in ("b", "g", "huge", "bz")) and not (out.parent / "x").exists()
     copy = tmp_path / "copy"
     copy.mkdir()
     for name in ("config.toml", "architecture.json", "checkpoint.safetensors", "summary.json", "metrics.csv"):

@@ -80,5 +80,6 @@ def make_plan(spec: InterventionConfig, concepts: Sequence[Concept], latent_dim:
             raise AnchoringError(f"intervention {spec.name!r}: {spec.method} needs dims (or a concept to take them from)")
         if any(not 0 <= d < latent_dim for d in dims):
             raise AnchoringError(f"intervention {spec.name!r}: dims {list(dims)} must be within 0..{latent_dim - 1}")
-    parse_falloff(spec.falloff)  # validate early
+    if isinstance(parse_falloff(spec.falloff), BezierMapper) and spec.method != "repel":  # before training, not after
+        raise AnchoringError(f"intervention {spec.name!r}: a Bézier mapper only applies to repel")
     return Plan(spec, direction, dims)

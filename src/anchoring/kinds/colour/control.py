@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from rich.table import Table
 
@@ -188,11 +190,16 @@ def delete(run: ColourRun, spec: InterventionConfig, out: Path) -> EditResult:
                       [out], summary)
 
 
+def median_steps(got: Sequence[int | None], steps: int) -> str:
+    """Median steps to recover over seeds, where a seed that never recovered (None) ranks above every
+    count: with seeds [8, never] in 10 steps the median is "> 10", not a made-up 9.5."""
+    med = float(np.median([s if s is not None else math.inf for s in got]))  # stats.median would drop inf
+    return f"{med:g}" if med <= steps else f">{steps}"
+
+
 def relearn(run: ColourRun, concept: str = "red", samples: Sequence[int] = (1, 4, 16, 64), steps: int = 200, *,
             lr: float = 0.01, retain: int = 0, threshold: float = 0.01, baseline: bool = True, progress=None) -> EditResult:
     """Delete the concept (ablate its dims), then fine-tune on K concept samples; same for a post-hoc baseline."""
-    import math
-
     from anchoring import lifecycle
     from anchoring.kinds.colour.objective import build_timeline
 
@@ -202,6 +209,8 @@ def relearn(run: ColourRun, concept: str = "red", samples: Sequence[int] = (1, 4
         raise AnchoringError(f"--lr must be a positive number, got {lr}")
     if retain < 0:
         raise AnchoringError(f"--retain must be ≥ 0, got {retain}")
+    if not (math.isfinite(threshold) and threshold >= 0):
+        raise AnchoringError(f"--threshold must be a number ≥ 0, got {threshold}")
     concepts, c = _concept(run, concept)
     if c is None or c.anchor is None:
         raise AnchoringError(f"concept {concept!r} has no anchor to delete")
@@ -255,7 +264,6 @@ def relearn(run: ColourRun, concept: str = "red", samples: Sequence[int] = (1, 4
         table.add_column(h, justify="right")
     for r in rows:
         got = r["steps_to_recover"]
-        med = median([s if s is not None else steps + 1 for s in got])
-        table.add_row(r["model"], str(r["K"]), f"{r['start_error']:.3f}", f"{med:g}" if med <= steps else f">{steps}",
+        table.add_row(r["model"], str(r["K"]), f"{r['start_error']:.3f}", median_steps(got, steps),
                       " ".join("-" if s is None else str(s) for s in got))
     return EditResult("relearn", [table, f"wrote {out}"], [out], summary)

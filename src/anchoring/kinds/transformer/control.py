@@ -73,10 +73,21 @@ def _table(title: str, rows: list[dict[str, Any]]) -> Table:
     return table
 
 
+def _refuse_unused(spec: InterventionConfig) -> None:
+    """A transformer edit acts on the concept's anchor at full strength: options it would not use are
+    refused rather than recorded in the edit's summary as if they had been applied."""
+    default = InterventionConfig(name=spec.name, method=spec.method)
+    for key, flag in (("falloff", "--falloff"), ("dims", "--dims"), ("k", "--k")):
+        if getattr(spec, key) != getattr(default, key):
+            raise AnchoringError(f"{flag} does not apply to 'transformer' runs: their edits remove the concept's anchor "
+                                 f"at full strength (use --concept)")
+
+
 def intervene(run: TransformerRun, spec: InterventionConfig) -> EditResult:
     """Suppress or ablate the concept's direction at its anchored sites; exact match split by redness."""
     if spec.method not in ("suppress", "ablate"):
         raise AnchoringError(f"a 'transformer' run supports --method suppress or ablate, not {spec.method!r}")
+    _refuse_unused(spec)
     if not runs.SAFE_NAME.match(spec.name):
         raise AnchoringError(f"--name {spec.name!r}: use letters, digits and _.,+=- only (it names a folder inside the run)")
     out = run.path / "interventions" / spec.name
@@ -105,6 +116,7 @@ def delete(run: TransformerRun, spec: InterventionConfig, out: Path) -> EditResu
     control arm is copied unchanged (it has no anchor to remove)."""
     if spec.method != "ablate":
         raise AnchoringError(f"delete on a 'transformer' run removes the anchor direction (--method ablate), not {spec.method!r}")
+    _refuse_unused(spec)
     if "anchored" not in run.arms:
         raise AnchoringError("this transformer run has no anchored arm to delete from")
     out = runs.new_run_dir(run.config.name, out, resumable=False)
