@@ -117,3 +117,25 @@ def test_similarity():
     # greys: hue does not matter, only value
     assert s("grey", "white") == pytest.approx(0.5)
     assert s("red", "white") == pytest.approx(s("white", "red"))
+
+
+def test_a_controller_on_the_curriculum_extent_changes_what_is_drawn(monkeypatch):
+    """The batch read the extent from the table cached at start-up, so a re-targeted extent changed
+    the logged value but not the points drawn."""
+    from anchoring import experiments
+    from anchoring.kinds.colour.config import ReactiveConfig
+    from anchoring.kinds.colour.training import ColourTask
+
+    base = experiments.load("smooth-curriculum", ["train.seeds=1"])
+    cfg = base.model_copy(update={"reactive": [ReactiveConfig(param="extent", metric="loss", target=1.0)]})
+    task = ColourTask(cfg)
+    step = 5
+    before = task.timeline.tracks["extent"](step)
+    seen = []
+    real = task.sampler.set_weights
+    monkeypatch.setattr(task.sampler, "set_weights", lambda w: seen.append(w.clone()) or real(w))
+    task.batch(step)
+    task.timeline.retarget("extent", step, min(1.0, before + 0.5), step + 1)
+    task.batch(step + 1)
+    assert task.last_extent == task.timeline.tracks["extent"](step + 1) != before
+    assert len(seen) == 2 and not torch.equal(seen[0], seen[1])  # the sampler's weights follow the new extent

@@ -52,3 +52,17 @@ def test_route_through_hooks_limit_what_labelled_positions_teach_earlier_layers(
         route.mask = None
         assert grad_of_first(lambda y: (y[0, 0] ** 2).sum()) > 0  # no mask: pass-through
     assert grad_of_first(lambda y: (y[0, 0] ** 2).sum()) > 0  # hooks removed on exit
+
+
+def test_a_repeated_direction_routes_along_that_direction_only():
+    """QR of [e0, e0] returns two orthonormal columns, so the route also let gradients through along an
+    arbitrary second direction (a concept with `dims = [3, 3]` reached it)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    e0, e1 = torch.eye(4)[0], torch.eye(4)[1]
+    route = RouteThrough(model, ["0"], [e0, e0, 2 * e0])
+    assert route.basis.shape == (1, 4) and torch.allclose(route.basis[0].abs(), e0)
+    h = torch.randn(1, 1, 4, requires_grad=True)
+    out = route_along(h, route.basis, torch.ones(1, 1, dtype=torch.bool))
+    (out * e1).sum().backward()
+    assert float(h.grad.abs().sum()) == 0  # nothing passes along e1
+    assert RouteThrough(model, ["0"], [e0, e1, e0 + e1]).basis.shape == (2, 4)

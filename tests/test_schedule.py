@@ -121,6 +121,36 @@ def test_retarget_has_no_jump_in_value_or_velocity(interp):
     assert tr(30) == pytest.approx(Track([(0, 0.0), (100, 1.0)], interp=interp)(30))  # the past is untouched
 
 
+def test_a_retarget_never_overshoots_its_start_or_its_goal():
+    """From the current velocity a quintic can overshoot: a weight falling 1 → 0, raised mid-way to
+    0.75, first kept falling and dipped below zero (a term rewarded instead of penalised)."""
+    tr = Track([(0, 1.0), (20, 0.0)])
+    start = tr(10)
+    tr.retarget(10, 0.75, 60)
+    values = [tr(t) for t in range(10, 61)]
+    assert min(values) >= start - 1e-12 and max(values) <= 0.75 + 1e-12, (min(values), max(values))
+    assert tr(60) == pytest.approx(0.75)
+    rising = Track([(0, 0.0), (20, 1.0)])
+    rising.retarget(10, 0.6, 30)  # heading up fast, told to stop at 0.6
+    assert max(rising(t) for t in range(10, 31)) <= 0.6 + 1e-12
+
+
+def test_a_reactive_decision_moves_the_weight_only_the_way_it_asks():
+    """A violated target raises the weight, never lowers it; a relaxed one lowers it, never raises it.
+    A weight the dopesheet put above `highest` used to be pulled down to it on a violation."""
+    from anchoring.schedule.reactive import Reactive
+
+    tl = Timeline({"w": Track([(0, 0.1)])}, steps=200)
+    high = torch.full((10, 2), 1.0)  # the metric is above its target: violated
+    low = torch.full((10, 2), 0.001)
+    capped = Reactive(param="w", metric="m", target=0.01, every=10, factor=2.0, highest=0.05, relax=True)
+    assert capped.decide(10, high, tl) is None  # already past the cap: stay, do not lower
+    floored = Reactive(param="w", metric="m", target=0.01, every=10, factor=2.0, lowest=0.2, relax=True)
+    assert floored.decide(10, low, tl) is None  # already under the floor: stay, do not raise
+    free = Reactive(param="w", metric="m", target=0.01, every=10, factor=2.0, relax=True)
+    assert free.decide(10, high, tl).value == pytest.approx(0.2) and free.decide(10, low, tl).value == pytest.approx(0.05)
+
+
 def test_retarget_log_track_and_timeline_cache():
     tl = Timeline({"lr": Track([(0, 1e-3), (100, 1e-1)], space="log")}, steps=101)
     assert tl.table()[100, 0] == pytest.approx(0.1)

@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from anchoring.anchor.basis import orthonormal
 from anchoring.anchor.capture import resolve_site
 
 
@@ -36,8 +37,7 @@ class RouteThrough:
 
     def __init__(self, model: nn.Module, sites: Iterable[str], directions: Sequence[torch.Tensor]) -> None:
         self.modules = [resolve_site(model, s) for s in sorted(set(sites))]
-        q, _ = torch.linalg.qr(torch.stack([d.double().flatten() for d in directions]).T)
-        self.basis = q.T.float()  # orthonormal rows spanning the directions
+        self.basis = torch.stack(orthonormal(directions))  # orthonormal rows spanning the directions (repeats dropped)
         self.mask: torch.Tensor | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 

@@ -56,13 +56,17 @@ class Reactive:
             return None
         current = timeline.tracks[self.param](step)
         violated = value > self.target if self.keep == "below" else value < self.target
+        # raise on a violation, lower when relaxing, never the other way: a weight that a dopesheet
+        # put above `highest` (or below `lowest`) is left where it is, not pulled to the bound
         if violated:
             goal = min(max(current * self.factor, self.lowest if self.lowest > 0 else 1e-12), self.highest)
+            if goal <= current:
+                return None
         elif self.relax:
             goal = max(current / self.factor, self.lowest)
+            if goal >= current:
+                return None
         else:
-            return None
-        if goal == current:
             return None
         until = min(step + self.ease, timeline.steps - 1)
         if until <= step:

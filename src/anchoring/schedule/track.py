@@ -43,6 +43,10 @@ class Segment:
     t1: float
     coeffs: tuple[float, ...]  # polynomial in u; a 'step' segment is a constant
     end_value: float  # value from t1 on (differs from the polynomial's end only for steps)
+    # a re-targeted segment stays between its start and its goal: starting from the track's current
+    # velocity, the quintic can overshoot either (a falling weight raised mid-flight would first dip
+    # below zero), which for a weight or a learning rate means a term rewarded or a step reversed
+    bounds: tuple[float, float] | None = None
 
     def state(self, t: float) -> tuple[float, float, float]:
         """(value, d/dt, d²/dt²) at t ∈ [t0, t1)."""
@@ -55,6 +59,8 @@ class Segment:
                 dy += k * c * u ** (k - 1)
             if k >= 2:
                 ddy += k * (k - 1) * c * u ** (k - 2)
+        if self.bounds is not None and not self.bounds[0] <= y <= self.bounds[1]:
+            return min(max(y, self.bounds[0]), self.bounds[1]), 0.0, 0.0
         return y, dy / span, ddy / (span * span)
 
 
@@ -130,7 +136,8 @@ class Track:
         """From step `at`, head for `value` at step `until` with no jump in value or velocity.
 
         Keyframes between `at` and `until` are dropped; later keyframes stay and are reached
-        from the new goal with the track's usual interpolation.
+        from the new goal with the track's usual interpolation. On the way the value stays between
+        where it was at `at` and `value` (where the eased curve would overshoot, it holds the bound).
         """
         if until <= at:
             raise AnchoringError(f"{self.name}: retarget must end after it starts ({until:g} ≤ {at:g})")
@@ -142,10 +149,11 @@ class Track:
             s = cut[0]
             keep = (at - s.t0) / (s.t1 - s.t0)
             coeffs = tuple(c * keep**k for k, c in enumerate(s.coeffs))
-            before.append(Segment(s.t0, at, coeffs, y))
+            before.append(Segment(s.t0, at, coeffs, y, s.bounds))
         elif not before and at > self.keys[0][0]:
             before.append(Segment(self.keys[0][0], at, (self.keys[0][1],), y))
-        new = [self._segment(at, y, until, goal, v0=dy, a0=ddy, eased=True)]
+        eased = self._segment(at, y, until, goal, v0=dy, a0=ddy, eased=True)
+        new = [Segment(eased.t0, eased.t1, eased.coeffs, eased.end_value, (min(y, goal), max(y, goal)))]
         later = [(t, v) for t, v in self.keys if t > until]
         prev_t, prev_y = until, goal
         for t, v in later:

@@ -111,9 +111,13 @@ class ColourTask:
     def batch(self, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Points `(seeds, B, 3)` and Bernoulli labels per concept, a pure function of (seed, step):
         a label is redrawn every time a point is drawn, with the labeller's probability."""
-        if self.extent_col is not None and float(self.table[step, self.extent_col]) != self.last_extent:
-            self.last_extent = float(self.table[step, self.extent_col])
-            self.sampler.set_weights(self.weights * curriculum_weights(self.depth, self.last_extent))
+        if self.extent_col is not None:
+            # a controller may steer the curriculum's extent too: read the live track, not the cached table
+            steered = any(name == "extent" for _c, name in self.steered)
+            extent = self.timeline.tracks["extent"](step) if steered else float(self.table[step, self.extent_col])
+            if extent != self.last_extent:
+                self.last_extent = extent
+                self.sampler.set_weights(self.weights * curriculum_weights(self.depth, extent))
         u = self.stream(step)
         idx = self.sampler.indices(u[..., 0])
         labels = {n: (u[..., 1 + i] < self.probs[i][idx]).float() for i, n in enumerate(self.names)}

@@ -14,6 +14,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from anchoring.anchor.basis import orthonormal
 from anchoring.control import Constant, Intervention, intervene, keeping_norm, matched_random, suppress_subspace
 from anchoring.control.surgery import blind_readers, project_out
 from anchoring.errors import AnchoringError
@@ -30,18 +31,6 @@ def concept_directions(cfg: LMExperiment) -> list[torch.Tensor]:
     if v is not None:
         return [v / v.norm()]
     return [torch.eye(cfg.lm.width)[d] for d in dims]
-
-
-def orthonormal(directions: Sequence[torch.Tensor], tol: float = 1e-6) -> list[torch.Tensor]:
-    """An orthonormal basis of the span of `directions` (Gram–Schmidt in order; dependent ones dropped)."""
-    basis: list[torch.Tensor] = []
-    for v in directions:
-        w = v.double().flatten()
-        for b in basis:
-            w = w - (w @ b) * b
-        if w.norm() > tol * max(float(v.double().norm()), 1.0):
-            basis.append(w / w.norm())
-    return [b.float() for b in basis]
 
 
 class Suppressed(nn.Module):
