@@ -75,8 +75,8 @@ class Positions:
                 omega = float(arg) if arg else 10.0
             except ValueError:
                 raise AnchoringError(f"position selector {text!r}: ω must be a number") from None
-            if not omega > 0:
-                raise AnchoringError(f"position selector {text!r}: ω must be positive")
+            if not (0 < omega < float("inf")):  # inf would give NaN values
+                raise AnchoringError(f"position selector {text!r}: ω must be a positive, finite number")
             return Positions("mellowmax", omega=omega)
         raise AnchoringError(f"unknown position selector {text!r} (all | slot:<role> | mellowmax[:ω])")
 
