@@ -356,3 +356,56 @@ def test_report_tables_show_undefined_and_infinite_values_as_such():
     assert page.count('<td title="undefined">–</td>') == 2
     assert '<td title="undefined">–</td>' in page and "<td>∞</td>" in page and "<td>−∞</td>" in page
     assert "<td>0.1235</td>" in page and "nan" not in page and "inf" not in page
+
+
+class _Weights:
+    """A one-parameter task whose loss stays finite while its weight turns NaN at `bad_step`: a
+    non-finite gradient with a finite loss, which the metric check alone does not see."""
+
+    metric_names = ["loss"]
+
+    def __init__(self, steps: int, bad_step: int):
+        self.w = torch.nn.Parameter(torch.ones(3))
+        self.params = {"w": self.w}
+        self.optimizer = torch.optim.SGD([self.w], lr=0.1)
+        self.steps, self.bad_step, self.seed = steps, bad_step, 7
+
+    def lr(self, step):
+        return 0.1
+
+    def step(self, step):
+        with torch.no_grad():
+            self.w.add_(0.01 if step != self.bad_step else float("nan"))
+        return torch.tensor([1.0])  # the loss of the step before the update: finite
+
+    def after_step(self, step):
+        return False
+
+    def state(self, steps_done):
+        return {}
+
+    def restore(self, steps_done, tensors):
+        if tensors.get("param.w") is not None and steps_done > 30:
+            raise RuntimeError("The expanded size of the tensor (5) must match")
+
+
+def test_weights_that_turned_non_finite_never_replace_the_last_good_checkpoint(tmp_path):
+    from anchoring.train.checkpoint import read_checkpoint as read
+    from anchoring.train.skeleton import Diverged, fit
+
+    ck = tmp_path / "ck.safetensors"
+    with pytest.raises(Diverged, match="the weights are not finite .*first 10 steps"):
+        fit(_Weights(30, bad_step=19), checkpoint=ck, every=10)
+    done, tensors = read(ck)
+    assert done == 10 and torch.isfinite(tensors["param.w"]).all()
+
+
+def test_a_checkpoint_longer_than_the_run_or_not_matching_its_state_is_one_error(tmp_path):
+    from anchoring.train.skeleton import fit
+
+    ck = tmp_path / "ck.safetensors"
+    fit(_Weights(40, bad_step=-1), checkpoint=ck, every=10)
+    with pytest.raises(AnchoringError, match="holds 40 steps, more than the 20"):
+        fit(_Weights(20, bad_step=-1), checkpoint=ck, every=10)
+    with pytest.raises(AnchoringError, match="does not match the run its config builds .*RuntimeError"):
+        fit(_Weights(50, bad_step=-1), checkpoint=ck, every=10)

@@ -102,7 +102,8 @@ def test_position_selectors_parse_and_reject_bad_input():
     assert Positions.parse("all", ROLE).kind == "all"
     assert Positions.parse("slot:a", ROLE).role == ROLE["a"]
     assert Positions.parse("mellowmax:5", ROLE).omega == 5.0
-    for bad, msg in (("slot:z", "unknown slot"), ("mellowmax:x", "number"), ("mellowmax:-1", "positive"), ("mellowmax:inf", "finite"), ("mellowmax:nan", "positive"), ("every", "unknown")):
+    for bad, msg in (("slot:z", "unknown slot"), ("mellowmax:x", "number"), ("mellowmax:-1", "positive"),
+                     ("mellowmax:inf", "finite"), ("mellowmax:nan", "positive"), ("every", "unknown")):
         with pytest.raises(AnchoringError, match=msg):
             Positions.parse(bad, ROLE)
 

@@ -153,10 +153,14 @@ def divergence_message(step: int, lr: float, row: torch.Tensor, names: list[str]
     if seeds is not None and len(seeds) == flat.shape[0]:
         rows = [seeds[i] for i in range(flat.shape[0]) if not bool(torch.isfinite(flat[i]).all())]
         who = f" in seed{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows))}"
+    return f"training diverged at step {step}: {name} is not finite{who} (lr {lr:g}); {_kept(saved)}"
+
+
+def _kept(saved: int) -> str:
+    """What the checkpoint on disk holds after a divergence, and what to do."""
     kept = (f"the checkpoint holds the run after its first {saved} steps, all finite, and resuming would meet the same step again"
             if saved else "nothing was checkpointed yet")
-    return (f"training diverged at step {step}: {name} is not finite{who} (lr {lr:g}); {kept} — lower the learning "
-            f"rate or the term's weight, in a new run")
+    return f"{kept} — lower the learning rate or the term's weight, in a new run"
 
 
 def fit(task: Task, *, checkpoint: Path | None, every: int, progress: Progress | None = None,
@@ -169,6 +173,9 @@ def fit(task: Task, *, checkpoint: Path | None, every: int, progress: Progress |
     start = 0
     if checkpoint is not None and checkpoint.is_file():
         start, tensors = read_checkpoint(checkpoint)
+        if start > task.steps:
+            raise AnchoringError(f"checkpoint {checkpoint.name} holds {start} steps, more than the {task.steps} this run's "
+                                 f"config trains; was the run's config changed since it was written?")
         for k, p in task.params.items():  # a config or tokenizer edited since the checkpoint: say so, copy nothing
             saved = tensors.get(f"param.{k}")
             if saved is None or saved.shape != p.shape:
@@ -179,8 +186,13 @@ def fit(task: Task, *, checkpoint: Path | None, every: int, progress: Progress |
         with torch.no_grad():
             for k, p in task.params.items():
                 p.copy_(tensors[f"param.{k}"])
-        restore_optimizer(task.optimizer, task.params, tensors)
-        task.restore(start, tensors)
+        try:
+            restore_optimizer(task.optimizer, task.params, tensors)
+            task.restore(start, tensors)
+        except (RuntimeError, KeyError, ValueError, IndexError) as e:  # the weights fit, the rest (terms, metrics) does not
+            raise AnchoringError(f"checkpoint {checkpoint.name} does not match the run its config builds "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); was the "
+                                 f"run's config changed since it was written?") from None
     # the task's own count of data-parallel ranks: another process group in the process is not this model's
     device, world = next(iter(task.params.values())).device, int(getattr(task, "world", 1))
     if world > 1:  # data parallel: every rank must take up the same step, or the averaged gradients mix steps
@@ -196,6 +208,12 @@ def fit(task: Task, *, checkpoint: Path | None, every: int, progress: Progress |
     def save(done: int) -> None:
         nonlocal saved
         if checkpoint is not None:
+            # a finite loss can still come with a non-finite gradient, and then the weights are no longer
+            # finite: never let them replace the last good checkpoint
+            bad = [k for k, p in task.params.items() if not bool(torch.isfinite(p).all())]
+            if bad:
+                raise Diverged(f"training diverged by step {done - 1}: the weights are not finite ({bad[0]}) though "
+                               f"the losses were; {_kept(saved)}")
             save_checkpoint(checkpoint, done, task.params, task.optimizer, task.state(done))
             saved = done
 
