@@ -112,8 +112,9 @@ def test_torchrun_workers_train_the_same_model_as_one_process(corpus, tmp_path):
 def test_sigterm_to_a_multi_worker_run_stops_its_workers_with_checkpoints(corpus, tmp_path):
     from signals import sigterm_stops_the_workers
 
-    cfg = experiments.load("lm-anchor-passages", tiny(corpus, "train.steps=20000", 'lm.arms=["anchored","control"]', "lm.workers=2",
-                                             "train.checkpoint_every=5"))
+    # three jobs on two workers: the third waits in the pool's queue and must not start after the stop
+    cfg = experiments.load("lm-anchor-passages", tiny(corpus, "train.steps=20000", 'lm.arms=["anchored","control","weak-filtered"]',
+                                                      "lm.workers=2", "train.checkpoint_every=5"))
     spec = tmp_path / "spec.toml"
     spec.write_text(cfg.to_toml())
     sigterm_stops_the_workers([str(spec)], tmp_path / "run")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import os
+import signal
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -263,28 +264,55 @@ def trained_on(cfg: LMExperiment, processes: int, how: str) -> dict[str, Any]:
     return {"device": name, "torch": torch.__version__, "processes": processes, "parallel": how if processes > 1 else "process"}
 
 
-def _init_worker() -> None:
+_STOP: Any = None  # in a job process: the parent's event that every job should save and stop
+
+
+def _init_worker(stop: Any = None) -> None:
+    global _STOP
     torch.set_num_threads(1)
+    _STOP = stop
+
+
+def _stop_if_asked(_done: int) -> None:
+    """After every step: once any job was stopped, this one stops too, through the training loop's
+    own SIGTERM handler, which saves the checkpoint first."""
+    if _STOP is not None and _STOP.is_set():
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _train_job(cfg: LMExperiment, path: Path, arm: str, seed: int) -> None:
-    train_arm(cfg, load_data(cfg.text, path), seed, arm, checkpoint=checkpoint_path(path, arm, seed))
+    if _STOP is not None and _STOP.is_set():  # stopped while this job waited in the pool's queue: do not start it
+        raise TrainingInterrupted(-1, path)
+    try:
+        train_arm(cfg, load_data(cfg.text, path), seed, arm, checkpoint=checkpoint_path(path, arm, seed),
+                  progress=_stop_if_asked)
+    except TrainingInterrupted:
+        if _STOP is not None:
+            _STOP.set()
+        raise
 
 
 def _train_in_processes(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int]], workers: int) -> None:
     """One process per (arm, seed) job. Ctrl-C reaches the workers (same process group), which save
     and stop; a SIGTERM sent to this process alone is passed on to them, so no worker is left
-    training into the run directory after its parent has gone."""
+    training into the run directory after its parent has gone. Once any job stops, a shared event
+    stops the others after their next step (with a checkpoint) and keeps queued jobs from starting:
+    the pool hands a worker its next job before the current one ends, so cancelling is not enough."""
     ctx = mp.get_context("spawn")
-    with sigterm_to_workers(), ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
+    stop = ctx.Event()
+    with sigterm_to_workers(), ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                                   initargs=(stop,)) as pool:
         futures = [pool.submit(_train_job, cfg, path, arm, seed) for arm, seed in jobs]
         try:
             for f in futures:
                 f.result()
         except KeyboardInterrupt:
+            stop.set()
             pool.shutdown(wait=True, cancel_futures=True)
             raise TrainingInterrupted(-1, path) from None
         except TrainingInterrupted as e:
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
             raise TrainingInterrupted(e.step, path) from None
 
 
