@@ -409,3 +409,16 @@ def test_a_checkpoint_longer_than_the_run_or_not_matching_its_state_is_one_error
         fit(_Weights(20, bad_step=-1), checkpoint=ck, every=10)
     with pytest.raises(AnchoringError, match="does not match the run its config builds .*RuntimeError"):
         fit(_Weights(50, bad_step=-1), checkpoint=ck, every=10)
+
+
+def test_a_stop_asked_by_the_parent_saves_first_then_interrupts(tmp_path):
+    """Job processes are stopped through `should_stop`, not a signal of their own: a second SIGTERM
+    more than the grace period after the first one is taken as "stop now, unsaved"."""
+    from anchoring.train.checkpoint import read_checkpoint as read
+    from anchoring.train.skeleton import TrainingInterrupted, fit
+
+    ck = tmp_path / "ck.safetensors"
+    task = _Weights(30, bad_step=-1)
+    with pytest.raises(TrainingInterrupted):
+        fit(task, checkpoint=ck, every=10, should_stop=lambda: float(task.w[0]) > 1.055)  # true after step 5
+    assert read(ck)[0] == 6

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from anchoring.anchor.route import RouteThrough, route_along
+from anchoring.errors import AnchoringError
 
 
 def test_route_along_keeps_values_and_passes_only_the_axis_gradient_where_masked():
@@ -66,3 +68,5 @@ def test_a_repeated_direction_routes_along_that_direction_only():
     (out * e1).sum().backward()
     assert float(h.grad.abs().sum()) == 0  # nothing passes along e1
     assert RouteThrough(model, ["0"], [e0, e1, e0 + e1]).basis.shape == (2, 4)
+    with pytest.raises(AnchoringError, match="at least one non-zero direction"):
+        RouteThrough(model, ["0"], [torch.zeros(4)])

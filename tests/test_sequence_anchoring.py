@@ -103,7 +103,7 @@ def test_position_selectors_parse_and_reject_bad_input():
     assert Positions.parse("slot:a", ROLE).role == ROLE["a"]
     assert Positions.parse("mellowmax:5", ROLE).omega == 5.0
     for bad, msg in (("slot:z", "unknown slot"), ("mellowmax:x", "number"), ("mellowmax:-1", "positive"),
-                     ("mellowmax:inf", "finite"), ("mellowmax:nan", "positive"), ("every", "unknown")):
+                     ("mellowmax:inf", "up to 1e6"), ("mellowmax:1e39", "up to 1e6"), ("mellowmax:nan", "positive"), ("every", "unknown")):
         with pytest.raises(AnchoringError, match=msg):
             Positions.parse(bad, ROLE)
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from anchoring.anchor.basis import orthonormal
 from anchoring.anchor.capture import resolve_site
+from anchoring.errors import AnchoringError
 
 
 def route_along(h: torch.Tensor, basis: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -37,7 +38,10 @@ class RouteThrough:
 
     def __init__(self, model: nn.Module, sites: Iterable[str], directions: Sequence[torch.Tensor]) -> None:
         self.modules = [resolve_site(model, s) for s in sorted(set(sites))]
-        self.basis = torch.stack(orthonormal(directions))  # orthonormal rows spanning the directions (repeats dropped)
+        basis = orthonormal(directions)  # orthonormal rows spanning the directions (repeats dropped)
+        if not basis:
+            raise AnchoringError("a route needs at least one non-zero direction")
+        self.basis = torch.stack(basis)
         self.mask: torch.Tensor | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 

@@ -75,8 +75,8 @@ class Positions:
                 omega = float(arg) if arg else 10.0
             except ValueError:
                 raise AnchoringError(f"position selector {text!r}: ω must be a number") from None
-            if not (0 < omega < float("inf")):  # inf would give NaN values
-                raise AnchoringError(f"position selector {text!r}: ω must be a positive, finite number")
+            if not (0 < omega <= 1e6):  # beyond, float32 losses give NaN values (ω = 1e6 already takes the minimum)
+                raise AnchoringError(f"position selector {text!r}: ω must be a positive number up to 1e6")
             return Positions("mellowmax", omega=omega)
         raise AnchoringError(f"unknown position selector {text!r} (all | slot:<role> | mellowmax[:ω])")
 

@@ -164,8 +164,11 @@ def _kept(saved: int) -> str:
 
 
 def fit(task: Task, *, checkpoint: Path | None, every: int, progress: Progress | None = None,
-        run_dir: Path | None = None, callbacks: tuple[Callable[[int], None], ...] = ()) -> int:
+        run_dir: Path | None = None, callbacks: tuple[Callable[[int], None], ...] = (),
+        should_stop: Callable[[], bool] | None = None) -> int:
     """Train `task` from its checkpoint (if one exists) to `task.steps`; returns the first step run.
+    `should_stop()`, asked after every step, stops the run as a signal would (save, then
+    TrainingInterrupted): how a parent stops its job processes without sending signals.
 
     A step whose losses are not finite stops the run before anything of it is saved, with one
     line naming the step and the loss; the checkpoint on disk is the last good one.
@@ -190,6 +193,8 @@ def fit(task: Task, *, checkpoint: Path | None, every: int, progress: Progress |
             restore_optimizer(task.optimizer, task.params, tensors)
             task.restore(start, tensors)
         except (RuntimeError, KeyError, ValueError, IndexError) as e:  # the weights fit, the rest (terms, metrics) does not
+            if isinstance(e, torch.OutOfMemoryError):
+                raise
             raise AnchoringError(f"checkpoint {checkpoint.name} does not match the run its config builds "
                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); was the "
                                  f"run's config changed since it was written?") from None
@@ -232,7 +237,8 @@ def fit(task: Task, *, checkpoint: Path | None, every: int, progress: Progress |
                 progress(step + 1, task.steps)
             for cb in callbacks:
                 cb(step)
-            if _agree(int(stop.set), device) if world > 1 else stop.set:  # every rank stops after the same step
+            asked = stop.set or (should_stop is not None and should_stop())
+            if _agree(int(asked), device) if world > 1 else asked:  # every rank stops after the same step
                 save(step + 1)
                 raise TrainingInterrupted(step + 1, run_dir)
     if start < task.steps:  # a checkpoint already at the last step is only read, never rewritten

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import os
-import signal
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -273,11 +272,9 @@ def _init_worker(stop: Any = None) -> None:
     _STOP = stop
 
 
-def _stop_if_asked(_done: int) -> None:
-    """After every step: once any job was stopped, this one stops too, through the training loop's
-    own SIGTERM handler, which saves the checkpoint first."""
-    if _STOP is not None and _STOP.is_set():
-        os.kill(os.getpid(), signal.SIGTERM)
+def _stop_asked() -> bool:
+    """Asked after every step: once any job was stopped, this one saves and stops too."""
+    return _STOP is not None and _STOP.is_set()
 
 
 def _train_job(cfg: LMExperiment, path: Path, arm: str, seed: int) -> None:
@@ -285,7 +282,7 @@ def _train_job(cfg: LMExperiment, path: Path, arm: str, seed: int) -> None:
         raise TrainingInterrupted(-1, path)
     try:
         train_arm(cfg, load_data(cfg.text, path), seed, arm, checkpoint=checkpoint_path(path, arm, seed),
-                  progress=_stop_if_asked)
+                  should_stop=_stop_asked)
     except TrainingInterrupted:
         if _STOP is not None:
             _STOP.set()
@@ -314,6 +311,10 @@ def _train_in_processes(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int
             stop.set()
             pool.shutdown(wait=True, cancel_futures=True)
             raise TrainingInterrupted(e.step, path) from None
+        except BaseException:  # a job failed (diverged, say): the others save and stop instead of training on
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def write_weights(path: Path, models: dict[tuple[str, int], torch.nn.Module]) -> None:

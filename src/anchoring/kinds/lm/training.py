@@ -378,8 +378,10 @@ def routed(task: "LMTask") -> Iterator[RouteThrough | None]:
 
 
 def train_arm(cfg: LMExperiment, data: LMData, seed: int, arm: str, *, checkpoint: Path | None = None,
-              progress: Callable[[int], None] | None = None, rank: int = 0, world: int = 1) -> ArmResult:
-    """Train one model; `progress(step)` after each step. Resumes from `checkpoint` if it exists."""
+              progress: Callable[[int], None] | None = None, rank: int = 0, world: int = 1,
+              should_stop: Callable[[], bool] | None = None) -> ArmResult:
+    """Train one model; `progress(step)` after each step. Resumes from `checkpoint` if it exists;
+    `should_stop` as in `fit`."""
     task = LMTask(cfg, data, seed, arm, rank=rank, world=world)
     report = (lambda done, _total: progress(done)) if progress is not None else None
     with Capture(task.model, [t.site.module for t in task.terms]) as cap, routed(task) as route:
@@ -387,6 +389,6 @@ def train_arm(cfg: LMExperiment, data: LMData, seed: int, arm: str, *, checkpoin
         task.model.train()
         if checkpoint is not None and rank > 0:  # every rank holds the same state; each keeps its own file
             checkpoint = checkpoint.with_name(f"{checkpoint.stem}.rank{rank}{checkpoint.suffix}")
-        fit(task, checkpoint=checkpoint, every=cfg.train.checkpoint_every, progress=report)
+        fit(task, checkpoint=checkpoint, every=cfg.train.checkpoint_every, progress=report, should_stop=should_stop)
     task.model.eval()
     return ArmResult(arm, seed, task.model.cpu(), task.names, task.rows, task.seconds)
