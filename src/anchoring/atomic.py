@@ -39,12 +39,6 @@ def sync_file(path: Path | str) -> None:
 def sync_dir(folder: Path) -> None:
     """Make the rename itself durable. Some file systems cannot open a folder for syncing: skip there."""
     try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
+        sync_file(folder)
     except OSError:
         pass
-    finally:
-        os.close(fd)

@@ -54,6 +54,11 @@ def crop(text: str, max_chars: int, min_chars: int = 1) -> str:
     return text[:cut + 1] if cut >= 0 else text[:max_chars]
 
 
+def long_enough(texts: Sequence[str], min_chars: int) -> list[str]:
+    """The passages a set may draw from: at least `min_chars` characters besides surrounding blanks."""
+    return [t for t in texts if len(t.strip()) >= min_chars]
+
+
 def select_passages(texts: Sequence[str], n: int, seed: int, *, min_chars: int = 200, max_chars: int = 600) -> list[str]:
     """A seeded sample of `n` passages with at least `min_chars` characters, cropped to `max_chars`.
 
@@ -61,7 +66,7 @@ def select_passages(texts: Sequence[str], n: int, seed: int, *, min_chars: int =
     """
     if not 0 < min_chars <= max_chars:
         raise AnchoringError(f"passage length range must satisfy 0 < min_chars ≤ max_chars, got {min_chars}…{max_chars}")
-    pool = [t for t in texts if len(t.strip()) >= min_chars]
+    pool = long_enough(texts, min_chars)
     if len(pool) < n:
         raise AnchoringError(f"only {len(pool)} passages have ≥ {min_chars} characters; asked for {n}")
     picked = _rng(seed, "select").sample(pool, n)

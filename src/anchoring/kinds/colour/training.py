@@ -82,6 +82,7 @@ class ColourTask:
         self.controllers = [Reactive(**{**r.model_dump(), "highest": r.highest if r.highest is not None else float("inf")})
                             for r in cfg.reactive]
         self.steered = [(self.col[c.param], c.param) for c in self.controllers]
+        self.extent_steered = any(c.param == "extent" for c in self.controllers)
         self.term_cols = torch.tensor([self.col[t.weight] for t in objective.terms], dtype=torch.long)
         self.metric_names = ["loss", "recon", *[t.name for t in objective.terms]]
         self.masks = None
@@ -113,8 +114,8 @@ class ColourTask:
         a label is redrawn every time a point is drawn, with the labeller's probability."""
         if self.extent_col is not None:
             # a controller may steer the curriculum's extent too: read the live track, not the cached table
-            steered = any(name == "extent" for _c, name in self.steered)
-            extent = self.timeline.tracks["extent"](step) if steered else float(self.table[step, self.extent_col])
+            extent = (self.timeline.tracks["extent"](step) if self.extent_steered
+                      else float(self.table[step, self.extent_col]))
             if extent != self.last_extent:
                 self.last_extent = extent
                 self.sampler.set_weights(self.weights * curriculum_weights(self.depth, extent))

@@ -154,11 +154,10 @@ def validate(cfg: LMExperiment, data: bool = True) -> int:
                 raise AnchoringError(f"evaluate.ood: no test passage carries {cfg.text.concept!r} to compare after delete")
             if cfg.text.corpus == "shakespeare":  # the Milton set: passages in the training characters, long enough
                 from anchoring.domains.text.corpus import load_corpus
-                from anchoring.evaluate.ood import written_in
+                from anchoring.evaluate.ood import long_enough, written_in
                 from anchoring.kinds.lm.ood import ood_vocabulary
 
-                milton = [t for t in written_in(load_corpus("milton").texts, ood_vocabulary(d))
-                          if len(t.strip()) >= e.ood_min_chars]
+                milton = long_enough(written_in(load_corpus("milton").texts, ood_vocabulary(d)), e.ood_min_chars)
                 if len(milton) < e.ood_passages:
                     raise AnchoringError(f"evaluate.ood: only {len(milton)} Milton passages of ≥ {e.ood_min_chars} characters "
                                          f"are written in the training characters, {e.ood_passages} asked for "
@@ -278,7 +277,7 @@ def _stop_asked() -> bool:
 
 
 def _train_job(cfg: LMExperiment, path: Path, arm: str, seed: int) -> None:
-    if _STOP is not None and _STOP.is_set():  # stopped while this job waited in the pool's queue: do not start it
+    if _stop_asked():  # stopped while this job waited in the pool's queue: do not start it
         raise TrainingInterrupted(-1, path)
     try:
         train_arm(cfg, load_data(cfg.text, path), seed, arm, checkpoint=checkpoint_path(path, arm, seed),
@@ -303,17 +302,11 @@ def _train_in_processes(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int
         try:
             for f in futures:
                 f.result()
-        except KeyboardInterrupt:
+        except BaseException as e:  # a stop, or a job that failed (diverged, say): the others save and stop too
             stop.set()
             pool.shutdown(wait=True, cancel_futures=True)
-            raise TrainingInterrupted(-1, path) from None
-        except TrainingInterrupted as e:
-            stop.set()
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise TrainingInterrupted(e.step, path) from None
-        except BaseException:  # a job failed (diverged, say): the others save and stop instead of training on
-            stop.set()
-            pool.shutdown(wait=True, cancel_futures=True)
+            if isinstance(e, (KeyboardInterrupt, TrainingInterrupted)):
+                raise TrainingInterrupted(getattr(e, "step", -1), path) from None
             raise
 
 

@@ -414,6 +414,13 @@ def targets(unlearning: dict[str, Any]) -> dict[str, dict[str, Any]]:
     def med(method: str, get) -> float:
         return ranked_median([_num(get(r)) for r in rows if r["method"] == method])
 
+    def times(mine: str, other: str) -> dict[str, Any]:
+        """Median over seeds of `mine`'s Δforget (concept) over `other`'s, and how many seeds had none."""
+        ratios = [ratio(a["d_forget_concept"], b["d_forget_concept"]) for a in rows if a["method"] == mine
+                  for b in rows if b["method"] == other and b["seed"] == a["seed"]]
+        m = ranked_median(ratios)
+        return {"median": m, "met": m >= 3.0, "undefined_seeds": sum(math.isnan(v) for v in ratios)}
+
     out: dict[str, dict[str, Any]] = {}
     # the writers' deletion first (the edit the targets name), then the readers' blinding, each against
     # the same edit along the post-hoc mean-difference direction
@@ -426,19 +433,11 @@ def targets(unlearning: dict[str, Any]) -> dict[str, dict[str, Any]]:
         out[f"{mine}: Δforget at concept positions ≥ 0.5 nats/char"] = {"median": d, "met": d >= 0.5}
         out[f"{mine}: retain cost ≤ 0.02 nats/char"] = {"median": cost, "met": cost <= 0.02}
         if any(r["method"] == md for r in rows):
-            ratios = [ratio(a["d_forget_concept"], b["d_forget_concept"]) for a in rows if a["method"] == mine
-                      for b in rows if b["method"] == md and b["seed"] == a["seed"]]
-            ratio_ = ranked_median(ratios)
             out[f"Δforget (concept) of {mine} ≥ 3 × {md}"] = {
-                "median": ratio_, "met": ratio_ >= 3.0, "retain_costs": [cost, med(md, lambda r: r["retain_cost"])],
-                "undefined_seeds": sum(math.isnan(v) for v in ratios)}
+                **times(mine, md), "retain_costs": [cost, med(md, lambda r: r["retain_cost"])]}
         if edit == "delete" and any(r["method"] == MATCHED_COST for r in rows):  # the target as stated: at the same retain cost
-            ratios = [ratio(a["d_forget_concept"], b["d_forget_concept"]) for a in rows if a["method"] == mine
-                      for b in rows if b["method"] == MATCHED_COST and b["seed"] == a["seed"]]
-            ratio_ = ranked_median(ratios)
             out[f"Δforget (concept) of {mine} ≥ 3 × {md} at the same retain cost"] = {
-                "median": ratio_, "met": ratio_ >= 3.0, "strengths": [r["strength"] for r in rows if r["method"] == MATCHED_COST],
-                "undefined_seeds": sum(math.isnan(v) for v in ratios)}
+                **times(mine, MATCHED_COST), "strengths": [r["strength"] for r in rows if r["method"] == MATCHED_COST]}
         ks = unlearning.get("relearn_k") or []
         if ks:
             k = max(ks)
