@@ -29,6 +29,21 @@ def test_labelled_gradients_land_only_where_the_mask_says():
     assert all((params[n].grad == 0).all() for n in ("0.bias", "2.weight", "2.bias"))
 
 
+def test_a_parameter_neither_loss_reaches_keeps_no_gradient():
+    """As after `backward()`: no gradient means None, so Adam leaves the weight alone."""
+    torch.manual_seed(0)
+    used, unused = nn.Linear(3, 1), nn.Linear(3, 1)
+    params = {**{f"u.{n}": p for n, p in used.named_parameters()}, **{f"x.{n}": p for n, p in unused.named_parameters()}}
+    x = torch.randn(4, 3)
+    masked_backward(used(x).sum(), used(x).pow(2).sum(), params, {"x.weight": torch.ones(1, 3, dtype=torch.bool)})
+    assert params["u.weight"].grad is not None
+    assert params["x.weight"].grad is None and params["x.bias"].grad is None
+    opt = torch.optim.Adam(unused.parameters(), lr=0.1)
+    before = unused.weight.detach().clone()
+    opt.step()
+    assert torch.equal(unused.weight, before)
+
+
 def test_zero_entries_deletes_only_the_forget_entries():
     w = nn.Parameter(torch.ones(3, 3))
     mask = torch.eye(3, dtype=torch.bool)

@@ -78,6 +78,20 @@ def test_suppressing_the_anchor_breaks_red_lines_and_spares_the_rest():
     assert (curve_before[-3:] - curve_after[-3:]).mean() >= 0.3, (curve_before, curve_after)  # redness ≥ 0.7
 
 
+def test_an_accuracy_drop_of_one_line_in_twenty_is_exactly_five_hundredths():
+    """Taken from float32 means, 1.00 − 0.95 reads 0.0500000007 and a '≤ 0.05' target would fail."""
+    lang = build_language(experiments.load("transformer-anchor-residual", SMALL))
+    mixes = ev.eval_lines(lang, 256)["seen"]
+    keep = ev.groups(lang, mixes, 10, 0.3)["no red"].nonzero().flatten()[:20]
+    sets = {"seen": ev.Lines(mixes.op[keep], mixes.a[keep], mixes.b[keep])}
+    right = {"seen": torch.ones(20, dtype=torch.bool)}
+    one_wrong = {"seen": right["seen"].clone()}
+    one_wrong["seen"][7] = False
+    before, after = (ev.accuracy_table(lang, sets, r, 10, 0.3) for r in (right, one_wrong))
+    assert before["n no red"] == 20 and before["no red"] - after["no red"] > 0.05  # the float32 reading
+    assert ev.accuracy_drop(before, after, "no red") == 0.05
+
+
 def test_edits_remove_the_direction_at_every_listed_site_and_only_while_open():
     torch.manual_seed(0)
     from anchoring.anchor import Capture

@@ -19,15 +19,18 @@ ParamMasks = dict[str, torch.Tensor]  # parameter name → bool tensor of its sh
 def masked_backward(labelled: torch.Tensor, rest: torch.Tensor, params: dict[str, torch.Tensor], masks: ParamMasks) -> None:
     """Accumulate into `.grad`: ∇rest on every entry, plus ∇labelled only where `masks` is True.
 
-    A parameter without a mask learns nothing from the labelled loss."""
+    A parameter without a mask learns nothing from the labelled loss. A parameter that neither loss
+    reaches keeps `.grad` as it was (None stays None), as `backward()` would leave it, so an optimiser
+    skips it instead of stepping on a zero gradient (Adam's moments would still move it)."""
     names = [n for n, p in params.items() if p.requires_grad]
     plist = [params[n] for n in names]
     g_rest = torch.autograd.grad(rest, plist, retain_graph=True, allow_unused=True)
     g_lab = torch.autograd.grad(labelled, plist, allow_unused=True)
     for name, p, gr, gl in zip(names, plist, g_rest, g_lab):
-        g = torch.zeros_like(p) if gr is None else gr.clone()
-        if gl is not None and name in masks:
-            g += gl * masks[name].to(gl.dtype)
+        gl = gl * masks[name].to(gl.dtype) if gl is not None and name in masks else None
+        if gr is None and gl is None:
+            continue
+        g = gl if gr is None else gr.clone() if gl is None else gr + gl
         p.grad = g if p.grad is None else p.grad + g
 
 

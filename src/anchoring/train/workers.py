@@ -7,11 +7,17 @@ parent dies and its workers train on, unparented, into the run directory a later
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import signal
 import threading
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from anchoring.train.skeleton import TrainingInterrupted
 
 
 @contextmanager
@@ -38,3 +44,69 @@ def sigterm_interrupts(pass_to_workers: bool = False) -> Iterator[None]:
 def sigterm_to_workers():
     """`sigterm_interrupts` for a parent of worker processes."""
     return sigterm_interrupts(pass_to_workers=True)
+
+
+# --- a pool of job processes that stop together --------------------------------------------------
+
+_STOP: Any = None  # in a job process: a flag shared with the parent and every other job
+
+
+def stop_asked() -> bool:
+    """In a job process: has any process of the pool been stopped? A training loop asks after every
+    step (`fit(should_stop=stop_asked)`), saves and stops."""
+    return _STOP is not None and bool(_STOP.value)
+
+
+def _raise_stop(*_: object) -> None:
+    # a plain store into shared memory: safe in a signal handler, which must not take a lock the
+    # interrupted code may hold (an `mp.Event` takes one)
+    _STOP.value = True
+
+
+def _init_job_process(stop: Any, initializer: Callable[..., None] | None, initargs: tuple) -> None:
+    """A signal to a process that waits for its next job only raises the flag: with the default
+    handlers it would die, the pool would call itself broken and end every job with an error
+    instead of the clean stop. While a job trains, `fit`'s own handlers take over."""
+    global _STOP
+    _STOP = stop
+    torch.set_num_threads(1)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise_stop)
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def _job(fn: Callable[..., None], args: tuple) -> None:
+    if stop_asked():  # stopped while this job waited in the pool's queue: do not start it
+        raise TrainingInterrupted(-1, None)
+    try:
+        fn(*args)
+    except TrainingInterrupted:
+        _STOP.value = True
+        raise
+
+
+def run_jobs(fn: Callable[..., None], jobs: Sequence[tuple], workers: int,
+             initializer: Callable[..., None] | None = None, initargs: tuple = ()) -> None:
+    """`fn(*job)` for every job, in `workers` spawned processes of one torch thread each.
+
+    Ctrl-C reaches the workers (same process group), and a SIGTERM sent to this process alone is
+    passed on to them, so none trains on after its parent has gone. Once any job stops (a signal to
+    the parent or to any one worker, or `fn` raising), a shared flag stops the others after their
+    next step, with a checkpoint, and keeps queued jobs from starting: the pool hands a worker its
+    next job before the current one ends, so cancelling futures is not enough. `fn` must stop
+    when `stop_asked()` says so. A stop raises TrainingInterrupted (step -1: the jobs' steps differ)."""
+    ctx = mp.get_context("spawn")
+    stop = ctx.RawValue(ctypes.c_bool, False)
+    with sigterm_to_workers(), ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_job_process,
+                                                   initargs=(stop, initializer, initargs)) as pool:
+        futures = [pool.submit(_job, fn, tuple(job)) for job in jobs]
+        try:
+            for f in futures:
+                f.result()
+        except BaseException as e:  # a stop, or a job that failed (diverged, say): the others save and stop too
+            stop.value = True
+            pool.shutdown(wait=True, cancel_futures=True)
+            if isinstance(e, (KeyboardInterrupt, TrainingInterrupted)):
+                raise TrainingInterrupted(getattr(e, "step", -1), None) from None
+            raise

@@ -17,10 +17,8 @@ instead splits every step's batch over the ranks and runs the jobs one after ano
 from __future__ import annotations
 
 import math
-import multiprocessing as mp
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,7 +45,7 @@ from anchoring.report.figures import save as save_fig
 from anchoring.resources import check_fits
 from anchoring.train.checkpoint import CHECKPOINT, steps_done
 from anchoring.train.skeleton import TrainingInterrupted
-from anchoring.train.workers import sigterm_to_workers
+from anchoring.train.workers import run_jobs, stop_asked
 
 Progress = Callable[[int, int], None]
 ARCH_KIND = "lm-ngpt"
@@ -262,52 +260,16 @@ def trained_on(cfg: LMExperiment, processes: int, how: str) -> dict[str, Any]:
     return {"device": name, "torch": torch.__version__, "processes": processes, "parallel": how if processes > 1 else "process"}
 
 
-_STOP: Any = None  # in a job process: the parent's event that every job should save and stop
-
-
-def _init_worker(stop: Any = None) -> None:
-    global _STOP
-    torch.set_num_threads(1)
-    _STOP = stop
-
-
-def _stop_asked() -> bool:
-    """Asked after every step: once any job was stopped, this one saves and stops too."""
-    return _STOP is not None and _STOP.is_set()
-
-
 def _train_job(cfg: LMExperiment, path: Path, arm: str, seed: int) -> None:
-    if _stop_asked():  # stopped while this job waited in the pool's queue: do not start it
-        raise TrainingInterrupted(-1, path)
-    try:
-        train_arm(cfg, load_data(cfg.text, path), seed, arm, checkpoint=checkpoint_path(path, arm, seed),
-                  should_stop=_stop_asked)
-    except TrainingInterrupted:
-        if _STOP is not None:
-            _STOP.set()
-        raise
+    train_arm(cfg, load_data(cfg.text, path), seed, arm, checkpoint=checkpoint_path(path, arm, seed), should_stop=stop_asked)
 
 
 def _train_in_processes(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int]], workers: int) -> None:
-    """One process per (arm, seed) job. Ctrl-C reaches the workers (same process group), which save
-    and stop; a SIGTERM sent to this process alone is passed on to them, so no worker is left
-    training into the run directory after its parent has gone. Once any job stops, a shared event
-    stops the others after their next step (with a checkpoint) and keeps queued jobs from starting:
-    the pool hands a worker its next job before the current one ends, so cancelling is not enough."""
-    ctx = mp.get_context("spawn")
-    stop = ctx.Event()
-    with sigterm_to_workers(), ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                                   initargs=(stop,)) as pool:
-        futures = [pool.submit(_train_job, cfg, path, arm, seed) for arm, seed in jobs]
-        try:
-            for f in futures:
-                f.result()
-        except BaseException as e:  # a stop, or a job that failed (diverged, say): the others save and stop too
-            stop.set()
-            pool.shutdown(wait=True, cancel_futures=True)
-            if isinstance(e, (KeyboardInterrupt, TrainingInterrupted)):
-                raise TrainingInterrupted(getattr(e, "step", -1), path) from None
-            raise
+    """One process per (arm, seed) job, all stopping together (`train.workers.run_jobs`)."""
+    try:
+        run_jobs(_train_job, [(cfg, path, arm, seed) for arm, seed in jobs], workers)
+    except TrainingInterrupted as e:
+        raise TrainingInterrupted(e.step, path) from None
 
 
 def write_weights(path: Path, models: dict[tuple[str, int], torch.nn.Module]) -> None:

@@ -99,7 +99,8 @@ def score(model: nn.Module, lang: ColourLanguage, sets: dict[str, Lines], contex
 
 def accuracy_table(lang: ColourLanguage, sets: dict[str, Lines], right: dict[str, torch.Tensor], k: int,
                    redish: float) -> dict[str, float]:
-    """Exact match per set, and over all sets by redness group."""
+    """Exact match per set, and over all sets by redness group (with each group's count `n …` and
+    number right `right …`, so that differences between two tables can be taken exactly)."""
     out: dict[str, float] = {name: float(r.float().mean()) for name, r in right.items()}
     masks = [groups(lang, lines, k, redish) for lines in sets.values()]
     every = torch.cat(list(right.values()))
@@ -107,7 +108,16 @@ def accuracy_table(lang: ColourLanguage, sets: dict[str, Lines], right: dict[str
         m = torch.cat([ms[g] for ms in masks])
         out[g] = float(every[m].float().mean()) if m.any() else float("nan")
         out[f"n {g}"] = int(m.sum())
+        out[f"right {g}"] = int(every[m].sum())
     return out
+
+
+def accuracy_drop(before: dict[str, float], after: dict[str, float], group: str) -> float:
+    """Accuracy lost in a redness group, from the counts: the float32 means differ from the exact
+    fractions in the 8th digit, enough to read a drop of exactly 0.05 as 0.05000001 and fail a
+    "≤ 0.05" target."""
+    n = before[f"n {group}"]
+    return (before[f"right {group}"] - after[f"right {group}"]) / n if n else float("nan")
 
 
 def accuracy_by_redness(lang: ColourLanguage, sets: dict[str, Lines], right: dict[str, torch.Tensor],

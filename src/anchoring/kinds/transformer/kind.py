@@ -11,7 +11,6 @@ import multiprocessing as mp
 import os
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,7 +40,7 @@ from anchoring.kinds.transformer.training import (
 from anchoring.report import html
 from anchoring.report.figures import save as save_fig
 from anchoring.train.skeleton import TrainingInterrupted
-from anchoring.train.workers import sigterm_to_workers
+from anchoring.train.workers import run_jobs, stop_asked
 
 Progress = Callable[[int, int], None]
 ARCH_KIND = "colour-transformer"
@@ -131,7 +130,6 @@ _queue: Any = None  # a worker's channel for progress, set by its initializer
 def _init_worker(queue) -> None:
     global _queue
     _queue = queue
-    torch.set_num_threads(1)
 
 
 def _train_job(cfg: TransformerExperiment, arm: str, seed: int, checkpoint: Path) -> None:
@@ -139,15 +137,15 @@ def _train_job(cfg: TransformerExperiment, arm: str, seed: int, checkpoint: Path
         if step % 10 == 0:
             _queue.put(((arm, seed), step))
 
-    train_arm(cfg, seed, anchored=arm == "anchored", checkpoint=checkpoint, progress=report)
+    train_arm(cfg, seed, anchored=arm == "anchored", checkpoint=checkpoint, progress=report, should_stop=stop_asked)
 
 
 def _train_in_processes(cfg: TransformerExperiment, jobs: list[tuple[str, int]], ckpt: dict, workers: int, steps: int,
                         path: Path, progress: Progress | None) -> None:
     """Train every (arm, seed) in its own process, one per core; each resumes from its own checkpoint.
 
-    Ctrl-C reaches the workers too, and a SIGTERM to this process alone is passed on to them: each
-    saves its checkpoint and stops, and the run resumes later.
+    Ctrl-C, or a SIGTERM to this process or to any worker, stops them all after their next step,
+    each with its checkpoint, and the run resumes later (`train.workers.run_jobs`).
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -167,16 +165,9 @@ def _train_in_processes(cfg: TransformerExperiment, jobs: list[tuple[str, int]],
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
     try:
-        with sigterm_to_workers(), ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
-            futures = [pool.submit(_train_job, cfg, arm, seed, ckpt[arm, seed]) for arm, seed in jobs]
-            try:
-                for f in futures:
-                    f.result()
-            except KeyboardInterrupt:
-                pool.shutdown(wait=True, cancel_futures=True)  # workers save their checkpoints first
-                raise TrainingInterrupted(max(done.values(), default=0), path) from None
-            except TrainingInterrupted as e:
-                raise TrainingInterrupted(e.step, path) from None
+        run_jobs(_train_job, [(cfg, arm, seed, ckpt[arm, seed]) for arm, seed in jobs], workers, _init_worker, (queue,))
+    except TrainingInterrupted:
+        raise TrainingInterrupted(max(done.values(), default=0), path) from None
     finally:
         stop.set()
         listener.join()
@@ -225,7 +216,7 @@ def finish(cfg: TransformerExperiment, path: Path, lang, results: dict[tuple[str
         row: dict[str, Any] = {"seed": seed, "arm": arm}
         right = ev.score(model, lang, sets, ctx)
         acc = ev.accuracy_table(lang, sets, right, tc.reddest, tc.redish)
-        row.update({k: v for k, v in acc.items() if not k.startswith("n ")})
+        row.update({k: v for k, v in acc.items() if not k.startswith(("n ", "right "))})
         seen = ev.probe(model, lang, ctx, map_sites)
         amap = ev.alignment_map(seen, map_sites, map_dirs)
         maps[arm].append(amap)
@@ -246,8 +237,8 @@ def finish(cfg: TransformerExperiment, path: Path, lang, results: dict[tuple[str
             after = ev.accuracy_table(lang, sets, right_after, tc.reddest, tc.redish)
             curves.setdefault(f"{arm}, {spec.name}", []).append(ev.accuracy_by_redness(lang, sets, right_after))
             edits[spec.name][arm].append({"seed": seed, "before": acc, "after": after,
-                                          "red_answer_drop": acc["red answer"] - after["red answer"],
-                                          "no_red_drop": acc["no red"] - after["no red"],
+                                          "red_answer_drop": ev.accuracy_drop(acc, after, "red answer"),
+                                          "no_red_drop": ev.accuracy_drop(acc, after, "no red"),
                                           "direction": "anchor" if arm == "anchored" else "difference of means"})
         rows.append(row)
 

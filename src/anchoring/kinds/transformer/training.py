@@ -149,13 +149,14 @@ class ArmTask(MetricRows):
 
 
 def train_arm(cfg: TransformerExperiment, seed: int, *, anchored: bool, checkpoint: Path | None = None,
-              progress: Callable[[int], None] | None = None) -> ArmResult:
-    """Train one model; `progress(step)` after each step. Resumes from `checkpoint` if it exists."""
+              progress: Callable[[int], None] | None = None, should_stop: Callable[[], bool] | None = None) -> ArmResult:
+    """Train one model; `progress(step)` after each step. Resumes from `checkpoint` if it exists.
+    `should_stop` as in `fit`."""
     task = ArmTask(cfg, seed, anchored)
     report = (lambda done, _total: progress(done)) if progress is not None else None
     with Capture(task.model, [t.site.module for t in task.terms]) as cap:
         task.cap = cap
         task.model.train()
-        fit(task, checkpoint=checkpoint, every=cfg.train.checkpoint_every, progress=report)
+        fit(task, checkpoint=checkpoint, every=cfg.train.checkpoint_every, progress=report, should_stop=should_stop)
     task.model.eval()
     return ArmResult(seed, anchored, task.model, task.names, task.rows)

@@ -1,0 +1,65 @@
+"""Job processes stop together, whichever process a stop reaches, even one waiting for work."""
+
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from anchoring.train.skeleton import TrainingInterrupted
+from anchoring.train.workers import run_jobs
+from pool_jobs import job
+
+
+def _wait_for(path, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path.name} never appeared"
+        time.sleep(0.05)
+
+
+def test_sigterm_to_an_idle_worker_stops_the_busy_one_cleanly(tmp_path):
+    """A worker whose job is done waits for the next one. With the default handlers a SIGTERM killed
+    it, the pool called itself broken, and the run ended in BrokenProcessPool while the other job
+    trained on to its end; now the busy job saves and stops, and the run stops as a stop does."""
+
+    def signal_the_idle_worker():
+        _wait_for(tmp_path / "short.done")
+        _wait_for(tmp_path / "long.pid")
+        busy = int((tmp_path / "long.pid").read_text())
+        time.sleep(0.5)  # the short job's worker is back at the pool's queue
+        idle = [p.pid for p in mp.active_children() if p.pid != busy]
+        assert idle, "no idle worker"
+        os.kill(idle[0], signal.SIGTERM)
+
+    poke = threading.Thread(target=signal_the_idle_worker)
+    poke.start()
+    t0 = time.monotonic()
+    with pytest.raises(TrainingInterrupted):
+        run_jobs(job, [(str(tmp_path), "short", 0.0), (str(tmp_path), "long", 30.0)], 2)
+    poke.join()
+    assert (tmp_path / "long.stopped").exists() and not (tmp_path / "long.done").exists()
+    assert time.monotonic() - t0 < 25
+
+
+def test_jobs_queued_behind_a_stop_never_start(tmp_path):
+    """One worker, three jobs: once the first is stopped, the two queued after it do not run."""
+
+    def stop_the_first():
+        _wait_for(tmp_path / "a.pid")
+        os.kill(int((tmp_path / "a.pid").read_text()), signal.SIGTERM)
+
+    poke = threading.Thread(target=stop_the_first)
+    poke.start()
+    with pytest.raises(TrainingInterrupted):
+        run_jobs(job, [(str(tmp_path), name, 20.0) for name in ("a", "b", "c")], 1)
+    poke.join()
+    assert (tmp_path / "a.stopped").exists()
+    assert not any((tmp_path / f"{n}.pid").exists() for n in ("b", "c"))
+
+
+def test_every_job_runs_when_nothing_stops_them(tmp_path):
+    run_jobs(job, [(str(tmp_path), name, 0.0) for name in ("a", "b", "c")], 2)
+    assert all((tmp_path / f"{n}.done").exists() for n in ("a", "b", "c"))
