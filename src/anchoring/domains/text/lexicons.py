@@ -74,7 +74,10 @@ REGEX = {name: _regex(words) for name, words in LEXICONS.items()}
 def lexicon_hits(text: str, concept: str) -> list[tuple[int, int, float]]:
     """(start, end, weight) of every lexicon word in `text`, including the special `lie` rules for deception."""
     words = LEXICONS[concept]
-    hits = [(m.start(), m.end(), words[m.group().lower()]) for m in REGEX[concept].finditer(text)]
+    # re.I also matches letters whose lower case is not the word's: the long s of early prints ("ſlain",
+    # case-folded to "slain", counts) and the Turkish dotless ı and dotted İ (no English word: skipped)
+    found = ((m, words.get(m.group().casefold())) for m in REGEX[concept].finditer(text))
+    hits = [(m.start(), m.end(), w) for m, w in found if w is not None]
     if concept == "deception":
         posture = [(m.start(), m.end()) for m in _LIEST_POSTURE.finditer(text)]
         hits = [h for h in hits if not any(s <= h[0] < e for s, e in posture)]

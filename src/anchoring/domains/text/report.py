@@ -20,7 +20,7 @@ from anchoring.domains.text.labelling import Passages, concept_spans, functions,
 from anchoring.domains.text.weak import combiner, reference_labels, weak_set
 from anchoring.errors import AnchoringError
 
-GOLD = Path(__file__).resolve().parents[4] / "tests" / "data" / "violence_gold.csv"
+GOLD = Path(__file__).resolve().parent / "data" / "violence_gold.csv"  # package data: installed with the code
 
 
 def read_gold(path: Path = GOLD) -> list[dict]:
@@ -63,8 +63,8 @@ def label_report(concept: str, corpus: str = "shakespeare", coverage: float = 0.
     if out is not None and out.exists() and not out.is_dir():
         raise AnchoringError(f"--out {out} exists and is not a folder")
     c = load_corpus(corpus)
-    if concept == "milton" and "milton" not in c.domain:
-        raise AnchoringError("concept milton needs the mixed corpus (--corpus mixed)")
+    if concept == "milton" and all(d == "shakespeare" for d in c.domain):  # a folder's passages may be Milton's
+        raise AnchoringError("concept milton needs the mixed corpus (--corpus mixed) or a folder of your own")
     p = Passages.of(c)
     names, scores = score_matrix(p, concept)
     fired = scores > 0
@@ -91,7 +91,7 @@ def label_report(concept: str, corpus: str = "shakespeare", coverage: float = 0.
     pos_ids, neg_ids = np.flatnonzero(ref), np.flatnonzero(~ref)
     show_pos = rng.choice(pos_ids, min(10, len(pos_ids)), replace=False).tolist() if len(pos_ids) else []
     show_neg = rng.choice(neg_ids, min(10, len(neg_ids)), replace=False).tolist() if len(neg_ids) else []
-    gold = gold_scores(read_gold()) if concept == "violence" and corpus == "shakespeare" and GOLD.is_file() else None
+    gold = gold_scores(read_gold()) if concept == "violence" and corpus == "shakespeare" else None
     summary = {
         "concept": concept, "corpus": corpus, "passages": n, "characters": int(lengths.sum()),
         "coverage": coverage, "false_positives": false_positives, "seed": seed,
@@ -104,12 +104,19 @@ def label_report(concept: str, corpus: str = "shakespeare", coverage: float = 0.
         "share_passages_labelled": float(ref.mean()),
         "share_characters_in_positive_passages": float(lengths[ref].sum() / max(lengths.sum(), 1)),
         "share_characters_marked": float(marked / max(lengths.sum(), 1)),
+        # a positive can come from sentiment or metadata alone, with no word to mark: with
+        # `weak_labels = "spans"` such a weakly labelled passage trains as unlabelled text
+        "reference_positives_with_a_span": float(np.mean([bool(v) for v in spans_of.values()])) if spans_of else 0.0,
+        "weak_coverage_with_a_span": float(sum(bool(spans_of[i]) for i in np.flatnonzero(ref & weak)) / ref.sum())
+        if ref.any() else 0.0,
         "pairs": pair, "gold": gold,
     }
     rows = [("passages", str(n)), ("characters", str(summary["characters"]))]
     rows += [(f"fires: {nm}", f"{v:.3f}") for nm, v in summary["functions"].items()]
     rows += [("reference positive rate", f"{summary['reference_positive_rate']:.3f}"),
+             ("reference positives with a span", f"{summary['reference_positives_with_a_span']:.3f}"),
              ("weak labels: coverage", f"{summary['weak_coverage']:.3f}"),
+             ("weak labels: coverage with a span ('spans' labels)", f"{summary['weak_coverage_with_a_span']:.3f}"),
              ("weak labels: false-positive rate", f"{summary['weak_false_positive_rate']:.3f}"),
              ("characters marked", f"{summary['share_characters_marked']:.4f}")]
     if gold:

@@ -16,7 +16,8 @@ cut by the window edge is still a line (its visible part).
 
 With `text.weak_labels = "spans"` a weak label marks positions, not passages: the tokens of a
 weakly labelled passage that overlap a word where the labeller fired (`concept_spans`) or one of
-the `span_after` characters after it — the same rule that makes an evaluation *concept position*.
+the `span_after` characters after it — the rule of an evaluation *concept position*, whose extent
+is its own key (`evaluate.after`), so that runs differing in `span_after` are scored alike.
 `Batch.labels` then carries these per-position labels; with "passages" it carries every
 position's passage label.
 """
