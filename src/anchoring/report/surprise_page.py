@@ -8,6 +8,11 @@ character columns, so each token's values sit exactly under it:
   a clipped step gets a small tick at the top);
 * lower band — +s₂ as a solid red filled step, −s₂ mirrored above the same baseline as a dashed blue
   step line, 0…1, so a confident mistake is a tall red block and a confident hit is almost nothing.
+  +s₂ above 1 is clipped and ticked like the surprisal (s₂ ≥ −1 always, so only that end clips).
+
+Infinite values (a token whose logit was masked to −inf) are drawn at the clipped end and printed
+as ∞. A carriage return is shown as ␍, and one that no newline follows is a line break (old Mac
+text).
 
 The SVG's viewBox is `columns × pixels` with `preserveAspectRatio="none"` and its CSS width is the
 row's column count in `ch`, so a monospace character and one viewBox unit are the same width; strokes
@@ -39,7 +44,12 @@ BIN = 0.125  # s₂ per colour step
 STEPS = 8  # colour steps each side of zero
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
-_BLANK = re.compile(r"\n[ \t\r\f\v]*\n\s*")
+# A run of blank lines; the match ends right after its last line break, so the spaces that indent the
+# next passage's first line stay with that passage (a cut after them put its first line in the one before).
+_BLANK = re.compile(r"(?:\r\n|\r(?!\n)|\n)(?:[ \t\f\v]*(?:\r\n|\r(?!\n)|\n))+")
+_BREAK = re.compile(r"\n|\r(?!\n)")  # where a row ends: a newline, or a carriage return that no newline follows
+_BREAKS_ONLY = re.compile(r"[ \t]*[\r\n][ \t\r\n]*")  # a piece that is all line ending (a blank line)
+UNKNOWN_NOTE = "not in the vocabulary; scored as the unknown token"
 
 
 def _colour_css() -> str:
@@ -73,7 +83,8 @@ th{background:#f4f4f4}th.l{text-align:left}td.l{text-align:left;color:#555;max-w
 .spark .i{stroke:#222}.spark .h{stroke:#999}.spark .clip{stroke:#222;stroke-width:2}
 .spark .pos{fill:rgba(214,39,40,.55);stroke:#c62828}.spark .neg{stroke:#1f77b4;stroke-dasharray:3 2}
 .spark .ax{stroke:#e2e2e2;stroke-width:1}
-.t{position:relative;border-radius:2px}.t.nl{color:#bbb}
+.t{position:relative;border-radius:2px}.t.nl{color:#bbb}.t.over{box-shadow:inset 0 2px 0 #222}
+.t.unk{text-decoration:underline wavy #888}
 .t:hover{outline:1px solid #333;z-index:5}
 .t:hover::after{content:attr(data-tip);position:absolute;left:0;top:21px;z-index:10;white-space:pre;
  background:#222;color:#fff;font:12px/1.35 ui-monospace,'DejaVu Sans Mono',monospace;padding:5px 8px;border-radius:4px;
@@ -114,12 +125,15 @@ def _units(text: str, spans: Sequence[tuple[int, int]]) -> list[_Unit]:
 
 
 def _shown(piece: str) -> str:
-    """Text as displayed on one row: newline → ↵, tab → →, other control characters → ·."""
-    return _CONTROL.sub("·", piece.replace("\r", "").replace("\n", "↵").replace("\t", "→"))
+    """Text as displayed on one row: newline → ↵, carriage return → ␍, tab → →, other control characters → ·.
+
+    A carriage return is a token the model scored, so it gets a column of its own like any other."""
+    return _CONTROL.sub("·", piece.replace("\r", "␍").replace("\n", "↵").replace("\t", "→"))
 
 
 def _rows(text: str, units: list[_Unit]) -> list[list[tuple[_Unit, str]]]:
-    """Units laid out in rows: break after a newline, wrap long lines at the last space."""
+    """Units laid out in rows: break after a line break (`_BREAK`), wrap long lines at the last space."""
+    breaks = {m.start() for m in _BREAK.finditer(text)}
     rows: list[list[tuple[_Unit, str]]] = []
     row: list[tuple[_Unit, str]] = []
     width = 0
@@ -128,8 +142,8 @@ def _rows(text: str, units: list[_Unit]) -> list[list[tuple[_Unit, str]]]:
         shown = _shown(piece)
         if not shown:
             continue
-        if not row and rows and "\n" in piece and piece.strip(" \t\r") == "\n" * piece.count("\n"):
-            rows[-1].append((u, shown))  # a blank line's newline ends the line above instead of sitting alone
+        if not row and rows and _BREAKS_ONLY.fullmatch(piece):
+            rows[-1].append((u, shown))  # a blank line's line ending ends the line above instead of sitting alone
             continue
         if row and width + len(shown) > WRAP:
             cut = max((k + 1 for k, (_, s) in enumerate(row) if s[-1:] == " " and k + 1 > len(row) // 2), default=len(row))
@@ -138,7 +152,7 @@ def _rows(text: str, units: list[_Unit]) -> list[list[tuple[_Unit, str]]]:
             width = sum(len(s) for _, s in row)
         row.append((u, shown))
         width += len(shown)
-        if "\n" in piece:
+        if any(k in breaks for k in range(u.start, u.end)):
             rows.append(row)
             row, width = [], 0
     if row:
@@ -179,27 +193,48 @@ class _Values:
         return None if v is None or math.isnan(v[0]) else v
 
 
-def _fmt(x: float, signed: bool = False) -> str:
+def _num(x: float | None, spec: str = ".3f") -> str:
+    """A number as the page prints it: a masked token's surprisal is ∞, not Python's "inf"; NaN is –."""
     if x is None or math.isnan(x):
         return "–"
-    return f"{x:+.3f}" if signed else f"{x:.3f}"
+    if math.isinf(x):
+        return ("+∞" if "+" in spec else "∞") if x > 0 else "−∞"
+    return format(x, spec)
 
 
-def _tip(piece: str, v: tuple[float, float, float, float, float] | None, other: tuple | None, label: str) -> str:
+def _fmt(x: float | None, signed: bool = False) -> str:
+    return _num(x, "+.3f" if signed else ".3f")
+
+
+def _tip(piece: str, v: tuple[float, float, float, float, float] | None, other: tuple | None, label: str,
+         unknown: bool = False) -> str:
     head = f"{label}{piece!r}"
+    if unknown:  # the model read the unknown id, not this character: say so right under the character
+        head += f"\n{UNKNOWN_NOTE}"
     if v is None:
         return f"{head}\nno score (nothing predicts the first token)"
     i, h, ni, nh, s = v
-    lines = [head, f"i/log|V| {ni:.3f}   i {i:.2f} nats", f"h/log|V| {nh:.3f}   h {h:.2f} nats", f"s₂       {s:+.3f}"]
+    lines = [head, f"i/log|V| {_num(ni)}   i {_num(i, '.2f')} nats", f"h/log|V| {_num(nh)}   h {_num(h, '.2f')} nats",
+             f"s₂       {_num(s, '+.3f')}"]
     if other is not None:
-        lines.append(f"Δs₂ vs before {s - other[4]:+.3f}")
+        lines.append(f"Δs₂ vs before {_num(s - other[4], '+.3f')}")
     return "\n".join(lines)
 
 
 def _cls(s: float) -> str:
-    """Colour class: |s₂| < BIN stays white, so only clear surprises (or clear hits) are tinted."""
-    b = max(-STEPS, min(STEPS, int(s / BIN)))
-    return f"c{b + STEPS}"
+    """Colour class: |s₂| < BIN stays white, so only clear surprises (or clear hits) are tinted.
+
+    Values past the scale (±∞ included) take the end step; s₂ > 1 adds `over` (a tick along the top),
+    since the end step alone cannot tell 1.1 from 40."""
+    if math.isnan(s):
+        return f"c{STEPS}"
+    b = STEPS if s >= STEPS * BIN else -STEPS if s <= -STEPS * BIN else int(s / BIN)
+    return f"c{b + STEPS}" + (" over" if s > 1.0 else "")
+
+
+def _unit_interval(x: float) -> float:
+    """x clipped to [0, 1] for the sparkline; ∞ becomes 1, so no coordinate is ever inf or nan."""
+    return 0.0 if math.isnan(x) else min(max(x, 0.0), 1.0)
 
 
 def _step(points: list[tuple[float, float, float | None]], y) -> str:
@@ -231,16 +266,19 @@ def _area(points: list[tuple[float, float, float | None]], y, base: float) -> st
 
 def _spark(row: list[tuple[_Unit, str]], vals: _Values) -> str:
     cols, pts_i, pts_h, pts_s = 0, [], [], []
-    clipped = []
+    clipped, clipped_s = [], []
     for u, shown in row:
         x0, x1 = cols, cols + len(shown)
         cols = x1
         v = vals.get(u)
-        pts_i.append((x0, x1, None if v is None else min(v[2], 1.0)))
-        pts_h.append((x0, x1, None if v is None else min(v[3], 1.0)))
-        pts_s.append((x0, x1, None if v is None else v[4]))
+        pts_i.append((x0, x1, None if v is None else _unit_interval(v[2])))
+        pts_h.append((x0, x1, None if v is None else _unit_interval(v[3])))
+        s = None if v is None or math.isnan(v[4]) else max(-1.0, min(v[4], 1.0))  # finite, ±∞ included
+        pts_s.append((x0, x1, s))
         if v is not None and v[2] > 1.0:
             clipped.append((x0, x1))
+        if v is not None and v[4] > 1.0:
+            clipped_s.append((x0, x1))
     top_base, bot_base = BAND, 2 * BAND + GAP
     y_top = lambda v: top_base - v * (BAND - 1)  # noqa: E731
     y_bot = lambda v: bot_base - min(abs(v), 1.0) * (BAND - 1)  # noqa: E731
@@ -252,13 +290,17 @@ def _spark(row: list[tuple[_Unit, str]], vals: _Values) -> str:
              f'<path class="h" d="{_step(pts_h, y_top)}"/>', f'<path class="i" d="{_step(pts_i, y_top)}"/>']
     if clipped:
         parts.append('<path class="clip" d="' + "".join(f"M{a:g} 0.5H{b:g}" for a, b in clipped) + '"/>')
+    if clipped_s:  # the same tick at the top of the s₂ band
+        top = bot_base - BAND + 0.5
+        parts.append('<path class="clip s2" d="' + "".join(f"M{a:g} {top:g}H{b:g}" for a, b in clipped_s) + '"/>')
     parts.append(f'<path class="pos" d="{_area(pos, y_bot, bot_base)}"/>')
     parts.append(f'<path class="neg" d="{_step(neg, y_bot)}"/>')
     return (f'<svg class="spark" viewBox="0 0 {w} {height}" preserveAspectRatio="none" width="{w}" height="{height}" '
             f'style="width:{w}ch;height:{height}px" aria-hidden="true">{"".join(parts)}</svg>')
 
 
-def _row_html(text: str, row: list[tuple[_Unit, str]], vals: _Values, other: _Values | None, label: str) -> str:
+def _row_html(text: str, row: list[tuple[_Unit, str]], vals: _Values, other: _Values | None, label: str,
+              unknown: Sequence[bool] | None = None) -> str:
     spans = []
     for u, shown in row:
         v = vals.get(u)
@@ -266,8 +308,10 @@ def _row_html(text: str, row: list[tuple[_Unit, str]], vals: _Values, other: _Va
         if not u.tokens:
             spans.append(html.escape(shown))
             continue
-        tip = _tip(piece, v, None if other is None else other.get(u), "")
-        cls = "t " + (_cls(v[4]) if v is not None else "c8") + (" nl" if "\n" in piece else "")
+        unk = unknown is not None and any(unknown[k] for k in u.tokens)
+        tip = _tip(piece, v, None if other is None else other.get(u), "", unk)
+        cls = ("t " + (_cls(v[4]) if v is not None else "c8") + (" nl" if "\n" in piece or "\r" in piece else "")
+               + (" unk" if unk else ""))
         spans.append(f'<span class="{cls}" data-tip="{html.escape(tip, quote=True)}">{html.escape(shown)}</span>')
     gut = f'<div class="gut">{label}</div>' if label else ""
     cls = f"row {label}" if label else "row"
@@ -285,7 +329,9 @@ def _legend() -> str:
         swatch('<path d="M6 11V2H20V11Z" fill="rgba(214,39,40,.55)" stroke="#c62828"/>') + " +s₂ (more surprised than the model expected)",
         swatch('<path d="M0 11H8V5H26V11H34" fill="none" stroke="#1f77b4" stroke-dasharray="3 2" stroke-width="1.4"/>')
         + " −s₂, mirrored (less surprised than expected)",
-        f'<span class="scale">s₂ −1 {scale} +1</span>',
+        swatch('<path d="M0 11H34" stroke="#e2e2e2"/><path d="M8 1.5H26" stroke="#222" stroke-width="2"/>')
+        + " tick at the top: above 1, clipped (i/log|V| or +s₂)",
+        f'<span class="scale">s₂ −1 {scale} ≥ +1</span>',
     ]
     return '<div class="legend">' + "".join(f"<span>{x}</span>" for x in items) + "</div>"
 
@@ -300,11 +346,16 @@ def _check(scores: TokenScores, n: int, what: str) -> None:
 
 
 def surprise_page(text: str, token_spans: Sequence[tuple[int, int]], scores: TokenScores, *, title: str,
-                  before: TokenScores | None = None) -> str:
-    """The page as a string. `scores` are the model's (after the edit, when `before` is given)."""
+                  before: TokenScores | None = None, unknown: Sequence[bool] | None = None) -> str:
+    """The page as a string. `scores` are the model's (after the edit, when `before` is given).
+
+    `unknown` flags, per token, the ones the tokenizer could only encode as its unknown id: their
+    tooltips say so, since the score is the unknown token's, not the character's (see `unknown_tokens`)."""
     _check(scores, len(token_spans), "scores")
     if before is not None:
         _check(before, len(token_spans), "before")
+    if unknown is not None and len(unknown) != len(token_spans):
+        raise AnchoringError(f"unknown has {len(unknown)} flags but the text has {len(token_spans)} token spans")
     units = _units(text, token_spans)
     rows = _rows(text, units)
     after_vals = _Values(scores, units)
@@ -346,10 +397,10 @@ def surprise_page(text: str, token_spans: Sequence[tuple[int, int]], scores: Tok
         lines = []
         for row in rows_here:
             if before_vals is None:
-                lines.append(f'<div class="line">{_row_html(text, row, after_vals, None, "")}</div>')
+                lines.append(f'<div class="line">{_row_html(text, row, after_vals, None, "", unknown)}</div>')
             else:
-                lines.append('<div class="line pair">' + _row_html(text, row, before_vals, None, "before")
-                             + _row_html(text, row, after_vals, before_vals, "after") + "</div>")
+                lines.append('<div class="line pair">' + _row_html(text, row, before_vals, None, "before", unknown)
+                             + _row_html(text, row, after_vals, before_vals, "after", unknown) + "</div>")
         body.append(f'<section class="passage"><div class="ph">{head}</div><div class="text">{"".join(lines)}</div></section>')
 
     total = means(scores, 0, len(text) + 1)
@@ -373,6 +424,24 @@ def surprise_page(text: str, token_spans: Sequence[tuple[int, int]], scores: Tok
             f"<h1>{html.escape(title)}</h1>{note}{_legend()}{summary}{''.join(body)}</body></html>")
 
 
+def unknown_tokens(tokenizer: SpanTokenizer, text: str) -> list[bool] | None:
+    """Per token of `text`, whether it is the unknown id; None for a tokenizer without one.
+
+    Only the character tokenizer has an unknown id (0, for every character not seen in training);
+    byte-level BPE encodes any text exactly."""
+    if getattr(tokenizer, "kind", None) != "char":
+        return None
+    return [i == 0 for i in tokenizer.encode(text)]
+
+
+def unknown_characters(tokenizer: SpanTokenizer, text: str) -> str:
+    """The distinct characters of `text` that `tokenizer` maps to its unknown id, in code point order."""
+    flags = unknown_tokens(tokenizer, text)
+    if not flags or not any(flags):
+        return ""
+    return "".join(sorted({text[s:e] for (s, e), f in zip(tokenizer.spans(text), flags) if f}))
+
+
 def render_surprise(model: LanguageModel, tokenizer: SpanTokenizer, text: str, *, context: int | None = None,
                     edited_model: LanguageModel | None = None, title: str = "Surprisal and entropy",
                     stride: int | None = None) -> str:
@@ -388,10 +457,11 @@ def render_surprise(model: LanguageModel, tokenizer: SpanTokenizer, text: str, *
         if context is None:
             raise AnchoringError("context is unknown: pass context= (the model has no .context attribute)")
     spans, scores = score_text(model, tokenizer, text, context=context, stride=stride)
+    unknown = unknown_tokens(tokenizer, text)
     if edited_model is None:
-        return surprise_page(text, spans, scores, title=title)
+        return surprise_page(text, spans, scores, title=title, unknown=unknown)
     _, after = score_text(edited_model, tokenizer, text, context=context, stride=stride)
-    return surprise_page(text, spans, after, title=title, before=scores)
+    return surprise_page(text, spans, after, title=title, before=scores, unknown=unknown)
 
 
 def write_surprise_page(path: Path | str, page_html: str) -> Path:

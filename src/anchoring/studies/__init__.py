@@ -115,6 +115,19 @@ def combine(cfg: ColourExperiment, path: Path, progress: Progress | None, run: R
     return {"experiment": cfg.name, "upstream": cfg.upstream, "kind": "colour", "study": "combinations", "combinations": rows}
 
 
+def check_variant_names(names: list[str], experiment: str) -> None:
+    """Each variant trains into variants/<name> and is reported under its name, so a name must be one
+    plain folder name and no two may match; refused here, before the first variant trains."""
+    unsafe = [n for n in names if not runs.SAFE_NAME.fullmatch(n)]
+    if unsafe:
+        raise AnchoringError(f"{experiment}: [[variants]] name(s) {', '.join(map(repr, unsafe))} must each be one folder "
+                             f"name: letters, digits and _.,+=- only, starting with a letter or digit")
+    repeated = list(dict.fromkeys(n for n in names if names.count(n) > 1))
+    if repeated:
+        raise AnchoringError(f"{experiment}: [[variants]] name(s) {', '.join(map(repr, repeated))} given more than once; "
+                             f"each variant needs its own name (it names the variant's folder and its row)")
+
+
 def validate(cfg: Any, kind) -> None:
     """The study exists for this kind, and every run it will train is valid."""
     study = getattr(cfg, "study", None)
@@ -125,6 +138,7 @@ def validate(cfg: Any, kind) -> None:
     if study == "compare":
         if len(cfg.variants) < 2:
             raise AnchoringError(f"{cfg.name}: a comparison needs at least two [[variants]]")
+        check_variant_names([v.name for v in cfg.variants], cfg.name)
         for v in cfg.variants:
             kind.validate(variant_config(cfg, v))
     elif study == "combinations":
