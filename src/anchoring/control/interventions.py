@@ -21,6 +21,7 @@ from anchoring.control.falloff import (
     Constant,
     FalloffMapper,
 )
+from anchoring.errors import AnchoringError
 
 
 def concept_alpha(z: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
@@ -68,6 +69,9 @@ def repel(z: torch.Tensor, direction: torch.Tensor, mapper: Callable = FalloffMa
     u = z / length.clamp_min(1e-12)
     cos = (u * v).sum(-1, keepdim=True)
     w = u - cos * v
+    # near the axis u − cos·v cancels and leaves rounding error that is not ⟂ v; a second pass removes
+    # it (only there, so states away from the axis keep their exact numbers)
+    w = torch.where(w.norm(dim=-1, keepdim=True) < 1e-2, w - (w * v).sum(-1, keepdim=True) * v, w)
     w_norm = w.norm(dim=-1, keepdim=True)
     w_hat = torch.where(w_norm > 1e-6, w / w_norm.clamp_min(1e-12), _orthogonal_fallback(v))
     m = mapper(cos.clamp_min(0.0)).clamp(-1.0, 1.0)
@@ -96,9 +100,15 @@ def keeping_norm(edit: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torc
     return edit_on_sphere
 
 
-def matched_random(edit: Callable[[torch.Tensor], torch.Tensor], generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
+def matched_random(edit: Callable[[torch.Tensor], torch.Tensor], generator: torch.Generator,
+                   avoid: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """The control for `edit`: each vector is turned by the same angle `edit` turns it, but towards a
-    random direction orthogonal to the vector and to the edit's own displacement, and keeps its length.
+    random direction orthogonal to the vector, to the edit's own displacement and to every row of
+    `avoid` (the concept's directions), and keeps its length.
+
+    For one direction, the displacement already spans it. A subspace edit removes the state's
+    projection onto the subspace, which is one direction of it per state: without `avoid`, the random
+    turn could add concept energy along the subspace's other directions, so pass the subspace's basis.
 
     A hook that removes a concept also moves states, and a state moved by any large angle may cost
     loss whatever the direction. This control moves the same states by the same angles without
@@ -120,9 +130,16 @@ def matched_random(edit: Callable[[torch.Tensor], torch.Tensor], generator: torc
         size = torch.linalg.vector_norm(y, dim=-1, keepdim=True).clamp_min(tiny)
         cos, sin = along / size, torch.linalg.vector_norm(across, dim=-1, keepdim=True) / size
         r = torch.randn(z.shape, generator=generator).to(z.device)
-        for w in (u, across):  # ⟂ the vector, then ⟂ the edit's displacement (its part ⟂ the vector)
-            w = w / torch.linalg.vector_norm(w, dim=-1, keepdim=True).clamp_min(tiny)
-            r = r - (r * w).sum(-1, keepdim=True) * w
+        if avoid is None:
+            for w in (u, across):  # ⟂ the vector, then ⟂ the edit's displacement (its part ⟂ the vector)
+                w = w / torch.linalg.vector_norm(w, dim=-1, keepdim=True).clamp_min(tiny)
+                r = r - (r * w).sum(-1, keepdim=True) * w
+        else:  # ⟂ the span of the vector, the displacement and the avoided directions, per state. Q of a
+            # QR is orthonormal even where the columns are dependent (one avoided direction is spanned by
+            # the other two); Gram–Schmidt in float32 then normalised rounding noise into a direction.
+            cols = torch.stack([u, across, *(a.expand_as(u) for a in avoid.to(device=z.device, dtype=u.dtype))], -1)
+            q = torch.linalg.qr(cols.double()).Q
+            r = (r.double() - (q @ (q.transpose(-1, -2) @ r.double().unsqueeze(-1))).squeeze(-1)).float()
         r = r / torch.linalg.vector_norm(r, dim=-1, keepdim=True).clamp_min(tiny)
         turned = ((cos * u + sin * r) * length).to(z.dtype)
         moved = (out != z).any(-1, keepdim=True)
@@ -146,6 +163,11 @@ class Intervention:
     direction: tuple[float, ...] | None = None
     dims: tuple[int, ...] | None = None
     shape: BoundedPower | Constant | BezierMapper | FalloffMapper = field(default_factory=Constant)
+
+    def __post_init__(self) -> None:
+        # a zero direction normalises to zero, and the edit would then change nothing without a word
+        if self.method != "zero" and self.direction is not None and not any(self.direction):
+            raise AnchoringError(f"{self.method}: the direction is zero; an edit needs a direction to remove")
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         if self.method == "zero":

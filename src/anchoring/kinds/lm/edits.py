@@ -86,14 +86,17 @@ class Suppressed(nn.Module):
                 if site in self.edits:
                     stack.enter_context(intervene(self.inner, site, self.edits[site]))
                     continue
+                basis = torch.stack(orthonormal(self.directions[site]))
                 if self.subspace:
-                    basis = torch.stack(orthonormal(self.directions[site]))
                     edits: list[Edit] = [lambda z, b=basis: suppress_subspace(z, b, self.shape)]
                 else:
                     edits = [Intervention("suppress", tuple(v.tolist()), None, self.shape) for v in self.directions[site]]
+                # the control's random turn avoids every concept direction at the site; one direction is
+                # already avoided by the displacement, and its numbers stay those of the plain control
+                avoid = basis if len(basis) > 1 else None
                 for edit in edits:
                     edit = keeping_norm(edit) if self.keep_norm else edit
-                    stack.enter_context(intervene(self.inner, site, edit if g is None else matched_random(edit, g)))
+                    stack.enter_context(intervene(self.inner, site, edit if g is None else matched_random(edit, g, avoid)))
             return self.inner(tokens)
 
 
