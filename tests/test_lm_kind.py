@@ -638,3 +638,30 @@ def test_a_run_refuses_to_go_on_over_a_corpus_that_changed(tmp_path):
     fresh()
     load_data(text, run_dir)
     fresh()
+
+
+def test_the_summary_gives_the_coverage_span_labels_really_train_with(corpus):
+    """A labelled passage with no word to mark trains as unlabelled text under span labels, so the
+    coverage a run prints must count only passages that hold one."""
+    from anchoring.kinds.lm.kind import label_coverage, summary_lines
+
+    cfg = experiments.load("lm-anchor-passages", tiny(corpus, "text.coverage=0.5", 'text.weak_labels="spans"'))
+    data = load_data(cfg.text)
+    ref = data.reference[data.parts["train"]].astype(bool)
+    full = label_coverage(data, [0, 1])
+    assert full["kind"] == "spans" and full["asked"] == 0.5
+    for seed in ("0", "1"):  # every violent sentence of this corpus has a word of the lexicon
+        assert full["per_seed"][seed]["coverage"] == pytest.approx(0.5, abs=1 / ref.sum())
+        assert full["per_seed"][seed]["with_a_span"] == full["per_seed"][seed]["coverage"]
+    # take the words away from every other labelled passage: those no longer count
+    masks = data.span_masks()
+    weak = data.weak(0).astype(bool) & ref
+    blank = np.flatnonzero(weak)[::2]
+    for i in blank:
+        masks[i] = np.zeros_like(masks[i])
+    half = label_coverage(data, [0])["per_seed"]["0"]
+    assert half["coverage"] == full["per_seed"]["0"]["coverage"]
+    assert half["with_a_span"] == pytest.approx((weak.sum() - len(blank)) / ref.sum())
+    lines = summary_lines({"experiment": "x", "models": [], "labels": label_coverage(data, [0])})
+    assert any(isinstance(x, str) and x.startswith("weak labels: coverage 0.50 asked") and "with a word to mark" in x
+               for x in lines)

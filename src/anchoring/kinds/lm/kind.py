@@ -276,6 +276,23 @@ def write_weights(path: Path, models: dict[tuple[str, int], torch.nn.Module]) ->
     write_arms(path, models, "anchoring-lm-1")
 
 
+def label_coverage(data: LMData, seeds: list[int]) -> dict[str, Any]:
+    """What the weak labels really cover, per seed: the share of reference-labelled training passages
+    that carry a weak label, and, with span labels, the share that also holds a word to mark. A
+    passage labelled for its sentiment or metadata alone has none, and trains as unlabelled text
+    (deception at 30% trains at about 17%)."""
+    ref = data.reference[data.parts["train"]].astype(bool)
+    spans = data.span_masks()
+    marked = None if spans is None else np.array([bool(m.any()) for m in spans])
+    out: dict[str, Any] = {"asked": data.text.coverage, "kind": data.text.weak_labels, "per_seed": {}}
+    for seed in seeds:
+        weak = data.weak(seed).astype(bool) & ref
+        n = max(int(ref.sum()), 1)
+        out["per_seed"][str(seed)] = {"coverage": float(weak.sum() / n),
+                                      "with_a_span": None if marked is None else float((weak & marked).sum() / n)}
+    return out
+
+
 def finish(cfg: LMExperiment, path: Path, data: LMData, results: dict[tuple[str, int], ArmResult]) -> dict[str, Any]:
     names = arms(cfg)
     first = next(iter(results.values()))
@@ -302,6 +319,7 @@ def finish(cfg: LMExperiment, path: Path, data: LMData, results: dict[tuple[str,
     eval_s = time.perf_counter() - t0
     summary = summarize(cfg, rows, names, es, sites)
     summary["eval_s"] = round(eval_s, 3)
+    summary["labels"] = label_coverage(data, sorted({seed for _, seed in results}))
     if cfg.evaluate.ood:
         summary["ood"] = ood(cfg, path, data, results)
     if cfg.unlearning.enabled:
@@ -608,6 +626,13 @@ def summary_lines(summary: dict[str, Any]) -> list[Any]:
     if "device" in timing:  # runs written before it was recorded do not say
         lines.append(f"trained on {timing['device']}, torch {timing['torch']}, {timing['processes']} {timing['parallel']} "
                      "(the session that finished the training)")
+    labels = summary.get("labels")  # runs written before it was recorded do not say
+    if labels:
+        per = labels["per_seed"].values()
+        line = f"weak labels: coverage {labels['asked']:.2f} asked, " + ", ".join(f"{c['coverage']:.3f}" for c in per)
+        if labels["kind"] == "spans":
+            line += " realised; with a word to mark (what span labels train): " + ", ".join(f"{c['with_a_span']:.3f}" for c in per)
+        lines.append(line + " (per seed)")
     for name, t in summary.get("targets", {}).items():
         lines.append(f"{'met ' if t['met'] else 'MISS'}  {name}: {target_text(target_median(t))}{_left_out(t)}")  # None: NaN read back from JSON
     if summary.get("unlearning"):
