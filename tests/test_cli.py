@@ -56,6 +56,7 @@ def test_list_shows_the_default():
     (["run", "--set", "terms.9.kind=anchor"], "not an index below 3"),
     (["run", "anchored", "--nproc", "2"], "--nproc is for LM experiments; 'anchored' is a 'colour' experiment"),
     (["run", "lm-control", "--set", "text.split_seed=18446744073709551616"], "split_seed"),
+    (["run", "curriculum", "--set", "data.space=\"hsv\"", "--set", "data.hsv_shape=[36,0,6]"], "hsv_shape"),
 ])
 def test_bad_arguments(tmp_path, args, message):
     out = tmp_path / "run"

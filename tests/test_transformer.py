@@ -78,6 +78,46 @@ def test_suppressing_the_anchor_breaks_red_lines_and_spares_the_rest():
     assert (curve_before[-3:] - curve_after[-3:]).mean() >= 0.3, (curve_before, curve_after)  # redness ≥ 0.7
 
 
+def test_labelled_lines_counts_only_lines_inside_the_context(monkeypatch):
+    """A batch draws more lines than its context holds; a label on a line past the end pulls on
+    nothing, so the logged count leaves it out."""
+    import anchoring.kinds.transformer.training as tr
+    from anchoring.anchor import Capture
+
+    seen = []
+
+    def label_everything(lattice, labeller, colours, generator):
+        seen.append(colours.shape[:2])
+        return torch.ones(colours.shape[:2])
+
+    monkeypatch.setattr(tr, "draw_line_labels", label_everything)
+    cfg = experiments.load("transformer-anchor-residual", SMALL)
+    task = tr.ArmTask(cfg, 0, True)
+    with Capture(task.model, [t.site.module for t in task.terms]) as task.cap:
+        task.step(0)
+    batch = task.lang.batch(cfg.language.batch_size, cfg.language.context,
+                            torch.Generator().manual_seed(tr.batch_seed(0, 0)), op_weights=cfg.language.op_weights)
+    present = sum(len(set(row.tolist())) for row in batch.line)
+    drawn = seen[0][0] * seen[0][1]
+    assert present < drawn
+    assert task.rows[0, task.names.index("labelled_lines")] == present * len(task.concepts)
+
+
+def test_every_evaluation_line_is_scored_once():
+    """x + x is one line: listing both orders of every pair put it in a set twice."""
+    lang = build_language(experiments.load("transformer-anchor-residual", []))
+    for name, lines in ev.eval_lines(lang, 2048).items():
+        triples = list(zip(lines.op.tolist(), lines.a.tolist(), lines.b.tolist()))
+        assert len(triples) == len(set(triples)), name
+
+
+def test_only_ascii_digits_are_colour_words():
+    lang = build_language(experiments.load("transformer-anchor-residual", SMALL))
+    assert lang.tokenize("500 + 005 =").tolist()[0] == int(lang.lattice.token(torch.tensor([5, 0, 0])))
+    with pytest.raises(AnchoringError, match="not a word of the colour language"):
+        lang.tokenize("²00")
+
+
 def test_an_accuracy_drop_of_one_line_in_twenty_is_exactly_five_hundredths():
     """Taken from float32 means, 1.00 − 0.95 reads 0.0500000007 and a '≤ 0.05' target would fail."""
     lang = build_language(experiments.load("transformer-anchor-residual", SMALL))
@@ -143,7 +183,9 @@ def test_bad_transformer_configs_fail_before_training():
                            (["concepts.0.axis=64"], "axis 64"),
                            (["terms.2.positions=\"mellowmax\""], "labelled"),
                            (["transformer.heads=5"], "heads"),
-                           (["language.held_out=0.0"], "held-out split of mix pairs empty")):
+                           (["language.held_out=0.0"], "held-out split of mix pairs empty"),
+                           (["language.levels=2"], r"reddest = 10 needs fewer than the lattice's 8 colours"),
+                           (["language.levels=12"], "less than or equal to 10")):
         with pytest.raises(AnchoringError, match=msg):
             lifecycle.validate(experiments.load("transformer-anchor-residual", overrides))
 

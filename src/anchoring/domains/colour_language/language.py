@@ -89,7 +89,7 @@ class ColourLanguage:
         for word in text.split():
             if word in OPERATORS:
                 ids.append(self.op_token(word))
-            elif len(word) == 3 and word.isdigit() and all(int(ch) < L for ch in word):
+            elif len(word) == 3 and word.isascii() and word.isdigit() and all(int(ch) < L for ch in word):
                 ids.append(int(self.lattice.token(torch.tensor([int(ch) for ch in word]))))
             else:
                 raise AnchoringError(f"{word!r} is not a word of the colour language (colours are three levels "

@@ -20,8 +20,8 @@ class Lattice:
     levels: int = 6
 
     def __post_init__(self) -> None:
-        if not 2 <= self.levels <= 16:
-            raise AnchoringError(f"lattice levels must be within 2..16, got {self.levels}")
+        if not 2 <= self.levels <= 10:  # a colour's word has one digit per channel
+            raise AnchoringError(f"lattice levels must be within 2..10, got {self.levels}")
 
     @property
     def size(self) -> int:

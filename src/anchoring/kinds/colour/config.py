@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from anchoring.config import TrainConfig, TrainedExperiment, VariantConfig, _Strict
 
@@ -26,7 +26,7 @@ class ModelConfig(_Strict):
 class DataConfig(_Strict):
     space: Literal["rgb", "hsv"] = "rgb"
     rgb_levels: int = Field(8, ge=2, le=64, description="training grid: rgb_levels³ points")
-    hsv_shape: tuple[int, int, int] = Field((36, 10, 10), description="hue×sat×val grid when space = 'hsv'")
+    hsv_shape: tuple[PositiveInt, PositiveInt, PositiveInt] = Field((36, 10, 10), description="hue×sat×val grid when space = 'hsv'")
     weights: Literal["uniform", "chroma"] = Field("uniform", description="per-point sampling weights")
     batch_size: int = Field(64, ge=2, le=65536)
     validation_levels: int = Field(10, ge=2, le=64, description="validation grid: levels³ RGB points")

@@ -12,7 +12,8 @@ from anchoring.config import TrainConfig, TrainedExperiment, _Strict
 class LanguageConfig(_Strict):
     """The synthetic colour language of the transformer experiments."""
 
-    levels: int = Field(6, ge=2, le=16, description="lattice levels per channel: levels³ colour tokens")
+    levels: int = Field(6, ge=2, le=10, description="lattice levels per channel: levels³ colour tokens (at most 10: a "
+                        "colour is written with one digit per channel)")
     mix_rule: Literal["exact", "half-up"] = Field("exact", description="'exact': only pairs whose mean lands on the "
                                                                       "lattice; 'half-up': all pairs, rounded half up")
     held_out: float = Field(0.2, ge=0.0, lt=1.0, description="share of unordered mix pairs never trained on")

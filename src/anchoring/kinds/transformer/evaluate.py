@@ -35,23 +35,27 @@ class Lines:
     b: torch.Tensor
 
 
+def both_orders(pairs: torch.Tensor) -> torch.Tensor:
+    """Every unordered pair as its ordered lines: x + y and y + x, and x + x once (listing it twice
+    gave the trivial lines twice their share of a set)."""
+    return torch.cat([pairs, pairs[pairs[:, 0] != pairs[:, 1]].flip(-1)])
+
+
 def eval_lines(lang: ColourLanguage, n: int, k: int = 10) -> dict[str, Lines]:
     """Seen and held-out mixes (both orders), every complement, every lighten, and every *seen* line
     whose answer is among the k reddest colours (so the red group is not a handful of lines)."""
     g = torch.Generator().manual_seed(EVAL_SEED)
     out = {}
     for split in ("seen", "held-out"):
-        pairs = lang.mix_pairs(split)
-        both = torch.cat([pairs, pairs.flip(-1)])
+        both = both_orders(lang.mix_pairs(split))
         pick = both[torch.randperm(len(both), generator=g)[:n]]
         out[split] = Lines(torch.zeros(len(pick), dtype=torch.long), pick[:, 0], pick[:, 1])
     colours = torch.arange(lang.n_colours)
     none = torch.full_like(colours, -1)
     out["complement"] = Lines(torch.ones_like(colours), colours, none)
     out["lighten"] = Lines(torch.full_like(colours, 2), colours, none)
-    red = reddest(lang, k)
-    seen = lang.mix_pairs("seen")
-    seen = torch.cat([seen, seen.flip(-1)])
+    red = reddest(lang, k)  # ties at the k-th place: torch.topk's pick (fixed for a lattice), see `reddest`
+    seen = both_orders(lang.mix_pairs("seen"))
     mix = seen[torch.isin(lang.lattice.mix(seen[:, 0], seen[:, 1]), red)]
     unary = [(op, colours[torch.isin(lang.answer(torch.full_like(colours, op), colours, none), red)]) for op in (1, 2)]
     out["red answers"] = Lines(torch.cat([torch.zeros(len(mix), dtype=torch.long), *[torch.full_like(c, op) for op, c in unary]]),
@@ -80,7 +84,9 @@ def line_redness(lang: ColourLanguage, lines: Lines) -> torch.Tensor:
 
 
 def reddest(lang: ColourLanguage, k: int) -> torch.Tensor:
-    """Token ids of the k reddest colours."""
+    """Token ids of the k reddest colours. Redness ties at the k-th place (on 6 levels, four colours
+    share redness 0.7 at ranks 10–13) are broken by `torch.topk`, the same way every time: the red
+    group is exactly k colours, and the others tied with the k-th count as not red."""
     return redness(lang.lattice.rgb()).topk(k).indices
 
 

@@ -58,6 +58,9 @@ def validate(cfg: TransformerExperiment) -> int:
     """Everything checkable before training (the model builds, terms bind, the schedule fits, edits
     resolve); returns the run length in steps."""
     lang = build_language(cfg)
+    if cfg.transformer.reddest >= lang.n_colours:  # the evaluation's red group must leave colours that are not red
+        raise AnchoringError(f"transformer.reddest = {cfg.transformer.reddest} needs fewer than the lattice's "
+                             f"{lang.n_colours} colours (language.levels = {cfg.language.levels})")
     empty = [split for split in ("held-out", "seen") if not len(lang.mix_pairs(split))]  # both are scored after training
     if empty:
         raise AnchoringError(f"language.held_out = {cfg.language.held_out:g} leaves the {empty[0]} split of mix pairs "

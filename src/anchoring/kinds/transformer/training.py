@@ -143,7 +143,9 @@ class ArmTask(MetricRows):
         self.optimizer.step()
         model.normalize_weights()
         tv = {t.name: v.item() for t, v in zip(terms, term_values)}
-        n_lab = sum(float(v.sum()) for v in labels.values())
+        # lines drawn past the context's end have no position in the batch: their labels pull on nothing
+        present = torch.zeros(batch.ops.shape, dtype=torch.bool).scatter_(1, batch.line, True)
+        n_lab = sum(float((v.bool() & present).sum()) for v in labels.values())
         self.rows[step] = [*values, loss.item(), task.item(), *[tv.get(t.name, np.nan) for t in self.objective.terms], n_lab]
         return torch.tensor([loss.item(), task.item(), *tv.values()])
 
