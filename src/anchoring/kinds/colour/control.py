@@ -10,9 +10,12 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
+import shutil
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +35,7 @@ from anchoring.kinds.base import EditResult
 from anchoring.kinds.colour.edits import evaluate_edit, named_error_table, stacked
 from anchoring.kinds.colour.model import ColourRun
 from anchoring.kinds.colour.objective import build_objective
+from anchoring.kinds.colour.sites import site_width
 from anchoring.report import figures, html
 from anchoring.train.checkpoint import FORMAT, atomic_save
 
@@ -86,16 +90,32 @@ def _concept(run: ColourRun, name: str | None) -> tuple[list[Concept], Concept |
 
 def _check_site(run: ColourRun, site: str) -> None:
     """The site must exist and carry the latent (its width is the model's latent width)."""
-    from anchoring.anchor import Capture, resolve_site
-
-    model = run.models[0]
-    resolve_site(model, site)
-    with torch.no_grad(), Capture(model, [site]) as cap:
-        model(torch.zeros(1, 3))
-        width = cap.acts[site].shape[-1]
+    width = site_width(run.models[0], site)
     if width != run.latent_dim:
         raise AnchoringError(f"--site {site!r} has width {width}, not the latent width {run.latent_dim}; "
                              f"interventions act on the latent (e.g. --site latent)")
+
+
+@contextmanager
+def replacing(out: Path) -> Iterator[Path]:
+    """`runs.staged(out)` that may also replace an earlier folder at `out` (a re-run of an edit of
+    the same name): the earlier one is moved aside only once the new one is complete, renamed back
+    if the new one then fails to arrive, and deleted after. A reader never sees the two mixed."""
+    old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+    moved = False
+    try:
+        with runs.staged(out) as tmp:
+            yield tmp
+            if out.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(out, old)
+                moved = True
+    except BaseException:
+        if moved and not out.exists():
+            os.replace(old, out)
+        raise
+    if moved:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _table_csv(rows: list[dict]) -> str:
@@ -130,19 +150,22 @@ def intervene(run: ColourRun, spec: InterventionConfig) -> EditResult:
     per_seed = [{"seed": s, **{n: float(res["named_after"][i, j]) for j, n in enumerate(NAMES)},
                  "hsv_grid_mse": float(res["hsv_grid_after"][i]), "rgb_grid_mse": float(res["rgb_grid_after"][i]),
                  "selectivity": float(res["selectivity"][i])} for i, s in enumerate(run.seeds)]
-    runs.write_atomic(out / "colours.csv", _table_csv(table))
-    runs.write_atomic(out / "per_seed.csv", _table_csv(per_seed))
-    runs.write_atomic(out / "spec.json", spec.model_dump_json(indent=2))
-    figures.save(figures.hue_error_curves(res["hue_after"], (0.25, 0.5, 0.75, 1.0), f"{spec.name}: error vs hue"), out / "hue_error.png")
+    names = ["colours.csv", "per_seed.csv", "hue_error.png", "reconstruction.png"]
     with torch.no_grad():
         outputs = after(named_rgb())
-    figures.save(figures.reconstruction_grid(named_rgb(), outputs, NAMES, run.seeds), out / "reconstruction.png")
-    files = [out / "colours.csv", out / "per_seed.csv", out / "hue_error.png", out / "reconstruction.png"]
-    if spec.method in ("suppress", "repel"):
-        shape = plan.edit_activation().shape
-        figures.save(figures.intervention_lobes({spec.falloff: shape}, spec.method), out / "lobes.png")
-        figures.save(figures.strength_curves({spec.falloff: shape}), out / "strength.png")
-        files += [out / "lobes.png", out / "strength.png"]
+    with replacing(out) as tmp:  # all of it or nothing, and nothing left from an earlier edit of this name
+        runs.write_atomic(tmp / "colours.csv", _table_csv(table))
+        runs.write_atomic(tmp / "per_seed.csv", _table_csv(per_seed))
+        runs.write_atomic(tmp / "spec.json", spec.model_dump_json(indent=2))
+        figures.save(figures.hue_error_curves(res["hue_after"], (0.25, 0.5, 0.75, 1.0), f"{spec.name}: error vs hue"),
+                     tmp / "hue_error.png")
+        figures.save(figures.reconstruction_grid(named_rgb(), outputs, NAMES, run.seeds), tmp / "reconstruction.png")
+        if spec.method in ("suppress", "repel"):
+            shape = plan.edit_activation().shape
+            figures.save(figures.intervention_lobes({spec.falloff: shape}, spec.method), tmp / "lobes.png")
+            figures.save(figures.strength_curves({spec.falloff: shape}), tmp / "strength.png")
+            names += ["lobes.png", "strength.png"]
+    files = [out / n for n in names]
     selectivity = [float(x) for x in res["selectivity"]]
     return EditResult(spec.name, [*colour_table(f"{spec.name}: per-colour MSE", table, selectivity), f"wrote {out}"], files,
                       {"table": table, "selectivity": selectivity})
@@ -229,8 +252,6 @@ def relearn(run: ColourRun, concept: str = "red", samples: Sequence[int] = (1, 4
         base_dir = out / "baseline-run"
         if not (base_dir / runs.SUMMARY).is_file():
             if base_dir.exists():
-                import shutil
-
                 shutil.rmtree(base_dir)
             cfg = run.config
             lr_keys = build_timeline(cfg, build_objective(cfg)).tracks["lr"].key_values()

@@ -27,6 +27,7 @@ from anchoring.kinds.colour.edits import evaluate_edit, named_error_table, stack
 from anchoring.kinds.colour.metrics import concept_exemplar
 from anchoring.kinds.colour.model import ColourRun, architecture, open_run
 from anchoring.kinds.colour.objective import build_objective, build_timeline, check_curriculum, training_points
+from anchoring.kinds.colour.sites import check_sites
 from anchoring.kinds.colour.summary import summarize_seeds
 from anchoring.kinds.colour.training import CHECKPOINT, TrainResult, metrics_table, train
 from anchoring.report import animation, figures, html
@@ -55,6 +56,7 @@ class ColourKind(Kind):
             for d in c.dims or []:
                 if not 0 <= d < cfg.model.latent_dim:
                     raise AnchoringError(f"concept {c.name!r}: dim {d} is outside 0..{cfg.model.latent_dim - 1}")
+        check_sites(cfg, objective)  # a bad site otherwise fails in the first step, or after the last
 
     def architecture(self, cfg: ColourExperiment) -> dict[str, Any]:
         return architecture(cfg)

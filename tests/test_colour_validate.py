@@ -1,0 +1,124 @@
+"""Colour runs: a bad site is refused before anything is written; an intervention's folder is
+written whole and holds only its own files."""
+
+import os
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from anchoring import experiments, lifecycle
+from anchoring.cli import app
+from anchoring.config import InterventionConfig
+from anchoring.errors import AnchoringError
+from anchoring.kinds.colour import control
+from anchoring.kinds.colour.model import ColourRun
+from anchoring.kinds.colour.objective import build_model
+
+SHORT = ["train.seeds=1", "train.steps=20"]
+
+BAD_SITES = [  # (override, what the one-line error must say)
+    ('terms.0.site="nosuch"', "term 'separation': model has no module 'nosuch'"),
+    ('terms.1.site="encoder.0"', "term 'anchor:red': site 'encoder.0' has width 16, but its direction has 4 entries"),
+    ('interventions.0.site="encoder.0"', "intervention 'suppress-red': site 'encoder.0' has width 16, not the latent width 4"),
+    ('interventions.0.site="nosuch"', "intervention 'suppress-red': model has no module 'nosuch'"),
+    ('interventions.2.site="encoder"', "intervention 'ablate-red': cannot edit weights at 'encoder'"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_SITES)
+def test_a_bad_site_is_refused_by_validate(override, message):
+    cfg = experiments.load("anchored", [*SHORT, override])
+    with pytest.raises(AnchoringError) as e:
+        lifecycle.validate(cfg)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("override,message", BAD_SITES[:3])
+def test_a_bad_site_exits_2_and_writes_no_folder(tmp_path, override, message):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["run", "anchored", "--steps", "20", "--seeds", "1", "--out", str(out), "-q", "--set", override])
+    assert r.exit_code == 2, (r.stdout, r.stderr)
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("override", [
+    'terms.0.site="encoder.0"',  # separation reads any width
+    'terms.2.site="decoder.0"',  # subspace dims 0, 1 lie inside a 16-wide site
+    'terms.1.site="encoder"',  # the latent before normalisation: as wide as the latent
+    'interventions.0.site="encoder"',
+])
+def test_sites_that_train_and_edit_still_validate(override):
+    lifecycle.validate(experiments.load("anchored", [*SHORT, override]))
+
+
+def test_validate_draws_nothing_from_the_global_generator():
+    cfg = experiments.load("anchored", SHORT)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    lifecycle.validate(cfg)
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.fixture
+def untrained_run(tmp_path):
+    """A run of the default experiment with untrained models: enough to write interventions."""
+    cfg = experiments.load("anchored", ["train.seeds=2"])
+    torch.manual_seed(0)
+    return ColourRun(tmp_path / "run", cfg, [0, 1], [build_model(cfg).eval() for _ in range(2)])
+
+
+def _files(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_an_intervention_of_the_same_name_replaces_the_earlier_folder(untrained_run):
+    run = untrained_run
+    control.intervene(run, InterventionConfig(name="x", method="suppress", concept="red"))
+    out = run.path / "interventions" / "x"
+    assert {"lobes.png", "strength.png"} <= set(_files(out))
+    res = control.intervene(run, InterventionConfig(name="x", method="zero", concept="red"))
+    assert _files(out) == ["colours.csv", "hue_error.png", "per_seed.csv", "reconstruction.png", "spec.json"]
+    assert '"zero"' in (out / "spec.json").read_text()
+    assert all(f.is_file() for f in res.files)
+    assert _files(out.parent) == ["x"]  # no staging or set-aside folder left beside it
+
+
+def test_an_interrupted_intervention_leaves_the_earlier_folder_whole(untrained_run, monkeypatch):
+    run = untrained_run
+    control.intervene(run, InterventionConfig(name="x", method="suppress", concept="red"))
+    out = run.path / "interventions" / "x"
+    before = {n: (out / n).read_bytes() for n in _files(out)}
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(control.figures, "save", interrupted)  # Ctrl-C while the figures are written
+    with pytest.raises(KeyboardInterrupt):
+        control.intervene(run, InterventionConfig(name="x", method="zero", concept="red"))
+    assert {n: (out / n).read_bytes() for n in _files(out)} == before
+    assert _files(out.parent) == ["x"]
+    with pytest.raises(KeyboardInterrupt):  # a first edit of a new name: no folder at all
+        control.intervene(run, InterventionConfig(name="y", method="zero", concept="red"))
+    assert _files(out.parent) == ["x"]
+
+
+def test_an_interruption_after_the_earlier_folder_was_set_aside_puts_it_back(untrained_run, monkeypatch):
+    run = untrained_run
+    control.intervene(run, InterventionConfig(name="x", method="suppress", concept="red"))
+    out = run.path / "interventions" / "x"
+    before = _files(out)
+    real_replace = os.replace
+
+    def interrupted(src, dst):  # the final rename of the staged folder into place
+        if os.path.basename(src).startswith(".x.partial-"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        control.intervene(run, InterventionConfig(name="x", method="zero", concept="red"))
+    assert _files(out) == before
+    assert _files(out.parent) == ["x"]
