@@ -72,7 +72,11 @@ def print_lines(lines: list) -> None:
 
 def print_outcome(outcome: lifecycle.Outcome, wall: float) -> None:
     """The kind's own lines for the run, then how long it took and where the report is."""
-    print_lines(outcome.lines())
+    try:
+        lines = outcome.lines()  # all of them before any is printed: a broken summary is one line, not half a table
+    except AnchoringError as e:
+        fail(str(e))
+    print_lines(lines)
     out.print(f"wall time {wall:.1f} s", markup=False)
     report = outcome.path / "report.html"
     if report.is_file():
@@ -111,6 +115,41 @@ def train_overrides(sets: list[str], seeds: int | None, seed: int | None, steps:
     return overrides
 
 
+FLAG_KEYS = {"--seeds": "train.seeds", "--seed": "train.seed", "--steps": "train.steps", "--select": "evaluate.select"}
+
+
+def _has_key(cfg, dotted: str) -> bool:
+    node = cfg.model_dump()
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def load_experiment(experiment: str, sets: list[str], seeds: int | None = None, seed: int | None = None,
+                    steps: int | None = None, select: str | None = None):
+    """(config, overrides): the experiment with its --set items and the flag shortcuts. The flags are
+    checked against the experiment as --set leaves it, so that a flag its kind has no key for is
+    named as the flag (not as the key it stands for), and --seeds/--seed next to a train.seed_list,
+    which would quietly win over them, are refused."""
+    overrides = train_overrides(sets, seeds, seed, steps)
+    if select is not None:
+        overrides.append(f"evaluate.select={select}")
+    given = [f for f, v in (("--seeds", seeds), ("--seed", seed), ("--steps", steps), ("--select", select)) if v is not None]
+    if given:
+        base = experiments.load(experiment, sets)
+        for flag in given:
+            if not _has_key(base, FLAG_KEYS[flag]):
+                raise AnchoringError(f"{flag} does not apply to {base.name!r}: a {base.kind!r} experiment has no "
+                                     f"{FLAG_KEYS[flag]}")
+        chosen = [f for f in given if f in ("--seeds", "--seed")]
+        if chosen and base.train.seed_list is not None:
+            raise AnchoringError(f"train.seed_list {base.train.seed_list} sets the seeds, so {' and '.join(chosen)} would be "
+                                 f"ignored; give one or the other")
+    return experiments.load(experiment, overrides), overrides
+
+
 @app.command("run")
 def run_cmd(
     experiment: str = typer.Argument(experiments.DEFAULT, help="built-in name, ex-<number> alias, or a config .toml / run directory"),
@@ -125,13 +164,10 @@ def run_cmd(
     nproc: Optional[int] = typer.Option(None, "--nproc", help="LM runs: data-parallel processes per job (= --set lm.nproc=N)"),
 ) -> None:
     """Train an experiment on several seeds at once, evaluate it and write a report."""
-    overrides = train_overrides(sets, seeds, seed, steps)
-    if select is not None:
-        if select not in ("all", "pareto"):
-            fail(f"--select must be all or pareto, not {select!r}")
-        overrides.append(f"evaluate.select={select}")
+    if select is not None and select not in ("all", "pareto"):
+        fail(f"--select must be all or pareto, not {select!r}")
     try:
-        cfg = experiments.load(experiment, overrides)
+        cfg, overrides = load_experiment(experiment, sets, seeds, seed, steps, select)
         if nproc is not None:
             if cfg.kind != "lm":
                 fail(f"--nproc is for LM experiments; {cfg.name!r} is a {cfg.kind!r} experiment")
@@ -192,7 +228,7 @@ def resume_cmd(run_dir: Path = typer.Argument(..., help="run directory with a ch
     launched = launched_by_torchrun()
     if launched:  # as in `run`: rank 0 resumes and evaluates, the other ranks only train their share
         try:
-            cfg = lifecycle.resumable_config(run_dir)
+            cfg = lifecycle.resumable_config(run_dir, warn=lambda _: None)  # rank 0 warns below, in lifecycle.resume
             if cfg.kind != "lm":
                 fail("under torchrun, resume an LM run")
             _check_split(cfg, launched[1])
@@ -204,7 +240,11 @@ def resume_cmd(run_dir: Path = typer.Argument(..., help="run directory with a ch
         except AnchoringError as e:
             fail(str(e))
         quiet = True
-    _train(lambda update: lifecycle.resume(run_dir, progress=update), "resume", quiet)
+    _train(lambda update: lifecycle.resume(run_dir, progress=update, warn=warning), "resume", quiet)
+
+
+def warning(message: str) -> None:
+    err.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("show")
@@ -221,16 +261,19 @@ def show_cmd(run_dir: Path = typer.Argument(..., help="finished run directory"),
         if select == "pareto" and "selection" not in outcome.summary:
             fail(f"{str(run_dir)!r} has no Pareto selection (it needs a colour run with at least one edit)")
         outcome.summary["select"] = select
-    print_outcome(outcome, outcome.summary.get("timing", {}).get("total_s") or 0.0)
+    timing = outcome.summary.get("timing")
+    total = timing.get("total_s") if isinstance(timing, dict) else None
+    print_outcome(outcome, float(total) if isinstance(total, (int, float)) and not isinstance(total, bool) else 0.0)
 
 
-def _dims(text: str | None) -> list[int] | None:
+def _dims(text: str | None, flag: str = "--dims", example: str = "0,1") -> list[int] | None:
+    """Comma-separated integers given to `flag` (named in the error: --dims, or relearn's --samples)."""
     if text is None:
         return None
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        fail(f"--dims {text!r}: expected comma-separated integers, e.g. 0,1")
+        fail(f"{flag} {text!r}: expected comma-separated integers, e.g. {example}")
     return None
 
 
@@ -260,9 +303,24 @@ def _open(run_dir: Path, finished: bool = False):
 
 
 def _apply_edit(action) -> None:
-    """Run an edit, turning user errors into one line; print what the kind reports."""
+    """Run an edit, turning user errors into one line; print what the kind reports. Ctrl-C or a
+    SIGTERM stops it as it stops `run`: one line and exit code 130. A run the edit was training
+    (relearn's post-hoc baseline) keeps its checkpoint and is finished by `anchoring resume`; the
+    edit, run again, then reuses it instead of training it anew."""
     try:
-        res = action()
+        with sigterm_interrupts():
+            res = action()
+    except TrainingInterrupted as e:
+        if e.run_dir is None:
+            err.print("interrupted; run the command again", markup=False, highlight=False)
+        else:
+            where = f"after step {e.step}; checkpoint saved" if e.step >= 0 else "while evaluating it; its training is saved"
+            err.print(f"interrupted training {e.run_dir} {where} — finish it with `anchoring resume {e.run_dir}`, "
+                      f"then run this command again", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(130)
+    except KeyboardInterrupt:
+        err.print("interrupted before the edit was complete; run the command again", markup=False, highlight=False)
+        raise typer.Exit(130)
     except AnchoringError as e:
         fail(str(e))
     print_lines(res.lines)
@@ -330,7 +388,7 @@ def relearn_cmd(
     baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="also attack a post-hoc (unanchored) baseline"),
 ) -> None:
     """Relearning attack: steps until a deleted concept's error falls back under the threshold."""
-    ks = _dims(samples) or []
+    ks = _dims(samples, "--samples", "1,4,16") or []
     run = _open(run_dir, finished=True)
     with progress_bar("baseline", sys.stderr.isatty()) as update:
         _apply_edit(lambda: kind_of(run.config).relearn(run, concept=concept, samples=ks, steps=steps, lr=lr, retain=retain,
@@ -352,11 +410,8 @@ def sweep_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
     """Split seeds (and a grid of settings) over processes or Ray; merge into one run and report."""
-    from datetime import datetime
-
     from anchoring import sweep
 
-    overrides = train_overrides(sets, seeds, seed, steps)
     if workers < 1:
         fail(f"--workers must be ≥ 1, got {workers}")
     if backend not in ("local", "ray"):
@@ -371,14 +426,17 @@ def sweep_cmd(
     path = None
     try:
         axes = sweep.parse_grid(grid)
-        name = experiments.load(experiment, overrides).name
-        path = out_dir or Path("runs") / f"{name}-sweep" / datetime.now().strftime("%Y%m%d-%H%M%S")
+        cfg, overrides = load_experiment(experiment, sets, seeds, seed, steps)
+        name = cfg.name
+        path = out_dir or runs.new_run_dir(f"{name}-sweep", None)  # created: a sweep started in the same second gets another
         with sigterm_interrupts(), progress_bar(f"{name} shards", not quiet and sys.stderr.isatty()) as update:
             summary = sweep.sweep(experiment, path, sets=overrides, grid=axes, workers=workers, backend=backend,
                                   address=address, progress=update)
     except AnchoringError as e:
+        _drop_if_empty(path if out_dir is None else None)
         fail(str(e))
     except (KeyboardInterrupt, TrainingInterrupted):  # the workers have saved and stopped (backends.run_local)
+        _drop_if_empty(path if out_dir is None else None)
         if path is not None and (path / "shards").is_dir():
             kept = "finished shards and checkpoints are kept" if backend == "local" else "finished shards are kept"
             line = f"sweep interrupted; {kept} — continue with the same command and --out {path}"
@@ -409,6 +467,16 @@ def sweep_cmd(
         out.print(f"report: {path / 'report.html'}", markup=False)
     else:
         print_outcome(lifecycle.Outcome(path, summary), time.perf_counter() - t0)
+
+
+def _drop_if_empty(path: Path | None) -> None:
+    """The generated folder runs/<name>-sweep/<time> of a sweep refused or stopped before it wrote
+    anything, and its parents if that leaves them empty: bad input writes nothing."""
+    for p in (path, path.parent, path.parent.parent) if path is not None else ():
+        try:
+            p.rmdir()
+        except OSError:
+            return
 
 
 @app.command("bench")

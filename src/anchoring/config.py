@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -67,6 +68,14 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(500, ge=1)
     betas: tuple[float, float] = (0.9, 0.999)
     seed_list: list[int] | None = Field(None, description="explicit seed per ensemble member (overrides seed/seeds; repeats allowed)")
+
+    @field_validator("seeds", "seed", "steps", "checkpoint_every", "seed_list", mode="before")
+    @classmethod
+    def _not_a_bool(cls, v: Any) -> Any:
+        """pydantic reads true as 1: `seeds = true` would train one seed without a word."""
+        if isinstance(v, bool) or (isinstance(v, list) and any(isinstance(x, bool) for x in v)):
+            raise ValueError("expected an integer, not true/false")
+        return v
 
     def member_seeds(self) -> list[int]:
         """The seed of every ensemble member, in order."""

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from anchoring import runs, studies
 from anchoring.config import ExperimentBase
 from anchoring.errors import AnchoringError
 from anchoring.experiments import load_config
-from anchoring.kinds import kind_of
+from anchoring.kinds import REGISTRY, kind_name, kind_of
 from anchoring.kinds.base import Progress, Run
 from anchoring.train.skeleton import TrainingInterrupted
 
@@ -27,12 +28,32 @@ from anchoring.train.skeleton import TrainingInterrupted
 class Outcome:
     path: Path
     summary: dict[str, Any]
+    kind: str | None = None  # the run's kind, from its validated config; None: the summary's own (a run just written)
 
     def lines(self) -> list[Any]:
-        """What the CLI prints for this run: the kind's own lines."""
-        from anchoring.kinds import REGISTRY
+        """What the CLI prints for this run: the kind's own lines. A summary.json edited or damaged into
+        something else than its kind writes is one line, not the KeyError it meets half-way."""
+        kind = self.kind or kind_name(self.summary.get("kind"))
+        try:
+            lines = REGISTRY[kind].summary_lines(self.summary)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+            raise _not_a_summary(self.path, kind) from None
+        if not lines:  # every kind's summary has something to say; `{}` printed nothing and exited 0
+            raise _not_a_summary(self.path, kind)
+        return lines
 
-        return REGISTRY[self.summary.get("kind", "colour")].summary_lines(self.summary)
+
+def _not_a_summary(path: Path, kind: str) -> AnchoringError:
+    return AnchoringError(f"{str(path / runs.SUMMARY)!r} is not a summary of a {kind!r} run; re-run the experiment "
+                          f"or restore the file")
+
+
+def write_config(path: Path, cfg: ExperimentBase) -> None:
+    """config.toml and, first, the digest a resume checks it against (written first: a run that has the
+    config always has its digest)."""
+    text = cfg.to_toml()
+    runs.write_atomic(path / runs.CONFIG_DIGEST, hashlib.sha256(text.encode()).hexdigest() + "\n")
+    runs.write_atomic(path / runs.CONFIG, text)
 
 
 def validate(cfg: ExperimentBase) -> None:
@@ -47,12 +68,10 @@ def validate(cfg: ExperimentBase) -> None:
 def run(cfg: ExperimentBase, out: Path | None = None, progress: Progress | None = None) -> Outcome:
     """Train, evaluate and report an experiment into a new run directory."""
     validate(cfg)
-    path = runs.new_run_dir(cfg.name, out)
+    path = runs.new_run_dir(cfg.name, out)  # a generated name is created there, so no other run can take it
     runs.check_writable(path)
     path.mkdir(parents=True, exist_ok=True)
-    text = cfg.to_toml()
-    runs.write_atomic(path / runs.CONFIG_DIGEST, hashlib.sha256(text.encode()).hexdigest() + "\n")
-    runs.write_atomic(path / runs.CONFIG, text)
+    write_config(path, cfg)
     return _execute(cfg, path, progress)
 
 
@@ -77,7 +96,7 @@ def _execute(cfg: ExperimentBase, path: Path, progress: Progress | None) -> Outc
         runs.write_json(path / runs.SUMMARY, summary)
     except KeyboardInterrupt:  # the summary is written atomically: either there or not, and resume writes it
         raise TrainingInterrupted(-1, path) from None
-    return Outcome(path, summary)
+    return Outcome(path, summary, cfg.kind)
 
 
 def _run_or_continue(cfg: ExperimentBase, path: Path, progress: Progress | None) -> Outcome:
@@ -98,24 +117,30 @@ def _config(path: Path) -> ExperimentBase:
     return load_config(path / runs.CONFIG)
 
 
-def resumable_config(path: Path):
-    """The config of a run that can be resumed (refused: an edited run, a finished one)."""
+def resumable_config(path: Path, warn: Callable[[str], None] | None = None):
+    """The config of a run that can be resumed (refused: an edited run, a finished one, a config.toml
+    edited since the run started). A run without config.sha256 (started before runs recorded it) is
+    resumed unchecked, with a warning through `warn` (default: `warnings.warn`) rather than refused."""
     cfg = _config(path)
     if (path / "edit.json").is_file():
         raise AnchoringError(f"{str(path)!r} is an edited run (written by `anchoring delete`); there is no training to resume")
     if (path / runs.SUMMARY).is_file():
         raise AnchoringError(f"{str(path)!r} has already finished; `anchoring show {path}` prints it")
     digest = path / runs.CONFIG_DIGEST
-    if digest.is_file() and digest.read_text().strip() != hashlib.sha256((path / runs.CONFIG).read_bytes()).hexdigest():
+    if not digest.is_file():
+        (warn or (lambda m: warnings.warn(m, stacklevel=3)))(
+            f"{str(path)!r} has no {runs.CONFIG_DIGEST} (a run started by an older version), so it is resumed without "
+            f"checking that {runs.CONFIG} is unchanged since it started")
+    elif digest.read_text().strip() != hashlib.sha256((path / runs.CONFIG).read_bytes()).hexdigest():
         raise AnchoringError(f"{str(path / runs.CONFIG)!r} was edited after the run started, and its checkpoints were "
                              f"trained under the settings before; run the edited config as a new run "
                              f"(`anchoring run {path / runs.CONFIG} --out NEW`), or restore the file to resume")
     return cfg
 
 
-def resume(path: Path, progress: Progress | None = None) -> Outcome:
+def resume(path: Path, progress: Progress | None = None, warn: Callable[[str], None] | None = None) -> Outcome:
     """Continue an interrupted run from its checkpoints (or from step 0 if it had none yet)."""
-    cfg = resumable_config(path)
+    cfg = resumable_config(path, warn)
     runs.check_writable(path / runs.SUMMARY)
     validate(cfg)
     return _execute(cfg, path, progress)
@@ -126,15 +151,24 @@ def finish_merged(path: Path) -> Outcome:
     return _execute(_config(path), path, None)
 
 
+def _summary(path: Path, cfg: ExperimentBase) -> dict[str, Any]:
+    """summary.json of a run, checked against the run's validated config rather than trusted: the
+    kind comes from the config, and a summary that is valid JSON but not what the kind writes (no
+    experiment name, another kind's) is one line here instead of a traceback or an empty print."""
+    summary = runs.read_json(path / runs.SUMMARY)
+    if not isinstance(summary, dict) or not isinstance(summary.get("experiment"), str):
+        raise _not_a_summary(path, cfg.kind)
+    if "kind" in summary and kind_name(summary["kind"]) != cfg.kind:
+        raise _not_a_summary(path, cfg.kind)
+    return summary
+
+
 def show(path: Path) -> Outcome:
     """A finished run's summary, for printing."""
-    _config(path)
+    cfg = _config(path)
     if not (path / runs.SUMMARY).is_file():
         raise AnchoringError(f"{str(path)!r} has not finished (no {runs.SUMMARY}); `anchoring resume` it")
-    summary = runs.read_json(path / runs.SUMMARY)
-    if not isinstance(summary, dict):
-        raise AnchoringError(f"{str(path / runs.SUMMARY)!r} is not a run summary")
-    return Outcome(path, summary)
+    return Outcome(path, _summary(path, cfg), cfg.kind)
 
 
 def load_run(path: str | Path) -> Run:
@@ -153,5 +187,5 @@ def load_run(path: str | Path) -> Run:
         raise AnchoringError(f"{str(p / runs.ARCH)!r} is not an architecture description")
     if not kind.has_checkpoint(p):
         raise AnchoringError(f"{str(p)!r} has no trained weights yet; `anchoring resume` it")
-    summary = runs.read_json(p / runs.SUMMARY) if (p / runs.SUMMARY).is_file() else None
+    summary = _summary(p, cfg) if (p / runs.SUMMARY).is_file() else None
     return kind.open(p, cfg, arch, summary)

@@ -35,15 +35,22 @@ __all__ = ["ARCH", "CONFIG", "CONFIG_DIGEST", "METRICS", "REPORT", "SNAPSHOTS", 
 
 
 def new_run_dir(name: str, out: Path | None, root: Path = Path("runs"), resumable: bool = True) -> Path:
-    """Pick (but do not create) the run directory; refuse to overwrite an existing run. `resumable`:
-    whether the refusal may suggest `anchoring resume` (a training run; an edit is not resumed)."""
+    """The run directory: `out` after refusing to overwrite an existing run (not created), or, without
+    one, a new `root/name/<time>[-N]` created here. Creating the generated name is what claims it:
+    two runs started in the same second could otherwise both pick, and share, one free name.
+    `resumable`: whether the refusal may suggest `anchoring resume` (a training run; an edit is not resumed)."""
     if out is None:
+        check_writable(root / name)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = root / name / stamp
-        n = 1
-        while out.exists():
-            n += 1
-            out = root / name / f"{stamp}-{n}"
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for n in range(1, 10_000):
+            out = root / name / (stamp if n == 1 else f"{stamp}-{n}")
+            try:
+                out.mkdir()
+                return out
+            except FileExistsError:
+                continue
+        raise AnchoringError(f"no free run directory name under {str(root / name)!r}; give --out")
     if out.exists() and not out.is_dir():
         raise AnchoringError(f"{str(out)!r} is a file, not a directory (choose another --out)")
     if out.exists() and any(out.iterdir()):

@@ -3,6 +3,7 @@ to its implementation. Nothing else in the project dispatches on `kind`."""
 
 from __future__ import annotations
 
+import copy
 from typing import Annotated, Any, Union
 
 from pydantic import Field, TypeAdapter, ValidationError
@@ -28,6 +29,16 @@ _LEGACY = {"train": {"kind": "colour"}, "compare": {"kind": "colour", "study": "
 
 def kind_of(cfg: ExperimentBase) -> Kind:
     return REGISTRY[cfg.kind]
+
+
+def kind_name(value: Any) -> str:
+    """The kind that a `kind` value written by any version means: an earlier version's name (`train`,
+    `compare`, …) as today's kind, none as colour (the only kind there was)."""
+    if value is None:
+        return "colour"
+    if isinstance(value, str):
+        return _LEGACY[value]["kind"] if value in _LEGACY else value
+    return repr(value)
 
 
 def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
@@ -74,12 +85,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> 
                 known = ", ".join(sorted(shape)) if isinstance(shape, dict) else "(none)"
                 raise AnchoringError(f"unknown --set key {key!r} for a {cfg.kind!r} experiment (valid keys here: {known})")
             if last:
-                node[part_key] = parse_value(raw.strip())
+                value = parse_value(raw.strip())
+                was = shape[part_key]
+                if isinstance(value, bool) and isinstance(was, int) and not isinstance(was, bool):
+                    # pydantic would quietly read true as 1
+                    raise AnchoringError(f"--set {key}={raw.strip()}: {key} is an integer, not true/false")
+                node[part_key] = value
             else:
                 if isinstance(node, dict) and part_key not in node:
-                    node[part_key] = {}
+                    # a section the spec does not write: start from its default, so that an index into a
+                    # default list (unlearning.relearn_k.0) edits that list instead of an empty dict
+                    node[part_key] = copy.deepcopy(shape[part_key]) if isinstance(shape[part_key], list) else {}
                 node, shape = node[part_key], shape[part_key]
     return data
 
 
-__all__ = ["REGISTRY", "Kind", "apply_overrides", "kind_of", "validate_config"]
+__all__ = ["REGISTRY", "Kind", "apply_overrides", "kind_name", "kind_of", "validate_config"]

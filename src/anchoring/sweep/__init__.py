@@ -187,7 +187,7 @@ def sweep(experiment: str, out: Path, *, sets: list[str] | None = None, grid: li
     for i, (cfg, extra) in enumerate(zip(configs, points)):
         path = out if not grid else out / "points" / point_name(extra)
         path.mkdir(parents=True, exist_ok=True)
-        runs.write_atomic(path / runs.CONFIG, cfg.to_toml())
+        lifecycle.write_config(path, cfg)  # with its digest, which `anchoring resume` checks like any run's
         (path / runs.SUMMARY).unlink(missing_ok=True)  # a continued sweep re-evaluates its merged run
         kind_of(cfg).merge_shards(cfg, [s.dir for s in shards if s.point == i], path)
         outcome = lifecycle.finish_merged(path)  # every model at its last step: evaluates, draws and reports, trains nothing

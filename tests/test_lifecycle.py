@@ -1,0 +1,208 @@
+"""The run lifecycle at its edges: an edit's training stopped by Ctrl-C, summaries that are valid JSON
+but not a run's, resumes without a config digest, run folders claimed by two runs at once, and
+flags or --set items that were quietly misread. Each test failed before the fix it covers."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+from contextlib import contextmanager
+from datetime import datetime
+
+import pytest
+from typer.testing import CliRunner
+
+from anchoring import AnchoringError, cli, experiments, lifecycle, load_run, runs
+from anchoring.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(r, message):
+    assert r.exit_code == 2, (r.exit_code, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """A finished one-seed colour run of 40 steps; tests that change it work on a copy."""
+    out = tmp_path_factory.mktemp("lifecycle") / "run"
+    r = invoke("run", "--seeds", "1", "--steps", "40", "--out", out, "-q")
+    assert r.exit_code == 0, r.stderr
+    return out
+
+
+@pytest.fixture()
+def run_copy(short_run, tmp_path):
+    return shutil.copytree(short_run, tmp_path / "run")
+
+
+# --- Ctrl-C during an edit ------------------------------------------------------------------------
+
+def test_ctrl_c_during_relearns_baseline_is_one_line_and_the_baseline_resumes(run_copy, monkeypatch):
+    """It used to end in a TrainingInterrupted traceback with exit code 1."""
+
+    @contextmanager
+    def ctrl_c_at_step_10(label, enabled):
+        def update(done, total):
+            if done == 10:
+                os.kill(os.getpid(), signal.SIGINT)  # the training loop's handler turns it into a clean stop
+
+        yield update
+
+    monkeypatch.setattr(cli, "progress_bar", ctrl_c_at_step_10)
+    attack = ["relearn", run_copy, "--samples", "1", "--steps", "5"]
+    r = invoke(*attack)
+    base = run_copy / "relearn" / "red" / "baseline-run"
+    assert r.exit_code == 130, (r.exit_code, r.stderr)
+    assert "Traceback" not in r.stdout + r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "after step 10; checkpoint saved" in r.stderr and f"anchoring resume {base}" in r.stderr, r.stderr
+    monkeypatch.undo()
+    r = invoke("resume", base, "-q")  # what the line says to do: the baseline finishes from step 10 …
+    assert r.exit_code == 0, r.stderr
+    weights = (base / runs.CONFIG_DIGEST).read_text(), (base / "checkpoint.safetensors").read_bytes()
+    r = invoke(*attack)  # … and the attack, run again, uses it instead of training it anew
+    assert r.exit_code == 0, r.stderr
+    assert ((base / runs.CONFIG_DIGEST).read_text(), (base / "checkpoint.safetensors").read_bytes()) == weights
+    assert (run_copy / "relearn" / "red" / "summary.json").is_file()
+
+
+def test_ctrl_c_during_an_edit_that_trains_no_run_is_one_line(run_copy, monkeypatch):
+    from anchoring.kinds.colour import control
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(control, "finetune", interrupted)
+    r = invoke("relearn", run_copy, "--samples", "1", "--steps", "5", "--no-baseline")
+    assert r.exit_code == 130 and "Traceback" not in r.stdout + r.stderr, (r.exit_code, r.stderr)
+    assert r.stderr.strip() == "interrupted before the edit was complete; run the command again"
+
+
+# --- summaries that are JSON but not a run's --------------------------------------------------------
+
+@pytest.mark.parametrize("summary", [{"kind": "bogus"}, {"kind": "lm"}, {"seeds": [0], "kind": "colour"}, {},
+                                     [1], {"experiment": "x", "seeds": [0]}, {"experiment": "x"},
+                                     {"experiment": "x", "kind": "lm", "models": []}])
+def test_show_says_in_one_line_that_a_damaged_summary_is_not_its_runs(run_copy, summary):
+    """The kind is the validated config's, not the summary's: a KeyError, a TypeError and a silent
+    exit 0 with nothing printed before."""
+    (run_copy / "summary.json").write_text(json.dumps(summary))
+    one_line_error(invoke("show", run_copy), f"{str(run_copy / 'summary.json')!r} is not a summary of a 'colour' run")
+
+
+def test_show_still_prints_a_good_summary_and_tolerates_odd_timing(run_copy):
+    r = invoke("show", run_copy)
+    assert r.exit_code == 0 and "seeds anchored" in r.stdout, r.stderr
+    summary = json.loads((run_copy / "summary.json").read_text())
+    summary["timing"] = "soon"
+    (run_copy / "summary.json").write_text(json.dumps(summary))
+    r = invoke("show", run_copy)
+    assert r.exit_code == 0 and "wall time 0.0 s" in r.stdout, r.stderr
+
+
+def test_load_run_refuses_a_summary_that_is_not_a_dict(run_copy):
+    (run_copy / "summary.json").write_text("[1, 2]")
+    with pytest.raises(AnchoringError, match="is not a summary of a 'colour' run"):
+        load_run(run_copy)
+
+
+# --- seeds, flags and --set items -------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags", [["--seeds", "5"], ["--seed", "5"], ["--seeds", "2", "--seed", "1"]])
+def test_seed_flags_next_to_a_seed_list_are_refused(tmp_path, flags):
+    """`--set train.seed_list=[3,4] --seeds 5` trained seeds 3 and 4 without a word."""
+    out = tmp_path / "x"
+    r = invoke("run", "--set", "train.seed_list=[3,4]", *flags, "--steps", "5", "--out", out, "-q")
+    one_line_error(r, "train.seed_list [3, 4] sets the seeds, so --seed")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["relearn", "RUN", "--samples", "abc"], "--samples 'abc': expected comma-separated integers"),
+    (["run", "intervention-lobes", "--seeds", "2"], "--seeds does not apply to 'intervention-lobes': a 'figures' experiment"),
+    (["run", "intervention-lobes", "--steps", "2"], "--steps does not apply to 'intervention-lobes'"),
+    (["run", "lm-control", "--select", "pareto"], "--select does not apply to 'lm-control': a 'lm' experiment has no evaluate.select"),
+    (["sweep", "intervention-lobes", "--seed", "2"], "--seed does not apply to 'intervention-lobes'"),
+])
+def test_messages_name_the_flag_that_was_given(short_run, tmp_path, args, message):
+    """They named `--dims` for relearn's --samples, and `--set` keys for flags."""
+    args = [short_run if a == "RUN" else a for a in args]
+    out = tmp_path / "x"
+    one_line_error(invoke(*args, *([] if args[0] == "relearn" else ["--out", out])), message)
+    assert not out.exists()
+
+
+def test_set_into_a_list_the_spec_does_not_write_starts_from_its_default():
+    """lm-control's spec has no [unlearning]; the index went into an empty dict ("Input should be a valid list")."""
+    cfg = experiments.load("lm-control", ["unlearning.relearn_k.0=8"])
+    assert cfg.unlearning.relearn_k == [8, *experiments.load("lm-control", []).unlearning.relearn_k[1:]]
+
+
+@pytest.mark.parametrize("item", ["train.seeds=true", "train.seed=false", "train.steps=true", "train.checkpoint_every=true",
+                                  "train.seed_list=[true]", "model.latent_dim=true"])
+def test_a_boolean_for_an_integer_is_refused(item):
+    """`--set train.seeds=true` trained one seed."""
+    with pytest.raises(AnchoringError, match="not true/false"):
+        experiments.load("anchored", [item])
+    assert experiments.load("anchored", ["model.normalize=false"]).model.normalize is False  # booleans still set booleans
+
+
+# --- config digest ----------------------------------------------------------------------------------
+
+def test_resume_without_a_config_digest_warns_in_one_line(run_copy):
+    """Old runs have no config.sha256: resumed, but no longer silently unchecked."""
+    (run_copy / "summary.json").unlink()
+    (run_copy / runs.CONFIG_DIGEST).unlink()
+    r = invoke("resume", run_copy, "-q")
+    assert r.exit_code == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "has no config.sha256" in warnings[0] and "without checking" in warnings[0], r.stderr
+    (run_copy / "summary.json").unlink()
+    with pytest.warns(UserWarning, match="has no config.sha256"):
+        lifecycle.resume(run_copy)
+
+
+def test_a_merged_sweep_records_its_config_digest_and_resume_checks_it(tmp_path):
+    out = tmp_path / "s"
+    r = invoke("sweep", "anchored", "--seeds", "1", "--workers", "1", "--steps", "20", "--out", out, "-q")
+    assert r.exit_code == 0, r.stderr
+    text = (out / runs.CONFIG).read_text()
+    assert (out / runs.CONFIG_DIGEST).read_text().strip() == hashlib.sha256(text.encode()).hexdigest()
+    (out / "summary.json").unlink()
+    (out / runs.CONFIG).write_text(text.replace("steps = 20", "steps = 10"))
+    one_line_error(invoke("resume", out), "was edited after the run started")
+
+
+# --- run folder names -------------------------------------------------------------------------------
+
+def test_generated_run_folders_are_claimed_when_picked(tmp_path, monkeypatch):
+    """Two runs started in the same second both picked the one free name, then shared it."""
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2024, 1, 2, 3, 4, 5)
+
+    monkeypatch.setattr(runs, "datetime", Frozen)
+    first = runs.new_run_dir("exp", None, root=tmp_path)
+    second = runs.new_run_dir("exp", None, root=tmp_path)
+    assert first.is_dir() and second.is_dir() and first != second
+    assert [first.name, second.name] == ["20240102-030405", "20240102-030405-2"]
+    # a name taken between the look and the claim is skipped, not shared
+    real_mkdir = type(first).mkdir
+
+    def taken_meanwhile(self, *a, **k):
+        if self.name == "20240102-030405-3" and not self.exists():
+            real_mkdir(self)  # another process got there first
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(type(first), "mkdir", taken_meanwhile)
+    assert runs.new_run_dir("exp", None, root=tmp_path).name == "20240102-030405-4"
