@@ -10,8 +10,9 @@ from anchoring.train.skeleton import TrainingInterrupted
 from anchoring.train.workers import stop_asked
 
 
-def job(folder: str, name: str, seconds: float) -> None:
-    """Note this process's id, then 'train' for `seconds`, stopping as a training loop would."""
+def job(folder: str, name: str, seconds: float, fail: bool = False) -> None:
+    """Note this process's id, then 'train' for `seconds`, stopping as a training loop would (or,
+    with `fail`, raise at the end as a diverged run does)."""
     out = Path(folder)
     (out / f"{name}.pid.tmp").write_text(str(os.getpid()))
     os.replace(out / f"{name}.pid.tmp", out / f"{name}.pid")  # a reader never sees it half-written
@@ -21,4 +22,6 @@ def job(folder: str, name: str, seconds: float) -> None:
             (out / f"{name}.stopped").write_text("")
             raise TrainingInterrupted(1)
         time.sleep(0.02)
+    if fail:
+        raise ValueError(f"{name} failed")
     (out / f"{name}.done").write_text("")

@@ -74,6 +74,34 @@ def test_ctrl_c_during_relearns_baseline_is_one_line_and_the_baseline_resumes(ru
     assert (run_copy / "relearn" / "red" / "summary.json").is_file()
 
 
+def test_relearn_run_again_goes_on_with_its_interrupted_baseline(run_copy, monkeypatch):
+    """Run again without `resume`, the attack used to delete the baseline's checkpoint and train it anew."""
+    seen: list[int] = []
+
+    @contextmanager
+    def ctrl_c_at_step_10(label, enabled):
+        def update(done, total):
+            seen.append(done)
+            if done == 10:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        yield update
+
+    monkeypatch.setattr(cli, "progress_bar", ctrl_c_at_step_10)
+    attack = ["relearn", run_copy, "--samples", "1", "--steps", "5"]
+    assert invoke(*attack).exit_code == 130
+    seen.clear()
+
+    @contextmanager
+    def watch(label, enabled):
+        yield lambda done, total: seen.append(done)
+
+    monkeypatch.setattr(cli, "progress_bar", watch)
+    r = invoke(*attack)
+    assert r.exit_code == 0, r.stderr
+    assert seen and min(seen) > 10, seen[:3]  # went on from the checkpoint, not from step 0
+
+
 def test_ctrl_c_during_an_edit_that_trains_no_run_is_one_line(run_copy, monkeypatch):
     from anchoring.kinds.colour import control
 
@@ -106,6 +134,20 @@ def test_show_still_prints_a_good_summary_and_tolerates_odd_timing(run_copy):
     (run_copy / "summary.json").write_text(json.dumps(summary))
     r = invoke("show", run_copy)
     assert r.exit_code == 0 and "wall time 0.0 s" in r.stdout, r.stderr
+
+
+def test_a_fault_in_a_kinds_lines_is_not_blamed_on_a_summary_just_computed(tmp_path, monkeypatch):
+    """Only a summary read back from disk is judged damaged; a fresh one's KeyError is a fault to see."""
+    from anchoring.kinds import REGISTRY
+
+    def broken(summary):
+        raise KeyError("a fault in summary_lines")
+
+    monkeypatch.setattr(REGISTRY["colour"], "summary_lines", broken)
+    with pytest.raises(KeyError, match="a fault in summary_lines"):
+        lifecycle.Outcome(tmp_path, {"experiment": "x", "kind": "colour"}, "colour").lines()
+    with pytest.raises(AnchoringError, match="is not a summary of a 'colour' run"):
+        lifecycle.Outcome(tmp_path, {"experiment": "x", "kind": "colour"}, "colour", from_disk=True).lines()
 
 
 def test_load_run_refuses_a_summary_that_is_not_a_dict(run_copy):

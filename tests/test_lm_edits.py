@@ -414,3 +414,19 @@ def test_generate_prints_brackets_in_the_text_as_they_are(lm_run, monkeypatch):
     r = CliRunner().invoke(app, ["generate", str(lm_run.path), "--prompt", "He ", "-n", "5", "--samples", "1"])
     assert r.exit_code == 0, r.stderr
     assert "[/Exit]" in r.stdout and "[bold]ROMEO[/bold]" in r.stdout
+
+
+def test_a_site_without_directions_is_left_alone():
+    """Directions per site may leave a site out (or give it none): that site's hook does nothing."""
+    from torch import nn
+
+    from anchoring.kinds.lm.edits import Suppressed
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    x = torch.randn(3, 4)
+    v = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    only_first = Suppressed(net, ["0", "1"], {"0": [v]}, keep_norm=False)(x)
+    assert torch.equal(only_first, Suppressed(net, ["0", "1"], {"0": [v], "1": []}, keep_norm=False)(x))
+    assert torch.equal(only_first, Suppressed(net, ["0"], {"0": [v]}, keep_norm=False)(x))
+    assert torch.equal(Suppressed(net, ["0", "1"], {}, keep_norm=False)(x), net(x))

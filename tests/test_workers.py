@@ -1,6 +1,5 @@
 """Job processes stop together, whichever process a stop reaches, even one waiting for work."""
 
-import multiprocessing as mp
 import os
 import signal
 import threading
@@ -28,18 +27,27 @@ def test_sigterm_to_an_idle_worker_stops_the_busy_one_cleanly(tmp_path):
     def signal_the_idle_worker():
         _wait_for(tmp_path / "short.done")
         _wait_for(tmp_path / "long.pid")
-        busy = int((tmp_path / "long.pid").read_text())
-        time.sleep(0.5)  # the short job's worker is back at the pool's queue
-        idle = [p.pid for p in mp.active_children() if p.pid != busy]
-        assert idle, "no idle worker"
-        os.kill(idle[0], signal.SIGTERM)
+        time.sleep(0.5)  # the short job's worker is back at the pool's queue, with no job left to take
+        os.kill(int((tmp_path / "short.pid").read_text()), signal.SIGTERM)
 
     poke = threading.Thread(target=signal_the_idle_worker)
     poke.start()
     t0 = time.monotonic()
+    # the short job lasts long enough for the second worker to start and take the long one
     with pytest.raises(TrainingInterrupted):
-        run_jobs(job, [(str(tmp_path), "short", 0.0), (str(tmp_path), "long", 30.0)], 2)
+        run_jobs(job, [(str(tmp_path), "short", 3.0), (str(tmp_path), "long", 30.0)], 2)
     poke.join()
+    assert (tmp_path / "short.pid").read_text() != (tmp_path / "long.pid").read_text()
+    assert (tmp_path / "long.stopped").exists() and not (tmp_path / "long.done").exists()
+    assert time.monotonic() - t0 < 25
+
+
+def test_a_job_that_fails_stops_the_others_and_is_reported_as_itself(tmp_path):
+    """The failing job was submitted second: waiting on the futures in order, the parent used to
+    let the first train to its end before it looked at the failure."""
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="bad failed"):
+        run_jobs(job, [(str(tmp_path), "long", 30.0), (str(tmp_path), "bad", 0.0, True)], 2)
     assert (tmp_path / "long.stopped").exists() and not (tmp_path / "long.done").exists()
     assert time.monotonic() - t0 < 25
 

@@ -29,11 +29,15 @@ class Outcome:
     path: Path
     summary: dict[str, Any]
     kind: str | None = None  # the run's kind, from its validated config; None: the summary's own (a run just written)
+    from_disk: bool = False  # read back from summary.json (show), not just computed
 
     def lines(self) -> list[Any]:
-        """What the CLI prints for this run: the kind's own lines. A summary.json edited or damaged into
-        something else than its kind writes is one line, not the KeyError it meets half-way."""
+        """What the CLI prints for this run: the kind's own lines. A summary.json read back that was
+        edited or damaged into something else than its kind writes is one line, not the KeyError it
+        meets half-way; a summary just computed is trusted, so a fault in a kind's lines shows as one."""
         kind = self.kind or kind_name(self.summary.get("kind"))
+        if not self.from_disk:
+            return REGISTRY[kind].summary_lines(self.summary)
         try:
             lines = REGISTRY[kind].summary_lines(self.summary)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError):
@@ -168,7 +172,7 @@ def show(path: Path) -> Outcome:
     cfg = _config(path)
     if not (path / runs.SUMMARY).is_file():
         raise AnchoringError(f"{str(path)!r} has not finished (no {runs.SUMMARY}); `anchoring resume` it")
-    return Outcome(path, _summary(path, cfg), cfg.kind)
+    return Outcome(path, _summary(path, cfg), cfg.kind, from_disk=True)
 
 
 def load_run(path: str | Path) -> Run:

@@ -119,6 +119,10 @@ def matched_random(edit: Callable[[torch.Tensor], torch.Tensor], generator: torc
     and the same input shapes give the same control. Computed in float32 whatever the input's type.
     """
 
+    if avoid is not None and avoid.shape[-1] < len(avoid) + 2:
+        raise AnchoringError(f"a matched random move needs a direction orthogonal to the state and to {len(avoid)} "
+                             f"concept directions: width {avoid.shape[-1]} has none to spare")
+
     def moved_at_random(z: torch.Tensor) -> torch.Tensor:
         out = edit(z)
         x, y = z.float(), out.float()
@@ -134,12 +138,22 @@ def matched_random(edit: Callable[[torch.Tensor], torch.Tensor], generator: torc
             for w in (u, across):  # ⟂ the vector, then ⟂ the edit's displacement (its part ⟂ the vector)
                 w = w / torch.linalg.vector_norm(w, dim=-1, keepdim=True).clamp_min(tiny)
                 r = r - (r * w).sum(-1, keepdim=True) * w
-        else:  # ⟂ the span of the vector, the displacement and the avoided directions, per state. Q of a
-            # QR is orthonormal even where the columns are dependent (one avoided direction is spanned by
-            # the other two); Gram–Schmidt in float32 then normalised rounding noise into a direction.
-            cols = torch.stack([u, across, *(a.expand_as(u) for a in avoid.to(device=z.device, dtype=u.dtype))], -1)
-            q = torch.linalg.qr(cols.double()).Q
-            r = (r.double() - (q @ (q.transpose(-1, -2) @ r.double().unsqueeze(-1))).squeeze(-1)).float()
+        else:  # ⟂ the vector, the avoided directions and the displacement, per state, by Gram–Schmidt in
+            # float64. The displacement comes last: for an edit inside the avoided span it adds nothing,
+            # and its float32 rounding, blown up to unit length, would be a direction that moves with
+            # the last bits of z. A column with less than 1e-3 of its length left is dropped for that reason.
+            done = [u.double()]
+            for w in (*(a.expand_as(u) for a in avoid.to(device=z.device)), across):
+                w = w.double()
+                size = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
+                for q in done:
+                    w = w - (w * q).sum(-1, keepdim=True) * q
+                n = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
+                done.append(torch.where(n > 1e-3 * size, w / n.clamp_min(tiny), 0.0))
+            r = r.double()
+            for q in done:
+                r = r - (r * q).sum(-1, keepdim=True) * q
+            r = r.float()
         r = r / torch.linalg.vector_norm(r, dim=-1, keepdim=True).clamp_min(tiny)
         turned = ((cos * u + sin * r) * length).to(z.dtype)
         moved = (out != z).any(-1, keepdim=True)

@@ -11,7 +11,7 @@ import ctypes
 import multiprocessing as mp
 import signal
 import threading
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
@@ -81,7 +81,7 @@ def _job(fn: Callable[..., None], args: tuple) -> None:
         raise TrainingInterrupted(-1, None)
     try:
         fn(*args)
-    except TrainingInterrupted:
+    except BaseException:  # stopped, or failed (diverged, say): the other jobs save and stop too
         _STOP.value = True
         raise
 
@@ -95,18 +95,25 @@ def run_jobs(fn: Callable[..., None], jobs: Sequence[tuple], workers: int,
     the parent or to any one worker, or `fn` raising), a shared flag stops the others after their
     next step, with a checkpoint, and keeps queued jobs from starting: the pool hands a worker its
     next job before the current one ends, so cancelling futures is not enough. `fn` must stop
-    when `stop_asked()` says so. A stop raises TrainingInterrupted (step -1: the jobs' steps differ)."""
+    when `stop_asked()` says so. A job that fails is reported as itself, even when the jobs it
+    stopped ended first; a stop with no failure raises TrainingInterrupted (step -1: the jobs'
+    steps differ)."""
     ctx = mp.get_context("spawn")
     stop = ctx.RawValue(ctypes.c_bool, False)
     with sigterm_to_workers(), ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_job_process,
                                                    initargs=(stop, initializer, initargs)) as pool:
         futures = [pool.submit(_job, fn, tuple(job)) for job in jobs]
         try:
-            for f in futures:
-                f.result()
-        except BaseException as e:  # a stop, or a job that failed (diverged, say): the others save and stop too
+            wait(futures, return_when=FIRST_EXCEPTION)  # the first job to fail or stop, not the first submitted
+        except BaseException:  # Ctrl-C or SIGTERM to this process
             stop.value = True
             pool.shutdown(wait=True, cancel_futures=True)
-            if isinstance(e, (KeyboardInterrupt, TrainingInterrupted)):
-                raise TrainingInterrupted(getattr(e, "step", -1), None) from None
-            raise
+            raise TrainingInterrupted(-1, None) from None
+        stop.value = stop.value or any(f.done() and f.exception() is not None for f in futures)
+        pool.shutdown(wait=True, cancel_futures=True)  # the others save and stop after their next step
+    errors = [e for f in futures if not f.cancelled() and (e := f.exception()) is not None]
+    failed = [e for e in errors if not isinstance(e, (TrainingInterrupted, KeyboardInterrupt))]
+    if failed:
+        raise failed[0]
+    if errors or any(f.cancelled() for f in futures):
+        raise TrainingInterrupted(-1, None)

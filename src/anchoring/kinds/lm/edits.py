@@ -86,6 +86,8 @@ class Suppressed(nn.Module):
                 if site in self.edits:
                     stack.enter_context(intervene(self.inner, site, self.edits[site]))
                     continue
+                if not self.directions.get(site):  # nothing to remove at this site
+                    continue
                 basis = torch.stack(orthonormal(self.directions[site]))
                 if self.subspace:
                     edits: list[Edit] = [lambda z, b=basis: suppress_subspace(z, b, self.shape)]
