@@ -11,23 +11,9 @@ from contextlib import contextmanager
 from datetime import datetime
 
 import pytest
-from typer.testing import CliRunner
 
 from anchoring import AnchoringError, cli, experiments, lifecycle, load_run, runs
-from anchoring.cli import app
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(r, message):
-    assert r.exit_code == 2, (r.exit_code, r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
-    assert "Traceback" not in r.stdout + r.stderr
+from test_robustness import invoke, one_line_error  # the CLI helpers those tests share
 
 
 @pytest.fixture(scope="module")
