@@ -109,11 +109,15 @@ def test_the_matched_random_move_of_a_subspace_edit_adds_no_concept_energy():
         scaled = ((out @ basis.T) - cos(out, z, dim=-1)[:, None] * (z @ basis.T)).norm(dim=-1)
         assert bool((scaled < 1e-5).all()) == holds
         assert bool(((out @ basis.T).norm(dim=-1) <= energy + 1e-6).all()) == holds
-    # the same states up to their last bits get the same control: no direction is made of rounding noise
-    nudged = z * (1 + 1e-7 * torch.randn(len(z), 1))
-    again = matched_random(aimed, torch.Generator().manual_seed(7), basis)(nudged)
-    first = matched_random(aimed, torch.Generator().manual_seed(7), basis)(z)
-    assert (torch.nn.functional.normalize(again, dim=-1) - torch.nn.functional.normalize(first, dim=-1)).norm(dim=-1).max() < 1e-5
+    # the same states up to their last bits get the same control: no direction is made of rounding noise,
+    # also where the turn is tiny (a concept component of 1e-5) and the displacement is mostly rounding
+    slight = torch.nn.functional.normalize(torch.cat([1e-5 * torch.randn(500, 3), torch.randn(500, 13)], 1), dim=-1)
+    for states in (z, slight):
+        nudged = states * (1 + 1e-7 * torch.randn(len(states), 1))
+        again = matched_random(aimed, torch.Generator().manual_seed(7), basis)(nudged)
+        first = matched_random(aimed, torch.Generator().manual_seed(7), basis)(states)
+        moved = (torch.nn.functional.normalize(again, dim=-1) - torch.nn.functional.normalize(first, dim=-1)).norm(dim=-1)
+        assert moved.max() < 1e-5, float(moved.max())
     with pytest.raises(AnchoringError, match="none to spare"):  # width 4, three concept directions: no room left
         matched_random(aimed, torch.Generator(), torch.eye(4)[:3])
 

@@ -1,5 +1,6 @@
 """Job processes stop together, whichever process a stop reaches, even one waiting for work."""
 
+import multiprocessing
 import os
 import signal
 import threading
@@ -33,9 +34,9 @@ def test_sigterm_to_an_idle_worker_stops_the_busy_one_cleanly(tmp_path):
     poke = threading.Thread(target=signal_the_idle_worker)
     poke.start()
     t0 = time.monotonic()
-    # the short job lasts long enough for the second worker to start and take the long one
+    # the short job ends only once the other worker has taken the long one
     with pytest.raises(TrainingInterrupted):
-        run_jobs(job, [(str(tmp_path), "short", 3.0), (str(tmp_path), "long", 30.0)], 2)
+        run_jobs(job, [(str(tmp_path), "short", 0.5, False, False, "long.pid"), (str(tmp_path), "long", 30.0)], 2)
     poke.join()
     assert (tmp_path / "short.pid").read_text() != (tmp_path / "long.pid").read_text()
     assert (tmp_path / "long.stopped").exists() and not (tmp_path / "long.done").exists()
@@ -50,6 +51,26 @@ def test_a_job_that_fails_stops_the_others_and_is_reported_as_itself(tmp_path):
         run_jobs(job, [(str(tmp_path), "long", 30.0), (str(tmp_path), "bad", 0.0, True)], 2)
     assert (tmp_path / "long.stopped").exists() and not (tmp_path / "long.done").exists()
     assert time.monotonic() - t0 < 25
+
+
+def test_a_stop_while_the_others_are_still_stopping_keeps_the_failure_and_leaves_no_worker(tmp_path):
+    """A job fails; another has not reached its next check yet (still loading, say) when a SIGTERM
+    reaches the parent. The parent used to raise at once: the failure was reported as an interrupt,
+    and the busy worker was left behind."""
+
+    def sigterm_the_parent():
+        _wait_for(tmp_path / "bad.pid")
+        _wait_for(tmp_path / "busy.pid")
+        time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    poke = threading.Thread(target=sigterm_the_parent)
+    poke.start()
+    with pytest.raises(ValueError, match="bad failed"):
+        run_jobs(job, [(str(tmp_path), "busy", 4.0, False, True), (str(tmp_path), "bad", 0.0, True, False, "busy.pid")], 2)
+    poke.join()
+    assert (tmp_path / "busy.done").exists()  # it ran to its end under the parent, not orphaned
+    assert not multiprocessing.active_children()
 
 
 def test_jobs_queued_behind_a_stop_never_start(tmp_path):

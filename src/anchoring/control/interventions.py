@@ -142,14 +142,18 @@ def matched_random(edit: Callable[[torch.Tensor], torch.Tensor], generator: torc
             # float64. The displacement comes last: for an edit inside the avoided span it adds nothing,
             # and its float32 rounding, blown up to unit length, would be a direction that moves with
             # the last bits of z. A column with less than 1e-3 of its length left is dropped for that reason.
+            # The displacement's rounding is about 1e-7 of the output's length whatever the turn, so its
+            # floor also has a term in ‖y‖; the concept's rows are exact and need none.
             done = [u.double()]
-            for w in (*(a.expand_as(u) for a in avoid.to(device=z.device)), across):
+            noise = 64 * torch.finfo(torch.float32).eps * size.double()
+            columns = [(a.expand_as(u), 0.0) for a in avoid.to(device=z.device)] + [(across, noise)]
+            for w, floor in columns:
                 w = w.double()
-                size = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
+                full = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
                 for q in done:
                     w = w - (w * q).sum(-1, keepdim=True) * q
                 n = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
-                done.append(torch.where(n > 1e-3 * size, w / n.clamp_min(tiny), 0.0))
+                done.append(torch.where(n > 1e-3 * full + floor, w / n.clamp_min(tiny), 0.0))
             r = r.double()
             for q in done:
                 r = r - (r * q).sum(-1, keepdim=True) * q

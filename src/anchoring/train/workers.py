@@ -100,20 +100,30 @@ def run_jobs(fn: Callable[..., None], jobs: Sequence[tuple], workers: int,
     steps differ)."""
     ctx = mp.get_context("spawn")
     stop = ctx.RawValue(ctypes.c_bool, False)
-    with sigterm_to_workers(), ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_job_process,
-                                                   initargs=(stop, initializer, initargs)) as pool:
-        futures = [pool.submit(_job, fn, tuple(job)) for job in jobs]
+    interrupted = False
+    with sigterm_to_workers():
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_job_process, initargs=(stop, initializer, initargs))
         try:
-            wait(futures, return_when=FIRST_EXCEPTION)  # the first job to fail or stop, not the first submitted
-        except BaseException:  # Ctrl-C or SIGTERM to this process
-            stop.value = True
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise TrainingInterrupted(-1, None) from None
-        stop.value = stop.value or any(f.done() and f.exception() is not None for f in futures)
-        pool.shutdown(wait=True, cancel_futures=True)  # the others save and stop after their next step
+            futures = [pool.submit(_job, fn, tuple(job)) for job in jobs]
+            try:
+                wait(futures, return_when=FIRST_EXCEPTION)  # the first job to fail or stop, not the first submitted
+            except BaseException:  # Ctrl-C or SIGTERM to this process
+                interrupted = True
+            if interrupted or any(f.done() and f.exception() is not None for f in futures):
+                stop.value = True  # the others save and stop after their next step
+            for f in futures:  # not yet handed to a worker; those that were see the flag and do not start
+                f.cancel()
+            while True:  # until every job has saved and stopped: a second stop here must not orphan them
+                try:
+                    wait(futures)
+                    break
+                except BaseException:
+                    interrupted, stop.value = True, True
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # joins the workers, which have nothing left to do
     errors = [e for f in futures if not f.cancelled() and (e := f.exception()) is not None]
     failed = [e for e in errors if not isinstance(e, (TrainingInterrupted, KeyboardInterrupt))]
-    if failed:
+    if failed:  # a real failure wins over the stops it caused, and over a Ctrl-C that came after it
         raise failed[0]
-    if errors or any(f.cancelled() for f in futures):
+    if interrupted or errors or any(f.cancelled() for f in futures):
         raise TrainingInterrupted(-1, None)
