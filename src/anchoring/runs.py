@@ -60,22 +60,36 @@ def new_run_dir(name: str, out: Path | None, root: Path = Path("runs"), resumabl
 
 
 @contextmanager
-def staged(out: Path) -> Iterator[Path]:
+def staged(out: Path, replace: bool = False) -> Iterator[Path]:
     """A hidden sibling of `out` to write a whole run into; renamed to `out` only when the block
     ends without an error, removed otherwise. An edit stopped half-way (Ctrl-C, a full disk)
-    leaves no directory that looks like a run to resume."""
+    leaves no directory that looks like a run to resume.
+
+    `out` may already exist only as an empty folder, or, with `replace` (an edit written again
+    under its name), as a whole earlier one: that is moved aside once the new one is complete, put
+    back if the new one then fails to arrive, and deleted after, so a reader never sees the two mixed."""
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    old = out.parent / f".{out.name}.replaced-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    moved = False
     try:
         yield tmp
-        if out.is_dir():
+        if out.is_dir() and replace:
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            moved = True
+        elif out.is_dir():
             out.rmdir()  # new_run_dir let it through only if empty
         os.replace(tmp, out)
         sync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if moved and not out.exists():
+            os.replace(old, out)
         raise
+    if moved:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def check_writable(path: Path) -> None:

@@ -109,8 +109,7 @@ def run_jobs(fn: Callable[..., None], jobs: Sequence[tuple], workers: int,
                 wait(futures, return_when=FIRST_EXCEPTION)  # the first job to fail or stop, not the first submitted
             except BaseException:  # Ctrl-C or SIGTERM to this process
                 interrupted = True
-            if interrupted or any(f.done() and f.exception() is not None for f in futures):
-                stop.value = True  # the others save and stop after their next step
+            stop.value = True  # whatever ended the wait, the jobs still running save and stop after their next step
             for f in futures:  # not yet handed to a worker; those that were see the flag and do not start
                 f.cancel()
             while True:  # until every job has saved and stopped: a second stop here must not orphan them

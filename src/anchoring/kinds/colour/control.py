@@ -10,12 +10,10 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import shutil
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +33,7 @@ from anchoring.kinds.base import EditResult
 from anchoring.kinds.colour.edits import evaluate_edit, named_error_table, stacked
 from anchoring.kinds.colour.model import ColourRun
 from anchoring.kinds.colour.objective import build_objective
-from anchoring.kinds.colour.sites import site_width
+from anchoring.kinds.colour.sites import check_edit_site, site_width
 from anchoring.report import figures, html
 from anchoring.train.checkpoint import FORMAT, atomic_save
 
@@ -90,32 +88,7 @@ def _concept(run: ColourRun, name: str | None) -> tuple[list[Concept], Concept |
 
 def _check_site(run: ColourRun, site: str) -> None:
     """The site must exist and carry the latent (its width is the model's latent width)."""
-    width = site_width(run.models[0], site)
-    if width != run.latent_dim:
-        raise AnchoringError(f"--site {site!r} has width {width}, not the latent width {run.latent_dim}; "
-                             f"interventions act on the latent (e.g. --site latent)")
-
-
-@contextmanager
-def replacing(out: Path) -> Iterator[Path]:
-    """`runs.staged(out)` that may also replace an earlier folder at `out` (a re-run of an edit of
-    the same name): the earlier one is moved aside only once the new one is complete, renamed back
-    if the new one then fails to arrive, and deleted after. A reader never sees the two mixed."""
-    old = out.parent / f".{out.name}.replaced-{os.getpid()}"
-    moved = False
-    try:
-        with runs.staged(out) as tmp:
-            yield tmp
-            if out.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(out, old)
-                moved = True
-    except BaseException:
-        if moved and not out.exists():
-            os.replace(old, out)
-        raise
-    if moved:
-        shutil.rmtree(old, ignore_errors=True)
+    check_edit_site("--site", site, site_width(run.models[0], site), run.latent_dim)
 
 
 def _table_csv(rows: list[dict]) -> str:
@@ -153,7 +126,7 @@ def intervene(run: ColourRun, spec: InterventionConfig) -> EditResult:
     names = ["colours.csv", "per_seed.csv", "hue_error.png", "reconstruction.png"]
     with torch.no_grad():
         outputs = after(named_rgb())
-    with replacing(out) as tmp:  # all of it or nothing, and nothing left from an earlier edit of this name
+    with runs.staged(out, replace=True) as tmp:  # all of it or nothing, and nothing left from an earlier edit of this name
         runs.write_atomic(tmp / "colours.csv", _table_csv(table))
         runs.write_atomic(tmp / "per_seed.csv", _table_csv(per_seed))
         runs.write_atomic(tmp / "spec.json", spec.model_dump_json(indent=2))

@@ -45,12 +45,12 @@ def check_term_site(term: Term, width: int) -> None:
                              f"(width {width}, dims 0..{width - 1})")
 
 
-def check_edit_site(name: str, site: str, width: int, latent_dim: int) -> None:
-    """The same rule as `anchoring intervene --site`: edits resolve their direction and dims
-    against the latent, so the site must carry the latent (be exactly as wide)."""
+def check_edit_site(owner: str, site: str, width: int, latent_dim: int) -> None:
+    """Edits resolve their direction and dims against the latent, so the site must carry the latent
+    (be exactly as wide); `owner` names what asked: "intervention 'x'" in a config, or --site."""
     if width != latent_dim:
-        raise AnchoringError(f"intervention {name!r}: site {site!r} has width {width}, not the latent width "
-                             f"{latent_dim}; interventions act on the latent (e.g. site = \"latent\")")
+        raise AnchoringError(f"{owner}: site {site!r} has width {width}, not the latent width {latent_dim}; "
+                             f"interventions act on the latent (site latent)")
 
 
 def check_sites(cfg: ColourExperiment, objective: Objective) -> None:
@@ -72,7 +72,8 @@ def check_sites(cfg: ColourExperiment, objective: Objective) -> None:
     for term in objective.terms:
         check_term_site(term, width(term.site, f"term {term.name!r}"))
     for spec in cfg.interventions:
-        check_edit_site(spec.name, spec.site, width(spec.site, f"intervention {spec.name!r}"), cfg.model.latent_dim)
+        owner = f"intervention {spec.name!r}"
+        check_edit_site(owner, spec.site, width(spec.site, owner), cfg.model.latent_dim)
         plan = make_plan(spec, objective.concepts, cfg.model.latent_dim)
         try:
             plan.reconstruct([model])(named_rgb())
