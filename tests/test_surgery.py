@@ -172,3 +172,18 @@ def test_a_zero_direction_is_refused_not_ignored():
     emb, w, b = edited.embed.weight.detach(), edited.write.weight.detach(), edited.write.bias.detach()
     assert emb.dtype == torch.float64 and (emb @ v_hat).abs().max() < 1e-15
     assert (v_hat @ w).abs().max() < 1e-15 and abs(float(b @ v_hat)) < 1e-15
+
+
+def test_a_model_that_reads_tokens_is_edited_with_a_probe_batch():
+    # the default probe is floats of the first Linear's width; a token model needs a batch of its own input
+    s = Stream()
+    tokens = torch.tensor([[0, 1, 2, 3, 4]])
+    with pytest.raises(AnchoringError, match="pass probe=") as e:
+        ablate(s, [1], site="write")
+    assert "\n" not in str(e.value)
+    z = site_output(ablate(s, [1], site="write", probe=tokens), "write", tokens)
+    assert torch.equal(z[..., 1], torch.zeros(1, 5)) and not torch.equal(z, torch.zeros_like(z))
+    v = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    z = site_output(ablate_direction(s, v, site="write", probe=tokens), "write", tokens)
+    assert torch.allclose(z @ F.normalize(v, dim=0), torch.zeros(1, 5), atol=1e-6)
+    assert prune(s, [0, 2], site="write", probe=tokens).read.in_features == 2

@@ -211,3 +211,14 @@ def test_a_folder_with_a_file_that_is_not_text_names_its_suffix(tmp_path):
     (tmp_path / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
     with pytest.raises(AnchoringError, match="x.png is not a .txt file"):
         C.load_folder(tmp_path)
+
+
+def test_two_files_of_one_name_but_the_suffix_case_are_refused(tmp_path):
+    # a.txt and a.TXT would both name their passages `a:<line>`: one split draw and one label per name
+    (tmp_path / "a.txt").write_text("Some words.\n")
+    (tmp_path / "a.TXT").write_text("Other words.\n")
+    (tmp_path / "b.txt").write_text("More words.\n")
+    with pytest.raises(AnchoringError, match="a.TXT and a.txt .* the same work 'a'"):
+        C.load_folder(tmp_path)
+    (tmp_path / "a.TXT").rename(tmp_path / "A.txt")
+    assert sorted(set(C.load_folder(tmp_path).work)) == ["A", "a", "b"]

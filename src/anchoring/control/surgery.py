@@ -112,9 +112,16 @@ def find_layout(model: nn.Module, site: str, probe: torch.Tensor | None = None) 
     a seeded random batch on the model's device and dtype; a zero probe would let an element-wise
     nonlinearity with f(0) = 0 pass as a rescaling."""
     site_module = resolve_site(model, site)
-    if probe is None:
+    if probe is not None:
+        calls, site_out = _probe_pass(model, site_module, probe)
+    else:
         probe = _probe(model)
-    calls, site_out = _probe_pass(model, site_module, probe)
+        try:
+            calls, site_out = _probe_pass(model, site_module, probe)
+        except (RuntimeError, TypeError, ValueError, IndexError) as e:  # the model does not take these floats
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise AnchoringError(f"cannot run the model on a random batch of {probe.shape[-1]} floats to find the "
+                                 f"Linear that writes {site!r} ({first}); pass probe=<one input batch>") from None
     if not site_out:
         raise AnchoringError(f"site {site!r} did not run in a forward pass")
     ended, (out, out_then) = site_out[0]
@@ -183,9 +190,12 @@ def _unit(direction: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return F.normalize(direction.detach().to(device=like.device, dtype=like.dtype), dim=-1)
 
 
-def ablate(model: nn.Module, dims: Sequence[int], site: str = "latent") -> nn.Module:
-    """Zero the producer rows/biases for `dims` and the consumer columns reading them."""
-    layout = find_layout(model, site)
+def ablate(model: nn.Module, dims: Sequence[int], site: str = "latent", probe: torch.Tensor | None = None) -> nn.Module:
+    """Zero the producer rows/biases for `dims` and the consumer columns reading them.
+
+    `probe` is one input batch for the model, needed when it does not take floats of its first
+    Linear's width (token ids, images): the layout is found by running it once (see `find_layout`)."""
+    layout = find_layout(model, site, probe)
     d = _check_dims(dims, layout.width)
     edited = copy.deepcopy(model)
     prod, cons = edited.get_submodule(layout.producer), edited.get_submodule(layout.consumer)
@@ -197,12 +207,14 @@ def ablate(model: nn.Module, dims: Sequence[int], site: str = "latent") -> nn.Mo
     return edited
 
 
-def ablate_direction(model: nn.Module, direction: torch.Tensor, site: str = "latent") -> nn.Module:
+def ablate_direction(model: nn.Module, direction: torch.Tensor, site: str = "latent",
+                     probe: torch.Tensor | None = None) -> nn.Module:
     """Project a (not necessarily axis-aligned) direction out of the producer: W ← (I − v̂v̂ᵀ)W.
 
     The post-hoc baseline's deletion: no anchoring means no dims to cut, only a direction.
+    `probe` as in `ablate`.
     """
-    layout = find_layout(model, site)
+    layout = find_layout(model, site, probe)
     if tuple(direction.shape) != (layout.width,):
         raise AnchoringError(f"direction has {tuple(direction.shape)} entries, the site has {layout.width}")
     edited = copy.deepcopy(model)
@@ -232,9 +244,9 @@ def _linear_like(old: nn.Linear, in_features: int, out_features: int) -> nn.Line
     return new
 
 
-def prune(model: nn.Module, dims: Sequence[int], site: str = "latent") -> nn.Module:
-    """Remove the dims entirely: the latent shrinks by len(dims)."""
-    layout = find_layout(model, site)
+def prune(model: nn.Module, dims: Sequence[int], site: str = "latent", probe: torch.Tensor | None = None) -> nn.Module:
+    """Remove the dims entirely: the latent shrinks by len(dims). `probe` as in `ablate`."""
+    layout = find_layout(model, site, probe)
     d = _check_dims(dims, layout.width)
     keep = [i for i in range(layout.width) if i not in d]
     edited = copy.deepcopy(model)

@@ -449,9 +449,13 @@ def load_folder(folder: Path) -> Corpus:
     if not files:
         raise AnchoringError(f"corpus folder {folder} is empty")
     c = Corpus(folder.name)
+    stems: dict[str, Path] = {}
     for p in files:
         if p.suffix.lower() != ".txt":
             raise AnchoringError(f"{p} is not a .txt file; the corpus folder must hold only .txt files")
+        if p.stem in stems:  # passages are named `stem:line`; two files of one stem would share names, splits and labels
+            raise AnchoringError(f"{stems[p.stem].name} and {p.name} in {folder} name the same work {p.stem!r}; rename one")
+        stems[p.stem] = p
         text = _decode(p.read_bytes(), str(p))
         body, off = strip_gutenberg(text)
         c.extend(parse_paragraphs(body, p.stem, "user", off, lo=1, hi=2000))
