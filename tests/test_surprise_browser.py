@@ -110,3 +110,32 @@ def test_page_renders_with_sparklines_tooltips_and_pixels(browser, page_file, tm
     assert len(colours) > 20
     red = (img[..., 0] > 0.6) & (img[..., 1] < 0.5) & (img[..., 2] < 0.5)
     assert red.sum() > 50
+
+
+def test_wide_and_combining_characters_keep_the_text_on_the_sparkline_columns(browser, tmp_path):
+    # CJK takes two columns, a lone combining mark none of its own, ␍/→ come from whatever font has
+    # them: each token must still start at its column, or every later value would sit under the wrong text
+    from selenium.webdriver.common.by import By
+
+    from anchoring.report.surprise_page import _columns, _shown
+
+    text = "日本語 and cafe\u0301 ★ tab\there\rend ␍ done.\n"
+    tok = CharTokenizer.train([text])
+    torch.manual_seed(0)
+    model = NormalizedTransformer(tok.vocab_size, width=32, layers=1, heads=2, context=64).eval()
+    page = write_surprise_page(tmp_path / "wide.html", render_surprise(model, tok, text, title="wide"))
+    browser.get(page.as_uri())
+    ch = browser.execute_script(
+        "const s = document.createElement('span'); s.style.font = getComputedStyle(document.querySelector('.txt')).font;"
+        "s.textContent = '0'.repeat(40); document.querySelector('.txt').appendChild(s);"
+        "const w = s.getBoundingClientRect().width / 40; s.remove(); return w;")
+    checked = 0
+    for row in browser.find_elements(By.CSS_SELECTOR, ".row"):
+        txt, svg = row.find_element(By.CSS_SELECTOR, ".txt"), row.find_element(By.CSS_SELECTOR, "svg.spark")
+        col = 0
+        for span in txt.find_elements(By.CSS_SELECTOR, ":scope > span"):
+            assert abs((span.rect["x"] - txt.rect["x"]) / ch - col) < 0.1, (span.text, col)
+            col += _columns(_shown(span.get_attribute("textContent")))
+            checked += 1
+        assert abs(svg.rect["width"] - col * ch) < 1 and abs(txt.rect["width"] - col * ch) < 1
+    assert checked == len(text)  # one span per character token, all of them placed

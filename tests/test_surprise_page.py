@@ -335,3 +335,16 @@ def test_carriage_returns_are_shown_and_a_lone_one_ends_the_line():
     assert len(tips_of(page)) == len(spans)  # every \r is a token on the page
     assert [text[a:b] for a, b in sp._passages(text)] == ["line one\rline two\r\nthree\r\n\r\n", "four\r\r", "five"]
     assert sp._passages("a\r\nb") == [(0, 4)]  # one CRLF is a line break, not a blank line
+
+
+def test_columns_count_wide_characters_twice_and_combining_marks_not_at_all():
+    from anchoring.report.surprise_page import _boxed, _columns
+
+    assert [_columns(s) for s in ("a", "日", "日本", "e\u0301", "\u0301", "\u00ad", "★")] == [1, 2, 4, 1, 1, 1, 1]
+    assert _boxed("plain é text") == "" and _boxed("日") == ' style="width:2ch"' and _boxed("↵") == ' style="width:1ch"'
+    text = "日本語 ab\n"
+    tok = CharTokenizer.train([text])
+    torch.manual_seed(0)
+    model = NormalizedTransformer(tok.vocab_size, width=16, layers=1, heads=2, context=32).eval()
+    page = sp.render_surprise(model, tok, text)
+    assert 'style="width:10ch' in page  # the sparkline spans 3×2 + 1 + 2 + ↵ = 10 columns, not 7

@@ -16,7 +16,8 @@ text).
 
 The SVG's viewBox is `columns × pixels` with `preserveAspectRatio="none"` and its CSS width is the
 row's column count in `ch`, so a monospace character and one viewBox unit are the same width; strokes
-use `vector-effect: non-scaling-stroke` to stay crisp. Hovering a token shows a tooltip drawn by CSS
+use `vector-effect: non-scaling-stroke` to stay crisp. Wide characters take two columns and combining
+marks none; a token beyond ASCII and Latin letters is boxed to its columns (`_boxed`). Hovering a token shows a tooltip drawn by CSS
 (`::after { content: attr(data-tip) }`) with its numbers; no script, font or URL is referenced, so
 the file opens offline and can be mailed. With an edit (`before=`), every line has two rows, before
 and after, on the same columns.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import html
 import math
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -44,6 +46,8 @@ BIN = 0.125  # s₂ per colour step
 STEPS = 8  # colour steps each side of zero
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# printable ASCII and the Latin letters (soft hyphen aside): one column in every monospace font
+_PLAIN = re.compile(r"[\x20-\x7e\u00a0-\u00ac\u00ae-\u024f]*")
 # A run of blank lines; the match ends right after its last line break, so the spaces that indent the
 # next passage's first line stay with that passage (a cut after them put its first line in the one before).
 _BLANK = re.compile(r"(?:\r\n|\r(?!\n)|\n)(?:[ \t\f\v]*(?:\r\n|\r(?!\n)|\n))+")
@@ -84,7 +88,7 @@ th{background:#f4f4f4}th.l{text-align:left}td.l{text-align:left;color:#555;max-w
 .spark .pos{fill:rgba(214,39,40,.55);stroke:#c62828}.spark .neg{stroke:#1f77b4;stroke-dasharray:3 2}
 .spark .ax{stroke:#e2e2e2;stroke-width:1}
 .t{position:relative;border-radius:2px}.t.nl{color:#bbb}.t.over{box-shadow:inset 0 2px 0 #222}
-.t.unk{text-decoration:underline wavy #888}
+.t.unk{text-decoration:underline wavy #888}.w{display:inline-block;overflow:visible}
 .t:hover{outline:1px solid #333;z-index:5}
 .t:hover::after{content:attr(data-tip);position:absolute;left:0;top:21px;z-index:10;white-space:pre;
  background:#222;color:#fff;font:12px/1.35 ui-monospace,'DejaVu Sans Mono',monospace;padding:5px 8px;border-radius:4px;
@@ -131,6 +135,25 @@ def _shown(piece: str) -> str:
     return _CONTROL.sub("·", piece.replace("\r", "␍").replace("\n", "↵").replace("\t", "→"))
 
 
+def _columns(shown: str) -> int:
+    """Columns a piece takes on its row: two for East Asian wide and full-width characters, none for
+    combining marks and invisible formatting characters, one for the rest; at least one per piece, so
+    every scored token has a place to hover and a step on the sparkline."""
+    n = 0
+    for c in shown:
+        if unicodedata.combining(c) or unicodedata.category(c) in ("Mn", "Me", "Cf"):
+            continue
+        n += 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1
+    return max(n, 1)
+
+
+def _boxed(shown: str) -> str:
+    """The CSS that pins a piece to its columns when its glyphs may not be one column each (a
+    fallback font draws CJK, symbols or a lone combining mark at its own width): without it the
+    text would drift away from the sparkline's columns for the rest of the row."""
+    return "" if _PLAIN.fullmatch(shown) else f' style="width:{_columns(shown)}ch"'
+
+
 def _rows(text: str, units: list[_Unit]) -> list[list[tuple[_Unit, str]]]:
     """Units laid out in rows: break after a line break (`_BREAK`), wrap long lines at the last space."""
     breaks = {m.start() for m in _BREAK.finditer(text)}
@@ -145,13 +168,13 @@ def _rows(text: str, units: list[_Unit]) -> list[list[tuple[_Unit, str]]]:
         if not row and rows and _BREAKS_ONLY.fullmatch(piece):
             rows[-1].append((u, shown))  # a blank line's line ending ends the line above instead of sitting alone
             continue
-        if row and width + len(shown) > WRAP:
+        if row and width + _columns(shown) > WRAP:
             cut = max((k + 1 for k, (_, s) in enumerate(row) if s[-1:] == " " and k + 1 > len(row) // 2), default=len(row))
             rows.append(row[:cut])
             row = row[cut:]
-            width = sum(len(s) for _, s in row)
+            width = sum(_columns(s) for _, s in row)
         row.append((u, shown))
-        width += len(shown)
+        width += _columns(shown)
         if any(k in breaks for k in range(u.start, u.end)):
             rows.append(row)
             row, width = [], 0
@@ -268,7 +291,7 @@ def _spark(row: list[tuple[_Unit, str]], vals: _Values) -> str:
     cols, pts_i, pts_h, pts_s = 0, [], [], []
     clipped, clipped_s = [], []
     for u, shown in row:
-        x0, x1 = cols, cols + len(shown)
+        x0, x1 = cols, cols + _columns(shown)
         cols = x1
         v = vals.get(u)
         pts_i.append((x0, x1, None if v is None else _unit_interval(v[2])))
@@ -305,14 +328,15 @@ def _row_html(text: str, row: list[tuple[_Unit, str]], vals: _Values, other: _Va
     for u, shown in row:
         v = vals.get(u)
         piece = text[u.start:u.end]
+        box = _boxed(shown)
         if not u.tokens:
-            spans.append(html.escape(shown))
+            spans.append(f'<span class="w"{box}>{html.escape(shown)}</span>' if box else html.escape(shown))
             continue
         unk = unknown is not None and any(unknown[k] for k in u.tokens)
         tip = _tip(piece, v, None if other is None else other.get(u), "", unk)
         cls = ("t " + (_cls(v[4]) if v is not None else "c8") + (" nl" if "\n" in piece or "\r" in piece else "")
-               + (" unk" if unk else ""))
-        spans.append(f'<span class="{cls}" data-tip="{html.escape(tip, quote=True)}">{html.escape(shown)}</span>')
+               + (" unk" if unk else "") + (" w" if box else ""))
+        spans.append(f'<span class="{cls}"{box} data-tip="{html.escape(tip, quote=True)}">{html.escape(shown)}</span>')
     gut = f'<div class="gut">{label}</div>' if label else ""
     cls = f"row {label}" if label else "row"
     return f'<div class="{cls}">{gut}<div><div class="txt">{"".join(spans)}</div>{_spark(row, vals)}</div></div>'
