@@ -12,7 +12,8 @@ Nothing here is specific to the toolkit's own models. The pieces used are the li
 
 Two arms train from the same initial weights on the same batches: `anchored` (the two terms on,
 a sparse 30% of the violent passages labelled) and `control` (no terms). The script prints the
-alignment margin at the latent (mean cos(z, axis) at concept positions minus at other positions) and
+alignment margin at the latent (mean cos(z, axis) at concept positions minus at retain positions, the
+positions of held-out passages where the labeller never fired) and
 what deleting the axis does to the loss at concept positions and on retain passages, next to
 deleting the control's post-hoc difference-of-means direction the same way. docs/own-model.md
 walks through it; `python examples/anchor_your_model.py --help` lists the settings.
@@ -27,11 +28,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.progress import track
 from torch import nn
 
 from anchoring.anchor import Capture, Concept, build_term
 from anchoring.control import ablate, ablate_direction, intervene, suppress
 from anchoring.control.erasure import mean_difference
+from anchoring.errors import AnchoringError
 from anchoring.text import concept_spans
 
 SITE = "latent"  # the module whose output is anchored: any dotted path of any nn.Module
@@ -68,7 +71,7 @@ def encode(passages: list[str], vocab: dict[str, int], concept: str, labelled: s
     for i, text in enumerate(passages):
         mask = np.zeros(len(text) + 2, dtype=bool)
         for a, b in concept_spans(text, concept):
-            mask[a:b + after] = True
+            mask[a:min(b + after, len(text))] = True  # the blank line after the passage is never the concept
         ids.extend(vocab.get(ch, 0) for ch in text + "\n\n")
         ref.extend(mask.tolist())
         lab.extend((mask if i in labelled else np.zeros_like(mask)).tolist())
@@ -94,16 +97,17 @@ def batches(stream: Text, steps: int, batch: int, window: int, seed: int):
     """Random windows, drawn from their own generator: every arm of one seed sees the same batches."""
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        start = torch.randint(0, len(stream.ids) - window - 1, (batch,), generator=g)
+        start = torch.randint(0, len(stream.ids) - window, (batch,), generator=g)  # window + 1 tokens each
         idx = start[:, None] + torch.arange(window + 1)
         yield stream.ids[idx], stream.labels[idx[:, :-1]]
 
 
 def train(model: nn.Module, stream: Text, *, anchored: bool, steps: int, seed: int, axis: int = 0,
           anchor_weight: float = 1.0, anti_weight: float = 3.0, ramp_until: float = 0.5, batch: int = 32,
-          window: int = 64) -> list[float]:
+          window: int = 64, progress: str | None = None) -> list[float]:
     """Next-character loss, plus (anchored arm) the pull of labelled positions to the axis and the
-    push of every other position out of it. Returns the loss curve."""
+    push of every other position out of it. Returns the language-model loss of every step (the
+    terms left out, so the two arms' curves compare)."""
     width = model.get_submodule(SITE).out_features
     direction = [1.0 if i == axis else 0.0 for i in range(width)]
     concept = Concept("concept", labeller=None)  # labels come from the stream; the term needs the name
@@ -113,10 +117,14 @@ def train(model: nn.Module, stream: Text, *, anchored: bool, steps: int, seed: i
     weights = {"anchor": anchor_weight, "anti": anti_weight}
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     curve = []
+    stream_of_batches = batches(stream, steps, batch, window, seed)
+    if progress:  # a bar on the terminal, gone when the arm is done
+        stream_of_batches = track(stream_of_batches, description=progress, total=steps, transient=True)
     with Capture(model, [SITE]) as cap:
-        for step, (tokens, labels) in enumerate(batches(stream, steps, batch, window, seed)):
+        for step, (tokens, labels) in enumerate(stream_of_batches):
             logits = model(tokens[:, :-1])
             loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+            lm_loss = loss.detach()
             if terms:
                 # every position is a sample; the terms see unit vectors, so the push out of the axis is
                 # on the angle (cos²) and the model cannot meet it by shrinking the latent
@@ -127,14 +135,15 @@ def train(model: nn.Module, stream: Text, *, anchored: bool, steps: int, seed: i
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            curve.append(loss.item())
+            curve.append(lm_loss.item())
     return curve
 
 
 @torch.no_grad()
 def latents_and_nats(model: nn.Module, stream: Text, window: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latent at every position and nats of predicting the next character, in windows read from a
-    fresh start (the first position of each window has no prediction: NaN)."""
+    """Latent at every position, and the nats of every token given the text before it (inside its
+    window, which is read from a fresh start), stored at the predicted token's position: the first
+    token of the stream has nothing before it and gets NaN."""
     zs, nats = [], []
     with Capture(model, [SITE]) as cap:
         for a in range(0, len(stream.ids) - 1, window):
@@ -176,9 +185,13 @@ def load_passages(corpus: str, limit: int, seed: int) -> list[str]:
 
 
 def run(passages: list[str], *, concept: str = "violence", coverage: float = 0.3, steps: int = 1000, seed: int = 0,
-        anchor_weight: float = 1.0, anti_weight: float = 3.0) -> dict[str, dict[str, float]]:
+        anchor_weight: float = 1.0, anti_weight: float = 3.0, progress: bool = False) -> dict[str, dict[str, float]]:
     """Train both arms, then suppress and delete the anchor axis; every number the script prints."""
+    if not 0 < coverage <= 1:
+        raise SystemExit(f"coverage {coverage} must be in (0, 1]: the share of concept passages that get labels")
     train_text, held, vocab = split(passages, concept, coverage, seed)
+    if not bool(train_text.labels.any()):  # checked before training: nothing to anchor, and no direction to fit
+        raise SystemExit(f"no training passage is labelled for {concept!r} at coverage {coverage}: give more passages")
     if not bool(held.concept.any()):
         raise SystemExit(f"no held-out passage holds the concept {concept!r}: give more passages")
     probe = held.ids[None, :64]  # one token batch: how the weight edit finds which Linear writes the site
@@ -188,10 +201,10 @@ def run(passages: list[str], *, concept: str = "violence", coverage: float = 0.3
         torch.manual_seed(seed)  # the same initial weights in both arms
         model = CharGRU(vocab)
         curve = train(model, train_text, anchored=arm == "anchored", steps=steps, seed=seed,
-                      anchor_weight=anchor_weight, anti_weight=anti_weight)
+                      anchor_weight=anchor_weight, anti_weight=anti_weight, progress=f"training {arm}" if progress else None)
         model.eval()
         models[arm] = model
-        out[arm] = scores(model, held) | {"last training loss": float(np.mean(curve[-50:]))}
+        out[arm] = scores(model, held) | {"last training loss": float(np.mean(curve[-50:]))}  # LM loss alone
 
     anchored, control = models["anchored"], models["control"]
     width = anchored.latent.out_features
@@ -218,9 +231,12 @@ def main() -> None:
     p.add_argument("--anti", type=float, default=3.0, help="weight of the push of every other position out of it")
     args = p.parse_args()
     torch.set_num_threads(1)
-    passages = load_passages(args.corpus, args.passages, args.seed)
+    try:
+        passages = load_passages(args.corpus, args.passages, args.seed)
+    except AnchoringError as e:  # a corpus that is not there: its one line, not a traceback
+        raise SystemExit(f"error: {e}") from None
     results = run(passages, concept=args.concept, coverage=args.coverage, steps=args.steps, seed=args.seed,
-                  anchor_weight=args.anchor, anti_weight=args.anti)
+                  anchor_weight=args.anchor, anti_weight=args.anti, progress=True)
     before = results["anchored"]
     print(f"{'':34} {'margin':>7} {'contain.':>8} {'concept':>8} {'retain':>7}")
     for name, r in results.items():

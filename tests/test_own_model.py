@@ -32,14 +32,27 @@ def test_the_split_labels_only_a_share_of_the_concept_passages():
 @pytest.mark.slow
 def test_anchoring_a_gru_puts_the_concept_on_the_axis_and_deleting_it_is_selective():
     E = _example()
-    torch.set_num_threads(1)
-    passages = E.load_passages("shakespeare", 2000, 0)
-    r = E.run(passages, steps=300)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the numbers below are those of one thread
+    try:
+        r = E.run(E.load_passages("shakespeare", 2000, 0), steps=500)  # about 40 s
+    finally:
+        torch.set_num_threads(threads)
     anchored, control = r["anchored"], r["control"]
-    assert anchored["margin"] > control["margin"] + 0.01  # the sparse labels moved the concept onto the axis
+    # measured: margin +0.164 against the control's -0.008; deletion +0.101 at concept positions, +0.017 on retain
+    assert anchored["margin"] > control["margin"] + 0.08  # the sparse labels moved the concept onto the axis
     assert r["anchored, axis deleted"]["margin"] == 0.0  # the edited weights write nothing along the axis
-    assert abs(r["anchored, suppressed"]["margin"]) < anchored["margin"] / 2
+    assert abs(r["anchored, suppressed"]["margin"]) < anchored["margin"] / 4
     deleted = r["anchored, axis deleted"]
     d_concept = deleted["concept nats"] - anchored["concept nats"]
     d_retain = deleted["retain nats"] - anchored["retain nats"]
-    assert d_concept > 0 and d_concept > 1.5 * d_retain  # the deletion hits the concept more than retain text
+    assert d_concept > 0.05 and d_concept > 3 * d_retain  # the deletion hits the concept more than retain text
+
+
+def test_the_example_refuses_what_it_cannot_measure_before_training():
+    E = _example()
+    passages = ["He stabs him with his dagger.", "A fair morning in the garden."] * 20
+    with pytest.raises(SystemExit, match="coverage 0.0 must be in"):
+        E.run(passages, coverage=0.0, steps=1)
+    with pytest.raises(SystemExit, match="no training passage is labelled"):
+        E.run(["A fair morning in the garden."] * 40, steps=1)

@@ -217,6 +217,8 @@ def test_two_files_of_one_name_but_the_suffix_case_are_refused(tmp_path):
     # a.txt and a.TXT would both name their passages `a:<line>`: one split draw and one label per name
     (tmp_path / "a.txt").write_text("Some words.\n")
     (tmp_path / "a.TXT").write_text("Other words.\n")
+    if len(list(tmp_path.iterdir())) < 2:
+        pytest.skip("this file system ignores case: a.TXT is a.txt")
     (tmp_path / "b.txt").write_text("More words.\n")
     with pytest.raises(AnchoringError, match="a.TXT and a.txt .* the same work 'a'"):
         C.load_folder(tmp_path)

@@ -118,10 +118,13 @@ def find_layout(model: nn.Module, site: str, probe: torch.Tensor | None = None) 
         probe = _probe(model)
         try:
             calls, site_out = _probe_pass(model, site_module, probe)
-        except (RuntimeError, TypeError, ValueError, IndexError) as e:  # the model does not take these floats
+        except (RuntimeError, TypeError, ValueError, IndexError) as e:
+            # most often the model does not take floats of that width (token ids, images); it may also be a
+            # bug of the model's own, so the original error stays chained below the one-line message
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise AnchoringError(f"cannot run the model on a random batch of {probe.shape[-1]} floats to find the "
-                                 f"Linear that writes {site!r} ({first}); pass probe=<one input batch>") from None
+            raise AnchoringError(f"the model raised {type(e).__name__} on a random batch of {probe.shape[-1]} floats "
+                                 f"({first}); if it does not take floats of that width, pass probe=<one input batch> "
+                                 f"to find the Linear that writes {site!r}") from e
     if not site_out:
         raise AnchoringError(f"site {site!r} did not run in a forward pass")
     ended, (out, out_then) = site_out[0]
