@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,3 +39,20 @@ def test_a_target_number_never_rounds_onto_its_bound():
     assert target_text(0.0204) == "0.0204" and target_text(0.2996) == "0.2996" and target_text(0.29996) == "0.29996"
     assert target_text(0.3) == "0.300" and target_text(1.476) == "1.476" and target_text(-0.25) == "-0.250"
     assert target_text(float("nan")) == "undefined" and target_text(None) == "undefined"
+
+
+def test_probe_halves_alternate_a_class_whose_passages_share_one_parity():
+    from anchoring.kinds.lm.evaluate import probe_halves
+
+    # the parity split works: it is kept as it was
+    y = np.array([1, 1, 0, 0, 1, 0])
+    p = np.array([2, 3, 4, 5, 3, 4])
+    assert probe_halves(y, p).tolist() == (p % 2 == 0).tolist()
+    # every concept passage odd (as Milton's held-out ones are): concept passages alternate, retain too
+    y = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    p = np.array([11, 11, 13, 15, 2, 3, 4, 4])
+    train = probe_halves(y, p)
+    assert train.tolist() == [True, True, False, True, True, False, True, True]
+    for half in (train, ~train):
+        assert set(y[half]) == {0, 1}
+    assert not set(p[train]) & set(p[~train])  # no passage on both sides

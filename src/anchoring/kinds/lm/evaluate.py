@@ -181,9 +181,24 @@ def measure(model, es: EvalSet, sites: list[str], direction: torch.Tensor | None
     return out
 
 
+def probe_halves(y: np.ndarray, passage: np.ndarray) -> np.ndarray:
+    """Which positions fit the probe (True) and which score it: positions of even-numbered passages fit
+    it, odd-numbered ones score it, so no passage is on both sides. When that leaves a class on one side
+    only (a few concept passages can share one parity: Milton's 7 held-out ones are all odd), each
+    class's passages alternate instead, in corpus order, which puts both classes on both sides whenever
+    each has two passages. The parity rule comes first so that every earlier split stays as it was."""
+    train = passage % 2 == 0
+    if len(set(y[train])) == 2 and len(set(y[~train])) == 2:
+        return train
+    for c in np.unique(y):
+        m = y == c
+        train[m] = np.searchsorted(np.unique(passage[m]), passage[m]) % 2 == 0
+    return train
+
+
 def probes(features: dict, passages: dict, direction: torch.Tensor | None, dims: tuple[int, ...] | None) -> list[dict]:
     """Per site: logistic-regression AUC for concept vs retain positions, with and without the anchor
-    direction; fitted on positions of even-numbered passages, scored on the odd ones (no passage on both sides)."""
+    direction; fitted on the positions of one half of the passages and scored on the other (`probe_halves`)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
@@ -194,8 +209,7 @@ def probes(features: dict, passages: dict, direction: torch.Tensor | None, dims:
             continue
         X = torch.cat([f["concept"], f["retain"]])
         y = np.r_[np.ones(len(f["concept"])), np.zeros(len(f["retain"]))]
-        p = np.r_[passages["concept"], passages["retain"]]
-        train = p % 2 == 0
+        train = probe_halves(y, np.r_[passages["concept"], passages["retain"]])
         row = {"site": site}
         for key, feats in (("auc", X), ("auc_without_anchor", remove(X, direction, dims))):
             Xn = F.normalize(feats, dim=-1).numpy()
