@@ -224,3 +224,17 @@ def test_two_files_of_one_name_but_the_suffix_case_are_refused(tmp_path):
         C.load_folder(tmp_path)
     (tmp_path / "a.TXT").rename(tmp_path / "A.txt")
     assert sorted(set(C.load_folder(tmp_path).work)) == ["A", "a", "b"]
+
+
+def test_an_unclosed_direction_ends_where_a_later_one_opens_a_line():
+    # henry_vi_part_1:1079: the speech between an unclosed `[Exit Sergeant.` and the next direction is speech
+    text = ("Sergeant, you shall. [Exit Sergeant.\nThus are poor servitors,\nConstrain'd to watch in darkness.\n"
+            "[Enter Talbot, Bedford,\nwith scaling-ladders.]")
+    spans = C.stage_spans(text)
+    assert [text[a:b] for a, b in spans] == ["[Exit Sergeant.", "[Enter Talbot, Bedford,\nwith scaling-ladders.]"]
+    # where every `[` closes, a nested one may open a line: one direction
+    nested = "[Alarum. Enter King Henry, Exeter,\n[and Soldiers, with] scaling-ladders.]"
+    assert C.stage_spans(nested) == [(0, len(nested))]
+    # the edition's usual unclosed form still ends at its inner `]`
+    usual = "[Enter Gower [and Fluellen.]"
+    assert C.stage_spans(usual) == [(0, len(usual))]

