@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -159,20 +160,53 @@ def latents_and_nats(model: nn.Module, stream: Text, window: int = 256) -> tuple
     return z, by_target
 
 
+def position_classes(stream: Text, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks over the first n positions: concept (a labeller hit or the characters after it) and
+    retain (any position of a passage where the labeller never fired)."""
+    positive = torch.zeros(int(stream.passage.max()) + 1, dtype=torch.bool)
+    positive[stream.passage[stream.concept]] = True
+    return stream.concept[:n], ~positive[stream.passage[:n]]
+
+
 def scores(model: nn.Module, stream: Text, axis: int = 0) -> dict[str, float]:
     """Alignment margin at the latent, and nats/char at concept positions and on retain passages."""
     z, nats = latents_and_nats(model, stream)
     n = len(z)
-    concept = stream.concept[:n]
-    positive = torch.zeros(int(stream.passage.max()) + 1, dtype=torch.bool)
-    positive[stream.passage[stream.concept]] = True
-    retain = ~positive[stream.passage[:n]]
+    concept, retain = position_classes(stream, n)
     cos = F.normalize(z, dim=-1)[:, axis]
     ok = ~torch.isnan(nats[:n])
     return {"margin": float(cos[concept].mean() - cos[retain].mean()),
             "containment": float(cos[retain].mean()),
             "concept nats": float(nats[:n][concept & ok].mean()),
             "retain nats": float(nats[:n][retain & ok].mean())}
+
+
+def alignment_figure(models: dict[str, nn.Module], stream: Text, path: str, axis: int = 0) -> None:
+    """One panel per arm: histograms of cos(z, axis) at concept and at retain positions. The anchored
+    arm's concept positions should pile up towards 1 while retain positions stay at 0; the control's
+    two histograms should look alike."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(models), figsize=(4.4 * len(models), 3.3), sharey=True, squeeze=False)
+    bins = np.linspace(-1, 1, 51)
+    for ax, (arm, model) in zip(axes[0], models.items()):
+        z, _ = latents_and_nats(model, stream)
+        concept, retain = position_classes(stream, len(z))
+        cos = F.normalize(z, dim=-1)[:, axis]
+        ax.hist(cos[retain].numpy(), bins, density=True, alpha=0.6, color="#1f77b4", label=f"retain ({int(retain.sum()):,})")
+        ax.hist(cos[concept].numpy(), bins, density=True, alpha=0.6, color="#d62728", label=f"concept ({int(concept.sum()):,})")
+        ax.set_title(f"{arm}: margin {float(cos[concept].mean() - cos[retain].mean()):+.3f}")
+        ax.set_xlabel(f"cos(latent, axis {axis})")
+    axes[0][0].set_ylabel("density (held-out positions)")
+    axes[0][0].legend(frameon=False)
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"  # written whole, then renamed: an interrupted run leaves no half figure
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def load_passages(corpus: str, limit: int, seed: int) -> list[str]:
@@ -185,8 +219,10 @@ def load_passages(corpus: str, limit: int, seed: int) -> list[str]:
 
 
 def run(passages: list[str], *, concept: str = "violence", coverage: float = 0.3, steps: int = 1000, seed: int = 0,
-        anchor_weight: float = 1.0, anti_weight: float = 3.0, progress: bool = False) -> dict[str, dict[str, float]]:
-    """Train both arms, then suppress and delete the anchor axis; every number the script prints."""
+        anchor_weight: float = 1.0, anti_weight: float = 3.0, progress: bool = False,
+        figure: str | None = None) -> dict[str, dict[str, float]]:
+    """Train both arms, then suppress and delete the anchor axis; every number the script prints (and,
+    with `figure`, the arms' alignment histograms as a PNG there)."""
     if not 0 < coverage <= 1:
         raise SystemExit(f"coverage {coverage} must be in (0, 1]: the share of concept passages that get labels")
     train_text, held, vocab = split(passages, concept, coverage, seed)
@@ -216,6 +252,8 @@ def run(passages: list[str], *, concept: str = "violence", coverage: float = 0.3
     z, _ = latents_and_nats(control, train_text)
     direction = mean_difference(z, train_text.labels[:len(z)] > 0)
     out["control, mean-difference deleted"] = scores(ablate_direction(control, direction, site=SITE, probe=probe), held)
+    if figure:
+        alignment_figure(models, held, figure)
     return out
 
 
@@ -229,6 +267,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--anchor", type=float, default=1.0, help="weight of the pull of labelled positions to the axis")
     p.add_argument("--anti", type=float, default=3.0, help="weight of the push of every other position out of it")
+    p.add_argument("--figure", help="write the arms' alignment histograms to this PNG")
     args = p.parse_args()
     torch.set_num_threads(1)
     try:
@@ -236,7 +275,7 @@ def main() -> None:
     except AnchoringError as e:  # a corpus that is not there: its one line, not a traceback
         raise SystemExit(f"error: {e}") from None
     results = run(passages, concept=args.concept, coverage=args.coverage, steps=args.steps, seed=args.seed,
-                  anchor_weight=args.anchor, anti_weight=args.anti, progress=True)
+                  anchor_weight=args.anchor, anti_weight=args.anti, progress=True, figure=args.figure)
     before = results["anchored"]
     print(f"{'':34} {'margin':>7} {'contain.':>8} {'concept':>8} {'retain':>7}")
     for name, r in results.items():

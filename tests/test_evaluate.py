@@ -56,3 +56,6 @@ def test_probe_halves_alternate_a_class_whose_passages_share_one_parity():
     for half in (train, ~train):
         assert set(y[half]) == {0, 1}
     assert not set(p[train]) & set(p[~train])  # no passage on both sides
+
+    with pytest.raises(ValueError, match="both classes"):  # a passage on both sides is refused, not split
+        probe_halves(np.array([1, 0, 0]), np.array([3, 1, 3]))

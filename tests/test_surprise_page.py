@@ -341,7 +341,9 @@ def test_columns_count_wide_characters_twice_and_combining_marks_not_at_all():
     from anchoring.report.surprise_page import _boxed, _columns
 
     assert [_columns(s) for s in ("a", "日", "日本", "e\u0301", "\u0301", "\u00ad", "★")] == [1, 2, 4, 1, 1, 1, 1]
-    assert _boxed("plain é text") == "" and _boxed("日") == ' style="width:2ch"' and _boxed("↵") == ' style="width:1ch"'
+    # emoji and Hangul sequences are drawn as one glyph of two columns
+    assert [_columns(s) for s in ("❤\ufe0f", "👨\u200d👩\u200d👧", "👍🏽", "\u1112\u1161\u11ab", "\U00020000")] == [2, 2, 2, 2, 2]
+    assert _boxed("plain é text") == "" and _boxed("ǂ") != "" and _boxed("日") == ' style="width:2ch"' and _boxed("↵") == ' style="width:1ch"'
     text = "日本語 ab\n"
     tok = CharTokenizer.train([text])
     torch.manual_seed(0)

@@ -122,7 +122,7 @@ def find_layout(model: nn.Module, site: str, probe: torch.Tensor | None = None) 
             # most often the model does not take floats of that width (token ids, images); it may also be a
             # bug of the model's own, so the original error stays chained below the one-line message
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise AnchoringError(f"the model raised {type(e).__name__} on a random batch of {probe.shape[-1]} floats "
+            raise AnchoringError(f"the model raised {type(e).__name__} on a random {tuple(probe.shape)} batch of floats "
                                  f"({first}); if it does not take floats of that width, pass probe=<one input batch> "
                                  f"to find the Linear that writes {site!r}") from e
     if not site_out:

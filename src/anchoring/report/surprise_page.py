@@ -46,8 +46,10 @@ BIN = 0.125  # s₂ per colour step
 STEPS = 8  # colour steps each side of zero
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
-# printable ASCII and the Latin letters (soft hyphen aside): one column in every monospace font
-_PLAIN = re.compile(r"[\x20-\x7e\u00a0-\u00ac\u00ae-\u024f]*")
+# printable ASCII, Latin-1 and Latin Extended-A (soft hyphen aside): one column in every monospace font
+_PLAIN = re.compile(r"[\x20-\x7e\u00a0-\u00ac\u00ae-\u017f]*")
+# drawn inside the character before them: emoji skin tones, Hangul vowel and final jamo of a decomposed syllable
+_JOINED = re.compile(r"[\U0001F3FB-\U0001F3FF\u1160-\u11ff\ud7b0-\ud7ff]")
 # A run of blank lines; the match ends right after its last line break, so the spaces that indent the
 # next passage's first line stay with that passage (a cut after them put its first line in the one before).
 _BLANK = re.compile(r"(?:\r\n|\r(?!\n)|\n)(?:[ \t\f\v]*(?:\r\n|\r(?!\n)|\n))+")
@@ -137,13 +139,26 @@ def _shown(piece: str) -> str:
 
 def _columns(shown: str) -> int:
     """Columns a piece takes on its row: two for East Asian wide and full-width characters, none for
-    combining marks and invisible formatting characters, one for the rest; at least one per piece, so
-    every scored token has a place to hover and a step on the sparkline."""
-    n = 0
+    combining marks, invisible formatting characters and what a font draws inside the character before
+    (skin tones, the character after a zero-width joiner, Hangul jamo after the first); a character
+    followed by the emoji variation selector U+FE0F takes two. At least one per piece, so every
+    scored token has a place to hover and a step on the sparkline."""
+    n, last, joined = 0, 0, False
     for c in shown:
+        if joined or _JOINED.match(c):  # drawn inside the previous character
+            joined = False
+            continue
+        if c == "\u200d":  # zero-width joiner: the next character joins this one's glyph
+            joined = True
+            continue
+        if c == "\ufe0f":  # emoji presentation: the character before it is drawn two columns wide
+            n += 2 - last
+            last = 2
+            continue
         if unicodedata.combining(c) or unicodedata.category(c) in ("Mn", "Me", "Cf"):
             continue
-        n += 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1
+        last = 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1
+        n += last
     return max(n, 1)
 
 

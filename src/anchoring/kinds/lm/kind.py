@@ -463,7 +463,7 @@ def write_report(cfg: LMExperiment, path: Path, summary: dict[str, Any], metric_
         ("Alignment cos(h, anchor) per layer", html.table_html(["arm", "seed", "site", "concept", "retain", "margin",
                                                                 "containment"], al_rows)),
         ("Alignment per layer (figure)", html.image_html(figs / "alignment.png", "alignment")),
-        ("Linear probes (AUC, concept vs retain positions; fitted on even passages, scored on odd)",
+        ("Linear probes (AUC, concept vs retain positions; fitted on one half of the passages, scored on the other)",
          html.table_html(["arm", "seed", "site", "AUC", "AUC without anchor direction"], pr_rows)),
         ("Training", html.image_html(figs / "training_curves.png", "training curves")),
     ]
