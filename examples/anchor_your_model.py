@@ -236,11 +236,11 @@ def run(passages: list[str], *, concept: str = "violence", coverage: float = 0.3
     for arm in ("anchored", "control"):
         torch.manual_seed(seed)  # the same initial weights in both arms
         model = CharGRU(vocab)
-        curve = train(model, train_text, anchored=arm == "anchored", steps=steps, seed=seed,
+        train(model, train_text, anchored=arm == "anchored", steps=steps, seed=seed,
                       anchor_weight=anchor_weight, anti_weight=anti_weight, progress=f"training {arm}" if progress else None)
         model.eval()
         models[arm] = model
-        out[arm] = scores(model, held) | {"last training loss": float(np.mean(curve[-50:]))}  # LM loss alone
+        out[arm] = scores(model, held)
 
     anchored, control = models["anchored"], models["control"]
     width = anchored.latent.out_features
