@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import tomllib
 
 import numpy as np
 import pytest
@@ -14,11 +15,12 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from anchoring import experiments, lifecycle
+from anchoring.anchor import Capture
 from anchoring.cli import app
 from anchoring.domains.text.lexicons import lexicon_hits
 from anchoring.errors import AnchoringError
 from anchoring.kinds.lm.data import Stream, load_data
-from anchoring.kinds.lm.training import train_arm
+from anchoring.kinds.lm.training import build_model, build_objective, self_labeller, train_arm
 
 CALM = ["The morning light fell soft upon the garden and the birds sang sweetly.",
         "She walked along the river and thought of supper and of home.",
@@ -665,3 +667,20 @@ def test_the_summary_gives_the_coverage_span_labels_really_train_with(corpus):
     lines = summary_lines({"experiment": "x", "models": [], "labels": label_coverage(data, [0])})
     assert any(isinstance(x, str) and x.startswith("weak labels: coverage 0.50 asked") and "with a word to mark" in x
                for x in lines)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, s in experiments.builtin().items()
+                                        if tomllib.loads(s.path.read_text())["kind"] == "lm"))
+def test_every_builtin_lm_experiment_binds_its_terms_to_its_model(name):
+    """A shipped LM config is only checked by pydantic when loaded; its sites, axes and self-labelling
+    are checked against the model it builds. So a typo there would otherwise surface only once a user
+    has prepared the corpus and started training."""
+
+    cfg = experiments.load(name)
+    model = build_model(cfg, 85)
+    objective = build_objective(cfg, model)
+    with Capture(model, [t.site.module for t in objective.terms]) as cap, torch.no_grad():
+        model(torch.zeros(1, 16, dtype=torch.long))
+        for t in objective.terms:  # the site runs in the forward pass and holds the residual stream
+            assert t.site.read(cap.acts).shape == (1, 16, cfg.lm.width), t.name
+    assert (self_labeller(cfg, objective) is None) == (cfg.lm.self_label is None)
