@@ -183,7 +183,43 @@ def test_sigterm_to_a_sweep_stops_its_workers_and_the_same_command_continues(tmp
     assert len(shards) == 2 and all(sorted(x.name for x in s.glob("attempt*.log")) == ["attempt1.log"] for s in shards)
     proc = start_then_stop(lambda: all((s / "attempt2.log").is_file() for s in shards))
     assert proc.returncode == 130
+    assert [p for p in os.listdir("/proc") if p.isdigit() and str(out) in _cmdline(p)] == [], "workers outlived the sweep"
     assert all(sorted(x.name for x in s.glob("attempt*.log")) == ["attempt1.log", "attempt2.log"] for s in shards)
+
+
+def test_an_interrupt_while_a_worker_starts_still_stops_that_worker(tmp_path, monkeypatch):
+    """The stop can land between the fork of a worker and its bookkeeping (the SIGTERM above is sent as
+    soon as the last attempt log exists, which is just before its worker starts). Here it lands there
+    every time: the sweep's own SIGTERM, raised inside the start of the first worker. That worker must
+    still be stopped, not left training into its shard with no parent."""
+    import signal
+    import subprocess
+    from types import SimpleNamespace
+
+    from anchoring.sweep import backends
+
+    started: list[subprocess.Popen] = []
+    real_popen = subprocess.Popen
+
+    def popen_then_sigterm(_argv, **kwargs):
+        proc = real_popen([sys.executable, "-c", "import time; time.sleep(120)"], **kwargs)
+        started.append(proc)
+        signal.raise_signal(signal.SIGTERM)  # the interrupt arrives before the caller has recorded the worker
+        return proc
+
+    monkeypatch.setattr(backends.subprocess, "Popen", popen_then_sigterm)
+    shards = [SimpleNamespace(name=f"s{i}", dir=tmp_path / f"s{i}") for i in range(2)]
+    for sh in shards:
+        sh.dir.mkdir()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            backends.run_local(shards, workers=2, retries=0)
+        assert len(started) == 1  # the stop came before the second worker
+        assert started[0].poll() is not None, "a worker outlived the sweep"
+    finally:
+        for proc in started:
+            proc.kill()
+            proc.wait()
 
 
 def _cmdline(pid: str) -> str:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from anchoring.atomic import write_atomic
 from anchoring.errors import AnchoringError
@@ -30,6 +33,28 @@ def _next_log(shard_dir: Path) -> Path:
     """The shard's next attempt log: logs of an interrupted sweep stay, and a continued sweep numbers after them."""
     nums = [int(m.group(1)) for p in shard_dir.glob("attempt*.log") if (m := re.fullmatch(r"attempt(\d+)\.log", p.name))]
     return shard_dir / f"attempt{max(nums, default=0) + 1}.log"
+
+
+@contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM while a worker is started and recorded, then deliver them.
+
+    An interrupt that landed after the fork but before the worker was recorded in `running` would
+    leave a worker that nobody stops, training into the shard for as long as its steps last. Held
+    here, the signal reaches its usual handler just after, when `_stop` knows the worker."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda sig, _frame: caught.append(sig)) for sig in held}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)
 
 
 def _stop(running: dict) -> None:
@@ -68,10 +93,11 @@ def run_local(shards: list, workers: int, retries: int, progress: Progress | Non
                 while pending and len(running) < workers:
                     s = pending.pop(0)
                     attempts[s.name] += 1
-                    log = open(_next_log(s.dir), "w")
-                    proc = subprocess.Popen([sys.executable, "-m", "anchoring.sweep.worker", str(s.dir)],
-                                            stdout=log, stderr=subprocess.STDOUT, env=_env())
-                    running[s.name] = (proc, s, log)
+                    with _interrupts_held():
+                        log = open(_next_log(s.dir), "w")
+                        proc = subprocess.Popen([sys.executable, "-m", "anchoring.sweep.worker", str(s.dir)],
+                                                stdout=log, stderr=subprocess.STDOUT, env=_env())
+                        running[s.name] = (proc, s, log)
                 time.sleep(0.05)
                 for name, (proc, s, log) in list(running.items()):
                     code = proc.poll()
