@@ -47,7 +47,7 @@ def _interrupts_held() -> Iterator[None]:
         return
     caught: list[int] = []
     held = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, lambda sig, _frame: caught.append(sig)) for sig in held}
+    previous = {sig: signal.signal(sig, lambda got, _frame: caught.append(got)) for sig in held}
     try:
         yield
     finally:

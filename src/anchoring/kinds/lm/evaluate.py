@@ -187,7 +187,7 @@ def probe_halves(y: np.ndarray, passage: np.ndarray) -> np.ndarray:
     only (a few concept passages can share one parity: Milton's 7 held-out ones are all odd), each
     class's passages alternate instead, in corpus order, which puts both classes on both sides whenever
     each has two passages. The parity rule comes first so that every earlier split stays as it was."""
-    if len(set(passage[y == 1]) & set(passage[y != 1])):  # the halves split passages, not positions
+    if set(passage[y == 1]) & set(passage[y != 1]):  # the halves split passages, not positions
         raise ValueError("a passage holds positions of both classes: the halves would share it")
     train = passage % 2 == 0
     if len(set(y[train])) == 2 and len(set(y[~train])) == 2:
