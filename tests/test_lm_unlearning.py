@@ -620,3 +620,57 @@ def test_the_recovery_does_not_replay_the_repairs_retain_windows(unlearned):
     for step in range(5):
         assert not torch.equal(mix_r.batch(step, half), fix.batch(step, n)[:half]), step
         assert not torch.equal(mix_r.batch(step, half), mix_f.batch(step, half)), step
+
+
+def test_relearn_on_a_finished_run_gives_the_in_run_table_and_takes_its_own_attack(unlearned, tmp_path):
+    """`anchoring relearn` on an LM run recomputes the table the run printed after training (same
+    methods, same numbers), and --samples/--steps change the attack; it writes everything or nothing."""
+    import pandas as pd
+
+    path, summary = unlearned
+    r = CliRunner().invoke(app, ["relearn", str(path)])
+    assert r.exit_code == 0, r.stderr
+    out = path / "relearn" / "violence"
+    got = json.loads((out / "summary.json").read_text())
+    first = {x["method"]: x for x in summary["unlearning"]["rows"]}
+    assert sorted(x["method"] for x in got["unlearning"]["rows"]) == sorted(first)
+    for x in got["unlearning"]["rows"]:
+        want = first[x["method"]]
+        assert x["d_forget_concept"] == pytest.approx(want["d_forget_concept"], abs=1e-5), x["method"]
+        assert x["retain_cost"] == pytest.approx(want["retain_cost"], abs=1e-5), x["method"]
+        for k, v in want["relearn"].items():
+            assert x["relearn"][k]["relearned"] == pytest.approx(v["relearned"], abs=1e-5), (x["method"], k)
+    assert set(got["targets"]) == set(ul.targets(summary["unlearning"])) and got["targets"]
+    assert "Δforget" in r.stdout and "wrote" in r.stdout
+    r = CliRunner().invoke(app, ["relearn", str(path), "--samples", "1,3", "--steps", "2", "--concept", "violence"])
+    assert r.exit_code == 0, r.stderr
+    curves = pd.read_csv(out / ul.CURVES)
+    relearned = curves[curves.fine_tune.str.startswith("relearn")]
+    assert sorted(relearned.k.unique()) == [1, 3]
+    assert all(len(g) == 2 + 1 for _key, g in relearned.groupby(["method", "k"]))
+    assert (out / "figures" / "relearning_curves.png").is_file() and (out / "figures" / "unlearning_tradeoff.png").is_file()
+    assert not [p for p in (path / "relearn").iterdir() if p.name.startswith(".")]  # the staging folder is gone
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--threshold", "0.1"], "--threshold is for colour runs"),
+    (["--concept", "red"], "this run anchors 'violence'"),
+    (["--steps", "-1"], "--steps"),
+    (["--samples", "0"], "--samples"),
+])
+def test_relearn_on_an_lm_run_refuses_bad_input_in_one_line(unlearned, args, message):
+    path, _summary = unlearned
+    before = sorted(p.name for p in path.rglob("*"))
+    r = CliRunner().invoke(app, ["relearn", str(path), *args])
+    assert r.exit_code != 0 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert sorted(p.name for p in path.rglob("*")) == before
+
+
+def test_relearn_needs_the_control_arm(tmp_path):
+    corpus = write_corpus(tmp_path / "texts")
+    cfg = experiments.load("lm-anchor-passages", tiny(corpus, "train.steps=5", 'lm.arms=["anchored"]'))
+    out = tmp_path / "run"
+    lifecycle.run(cfg.model_copy(update={"schedule": SCHEDULE}), out)
+    r = CliRunner().invoke(app, ["relearn", str(out)])
+    assert r.exit_code != 0 and "measured against the control arm" in r.stderr, r.stderr
+    assert not (out / "relearn").exists()

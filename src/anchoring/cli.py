@@ -379,20 +379,30 @@ def delete_cmd(
 @app.command("relearn")
 def relearn_cmd(
     run_dir: Path = typer.Argument(..., help="finished run directory (its concept is deleted, then fine-tuned)"),
-    concept: str = typer.Option("red", "--concept"),
-    samples: str = typer.Option("1,4,16,64", "--samples", help="K values: concept samples to fine-tune on"),
-    steps: int = typer.Option(200, "--steps", help="fine-tuning steps"),
-    lr: float = typer.Option(0.01, "--lr"),
-    retain: int = typer.Option(0, "--retain", help="extra random colours mixed in (retain data)"),
-    threshold: float = typer.Option(0.01, "--threshold", help="concept MSE at which it counts as recovered"),
-    baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="also attack a post-hoc (unanchored) baseline"),
+    concept: Optional[str] = typer.Option(None, "--concept", help="concept to delete (colour default: red; an LM run: its own)"),
+    samples: Optional[str] = typer.Option(None, "--samples", help="K values: concept samples (colour; default 1,4,16,64) or "
+                                                                   "forget passages (LM; default unlearning.relearn_k) to fine-tune on"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="fine-tuning steps (colour: 200; LM: unlearning.relearn_steps)"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="fine-tuning rate (colour: 0.01; LM: unlearning.relearn_lr)"),
+    retain: Optional[int] = typer.Option(None, "--retain", help="colour: extra random colours mixed in (retain data; default 0)"),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="colour: concept MSE at which it counts as recovered "
+                                                                        "(default 0.01)"),
+    baseline: Optional[bool] = typer.Option(None, "--baseline/--no-baseline", help="colour: also attack a post-hoc (unanchored) "
+                                                                                   "baseline (default: yes)"),
 ) -> None:
-    """Relearning attack: steps until a deleted concept's error falls back under the threshold."""
-    ks = _dims(samples, "--samples", "1,4,16") or []
+    """Relearning attack: delete the concept, fine-tune on K of its examples, see what comes back.
+
+    Colour runs: steps until the concept's error falls back under --threshold. LM runs: the unlearning
+    table of the run's own arms (forget/retain loss after each method, relearned loss, steps to recover),
+    as `unlearning.enabled` computes it after training; it needs the control arm."""
+    ks = None if samples is None else (_dims(samples, "--samples", "1,4,16") or [])
     run = _open(run_dir, finished=True)
-    with progress_bar("baseline", sys.stderr.isatty()) as update:
-        _apply_edit(lambda: kind_of(run.config).relearn(run, concept=concept, samples=ks, steps=steps, lr=lr, retain=retain,
-                                                        threshold=threshold, baseline=baseline, progress=update))
+    given = {"concept": concept, "samples": ks, "steps": steps, "lr": lr, "retain": retain, "threshold": threshold,
+             "baseline": baseline}
+    label = "unlearning" if run.config.kind == "lm" else "baseline"
+    with progress_bar(label, sys.stderr.isatty()) as update:
+        _apply_edit(lambda: kind_of(run.config).relearn(run, **{k: v for k, v in given.items() if v is not None},
+                                                        progress=update))
 
 
 @app.command("sweep")

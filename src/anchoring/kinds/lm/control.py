@@ -26,13 +26,15 @@ from anchoring.config import InterventionConfig
 from anchoring.control.falloff import parse_falloff
 from anchoring.control.surgery import residual_component
 from anchoring.errors import AnchoringError
+from anchoring.evaluate.stats import mark_infinite, target_median, target_text
 from anchoring.kinds.arms import write_arms
 from anchoring.kinds.base import EditResult
 from anchoring.kinds.lm import evaluate as ev
+from anchoring.kinds.lm import unlearning as ul
 from anchoring.kinds.lm.config import LMExperiment
 from anchoring.kinds.lm.data import CORPUS
 from anchoring.kinds.lm.edits import concept_directions, edited, first_site, matched_directions
-from anchoring.kinds.lm.kind import anchored_sites
+from anchoring.kinds.lm.kind import anchored_sites, check_scored, left_out_note, unlearning
 from anchoring.kinds.lm.unlearning import REPAIR_ONLY, losses, repair, repair_windows
 from anchoring.report import html
 
@@ -226,3 +228,58 @@ def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repa
                              f"largest |h·v| left in the residual stream: {leftover:.2e}"
                              + (" (blinding leaves the stream as it is)" if kind == "blind" else ""), f"edited run: {out}"],
                       [out], summary)
+
+
+def relearn(run, concept: str | None = None, samples: list[int] | None = None, steps: int | None = None,
+            lr: float | None = None, progress: Callable[[int, int], None] | None = None, **colour_only: Any) -> EditResult:
+    """The unlearning evaluation of a finished run, without training it again: every method that its
+    arms allow (anchoring's edits of the anchored arm, the post-hoc directions of the control, the
+    filtered arms), scored on forget and retain text and attacked by relearning, exactly as
+    `unlearning.enabled` does after training. `samples`, `steps` and `lr` replace the run's
+    `unlearning.relearn_k`, `relearn_steps` and `relearn_lr`. Written to `<run>/relearn/<concept>`."""
+    given = sorted(k for k, v in colour_only.items() if v is not None)
+    if given:
+        raise AnchoringError(f"--{given[0]} is for colour runs; an 'lm' run is attacked with --samples, --steps and --lr "
+                             f"(its relearned loss is measured against the control arm's)")
+    cfg = run.config
+    if concept is not None and concept != cfg.text.concept:
+        raise AnchoringError(f"--concept {concept!r}: this run anchors {cfg.text.concept!r}")
+    if "control" not in run.arms:
+        raise AnchoringError(f"relearning is measured against the control arm, and this run has only "
+                             f"{', '.join(run.arms)}; train it with the control (lm.arms)")
+    u = cfg.unlearning
+    update: dict[str, Any] = {"enabled": True}
+    if samples is not None:
+        update["relearn_k"] = samples
+    if steps is not None:
+        update["relearn_steps"] = steps
+    if lr is not None:
+        update["relearn_lr"] = lr
+    try:  # the config's own checks, so the bounds and messages are the config keys'
+        u = type(u).model_validate({**u.model_dump(), **update})
+    except ValueError as e:
+        first = e.errors()[0] if hasattr(e, "errors") else {"msg": str(e), "loc": ()}
+        flag = {"relearn_k": "--samples", "relearn_steps": "--steps", "relearn_lr": "--lr"}.get(str(first["loc"][0]) if first["loc"] else "", "")
+        raise AnchoringError(f"{flag or 'unlearning'}: {first['msg'].removeprefix('Value error, ')}") from None
+    cfg = cfg.model_copy(update={"unlearning": u})
+    d = run.data
+    if not int(d.reference[d.parts["train"]].sum()):
+        raise AnchoringError(f"no training passage carries {cfg.text.concept!r}, so there is nothing to relearn from")
+    check_scored(cfg, d, "unlearning.eval_chars", u.eval_chars)
+    if "anchored" in run.arms:
+        concept_directions(cfg)
+    out = run.path / "relearn" / cfg.text.concept
+    runs.check_writable(out)
+    earlier = (out / runs.SUMMARY).is_file()
+    models = {(arm, seed): m for arm, ms in run.arms.items() for seed, m in zip(run.seeds, ms)}
+    with runs.staged(out, replace=True) as tmp:  # all of it or nothing: a stopped attack leaves the earlier one
+        res = unlearning(cfg, tmp, d, models, progress)
+        targets = mark_infinite(ul.targets(res))
+        summary = {"experiment": cfg.name, "source": str(run.path), "concept": cfg.text.concept,
+                   "unlearning_config": u.model_dump(), "unlearning": res, "targets": targets}
+        runs.write_json(tmp / runs.SUMMARY, summary)
+    lines: list[Any] = [*ul.lines(res)]
+    lines += [f"{'met ' if t['met'] else 'MISS'}  {name}: {target_text(target_median(t))}{left_out_note(t)}"
+              for name, t in targets.items()]
+    lines.append(f"wrote {out}" + (" (replacing an earlier attack)" if earlier else ""))
+    return EditResult("relearn", lines, [out], summary)

@@ -130,18 +130,8 @@ def validate(cfg: LMExperiment, data: bool = True) -> int:
         e = cfg.evaluate
         scored = [("evaluate.eval_chars", e.eval_chars)] + ([("unlearning.eval_chars", cfg.unlearning.eval_chars)]
                                                              if cfg.unlearning.enabled else [])
-        for key, n in scored:  # the scored prefix must hold both classes, or every concept number is made up
-            passages = ev.eval_passages(d, n, order=e.order)
-            ref = d.reference[passages]
-            if not ref.any() or ref.all():
-                which = f"no passage with {cfg.text.concept!r}" if not ref.any() else "no passage without it"
-                raise AnchoringError(f"the {n:,} validation characters scored ({key}, evaluate.order = {e.order!r}) hold "
-                                     f"{which}; set evaluate.order = \"shuffled\" or raise {key}")
-            if not any(concept_spans(d.texts[i], cfg.text.concept) for i in np.asarray(passages)[ref.astype(bool)]):
-                # a reference label can come from elsewhere (sentiment, metadata) than the words that mark positions
-                raise AnchoringError(f"the {n:,} validation characters scored ({key}) hold passages with "
-                                     f"{cfg.text.concept!r} but no word of it, so there are no concept positions to "
-                                     f"score; set evaluate.order = \"shuffled\" or raise {key}")
+        for key, n in scored:
+            check_scored(cfg, d, key, n)
         if e.ood:  # checked now, not after hours of training
             test = d.parts["test"]
             long = sum(len(d.texts[i]) >= e.ood_min_chars for i in test)
@@ -166,6 +156,23 @@ def validate(cfg: LMExperiment, data: bool = True) -> int:
                 raise AnchoringError(f"evaluate.ood: {n_retain} test passages without {cfg.text.concept!r} to match "
                                      f"{n_concept} with it by length; lower evaluate.ood_passages or use more text")
     return steps
+
+
+def check_scored(cfg: LMExperiment, d: LMData, key: str, n: int) -> None:
+    """The first `n` validation characters (config key `key`) must hold passages with and without the
+    concept, and a word of it, or every concept number scored on them is made up."""
+    order = cfg.evaluate.order
+    passages = ev.eval_passages(d, n, order=order)
+    ref = d.reference[passages]
+    if not ref.any() or ref.all():
+        which = f"no passage with {cfg.text.concept!r}" if not ref.any() else "no passage without it"
+        raise AnchoringError(f"the {n:,} validation characters scored ({key}, evaluate.order = {order!r}) hold "
+                             f"{which}; set evaluate.order = \"shuffled\" or raise {key}")
+    if not any(concept_spans(d.texts[i], cfg.text.concept) for i in np.asarray(passages)[ref.astype(bool)]):
+        # a reference label can come from elsewhere (sentiment, metadata) than the words that mark positions
+        raise AnchoringError(f"the {n:,} validation characters scored ({key}) hold passages with "
+                             f"{cfg.text.concept!r} but no word of it, so there are no concept positions to "
+                             f"score; set evaluate.order = \"shuffled\" or raise {key}")
 
 
 def measured_direction(cfg: LMExperiment, fallback: bool = True) -> tuple[torch.Tensor | None, tuple[int, ...] | None]:
@@ -323,7 +330,7 @@ def finish(cfg: LMExperiment, path: Path, data: LMData, results: dict[tuple[str,
     if cfg.evaluate.ood:
         summary["ood"] = ood(cfg, path, data, results)
     if cfg.unlearning.enabled:
-        summary["unlearning"] = unlearning(cfg, path, data, results)
+        summary["unlearning"] = unlearning(cfg, path, data, {k: r.model for k, r in results.items()})
         from anchoring.kinds.lm.unlearning import targets as unlearning_targets
 
         summary["targets"].update(unlearning_targets(summary["unlearning"]))
@@ -359,11 +366,13 @@ def ood(cfg: LMExperiment, path: Path, data: LMData, results: dict[tuple[str, in
     return res
 
 
-def unlearning(cfg: LMExperiment, path: Path, data: LMData, results: dict[tuple[str, int], ArmResult]) -> dict[str, Any]:
-    """Forget/retain loss per unlearning method and seed, relearning curves (CSV) and their figures."""
+def unlearning(cfg: LMExperiment, path: Path, data: LMData, models: dict[tuple[str, int], torch.nn.Module],
+               progress: Progress | None = None) -> dict[str, Any]:
+    """Forget/retain loss per unlearning method and seed, relearning curves (CSV) and their figures,
+    written under `path`: after training (`unlearning.enabled`) or on a finished run (`anchoring relearn`)."""
     from anchoring.kinds.lm import unlearning as ul
 
-    out = ul.evaluate(cfg, data, {k: r.model for k, r in results.items()}, path)
+    out = ul.evaluate(cfg, data, models, path, progress)
     points = out.pop("curve_points")
     save_fig(lf.unlearning_tradeoff(out["rows"]), path / "figures" / "unlearning_tradeoff.png")
     if any(p["fine_tune"].startswith("relearn") for p in points):
@@ -457,7 +466,7 @@ def write_report(cfg: LMExperiment, path: Path, summary: dict[str, Any], metric_
          html.table_html(["arm", "seed", "all", "concept", "retain", "all (bits)", "concept (bits)", "retain (bits)"], loss_rows)),
     ]
     if summary["targets"]:
-        shown = [[k, target_text(target_median(v)) + _left_out(v), v["met"]] for k, v in summary["targets"].items()]
+        shown = [[k, target_text(target_median(v)) + left_out_note(v), v["met"]] for k, v in summary["targets"].items()]
         sections.append(("Targets", html.table_html(["target", "median", "met"], shown)))
     sections += [
         ("Alignment cos(h, anchor) per layer", html.table_html(["arm", "seed", "site", "concept", "retain", "margin",
@@ -544,6 +553,11 @@ class LMKind(Kind):
 
         return control.delete(run_, spec, out, **options)
 
+    def relearn(self, run_, **options: Any):
+        from anchoring.kinds.lm import control
+
+        return control.relearn(run_, **options)
+
     # sweeps: a shard trains every (arm, seed) job of a block of seeds (see kinds.lm.shards)
     sweep_figure = ("figures/alignment.png", "alignment per layer")
 
@@ -584,7 +598,7 @@ class LMKind(Kind):
 KIND = LMKind()
 
 
-def _left_out(t: dict[str, Any]) -> str:
+def left_out_note(t: dict[str, Any]) -> str:
     """What a target line adds when some seeds had no value for it (their median leaves them out)."""
     n = t.get("undefined_seeds") or 0
     treated = "left out" if t.get("undefined_counted_as") is None else f"counted as {t['undefined_counted_as']:g}"
@@ -634,7 +648,7 @@ def summary_lines(summary: dict[str, Any]) -> list[Any]:
             line += " realised; with a word to mark (what span labels train): " + ", ".join(f"{c['with_a_span']:.3f}" for c in per)
         lines.append(line + " (per seed)")
     for name, t in summary.get("targets", {}).items():
-        lines.append(f"{'met ' if t['met'] else 'MISS'}  {name}: {target_text(target_median(t))}{_left_out(t)}")  # None: NaN read back from JSON
+        lines.append(f"{'met ' if t['met'] else 'MISS'}  {name}: {target_text(target_median(t))}{left_out_note(t)}")  # None: NaN read back from JSON
     if summary.get("unlearning"):
         from anchoring.kinds.lm import unlearning as ul
 
