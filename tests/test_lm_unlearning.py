@@ -517,6 +517,9 @@ def test_targets_count_an_edit_that_removed_nothing_as_keeping_nothing():
     assert ul.targets({"rows": rows, "relearn_k": [64]})["anchoring · delete keeps ≥ 50% of Δforget after relearning on K = 64"]["met"]
     three = got["Δforget (concept) of anchoring · delete ≥ 3 × mean-difference · delete"]
     assert three["median"] == pytest.approx(5.0)  # inf (seed 0: the baseline removed nothing), 5, 2; not 3.5
+    assert not [t for t in got if t.startswith("R (")]  # no oracle filter row: R has nothing to be relative to
+    rows.append({**row("oracle filter", 0, 0.4), "weights_edited": False})
+    assert "R (anchoring · delete vs oracle filter) ≥ 0.5" in ul.targets({"rows": rows, "relearn_k": [64]})
 
 
 def test_r_is_undefined_when_the_oracle_filter_removed_nothing():
@@ -632,14 +635,16 @@ def test_relearn_on_a_finished_run_gives_the_in_run_table_and_takes_its_own_atta
     assert r.exit_code == 0, r.stderr
     out = path / "relearn" / "violence"
     got = json.loads((out / "summary.json").read_text())
-    first = {x["method"]: x for x in summary["unlearning"]["rows"]}
-    assert sorted(x["method"] for x in got["unlearning"]["rows"]) == sorted(first)
+    first = {(x["method"], x["seed"]): x for x in summary["unlearning"]["rows"]}
+    assert sorted((x["method"], x["seed"]) for x in got["unlearning"]["rows"]) == sorted(first)
     for x in got["unlearning"]["rows"]:
-        want = first[x["method"]]
+        want = first[x["method"], x["seed"]]
         assert x["d_forget_concept"] == pytest.approx(want["d_forget_concept"], abs=1e-5), x["method"]
         assert x["retain_cost"] == pytest.approx(want["retain_cost"], abs=1e-5), x["method"]
+        assert x["recover_steps"] == want["recover_steps"], x["method"]
         for k, v in want["relearn"].items():
             assert x["relearn"][k]["relearned"] == pytest.approx(v["relearned"], abs=1e-5), (x["method"], k)
+            assert x["relearn"][k]["kept"] == pytest.approx(v["kept"], abs=1e-4, nan_ok=True), (x["method"], k)
     assert set(got["targets"]) == set(ul.targets(summary["unlearning"])) and got["targets"]
     assert "Δforget" in r.stdout and "wrote" in r.stdout
     r = CliRunner().invoke(app, ["relearn", str(path), "--samples", "1,3", "--steps", "2", "--concept", "violence"])
@@ -654,9 +659,10 @@ def test_relearn_on_a_finished_run_gives_the_in_run_table_and_takes_its_own_atta
 
 @pytest.mark.parametrize("args, message", [
     (["--threshold", "0.1"], "--threshold is for colour runs"),
+    (["--no-baseline"], "--baseline/--no-baseline is for colour runs"),
     (["--concept", "red"], "this run anchors 'violence'"),
-    (["--steps", "-1"], "--steps"),
-    (["--samples", "0"], "--samples"),
+    (["--steps", "-1"], "--steps: Input should be greater than or equal to 0"),
+    (["--samples", "0"], "--samples: relearn_k entries must be positive passage counts"),
 ])
 def test_relearn_on_an_lm_run_refuses_bad_input_in_one_line(unlearned, args, message):
     path, _summary = unlearned
@@ -674,3 +680,65 @@ def test_relearn_needs_the_control_arm(tmp_path):
     r = CliRunner().invoke(app, ["relearn", str(out)])
     assert r.exit_code != 0 and "measured against the control arm" in r.stderr, r.stderr
     assert not (out / "relearn").exists()
+
+
+def test_a_stopped_relearn_keeps_the_earlier_attack_and_leaves_nothing_half_written(unlearned, monkeypatch):
+    from anchoring.kinds.lm import control
+
+    path, _summary = unlearned
+    out = path / "relearn" / "violence"
+    if out.parent.exists():  # another test's attack: start as a first attack would
+        import shutil
+
+        shutil.rmtree(out.parent)
+
+    def stopped(cfg, where, *args, **kwargs):
+        (where / ul.CURVES).write_text("half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(control, "unlearning", stopped)
+    r = CliRunner().invoke(app, ["relearn", str(path)])
+    assert r.exit_code == 130 and not (path / "relearn").exists(), r.stderr  # not even an empty relearn/
+    monkeypatch.undo()
+    assert CliRunner().invoke(app, ["relearn", str(path), "--steps", "1"]).exit_code == 0
+    earlier = (out / "summary.json").read_bytes()
+    monkeypatch.setattr(control, "unlearning", stopped)
+    r = CliRunner().invoke(app, ["relearn", str(path)])
+    assert r.exit_code == 130 and (out / "summary.json").read_bytes() == earlier
+    assert sorted(p.name for p in (path / "relearn").iterdir()) == ["violence"]
+
+
+def test_relearn_refuses_a_run_written_by_delete(unlearned, tmp_path):
+    path, _summary = unlearned
+    r = CliRunner().invoke(app, ["delete", str(path), "--concept", "violence", "--out", str(tmp_path / "deleted")])
+    assert r.exit_code == 0, r.stderr
+    r = CliRunner().invoke(app, ["relearn", str(tmp_path / "deleted")])
+    assert r.exit_code != 0 and "written by `anchoring delete`" in r.stderr and str(path) in r.stderr, r.stderr
+    assert not (tmp_path / "deleted" / "relearn").exists()
+
+
+def test_a_colour_relearn_without_flags_gets_the_functions_own_defaults(monkeypatch, tmp_path):
+    """The CLI's options are optional so that an LM run can take its own; a colour run must still get
+    exactly what its function defaults to, and every flag given must reach it."""
+    from anchoring import cli
+    from anchoring.kinds.base import EditResult
+
+    seen = []
+
+    class Kind:
+        def relearn(self, run, **options):
+            seen.append(options)
+            return EditResult("relearn", [], [])
+
+    class Run:
+        config = type("C", (), {"kind": "colour"})()
+
+    monkeypatch.setattr(cli, "_open", lambda *a, **k: Run())
+    monkeypatch.setattr(cli, "kind_of", lambda cfg: Kind())
+    assert CliRunner().invoke(app, ["relearn", str(tmp_path)]).exit_code == 0
+    assert set(seen[-1]) == {"progress"}
+    r = CliRunner().invoke(app, ["relearn", str(tmp_path), "--concept", "red", "--samples", "1,4", "--steps", "5", "--lr",
+                                 "0.1", "--retain", "3", "--threshold", "0.02", "--no-baseline"])
+    assert r.exit_code == 0, r.stderr
+    assert {k: v for k, v in seen[-1].items() if k != "progress"} == {
+        "concept": "red", "samples": [1, 4], "steps": 5, "lr": 0.1, "retain": 3, "threshold": 0.02, "baseline": False}

@@ -231,17 +231,23 @@ def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repa
 
 
 def relearn(run, concept: str | None = None, samples: list[int] | None = None, steps: int | None = None,
-            lr: float | None = None, progress: Callable[[int, int], None] | None = None, **colour_only: Any) -> EditResult:
+            lr: float | None = None, progress: Callable[[int, int], None] | None = None, *, retain: int | None = None,
+            threshold: float | None = None, baseline: bool | None = None) -> EditResult:
     """The unlearning evaluation of a finished run, without training it again: every method that its
     arms allow (anchoring's edits of the anchored arm, the post-hoc directions of the control, the
     filtered arms), scored on forget and retain text and attacked by relearning, exactly as
     `unlearning.enabled` does after training. `samples`, `steps` and `lr` replace the run's
     `unlearning.relearn_k`, `relearn_steps` and `relearn_lr`. Written to `<run>/relearn/<concept>`."""
-    given = sorted(k for k, v in colour_only.items() if v is not None)
+    colour_only = {"--retain": retain, "--threshold": threshold, "--baseline/--no-baseline": baseline}
+    given = [flag for flag, v in colour_only.items() if v is not None]
     if given:
-        raise AnchoringError(f"--{given[0]} is for colour runs; an 'lm' run is attacked with --samples, --steps and --lr "
+        raise AnchoringError(f"{given[0]} is for colour runs; an 'lm' run is attacked with --samples, --steps and --lr "
                              f"(its relearned loss is measured against the control arm's)")
     cfg = run.config
+    if (run.path / "edit.json").is_file():  # every arm, the control included, is already edited: no line to measure against
+        source = runs.read_json(run.path / "edit.json").get("source", "the run it was made from")
+        raise AnchoringError(f"{str(run.path)!r} was written by `anchoring delete` (its control arm is edited too); "
+                             f"relearn the run it was made from, {source}")
     if concept is not None and concept != cfg.text.concept:
         raise AnchoringError(f"--concept {concept!r}: this run anchors {cfg.text.concept!r}")
     if "control" not in run.arms:
@@ -265,19 +271,27 @@ def relearn(run, concept: str | None = None, samples: list[int] | None = None, s
     d = run.data
     if not int(d.reference[d.parts["train"]].sum()):
         raise AnchoringError(f"no training passage carries {cfg.text.concept!r}, so there is nothing to relearn from")
-    check_scored(cfg, d, "unlearning.eval_chars", u.eval_chars)
+    check_scored(cfg, d, "unlearning.eval_chars", u.eval_chars,
+                 fix="the run's own evaluate.order and unlearning.eval_chars (config.toml) decide them; train it with "
+                     "evaluate.order = \"shuffled\"")
     if "anchored" in run.arms:
         concept_directions(cfg)
     out = run.path / "relearn" / cfg.text.concept
     runs.check_writable(out)
     earlier = (out / runs.SUMMARY).is_file()
     models = {(arm, seed): m for arm, ms in run.arms.items() for seed, m in zip(run.seeds, ms)}
-    with runs.staged(out, replace=True) as tmp:  # all of it or nothing: a stopped attack leaves the earlier one
-        res = unlearning(cfg, tmp, d, models, progress)
-        targets = mark_infinite(ul.targets(res))
-        summary = {"experiment": cfg.name, "source": str(run.path), "concept": cfg.text.concept,
-                   "unlearning_config": u.model_dump(), "unlearning": res, "targets": targets}
-        runs.write_json(tmp / runs.SUMMARY, summary)
+    made = not out.parent.exists()
+    try:
+        with runs.staged(out, replace=True) as tmp:  # all of it or nothing: a stopped attack leaves the earlier one
+            res = unlearning(cfg, tmp, d, models, progress)
+            targets = mark_infinite(ul.targets(res))
+            summary = {"experiment": cfg.name, "source": str(run.path), "concept": cfg.text.concept,
+                       "unlearning_config": u.model_dump(), "unlearning": res, "targets": targets}
+            runs.write_json(tmp / runs.SUMMARY, summary)
+    except BaseException:
+        if made and out.parent.is_dir() and not any(out.parent.iterdir()):  # nor an empty relearn/ of a first attack
+            out.parent.rmdir()
+        raise
     lines: list[Any] = [*ul.lines(res)]
     lines += [f"{'met ' if t['met'] else 'MISS'}  {name}: {target_text(target_median(t))}{left_out_note(t)}"
               for name, t in targets.items()]

@@ -158,21 +158,23 @@ def validate(cfg: LMExperiment, data: bool = True) -> int:
     return steps
 
 
-def check_scored(cfg: LMExperiment, d: LMData, key: str, n: int) -> None:
+def check_scored(cfg: LMExperiment, d: LMData, key: str, n: int, fix: str | None = None) -> None:
     """The first `n` validation characters (config key `key`) must hold passages with and without the
-    concept, and a word of it, or every concept number scored on them is made up."""
+    concept, and a word of it, or every concept number scored on them is made up. `fix`: what to do
+    about it, where the config cannot be changed (a finished run)."""
     order = cfg.evaluate.order
+    fix = fix or f"set evaluate.order = \"shuffled\" or raise {key}"
     passages = ev.eval_passages(d, n, order=order)
     ref = d.reference[passages]
     if not ref.any() or ref.all():
         which = f"no passage with {cfg.text.concept!r}" if not ref.any() else "no passage without it"
         raise AnchoringError(f"the {n:,} validation characters scored ({key}, evaluate.order = {order!r}) hold "
-                             f"{which}; set evaluate.order = \"shuffled\" or raise {key}")
+                             f"{which}; {fix}")
     if not any(concept_spans(d.texts[i], cfg.text.concept) for i in np.asarray(passages)[ref.astype(bool)]):
         # a reference label can come from elsewhere (sentiment, metadata) than the words that mark positions
         raise AnchoringError(f"the {n:,} validation characters scored ({key}) hold passages with "
                              f"{cfg.text.concept!r} but no word of it, so there are no concept positions to "
-                             f"score; set evaluate.order = \"shuffled\" or raise {key}")
+                             f"score; {fix}")
 
 
 def measured_direction(cfg: LMExperiment, fallback: bool = True) -> tuple[torch.Tensor | None, tuple[int, ...] | None]:

@@ -447,6 +447,8 @@ def targets(unlearning: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 "median": kept, "met": kept >= 0.5,
                 "undefined_seeds": sum(math.isnan(_num(r["relearn"][str(k)].get("kept"))) for r in attacked),
                 "undefined_counted_as": 0.0}  # see kept_for_median
+        if not any(r["method"] == "oracle filter" for r in rows):  # R is relative to it: no arm, no target
+            continue
         r_ = med(mine, lambda r: r["R"])
         out[f"R ({mine} vs oracle filter) ≥ 0.5"] = {
             "median": r_, "met": r_ >= 0.5, "undefined_seeds": sum(math.isnan(_num(r["R"])) for r in rows if r["method"] == mine)}
