@@ -647,8 +647,12 @@ def test_relearn_on_a_finished_run_gives_the_in_run_table_and_takes_its_own_atta
             assert x["relearn"][k]["kept"] == pytest.approx(v["kept"], abs=1e-4, nan_ok=True), (x["method"], k)
     assert set(got["targets"]) == set(ul.targets(summary["unlearning"])) and got["targets"]
     assert "Δforget" in r.stdout and "wrote" in r.stdout
-    r = CliRunner().invoke(app, ["relearn", str(path), "--samples", "1,3", "--steps", "2", "--concept", "violence"])
+    r = CliRunner().invoke(app, ["relearn", str(path), "--samples", "1,3", "--steps", "2", "--concept", "violence",
+                                 "--eval-chars", "3000"])
     assert r.exit_code == 0, r.stderr
+    again = json.loads((out / "summary.json").read_text())
+    assert again["unlearning_config"]["eval_chars"] == 3000
+    assert again["unlearning"]["eval_positions"]["curves"] > got["unlearning"]["eval_positions"]["curves"]  # 3000 > 1500
     curves = pd.read_csv(out / ul.CURVES)
     relearned = curves[curves.fine_tune.str.startswith("relearn")]
     assert sorted(relearned.k.unique()) == [1, 3]
@@ -663,6 +667,7 @@ def test_relearn_on_a_finished_run_gives_the_in_run_table_and_takes_its_own_atta
     (["--concept", "red"], "this run anchors 'violence'"),
     (["--steps", "-1"], "--steps: Input should be greater than or equal to 0"),
     (["--samples", "0"], "--samples: relearn_k entries must be positive passage counts"),
+    (["--eval-chars", "199"], "--eval-chars: Input should be greater than or equal to 200"),
 ])
 def test_relearn_on_an_lm_run_refuses_bad_input_in_one_line(unlearned, args, message):
     path, _summary = unlearned

@@ -384,6 +384,8 @@ def relearn_cmd(
                                                                    "forget passages (LM; default unlearning.relearn_k) to fine-tune on"),
     steps: Optional[int] = typer.Option(None, "--steps", help="fine-tuning steps (colour: 200; LM: unlearning.relearn_steps)"),
     lr: Optional[float] = typer.Option(None, "--lr", help="fine-tuning rate (colour: 0.01; LM: unlearning.relearn_lr)"),
+    eval_chars: Optional[int] = typer.Option(None, "--eval-chars", help="LM: validation characters the curves are scored on "
+                                                                        "(default unlearning.eval_chars)"),
     retain: Optional[int] = typer.Option(None, "--retain", help="colour: extra random colours mixed in (retain data; default 0)"),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="colour: concept MSE at which it counts as recovered "
                                                                         "(default 0.01)"),
@@ -397,8 +399,8 @@ def relearn_cmd(
     as `unlearning.enabled` computes it after training; it needs the control arm."""
     ks = None if samples is None else (_dims(samples, "--samples", "1,4,16") or [])
     run = _open(run_dir, finished=True)
-    given = {"concept": concept, "samples": ks, "steps": steps, "lr": lr, "retain": retain, "threshold": threshold,
-             "baseline": baseline}
+    given = {"concept": concept, "samples": ks, "steps": steps, "lr": lr, "eval_chars": eval_chars, "retain": retain,
+             "threshold": threshold, "baseline": baseline}
     label = "unlearning" if run.config.kind == "lm" else "baseline"
     with progress_bar(label, sys.stderr.isatty()) as update:
         _apply_edit(lambda: kind_of(run.config).relearn(run, **{k: v for k, v in given.items() if v is not None},

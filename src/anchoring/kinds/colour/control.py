@@ -194,8 +194,11 @@ def median_steps(got: Sequence[int | None], steps: int) -> str:
 
 
 def relearn(run: ColourRun, concept: str = "red", samples: Sequence[int] = (1, 4, 16, 64), steps: int = 200, *,
-            lr: float = 0.01, retain: int = 0, threshold: float = 0.01, baseline: bool = True, progress=None) -> EditResult:
+            lr: float = 0.01, retain: int = 0, threshold: float = 0.01, baseline: bool = True, progress=None,
+            eval_chars: int | None = None) -> EditResult:
     """Delete the concept (ablate its dims), then fine-tune on K concept samples; same for a post-hoc baseline."""
+    if eval_chars is not None:
+        raise AnchoringError("--eval-chars is for LM runs; a colour run's relearning error is scored on every colour of its concept")
     from anchoring import lifecycle
     from anchoring.kinds.colour.objective import build_timeline
 

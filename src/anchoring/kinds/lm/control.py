@@ -231,13 +231,14 @@ def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repa
 
 
 def relearn(run, concept: str | None = None, samples: list[int] | None = None, steps: int | None = None,
-            lr: float | None = None, progress: Callable[[int, int], None] | None = None, *, retain: int | None = None,
+            lr: float | None = None, progress: Callable[[int, int], None] | None = None, *, eval_chars: int | None = None,
+            retain: int | None = None,
             threshold: float | None = None, baseline: bool | None = None) -> EditResult:
     """The unlearning evaluation of a finished run, without training it again: every method that its
     arms allow (anchoring's edits of the anchored arm, the post-hoc directions of the control, the
     filtered arms), scored on forget and retain text and attacked by relearning, exactly as
-    `unlearning.enabled` does after training. `samples`, `steps` and `lr` replace the run's
-    `unlearning.relearn_k`, `relearn_steps` and `relearn_lr`. Written to `<run>/relearn/<concept>`."""
+    `unlearning.enabled` does after training. `samples`, `steps`, `lr` and `eval_chars` replace the run's
+    `unlearning.relearn_k`, `relearn_steps`, `relearn_lr` and `eval_chars`. Written to `<run>/relearn/<concept>`."""
     colour_only = {"--retain": retain, "--threshold": threshold, "--baseline/--no-baseline": baseline}
     given = [flag for flag, v in colour_only.items() if v is not None]
     if given:
@@ -261,19 +262,21 @@ def relearn(run, concept: str | None = None, samples: list[int] | None = None, s
         update["relearn_steps"] = steps
     if lr is not None:
         update["relearn_lr"] = lr
+    if eval_chars is not None:
+        update["eval_chars"] = eval_chars
     try:  # the config's own checks, so the bounds and messages are the config keys'
         u = type(u).model_validate({**u.model_dump(), **update})
     except ValueError as e:
         first = e.errors()[0] if hasattr(e, "errors") else {"msg": str(e), "loc": ()}
-        flag = {"relearn_k": "--samples", "relearn_steps": "--steps", "relearn_lr": "--lr"}.get(str(first["loc"][0]) if first["loc"] else "", "")
+        flags = {"relearn_k": "--samples", "relearn_steps": "--steps", "relearn_lr": "--lr", "eval_chars": "--eval-chars"}
+        flag = flags.get(str(first["loc"][0]) if first["loc"] else "", "")
         raise AnchoringError(f"{flag or 'unlearning'}: {first['msg'].removeprefix('Value error, ')}") from None
     cfg = cfg.model_copy(update={"unlearning": u})
     d = run.data
     if not int(d.reference[d.parts["train"]].sum()):
         raise AnchoringError(f"no training passage carries {cfg.text.concept!r}, so there is nothing to relearn from")
-    check_scored(cfg, d, "unlearning.eval_chars", u.eval_chars,
-                 fix="the run's own evaluate.order and unlearning.eval_chars (config.toml) decide them; train it with "
-                     "evaluate.order = \"shuffled\"")
+    check_scored(cfg, d, "--eval-chars", u.eval_chars, fix="raise --eval-chars" + (
+        "" if cfg.evaluate.order == "shuffled" else " (or train the run with evaluate.order = \"shuffled\")"))
     if "anchored" in run.arms:
         concept_directions(cfg)
     out = run.path / "relearn" / cfg.text.concept
