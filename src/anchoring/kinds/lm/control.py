@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from rich.table import Table
 
 from anchoring import runs
@@ -34,7 +35,7 @@ from anchoring.kinds.lm import unlearning as ul
 from anchoring.kinds.lm.config import LMExperiment
 from anchoring.kinds.lm.data import CORPUS
 from anchoring.kinds.lm.edits import concept_directions, edited, first_site, matched_directions
-from anchoring.kinds.lm.kind import anchored_sites, check_scored, left_out_note, unlearning
+from anchoring.kinds.lm.kind import anchored_sites, check_relearnable, check_scored, left_out_note, unlearning
 from anchoring.kinds.lm.unlearning import REPAIR_ONLY, losses, repair, repair_windows
 from anchoring.report import html
 
@@ -81,8 +82,12 @@ def _same_concept(spec: InterventionConfig, cfg: LMExperiment) -> None:
     """An LM run edits its own concept's anchor: another concept or a list of dims would be ignored."""
     if spec.dims is not None:
         raise AnchoringError(f"--dims is for the colour models; an 'lm' run edits its concept's anchor (--concept {cfg.text.concept})")
-    if spec.concept is not None and spec.concept != cfg.text.concept:
-        raise AnchoringError(f"--concept {spec.concept!r}: this run anchors {cfg.text.concept!r}")
+    _own_concept(spec.concept, cfg)
+
+
+def _own_concept(concept: str | None, cfg: LMExperiment) -> None:
+    if concept is not None and concept != cfg.text.concept:
+        raise AnchoringError(f"--concept {concept!r}: this run anchors {cfg.text.concept!r}")
 
 
 def intervene(run, spec: InterventionConfig) -> EditResult:
@@ -232,8 +237,7 @@ def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repa
 
 def relearn(run, concept: str | None = None, samples: list[int] | None = None, steps: int | None = None,
             lr: float | None = None, progress: Callable[[int, int], None] | None = None, *, eval_chars: int | None = None,
-            retain: int | None = None,
-            threshold: float | None = None, baseline: bool | None = None) -> EditResult:
+            retain: int | None = None, threshold: float | None = None, baseline: bool | None = None) -> EditResult:
     """The unlearning evaluation of a finished run, without training it again: every method that its
     arms allow (anchoring's edits of the anchored arm, the post-hoc directions of the control, the
     filtered arms), scored on forget and retain text and attacked by relearning, exactly as
@@ -249,8 +253,7 @@ def relearn(run, concept: str | None = None, samples: list[int] | None = None, s
         source = runs.read_json(run.path / "edit.json").get("source", "the run it was made from")
         raise AnchoringError(f"{str(run.path)!r} was written by `anchoring delete` (its control arm is edited too); "
                              f"relearn the run it was made from, {source}")
-    if concept is not None and concept != cfg.text.concept:
-        raise AnchoringError(f"--concept {concept!r}: this run anchors {cfg.text.concept!r}")
+    _own_concept(concept, cfg)
     if "control" not in run.arms:
         raise AnchoringError(f"relearning is measured against the control arm, and this run has only "
                              f"{', '.join(run.arms)}; train it with the control (lm.arms)")
@@ -266,15 +269,14 @@ def relearn(run, concept: str | None = None, samples: list[int] | None = None, s
         update["eval_chars"] = eval_chars
     try:  # the config's own checks, so the bounds and messages are the config keys'
         u = type(u).model_validate({**u.model_dump(), **update})
-    except ValueError as e:
-        first = e.errors()[0] if hasattr(e, "errors") else {"msg": str(e), "loc": ()}
+    except ValidationError as e:
+        first = e.errors()[0]
         flags = {"relearn_k": "--samples", "relearn_steps": "--steps", "relearn_lr": "--lr", "eval_chars": "--eval-chars"}
         flag = flags.get(str(first["loc"][0]) if first["loc"] else "", "")
         raise AnchoringError(f"{flag or 'unlearning'}: {first['msg'].removeprefix('Value error, ')}") from None
     cfg = cfg.model_copy(update={"unlearning": u})
     d = run.data
-    if not int(d.reference[d.parts["train"]].sum()):
-        raise AnchoringError(f"no training passage carries {cfg.text.concept!r}, so there is nothing to relearn from")
+    check_relearnable(cfg, d)
     check_scored(cfg, d, "--eval-chars", u.eval_chars, fix="raise --eval-chars" + (
         "" if cfg.evaluate.order == "shuffled" else " (or train the run with evaluate.order = \"shuffled\")"))
     if "anchored" in run.arms:

@@ -114,9 +114,8 @@ def validate(cfg: LMExperiment, data: bool = True) -> int:
                              f"residual-stream anchor sites (embed, blocks.i); {odd[0]!r} is not one")
     if data:
         d = load_data(cfg.text)
-        if cfg.unlearning.enabled and not int(d.reference[d.parts["train"]].sum()):
-            raise AnchoringError(f"unlearning: no training passage carries {cfg.text.concept!r}, so there is nothing to "
-                                 f"relearn from")
+        if cfg.unlearning.enabled:
+            check_relearnable(cfg, d)
         if int(d.reference[d.parts["validation"]].sum()) == 0:
             raise AnchoringError(f"no validation passage carries {cfg.text.concept!r}; concept positions cannot be scored")
         lengths = np.array([len(t) for t in d.train_tokens], dtype=np.int64)
@@ -156,6 +155,13 @@ def validate(cfg: LMExperiment, data: bool = True) -> int:
                 raise AnchoringError(f"evaluate.ood: {n_retain} test passages without {cfg.text.concept!r} to match "
                                      f"{n_concept} with it by length; lower evaluate.ood_passages or use more text")
     return steps
+
+
+def check_relearnable(cfg: LMExperiment, d: LMData) -> None:
+    """The relearning attack fine-tunes on training passages that carry the concept: there must be some."""
+    if not int(d.reference[d.parts["train"]].sum()):
+        raise AnchoringError(f"unlearning: no training passage carries {cfg.text.concept!r}, so there is nothing to "
+                             f"relearn from")
 
 
 def check_scored(cfg: LMExperiment, d: LMData, key: str, n: int, fix: str | None = None) -> None:
