@@ -97,7 +97,7 @@ def test_ctrl_c_during_an_edit_that_trains_no_run_is_one_line(run_copy, monkeypa
     monkeypatch.setattr(control, "finetune", interrupted)
     r = invoke("relearn", run_copy, "--samples", "1", "--steps", "5", "--no-baseline")
     assert r.exit_code == 130 and "Traceback" not in r.stdout + r.stderr, (r.exit_code, r.stderr)
-    assert r.stderr.strip() == "interrupted before the edit was complete; run the command again"
+    assert r.stderr.strip() == "interrupted before the attack was complete; run the command again"
 
 
 # --- summaries that are JSON but not a run's --------------------------------------------------------
@@ -116,10 +116,12 @@ def test_show_still_prints_a_good_summary_and_tolerates_odd_timing(run_copy):
     r = invoke("show", run_copy)
     assert r.exit_code == 0 and "seeds anchored" in r.stdout, r.stderr
     summary = json.loads((run_copy / "summary.json").read_text())
+    total = summary["timing"]["total_s"]
+    assert f"wall time {total:.1f} s (as the run recorded it)" in r.stdout  # the run's record, not show's own time
     summary["timing"] = "soon"
     (run_copy / "summary.json").write_text(json.dumps(summary))
     r = invoke("show", run_copy)
-    assert r.exit_code == 0 and "wall time 0.0 s" in r.stdout, r.stderr
+    assert r.exit_code == 0 and "seeds anchored" in r.stdout and "wall time" not in r.stdout, r.stderr  # unknown: not 0.0
 
 
 def test_a_fault_in_a_kinds_lines_is_not_blamed_on_a_summary_just_computed(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from anchoring import experiments, lifecycle
+from anchoring import AnchoringError, experiments, lifecycle
 from anchoring.cli import app
 from anchoring.kinds.lm.edits import edited
 from test_lm_kind import CALM, SCHEDULE, VIOLENT, tiny, write_corpus
@@ -168,6 +168,13 @@ def test_intervene_on_an_lm_run_suppresses_and_reports_forget_and_retain(lm_run)
     assert again.exit_code == 0 and "replacing an earlier intervention named 'sup'" in " ".join(again.stdout.split())
     r = CliRunner().invoke(app, ["intervene", str(lm_run.path), "--concept", "violence", "--method", "zero"])
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "--method suppress" in r.stderr
+    # another site, no --name: its own folder, rather than replacing the anchored sites' default one
+    for args, folder in (([], "suppress-violence-constant"), (["--site", "blocks.0"], "suppress-violence-constant-at-blocks.0")):
+        r = CliRunner().invoke(app, ["intervene", str(lm_run.path), "--concept", "violence", *args])
+        assert r.exit_code == 0 and "replacing" not in r.stdout, (r.stdout, r.stderr)
+        assert (lm_run.path / "interventions" / folder / "summary.json").is_file()
+    saved = json.loads((lm_run.path / "interventions" / "suppress-violence-constant-at-blocks.0" / "summary.json").read_text())
+    assert saved["sites"] == ["blocks.0"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -209,6 +216,11 @@ def test_delete_on_an_lm_run_writes_a_run_that_load_run_opens(lm_run, tmp_path):
     assert "matched random deletion" in r.stdout and set(run.arms) == set(lm_run.arms)  # the control is scored, not written
     r = CliRunner().invoke(app, ["show", str(out)])
     assert r.exit_code == 0 and "deleted violence" in r.stdout
+    assert "wall time" not in r.stdout  # an edited run records none; it used to print 0.0 s
+    with pytest.raises(AnchoringError, match=f"no metrics.csv; its training curves are those of {lm_run.path}"):
+        run.metrics()
+    r = CliRunner().invoke(app, ["generate", str(out), "--prompt", "He ", "-n", "5", "--edit", "delete"])
+    assert r.exit_code == 0 and "was written by `anchoring delete`" in r.stderr and "acts on the edited weights" in r.stderr
 
 
 def test_delete_with_a_repair_keeps_the_edit_and_lowers_its_retain_cost(lm_run, tmp_path):

@@ -5,7 +5,9 @@ identical batches across arms (except filtered passages), bit-exact resume, one-
 from __future__ import annotations
 
 import json
+import math
 import random
+import shutil
 import tomllib
 
 import numpy as np
@@ -93,6 +95,11 @@ def test_anchored_alignment_at_concept_positions_rises_above_the_control(finishe
     assert {p["site"] for p in rows["anchored"]["probes"]} == {"embed", "blocks.0", "blocks.1"}
     saved = json.loads((path / "summary.json").read_text())
     assert saved["eval"]["positions"]["concept"] > 100 and saved["eval"]["positions"]["retain"] > 1000
+    for arm, med in saved["median"].items():  # one seed: the medians are its values, in nats and in bits
+        mine = next(r for r in saved["models"] if r["arm"] == arm)
+        for k in ("all", "concept", "retain"):
+            assert med["loss"][k] == pytest.approx(mine["loss"][k]) and med["bits"][k] == pytest.approx(mine["bits"][k])
+            assert med["bits"][k] == pytest.approx(med["loss"][k] / math.log(2))
 
 
 def test_arms_saw_the_same_batches_except_filtered_passages(corpus, finished):
@@ -154,7 +161,7 @@ def test_a_checkpoint_that_no_longer_fits_the_config_is_one_error(corpus, tmp_pa
 
 
 @pytest.mark.parametrize("override, message", [
-    ('terms.0.site="blocks.7"', "no module 'blocks.7'"),
+    ('terms.0.site="blocks.7"', "reads 'blocks.7', which a model of lm.layers = 2 does not have (residual sites: embed, blocks.0, blocks.1)"),
     ("concepts.0.axis=32", "axis 32 is outside 0..31"),
     ("lm.window=128", "window 128 is longer than the model's context 64"),
     ('terms.0.site="blocks.0.mlp.up"', "does not run in the model's forward pass"),  # exists, but its weight is read directly
@@ -169,7 +176,7 @@ def test_bad_config_is_one_line(corpus, tmp_path, override, message):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
     assert not out.exists()
-    with pytest.raises(AnchoringError, match="kind: unknown|no module|axis|window|does not run|CUDA|would train on"):
+    with pytest.raises(AnchoringError, match="kind: unknown|does not have|axis|window|does not run|CUDA|would train on"):
         lifecycle.validate(experiments.load("lm-anchor-passages", tiny(corpus, override)))
 
 
@@ -200,6 +207,22 @@ def test_a_model_too_big_for_memory_is_refused_before_anything_is_built(corpus, 
     assert len(lines) == 1 and "needs about" in lines[0] and "lm.batch_size" in lines[0], r.stderr
 
 
+def test_the_memory_check_counts_every_finished_model_the_run_holds(monkeypatch):
+    """One job fits, but a run holds all its finished models until they are evaluated and saved: a
+    1000-seed run of four arms (4,000 models of about 1 M parameters) was not refused."""
+    from anchoring import resources
+    from anchoring.kinds.lm import kind
+
+    one = experiments.load("lm-anchor", ["train.seeds=1", "lm.workers=2"])
+    many = experiments.load("lm-anchor", ["train.seeds=1000", "lm.workers=2"])
+    params = sum(p.numel() for p in build_model(one, 256).parameters())
+    assert kind.memory_estimate(many) - kind.memory_estimate(one) >= 999 * 4 * 4 * params * 0.95
+    monkeypatch.setattr(resources, "available_bytes", lambda: 8 * 2**30)
+    kind.check_fits(kind.memory_estimate(one), "one seed", "")  # fits
+    with pytest.raises(AnchoringError, match="needs about .* GiB but only 8.0 GiB"):
+        kind.validate(many, data=False)
+
+
 def test_load_run_gives_tokens_losses_alignment_and_samples(finished):
     path, summary = finished
     run = lifecycle.load_run(path)
@@ -226,8 +249,22 @@ def test_load_run_gives_tokens_losses_alignment_and_samples(finished):
     assert torch.allclose(far[:64], run.alignment(long[:64], arm="anchored", site="blocks.1")[0]["values"], atol=1e-5)
     sample = run.generate("The ", arm="anchored", n=30)
     assert sample.startswith("The ") and len(sample) == 34
+    assert sample == run.generate("The ", arm="anchored", n=30, temperature=0.8)  # the CLI's default temperature too
     with pytest.raises(AnchoringError, match="no arm"):
         run.model("oracle-filtered")
+
+
+def test_a_run_without_its_tokenizer_is_refused_and_left_as_it_was(finished, tmp_path):
+    """A tokenizer trained again might not be the one the weights read (BPE), and opening a run must
+    not write into it (it used to train a new tokenizer and rewrite corpus.json)."""
+    path, _ = finished
+    copy = tmp_path / "run"
+    shutil.copytree(path, copy)
+    (copy / "tokenizer.json").unlink()
+    before = {p.relative_to(copy): p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    with pytest.raises(AnchoringError, match="tokenizer.json' is missing"):
+        lifecycle.load_run(copy)
+    assert {p.relative_to(copy): p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
 
 
 def test_bpe_switch_saves_its_merges_and_scores_per_character(corpus, tmp_path):
@@ -632,6 +669,13 @@ def test_a_run_refuses_to_go_on_over_a_corpus_that_changed(tmp_path):
     fresh()
     with pytest.raises(AnchoringError, match="trained on another corpus, split or labels"):
         load_data(text, run_dir)
+    saved = (run_dir / "corpus.json").read_bytes()
+    tokenizer = (run_dir / "tokenizer.json").read_bytes()
+    (run_dir / "tokenizer.json").unlink()  # a run that lost its tokenizer is still checked, and nothing is rewritten
+    with pytest.raises(AnchoringError, match="trained on another corpus, split or labels"):
+        load_data(text, run_dir)
+    assert (run_dir / "corpus.json").read_bytes() == saved and not (run_dir / "tokenizer.json").exists()
+    (run_dir / "tokenizer.json").write_bytes(tokenizer)
     part.write_text(original)
     fresh()
     load_data(text, run_dir)  # restored: goes on
@@ -664,9 +708,12 @@ def test_the_summary_gives_the_coverage_span_labels_really_train_with(corpus):
     half = label_coverage(data, [0])["per_seed"]["0"]
     assert half["coverage"] == full["per_seed"]["0"]["coverage"]
     assert half["with_a_span"] == pytest.approx((weak.sum() - len(blank)) / ref.sum())
-    lines = summary_lines({"experiment": "x", "models": [], "labels": label_coverage(data, [0])})
+    lines = summary_lines({"experiment": "x", "models": [], "arms": ["anchored", "control"],
+                           "labels": label_coverage(data, [0])})
     assert any(isinstance(x, str) and x.startswith("weak labels: coverage 0.50 asked") and "with a word to mark" in x
                for x in lines)
+    alone = summary_lines({"experiment": "x", "models": [], "arms": ["control"], "labels": label_coverage(data, [0])})
+    assert not any(isinstance(x, str) and x.startswith("weak labels") for x in alone)  # it trains on no label
 
 
 @pytest.mark.parametrize("name", sorted(n for n, s in experiments.builtin().items()

@@ -73,6 +73,8 @@ def test_lm_grid_sweep_equals_one_run_per_point(spec, tmp_path, monkeypatch):
                 assert math.isfinite(p[f"{arm}_{key}"]), (arm, key)
     assert json.loads((out / "summary.json").read_text())["points"][1]["path"].endswith("text.coverage=1.0")
     assert "alignment per layer" in (out / "report.html").read_text()
+    with pytest.raises(AnchoringError, match=r"is a sweep: its table is in .*report.html.*points/text.coverage=0.5"):
+        lifecycle.show(out)  # was "not a run directory"
 
     point = out / "points" / "text.coverage=0.5"
     run = lifecycle.load_run(point)

@@ -668,6 +668,7 @@ def test_relearn_on_a_finished_run_gives_the_in_run_table_and_takes_its_own_atta
     (["--steps", "-1"], "--steps: Input should be greater than or equal to 0"),
     (["--samples", "0"], "--samples: relearn_k entries must be positive passage counts"),
     (["--eval-chars", "199"], "--eval-chars: Input should be greater than or equal to 200"),
+    (["--samples", "4,99999999"], "--samples: K = 99,999,999 asks for more passages than the"),  # was capped silently
 ])
 def test_relearn_on_an_lm_run_refuses_bad_input_in_one_line(unlearned, args, message):
     path, _summary = unlearned
@@ -747,3 +748,31 @@ def test_a_colour_relearn_without_flags_gets_the_functions_own_defaults(monkeypa
     assert r.exit_code == 0, r.stderr
     assert {k: v for k, v in seen[-1].items() if k != "progress"} == {
         "concept": "red", "samples": [1, 4], "steps": 5, "lr": 0.1, "retain": 3, "threshold": 0.02, "baseline": False}
+
+
+def test_the_cli_table_keeps_every_method_name_whole_on_a_narrow_terminal(unlearned):
+    """rich cut a table wider than the terminal (80 columns, or piped output) to "anch…" in every
+    row, so the methods could not be told apart; a narrow terminal now gets one method per line.
+    Undefined cells print as a dash, as in the report, and steps as whole numbers."""
+    from rich.console import Console
+
+    _, summary = unlearned
+    u = summary["unlearning"]
+    names = list(dict.fromkeys(r["method"] for r in u["rows"]))
+
+    def shown(width: int) -> str:
+        c = Console(width=width, record=True, soft_wrap=True)
+        with c.capture() as cap:
+            for line in ul.lines(u):
+                c.print(line)
+        return cap.get()
+
+    narrow, wide = shown(80), shown(400)
+    assert "┃" not in narrow and "…" not in narrow
+    for name in names:
+        assert any(line.startswith(f"{name}: Δforget ") for line in narrow.splitlines()), name
+    assert "┃" in wide and all(name in wide for name in names)
+    for text in (narrow, wide):
+        assert "nan" not in text
+    recover = [line.rsplit("steps to recover ", 1)[1] for line in narrow.splitlines() if "steps to recover " in line]
+    assert recover and not any(v.endswith(".000") for v in recover), recover  # 12, 12.5 or "> 100", never 12.000

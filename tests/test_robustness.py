@@ -423,3 +423,45 @@ def test_a_stop_asked_by_the_parent_saves_first_then_interrupts(tmp_path):
     with pytest.raises(TrainingInterrupted):
         fit(task, checkpoint=ck, every=10, should_stop=lambda: float(task.w[0]) > 1.055)  # true after step 5
     assert read(ck)[0] == 6
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line_and_exit_130(monkeypatch, capsys):
+    """Loading the command line takes seconds (torch, matplotlib); a Ctrl-C then printed a
+    40-line traceback through the import machinery."""
+    import importlib.abc
+    import sys
+
+    from anchoring import entry
+
+    class Interrupted(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "anchoring.cli":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "anchoring.cli")
+    monkeypatch.setattr(sys, "meta_path", [Interrupted(), *sys.meta_path])
+    with pytest.raises(SystemExit) as e:
+        entry.main()
+    assert e.value.code == 130
+    assert capsys.readouterr().err == "interrupted while starting; nothing was done\n"
+
+
+def test_ctrl_c_outside_every_commands_own_handler_still_says_so(monkeypatch, capsys, tmp_path):
+    """typer turns a KeyboardInterrupt it catches itself (here while the run is being opened) into a
+    silent exit 130; the command now says it was interrupted. A stop a command explains keeps its
+    own line only."""
+    from anchoring import cli
+
+    def stop(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lifecycle, "load_run", stop)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(tmp_path), "--prompt", "x"])
+    assert e.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
+    monkeypatch.setattr(lifecycle, "run", stop)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "colour-wheel", "--out", str(tmp_path / "r"), "-q"])
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["interrupted before the run directory was written; nothing to resume"]

@@ -5,9 +5,29 @@ delete them. See README.md for the command line and docs/ for the method; `load_
 any run directory.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from anchoring.errors import AnchoringError
-from anchoring.kinds.base import Run
-from anchoring.lifecycle import load_run
+
+if TYPE_CHECKING:
+    from anchoring.kinds.base import Run
+    from anchoring.lifecycle import load_run
 
 __version__ = "0.2.0"
 __all__ = ["AnchoringError", "Run", "__version__", "load_run"]
+
+
+def __getattr__(name: str) -> Any:
+    # `Run` and `load_run` pull in torch: imported on first use, so that `import anchoring` (and the
+    # command's entry point, which must be quick to catch a Ctrl-C) stays light
+    if name == "load_run":
+        from anchoring.lifecycle import load_run
+
+        return load_run
+    if name == "Run":
+        from anchoring.kinds.base import Run
+
+        return Run
+    raise AttributeError(f"module 'anchoring' has no attribute {name!r}")

@@ -1,5 +1,5 @@
 """`python -m anchoring …` is the `anchoring` command."""
 
-from anchoring.cli import main
+from anchoring.entry import main
 
 main()

@@ -43,6 +43,17 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+_stop_said = False  # whether a Ctrl-C or SIGTERM has had its line (typer turns any other into a silent exit 130)
+
+
+def stopped(message: str) -> None:
+    """The one line a stopped command ends with, and exit code 130."""
+    global _stop_said
+    err.print(message, markup=False, highlight=False, soft_wrap=True)
+    _stop_said = True
+    raise typer.Exit(130)
+
+
 @contextmanager
 def progress_bar(label: str, enabled: bool) -> Iterator:
     if not enabled:
@@ -70,14 +81,16 @@ def print_lines(lines: list) -> None:
             out.print(line)
 
 
-def print_outcome(outcome: lifecycle.Outcome, wall: float) -> None:
-    """The kind's own lines for the run, then how long it took and where the report is."""
+def print_outcome(outcome: lifecycle.Outcome, wall: float | None, recorded: bool = False) -> None:
+    """The kind's own lines for the run, then how long it took (`recorded`: the run's own record, read
+    back later, rather than this command's time; None: unknown) and where the report is."""
     try:
         lines = outcome.lines()  # all of them before any is printed: a broken summary is one line, not half a table
     except AnchoringError as e:
         fail(str(e))
     print_lines(lines)
-    out.print(f"wall time {wall:.1f} s", markup=False)
+    if wall is not None:
+        out.print(f"wall time {wall:.1f} s" + (" (as the run recorded it)" if recorded else ""), markup=False)
     report = outcome.path / "report.html"
     if report.is_file():
         out.print(f"report: {report}", markup=False, soft_wrap=True)
@@ -209,11 +222,9 @@ def _train(action, label: str, quiet: bool) -> None:
     except TrainingInterrupted as e:
         where = (f"interrupted after step {e.step}; checkpoint saved" if e.step >= 0
                  else "interrupted; whatever the run had saved is kept")
-        err.print(f"{where} — continue with `anchoring resume {e.run_dir}`", markup=False, highlight=False)
-        raise typer.Exit(130)
+        stopped(f"{where} — continue with `anchoring resume {e.run_dir}`")
     except KeyboardInterrupt:
-        err.print("interrupted before the run directory was written; nothing to resume", markup=False)
-        raise typer.Exit(130)
+        stopped("interrupted before the run directory was written; nothing to resume")
     except AnchoringError as e:
         fail(str(e))
     print_outcome(outcome, time.perf_counter() - t0)
@@ -263,7 +274,8 @@ def show_cmd(run_dir: Path = typer.Argument(..., help="finished run directory"),
         outcome.summary["select"] = select
     timing = outcome.summary.get("timing")
     total = timing.get("total_s") if isinstance(timing, dict) else None
-    print_outcome(outcome, float(total) if isinstance(total, (int, float)) and not isinstance(total, bool) else 0.0)
+    known = isinstance(total, (int, float)) and not isinstance(total, bool)
+    print_outcome(outcome, float(total) if known else None, recorded=True)  # an edited run records none
 
 
 def _dims(text: str | None, flag: str = "--dims", example: str = "0,1") -> list[int] | None:
@@ -302,7 +314,7 @@ def _open(run_dir: Path, finished: bool = False):
         fail(str(e))
 
 
-def _apply_edit(action) -> None:
+def _apply_edit(action, what: str = "the edit") -> None:
     """Run an edit, turning user errors into one line; print what the kind reports. Ctrl-C or a
     SIGTERM stops it as it stops `run`: one line and exit code 130. A run the edit was training
     (relearn's post-hoc baseline) keeps its checkpoint and is finished by `anchoring resume`; the
@@ -312,15 +324,12 @@ def _apply_edit(action) -> None:
             res = action()
     except TrainingInterrupted as e:
         if e.run_dir is None:
-            err.print("interrupted; run the command again", markup=False, highlight=False)
-        else:
-            where = f"after step {e.step}; checkpoint saved" if e.step >= 0 else "while evaluating it; its training is saved"
-            err.print(f"interrupted training {e.run_dir} {where} — finish it with `anchoring resume {e.run_dir}`, "
-                      f"then run this command again", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(130)
+            stopped("interrupted; run the command again")
+        where = f"after step {e.step}; checkpoint saved" if e.step >= 0 else "while evaluating it; its training is saved"
+        stopped(f"interrupted training {e.run_dir} {where} — finish it with `anchoring resume {e.run_dir}`, "
+                f"then run this command again")
     except KeyboardInterrupt:
-        err.print("interrupted before the edit was complete; run the command again", markup=False, highlight=False)
-        raise typer.Exit(130)
+        stopped(f"interrupted before {what} was complete; run the command again")
     except AnchoringError as e:
         fail(str(e))
     print_lines(res.lines)
@@ -334,13 +343,16 @@ def intervene_cmd(
     falloff: str = typer.Option("constant", "--falloff", help="constant[:s] | linear:a,b | power:a,p,b | bezier:x1,y1,x2,y2,end"),
     dims: Optional[str] = typer.Option(None, "--dims", help="dims for --method zero, e.g. 0,1"),
     k: float = typer.Option(2.0, "--k", help="selectivity exponent: R² of error vs similarity^k"),
-    site: str = typer.Option("latent", "--site", help="module path to intervene at"),
+    site: str = typer.Option("latent", "--site", help="module path to intervene at (default: a colour model's latent, "
+                             "a transformer's or LM's anchored sites)"),
     name: Optional[str] = typer.Option(None, "--name", help="output folder name under RUN/interventions/"),
 ) -> None:
     """Apply an inference-time intervention to every model of a run; print and save what it breaks."""
     if method not in ("suppress", "repel", "zero", "ablate"):
         fail(f"--method must be suppress, repel, zero (colour) or ablate (transformer), not {method!r}")
     label = name or f"{method}-{concept or 'dims' + (dims or '').replace(',', '')}-{falloff.replace(':', '-').replace(',', '_')}"
+    if name is None and site != "latent":  # another site is another intervention: its own folder, not the default's
+        label += f"-at-{site}"
     spec = _edit_spec(label, method, concept, dims, falloff, k, site)
     run = _open(run_dir, finished=True)
     _apply_edit(lambda: kind_of(run.config).intervene(run, spec))
@@ -404,7 +416,7 @@ def relearn_cmd(
     label = "unlearning" if run.config.kind == "lm" else "baseline"
     with progress_bar(label, sys.stderr.isatty()) as update:
         _apply_edit(lambda: kind_of(run.config).relearn(run, **{k: v for k, v in given.items() if v is not None},
-                                                        progress=update))
+                                                        progress=update), "the attack")
 
 
 @app.command("sweep")
@@ -454,8 +466,7 @@ def sweep_cmd(
             line = f"sweep interrupted; {kept} — continue with the same command and --out {path}"
         else:
             line = "sweep interrupted before any shard was written; nothing to continue"
-        err.print(line, markup=False, highlight=False)
-        raise typer.Exit(130)
+        stopped(line)
     if axes:
         table = Table(title=f"sweep of {name}")
         keys = [k for k in summary["points"][0] if k != "path"]
@@ -587,6 +598,12 @@ def _lm_models(command: str, run_dir: Path, arm: str | None, seed: int | None, e
             return run, model, None
         from anchoring.kinds.lm.edits import edited
 
+        made = run.path / "edit.json"
+        if made.is_file():  # e.g. --edit delete on a deleted run: the two columns would be the same, unexplained
+            how = runs.read_json(made)
+            how = how.get("method", "an edit") if isinstance(how, dict) else "an edit"
+            err.print(f"note: {str(run.path)!r} was written by `anchoring delete` ({how}); --edit {edit} acts on "
+                      f"the edited weights", markup=False, highlight=False, soft_wrap=True)
         return run, model, edited(model, run.config, edit)
     except AnchoringError as e:
         fail(str(e))
@@ -645,8 +662,12 @@ def generate_cmd(
     samples: int = typer.Option(2, "--samples", help="continuations per model (sampling seeds 0 … N−1)"),
 ) -> None:
     """Continuations of a prompt, side by side with and without an edit (same sampling seeds)."""
-    if n < 1 or samples < 1 or not 0 <= temperature < float("inf"):
-        fail("-n and --samples must be ≥ 1 and --temperature a finite number ≥ 0")
+    if n < 1:
+        fail(f"-n (tokens to generate) must be ≥ 1, got {n}")
+    if samples < 1:
+        fail(f"--samples (continuations per model) must be ≥ 1, got {samples}")
+    if not 0 <= temperature < float("inf"):
+        fail(f"--temperature must be a finite number ≥ 0 (0: greedy), got {temperature}")
     run, model, after = _lm_models("generate", run_dir, arm, seed, edit)
     try:
         which = f"{arm or next(iter(run.arms))} arm, seed {run.seeds[0] if seed is None else seed}"
@@ -691,9 +712,15 @@ def labels_cmd(
 
 
 def main(argv: list[str] | None = None) -> None:
+    global _stop_said
+    _stop_said = False
     default_threads()
     try:
         app(args=argv)
+    except SystemExit as e:
+        if e.code == 130 and not _stop_said:  # stopped outside every command's own handler (loading a run, say)
+            err.print("interrupted", markup=False, highlight=False)
+        raise
     except OSError as e:  # a full disk, a file vanished under a run: the system's reason, in one line
         where = f": {e.filename}" if e.filename else ""
         err.print(f"error: {e.strerror or e}{where}", markup=False, highlight=False, soft_wrap=True)

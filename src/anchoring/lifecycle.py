@@ -117,6 +117,12 @@ def _config(path: Path) -> ExperimentBase:
     if not path.is_dir():
         raise AnchoringError(f"{str(path)!r} is not a run directory")
     if not (path / runs.CONFIG).is_file():
+        if (path / "sweep.json").is_file() and (path / "points").is_dir():  # a sweep holds one run per grid point
+            points = sorted(p.name for p in (path / "points").iterdir() if (p / runs.CONFIG).is_file())
+            shown = ", ".join(str(path / "points" / p) for p in points[:2]) + (" …" if len(points) > 2 else "")
+            table = (f"its table is in {str(path / 'report.html')!r}, and " if (path / "report.html").is_file()
+                     else "it has not finished; ")
+            raise AnchoringError(f"{str(path)!r} is a sweep: {table}each point is a run ({shown or 'none yet'})")
         raise AnchoringError(f"{str(path)!r} is not a run directory (no {runs.CONFIG})")
     return load_config(path / runs.CONFIG)
 

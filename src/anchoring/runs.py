@@ -156,7 +156,11 @@ def read_metrics(run_dir: Path) -> pd.DataFrame:
     then `metric` and `value`, one row per number."""
     p = run_dir / METRICS
     if not p.is_file():
-        raise AnchoringError(f"{str(run_dir)!r} has no {METRICS}")
+        edit = run_dir / "edit.json"  # a run written by `anchoring delete` trained nothing itself
+        made = read_json(edit) if edit.is_file() else None
+        source = made.get("source") if isinstance(made, dict) else None
+        where = f"; its training curves are those of {source}" if isinstance(source, str) else ""
+        raise AnchoringError(f"{str(run_dir)!r} has no {METRICS}{where}")
     try:
         wide = pd.read_csv(p)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:

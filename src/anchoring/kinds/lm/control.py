@@ -276,7 +276,7 @@ def relearn(run, concept: str | None = None, samples: list[int] | None = None, s
         raise AnchoringError(f"{flag or 'unlearning'}: {first['msg'].removeprefix('Value error, ')}") from None
     cfg = cfg.model_copy(update={"unlearning": u})
     d = run.data
-    check_relearnable(cfg, d)
+    check_relearnable(cfg, d, "--samples" if samples is not None else "unlearning.relearn_k")
     check_scored(cfg, d, "--eval-chars", u.eval_chars, fix="raise --eval-chars" + (
         "" if cfg.evaluate.order == "shuffled" else " (or train the run with evaluate.order = \"shuffled\")"))
     if "anchored" in run.arms:

@@ -140,6 +140,7 @@ def load_data(text: TextConfig, run_dir: Path | None = None) -> LMData:
     else:
         tok = _tokenizer(text.model_dump_json())
         if tok_path is not None:
+            check_corpus(run_dir, _fingerprint(text.model_dump_json()))  # a run that lost its tokenizer is checked too
             tok_path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(run_dir / CORPUS, json.dumps(_fingerprint(text.model_dump_json())) + "\n")  # before the tokenizer
             tok.save(tok_path)

@@ -42,7 +42,7 @@ from anchoring.kinds.lm.data import LMData, load_data
 from anchoring.kinds.lm.training import ArmResult, build_model, build_objective, build_timeline, check_compile, device_of, term_columns, train_arm
 from anchoring.report import html
 from anchoring.report.figures import save as save_fig
-from anchoring.resources import check_fits
+from anchoring.resources import check_fits, release_freed_memory
 from anchoring.train.checkpoint import CHECKPOINT, steps_done
 from anchoring.train.skeleton import TrainingInterrupted
 from anchoring.train.workers import run_jobs, stop_asked
@@ -59,16 +59,18 @@ def memory_estimate(cfg: LMExperiment) -> int:
     """Bytes the training processes hold at once, without building a model: weights, gradients and
     two Adam moments per parameter; one step's saved activations (about 10 states of the width and
     4 of the MLP per position and block, 3 of the vocabulary for the logits); doubled for
-    temporaries; times the processes that train side by side. A rough upper bound, meant to refuse
-    a configuration that cannot fit rather than to predict the peak."""
+    temporaries; times the processes that train side by side. On top, every finished model, which
+    the run holds until all are evaluated and saved. A rough upper bound, meant to refuse a
+    configuration that cannot fit rather than to predict the peak."""
     m = cfg.lm
     vocab = cfg.text.bpe_vocab if cfg.text.tokenizer == "bpe" else 256
     hidden = m.mlp_hidden or m.mlp_ratio * m.width
     params = 2 * vocab * m.width + m.layers * (4 * m.width ** 2 + 3 * m.width * hidden + 2 * hidden + 2 * m.width)
     positions = m.batch_size // m.nproc * m.tokens
     activations = positions * (m.layers * (10 * m.width + 4 * hidden) + 3 * vocab)
-    side_by_side = m.nproc if m.nproc > 1 else min(len(m.arms) * cfg.train.seeds, m.workers or os.cpu_count() or 1)
-    return 2 * 4 * side_by_side * (4 * params + activations)
+    jobs = len(m.arms) * cfg.train.seeds
+    side_by_side = m.nproc if m.nproc > 1 else min(jobs, m.workers or os.cpu_count() or 1)
+    return 2 * 4 * side_by_side * (4 * params + activations) + 4 * params * jobs
 
 
 def validate(cfg: LMExperiment, data: bool = True) -> int:
@@ -76,7 +78,7 @@ def validate(cfg: LMExperiment, data: bool = True) -> int:
     axes/dims fit the width), schedule, arms; then the corpus, split and labels. Returns the steps."""
     check_fits(memory_estimate(cfg), f"{cfg.name} (width {cfg.lm.width}, {cfg.lm.layers} layers, batch "
                f"{cfg.lm.batch_size} × {cfg.lm.tokens} tokens)", "lower lm.batch_size, lm.context or the model's size, "
-               "or lm.workers")  # before the check below builds a model
+               "lm.workers, or the seeds and arms (every finished model is held until the run is saved)")  # before the check below builds a model
     device_of(cfg)  # a device that is not there fails here, before the run directory exists
     check_compile(cfg)  # and so does train.compile without a C++ compiler
     model = build_model(cfg, 8)  # the vocabulary does not change what the terms can bind to
@@ -157,11 +159,18 @@ def validate(cfg: LMExperiment, data: bool = True) -> int:
     return steps
 
 
-def check_relearnable(cfg: LMExperiment, d: LMData) -> None:
-    """The relearning attack fine-tunes on training passages that carry the concept: there must be some."""
-    if not int(d.reference[d.parts["train"]].sum()):
+def check_relearnable(cfg: LMExperiment, d: LMData, key: str = "unlearning.relearn_k") -> None:
+    """The relearning attack fine-tunes on K training passages that carry the concept: there must be
+    some, and at least the largest K, or the attack would run on fewer than it says (`key`: the
+    name the user gave K under)."""
+    n = int(d.reference[d.parts["train"]].sum())
+    if not n:
         raise AnchoringError(f"unlearning: no training passage carries {cfg.text.concept!r}, so there is nothing to "
                              f"relearn from")
+    k = max(cfg.unlearning.relearn_k)
+    if k > n:
+        raise AnchoringError(f"{key}: K = {k:,} asks for more passages than the {n:,} training passages that carry "
+                             f"{cfg.text.concept!r}; use K ≤ {n:,}")
 
 
 def check_scored(cfg: LMExperiment, d: LMData, key: str, n: int, fix: str | None = None) -> None:
@@ -252,6 +261,7 @@ def run(cfg: LMExperiment, path: Path, *, progress: Progress | None = None) -> d
             results[arm, seed] = train_arm(cfg, data, seed, arm, checkpoint=checkpoint_path(path, arm, seed), progress=report)
         except TrainingInterrupted as e:
             raise TrainingInterrupted(e.step, path) from None
+        release_freed_memory()  # or the process grows by each job's freed activations and optimiser state
     train_s = time.perf_counter() - t0
     summary = finish(cfg, path, data, results)
     # each job's own seconds in training steps (kept in its checkpoint, so worker processes and resumes count)
@@ -277,6 +287,7 @@ def trained_on(cfg: LMExperiment, processes: int, how: str) -> dict[str, Any]:
 
 def _train_job(cfg: LMExperiment, path: Path, arm: str, seed: int) -> None:
     train_arm(cfg, load_data(cfg.text, path), seed, arm, checkpoint=checkpoint_path(path, arm, seed), should_stop=stop_asked)
+    release_freed_memory()  # a worker trains job after job
 
 
 def _train_in_processes(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int]], workers: int) -> None:
@@ -289,6 +300,9 @@ def _train_in_processes(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int
 
 def write_weights(path: Path, models: dict[tuple[str, int], torch.nn.Module]) -> None:
     write_arms(path, models, "anchoring-lm-1")
+
+
+WEAK_LABEL_ARMS = {"anchored", "weak-filtered", "sgtm", "routing"}  # the arms that train on the weak labels
 
 
 def label_coverage(data: LMData, seeds: list[int]) -> dict[str, Any]:
@@ -331,6 +345,7 @@ def finish(cfg: LMExperiment, path: Path, data: LMData, results: dict[tuple[str,
         rows.append({"arm": arm, "seed": seed, "loss": m["loss"], "bits": m["bits"], "alignment": m["alignment"],
                      "probes": ev.probes(m["features"], m["feature_passages"], direction, dims),
                      "train_task_last100": float(np.nanmean(r.metrics[-100:, r.metric_names.index("task")]))})
+        release_freed_memory()
     eval_s = time.perf_counter() - t0
     summary = summarize(cfg, rows, names, es, sites)
     summary["eval_s"] = round(eval_s, 3)
@@ -401,7 +416,8 @@ def summarize(cfg: LMExperiment, rows: list[dict], names: list[str], es: ev.Eval
     med: dict[str, Any] = {}
     for a in names:
         mine = [r for r in rows if r["arm"] == a]
-        med[a] = {"loss": {k: median([r["loss"][k] for r in mine]) for k in ("all", "concept", "retain")},
+        loss = {k: median([r["loss"][k] for r in mine]) for k in ("all", "concept", "retain")}
+        med[a] = {"loss": loss, "bits": {k: v / ev.LN2 for k, v in loss.items()},
                   "alignment": {s: {k: median([r["alignment"][s][k] for r in mine]) for k in ("concept", "retain", "margin",
                                                                                               "containment")}
                                 for s in sites}}
@@ -649,7 +665,7 @@ def summary_lines(summary: dict[str, Any]) -> list[Any]:
         lines.append(f"trained on {timing['device']}, torch {timing['torch']}, {timing['processes']} {timing['parallel']} "
                      "(the session that finished the training)")
     labels = summary.get("labels")  # runs written before it was recorded do not say
-    if labels:
+    if labels and set(summary.get("arms") or []) & WEAK_LABEL_ARMS:  # the control and oracle filter train on none
         per = labels["per_seed"].values()
         line = f"weak labels: coverage {labels['asked']:.2f} asked, " + ", ".join(f"{c['coverage']:.3f}" for c in per)
         if labels["kind"] == "spans":

@@ -16,7 +16,7 @@ from anchoring.kinds.arms import load_arms
 from anchoring.kinds.base import ArmsRun
 from anchoring.kinds.lm import evaluate as ev
 from anchoring.kinds.lm.config import LMExperiment
-from anchoring.kinds.lm.data import LMData, load_data
+from anchoring.kinds.lm.data import TOKENIZER, LMData, load_data
 from anchoring.kinds.lm.training import build_model
 
 
@@ -73,7 +73,7 @@ class LMRun(ArmsRun):
 
     @torch.no_grad()
     def generate(self, prompt: str, arm: str | None = None, n: int = 200, seed: int | None = None,
-                 temperature: float = 1.0, sample_seed: int = 0, model: torch.nn.Module | None = None) -> str:
+                 temperature: float = 0.8, sample_seed: int = 0, model: torch.nn.Module | None = None) -> str:
         """`prompt` continued by `n` sampled tokens (temperature 0: greedy); the last `context` tokens condition.
         `model` replaces the arm's model (an edited copy, say) with the same tokenizer and sampling seed."""
         if not prompt:
@@ -105,6 +105,10 @@ class LMRun(ArmsRun):
 def open_run(path: Path, cfg: LMExperiment, arch: dict[str, Any], summary: dict[str, Any] | None) -> LMRun:
     if "vocab" not in arch:
         raise AnchoringError(f"{str(path / 'architecture.json')!r} has no 'vocab'")
+    if not (path / TOKENIZER).is_file():  # a tokenizer trained again might not be the one the weights read, and
+        # opening a run must not write into it
+        raise AnchoringError(f"{str(path / TOKENIZER)!r} is missing: the run's weights need the tokenizer they were "
+                             f"trained with")
     data = load_data(cfg.text, path)
     if data.vocab_size != arch["vocab"]:
         raise AnchoringError(f"{str(path)!r}: tokenizer has {data.vocab_size} tokens, the weights {arch['vocab']}")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from anchoring.anchor import Capture, build_term, resolve_site
+from anchoring.anchor import Capture, build_term
 from anchoring.anchor.concepts import build_concepts
 from anchoring.anchor.route import RouteThrough
 from anchoring.anchor.sequence import Positions, SequenceObjective, SequenceSite, SequenceTerm, pooled_lines
@@ -72,7 +72,10 @@ def build_objective(cfg: LMExperiment, model: torch.nn.Module) -> SequenceObject
             raise AnchoringError(f"term {label!r}: {t.kind!r} is not available on sequences (use {', '.join(PER_VECTOR)})")
         if t.head is not None:
             raise AnchoringError(f"term {label!r}: LM terms read the residual stream (`embed`, `blocks.i`); no heads")
-        resolve_site(model, t.site)
+        if t.site not in dict(model.named_modules()):  # the sites there are, rather than every module of the model
+            residual = ", ".join(["embed", *[f"blocks.{i}" for i in range(cfg.lm.layers)]])
+            raise AnchoringError(f"term {label!r} reads {t.site!r}, which a model of lm.layers = {cfg.lm.layers} does "
+                                 f"not have (residual sites: {residual})")
         if t.concept is not None and t.concept not in concepts:
             raise AnchoringError(f"term {label!r} names unknown concept {t.concept!r} (defined: {', '.join(concepts) or 'none'})")
         base = build_term(t.kind, t.weight, latent_dim=width, site=t.site,

@@ -545,16 +545,67 @@ def lines(unlearning: dict[str, Any]) -> list[Any]:
     keep = ["method", "Δforget", "Δforget (concept)", "retain cost", "selectivity", "R",
             *[h for h in header if h.startswith("kept")], "steps to recover"]
     idx = [header.index(h) for h in keep]
-    t = Table(title="unlearning: median over seeds (nats/char on held-out text)")
-    for h in keep:
-        t.add_column(h, justify="right")
-    for r in rows:
-        if r[1] == "median":
-            t.add_row(*[f"{r[i]:.3f}" if isinstance(r[i], float) else str(r[i]) for i in idx])
+    steps = header.index("steps to recover")
+
+    def cell(v: Any, i: int) -> str:
+        if not isinstance(v, float):
+            return str(v)
+        if math.isnan(v):  # undefined, as the report's tables print it
+            return "–"
+        return f"{v:g}" if i == steps else f"{v:.3f}"
+
+    title = "unlearning: median over seeds (nats/char on held-out text)"
+    medians = [[cell(r[i], i) for i in idx] for r in rows if r[1] == "median"]
+    longest = max((len(c[0]) for c in medians), default=0)
+    t = Table(title=title)
+    t.add_column("method", justify="right", min_width=min(NAME_WIDTH, longest))  # longer names wrap onto lines of their own
+    for h in keep[1:]:
+        t.add_column(h, justify="right", no_wrap=True)
+    for cells in medians:
+        t.add_row(*cells)
+    listed = [title + ":", *[f"{c[0]}: " + ", ".join(f"{h} {v}" for h, v in zip(keep[1:], c[1:])) for c in medians]]
+    t_or_list = TableOrList(t, listed, max(0, longest - NAME_WIDTH))
     note = matched_note(unlearning)
     fixed = repair_note(unlearning)
-    return [t, f"{unlearning['note']}; relearning fine-tunes {unlearning['relearn_steps']} steps",
-            *([note] if note else []), *([fixed] if fixed else [])]
+    nothing = nothing_kept_note(unlearning)
+    return [t_or_list, f"{unlearning['note']}; relearning fine-tunes {unlearning['relearn_steps']} steps",
+            *([nothing] if nothing else []), *([note] if note else []), *([fixed] if fixed else [])]
+
+
+NAME_WIDTH = 20  # the CLI table's method column: longer names wrap
+
+
+class TableOrList:
+    """`table` where the terminal is wide enough for it, else the same cells one row per line: rich
+    cuts a table wider than the terminal (80 columns, or output piped) to "anch…" in every name."""
+
+    def __init__(self, table: Any, lines: list[str], give: int = 0) -> None:
+        self.table, self.lines, self.give = table, lines, give  # give: columns the wrapped first column can give up
+
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        from rich.measure import Measurement
+        from rich.text import Text
+
+        natural = Measurement.get(console, options.update(max_width=10**6), self.table).maximum  # unclamped
+        if natural - self.give <= options.max_width:
+            yield self.table
+        else:
+            yield from (Text(line) for line in self.lines)
+
+
+def nothing_kept_note(unlearning: dict[str, Any]) -> str:
+    """Which attacked seeds had no Δforget to keep, and so count as keeping 0 in the medians above
+    ("" when none)."""
+    out = []
+    for m in dict.fromkeys(r["method"] for r in unlearning["rows"]):
+        seeds = sorted({r["seed"] for r in unlearning["rows"] if r["method"] == m
+                        for k in unlearning["relearn_k"] if (r.get("relearn") or {}).get(str(k)) is not None
+                        and math.isnan(_num(r["relearn"][str(k)].get("kept")))})
+        if seeds:
+            out.append(f"{m} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})")
+    if not out:
+        return ""
+    return ("kept counts 0 where an edit raised the forget loss too little to have a share to keep: " + "; ".join(out))
 
 
 def repair_note(unlearning: dict[str, Any]) -> str:
