@@ -180,6 +180,7 @@ def test_intervene_on_an_lm_run_suppresses_and_reports_forget_and_retain(lm_run)
 @pytest.mark.parametrize("args, message", [
     (["intervene", "--concept", "milton", "--name", "x"], "this run anchors 'violence'"),  # not silently violence
     (["intervene", "--dims", "5", "--name", "x"], "--dims is for the colour models"),
+    (["intervene", "--concept", "violence", "--site", "blocks 1"], "site 'blocks 1' is not a residual site"),  # not --name
     (["delete", "--concept", "milton"], "this run anchors 'violence'"),
     (["delete", "--dims", "5"], "--dims is for the colour models"),  # not silently the concept's axis
     (["delete", "--concept", "violence", "--site", "blocks.0"], "takes no --site"),
@@ -221,6 +222,11 @@ def test_delete_on_an_lm_run_writes_a_run_that_load_run_opens(lm_run, tmp_path):
         run.metrics()
     r = CliRunner().invoke(app, ["generate", str(out), "--prompt", "He ", "-n", "5", "--edit", "delete"])
     assert r.exit_code == 0 and "was written by `anchoring delete`" in r.stderr and "acts on the edited weights" in r.stderr
+    again = tmp_path / "deleted-again"  # an edit of an edit: the curves are still the trained run's
+    r = CliRunner().invoke(app, ["delete", str(out), "--concept", "violence", "--method", "blind", "--out", str(again)])
+    assert r.exit_code == 0, r.stderr
+    with pytest.raises(AnchoringError, match=f"its training curves are those of {lm_run.path}$"):
+        lifecycle.load_run(again).metrics()
 
 
 def test_delete_with_a_repair_keeps_the_edit_and_lowers_its_retain_cost(lm_run, tmp_path):

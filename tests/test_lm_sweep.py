@@ -198,12 +198,17 @@ def test_the_memory_check_counts_every_shard_that_trains_at_once(spec, tmp_path,
     workers train side by side: four that fit alone may not fit together. Finished shards of a
     continued sweep train nothing, and a Ray cluster trains on its own machines."""
     from anchoring import resources
+    from anchoring.kinds import kind_of
     from anchoring.kinds.lm.kind import memory_estimate
     from anchoring.sweep.layout import DONE
 
     grid = sweep.parse_grid(["text.coverage=0.5,1.0"])
     _, shards = sweep.plan(str(spec), [], grid, 4, tmp_path)
-    one = max(memory_estimate(s.config) for s in shards)
+    one = max(kind_of(s.config).shard_memory(s.config) for s in shards)
+    # a shard keeps checkpoints, not models: unlike a run, it is not charged for the models it finished
+    more = shards[0].config.model_copy(update={"train": shards[0].config.train.model_copy(update={"seeds": 50})})
+    assert kind_of(more).shard_memory(more) == kind_of(more).shard_memory(shards[0].config)
+    assert memory_estimate(more) > memory_estimate(shards[0].config)
     monkeypatch.setattr(resources, "available_bytes", lambda: int(2.5 * one / 0.8))  # room for two, not four
     sweep.check_memory(shards, 2)
     with pytest.raises(AnchoringError, match="4 shards training at once.*--workers"):

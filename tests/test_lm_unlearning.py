@@ -776,3 +776,18 @@ def test_the_cli_table_keeps_every_method_name_whole_on_a_narrow_terminal(unlear
         assert "nan" not in text
     recover = [line.rsplit("steps to recover ", 1)[1] for line in narrow.splitlines() if "steps to recover " in line]
     assert recover and not any(v.endswith(".000") for v in recover), recover  # 12, 12.5 or "> 100", never 12.000
+
+
+def test_relearn_names_the_flag_to_pass_when_the_runs_own_k_is_too_large(unlearned):
+    """A finished run's unlearning.relearn_k cannot be changed; the refusal says to pass --samples."""
+    from anchoring.kinds import kind_of
+
+    path, _summary = unlearned
+    run = lifecycle.load_run(path)
+    u = run.config.unlearning.model_copy(update={"relearn_k": [2, 10**6]})
+    run.config = run.config.model_copy(update={"unlearning": u})
+    before = sorted(p.name for p in path.rglob("*"))
+    with pytest.raises(AnchoringError, match=r"^the run's unlearning.relearn_k: K = 1,000,000 asks for more passages "
+                                             r"than the [\d,]+ training passages .* pass --samples with every K ≤"):
+        kind_of(run.config).relearn(run)
+    assert sorted(p.name for p in path.rglob("*")) == before  # nothing written

@@ -31,3 +31,7 @@ def __getattr__(name: str) -> Any:
 
         return Run
     raise AttributeError(f"module 'anchoring' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "Run", "load_run"})

@@ -10,7 +10,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -38,7 +38,7 @@ out = Console(soft_wrap=True)  # one-line outputs stay one line (paths, list row
 err = Console(stderr=True, soft_wrap=True)
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
@@ -46,7 +46,7 @@ def fail(message: str) -> None:
 _stop_said = False  # whether a Ctrl-C or SIGTERM has had its line (typer turns any other into a silent exit 130)
 
 
-def stopped(message: str) -> None:
+def stopped(message: str) -> NoReturn:
     """The one line a stopped command ends with, and exit code 130."""
     global _stop_said
     err.print(message, markup=False, highlight=False, soft_wrap=True)
@@ -351,8 +351,8 @@ def intervene_cmd(
     if method not in ("suppress", "repel", "zero", "ablate"):
         fail(f"--method must be suppress, repel, zero (colour) or ablate (transformer), not {method!r}")
     label = name or f"{method}-{concept or 'dims' + (dims or '').replace(',', '')}-{falloff.replace(':', '-').replace(',', '_')}"
-    if name is None and site != "latent":  # another site is another intervention: its own folder, not the default's
-        label += f"-at-{site}"
+    if name is None and site != "latent" and runs.SAFE_NAME.match(f"{label}-at-{site}"):  # another site, another
+        label += f"-at-{site}"  # folder (an odd site is left to the kind's own check of --site)
     spec = _edit_spec(label, method, concept, dims, falloff, k, site)
     run = _open(run_dir, finished=True)
     _apply_edit(lambda: kind_of(run.config).intervene(run, spec))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import os
 from typing import Callable
@@ -38,8 +37,7 @@ def _malloc_trim() -> Callable[[int], int] | None:
     if os.name != "posix":
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim  # glibc only; musl and macOS have none
+        return ctypes.CDLL(None).malloc_trim  # the C library already loaded; glibc only (musl and macOS have none)
     except (OSError, AttributeError):
         return None
 

@@ -158,7 +158,9 @@ def read_metrics(run_dir: Path) -> pd.DataFrame:
     if not p.is_file():
         edit = run_dir / "edit.json"  # a run written by `anchoring delete` trained nothing itself
         made = read_json(edit) if edit.is_file() else None
-        source = made.get("source") if isinstance(made, dict) else None
+        lineage = made.get("lineage") if isinstance(made, dict) else None
+        first = lineage[0] if isinstance(lineage, list) and lineage else made  # an edit of an edit: the trained run
+        source = first.get("source") if isinstance(first, dict) else None
         where = f"; its training curves are those of {source}" if isinstance(source, str) else ""
         raise AnchoringError(f"{str(run_dir)!r} has no {METRICS}{where}")
     try:

@@ -276,7 +276,10 @@ def relearn(run, concept: str | None = None, samples: list[int] | None = None, s
         raise AnchoringError(f"{flag or 'unlearning'}: {first['msg'].removeprefix('Value error, ')}") from None
     cfg = cfg.model_copy(update={"unlearning": u})
     d = run.data
-    check_relearnable(cfg, d, "--samples" if samples is not None else "unlearning.relearn_k")
+    if samples is not None:
+        check_relearnable(cfg, d, "--samples")
+    else:  # the run's own K, which a finished run cannot change
+        check_relearnable(cfg, d, "the run's unlearning.relearn_k", fix="pass --samples with every")
     check_scored(cfg, d, "--eval-chars", u.eval_chars, fix="raise --eval-chars" + (
         "" if cfg.evaluate.order == "shuffled" else " (or train the run with evaluate.order = \"shuffled\")"))
     if "anchored" in run.arms:

@@ -138,9 +138,10 @@ def load_data(text: TextConfig, run_dir: Path | None = None) -> LMData:
             raise AnchoringError(f"{tok_path} holds a {tok.kind} tokenizer but the config asks for {text.tokenizer}")
         check_corpus(run_dir, _fingerprint(text.model_dump_json()))
     else:
+        if run_dir is not None:
+            check_corpus(run_dir, _fingerprint(text.model_dump_json()))  # a run that lost its tokenizer is checked too
         tok = _tokenizer(text.model_dump_json())
         if tok_path is not None:
-            check_corpus(run_dir, _fingerprint(text.model_dump_json()))  # a run that lost its tokenizer is checked too
             tok_path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(run_dir / CORPUS, json.dumps(_fingerprint(text.model_dump_json())) + "\n")  # before the tokenizer
             tok.save(tok_path)

@@ -55,13 +55,13 @@ def arms(cfg: LMExperiment) -> list[str]:
     return list(cfg.lm.arms)
 
 
-def memory_estimate(cfg: LMExperiment) -> int:
+def memory_estimate(cfg: LMExperiment, held: bool = True) -> int:
     """Bytes the training processes hold at once, without building a model: weights, gradients and
     two Adam moments per parameter; one step's saved activations (about 10 states of the width and
     4 of the MLP per position and block, 3 of the vocabulary for the logits); doubled for
-    temporaries; times the processes that train side by side. On top, every finished model, which
-    the run holds until all are evaluated and saved. A rough upper bound, meant to refuse a
-    configuration that cannot fit rather than to predict the peak."""
+    temporaries; times the processes that train side by side. On top (`held`), every finished
+    model, which a run holds until all are evaluated and saved (a sweep's shard does not). A rough
+    upper bound, meant to refuse a configuration that cannot fit rather than to predict the peak."""
     m = cfg.lm
     vocab = cfg.text.bpe_vocab if cfg.text.tokenizer == "bpe" else 256
     hidden = m.mlp_hidden or m.mlp_ratio * m.width
@@ -70,7 +70,7 @@ def memory_estimate(cfg: LMExperiment) -> int:
     activations = positions * (m.layers * (10 * m.width + 4 * hidden) + 3 * vocab)
     jobs = len(m.arms) * cfg.train.seeds
     side_by_side = m.nproc if m.nproc > 1 else min(jobs, m.workers or os.cpu_count() or 1)
-    return 2 * 4 * side_by_side * (4 * params + activations) + 4 * params * jobs
+    return 2 * 4 * side_by_side * (4 * params + activations) + (4 * params * jobs if held else 0)
 
 
 def validate(cfg: LMExperiment, data: bool = True) -> int:
@@ -159,10 +159,10 @@ def validate(cfg: LMExperiment, data: bool = True) -> int:
     return steps
 
 
-def check_relearnable(cfg: LMExperiment, d: LMData, key: str = "unlearning.relearn_k") -> None:
+def check_relearnable(cfg: LMExperiment, d: LMData, key: str = "unlearning.relearn_k", fix: str = "") -> None:
     """The relearning attack fine-tunes on K training passages that carry the concept: there must be
     some, and at least the largest K, or the attack would run on fewer than it says (`key`: the
-    name the user gave K under)."""
+    name the user gave K under; `fix`: what to do, where that is not to change `key`)."""
     n = int(d.reference[d.parts["train"]].sum())
     if not n:
         raise AnchoringError(f"unlearning: no training passage carries {cfg.text.concept!r}, so there is nothing to "
@@ -170,7 +170,7 @@ def check_relearnable(cfg: LMExperiment, d: LMData, key: str = "unlearning.relea
     k = max(cfg.unlearning.relearn_k)
     if k > n:
         raise AnchoringError(f"{key}: K = {k:,} asks for more passages than the {n:,} training passages that carry "
-                             f"{cfg.text.concept!r}; use K ≤ {n:,}")
+                             f"{cfg.text.concept!r}; {fix or 'use'} K ≤ {n:,}")
 
 
 def check_scored(cfg: LMExperiment, d: LMData, key: str, n: int, fix: str | None = None) -> None:
@@ -591,7 +591,8 @@ class LMKind(Kind):
         return shards.seed_blocks(cfg, super().seed_blocks(cfg, n))
 
     def shard_memory(self, cfg: LMExperiment) -> int:
-        return memory_estimate(cfg.model_copy(update={"lm": cfg.lm.model_copy(update={"workers": 1, "nproc": 1})}))  # one job at a time
+        one_at_a_time = cfg.model_copy(update={"lm": cfg.lm.model_copy(update={"workers": 1, "nproc": 1})})
+        return memory_estimate(one_at_a_time, held=False)  # a shard keeps checkpoints, not models
 
     def train_shard(self, cfg: LMExperiment, shard_dir: Path, callbacks=()) -> None:
         from anchoring.kinds.lm import shards
@@ -665,7 +666,8 @@ def summary_lines(summary: dict[str, Any]) -> list[Any]:
         lines.append(f"trained on {timing['device']}, torch {timing['torch']}, {timing['processes']} {timing['parallel']} "
                      "(the session that finished the training)")
     labels = summary.get("labels")  # runs written before it was recorded do not say
-    if labels and set(summary.get("arms") or []) & WEAK_LABEL_ARMS:  # the control and oracle filter train on none
+    trained = summary.get("arms") or [m.get("arm") for m in summary.get("models") or [] if isinstance(m, dict)]
+    if labels and set(trained) & WEAK_LABEL_ARMS:  # the control and oracle filter train on none
         per = labels["per_seed"].values()
         line = f"weak labels: coverage {labels['asked']:.2f} asked, " + ", ".join(f"{c['coverage']:.3f}" for c in per)
         if labels["kind"] == "spans":

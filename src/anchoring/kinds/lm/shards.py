@@ -23,6 +23,7 @@ from anchoring.kinds.lm.config import LMExperiment
 from anchoring.kinds.lm.data import CORPUS, TOKENIZER, load_data
 from anchoring.kinds.lm.kind import arms, checkpoint_path
 from anchoring.kinds.lm.training import build_model, build_objective, build_timeline, train_arm
+from anchoring.resources import release_freed_memory
 from anchoring.train.checkpoint import steps_done
 
 
@@ -51,6 +52,7 @@ def train_shard(cfg: LMExperiment, shard_dir: Path, callbacks: Sequence[StepCall
                 cb(done - 1)
     for arm, seed in jobs(cfg):
         train_arm(cfg, data, seed, arm, checkpoint=checkpoint_path(shard_dir, arm, seed), progress=report)
+        release_freed_memory()  # a sweep worker trains job after job
 
 
 def shard_files(cfg: LMExperiment, shard_dir: Path) -> list[Path]:
