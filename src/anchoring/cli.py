@@ -598,10 +598,9 @@ def _lm_models(command: str, run_dir: Path, arm: str | None, seed: int | None, e
             return run, model, None
         from anchoring.kinds.lm.edits import edited
 
-        made = run.path / "edit.json"
-        if made.is_file():  # e.g. --edit delete on a deleted run: the two columns would be the same, unexplained
-            how = runs.read_json(made)
-            how = how.get("method", "an edit") if isinstance(how, dict) else "an edit"
+        made = runs.edit_record(run.path)
+        if made is not None:  # e.g. --edit delete on a deleted run: the two columns would be the same, unexplained
+            how = made.get("method", "an edit")
             err.print(f"note: {str(run.path)!r} was written by `anchoring delete` ({how}); --edit {edit} acts on "
                       f"the edited weights", markup=False, highlight=False, soft_wrap=True)
         return run, model, edited(model, run.config, edit)

@@ -28,6 +28,7 @@ from anchoring.errors import AnchoringError
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.,+=-]*$")  # a folder name a user may give inside a run
 CONFIG, ARCH, SUMMARY, METRICS, SNAPSHOTS, REPORT = (
     "config.toml", "architecture.json", "summary.json", "metrics.csv", "snapshots.safetensors", "report.html")
+EDIT = "edit.json"  # written by `anchoring delete`: what was edited, from which run, and the runs before it
 CONFIG_DIGEST = "config.sha256"  # of config.toml as the run was started: a resume refuses a config edited since
 
 __all__ = ["ARCH", "CONFIG", "CONFIG_DIGEST", "METRICS", "REPORT", "SNAPSHOTS", "SUMMARY", "check_writable", "new_run_dir",
@@ -128,6 +129,16 @@ def write_json(path: Path, obj: Any) -> None:
     write_atomic(path, json.dumps(_finite(obj), indent=2, allow_nan=False))
 
 
+def edit_record(run_dir: Path) -> dict[str, Any] | None:
+    """The record of a run written by `anchoring delete` (None for a trained run, or an unreadable
+    record that is not a JSON object)."""
+    path = run_dir / EDIT
+    if not path.is_file():
+        return None
+    made = read_json(path)
+    return made if isinstance(made, dict) else None
+
+
 def read_json(path: Path) -> Any:
     """A JSON file of a run, or one line saying what is wrong with it."""
     try:
@@ -156,9 +167,8 @@ def read_metrics(run_dir: Path) -> pd.DataFrame:
     then `metric` and `value`, one row per number."""
     p = run_dir / METRICS
     if not p.is_file():
-        edit = run_dir / "edit.json"  # a run written by `anchoring delete` trained nothing itself
-        made = read_json(edit) if edit.is_file() else None
-        lineage = made.get("lineage") if isinstance(made, dict) else None
+        made = edit_record(run_dir)  # a run written by `anchoring delete` trained nothing itself
+        lineage = made.get("lineage") if made else None
         first = lineage[0] if isinstance(lineage, list) and lineage else made  # an edit of an edit: the trained run
         source = first.get("source") if isinstance(first, dict) else None
         where = f"; its training curves are those of {source}" if isinstance(source, str) else ""

@@ -249,8 +249,9 @@ def relearn(run, concept: str | None = None, samples: list[int] | None = None, s
         raise AnchoringError(f"{given[0]} is for colour runs; an 'lm' run is attacked with --samples, --steps and --lr "
                              f"(its relearned loss is measured against the control arm's)")
     cfg = run.config
-    if (run.path / "edit.json").is_file():  # every arm, the control included, is already edited: no line to measure against
-        source = runs.read_json(run.path / "edit.json").get("source", "the run it was made from")
+    made = runs.edit_record(run.path)
+    if made is not None:  # every arm, the control included, is already edited: no line to measure against
+        source = made.get("source", "the run it was made from")
         raise AnchoringError(f"{str(run.path)!r} was written by `anchoring delete` (its control arm is edited too); "
                              f"relearn the run it was made from, {source}")
     _own_concept(concept, cfg)

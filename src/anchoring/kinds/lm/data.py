@@ -130,16 +130,15 @@ def load_data(text: TextConfig, run_dir: Path | None = None) -> LMData:
     training passages and saved there."""
     texts, parts, ref = _cached(text.model_dump_json())
     tok_path = run_dir / TOKENIZER if run_dir is not None else None
+    if run_dir is not None:  # before the tokenizer is read or trained, also where it was lost
+        check_corpus(run_dir, _fingerprint(text.model_dump_json()))
     if tok_path is not None and tok_path.is_file():
         from anchoring.domains.text.tokenize import load_tokenizer
 
         tok = load_tokenizer(tok_path)
         if tok.kind != text.tokenizer:
             raise AnchoringError(f"{tok_path} holds a {tok.kind} tokenizer but the config asks for {text.tokenizer}")
-        check_corpus(run_dir, _fingerprint(text.model_dump_json()))
     else:
-        if run_dir is not None:
-            check_corpus(run_dir, _fingerprint(text.model_dump_json()))  # a run that lost its tokenizer is checked too
         tok = _tokenizer(text.model_dump_json())
         if tok_path is not None:
             tok_path.parent.mkdir(parents=True, exist_ok=True)
