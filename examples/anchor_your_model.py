@@ -213,7 +213,11 @@ def load_passages(corpus: str, limit: int, seed: int) -> list[str]:
     """Up to `limit` passages of a built-in corpus or a folder of .txt files, drawn at random."""
     from anchoring.domains.text.corpus import load_corpus
 
-    texts = [t for t in load_corpus(corpus).texts if len(t) >= 40]
+    everything = load_corpus(corpus).texts
+    texts = [t for t in everything if len(t) >= 40]  # shorter ones (headings, one-liners) carry too little context
+    if len(texts) < 2:
+        raise SystemExit(f"{corpus}: {len(texts)} of its {len(everything)} passages have 40 characters or more; "
+                         "the example needs more (shorter passages are skipped)")
     pick = np.random.default_rng(seed).permutation(len(texts))[:limit]
     return [texts[i] for i in sorted(pick)]
 
@@ -230,6 +234,9 @@ def run(passages: list[str], *, concept: str = "violence", coverage: float = 0.3
         raise SystemExit(f"no training passage is labelled for {concept!r} at coverage {coverage}: give more passages")
     if not bool(held.concept.any()):
         raise SystemExit(f"no held-out passage holds the concept {concept!r}: give more passages")
+    if not bool(position_classes(held, len(held.ids))[1].any()):
+        raise SystemExit(f"every held-out passage holds the concept {concept!r}, so there is no retain text to score: "
+                         "give more passages")
     probe = held.ids[None, :64]  # one token batch: how the weight edit finds which Linear writes the site
     out: dict[str, dict[str, float]] = {}
     models = {}
@@ -257,13 +264,22 @@ def run(passages: list[str], *, concept: str = "violence", coverage: float = 0.3
     return out
 
 
+def positive(text: str) -> int:
+    """An argparse type: a whole number ≥ 1 (0 or fewer steps or passages would score untrained models)."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} is not ≥ 1")
+    return n
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--corpus", default="shakespeare", help="shakespeare, milton, mixed or a folder of .txt files")
-    p.add_argument("--passages", type=int, default=3000, help="how many passages to draw from the corpus")
+    p.add_argument("--passages", type=positive, default=3000,
+                   help="how many passages to draw from the corpus (those under 40 characters are skipped)")
     p.add_argument("--concept", default="violence", choices=["violence", "deception", "milton"])
     p.add_argument("--coverage", type=float, default=0.3, help="share of the training passages with a hit that get labels")
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=positive, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--anchor", type=float, default=1.0, help="weight of the pull of labelled positions to the axis")
     p.add_argument("--anti", type=float, default=3.0, help="weight of the push of every other position out of it")

@@ -40,6 +40,8 @@ def test_list_shows_the_default():
     assert r.exit_code == 0
     line = next(x for x in r.stdout.splitlines() if x.startswith("anchored "))
     assert "[2.4.1]" in line and "(default)" in line
+    names = [x.split()[0] for x in r.stdout.splitlines() if x.strip()]
+    assert names == sorted(names) and names.index("lm-anchor") < names.index("lm-anchor-cleared")  # by name, not file
 
 
 @pytest.mark.parametrize("args,message", [

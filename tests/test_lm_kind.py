@@ -166,6 +166,8 @@ def test_a_checkpoint_that_no_longer_fits_the_config_is_one_error(corpus, tmp_pa
     ("lm.window=128", "window 128 is longer than the model's context 64"),
     ('terms.0.site="blocks.0.mlp.up"', "does not run in the model's forward pass"),  # exists, but its weight is read directly
     ("text.false_positives=1.0", "arm 'weak-filtered' (seed 0) would train on 0 tokens"),  # every passage weakly labelled
+    ("text.coverage=0.0", "no training passage carries a weak label for 'violence'"),  # the anchored arm = the control
+    ('text.concept="deception"', "rename the concept too: --set concepts.0.name=deception --set terms.0.concept=deception"),
     *([] if torch.cuda.is_available() else [('train.device="cuda"', "no CUDA device is available")]),
 ])
 def test_bad_config_is_one_line(corpus, tmp_path, override, message):
@@ -176,7 +178,8 @@ def test_bad_config_is_one_line(corpus, tmp_path, override, message):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
     assert not out.exists()
-    with pytest.raises(AnchoringError, match="kind: unknown|does not have|axis|window|does not run|CUDA|would train on"):
+    with pytest.raises(AnchoringError, match="kind: unknown|does not have|axis|window|does not run|CUDA|would train on|"
+                                             "weak label|rename the concept"):
         lifecycle.validate(experiments.load("lm-anchor-passages", tiny(corpus, override)))
 
 
@@ -715,7 +718,7 @@ def test_the_summary_gives_the_coverage_span_labels_really_train_with(corpus):
     assert half["with_a_span"] == pytest.approx((weak.sum() - len(blank)) / ref.sum())
     lines = summary_lines({"experiment": "x", "models": [], "arms": ["anchored", "control"],
                            "labels": label_coverage(data, [0])})
-    assert any(isinstance(x, str) and x.startswith("weak labels: coverage 0.50 asked") and "with a word to mark" in x
+    assert any(isinstance(x, str) and x.startswith("weak labels: coverage 0.5 asked") and "with a word to mark" in x
                for x in lines)
     alone = summary_lines({"experiment": "x", "models": [], "arms": ["control"], "labels": label_coverage(data, [0])})
     assert not any(isinstance(x, str) and x.startswith("weak labels") for x in alone)  # it trains on no label
@@ -736,3 +739,45 @@ def test_every_builtin_lm_experiment_binds_its_terms_to_its_model(name):
         for t in objective.terms:  # the site runs in the forward pass and holds the residual stream
             assert t.site.read(cap.acts).shape == (1, 16, cfg.lm.width), t.name
     assert (self_labeller(cfg, objective) is None) == (cfg.lm.self_label is None)
+
+
+def test_the_concept_rename_flags_the_error_lists_are_all_it_takes(corpus):
+    """Anchoring another concept renames it in three places; the error names every flag, and with
+    them the config binds (before any data is read)."""
+    from anchoring.kinds.lm import kind
+
+    base = [f'text.corpus="{corpus}"', 'text.concept="deception"', "lm.width=32"]
+    with pytest.raises(AnchoringError) as e:
+        kind.validate(experiments.load("lm-anchor-cleared", base), data=False)
+    flags = str(e.value).split("rename the concept too: ")[1].split(" --set ")
+    assert flags[0].startswith("--set ")
+    flags = [f.removeprefix("--set ") for f in flags]
+    cfg = experiments.load("lm-anchor-cleared", base + flags)
+    kind.validate(cfg, data=False)
+    assert {c.name for c in cfg.concepts} == {t.concept for t in cfg.terms if t.concept} == {"deception"}
+
+
+def test_arms_without_labels_are_refused_only_where_an_arm_learns_from_them(corpus):
+    from anchoring.kinds.lm import kind
+
+    cfg = experiments.load("lm-anchor-passages", tiny(corpus, "text.coverage=0.0", 'lm.arms=["control","oracle-filtered"]'))
+    kind.check_labelled(cfg, load_data(cfg.text))  # neither arm reads the weak labels
+    spans = experiments.load("lm-anchor", [f'text.corpus="{corpus}"', "text.coverage=1.0", 'lm.arms=["anchored"]'])
+    kind.check_labelled(spans, load_data(spans.text))  # span labels: labelled passages with a word to mark
+
+
+def test_a_folder_corpus_is_kept_as_an_absolute_path_and_opens_from_anywhere(corpus, tmp_path, monkeypatch):
+    """A relative folder used to be stored as written, so the run could be opened (resume, edits,
+    load_run) only from the directory it was started in."""
+    monkeypatch.chdir(corpus.parent)
+    cfg = experiments.load("lm-anchor", [f'text.corpus="./{corpus.name}"'])
+    assert cfg.text.corpus == str(corpus.resolve())
+    assert experiments.load("lm-anchor", ['text.corpus="milton"']).text.corpus == "milton"  # built-in names stay names
+    monkeypatch.chdir(tmp_path)
+    assert len(load_data(cfg.text).texts) == 360
+
+
+def test_the_report_says_what_the_run_read_and_labelled(finished, corpus):
+    path, _ = finished
+    page = (path / "report.html").read_text()
+    assert f"This run: corpus {corpus}, concept violence, char tokens, weak labels on passages at coverage 1." in page

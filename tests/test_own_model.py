@@ -62,3 +62,9 @@ def test_the_example_refuses_what_it_cannot_measure_before_training():
         E.run(passages, coverage=0.0, steps=1)
     with pytest.raises(SystemExit, match="no training passage is labelled"):
         E.run(["A fair morning in the garden."] * 40, steps=1)
+    with pytest.raises(SystemExit, match="no retain text to score"):  # scores were NaN
+        E.run(["He stabs him with his dagger and kills him."] * 40, steps=1)
+    for bad in ("0", "-5"):  # 0 steps or passages scored untrained models
+        with pytest.raises(Exception, match="is not ≥ 1"):
+            E.positive(bad)
+    assert E.positive("3") == 3

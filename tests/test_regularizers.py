@@ -108,6 +108,18 @@ def test_build_term_validates():
         build_term("anchor", "w", latent_dim=4, concept=red_concept(), power=3)
     with pytest.raises(AnchoringError, match="needs a concept"):
         build_term("subspace", "w", latent_dim=4, dims=[0], select="labelled")
+    with pytest.raises(AnchoringError, match="select='unlabeled' is not one of labelled, unlabelled, all"):
+        build_term("anti-subspace", "w", latent_dim=4, concept=red_concept(), dims=[0], select="unlabeled")
+
+
+def test_labels_of_another_shape_than_the_samples_are_one_error():
+    """(N, 1) labels against N samples used to broadcast into an (N, N) product and a vector loss."""
+    t = build_term("anchor", "w", latent_dim=4, concept=red_concept(), direction=[1, 0, 0, 0])
+    z = torch.randn(8, 4)
+    assert t({"latent": z}, {"red": torch.ones(8)}).shape == ()
+    with pytest.raises(AnchoringError, match=r"labels of shape \(8, 1\) do not match the \(8,\) samples of 'latent'"):
+        t({"latent": z}, {"red": torch.ones(8, 1)})
+    assert t({"latent": torch.randn(3, 8, 4)}, {"red": torch.ones(8)}).shape == (3,)  # shared labels broadcast over members
 
 
 @pytest.mark.parametrize("p", [1.0, 2.5, 10.0, 100.0])

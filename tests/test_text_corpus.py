@@ -102,7 +102,11 @@ def test_folder_corpus_and_bad_inputs(tmp_path):
         C.load_corpus(str(d))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(AnchoringError, match="empty"):
+    with pytest.raises(AnchoringError, match="holds no files$"):
+        C.load_corpus(str(empty))
+    (empty / "inner").mkdir()
+    (empty / "inner" / "a.txt").write_text("Text one folder down.\n")
+    with pytest.raises(AnchoringError, match="holds no files; its subfolders are not read"):
         C.load_corpus(str(empty))
     with pytest.raises(AnchoringError, match="unknown corpus"):
         C.load_corpus("no-such-corpus")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -107,7 +108,7 @@ def test_config_validation():
     (["labels", "love"], "unknown concept"),
     (["labels", "milton"], "needs the mixed corpus"),
     (["labels", "violence", "--coverage", "1.5"], "--coverage"),
-    (["labels", "violence", "--corpus", "EMPTY"], "empty"),
+    (["labels", "violence", "--corpus", "EMPTY"], "holds no files"),
     (["labels", "violence", "--corpus", "BINARY"], "binary"),
 ])
 def test_cli_errors_write_nothing(tmp_path, args, message):
@@ -132,6 +133,8 @@ def test_cli_report_on_folder(tmp_path):
     assert r.exit_code == 0, r.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["passages"] == 4 and set(summary["functions"]) >= {"lexicon:violence", "stage:violence"}
+    # the count behind the coverage: 30% of 2 positives is 1 passage (and 20% would be none)
+    assert re.search(r"positives labelled\s*│\s*1 of 2", r.stdout), r.stdout
     page = (out / "report.html").read_text()
     assert "<mark>slew</mark>" in page and "http" not in page
     # a folder may hold Milton: the labeller decides there (only the plays alone are refused)

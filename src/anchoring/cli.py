@@ -111,10 +111,13 @@ def main_options(version: bool = typer.Option(False, "--version", callback=versi
 @app.command("list")
 def list_cmd() -> None:
     """Built-in experiments, one line each (upstream number in brackets)."""
-    for spec in experiments.builtin().values():
+    specs = experiments.builtin().values()
+    wide = max(len(s.name) for s in specs) + 1
+    tall = max(len(s.upstream or "") for s in specs) + 3  # the tags line up however long the longest is
+    for spec in specs:
         tag = f"[{spec.upstream}]" if spec.upstream else ""
         default = " (default)" if spec.name == experiments.DEFAULT else ""
-        out.print(f"{spec.name:<29} {tag:<9} {spec.description}{default}", markup=False, highlight=False)
+        out.print(f"{spec.name:<{wide}} {tag:<{tall}} {spec.description}{default}", markup=False, highlight=False)
 
 
 def train_overrides(sets: list[str], seeds: int | None, seed: int | None, steps: int | None) -> list[str]:
@@ -339,12 +342,13 @@ def _apply_edit(action, what: str = "the edit") -> None:
 def intervene_cmd(
     run_dir: Path = typer.Argument(..., help="finished run directory"),
     concept: Optional[str] = typer.Option(None, "--concept", help="concept whose anchor direction to act on"),
-    method: str = typer.Option("suppress", "--method", help="suppress | repel | zero"),
+    method: str = typer.Option("suppress", "--method", help="suppress | repel | zero (colour) | ablate (transformer)"),
     falloff: str = typer.Option("constant", "--falloff", help="constant[:s] | linear:a,b | power:a,p,b | bezier:x1,y1,x2,y2,end"),
     dims: Optional[str] = typer.Option(None, "--dims", help="dims for --method zero, e.g. 0,1"),
     k: float = typer.Option(2.0, "--k", help="selectivity exponent: R² of error vs similarity^k"),
-    site: str = typer.Option("latent", "--site", help="module path to intervene at (default: a colour model's latent, "
-                             "a transformer's or LM's anchored sites)"),
+    site: str = typer.Option("latent", "--site", show_default=False,
+                             help="module path to intervene at (default: a colour model's latent, a transformer's or "
+                                  "LM's anchored sites)"),
     name: Optional[str] = typer.Option(None, "--name", help="output folder name under RUN/interventions/"),
 ) -> None:
     """Apply an inference-time intervention to every model of a run; print and save what it breaks."""
@@ -367,7 +371,9 @@ def delete_cmd(
     method: str = typer.Option("ablate", "--method", help="ablate (zero weights; LM: the writers of the stream) | prune (remove dims) | "
                                                          "blind (LM: the readers after the anchored site)"),
     k: float = typer.Option(2.0, "--k", help="selectivity exponent"),
-    site: str = typer.Option("latent", "--site"),
+    site: str = typer.Option("latent", "--site", show_default=False,
+                             help="module path whose dims to delete (default: a colour model's latent, a transformer's "
+                                  "or LM's anchored sites)"),
     repair_steps: int = typer.Option(0, "--repair-steps", help="LM: then fine-tune every edited model this many steps on "
                                                                "retain passages, the edit put back after each step"),
     repair_lr: Optional[float] = typer.Option(None, "--repair-lr", help="LM: the repair's learning rate "

@@ -8,7 +8,7 @@ Written without data-dependent branches so it runs under vmap.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Callable, Literal, Sequence, get_args
 
 import torch
 
@@ -54,6 +54,9 @@ class Term:
         if self.select == "all":
             return per_sample.mean(-1)
         w = labels[self.concept]
+        if w.shape != per_sample.shape and torch.broadcast_shapes(w.shape, per_sample.shape) != per_sample.shape:
+            raise AnchoringError(f"term {self.name!r}: labels of shape {tuple(w.shape)} do not match the "
+                                 f"{tuple(per_sample.shape)} samples of {self.site!r} (one label per sample)")
         if self.select == "unlabelled":
             w = 1.0 - w
         return (per_sample * w).sum(-1) / w.sum(-1).clamp_min(1.0)
@@ -108,6 +111,8 @@ def build_term(
     bad = set(options) - OPTIONS.get(kind, set())
     if bad:
         raise AnchoringError(f"term {label!r}: option(s) {sorted(bad)} do not apply to {kind}")
+    if select is not None and select not in get_args(Select):
+        raise AnchoringError(f"term {label!r}: select={select!r} is not one of {', '.join(get_args(Select))}")
     select = select or (default_select if concept else "all")
     if select != "all" and concept is None:
         raise AnchoringError(f"term {label!r}: select={select!r} needs a concept")

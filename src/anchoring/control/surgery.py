@@ -194,7 +194,8 @@ def _unit(direction: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def ablate(model: nn.Module, dims: Sequence[int], site: str = "latent", probe: torch.Tensor | None = None) -> nn.Module:
-    """Zero the producer rows/biases for `dims` and the consumer columns reading them.
+    """A copy of `model` with the producer rows/biases for `dims` and the consumer columns reading
+    them zeroed; `model` itself is not changed, so use the returned copy.
 
     `probe` is one input batch for the model, needed when it does not take floats of its first
     Linear's width (token ids, images): the layout is found by running it once (see `find_layout`)."""
@@ -212,7 +213,8 @@ def ablate(model: nn.Module, dims: Sequence[int], site: str = "latent", probe: t
 
 def ablate_direction(model: nn.Module, direction: torch.Tensor, site: str = "latent",
                      probe: torch.Tensor | None = None) -> nn.Module:
-    """Project a (not necessarily axis-aligned) direction out of the producer: W ← (I − v̂v̂ᵀ)W.
+    """A copy of `model` with a (not necessarily axis-aligned) direction projected out of the
+    producer, W ← (I − v̂v̂ᵀ)W; `model` itself is not changed.
 
     The post-hoc baseline's deletion: no anchoring means no dims to cut, only a direction.
     `probe` as in `ablate`.
@@ -248,7 +250,7 @@ def _linear_like(old: nn.Linear, in_features: int, out_features: int) -> nn.Line
 
 
 def prune(model: nn.Module, dims: Sequence[int], site: str = "latent", probe: torch.Tensor | None = None) -> nn.Module:
-    """Remove the dims entirely: the latent shrinks by len(dims). `probe` as in `ablate`."""
+    """A copy of `model` with the dims removed entirely: the latent shrinks by len(dims). `probe` as in `ablate`."""
     layout = find_layout(model, site, probe)
     d = _check_dims(dims, layout.width)
     keep = [i for i in range(layout.width) if i not in d]

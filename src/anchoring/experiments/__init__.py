@@ -26,7 +26,7 @@ class Spec:
 
 def builtin() -> dict[str, Spec]:
     specs = {}
-    for p in sorted(HERE.glob("*.toml")):
+    for p in sorted(HERE.glob("*.toml"), key=lambda p: p.stem):  # by name: `lm-anchor` before `lm-anchor-cleared`
         d = tomllib.loads(p.read_text())
         specs[d["name"]] = Spec(d["name"], d.get("upstream"), d.get("description", ""), p)
     return specs

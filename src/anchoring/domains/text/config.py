@@ -5,9 +5,12 @@ The LM experiment kind embeds this model as its `text` table, so `--set text.cor
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from anchoring.domains.text.corpus import BUILTIN
 
 
 class TextConfig(BaseModel):
@@ -39,7 +42,10 @@ class TextConfig(BaseModel):
     def _corpus(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("corpus must be shakespeare, milton, mixed or a folder path")
-        return v
+        if v in BUILTIN:
+            return v
+        # a folder is kept as an absolute path, so that the run opens (resume, edits, load_run) from any directory
+        return str(Path(v).expanduser().resolve())
 
     @model_validator(mode="after")
     def _concept(self) -> "TextConfig":

@@ -463,7 +463,9 @@ def load_folder(folder: Path) -> Corpus:
         raise AnchoringError(f"corpus {str(folder)!r} is neither shakespeare, milton, mixed nor a folder")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
-        raise AnchoringError(f"corpus folder {folder} is empty")
+        inner = any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
+        raise AnchoringError(f"corpus folder {folder} holds no files" + (
+            "; its subfolders are not read: put the .txt files in the folder itself" if inner else ""))
     c = Corpus(folder.name)
     stems: dict[str, Path] = {}
     for p in files:

@@ -116,6 +116,7 @@ def label_report(concept: str, corpus: str = "shakespeare", coverage: float = 0.
     rows += [("reference positive rate", f"{summary['reference_positive_rate']:.3f}"),
              ("reference positives with a span", f"{summary['reference_positives_with_a_span']:.3f}"),
              ("weak labels: coverage", f"{summary['weak_coverage']:.3f}"),
+             ("weak labels: positives labelled", f"{int((weak & ref).sum()):,} of {int(ref.sum()):,}"),
              ("weak labels: coverage with a span ('spans' labels)", f"{summary['weak_coverage_with_a_span']:.3f}"),
              ("weak labels: false-positive rate", f"{summary['weak_false_positive_rate']:.3f}"),
              ("characters marked", f"{summary['share_characters_marked']:.4f}")]

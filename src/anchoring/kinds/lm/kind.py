@@ -118,6 +118,7 @@ def validate(cfg: LMExperiment, data: bool = True) -> int:
         d = load_data(cfg.text)
         if cfg.unlearning.enabled:
             check_relearnable(cfg, d)
+        check_labelled(cfg, d)
         if int(d.reference[d.parts["validation"]].sum()) == 0:
             raise AnchoringError(f"no validation passage carries {cfg.text.concept!r}; concept positions cannot be scored")
         lengths = np.array([len(t) for t in d.train_tokens], dtype=np.int64)
@@ -157,6 +158,36 @@ def validate(cfg: LMExperiment, data: bool = True) -> int:
                 raise AnchoringError(f"evaluate.ood: {n_retain} test passages without {cfg.text.concept!r} to match "
                                      f"{n_concept} with it by length; lower evaluate.ood_passages or use more text")
     return steps
+
+
+def text_line(cfg: LMExperiment) -> str:
+    """What this run read and labelled, from its resolved config: the experiment's description names
+    its defaults, which `--set text.…` may have changed."""
+    t = cfg.text
+    fp = f", false positives {t.false_positives:g}" if t.false_positives else ""
+    return (f"This run: corpus {t.corpus}, concept {t.concept}, {t.tokenizer} tokens, weak labels on {t.weak_labels} "
+            f"at coverage {t.coverage:g}{fp}.")
+
+
+def check_labelled(cfg: LMExperiment, d: LMData) -> None:
+    """An arm that learns from the weak labels, given none, would train as the control does and be
+    reported as if it had been labelled: refuse it (for span labels, a labelled passage must also
+    have a word where the labeller fires, since only those positions are marked)."""
+    users = [a for a in cfg.lm.arms if a in WEAK_LABEL_ARMS]
+    if not users:
+        return
+    train, concept = d.parts["train"], cfg.text.concept
+    spans = cfg.text.weak_labels == "spans"
+    for seed in cfg.train.member_seeds():
+        weak = np.flatnonzero(d.weak(seed))
+        marked = any(concept_spans(d.texts[train[i]], concept) for i in weak) if spans else len(weak) > 0
+        if not marked:
+            carry = int(d.reference[train].sum())
+            why = (f"{len(weak):,} weakly labelled, none with a word to mark" if spans and len(weak) else
+                   f"text.coverage = {cfg.text.coverage:g} of the {carry:,} training passages that carry {concept!r}")
+            raise AnchoringError(f"seed {seed}: no training passage carries a weak label for {concept!r} ({why}), so "
+                                 f"arm {users[0]!r} would train as the control does; raise text.coverage or train only "
+                                 f"arms that use no labels (control, oracle-filtered)")
 
 
 def check_relearnable(cfg: LMExperiment, d: LMData, key: str = "unlearning.relearn_k", fix: str = "") -> None:
@@ -482,7 +513,8 @@ def write_report(cfg: LMExperiment, path: Path, summary: dict[str, Any], metric_
     pr_rows = [[r["arm"], r["seed"], p["site"], p["auc"], p["auc_without_anchor"]] for r in summary["models"] for p in r["probes"]]
     ev_ = summary["eval"]
     sections = [
-        ("Overview", f"<p>{html.html.escape(cfg.description)}</p><p>Concept positions: {html.html.escape(ev_['concept_positions'])} "
+        ("Overview", f"<p>{html.html.escape(cfg.description)}</p><p>{html.html.escape(text_line(cfg))}</p>"
+                     f"<p>Concept positions: {html.html.escape(ev_['concept_positions'])} "
                      f"({ev_['positions']['concept']} positions); retain: {html.html.escape(ev_['retain_positions'])} "
                      f"({ev_['positions']['retain']}); {ev_['passages']} validation passages, {ev_['positions']['all']} "
                      f"positions in all.</p>"),
@@ -669,7 +701,7 @@ def summary_lines(summary: dict[str, Any]) -> list[Any]:
     trained = summary.get("arms") or [m.get("arm") for m in summary.get("models") or [] if isinstance(m, dict)]
     if labels and set(trained) & WEAK_LABEL_ARMS:  # the control and oracle filter train on none
         per = labels["per_seed"].values()
-        line = f"weak labels: coverage {labels['asked']:.2f} asked, " + ", ".join(f"{c['coverage']:.3f}" for c in per)
+        line = f"weak labels: coverage {labels['asked']:g} asked, " + ", ".join(f"{c['coverage']:.3f}" for c in per)
         if labels["kind"] == "spans":
             line += " realised; with a word to mark (what span labels train): " + ", ".join(f"{c['with_a_span']:.3f}" for c in per)
         lines.append(line + " (per seed)")

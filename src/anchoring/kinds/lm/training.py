@@ -63,8 +63,11 @@ def build_objective(cfg: LMExperiment, model: torch.nn.Module) -> SequenceObject
     concepts = build_concepts(cfg.concepts, width, lambda _name: _TextLabels())
     for name in concepts:
         if name != cfg.text.concept:
-            raise AnchoringError(f"concept {name!r}: an LM run labels only text.concept ({cfg.text.concept!r}); "
-                                 f"name the concept {cfg.text.concept!r} or set text.concept")
+            want = cfg.text.concept
+            keys = [f"concepts.{i}.name" for i, c in enumerate(cfg.concepts) if c.name == name]
+            keys += [f"terms.{j}.concept" for j, t in enumerate(cfg.terms) if t.concept == name]
+            raise AnchoringError(f"concept {name!r}: an LM run labels only text.concept ({want!r}); to anchor {want!r}, "
+                                 f"rename the concept too: " + " ".join(f"--set {k}={want}" for k in keys))
     terms: list[SequenceTerm] = []
     for t in cfg.terms:
         label = t.name or (f"{t.kind}:{t.concept}" if t.concept else t.kind)
