@@ -58,6 +58,9 @@ def test_ctrl_c_during_relearns_baseline_is_one_line_and_the_baseline_resumes(ru
     assert r.exit_code == 0, r.stderr
     assert ((base / runs.CONFIG_DIGEST).read_text(), (base / "checkpoint.safetensors").read_bytes()) == weights
     assert (run_copy / "relearn" / "red" / "summary.json").is_file()
+    shown = invoke("show", run_copy / "relearn" / "red")  # the attack's table again, from its summary.json
+    assert shown.exit_code == 0, shown.stderr
+    assert shown.stdout.splitlines()[:-1] == r.stdout.splitlines()[:-1] and "relearning red" in shown.stdout
 
 
 def test_relearn_run_again_goes_on_with_its_interrupted_baseline(run_copy, monkeypatch):

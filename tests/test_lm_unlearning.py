@@ -647,6 +647,10 @@ def test_relearn_on_a_finished_run_gives_the_in_run_table_and_takes_its_own_atta
             assert x["relearn"][k]["kept"] == pytest.approx(v["kept"], abs=1e-4, nan_ok=True), (x["method"], k)
     assert set(got["targets"]) == set(ul.targets(summary["unlearning"])) and got["targets"]
     assert "Δforget" in r.stdout and "wrote" in r.stdout
+    shown = CliRunner().invoke(app, ["show", str(out)])  # the table again, later, from what the attack wrote
+    assert shown.exit_code == 0, shown.stderr
+    assert shown.stdout.splitlines()[:-1] == r.stdout.splitlines()[:-1] and f"relearning attack on {path}" in shown.stdout
+    assert f"relearning attack: {out}" in CliRunner().invoke(app, ["show", str(path)]).stdout
     r = CliRunner().invoke(app, ["relearn", str(path), "--samples", "1,3", "--steps", "2", "--concept", "violence",
                                  "--eval-chars", "3000"])
     assert r.exit_code == 0, r.stderr

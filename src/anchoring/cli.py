@@ -264,7 +264,10 @@ def warning(message: str) -> None:
 @app.command("show")
 def show_cmd(run_dir: Path = typer.Argument(..., help="finished run directory"),
              select: Optional[str] = typer.Option(None, "--select", help="pareto: also show the edits on the Pareto-selected seeds")) -> None:
-    """Print a finished run's tables and report path."""
+    """Print a finished run's tables and report path (or, given RUN/relearn/CONCEPT, the attack's table)."""
+    if run_dir.parent.name == "relearn" and not (run_dir / runs.CONFIG).is_file() and (run_dir / runs.SUMMARY).is_file():
+        _show_attack(run_dir)
+        return
     try:
         outcome = lifecycle.show(run_dir)
     except AnchoringError as e:
@@ -279,6 +282,28 @@ def show_cmd(run_dir: Path = typer.Argument(..., help="finished run directory"),
     total = timing.get("total_s") if isinstance(timing, dict) else None
     known = isinstance(total, (int, float)) and not isinstance(total, bool)
     print_outcome(outcome, float(total) if known else None, recorded=True)  # an edited run records none
+    for attack in sorted(p.parent for p in (run_dir / "relearn").glob(f"*/{runs.SUMMARY}")):
+        out.print(f"relearning attack: {attack} (`anchoring show {attack}` prints its table)", markup=False, soft_wrap=True)
+
+
+def _show_attack(path: Path) -> None:
+    """A relearning attack's table and targets, read back from the summary.json `anchoring relearn` wrote."""
+    try:
+        summary = runs.read_json(path / runs.SUMMARY)
+    except AnchoringError as e:
+        fail(str(e))
+    if isinstance(summary, dict) and {"unlearning", "targets"} <= set(summary):
+        from anchoring.kinds.lm.control import attack_lines
+
+        lines = attack_lines(summary)
+    elif isinstance(summary, dict) and {"rows", "threshold", "steps", "concept"} <= set(summary):
+        from anchoring.kinds.colour.control import attack_table
+
+        lines = [attack_table(summary)]
+    else:
+        fail(f"{str(path / runs.SUMMARY)!r} is not a relearning attack's summary")
+    print_lines(lines)
+    out.print(f"relearning attack on {path.parent.parent}", markup=False, soft_wrap=True)
 
 
 def _dims(text: str | None, flag: str = "--dims", example: str = "0,1") -> list[int] | None:

@@ -260,11 +260,18 @@ def relearn(run: ColourRun, concept: str = "red", samples: Sequence[int] = (1, 4
     summary = {"concept": concept, "threshold": threshold, "steps": steps, "lr": lr, "retain": retain, "rows": rows}
     runs.write_json(out / "summary.json", summary)
     figures.save(figures.relearn_curves(curves, threshold), out / "relearn.png")
-    table = Table(title=f"relearning {concept}: steps until MSE ≤ {threshold} (per seed; '-' = not within {steps})")
+    return EditResult("relearn", [attack_table(summary), f"wrote {out}"], [out], summary)
+
+
+def attack_table(summary: dict[str, Any]) -> Table:
+    """The relearning table from an attack's summary.json: what `anchoring relearn` printed, and
+    what `anchoring show RUN/relearn/<concept>` prints again later."""
+    steps, threshold = summary["steps"], summary["threshold"]
+    table = Table(title=f"relearning {summary['concept']}: steps until MSE ≤ {threshold} (per seed; '-' = not within {steps})")
     for h in ("model", "K", "start MSE", "median steps", "per seed"):
         table.add_column(h, justify="right")
-    for r in rows:
+    for r in summary["rows"]:
         got = r["steps_to_recover"]
         table.add_row(r["model"], str(r["K"]), f"{r['start_error']:.3f}", median_steps(got, steps),
                       " ".join("-" if s is None else str(s) for s in got))
-    return EditResult("relearn", [table, f"wrote {out}"], [out], summary)
+    return table

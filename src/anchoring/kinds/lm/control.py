@@ -301,8 +301,15 @@ def relearn(run, concept: str | None = None, samples: list[int] | None = None, s
         if made and out.parent.is_dir() and not any(out.parent.iterdir()):  # nor an empty relearn/ of a first attack
             out.parent.rmdir()
         raise
-    lines: list[Any] = [*ul.lines(res)]
-    lines += [f"{'met ' if t['met'] else 'MISS'}  {name}: {target_text(target_median(t))}{left_out_note(t)}"
-              for name, t in targets.items()]
+    lines = attack_lines(summary)
     lines.append(f"wrote {out}" + (" (replacing an earlier attack)" if earlier else ""))
     return EditResult("relearn", lines, [out], summary)
+
+
+def attack_lines(summary: dict[str, Any]) -> list[Any]:
+    """The unlearning table and its targets from an attack's summary: what `anchoring relearn`
+    printed, and what `anchoring show RUN/relearn/<concept>` prints again from summary.json."""
+    lines: list[Any] = [*ul.lines(summary["unlearning"])]
+    lines += [f"{'met ' if t['met'] else 'MISS'}  {name}: {target_text(target_median(t))}{left_out_note(t)}"
+              for name, t in summary["targets"].items()]
+    return lines
