@@ -749,7 +749,9 @@ def test_the_concept_rename_flags_the_error_lists_are_all_it_takes(corpus):
     base = [f'text.corpus="{corpus}"', 'text.concept="deception"', "lm.width=32"]
     with pytest.raises(AnchoringError) as e:
         kind.validate(experiments.load("lm-anchor-cleared", base), data=False)
-    flags = str(e.value).split("rename the concept too: ")[1].split(" --set ")
+    rename, back = str(e.value).split("rename the concept too: ")[1].split(", or label 'violence' instead: ")
+    assert back == "--set text.concept=violence"  # the other way out: label the concept the terms name
+    flags = rename.split(" --set ")
     assert flags[0].startswith("--set ")
     flags = [f.removeprefix("--set ") for f in flags]
     cfg = experiments.load("lm-anchor-cleared", base + flags)
@@ -764,6 +766,15 @@ def test_arms_without_labels_are_refused_only_where_an_arm_learns_from_them(corp
     kind.check_labelled(cfg, load_data(cfg.text))  # neither arm reads the weak labels
     spans = experiments.load("lm-anchor", [f'text.corpus="{corpus}"', "text.coverage=1.0", 'lm.arms=["anchored"]'])
     kind.check_labelled(spans, load_data(spans.text))  # span labels: labelled passages with a word to mark
+    # only false positives labelled: calm passages, no word to mark; the weak filter still drops them
+    calm = [f'text.corpus="{corpus}"', "text.coverage=0.0", "text.false_positives=0.3"]
+    cfg = experiments.load("lm-anchor", [*calm, 'lm.arms=["control","weak-filtered"]'])
+    d = load_data(cfg.text)
+    assert (~d.keep("weak-filtered", 0)).sum() > 0
+    kind.check_labelled(cfg, d)
+    cfg = experiments.load("lm-anchor", [*calm, 'lm.arms=["anchored","control"]'])
+    with pytest.raises(AnchoringError, match="weakly labelled training passages has a word of 'violence' to mark"):
+        kind.check_labelled(cfg, d)
 
 
 def test_a_folder_corpus_is_kept_as_an_absolute_path_and_opens_from_anywhere(corpus, tmp_path, monkeypatch):

@@ -625,7 +625,7 @@ def test_the_recovery_does_not_replay_the_repairs_retain_windows(unlearned):
         assert not torch.equal(mix_r.batch(step, half), mix_f.batch(step, half)), step
 
 
-def test_relearn_on_a_finished_run_gives_the_in_run_table_and_takes_its_own_attack(unlearned, tmp_path):
+def test_relearn_on_a_finished_run_gives_the_in_run_table_and_takes_its_own_attack(unlearned, tmp_path, monkeypatch):
     """`anchoring relearn` on an LM run recomputes the table the run printed after training (same
     methods, same numbers), and --samples/--steps change the attack; it writes everything or nothing."""
     import pandas as pd
@@ -651,6 +651,9 @@ def test_relearn_on_a_finished_run_gives_the_in_run_table_and_takes_its_own_atta
     assert shown.exit_code == 0, shown.stderr
     assert shown.stdout.splitlines()[:-1] == r.stdout.splitlines()[:-1] and f"relearning attack on {path}" in shown.stdout
     assert f"relearning attack: {out}" in CliRunner().invoke(app, ["show", str(path)]).stdout
+    with monkeypatch.context() as m:  # from inside the attack's folder
+        m.chdir(out)
+        assert CliRunner().invoke(app, ["show", "."]).stdout == shown.stdout
     r = CliRunner().invoke(app, ["relearn", str(path), "--samples", "1,3", "--steps", "2", "--concept", "violence",
                                  "--eval-chars", "3000"])
     assert r.exit_code == 0, r.stderr

@@ -119,6 +119,11 @@ def test_labels_of_another_shape_than_the_samples_are_one_error():
     assert t({"latent": z}, {"red": torch.ones(8)}).shape == ()
     with pytest.raises(AnchoringError, match=r"labels of shape \(8, 1\) do not match the \(8,\) samples of 'latent'"):
         t({"latent": z}, {"red": torch.ones(8, 1)})
+    for bad in (torch.ones(7), torch.ones(1), torch.tensor(1.0)):  # too few: torch's error, or a sum instead of a mean
+        with pytest.raises(AnchoringError, match="one label per sample"):
+            t({"latent": z}, {"red": bad})
+    with pytest.raises(AnchoringError, match="one label per sample"):
+        t({"latent": torch.randn(3, 8, 4)}, {"red": torch.ones(3, 1)})
     assert t({"latent": torch.randn(3, 8, 4)}, {"red": torch.ones(8)}).shape == (3,)  # shared labels broadcast over members
 
 

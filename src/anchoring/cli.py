@@ -265,7 +265,9 @@ def warning(message: str) -> None:
 def show_cmd(run_dir: Path = typer.Argument(..., help="finished run directory"),
              select: Optional[str] = typer.Option(None, "--select", help="pareto: also show the edits on the Pareto-selected seeds")) -> None:
     """Print a finished run's tables and report path (or, given RUN/relearn/CONCEPT, the attack's table)."""
-    if run_dir.parent.name == "relearn" and not (run_dir / runs.CONFIG).is_file() and (run_dir / runs.SUMMARY).is_file():
+    whole = run_dir.resolve()  # `anchoring show .` from inside the attack's folder too
+    if (whole.parent.name == "relearn" and (whole.parent.parent / runs.CONFIG).is_file()
+            and not (whole / runs.CONFIG).is_file() and (whole / runs.SUMMARY).is_file()):
         _show_attack(run_dir)
         return
     try:
@@ -303,7 +305,7 @@ def _show_attack(path: Path) -> None:
     else:
         fail(f"{str(path / runs.SUMMARY)!r} is not a relearning attack's summary")
     print_lines(lines)
-    out.print(f"relearning attack on {path.parent.parent}", markup=False, soft_wrap=True)
+    out.print(f"relearning attack on {path.resolve().parent.parent}", markup=False, soft_wrap=True)
 
 
 def _dims(text: str | None, flag: str = "--dims", example: str = "0,1") -> list[int] | None:
@@ -367,7 +369,8 @@ def _apply_edit(action, what: str = "the edit") -> None:
 def intervene_cmd(
     run_dir: Path = typer.Argument(..., help="finished run directory"),
     concept: Optional[str] = typer.Option(None, "--concept", help="concept whose anchor direction to act on"),
-    method: str = typer.Option("suppress", "--method", help="suppress | repel | zero (colour) | ablate (transformer)"),
+    method: str = typer.Option("suppress", "--method", help="suppress (every kind; the only one for LM runs) | repel, zero (colour) | ablate "
+                                                          "(transformer)"),
     falloff: str = typer.Option("constant", "--falloff", help="constant[:s] | linear:a,b | power:a,p,b | bezier:x1,y1,x2,y2,end"),
     dims: Optional[str] = typer.Option(None, "--dims", help="dims for --method zero, e.g. 0,1"),
     k: float = typer.Option(2.0, "--k", help="selectivity exponent: R² of error vs similarity^k"),

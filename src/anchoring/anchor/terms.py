@@ -54,12 +54,24 @@ class Term:
         if self.select == "all":
             return per_sample.mean(-1)
         w = labels[self.concept]
-        if w.shape != per_sample.shape and torch.broadcast_shapes(w.shape, per_sample.shape) != per_sample.shape:
+        if w.shape != per_sample.shape and not _labels_fit(w.shape, per_sample.shape):
             raise AnchoringError(f"term {self.name!r}: labels of shape {tuple(w.shape)} do not match the "
                                  f"{tuple(per_sample.shape)} samples of {self.site!r} (one label per sample)")
         if self.select == "unlabelled":
             w = 1.0 - w
         return (per_sample * w).sum(-1) / w.sum(-1).clamp_min(1.0)
+
+
+def _labels_fit(labels: torch.Size, samples: torch.Size) -> bool:
+    """One label per sample along the last dim; leading dims may broadcast (labels shared by the
+    members of an ensemble). A single label, or (N, 1) against N samples, would broadcast into a
+    sum over samples, not a mean."""
+    if not labels or labels[-1] != samples[-1]:
+        return False
+    try:
+        return torch.broadcast_shapes(labels, samples) == samples
+    except RuntimeError:
+        return False
 
 
 def reference_centre(z: torch.Tensor, weights: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:

@@ -170,24 +170,27 @@ def text_line(cfg: LMExperiment) -> str:
 
 
 def check_labelled(cfg: LMExperiment, d: LMData) -> None:
-    """An arm that learns from the weak labels, given none, would train as the control does and be
-    reported as if it had been labelled: refuse it (for span labels, a labelled passage must also
-    have a word where the labeller fires, since only those positions are marked)."""
+    """An arm that learns from the weak labels, given none, would learn from no label and still be
+    reported as a labelled arm: refuse it. Under span labels, the arms that learn from each
+    position's label (anchored, SGTM, routing) also need a labelled passage with a word where the
+    labeller fires, since only those positions are marked; the weak filter drops whole passages."""
     users = [a for a in cfg.lm.arms if a in WEAK_LABEL_ARMS]
     if not users:
         return
     train, concept = d.parts["train"], cfg.text.concept
-    spans = cfg.text.weak_labels == "spans"
+    per_position = [a for a in users if a != "weak-filtered"] if cfg.text.weak_labels == "spans" else []
     for seed in cfg.train.member_seeds():
         weak = np.flatnonzero(d.weak(seed))
-        marked = any(concept_spans(d.texts[train[i]], concept) for i in weak) if spans else len(weak) > 0
-        if not marked:
+        if not len(weak):
             carry = int(d.reference[train].sum())
-            why = (f"{len(weak):,} weakly labelled, none with a word to mark" if spans and len(weak) else
-                   f"text.coverage = {cfg.text.coverage:g} of the {carry:,} training passages that carry {concept!r}")
-            raise AnchoringError(f"seed {seed}: no training passage carries a weak label for {concept!r} ({why}), so "
-                                 f"arm {users[0]!r} would train as the control does; raise text.coverage or train only "
-                                 f"arms that use no labels (control, oracle-filtered)")
+            raise AnchoringError(f"seed {seed}: no training passage carries a weak label for {concept!r} (text.coverage = "
+                                 f"{cfg.text.coverage:g} of the {carry:,} training passages that carry it), so arm "
+                                 f"{users[0]!r} would learn from no label; raise text.coverage or train only arms that "
+                                 f"use no labels (control, oracle-filtered)")
+        if per_position and not any(concept_spans(d.texts[train[i]], concept) for i in weak):
+            raise AnchoringError(f"seed {seed}: none of the {len(weak):,} weakly labelled training passages has a word "
+                                 f"of {concept!r} to mark, so under text.weak_labels = 'spans' arm {per_position[0]!r} "
+                                 f"would learn from no label; raise text.coverage or use text.weak_labels = 'passages'")
 
 
 def check_relearnable(cfg: LMExperiment, d: LMData, key: str = "unlearning.relearn_k", fix: str = "") -> None:

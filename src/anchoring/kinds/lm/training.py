@@ -23,6 +23,7 @@ from anchoring.anchor import Capture, build_term
 from anchoring.anchor.concepts import build_concepts
 from anchoring.anchor.route import RouteThrough
 from anchoring.anchor.sequence import Positions, SequenceObjective, SequenceSite, SequenceTerm, pooled_lines
+from anchoring.domains.text.lexicons import CONCEPTS
 from anchoring.errors import AnchoringError
 from anchoring.kinds.lm.baselines import forget_masks, routing
 from anchoring.kinds.lm.config import LMExperiment
@@ -66,8 +67,9 @@ def build_objective(cfg: LMExperiment, model: torch.nn.Module) -> SequenceObject
             want = cfg.text.concept
             keys = [f"concepts.{i}.name" for i, c in enumerate(cfg.concepts) if c.name == name]
             keys += [f"terms.{j}.concept" for j, t in enumerate(cfg.terms) if t.concept == name]
+            back = f", or label {name!r} instead: --set text.concept={name}" if name in CONCEPTS else ""
             raise AnchoringError(f"concept {name!r}: an LM run labels only text.concept ({want!r}); to anchor {want!r}, "
-                                 f"rename the concept too: " + " ".join(f"--set {k}={want}" for k in keys))
+                                 f"rename the concept too: " + " ".join(f"--set {k}={want}" for k in keys) + back)
     terms: list[SequenceTerm] = []
     for t in cfg.terms:
         label = t.name or (f"{t.kind}:{t.concept}" if t.concept else t.kind)
@@ -80,7 +82,10 @@ def build_objective(cfg: LMExperiment, model: torch.nn.Module) -> SequenceObject
             raise AnchoringError(f"term {label!r} reads {t.site!r}, which a model of lm.layers = {cfg.lm.layers} does "
                                  f"not have (residual sites: {residual})")
         if t.concept is not None and t.concept not in concepts:
-            raise AnchoringError(f"term {label!r} names unknown concept {t.concept!r} (defined: {', '.join(concepts) or 'none'})")
+            stale = [f"--set terms.{j}.concept={cfg.text.concept}" for j, u in enumerate(cfg.terms) if u.concept == t.concept]
+            fix = f"; to rename it: {' '.join(stale)}" if cfg.text.concept in concepts else ""
+            raise AnchoringError(f"term {label!r} names unknown concept {t.concept!r} (defined: "
+                                 f"{', '.join(concepts) or 'none'}){fix}")
         base = build_term(t.kind, t.weight, latent_dim=width, site=t.site,
                           concept=concepts.get(t.concept) if t.concept else None, select=t.select,
                           direction=t.direction, dims=t.dims, name=t.name)
