@@ -42,15 +42,37 @@ def test_a_sweep_with_other_settings_never_reuses_old_shards(tmp_path):
     assert invoke(*base, "--out", out).exit_code == 0
     old = read_checkpoint(out / "checkpoint.safetensors")[1]
     changed = ["--set", "terms.0.power=10", "--set", "model.normalize=false"]
-    one_line_error(invoke(*base, *changed, "--out", out), "holds a sweep with other settings")
+    one_line_error(invoke(*base, *changed, "--out", out), "holds a sweep with other settings (it was started with "
+                                                          "--set/--seeds/--steps ['train.seeds=2', 'train.steps=30'] (now")
     assert torch.equal(read_checkpoint(out / "checkpoint.safetensors")[1]["param.encoder.0.weight"], old["param.encoder.0.weight"])
     # the new settings into a fresh directory give other weights; the same settings continue in place
     assert invoke(*base, *changed, "--out", tmp_path / "fresh").exit_code == 0
     fresh = read_checkpoint(tmp_path / "fresh" / "checkpoint.safetensors")[1]
     assert not torch.equal(fresh["param.encoder.0.weight"], old["param.encoder.0.weight"])
+    # the same command on the finished sweep: refused, not evaluated again (an interrupt would unfinish it)
+    one_line_error(invoke(*base, "--out", out), f"is a finished sweep (`anchoring show {out}` prints it)")
+    (out / runs.SUMMARY).unlink()  # as a sweep stopped while merging leaves it
     assert invoke(*base, "--out", out).exit_code == 0  # documented way to continue: the same command again
     again = read_checkpoint(out / "checkpoint.safetensors")[1]
     assert all(torch.equal(again[k], old[k]) for k in old if k.startswith("param."))
+
+
+def test_an_unfinished_sweep_names_the_command_that_continues_it_and_a_grid_key_cannot_be_set_twice(tmp_path):
+    import shlex
+
+    out = tmp_path / "g"
+    base = ["sweep", "anchored", "--seeds", "1", "--workers", "1", "--steps", "20", "-q", "--grid", "terms.0.power=50,100"]
+    one_line_error(invoke(*base, "--set", "terms.0.power=70", "--out", out), "--grid terms.0.power is also given as "
+                                                                            "'terms.0.power=70'")
+    assert not out.exists()
+    assert invoke(*base, "--out", out).exit_code == 0
+    for name in (runs.SUMMARY, runs.REPORT):  # as a sweep stopped while it evaluated its points leaves it
+        (out / name).unlink()
+    r = invoke("resume", out)
+    one_line_error(r, "is a sweep that has not finished; continue it with the command that started it: anchoring sweep")
+    command = shlex.split(r.stderr.strip().split("started it: ")[1])
+    assert command[-2:] == ["--out", str(out)]
+    assert invoke(*command[1:], "-q").exit_code == 0 and (out / runs.REPORT).is_file()
 
 
 def test_edits_after_pruning_hit_the_named_concept_or_are_refused(anchored_run, tmp_path):

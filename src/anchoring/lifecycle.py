@@ -9,6 +9,7 @@ run. The kind of a run is looked up in `anchoring.kinds.REGISTRY`, the only disp
 from __future__ import annotations
 
 import hashlib
+import shlex
 import time
 import warnings
 from dataclasses import dataclass
@@ -117,14 +118,30 @@ def _config(path: Path) -> ExperimentBase:
     if not path.is_dir():
         raise AnchoringError(f"{str(path)!r} is not a run directory")
     if not (path / runs.CONFIG).is_file():
-        if (path / "sweep.json").is_file() and (path / "points").is_dir():  # a sweep holds one run per grid point
-            points = sorted(p.name for p in (path / "points").iterdir() if (p / runs.CONFIG).is_file())
+        if (path / "sweep.json").is_file():  # a sweep: one run per grid point, or (no grid) one run once merged
+            points = sorted(p.name for p in (path / "points").iterdir() if (p / runs.CONFIG).is_file()) \
+                if (path / "points").is_dir() else []
             shown = ", ".join(str(path / "points" / p) for p in points[:2]) + (" …" if len(points) > 2 else "")
-            table = (f"its table is in {str(path / 'report.html')!r}, and " if (path / "report.html").is_file()
-                     else "it has not finished; ")
-            raise AnchoringError(f"{str(path)!r} is a sweep: {table}each point is a run ({shown or 'none yet'})")
+            if (path / "report.html").is_file():
+                raise AnchoringError(f"{str(path)!r} is a sweep: its table is in {str(path / 'report.html')!r}, and "
+                                     f"each point is a run ({shown or 'none yet'})")
+            raise AnchoringError(f"{str(path)!r} is a sweep that has not finished; continue it with the command that "
+                                 f"started it: {_sweep_command(path)}")
         raise AnchoringError(f"{str(path)!r} is not a run directory (no {runs.CONFIG})")
     return load_config(path / runs.CONFIG)
+
+
+def _sweep_command(path: Path) -> str:
+    """The `anchoring sweep` command that continues the sweep at `path`, from its sweep.json (the
+    backend is not recorded: add --backend ray if it ran on Ray)."""
+    try:
+        plan = runs.read_json(path / "sweep.json")
+        args = ["anchoring", "sweep", plan["experiment"], *[a for s in plan["sets"] for a in ("--set", s)],
+                *[a for key, values in plan["grid"] for a in ("--grid", f"{key}={','.join(values)}")],
+                "--workers", str(plan["workers"]), "--out", str(path)]
+    except (AnchoringError, KeyError, TypeError, ValueError):
+        return f"anchoring sweep … --out {path}"
+    return shlex.join(args)
 
 
 def resumable_config(path: Path, warn: Callable[[str], None] | None = None):

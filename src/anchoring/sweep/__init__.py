@@ -107,7 +107,10 @@ def plan(experiment: str, sets: list[str], grid: list[tuple[str, list[str]]], wo
             raise AnchoringError(f"{cfg.name!r} is {what}; sweeps shard the seeds of plain runs of these kinds only: {able}")
         if cfg.train.seed_list is not None:
             raise AnchoringError("sweeps set the seeds themselves; remove train.seed_list")
-        lifecycle.validate(cfg)
+        try:
+            lifecycle.validate(cfg)
+        except AnchoringError as e:
+            raise AnchoringError(f"--grid point {', '.join(extra)}: {e}" if grid else str(e)) from None
         configs.append(cfg)
         for block in kind.seed_blocks(cfg, -(-workers // len(points))):
             shard_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed_list": block})})
@@ -139,10 +142,14 @@ def check_continuation(out: Path, shards: list[Shard], plan_record: dict) -> Non
         s = planned.get(d.name)
         old = d / SHARD_CONFIG
         if s is None or (old.is_file() and old.read_text() != s.config.to_toml()):
-            if old_plan and old_plan.get("workers") != plan_record["workers"]:
+            changed = [f"{what} {old_plan.get(key)} (now {plan_record[key]})" for key, what in
+                       (("experiment", "experiment"), ("sets", "--set/--seeds/--steps"), ("grid", "--grid"))
+                       if old_plan and old_plan.get(key) != plan_record[key]]
+            if not changed and s is None and old_plan and old_plan.get("workers") != plan_record["workers"]:
                 raise AnchoringError(f"{str(out)!r} is a sweep started with --workers {old_plan.get('workers')}, which set "
                                      f"its shards' seed blocks: continue it with --workers {old_plan.get('workers')}")
-            raise AnchoringError(f"{str(out)!r} holds a sweep with other settings (shard {d.name} differs); "
+            said = f"it was started with {'; '.join(changed)}" if changed else f"shard {d.name} differs"
+            raise AnchoringError(f"{str(out)!r} holds a sweep with other settings ({said}); "
                                  f"continue it with the same command, or choose another --out")
 
 
@@ -158,9 +165,18 @@ def sweep(experiment: str, out: Path, *, sets: list[str] | None = None, grid: li
         raise AnchoringError(f"{str(out)!r} is a file, not a sweep directory (choose another --out)")
     if out.exists() and any(out.iterdir()) and not (out / "shards").is_dir():
         raise AnchoringError(f"{str(out)!r} already exists and is not a sweep to continue")
+    given = {item.split("=", 1)[0].strip(): item for item in sets or []}
+    for key, _values in grid:
+        if key in given:  # the grid's values would silently replace it in every point
+            raise AnchoringError(f"--grid {key} is also given as {given[key]!r} (by --set, --seeds or --steps); drop one")
     configs, shards = plan(experiment, sets or [], grid, workers, out)
     record = {"experiment": configs[0].name, "sets": list(sets or []), "grid": [[k, v] for k, v in grid], "workers": workers}
     check_continuation(out, shards, record)
+    if shards and all((s.dir / DONE).is_file() for s in shards) and (out / runs.SUMMARY).is_file():
+        where = f"its report is {str(out / runs.REPORT)!r}" if grid else f"`anchoring show {out}` prints it"
+        raise AnchoringError(f"{str(out)!r} is a finished sweep ({where}); choose another --out to run it again")
+    old_plan = runs.read_json(out / SWEEP_PLAN) if (out / SWEEP_PLAN).is_file() else {}
+    record["workers"] = old_plan.get("workers", workers)  # what set the seed blocks, which a continuation keeps
     if backend == "local" or (backend == "ray" and not address):  # a Ray cluster trains on its own machines
         check_memory(shards, workers)
     runs.check_writable(out)
@@ -214,7 +230,7 @@ def _sweep_summary(experiment: str, grid, shards: list[Shard], results, workers:
     keys = list(dict.fromkeys(k for p in points for k in p))  # points may differ (e.g. one has unlearning rows)
     return {
         "experiment": experiment, "grid": [{"key": k, "values": v} for k, v in grid],
-        "points": [{k: p.get(k) for k in keys} | {"path": str(o.path)} for p, (_, o) in zip(points, results)],
+        "points": [{k: p.get(k) for k in keys} | {"path": str(o.path.resolve())} for p, (_, o) in zip(points, results)],
         "sweep": {"backend": backend, "workers": workers, "shards": [{"name": s.name, "seeds": s.seeds} for s in shards]},
         "timing": {"train_s": round(train_s, 3), "total_s": round(total_s, 3)},
     }

@@ -145,7 +145,8 @@ def relearning_curves(points: list[dict], ks: list[int]) -> Figure:
 
 def coverage_figure(points: list[tuple[float, str, float]]) -> Figure:
     """R (Δforget relative to the oracle filter) against weak-label coverage, one line per method;
-    `points` = [(coverage, method, R)], several seeds per coverage averaged (NaN skipped). Control rows
+    `points` = [(coverage, method, R)], the median of several seeds per coverage, as the sweep's table
+    gives it (undefined and infinite R left out, as `stats.median` does). Control rows
     are left out: R counts any damage, and a control's would set the scale."""
     methods = list(dict.fromkeys(m for _c, m, _r in points if m not in CONTROL_ROWS))
     colour = _method_colours(methods)
@@ -155,7 +156,7 @@ def coverage_figure(points: list[tuple[float, str, float]]) -> Figure:
         ys = []
         for c in covs:
             vals = [r for cc, mm, r in points if mm == m and cc == c and r is not None and np.isfinite(r)]
-            ys.append(float(np.mean(vals)) if vals else np.nan)
+            ys.append(float(np.median(vals)) if vals else np.nan)
         ax.plot(covs, ys, marker="o", ms=3, color=colour[m], label=m)
     ax.axhline(1.0, color="k", ls="--", lw=0.6)
     ax.set_xlabel("label coverage", fontsize=8)

@@ -126,8 +126,9 @@ def sweep_row(summary: dict[str, Any]) -> dict[str, Any]:
 def grid_figures(out: Path, results: list) -> list[tuple[str, Path]]:
     """R against label coverage when the grid varies `text.coverage` and the points were scored for
     unlearning: one line per method and setting of the grid's other axes (never averaged across
-    them), seeds averaged (`figures.coverage_figure`). No figure when no point has an R (a run
-    without the oracle-filtered arm has none)."""
+    them), the median over seeds (`figures.coverage_figure`). No figure when no point has an R (a run
+    without the oracle-filtered arm has none, and R is undefined wherever the oracle filter removed
+    nothing, as in a run too short to learn the concept)."""
     from anchoring.kinds.lm.figures import CONTROL_ROWS, coverage_figure
     from anchoring.report.figures import save
 
