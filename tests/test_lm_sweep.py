@@ -75,6 +75,15 @@ def test_lm_grid_sweep_equals_one_run_per_point(spec, tmp_path, monkeypatch):
     assert "alignment per layer" in (out / "report.html").read_text()
     with pytest.raises(AnchoringError, match=r"is a sweep: its table is in .*report.html.*points/text.coverage=0.5"):
         lifecycle.show(out)  # was "not a run directory"
+    from typer.testing import CliRunner
+
+    from anchoring.cli import app
+
+    r = CliRunner().invoke(app, ["show", str(out)])  # the CLI prints the grid's table (it refused, too)
+    assert r.exit_code == 0, r.stderr
+    row = next(x for x in r.stdout.splitlines() if "anchored_loss_retain" in x)
+    assert [c.strip() for c in row.split("│")[2:4]] == [f"{p['anchored_loss_retain']:.3f}" for p in summary["points"]]
+    assert "text.coverage=0.5" in r.stdout and str(out / "points" / "text.coverage=1.0") in r.stdout
 
     point = out / "points" / "text.coverage=0.5"
     run = lifecycle.load_run(point)

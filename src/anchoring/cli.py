@@ -10,7 +10,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, NoReturn, Optional
+from typing import Any, Iterator, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -265,6 +265,9 @@ def warning(message: str) -> None:
 def show_cmd(run_dir: Path = typer.Argument(..., help="finished run directory"),
              select: Optional[str] = typer.Option(None, "--select", help="pareto: also show the edits on the Pareto-selected seeds")) -> None:
     """Print a finished run's tables and report path (or, given RUN/relearn/CONCEPT, the attack's table)."""
+    if (run_dir / "sweep.json").is_file() and not (run_dir / runs.CONFIG).is_file() and (run_dir / runs.SUMMARY).is_file():
+        _show_sweep(run_dir)
+        return
     whole = run_dir.resolve()  # `anchoring show .` from inside the attack's folder too
     if (whole.parent.name == "relearn" and (whole.parent.parent / runs.CONFIG).is_file()
             and not (whole / runs.CONFIG).is_file() and (whole / runs.SUMMARY).is_file()):
@@ -286,6 +289,36 @@ def show_cmd(run_dir: Path = typer.Argument(..., help="finished run directory"),
     print_outcome(outcome, float(total) if known else None, recorded=True)  # an edited run records none
     for attack in sorted(p.parent for p in (run_dir / "relearn").glob(f"*/{runs.SUMMARY}")):
         out.print(f"relearning attack: {attack} (`anchoring show {attack}` prints its table)", markup=False, soft_wrap=True)
+
+
+def _show_sweep(path: Path) -> None:
+    """A finished grid sweep's table, one column per point and one row per measure (points are few,
+    measures many), read back from its summary.json."""
+    try:
+        summary = runs.read_json(path / runs.SUMMARY)
+        points = summary["points"]
+        keys = list(dict.fromkeys(k for p in points for k in p if k not in ("point", "path")))
+    except (AnchoringError, KeyError, TypeError) as e:
+        fail(f"{str(path / runs.SUMMARY)!r} is not a sweep's summary ({e})")
+    table = Table(title=Text(f"sweep of {summary.get('experiment', '?')}: medians over seeds per grid point"))
+    table.add_column("")
+    for p in points:
+        table.add_column(str(p.get("point")), justify="right")
+
+    def cell(v: Any) -> str:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return "–" if v is None else str(v)
+        return f"{v:g}" if isinstance(v, int) or v != v or abs(v) == float("inf") else f"{v:.3f}" if abs(v) >= 0.01 \
+            else f"{v:.2e}"  # a small error (an MSE) keeps its digits
+
+    for k in keys:
+        table.add_row(k, *[cell(p.get(k)) for p in points])
+    print_lines([table])
+    report = path / runs.REPORT
+    if report.is_file():
+        out.print(f"report: {report}", markup=False, soft_wrap=True)
+    for p in points:
+        out.print(f"point {p.get('point')}: {p.get('path')}", markup=False, soft_wrap=True)
 
 
 def _show_attack(path: Path) -> None:
