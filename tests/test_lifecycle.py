@@ -209,9 +209,13 @@ def test_a_merged_sweep_records_its_config_digest_and_resume_checks_it(tmp_path)
     assert r.exit_code == 0, r.stderr
     text = (out / runs.CONFIG).read_text()
     assert (out / runs.CONFIG_DIGEST).read_text().strip() == hashlib.sha256(text.encode()).hexdigest()
-    (out / "summary.json").unlink()
+    (out / "summary.json").unlink()  # as a sweep stopped while merging leaves it
     (out / runs.CONFIG).write_text(text.replace("steps = 20", "steps = 10"))
-    one_line_error(invoke("resume", out), "was edited after the run started")
+    # not resumed as a run (that trains anew from an edited config): the sweep merges its shards again
+    one_line_error(invoke("resume", out), "is a sweep that has not finished; continue it with the command")
+    r = invoke("sweep", "anchored", "--seeds", "1", "--workers", "1", "--steps", "20", "--out", out, "-q")
+    assert r.exit_code == 0, r.stderr
+    assert (out / runs.CONFIG).read_text() == text and (out / "summary.json").is_file()
 
 
 # --- run folder names -------------------------------------------------------------------------------

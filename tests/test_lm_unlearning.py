@@ -452,6 +452,8 @@ def test_coverage_figure_draws_r_against_coverage():
     assert "anchoring · matched random move" not in [line.get_label() for line in ax.get_lines()]  # a control, not a method
     assert ax.get_ylim()[1] < 7.0
     assert list(ax.get_lines()[1].get_ydata()) == pytest.approx([0.01, 0.09, 1.0])
+    three = [(0.3, "anchoring · delete", r) for r in (0.1, 0.2, 0.9)]  # three seeds: the median, as the table gives
+    assert list(coverage_figure(three).axes[0].get_lines()[0].get_ydata()) == pytest.approx([0.2])
 
 
 @pytest.mark.parametrize("override,message", [("unlearning.relearn_k=[0]", "relearn_k"),

@@ -4,6 +4,7 @@ used to end in a traceback. Each test failed before the fix it covers."""
 import json
 import math
 import os
+import shlex
 import stat
 import string
 
@@ -51,19 +52,21 @@ def test_a_sweep_with_other_settings_never_reuses_old_shards(tmp_path):
     assert not torch.equal(fresh["param.encoder.0.weight"], old["param.encoder.0.weight"])
     # the same command on the finished sweep: refused, not evaluated again (an interrupt would unfinish it)
     one_line_error(invoke(*base, "--out", out), f"is a finished sweep (`anchoring show {out}` prints it)")
-    (out / runs.SUMMARY).unlink()  # as a sweep stopped while merging leaves it
+    (out / runs.SUMMARY).unlink()  # as a sweep stopped while merging leaves it: a config.toml, but no run to resume
+    one_line_error(invoke("resume", out), "is a sweep that has not finished; continue it with the command that started "
+                                          "it: anchoring sweep anchored --set train.seeds=2 --set train.steps=30 --workers 2")
     assert invoke(*base, "--out", out).exit_code == 0  # documented way to continue: the same command again
     again = read_checkpoint(out / "checkpoint.safetensors")[1]
     assert all(torch.equal(again[k], old[k]) for k in old if k.startswith("param."))
 
 
 def test_an_unfinished_sweep_names_the_command_that_continues_it_and_a_grid_key_cannot_be_set_twice(tmp_path):
-    import shlex
-
     out = tmp_path / "g"
     base = ["sweep", "anchored", "--seeds", "1", "--workers", "1", "--steps", "20", "-q", "--grid", "terms.0.power=50,100"]
-    one_line_error(invoke(*base, "--set", "terms.0.power=70", "--out", out), "--grid terms.0.power is also given as "
-                                                                            "'terms.0.power=70'")
+    for clash in ("terms.0.power=70", " terms.00.power = 70"):  # as written, or as the overrides read it
+        one_line_error(invoke(*base, "--set", clash, "--out", out), f"--grid terms.0.power is also given as {clash!r}")
+    one_line_error(invoke(*base[:-2], "--grid", "model.latent_dim=4,5", "--out", out),  # fails validation, not loading
+                   "--grid point model.latent_dim=5: ")
     assert not out.exists()
     assert invoke(*base, "--out", out).exit_code == 0
     for name in (runs.SUMMARY, runs.REPORT):  # as a sweep stopped while it evaluated its points leaves it
@@ -72,6 +75,23 @@ def test_an_unfinished_sweep_names_the_command_that_continues_it_and_a_grid_key_
     one_line_error(r, "is a sweep that has not finished; continue it with the command that started it: anchoring sweep")
     command = shlex.split(r.stderr.strip().split("started it: ")[1])
     assert command[-2:] == ["--out", str(out)]
+    assert invoke(*command[1:], "-q").exit_code == 0 and (out / runs.REPORT).is_file()
+
+
+def test_a_sweep_of_a_config_file_is_continued_by_that_file_from_anywhere(tmp_path, monkeypatch):
+    spec = tmp_path / "mine.toml"  # its name inside is still 'anchored': the name alone would load the built-in
+    spec.write_text(experiments.find("anchored").read_text().replace("[train]", "[train]\nsteps = 20", 1))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "g"
+    base = ["sweep", "mine.toml", "--seeds", "1", "--workers", "1", "-q", "--set", "model.hidden=[12]",
+            "--grid", "terms.0.power=50,100"]
+    assert invoke(*base, "--out", out).exit_code == 0
+    for name in (runs.SUMMARY, runs.REPORT):
+        (out / name).unlink()
+    monkeypatch.chdir(out)
+    r = invoke("resume", out)
+    command = shlex.split(r.stderr.strip().split("started it: ")[1])
+    assert command[2] == str(spec)
     assert invoke(*command[1:], "-q").exit_code == 0 and (out / runs.REPORT).is_file()
 
 

@@ -148,8 +148,8 @@ def test_continuing_a_sweep_says_what_changed(tmp_path):
     r = CliRunner().invoke(app, [*base, "--workers", "1"])
     assert r.exit_code == 2 and "continue it with --workers 2" in r.stderr, r.stderr
     assert not (tmp_path / "s" / "points").exists()
-    r = CliRunner().invoke(app, [*base, "--workers", "2"])  # the same command continues (here: re-evaluates)
-    assert r.exit_code == 0, r.stderr
+    r = CliRunner().invoke(app, [*base, "--workers", "2"])  # the same command on the finished sweep: refused
+    assert r.exit_code == 2 and "is a finished sweep" in r.stderr, r.stderr
 
 
 def test_sigterm_to_a_sweep_stops_its_workers_and_the_same_command_continues(tmp_path):

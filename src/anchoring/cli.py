@@ -308,8 +308,9 @@ def _show_sweep(path: Path) -> None:
     def cell(v: Any) -> str:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             return "–" if v is None else str(v)
-        return f"{v:g}" if isinstance(v, int) or v != v or abs(v) == float("inf") else f"{v:.3f}" if abs(v) >= 0.01 \
-            else f"{v:.2e}"  # a small error (an MSE) keeps its digits
+        if isinstance(v, int) or v != v or abs(v) == float("inf"):
+            return str(v)
+        return f"{v:.3f}" if abs(v) >= 0.01 or v == 0 else f"{v:.2e}"  # a small error (an MSE) keeps its digits
 
     for k in keys:
         table.add_row(k, *[cell(p.get(k)) for p in points])

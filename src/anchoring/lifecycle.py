@@ -132,13 +132,15 @@ def _config(path: Path) -> ExperimentBase:
 
 
 def _sweep_command(path: Path) -> str:
-    """The `anchoring sweep` command that continues the sweep at `path`, from its sweep.json (the
-    backend is not recorded: add --backend ray if it ran on Ray)."""
+    """The `anchoring sweep` command that continues the sweep at `path`, from its sweep.json (a
+    sweep recorded before the experiment as typed and the backend were: its config name, locally)."""
     try:
         plan = runs.read_json(path / "sweep.json")
-        args = ["anchoring", "sweep", plan["experiment"], *[a for s in plan["sets"] for a in ("--set", s)],
+        ray = ["--backend", "ray"] if plan.get("backend") == "ray" else []
+        ray += ["--address", plan["address"]] if ray and plan.get("address") else []
+        args = ["anchoring", "sweep", plan.get("source") or plan["experiment"], *[a for s in plan["sets"] for a in ("--set", s)],
                 *[a for key, values in plan["grid"] for a in ("--grid", f"{key}={','.join(values)}")],
-                "--workers", str(plan["workers"]), "--out", str(path)]
+                "--workers", str(plan["workers"]), *ray, "--out", str(path)]
     except (AnchoringError, KeyError, TypeError, ValueError):
         return f"anchoring sweep … --out {path}"
     return shlex.join(args)
@@ -148,6 +150,7 @@ def resumable_config(path: Path, warn: Callable[[str], None] | None = None):
     """The config of a run that can be resumed (refused: an edited run, a finished one, a config.toml
     edited since the run started). A run without config.sha256 (started before runs recorded it) is
     resumed unchecked, with a warning through `warn` (default: `warnings.warn`) rather than refused."""
+    _unmerged_sweep(path)
     cfg = _config(path)
     if (path / "edit.json").is_file():
         raise AnchoringError(f"{str(path)!r} is an edited run (written by `anchoring delete`); there is no training to resume")
@@ -190,8 +193,17 @@ def _summary(path: Path, cfg: ExperimentBase) -> dict[str, Any]:
     return summary
 
 
+def _unmerged_sweep(path: Path) -> None:
+    """A sweep without a grid stopped while it merged its shards holds a config.toml, yet it is
+    continued by its sweep command (which merges again), not by `resume` (which would train anew)."""
+    if (path / "sweep.json").is_file() and (path / "shards").is_dir() and not (path / runs.SUMMARY).is_file():
+        raise AnchoringError(f"{str(path)!r} is a sweep that has not finished; continue it with the command that "
+                             f"started it: {_sweep_command(path)}")
+
+
 def show(path: Path) -> Outcome:
     """A finished run's summary, for printing."""
+    _unmerged_sweep(path)
     cfg = _config(path)
     if not (path / runs.SUMMARY).is_file():
         raise AnchoringError(f"{str(path)!r} has not finished (no {runs.SUMMARY}); `anchoring resume` it")

@@ -144,13 +144,25 @@ def check_continuation(out: Path, shards: list[Shard], plan_record: dict) -> Non
         if s is None or (old.is_file() and old.read_text() != s.config.to_toml()):
             changed = [f"{what} {old_plan.get(key)} (now {plan_record[key]})" for key, what in
                        (("experiment", "experiment"), ("sets", "--set/--seeds/--steps"), ("grid", "--grid"))
-                       if old_plan and old_plan.get(key) != plan_record[key]]
-            if not changed and s is None and old_plan and old_plan.get("workers") != plan_record["workers"]:
+                       if old_plan and _same(old_plan.get(key)) != _same(plan_record[key])]
+            if not changed and old_plan and old_plan.get("workers") != plan_record["workers"]:
                 raise AnchoringError(f"{str(out)!r} is a sweep started with --workers {old_plan.get('workers')}, which set "
                                      f"its shards' seed blocks: continue it with --workers {old_plan.get('workers')}")
             said = f"it was started with {'; '.join(changed)}" if changed else f"shard {d.name} differs"
             raise AnchoringError(f"{str(out)!r} holds a sweep with other settings ({said}); "
                                  f"continue it with the same command, or choose another --out")
+
+
+def _same(value: object) -> object:
+    """A plan entry as compared for "what changed": `--set` items without the spaces around `=`."""
+    if isinstance(value, list) and all(isinstance(v, str) and "=" in v for v in value):
+        return [f"{_key(v.split('=', 1)[0])}={v.split('=', 1)[1].strip()}" for v in value]
+    return value
+
+
+def _key(key: str) -> str:
+    """A dotted config key as the overrides read it (`terms.00.power` is `terms.0.power`)."""
+    return ".".join(str(int(p)) if p.strip().isdigit() else p.strip() for p in key.strip().split("."))
 
 
 def sweep(experiment: str, out: Path, *, sets: list[str] | None = None, grid: list[tuple[str, list[str]]] | None = None,
@@ -165,12 +177,18 @@ def sweep(experiment: str, out: Path, *, sets: list[str] | None = None, grid: li
         raise AnchoringError(f"{str(out)!r} is a file, not a sweep directory (choose another --out)")
     if out.exists() and any(out.iterdir()) and not (out / "shards").is_dir():
         raise AnchoringError(f"{str(out)!r} already exists and is not a sweep to continue")
-    given = {item.split("=", 1)[0].strip(): item for item in sets or []}
-    for key, _values in grid:
-        if key in given:  # the grid's values would silently replace it in every point
-            raise AnchoringError(f"--grid {key} is also given as {given[key]!r} (by --set, --seeds or --steps); drop one")
+    given = {_key(item.split("=", 1)[0]): item for item in sets or []}
+    for key, _values in grid:  # the grid's values would silently replace it (or a part of it) in every point
+        for set_key, item in given.items():
+            a, b = _key(key), set_key
+            if a == b or a.startswith(b + ".") or b.startswith(a + "."):
+                raise AnchoringError(f"--grid {key} is also given as {item!r} (by --set, --seed, --seeds or --steps); "
+                                     f"drop one")
     configs, shards = plan(experiment, sets or [], grid, workers, out)
-    record = {"experiment": configs[0].name, "sets": list(sets or []), "grid": [[k, v] for k, v in grid], "workers": workers}
+    typed = experiment if experiment in experiments.builtin() or experiment.startswith("ex-") \
+        else str(experiments.find(experiment).resolve())  # what a continuation types, from any directory
+    record = {"experiment": configs[0].name, "sets": list(sets or []), "grid": [[k, v] for k, v in grid], "workers": workers,
+              "source": typed, "backend": backend, "address": address}
     check_continuation(out, shards, record)
     if shards and all((s.dir / DONE).is_file() for s in shards) and (out / runs.SUMMARY).is_file():
         where = f"its report is {str(out / runs.REPORT)!r}" if grid else f"`anchoring show {out}` prints it"
