@@ -69,6 +69,8 @@ def test_an_unfinished_sweep_names_the_command_that_continues_it_and_a_grid_key_
                    "--grid point model.latent_dim=5: ")
     assert not out.exists()
     assert invoke(*base, "--out", out).exit_code == 0
+    timing = json.loads((out / "points" / "terms.0.power=50" / runs.SUMMARY).read_text())["timing"]
+    assert timing["train_s"] is None and timing["load_s"] > 0  # a merged point trained nothing (it recorded seconds)
     for name in (runs.SUMMARY, runs.REPORT):  # as a sweep stopped while it evaluated its points leaves it
         (out / name).unlink()
     r = invoke("resume", out)

@@ -32,7 +32,7 @@ from anchoring.kinds.colour.summary import summarize_seeds
 from anchoring.kinds.colour.training import CHECKPOINT, TrainResult, metrics_table, train
 from anchoring.report import animation, figures, html
 from anchoring.resources import check_fits
-from anchoring.train.checkpoint import concat_members
+from anchoring.train.checkpoint import concat_members, steps_done
 
 
 class ColourKind(Kind):
@@ -63,10 +63,13 @@ class ColourKind(Kind):
 
     def execute(self, cfg: ColourExperiment, path: Path, progress: Progress | None) -> dict[str, Any]:
         t0 = time.perf_counter()
+        before = steps_done(path / CHECKPOINT)
         result = train(cfg, path, progress=progress)
         train_s = time.perf_counter() - t0
         summary = finish(result, path)
-        summary["timing"] = {"train_s": round(train_s, 3)}
+        # a merged sweep point, or a resume after the last step, trains nothing: its seconds are loading
+        trained = steps_done(path / CHECKPOINT) > before
+        summary["timing"] = {"train_s": round(train_s, 3)} if trained else {"train_s": None, "load_s": round(train_s, 3)}
         return summary
 
     def has_checkpoint(self, path: Path) -> bool:
