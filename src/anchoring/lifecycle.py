@@ -125,10 +125,14 @@ def _config(path: Path) -> ExperimentBase:
             if (path / "report.html").is_file():
                 raise AnchoringError(f"{str(path)!r} is a sweep: its table is in {str(path / 'report.html')!r}, and "
                                      f"each point is a run ({shown or 'none yet'})")
-            raise AnchoringError(f"{str(path)!r} is a sweep that has not finished; continue it with the command that "
-                                 f"started it: {_sweep_command(path)}")
+            raise _unfinished_sweep(path)
         raise AnchoringError(f"{str(path)!r} is not a run directory (no {runs.CONFIG})")
     return load_config(path / runs.CONFIG)
+
+
+def _unfinished_sweep(path: Path) -> AnchoringError:
+    return AnchoringError(f"{str(path)!r} is a sweep that has not finished; continue it with the command that started "
+                          f"it: {_sweep_command(path)}")
 
 
 def _sweep_command(path: Path) -> str:
@@ -197,8 +201,7 @@ def _unmerged_sweep(path: Path) -> None:
     """A sweep without a grid stopped while it merged its shards holds a config.toml, yet it is
     continued by its sweep command (which merges again), not by `resume` (which would train anew)."""
     if (path / "sweep.json").is_file() and (path / "shards").is_dir() and not (path / runs.SUMMARY).is_file():
-        raise AnchoringError(f"{str(path)!r} is a sweep that has not finished; continue it with the command that "
-                             f"started it: {_sweep_command(path)}")
+        raise _unfinished_sweep(path)
 
 
 def show(path: Path) -> Outcome:

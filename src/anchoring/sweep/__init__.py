@@ -126,13 +126,14 @@ def check_memory(shards: list[Shard], workers: int) -> None:
     check_fits(sum(busy), f"{min(workers, len(todo))} shards training at once", "give --workers a smaller number")
 
 
-def check_continuation(out: Path, shards: list[Shard], plan_record: dict) -> None:
+def check_continuation(out: Path, shards: list[Shard], plan_record: dict) -> dict:
     """Continuing a sweep reuses its shards only when they were planned from the very same
     resolved config; anything else would mix old weights under new settings, so it is refused.
-    `sweep.json` records how the sweep was planned, so the refusal can say what changed."""
+    `sweep.json` records how the sweep was planned, so the refusal can say what changed; returns
+    that record (empty for a new sweep)."""
     root = out / "shards"
     if not root.is_dir():
-        return
+        return {}
     old_plan = runs.read_json(out / SWEEP_PLAN) if (out / SWEEP_PLAN).is_file() else {}
     if old_plan and bool(old_plan.get("grid")) != bool(plan_record["grid"]):  # the root would mix a run with a grid's report
         has = "a grid" if old_plan.get("grid") else "no grid"
@@ -151,6 +152,7 @@ def check_continuation(out: Path, shards: list[Shard], plan_record: dict) -> Non
             said = f"it was started with {'; '.join(changed)}" if changed else f"shard {d.name} differs"
             raise AnchoringError(f"{str(out)!r} holds a sweep with other settings ({said}); "
                                  f"continue it with the same command, or choose another --out")
+    return old_plan
 
 
 def _same(value: object) -> object:
@@ -179,21 +181,20 @@ def sweep(experiment: str, out: Path, *, sets: list[str] | None = None, grid: li
         raise AnchoringError(f"{str(out)!r} already exists and is not a sweep to continue")
     given = {_key(item.split("=", 1)[0]): item for item in sets or []}
     for key, _values in grid:  # the grid's values would silently replace it (or a part of it) in every point
-        for set_key, item in given.items():
-            a, b = _key(key), set_key
+        a = _key(key)
+        for b, item in given.items():
             if a == b or a.startswith(b + ".") or b.startswith(a + "."):
                 raise AnchoringError(f"--grid {key} is also given as {item!r} (by --set, --seed, --seeds or --steps); "
                                      f"drop one")
     configs, shards = plan(experiment, sets or [], grid, workers, out)
-    typed = experiment if experiment in experiments.builtin() or experiment.startswith("ex-") \
-        else str(experiments.find(experiment).resolve())  # what a continuation types, from any directory
+    spec = experiments.find(experiment)  # a continuation types a built-in as named, a file by its absolute path
+    typed = experiment if spec.parent == experiments.HERE else str(spec.resolve())
     record = {"experiment": configs[0].name, "sets": list(sets or []), "grid": [[k, v] for k, v in grid], "workers": workers,
               "source": typed, "backend": backend, "address": address}
-    check_continuation(out, shards, record)
+    old_plan = check_continuation(out, shards, record)
     if shards and all((s.dir / DONE).is_file() for s in shards) and (out / runs.SUMMARY).is_file():
         where = f"its report is {str(out / runs.REPORT)!r}" if grid else f"`anchoring show {out}` prints it"
         raise AnchoringError(f"{str(out)!r} is a finished sweep ({where}); choose another --out to run it again")
-    old_plan = runs.read_json(out / SWEEP_PLAN) if (out / SWEEP_PLAN).is_file() else {}
     record["workers"] = old_plan.get("workers", workers)  # what set the seed blocks, which a continuation keeps
     if backend == "local" or (backend == "ray" and not address):  # a Ray cluster trains on its own machines
         check_memory(shards, workers)
