@@ -448,3 +448,51 @@ def test_a_site_without_directions_is_left_alone():
     assert torch.equal(only_first, Suppressed(net, ["0", "1"], {"0": [v], "1": []}, keep_norm=False)(x))
     assert torch.equal(only_first, Suppressed(net, ["0"], {"0": [v]}, keep_norm=False)(x))
     assert torch.equal(Suppressed(net, ["0", "1"], {}, keep_norm=False)(x), net(x))
+
+
+def test_surprisal_replaces_its_own_page_and_nothing_else(lm_run, tmp_path):
+    """A mistyped --out must not turn the run's config (or the text being scored) into HTML."""
+    config = lm_run.path / "config.toml"
+    before = config.read_bytes()
+    r = CliRunner().invoke(app, ["surprisal", str(lm_run.path), "The sword", "--out", str(config)])
+    assert r.exit_code == 2 and "is not a surprisal page" in r.stderr and config.read_bytes() == before, r.stderr
+    text = tmp_path / "t.txt"
+    text.write_text("The sword was drawn.\n")
+    r = CliRunner().invoke(app, ["surprisal", str(lm_run.path), "--file", str(text), "--out", str(text)])
+    assert r.exit_code == 2 and text.read_text() == "The sword was drawn.\n"
+    page = tmp_path / "page.html"
+    for words in ("The sword", "The birds"):  # a page written here is replaced
+        r = CliRunner().invoke(app, ["surprisal", str(lm_run.path), words, "--out", str(page)])
+        assert r.exit_code == 0, r.stderr
+        assert words in page.read_text()
+
+
+def test_surprisal_reads_a_file_as_written_and_standard_input(lm_run, tmp_path):
+    f = tmp_path / "crlf.txt"
+    f.write_bytes("\ufeffThe sword.\r\nThe birds.\r".encode())
+    page = tmp_path / "p.html"
+    r = CliRunner().invoke(app, ["surprisal", str(lm_run.path), "--file", str(f), "--out", str(page)])
+    html = page.read_text()
+    assert r.exit_code == 0 and "␍" in html and "\ufeff" not in html, r.stderr
+    assert "'\\r'" in r.stderr and "ufeff" not in r.stderr  # the warning names the carriage return, not the BOM
+    r = CliRunner().invoke(app, ["surprisal", str(lm_run.path), "--file", "-", "--out", str(page)], input="The birds sang.\n")
+    assert r.exit_code == 0 and "birds" in page.read_text() and "mean over 15 tokens" in page.read_text(), r.stderr
+    # a TEXT that names a file is scored as typed, with a note pointing to --file
+    r = CliRunner().invoke(app, ["surprisal", str(lm_run.path), str(f), "--out", str(page)])
+    assert r.exit_code == 0 and "use --file" in r.stderr and "is also a file" in r.stderr
+
+
+def test_an_edit_on_an_arm_without_the_anchor_is_named_a_comparison(lm_run, tmp_path):
+    r = CliRunner().invoke(app, ["surprisal", str(lm_run.path), "The sword", "--arm", "control", "--edit", "delete",
+                                 "--out", str(tmp_path / "p.html")])
+    assert r.exit_code == 0 and "trained without the anchor" in r.stderr, r.stderr
+    r = CliRunner().invoke(app, ["surprisal", str(lm_run.path), "The sword", "--arm", "anchored", "--edit", "delete",
+                                 "--out", str(tmp_path / "q.html")])
+    assert r.exit_code == 0 and "without the anchor" not in r.stderr
+    html = (tmp_path / "q.html").read_text()
+    assert "<th>i/log|V| before</th>" in html and f"{lm_run.path.name} (" in html  # ratios labelled; the run named
+
+
+def test_an_ood_length_floor_beyond_the_crop_is_refused_before_training():
+    with pytest.raises(Exception, match="ood_min_chars"):
+        experiments.load("lm-ood", ["evaluate.ood_min_chars=650"])

@@ -139,6 +139,22 @@ def test_sets_from_the_real_corpora_use_only_held_out_shakespeare():
     assert all(any(t.startswith(r) for t in test) for r in sets["shakespeare"][:10])  # cropped test passages
     assert all(200 <= len(t) <= 600 for t in sets["shakespeare"] + sets["milton"])
     assert sets == ood.lm_ood_sets(tok, tok.chars, n=50, seed=0, split_seed=0)
+    short = ood.lm_ood_sets(tok, tok.chars, n=300, seed=0, split_seed=0, min_chars=10)  # a run's evaluate.ood_min_chars
+    assert min(len(t) for t in short["shakespeare"]) < 200 and all(len(t.strip()) >= 10 for t in short["shakespeare"])
+
+    # the lm-ood run draws its reference from the same passages: no passage of stage directions alone
+    from types import SimpleNamespace
+
+    from anchoring.kinds.lm.ood import heldout
+
+    test_ids = split_indices(shakespeare.ids(), seed=0)["test"]
+    stage = [i for i in test_ids if shakespeare.is_stage_only(int(i))]
+    assert stage  # the split holds some, e.g. "[Enter CLOWN and PAROLLES.]"
+    run = SimpleNamespace(config=SimpleNamespace(text=SimpleNamespace(corpus="shakespeare")),
+                          data=SimpleNamespace(texts=shakespeare.texts, parts={"test": test_ids},
+                                               reference=np.zeros(len(shakespeare.texts), dtype=np.int8)))
+    kept = heldout(run)
+    assert len(kept) == len(test_ids) - len(stage) and not {shakespeare.texts[i] for i in stage} & set(kept)
 
 
 @pytest.mark.slow

@@ -134,6 +134,8 @@ def test_bpe_spans_that_share_a_character_render_once():
     page = sp.surprise_page(text, spans, scores, title="bpe")
     parse(page)
     assert "".join(shown_text(page)) == text.replace("\n", "↵").replace("\t", "→")
+    summed = [t for _, t in tips_of(page) if "sums over its" in t]  # the emoji's ratios are sums that may pass 1
+    assert len(summed) >= 1 and all(t.startswith("'😀'") or t.startswith("'é'") for t in summed), summed
 
 
 def test_before_and_after_rows_are_aligned():
@@ -164,6 +166,12 @@ def test_write_is_atomic_and_complete(tmp_path, char_page):
     out = sp.write_surprise_page(tmp_path / "deep" / "page.html", char_page[2])
     assert out.read_text(encoding="utf-8") == char_page[2]
     assert [p.name for p in out.parent.iterdir()] == ["page.html"]
+    assert sp.write_surprise_page(out, char_page[2] + " ") == out  # a page written here is replaced
+    other = tmp_path / "notes.html"
+    other.write_text("<html>mine</html>")
+    with pytest.raises(AnchoringError, match="not a surprisal page"):
+        sp.write_surprise_page(other, char_page[2])
+    assert other.read_text() == "<html>mine</html>"
 
 
 def test_single_character_text_renders():
@@ -281,6 +289,7 @@ def test_characters_the_tokenizer_does_not_know_are_marked():
     assert marked == ["'é'", "'😀'"]  # the first token too, though nothing scores it
     assert all("unk" in c.split() for c, t in tips if sp.UNKNOWN_NOTE in t)
     assert sp.unknown_characters(tok, "é abc 😀é") == "é😀" and sp.unknown_characters(tok, "abc") == ""
+    assert sp.unknown_characters(tok, "😀 ~é") == "😀~é"  # as they come: the warning lists "the first 10"
     bpe = BPETokenizer.train(["plain words " * 40], vocab_size=270)
     assert sp.unknown_tokens(bpe, "é") is None and sp.unknown_characters(bpe, "é😀") == ""
     with pytest.raises(AnchoringError, match="unknown"):
@@ -299,16 +308,16 @@ def test_surprisal_command_warns_about_unknown_characters_and_names_the_seed(tmp
     tok = CharTokenizer.train(["abc def\n"])
     model = tiny(tok.vocab_size, 16)
     run = SimpleNamespace(config=SimpleNamespace(name="tiny-lm"), arms={"control": None}, seeds=[3, 4],
-                          data=SimpleNamespace(tokenizer=tok))
+                          data=SimpleNamespace(tokenizer=tok), path=tmp_path / "myrun")
     monkeypatch.setattr(cli, "_lm_models", lambda *a: (run, model, None))
     page = tmp_path / "p.html"
     r = CliRunner().invoke(cli.app, ["surprisal", str(tmp_path), "abc é déf ü", "--out", str(page)])
     assert r.exit_code == 0, r.stderr
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("warning:") and "'éü'" in r.stderr
-    assert "<title>tiny-lm: control arm, seed 3</title>" in page.read_text()
+    assert "<title>myrun (tiny-lm): control arm, seed 3</title>" in page.read_text()
     r = CliRunner().invoke(cli.app, ["surprisal", str(tmp_path), "abc", "--seed", "4", "--out", str(page)])  # over the first page
     assert r.exit_code == 0 and r.stderr == "", r.stderr + r.stdout
-    assert "<title>tiny-lm: control arm, seed 4</title>" in page.read_text()
+    assert "<title>myrun (tiny-lm): control arm, seed 4</title>" in page.read_text()
     r = CliRunner().invoke(cli.app, ["surprisal", str(tmp_path), "abc", "--out", str(tmp_path)])  # a folder
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "is a directory" in r.stderr, r.stderr
 

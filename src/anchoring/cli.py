@@ -671,23 +671,48 @@ def _lm_models(command: str, run_dir: Path, arm: str | None, seed: int | None, e
             how = made.get("method", "an edit")
             err.print(f"note: {str(run.path)!r} was written by `anchoring delete` ({how}); --edit {edit} acts on "
                       f"the edited weights", markup=False, highlight=False, soft_wrap=True)
+        if (arm or next(iter(run.arms))) != "anchored" and "anchored" in run.config.lm.arms:
+            err.print(f"note: the {arm or next(iter(run.arms))} arm was trained without the anchor; --edit {edit} removes "
+                      f"the anchored arm's directions from it, as a comparison", markup=False, highlight=False,
+                      soft_wrap=True)
         return run, model, edited(model, run.config, edit)
     except AnchoringError as e:
         fail(str(e))
 
 
+def _names_file(text: str) -> bool:
+    """True when `text` is also the path of an existing file (a long or multi-line text never is)."""
+    if "\n" in text or len(text) > 1024:
+        return False
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL character
+        return False
+
+
+def _read_text(file: Path) -> str:
+    """A text file exactly as written (line endings kept: the page shows a carriage return as ␍), less a
+    leading byte-order mark, which is an encoding marker and not text; `-` reads standard input."""
+    try:
+        data = sys.stdin.buffer.read() if str(file) == "-" else file.read_bytes()
+        text = data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read --file {str(file)!r}: {getattr(e, 'strerror', None) or 'not UTF-8 text'}")
+    return text.removeprefix("\ufeff")
+
+
 @app.command("surprisal")
 def surprisal_cmd(
     run_dir: Path = typer.Argument(..., help="a language-model run"),
-    text: Optional[str] = typer.Argument(None, help="text to score (or --file)"),
-    file: Optional[Path] = typer.Option(None, "--file", help="read the text from this file"),
+    text: Optional[str] = typer.Argument(None, help="text to score, taken literally (or --file)"),
+    file: Optional[Path] = typer.Option(None, "--file", help="read the text from this UTF-8 file (- reads standard input)"),
     arm: Optional[str] = typer.Option(None, "--arm", help="which arm's model (default: the first)"),
     seed: Optional[int] = typer.Option(None, "--seed", help="which seed's model (default: the first)"),
     edit: Optional[str] = typer.Option(None, "--edit", help="suppress | delete | blind: show the text before and after"),
     out_path: Path = typer.Option(Path("surprisal.html"), "--out", help="where to write the page"),
 ) -> None:
     """Per-token surprisal, entropy and s₂ of a text under an LM run, as a page you open in a browser."""
-    from anchoring.report.surprise_page import render_surprise, unknown_characters, write_surprise_page
+    from anchoring.report.surprise_page import is_page, render_surprise, unknown_characters, write_surprise_page
 
     if text is None and file is None:
         fail("give the text to score as an argument or with --file")
@@ -696,14 +721,17 @@ def surprisal_cmd(
     if out_path.is_dir():
         fail(f"--out {str(out_path)!r} is a directory; give the page's file name")
     if file is not None:
-        try:
-            text = file.read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            fail(f"cannot read --file {str(file)!r}: {getattr(e, 'strerror', None) or 'not UTF-8 text'}")
+        text = _read_text(file)
+    elif _names_file(text):  # scored as typed, but say so: `surprisal RUN notes.txt` most likely meant --file
+        err.print(f"note: {text!r} is also a file; the argument is scored as text (use --file {text} for the file)",
+                  markup=False, highlight=False, soft_wrap=True)
+    if out_path.exists() and not is_page(out_path):  # before the minutes of scoring
+        fail(f"--out {str(out_path)!r} exists and is not a surprisal page; give a new file name "
+             f"(only a page this command wrote is replaced)")
     run, model, after = _lm_models("surprisal", run_dir, arm, seed, edit)
     try:
         which = f"{arm or next(iter(run.arms))} arm, seed {run.seeds[0] if seed is None else seed}"
-        title = f"{run.config.name}: {which}" + (f", before and after {edit}" if edit else "")
+        title = f"{run.path.name} ({run.config.name}): {which}" + (f", before and after {edit}" if edit else "")
         page = render_surprise(model, run.data.tokenizer, text, context=model.context, edited_model=after, title=title)
         runs.check_writable(out_path.parent)  # the page itself may exist: writing it again replaces it
         write_surprise_page(out_path, page)

@@ -153,7 +153,8 @@ def comparison_sets(heldout: Sequence[str], milton: Sequence[str], tokenizer: Sp
 
 
 def lm_ood_sets(tokenizer: SpanTokenizer, vocabulary: str, *, n: int = 200, seed: int = 0, split_seed: int = 0,
-                fractions: tuple[float, float, float] = (0.9, 0.05, 0.05), cache: bool = True) -> dict[str, list[str]]:
+                fractions: tuple[float, float, float] = (0.9, 0.05, 0.05), cache: bool = True,
+                min_chars: int = 200) -> dict[str, list[str]]:
     """The sets from the built-in corpora: Shakespeare's *test* part (the LM never trained on it) and Milton.
 
     `split_seed` and `fractions` must be the run's, so that "held out" means held out from that model.
@@ -165,7 +166,8 @@ def lm_ood_sets(tokenizer: SpanTokenizer, vocabulary: str, *, n: int = 200, seed
     shakespeare = load_corpus("shakespeare", cache)
     test = split_indices(shakespeare.ids(), fractions, split_seed)["test"]
     heldout = [shakespeare.texts[i] for i in test if not shakespeare.is_stage_only(int(i))]
-    return comparison_sets(heldout, load_corpus("milton", cache).texts, tokenizer, vocabulary, n=n, seed=seed)
+    return comparison_sets(heldout, load_corpus("milton", cache).texts, tokenizer, vocabulary, n=n, seed=seed,
+                           min_chars=min_chars)
 
 
 def score_sets(model: LanguageModel, tokenizer: SpanTokenizer, sets: dict[str, Sequence[str]], *, context: int,

@@ -39,6 +39,7 @@ from anchoring.atomic import write_atomic
 from anchoring.errors import AnchoringError
 from anchoring.evaluate.surprise import LanguageModel, SpanTokenizer, TokenScores, score_text
 
+GENERATOR = "anchoring surprisal"  # marks a page this module wrote: only such a file is replaced
 WRAP = 100  # columns per row before a long line wraps
 BAND = 15  # pixels per sparkline band
 GAP = 5
@@ -245,8 +246,10 @@ def _fmt(x: float | None, signed: bool = False) -> str:
 
 
 def _tip(piece: str, v: tuple[float, float, float, float, float] | None, other: tuple | None, label: str,
-         unknown: bool = False) -> str:
+         unknown: bool = False, tokens: int = 1) -> str:
     head = f"{label}{piece!r}"
+    if tokens > 1:  # byte pieces of one character: their sum may pass 1 though no single token's ratio does
+        head += f"\nsums over its {tokens} tokens"
     if unknown:  # the model read the unknown id, not this character: say so right under the character
         head += f"\n{UNKNOWN_NOTE}"
     if v is None:
@@ -348,7 +351,7 @@ def _row_html(text: str, row: list[tuple[_Unit, str]], vals: _Values, other: _Va
             spans.append(f'<span class="w"{box}>{html.escape(shown)}</span>' if box else html.escape(shown))
             continue
         unk = unknown is not None and any(unknown[k] for k in u.tokens)
-        tip = _tip(piece, v, None if other is None else other.get(u), "", unk)
+        tip = _tip(piece, v, None if other is None else other.get(u), "", unk, len(u.tokens))
         cls = ("t " + (_cls(v[4]) if v is not None else "c8") + (" nl" if "\n" in piece or "\r" in piece else "")
                + (" unk" if unk else "") + (" w" if box else ""))
         spans.append(f'<span class="{cls}"{box} data-tip="{html.escape(tip, quote=True)}">{html.escape(shown)}</span>')
@@ -449,7 +452,8 @@ def surprise_page(text: str, token_spans: Sequence[tuple[int, int]], scores: Tok
                    f"s₂ <b>{_fmt(total['s2'], True)}</b>")
     else:
         tb = means(before, 0, len(text) + 1)
-        header = ("<tr><th>¶</th><th class='l'>begins</th><th>tokens</th><th>i before</th><th>i after</th><th>h before</th><th>h after</th>"
+        header = ("<tr><th>¶</th><th class='l'>begins</th><th>tokens</th><th>i/log|V| before</th><th>i/log|V| after</th>"
+                  "<th>h/log|V| before</th><th>h/log|V| after</th>"
                   "<th>s₂ before</th><th>s₂ after</th><th>Δs₂</th></tr>")
         overall = (f"mean over {total['n']} tokens: s₂ before <b>{_fmt(tb['s2'], True)}</b> → after <b>{_fmt(total['s2'], True)}</b>; "
                    f"i/log|V| {_fmt(tb['i'])} → {_fmt(total['i'])}; h/log|V| {_fmt(tb['h'])} → {_fmt(total['h'])}")
@@ -458,6 +462,7 @@ def surprise_page(text: str, token_spans: Sequence[tuple[int, int]], scores: Tok
     opened = " open" if len(passages) <= 12 else ""
     summary = f"<details{opened}><summary>per-passage means</summary><table>{header}{''.join(table)}</table></details>"
     return ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+            f"<meta name='generator' content='{GENERATOR}'>"
             "<meta name='viewport' content='width=device-width, initial-scale=1'>"
             f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
             f"<h1>{html.escape(title)}</h1>{note}{_legend()}{summary}{''.join(body)}</body></html>")
@@ -474,11 +479,11 @@ def unknown_tokens(tokenizer: SpanTokenizer, text: str) -> list[bool] | None:
 
 
 def unknown_characters(tokenizer: SpanTokenizer, text: str) -> str:
-    """The distinct characters of `text` that `tokenizer` maps to its unknown id, in code point order."""
+    """The distinct characters of `text` that `tokenizer` maps to its unknown id, in order of first appearance."""
     flags = unknown_tokens(tokenizer, text)
     if not flags or not any(flags):
         return ""
-    return "".join(sorted({text[s:e] for (s, e), f in zip(tokenizer.spans(text), flags) if f}))
+    return "".join(dict.fromkeys(text[s:e] for (s, e), f in zip(tokenizer.spans(text), flags) if f))
 
 
 def render_surprise(model: LanguageModel, tokenizer: SpanTokenizer, text: str, *, context: int | None = None,
@@ -503,8 +508,26 @@ def render_surprise(model: LanguageModel, tokenizer: SpanTokenizer, text: str, *
     return surprise_page(text, spans, after, title=title, before=scores, unknown=unknown)
 
 
+def is_page(path: Path) -> bool:
+    """True for a file whose head carries this module's generator mark."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return False
+    return f"<meta name='generator' content='{GENERATOR}'>".encode() in head
+
+
 def write_surprise_page(path: Path | str, page_html: str) -> Path:
-    """Write the page atomically (a reader never sees half a page) and return its path."""
+    """Write the page atomically (a reader never sees half a page) and return its path.
+
+    An existing file is replaced only when it is a page written here: a mistyped path must not turn a
+    run's config or the text being scored into HTML."""
     path = Path(path)
+    if path.is_dir():
+        raise AnchoringError(f"{str(path)!r} is a directory; give the page's file name")
+    if path.exists() and not is_page(path):
+        raise AnchoringError(f"{str(path)!r} exists and is not a surprisal page; give a new file name "
+                             "(only a page written here is replaced)")
     write_atomic(path, page_html)
     return path

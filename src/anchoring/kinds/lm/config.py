@@ -119,7 +119,8 @@ class LMEvaluateConfig(_Strict):
     batch_size: int = Field(16, ge=1)
     ood: bool = Field(False, description="also score out-of-distribution sets by passage-mean s₂ and surprisal (lm-ood)")
     ood_passages: int = Field(200, ge=5, description="passages per OOD set")
-    ood_min_chars: int = Field(200, ge=10, description="shortest held-out passage an OOD set draws")
+    ood_min_chars: int = Field(200, ge=10, le=600, description="shortest held-out passage an OOD set draws "
+                               "(at most 600: every passage is cropped to 600 characters)")
 
     @field_validator("concept")
     @classmethod

@@ -537,7 +537,8 @@ def write_report(cfg: LMExperiment, path: Path, summary: dict[str, Any], metric_
     ]
     if "ood" in summary:
         o = summary["ood"]
-        rows = [[seed, name, t["s2"], t["surprisal"], better(t["s2"], t["surprisal"])]
+        f3, s3 = (lambda x: f"{x:.3f}"), (lambda x: f"{x:+.3f}")  # as the command line prints them
+        rows = [[seed, name, f3(t["s2"]), f3(t["surprisal"]), better(t["s2"], t["surprisal"])]
                 for seed, table in o["auroc"].items() for name, t in table.items()]
         body = (f"<p>{o['n']} passages per set, scored by the {o['arm']} arm; AUROC of each set against held-out text.</p>"
                 + html.table_html(["seed", "set", "AUROC s₂", "AUROC surprisal", "better"], rows)
@@ -547,8 +548,9 @@ def write_report(cfg: LMExperiment, path: Path, summary: dict[str, Any], metric_
                      "passages vs the rest, and the AUROC separating them.</p>"
                      + html.table_html(["seed", "concept s₂ before", "retain s₂ before", "AUROC before",
                                         "concept s₂ after", "retain s₂ after", "AUROC after"],
-                                       [[d["seed"], d["concept_s2_before"], d["retain_s2_before"], d["auroc_s2_before"],
-                                         d["concept_s2"], d["retain_s2"], d["auroc_s2"]] for d in o["deleted"]]))
+                                       [[d["seed"], s3(d["concept_s2_before"]), s3(d["retain_s2_before"]),
+                                         f3(d["auroc_s2_before"]), s3(d["concept_s2"]), s3(d["retain_s2"]),
+                                         f3(d["auroc_s2"])] for d in o["deleted"]]))
         sections.append(("Out-of-distribution detection", body))
     if "unlearning" in summary:
         from anchoring.kinds.lm import unlearning as ul

@@ -25,12 +25,16 @@ from anchoring.kinds.lm.model import LMRun
 
 
 def heldout(run: LMRun, concept: bool | None = None) -> list[str]:
-    """Test-split passages of the run's corpus (optionally only those with / without the concept)."""
+    """Test-split passages of the run's corpus (optionally only those with / without the concept),
+    less those made of stage directions alone, which hold no speech to find strange (as `lm_ood_sets`)."""
+    from anchoring.domains.text.corpus import load_corpus
+
     d = run.data
     idx = d.parts["test"]
     if concept is not None:
         idx = idx[d.reference[idx] == int(concept)]
-    return [d.texts[i] for i in idx]
+    corpus = load_corpus(run.config.text.corpus)  # cached: the same passages as d.texts, with their stage spans
+    return [d.texts[i] for i in idx if not corpus.is_stage_only(int(i))]
 
 
 def ood_vocabulary(data: LMData) -> str:
