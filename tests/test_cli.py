@@ -49,6 +49,7 @@ def test_list_shows_the_default():
     (["run", "--set", "model.widht=3"], "unknown --set key 'model.widht'"),
     (["run", "--set", "nothing"], "expected key=value"),
     (["run", "--set", "model.latent_dim=many"], "model.latent_dim"),
+    (["run", "--set", "model.latent_dim=-1"], "error: --set: model.latent_dim: Input should be greater"),  # not the file
     (["run", "--seeds", "0"], "--seeds must be a positive integer, got 0"),
     (["run", "--seeds", "-3"], "--seeds must be a positive integer, got -3"),
     (["run", "--steps", "0"], "--steps must be a positive integer, got 0"),
@@ -207,6 +208,31 @@ def test_resume_refuses_a_config_edited_since_the_run_started(unfinished):
     config.write_text(original)
     r = invoke("resume", unfinished, "-q")
     assert r.exit_code == 0, r.stderr
+
+
+def test_the_api_says_a_run_in_training_has_no_metrics_yet_and_colour_input_must_be_rgb(unfinished):
+    import torch
+
+    from anchoring import AnchoringError, lifecycle
+
+    (unfinished / "metrics.csv").unlink()  # as in a run stopped before its end
+    run = lifecycle.load_run(unfinished)
+    assert run.summary is None
+    with pytest.raises(AnchoringError, match="has not finished training.*anchoring resume"):
+        run.metrics()
+    with pytest.raises(AnchoringError, match=r"encode expects RGB colours shaped \(\.\.\., 3\), got \(2, 4\)"):
+        run.encode(torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "suppress", "--dims", "1"], "suppress acts along the concept's anchor; dims apply to"),
+    (["--method", "zero", "--dims", "0,0"], "dims [0, 0] name a dim twice"),
+])
+def test_intervene_refuses_dims_it_would_ignore_or_repeat(tmp_path, args, message):
+    out = tmp_path / "run"
+    assert invoke("run", "--seeds", "1", "--steps", "10", "--out", out, "-q").exit_code == 0
+    assert_one_line_error(invoke("intervene", out, "--concept", "red", *args), message)
+    assert not (out / "interventions").exists()
 
 
 def test_an_edit_or_attack_refuses_a_run_still_in_training(unfinished, tmp_path):

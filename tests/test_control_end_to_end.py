@@ -114,3 +114,22 @@ def test_the_relearning_median_never_averages_a_seed_that_did_not_recover():
     assert median_steps([8, None], 10) == ">10"  # was 9.5: (8 + 11) / 2
     assert median_steps([8, 4], 10) == "6" and median_steps([8, 4, None], 10) == "8"
     assert median_steps([None, None], 10) == ">10"
+
+
+def test_a_seed_the_deletion_left_under_the_threshold_is_marked_and_kept_out_of_the_median():
+    from rich.console import Console
+
+    from anchoring.kinds.colour.control import attack_table
+
+    summary = {"concept": "red", "steps": 30, "threshold": 0.01,
+               "rows": [{"model": "post-hoc", "K": 1, "start_error": 0.2, "steps_to_recover": [0, 12, 20],
+                         "start_errors": [0.0013, 0.3, 0.2]},
+                        {"model": "anchored", "K": 1, "start_error": 0.005, "steps_to_recover": [0],
+                         "start_errors": [0.005]}]}
+    con = Console(width=250, record=True)
+    con.print(attack_table(summary))
+    text = con.export_text()
+    (first,) = [line for line in text.splitlines() if "post-hoc" in line]
+    assert "nd 12 20" in first and " 16 " in first  # the median of 12 and 20, not of 0, 12, 20
+    (second,) = [line for line in text.splitlines() if "anchored" in line]
+    assert second.count("nd") == 2  # no seed was deleted: no median either

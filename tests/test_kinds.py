@@ -78,6 +78,7 @@ def test_show_intervene_and_delete_on_a_transformer_run(two_kinds, tmp_path):
     deleted = tmp_path / "deleted"
     r = runner.invoke(app, ["delete", str(run_dir), "--concept", "red", "--out", str(deleted)])
     assert r.exit_code == 0, r.stderr
+    assert "control: copied unedited (no anchor to remove)" in r.stdout  # a reference, not an edit that did nothing
     edit = json.loads((deleted / "edit.json").read_text())
     assert max(edit["max_residual_component"]) < 1e-5  # the anchor axis is gone from every residual state
     d, orig = load_run(deleted), load_run(run_dir)

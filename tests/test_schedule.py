@@ -171,6 +171,18 @@ def test_rescaled_timeline_keeps_shape():
     assert short.values(150)["lr"] == pytest.approx(0.05)
 
 
+def test_a_short_run_keeps_every_keyframe_of_its_schedule():
+    """Cut to 60 steps, the 10-step warm-up lands within step 0: it used to be dropped there (lr 0.01
+    from the first step), while a hand-written schedule keying one step twice is refused."""
+    tl = parse_dopesheet(ANCHORED)
+    short = tl.rescaled(60)
+    assert {n: len(t.keys) for n, t in short.tracks.items()} == {n: len(t.keys) for n, t in tl.tracks.items()}
+    assert short.values(0)["lr"] == pytest.approx(1e-8) and short.values(1)["lr"] > 1e-3
+    times = [t for t, _ in short.tracks["lr"].keys]
+    assert times == sorted(times) and 0 < times[1] < 1  # the warm-up's end keeps its place inside step 0..1
+    assert keys(tl.rescaled(151).tracks["anchor"]) == [(0, 0.01), (75, 0.1), (142, 0.0)]  # no collision: whole steps
+
+
 def test_schedule_and_terms_must_match():
     cfg = experiments.load("anchored")
     extra = cfg.model_copy(update={"schedule": "STEP,lr,separate,anchor,subspace,wd\n0,0.01,0.01,0.01,0.01,0.1\n"})
@@ -245,3 +257,9 @@ def test_a_shipped_schedule_named_on_the_command_line_is_found_from_any_director
     assert experiments.load("lm-anchor", ["schedule=lm-spans-light.csv"]).schedule == own
     with pytest.raises(AnchoringError, match="cannot read schedule"):
         experiments.load("lm-anchor", ["schedule=no-such-schedule.csv"])
+
+
+def test_a_fraction_step_beyond_the_next_absolute_row_is_blamed_on_its_own_line():
+    with pytest.raises(AnchoringError, match=r"line 3: STEP '\+1.5' is a fraction .* between \+0.0 and \+1.0"):
+        parse_dopesheet("STEP,lr\n0,0.1\n+1.5,0.2\n100,0.3\n")
+    assert [t for t, _ in parse_dopesheet("STEP,lr\n0,0.1\n+0.25,0.2\n100,0.3\n").tracks["lr"].keys] == [0, 25, 100]

@@ -99,6 +99,8 @@ def test_sweep_survives_killed_workers_and_equals_one_run(tmp_path, monkeypatch)
     assert len(lines) == 1 + 40 * 3  # nothing lost, nothing trained twice into the result
     summary = json.loads((tmp_path / "sw" / "summary.json").read_text())
     assert [s["seed"] for s in summary["seeds"]] == [0, 1, 2] and summary["sweep"]["workers"] == 2
+    t = summary["timing"]  # without a grid the merged run's timing is the sweep's own (README)
+    assert t["train_s"] > 0 and t["total_s"] >= t["train_s"] and t["load_s"] >= 0
     assert (tmp_path / "sw" / "report.html").is_file()
 
 

@@ -203,7 +203,9 @@ def test_cli_runs_a_transformer_experiment_and_writes_its_report(tmp_path):
     assert arms == {"anchored", "control"}
     assert set(summary["interventions"]) == {"suppress-red-key", "ablate-red-key"}
     assert summary["interventions"]["suppress-red-key"]["control"]["per_seed"][0]["direction"] == "difference of means"
-    assert any("held-out gap" in k for k in summary["targets"])
+    # the M3 targets were set for the residual stream: the key anchor's figures come without a verdict
+    assert summary["targets"] == {} and any("held-out gap" in k for k in summary["figures"])
+    assert "MISS" not in r.stdout and "met " not in r.stdout and "held-out gap" in r.stdout
     for fig in ("alignment_margin.png", "alignment_containment.png", "accuracy_vs_redness.png", "training_curves.png"):
         assert (out / "figures" / fig).stat().st_size > 1000
     assert "Intervention: suppress-red-key" in (out / "report.html").read_text()
@@ -276,6 +278,8 @@ def test_the_held_out_gap_line_shows_the_seed_it_is_judged_on():
     summary = summarize(cfg, rows, {}, [], ["anchored", "control"])
     (line,) = [x for x in summary_lines(summary) if isinstance(x, str) and "held-out gap" in x]
     assert line.startswith("MISS") and line.endswith("-0.050"), line  # the median (0.000) would read as met
+    (t,) = [v for k, v in summary["targets"].items() if "held-out gap" in k]
+    assert t["worst"] == pytest.approx(-0.05) and t["median"] == pytest.approx(0.0)  # each field holds what it names
 
 
 def test_the_heatmaps_take_the_median_the_tables_take():

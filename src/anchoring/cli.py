@@ -404,9 +404,10 @@ def intervene_cmd(
     run_dir: Path = typer.Argument(..., help="finished run directory"),
     concept: Optional[str] = typer.Option(None, "--concept", help="concept whose anchor direction to act on"),
     method: str = typer.Option("suppress", "--method", help="suppress (every kind; the only one for LM runs) | repel, zero (colour) | ablate "
-                                                          "(transformer)"),
+                                                          "(colour, transformer)"),
     falloff: str = typer.Option("constant", "--falloff", help="constant[:s] | linear:a,b | power:a,p,b | bezier:x1,y1,x2,y2,end"),
-    dims: Optional[str] = typer.Option(None, "--dims", help="dims for --method zero, e.g. 0,1"),
+    dims: Optional[str] = typer.Option(None, "--dims", help="dims for --method zero or ablate, e.g. 0,1 (with --concept: "
+                                                           "these dims, scored against that concept)"),
     k: float = typer.Option(2.0, "--k", help="selectivity exponent: R² of error vs similarity^k"),
     site: str = typer.Option("latent", "--site", show_default=False,
                              help="module path to intervene at (default: a colour model's latent, a transformer's or "
@@ -415,7 +416,7 @@ def intervene_cmd(
 ) -> None:
     """Apply an inference-time intervention to every model of a run; print and save what it breaks."""
     if method not in ("suppress", "repel", "zero", "ablate"):
-        fail(f"--method must be suppress, repel, zero (colour) or ablate (transformer), not {method!r}")
+        fail(f"--method must be suppress, repel, zero (colour) or ablate (colour, transformer), not {method!r}")
     label = name or f"{method}-{concept or 'dims' + (dims or '').replace(',', '')}-{falloff.replace(':', '-').replace(',', '_')}"
     if name is None and site != "latent" and runs.SAFE_NAME.match(f"{label}-at-{site}"):  # another site, another
         label += f"-at-{site}"  # folder (an odd site is left to the kind's own check of --site)
@@ -429,7 +430,8 @@ def delete_cmd(
     run_dir: Path = typer.Argument(..., help="finished run directory"),
     out_dir: Path = typer.Option(..., "--out", help="where to write the edited run"),
     concept: Optional[str] = typer.Option(None, "--concept", help="delete this concept's anchored dims"),
-    dims: Optional[str] = typer.Option(None, "--dims", help="or these dims, e.g. 0,1"),
+    dims: Optional[str] = typer.Option(None, "--dims", help="or these dims, e.g. 0,1 (with --concept: these dims, "
+                                                           "scored against that concept)"),
     method: str = typer.Option("ablate", "--method", help="ablate (zero weights; LM: the writers of the stream) | prune (remove dims) | "
                                                          "blind (LM: the readers after the anchored site)"),
     k: float = typer.Option(2.0, "--k", help="selectivity exponent"),

@@ -10,7 +10,7 @@ the dopesheet text inline, so a run directory's `config.toml` re-runs with nothi
 from __future__ import annotations
 
 import tomllib
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import tomli_w
 from pydantic import (
@@ -145,13 +145,17 @@ class TrainedExperiment(ExperimentBase):
     schedule: str = Field("", description="dopesheet CSV text (a spec file may give a .csv path instead)")
 
 
-def one_line(err: ValidationError, source: str, kind: str | None = None) -> str:
-    """The first validation error as one line; an unknown key names the experiment's kind."""
+def one_line(err: ValidationError, source: str, kind: str | None = None, overridden: Sequence[str] = ()) -> str:
+    """The first validation error as one line; an unknown key names the experiment's kind. A value
+    that came from `--set` (a key of `overridden`, or under one) is blamed on --set, not on the file."""
     first = err.errors()[0]
     loc = [str(p) for p in first["loc"]]
     if kind is not None and loc and loc[0] == kind:  # discriminated unions prefix the kind's tag
         loc = loc[1:]
     where = ".".join(loc) or "config"
+    keys = {".".join(str(int(p)) if p.strip().isdigit() else p.strip() for p in k.split(".")) for k in overridden}
+    if any(where == k or where.startswith(k + ".") for k in keys):
+        source = "--set"
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     if first["type"] == "extra_forbidden":
         return f"{source}: {where}: key means nothing for a {kind!r} experiment{more}"

@@ -172,6 +172,9 @@ def read_metrics(run_dir: Path) -> pd.DataFrame:
         first = lineage[0] if isinstance(lineage, list) and lineage else made  # an edit of an edit: the trained run
         source = first.get("source") if isinstance(first, dict) else None
         where = f"; its training curves are those of {source}" if isinstance(source, str) else ""
+        if made is None and (run_dir / CONFIG).is_file() and not (run_dir / SUMMARY).is_file():
+            where = (f": it has not finished training (the table is written at the end; its models are those of its "
+                     f"last checkpoint); `anchoring resume {run_dir}` finishes it")
         raise AnchoringError(f"{str(run_dir)!r} has no {METRICS}{where}")
     try:
         wide = pd.read_csv(p)

@@ -67,6 +67,11 @@ def make_plan(spec: InterventionConfig, concepts: Sequence[Concept], latent_dim:
             raise AnchoringError(f"intervention {spec.name!r}: unknown concept {spec.concept!r} (have: {', '.join(by_name) or 'none'})")
         concept = by_name[spec.concept]
     direction = concept.anchor if concept else None
+    if spec.dims is not None and spec.method in ("suppress", "repel"):  # they act along the anchor: dims would be ignored
+        raise AnchoringError(f"intervention {spec.name!r}: {spec.method} acts along the concept's anchor; dims apply to "
+                             f"zero, ablate and prune")
+    if spec.dims is not None and len(set(spec.dims)) != len(spec.dims):
+        raise AnchoringError(f"intervention {spec.name!r}: dims {list(spec.dims)} name a dim twice")
     dims = tuple(spec.dims) if spec.dims is not None else None
     if dims is None and concept is not None:
         if concept.anchor is not None:

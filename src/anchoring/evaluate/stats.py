@@ -26,7 +26,10 @@ def mark_infinite(targets: dict[str, dict]) -> dict[str, dict]:
 
 
 def target_median(t: dict) -> float | None:
-    """A target's median as it was in the run, also once read back from summary.json."""
+    """The figure a target is judged on as it was in the run, also once read back from summary.json:
+    its median over seeds, or its worst seed where the target names one (`worst`)."""
+    if "worst" in t:
+        return t["worst"]
     return float("inf") * t["infinite"] if t.get("infinite") else t.get("median")
 
 

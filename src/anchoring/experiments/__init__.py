@@ -86,7 +86,7 @@ def load_config(path: Path, overrides: list[str] | None = None) -> ExperimentBas
     for variant in data.get("variants", []) if isinstance(data.get("variants"), list) else []:
         if isinstance(variant, dict):
             variant["schedule"] = _inline_schedule(variant.get("schedule"), path.parent)
-    return validate_config(data, path.name)
+    return validate_config(data, path.name, [o.split("=", 1)[0] for o in overrides or [] if "=" in o])
 
 
 def load(name_or_path: str, overrides: list[str] | None = None) -> ExperimentBase:

@@ -4,7 +4,7 @@ to its implementation. Nothing else in the project dispatches on `kind`."""
 from __future__ import annotations
 
 import copy
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Sequence, Union
 
 from pydantic import Field, TypeAdapter, ValidationError
 
@@ -49,8 +49,9 @@ def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def validate_config(data: dict[str, Any], source: str) -> ExperimentBase:
-    """A config dict as its kind's pydantic model; every problem is one line naming the key."""
+def validate_config(data: dict[str, Any], source: str, overridden: Sequence[str] = ()) -> ExperimentBase:
+    """A config dict as its kind's pydantic model; every problem is one line naming the key (and
+    `--set`, when the bad value is one of the `overridden` keys)."""
     data = _upgrade(data)
     kind = data.get("kind")
     if not isinstance(kind, str) or kind not in REGISTRY:
@@ -58,7 +59,7 @@ def validate_config(data: dict[str, Any], source: str) -> ExperimentBase:
     try:
         return _ADAPTER.validate_python(data)
     except ValidationError as e:
-        raise AnchoringError(one_line(e, source, kind)) from None
+        raise AnchoringError(one_line(e, source, kind, overridden)) from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:

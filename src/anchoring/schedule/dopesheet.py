@@ -72,6 +72,9 @@ def _resolve_steps(raw: list[tuple[int, str]]) -> list[int]:
         if _FRAC.match(cell) or cell.startswith("-"):
             if nxt is None:
                 raise AnchoringError(f"dopesheet line {line}: STEP {cell!r} needs a later absolute row")
+            if _FRAC.match(cell) and not 0 <= float(cell) <= 1:
+                raise AnchoringError(f"dopesheet line {line}: STEP {cell!r} is a fraction of the way to the next "
+                                     f"absolute row, so it must lie between +0.0 and +1.0")
             step = round(prev + float(cell) * (nxt - prev)) if _FRAC.match(cell) else nxt + int(cell)
         else:
             step = prev + int(cell)

@@ -165,9 +165,18 @@ class Track:
         self._starts = [s.t0 for s in self.segments]
 
     def rescaled(self, factor: float) -> "Track":
-        """The same curve stretched in time (keyframes only; re-targets are not carried)."""
-        keys = [(round(t * factor), self._from_space(y)) for t, y in self.keys]
+        """The same curve stretched in time (keyframes only; re-targets are not carried).
+
+        Keys land on whole steps. A key that would land on the step of the key before it (a warm-up
+        of 10 steps in a run cut to 60) keeps its exact, fractional place instead, so no keyframe is
+        lost and the order is kept; only keys that stretch onto the very same point (factor 0) merge,
+        the later one kept."""
         dedup: dict[float, float] = {}
-        for t, v in keys:
-            dedup[t] = v  # collisions after rounding keep the later key
+        last = -math.inf
+        for t, y in self.keys:
+            at = round(t * factor)
+            if at <= last:
+                at = t * factor if t * factor > last else last
+            dedup[at] = self._from_space(y)
+            last = at
         return Track(dedup.items(), self.space, self.interp, self.name)

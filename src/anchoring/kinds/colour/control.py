@@ -164,7 +164,7 @@ def delete(run: ColourRun, spec: InterventionConfig, out: Path) -> EditResult:
         runs.write_json(tmp / runs.ARCH, arch)
         stacked_params = {f"param.{k}": torch.stack([m.state_dict()[k] for m in edited]) for k in edited[0].state_dict()}
         atomic_save(stacked_params, tmp / "checkpoint.safetensors", {"format": FORMAT, "step": "0"})
-        edit = {"source": str(run.path), "method": spec.method, "concept": spec.concept, "dims": list(plan.dims or [])}
+        edit = {"source": str(run.path.resolve()), "method": spec.method, "concept": spec.concept, "dims": list(plan.dims or [])}
         runs.write_json(tmp / EDIT, {**edit, "lineage": [*edit_lineage(run.path), edit]})
         runs.write_atomic(tmp / "colours.csv", _table_csv(table))
         figures.save(figures.hue_error_curves(res["hue_after"], (0.25, 0.5, 0.75, 1.0), f"{spec.method}: error vs hue"),
@@ -255,7 +255,8 @@ def relearn(run: ColourRun, concept: str = "red", samples: Sequence[int] = (1, 4
                 recover.append(curve.steps_to(threshold))
                 starts.append(float(curve.errors[0]))
                 curves.extend({"model": name, "K": k, "seed": seed, "step": t, "error": float(e)} for t, e in enumerate(curve.errors))
-            rows.append({"model": name, "K": k, "steps_to_recover": recover, "start_error": median(starts)})
+            rows.append({"model": name, "K": k, "steps_to_recover": recover, "start_error": median(starts),
+                         "start_errors": starts})
     runs.write_atomic(out / "curves.csv", _table_csv(curves))
     summary = {"concept": concept, "threshold": threshold, "steps": steps, "lr": lr, "retain": retain, "rows": rows}
     runs.write_json(out / "summary.json", summary)
@@ -267,11 +268,17 @@ def attack_table(summary: dict[str, Any]) -> Table:
     """The relearning table from an attack's summary.json: what `anchoring relearn` printed, and
     what `anchoring show RUN/relearn/<concept>` prints again later."""
     steps, threshold = summary["steps"], summary["threshold"]
-    table = Table(title=f"relearning {summary['concept']}: steps until MSE ≤ {threshold} (per seed; '-' = not within {steps})")
+    table = Table(title=f"relearning {summary['concept']}: steps until MSE ≤ {threshold} (per seed; '-' = not within {steps}; "
+                        f"'nd' = not deleted: MSE ≤ {threshold} before any step, left out of the median)")
     for h in ("model", "K", "start MSE", "median steps", "per seed"):
         table.add_column(h, justify="right")
     for r in summary["rows"]:
         got = r["steps_to_recover"]
-        table.add_row(r["model"], str(r["K"]), f"{r['start_error']:.3f}", median_steps(got, steps),
-                      " ".join("-" if s is None else str(s) for s in got))
+        # a seed the deletion left at or under the threshold recovers "in 0 steps": that says the edit failed
+        # there, not that relearning was instant, so it does not pull the median down
+        starts = r.get("start_errors") or [math.inf] * len(got)
+        kept = [s for s, e in zip(got, starts) if e > threshold]
+        med = median_steps(kept, steps) if kept else "nd"
+        table.add_row(r["model"], str(r["K"]), f"{r['start_error']:.3f}", med,
+                      " ".join("nd" if e <= threshold else "-" if s is None else str(s) for s, e in zip(got, starts)))
     return table

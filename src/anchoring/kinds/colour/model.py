@@ -36,6 +36,7 @@ class ColourRun(Run):
     @torch.no_grad()
     def encode(self, rgb: torch.Tensor) -> torch.Tensor:
         """Normalised latents `(seeds, ..., E)` for RGB `(..., 3)`."""
+        _check_rgb("encode", rgb)
         return torch.stack([m.encode(rgb) for m in self.models])
 
     @torch.no_grad()
@@ -47,6 +48,7 @@ class ColourRun(Run):
 
     @torch.no_grad()
     def reconstruct(self, rgb: torch.Tensor) -> torch.Tensor:
+        _check_rgb("reconstruct", rgb)
         return torch.stack([m(rgb) for m in self.models])
 
     @property
@@ -70,3 +72,10 @@ def open_run(path: Path, cfg: ColourExperiment, arch: dict[str, Any], summary: d
         m.eval()
         models.append(m)
     return ColourRun(path, cfg, seeds, models, summary)
+
+
+def _check_rgb(what: str, rgb: torch.Tensor) -> None:
+    """One line for a batch that is not colours, instead of a matrix-shape error from inside the encoder."""
+    if not isinstance(rgb, torch.Tensor) or rgb.ndim < 1 or rgb.shape[-1] != 3:
+        shape = tuple(rgb.shape) if isinstance(rgb, torch.Tensor) else type(rgb).__name__
+        raise AnchoringError(f"{what} expects RGB colours shaped (..., 3), got {shape}")

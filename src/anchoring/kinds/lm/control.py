@@ -192,7 +192,7 @@ def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repa
     if repair_steps:
         controls[REPAIR_ONLY] = lambda arm, i, m: fixed(m, i, None)
     rows = _rows(run, lambda arm, i, m: new[arm][i], controls, tick)
-    edit = {"source": str(run.path), "method": "delete-direction" if kind == "delete" else "blind-readers",
+    edit = {"source": str(run.path.resolve()), "method": "delete-direction" if kind == "delete" else "blind-readers",
             "concept": cfg.text.concept, "directions": len(directions), "max_residual_component": leftover,
             **({"readers_after": after_site} if after_site else {}),
             **({"repair_steps": repair_steps, "repair_lr": lr} if repair_steps else {})}
@@ -294,7 +294,7 @@ def relearn(run, concept: str | None = None, samples: list[int] | None = None, s
         with runs.staged(out, replace=True) as tmp:  # all of it or nothing: a stopped attack leaves the earlier one
             res = unlearning(cfg, tmp, d, models, progress)
             targets = mark_infinite(ul.targets(res))
-            summary = {"experiment": cfg.name, "source": str(run.path), "concept": cfg.text.concept,
+            summary = {"experiment": cfg.name, "source": str(run.path.resolve()), "concept": cfg.text.concept,
                        "unlearning_config": u.model_dump(), "unlearning": res, "targets": targets}
             runs.write_json(tmp / runs.SUMMARY, summary)
     except BaseException:

@@ -31,6 +31,8 @@ class TransformerConfig(_Strict):
     alpha: float = Field(0.2, gt=0, description="initial step size α of every block")
     logit_scale: float = Field(10.0, gt=0)
     control: bool = Field(True, description="also train an unanchored control on the same seeds and batches")
+    judge: bool = Field(True, description="mark the M3 targets met or missed; false reports the same figures "
+                        "without a verdict (an anchor the targets were not set for, as in the attention keys)")
     workers: int = Field(0, ge=0, description="processes training models side by side (0: one per CPU core; 1: in this process)")
     eval_lines: int = Field(2048, ge=64, description="lines per evaluation set")
     reddest: int = Field(10, ge=1, description="'red' equations: answer among the N reddest colours")

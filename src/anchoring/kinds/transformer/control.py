@@ -68,8 +68,9 @@ def _table(title: str, rows: list[dict[str, Any]]) -> Table:
     table = Table(title=title)
     for h in ("arm", "seed", *[f"{g}: before → after" for g in GROUPS]):
         table.add_column(h, justify="right")
-    for r in rows:
-        table.add_row(r["arm"], str(r["seed"]), *[f"{r[f'{g} before']:.3f} → {r[f'{g} after']:.3f}" for g in GROUPS])
+    for r in rows:  # delete copies the control unchanged: its row is a reference, not an edit that did nothing
+        arm = r["arm"] if r.get("edited", True) else f"{r['arm']} (unedited)"
+        table.add_row(arm, str(r["seed"]), *[f"{r[f'{g} before']:.3f} → {r[f'{g} after']:.3f}" for g in GROUPS])
     return table
 
 
@@ -148,7 +149,7 @@ def delete(run: TransformerRun, spec: InterventionConfig, out: Path) -> EditResu
         runs.write_atomic(tmp / runs.CONFIG, (run.path / runs.CONFIG).read_text())
         runs.write_atomic(tmp / runs.ARCH, (run.path / runs.ARCH).read_text())
         write_arms(tmp, {(arm, seed): m for arm, ms in edited.items() for seed, m in zip(run.seeds, ms)}, "anchoring-transformer-1")
-        edit = {"source": str(run.path), "method": "delete-direction", "concept": spec.concept,
+        edit = {"source": str(run.path.resolve()), "method": "delete-direction", "concept": spec.concept,
                 "max_residual_component": leftover}
         previous = runs.read_json(run.path / "edit.json").get("lineage", []) if (run.path / "edit.json").is_file() else []
         runs.write_json(tmp / "edit.json", {**edit, "lineage": [*previous, edit]})
@@ -162,6 +163,8 @@ def delete(run: TransformerRun, spec: InterventionConfig, out: Path) -> EditResu
             ("Exact match by redness", body)]))
         summary = {"experiment": cfg.name, "kind": "transformer", "edit": edit, "edit_rows": rows}
         runs.write_json(tmp / runs.SUMMARY, summary)
-    return EditResult("delete", [_table(f"delete {spec.concept}: exact match by redness", rows),
+    copied = sorted({r["arm"] for r in rows if not r["edited"]})
+    note = [f"{', '.join(copied)}: copied unedited (no anchor to remove); its rows are a reference"] if copied else []
+    return EditResult("delete", [_table(f"delete {spec.concept}: exact match by redness", rows), *note,
                                  f"largest |h·v| left in the residual stream: {max(leftover):.2e}", f"edited run: {out}"],
                       [out], summary)

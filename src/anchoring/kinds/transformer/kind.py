@@ -266,7 +266,8 @@ def summarize(cfg: TransformerExperiment, rows: list[dict], edits: dict, anchors
         gaps = [a["held-out"] - c["held-out"] for a in rows if a["arm"] == "anchored"
                 for c in rows if c["arm"] == "control" and c["seed"] == a["seed"]]
         worst = max(gaps, key=abs) if gaps else float("nan")  # judged on every seed, so the line shows the worst one
-        targets["held-out gap (anchored − control), worst seed"] = {"per_seed": gaps, "median": worst,
+        targets["held-out gap (anchored − control), worst seed"] = {"per_seed": gaps, "worst": worst,
+                                                                    "median": median(gaps),
                                                                     "met": bool(gaps) and abs(worst) <= 0.02}
     for s, _ in anchors:
         key = f"{s} a"
@@ -285,7 +286,11 @@ def summarize(cfg: TransformerExperiment, rows: list[dict], edits: dict, anchors
             a = block["anchored"]
             targets[f"{name}: red-answer accuracy drop ≥ 0.5"] = {"median": a["red_answer_drop"], "met": a["red_answer_drop"] >= 0.5}
             targets[f"{name}: no-red accuracy drop ≤ 0.05"] = {"median": a["no_red_drop"], "met": a["no_red_drop"] <= 0.05}
-    summary["targets"] = mark_infinite(targets)
+    if cfg.transformer.judge:
+        summary["targets"] = mark_infinite(targets)
+    else:  # the same figures, no verdict: the targets were set for the residual stream
+        summary["targets"], summary["figures"] = {}, mark_infinite({k: {kk: v for kk, v in t.items() if kk != "met"}
+                                                                    for k, t in targets.items()})
     return summary
 
 
@@ -337,8 +342,11 @@ def write_report(cfg: TransformerExperiment, path: Path, summary: dict[str, Any]
     sections = [("Overview", f"<p>{html.html.escape(cfg.description)}</p>"),
                 ("Exact match per model", html.table_html(keys, model_rows))]
     if summary["targets"]:
-        sections.append(("Targets", html.table_html(["target", "median", "met"],
+        sections.append(("Targets", html.table_html(["target", "median (or as named)", "met"],
                                                     [[k, target_text(target_median(v)), v["met"]] for k, v in summary["targets"].items()])))
+    if summary.get("figures"):
+        sections.append(("The targets' figures, without a verdict (transformer.judge = false)", html.table_html(
+            ["figure", "median (or as named)"], [[k, target_text(target_median(v))] for k, v in summary["figures"].items()])))
     for name, block in summary["interventions"].items():
         body = html.table_html(["arm", "direction", "red-answer drop (median)", "no-red drop (median)"],
                                [[arm, b["per_seed"][0]["direction"], b["red_answer_drop"], b["no_red_drop"]] for arm, b in block.items()])
@@ -417,4 +425,6 @@ def summary_lines(summary: dict[str, Any]) -> list[Any]:
                          f"{b['red_answer_drop']:+.3f}, on equations without red {b['no_red_drop']:+.3f} (median over seeds)")
     for name, t in summary.get("targets", {}).items():
         lines.append(f"{'met ' if t['met'] else 'MISS'}  {name}: {target_text(target_median(t))}")
+    for name, t in summary.get("figures", {}).items():  # transformer.judge = false: reported as they come
+        lines.append(f"      {name}: {target_text(target_median(t))}")
     return lines
