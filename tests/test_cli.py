@@ -58,6 +58,9 @@ def test_list_shows_the_default():
     (["run", "--set", "terms.0.kind=repel"], "unknown regularizer 'repel'"),
     (["run", "--set", "terms.9.kind=anchor"], "not an index below 3"),
     (["run", "anchored", "--nproc", "2"], "--nproc is for LM experiments; 'anchored' is a 'colour' experiment"),
+    (["run", "lm-control", "--nproc", "0"], "--nproc must be a positive integer, got 0"),
+    (["run", "lm-control", "--nproc", "3"], "--nproc 3: lm.batch_size 16 does not split over 3 processes"),
+    (["run", "lm-control", "--nproc", "2", "--set", "lm.nproc=4"], "--nproc or --set lm.nproc, not both"),
     (["run", "lm-control", "--set", "text.split_seed=18446744073709551616"], "split_seed"),
     (["run", "curriculum", "--set", "data.space=\"hsv\"", "--set", "data.hsv_shape=[36,0,6]"], "hsv_shape"),
 ])

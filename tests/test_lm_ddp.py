@@ -163,3 +163,51 @@ def test_a_signal_that_reaches_one_rank_stops_every_rank_after_the_same_step(tmp
     assert r.returncode == 0, r.stderr[-2000:]
     got = [(tmp_path / f"result{rank}.txt").read_text() for rank in (0, 1)]
     assert got == ["stopped 4 4", "stopped 4 4"], got  # both after step 4 (rank 1 got the signal in step 3), both saved
+
+
+def test_sigterm_to_a_data_parallel_run_stops_its_ranks_with_checkpoints(corpus, tmp_path):
+    from signals import sigterm_stops_the_workers
+
+    cfg = experiments.load("lm-anchor-passages", tiny(corpus, "train.steps=20000", 'lm.arms=["control"]', "lm.nproc=2",
+                                                      "train.checkpoint_every=5"))
+    spec = tmp_path / "spec.toml"
+    spec.write_text(cfg.to_toml())
+    sigterm_stops_the_workers([str(spec)], tmp_path / "run")  # rank 0's and rank 1's checkpoints
+
+
+def test_a_stop_while_the_ranks_start_leaves_no_process_behind(corpus, tmp_path):
+    """Stopped while its ranks were still importing, the command used to wait for ever (rank 0 waits in
+    the rendezvous for a rank that is gone), and left ranks running after a second Ctrl-C."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = experiments.load("lm-anchor-passages", tiny(corpus, "train.steps=20000", 'lm.arms=["control"]', "lm.nproc=2"))
+    spec = tmp_path / "spec.toml"
+    spec.write_text(cfg.to_toml())
+    proc = subprocess.Popen([sys.executable, "-m", "anchoring", "run", str(spec), "--out", str(tmp_path / "run"), "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    def children() -> set[int]:
+        try:
+            return {int(p) for p in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()}
+        except OSError:
+            return set()
+
+    deadline = time.time() + 120
+    while time.time() < deadline and len(children()) < 2 and not (tmp_path / "run" / "arms").exists():
+        time.sleep(0.05)
+    ranks = children()
+    assert len(ranks) >= 2 and not (tmp_path / "run" / "arms").exists(), "no rank started, or training began already"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130 and "anchoring resume" in err and "Traceback" not in err, err
+    time.sleep(0.5)
+    for pid in ranks:
+        try:
+            state = open(f"/proc/{pid}/stat").read().split()[2]
+        except OSError:
+            continue  # gone
+        assert state == "Z", f"process {pid} still running ({state})"

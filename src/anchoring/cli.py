@@ -187,7 +187,17 @@ def run_cmd(
         if nproc is not None:
             if cfg.kind != "lm":
                 fail(f"--nproc is for LM experiments; {cfg.name!r} is a {cfg.kind!r} experiment")
+            if nproc < 1:
+                fail(f"--nproc must be a positive integer, got {nproc}")
+            if any(o.split("=", 1)[0].strip() == "lm.nproc" for o in overrides):
+                fail("give the number of processes once: --nproc or --set lm.nproc, not both")
+            if cfg.lm.batch_size % nproc:
+                fail(f"--nproc {nproc}: lm.batch_size {cfg.lm.batch_size} does not split over {nproc} processes "
+                     f"(use a divisor of it, or --set lm.batch_size=…)")
             cfg = experiments.load(experiment, [*overrides, f"lm.nproc={nproc}"])
+            if nproc > (os.cpu_count() or 1):
+                err.print(f"note: --nproc {nproc} on {os.cpu_count()} CPU cores: the ranks share cores and run slower "
+                          f"than fewer would", markup=False, highlight=False, soft_wrap=True)
     except AnchoringError as e:
         fail(str(e))
     from anchoring.kinds.lm.distributed import launched_by_torchrun
@@ -195,7 +205,8 @@ def run_cmd(
     launched = launched_by_torchrun()
     if launched:
         if cfg.kind != "lm" or out_dir is None:
-            fail("under torchrun, run an LM experiment with --out DIR (every worker must write the same run)")
+            fail("under torchrun, run an LM experiment with --out DIR (every worker must write the same run)"
+                 if cfg.kind == "lm" else f"torchrun runs LM experiments only; {cfg.name!r} is a {cfg.kind!r} experiment")
         _check_split(cfg, launched[1])
         if launched[0] != 0:  # rank 0 makes the run, trains its share and evaluates; the others only train
             from anchoring.kinds.lm.distributed import follow
@@ -225,7 +236,12 @@ def _train(action, label: str, quiet: bool) -> None:
     except TrainingInterrupted as e:
         where = (f"interrupted after step {e.step}; checkpoint saved" if e.step >= 0
                  else "interrupted; whatever the run had saved is kept")
-        stopped(f"{where} — continue with `anchoring resume {e.run_dir}`")
+        from anchoring.kinds.lm.distributed import launched_by_torchrun
+
+        ranks = launched_by_torchrun()  # the ranks' checkpoints resume with as many processes as wrote them
+        how = (f"torchrun --standalone --nproc-per-node {ranks[1]} -m anchoring resume {e.run_dir}" if ranks
+               else f"anchoring resume {e.run_dir}")
+        stopped(f"{where} — continue with `{how}`")
     except KeyboardInterrupt:
         stopped("interrupted before the run directory was written; nothing to resume")
     except AnchoringError as e:
@@ -597,6 +613,8 @@ def bench_cmd(
             fail(f"{flag} takes comma-separated integers, got {text!r}")
         if any(v < 1 for v in vals):
             fail(f"{flag} values must be positive, got {text!r}")
+        if len(set(vals)) != len(vals):  # two rows of one case name, timed twice
+            fail(f"{flag} names a value twice: {text!r}")
         return vals
 
     for flag, value, least in (("--repeats", repeats, 1), ("--steps", steps, 2), ("--lm-steps", lm_steps, 0)):
@@ -637,7 +655,7 @@ def bench_cmd(
     except AnchoringError as e:
         fail(str(e))
     try:
-        with err.status("benchmarking") as status:
+        with sigterm_interrupts(), err.status("benchmarking") as status:  # a SIGTERM stops the case as Ctrl-C does
             res = run_suite(repeats, steps, sizes, seeds, e2e_steps, json_out, progress=lambda m: status.update(m), lm_steps=lm_steps,
                             lm_compiled=lm_compiled, lm_device=lm_device)
     except AnchoringError as e:  # a case whose process failed: its last line, nothing written
@@ -649,12 +667,17 @@ def bench_cmd(
         table.add_column(h, justify="left" if h == "case" else "right")
     for r in res["cases"]:
         ratio = f"{r['vs_baseline']:.2f}" if "vs_baseline" in r else ""
-        table.add_row(r["case"], f"{r['median']:.4g}", f"{r['min']:.4g}", f"{r['max']:.4g}", r["unit"], ratio, f"{r['peak_mb']:.0f}")
+        table.add_row(r["case"], *[_figure(r[k]) for k in ("median", "min", "max")], r["unit"], ratio, f"{r['peak_mb']:.0f}")
     Console(width=max(out.width, 132)).print(table)  # wide enough for one row per case, even when piped
     if "e2e_ratio" in res:
         a, b = res["e2e_ratio"]["cases"]
         out.print(f"end-to-end wall ratio ({a}) / ({b}): {res['e2e_ratio']['ratio']:.2f}", markup=False)
     out.print(f"json: {json_out}", markup=False)
+
+
+def _figure(x: float) -> str:
+    """A bench figure: whole numbers with thousands separators from 1,000 on (11,041, not 1.104e+04)."""
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.4g}"
 
 
 def _lm_models(command: str, run_dir: Path, arm: str | None, seed: int | None, edit: str | None):

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -105,8 +106,12 @@ def _measure(case: Case, workdir: Path) -> None:
     with open(log_out, "w") as fo, open(log_err, "w") as fe:
         t0 = time.perf_counter()
         proc = subprocess.Popen(argv, stdout=fo, stderr=fe)
-        # wait4 gives this child's own peak RSS (KiB on Linux), not a running max over all children
-        _, status, usage = os.wait4(proc.pid, 0)
+        try:
+            # wait4 gives this child's own peak RSS (KiB on Linux), not a running max over all children
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:  # Ctrl-C or SIGTERM: the case stops before its temporary folder is removed
+            _stop(proc)
+            raise
         wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: tell Popen, or it waits again
     peak = usage.ru_maxrss / 1024.0
@@ -125,6 +130,19 @@ def _measure(case: Case, workdir: Path) -> None:
         case.samples.append(res[key])
         case.extras.append({k: v for k, v in res.items() if k != key})
     case.peak_mb.append(peak)
+
+
+def _stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """Stop a case's process and wait for it: a SIGINT, which a training child answers by saving and
+    stopping (a terminal's Ctrl-C has sent it one already), then a kill after `grace` seconds. Left
+    running, it went on writing into the folder being removed, or trained on as an orphan."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _extras(extras: list[dict]) -> dict:

@@ -22,6 +22,7 @@ per rank, gloo otherwise.
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -76,6 +77,9 @@ def _train_jobs(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int]], rank
 
 
 def _rank_main(rank: int, world: int, store: str, cfg: LMExperiment, path: Path, jobs: list[tuple[str, int]]) -> None:
+    # the parent started this process with Ctrl-C ignored, so that a Ctrl-C while it was still importing
+    # printed no traceback; from here on a signal stops training as in one process (save, then stop)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     # ranks meet through a file, not a TCP port: no race with other processes for a free port
     _train_jobs(cfg, path, jobs, rank, world, f"file://{store}")
 
@@ -99,9 +103,46 @@ def train_data_parallel(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int
 
     if cfg.lm.batch_size % world:
         raise AnchoringError(f"lm.batch_size {cfg.lm.batch_size} does not split over lm.nproc = {world} processes")
-    try:
-        with tempfile.TemporaryDirectory(prefix="anchoring-ddp-") as meet:
-            tmp.spawn(_rank_main, args=(world, os.path.join(meet, "store"), cfg, path, jobs), nprocs=world, join=True)
-    except tmp.ProcessRaisedException as e:
-        last = str(e).strip().splitlines()[-1] if str(e).strip() else "a rank failed"
-        raise AnchoringError(f"data-parallel training failed: {last}") from None
+    with tempfile.TemporaryDirectory(prefix="anchoring-ddp-") as meet:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the ranks until `_rank_main`
+        try:
+            ranks = tmp.start_processes(_rank_main, args=(world, os.path.join(meet, "store"), cfg, path, jobs),
+                                        nprocs=world, join=False, start_method="spawn")
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        try:
+            while not ranks.join(timeout=0.5, grace_period=GRACE_S):  # a failed rank: the others get GRACE_S to stop
+                pass
+        except tmp.ProcessRaisedException as e:
+            if "TrainingInterrupted" in str(e) or "KeyboardInterrupt" in str(e):  # a rank stopped on the signal
+                _stop_ranks(ranks.processes)
+                raise KeyboardInterrupt from None
+            last = str(e).strip().splitlines()[-1] if str(e).strip() else "a rank failed"
+            raise AnchoringError(f"data-parallel training failed: {last}") from None
+        except BaseException:  # Ctrl-C or SIGTERM here: the ranks save and stop, or are stopped
+            _stop_ranks(ranks.processes)
+            raise
+
+
+GRACE_S = 20.0  # for a rank to finish its step and save its checkpoint after a stop
+
+
+def _stop_ranks(processes) -> None:
+    """Stop every rank still alive: a SIGINT first, which a training rank answers by saving and
+    stopping; a rank that does not stop within `GRACE_S` (one still importing, or one waiting in the
+    rendezvous for a peer that is gone) is killed. The caller then leaves no process behind."""
+    import time
+
+    alive = [p for p in processes if p.is_alive()]
+    for p in alive:
+        try:
+            os.kill(p.pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + GRACE_S
+    for p in alive:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in alive:
+        if p.is_alive():
+            p.kill()
+            p.join()
