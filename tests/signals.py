@@ -27,3 +27,21 @@ def sigterm_stops_the_workers(args: list[str], out: Path, checkpoints: int = 2) 
     before = {p.name: p.stat().st_mtime_ns for p in arms.glob("*.safetensors")}
     time.sleep(1.5)  # a worker left running would keep writing checkpoints every few steps
     assert {p.name: p.stat().st_mtime_ns for p in arms.glob("*.safetensors")} == before
+
+
+def child_pids(pid: int) -> set[int]:
+    """The processes `pid` started and has not reaped (Linux), or nothing once it is gone."""
+    try:
+        return {int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()}
+    except OSError:
+        return set()
+
+
+def assert_gone(pids: set[int]) -> None:
+    """Every one of `pids` has exited (a zombie waiting for its reaper counts as exited)."""
+    for pid in pids:
+        try:
+            state = open(f"/proc/{pid}/stat").read().split()[2]
+        except OSError:
+            continue
+        assert state == "Z", f"process {pid} is still running ({state})"

@@ -184,30 +184,21 @@ def test_a_stop_while_the_ranks_start_leaves_no_process_behind(corpus, tmp_path)
     import sys
     import time
 
+    from signals import assert_gone, child_pids
+
     cfg = experiments.load("lm-anchor-passages", tiny(corpus, "train.steps=20000", 'lm.arms=["control"]', "lm.nproc=2"))
     spec = tmp_path / "spec.toml"
     spec.write_text(cfg.to_toml())
     proc = subprocess.Popen([sys.executable, "-m", "anchoring", "run", str(spec), "--out", str(tmp_path / "run"), "-q"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
-    def children() -> set[int]:
-        try:
-            return {int(p) for p in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()}
-        except OSError:
-            return set()
-
     deadline = time.time() + 120
-    while time.time() < deadline and len(children()) < 2 and not (tmp_path / "run" / "arms").exists():
+    while time.time() < deadline and len(child_pids(proc.pid)) < 2 and not (tmp_path / "run" / "arms").exists():
         time.sleep(0.05)
-    ranks = children()
+    ranks = child_pids(proc.pid)
     assert len(ranks) >= 2 and not (tmp_path / "run" / "arms").exists(), "no rank started, or training began already"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=90)
     assert proc.returncode == 130 and "anchoring resume" in err and "Traceback" not in err, err
     time.sleep(0.5)
-    for pid in ranks:
-        try:
-            state = open(f"/proc/{pid}/stat").read().split()[2]
-        except OSError:
-            continue  # gone
-        assert state == "Z", f"process {pid} still running ({state})"
+    assert_gone(ranks)

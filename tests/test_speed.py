@@ -485,30 +485,21 @@ def test_a_stopped_bench_stops_its_case_and_leaves_no_files(tmp_path):
     import sys
     import time
 
+    from signals import assert_gone, child_pids
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
     proc = subprocess.Popen([sys.executable, "-m", "anchoring", "bench", "--repeats", "1", "--steps", "5", "--ensembles", "",
                              "--e2e-seeds", "60", "--e2e-steps", "100000", "--lm-steps", "0", "--json", str(tmp_path / "b.json")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
-    def children() -> set[int]:
-        try:
-            return {int(p) for p in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()}
-        except OSError:
-            return set()
-
     deadline = time.time() + 120
     while time.time() < deadline and not list(tmp_path.glob("anchoring-bench-*/tmp*/run/config.toml")):
         time.sleep(0.1)  # the end-to-end case has made its run: it is training
-    case = children()
+    case = child_pids(proc.pid)
     assert case, "the end-to-end case never started"
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=90)
     assert proc.returncode == 130, err
     assert not list(tmp_path.glob("anchoring-bench-*")) and not (tmp_path / "b.json").exists()
-    for pid in case:
-        try:
-            state = open(f"/proc/{pid}/stat").read().split()[2]
-        except OSError:
-            continue
-        assert state == "Z", f"the case's process {pid} is still running ({state})"
+    assert_gone(case)

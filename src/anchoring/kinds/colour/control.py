@@ -200,7 +200,6 @@ def relearn(run: ColourRun, concept: str = "red", samples: Sequence[int] = (1, 4
     if eval_chars is not None:
         raise AnchoringError("--eval-chars is for LM runs; a colour run's relearning error is scored on every colour of its concept")
     from anchoring import lifecycle
-    from anchoring.kinds.colour.objective import build_timeline
 
     if not samples or any(k < 1 for k in samples) or steps < 1:
         raise AnchoringError("--samples and --steps must be positive integers")
@@ -228,8 +227,7 @@ def relearn(run: ColourRun, concept: str = "red", samples: Sequence[int] = (1, 4
         base_dir = out / "baseline-run"
         if not (base_dir / runs.SUMMARY).is_file():
             cfg = run.config
-            lr_keys = build_timeline(cfg, build_objective(cfg)).tracks["lr"].key_values()
-            sched = "STEP,lr\n" + "".join(f"{int(t)},{v:.10g}\n" for t, v in lr_keys)
+            sched = lr_schedule(cfg.schedule)
             plain = cfg.model_copy(update={"name": f"{cfg.name}-unanchored", "concepts": [], "terms": [], "interventions": [],
                                           "schedule": sched, "evaluate": cfg.evaluate.model_copy(update={"concept": None})})
             config = base_dir / runs.CONFIG
@@ -262,6 +260,18 @@ def relearn(run: ColourRun, concept: str = "red", samples: Sequence[int] = (1, 4
     runs.write_json(out / "summary.json", summary)
     figures.save(figures.relearn_curves(curves, threshold), out / "relearn.png")
     return EditResult("relearn", [attack_table(summary), f"wrote {out}"], [out], summary)
+
+
+def lr_schedule(schedule: str) -> str:
+    """The dopesheet's STEP and learning-rate columns, every row kept: the baseline then stretches to
+    the run's steps exactly as the run did, so both follow the same learning rate step by step (keys
+    written out after stretching could land twice on one step, which a dopesheet refuses)."""
+    rows = [r for r in csv.reader(io.StringIO(schedule)) if r and any(c.strip() for c in r)
+            and not r[0].lstrip().startswith("#")]
+    keep = [0] + [i for i, h in enumerate(rows[0]) if i and h.split(":")[0].strip() == "lr"]
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows([[r[i] if i < len(r) else "" for i in keep] for r in rows])
+    return out.getvalue()
 
 
 def attack_table(summary: dict[str, Any]) -> Table:

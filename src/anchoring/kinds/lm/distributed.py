@@ -80,6 +80,7 @@ def _rank_main(rank: int, world: int, store: str, cfg: LMExperiment, path: Path,
     # the parent started this process with Ctrl-C ignored, so that a Ctrl-C while it was still importing
     # printed no traceback; from here on a signal stops training as in one process (save, then stop)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     # ranks meet through a file, not a TCP port: no race with other processes for a free port
     _train_jobs(cfg, path, jobs, rank, world, f"file://{store}")
 
@@ -104,23 +105,29 @@ def train_data_parallel(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int
     if cfg.lm.batch_size % world:
         raise AnchoringError(f"lm.batch_size {cfg.lm.batch_size} does not split over lm.nproc = {world} processes")
     with tempfile.TemporaryDirectory(prefix="anchoring-ddp-") as meet:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the ranks until `_rank_main`
+        # Ctrl-C ignored and SIGTERM held back while the ranks are started, and in the ranks until `_rank_main`
+        # (both are inherited): a stop arriving half-way through starting them would leave the started ones
+        # waiting in the rendezvous with no one to stop them; held back, it arrives below, with every rank known
+        ranks = None
         try:
-            ranks = tmp.start_processes(_rank_main, args=(world, os.path.join(meet, "store"), cfg, path, jobs),
-                                        nprocs=world, join=False, start_method="spawn")
-        finally:
-            signal.signal(signal.SIGINT, previous)
-        try:
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+            try:
+                ranks = tmp.start_processes(_rank_main, args=(world, os.path.join(meet, "store"), cfg, path, jobs),
+                                            nprocs=world, join=False, start_method="spawn")
+            finally:  # a stop held back arrives here, once `ranks` names every process to stop
+                signal.signal(signal.SIGINT, previous)
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             while not ranks.join(timeout=0.5, grace_period=GRACE_S):  # a failed rank: the others get GRACE_S to stop
                 pass
         except tmp.ProcessRaisedException as e:
             if "TrainingInterrupted" in str(e) or "KeyboardInterrupt" in str(e):  # a rank stopped on the signal
-                _stop_ranks(ranks.processes)
                 raise KeyboardInterrupt from None
             last = str(e).strip().splitlines()[-1] if str(e).strip() else "a rank failed"
             raise AnchoringError(f"data-parallel training failed: {last}") from None
-        except BaseException:  # Ctrl-C or SIGTERM here: the ranks save and stop, or are stopped
-            _stop_ranks(ranks.processes)
+        except BaseException:  # Ctrl-C or SIGTERM: the ranks save and stop, or are stopped
+            if ranks is not None:
+                _stop_ranks(ranks.processes)
             raise
 
 
