@@ -202,3 +202,29 @@ def test_a_stop_while_the_ranks_start_leaves_no_process_behind(corpus, tmp_path)
     assert proc.returncode == 130 and "anchoring resume" in err and "Traceback" not in err, err
     time.sleep(0.5)
     assert_gone(ranks)
+
+
+def test_ranks_can_be_started_from_a_thread_that_owns_no_signals():
+    """Only the main thread may set signal handlers; from another thread the start is not held."""
+    import signal
+    import threading
+
+    from anchoring.kinds.lm.distributed import _start_held
+
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            with _start_held():
+                pass
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    t = threading.Thread(target=start)
+    t.start()
+    t.join()
+    assert errors == []
+    before = signal.getsignal(signal.SIGINT)
+    with _start_held():
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # inherited by the ranks while they start
+    assert signal.getsignal(signal.SIGINT) is before

@@ -181,6 +181,10 @@ def test_a_short_run_keeps_every_keyframe_of_its_schedule():
     times = [t for t, _ in short.tracks["lr"].keys]
     assert times == sorted(times) and 0 < times[1] < 1  # the warm-up's end keeps its place inside step 0..1
     assert keys(tl.rescaled(151).tracks["anchor"]) == [(0, 0.01), (75, 0.1), (142, 0.0)]  # no collision: whole steps
+    for steps in (2, 3, 10):  # at 10 the tail key (8.55) used to round onto the last one (9) and vanish
+        cut = tl.rescaled(steps)
+        assert {n: len(t.keys) for n, t in cut.tracks.items()} == {n: len(t.keys) for n, t in tl.tracks.items()}, steps
+    assert [t for t, _ in Track([(0, 0), (3, 1), (4, 2)]).rescaled(0.2).keys] == pytest.approx([0, 0.6, 1])
 
 
 def test_schedule_and_terms_must_match():

@@ -167,6 +167,8 @@ def test_write_is_atomic_and_complete(tmp_path, char_page):
     assert out.read_text(encoding="utf-8") == char_page[2]
     assert [p.name for p in out.parent.iterdir()] == ["page.html"]
     assert sp.write_surprise_page(out, char_page[2] + " ") == out  # a page written here is replaced
+    out.write_text(char_page[2].replace(f"<meta name='generator' content='{sp.GENERATOR}'>", ""))
+    assert sp.write_surprise_page(out, char_page[2]) == out  # so is one written before pages carried the mark
     other = tmp_path / "notes.html"
     other.write_text("<html>mine</html>")
     with pytest.raises(AnchoringError, match="not a surprisal page"):

@@ -756,7 +756,7 @@ def surprisal_cmd(
     run, model, after = _lm_models("surprisal", run_dir, arm, seed, edit)
     try:
         which = f"{arm or next(iter(run.arms))} arm, seed {run.seeds[0] if seed is None else seed}"
-        title = f"{run.path.name} ({run.config.name}): {which}" + (f", before and after {edit}" if edit else "")
+        title = f"{run.path.resolve().name} ({run.config.name}): {which}" + (f", before and after {edit}" if edit else "")
         page = render_surprise(model, run.data.tokenizer, text, context=model.context, edited_model=after, title=title)
         runs.check_writable(out_path.parent)  # the page itself may exist: writing it again replaces it
         write_surprise_page(out_path, page)

@@ -509,13 +509,16 @@ def render_surprise(model: LanguageModel, tokenizer: SpanTokenizer, text: str, *
 
 
 def is_page(path: Path) -> bool:
-    """True for a file whose head carries this module's generator mark."""
+    """True for a file whose head carries this module's generator mark, or (a page written before the
+    mark) begins as these pages do and holds their tooltip rule."""
     try:
         with open(path, "rb") as f:
-            head = f.read(512)
+            head = f.read(8192)
     except OSError:
         return False
-    return f"<meta name='generator' content='{GENERATOR}'>".encode() in head
+    if f"<meta name='generator' content='{GENERATOR}'>".encode() in head:
+        return True
+    return head.startswith(b"<!doctype html><html lang='en'><head><meta charset='utf-8'>") and b".t:hover::after" in head
 
 
 def write_surprise_page(path: Path | str, page_html: str) -> Path:

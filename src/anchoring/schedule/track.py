@@ -167,16 +167,17 @@ class Track:
     def rescaled(self, factor: float) -> "Track":
         """The same curve stretched in time (keyframes only; re-targets are not carried).
 
-        Keys land on whole steps. A key that would land on the step of the key before it (a warm-up
-        of 10 steps in a run cut to 60) keeps its exact, fractional place instead, so no keyframe is
-        lost and the order is kept; only keys that stretch onto the very same point (factor 0) merge,
-        the later one kept."""
+        Keys land on whole steps. A key whose whole step would meet the key before it, or reach the
+        next key's place (a 10-step warm-up in a run cut to 60), keeps its exact, fractional place
+        instead, so no keyframe is lost and the order is kept; only keys that stretch onto the very same
+        point (factor 0) merge, the later one kept."""
+        exact = [t * factor for t, _ in self.keys]
         dedup: dict[float, float] = {}
         last = -math.inf
-        for t, y in self.keys:
-            at = round(t * factor)
-            if at <= last:
-                at = t * factor if t * factor > last else last
+        for i, (_, y) in enumerate(self.keys):
+            at = float(round(exact[i]))
+            if at <= last or (i + 1 < len(exact) and at >= exact[i + 1]):
+                at = exact[i] if exact[i] > last else last
             dedup[at] = self._from_space(y)
             last = at
         return Track(dedup.items(), self.space, self.interp, self.name)

@@ -21,10 +21,13 @@ per rank, gloo otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import tempfile
+import threading
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -80,7 +83,6 @@ def _rank_main(rank: int, world: int, store: str, cfg: LMExperiment, path: Path,
     # the parent started this process with Ctrl-C ignored, so that a Ctrl-C while it was still importing
     # printed no traceback; from here on a signal stops training as in one process (save, then stop)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     # ranks meet through a file, not a TCP port: no race with other processes for a free port
     _train_jobs(cfg, path, jobs, rank, world, f"file://{store}")
 
@@ -105,19 +107,11 @@ def train_data_parallel(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int
     if cfg.lm.batch_size % world:
         raise AnchoringError(f"lm.batch_size {cfg.lm.batch_size} does not split over lm.nproc = {world} processes")
     with tempfile.TemporaryDirectory(prefix="anchoring-ddp-") as meet:
-        # Ctrl-C ignored and SIGTERM held back while the ranks are started, and in the ranks until `_rank_main`
-        # (both are inherited): a stop arriving half-way through starting them would leave the started ones
-        # waiting in the rendezvous with no one to stop them; held back, it arrives below, with every rank known
         ranks = None
         try:
-            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-            try:
+            with _start_held():
                 ranks = tmp.start_processes(_rank_main, args=(world, os.path.join(meet, "store"), cfg, path, jobs),
                                             nprocs=world, join=False, start_method="spawn")
-            finally:  # a stop held back arrives here, once `ranks` names every process to stop
-                signal.signal(signal.SIGINT, previous)
-                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             while not ranks.join(timeout=0.5, grace_period=GRACE_S):  # a failed rank: the others get GRACE_S to stop
                 pass
         except tmp.ProcessRaisedException as e:
@@ -129,6 +123,27 @@ def train_data_parallel(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int
             if ranks is not None:
                 _stop_ranks(ranks.processes)
             raise
+
+
+@contextlib.contextmanager
+def _start_held() -> Iterator[None]:
+    """While the ranks are spawned: Ctrl-C ignored, which they inherit until `_rank_main` (a Ctrl-C while
+    they import then prints no tracebacks), and a SIGTERM held and delivered once every rank is known;
+    a stop half-way through starting them left the started ones waiting in the rendezvous for ever.
+    (A Ctrl-C in these few milliseconds is lost.) Outside the main thread signals are not ours to set."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda got, _frame: caught.append(got))}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if caught:
+            signal.raise_signal(signal.SIGTERM)
 
 
 GRACE_S = 20.0  # for a rank to finish its step and save its checkpoint after a stop
@@ -147,9 +162,11 @@ def _stop_ranks(processes) -> None:
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + GRACE_S
-    for p in alive:
-        p.join(max(0.0, deadline - time.monotonic()))
-    for p in alive:
-        if p.is_alive():
-            p.kill()
-            p.join()
+    try:
+        for p in alive:
+            p.join(max(0.0, deadline - time.monotonic()))
+    finally:  # also after a further Ctrl-C while waiting: no rank outlives the command
+        for p in alive:
+            if p.is_alive():
+                p.kill()
+                p.join()

@@ -134,9 +134,11 @@ def validate(cfg: LMExperiment, data: bool = True) -> int:
                                                              if cfg.unlearning.enabled else [])
         for key, n in scored:
             check_scored(cfg, d, key, n)
-        if e.ood:  # checked now, not after hours of training
-            test = d.parts["test"]
-            long = sum(len(d.texts[i]) >= e.ood_min_chars for i in test)
+        if e.ood:  # checked now, not after hours of training, on the passages the evaluation draws from
+            from anchoring.kinds.lm.ood import heldout_indices
+
+            test = np.asarray(heldout_indices(d, cfg.text.corpus), dtype=np.int64)
+            long = sum(len(d.texts[i].strip()) >= e.ood_min_chars for i in test)
             if long < e.ood_passages:
                 raise AnchoringError(f"evaluate.ood: only {long} test passages have ≥ {e.ood_min_chars} characters, "
                                      f"{e.ood_passages} asked for (lower evaluate.ood_passages or evaluate.ood_min_chars)")
@@ -537,7 +539,12 @@ def write_report(cfg: LMExperiment, path: Path, summary: dict[str, Any], metric_
     ]
     if "ood" in summary:
         o = summary["ood"]
-        f3, s3 = (lambda x: f"{x:.3f}"), (lambda x: f"{x:+.3f}")  # as the command line prints them
+        def f3(x: float | None, spec: str = ".3f") -> str:  # as the command line prints them; undefined: –
+            return "–" if x is None or x != x else format(x, spec)
+
+        def s3(x: float | None) -> str:
+            return f3(x, "+.3f")
+
         rows = [[seed, name, f3(t["s2"]), f3(t["surprisal"]), better(t["s2"], t["surprisal"])]
                 for seed, table in o["auroc"].items() for name, t in table.items()]
         body = (f"<p>{o['n']} passages per set, scored by the {o['arm']} arm; AUROC of each set against held-out text.</p>"

@@ -24,17 +24,22 @@ from anchoring.kinds.lm.edits import edited
 from anchoring.kinds.lm.model import LMRun
 
 
-def heldout(run: LMRun, concept: bool | None = None) -> list[str]:
-    """Test-split passages of the run's corpus (optionally only those with / without the concept),
-    less those made of stage directions alone, which hold no speech to find strange (as `lm_ood_sets`)."""
+def heldout_indices(data: LMData, corpus_name: str, concept: bool | None = None) -> list[int]:
+    """Test-split passages of the corpus (optionally only those with / without the concept), less those
+    made of stage directions alone, which hold no speech to find strange (as `lm_ood_sets`). The
+    checks before training count these same passages."""
     from anchoring.domains.text.corpus import load_corpus
 
-    d = run.data
-    idx = d.parts["test"]
+    idx = data.parts["test"]
     if concept is not None:
-        idx = idx[d.reference[idx] == int(concept)]
-    corpus = load_corpus(run.config.text.corpus)  # cached: the same passages as d.texts, with their stage spans
-    return [d.texts[i] for i in idx if not corpus.is_stage_only(int(i))]
+        idx = idx[data.reference[idx] == int(concept)]
+    corpus = load_corpus(corpus_name)  # the same passages as data.texts, with their stage spans
+    return [int(i) for i in idx if not corpus.is_stage_only(int(i))]
+
+
+def heldout(run: LMRun, concept: bool | None = None) -> list[str]:
+    """The texts of `heldout_indices` for a run."""
+    return [run.data.texts[i] for i in heldout_indices(run.data, run.config.text.corpus, concept)]
 
 
 def ood_vocabulary(data: LMData) -> str:
