@@ -140,9 +140,10 @@ def _stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
         try:
             proc.send_signal(signal.SIGINT)
             proc.wait(grace)
-        except subprocess.TimeoutExpired:
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):  # a hung case, or a further Ctrl-C: no waiting
             proc.kill()
             proc.wait()
+            raise KeyboardInterrupt from None
 
 
 def _extras(extras: list[dict]) -> dict:
