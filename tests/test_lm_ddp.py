@@ -228,3 +228,22 @@ def test_ranks_can_be_started_from_a_thread_that_owns_no_signals():
     with _start_held():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # inherited by the ranks while they start
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_rank_stopped_outside_its_training_loop_reports_the_stop(monkeypatch, tmp_path):
+    """torch's spawn wrapper exits 0 on a KeyboardInterrupt: the rank must not pass for finished."""
+    import signal
+
+    import anchoring.kinds.lm.distributed as dd
+    from anchoring.train.skeleton import TrainingInterrupted
+
+    def stopped(*args):
+        raise KeyboardInterrupt  # as a Ctrl-C while the rank loads its data
+
+    monkeypatch.setattr(dd, "_train_jobs", stopped)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(TrainingInterrupted):
+            dd._rank_main(0, 2, str(tmp_path / "store"), None, tmp_path, [])
+    finally:
+        signal.signal(signal.SIGINT, before)

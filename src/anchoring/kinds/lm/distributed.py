@@ -84,7 +84,14 @@ def _rank_main(rank: int, world: int, store: str, cfg: LMExperiment, path: Path,
     # printed no traceback; from here on a signal stops training as in one process (save, then stop)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     # ranks meet through a file, not a TCP port: no race with other processes for a free port
-    _train_jobs(cfg, path, jobs, rank, world, f"file://{store}")
+    try:
+        _train_jobs(cfg, path, jobs, rank, world, f"file://{store}")
+    except KeyboardInterrupt:  # stopped outside the training loop (loading data, meeting, between jobs): torch's
+        # spawn wrapper would exit 0 on a KeyboardInterrupt, as if the rank had finished, and the parent would
+        # then train the unfinished job itself in one process
+        from anchoring.train.skeleton import TrainingInterrupted
+
+        raise TrainingInterrupted(-1) from None
 
 
 def train_as_torchrun_rank(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int]]) -> None:
