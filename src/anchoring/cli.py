@@ -191,9 +191,7 @@ def run_cmd(
                 fail(f"--nproc must be a positive integer, got {nproc}")
             if any(o.split("=", 1)[0].strip() == "lm.nproc" for o in overrides):
                 fail("give the number of processes once: --nproc or --set lm.nproc, not both")
-            if cfg.lm.batch_size % nproc:
-                fail(f"--nproc {nproc}: lm.batch_size {cfg.lm.batch_size} does not split over {nproc} processes "
-                     f"(use a divisor of it, or --set lm.batch_size=…)")
+            _check_split(cfg, nproc, "--nproc")
             cfg = experiments.load(experiment, [*overrides, f"lm.nproc={nproc}"])
             if nproc > (os.cpu_count() or 1):
                 err.print(f"note: --nproc {nproc} on {os.cpu_count()} CPU cores: the ranks share cores and run slower "
@@ -220,10 +218,13 @@ def run_cmd(
     _train(lambda update: lifecycle.run(cfg, out_dir, progress=update), cfg.name, quiet)
 
 
-def _check_split(cfg, world: int) -> None:
-    """Every torchrun worker refuses a batch it cannot share before rank 0 makes the run directory."""
+def _check_split(cfg, world: int, flag: str | None = None) -> None:
+    """A batch the processes cannot share is refused naming what asked for them: torchrun (every worker
+    checks before rank 0 makes the run directory) or `flag` (--nproc, before the config takes it)."""
     if cfg.lm.batch_size % world:
-        fail(f"lm.batch_size {cfg.lm.batch_size} does not split over torchrun's {world} processes: give a multiple of {world}")
+        lead, whose = (f"{flag} {world}: ", "") if flag else ("", "torchrun's ")
+        fail(f"{lead}lm.batch_size {cfg.lm.batch_size} does not split over {whose}{world} processes: give a multiple "
+             f"of {world}")
 
 
 def _train(action, label: str, quiet: bool) -> None:
@@ -696,8 +697,9 @@ def _lm_models(command: str, run_dir: Path, arm: str | None, seed: int | None, e
             how = made.get("method", "an edit")
             err.print(f"note: {str(run.path)!r} was written by `anchoring delete` ({how}); --edit {edit} acts on "
                       f"the edited weights", markup=False, highlight=False, soft_wrap=True)
-        if (arm or next(iter(run.arms))) != "anchored" and "anchored" in run.config.lm.arms:
-            err.print(f"note: the {arm or next(iter(run.arms))} arm was trained without the anchor; --edit {edit} removes "
+        name = arm or next(iter(run.arms))
+        if name != "anchored" and "anchored" in run.config.lm.arms:
+            err.print(f"note: the {name} arm was trained without the anchor; --edit {edit} removes "
                       f"the anchored arm's directions from it, as a comparison", markup=False, highlight=False,
                       soft_wrap=True)
         return run, model, edited(model, run.config, edit)
@@ -737,22 +739,21 @@ def surprisal_cmd(
     out_path: Path = typer.Option(Path("surprisal.html"), "--out", help="where to write the page"),
 ) -> None:
     """Per-token surprisal, entropy and s₂ of a text under an LM run, as a page you open in a browser."""
-    from anchoring.report.surprise_page import is_page, render_surprise, unknown_characters, write_surprise_page
+    from anchoring.report.surprise_page import check_page_path, render_surprise, unknown_characters, write_surprise_page
 
     if text is None and file is None:
         fail("give the text to score as an argument or with --file")
     if text is not None and file is not None:
         fail("give the text as an argument or with --file, not both")
-    if out_path.is_dir():
-        fail(f"--out {str(out_path)!r} is a directory; give the page's file name")
+    try:
+        check_page_path(out_path)  # before the minutes of scoring
+    except AnchoringError as e:
+        fail(f"--out {e}")
     if file is not None:
         text = _read_text(file)
     elif _names_file(text):  # scored as typed, but say so: `surprisal RUN notes.txt` most likely meant --file
         err.print(f"note: {text!r} is also a file; the argument is scored as text (use --file {text} for the file)",
                   markup=False, highlight=False, soft_wrap=True)
-    if out_path.exists() and not is_page(out_path):  # before the minutes of scoring
-        fail(f"--out {str(out_path)!r} exists and is not a surprisal page; give a new file name "
-             f"(only a page this command wrote is replaced)")
     run, model, after = _lm_models("surprisal", run_dir, arm, seed, edit)
     try:
         which = f"{arm or next(iter(run.arms))} arm, seed {run.seeds[0] if seed is None else seed}"

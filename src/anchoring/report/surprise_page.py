@@ -521,16 +521,22 @@ def is_page(path: Path) -> bool:
     return head.startswith(b"<!doctype html><html lang='en'><head><meta charset='utf-8'>") and b".t:hover::after" in head
 
 
+def check_page_path(path: Path) -> None:
+    """Where a page may go: not a folder, and not over a file that is not a page written here (a
+    mistyped path must not turn a run's config, or the text being scored, into HTML)."""
+    if path.is_dir():
+        raise AnchoringError(f"{str(path)!r} is a directory; give the page's file name")
+    if path.exists() and not is_page(path):
+        raise AnchoringError(f"{str(path)!r} exists and is not a surprisal page; give a new file name "
+                             "(only a page written here is replaced)")
+
+
 def write_surprise_page(path: Path | str, page_html: str) -> Path:
     """Write the page atomically (a reader never sees half a page) and return its path.
 
     An existing file is replaced only when it is a page written here: a mistyped path must not turn a
     run's config or the text being scored into HTML."""
     path = Path(path)
-    if path.is_dir():
-        raise AnchoringError(f"{str(path)!r} is a directory; give the page's file name")
-    if path.exists() and not is_page(path):
-        raise AnchoringError(f"{str(path)!r} exists and is not a surprisal page; give a new file name "
-                             "(only a page written here is replaced)")
+    check_page_path(path)
     write_atomic(path, page_html)
     return path

@@ -74,7 +74,8 @@ def ood_sets(run: LMRun, n: int, seed: int, min_chars: int = 200) -> dict[str, l
         from anchoring.domains.text.corpus import load_corpus
 
         milton = load_corpus("milton").texts
-    sets = comparison_sets(heldout(run), milton or heldout(run), tok, vocabulary, n=n, seed=seed, min_chars=min_chars)
+    texts = heldout(run)
+    sets = comparison_sets(texts, milton or texts, tok, vocabulary, n=n, seed=seed, min_chars=min_chars)
     if not milton:
         sets.pop("milton")
     return sets
@@ -91,7 +92,9 @@ def evaluate_ood(run: LMRun, *, n: int = 200, seed: int = 0, arm: str = "control
         out["auroc"][str(s)] = auroc_table(scores, metrics=("s2", "surprisal"))
         out.setdefault("scores", {})[str(s)] = {k: {m: v[m].tolist() for m in ("s2", "surprisal")} for k, v in scores.items()}
     if "anchored" in run.arms:
-        pool_c, pool_r = heldout(run, True), heldout(run, False)
+        d = run.data
+        idx = heldout_indices(d, run.config.text.corpus)  # one read of the corpus for both pools
+        pool_c, pool_r = [d.texts[i] for i in idx if d.reference[i]], [d.texts[i] for i in idx if not d.reference[i]]
         concept = select_passages(pool_c, min(n, len(pool_c)), seed, min_chars=1, max_chars=600)
         retain = length_matched(random.Random(f"{seed}:retain").sample(pool_r, len(pool_r)), concept)
         for s in run.seeds:
