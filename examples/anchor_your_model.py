@@ -230,7 +230,10 @@ def run(passages: list[str], *, concept: str = "violence", coverage: float = 0.3
     if not 0 < coverage <= 1:
         raise SystemExit(f"coverage {coverage} must be in (0, 1]: the share of concept passages that get labels")
     train_text, held, vocab = split(passages, concept, coverage, seed)
-    if not bool(train_text.labels.any()):  # checked before training: nothing to anchor, and no direction to fit
+    if not bool(train_text.concept.any()):  # checked before training: nothing to anchor, and no direction to fit
+        raise SystemExit(f"no training passage holds a {concept!r} word, so there is nothing to label: choose a text or "
+                         "a concept that meet")
+    if not bool(train_text.labels.any()):
         raise SystemExit(f"no training passage is labelled for {concept!r} at coverage {coverage}: give more passages")
     if not bool(held.concept.any()):
         raise SystemExit(f"no held-out passage holds the concept {concept!r}: give more passages")
@@ -272,6 +275,34 @@ def positive(text: str) -> int:
     return n
 
 
+def whole(text: str) -> int:
+    """An argparse type: a whole number ≥ 0 (numpy's generators take no negative seed)."""
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{n} is not ≥ 0")
+    return n
+
+
+def weight(text: str) -> float:
+    """An argparse type: a finite weight ≥ 0 (a NaN weight would train to NaN and fail far from its cause)."""
+    x = float(text)
+    if not math.isfinite(x) or x < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number ≥ 0")
+    return x
+
+
+def figure_path(text: str) -> str:
+    """An argparse type: a .png path in a folder that exists, checked before minutes of training."""
+    if not text.lower().endswith(".png"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the figure is a PNG; give a path ending in .png")
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text!r}: {folder!r} is not a folder this process can write to")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder")
+    return text
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--corpus", default="shakespeare", help="shakespeare, milton, mixed or a folder of .txt files")
@@ -280,10 +311,10 @@ def main() -> None:
     p.add_argument("--concept", default="violence", choices=["violence", "deception", "milton"])
     p.add_argument("--coverage", type=float, default=0.3, help="share of the training passages with a hit that get labels")
     p.add_argument("--steps", type=positive, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--anchor", type=float, default=1.0, help="weight of the pull of labelled positions to the axis")
-    p.add_argument("--anti", type=float, default=3.0, help="weight of the push of every other position out of it")
-    p.add_argument("--figure", help="write the arms' alignment histograms to this PNG")
+    p.add_argument("--seed", type=whole, default=0)
+    p.add_argument("--anchor", type=weight, default=1.0, help="weight of the pull of labelled positions to the axis")
+    p.add_argument("--anti", type=weight, default=3.0, help="weight of the push of every other position out of it")
+    p.add_argument("--figure", type=figure_path, help="write the arms' alignment histograms to this PNG")
     args = p.parse_args()
     torch.set_num_threads(1)
     try:

@@ -37,6 +37,25 @@ def test_unknown_site_names_it():
         Capture(Tiny(), ["neck"])
 
 
+def test_one_site_by_name_and_terms_name_what_they_miss():
+    from anchoring.anchor import Concept, build_term
+    from anchoring.control import suppress
+
+    m = Tiny()
+    with Capture(m, "body.1") as cap:  # a string is one site, not the sites 'b', 'o', 'd', …
+        m(torch.randn(4, 3))
+        assert set(cap.acts) == {"body.1"}
+    term = build_term("anchor", "w", latent_dim=2, site="body.1", concept=Concept("c", None), direction=[1.0, 0.0])
+    z = torch.randn(4, 2)
+    with pytest.raises(AnchoringError, match="reads site 'body.1'; the activations given hold 'stem'"):
+        term({"stem": z}, {"c": torch.ones(4)})
+    with pytest.raises(AnchoringError, match="needs labels for concept 'c'; the labels given are for 'd'"):
+        term({"body.1": z}, {"d": torch.ones(4)})
+    assert float(term({"body.1": z}, {"c": torch.ones(4)})) > 0
+    with pytest.raises(AnchoringError, match="the direction has 3 entries, the activations it edits 2"):
+        suppress(z, torch.ones(3))
+
+
 def test_ensemble_members_match_eager_models():
     ens = Ensemble(Tiny, seeds=[5, 6, 7])
     eager = []

@@ -168,13 +168,16 @@ def test_intervene_on_an_lm_run_suppresses_and_reports_forget_and_retain(lm_run)
     assert again.exit_code == 0 and "replacing an earlier intervention named 'sup'" in " ".join(again.stdout.split())
     r = CliRunner().invoke(app, ["intervene", str(lm_run.path), "--concept", "violence", "--method", "zero"])
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "--method suppress" in r.stderr
-    # another site, no --name: its own folder, rather than replacing the anchored sites' default one
+    # another site, no --name: its own folder, rather than replacing the anchored sites' default one; the run's
+    # only concept needs no --concept
     for args, folder in (([], "suppress-violence-constant"), (["--site", "blocks.0"], "suppress-violence-constant-at-blocks.0")):
-        r = CliRunner().invoke(app, ["intervene", str(lm_run.path), "--concept", "violence", *args])
+        r = CliRunner().invoke(app, ["intervene", str(lm_run.path), *args])
         assert r.exit_code == 0 and "replacing" not in r.stdout, (r.stdout, r.stderr)
         assert (lm_run.path / "interventions" / folder / "summary.json").is_file()
     saved = json.loads((lm_run.path / "interventions" / "suppress-violence-constant-at-blocks.0" / "summary.json").read_text())
-    assert saved["sites"] == ["blocks.0"]
+    assert saved["sites"] == ["blocks.0"] and saved["spec"]["site"] == "blocks.0" and saved["spec"]["concept"] == "violence"
+    saved = json.loads((lm_run.path / "interventions" / "suppress-violence-constant" / "summary.json").read_text())
+    assert saved["spec"]["sites"] == saved["sites"] and saved["spec"]["site"] != "latent"  # where the hook sat
 
 
 @pytest.mark.parametrize("args, message", [
@@ -215,6 +218,9 @@ def test_delete_on_an_lm_run_writes_a_run_that_load_run_opens(lm_run, tmp_path):
     m = next(x for x in rows if x["arm"] == "anchored · matched random deletion")  # its control: same model, other axis
     assert m["concept before"] == a["concept before"] and m["concept after"] != a["concept after"]
     assert "matched random deletion" in r.stdout and set(run.arms) == set(lm_run.arms)  # the control is scored, not written
+    page = (out / "report.html").read_text()  # the page says what the command printed: the selectivity and the control
+    assert "Δconcept − Δretain" in page and "random direction edited the same way" in page and "(1 direction)" in page
+    assert f"{a['concept after'] - a['concept before'] - (a['retain after'] - a['retain before']):#.4g}".rstrip(".") in page
     r = CliRunner().invoke(app, ["show", str(out)])
     assert r.exit_code == 0 and "deleted violence" in r.stdout
     assert "wall time" not in r.stdout  # an edited run records none; it used to print 0.0 s

@@ -92,6 +92,8 @@ def test_anchored_alignment_at_concept_positions_rises_above_the_control(finishe
     for f in ("report.html", "metrics.csv", "checkpoint.safetensors", "tokenizer.json", "figures/shaded_passages.png",
               "figures/training_curves.png", "figures/alignment.png"):
         assert (path / f).is_file(), f
+    page = (path / "report.html").read_text()  # what `show` prints under its table is on the page too
+    assert "Training run" in page and "trained on cpu" in page and "weak labels: coverage" in page
     assert {p["site"] for p in rows["anchored"]["probes"]} == {"embed", "blocks.0", "blocks.1"}
     saved = json.loads((path / "summary.json").read_text())
     assert saved["eval"]["positions"]["concept"] > 100 and saved["eval"]["positions"]["retain"] > 1000
@@ -491,7 +493,7 @@ def test_the_shaded_figure_prints_as_many_passages_as_asked_and_names_the_seed(c
 
     drawn, panels = [], []
     real, real_curves = lf.shaded_text, lf.training_curves
-    monkeypatch.setattr(lf, "shaded_text", lambda items: drawn.extend(items) or real(items))
+    monkeypatch.setattr(lf, "shaded_text", lambda items, **kw: drawn.extend(items) or real(items, **kw))
     monkeypatch.setattr(lf, "training_curves", lambda curves: panels.append(curves) or real_curves(curves))
     cfg = experiments.load("lm-anchor-passages", tiny(corpus, "train.steps=2", "train.seed=4",
                                                       'lm.arms=["anchored","control"]', f"evaluate.shade_passages={n}"))

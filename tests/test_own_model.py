@@ -60,11 +60,24 @@ def test_the_example_refuses_what_it_cannot_measure_before_training():
     passages = ["He stabs him with his dagger.", "A fair morning in the garden."] * 20
     with pytest.raises(SystemExit, match="coverage 0.0 must be in"):
         E.run(passages, coverage=0.0, steps=1)
-    with pytest.raises(SystemExit, match="no training passage is labelled"):
+    with pytest.raises(SystemExit, match="no training passage holds a 'violence' word"):  # not "give more passages"
         E.run(["A fair morning in the garden."] * 40, steps=1)
+    with pytest.raises(SystemExit, match="no training passage is labelled"):  # words there, none drawn at this coverage
+        E.run(["He stabs him with his dagger."] + ["A fair morning in the garden."] * 39, coverage=0.01, steps=1)
     with pytest.raises(SystemExit, match="no retain text to score"):  # scores were NaN
         E.run(["He stabs him with his dagger and kills him."] * 40, steps=1)
     for bad in ("0", "-5"):  # 0 steps or passages scored untrained models
         with pytest.raises(Exception, match="is not ≥ 1"):
             E.positive(bad)
     assert E.positive("3") == 3
+
+
+def test_the_examples_options_are_checked_before_training(tmp_path):
+    E = _example()
+    cases = ((E.whole, "-1", "is not ≥ 0"), (E.weight, "nan", "not a finite number"), (E.weight, "-1", "not a finite number"),
+             (E.figure_path, str(tmp_path / "x.pdf"), "ending in .png"),  # it wrote PNG bytes into x.pdf
+             (E.figure_path, str(tmp_path / "no" / "x.png"), "is not a folder"))  # it failed after training
+    for parse, bad, message in cases:
+        with pytest.raises(Exception, match=message):
+            parse(bad)
+    assert E.whole("0") == 0 and E.weight("2.5") == 2.5 and E.figure_path(str(tmp_path / "x.png")).endswith("x.png")

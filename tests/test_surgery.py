@@ -100,6 +100,7 @@ class Rescaled(nn.Module):
     (lambda: Between(nn.Sigmoid(), bias=False), "latent", "Sigmoid.*sits between"),  # f(0) = 1/2 shows on zeros only with a bias
     (relu_with_positive_bias, "latent", "ReLU.*sits between"),  # f(bias) = bias on a zero probe
     (lambda: Encoded(FunctionalSigmoid()), "encoder", "functional op"),
+    (lambda: Between(nn.Sigmoid(), bias=False), "mid", r"site's own module \(Sigmoid\) computes its output"),
 ])
 def test_element_wise_nonlinearities_are_refused(model, site, what):
     torch.manual_seed(0)

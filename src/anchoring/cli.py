@@ -90,7 +90,7 @@ def print_outcome(outcome: lifecycle.Outcome, wall: float | None, recorded: bool
         fail(str(e))
     print_lines(lines)
     if wall is not None:
-        out.print(f"wall time {wall:.1f} s" + (" (as the run recorded it)" if recorded else ""), markup=False)
+        out.print(f"wall time {wall:.1f} s" + (" (as the run recorded it, without the command's start-up)" if recorded else ""), markup=False)
     report = outcome.path / "report.html"
     if report.is_file():
         out.print(f"report: {report}", markup=False, soft_wrap=True)
@@ -376,12 +376,18 @@ def _edit_spec(name: str, method: str, concept: str | None, dims: str | None, fa
     from anchoring.config import InterventionConfig
 
     if concept is None and dims is None:
-        fail("give --concept NAME or --dims 0,1")
+        fail("give --concept NAME or --dims 0,1 (the run has no single concept to act on by default)")
     try:
         return InterventionConfig(name=name, method=method, concept=concept, dims=_dims(dims), falloff=falloff, k=k, site=site)
     except ValidationError as e:
         first = e.errors()[0]
         fail(f"--{first['loc'][0]}: {first['msg']}")
+
+
+def _only_concept(cfg) -> str | None:
+    """The run's concept when it has exactly one (an LM run always does), so --concept may be left out."""
+    names = [cfg.text.concept] if cfg.kind == "lm" else [c.name for c in getattr(cfg, "concepts", [])]
+    return names[0] if len(names) == 1 else None
 
 
 def _open(run_dir: Path, finished: bool = False):
@@ -419,7 +425,8 @@ def _apply_edit(action, what: str = "the edit") -> None:
 @app.command("intervene")
 def intervene_cmd(
     run_dir: Path = typer.Argument(..., help="finished run directory"),
-    concept: Optional[str] = typer.Option(None, "--concept", help="concept whose anchor direction to act on"),
+    concept: Optional[str] = typer.Option(None, "--concept", help="concept whose anchor direction to act on "
+                                                             "(default: the run's only concept, if it has one)"),
     method: str = typer.Option("suppress", "--method", help="suppress (every kind; the only one for LM runs) | repel, zero (colour) | ablate "
                                                           "(colour, transformer)"),
     falloff: str = typer.Option("constant", "--falloff", help="constant[:s] | linear:a,b | power:a,p,b | bezier:x1,y1,x2,y2,end"),
@@ -434,11 +441,13 @@ def intervene_cmd(
     """Apply an inference-time intervention to every model of a run; print and save what it breaks."""
     if method not in ("suppress", "repel", "zero", "ablate"):
         fail(f"--method must be suppress, repel, zero (colour) or ablate (colour, transformer), not {method!r}")
+    run = _open(run_dir, finished=True) if concept is None and dims is None else None
+    concept = concept if run is None else _only_concept(run.config)
     label = name or f"{method}-{concept or 'dims' + (dims or '').replace(',', '')}-{falloff.replace(':', '-').replace(',', '_')}"
     if name is None and site != "latent" and runs.SAFE_NAME.match(f"{label}-at-{site}"):  # another site, another
         label += f"-at-{site}"  # folder (an odd site is left to the kind's own check of --site)
     spec = _edit_spec(label, method, concept, dims, falloff, k, site)
-    run = _open(run_dir, finished=True)
+    run = run or _open(run_dir, finished=True)
     _apply_edit(lambda: kind_of(run.config).intervene(run, spec))
 
 
@@ -446,7 +455,8 @@ def intervene_cmd(
 def delete_cmd(
     run_dir: Path = typer.Argument(..., help="finished run directory"),
     out_dir: Path = typer.Option(..., "--out", help="where to write the edited run"),
-    concept: Optional[str] = typer.Option(None, "--concept", help="delete this concept's anchored dims"),
+    concept: Optional[str] = typer.Option(None, "--concept", help="delete this concept's anchored dims "
+                                                             "(default: the run's only concept, if it has one)"),
     dims: Optional[str] = typer.Option(None, "--dims", help="or these dims, e.g. 0,1 (with --concept: these dims, "
                                                            "scored against that concept)"),
     method: str = typer.Option("ablate", "--method", help="ablate (zero weights; LM: the writers of the stream) | prune (remove dims) | "
@@ -463,8 +473,10 @@ def delete_cmd(
     """Permanently delete a concept or dims from every seed; write an edited run."""
     if method not in ("ablate", "prune", "blind"):
         fail(f"--method must be ablate, prune or blind, not {method!r}")
-    spec = _edit_spec(method, method, concept, dims, "constant", k, site)
     run = _open(run_dir, finished=True)
+    if concept is None and dims is None:
+        concept = _only_concept(run.config)
+    spec = _edit_spec(method, method, concept, dims, "constant", k, site)
     if run.config.kind != "lm":
         if repair_steps or repair_lr is not None:
             fail(f"--repair-steps and --repair-lr are for 'lm' runs; this is a {run.config.kind!r} run")

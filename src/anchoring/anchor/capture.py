@@ -29,7 +29,7 @@ class Capture:
 
     def __init__(self, model: nn.Module, sites: Iterable[str]) -> None:
         self.model = model
-        self.sites = sorted(set(sites))
+        self.sites = sorted({sites} if isinstance(sites, str) else set(sites))  # one site by name, not its letters
         self.acts: dict[str, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         for site in self.sites:  # validate eagerly: fail before any training starts

@@ -46,6 +46,14 @@ class Term:
 
     def __call__(self, acts: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
         """Batch loss `(...)` from activations `(..., N, D)` and labels `(..., N)`."""
+        if self.site not in acts:
+            raise AnchoringError(f"term {self.name!r} reads site {self.site!r}; the activations given hold "
+                                 f"{', '.join(map(repr, acts)) or 'none'}")
+        needs = [c for c in (None if self.select == "all" else self.concept, self.toward) if c is not None]
+        for c in needs:
+            if c not in labels:
+                raise AnchoringError(f"term {self.name!r} needs labels for concept {c!r}; the labels given are for "
+                                     f"{', '.join(map(repr, labels)) or 'none'}")
         z = acts[self.site]
         if self.toward is None:
             per_sample = self.formula(z)

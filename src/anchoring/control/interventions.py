@@ -33,6 +33,7 @@ def suppress(z: torch.Tensor, direction: torch.Tensor, falloff: Callable = Const
 
     Points with α = 0 come back bit-identical.
     """
+    _check_width(z, direction, "direction")
     v = F.normalize(direction.to(z), dim=-1)
     along = torch.relu((z * v).sum(-1, keepdim=True))
     alpha = along / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -45,10 +46,17 @@ def suppress_subspace(z: torch.Tensor, basis: torch.Tensor, falloff: Callable = 
     A concept anchored in a subspace counts its energy there, Σ z_d², whatever the signs, so unlike a
     direction it has no half-space to spare: the whole component goes (g ≡ 1). Points with no
     component come back bit-identical."""
+    _check_width(z, basis, "basis")
     b = basis.to(z)
     pz = (z @ b.T) @ b
     alpha = torch.linalg.vector_norm(pz, dim=-1, keepdim=True) / torch.linalg.vector_norm(z, dim=-1, keepdim=True).clamp_min(1e-12)
     return z - falloff(alpha) * pz
+
+
+def _check_width(z: torch.Tensor, v: torch.Tensor, what: str) -> None:
+    """One line naming both widths, instead of torch's broadcasting error from deep inside the hook."""
+    if v.shape[-1] != z.shape[-1]:
+        raise AnchoringError(f"the {what} has {v.shape[-1]} entries, the activations it edits {z.shape[-1]}")
 
 
 def _orthogonal_fallback(v: torch.Tensor) -> torch.Tensor:
@@ -64,6 +72,7 @@ def repel(z: torch.Tensor, direction: torch.Tensor, mapper: Callable = FalloffMa
 
     Only where α > 0; elsewhere z passes bit-identical.
     """
+    _check_width(z, direction, "direction")
     v = F.normalize(direction.to(z), dim=-1)
     length = z.norm(dim=-1, keepdim=True)
     u = z / length.clamp_min(1e-12)

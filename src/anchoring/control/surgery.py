@@ -143,6 +143,9 @@ def find_layout(model: nn.Module, site: str, probe: torch.Tensor | None = None) 
     while not isinstance(calls[j].module, nn.Linear):
         c = calls[j]
         if not _positive_multiple(c.inp_then, c.out_then):
+            if c.module is site_module:  # the site itself computes its output: there is no Linear's rows to cut
+                raise AnchoringError(f"cannot edit weights at {site!r}: the site's own module ({type(c.module).__name__}) "
+                                     f"computes its output; only an nn.Linear's output, or a rescaling of it, can be cut")
             raise AnchoringError(f"cannot edit weights at {site!r}: {c.name} ({type(c.module).__name__}) "
                                  f"sits between it and the Linear that writes it")
         j = next((i for i in reversed(range(j)) if calls[i].out is c.inp), None)

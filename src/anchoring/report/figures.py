@@ -180,6 +180,8 @@ def intervention_lobes(shapes: dict, method: str = "suppress") -> Figure:
         ax1.plot(theta.numpy(), magnitude.numpy(), label=name)
         ax2.scatter(moved[:, 0].numpy(), moved[:, 1].numpy(), s=3, label=name)
     ax1.set_title(f"{method}: |change| vs angle to concept", fontsize=9)
+    ax1.set_rlabel_position(135)  # radial tick labels in the back-left quadrant, off the lobes (they point at 0°)
+    ax1.tick_params(axis="y", labelsize=7)
     ax2.plot(pts[:, 0].numpy(), pts[:, 1].numpy(), color="grey", lw=0.5, ls=":")
     ax2.arrow(0, 0, 1, 0, head_width=0.04, color="red")
     ax2.set_aspect("equal")

@@ -25,8 +25,8 @@ def table_html(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
             return '<td title="undefined">–</td>'
         if isinstance(v, float) and v in (float("inf"), float("-inf")):
             return f"<td>{'∞' if v > 0 else '−∞'}</td>"
-        if isinstance(v, float):
-            return f"<td>{v:.4g}</td>"
+        if isinstance(v, float):  # four significant digits, trailing zeros kept so a column reads evenly
+            return f"<td>{f'{v:#.4g}'.rstrip('.')}</td>"
         return f"<td>{html.escape(str(v))}</td>"
 
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)

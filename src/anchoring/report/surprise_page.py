@@ -448,14 +448,16 @@ def surprise_page(text: str, token_spans: Sequence[tuple[int, int]], scores: Tok
     total = means(scores, 0, len(text) + 1)
     if before is None:
         header = "<tr><th>¶</th><th class='l'>begins</th><th>tokens</th><th>i/log|V|</th><th>h/log|V|</th><th>s₂</th></tr>"
-        overall = (f"mean over {total['n']} tokens: i/log|V| <b>{_fmt(total['i'])}</b>, h/log|V| <b>{_fmt(total['h'])}</b>, "
+        tokens = f"{total['n']} token{'s' if total['n'] != 1 else ''}"
+        overall = (f"mean over {tokens}: i/log|V| <b>{_fmt(total['i'])}</b>, h/log|V| <b>{_fmt(total['h'])}</b>, "
                    f"s₂ <b>{_fmt(total['s2'], True)}</b>")
     else:
         tb = means(before, 0, len(text) + 1)
         header = ("<tr><th>¶</th><th class='l'>begins</th><th>tokens</th><th>i/log|V| before</th><th>i/log|V| after</th>"
                   "<th>h/log|V| before</th><th>h/log|V| after</th>"
                   "<th>s₂ before</th><th>s₂ after</th><th>Δs₂</th></tr>")
-        overall = (f"mean over {total['n']} tokens: s₂ before <b>{_fmt(tb['s2'], True)}</b> → after <b>{_fmt(total['s2'], True)}</b>; "
+        tokens = f"{total['n']} token{'s' if total['n'] != 1 else ''}"
+        overall = (f"mean over {tokens}: s₂ before <b>{_fmt(tb['s2'], True)}</b> → after <b>{_fmt(total['s2'], True)}</b>; "
                    f"i/log|V| {_fmt(tb['i'])} → {_fmt(total['i'])}; h/log|V| {_fmt(tb['h'])} → {_fmt(total['h'])}")
     note = (f'<p class="note">{overall}. log|V| = {scores.log_vocab:.3f} nats. iₜ = −log p(xₜ), hₜ = −Σ p log p of the '
             "prediction for token t, s₂ = (iₜ − hₜ)/log|V|. The first token has no score. Hover a token for its numbers.</p>")

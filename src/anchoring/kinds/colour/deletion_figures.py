@@ -62,6 +62,6 @@ def landing_plane(landing: dict, seeds: list[int], cols: int = 4, max_seeds: int
         ax.set_xlim(-1.15, 1.15)
         ax.set_ylim(-1.15, 1.15)
         ax.set_aspect("equal")
-        ax.set_title(f"seed {seeds[j]}: dims {a}–{b}, err {float(landing['error'][j]):.2f}", fontsize=7)
+        ax.set_title(f"seed {seeds[j]}: x dim {a}, y dim {b}, err {float(landing['error'][j]):.2f}", fontsize=7)
     fig.tight_layout()
     return fig

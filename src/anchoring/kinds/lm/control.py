@@ -73,9 +73,13 @@ def _table(title: str, rows: list[dict[str, Any]]) -> Table:
     for h in ("arm", "seed", *[f"{k}: before → after" for k in KEYS], "Δconcept − Δretain"):
         table.add_column(h, justify="right")
     for r in rows:
-        gap = (r["concept after"] - r["concept before"]) - (r["retain after"] - r["retain before"])
-        table.add_row(r["arm"], str(r["seed"]), *[f"{r[f'{k} before']:.3f} → {r[f'{k} after']:.3f}" for k in KEYS], f"{gap:+.3f}")
+        table.add_row(r["arm"], str(r["seed"]), *[f"{r[f'{k} before']:.3f} → {r[f'{k} after']:.3f}" for k in KEYS], f"{_gap(r):+.3f}")
     return table
+
+
+def _gap(row: dict[str, Any]) -> float:
+    """Δconcept − Δretain: what an edit costs concept text beyond what it costs the rest."""
+    return (row["concept after"] - row["concept before"]) - (row["retain after"] - row["retain before"])
 
 
 def _same_concept(spec: InterventionConfig, cfg: LMExperiment) -> None:
@@ -116,7 +120,9 @@ def intervene(run, spec: InterventionConfig) -> EditResult:
     rows = _rows(run, lambda arm, i, m: edited(m, cfg, "suppress", sites=sites, shape=shape),
                  {"matched random move": lambda arm, i, m: edited(m, cfg, "suppress", sites=sites, shape=shape,
                                                                   random_control=run.seeds[i])})
-    runs.write_json(out / "summary.json", {"spec": spec.model_dump(), "sites": sites, "rows": rows})
+    # the spec as run: "latent" is only the colour kinds' default site, never where this hook sat
+    ran = spec.model_dump() | {"site": sites[0] if len(sites) == 1 else None, "sites": sites}
+    runs.write_json(out / "summary.json", {"spec": ran, "sites": sites, "rows": rows})
     note = ("anchored · matched random move: the states the hook edits, turned by the same angles towards random "
             "directions (the hook's control)") if "anchored" in run.arms else None
     return EditResult(spec.name, [_table(f"{spec.name} at {', '.join(sites)}: validation nats/char", rows),
@@ -220,13 +226,23 @@ def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repa
         previous = runs.read_json(run.path / "edit.json").get("lineage", []) if (run.path / "edit.json").is_file() else []
         runs.write_json(tmp / "edit.json", {**edit, "lineage": [*previous, edit]})
         head = ["arm", "seed", *[f"{k} {w}" for k in KEYS for w in ("before", "after")]]
+        gap = "Δconcept − Δretain"
+        n_dir = f"{len(directions)} direction{'s' if len(directions) != 1 else ''}"
+        key = ("<p>forget: whole validation passages with a reference label; concept: the tokens of their concept words "
+               f"and the {cfg.evaluate.after} characters after them; retain: passages without a reference label. "
+               f"{gap}: how much more the edit costs concept text than the rest (the edit's selectivity, in nats/char)."
+               + (f" anchored · {html.html.escape(control)}: the same model with {len(directions)} random direction"
+                  f"{'s' if len(directions) != 1 else ''} edited the same way, the edit's control (not written to this run)."
+                  if "anchored" in run.arms else "") + "</p>")
         runs.write_atomic(tmp / runs.REPORT, html.page(f"anchoring: {cfg.name} (deleted {cfg.text.concept})", [
-            ("Edit", f"<p>The anchor of {html.html.escape(cfg.text.concept)} ({len(directions)} direction(s)) was projected "
+            ("Edit", f"<p>The anchor of {html.html.escape(cfg.text.concept)} ({n_dir}) was projected "
                      f"{html.html.escape(what)}; the largest |h·v| left in any residual state of a validation passage is "
                      f"{leftover:.2e}.{' ' + html.html.escape(fixed_note) if fixed_note else ''}</p>"),
-            ("Validation nats/char", html.table_html(head, [[r[k] for k in head] for r in rows]))]))
+            ("Validation nats/char", key + html.table_html(
+                [*head, gap], [[*[r[k] for k in head], _gap(r)] for r in rows]))]))
         runs.write_json(tmp / runs.SUMMARY, summary)
-    note = (f"anchored · {control}: {len(directions)} other direction(s) of the same model edited the same way "
+    note = (f"anchored · {control}: {len(directions)} other direction{'s' if len(directions) != 1 else ''} of the same "
+            "model edited the same way "
             "(the edit's control; not written to the edited run)") if "anchored" in run.arms else None
     return EditResult(kind, [_table(f"{kind} {cfg.text.concept}: validation nats/char", rows), *([note] if note else []),
                              *([fixed_note] if fixed_note else []),

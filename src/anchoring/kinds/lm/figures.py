@@ -24,10 +24,14 @@ def training_curves(curves: dict[str, dict[str, np.ndarray]], window: int = 25) 
                 with warnings.catch_warnings():  # steps where no seed had a labelled passage stay NaN
                     warnings.simplefilter("ignore", RuntimeWarning)
                     ax.plot(np.nanmean(ys, 0), label=arm, lw=1)
-        ax.set_title("task loss (nats/token)" if m == "task" else m, fontsize=9)  # per token: BPE tokens hold several characters
-        ax.set_xlabel("step", fontsize=8)
+        ax.set_title("task loss" if m == "task" else f"term {m}", fontsize=9)
+        ax.set_ylabel("nats/token" if m == "task" else "term value", fontsize=8)  # per token: a BPE token holds several characters
+        ax.set_xlabel(f"step (trailing mean of {window}; term panels skip batches without a labelled position)", fontsize=7)
         ax.tick_params(labelsize=7)
-    axes[0, 0].legend(fontsize=7)
+    # the legend on the panel that draws the most arms: a term panel may hold the anchored arm alone
+    fullest = max(axes[0], key=lambda a: len(a.get_lines()))
+    if fullest.get_lines():
+        fullest.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -49,10 +53,12 @@ def alignment_bars(rows: list[dict], sites: list[str], arms: list[str]) -> Figur
     return fig
 
 
-def shaded_text(passages: list[tuple[str, str, np.ndarray, list[tuple[int, int]]]], cols: int = 90) -> Figure:
+def shaded_text(passages: list[tuple[str, str, np.ndarray, list[tuple[int, int]]]], cols: int = 90,
+                what: str = "cos(h, anchor)") -> Figure:
     """Each passage's characters on a grid, background shaded by the alignment of the token they belong
     to (red: towards the anchor, blue: away), on a colour scale of ± the largest |alignment| shown (at least
-    0.1), so small but real differences stay visible. `passages`: (title, text, alignment per token, token spans)."""
+    0.1), so small but real differences stay visible. `passages`: (title, text, alignment per token, token spans);
+    `what` names the alignment in the figure's key."""
     scale = max([0.1, *[float(np.nanmax(np.abs(a))) for _t, _x, a, _s in passages if len(a)]])
     lines_per = []
     for _title, text, _a, _s in passages:
@@ -65,7 +71,8 @@ def shaded_text(passages: list[tuple[str, str, np.ndarray, list[tuple[int, int]]
     ax.set_ylim(total, 0)
     ax.axis("off")
     cmap = plt.get_cmap("RdBu_r")
-    ax.set_title(f"colour scale ±{scale:.2f}", fontsize=7, loc="right")
+    ax.set_title(f"background: {what} of the character's token, blue −{scale:.2f} … white 0 … red +{scale:.2f}",
+                 fontsize=7, loc="right")
     y = 0
     for title, text, align, spans in passages:
         ax.text(0, y + 0.5, title, fontsize=7, fontweight="bold", va="center")

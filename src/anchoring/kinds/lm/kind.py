@@ -309,6 +309,7 @@ def run(cfg: LMExperiment, path: Path, *, progress: Progress | None = None) -> d
     summary["timing"].update(timing)
     if todo:
         summary["timing"].update(trained_on(cfg, workers, "data-parallel ranks" if launched or cfg.lm.nproc > 1 else "job processes"))
+    write_report(cfg, path, summary, next(iter(results.values())).metric_names)  # after the timing, which it shows
     return summary
 
 
@@ -360,7 +361,6 @@ def label_coverage(data: LMData, seeds: list[int]) -> dict[str, Any]:
 
 def finish(cfg: LMExperiment, path: Path, data: LMData, results: dict[tuple[str, int], ArmResult]) -> dict[str, Any]:
     names = arms(cfg)
-    first = next(iter(results.values()))
     frames = []
     for (arm, seed), r in results.items():
         df = pd.DataFrame(r.metrics, columns=r.metric_names)
@@ -395,7 +395,6 @@ def finish(cfg: LMExperiment, path: Path, data: LMData, results: dict[tuple[str,
         summary["targets"].update(unlearning_targets(summary["unlearning"]))
     mark_infinite(summary["targets"])
     figures(cfg, path, data, results, rows, sites, direction, dims)
-    write_report(cfg, path, summary, first.metric_names)
     return summary
 
 
@@ -505,7 +504,8 @@ def figures(cfg: LMExperiment, path: Path, data: LMData, results, rows, sites, d
                 tag = "concept" if data.reference[i] else "no concept"
                 items.append((f"{arm}, seed {seed}, {site}, validation passage {i} ({tag})", text, a, spans))
         if items:
-            save_fig(lf.shaded_text(items), figdir / "shaded_passages.png")
+            save_fig(lf.shaded_text(items, what="cos(h, anchor)" if dims is None else "share of h in the subspace"),
+                     figdir / "shaded_passages.png")
 
 
 def write_report(cfg: LMExperiment, path: Path, summary: dict[str, Any], metric_names: list[str]) -> None:
@@ -526,6 +526,12 @@ def write_report(cfg: LMExperiment, path: Path, summary: dict[str, Any], metric_
         ("Validation loss (nats/char, then bits/char)",
          html.table_html(["arm", "seed", "all", "concept", "retain", "all (bits)", "concept (bits)", "retain (bits)"], loss_rows)),
     ]
+    timing = summary.get("timing") or {}
+    seconds = [[r["arm"], r["seed"], timing.get(f"{r['arm']}-seed{r['seed']}_s")] for r in summary["models"]]
+    notes = "".join(f"<p>{html.html.escape(n)}.</p>" for n in run_notes(summary))
+    if notes or any(t is not None for *_, t in seconds):
+        sections.append(("Training run", notes + html.table_html(["arm", "seed", "training seconds"],
+                                                                 [[a, s_, "–" if t is None else float(t)] for a, s_, t in seconds])))
     if summary["targets"]:
         shown = [[k, target_text(target_median(v)) + left_out_note(v), v["met"]] for k, v in summary["targets"].items()]
         sections.append(("Targets", html.table_html(["target", "median", "met"], shown)))
@@ -680,6 +686,24 @@ def _cell(x: float | None) -> str:
     return "–" if x is None or x != x else f"{x:.3f}"
 
 
+def run_notes(summary: dict[str, Any]) -> list[str]:
+    """Where the run trained and the weak labels it really had: under `anchoring show`'s table and in the report."""
+    notes = []
+    timing = summary.get("timing") or {}
+    if "device" in timing:  # runs written before it was recorded do not say
+        notes.append(f"trained on {timing['device']}, torch {timing['torch']}, {timing['processes']} {timing['parallel']} "
+                     "(the session that finished the training)")
+    labels = summary.get("labels")  # runs written before it was recorded do not say
+    trained = summary.get("arms") or [m.get("arm") for m in summary.get("models") or [] if isinstance(m, dict)]
+    if labels and set(trained) & WEAK_LABEL_ARMS:  # the control and oracle filter train on none
+        per = labels["per_seed"].values()
+        line = f"weak labels: coverage {labels['asked']:g} asked, " + ", ".join(f"{c['coverage']:.3f}" for c in per)
+        if labels["kind"] == "spans":
+            line += " realised; with a word to mark (what span labels train): " + ", ".join(f"{c['with_a_span']:.3f}" for c in per)
+        notes.append(line + " (per seed)")
+    return notes
+
+
 def summary_lines(summary: dict[str, Any]) -> list[Any]:
     from rich.table import Table
 
@@ -704,19 +728,8 @@ def summary_lines(summary: dict[str, Any]) -> list[Any]:
         table.add_row(r["arm"], str(r["seed"]), *[_cell(r["loss"][k]) for k in ("all", "concept", "retain")],
                       *[_cell(r["alignment"][s]["margin"]) for s in sites],
                       *[_cell(r["alignment"][s]["containment"]) for s in sites],
-                      "–" if seconds is None else f"{seconds:.0f}")
-    lines: list[Any] = [table]
-    if "device" in timing:  # runs written before it was recorded do not say
-        lines.append(f"trained on {timing['device']}, torch {timing['torch']}, {timing['processes']} {timing['parallel']} "
-                     "(the session that finished the training)")
-    labels = summary.get("labels")  # runs written before it was recorded do not say
-    trained = summary.get("arms") or [m.get("arm") for m in summary.get("models") or [] if isinstance(m, dict)]
-    if labels and set(trained) & WEAK_LABEL_ARMS:  # the control and oracle filter train on none
-        per = labels["per_seed"].values()
-        line = f"weak labels: coverage {labels['asked']:g} asked, " + ", ".join(f"{c['coverage']:.3f}" for c in per)
-        if labels["kind"] == "spans":
-            line += " realised; with a word to mark (what span labels train): " + ", ".join(f"{c['with_a_span']:.3f}" for c in per)
-        lines.append(line + " (per seed)")
+                      "–" if seconds is None else f"{seconds:.1f}" if seconds < 10 else f"{seconds:.0f}")
+    lines: list[Any] = [table, *run_notes(summary)]
     for name, t in summary.get("targets", {}).items():
         lines.append(f"{'met ' if t['met'] else 'MISS'}  {name}: {target_text(target_median(t))}{left_out_note(t)}")  # None: NaN read back from JSON
     if summary.get("unlearning"):
