@@ -65,8 +65,11 @@ def test_show_intervene_and_delete_on_a_transformer_run(two_kinds, tmp_path):
     r = runner.invoke(app, ["intervene", str(run_dir), "--concept", "red", "--method", "suppress", "--name", "sup"])
     assert r.exit_code == 0, r.stderr
     assert "red answer" in r.stdout and "no red" in r.stdout
-    rows = json.loads((run_dir / "interventions" / "sup" / "summary.json").read_text())["rows"]
+    saved = json.loads((run_dir / "interventions" / "sup" / "summary.json").read_text())
+    rows = saved["rows"]
     assert {(x["arm"], x["direction"]) for x in rows} == {("anchored", "anchor"), ("control", "difference of means")}
+    assert saved["sites"] and saved["spec"]["sites"] == saved["sites"] and "latent" not in saved["sites"]  # where it ran
+    assert all(x["sites"] == saved["sites"] for x in rows)
     r = runner.invoke(app, ["intervene", str(run_dir), "--concept", "red", "--method", "repel"])
     assert r.exit_code == 2 and "'transformer' run supports --method suppress or ablate" in r.stderr
     for flag, value in (("--falloff", "constant:0"), ("--dims", "0"), ("--k", "3")):  # ignored before, and recorded as applied

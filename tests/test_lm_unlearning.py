@@ -537,6 +537,41 @@ def test_r_is_undefined_when_the_oracle_filter_removed_nothing():
         assert all(math.isnan(r["R"]) for r in bad)
 
 
+def test_a_retain_cost_below_the_tables_resolution_gives_no_selectivity_and_nothing_deleted_is_nd():
+    """A cost that prints as 0.000 read as a selectivity of −25; an edit that left the concept no harder
+    than the control's read as "recovered in 0 steps" and pulled the median down."""
+    assert math.isnan(ul.selectivity(-0.00509, 0.000201)) and ul.selectivity(0.05, 0.0004) == float("inf")
+    assert ul.selectivity(0.05, 0.01) == pytest.approx(5.0)
+    losses = dict.fromkeys(("forget", "concept", "retain"), 1.0)
+
+    def row(seed: int, rec: int | None, nothing: bool, oracle: bool = False) -> dict:
+        return {"method": "oracle filter" if oracle else "anchoring · delete", "seed": seed, "weights_edited": not oracle,
+                "fine_tuned": not oracle, "before": losses, "after": losses, "d_forget": 0.0,
+                "d_forget_concept": -0.163 if oracle else 0.1, "retain_cost": 0.01, "R": float("nan"), "relearn": {},
+                "recover_steps": rec, "nothing_to_recover": nothing}
+    u = {"rows": [row(0, 0, True), row(1, 6, False), row(2, 10, False), row(0, None, False, oracle=True)],
+         "relearn_k": [64], "recover_cap": 50, "relearn_steps": 40, "note": "n"}
+    header, table = ul.table(u)
+    rec = header.index("steps to recover")
+    got = {t[1]: t[rec] for t in table if t[0] == "anchoring · delete"}
+    assert got == {"median": 8.0, 0: "nd", 1: 6, 2: 10}  # seed 0 out of the median, not a 0 in it
+    assert "steps to recover is nd" in ul.nothing_to_recover_note(u) and "anchoring · delete (seed 0)" in ul.nothing_to_recover_note(u)
+    assert "R is undefined (–) throughout" in ul.r_note(u) and "−0.163" not in ul.r_note(u) and "-0.163" in ul.r_note(u)
+    u["rows"][0]["nothing_to_recover"] = u["rows"][1]["nothing_to_recover"] = u["rows"][2]["nothing_to_recover"] = True
+    assert next(t for t in ul.table(u)[1] if t[:2] == ["anchoring · delete", "median"])[rec] == "nd"
+    u["rows"] = [r for r in u["rows"] if r["method"] != "oracle filter"]
+    assert "no oracle-filter arm" in ul.r_note(u)
+    for r in u["rows"]:
+        r["retain_cost"] = 0.0  # a free edit: selectivity +∞, printed as the report and the targets print it
+    from rich.console import Console
+
+    console = Console(width=400, record=True)
+    for line in ul.lines(u):
+        console.print(line)
+    text = console.export_text()
+    assert "∞" in text and "inf" not in text and "relearned K=64" in text and "no oracle-filter arm" in text
+
+
 @pytest.mark.parametrize("unlearning", ["true", "false"])
 def test_anchor_sites_outside_the_residual_stream_are_refused_before_training(unlearning):
     """Alignment, probes and every edit read the residual stream, so an anchor elsewhere would train

@@ -12,7 +12,9 @@ import numpy as np
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f3f3f3}.ok{color:#070}.bad{color:#b00;font-weight:bold}img{max-width:100%}
-pre{background:#f6f6f6;padding:8px;font-size:12px;overflow-x:auto}"""
+pre{background:#f6f6f6;padding:8px;font-size:12px;overflow-x:auto}.scroll{overflow-x:auto;max-width:100%}
+.scroll td:first-child,.scroll th:first-child{position:sticky;left:0;background:#fff;text-align:left}
+.scroll th:first-child{background:#f3f3f3}"""
 
 
 def table_html(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -31,7 +33,7 @@ def table_html(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(cell(v) for v in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>'  # a wide table scrolls in its box, not the page
 
 
 def image_html(path: Path, caption: str, mime: str = "image/png") -> str:

@@ -24,9 +24,9 @@ def training_curves(curves: dict[str, dict[str, np.ndarray]], window: int = 25) 
                 with warnings.catch_warnings():  # steps where no seed had a labelled passage stay NaN
                     warnings.simplefilter("ignore", RuntimeWarning)
                     ax.plot(np.nanmean(ys, 0), label=arm, lw=1)
-        ax.set_title("task loss" if m == "task" else f"term {m}", fontsize=9)
+        ax.set_title("task loss" if m == "task" else f"term {m}\n(batches without a labelled position skipped)", fontsize=8)
         ax.set_ylabel("nats/token" if m == "task" else "term value", fontsize=8)  # per token: a BPE token holds several characters
-        ax.set_xlabel(f"step (trailing mean of {window}; term panels skip batches without a labelled position)", fontsize=7)
+        ax.set_xlabel(f"step (trailing mean of {window})", fontsize=8)
         ax.tick_params(labelsize=7)
     # the legend on the panel that draws the most arms: a term panel may hold the anchored arm alone
     fullest = max(axes[0], key=lambda a: len(a.get_lines()))
@@ -105,7 +105,7 @@ def unlearning_tradeoff(rows: list[dict]) -> Figure:
     """Δforget at concept positions against retain cost, one point per (method, seed)."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     colour = _method_colours(methods)
-    fig, ax = plt.subplots(figsize=(5.6, 4.0))
+    fig, ax = plt.subplots(figsize=(7.6, 4.0))
     for m in methods:
         mine = [r for r in rows if r["method"] == m]
         xs, ys = [r["retain_cost"] for r in mine], [r["d_forget_concept"] for r in mine]
@@ -119,7 +119,7 @@ def unlearning_tradeoff(rows: list[dict]) -> Figure:
     ax.set_xlabel("retain cost (nats/char)", fontsize=8)
     ax.set_ylabel("Δforget at concept positions (nats/char)", fontsize=8)
     ax.tick_params(labelsize=7)
-    ax.legend(fontsize=6, loc="best")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)  # beside the axes: it hid points
     fig.tight_layout()
     return fig
 
@@ -130,7 +130,7 @@ def relearning_curves(points: list[dict], ks: list[int]) -> Figure:
     relearn = [p for p in points if p["fine_tune"].startswith("relearn")]
     methods = list(dict.fromkeys(p["method"] for p in relearn))
     colour = _method_colours(methods)
-    fig, axes = plt.subplots(1, len(ks), figsize=(4.0 * len(ks), 3.2), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(ks), figsize=(4.0 * len(ks) + 2.4, 3.2), squeeze=False, sharey=True)
     for ax, k in zip(axes[0], ks):
         mine = [p for p in relearn if p["k"] == k]
         for m in methods:
@@ -144,8 +144,8 @@ def relearning_curves(points: list[dict], ks: list[int]) -> Figure:
         ax.set_title(f"K = {k} forget passages", fontsize=9)
         ax.set_xlabel("fine-tuning step", fontsize=8)
         ax.tick_params(labelsize=7)
-    axes[0, 0].set_ylabel("forget loss at concept positions (nats/char)", fontsize=8)
-    axes[0, 0].legend(fontsize=6)
+    axes[0, 0].set_ylabel("forget loss at concept positions (nats/char)\nmean over seeds", fontsize=8)
+    axes[0, -1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)  # beside the last panel
     fig.tight_layout()
     return fig
 
@@ -157,7 +157,7 @@ def coverage_figure(points: list[tuple[float, str, float]]) -> Figure:
     are left out: R counts any damage, and a control's would set the scale."""
     methods = list(dict.fromkeys(m for _c, m, _r in points if m not in CONTROL_ROWS))
     colour = _method_colours(methods)
-    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    fig, ax = plt.subplots(figsize=(7.2, 3.6))
     for m in methods:
         covs = sorted({c for c, mm, _r in points if mm == m})
         ys = []
@@ -167,8 +167,8 @@ def coverage_figure(points: list[tuple[float, str, float]]) -> Figure:
         ax.plot(covs, ys, marker="o", ms=3, color=colour[m], label=m)
     ax.axhline(1.0, color="k", ls="--", lw=0.6)
     ax.set_xlabel("label coverage", fontsize=8)
-    ax.set_ylabel("R = Δforget / Δforget(oracle filter)", fontsize=8)
+    ax.set_ylabel("R = Δforget (concept) / oracle filter's\n(median over seeds)", fontsize=8)
     ax.tick_params(labelsize=7)
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.tight_layout()
     return fig

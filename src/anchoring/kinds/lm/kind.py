@@ -570,7 +570,8 @@ def write_report(cfg: LMExperiment, path: Path, summary: dict[str, Any], metric_
 
         u = summary["unlearning"]
         header, rows = ul.table(u)
-        matched = ". ".join(n for n in (ul.matched_note(u), ul.repair_note(u)) if n)
+        matched = ". ".join(n for n in (ul.matched_note(u), ul.repair_note(u), ul.nothing_kept_note(u),
+                                        ul.nothing_to_recover_note(u), ul.r_note(u)) if n)
         body = (f"<p>Nats/char on held-out text. Forget: reference-positive passages (whole, and at concept positions); "
                 f"retain: reference-negative passages. Δ = after − before; selectivity = Δforget (concept) / retain cost; "
                 f"R = Δforget (concept) / that of the oracle filter against the control. Relearning: "

@@ -51,9 +51,12 @@ from anchoring.kinds.lm.data import LMData
 CURVES = "unlearning_curves.csv"
 PICK_SALT, BATCH_SALT, MIX_SALT, REPAIR_SALT, MIX_RETAIN_SALT = 0x4E1, 0x4E2, 0x4E3, 0x4E4, 0x4E5
 TINY = 1e-6  # nats/char: a difference this small is no difference
+COST_FLOOR = 1e-3  # nats/char: a retain cost under this prints as 0.000, and a selectivity over it says more about
+# rounding than about the edit (Δforget 0.005 over a cost of 0.0002 read as 25): selectivity is ∞ or undefined there
 KEPT_FLOOR = 0.01  # nats/char: an edit must raise the curve's forget loss this much for "kept" to be a share
 POSTHOC_NAMES = {"mean-difference": "mean-difference", "leace": "LEACE"}
 BASELINES = {"sgtm": "SGTM", "routing": "gradient routing"}
+ND = "nd"  # steps to recover of an edit whose forget loss was never above the control's: nothing deleted
 MATCHED_RANDOM = "anchoring · matched random move"
 MATCHED_DELETE = "anchoring · matched random deletion"
 MATCHED_BLIND = "anchoring · matched random blinding"
@@ -81,13 +84,18 @@ def losses(model: nn.Module, es: ev.EvalSet, batch: int = 16) -> dict[str, float
     return {k: nats[k] / chars[k] if chars[k] else float("nan") for k in nats}
 
 
-def ratio(num: float, den: float) -> float:
-    """num/den, honest at the edges: den ≤ TINY gives inf when num > TINY, else NaN."""
+def ratio(num: float, den: float, floor: float = TINY) -> float:
+    """num/den, honest at the edges: den ≤ floor gives inf when num > floor, else NaN."""
     if not (math.isfinite(num) and math.isfinite(den)):
         return float("nan")
-    if den <= TINY:
-        return float("inf") if num > TINY else float("nan")
+    if den <= floor:
+        return float("inf") if num > floor else float("nan")
     return num / den
+
+
+def selectivity(d_forget_concept: float, retain_cost: float) -> float:
+    """Δforget (concept) / retain cost, with a cost under COST_FLOOR counted as none."""
+    return ratio(d_forget_concept, retain_cost, COST_FLOOR)
 
 
 @dataclass
@@ -313,6 +321,8 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
                                    u.recover_steps, u.relearn_lr, score, stop=lambda c: c["concept"] <= target, tick=tick)
                     hit = [i for i, c in enumerate(rec) if c["concept"] <= target]
                     row["recover_steps"] = hit[0] if hit else None
+                    # already at or below the control before any step: nothing deleted, not "recovered in 0 steps"
+                    row["nothing_to_recover"] = hit[:1] == [0]
                     curves += [{"seed": seed, "method": m.name, "fine_tune": "recover", "k": 0, "step": i,
                                 "forget_concept": c["concept"], "forget": c["forget"], "retain": c["retain"],
                                 "control_concept": target} for i, c in enumerate(rec)]
@@ -340,7 +350,7 @@ def _row(method: str, seed: int, arm: str, weights_edited: bool, before: dict[st
         "method": method, "seed": seed, "arm": arm, "weights_edited": weights_edited, "before": before, "after": after,
         "d_forget": after["forget"] - before["forget"], "d_forget_concept": after["concept"] - before["concept"],
         "retain_cost": after["retain"] - before["retain"], "relearn": {}, "recover_steps": None, "fine_tuned": fine_tuned}
-    row["selectivity"] = ratio(row["d_forget_concept"], row["retain_cost"])
+    row["selectivity"] = selectivity(row["d_forget_concept"], row["retain_cost"])
     return row
 
 
@@ -496,7 +506,8 @@ def table(unlearning: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
         rel = r.get("relearn") or {}
         return [_num(r["before"]["forget"]), _num(r["after"]["forget"]), _num(r["before"]["concept"]),
                 _num(r["after"]["concept"]), _num(r["before"]["retain"]), _num(r["after"]["retain"]),
-                _num(r["d_forget"]), _num(r["d_forget_concept"]), _num(r["retain_cost"]), ratio(_num(r["d_forget_concept"]), _num(r["retain_cost"])),
+                _num(r["d_forget"]), _num(r["d_forget_concept"]), _num(r["retain_cost"]),
+                selectivity(_num(r["d_forget_concept"]), _num(r["retain_cost"])),
                 _num(r["R"]), _num(r.get("leftover")), *[_num(rel.get(str(k), {}).get(name)) for k in ks for name in ("relearned", "kept")]]
 
     def recover(r: dict[str, Any]) -> Any:
@@ -506,6 +517,8 @@ def table(unlearning: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
             return "–"
         if not r.get("fine_tuned", r["weights_edited"]):  # summaries written before hooks could be attacked
             return "hook"
+        if r.get("nothing_to_recover"):
+            return ND
         return r["recover_steps"] if r["recover_steps"] is not None else f"> {cap}"
 
     head = columns(ks)
@@ -513,9 +526,9 @@ def table(unlearning: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     for m in dict.fromkeys(r["method"] for r in unlearning["rows"]):
         mine = [r for r in unlearning["rows"] if r["method"] == m]
         vals = np.array([values(r) for r in mine], dtype=float)
-        steps = [r["recover_steps"] for r in mine]
+        steps = [r["recover_steps"] for r in mine if not r.get("nothing_to_recover")]  # nd seeds: out of the median
         med_rec: Any = recover(mine[0]) if not mine[0].get("fine_tuned", mine[0]["weights_edited"]) else (
-            median([float(s) if s is not None else float("inf") for s in steps]))
+            median([float(s) if s is not None else float("inf") for s in steps]) if steps else ND)
         if isinstance(med_rec, float) and not math.isfinite(med_rec):
             med_rec = f"> {cap}"
         med = [median(list(col)) for col in vals.T]
@@ -542,8 +555,9 @@ def lines(unlearning: dict[str, Any]) -> list[Any]:
     from rich.table import Table
 
     header, rows = table(unlearning)
+    ks = unlearning["relearn_k"]
     keep = ["method", "Δforget", "Δforget (concept)", "retain cost", "selectivity", "R",
-            *[h for h in header if h.startswith("kept")], "steps to recover"]
+            *[f"relearned K={max(ks)}" for _ in ks[:1]], *[h for h in header if h.startswith("kept")], "steps to recover"]
     idx = [header.index(h) for h in keep]
     steps = header.index("steps to recover")
 
@@ -552,6 +566,8 @@ def lines(unlearning: dict[str, Any]) -> list[Any]:
             return str(v)
         if math.isnan(v):  # undefined, as the report's tables print it
             return "–"
+        if math.isinf(v):
+            return "∞" if v > 0 else "−∞"
         return f"{v:g}" if i == steps else f"{v:.3f}"
 
     title = "unlearning: median over seeds (nats/char on held-out text)"
@@ -565,11 +581,11 @@ def lines(unlearning: dict[str, Any]) -> list[Any]:
         t.add_row(*cells)
     listed = [title + ":", *[f"{c[0]}: " + ", ".join(f"{h} {v}" for h, v in zip(keep[1:], c[1:])) for c in medians]]
     t_or_list = TableOrList(t, listed, max(0, longest - NAME_WIDTH))
-    note = matched_note(unlearning)
-    fixed = repair_note(unlearning)
-    nothing = nothing_kept_note(unlearning)
-    return [t_or_list, f"{unlearning['note']}; relearning fine-tunes {unlearning['relearn_steps']} steps",
-            *([nothing] if nothing else []), *([note] if note else []), *([fixed] if fixed else [])]
+    notes = [nothing_kept_note(unlearning), nothing_to_recover_note(unlearning), r_note(unlearning),
+             matched_note(unlearning), repair_note(unlearning)]
+    return [t_or_list, f"{unlearning['note']}; relearning fine-tunes {unlearning['relearn_steps']} steps; "
+                       f"relearned = lowest concept loss reached − the control's; medians leave out undefined (–) seeds "
+                       f"and rank ±∞ as extremes", *[n for n in notes if n]]
 
 
 NAME_WIDTH = 20  # the CLI table's method column: longer names wrap
@@ -606,6 +622,33 @@ def nothing_kept_note(unlearning: dict[str, Any]) -> str:
     if not out:
         return ""
     return ("kept counts 0 where an edit raised the forget loss too little to have a share to keep: " + "; ".join(out))
+
+
+def nothing_to_recover_note(unlearning: dict[str, Any]) -> str:
+    """Which seeds show "nd" under steps to recover ("" when none)."""
+    out = []
+    for m in dict.fromkeys(r["method"] for r in unlearning["rows"]):
+        seeds = [str(r["seed"]) for r in unlearning["rows"] if r["method"] == m and r.get("nothing_to_recover")]
+        if seeds:
+            out.append(f"{m} (seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)})")
+    if not out:
+        return ""
+    return (f"steps to recover is {ND} (nothing deleted) where the edited model's concept loss was already at or below the "
+            "control's before the first step; those seeds are left out of the median: " + "; ".join(out))
+
+
+def r_note(unlearning: dict[str, Any]) -> str:
+    """Why R is undefined on some or every seed ("" when it is defined everywhere it can be)."""
+    rows = unlearning["rows"]
+    oracle = {r["seed"]: r["d_forget_concept"] for r in rows if r["method"] == "oracle filter"}
+    if not oracle:
+        return "R is undefined (–) throughout: the run has no oracle-filter arm to divide by"
+    bad = {s: d for s, d in oracle.items() if not d > TINY}
+    if not bad:
+        return ""
+    every = " throughout" if len(bad) == len(oracle) else f" on seed{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}"
+    return (f"R is undefined (–){every}: the oracle filter's Δforget (concept) there is not above 0 ("
+            + ", ".join(f"{d:+.3f}" for d in bad.values()) + "), so there is nothing to divide by")
 
 
 def repair_note(unlearning: dict[str, Any]) -> str:

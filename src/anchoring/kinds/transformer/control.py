@@ -60,6 +60,7 @@ def _accuracy_rows(run: TransformerRun, spec: InterventionConfig) -> list[dict[s
             with ev.edited(model, targets, spec.method):
                 after = ev.accuracy_table(lang, sets, ev.score(model, lang, sets, cfg.language.context), tc.reddest, tc.redish)
             rows.append({"arm": arm, "seed": seed, "direction": "anchor" if arm == "anchored" else "difference of means",
+                         "sites": [s.module for s, _ in targets],
                          **{f"{g} before": before[g] for g in GROUPS}, **{f"{g} after": after[g] for g in GROUPS}})
     return rows
 
@@ -94,7 +95,9 @@ def intervene(run: TransformerRun, spec: InterventionConfig) -> EditResult:
     out = run.path / "interventions" / spec.name
     runs.check_writable(out)
     rows = _accuracy_rows(run, spec)
-    runs.write_json(out / "summary.json", {"spec": spec.model_dump(), "rows": rows})
+    sites = list(dict.fromkeys(x for r in rows for x in r["sites"]))  # the spec as run: "latent" is the colour default
+    ran = spec.model_dump() | {"site": sites[0] if len(sites) == 1 else None, "sites": sites}
+    runs.write_json(out / "summary.json", {"spec": ran, "sites": sites, "rows": rows})
     return EditResult(spec.name, [_table(f"{spec.name}: exact match by redness", rows), f"wrote {out}"], [out], {"rows": rows})
 
 
