@@ -53,6 +53,9 @@ def test_intervene_and_delete_commands(anchored_run, tmp_path):
     assert "red" in r.stdout and "selectivity R² per seed" in r.stdout
     for f in ("colours.csv", "per_seed.csv", "hue_error.png", "reconstruction.png", "lobes.png", "strength.png"):
         assert (out / "interventions" / "rp" / f).is_file(), f
+    shown = runner.invoke(app, ["show", str(out / "interventions" / "rp")])  # read back: the lines intervene printed
+    selectivity = next(x for x in r.stdout.splitlines() if x.startswith("selectivity R² per seed"))
+    assert shown.exit_code == 0 and selectivity in shown.stdout and "figures: hue_error.png" in shown.stdout, shown.stderr
     pruned = tmp_path / "pruned"
     r = runner.invoke(app, ["delete", str(out), "--concept", "red", "--method", "prune", "--out", str(pruned)])
     assert r.exit_code == 0, r.stderr

@@ -164,6 +164,9 @@ def test_intervene_on_an_lm_run_suppresses_and_reports_forget_and_retain(lm_run)
     m = next(x for x in rows if x["arm"] == "anchored · matched random move")  # its control: same before, another after
     assert m["concept before"] == a["concept before"] and m["concept after"] != a["concept after"]
     assert "matched random move" in r.stdout and "replacing" not in r.stdout
+    shown = CliRunner().invoke(app, ["show", str(lm_run.path / "interventions" / "sup")])  # read back: the same table
+    assert shown.exit_code == 0 and f"{a['concept before']:.3f} → {a['concept after']:.3f}" in shown.stdout, shown.stderr
+    assert f"intervention on {lm_run.path}" in " ".join(shown.stdout.split())
     again = CliRunner().invoke(app, ["intervene", str(lm_run.path), "--concept", "violence", "--name", "sup"])
     assert again.exit_code == 0 and "replacing an earlier intervention named 'sup'" in " ".join(again.stdout.split())
     r = CliRunner().invoke(app, ["intervene", str(lm_run.path), "--concept", "violence", "--method", "zero"])

@@ -472,6 +472,9 @@ def test_an_infinite_target_prints_as_infinite_in_the_report_and_after_reading_b
         row = next(line for line in console.export_text().splitlines() if "anchored" in line)
         cells = [c.strip() for c in row.strip("│ ").split("│")]
         assert cells[3] == "–" and cells[5] == "–" and "nan" not in row, row  # concept loss, margin
+        narrow = Console(width=40, record=True)  # too narrow: one line per model, nothing cut to "anch…"
+        narrow.print(lines[0])
+        assert "anchored, seed 0: all 1.500, concept –, retain 1.400, blocks.1 margin –" in " ".join(narrow.export_text().split())
 
 
 def test_the_training_curves_show_the_terms_not_the_schedule_weights(corpus):

@@ -281,7 +281,7 @@ def warning(message: str) -> None:
 @app.command("show")
 def show_cmd(run_dir: Path = typer.Argument(..., help="finished run directory"),
              select: Optional[str] = typer.Option(None, "--select", help="pareto: also show the edits on the Pareto-selected seeds")) -> None:
-    """Print a finished run's tables and report path (or, given RUN/relearn/CONCEPT, the attack's table)."""
+    """Print a finished run's tables and report path (given RUN/relearn/CONCEPT or RUN/interventions/NAME: that table)."""
     if (run_dir / "sweep.json").is_file() and not (run_dir / runs.CONFIG).is_file() and (run_dir / runs.SUMMARY).is_file():
         _show_sweep(run_dir)
         return
@@ -289,6 +289,9 @@ def show_cmd(run_dir: Path = typer.Argument(..., help="finished run directory"),
     if (whole.parent.name == "relearn" and (whole.parent.parent / runs.CONFIG).is_file()
             and not (whole / runs.CONFIG).is_file() and (whole / runs.SUMMARY).is_file()):
         _show_attack(run_dir)
+        return
+    if whole.parent.name == "interventions" and (whole.parent.parent / runs.CONFIG).is_file() and not (whole / runs.CONFIG).is_file():
+        _show_intervention(whole)
         return
     try:
         outcome = lifecycle.show(run_dir)
@@ -357,6 +360,38 @@ def _show_attack(path: Path) -> None:
         fail(f"{str(path / runs.SUMMARY)!r} is not a relearning attack's summary")
     print_lines(lines)
     out.print(f"relearning attack on {path.resolve().parent.parent}", markup=False, soft_wrap=True)
+
+
+def _show_intervention(path: Path) -> None:
+    """An intervention's table, read back from what `anchoring intervene` wrote in RUN/interventions/NAME."""
+    import pandas as pd
+
+    lines: list = []
+    try:
+        if (path / runs.SUMMARY).is_file():  # LM and transformer runs: the rows the command printed
+            summary = runs.read_json(path / runs.SUMMARY)
+            rows, name = summary.get("rows") or [], (summary.get("spec") or {}).get("name", path.name)
+            if rows and "forget before" in rows[0]:
+                from anchoring.kinds.lm.control import _table
+
+                lines = [_table(f"{name} at {', '.join(summary.get('sites') or [])}: validation nats/char", rows)]
+            elif rows and "direction" in rows[0]:
+                from anchoring.kinds.transformer.control import _table
+
+                lines = [_table(f"{name}: exact match by redness", rows)]
+        elif (path / "colours.csv").is_file() and (path / "per_seed.csv").is_file():  # colour runs
+            from anchoring.kinds.colour.control import colour_table
+
+            table = pd.read_csv(path / "colours.csv").to_dict("records")
+            lines = colour_table(f"{path.name}: per-colour MSE", table, pd.read_csv(path / "per_seed.csv")["selectivity"].tolist())
+    except (OSError, ValueError, KeyError) as e:
+        fail(f"{str(path)!r}: cannot read the intervention's files ({e})")
+    if not lines:
+        fail(f"{str(path)!r} holds no intervention that `anchoring intervene` wrote")
+    print_lines(lines)
+    figs = sorted(p.name for p in path.glob("*.png"))
+    out.print(f"intervention on {path.parent.parent}" + (f"; figures: {', '.join(figs)}" if figs else ""), markup=False,
+              soft_wrap=True)
 
 
 def _dims(text: str | None, flag: str = "--dims", example: str = "0,1") -> list[int] | None:

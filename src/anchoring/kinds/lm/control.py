@@ -68,13 +68,22 @@ def _rows(run, after_of, controls: dict[str, Any] | None = None, tick: Callable[
     return rows
 
 
-def _table(title: str, rows: list[dict[str, Any]]) -> Table:
+def _table(title: str, rows: list[dict[str, Any]]) -> Any:
+    """The edit's before → after table, or (terminal too narrow for it) the same cells one line per model."""
+    from anchoring.kinds.lm.unlearning import TableOrList
+
     table = Table(title=title)
-    for h in ("arm", "seed", *[f"{k}: before → after" for k in KEYS], "Δconcept − Δretain"):
-        table.add_column(h, justify="right")
+    heads = ("arm", "seed", *[f"{k}: before → after" for k in KEYS], "Δconcept − Δretain")
+    longest = max((len(str(r["arm"])) for r in rows), default=3)
+    for h in heads:
+        table.add_column(h, justify="right", **({"min_width": longest} if h == "arm" else {}))  # not "weak-filte…"
+    listed = [title + ":"]
     for r in rows:
-        table.add_row(r["arm"], str(r["seed"]), *[f"{r[f'{k} before']:.3f} → {r[f'{k} after']:.3f}" for k in KEYS], f"{_gap(r):+.3f}")
-    return table
+        cells = [r["arm"], str(r["seed"]), *[f"{r[f'{k} before']:.3f} → {r[f'{k} after']:.3f}" for k in KEYS], f"{_gap(r):+.3f}"]
+        table.add_row(*cells)
+        listed.append(f"{cells[0]}, seed {cells[1]}: " + ", ".join(f"{k} {v}" for k, v in zip(KEYS, cells[2:]))
+                      + f", Δconcept − Δretain {cells[-1]}")
+    return TableOrList(table, listed)
 
 
 def _gap(row: dict[str, Any]) -> float:

@@ -720,17 +720,23 @@ def summary_lines(summary: dict[str, Any]) -> list[Any]:
     sites = summary.get("anchored_sites") or []
     table = Table(title=f"{summary['experiment']}: validation nats/char and alignment")
     timing = summary.get("timing", {})
-    cols = ["arm", "seed", "all", "concept", "retain", *[f"{s} margin" for s in sites], *[f"{s} containment" for s in sites],
-            "train s"]
-    for c in cols:
-        table.add_column(c, justify="right")
+    cols = ["arm", "seed", "all", "concept", "retain", *[f"{s}\nmargin" for s in sites], *[f"{s}\ncontainment" for s in sites],
+            "train\ns"]
+    longest = max((len(str(r["arm"])) for r in summary["models"]), default=3)
+    for c in cols:  # arm names and header words stay whole at 80 columns, rather than "weak-fil…"
+        table.add_column(c, justify="right", min_width=longest if c == "arm" else max(map(len, c.split("\n"))))
+    listed = [table.title + " (one line per model: the terminal is too narrow for the table):"]
     for r in summary["models"]:
         seconds = timing.get(f"{r['arm']}-seed{r['seed']}_s")
-        table.add_row(r["arm"], str(r["seed"]), *[_cell(r["loss"][k]) for k in ("all", "concept", "retain")],
-                      *[_cell(r["alignment"][s]["margin"]) for s in sites],
-                      *[_cell(r["alignment"][s]["containment"]) for s in sites],
-                      "–" if seconds is None else f"{seconds:.1f}" if seconds < 10 else f"{seconds:.0f}")
-    lines: list[Any] = [table, *run_notes(summary)]
+        cells = [r["arm"], str(r["seed"]), *[_cell(r["loss"][k]) for k in ("all", "concept", "retain")],
+                 *[_cell(r["alignment"][s]["margin"]) for s in sites],
+                 *[_cell(r["alignment"][s]["containment"]) for s in sites],
+                 "–" if seconds is None else f"{seconds:.1f}" if seconds < 10 else f"{seconds:.0f}"]
+        table.add_row(*cells)
+        listed.append(f"{cells[0]}, seed {cells[1]}: " + ", ".join(f"{c.replace(chr(10), ' ')} {v}" for c, v in zip(cols[2:], cells[2:])))
+    from anchoring.kinds.lm.unlearning import TableOrList
+
+    lines: list[Any] = [TableOrList(table, listed), *run_notes(summary)]
     for name, t in summary.get("targets", {}).items():
         lines.append(f"{'met ' if t['met'] else 'MISS'}  {name}: {target_text(target_median(t))}{left_out_note(t)}")  # None: NaN read back from JSON
     if summary.get("unlearning"):
