@@ -290,3 +290,10 @@ def test_a_non_empty_folder_that_is_no_run_is_not_offered_for_resume(tmp_path):
     r = invoke("run", "--seeds", "1", "--steps", "10", "--out", tmp_path)
     assert_one_line_error(r, "already exists and is not empty")
     assert "resume" not in r.stderr
+
+
+def test_a_check_across_keys_names_the_set_items_once(tmp_path):
+    """A check of the whole config may stem from any --set item: each is named, once."""
+    r = invoke("run", "lm-unlearning", "--set", 'lm.arms=["anchored"]', "--set", 'lm.arms=["anchored"]',
+               "--set", "evaluate.eval_chars=3000", "--out", tmp_path / "run")
+    assert_one_line_error(r, "lm-unlearning.toml with --set evaluate.eval_chars, lm.arms: config:", tmp_path / "run")

@@ -70,6 +70,8 @@ def test_show_intervene_and_delete_on_a_transformer_run(two_kinds, tmp_path):
     assert {(x["arm"], x["direction"]) for x in rows} == {("anchored", "anchor"), ("control", "difference of means")}
     assert saved["sites"] and saved["spec"]["sites"] == saved["sites"] and "latent" not in saved["sites"]  # where it ran
     assert all(x["sites"] == saved["sites"] for x in rows)
+    shown = runner.invoke(app, ["show", str(run_dir / "interventions" / "sup")])  # read back: the table intervene printed
+    assert shown.exit_code == 0 and "exact match by redness" in shown.stdout and "red answer" in shown.stdout, shown.stderr
     r = runner.invoke(app, ["intervene", str(run_dir), "--concept", "red", "--method", "repel"])
     assert r.exit_code == 2 and "'transformer' run supports --method suppress or ablate" in r.stderr
     for flag, value in (("--falloff", "constant:0"), ("--dims", "0"), ("--k", "3")):  # ignored before, and recorded as applied

@@ -541,6 +541,7 @@ def test_a_retain_cost_below_the_tables_resolution_gives_no_selectivity_and_noth
     """A cost that prints as 0.000 read as a selectivity of −25; an edit that left the concept no harder
     than the control's read as "recovered in 0 steps" and pulled the median down."""
     assert math.isnan(ul.selectivity(-0.00509, 0.000201)) and ul.selectivity(0.05, 0.0004) == float("inf")
+    assert math.isnan(ul.selectivity(0.0012, 0.0003))  # noise over noise is not a free edit
     assert ul.selectivity(0.05, 0.01) == pytest.approx(5.0)
     losses = dict.fromkeys(("forget", "concept", "retain"), 1.0)
 
@@ -556,9 +557,13 @@ def test_a_retain_cost_below_the_tables_resolution_gives_no_selectivity_and_noth
     got = {t[1]: t[rec] for t in table if t[0] == "anchoring · delete"}
     assert got == {"median": 8.0, 0: "nd", 1: 6, 2: 10}  # seed 0 out of the median, not a 0 in it
     assert "steps to recover is nd" in ul.nothing_to_recover_note(u) and "anchoring · delete (seed 0)" in ul.nothing_to_recover_note(u)
-    assert "R is undefined (–) throughout" in ul.r_note(u) and "−0.163" not in ul.r_note(u) and "-0.163" in ul.r_note(u)
+    assert "R is undefined (–) throughout" in ul.r_note(u) and "(−0.163)" in ul.r_note(u)
+    assert "(–)" in ul.r_note(json.loads(json.dumps(runs._finite({**u, "rows": [
+        *u["rows"][:3], {**u["rows"][3], "d_forget_concept": float("nan")}]}))))  # NaN read back as null
     u["rows"][0]["nothing_to_recover"] = u["rows"][1]["nothing_to_recover"] = u["rows"][2]["nothing_to_recover"] = True
     assert next(t for t in ul.table(u)[1] if t[:2] == ["anchoring · delete", "median"])[rec] == "nd"
+    old = {**u, "rows": [{k: v for k, v in r.items() if k != "nothing_to_recover"} for r in u["rows"]]}  # before the key
+    assert {t[1]: t[rec] for t in ul.table(old)[1] if t[0] == "anchoring · delete"}[0] == "nd"
     u["rows"] = [r for r in u["rows"] if r["method"] != "oracle filter"]
     assert "no oracle-filter arm" in ul.r_note(u)
     for r in u["rows"]:

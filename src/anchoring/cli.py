@@ -363,14 +363,17 @@ def _show_attack(path: Path) -> None:
 
 
 def _show_intervention(path: Path) -> None:
-    """An intervention's table, read back from what `anchoring intervene` wrote in RUN/interventions/NAME."""
+    """An intervention's table (not the notes printed under it), read back from what `anchoring intervene`
+    wrote in RUN/interventions/NAME."""
     import pandas as pd
 
     lines: list = []
     try:
         if (path / runs.SUMMARY).is_file():  # LM and transformer runs: the rows the command printed
             summary = runs.read_json(path / runs.SUMMARY)
+            summary = summary if isinstance(summary, dict) else {}
             rows, name = summary.get("rows") or [], (summary.get("spec") or {}).get("name", path.name)
+            rows = rows if isinstance(rows, list) and all(isinstance(r, dict) for r in rows) else []
             if rows and "forget before" in rows[0]:
                 from anchoring.kinds.lm.control import _table
 
@@ -384,7 +387,7 @@ def _show_intervention(path: Path) -> None:
 
             table = pd.read_csv(path / "colours.csv").to_dict("records")
             lines = colour_table(f"{path.name}: per-colour MSE", table, pd.read_csv(path / "per_seed.csv")["selectivity"].tolist())
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         fail(f"{str(path)!r}: cannot read the intervention's files ({e})")
     if not lines:
         fail(f"{str(path)!r} holds no intervention that `anchoring intervene` wrote")
@@ -476,8 +479,11 @@ def intervene_cmd(
     """Apply an inference-time intervention to every model of a run; print and save what it breaks."""
     if method not in ("suppress", "repel", "zero", "ablate"):
         fail(f"--method must be suppress, repel, zero (colour) or ablate (colour, transformer), not {method!r}")
-    run = _open(run_dir, finished=True) if concept is None and dims is None else None
-    concept = concept if run is None else _only_concept(run.config)
+    run = None
+    if concept is None and dims is None:  # the run's only concept: its other options are checked before it loads
+        _edit_spec("check", method, "?", None, falloff, k, site)
+        run = _open(run_dir, finished=True)
+        concept = _only_concept(run.config)
     label = name or f"{method}-{concept or 'dims' + (dims or '').replace(',', '')}-{falloff.replace(':', '-').replace(',', '_')}"
     if name is None and site != "latent" and runs.SAFE_NAME.match(f"{label}-at-{site}"):  # another site, another
         label += f"-at-{site}"  # folder (an odd site is left to the kind's own check of --site)
@@ -508,6 +514,7 @@ def delete_cmd(
     """Permanently delete a concept or dims from every seed; write an edited run."""
     if method not in ("ablate", "prune", "blind"):
         fail(f"--method must be ablate, prune or blind, not {method!r}")
+    _edit_spec(method, method, concept or "?", dims, "constant", k, site)  # the options, before the run loads
     run = _open(run_dir, finished=True)
     if concept is None and dims is None:
         concept = _only_concept(run.config)

@@ -157,8 +157,9 @@ def one_line(err: ValidationError, source: str, kind: str | None = None, overrid
     if any(where == k or where.startswith(k + ".") for k in keys):
         source = "--set"
     elif keys and (not loc or any(k.startswith(where + ".") for k in keys)):
-        # a check across keys (a section's or the whole config's): the file and the --set items together
-        source = f"{source} with --set {', '.join(sorted(overridden))}"
+        # a check across keys (a section's or the whole config's): the file and the --set items under it together
+        under = sorted(k for k in keys if not loc or k.startswith(where + "."))
+        source = f"{source} with --set {', '.join(under)}"
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     if first["type"] == "extra_forbidden":
         return f"{source}: {where}: key means nothing for a {kind!r} experiment{more}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -13,12 +14,27 @@ CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f3f3f3}.ok{color:#070}.bad{color:#b00;font-weight:bold}img{max-width:100%}
 pre{background:#f6f6f6;padding:8px;font-size:12px;overflow-x:auto}.scroll{overflow-x:auto;max-width:100%}
-.scroll td:first-child,.scroll th:first-child{position:sticky;left:0;background:#fff;text-align:left}
+.scroll td:first-child,.scroll th:first-child{position:sticky;left:0;background:#fff;text-align:left;white-space:nowrap}
 .scroll th:first-child{background:#f3f3f3}"""
 
 
+def _decimals(rows: Sequence[Sequence[Any]]) -> dict[int, int]:
+    """Decimals per column, so a column reads evenly (3.100 beside 3.058, not 3.1): 3 where its numbers
+    lie in [0.01, 10⁴), 4 where some are smaller. A column whose numbers are all under 0.01 or reach
+    10⁴ is left out: its cells keep four significant digits each (7.722e-05)."""
+    out = {}
+    for j in range(max((len(r) for r in rows), default=0)):
+        vals = [abs(float(r[j])) for r in rows if j < len(r) and isinstance(r[j], (float, np.floating))
+                and not isinstance(r[j], bool) and math.isfinite(float(r[j])) and not float(r[j]).is_integer()]
+        if vals and 0.01 <= max(vals) < 1e4:
+            out[j] = 3 if min(vals) >= 0.01 else 4
+    return out
+
+
 def table_html(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    def cell(v: Any) -> str:
+    decimals = _decimals(rows)
+
+    def cell(v: Any, j: int) -> str:
         if isinstance(v, bool):
             return f'<td class="{"ok" if v else "bad"}">{"yes" if v else "no"}</td>'
         if isinstance(v, np.floating):
@@ -27,12 +43,15 @@ def table_html(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
             return '<td title="undefined">–</td>'
         if isinstance(v, float) and v in (float("inf"), float("-inf")):
             return f"<td>{'∞' if v > 0 else '−∞'}</td>"
-        if isinstance(v, float):  # four significant digits, trailing zeros kept so a column reads evenly
-            return f"<td>{f'{v:#.4g}'.rstrip('.')}</td>"
+        if isinstance(v, float) and v.is_integer() and j not in decimals:  # a median of whole steps, a count (no −0)
+            return f"<td>{int(v)}</td>"
+        if isinstance(v, float):
+            text = f"{v:.{decimals[j]}f}" if j in decimals else f"{v:.4g}"
+            return f"<td>{text.lstrip('-') if not text.strip('-0.') else text}</td>"  # no −0.0000
         return f"<td>{html.escape(str(v))}</td>"
 
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(cell(v) for v in r) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(cell(v, j) for j, v in enumerate(r)) + "</tr>" for r in rows)
     return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>'  # a wide table scrolls in its box, not the page
 
 

@@ -77,7 +77,7 @@ def _table(title: str, rows: list[dict[str, Any]]) -> Any:
     longest = max((len(str(r["arm"])) for r in rows), default=3)
     for h in heads:
         table.add_column(h, justify="right", **({"min_width": longest} if h == "arm" else {}))  # not "weak-filte…"
-    listed = [title + ":"]
+    listed = [title + " (one line per model: the terminal is too narrow for the table):"]
     for r in rows:
         cells = [r["arm"], str(r["seed"]), *[f"{r[f'{k} before']:.3f} → {r[f'{k} after']:.3f}" for k in KEYS], f"{_gap(r):+.3f}"]
         table.add_row(*cells)

@@ -579,7 +579,9 @@ def write_report(cfg: LMExperiment, path: Path, summary: dict[str, Any], metric_
                 f"positions; relearned = lowest concept loss − the control's, kept = share of Δforget that survives. "
                 f"{html.html.escape(u['note'])}. {html.html.escape(matched)}{'. ' if matched else ''}"
                 f"Curves: {html.html.escape(u['curves'])}.</p>"
-                + html.table_html(header, rows)
+                # method and seed in one cell: the first column stays in view when the wide table scrolls
+                + html.table_html(["method, seed", *header[2:]],
+                                  [[f"{r[0]}, {r[1] if r[1] == 'median' else f'seed {r[1]}'}", *r[2:]] for r in rows])
                 + html.image_html(figs / "unlearning_tradeoff.png", "Δforget (concept) against retain cost"))
         if (figs / "relearning_curves.png").is_file():
             body += html.image_html(figs / "relearning_curves.png", "relearning curves")

@@ -56,7 +56,7 @@ COST_FLOOR = 1e-3  # nats/char: a retain cost under this prints as 0.000, and a 
 KEPT_FLOOR = 0.01  # nats/char: an edit must raise the curve's forget loss this much for "kept" to be a share
 POSTHOC_NAMES = {"mean-difference": "mean-difference", "leace": "LEACE"}
 BASELINES = {"sgtm": "SGTM", "routing": "gradient routing"}
-ND = "nd"  # steps to recover of an edit whose forget loss was never above the control's: nothing deleted
+ND = "nd"  # steps to recover of an edited model already at or below the control's concept loss: nothing to recover
 MATCHED_RANDOM = "anchoring · matched random move"
 MATCHED_DELETE = "anchoring · matched random deletion"
 MATCHED_BLIND = "anchoring · matched random blinding"
@@ -94,8 +94,14 @@ def ratio(num: float, den: float, floor: float = TINY) -> float:
 
 
 def selectivity(d_forget_concept: float, retain_cost: float) -> float:
-    """Δforget (concept) / retain cost, with a cost under COST_FLOOR counted as none."""
-    return ratio(d_forget_concept, retain_cost, COST_FLOOR)
+    """Δforget (concept) / retain cost. A cost under COST_FLOOR counts as none: then ∞ when Δforget
+    (concept) is at least KEPT_FLOOR (a real removal at no measurable cost), else undefined, since
+    0.0012 over a cost of 0.0003 would read as the best possible edit."""
+    if not (math.isfinite(d_forget_concept) and math.isfinite(retain_cost)):
+        return float("nan")
+    if retain_cost < COST_FLOOR:
+        return float("inf") if d_forget_concept >= KEPT_FLOOR else float("nan")
+    return d_forget_concept / retain_cost
 
 
 @dataclass
@@ -321,7 +327,7 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
                                    u.recover_steps, u.relearn_lr, score, stop=lambda c: c["concept"] <= target, tick=tick)
                     hit = [i for i, c in enumerate(rec) if c["concept"] <= target]
                     row["recover_steps"] = hit[0] if hit else None
-                    # already at or below the control before any step: nothing deleted, not "recovered in 0 steps"
+                    # at or below the control before any step: nothing to recover, not "recovered in 0 steps"
                     row["nothing_to_recover"] = hit[:1] == [0]
                     curves += [{"seed": seed, "method": m.name, "fine_tune": "recover", "k": 0, "step": i,
                                 "forget_concept": c["concept"], "forget": c["forget"], "retain": c["retain"],
@@ -517,7 +523,7 @@ def table(unlearning: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
             return "–"
         if not r.get("fine_tuned", r["weights_edited"]):  # summaries written before hooks could be attacked
             return "hook"
-        if r.get("nothing_to_recover"):
+        if _nothing_to_recover(r):
             return ND
         return r["recover_steps"] if r["recover_steps"] is not None else f"> {cap}"
 
@@ -526,7 +532,7 @@ def table(unlearning: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     for m in dict.fromkeys(r["method"] for r in unlearning["rows"]):
         mine = [r for r in unlearning["rows"] if r["method"] == m]
         vals = np.array([values(r) for r in mine], dtype=float)
-        steps = [r["recover_steps"] for r in mine if not r.get("nothing_to_recover")]  # nd seeds: out of the median
+        steps = [r["recover_steps"] for r in mine if not _nothing_to_recover(r)]  # nd seeds: out of the median
         med_rec: Any = recover(mine[0]) if not mine[0].get("fine_tuned", mine[0]["weights_edited"]) else (
             median([float(s) if s is not None else float("inf") for s in steps]) if steps else ND)
         if isinstance(med_rec, float) and not math.isfinite(med_rec):
@@ -585,7 +591,7 @@ def lines(unlearning: dict[str, Any]) -> list[Any]:
              matched_note(unlearning), repair_note(unlearning)]
     return [t_or_list, f"{unlearning['note']}; relearning fine-tunes {unlearning['relearn_steps']} steps; "
                        f"relearned = lowest concept loss reached − the control's; medians leave out undefined (–) seeds "
-                       f"and rank ±∞ as extremes", *[n for n in notes if n]]
+                       f"(kept counts one as 0) and rank ±∞ as extremes", *[n for n in notes if n]]
 
 
 NAME_WIDTH = 20  # the CLI table's method column: longer names wrap
@@ -624,17 +630,24 @@ def nothing_kept_note(unlearning: dict[str, Any]) -> str:
     return ("kept counts 0 where an edit raised the forget loss too little to have a share to keep: " + "; ".join(out))
 
 
+def _nothing_to_recover(row: dict[str, Any]) -> bool:
+    """Whether the recovery fine-tune began at or below the control's concept loss. Summaries written
+    before the key existed recorded that as 0 steps, which is what it meant there."""
+    return bool(row.get("nothing_to_recover", row.get("fine_tuned", True) and row.get("recover_steps") == 0))
+
+
 def nothing_to_recover_note(unlearning: dict[str, Any]) -> str:
     """Which seeds show "nd" under steps to recover ("" when none)."""
     out = []
     for m in dict.fromkeys(r["method"] for r in unlearning["rows"]):
-        seeds = [str(r["seed"]) for r in unlearning["rows"] if r["method"] == m and r.get("nothing_to_recover")]
+        seeds = [str(r["seed"]) for r in unlearning["rows"] if r["method"] == m and _nothing_to_recover(r)]
         if seeds:
             out.append(f"{m} (seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)})")
     if not out:
         return ""
-    return (f"steps to recover is {ND} (nothing deleted) where the edited model's concept loss was already at or below the "
-            "control's before the first step; those seeds are left out of the median: " + "; ".join(out))
+    return (f"steps to recover is {ND} (nothing to recover) where the edited model's concept loss on the recovery's "
+            "evaluation text was already at or below the control's before the first step; those seeds are left out of "
+            "the median: " + "; ".join(out))
 
 
 def r_note(unlearning: dict[str, Any]) -> str:
@@ -643,12 +656,13 @@ def r_note(unlearning: dict[str, Any]) -> str:
     oracle = {r["seed"]: r["d_forget_concept"] for r in rows if r["method"] == "oracle filter"}
     if not oracle:
         return "R is undefined (–) throughout: the run has no oracle-filter arm to divide by"
-    bad = {s: d for s, d in oracle.items() if not d > TINY}
+    bad = {s: _num(d) for s, d in oracle.items() if not _num(d) > TINY}  # read back from JSON, NaN is None
     if not bad:
         return ""
     every = " throughout" if len(bad) == len(oracle) else f" on seed{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}"
     return (f"R is undefined (–){every}: the oracle filter's Δforget (concept) there is not above 0 ("
-            + ", ".join(f"{d:+.3f}" for d in bad.values()) + "), so there is nothing to divide by")
+            + ", ".join("–" if math.isnan(d) else f"{d:+.3f}".replace("-", "−") for d in bad.values())
+            + "), so there is nothing to divide by")
 
 
 def repair_note(unlearning: dict[str, Any]) -> str:
