@@ -203,6 +203,17 @@ def test_control_sgtm_routing_train_write_and_reopen(corpus, tmp_path):
         cut = ablated(run.model(arm), run.config, arm)
         assert not torch.equal(cut(run.tokenize(text)[None]), run.model(arm)(run.tokenize(text)[None]))
         assert run.generate("The ", model=cut, n=5).startswith("The ")
+    # the unlearning table scores these rows after the ablation, not the trained arms as they are
+    from anchoring.kinds.lm import unlearning as ul
+
+    models = {(arm, 0): run.model(arm) for arm in run.arms}
+    rows = {m.name: m for m in ul.methods(run.config, run.data, models, 0)}
+    for arm, name in (("sgtm", "SGTM"), ("routing", "gradient routing")):
+        m = rows[name]
+        assert m.before is models[arm, 0] and m.weights_edited
+        want = ablated(models[arm, 0], run.config, arm).state_dict()
+        assert all(torch.equal(v, want[k]) for k, v in m.after.state_dict().items()), name
+        assert any(not torch.equal(v, m.before.state_dict()[k]) for k, v in m.after.state_dict().items()), name
 
 
 def test_sgtm_and_routing_data_parallel_equal_one_process(corpus, tmp_path):

@@ -148,6 +148,23 @@ def test_ranks_whose_checkpoints_hold_different_steps_refuse_to_resume(corpus, t
         train_data_parallel(longer, out, [("control", 0)], 2)
 
 
+def test_the_ranks_gradients_are_averaged_not_summed(tmp_path):
+    """Adam all but cancels a constant scale of the gradient, so a reduction that summed instead of
+    averaging moved the 1-vs-2-process comparison only through eps; the reduction is checked directly."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("ddp_average_worker.py")
+    r = subprocess.run([sys.executable, str(worker), str(tmp_path)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    for rank in (0, 1):
+        grads = torch.load(tmp_path / f"grads{rank}.pt")
+        assert len(grads) == 3 and all(torch.equal(g, torch.full_like(g, 1.5 * (i + 1))) for i, g in enumerate(grads)), rank
+
+
 def test_a_signal_that_reaches_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     """Ctrl-C or SIGTERM can reach one rank a step before another (or only one). The ranks agree after
     every step, so all of them stop after the same step with checkpoints at that step, instead of one

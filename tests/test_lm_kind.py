@@ -112,17 +112,19 @@ def test_arms_saw_the_same_batches_except_filtered_passages(corpus, finished):
     full = Stream(data.train_tokens, data.keep("control", seed), seed, T)
     keep = data.keep("weak-filtered", seed)
     assert (~keep).sum() == data.weak(seed).sum() > 0
-    filt = Stream(data.train_tokens, keep, seed, T)
     from anchoring.kinds.lm.training import LMTask
 
-    tasks = {arm: LMTask(cfg, data, seed, arm) for arm in ("anchored", "control")}  # what training itself draws
+    tasks = {arm: LMTask(cfg, data, seed, arm) for arm in ("anchored", "control", "weak-filtered")}  # what training draws
+    filt = tasks.pop("weak-filtered").stream  # the filtered arm's own stream, as training builds it
+    assert np.array_equal(filt.keep, keep) and filt.seed == tasks["control"].stream.seed == seed
     for step in (0, 7, 60):  # anchored and control: identical windows and labels
         a, b = [t.stream.batch(step, cfg.lm.batch_size, t.labels, t.rows_of_rank) for t in tasks.values()]
         for field in ("inputs", "targets", "line_labels", "labels", "passage"):
             assert torch.equal(getattr(a, field), getattr(b, field)), field
     assert np.array_equal(tasks["anchored"].labels, tasks["control"].labels) and tasks["anchored"].labels.sum() > 0
-    for epoch in (0, 1):  # the filtered arm: every kept passage, in the full order, the removed ones cut out
-        order, cut = full.order(epoch), filt.order(epoch)
+    for epoch in (0, 1):  # the filtered arm: every kept passage, in the control's order, the removed ones cut out
+        order, cut = tasks["control"].stream.order(epoch), filt.order(epoch)
+        assert np.array_equal(order, full.order(epoch))
         assert sorted(cut.tolist()) == np.flatnonzero(keep).tolist()
         where = {int(p): i for i, p in enumerate(order)}
         assert all(where[int(x)] < where[int(y)] for x, y in zip(cut[:-1], cut[1:]))
@@ -131,6 +133,62 @@ def test_arms_saw_the_same_batches_except_filtered_passages(corpus, finished):
     metrics = __import__("pandas").read_csv(path / "metrics.csv")
     lab = {arm: metrics[metrics.arm == arm]["labelled_passages"].to_numpy() for arm in ("anchored", "control")}
     assert np.array_equal(lab["anchored"], lab["control"]) and lab["anchored"].sum() > 0
+
+
+def test_concept_positions_are_the_words_and_the_characters_after_them(corpus):
+    """Concept positions are the tokens of the labeller's words and the `after` characters past them, in
+    a reference-positive passage; every token of a negative passage is retain text."""
+    from anchoring.kinds.lm import evaluate as ev
+    from anchoring.text import concept_spans
+
+    cfg = experiments.load("lm-anchor-passages", tiny(corpus))
+    data = load_data(cfg.text)
+    text = "Then he stabbed the old man with a sword, and walked on through the quiet fields of home at dusk"
+    words = concept_spans(text, "violence")
+    assert words  # the labeller fires here
+    for after in (0, 20):
+        _ids, _chars, cls = ev.token_table(data, text, True, "violence", after)
+        want = np.zeros(len(cls), dtype=bool)  # character tokens: token i is character i
+        for s_, e in words:
+            want[s_:min(len(text), e + after)] = True
+        assert np.array_equal(cls == ev.CONCEPT, want), after
+        assert set(np.unique(cls[~want])) == {ev.OTHER}
+    assert (ev.token_table(data, text, False, "violence", 20)[2] == ev.RETAIN).all()
+
+
+def test_the_summarys_losses_are_those_of_the_classes_they_name(finished):
+    """The run's concept and retain losses, recomputed from its model with a plain forward pass over the
+    same evaluation windows: nats summed over the targets of each class, per character."""
+    import torch.nn.functional as F
+
+    from anchoring.kinds.lm import evaluate as ev
+
+    path, summary = finished
+    run = lifecycle.load_run(path)
+    cfg = run.config
+    es = ev.eval_set(run.data, cfg.lm.tokens, cfg.evaluate.eval_chars, cfg.evaluate.after, order=cfg.evaluate.order)
+    with torch.no_grad():
+        model = run.model("anchored").eval()
+        nats = F.cross_entropy(model(es.tokens[:, :-1]).transpose(1, 2), es.tokens[:, 1:], reduction="none")
+    tc, ch = es.cls[:, 1:], es.chars[:, 1:]
+    got = next(r for r in summary["models"] if r["arm"] == "anchored")["loss"]
+    want = {name: float(nats[tc == c].sum() / ch[tc == c].sum()) for name, c in (("concept", ev.CONCEPT), ("retain", ev.RETAIN))}
+    assert abs(want["concept"] - want["retain"]) > 0.01  # a swap of the two would show
+    for name in want:
+        assert got[name] == pytest.approx(want[name], rel=1e-5), (name, got, want)
+
+
+def test_the_anchor_terms_use_the_configured_axis(corpus):
+    """A term that ignored its axis would pass every test that anchors on axis 0 (all shipped configs do)."""
+    from anchoring.kinds.lm.training import LMTask
+
+    cfg = experiments.load("lm-anchor-passages", tiny(corpus, "concepts.0.axis=5"))
+    task = LMTask(cfg, load_data(cfg.text), 0, "anchored")
+    anchors = [t for t in task.terms if t.kind == "anchor"]
+    e = torch.eye(cfg.lm.width)
+    assert anchors and all(torch.equal(t.direction, e[5]) for t in anchors)
+    for t in anchors:  # 1 − cos: zero on axis 5, one on axis 0
+        assert torch.allclose(t.formula(e[[5, 0]]), torch.tensor([0.0, 1.0]))
 
 
 class Killed(Exception):

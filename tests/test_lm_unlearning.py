@@ -87,6 +87,41 @@ def test_every_method_is_a_row_and_anchoring_delete_hits_the_concept(unlearned):
     assert r.exit_code == 0 and "unlearning" in r.stdout and "they are fine-tuned" in r.stdout
 
 
+def test_every_rows_derived_numbers_follow_from_its_losses_and_curves(unlearned):
+    """Each row's stored selectivity, kept share and steps to recover, recomputed from its own losses and
+    from the per-step curves the run wrote: the definitions of docs/method.md, row by row."""
+    path, summary = unlearned
+    u = summary["unlearning"]
+    points = __import__("pandas").read_csv(path / u["curves"]).to_dict("records")
+    checked = {"kept": 0, "recover": 0}
+    for r in u["rows"]:
+        want = ul.selectivity(r["d_forget_concept"], r["retain_cost"])
+        got = r["selectivity"]
+        assert (math.isnan(want) and (got is None or math.isnan(got))) or got == pytest.approx(want), r["method"]
+        for k, rel in (r.get("relearn") or {}).items():
+            curve = [p for p in points if p["method"] == r["method"] and p["seed"] == r["seed"] and p["fine_tune"] == f"relearn K={k}"]
+            curve.sort(key=lambda p: p["step"])
+            lowest, start = min(p["forget_concept"] for p in curve), curve[0]["forget_concept"]
+            assert rel["lowest"] == pytest.approx(lowest) and rel["after_edit"] == pytest.approx(start)
+            assert rel["relearned"] == pytest.approx(lowest - curve[0]["control_concept"])
+            # kept is measured from the unedited model's own loss on the same text: for an edit of the anchored arm
+            # that is not the control's (for the filters and post-hoc edits "before" is the control itself)
+            if r["arm"] == "anchored":
+                assert rel["before_edit"] != pytest.approx(curve[0]["control_concept"], abs=1e-4)
+            if start - rel["before_edit"] >= ul.KEPT_FLOOR:
+                assert rel["kept"] == pytest.approx((lowest - rel["before_edit"]) / (start - rel["before_edit"]))
+                checked["kept"] += 1
+            else:
+                assert rel["kept"] is None or math.isnan(rel["kept"])
+        if r["fine_tuned"]:
+            rec = sorted((p for p in points if p["method"] == r["method"] and p["seed"] == r["seed"]
+                          and p["fine_tune"] == "recover"), key=lambda p: p["step"])
+            first = next((p["step"] for p in rec if p["forget_concept"] <= p["control_concept"]), None)
+            assert r["recover_steps"] == first and r["nothing_to_recover"] == (first == 0), r["method"]
+            checked["recover"] += 1
+    assert checked["recover"] >= 5 and checked["kept"] >= 1, checked
+
+
 def test_the_mean_difference_deletion_is_compared_at_anchorings_retain_cost(unlearned):
     """The ≥ 3 × target is stated at one retain cost: the dearer mean-difference deletion is dialled down
     to the anchored deletion's cost (bisection on the strength), and the target line divides by that row."""

@@ -24,6 +24,16 @@ def test_anchor_value_and_gradient():
     assert torch.allclose(grad_of(lambda t: R.anchor(t, v), z[1:2]), torch.tensor([[-1 / 3, 0.0]]))
 
 
+def test_anchor_pulls_towards_the_direction_it_is_given_not_an_axis():
+    """Every shipped config anchors on axis 0, so a formula that ignored its direction would pass them all."""
+    v = torch.tensor([1.0, 1.0, 0.0])
+    z = torch.tensor([[3.0, 3.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    assert torch.allclose(R.anchor(z, v), torch.tensor([0.0, 1 - 1 / math.sqrt(2), 1.0]), atol=1e-6)
+    assert torch.allclose(R.anti_anchor(z, v), torch.tensor([1.0, 1 / math.sqrt(2), 0.0]), atol=1e-6)
+    term = build_term("anchor", "w", latent_dim=3, concept=Concept("c", None), direction=[0.0, 0.0, 2.0])
+    assert torch.allclose(term({"latent": z}, {"c": torch.ones(3)}), R.anchor(z, torch.tensor([0.0, 0.0, 1.0])).mean())
+
+
 def test_subspace_and_anti_subspace():
     z = torch.tensor([[1.0, 2.0, 3.0]])
     assert R.subspace(z, (0, 1)).item() == 9.0
