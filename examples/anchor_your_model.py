@@ -330,6 +330,8 @@ def main() -> None:
     for name, ref in (("anchored, axis deleted", before), ("control, mean-difference deleted", results["control"])):
         r = results[name]
         print(f"{name}: Δconcept {r['concept nats'] - ref['concept nats']:+.3f}, Δretain {r['retain nats'] - ref['retain nats']:+.3f} nats/char")
+    print("held-out text; margin: mean cos(latent, axis) at concept positions minus at retain positions; contain.: the "
+          "mean at retain positions; concept, retain: next-character loss there, nats/char")
 
 
 if __name__ == "__main__":

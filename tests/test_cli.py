@@ -63,6 +63,8 @@ def test_list_shows_the_default():
     (["run", "lm-control", "--nproc", "2", "--set", "lm.nproc=4"], "--nproc or --set lm.nproc, not both"),
     (["run", "lm-control", "--set", "text.split_seed=18446744073709551616"], "split_seed"),
     (["run", "curriculum", "--set", "data.space=\"hsv\"", "--set", "data.hsv_shape=[36,0,6]"], "hsv_shape"),
+    (["run", "lm-anchor-milton", "--set", "evaluate.eval_chars=3000"],  # already shuffled: not "set it to shuffled"
+     "(evaluate.eval_chars, evaluate.order = 'shuffled') hold no passage with 'milton'; raise evaluate.eval_chars"),
     (["run", "lm-unlearning", "--set", 'lm.arms=["anchored"]'],  # a check across keys: the file and the --set together
      "lm-unlearning.toml with --set lm.arms: config: Value error, unlearning.enabled needs the control arm"),
 ])

@@ -206,6 +206,7 @@ def test_cli_runs_a_transformer_experiment_and_writes_its_report(tmp_path):
     # the M3 targets were set for the residual stream: the key anchor's figures come without a verdict
     assert summary["targets"] == {} and any("held-out gap" in k for k in summary["figures"])
     assert "MISS" not in r.stdout and "met " not in r.stdout and "held-out gap" in r.stdout
+    assert "reported without a verdict" in " ".join(r.stdout.split())  # the empty verdict column is explained
     for fig in ("alignment_margin.png", "alignment_containment.png", "accuracy_vs_redness.png", "training_curves.png"):
         assert (out / "figures" / fig).stat().st_size > 1000
     assert "Intervention: suppress-red-key" in (out / "report.html").read_text()

@@ -325,15 +325,8 @@ def _show_sweep(path: Path) -> None:
     for p in points:
         table.add_column(str(p.get("point")), justify="right")
 
-    def cell(v: Any) -> str:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            return "–" if v is None else str(v)
-        if isinstance(v, int) or v != v or abs(v) == float("inf"):
-            return str(v)
-        return f"{v:.3f}" if abs(v) >= 0.01 or v == 0 else f"{v:.2e}"  # a small error (an MSE) keeps its digits
-
     for k in keys:
-        table.add_row(k, *[cell(p.get(k)) for p in points])
+        table.add_row(k, *[_sweep_cell(p.get(k)) for p in points])
     print_lines([table])
     report = path / runs.REPORT
     if report.is_file():
@@ -360,6 +353,15 @@ def _show_attack(path: Path) -> None:
         fail(f"{str(path / runs.SUMMARY)!r} is not a relearning attack's summary")
     print_lines(lines)
     out.print(f"relearning attack on {path.resolve().parent.parent}", markup=False, soft_wrap=True)
+
+
+def _sweep_cell(v: Any) -> str:
+    """A sweep table's number: three decimals, so a row reads evenly; a small error (an MSE) keeps its digits."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return "–" if v is None else str(v)
+    if isinstance(v, int) or v != v or abs(v) == float("inf"):
+        return str(v)
+    return f"{v:.3f}" if abs(v) >= 0.01 or v == 0 else f"{v:.2e}"
 
 
 def _show_intervention(path: Path) -> None:
@@ -612,9 +614,7 @@ def sweep_cmd(
         table = Table(title=f"sweep of {name}")
         keys = [k for k in summary["points"][0] if k != "path"]
 
-        def cell(v: object) -> str:
-            return f"{v:.4g}" if isinstance(v, float) else "–" if v is None else str(v)
-
+        cell = _sweep_cell  # as `show` prints the same table later
         if len(keys) <= 6:  # one row per point
             for k in keys:
                 table.add_column(k, justify="right")

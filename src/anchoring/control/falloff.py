@@ -113,4 +113,10 @@ def parse_falloff(text: str | None) -> BoundedPower | Constant | BezierMapper:
         raise AnchoringError(f"falloff {text!r}: arguments must be finite numbers")
     if kind == "constant" and nums and nums[0] < 0:
         raise AnchoringError(f"falloff strength must be ≥ 0, got {nums[0]:g} (a negative strength adds the concept)")
-    return fn(*nums)
+    forms = {"constant": "constant:s", "linear": "linear:a,b", "power": "power:a,p,b", "bezier": "bezier:x1,y1,x2,y2,end"}
+    try:
+        return fn(*nums)
+    except AnchoringError as e:  # name the form: `power:1` sets a (the threshold), not p
+        given = ", ".join(f"{n}={x:g}" for n, x in zip(forms[kind].split(":")[1].split(","), nums))
+        raise AnchoringError(f"{e} (falloff {text!r} reads as {forms[kind]} with {given}; numbers left out keep "
+                             f"their defaults)") from None

@@ -111,7 +111,7 @@ def label_report(concept: str, corpus: str = "shakespeare", coverage: float = 0.
         if ref.any() else 0.0,
         "pairs": pair, "gold": gold,
     }
-    rows = [("passages", str(n)), ("characters", str(summary["characters"]))]
+    rows = [("passages", f"{n:,}"), ("characters", f"{summary['characters']:,}")]
     rows += [(f"fires: {nm}", f"{v:.3f}") for nm, v in summary["functions"].items()]
     rows += [("reference positive rate", f"{summary['reference_positive_rate']:.3f}"),
              ("reference positives with a span", f"{summary['reference_positives_with_a_span']:.3f}"),

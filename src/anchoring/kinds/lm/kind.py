@@ -214,7 +214,7 @@ def check_scored(cfg: LMExperiment, d: LMData, key: str, n: int, fix: str | None
     concept, and a word of it, or every concept number scored on them is made up. `fix`: what to do
     about it, where the config cannot be changed (a finished run)."""
     order = cfg.evaluate.order
-    fix = fix or f"set evaluate.order = \"shuffled\" or raise {key}"
+    fix = fix or (f"raise {key}" if order == "shuffled" else f"set evaluate.order = \"shuffled\" or raise {key}")
     passages = ev.eval_passages(d, n, order=order)
     ref = d.reference[passages]
     if not ref.any() or ref.all():
@@ -720,7 +720,7 @@ def summary_lines(summary: dict[str, Any]) -> list[Any]:
                 f"largest |h·v| left in the residual stream: {e['max_residual_component']:.2e}"]
 
     sites = summary.get("anchored_sites") or []
-    table = Table(title=f"{summary['experiment']}: validation nats/char and alignment")
+    table = Table(title=f"{summary['experiment']}: validation nats/char" + (" and alignment" if sites else ""))
     timing = summary.get("timing", {})
     cols = ["arm", "seed", "all", "concept", "retain", *[f"{s}\nmargin" for s in sites], *[f"{s}\ncontainment" for s in sites],
             "train\ns"]

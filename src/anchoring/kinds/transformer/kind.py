@@ -414,8 +414,8 @@ def summary_lines(summary: dict[str, Any]) -> list[Any]:
         return [_table(f"{summary['experiment']}: deleted {summary['edit']['concept']}", summary["edit_rows"])]
     keys = ["seed", "arm", "seen", "held-out", "complement", "lighten", "red answer", "no red"]
     table = Table(title=f"{summary['experiment']}: exact match per model")
-    for k in keys:
-        table.add_column(k, justify="right")
+    for k in keys:  # two-word headers on two lines: the table fits 80 columns, no header cut to "complem…"
+        table.add_column(k.replace(" ", "\n"), justify="right")
     for r in summary["models"]:
         table.add_row(*[f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys])
     lines: list[Any] = [table]
@@ -425,6 +425,10 @@ def summary_lines(summary: dict[str, Any]) -> list[Any]:
                          f"{b['red_answer_drop']:+.3f}, on equations without red {b['no_red_drop']:+.3f} (median over seeds)")
     for name, t in summary.get("targets", {}).items():
         lines.append(f"{'met ' if t['met'] else 'MISS'}  {name}: {target_text(target_median(t))}")
-    for name, t in summary.get("figures", {}).items():  # transformer.judge = false: reported as they come
+    figures = summary.get("figures", {})
+    if figures:  # transformer.judge = false: reported as they come
+        lines.append("the residual-stream targets' figures, reported without a verdict for this experiment "
+                     "(transformer.judge = false; docs/method.md):")
+    for name, t in figures.items():
         lines.append(f"      {name}: {target_text(target_median(t))}")
     return lines
