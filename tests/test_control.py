@@ -229,7 +229,7 @@ def test_surgery_on_a_foreign_model_and_refusals():
     assert pruned.a.out_features == 3 and pruned.b.in_features == 3
     assert torch.allclose(ablated(x), pruned(x), atol=1e-6)  # the same function, one dim narrower
     assert not torch.allclose(ablated(x), ok(x))  # and it did remove something
-    with pytest.raises(AnchoringError, match="GELU.*sits between"):
+    with pytest.raises(AnchoringError, match=r"site.s own module \(GELU\) computes its output"):
         ablate(Plain(nn.GELU()), [0], site="mid")
 
     class Doubled(Plain):
