@@ -102,6 +102,13 @@ def test_labels_are_redrawn_bernoulli_and_sparse():
     assert draws > 1000 and abs(hits / draws - 0.08) < 0.02
     again, _ = task.batch(7)
     assert torch.equal(again, task.batch(7)[0])  # a pure function of (seed, step)
+    # redrawn at every step: each label is this step's own uniform against the point's probability, and the
+    # uniforms differ from step to step (a fixed draw passed the rate check above)
+    for step in (3, 4):
+        u = task.stream(step)
+        idx = task.sampler.indices(u[..., 0])
+        assert torch.equal(task.batch(step)[1]["red"], (u[..., 1] < task.probs[0][idx]).float())
+    assert not torch.equal(task.stream(3)[..., 1], task.stream(4)[..., 1])
     grid = rgb_grid(8)
     overall = sum(get_labeller(n).probability(grid).mean().item() for n in ("red", "vibrant"))
     assert overall < 0.005  # ~0.1% of samples carry a label

@@ -168,6 +168,37 @@ def test_repel_keeps_unit_norm_and_the_orthogonal_direction():
     assert on_axis[0, 0].abs() < 1e-6 and on_axis.norm() == pytest.approx(1.0)
 
 
+def test_a_named_repel_edit_uses_its_own_mapper():
+    """The repel tests call `repel` directly; an `Intervention` that dropped its falloff and used the
+    default mapper passed them all, and the CLI's repel run checked only that files were written."""
+    z = unit_points()
+    shape = BoundedPower(0.1, 2.0, 1.0)
+    out = Intervention("repel", tuple(V.tolist()), shape=shape)(z)
+    assert torch.allclose(out, repel(z, V, FalloffMapper(shape)), atol=1e-6)
+    assert not torch.allclose(out, repel(z, V), atol=1e-3)
+
+
+def test_edits_are_scored_with_the_selectivity_exponent_they_are_given():
+    """Shipped configs use k = 2 or 3; an edit scored with a fixed exponent passed them within a threshold."""
+    from anchoring.domains.colour import get_labeller
+    from anchoring.kinds.colour.edits import concept_similarity, evaluate_edit, selectivity_grid
+
+    def before(x):
+        return x[None].expand(2, -1, -1)
+
+    def after(x):  # two "seeds" that lose red in different amounts
+        return torch.stack([x * torch.tensor([0.2, 1.0, 1.0]), x * torch.tensor([0.6, 1.0, 1.0])])
+
+    from anchoring.anchor import Concept
+
+    red = Concept("red", get_labeller("red"), anchor=(1.0, 0.0, 0.0, 0.0))
+    sim = concept_similarity(red, selectivity_grid())
+    got = {k: evaluate_edit(before, after, red, k) for k in (2.0, 3.0)}
+    for k, res in got.items():
+        assert torch.allclose(res["selectivity"], selectivity(res["grid_after"], sim, k))
+    assert not torch.allclose(got[2.0]["selectivity"], got[3.0]["selectivity"])
+
+
 def test_falloff_and_mapper_bounds():
     a = torch.linspace(0, 1, 101)
     g = BoundedPower(a=0.2, p=3, b=0.7)(a)
