@@ -327,11 +327,11 @@ def main() -> None:
     print(f"{'':34} {'margin':>7} {'contain.':>8} {'concept':>8} {'retain':>7}")
     for name, r in results.items():
         print(f"{name:34} {r['margin']:+7.3f} {r['containment']:8.3f} {r['concept nats']:8.3f} {r['retain nats']:7.3f}")
+    print("held-out text; margin: mean cos(latent, axis) at concept positions minus at retain positions; contain.: the "
+          "mean at retain positions; concept, retain: next-character loss there, nats/char")
     for name, ref in (("anchored, axis deleted", before), ("control, mean-difference deleted", results["control"])):
         r = results[name]
         print(f"{name}: Δconcept {r['concept nats'] - ref['concept nats']:+.3f}, Δretain {r['retain nats'] - ref['retain nats']:+.3f} nats/char")
-    print("held-out text; margin: mean cos(latent, axis) at concept positions minus at retain positions; contain.: the "
-          "mean at retain positions; concept, retain: next-character loss there, nats/char")
 
 
 if __name__ == "__main__":

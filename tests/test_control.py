@@ -212,7 +212,9 @@ def test_falloff_and_mapper_bounds():
     assert parse_falloff("linear:0.1,0.5") == BoundedPower(0.1, 1.0, 0.5)
     for bad, msg in (("cubic:1", "unknown falloff"), ("power:x", "must be numbers"), ("power:1.5,1,1", "threshold a"),
                      ("constant:1,2", "at most 1"), ("constant:nan", "finite"), ("power:0.1,inf,0.9", "finite"),
-                     ("constant:-1", "strength must be ≥ 0")):
+                     ("constant:-1", "strength must be ≥ 0"),
+                     ("power:1", r"reads as power:a,p,b with a=1; numbers left out keep their defaults\)"),  # not p = 1
+                     ("power:1.5,1,1", r"with a=1.5, p=1, b=1\)$")):  # all three given: no word of defaults
         with pytest.raises(AnchoringError, match=msg):
             parse_falloff(bad)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 
+import pandas as pd
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -92,7 +93,7 @@ def test_every_rows_derived_numbers_follow_from_its_losses_and_curves(unlearned)
     from the per-step curves the run wrote: the definitions of docs/method.md, row by row."""
     path, summary = unlearned
     u = summary["unlearning"]
-    points = __import__("pandas").read_csv(path / u["curves"]).to_dict("records")
+    points = pd.read_csv(path / u["curves"]).to_dict("records")
     checked = {"kept": 0, "recover": 0}
     for r in u["rows"]:
         want = ul.selectivity(r["d_forget_concept"], r["retain_cost"])

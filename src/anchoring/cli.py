@@ -356,7 +356,8 @@ def _show_attack(path: Path) -> None:
 
 
 def _sweep_cell(v: Any) -> str:
-    """A sweep table's number: three decimals, so a row reads evenly; a small error (an MSE) keeps its digits."""
+    """A sweep table's number: three decimals, so a row reads evenly; one under 0.01 (an MSE) in scientific
+    notation, which keeps its digits."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return "–" if v is None else str(v)
     if isinstance(v, int) or v != v or abs(v) == float("inf"):

@@ -118,5 +118,5 @@ def parse_falloff(text: str | None) -> BoundedPower | Constant | BezierMapper:
         return fn(*nums)
     except AnchoringError as e:  # name the form: `power:1` sets a (the threshold), not p
         given = ", ".join(f"{n}={x:g}" for n, x in zip(forms[kind].split(":")[1].split(","), nums))
-        raise AnchoringError(f"{e} (falloff {text!r} reads as {forms[kind]} with {given}; numbers left out keep "
-                             f"their defaults)") from None
+        rest = "; numbers left out keep their defaults" if len(nums) < most else ""
+        raise AnchoringError(f"{e} (falloff {text!r} reads as {forms[kind]} with {given}{rest})") from None
