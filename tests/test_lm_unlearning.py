@@ -118,7 +118,7 @@ def test_every_rows_derived_numbers_follow_from_its_losses_and_curves(unlearned)
             rec = sorted((p for p in points if p["method"] == r["method"] and p["seed"] == r["seed"]
                           and p["fine_tune"] == "recover"), key=lambda p: p["step"])
             first = next((p["step"] for p in rec if p["forget_concept"] <= p["control_concept"]), None)
-            assert r["recover_steps"] == first and r["nothing_to_recover"] == (first == 0), r["method"]
+            assert r["recover_steps"] == first and ul._nothing_to_recover(r) == (first == 0), r["method"]
             checked["recover"] += 1
     assert checked["recover"] >= 5 and checked["kept"] >= 1, checked
 
@@ -581,12 +581,12 @@ def test_a_retain_cost_below_the_tables_resolution_gives_no_selectivity_and_noth
     assert ul.selectivity(0.05, 0.01) == pytest.approx(5.0)
     losses = dict.fromkeys(("forget", "concept", "retain"), 1.0)
 
-    def row(seed: int, rec: int | None, nothing: bool, oracle: bool = False) -> dict:
+    def row(seed: int, rec: int | None, oracle: bool = False) -> dict:
         return {"method": "oracle filter" if oracle else "anchoring · delete", "seed": seed, "weights_edited": not oracle,
                 "fine_tuned": not oracle, "before": losses, "after": losses, "d_forget": 0.0,
                 "d_forget_concept": -0.163 if oracle else 0.1, "retain_cost": 0.01, "R": float("nan"), "relearn": {},
-                "recover_steps": rec, "nothing_to_recover": nothing}
-    u = {"rows": [row(0, 0, True), row(1, 6, False), row(2, 10, False), row(0, None, False, oracle=True)],
+                "recover_steps": rec}
+    u = {"rows": [row(0, 0), row(1, 6), row(2, 10), row(0, None, oracle=True)],
          "relearn_k": [64], "recover_cap": 50, "relearn_steps": 40, "note": "n"}
     header, table = ul.table(u)
     rec = header.index("steps to recover")
@@ -596,10 +596,8 @@ def test_a_retain_cost_below_the_tables_resolution_gives_no_selectivity_and_noth
     assert "R is undefined (–) throughout" in ul.r_note(u) and "(−0.163)" in ul.r_note(u)
     assert "(–)" in ul.r_note(json.loads(json.dumps(runs._finite({**u, "rows": [
         *u["rows"][:3], {**u["rows"][3], "d_forget_concept": float("nan")}]}))))  # NaN read back as null
-    u["rows"][0]["nothing_to_recover"] = u["rows"][1]["nothing_to_recover"] = u["rows"][2]["nothing_to_recover"] = True
+    u["rows"][1]["recover_steps"] = u["rows"][2]["recover_steps"] = 0  # every seed nd: so is the median
     assert next(t for t in ul.table(u)[1] if t[:2] == ["anchoring · delete", "median"])[rec] == "nd"
-    old = {**u, "rows": [{k: v for k, v in r.items() if k != "nothing_to_recover"} for r in u["rows"]]}  # before the key
-    assert {t[1]: t[rec] for t in ul.table(old)[1] if t[0] == "anchoring · delete"}[0] == "nd"
     u["rows"] = [r for r in u["rows"] if r["method"] != "oracle filter"]
     assert "no oracle-filter arm" in ul.r_note(u)
     for r in u["rows"]:

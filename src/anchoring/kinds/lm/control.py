@@ -167,6 +167,7 @@ def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repa
     out = runs.new_run_dir(cfg.name, out, resumable=False)
     runs.check_writable(out)
     directions = concept_directions(cfg)
+    plural = "s" if len(directions) != 1 else ""
     others = [matched_directions(directions, torch.Generator().manual_seed(seed)) for seed in run.seeds]
     n_models = sum(len(ms) for ms in run.arms.values()) + 2 * len(run.arms.get("anchored", []))
     n_controls = 2 if repair_steps else 1  # the matched random edit, and the repair alone
@@ -236,22 +237,19 @@ def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repa
         runs.write_json(tmp / "edit.json", {**edit, "lineage": [*previous, edit]})
         head = ["arm", "seed", *[f"{k} {w}" for k in KEYS for w in ("before", "after")]]
         gap = "Δconcept − Δretain"
-        n_dir = f"{len(directions)} direction{'s' if len(directions) != 1 else ''}"
         key = ("<p>forget: whole validation passages with a reference label; concept: the tokens of their concept words "
                f"and the {cfg.evaluate.after} characters after them; retain: passages without a reference label. "
                f"{gap}: how much more the edit costs concept text than the rest (the edit's selectivity, in nats/char)."
-               + (f" anchored · {html.html.escape(control)}: the same model with {len(directions)} random direction"
-                  f"{'s' if len(directions) != 1 else ''} edited the same way, the edit's control (not written to this run)."
-                  if "anchored" in run.arms else "") + "</p>")
+               + (f" anchored · {html.html.escape(control)}: the same model with {len(directions)} random direction{plural} "
+                  "edited the same way, the edit's control (not written to this run)." if "anchored" in run.arms else "") + "</p>")
         runs.write_atomic(tmp / runs.REPORT, html.page(f"anchoring: {cfg.name} (deleted {cfg.text.concept})", [
-            ("Edit", f"<p>The anchor of {html.html.escape(cfg.text.concept)} ({n_dir}) was projected "
+            ("Edit", f"<p>The anchor of {html.html.escape(cfg.text.concept)} ({len(directions)} direction{plural}) was projected "
                      f"{html.html.escape(what)}; the largest |h·v| left in any residual state of a validation passage is "
                      f"{leftover:.2e}.{' ' + html.html.escape(fixed_note) if fixed_note else ''}</p>"),
             ("Validation nats/char", key + html.table_html(
                 [*head, gap], [[*[r[k] for k in head], _gap(r)] for r in rows]))]))
         runs.write_json(tmp / runs.SUMMARY, summary)
-    note = (f"anchored · {control}: {len(directions)} other direction{'s' if len(directions) != 1 else ''} of the same "
-            "model edited the same way "
+    note = (f"anchored · {control}: {len(directions)} other direction{plural} of the same model edited the same way "
             "(the edit's control; not written to the edited run)") if "anchored" in run.arms else None
     return EditResult(kind, [_table(f"{kind} {cfg.text.concept}: validation nats/char", rows), *([note] if note else []),
                              *([fixed_note] if fixed_note else []),

@@ -84,12 +84,12 @@ def losses(model: nn.Module, es: ev.EvalSet, batch: int = 16) -> dict[str, float
     return {k: nats[k] / chars[k] if chars[k] else float("nan") for k in nats}
 
 
-def ratio(num: float, den: float, floor: float = TINY) -> float:
-    """num/den, honest at the edges: den ≤ floor gives inf when num > floor, else NaN."""
+def ratio(num: float, den: float) -> float:
+    """num/den, honest at the edges: den ≤ TINY gives inf when num > TINY, else NaN."""
     if not (math.isfinite(num) and math.isfinite(den)):
         return float("nan")
-    if den <= floor:
-        return float("inf") if num > floor else float("nan")
+    if den <= TINY:
+        return float("inf") if num > TINY else float("nan")
     return num / den
 
 
@@ -326,9 +326,7 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
                     rec = finetune(m.after, lambda step: torch.cat([mix_f.batch(step, half), mix_r.batch(step, half)]),
                                    u.recover_steps, u.relearn_lr, score, stop=lambda c: c["concept"] <= target, tick=tick)
                     hit = [i for i, c in enumerate(rec) if c["concept"] <= target]
-                    row["recover_steps"] = hit[0] if hit else None
-                    # at or below the control before any step: nothing to recover, not "recovered in 0 steps"
-                    row["nothing_to_recover"] = hit[:1] == [0]
+                    row["recover_steps"] = hit[0] if hit else None  # 0: nothing to recover (shown nd)
                     curves += [{"seed": seed, "method": m.name, "fine_tune": "recover", "k": 0, "step": i,
                                 "forget_concept": c["concept"], "forget": c["forget"], "retain": c["retain"],
                                 "control_concept": target} for i, c in enumerate(rec)]
@@ -631,9 +629,9 @@ def nothing_kept_note(unlearning: dict[str, Any]) -> str:
 
 
 def _nothing_to_recover(row: dict[str, Any]) -> bool:
-    """Whether the recovery fine-tune began at or below the control's concept loss. Summaries written
-    before the key existed recorded that as 0 steps, which is what it meant there."""
-    return bool(row.get("nothing_to_recover", row.get("fine_tuned", True) and row.get("recover_steps") == 0))
+    """Whether the recovery fine-tune began at or below the control's concept loss (0 steps): shown as
+    nd, not as "recovered in 0 steps". Rows that were not fine-tuned have no steps at all."""
+    return row.get("recover_steps") == 0
 
 
 def nothing_to_recover_note(unlearning: dict[str, Any]) -> str:
