@@ -58,6 +58,8 @@ def test_suffix_is_20_to_40_characters_of_real_tokens(kind):
     assert len(lengths) > 5  # the length itself is drawn
     with pytest.raises(AnchoringError):
         ood.inject_suffix(PASSAGES, tok, seed=1, lo=0)
+    exact = ood.inject_suffix(PASSAGES, tok, seed=1, lo=30, hi=30)  # the range is inclusive at both ends
+    assert [len(t) - len(p) for t, p in zip(exact, PASSAGES)] == [30] * len(PASSAGES)
 
 
 def test_select_and_crop():
@@ -69,6 +71,8 @@ def test_select_and_crop():
     assert ood.crop("ab\ncd\n" + "x" * 100, 30, min_chars=6) == "ab\ncd\n"
     with pytest.raises(AnchoringError):
         ood.select_passages(["short"], 1, seed=0)
+    with pytest.raises(AnchoringError):  # blank lines around a short text do not make it long enough
+        ood.select_passages([" \n" * 100 + "ab"], 1, seed=0, min_chars=200)
     with pytest.raises(AnchoringError):
         ood.select_passages([long], 1, seed=0, min_chars=100, max_chars=60)
 
@@ -83,6 +87,10 @@ def test_comparison_sets_share_the_reference_passages():
     assert [len(t) for t in sets["random"]] == [len(t) for t in ref]
     assert all(s.startswith(r) for s, r in zip(sets["suffix"], ref))
     assert all(Counter(s.split()) == Counter(r.split()) for s, r in zip(sets["shuffled"], ref))
+    # Milton passages with a character the model never trained on are not drawn, however many there are
+    marked = ["~" + t for t in milton] * 10
+    sets = ood.comparison_sets(heldout, milton + marked, tok, tok.chars, n=5, seed=2, max_chars=300)
+    assert not any("~" in t for t in sets["milton"])
 
 
 def test_auroc_separated_identical_and_reversed():

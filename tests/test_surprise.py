@@ -65,6 +65,10 @@ def test_windows_score_every_position_once_with_enough_context(T, C, stride):
             assert first - a >= C - st  # the first scored token of a later window sees ≥ C − stride tokens
 
 
+def test_the_default_stride_is_half_the_context():
+    assert windows(100, 8) == windows(100, 8, 4)
+
+
 def test_windows_reject_bad_arguments():
     with pytest.raises(AnchoringError):
         windows(10, 1)

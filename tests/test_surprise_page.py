@@ -102,6 +102,7 @@ def test_passage_means_are_shown(char_page):
     second = TEXT.index("In the deep")
     m = scores.mean(next(k for k, (s, _) in enumerate(spans) if s >= second))
     assert f"s₂ <b>{m['s2']:+.3f}</b>" in page
+    assert f"mean i/log|V| <b>{m['surprisal'] / scores.log_vocab:.3f}</b>" in page  # surprisal over log |V|
     assert page.count('class="passage"') == 2
 
 
@@ -111,6 +112,15 @@ def shown_text(page: str, row_class: str = "row") -> list[str]:
     for m in re.finditer(r'<div class="' + row_class + r'[^"]*">(?:<div class="gut">[^<]*</div>)?<div><div class="txt">(.*?)</div><svg', page, re.S):
         out.append(html.unescape(re.sub(r"<[^>]+>", "", m.group(1))))
     return out
+
+
+def test_colour_steps_leave_small_values_white_and_clip_at_the_ends():
+    from anchoring.report.surprise_page import BIN, STEPS, _cls
+
+    white = f"c{STEPS}"
+    assert _cls(0.8 * BIN) == white and _cls(-0.8 * BIN) == white  # |s₂| < one step: untinted
+    assert _cls(1.6 * BIN) == f"c{STEPS + 1}" and _cls(-1.6 * BIN) == f"c{STEPS - 1}"
+    assert _cls(40.0) == f"c{2 * STEPS} over" and _cls(-40.0) == "c0"
 
 
 def test_rows_show_the_whole_text_and_wrap_long_lines():

@@ -112,6 +112,36 @@ def test_folder_corpus_and_bad_inputs(tmp_path):
         C.load_corpus("no-such-corpus")
 
 
+def test_a_folder_file_loses_its_gutenberg_header_and_keeps_its_file_line_numbers(tmp_path):
+    d = tmp_path / "texts"
+    d.mkdir()
+    (d / "g.txt").write_text("Title line\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\n\nFirst paragraph.\n")
+    c = C.load_corpus(str(d))
+    assert c.texts == ["First paragraph."]  # the START line is header, not text
+    assert c.line == [4]  # the paragraph's line in the file, the two header lines and the blank one counted
+
+
+def test_long_paragraphs_are_cut_at_line_ends_near_two_thousand_characters():
+    # each line costs 49 characters and its line end: the passage closes once it reaches 2000 (40 lines)
+    c = C.parse_paragraphs("\n".join(["x" * 49] * 100), "w", "user")
+    assert [len(t) for t in c.texts] == [40 * 49 + 39, 40 * 49 + 39, 20 * 49 + 19]
+    assert c.line == [1, 41, 81]
+
+
+def test_a_mixed_case_name_seen_once_is_verse_not_a_speaker():
+    body = "ACT I.\n\nSCENE I. A room.\n\nDUKE.\nGo, and be quick.\n\nFarewell.\nAnd so good night.\n"
+    c = C.parse_play(body, "t")
+    assert c.speaker == ["DUKE"] and c.texts == ["Go, and be quick.\nFarewell.\nAnd so good night."]
+
+
+def test_a_play_outside_the_genre_table_counts_as_a_comedy():
+    c = C.Corpus("x")
+    c.add("text", "hamlet", 1, "shakespeare")
+    c.add("text", "a_new_play", 1, "shakespeare")
+    c.add("text", "notes", 1, "user")
+    assert [c.genre(i) for i in range(3)] == ["tragedy", "comedy", "user"]
+
+
 def test_milton_missing_names_pip_command(tmp_path, monkeypatch):
     monkeypatch.setenv("ANCHORING_DATA", str(tmp_path))
     with pytest.raises(AnchoringError) as e:
@@ -148,6 +178,8 @@ def test_split_is_disjoint_stable_and_sized():
     assert (split_passages(ids, seed=3) != split_passages(ids, seed=4)).any()
     with pytest.raises(AnchoringError):
         split_passages(ids, (0.5, 0.2, 0.2))
+    with pytest.raises(AnchoringError, match="not unique"):  # a repeated id would get one part for two passages
+        split_passages(["a:1", "b:1", "a:1"])
 
 
 _SPLIT_HASH = ("from anchoring.domains.text.corpus import load_corpus; from anchoring.domains.text.split import split_passages;"

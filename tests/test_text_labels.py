@@ -46,6 +46,9 @@ def test_deception_lie_rule():
                     "I lie in bed."):
         assert words(posture, "deception") == [], posture
     assert words("He deceiv'd me; treachery!", "deception") == ["deceiv'd", "treachery"]
+    # "in" is a place, except in the accusation "thou liest in thy throat"
+    assert words("Thou liest in thy throat!", "deception") == ["liest"]
+    assert words("Thou liest in thy bed.", "deception") == []
 
 
 def test_stage_direction_function():
@@ -65,6 +68,19 @@ def test_vader_and_metadata_functions():
     vader, meta = s[:, names.index("vader:negative")], s[:, names.index("metadata:genre+role")]
     assert vader[0] == 0 and vader[1] > 0.5
     assert meta.tolist() == [0.0, 2.0]
+    histories = Passages(["x", "x", "x"], ["history", "comedy", "user"], ["", "", "SOLDIER"])
+    _, s = score_matrix(histories, "violence")
+    assert s[:, names.index("metadata:genre+role")].tolist() == [1.0, 0.0, 1.0]  # histories count as tragedies do
+
+
+def test_calibration_puts_the_target_share_at_or_above_the_shift():
+    from anchoring.domains.text.weak import calibrate
+
+    x = np.arange(100.0)
+    assert np.mean(x >= calibrate(x, 0.1)) == pytest.approx(0.1)  # the top ten
+    tied = np.r_[np.zeros(95), np.arange(1.0, 6.0)]  # 95 passages with no hits, tied at the quantile
+    t = calibrate(tied, 0.1)
+    assert t == 1.0 and np.mean(tied >= t) == pytest.approx(0.05)  # above the ties, not 100% of them
 
 
 def test_weak_labels_and_spans_api():
@@ -135,6 +151,12 @@ def test_cli_report_on_folder(tmp_path):
     assert summary["passages"] == 4 and set(summary["functions"]) >= {"lexicon:violence", "stage:violence"}
     # the count behind the coverage: 30% of 2 positives is 1 passage (and 20% would be none)
     assert re.search(r"positives labelled\s*│\s*1 of 2", r.stdout), r.stdout
+    # the one labelled positive has words to mark, and the share is of all 2 positives
+    assert summary["weak_coverage_with_a_span"] == 0.5
+    # the lexicon fires on passages 0 and 2, the stage function on 2 ("They fight" opens a line)
+    pair = {(p["a"], p["b"]): p for p in summary["pairs"]}
+    assert {k: pair["lexicon:violence", "stage:violence"][k] for k in ("overlap", "jaccard", "conflict")} == {
+        "overlap": 1, "jaccard": 0.5, "conflict": 1}
     page = (out / "report.html").read_text()
     assert "<mark>slew</mark>" in page and "http" not in page
     # a folder may hold Milton: the labeller decides there (only the plays alone are refused)

@@ -28,6 +28,17 @@ def test_char_round_trip_unknown_and_spans(tmp_path):
     assert again.encode(UNSEEN) == tok.encode(UNSEEN)
 
 
+def test_the_replacement_character_and_lone_surrogates_are_unknown_not_errors():
+    """U+FFFD is what unknown ids decode to, so it is never a vocabulary entry; a lone surrogate is
+    what Python makes of invalid UTF-8 in a command-line argument, and must not crash either tokenizer."""
+    tok = CharTokenizer.train([f"a{UNKNOWN_CHAR}b"])
+    assert tok.chars == "ab" and tok.encode(UNKNOWN_CHAR) == [0]
+    assert tok.encode("a\udcffb") == [1, 0, 2]
+    bpe = BPETokenizer.train(TRAIN, vocab_size=300)
+    assert bpe.encode("a\udcffb") == bpe.encode(f"a{UNKNOWN_CHAR}b")
+    assert bpe.spans("a\udcffb") == bpe.spans(f"a{UNKNOWN_CHAR}b")  # one character for one: places kept
+
+
 def test_bpe_round_trip_unseen_unicode_and_spans(tmp_path):
     tok = BPETokenizer.train(TRAIN, vocab_size=300)
     assert 256 <= tok.vocab_size <= 300

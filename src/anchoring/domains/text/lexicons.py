@@ -57,10 +57,12 @@ LEXICONS = {"violence": VIOLENCE, "deception": DECEPTION, "milton": MILTON}
 
 # `lie`/`lies` is deceit only as a noun after a determiner or in "give the lie"; as a verb it is
 # usually posture ("lie down", "here lies", "lie with her"). `liest`/`lied` are counted as deceit
-# (Shakespeare's "Thou liest!"), except before a place or posture word ("there thou liest", "liest down").
+# (Shakespeare's "Thou liest!"), except before a place or posture word ("liest down", "lied here");
+# "liest in thy throat" is the accusation again, so `in` before a throat is not a place.
 _LIE_NOUN = re.compile(r"\b(?:a|the|thy|my|his|her|your|their|our|no|this|that|foul|damned|gross|very|loud|lying)\s+(lies?)\b",
                        re.I)
-_LIEST_POSTURE = re.compile(r"\b(?:liest|lied)\s+(?:down|in|on|upon|here|there|still|abed|asleep|along|with)\b", re.I)
+_LIEST_POSTURE = re.compile(r"\b(?:liest|lied)\s+(?:down|in(?!\s+(?:thy|your|his|her|my|their|the)\s+throats?\b)|on|upon"
+                            r"|here|there|still|abed|asleep|along|with)\b", re.I)
 
 
 def _regex(words: dict[str, float]) -> re.Pattern:

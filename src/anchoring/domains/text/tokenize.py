@@ -7,6 +7,7 @@ a model sees tokens, so each token must say which characters it covers.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Iterable, Protocol
 
@@ -61,7 +62,9 @@ class CharTokenizer:
 
     def encode_array(self, text: str) -> np.ndarray:
         """Ids as an int32 array (vectorised: the whole corpus encodes in well under a second)."""
-        cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        # a lone surrogate (what Python makes of invalid UTF-8 in a command-line argument) is a code
+        # point like any other here: not in the vocabulary, so the unknown id
+        cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
         bmp = cps < 0x10000
         ids = np.zeros(len(cps), dtype=np.int32)
         ids[bmp] = self._table[cps[bmp]]
@@ -84,6 +87,15 @@ class CharTokenizer:
 
     def save(self, path: Path) -> None:
         write_atomic(Path(path), self.dumps())
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _no_lone_surrogates(text: str) -> str:
+    """`text` with each lone surrogate (invalid UTF-8 from a command line) as U+FFFD, one character
+    for one, so spans keep their places; `tokenizers` refuses such a string outright."""
+    return _SURROGATE.sub(UNKNOWN_CHAR, text)
 
 
 class BPETokenizer:
@@ -117,13 +129,13 @@ class BPETokenizer:
         return cls(tok)
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok.encode(_no_lone_surrogates(text), add_special_tokens=False).ids
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
     def spans(self, text: str) -> list[tuple[int, int]]:
-        return [tuple(o) for o in self._tok.encode(text, add_special_tokens=False).offsets]
+        return [tuple(o) for o in self._tok.encode(_no_lone_surrogates(text), add_special_tokens=False).offsets]
 
     def dumps(self) -> str:
         return json.dumps({"kind": "bpe", "tokenizer": json.loads(self._tok.to_str())})
