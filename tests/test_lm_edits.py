@@ -75,6 +75,8 @@ def test_ood_detection_with_the_runs_own_surprise(lm_run):
     (deleted,) = res["deleted"]
     assert deleted["n_concept"] > 0 and deleted["concept_s2"] > deleted["retain_s2"]
     assert deleted["n_retain"] == deleted["n_concept"]  # one retain passage matched to each concept passage's length
+    # AUROC with concept passages as the positive class: above one half when they score higher
+    assert deleted["auroc_s2"] > 0.5 and deleted["auroc_s2"] == deleted["auroc_s2_after"]
 
 
 def test_retain_passages_are_matched_to_the_concept_passages_lengths():
