@@ -104,6 +104,37 @@ def test_sweep_survives_killed_workers_and_equals_one_run(tmp_path, monkeypatch)
     assert (tmp_path / "sw" / "report.html").is_file()
 
 
+@pytest.mark.parametrize("retries,ok", [(0, False), (1, True)])
+def test_a_shard_whose_process_dies_is_started_again_as_often_as_retries_says(tmp_path, monkeypatch, retries, ok):
+    """`retries` counts the starts after the first: with 1, a shard whose first process dies finishes."""
+    from types import SimpleNamespace
+
+    from anchoring.sweep import backends
+    from anchoring.sweep.layout import DONE
+
+    shard = SimpleNamespace(name="shard-0", dir=tmp_path / "shard-0")
+    shard.dir.mkdir()
+    starts = []
+
+    class Process:  # the first start dies without finishing; a second one writes DONE and exits 0
+        def __init__(self, argv, **_):
+            starts.append(argv)
+            self.code = 0 if len(starts) > 1 else 1
+            if self.code == 0:
+                (shard.dir / DONE).write_text("")
+
+        def poll(self):
+            return self.code
+
+    monkeypatch.setattr(backends.subprocess, "Popen", Process)
+    if ok:
+        backends.run_local([shard], 1, retries)
+    else:
+        with pytest.raises(AnchoringError, match="shard shard-0 failed 1 times"):
+            backends.run_local([shard], 1, retries)
+    assert len(starts) == 1 + retries
+
+
 def test_sweep_grid_writes_one_report_over_points(tmp_path):
     r = CliRunner().invoke(app, ["sweep", "anchored", "--seeds", "1", "--steps", "20", "--workers", "2", "-q",
                                  "--grid", "data.batch_size=16,32", "--grid", "train.seed=0,7", "--out", str(tmp_path / "g")])
@@ -288,6 +319,31 @@ def test_compiled_lm_cases_are_compared_with_the_compiled_baseline(monkeypatch):
     assert not any(c.argv[-1] == "compiled" or c.versus for c in bench.plan(2, [], [], None, 2, False))
 
 
+def test_each_figure_is_the_median_of_its_repeats_and_ratios_divide_by_the_baseline(monkeypatch):
+    """One slow repeat must not move a figure (median, not mean), and a ratio above 1 means faster than
+    the baseline for a rate and slower for a wall time. Samples are stubbed by case and repeat."""
+    import anchoring.benchmarks as bench
+
+    samples = {"eager baseline (1 model)": [100.0, 100.0, 400.0],  # median 100 (the mean would be 200)
+               "ensemble E=2": [250.0, 200.0, 150.0], "ensemble E=2, generic vmap path": [50.0, 60.0, 40.0],
+               "anchoring run anchored --seeds 1": [10.0, 12.0, 11.0], "anchoring run anchored --seeds 4": [30.0, 33.0, 90.0]}
+
+    def fake(case, _workdir):
+        case.samples.append(samples[case.name][len(case.samples)])
+        case.peak_mb.append(1.0)
+
+    monkeypatch.setattr(bench, "_measure", fake)
+    res = bench.run_suite(3, 2, [2], [1, 4], 5)
+    rows = {c["case"]: c for c in res["cases"]}
+    base = rows["eager baseline (1 model)"]
+    assert (base["median"], base["min"], base["max"], base["n"], base["vs_baseline"]) == (100.0, 100.0, 400.0, 3, 1.0)
+    assert rows["ensemble E=2"]["vs_baseline"] == pytest.approx(2.0)  # 200 model-steps/s against 100
+    assert rows["ensemble E=2, generic vmap path"]["vs_baseline"] == pytest.approx(0.5)
+    assert "vs_baseline" not in rows["anchoring run anchored --seeds 4"]  # wall times are not rates
+    assert res["e2e_ratio"] == {"cases": ["anchoring run anchored --seeds 4", "anchoring run anchored --seeds 1"],
+                                "ratio": pytest.approx(33.0 / 11.0)}
+
+
 def test_the_bench_child_passes_compiled_and_the_mlp_width_through(monkeypatch, capsys):
     import anchoring.benchmarks.lm as lm
     from anchoring.benchmarks import child
@@ -381,6 +437,80 @@ def test_the_lm_benchmark_compares_models_of_the_same_size():
     assert abs(total - 1) < 0.01, total
     default = build_model(experiments.load("lm-anchor", SIZE), 65)  # without the key: mlp_ratio × width, as before
     assert all(b.mlp.hidden == cfg.lm.mlp_ratio * cfg.lm.width for b in default.blocks)
+
+
+@pytest.mark.parametrize("which", ["gpt2", "project"])
+def test_the_lm_benchmark_times_the_same_batches_after_its_warm_up_with_the_same_optimiser(which, monkeypatch):
+    """Both cases draw the project's batches of the same size at the same steps, the clock runs only
+    around the steps after the warm-up, and the baseline's AdamW has the project's lr and betas and no
+    weight decay (AdamW's own default decay would make it a different optimiser)."""
+    import time
+    from types import SimpleNamespace
+
+    from anchoring.benchmarks import lm as L
+    from anchoring.kinds.lm import training
+
+    events: list = []
+    tasks: list = []
+
+    class Task(training.LMTask):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            tasks.append(self)
+            draw = self.stream.batch
+            self.stream.batch = lambda step, B, *rest: events.append(("batch", step, B)) or draw(step, B, *rest)
+
+    class AdamW(torch.optim.AdamW):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            events.append(("adamw", self.defaults))
+
+    clock = time.perf_counter
+    monkeypatch.setattr(training, "LMTask", Task)
+    monkeypatch.setattr(L.torch.optim, "AdamW", AdamW)
+    monkeypatch.setattr(L, "time", SimpleNamespace(perf_counter=lambda: events.append(("clock",)) or clock()))  # the bench's clock only
+    res = L.lm_step(which, 2)
+    B = 12
+    draws = [e for e in events if e[0] in ("batch", "clock")]
+    assert draws == [*[("batch", s, B) for s in range(L.WARMUP)], ("clock",), ("batch", L.WARMUP, B), ("batch", L.WARMUP + 1, B),
+                     ("clock",)]
+    assert res["steps"] == 2 and res["tokens_per_s"] == pytest.approx(2 * B * 64 / res["seconds"])
+    if which == "gpt2":
+        (opt,) = [e[1] for e in events if e[0] == "adamw"]
+        theirs = tasks[0].optimizer.defaults
+        assert opt["weight_decay"] == 0.0 and opt["lr"] == 1e-3 and tuple(opt["betas"]) == tuple(theirs["betas"])
+
+
+def test_the_colour_cases_time_every_step_after_the_first_and_count_each_members_steps(monkeypatch):
+    """The clock here reads the number of steps done, so a case's seconds must equal the steps it says
+    it timed: the warm-up step is left out, and an ensemble's rate counts each of its members."""
+    from types import SimpleNamespace
+
+    from anchoring.benchmarks import cases
+
+    done = {"n": 0}
+    monkeypatch.setattr(cases, "time", SimpleNamespace(perf_counter=lambda: float(done["n"])))
+
+    class Adam(torch.optim.Adam):
+        def step(self, *a, **k):
+            done["n"] += 1
+            return super().step(*a, **k)
+
+    monkeypatch.setattr(cases.torch.optim, "Adam", Adam)
+    res = cases.eager_baseline(4)
+    assert (res["steps"], res["seconds"], res["model_steps_per_s"]) == (3, 3.0, 1.0)
+    real = cases.train
+
+    def train(cfg, progress):
+        def counted(i, total):
+            done["n"] = i
+            progress(i, total)
+        return real(cfg, progress=counted)
+
+    done["n"] = 0
+    monkeypatch.setattr(cases, "train", train)
+    res = cases.ensemble(2, 4)
+    assert (res["steps"], res["seconds"], res["model_steps_per_s"]) == (3, 3.0, 2.0)  # 2 members × 3 steps in 3
 
 
 def test_lm_compiled_without_a_cpp_compiler_is_refused_before_measuring(monkeypatch):
