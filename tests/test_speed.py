@@ -135,7 +135,7 @@ def test_a_shard_whose_process_dies_is_started_again_as_often_as_retries_says(tm
     assert len(starts) == 1 + retries
 
 
-def test_sweep_grid_writes_one_report_over_points(tmp_path):
+def test_sweep_grid_writes_one_report_over_points(tmp_path, monkeypatch):
     r = CliRunner().invoke(app, ["sweep", "anchored", "--seeds", "1", "--steps", "20", "--workers", "2", "-q",
                                  "--grid", "data.batch_size=16,32", "--grid", "train.seed=0,7", "--out", str(tmp_path / "g")])
     assert r.exit_code == 0, r.stderr
@@ -146,6 +146,25 @@ def test_sweep_grid_writes_one_report_over_points(tmp_path):
     run = load_run(tmp_path / "g" / "points" / "data.batch_size=32,train.seed=7")
     assert run.config.data.batch_size == 32 and [s["seed"] for s in run.summary["seeds"]] == [7]
     assert "data.batch_size=32, train.seed=7" in (tmp_path / "g" / "report.html").read_text()
+    # continued (one shard not marked done), the sweep evaluates every point again; stopped part-way
+    # through that, it must not leave the earlier report and summary looking like a finished sweep
+    from anchoring import lifecycle
+    from anchoring.sweep.layout import DONE
+
+    next(p for p in sorted((tmp_path / "g" / "shards").iterdir()) if p.is_dir()).joinpath(DONE).unlink()
+    real, calls = lifecycle.finish_merged, []
+
+    def stopped_at_the_second_point(path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise AnchoringError("stopped")
+        return real(path)
+
+    monkeypatch.setattr(lifecycle, "finish_merged", stopped_at_the_second_point)
+    r = CliRunner().invoke(app, ["sweep", "anchored", "--seeds", "1", "--steps", "20", "--workers", "2", "-q",
+                                 "--grid", "data.batch_size=16,32", "--grid", "train.seed=0,7", "--out", str(tmp_path / "g")])
+    assert r.exit_code == 2 and "stopped" in r.stderr and len(calls) == 2, r.stderr
+    assert not (tmp_path / "g" / "summary.json").exists() and not (tmp_path / "g" / "report.html").exists()
 
 
 def test_sweep_rejects_bad_input(tmp_path):
