@@ -202,6 +202,9 @@ def test_continuing_a_sweep_says_what_changed(tmp_path):
     assert not (tmp_path / "s" / "points").exists()
     r = CliRunner().invoke(app, [*base, "--workers", "2"])  # the same command on the finished sweep: refused
     assert r.exit_code == 2 and "is a finished sweep" in r.stderr, r.stderr
+    other = [a if a != "6" else "7" for a in base]  # another step count: the shards' configs differ
+    r = CliRunner().invoke(app, [*other, "--workers", "2"])
+    assert r.exit_code == 2 and "other settings" in r.stderr and "--steps" in r.stderr, r.stderr
 
 
 def test_sigterm_to_a_sweep_stops_its_workers_and_the_same_command_continues(tmp_path):
