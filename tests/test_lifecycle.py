@@ -243,3 +243,27 @@ def test_generated_run_folders_are_claimed_when_picked(tmp_path, monkeypatch):
 
     monkeypatch.setattr(type(first), "mkdir", taken_meanwhile)
     assert runs.new_run_dir("exp", None, root=tmp_path).name == "20240102-030405-4"
+
+
+def test_shards_stopped_at_different_steps_are_not_merged(tmp_path):
+    """Merging a shard saved at step 10 with one at step 20 would give a model whose members were trained
+    for different lengths under one step count."""
+    import torch
+
+    from anchoring.train.checkpoint import FORMAT, atomic_save, concat_members
+
+    paths = []
+    for step in (10, 20):
+        paths.append(tmp_path / f"s{step}.safetensors")
+        atomic_save({"param.w": torch.zeros(1, 2)}, paths[-1], {"format": FORMAT, "step": str(step)})
+    with pytest.raises(AnchoringError, match=r"different steps \[10, 20\]"):
+        concat_members(paths, tmp_path / "merged.safetensors")
+    assert not (tmp_path / "merged.safetensors").exists()
+
+
+def test_a_studys_sub_run_started_with_other_settings_is_not_reused(tmp_path):
+    """A resumed study reuses a finished sub-run only when it was started from the very same config."""
+    cfg = experiments.load("anchored", ["train.steps=5"])
+    (tmp_path / runs.CONFIG).write_text(experiments.load("anchored", ["train.steps=6"]).to_toml())
+    with pytest.raises(AnchoringError, match="started with other settings"):
+        lifecycle._run_or_continue(cfg, tmp_path, None)
