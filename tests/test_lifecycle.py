@@ -267,3 +267,46 @@ def test_a_studys_sub_run_started_with_other_settings_is_not_reused(tmp_path):
     (tmp_path / runs.CONFIG).write_text(experiments.load("anchored", ["train.steps=6"]).to_toml())
     with pytest.raises(AnchoringError, match="started with other settings"):
         lifecycle._run_or_continue(cfg, tmp_path, None)
+
+
+def test_a_resume_interrupted_before_it_trains_says_how_to_resume(tmp_path, monkeypatch):
+    """Ctrl-C while `resume` still checks the run wrote nothing, so the run stays resumable and the
+    message must say so (it said "nothing to resume")."""
+    from typer.testing import CliRunner
+
+    path = tmp_path / "r"
+    path.mkdir()
+    lifecycle.write_config(path, experiments.load("anchored", ["train.steps=5"]))  # a run stopped before its first step
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lifecycle, "validate", interrupted)
+    r = CliRunner().invoke(cli.app, ["resume", str(path), "-q"])
+    assert r.exit_code == 130 and f"anchoring resume {path}" in r.stderr and "nothing to resume" not in r.stderr, r.stderr
+    monkeypatch.undo()
+    r = CliRunner().invoke(cli.app, ["resume", str(path), "-q"])
+    assert r.exit_code == 0 and (path / runs.SUMMARY).is_file(), r.stderr
+
+
+def test_a_sweep_stopped_between_its_merged_summary_and_its_record_is_completed_by_the_same_command(tmp_path, monkeypatch):
+    """Without a grid the merged run's summary is written before the sweep adds its record to it; a stop
+    in between must not leave a sweep that the same command calls finished."""
+    from anchoring import sweep as sw
+
+    out = tmp_path / "sw"
+    real = lifecycle.finish_merged
+
+    def then_stopped(path):
+        real(path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lifecycle, "finish_merged", then_stopped)
+    with pytest.raises(KeyboardInterrupt):
+        sw.sweep("anchored", out, sets=["train.seeds=1", "train.steps=10"], workers=1)
+    assert "sweep" not in json.loads((out / runs.SUMMARY).read_text())
+    monkeypatch.undo()
+    summary = sw.sweep("anchored", out, sets=["train.seeds=1", "train.steps=10"], workers=1)
+    assert summary["sweep"]["workers"] == 1 and "sweep" in json.loads((out / runs.SUMMARY).read_text())
+    with pytest.raises(AnchoringError, match="is a finished sweep"):
+        sw.sweep("anchored", out, sets=["train.seeds=1", "train.steps=10"], workers=1)

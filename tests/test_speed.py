@@ -480,7 +480,9 @@ def test_the_lm_benchmark_times_the_same_batches_after_its_warm_up_with_the_same
             super().__init__(*a, **k)
             tasks.append(self)
             draw = self.stream.batch
-            self.stream.batch = lambda step, B, *rest: events.append(("batch", step, B)) or draw(step, B, *rest)
+            # the task's own labels and rows: a baseline drawing fewer rows would train on less than it is credited for
+            self.stream.batch = lambda step, B, *rest: events.append(
+                ("batch", step, B) if rest[0] is self.labels and rest[1] is self.rows_of_rank else ("other rows",)) or draw(step, B, *rest)
 
     class AdamW(torch.optim.AdamW):
         def __init__(self, *a, **k):

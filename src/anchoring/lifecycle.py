@@ -76,7 +76,12 @@ def run(cfg: ExperimentBase, out: Path | None = None, progress: Progress | None 
     path = runs.new_run_dir(cfg.name, out)  # a generated name is created there, so no other run can take it
     runs.check_writable(path)
     path.mkdir(parents=True, exist_ok=True)
-    write_config(path, cfg)
+    try:
+        write_config(path, cfg)
+    except KeyboardInterrupt:  # with its config written the run starts from step 0 under `resume`
+        if (path / runs.CONFIG).is_file():
+            raise TrainingInterrupted(-1, path) from None
+        raise
     return _execute(cfg, path, progress)
 
 
@@ -174,9 +179,12 @@ def resumable_config(path: Path, warn: Callable[[str], None] | None = None):
 
 def resume(path: Path, progress: Progress | None = None, warn: Callable[[str], None] | None = None) -> Outcome:
     """Continue an interrupted run from its checkpoints (or from step 0 if it had none yet)."""
-    cfg = resumable_config(path, warn)
-    runs.check_writable(path / runs.SUMMARY)
-    validate(cfg)
+    try:
+        cfg = resumable_config(path, warn)
+        runs.check_writable(path / runs.SUMMARY)
+        validate(cfg)
+    except KeyboardInterrupt:  # nothing was written yet: the run is as resumable as it was
+        raise TrainingInterrupted(-1, path) from None
     return _execute(cfg, path, progress)
 
 

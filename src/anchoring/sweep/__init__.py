@@ -192,7 +192,7 @@ def sweep(experiment: str, out: Path, *, sets: list[str] | None = None, grid: li
     record = {"experiment": configs[0].name, "sets": list(sets or []), "grid": [[k, v] for k, v in grid], "workers": workers,
               "source": typed, "backend": backend, "address": address}
     old_plan = check_continuation(out, shards, record)
-    if shards and all((s.dir / DONE).is_file() for s in shards) and (out / runs.SUMMARY).is_file():
+    if shards and all((s.dir / DONE).is_file() for s in shards) and _finished(out, grid):
         where = f"its report is {str(out / runs.REPORT)!r}" if grid else f"`anchoring show {out}` prints it"
         raise AnchoringError(f"{str(out)!r} is a finished sweep ({where}); choose another --out to run it again")
     record["workers"] = old_plan.get("workers", workers)  # what set the seed blocks, which a continuation keeps
@@ -237,6 +237,20 @@ def sweep(experiment: str, out: Path, *, sets: list[str] | None = None, grid: li
         runs.write_json(out / runs.SUMMARY, merged)
         summary = merged
     return summary
+
+
+def _finished(out: Path, grid: list) -> bool:
+    """Whether the sweep at `out` wrote its last file. A grid sweep writes its summary last; without a
+    grid the merged run's summary comes first and the sweep's record is added to it after, so a
+    summary without that record is a sweep stopped in between, which the same command completes."""
+    if not (out / runs.SUMMARY).is_file():
+        return False
+    if grid:
+        return True
+    try:
+        return "sweep" in runs.read_json(out / runs.SUMMARY)
+    except (AnchoringError, TypeError):
+        return False
 
 
 def _point_row(extra: list[str], s: dict) -> dict:
