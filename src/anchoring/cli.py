@@ -615,18 +615,17 @@ def sweep_cmd(
         table = Table(title=f"sweep of {name}")
         keys = [k for k in summary["points"][0] if k != "path"]
 
-        cell = _sweep_cell  # as `show` prints the same table later
         if len(keys) <= 6:  # one row per point
             for k in keys:
                 table.add_column(k, justify="right")
             for p in summary["points"]:
-                table.add_row(*[cell(p[k]) for k in keys])
+                table.add_row(*[_sweep_cell(p[k]) for k in keys])  # as `show` prints it later
         else:  # many columns (LM: per arm and site): one column per point instead
             table.add_column("")
             for p in summary["points"]:
                 table.add_column(str(p["point"]), justify="right")
             for k in keys[1:]:
-                table.add_row(k, *[cell(p[k]) for p in summary["points"]])
+                table.add_row(k, *[_sweep_cell(p[k]) for p in summary["points"]])
         out.print(table)
         out.print(f"wall time {time.perf_counter() - t0:.1f} s", markup=False)
         out.print(f"report: {path / 'report.html'}", markup=False)
