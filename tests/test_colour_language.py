@@ -97,3 +97,35 @@ def test_bad_language_settings_are_errors():
         ColourLanguage(mix_rule="floor")
     with pytest.raises(AnchoringError, match="split"):
         ColourLanguage().mix_pairs("test")
+
+
+def test_exact_mixes_need_every_channel_sum_even_and_there_are_3024_pairs():
+    lat = Lattice(6)
+    assert not bool(lat.mix_is_exact(tok(lat, 0, 0, 0), tok(lat, 1, 0, 0)))  # one odd channel is enough to round
+    assert bool(lat.mix_is_exact(tok(lat, 0, 2, 4), tok(lat, 2, 0, 4)))
+    lang = ColourLanguage(lat, "exact", 0.2)
+    # per channel, 18 of the 36 ordered level pairs have an even sum: 18³ ordered pairs, 216 of them x + x
+    assert len(lang.mix_pairs("seen")) + len(lang.mix_pairs("held-out")) == (18**3 - 216) // 2 + 216
+
+
+def test_sampled_mix_lines_come_in_both_orders():
+    op, a, b = ColourLanguage().sample_lines(400, torch.Generator().manual_seed(0))
+    mix = op == 0
+    assert bool((a[mix] > b[mix]).any()) and bool((a[mix] < b[mix]).any())  # the stored pairs all have a ≤ b
+
+
+def test_padding_in_a_whole_packed_batch_belongs_to_no_line():
+    lang = ColourLanguage()
+    op, a, b = torch.tensor([0, 1]), torch.tensor([0, 5]), torch.tensor([2, -1])
+    batch, _ = lang.pack_whole(op, a, b, 64)  # 10 lines fit: 2 real, 8 filler, then ';' padding
+    per = 64 // 6
+    assert int(batch.line[0, -1]) == per and int(batch.line.max()) == per
+    n = int((batch.line[0] < per).sum())  # the lines' own tokens (5 or 6 each), then padding
+    assert n < 64 and bool((batch.inputs[0, n:] == lang.op_token(";")).all())
+
+
+def test_a_colour_word_needs_levels_inside_the_lattice():
+    lang = ColourLanguage(Lattice(6))
+    assert lang.words(lang.tokenize("500 + 005")) == ["500", "+", "005"]
+    with pytest.raises(AnchoringError, match="not a word"):
+        lang.tokenize("600")

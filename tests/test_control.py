@@ -316,3 +316,78 @@ def test_the_relearning_attack_measures_in_eval_mode_and_trains_in_train_mode():
     with torch.no_grad():
         assert float(curve.errors[0]) == float(error(model))  # dropout off: the edited model's own error, exactly
     assert modes == [True, True, True] and not model.training  # the copy trained; the given model untouched
+
+
+def test_falloffs_read_the_cosine_not_the_length_of_the_state():
+    """α is the share of the state along the concept: a long state mostly off the concept is below a
+    threshold of 0.5 even though its component (1.2) is above it."""
+    z = torch.tensor([[1.2, 2.75, 0.0]])  # ‖z‖ ≈ 3.0, so α ≈ 0.4
+    assert torch.equal(suppress(z, torch.tensor([1.0, 0.0, 0.0]), BoundedPower(a=0.5)), z)
+    assert not torch.equal(suppress(z * torch.tensor([[1.0, 0.1, 1.0]]), torch.tensor([1.0, 0.0, 0.0]), BoundedPower(a=0.5)),
+                           z * torch.tensor([[1.0, 0.1, 1.0]]))  # α ≈ 0.97: edited
+    from anchoring.control.interventions import suppress_subspace
+
+    basis = torch.eye(4)[:2]
+    z = torch.tensor([[3.0, 0.0, 0.0, 10.0]])  # ‖Pz‖ = 3, ‖z‖ ≈ 10.4: α ≈ 0.29
+    assert torch.equal(suppress_subspace(z, basis, BoundedPower(a=0.5)), z)
+    near = torch.tensor([[3.0, 0.0, 0.0, 1.0]])  # α ≈ 0.95
+    assert suppress_subspace(near, basis, BoundedPower(a=0.5))[0, 0] < 3.0
+
+
+def test_repel_passes_states_exactly_orthogonal_to_the_concept_bit_identical():
+    z = torch.randn(1000, 8, generator=torch.Generator().manual_seed(0))
+    z[:, 0] = 0.0
+    assert torch.equal(repel(z, torch.eye(8)[0]), z)
+
+
+def test_the_falloff_mapper_never_turns_a_state_towards_the_concept():
+    # a ceiling above 1 would remove more than the whole cosine: m(α) would go negative (attraction of −v̂)
+    assert torch.equal(FalloffMapper(BoundedPower(b=2.0))(torch.tensor([1.0, 0.8])), torch.zeros(2))
+
+
+def test_the_bezier_mapper_solves_for_the_curve_parameter():
+    """With control points on the diagonal the curve is y = x, so m(α) = α exactly; and a curve above the
+    diagonal is clamped to α, so repulsion never attracts."""
+    identity = BezierMapper(1 / 3, 1 / 3, 2 / 3, 2 / 3, end=1.0)
+    a = torch.tensor([0.1, 0.25, 0.5, 0.9])
+    assert torch.allclose(identity(a), a, atol=1e-5)
+    above = BezierMapper(0.1, 0.9, 0.2, 1.0, end=1.0)
+    assert float(above(torch.tensor(0.5))) <= 0.5
+
+
+def test_plans_take_dims_from_the_anchor_and_refuse_what_would_not_apply():
+    from anchoring.anchor import Concept
+    from anchoring.config import InterventionConfig
+    from anchoring.control.plan import make_plan
+
+    anti = Concept("c", None, anchor=(-1.0, 0.0, 0.0, 0.0))  # a negative anchor still lives on dim 0
+    assert make_plan(InterventionConfig(name="z", method="zero", concept="c"), [anti], 4).dims == (0,)
+    with pytest.raises(AnchoringError, match=r"within 0\.\.3"):
+        make_plan(InterventionConfig(name="z", method="zero", dims=[4]), [anti], 4)
+    for method in ("suppress", "repel"):
+        with pytest.raises(AnchoringError, match="dims apply to"):
+            make_plan(InterventionConfig(name="r", method=method, concept="c", dims=[1]), [anti], 4)
+
+
+def test_relearning_curves_count_the_first_step_at_or_below_the_threshold():
+    from anchoring.control.relearn import Curve, concept_samples
+
+    assert Curve(torch.tensor([0.5, 0.1, 0.05])).steps_to(0.1) == 1
+    assert Curve(torch.tensor([0.5, 0.2])).steps_to(0.1) is None
+
+    class Even:
+        def probability(self, x):
+            return torch.ones(len(x))
+
+    pool = torch.arange(5.0)[:, None].expand(5, 3)
+    drawn = concept_samples(Even(), pool, 5, seed=0)
+    assert len({tuple(r) for r in drawn.tolist()}) == 5  # K distinct samples, not repeats
+
+
+def test_a_difference_of_means_needs_both_classes():
+    from anchoring.control.erasure import mean_difference
+
+    acts = torch.randn(6, 3)
+    for labels in (torch.ones(6), torch.zeros(6)):
+        with pytest.raises(ValueError, match="both labelled and unlabelled"):
+            mean_difference(acts, labels)

@@ -49,6 +49,8 @@ def test_load_run_opens_every_kind_with_its_helpers(two_kinds):
     assert logits.shape == (len(tokens), transformer.language.vocab_size)
     nats = transformer.loss_per_token(line, arm="anchored", seed=0)
     assert nats.shape == (len(tokens) - 1,) and (nats >= 0).all()
+    own = transformer.logits(line, arm="anchored", seed=0)  # token t + 1 scored by the logits at t
+    assert torch.allclose(nats, torch.nn.functional.cross_entropy(own[:-1], tokens[1:], reduction="none"))
     assert not torch.equal(transformer.logits(line, arm="anchored"), logits)  # two different models
     for run, ids in ((colour, {"step", "seed"}), (transformer, {"step", "seed", "anchored"})):
         m = run.metrics()
@@ -70,6 +72,20 @@ def test_show_intervene_and_delete_on_a_transformer_run(two_kinds, tmp_path):
     assert {(x["arm"], x["direction"]) for x in rows} == {("anchored", "anchor"), ("control", "difference of means")}
     assert saved["sites"] and saved["spec"]["sites"] == saved["sites"] and "latent" not in saved["sites"]  # where it ran
     assert all(x["sites"] == saved["sites"] for x in rows)
+    # the control's edit runs along its own difference of means, recomputed here from the evaluation functions
+    from anchoring.anchor.sequence import SequenceSite
+    from anchoring.kinds.transformer import evaluate as ev
+
+    run = load_run(run_dir)
+    lang, ctx, tc = run.language, run.config.language.context, run.config.transformer
+    control = run.model("control")
+    sites = [SequenceSite(x) for x in saved["sites"]]
+    seen = ev.probe(control, lang, ctx, sites)
+    sets = ev.eval_lines(lang, tc.eval_lines, tc.reddest)
+    with ev.edited(control, [(x, ev.mean_difference(seen, lang, x, tc.reddest)) for x in sites], "suppress"):
+        after = ev.accuracy_table(lang, sets, ev.score(control, lang, sets, ctx), tc.reddest, tc.redish)
+    (row,) = [x for x in rows if x["arm"] == "control"]
+    assert all(row[f"{g} after"] == after[g] for g in ("red answer", "red-ish", "no red")), (row, after)
     shown = runner.invoke(app, ["show", str(run_dir / "interventions" / "sup")])  # read back: the table intervene printed
     assert shown.exit_code == 0 and "exact match by redness" in shown.stdout and "red answer" in shown.stdout, shown.stderr
     r = runner.invoke(app, ["intervene", str(run_dir), "--concept", "red", "--method", "repel"])
@@ -91,6 +107,12 @@ def test_show_intervene_and_delete_on_a_transformer_run(two_kinds, tmp_path):
         changed = not torch.equal(p, dict(orig.model("anchored").named_parameters())[name])
         assert changed == (name == "embed.weight" or name.endswith("attn.o.weight") or name.endswith("mlp.down.weight")), name
     assert all(torch.equal(a, b) for a, b in zip(d.model("control").parameters(), orig.model("control").parameters()))
+    edit_rows = {x["arm"]: x for x in json.loads((deleted / "summary.json").read_text())["edit_rows"]}
+    before = {x["arm"]: x for x in rows}  # intervene scored the same unedited models on the same lines
+    for g in ("red answer", "red-ish", "no red"):
+        assert edit_rows["anchored"][f"{g} before"] == before["anchored"][f"{g} before"]
+        assert edit_rows["control"][f"{g} before"] == edit_rows["control"][f"{g} after"]
+    assert any(edit_rows["anchored"][f"{g} after"] != edit_rows["anchored"][f"{g} before"] for g in ("red answer", "red-ish", "no red"))
     r = runner.invoke(app, ["show", str(deleted)])
     assert r.exit_code == 0 and "deleted red" in r.stdout, r.stderr
     r = runner.invoke(app, ["resume", str(deleted)])

@@ -188,3 +188,31 @@ def test_a_model_that_reads_tokens_is_edited_with_a_probe_batch():
     z = site_output(ablate_direction(s, v, site="write", probe=tokens), "write", tokens)
     assert torch.allclose(z @ F.normalize(v, dim=0), torch.zeros(1, 5), atol=1e-6)
     assert prune(s, [0, 2], site="write", probe=tokens).read.in_features == 2
+
+
+class Written(nn.Module):
+    """An embedding and a biased Linear both writing a 4-wide stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.write = nn.Embedding(5, 4), nn.Linear(4, 4, bias=True)
+
+    def forward(self, tokens):
+        return self.write(self.emb(tokens))
+
+
+def test_project_out_removes_the_direction_from_a_writers_bias_too():
+    torch.manual_seed(0)
+    m = Written()
+    with torch.no_grad():
+        m.write.bias.copy_(torch.tensor([0.5, 1.0, -0.3, 0.2]))
+    v = F.normalize(torch.tensor([1.0, 1.0, 0.0, 0.0]), dim=0)
+    out = project_out(m, v, ["emb"], ["write"])(torch.arange(5))
+    assert out.abs().max() > 0.1 and (out @ v).abs().max() < 1e-6
+
+
+def test_the_residual_component_counts_a_state_pointing_away_from_the_direction():
+    m = Written()
+    with torch.no_grad():
+        m.emb.weight.copy_(torch.tensor([-1.0, 0.0, 0.0, 0.0]).expand(5, 4))
+    assert residual_component(m, torch.tensor([1.0, 0.0, 0.0, 0.0]), torch.arange(5)[None], ["emb"]) == pytest.approx(1.0)

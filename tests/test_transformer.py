@@ -11,7 +11,7 @@ from anchoring.anchor.sequence import SequenceSite
 from anchoring.cli import app
 from anchoring.errors import AnchoringError
 from anchoring.kinds.transformer import evaluate as ev
-from anchoring.kinds.transformer.training import build_language, build_sequence_objective, train_arm
+from anchoring.kinds.transformer.training import build_language, build_sequence_objective, build_transformer, train_arm
 
 SMALL = ["transformer.width=32", "transformer.layers=2", "transformer.heads=4", "language.context=32",
          "concepts.0.label_scale=1.0", "terms.1.site=\"blocks.1\"", "terms.3.site=\"blocks.1\"",
@@ -203,6 +203,11 @@ def test_cli_runs_a_transformer_experiment_and_writes_its_report(tmp_path):
     assert arms == {"anchored", "control"}
     assert set(summary["interventions"]) == {"suppress-red-key", "ablate-red-key"}
     assert summary["interventions"]["suppress-red-key"]["control"]["per_seed"][0]["direction"] == "difference of means"
+    for block in summary["interventions"].values():  # each drop from its own group's counts
+        for e in (e for per_arm in block.values() for e in per_arm["per_seed"]):
+            for g, key in (("red answer", "red_answer_drop"), ("no red", "no_red_drop")):
+                n = e["before"][f"n {g}"]
+                assert n > 0 and e[key] == pytest.approx((e["before"][f"right {g}"] - e["after"][f"right {g}"]) / n), (g, e)
     # the M3 targets were set for the residual stream: the key anchor's figures come without a verdict
     assert summary["targets"] == {} and any("held-out gap" in k for k in summary["figures"])
     assert "MISS" not in r.stdout and "met " not in r.stdout and "held-out gap" in r.stdout
@@ -291,3 +296,149 @@ def test_the_heatmaps_take_the_median_the_tables_take():
     margin, containment = median_maps(maps, w)
     assert containment["anchored"][0, 0] == pytest.approx((0.012 + 0.185) / 2)  # not the lower middle value
     assert margin["anchored"][0, 0] == pytest.approx(0.0)  # equal cosines everywhere: no margin
+
+
+def test_the_logged_loss_is_the_task_loss_plus_each_term_at_its_scheduled_weight(small):
+    import numpy as np
+
+    cfg, arms = small
+    a = arms["anchored"]
+    terms = build_sequence_objective(cfg, a.model).terms
+    col = {n: i for i, n in enumerate(a.metric_names)}
+    m = a.metrics
+    weights = np.stack([m[:, col[t.weight]] for t in terms])
+    values = np.stack([m[:, col[t.name]] for t in terms])
+    assert ((weights != 1.0) & (values != 0.0)).any()  # the schedule's weights matter in this check
+    assert np.allclose(m[:, col["loss"]], m[:, col["task"]] + (weights * values).sum(0), atol=1e-5)
+
+
+def test_a_trained_model_ends_on_the_sphere(small):
+    import copy
+
+    _, arms = small
+    for arm in arms.values():
+        m = copy.deepcopy(arm.model)
+        m.normalize_weights()  # a no-op only if every step put the weights back
+        for (name, p), q in zip(arm.model.named_parameters(), m.parameters()):
+            assert torch.allclose(p, q, atol=1e-6), name
+
+
+def _role_probe(lang, features):
+    """A Probe whose activation at each position is `features(batch)` instead of a model's."""
+    mix, comp, xs = ev.probe_lines(lang)
+
+    def fake(lines):
+        batch, where = lang.pack_whole(lines.op, lines.a, lines.b, 36)
+        return {"s": features(batch)}, batch.roles, batch.line, where
+
+    return ev.Probe(fake(mix), fake(comp), xs)
+
+
+def test_the_alignment_map_reads_each_slot_at_its_own_role():
+    import torch.nn.functional as F
+
+    from anchoring.domains.colour_language import ROLE, ColourLanguage
+
+    lang = ColourLanguage()
+    p = _role_probe(lang, lambda batch: F.one_hot(batch.roles, 8).float())  # position vector = its role
+    for role, slots in ((ROLE["op"], {"+"}), (ROLE["b"], {"b"}), (ROLE["a"], {"a"}), (ROLE["eq"], {"=", "= → x"})):
+        amap = ev.alignment_map(p, ["s"], torch.eye(8)[role])[0]
+        on = [j for j, name in enumerate(ev.MAP_SLOTS) if name in slots]
+        assert torch.allclose(amap[on], torch.ones(len(on), lang.n_colours)), slots
+        assert amap[[k for k in range(len(ev.MAP_SLOTS)) if k not in on]].abs().max() == 0, slots
+
+
+def test_the_probe_without_the_anchor_fails_when_the_concept_lives_only_on_it():
+    from anchoring.domains.colour_language import ColourLanguage
+
+    lang = ColourLanguage()
+    table = torch.randn(lang.vocab_size, 8, generator=torch.Generator().manual_seed(0))  # colour identity, no concept
+    table[:, 0] = torch.where(torch.isin(torch.arange(lang.vocab_size), ev.reddest(lang, 10)), 1.0, -1.0)
+    (row,) = ev.probe_concept(_role_probe(lang, lambda batch: table[batch.inputs]), lang, ["s"], torch.eye(8)[0], k=10)
+    assert row["auc"] > 0.95 and row["auc_without_anchor"] < 0.75, row
+
+
+def test_red_groups_counts_and_the_redness_curve():
+    import numpy as np
+
+    from anchoring.domains.colour_language import ColourLanguage
+
+    lang = ColourLanguage()
+    lat = lang.lattice
+    red, cyan = (int(lat.token(torch.tensor(c))) for c in ([5, 0, 0], [0, 5, 5]))
+    assert red in ev.reddest(lang, 10).tolist()
+    to_red = ev.Lines(torch.tensor([1]), torch.tensor([cyan]), torch.tensor([-1]))  # ~ cyan = red
+    g = ev.groups(lang, to_red, 10, redish=float(ev.line_redness(lang, to_red).max()))  # threshold exactly at its redness
+    assert bool(g["red-ish"][0]) and not bool(g["no red"][0])
+    sets = ev.eval_lines(lang, 200)
+    gen = torch.Generator().manual_seed(1)
+    right = {k: torch.rand(len(v.op), generator=gen) < 0.6 for k, v in sets.items()}
+    table = ev.accuracy_table(lang, sets, right, 10, 0.3)
+    every = torch.cat(list(right.values()))
+    for name in ("red answer", "red-ish", "no red"):
+        mask = torch.cat([ev.groups(lang, v, 10, 0.3)[name] for v in sets.values()])
+        assert 0 < table[f"n {name}"] == int(mask.sum()) < len(every)
+        assert table[f"right {name}"] == int(every[mask].sum())
+    # every line right where its reddest colour is below 0.5: the curve is 1 below 0.5 and 0 above
+    reddest_of = {k: ev.line_redness(lang, v).max(-1).values for k, v in sets.items()}
+    centres, acc = ev.accuracy_by_redness(lang, sets, {k: r < 0.5 for k, r in reddest_of.items()})
+    assert any(bool(((r >= 0.4) & (r < 0.5)).any()) for r in reddest_of.values())
+    low, high = acc[centres < 0.5], acc[centres > 0.5]
+    assert np.all(low[~np.isnan(low)] == 1.0) and np.all(high[~np.isnan(high)] == 0.0) and acc[0] == 1.0
+
+
+def test_alignment_stats_read_red_at_the_concepts_heaviest_colour():
+    gen = torch.Generator().manual_seed(0)
+    a, w, s = torch.rand(216, generator=gen), torch.rand(216, generator=gen), torch.rand(216, generator=gen)
+    st = ev.alignment_stats(a, w, s)
+    assert st["red_cos"] == pytest.approx(float(a[w.argmax()]))
+    assert st["margin"] == pytest.approx(float((a * w).sum() / w.sum() - a.mean()), abs=1e-6)
+
+
+def test_targets_at_their_bounds_are_met_and_maps_weight_colours_by_their_share():
+    from anchoring.kinds.transformer.kind import median_maps, summarize
+
+    cfg = experiments.load("transformer-anchor-residual")
+    rows = [{"seed": 0, "arm": "anchored", "blocks.1 a containment": 0.1, "blocks.1 a margin": 0.3}]
+    t = summarize(cfg, rows, {}, [("blocks.1", None)], ["anchored"])["targets"]
+    assert t["margin at blocks.1 (operand position)"]["met"] and t["containment at blocks.1 (operand position)"]["met"]
+    margin, _ = median_maps({"anchored": [torch.tensor([[[0.8, 0.2]]])]}, torch.tensor([2.0, 0.0]))
+    assert margin["anchored"][0, 0] == pytest.approx(0.8 - 0.5)  # weights as shares, whatever their sum
+
+
+def test_training_curves_average_the_seeds_that_have_a_value():
+    import numpy as np
+
+    from anchoring.kinds.transformer.figures import training_curves
+
+    c = np.stack([np.full(10, 1.0), np.full(10, 3.0)])[:, :, None]
+    c[1, 4, 0] = np.nan  # one seed without this step's value
+    fig = training_curves({"anchored": c}, ["loss"], "t")
+    y = fig.axes[0].get_lines()[0].get_ydata()
+    assert y[4] == pytest.approx(1.0) and y[3] == pytest.approx(2.0)
+
+
+def test_heads_must_have_an_even_size_for_the_rotary_pairs():
+    with pytest.raises(AnchoringError, match="even size"):
+        experiments.load("transformer-anchor-residual", ["transformer.width=24", "transformer.heads=8"])
+
+
+def test_residual_sites_are_the_embedding_and_every_block():
+    from anchoring.kinds.transformer.control import residual_sites
+
+    cfg = experiments.load("transformer-anchor-residual", SMALL)
+    model = build_transformer(cfg, build_language(cfg))
+    assert residual_sites(model) == ["embed", "blocks.0", "blocks.1"]
+
+
+def test_an_edit_record_takes_each_drop_from_its_own_group():
+    from anchoring.kinds.transformer.kind import edit_record
+
+    def table(red, redish, none):
+        return {"n red answer": 10, "right red answer": red, "n red-ish": 40, "right red-ish": redish,
+                "n no red": 50, "right no red": none}
+
+    e = edit_record(3, "control", table(8, 30, 45), table(2, 20, 44))
+    assert e["red_answer_drop"] == pytest.approx(0.6) and e["no_red_drop"] == pytest.approx(0.02)
+    assert (e["seed"], e["direction"]) == (3, "difference of means")
+    assert edit_record(0, "anchored", table(1, 1, 1), table(1, 1, 1))["direction"] == "anchor"

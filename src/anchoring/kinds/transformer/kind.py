@@ -239,10 +239,7 @@ def finish(cfg: TransformerExperiment, path: Path, lang, results: dict[tuple[str
                 right_after = ev.score(model, lang, sets, ctx)
             after = ev.accuracy_table(lang, sets, right_after, tc.reddest, tc.redish)
             curves.setdefault(f"{arm}, {spec.name}", []).append(ev.accuracy_by_redness(lang, sets, right_after))
-            edits[spec.name][arm].append({"seed": seed, "before": acc, "after": after,
-                                          "red_answer_drop": ev.accuracy_drop(acc, after, "red answer"),
-                                          "no_red_drop": ev.accuracy_drop(acc, after, "no red"),
-                                          "direction": "anchor" if arm == "anchored" else "difference of means"})
+            edits[spec.name][arm].append(edit_record(seed, arm, acc, after))
         rows.append(row)
 
     runs.write_atomic(path / "alignment.safetensors", st_save(  # cos(h, anchor): (seeds, sites, slots, colours) per arm
@@ -254,6 +251,15 @@ def finish(cfg: TransformerExperiment, path: Path, lang, results: dict[tuple[str
     figures(cfg, path, lang, results, maps, map_sites, curves, anchors)
     write_report(cfg, path, summary)
     return summary
+
+
+def edit_record(seed: int, arm: str, before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """One model's edit in the summary: both accuracy tables and the two drops the targets judge,
+    each from its own group's counts (red answers should fall, lines without any red-ish colour not)."""
+    return {"seed": seed, "before": before, "after": after,
+            "red_answer_drop": ev.accuracy_drop(before, after, "red answer"),
+            "no_red_drop": ev.accuracy_drop(before, after, "no red"),
+            "direction": "anchor" if arm == "anchored" else "difference of means"}
 
 
 def summarize(cfg: TransformerExperiment, rows: list[dict], edits: dict, anchors, names: list[str]) -> dict[str, Any]:
