@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from anchoring import experiments, lifecycle
 from anchoring.cli import app
 from anchoring.errors import AnchoringError
-from anchoring.kinds.lm.baselines import ablated, forget_masks, routing
+from anchoring.kinds.lm.baselines import ablated, forget_masks, forget_units, routing
 from anchoring.kinds.lm.data import load_data
 from anchoring.kinds.lm.training import LMTask, build_model
 from anchoring.models.ngpt import MLP, NormalizedTransformer
@@ -257,3 +257,7 @@ def test_sgtm_and_routing_steer_the_losses_of_labelled_target_tokens(corpus, mon
                             torch.tensor(1.0, requires_grad=True).sum())
         task.step(0)
     assert all(torch.equal(s, b.target_labels.bool()) for s in seen) and len(seen) == 2
+
+
+def test_a_small_positive_forget_fraction_still_gets_one_unit():
+    assert forget_units(64, 0.001) == 1 and forget_units(64, 0.0) == 0 and forget_units(64, 1 / 16) == 4

@@ -264,3 +264,31 @@ def test_a_rank_stopped_outside_its_training_loop_reports_the_stop(monkeypatch, 
             dd._rank_main(0, 2, str(tmp_path / "store"), None, tmp_path, [])
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_torchrun_with_one_process_is_not_data_parallel(monkeypatch):
+    from anchoring.kinds.lm.distributed import launched_by_torchrun
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert launched_by_torchrun() is None
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert launched_by_torchrun() == (1, 2)
+
+
+def test_a_sigterm_held_while_the_ranks_start_is_delivered_once_after():
+    import os
+    import signal
+
+    from anchoring.kinds.lm.distributed import _start_held
+
+    got: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda sig, _frame: got.append(sig))
+    try:
+        with _start_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert got == []  # held while the ranks start
+        assert got == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -292,15 +292,16 @@ def test_a_repaired_delete_scores_what_the_repaired_unlearning_table_scores(lm_r
     run = dataclasses.replace(lm_run, seeds=[seed])
     calls: list[tuple[int, int]] = []
     res = delete(run, InterventionConfig(name=method, method=method, concept="violence"), tmp_path / "out",
-                 repair_steps=3, repair_lr=1e-3, progress=lambda done, total: calls.append((done, total)))
+                 repair_steps=3, repair_lr=3e-4, progress=lambda done, total: calls.append((done, total)))
     n = sum(len(ms) for ms in run.arms.values()) + 2  # every arm's model, and the anchored arm's two controls
     scored = 2 * sum(len(ms) for ms in run.arms.values()) + 2  # before and after each, and the controls' after
     assert calls[-1] == (3 * n + scored, 3 * n + scored) and len(calls) == 3 * n + scored
     assert [d for d, _ in calls] == list(range(1, 3 * n + scored + 1))
     row = {x["arm"]: x for x in res.summary["edit_rows"]}
     cfg = run.config
-    u = cfg.unlearning.model_copy(update={"repair_steps": 3, "repair_lr": 1e-3, "relearn_steps": 0, "recover_steps": 0,
-                                          "posthoc": []})
+    u = cfg.unlearning.model_copy(update={"repair_steps": 3, "repair_lr": 3e-4, "relearn_steps": 0, "recover_steps": 0,
+                                          "posthoc": []})  # a repair rate unlike the attacks' (1e-3): each reads its own
+    assert u.relearn_lr != u.repair_lr
     got = ul.evaluate(cfg.model_copy(update={"unlearning": u}), run.data, {(a, seed): ms[0] for a, ms in run.arms.items()})
     by = {x["method"]: x for x in got["rows"]}
     control = table[1].removeprefix("anchoring · ")
@@ -308,7 +309,7 @@ def test_a_repaired_delete_scores_what_the_repaired_unlearning_table_scores(lm_r
         for k in ("forget", "concept", "retain"):
             assert abs(by[theirs]["after"][k] - row[ours][f"{k} after"]) < 1e-5, (ours, k)
     windows = ul.repair_windows(run.data, cfg.lm.tokens, seed)
-    alone = ul.repair(run.arms["anchored"][0], None, lambda s: windows.batch(s, u.relearn_batch), 3, 1e-3)
+    alone = ul.repair(run.arms["anchored"][0], None, lambda s: windows.batch(s, u.relearn_batch), 3, 3e-4)
     want = ul.losses(alone, _eval_set(run), cfg.evaluate.batch_size)
     for k in ("forget", "concept", "retain"):
         assert abs(want[k] - row["anchored · repair alone (control)"][f"{k} after"]) < 1e-6, k

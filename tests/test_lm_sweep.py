@@ -236,3 +236,39 @@ def test_the_memory_check_counts_every_shard_that_trains_at_once(spec, tmp_path,
     monkeypatch.setattr("anchoring.sweep.backends.run_ray", remote)
     with pytest.raises(RuntimeError, match="reached the Ray backend"):
         sweep.sweep(str(spec), tmp_path / "sw-ray", grid=grid, workers=4, backend="ray", address="ray://cluster:10001")
+
+
+def test_a_shard_stopped_before_the_last_step_is_not_merged(spec, tmp_path, monkeypatch):
+    from anchoring.kinds.lm import shards
+    from anchoring.kinds.lm.kind import checkpoint_path
+
+    cfg = experiments.load(str(spec))
+    shard = tmp_path / "a"
+    shard.mkdir()
+    (shard / "tokenizer.json").write_text('{"kind": "char", "chars": "ab"}')
+    for arm, seed in shards.jobs(cfg):
+        checkpoint_path(shard, arm, seed).parent.mkdir(parents=True, exist_ok=True)
+        checkpoint_path(shard, arm, seed).write_bytes(b"x")
+    (tmp_path / "point").mkdir()
+    monkeypatch.setattr(shards, "steps_done", lambda _p: shards.total_steps(cfg) - 1)
+    with pytest.raises(AnchoringError, match="stopped at step"):
+        shards.merge_shards(cfg, [shard], tmp_path / "point")
+    monkeypatch.setattr(shards, "steps_done", lambda _p: shards.total_steps(cfg))
+    shards.merge_shards(cfg, [shard], tmp_path / "point")
+    assert all(checkpoint_path(tmp_path / "point", arm, seed).is_file() for arm, seed in shards.jobs(cfg))
+
+
+def test_a_shards_callbacks_see_each_step_counted_from_zero(spec, tmp_path, monkeypatch):
+    from anchoring.kinds.lm import shards
+
+    cfg = experiments.load(str(spec))
+    monkeypatch.setattr(shards, "load_data", lambda *_a: None)
+
+    def train_arm(cfg, data, seed, arm, checkpoint, progress):
+        for done in range(1, 4):  # steps done so far, as training reports them
+            progress(done)
+
+    monkeypatch.setattr(shards, "train_arm", train_arm)
+    seen: list[int] = []
+    shards.train_shard(cfg, tmp_path, [seen.append])
+    assert seen == [0, 1, 2] * len(shards.jobs(cfg))

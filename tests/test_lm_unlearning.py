@@ -874,3 +874,66 @@ def test_relearn_names_the_flag_to_pass_when_the_runs_own_k_is_too_large(unlearn
                                              r"than the [\d,]+ training passages .* pass --samples with every K ≤"):
         kind_of(run.config).relearn(run)
     assert sorted(p.name for p in path.rglob("*")) == before  # nothing written
+
+
+def test_losses_are_nats_per_character_over_each_class_of_position():
+    """Uniform logits cost log V per token; forget is concept plus other positions of reference-positive
+    passages, each divided by the characters its tokens complete (not by the tokens)."""
+    from anchoring.kinds.lm import evaluate as lev
+
+    V = 7
+
+    class Uniform(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros(*x.shape, V)
+
+    cls = torch.tensor([[lev.PAD, lev.CONCEPT, lev.OTHER, lev.RETAIN]])
+    es = lev.EvalSet(torch.tensor([[0, 1, 2, 3]]), torch.zeros(1, 4, dtype=torch.long),
+                     torch.tensor([[1.0, 1.0, 3.0, 2.0]]), cls, [0])
+    got = ul.losses(Uniform(), es)
+    log_v = math.log(V)
+    assert got["forget"] == pytest.approx(2 * log_v / 4) and got["concept"] == pytest.approx(log_v)
+    assert got["retain"] == pytest.approx(log_v / 2)
+
+
+def test_a_rows_differences_are_after_minus_before():
+    before = {"forget": 1.0, "concept": 2.0, "retain": 1.5}
+    after = {"forget": 1.25, "concept": 2.75, "retain": 1.5625}
+    r = ul._row("m", 0, "anchored", True, before, after, True)
+    assert (r["d_forget"], r["d_forget_concept"], r["retain_cost"]) == (0.25, 0.75, 0.0625)
+    assert r["selectivity"] == pytest.approx(ul.selectivity(0.75, 0.0625))
+
+
+def test_an_attack_is_scored_at_its_lowest_point_not_its_last():
+    curve = [{"concept": c} for c in (3.0, 1.0, 2.0)]  # overshoots, then climbs back
+    rec = ul.relearn_record(curve, before_edit=0.5, control=0.8, passages=4)
+    assert rec["lowest"] == 1.0 and rec["relearned"] == pytest.approx(0.2) and rec["kept"] == pytest.approx(0.2)
+    assert (rec["after_edit"], rec["before_edit"], rec["passages"]) == (3.0, 0.5, 4)
+    assert math.isnan(ul.relearn_record([{"concept": 0.505}], 0.5, 0.8, 4)["kept"])  # removed under KEPT_FLOOR
+
+
+def test_cost_matching_keeps_the_strength_whose_cost_was_nearest(monkeypatch):
+    """With too few bisection steps to reach the tolerance, the strength kept is the nearest one tried,
+    not the last one."""
+    import anchoring.kinds.lm.edits as edits
+
+    monkeypatch.setattr(edits, "delete", lambda model, directions, beta: beta)  # the "model" is its strength
+    monkeypatch.setattr(ul, "losses", lambda beta, es, bs: {"retain": 1.0 + beta**2, "concept": beta, "forget": beta})
+    beta, got = ul.cost_matched(None, [torch.eye(4)[0]], 0.3, 1.0, None, 1, iters=2)  # tries 0.5 (0.25), 0.75 (0.56)
+    assert beta == 0.5 and got["concept"] == 0.5
+
+
+def test_the_midpoint_suppression_removes_only_what_lies_beyond_the_class_midpoint():
+    from anchoring.kinds.lm.posthoc import beyond_midpoint
+
+    edit = beyond_midpoint(torch.tensor([[0.0, 0.0], [2.0, 0.0]]), torch.tensor([0, 1]), torch.tensor([1.0, 0.0]))  # c = 1
+    assert torch.equal(edit(torch.tensor([[3.0, 5.0]])), torch.tensor([[1.0, 5.0]]))
+    assert torch.equal(edit(torch.tensor([[0.5, 5.0]])), torch.tensor([[0.5, 5.0]]))
+
+
+def test_matched_deletions_never_pick_a_concept_axis():
+    concept = [torch.eye(8)[0], torch.eye(8)[5]]
+    for seed in range(50):
+        picked = matched_directions(concept, torch.Generator().manual_seed(seed))
+        axes = {int(v.abs().argmax()) for v in picked}
+        assert len(axes) == 2 and not axes & {0, 5}, seed

@@ -49,3 +49,15 @@ def test_zero_entries_deletes_only_the_forget_entries():
     mask = torch.eye(3, dtype=torch.bool)
     zero_entries({"w": w}, {"w": mask})
     assert (w[mask] == 0).all() and (w[~mask] == 1).all()
+
+
+def test_masked_gradients_add_to_what_grad_already_holds():
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2)
+    params = dict(net.named_parameters())
+    x = torch.randn(4, 3)
+    masked_backward(net(x).sum(), net(x).pow(2).sum(), params, {"weight": torch.ones(2, 3, dtype=torch.bool)})
+    once = {n: p.grad.clone() for n, p in params.items()}
+    masked_backward(net(x).sum(), net(x).pow(2).sum(), params, {"weight": torch.ones(2, 3, dtype=torch.bool)})
+    for n, p in params.items():
+        assert torch.allclose(p.grad, 2 * once[n]), n

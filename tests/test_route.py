@@ -70,3 +70,16 @@ def test_a_repeated_direction_routes_along_that_direction_only():
     assert RouteThrough(model, ["0"], [e0, e1, e0 + e1]).basis.shape == (2, 4)
     with pytest.raises(AnchoringError, match="at least one non-zero direction"):
         RouteThrough(model, ["0"], [torch.zeros(4)])
+
+
+def test_a_batch_labelled_everywhere_is_routed_everywhere():
+    torch.manual_seed(1)
+    first, site, head = nn.Linear(4, 4), nn.Identity(), nn.Linear(4, 3)
+    model = nn.Sequential(first, site, head)
+    with torch.no_grad():
+        head.weight[:, 0] = 0.0  # the head reads nothing along the axis: routed positions teach `first` nothing
+    x = torch.randn(1, 3, 4)
+    with RouteThrough(model, ["1"], [torch.tensor([1.0, 0.0, 0.0, 0.0])]) as route:
+        route.mask = torch.ones(1, 3, dtype=torch.bool)
+        model(x).pow(2).sum().backward()
+    assert float(first.weight.grad.abs().sum()) == 0

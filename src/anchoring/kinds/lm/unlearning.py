@@ -315,11 +315,7 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
                     for k, w in attack.items():
                         curve = finetune(m.after, lambda step, w=w: w.batch(step, u.relearn_batch), u.relearn_steps,
                                          u.relearn_lr, score, tick=tick)
-                        lowest = min(c["concept"] for c in curve)
-                        row["relearn"][str(k)] = {
-                            "passages": int(min(k, len(forget))), "relearned": lowest - target,
-                            "kept": ratio(lowest - sb, curve[0]["concept"] - sb) if curve[0]["concept"] - sb >= KEPT_FLOOR
-                            else float("nan"), "lowest": lowest, "before_edit": sb, "after_edit": curve[0]["concept"]}
+                        row["relearn"][str(k)] = relearn_record(curve, sb, target, int(min(k, len(forget))))
                         curves += [{"seed": seed, "method": m.name, "fine_tune": f"relearn K={k}", "k": k, "step": i,
                                     "forget_concept": c["concept"], "forget": c["forget"], "retain": c["retain"],
                                     "control_concept": target} for i, c in enumerate(curve)]
@@ -345,6 +341,18 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
                      "controls (random move, random deletion, random blinding) are not fine-tuned" if u.attack_hooks else
                      "suppress rows and the matched random move are hooks, not weight edits: they are not fine-tuned "
                      "(no relearn or recover numbers), nor are the matched random deletion and blinding")}
+
+
+def relearn_record(curve: list[dict[str, float]], before_edit: float, control: float, passages: int) -> dict[str, Any]:
+    """One attack's numbers from its curve of concept losses (the edited model first): the lowest loss the
+    attack reached, how far that is above the control's (`relearned`), and the share of the edit's Δforget
+    it left (`kept`, from the unedited model's own loss; undefined for an edit that removed under KEPT_FLOOR).
+    The lowest point, not the last: an attack that overshoots and climbs back still reached it."""
+    lowest = min(c["concept"] for c in curve)
+    start = curve[0]["concept"]
+    return {"passages": passages, "relearned": lowest - control,
+            "kept": ratio(lowest - before_edit, start - before_edit) if start - before_edit >= KEPT_FLOOR else float("nan"),
+            "lowest": lowest, "before_edit": before_edit, "after_edit": start}
 
 
 def _row(method: str, seed: int, arm: str, weights_edited: bool, before: dict[str, float], after: dict[str, float],
