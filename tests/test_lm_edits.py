@@ -509,3 +509,55 @@ def test_an_edit_on_an_arm_without_the_anchor_is_named_a_comparison(lm_run, tmp_
 def test_an_ood_length_floor_beyond_the_crop_is_refused_before_training():
     with pytest.raises(Exception, match="ood_min_chars"):
         experiments.load("lm-ood", ["evaluate.ood_min_chars=650"])
+
+
+def test_intervene_draws_each_seeds_matched_control_from_that_seed(lm_run):
+    """Two seeds numbered 5 and 7 (the same model twice): the matched random move of each row is the one drawn
+    from that row's own seed number, not from its place in the list."""
+    import dataclasses
+
+    from anchoring.config import InterventionConfig
+    from anchoring.kinds.lm import unlearning as ul
+    from anchoring.kinds.lm.control import _eval_set, intervene
+    from anchoring.kinds.lm.edits import edited
+
+    model = lm_run.arms["anchored"][0]
+    run = dataclasses.replace(lm_run, seeds=[5, 7], arms={"anchored": [model, model]})
+    res = intervene(run, InterventionConfig(name="seeded", method="suppress", concept=run.config.text.concept))
+    got = {r["seed"]: r["concept after"] for r in res.summary["rows"] if r["arm"] == "anchored · matched random move"}
+    es, bs = _eval_set(run), run.config.evaluate.batch_size
+    want = {s: ul.losses(edited(model, run.config, "suppress", random_control=s), es, bs)["concept"] for s in (5, 7)}
+    assert want[5] != want[7]  # two draws: the check can tell the seeds apart
+    assert got == pytest.approx(want, abs=1e-9)
+
+
+def test_the_attack_on_k_passages_reads_the_first_k_forget_passages(lm_run, monkeypatch):
+    """Each relearning attack fine-tunes on the first K of the seed's forget passages (the same for every
+    method), not on one more; stopped right after the windows are cut, so nothing trains."""
+    from anchoring.kinds.lm import unlearning as ul
+
+    cut: dict[int, list[int]] = {}
+    real = ul.Windows
+
+    class Recording(real):
+        def __init__(self, data, passages, window, seed, salt):
+            cut[salt] = list(passages)
+            super().__init__(data, passages, window, seed, salt)
+
+    class Stop(Exception):
+        pass
+
+    def stop(*_a, **_k):
+        raise Stop
+
+    monkeypatch.setattr(ul, "Windows", Recording)
+    monkeypatch.setattr(ul, "repair_windows", stop)  # cut just after the attacks' windows
+    cfg = lm_run.config
+    (seed,) = lm_run.seeds
+    u = cfg.unlearning.model_copy(update={"relearn_k": [1, 3], "repair_steps": 1, "posthoc": []})
+    with pytest.raises(Stop):
+        ul.evaluate(cfg.model_copy(update={"unlearning": u}), lm_run.data, {(a, seed): ms[0] for a, ms in lm_run.arms.items()})
+    forget = list(ul.forget_passages(lm_run.data, seed))
+    assert len(forget) > 3
+    for k in (1, 3):
+        assert cut[(ul.BATCH_SALT << 20) + k] == forget[:k]
