@@ -937,3 +937,24 @@ def test_matched_deletions_never_pick_a_concept_axis():
         picked = matched_directions(concept, torch.Generator().manual_seed(seed))
         axes = {int(v.abs().argmax()) for v in picked}
         assert len(axes) == 2 and not axes & {0, 5}, seed
+
+
+def test_the_matched_move_of_a_subspace_hook_avoids_the_whole_subspace():
+    """`Suppressed(…, subspace=True, random_control=…)` hands the subspace to the random turn to avoid: the
+    control then adds no concept energy to any state (only the displacement's own direction avoided, it would)."""
+    torch.manual_seed(6)
+    model = NormalizedTransformer(11, 16, 2, 2, 16).eval()
+    concept = [torch.eye(16)[0], torch.eye(16)[1], torch.eye(16)[2]]
+    seen = {}
+    handle = model.blocks[1].register_forward_pre_hook(lambda _m, args: seen.__setitem__("h", args[0]))
+    h = torch.nn.functional.normalize(torch.randn(128, 16, 16), dim=-1)
+    try:
+        with torch.no_grad():
+            fix = model.blocks[0].register_forward_hook(lambda _m, _i, _o: h.clone())
+            Suppressed(model, ["blocks.0"], concept, subspace=True, random_control=7)(torch.zeros(128, 16, dtype=torch.long))
+            fix.remove()
+    finally:
+        handle.remove()
+    energy = lambda x: x[..., :3].norm(dim=-1)  # noqa: E731
+    assert not torch.allclose(seen["h"], h)  # the states were moved
+    assert bool((energy(seen["h"]) <= energy(h) + 1e-5).all())
