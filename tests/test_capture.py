@@ -92,3 +92,23 @@ def test_terms_can_read_before_or_after_normalisation():
     pre = model.encoder(x)
     assert torch.allclose(unit, (pre.norm(dim=-1) - 1).pow(2).mean())
     assert unit > 0.01  # the pre-norm activation is not unit length
+
+
+def test_a_module_returning_a_tuple_is_captured_at_its_first_output():
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x * 2, x * 3  # (output, auxiliary), as attention modules often return
+
+    model = nn.Sequential(Pair())
+    with Capture(model, ["0"]) as cap:
+        model(torch.ones(2, 3))
+        assert torch.equal(cap.acts["0"], torch.full((2, 3), 2.0))
+
+
+def test_an_orthonormal_basis_has_unit_rows():
+    from anchoring.anchor.basis import orthonormal
+
+    e1, e2 = torch.eye(3)[1], torch.eye(3)[2]
+    basis = orthonormal([e1, e1 + 2 * e2])
+    assert len(basis) == 2 and all(float(b.norm()) == pytest.approx(1.0) for b in basis)
+    assert float(basis[0] @ basis[1]) == pytest.approx(0.0, abs=1e-7)

@@ -59,3 +59,12 @@ def test_probe_halves_alternate_a_class_whose_passages_share_one_parity():
 
     with pytest.raises(ValueError, match="both classes"):  # a passage on both sides is refused, not split
         probe_halves(np.array([1, 0, 0]), np.array([3, 1, 3]))
+
+
+def test_an_infinite_median_keeps_its_sign_once_read_back():
+    from anchoring.evaluate.stats import mark_infinite, target_median
+
+    marked = mark_infinite({"up": {"median": float("inf")}, "down": {"median": float("-inf")}, "x": {"median": 0.5}})
+    assert (marked["up"]["infinite"], marked["down"]["infinite"]) == (1, -1) and "infinite" not in marked["x"]
+    back = {k: {kk: vv for kk, vv in t.items() if kk != "median"} for k, t in marked.items()}  # null in summary.json
+    assert target_median(back["down"]) == float("-inf") and target_median(back["up"]) == float("inf")

@@ -639,6 +639,8 @@ def test_an_evaluation_prefix_without_the_concept_is_refused_and_the_shuffled_or
     from anchoring.models import NormalizedTransformer
 
     es = ev.eval_set(data, 64, 3000, 20)
+    tokens = sum(len(ev.token_table(data, data.texts[i], bool(data.reference[i]), data.text.concept, 20)[0]) for i in es.passages)
+    assert int((es.cls[:, 1:] != ev.PAD).sum()) == tokens - 1  # every token after the first is a target, the last window too
     m = ev.measure(NormalizedTransformer(data.vocab_size, 32, 2, 2, 64), es, ["blocks.1"], torch.eye(32)[0], None, 50)
     a = m["alignment"]["blocks.1"]
     assert a["n_concept"] == 0 and np.isnan(a["concept"]) and np.isnan(a["margin"]) and np.isfinite(a["containment"])
@@ -856,3 +858,58 @@ def test_the_report_says_what_the_run_read_and_labelled(finished, corpus):
     path, _ = finished
     page = (path / "report.html").read_text()
     assert f"This run: corpus {corpus}, concept violence, char tokens, weak labels on passages at coverage 1." in page
+
+
+def test_measure_scores_targets_by_class_and_aligns_inputs_by_class():
+    """A stub model with uniform logits (log V nats per token) and an embedding the alignment reads: loss
+    per class from the targets' classes and characters, alignment per class from the inputs' classes."""
+    from anchoring.kinds.lm import evaluate as ev
+
+    V = 5
+
+    class Stub(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.s = torch.nn.Embedding(V, 2), torch.nn.Identity()
+            with torch.no_grad():
+                self.emb.weight.copy_(torch.tensor([[1.0, 0.0], [0.6, 0.8], [1.0, 1.0], [-1.0, 0.0], [0.0, 1.0]]))
+
+        def forward(self, x):
+            self.s(self.emb(x))
+            return torch.zeros(*x.shape, V)
+
+    cls = torch.tensor([[ev.CONCEPT, ev.RETAIN, ev.CONCEPT, ev.OTHER, ev.RETAIN, ev.PAD]])
+    es = ev.EvalSet(torch.tensor([[0, 1, 2, 3, 4, 0]]), torch.zeros(1, 6, dtype=torch.long),
+                    torch.tensor([[1.0, 1.0, 2.0, 3.0, 1.0, 0.0]]), cls, [0])
+    m = ev.measure(Stub(), es, ["s"], torch.tensor([1.0, 0.0]), None, 10)
+    log_v = math.log(V)
+    assert m["loss"]["all"] == pytest.approx(4 * log_v / 7)  # targets: RETAIN 1, CONCEPT 2, OTHER 3, RETAIN 1 chars
+    assert m["loss"]["concept"] == pytest.approx(log_v / 2) and m["loss"]["retain"] == pytest.approx(2 * log_v / 2)
+    a = m["alignment"]["s"]  # inputs 0 (concept, cos 1), 1 (retain, 0.6), 2 (concept, 0.71), 4 (retain, 0)
+    assert (a["n_concept"], a["n_retain"]) == (2, 2)
+    assert a["concept"] == pytest.approx((1 + 2**-0.5) / 2) and a["retain"] == pytest.approx(0.3)
+    assert a["margin"] == pytest.approx(a["concept"] - a["retain"])
+
+
+def test_subspace_alignment_is_the_share_of_length_and_removal_takes_the_component_out():
+    from anchoring.kinds.lm import evaluate as ev
+
+    assert float(ev.direction_alignment(torch.tensor([3.0, 4.0, 0.0]), None, (0,))) == pytest.approx(0.6)
+    assert torch.equal(ev.remove(torch.tensor([1.0, 1.0]), torch.tensor([2.0, 0.0]), None), torch.tensor([0.0, 1.0]))
+    assert torch.equal(ev.remove(torch.tensor([1.0, 1.0, 1.0]), None, (0, 2)), torch.tensor([0.0, 1.0, 0.0]))
+
+
+def test_a_zero_width_byte_token_takes_the_label_of_the_character_before_it():
+    from anchoring.kinds.lm.data import token_mask
+
+    text = "kill him"  # "kill" fires the violence lexicon
+    mask = token_mask(text, [(0, 4), (4, 4), (4, 5), (5, 8)], "violence", 0)
+    assert mask.tolist() == [True, True, False, False]
+
+
+def test_windows_of_a_batch_follow_each_other_in_the_stream():
+    """Row r reads the stream from r·T for T + 1 tokens: its last target is the next row's first input."""
+    tokens = [np.arange(100) + 1000 * i for i in range(5)]
+    b = Stream(tokens, np.ones(5, dtype=bool), 0, 8).batch(0, 4, np.zeros(5))
+    assert torch.equal(b.inputs[1:, 0], b.targets[:-1, -1])
+    assert torch.equal(b.inputs[:, 1:], b.targets[:, :-1])

@@ -267,3 +267,26 @@ def test_a_fraction_step_beyond_the_next_absolute_row_is_blamed_on_its_own_line(
     with pytest.raises(AnchoringError, match=r"line 3: STEP '\+1.5' is a fraction .* between \+0.0 and \+1.0"):
         parse_dopesheet("STEP,lr\n0,0.1\n+1.5,0.2\n100,0.3\n")
     assert [t for t, _ in parse_dopesheet("STEP,lr\n0,0.1\n+0.25,0.2\n100,0.3\n").tracks["lr"].keys] == [0, 25, 100]
+
+
+def test_retargeting_keeps_the_acceleration_and_log_tracks_report_real_velocity():
+    h = 1e-3
+    tr = Track([(0, 0.0), (100, 1.0)])  # min-jerk: accelerating at step 20
+    accel = (tr.velocity(20) - tr.velocity(20 - h)) / h
+    tr.retarget(20, 0.5, 60)
+    assert abs(accel) > 1e-5 and (tr.velocity(20 + h) - tr.velocity(20)) / h == pytest.approx(accel, rel=1e-2)
+    lr = Track([(0, 1e-3), (100, 1e-1)], space="log")
+    assert lr.velocity(50) == pytest.approx((lr(50 + h) - lr(50 - h)) / (2 * h), rel=1e-4)
+
+
+def test_a_reactive_controller_reads_the_median_seed_and_skips_exact_zeros():
+    from anchoring.schedule.reactive import Reactive
+
+    r = Reactive(param="w", metric="m", target=0.5, every=10, factor=2.0, ease=50)
+    assert r.window_value(torch.tensor([[0.0], [1.0], [1.0]])) == 1.0  # a batch without a labelled sample: 0, skipped
+    assert r.window_value(torch.tensor([[1.0, 1.0, 4.0]])) == 1.0  # the median of three seeds, not their mean
+    tl = Timeline({"w": Track([(0, 0.1)])}, steps=100)
+    assert r.decide(90, torch.ones(10, 2), tl).until == 99  # eased over what is left of the run
+    above = Reactive(param="w", metric="m", target=0.5, every=10, factor=2.0, keep="above")
+    assert above.decide(10, torch.full((10, 2), 0.1), tl).value == pytest.approx(0.2)  # below a floor target: raised
+    assert above.decide(10, torch.full((10, 2), 0.9), tl) is None

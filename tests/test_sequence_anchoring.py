@@ -116,3 +116,26 @@ def test_sites_read_a_head_of_per_head_outputs():
         SequenceSite("q").read(acts)
     with pytest.raises(AnchoringError, match="no head 4"):
         SequenceSite("q", 4).read(acts)
+
+
+def test_pooling_unlabelled_lines_averages_only_the_lines_present():
+    per = torch.tensor([[1.0, 1.0, 3.0, 3.0]])
+    line = torch.tensor([[0, 0, 1, 1]])  # line 2 is not in this row
+    assert float(pool_lines(per, line, torch.zeros(1, 3), 10.0, "unlabelled")) == pytest.approx(2.0)
+
+
+def test_a_sequence_term_averages_over_its_slot_and_its_selected_positions():
+    from anchoring.anchor.sequence import SequenceTerm
+
+    h = torch.arange(1.0, 7.0).view(1, 6, 1)
+    roles = torch.tensor([[ROLE["a"], ROLE["op"], ROLE["b"], ROLE["a"], ROLE["op"], ROLE["b"]]])
+    line = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    lab = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0, 0.0]])
+
+    def term(positions, select):
+        return SequenceTerm("t", "anchor", "w", SequenceSite("s"), lambda x: x[..., 0], positions, "c", select)
+
+    slot = term(Positions("slot", role=ROLE["a"]), "all")({"s": h}, roles, line, {"c": torch.ones(1, 2)})
+    assert float(slot) == pytest.approx((1 + 4) / 2)
+    calm = term(Positions("all"), "unlabelled")({"s": h}, roles, line, {"c": torch.ones(1, 2)}, {"c": lab})
+    assert float(calm) == pytest.approx((3 + 4 + 6) / 3)
