@@ -122,3 +122,20 @@ def test_an_interruption_after_the_earlier_folder_was_set_aside_puts_it_back(unt
         control.intervene(run, InterventionConfig(name="x", method="zero", concept="red"))
     assert _files(out) == before
     assert _files(out.parent) == ["x"]
+
+
+def test_per_seed_grid_errors_are_the_edited_models(untrained_run):
+    import csv
+
+    from anchoring.control.plan import make_plan
+    from anchoring.kinds.colour.edits import colour_errors, selectivity_grid, stacked
+
+    run = untrained_run
+    spec = InterventionConfig(name="z", method="zero", concept="red")
+    control.intervene(run, spec)
+    rows = list(csv.DictReader((run.path / "interventions" / "z" / "per_seed.csv").open()))
+    after = make_plan(spec, control.run_concepts(run)[0], run.latent_dim).reconstruct(run.models)
+    want = colour_errors(after, selectivity_grid()).mean(-1)
+    before = colour_errors(stacked(run.models), selectivity_grid()).mean(-1)
+    for i, row in enumerate(rows):
+        assert float(row["hsv_grid_mse"]) == pytest.approx(float(want[i])) and abs(float(want[i] - before[i])) > 1e-4

@@ -36,6 +36,8 @@ def two_kinds(tmp_path_factory):
 
 
 def test_load_run_opens_every_kind_with_its_helpers(two_kinds):
+    summary = json.loads((two_kinds[0] / "summary.json").read_text())
+    assert summary["anchored_seeds"] == sum(bool(r["anchored"]) for r in summary["seeds"])
     colour, transformer = (load_run(p) for p in two_kinds)
     assert colour.kind == "colour" and transformer.kind == "transformer"
     z = colour.encode(torch.tensor([[1.0, 0.0, 0.0]]))
