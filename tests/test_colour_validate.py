@@ -139,3 +139,23 @@ def test_per_seed_grid_errors_are_the_edited_models(untrained_run):
     before = colour_errors(stacked(run.models), selectivity_grid()).mean(-1)
     for i, row in enumerate(rows):
         assert float(row["hsv_grid_mse"]) == pytest.approx(float(want[i])) and abs(float(want[i] - before[i])) > 1e-4
+
+
+def test_an_edits_selectivity_median_is_the_median_seed(tmp_path):
+    import numpy as np
+
+    from anchoring.kinds.colour.kind import evaluate_interventions
+    from anchoring.kinds.colour.objective import build_objective
+
+    cfg = experiments.load("anchored", ["train.seeds=3"])
+    torch.manual_seed(0)
+    models = [build_model(cfg).eval() for _ in range(3)]
+    out = evaluate_interventions(cfg, build_objective(cfg), models, [{"seed": s} for s in range(3)], tmp_path)
+    assert any(np.median(e["selectivity"]) != pytest.approx(np.mean(e["selectivity"])) for e in out.values())
+    for e in out.values():
+        assert e["selectivity_median"] == pytest.approx(float(np.median(e["selectivity"])))
+
+
+def test_relearning_refuses_more_samples_than_the_concept_has_colours(untrained_run):
+    with pytest.raises(AnchoringError, match="distinct red colours can be drawn"):
+        control.relearn(untrained_run, "red", samples=[4000], steps=1)
