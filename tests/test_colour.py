@@ -146,3 +146,14 @@ def test_a_controller_on_the_curriculum_extent_changes_what_is_drawn(monkeypatch
     task.batch(step + 1)
     assert task.last_extent == task.timeline.tracks["extent"](step + 1) != before
     assert len(seen) == 2 and not torch.equal(seen[0], seen[1])  # the sampler's weights follow the new extent
+
+
+def test_exact_labels_need_the_score_to_reach_the_threshold():
+    from anchoring.domains.colour import LABELLERS
+    from anchoring.domains.colour.labels import Labeller
+
+    at = Labeller("t", lambda x: x[..., 0], 1.0, 1.0)
+    assert at.threshold == 0.5 and at.exact(torch.tensor([[0.5, 0.0, 0.0]])).tolist() == [1.0]  # at the threshold: labelled
+    red = get_labeller("red")
+    assert red.exact(torch.tensor([[0.9, 0.0, 0.0]])).tolist() == [0.0]  # 0.9⁸ ≈ 0.43 < 0.5
+    assert float(LABELLERS["saturated"].probability(torch.tensor([[1.0, 0.5, 0.5]]))) == pytest.approx(0.5**20)

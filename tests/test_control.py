@@ -391,3 +391,13 @@ def test_a_difference_of_means_needs_both_classes():
     for labels in (torch.ones(6), torch.zeros(6)):
         with pytest.raises(ValueError, match="both labelled and unlabelled"):
             mean_difference(acts, labels)
+
+
+def test_selectivity_is_r_squared_and_equal_rows_share_the_front():
+    import numpy as np
+
+    sim = torch.linspace(0, 1, 50)
+    errors = 0.3 * sim**2 + 0.1 * torch.randn(1, 50, generator=torch.Generator().manual_seed(1))
+    r = np.corrcoef(errors[0].double().numpy(), (sim.double() ** 2).numpy())[0, 1]
+    assert float(selectivity(errors, sim, 2.0)[0]) == pytest.approx(r**2, rel=1e-5) and 0.2 < r**2 < 0.9
+    assert pareto_front(np.array([[1.0, 1.0], [1.0, 1.0], [2.0, 0.0], [2.0, 2.0]])) == [0, 1, 2]

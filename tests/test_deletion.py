@@ -185,3 +185,31 @@ def test_select_pareto_from_the_command_line(tmp_path):
     assert plain.exit_code == 0 and "Pareto-selected" not in plain.stdout
     again = CliRunner().invoke(app, ["show", str(out), "--select", "pareto"])
     assert again.exit_code == 0 and f"Pareto-selected seeds {chosen}" in again.stdout
+
+
+def test_landing_figures_by_hand_residual_norm_clamped_error_grey_centre_and_rounding():
+    import numpy as np
+
+    from anchoring.domains.colour import GREY_NAMES
+    from anchoring.kinds.colour.deletion_figures import landing_cosines, landing_plane
+
+    assert float(residual_norm(torch.tensor([3.0, 4.0]), [0])) == pytest.approx(0.8)  # a share of the length
+    bright = torch.tensor([1.5, 0.0, 0.0])  # the residual decodes past the top of the cube
+    land = deletion_landing([Table(bright), Table(torch.tensor([0.5, 0.5, 0.5]))], [0], k=2)
+    assert float(land["error"][0]) == pytest.approx(0.0, abs=1e-6)  # clamped to 1 before it is scored against red
+    torch.manual_seed(3)
+    ae = ColourAutoencoder(latent_dim=5, hidden=(10, 10))  # greys spread unevenly: their mean is not their median
+    grey = [NAMES.index(g) for g in GREY_NAMES]
+    got = deletion_landing([ae], [0])
+    centre = torch.nn.functional.normalize(got["reference_latents"][:, grey].mean(1), dim=-1)
+    assert len(grey) >= 3 and torch.allclose(got["cos_grey_centre"], cosines(got["after"], centre.unsqueeze(1))[:, 0])
+    land["nearest"] = [[("green", 0.123456)], [("grey", 0.5)]]
+    assert landing_rows(land, [0, 1])[0]["nearest"] == [["green", 0.1235]]
+    land["error"] = torch.tensor([0.123, 0.25])
+    fig = landing_cosines(land, [0, 1])
+    ax = fig.axes[0]
+    assert list(ax.images[0].get_extent()) == [0, len(NAMES), 2, 0]  # seed 0 on top, beside its tick label
+    assert {"0.12", "0.25"} <= {t.get_text() for t in ax.texts}
+    land["after"] = torch.tensor([[0.1, 0.9, -0.5], [0.0, 0.0, 1.0]])
+    assert "x dim 1, y dim 2" in landing_plane(land, [0, 1]).axes[0].get_title()
+    assert np.isfinite(land["error"].numpy()).all()

@@ -518,3 +518,14 @@ def test_ctrl_c_outside_every_commands_own_handler_still_says_so(monkeypatch, ca
         cli.main(["run", "colour-wheel", "--out", str(tmp_path / "r"), "-q"])
     assert e.value.code == 130
     assert capsys.readouterr().err.strip().splitlines() == ["interrupted before the run directory was written; nothing to resume"]
+
+
+def test_report_tables_escape_text_and_format_numpy_floats_like_floats():
+    import numpy as np
+
+    from anchoring.report.html import table_html
+
+    page = table_html(["a<b"], [["x & <y>"]])
+    assert "<th>a&lt;b</th>" in page and "<td>x &amp; &lt;y&gt;</td>" in page
+    assert "<td>3.100</td>" in table_html(["a"], [[np.float32(3.1)], [np.float32(3.058)]])  # read evenly, as floats
+    assert "<td>0.010</td>" in table_html(["a"], [[0.01], [0.5]])  # 0.01 itself is not "smaller than 0.01"

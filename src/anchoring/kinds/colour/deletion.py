@@ -103,7 +103,7 @@ def deletion_landing(
     """
     ref = named_rgb() if references is None else references
     names = list(names)
-    concept = ref[0:1] if concept_rgb is None else concept_rgb.reshape(1, 3)
+    concept = named_rgb()[0:1] if concept_rgb is None else concept_rgb.reshape(1, 3)  # named red, whatever the references
     dims = list(dims)
     before, refs, decoded = [], [], []
     with torch.no_grad():
