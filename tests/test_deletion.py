@@ -188,8 +188,6 @@ def test_select_pareto_from_the_command_line(tmp_path):
 
 
 def test_landing_figures_by_hand_residual_norm_clamped_error_grey_centre_and_rounding():
-    import numpy as np
-
     from anchoring.domains.colour import GREY_NAMES
     from anchoring.kinds.colour.deletion_figures import landing_cosines, landing_plane
 
@@ -212,4 +210,3 @@ def test_landing_figures_by_hand_residual_norm_clamped_error_grey_centre_and_rou
     assert {"0.12", "0.25"} <= {t.get_text() for t in ax.texts}
     land["after"] = torch.tensor([[0.1, 0.9, -0.5], [0.0, 0.0, 1.0]])
     assert "x dim 1, y dim 2" in landing_plane(land, [0, 1]).axes[0].get_title()
-    assert np.isfinite(land["error"].numpy()).all()
