@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -38,6 +39,13 @@ def test_two_processes_equal_one_with_the_same_global_batch(corpus, tmp_path, ex
     l1 = {r["arm"]: r["loss"]["all"] for r in one.summary["models"]}
     l2 = {r["arm"]: r["loss"]["all"] for r in two.summary["models"]}
     assert l1 == pytest.approx(l2, abs=1e-4)
+    # the logged curves are the global batch's: the ranks' means averaged, not summed
+    m1, m2 = (pd.read_csv(tmp_path / run / "metrics.csv") for run in ("one", "two"))
+    logged = [c for c in m1.columns if c not in ("step", "seed", "arm") and not c.startswith(("lr", "anchor", "anti"))]
+    logged += [c for c in m1.columns if "@" in c]  # the terms' values (the weights' columns share their prefixes)
+    assert {"loss", "task"} <= set(logged) and any("@" in c for c in logged)
+    assert m1[logged].notna().to_numpy().any()
+    pd.testing.assert_frame_equal(m1[logged], m2[logged], rtol=1e-4, atol=1e-5)
 
 
 def test_a_rank_leaves_no_gloo_threads_behind_after_training(corpus, tmp_path):

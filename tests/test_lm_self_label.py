@@ -26,13 +26,13 @@ def test_positions_past_the_threshold_become_labelled_and_the_rest_keep_their_la
     cfg = _cfg("lm.self_label=0.6")
     objective = build_objective(cfg, build_model(cfg, 8))
     label = self_labeller(cfg, objective)
-    c = torch.tensor([[0.9, 0.61, 0.59, -0.95], [0.1, 0.0, 0.7, 0.2]])  # cos with axis 0, per position
+    c = torch.tensor([[0.9, 0.61, 0.59, -0.95], [0.8, 0.0, 0.7, 0.2]])  # cos with axis 0, per position
     rest = F.normalize(torch.randn(2, 4, 31, generator=torch.Generator().manual_seed(0)), dim=-1)
     h = torch.cat([c[..., None], rest * (1 - c[..., None] ** 2).sqrt()], dim=-1) * 3.0  # length must not matter
     pos = torch.tensor([[0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])  # weak labels
     new, share = label({"blocks.2": h}, pos)
     assert new.tolist() == [[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 1.0, 0.0]]  # −0.95 is the other half-space: not labelled
-    assert math.isclose(float(share), 3 / 8)  # newly labelled positions only, not the weak ones again
+    assert math.isclose(float(share), 3 / 8)  # newly labelled positions only: not the weak one at 0.8 again
 
 
 def test_off_by_default_and_refused_without_an_anchor():
