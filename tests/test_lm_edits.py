@@ -227,6 +227,9 @@ def test_delete_on_an_lm_run_writes_a_run_that_load_run_opens(lm_run, tmp_path):
     assert "Δconcept − Δretain" in page and "random direction edited the same way" in page and "(1 direction)" in page
     gap = a["concept after"] - a["concept before"] - (a["retain after"] - a["retain before"])
     assert f"<td>{gap:.3f}</td>" in page or f"<td>{gap:.4g}</td>" in page
+    # the edited run rests on the same text: it keeps the source's corpus fingerprint, so it too refuses a changed corpus
+    assert (lm_run.path / "corpus.json").is_file()
+    assert (out / "corpus.json").read_text() == (lm_run.path / "corpus.json").read_text()
     r = CliRunner().invoke(app, ["show", str(out)])
     assert r.exit_code == 0 and "deleted violence" in r.stdout
     assert "wall time" not in r.stdout  # an edited run records none; it used to print 0.0 s
@@ -349,6 +352,7 @@ def test_blinding_the_readers_writes_a_run_whose_later_layers_ignore_the_anchor(
     assert r.exit_code == 0, r.stderr
     config = (twice / "config.toml").read_text()
     assert config.count("# The weights of this run") == 1 and f"those of {out} after" in config
+    assert config.count("# Training this config again") == 1  # the whole old note goes, not its first line
     assert len(json.loads((twice / "edit.json").read_text())["lineage"]) == 2
     rows = run.summary["edit_rows"]
     a = next(x for x in rows if x["arm"] == "anchored")
@@ -561,3 +565,14 @@ def test_the_attack_on_k_passages_reads_the_first_k_forget_passages(lm_run, monk
     assert len(forget) > 3
     for k in (1, 3):
         assert cut[(ul.BATCH_SALT << 20) + k] == forget[:k]
+
+
+def test_delete_through_the_api_refuses_sites_too(lm_run, tmp_path):
+    """The command line has only --site; `InterventionConfig.sites` reaches `delete` from Python."""
+    from anchoring.config import InterventionConfig
+    from anchoring.kinds.lm.control import delete
+
+    spec = InterventionConfig(name="d", method="ablate", concept="violence", sites=["blocks.0"])
+    with pytest.raises(AnchoringError, match="takes no --site"):
+        delete(lm_run, spec, tmp_path / "d")
+    assert not (tmp_path / "d").exists()

@@ -841,6 +841,10 @@ def test_arms_without_labels_are_refused_only_where_an_arm_learns_from_them(corp
     cfg = experiments.load("lm-anchor", [*calm, 'lm.arms=["anchored","control"]'])
     with pytest.raises(AnchoringError, match="weakly labelled training passages has a word of 'violence' to mark"):
         kind.check_labelled(cfg, d)
+    for arm in ("sgtm", "routing"):  # the training-time baselines learn from the weak labels too
+        cfg = experiments.load("lm-anchor-passages", tiny(corpus, "text.coverage=0.0", f'lm.arms=["control","{arm}"]'))
+        with pytest.raises(AnchoringError, match="weak label"):
+            kind.check_labelled(cfg, load_data(cfg.text))
 
 
 def test_a_folder_corpus_is_kept_as_an_absolute_path_and_opens_from_anywhere(corpus, tmp_path, monkeypatch):
@@ -913,3 +917,32 @@ def test_windows_of_a_batch_follow_each_other_in_the_stream():
     b = Stream(tokens, np.ones(5, dtype=bool), 0, 8).batch(0, 4, np.zeros(5))
     assert torch.equal(b.inputs[1:, 0], b.targets[:-1, -1])
     assert torch.equal(b.inputs[:, 1:], b.targets[:, :-1])
+
+
+def test_training_curves_average_the_seeds_step_by_step():
+    from anchoring.kinds.lm.figures import training_curves
+
+    task = np.array([[3.0, 2.0, 1.0, 0.5], [5.0, 4.0, 3.0, 2.5]])  # two seeds
+    term = np.array([[np.nan, 0.4, np.nan, 0.2], [np.nan, 0.6, 0.3, np.nan]])  # steps without a labelled passage: NaN
+    fig = training_curves({"anchored": {"task": task, "anchor@1": term}, "control": {"task": task + 1,
+                                                                                     "anchor@1": np.full((2, 4), np.nan)}},
+                          window=1)
+    by_title = {ax.get_title(): ax for ax in fig.axes}
+    (t_anchored, t_control) = by_title["task loss"].get_lines()
+    assert list(t_anchored.get_ydata()) == pytest.approx([4.0, 3.0, 2.0, 1.5])
+    assert list(t_control.get_ydata()) == pytest.approx([5.0, 4.0, 3.0, 2.5])
+    (term_panel,) = [ax for t, ax in by_title.items() if t.startswith("term anchor@1")]
+    (line,) = term_panel.get_lines()  # the control never had the term: no line for it
+    assert np.isnan(line.get_ydata()[0]) and list(line.get_ydata()[1:]) == pytest.approx([0.5, 0.3, 0.2])
+
+
+def test_the_shaded_text_colours_every_character_of_a_token_on_a_scale_of_the_largest_magnitude():
+    from matplotlib.patches import Rectangle
+
+    from anchoring.kinds.lm.figures import shaded_text
+
+    fig = shaded_text([("p", "abcdef", np.array([0.25, -0.5, np.nan]), [(0, 2), (2, 4), (4, 6)])])
+    ax = fig.axes[0]
+    assert "blue −0.50" in ax.get_title(loc="right") and "red +0.50" in ax.get_title(loc="right")
+    patches = [p for p in ax.patches if isinstance(p, Rectangle)]
+    assert len(patches) == 4  # both characters of each scored token; the unscored token's stay blank

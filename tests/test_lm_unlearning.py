@@ -627,11 +627,13 @@ def test_anchor_sites_outside_the_residual_stream_are_refused_before_training(un
 def test_the_relearning_figure_draws_the_control_as_the_mean_over_seeds():
     from anchoring.kinds.lm.figures import relearning_curves
 
-    points = [{"fine_tune": "relearn K=4", "k": 4, "method": "m", "seed": s, "step": i, "forget_concept": 2.0 - 0.1 * i,
-               "control_concept": c} for s, c in ((0, 1.0), (1, 1.0), (2, 2.5)) for i in range(3)]
+    points = [{"fine_tune": "relearn K=4", "k": 4, "method": "m", "seed": s, "step": i, "forget_concept": 2.0 - 0.1 * i + up,
+               "control_concept": c} for s, c, up in ((0, 1.0, 0.0), (1, 1.0, 0.0), (2, 2.5, 0.9)) for i in range(3)]
     fig = relearning_curves(points, [4])
     dashed = [line for line in fig.axes[0].lines if line.get_linestyle() == "--"]
     assert len(dashed) == 1 and dashed[0].get_ydata()[0] == pytest.approx(1.5)  # two seeds at 1.0 count twice
+    (curve,) = [line for line in fig.axes[0].lines if line.get_linestyle() == "-"]  # the method's mean, as its axis says
+    assert list(curve.get_xdata()) == [0, 1, 2] and list(curve.get_ydata()) == pytest.approx([2.3, 2.2, 2.1])
 
 
 def test_repair_fine_tunes_on_retain_text_and_keeps_the_edit(unlearned):
