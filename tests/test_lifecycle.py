@@ -310,3 +310,111 @@ def test_a_sweep_stopped_between_its_merged_summary_and_its_record_is_completed_
     assert summary["sweep"]["workers"] == 1 and "sweep" in json.loads((out / runs.SUMMARY).read_text())
     with pytest.raises(AnchoringError, match="is a finished sweep"):
         sw.sweep("anchored", out, sets=["train.seeds=1", "train.steps=10"], workers=1)
+
+
+# --- flags that must reach what they name, and the run's own bookkeeping ----------------------------
+
+def test_relearn_no_baseline_reaches_the_attack(short_run, monkeypatch):
+    from anchoring import kinds
+
+    seen = {}
+
+    def fake(run, **options):
+        seen.update(options)
+        raise AnchoringError("stopped by the test")
+
+    monkeypatch.setattr(kinds.REGISTRY["colour"], "relearn", fake)
+    one_line_error(invoke("relearn", short_run, "--no-baseline"), "stopped by the test")
+    assert seen["baseline"] is False
+
+
+def test_lm_only_options_of_delete_are_refused_on_a_colour_run(run_copy):
+    one_line_error(invoke("delete", run_copy, "--concept", "red", "--repair-lr", "1e-3", "--out", run_copy.parent / "d"), "are for 'lm' runs")
+    assert not (run_copy.parent / "d").exists()
+
+
+def test_show_select_pareto_needs_a_pareto_selection(tmp_path):
+    r = invoke("run", "colour-wheel", "--seeds", "1", "--steps", "20", "--out", tmp_path / "wheel", "-q")  # no edits
+    assert r.exit_code == 0, r.stderr
+    one_line_error(invoke("show", tmp_path / "wheel", "--select", "pareto"), "has no Pareto selection")
+
+
+def test_the_recorded_wall_time_is_the_runs_own(tmp_path):
+    import time
+
+    cfg = experiments.load("anchored", ["train.seeds=1", "train.steps=20"])
+    t0 = time.perf_counter()
+    outcome = lifecycle.run(cfg, tmp_path / "run")
+    wall = time.perf_counter() - t0
+    assert 0 < outcome.summary["timing"]["total_s"] <= wall
+
+
+def test_a_run_folder_with_a_config_always_has_its_digest(tmp_path, monkeypatch):
+    """Stopped between the two writes, the folder must not hold a config that resume cannot check."""
+    real = runs.write_atomic
+    calls = []
+
+    def second_write_stops(path, text):
+        calls.append(path.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(path, text)
+
+    monkeypatch.setattr(runs, "write_atomic", second_write_stops)
+    with pytest.raises((KeyboardInterrupt, lifecycle.TrainingInterrupted)):
+        lifecycle.run(experiments.load("anchored", ["train.seeds=1", "train.steps=20"]), tmp_path / "run")
+    assert not (tmp_path / "run" / runs.CONFIG).exists() or (tmp_path / "run" / runs.CONFIG_DIGEST).exists()
+
+
+def test_ctrl_c_just_after_the_config_is_written_leaves_a_run_to_resume(tmp_path, monkeypatch):
+    real = runs.write_atomic
+
+    def stop_after_config(path, text):
+        real(path, text)
+        if path.name == runs.CONFIG:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "write_atomic", stop_after_config)
+    with pytest.raises((lifecycle.TrainingInterrupted, KeyboardInterrupt)) as stop:  # a bare Ctrl-C must not stop pytest
+        lifecycle.run(experiments.load("anchored", ["train.seeds=1", "train.steps=20"]), tmp_path / "run")
+    assert stop.type is lifecycle.TrainingInterrupted  # "continue with anchoring resume", not "nothing to resume"
+    monkeypatch.setattr(runs, "write_atomic", real)
+    assert lifecycle.resume(tmp_path / "run").summary["timing"]["total_s"] > 0  # and it resumes
+
+
+def test_resume_checks_it_can_write_before_it_trains(run_copy, monkeypatch):
+    (run_copy / runs.SUMMARY).unlink()  # an interrupted run, as far as resume can tell
+    real = runs.check_writable
+
+    def read_only(path):
+        if path.name == runs.SUMMARY:
+            raise AnchoringError(f"cannot write under {str(path)!r}: read-only (the test)")
+        real(path)
+
+    trained = []
+    monkeypatch.setattr(runs, "check_writable", read_only)
+    monkeypatch.setattr(lifecycle, "_execute", lambda *a: trained.append(a))
+    with pytest.raises(AnchoringError, match="cannot write under"):
+        lifecycle.resume(run_copy)
+    assert not trained
+
+
+def test_a_whole_summary_of_another_kind_is_not_taken_for_this_runs(run_copy):
+    """Every field a colour summary has, but written by another kind: refused on its kind alone."""
+    summary = json.loads((run_copy / "summary.json").read_text())
+    summary["kind"] = "transformer"
+    (run_copy / "summary.json").write_text(json.dumps(summary))
+    one_line_error(invoke("show", run_copy), "is not a summary of a 'colour' run")
+
+
+def test_a_sweep_refused_after_it_named_its_folder_leaves_no_folder(tmp_path, monkeypatch):
+    from anchoring import sweep
+
+    monkeypatch.chdir(tmp_path)  # the generated name lives under ./runs
+
+    def refuse(*a, **kw):
+        raise AnchoringError("refused by the test")
+
+    monkeypatch.setattr(sweep, "sweep", refuse)
+    one_line_error(invoke("sweep", "--seeds", "2", "--steps", "20", "--workers", "1", "-q"), "refused by the test")
+    assert not [p for p in (tmp_path / "runs").rglob("*") if p.is_dir() and not any(p.iterdir())]

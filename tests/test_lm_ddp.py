@@ -300,3 +300,42 @@ def test_a_sigterm_held_while_the_ranks_start_is_delivered_once_after():
         assert got == [signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_the_nproc_flag_reaches_the_config(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from anchoring.cli import app
+    from anchoring.errors import AnchoringError
+
+    seen = []
+
+    def captured(cfg, out, progress=None):
+        seen.append(cfg)
+        raise AnchoringError("stopped by the test")
+
+    monkeypatch.setattr(lifecycle, "run", captured)
+    r = CliRunner().invoke(app, ["run", "lm-anchor", "--nproc", "2", "--out", str(tmp_path / "r"), "-q"])
+    assert r.exit_code == 2 and "stopped by the test" in r.stderr, r.stderr
+    assert seen[0].lm.nproc == 2
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_under_torchrun_rank_0_makes_the_run_and_the_others_follow(monkeypatch, tmp_path, rank):
+    from typer.testing import CliRunner
+
+    from anchoring.cli import app
+    from anchoring.errors import AnchoringError
+    from anchoring.kinds.lm import distributed
+
+    made, followed = [], []
+
+    def make(cfg, out, progress=None):
+        made.append(out)
+        raise AnchoringError("stopped by the test")
+
+    monkeypatch.setattr(distributed, "launched_by_torchrun", lambda: (rank, 2))
+    monkeypatch.setattr(distributed, "follow", lambda cfg, out: followed.append(out))
+    monkeypatch.setattr(lifecycle, "run", make)
+    CliRunner().invoke(app, ["run", "lm-anchor", "--out", str(tmp_path / "r"), "-q"])
+    assert (len(made), len(followed)) == ((1, 0) if rank == 0 else (0, 1))

@@ -125,7 +125,8 @@ def test_generate_prints_continuations_with_and_without_the_edit(lm_run):
     hot = lm_run.generate("He drew his ", arm="control", n=300, temperature=5.0)
     assert "\ufffd" not in hot and len(hot) == len("He drew his ") + 300
     for args, message in ((["--prompt", ""], "prompt is empty"), (["--prompt", "Zébra ☃"], "never saw in training"),
-                          (["--prompt", "He ", "--temperature", "inf"], "finite")):
+                          (["--prompt", "He ", "--temperature", "inf"], "finite"),
+                          (["--prompt", "He ", "-n", "0"], "-n (tokens to generate) must be ≥ 1")):
         r = CliRunner().invoke(app, ["generate", str(lm_run.path), *args])
         assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, (args, r.stderr)
 
@@ -576,3 +577,22 @@ def test_delete_through_the_api_refuses_sites_too(lm_run, tmp_path):
     with pytest.raises(AnchoringError, match="takes no --site"):
         delete(lm_run, spec, tmp_path / "d")
     assert not (tmp_path / "d").exists()
+
+
+def test_generate_pairs_each_sample_with_and_without_the_edit_on_one_sampling_seed(lm_run, monkeypatch):
+    from anchoring.kinds.lm.model import LMRun
+
+    seen = []
+    real = LMRun.generate
+
+    def recording(self, prompt, *, sample_seed=0, model=None, **kw):
+        seen.append((sample_seed, model))
+        return real(self, prompt, sample_seed=sample_seed, model=model, **kw)
+
+    monkeypatch.setattr(LMRun, "generate", recording)
+    r = CliRunner().invoke(app, ["generate", str(lm_run.path), "--prompt", "He ", "--edit", "delete", "-n", "3",
+                                 "--samples", "3"])
+    assert r.exit_code == 0, r.stderr
+    assert [k for k, _ in seen] == [0, 0, 1, 1, 2, 2]  # as trained, then after the edit, on the same seed
+    assert all(seen[i][1] is seen[0][1] and seen[i + 1][1] is seen[1][1] for i in (0, 2, 4))
+    assert seen[0][1] is not seen[1][1]

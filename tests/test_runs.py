@@ -1,0 +1,81 @@
+"""A run's files on disk (`anchoring.runs`): an edit written again replaces the old one whole or
+not at all, numbers keep their digits, and damaged files are one clear error."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from anchoring import runs
+from anchoring.errors import AnchoringError
+
+
+def _listing(folder):
+    return sorted(p.name for p in folder.parent.iterdir())
+
+
+def test_an_edit_written_again_replaces_the_old_one_and_leaves_no_copy(tmp_path):
+    out = tmp_path / "edit"
+    with runs.staged(out) as tmp:
+        (tmp / "summary.json").write_text("old")
+    with runs.staged(out, replace=True) as tmp:
+        (tmp / "summary.json").write_text("new")
+    assert (out / "summary.json").read_text() == "new"
+    assert _listing(out) == ["edit"]  # neither the partial nor the replaced copy is left beside it
+
+
+def test_an_edit_that_fails_to_arrive_puts_the_earlier_one_back(tmp_path, monkeypatch):
+    out = tmp_path / "edit"
+    with runs.staged(out) as tmp:
+        (tmp / "summary.json").write_text("old")
+    real = runs.os.replace
+    calls = []
+
+    def flaky(src, dst):  # the old edit moves aside, then the new one fails to take its place
+        calls.append((str(src), str(dst)))
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(runs.os, "replace", flaky)
+    with pytest.raises(OSError, match="No space left"):
+        with runs.staged(out, replace=True) as tmp:
+            (tmp / "summary.json").write_text("new")
+    assert (out / "summary.json").read_text() == "old"
+    assert _listing(out) == ["edit"]
+
+
+def test_an_existing_folder_is_refused_without_replace(tmp_path):
+    out = tmp_path / "edit"
+    with runs.staged(out) as tmp:
+        (tmp / "a").write_text("x")
+    with pytest.raises(OSError):
+        with runs.staged(out) as tmp:
+            (tmp / "b").write_text("y")
+    assert sorted(p.name for p in out.iterdir()) == ["a"] and _listing(out) == ["edit"]
+
+
+def test_metrics_keep_eight_significant_digits(tmp_path):
+    runs.write_metrics_csv(tmp_path / "metrics.csv", ["step", "seed", "loss"], [[0, 1, 1.23456789123], [1, 1, np.nan]])
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert lines == ["step,seed,loss", "0,1,1.2345679", "1,1,nan"]
+
+
+def test_numpy_numbers_that_are_not_finite_are_written_as_null(tmp_path):
+    values = {"a": np.float32("nan"), "b": [np.float16("inf"), np.float64(2.5)], "c": np.int64(3)}
+    runs.write_json(tmp_path / "s.json", values)
+    assert json.loads((tmp_path / "s.json").read_text()) == {"a": None, "b": [None, 2.5], "c": 3}
+
+
+def test_damaged_run_files_are_one_error(tmp_path):
+    (tmp_path / "summary.json").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(AnchoringError, match="is corrupt"):
+        runs.read_json(tmp_path / "summary.json")
+    (tmp_path / "edit.json").write_text("[1, 2]")  # valid JSON, but not a record
+    assert runs.edit_record(tmp_path) is None
+    for table, why in (("step,loss\n0,1.0\n", "needs step, seed"), ("step,seed,loss\n0,0,abc\n", "non-numeric")):
+        (tmp_path / "metrics.csv").write_text(table)
+        with pytest.raises(AnchoringError, match=why):
+            runs.read_metrics(tmp_path)
