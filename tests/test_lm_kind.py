@@ -946,3 +946,23 @@ def test_the_shaded_text_colours_every_character_of_a_token_on_a_scale_of_the_la
     assert "blue −0.50" in ax.get_title(loc="right") and "red +0.50" in ax.get_title(loc="right")
     patches = [p for p in ax.patches if isinstance(p, Rectangle)]
     assert len(patches) == 4  # both characters of each scored token; the unscored token's stay blank
+
+
+def test_a_finished_run_keeps_an_infinite_target_infinite_in_its_summary(corpus, tmp_path, monkeypatch):
+    from anchoring.kinds.lm import kind
+    from anchoring.kinds.lm.kind import summary_lines
+
+    real = kind.summarize
+
+    def with_a_ratio(*a, **kw):
+        s = real(*a, **kw)
+        s["targets"]["ratio ≥ 3"] = {"median": float("inf"), "met": True}  # as a ratio over seeds that removed nothing
+        return s
+
+    monkeypatch.setattr(kind, "summarize", with_a_ratio)
+    cfg = experiments.load("lm-anchor-passages", tiny(corpus, "train.steps=2", 'lm.arms=["control"]',
+                                                      "evaluate.shade_passages=0"))
+    lifecycle.run(cfg, tmp_path / "run")
+    saved = lifecycle.show(tmp_path / "run").summary
+    assert saved["targets"]["ratio ≥ 3"]["median"] is None  # JSON has no ∞ ...
+    assert "met   ratio ≥ 3: ∞" in summary_lines(saved)  # ... and the mark keeps it from reading "undefined"
