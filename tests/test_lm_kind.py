@@ -351,6 +351,11 @@ def test_bpe_switch_saves_its_merges_and_scores_per_character(corpus, tmp_path):
     scored = run.loss_per_token(text, arm="control")[0]
     predicted = len(text) - spans[0][1]  # every character after the first token's
     assert float(scored["nats"].sum()) / scored["nats_per_char"] == pytest.approx(predicted, rel=1e-5)
+    plain = "the soldiers fight, and the soldiers fight again"  # merged tokens: far fewer tokens than characters
+    scored = run.loss_per_token(plain, arm="control")[0]
+    predicted = len(plain) - run.data.tokenizer.spans(plain)[0][1]
+    assert len(scored["nats"]) < predicted - 5
+    assert float(scored["nats"].sum()) / scored["nats_per_char"] == pytest.approx(predicted, rel=1e-5)
 
 
 def test_subspace_variant_measures_the_share_of_h_in_its_dims(corpus, tmp_path):
@@ -966,3 +971,36 @@ def test_a_finished_run_keeps_an_infinite_target_infinite_in_its_summary(corpus,
     saved = lifecycle.show(tmp_path / "run").summary
     assert saved["targets"]["ratio ≥ 3"]["median"] is None  # JSON has no ∞ ...
     assert "met   ratio ≥ 3: ∞" in summary_lines(saved)  # ... and the mark keeps it from reading "undefined"
+
+
+def test_load_run_generates_from_the_last_context_tokens_at_the_asked_temperature_and_seed(finished):
+    path, _ = finished
+    run = lifecycle.load_run(path)
+    ctx = run.model("anchored").context
+    long = " ".join(CALM) + " " + " ".join(VIOLENT)  # its start and its end differ
+    assert len(long) > 2 * ctx
+    tail = long[-ctx:]  # character tokens: the last `context` characters
+    greedy = run.generate(long, arm="anchored", n=8, temperature=0)
+    assert greedy[len(long):] == run.generate(tail, arm="anchored", n=8, temperature=0)[len(tail):]
+    # a temperature near 0 is (almost surely) greedy; a hot one with a fixed sampling seed repeats itself
+    assert run.generate("He drew his ", arm="anchored", n=8, temperature=1e-3) == run.generate(
+        "He drew his ", arm="anchored", n=8, temperature=0)
+    hot = [run.generate("He drew his ", arm="anchored", n=40, temperature=1.5, sample_seed=s) for s in (0, 0, 1)]
+    assert hot[0] == hot[1] and hot[0] != hot[2]
+
+
+def test_load_run_alignment_reads_the_first_anchored_site_by_default(finished):
+    path, summary = finished
+    run = lifecycle.load_run(path)
+    text = VIOLENT[0] + " " + CALM[0]
+    default = run.alignment(text, arm="anchored")[0]["values"]
+    assert summary["anchored_sites"][0] == "blocks.0"
+    assert torch.equal(default, run.alignment(text, arm="anchored", site="blocks.0")[0]["values"])
+    assert not torch.equal(default, run.alignment(text, arm="anchored", site="blocks.1")[0]["values"])
+
+
+def test_a_word_inside_a_longer_stage_span_keeps_the_whole_span():
+    from anchoring.text import concept_spans
+
+    line = "Kills him with a dagger and then departs the stage."  # a stage line; "Kills" and "dagger" inside it
+    assert concept_spans(line, "violence") == [(0, len(line))]

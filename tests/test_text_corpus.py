@@ -274,3 +274,25 @@ def test_an_unclosed_direction_ends_where_a_later_one_opens_a_line():
     # the edition's usual unclosed form still ends at its inner `]`
     usual = "[Enter Gower [and Fluellen.]"
     assert C.stage_spans(usual) == [(0, len(usual))]
+
+
+def test_shakespeare_works_are_named_without_the_gutenberg_suffix_and_keep_their_genres(monkeypatch):
+    """Passage ids (and so the split) and each work's genre come from the work's name, `hamlet`, not
+    the file's `hamlet_gut`; built afresh from three of the package's files, not read from the cache."""
+    try:
+        files = {p.name: p for p in C.shakespeare_files()}
+    except AnchoringError as e:
+        pytest.skip(str(e))
+    picked = [files[n] for n in ("hamlet_gut.txt", "twelfth_night_gut.txt", "henry_v_gut.txt") if n in files]
+    assert len(picked) == 3, sorted(files)
+    monkeypatch.setattr(C, "shakespeare_files", lambda: picked)
+    c = C.load_shakespeare(cache=False)
+    genre = {c.ids()[i].split(":")[0]: c.genre(i) for i in range(len(c.texts))}
+    assert genre == {"hamlet": "tragedy", "twelfth_night": "comedy", "henry_v": "history"}
+
+
+def test_each_part_of_the_split_gets_its_own_share():
+    ids = [f"w:{i}" for i in range(4000)]
+    parts = split_indices(ids, (0.6, 0.3, 0.1), seed=1)
+    shares = {k: len(v) / len(ids) for k, v in parts.items()}
+    assert shares == pytest.approx({"train": 0.6, "validation": 0.3, "test": 0.1}, abs=0.03)

@@ -71,3 +71,10 @@ def test_bad_tokenizer_inputs(tmp_path):
         (tmp_path / "damaged.json").write_text(body)
         with pytest.raises(AnchoringError, match=re.escape(message)):
             load_tokenizer(tmp_path / "damaged.json")
+
+
+def test_characters_beyond_the_basic_plane_keep_their_own_ids():
+    tok = CharTokenizer.train(["the moon 🌙 and 𝄞 music"])
+    ids = tok.encode("🌙𝄞x")
+    assert ids[0] != 0 and ids[1] != 0 and ids[0] != ids[1] and ids[2] == 0  # x never seen: the unknown id
+    assert tok.decode(ids[:2]) == "🌙𝄞"

@@ -1,0 +1,37 @@
+"""Post-hoc directions on a control model (`kinds/lm/posthoc.py`): fitted on the labels the anchored
+arm of the same seed trained with, and pointing from the unlabelled states towards the labelled."""
+
+from __future__ import annotations
+
+import torch
+
+from anchoring import experiments
+from anchoring.kinds.lm.data import Stream, load_data
+from anchoring.kinds.lm.posthoc import fit, fit_activations
+from anchoring.kinds.lm.training import build_model
+from test_lm_kind import tiny, write_corpus
+
+
+def test_the_fit_reads_the_seeds_own_labels_and_the_direction_points_to_the_labelled(tmp_path):
+    corpus = write_corpus(tmp_path / "texts", files=2, paragraphs=60)
+    cfg = experiments.load("lm-unlearning", [o for o in tiny(corpus, "text.coverage=0.5")
+                                             if not o.startswith("terms.")] + ['terms.0.site="blocks.1"',
+                                                                               'terms.1.site="blocks.1"'])
+    data = load_data(cfg.text)
+    torch.manual_seed(0)
+    model = build_model(cfg, data.vocab_size)
+    B, T = cfg.lm.batch_size, cfg.lm.tokens
+    n = 6 * B * T  # six batches read whole: the fit's labels are theirs, in order
+
+    def labels(seed: int, weak_seed: int) -> torch.Tensor:
+        stream = Stream(data.train_tokens, data.keep("control", seed), seed, T, data.span_masks())
+        return torch.cat([stream.batch(step, B, data.weak(weak_seed)).labels.flatten() for step in range(6)])
+
+    for seed in (0, 1):
+        acts, y = fit_activations(model, cfg, data, seed, ["blocks.1"], n)
+        assert torch.equal(y, labels(seed, seed)), seed
+        assert 0 < y.sum() < len(y)
+        assert not torch.equal(y, labels(seed, seed + 1))  # another seed's weak labels mark other positions
+    v = fit(model, cfg, data, 1, ["blocks.1"])["mean-difference"].directions["blocks.1"]
+    proj = acts["blocks.1"] @ v
+    assert proj[y.bool()].mean() > proj[~y.bool()].mean()
