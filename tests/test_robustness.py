@@ -7,6 +7,7 @@ import os
 import shlex
 import stat
 import string
+from pathlib import Path
 
 import pytest
 import torch
@@ -596,3 +597,54 @@ def test_grid_values_are_stripped_and_a_grid_key_inside_a_set_value_is_refused(t
     base = ["sweep", "anchored", "--seeds", "1", "--workers", "1", "--steps", "20", "-q", "--grid", "model.latent_dim=4,5"]
     one_line_error(invoke(*base, "--set", "model={latent_dim = 4}", "--out", tmp_path / "g"), "--grid model.latent_dim is also given")
     assert not (tmp_path / "g").exists()
+
+
+class _FakeShard:
+    """A shard process that finishes after a few polls, writing its `done` file unless told not to."""
+
+    active = 0
+    peak = 0
+
+    def __init__(self, cmd, stdout=None, stderr=None, env=None):
+        self.dir = Path(cmd[-1])
+        self.polls = 0
+        type(self).active += 1
+        type(self).peak = max(type(self).peak, type(self).active)
+
+    def poll(self):
+        self.polls += 1
+        if self.polls < 3:
+            return None
+        if self.polls == 3:
+            type(self).active -= 1
+            if not (self.dir / "no-done").exists():
+                from anchoring.sweep.layout import DONE
+
+                (self.dir / DONE).write_text("")
+        return 0
+
+    def terminate(self):
+        pass
+
+    def wait(self, timeout=None):
+        return 0
+
+
+def test_the_local_backend_keeps_at_most_workers_shards_running_and_needs_each_shards_done_file(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from anchoring.sweep import backends
+
+    monkeypatch.setattr(backends.subprocess, "Popen", _FakeShard)
+    monkeypatch.setattr(backends.time, "sleep", lambda s: None)
+    shards = []
+    for i in range(5):
+        (tmp_path / f"s{i}").mkdir()
+        shards.append(SimpleNamespace(name=f"s{i}", dir=tmp_path / f"s{i}"))
+    _FakeShard.active = _FakeShard.peak = 0
+    backends.run_local(shards, workers=2, retries=0)
+    assert _FakeShard.peak == 2 and _FakeShard.active == 0
+    (tmp_path / "late").mkdir()
+    (tmp_path / "late" / "no-done").write_text("")  # exits 0 without writing done: not finished
+    with pytest.raises(AnchoringError, match="shard late failed 1 times"):
+        backends.run_local([SimpleNamespace(name="late", dir=tmp_path / "late")], workers=1, retries=0)
