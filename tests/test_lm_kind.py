@@ -65,6 +65,12 @@ def tiny(corpus, *extra: str) -> list[str]:
             "evaluate.probe_positions=400", "evaluate.shade_passages=2", *extra]
 
 
+def tiny_spans(corpus, *extra: str) -> list[str]:
+    """`tiny` for the span-label experiments (lm-anchor and its kin: two terms), both at blocks.1."""
+    return [o for o in tiny(corpus, *extra) if not o.startswith("terms.")] + ['terms.0.site="blocks.1"',
+                                                                              'terms.1.site="blocks.1"']
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("lm-corpus") / "texts")
@@ -445,8 +451,7 @@ SPANS_SCHEDULE = "STEP,lr,anchor,anti-subspace\n0,1e-4,0,0\n20,0.004,0.5,1.0\n25
 def test_span_labels_anchor_the_labelled_words_above_the_control(corpus, tmp_path):
     """The shipped lm-anchor (labels on the labeller's words, one anchored site): concept positions
     align with the anchor far more than retain positions, and more than in the control."""
-    overrides = [o for o in tiny(corpus, "train.steps=300", 'lm.arms=["anchored","control"]', "evaluate.shade_passages=0")
-                 if not o.startswith("terms.")] + ['terms.0.site="blocks.1"', 'terms.1.site="blocks.1"']
+    overrides = tiny_spans(corpus, "train.steps=300", 'lm.arms=["anchored","control"]', "evaluate.shade_passages=0")
     cfg = experiments.load("lm-anchor", overrides).model_copy(update={"schedule": SPANS_SCHEDULE})
     assert cfg.text.weak_labels == "spans" and [t.select for t in cfg.terms] == ["labelled", "unlabelled"]
     rows = {r["arm"]: r for r in lifecycle.run(cfg, tmp_path / "run").summary["models"]}
@@ -579,8 +584,7 @@ def test_route_changes_only_the_anchored_arm_and_needs_an_anchor(corpus, tmp_pat
     every other arm bit-for-bit the same; without an anchor term it is refused before training."""
     from safetensors.torch import load_file
 
-    base = [o for o in tiny(corpus, "train.steps=6", 'lm.arms=["anchored","control"]', "evaluate.shade_passages=0")
-            if not o.startswith("terms.")] + ['terms.0.site="blocks.1"', 'terms.1.site="blocks.1"']
+    base = tiny_spans(corpus, "train.steps=6", 'lm.arms=["anchored","control"]', "evaluate.shade_passages=0")
     ckpt = {}
     for route in (False, True):
         lifecycle.run(experiments.load("lm-anchor", [*base, f"lm.route={str(route).lower()}"]), tmp_path / str(route))

@@ -9,14 +9,12 @@ from anchoring import experiments
 from anchoring.kinds.lm.data import Stream, load_data
 from anchoring.kinds.lm.posthoc import fit, fit_activations
 from anchoring.kinds.lm.training import build_model
-from test_lm_kind import tiny, write_corpus
+from test_lm_kind import tiny_spans, write_corpus
 
 
 def test_the_fit_reads_the_seeds_own_labels_and_the_direction_points_to_the_labelled(tmp_path):
     corpus = write_corpus(tmp_path / "texts", files=2, paragraphs=60)
-    cfg = experiments.load("lm-unlearning", [o for o in tiny(corpus, "text.coverage=0.5")
-                                             if not o.startswith("terms.")] + ['terms.0.site="blocks.1"',
-                                                                               'terms.1.site="blocks.1"'])
+    cfg = experiments.load("lm-unlearning", tiny_spans(corpus, "text.coverage=0.5"))
     data = load_data(cfg.text)
     torch.manual_seed(0)
     model = build_model(cfg, data.vocab_size)

@@ -12,7 +12,7 @@ from anchoring import experiments
 from anchoring.anchor import Capture
 from anchoring.kinds.lm.data import load_data
 from anchoring.kinds.lm.training import LMTask, routed, term_columns, train_arm
-from test_lm_kind import SCHEDULE, tiny, write_corpus
+from test_lm_kind import SCHEDULE, tiny_spans, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -20,15 +20,9 @@ def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("lm-training") / "texts", files=2, paragraphs=80)
 
 
-def _spans(corpus, *extra: str) -> list[str]:
-    """The shipped span-label experiment (lm-anchor) at the tiny size, its terms at blocks.1."""
-    return [o for o in tiny(corpus, *extra) if not o.startswith("terms.")] + ['terms.0.site="blocks.1"',
-                                                                              'terms.1.site="blocks.1"']
-
-
 def test_every_arm_of_a_seed_starts_from_the_same_weights_and_seeds_differ(corpus):
     """Arms are compared as if only their training differed; a different start would confound that."""
-    cfg = experiments.load("lm-unlearning", _spans(corpus, "train.steps=4"))
+    cfg = experiments.load("lm-unlearning", tiny_spans(corpus, "train.steps=4"))
     data = load_data(cfg.text)
     arms = ["anchored", "control", "weak-filtered", "oracle-filtered", "sgtm", "routing"]
     start = {arm: LMTask(cfg, data, 0, arm).model.state_dict() for arm in arms}
@@ -43,28 +37,28 @@ def test_every_arm_of_a_seed_starts_from_the_same_weights_and_seeds_differ(corpu
 
 
 def test_each_seed_trains_on_its_own_draw_of_weak_labels(corpus):
-    cfg = experiments.load("lm-anchor", _spans(corpus, "text.coverage=0.5", "train.seeds=2"))
+    cfg = experiments.load("lm-anchor", tiny_spans(corpus, "text.coverage=0.5", "train.seeds=2"))
     data = load_data(cfg.text)
     assert not np.array_equal(data.weak(0), data.weak(1))  # the check below could not fail otherwise
     for seed in (0, 1):
         assert np.array_equal(LMTask(cfg, data, seed, "anchored").labels, data.weak(seed)), seed
 
 
-def _stepped(cfg, data, step: int, arm: str = "anchored") -> LMTask:
+def _stepped(cfg, data, step: int, arm: str = "anchored") -> tuple[LMTask, torch.Tensor | None]:
+    """The task after one step, and the route's mask during it (the route forgets it on leaving)."""
     task = LMTask(cfg, data, 0, arm)
     with Capture(task.model, [t.site.module for t in task.terms]) as cap, routed(task) as route:
         task.cap, task.route = cap, route
         task.step(step)
-        task.mask_seen = None if route is None else route.mask  # the route forgets its mask on leaving
-    return task
+        return task, None if route is None else route.mask
 
 
 def test_the_logged_loss_is_the_task_plus_each_term_at_its_scheduled_weight(corpus):
-    cfg = experiments.load("lm-anchor", _spans(corpus, "train.steps=400")).model_copy(update={"schedule": SCHEDULE})
+    cfg = experiments.load("lm-anchor", tiny_spans(corpus, "train.steps=400")).model_copy(update={"schedule": SCHEDULE})
     data = load_data(cfg.text)
     probe = LMTask(cfg, data, 0, "anchored")  # SCHEDULE: anchor 0.5, anti-subspace 1.0 from step 20 on
     step = next(s for s in range(20, 200) if probe.stream.batch(s, cfg.lm.batch_size, probe.labels).labels.any())
-    task = _stepped(cfg, data, step)
+    task, _ = _stepped(cfg, data, step)
     row = dict(zip(task.names, task.rows[step]))
     terms = term_columns(task.names)
     weights = [row[t.weight] for t in task.terms]
@@ -76,7 +70,7 @@ def test_the_logged_loss_is_the_task_plus_each_term_at_its_scheduled_weight(corp
 
 def test_training_leaves_the_weights_on_the_sphere(corpus):
     """nGPT's matrices keep unit rows; a step of Adam moves them off, so every step puts them back."""
-    cfg = experiments.load("lm-anchor", _spans(corpus, "train.steps=5", 'lm.arms=["control"]'))
+    cfg = experiments.load("lm-anchor", tiny_spans(corpus, "train.steps=5", 'lm.arms=["control"]'))
     model = train_arm(cfg, load_data(cfg.text), 0, "control").model
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.normalize_weights()
@@ -85,10 +79,10 @@ def test_training_leaves_the_weights_on_the_sphere(corpus):
 
 
 def test_the_route_takes_the_labelled_positions(corpus):
-    cfg = experiments.load("lm-anchor", _spans(corpus, "lm.route=true", "train.steps=10"))
+    cfg = experiments.load("lm-anchor", tiny_spans(corpus, "lm.route=true", "train.steps=10"))
     data = load_data(cfg.text)
     for step in (0, 3):
-        task = _stepped(cfg, data, step)
+        task, mask = _stepped(cfg, data, step)
         b = task.stream.batch(step, cfg.lm.batch_size, task.labels, task.rows_of_rank)
         assert b.labels.any() and not b.labels.all()
-        assert torch.equal(task.mask_seen, b.labels.bool()), step
+        assert torch.equal(mask, b.labels.bool()), step
