@@ -61,3 +61,16 @@ def test_masked_gradients_add_to_what_grad_already_holds():
     masked_backward(net(x).sum(), net(x).pow(2).sum(), params, {"weight": torch.ones(2, 3, dtype=torch.bool)})
     for n, p in params.items():
         assert torch.allclose(p.grad, 2 * once[n]), n
+
+
+def test_a_frozen_parameter_is_skipped_and_one_only_the_labelled_loss_reaches_gets_its_masked_gradient():
+    """A frozen weight is no error and gets no gradient; a weight that only the labelled loss reaches
+    (a routed unit that retain text never uses) still learns where its mask allows."""
+    a, b = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
+    frozen = torch.ones(3)
+    mask = torch.tensor([True, False, True])
+    labelled, rest = (a * b * frozen).sum() * 2, (a * frozen).sum()
+    masked_backward(labelled, rest, {"a": a, "b": b, "frozen": frozen}, {"b": mask})
+    assert frozen.grad is None
+    assert a.grad.tolist() == [1.0, 1.0, 1.0]  # ∇rest only: a has no mask
+    assert b.grad.tolist() == [2.0, 0.0, 2.0]  # ∇labelled, masked

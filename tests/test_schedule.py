@@ -290,3 +290,21 @@ def test_a_reactive_controller_reads_the_median_seed_and_skips_exact_zeros():
     above = Reactive(param="w", metric="m", target=0.5, every=10, factor=2.0, keep="above")
     assert above.decide(10, torch.full((10, 2), 0.1), tl).value == pytest.approx(0.2)  # below a floor target: raised
     assert above.decide(10, torch.full((10, 2), 0.9), tl) is None
+
+
+def test_a_runs_schedule_is_checked_column_by_column_naming_its_source():
+    from anchoring.train.timeline import parse_schedule
+
+    ok = "STEP,lr,anchor,extent\n0,0,0,0.5\n10,1e-3,1,1\n"  # lr 0 at a key (a warm-up from nothing) is fine
+    t = parse_schedule(ok, "my.csv", ["anchor"], optional=("extent",))
+    assert set(t.tracks) == {"lr", "anchor", "extent"}
+    refused = {
+        "STEP,bogus,lr,anchor\n0,1,1e-3,1\n": "column 'bogus' is not used by any term",  # the first column too
+        ok: "column 'extent' is not used",  # extent only where the kind reads it
+        "STEP,lr\n0,1e-3\n": "no column 'anchor'",
+        "STEP,lr,anchor\n0,1e-3,1\n5,-1e-3,1\n10,1e-3,1\n": "my.csv: lr must be ≥ 0 at every key, got -0.001",
+        "STEP,lr,anchor\n0,1e-3\n": "my.csv line 2",
+    }
+    for text, message in refused.items():
+        with pytest.raises(AnchoringError, match=message):
+            parse_schedule(text, "my.csv", ["anchor"])

@@ -3,6 +3,7 @@ import signal
 
 import pytest
 import torch
+from torch import nn
 
 from anchoring.kinds.colour.training import train
 from anchoring.train import TrainingInterrupted
@@ -77,3 +78,47 @@ def test_ctrl_c_stops_cleanly_with_a_checkpoint(small_cfg, tmp_path):
     resumed = train(small_cfg, tmp_path)
     for k, v in params(full).items():
         assert torch.equal(v, params(resumed)[k]), k
+
+
+def test_every_chunk_of_a_seeds_stream_is_new_and_steps_can_be_drawn_in_any_order():
+    """Batches are a pure function of (seed, step): a stream that read step 0 and then a later chunk
+    gives what a fresh one gives, and the second chunk is not the first one again."""
+    from anchoring.train.data import CHUNK, EnsembleStream
+
+    s, fresh = EnsembleStream([3, 4], batch_size=5, n_labels=2), EnsembleStream([3, 4], batch_size=5, n_labels=2)
+    first = s(0).clone()
+    assert first.shape == (2, 5, 3) and not torch.equal(s(CHUNK), first)
+    assert torch.equal(s(CHUNK + 7), fresh(CHUNK + 7)) and torch.equal(s(7), fresh(7))
+
+
+def test_weighted_points_draw_by_their_weights_and_refuse_weights_that_cannot_be_sampled():
+    from anchoring.train.data import WeightedPoints
+
+    w = WeightedPoints(torch.arange(4.0), torch.tensor([0.0, 1.0, 0.0, 3.0]))  # cdf 0, .25, .25, 1
+    # a uniform of exactly 0 or 0.25 must not pick a point of weight 0
+    assert w.indices(torch.tensor([0.0, 0.2, 0.25, 0.26, 0.9999])).tolist() == [1, 1, 3, 3, 3]
+    assert WeightedPoints(torch.arange(4.0)).indices(torch.tensor([0.0, 0.3, 0.6, 0.9])).tolist() == [0, 1, 2, 3]
+    for bad in (torch.zeros(4), torch.ones(3), torch.tensor([1.0, -1.0, 1.0, 1.0])):
+        with pytest.raises(ValueError, match="non-negative, one per point, and not all zero"):
+            w.set_weights(bad)
+
+
+def test_ensemble_members_carry_their_own_buffers_and_captures_carry_no_gradient():
+    from anchoring.train.ensemble import Ensemble
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.register_buffer("scale", torch.rand(3))  # drawn from the seed, like the weights
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) * self.scale
+
+    ens = Ensemble(Scaled, [1, 2])
+    for seed, member in zip((1, 2), ens.members()):
+        torch.manual_seed(seed)
+        alone = Scaled()
+        assert torch.equal(member.scale, alone.scale) and torch.equal(member.lin.weight, alone.lin.weight)
+    acts = ens.capture_at("lin", torch.randn(2, 4, 3))
+    assert acts.shape == (2, 4, 3) and not acts.requires_grad

@@ -1,0 +1,187 @@
+"""A sweep's shards: the worker process's entry point, and the Ray backend's own logic with a
+stand-in for Ray that runs each task in this process (how it starts and stops Ray, which shards it
+sends, where the returned files land, what a failed task says). `test_speed.py` runs a real Ray
+once, in the slow tests, and the local backend's worker pool."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from anchoring import experiments, lifecycle, sweep
+from anchoring.errors import AnchoringError
+from anchoring.sweep import backends
+from anchoring.sweep.layout import DONE
+
+
+class FakeRay:
+    """What `run_ray` calls of Ray, recorded; tasks run when their result is asked for, in order."""
+
+    def __init__(self, initialised: bool = False) -> None:
+        self.initialised, self.init_kwargs, self.task_options, self.shutdowns = initialised, None, None, 0
+        self.sent: list[str] = []
+        self._refs: dict[int, tuple] = {}
+
+    def is_initialized(self) -> bool:
+        return self.initialised
+
+    def init(self, **kwargs) -> None:
+        self.init_kwargs, self.initialised = kwargs, True
+
+    def shutdown(self) -> None:
+        self.shutdowns += 1
+        self.initialised = False
+
+    def remote(self, **options):
+        self.task_options = options
+        ray = self
+
+        class Task:
+            def __init__(self, fn) -> None:
+                self.fn = fn
+
+            def remote(self, *args) -> int:
+                ray.sent.append(args[0])
+                ref = len(ray._refs)
+                ray._refs[ref] = (self.fn, args)
+                return ref
+
+        return Task
+
+    def wait(self, refs: list[int], num_returns: int = 1):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref: int):
+        fn, args = self._refs[ref]
+        return fn(*args)
+
+
+class Config:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def to_toml(self) -> str:
+        return self.name
+
+
+class Shard:
+    def __init__(self, root: Path, name: str) -> None:
+        self.dir, self.config = root / name, Config(name)
+        self.dir.mkdir(parents=True)
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+
+@pytest.fixture
+def ray(monkeypatch):
+    fake = FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    # a shard's "training": files at nested paths, named after its config
+    monkeypatch.setattr(backends, "shard_payload", lambda toml: {f"arms/{toml}.bin": toml.encode(), "top.txt": b"t"})
+    return fake
+
+
+def test_ray_is_started_for_the_sweep_with_its_cpus_and_stopped_after(ray, tmp_path):
+    backends.run_ray([Shard(tmp_path, "a")], workers=3, address=None, retries=2)
+    assert ray.init_kwargs == {"log_to_driver": False, "num_cpus": 3, "include_dashboard": False}
+    assert ray.task_options == {"num_cpus": 1, "max_retries": 2, "retry_exceptions": False}  # a dead worker's task runs again; a bug does not
+    assert ray.shutdowns == 1 and not ray.initialised
+    backends.run_ray([Shard(tmp_path, "b")], workers=3, address="ray://head:10001", retries=0)
+    assert ray.init_kwargs == {"log_to_driver": False, "address": "ray://head:10001"}  # a cluster brings its own CPUs
+    assert ray.task_options["max_retries"] == 0
+
+
+def test_a_ray_the_caller_started_is_left_running(ray, tmp_path):
+    ray.initialised = True
+    backends.run_ray([Shard(tmp_path, "a")], workers=2, address=None, retries=1)
+    assert ray.init_kwargs is None and ray.shutdowns == 0 and ray.initialised
+
+
+def test_only_unfinished_shards_are_sent_and_their_files_land_at_their_paths(ray, tmp_path):
+    shards = [Shard(tmp_path, n) for n in ("a", "b", "c")]
+    (shards[1].dir / DONE).write_text("ok\n")
+    seen = []
+    backends.run_ray(shards, workers=2, address=None, retries=0, progress=lambda done, total: seen.append((done, total)))
+    assert ray.sent == ["a", "c"]
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    for s in (shards[0], shards[2]):
+        assert (s.dir / "arms" / f"{s.name}.bin").read_bytes() == s.name.encode() and (s.dir / "top.txt").is_file()
+        assert (s.dir / DONE).is_file()
+    assert not (shards[1].dir / "arms").exists()
+
+
+def test_a_failed_task_names_its_shard_and_leaves_it_unfinished(ray, monkeypatch, tmp_path):
+    def payload(toml: str) -> dict[str, bytes]:
+        if toml == "b":
+            raise ValueError("the shard's config is broken\nmore lines")
+        return {"x": b"1"}
+
+    monkeypatch.setattr(backends, "shard_payload", payload)
+    shards = [Shard(tmp_path, n) for n in ("a", "b")]
+    with pytest.raises(AnchoringError, match=r"^shard b failed under Ray: ValueError: the shard's config is broken$"):
+        backends.run_ray(shards, workers=2, address=None, retries=0)
+    assert (shards[0].dir / DONE).is_file() and not (shards[1].dir / DONE).exists()
+    assert ray.shutdowns == 1  # stopped on the way out, too
+
+
+def test_an_lm_sweep_on_ray_trains_each_shard_in_scratch_space_and_merges_like_a_run(monkeypatch, tmp_path):
+    """Every task runs the real shard body (`shard_payload`): the LM's checkpoints sit under `arms/`,
+    so the files must come back by their path in the shard, not by their name."""
+    from test_lm_kind import SCHEDULE, tiny, write_corpus
+
+    monkeypatch.setitem(sys.modules, "ray", FakeRay())
+    cfg = experiments.load("lm-anchor-passages", tiny(write_corpus(tmp_path / "texts"), "train.steps=6", "train.seeds=2",
+                                                      'lm.arms=["anchored","control"]'))
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(cfg.model_copy(update={"schedule": SCHEDULE}).to_toml())
+    out = tmp_path / "sw"
+    sweep.sweep(str(spec), out, workers=2, backend="ray")
+    shards = sorted((out / "shards").iterdir())  # one shard per seed
+    assert [sorted(p.name for p in (d / "arms").iterdir()) for d in shards] == [
+        [f"anchored-seed{s}.safetensors", f"control-seed{s}.safetensors"] for s in (0, 1)]
+    run = lifecycle.load_run(out)
+    ref = lifecycle.load_run(lifecycle.run(experiments.load(str(spec)), tmp_path / "ref").path)
+    for arm in ("anchored", "control"):
+        for seed in (0, 1):
+            a, b = run.model(arm, seed).state_dict(), ref.model(arm, seed).state_dict()
+            assert all(torch.equal(a[k], b[k]) for k in a), (arm, seed)
+
+
+def test_a_shard_is_marked_done_only_after_its_files_are_written(ray, monkeypatch, tmp_path):
+    """A driver stopped while writing a shard's files (here: a full disk) must not leave the shard
+    marked finished, or a continued sweep would merge it without its files."""
+    write = backends.write_atomic
+
+    def full_disk(path: Path, data) -> None:
+        if path.name == "top.txt":
+            raise OSError(28, "No space left on device")
+        write(path, data)
+
+    monkeypatch.setattr(backends, "write_atomic", full_disk)
+    shard = Shard(tmp_path, "a")
+    with pytest.raises(OSError, match="No space left"):
+        backends.run_ray([shard], workers=1, address=None, retries=0)
+    assert not (shard.dir / DONE).exists()
+
+
+def test_a_finished_shard_is_not_read_or_trained_again(tmp_path):
+    from anchoring.sweep.worker import run_shard
+
+    (tmp_path / DONE).write_text("ok\n")
+    threads = torch.get_num_threads()
+    try:
+        run_shard(tmp_path)  # no config here: a shard marked done returns before it would read one
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_worker_entry_point_takes_exactly_one_shard_directory(tmp_path):
+    for args in ([], [str(tmp_path), str(tmp_path)]):
+        r = subprocess.run([sys.executable, "-m", "anchoring.sweep.worker", *args], capture_output=True, text=True)
+        assert r.returncode == 1 and r.stderr.startswith("usage: python -m anchoring.sweep.worker SHARD_DIR")
