@@ -185,3 +185,20 @@ def test_the_worker_entry_point_takes_exactly_one_shard_directory(tmp_path):
     for args in ([], [str(tmp_path), str(tmp_path)]):
         r = subprocess.run([sys.executable, "-m", "anchoring.sweep.worker", *args], capture_output=True, text=True)
         assert r.returncode == 1 and r.stderr.startswith("usage: python -m anchoring.sweep.worker SHARD_DIR")
+
+
+def test_the_fault_aid_kills_a_shard_once_when_the_given_step_is_done(tmp_path, monkeypatch):
+    """The sweep tests' fault (`ANCHORING_SWEEP_FAULT_STEP=15`) stops the first attempt after its 15th
+    step, once per shard: the retry's resume point and the tests' attempt counts rely on both."""
+    from anchoring.sweep import worker
+
+    kills = []
+    monkeypatch.setattr(worker.os, "kill", lambda pid, sig: kills.append(sig))
+    monkeypatch.setenv(worker.FAULT_ENV, "15")
+    [cb] = worker._fault_callback(tmp_path)
+    for step in range(14):
+        cb(step)
+    assert kills == []
+    cb(14)  # the callback gets the 0-based step just trained: the 15th
+    assert kills == [worker.signal.SIGKILL] and (tmp_path / "fault-injected").is_file()
+    assert worker._fault_callback(tmp_path) == []  # the retry runs to the end
