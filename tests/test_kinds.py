@@ -119,6 +119,8 @@ def test_show_intervene_and_delete_on_a_transformer_run(two_kinds, tmp_path):
     assert r.exit_code == 0 and "deleted red" in r.stdout, r.stderr
     r = runner.invoke(app, ["resume", str(deleted)])
     assert r.exit_code == 2 and "is an edited run" in r.stderr
+    r = runner.invoke(app, ["relearn", str(run_dir)])  # the transformer kind has no relearning attack
+    assert r.exit_code == 2 and r.stderr.strip() == "error: `relearn` does not apply to 'transformer' runs"
 
 
 def test_commands_that_do_not_apply_say_so_naming_the_kind(tmp_path):
