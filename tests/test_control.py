@@ -367,6 +367,15 @@ def test_plans_take_dims_from_the_anchor_and_refuse_what_would_not_apply():
     for method in ("suppress", "repel"):
         with pytest.raises(AnchoringError, match="dims apply to"):
             make_plan(InterventionConfig(name="r", method=method, concept="c", dims=[1]), [anti], 4)
+    spread = Concept("s", None, dims=(1, 2))  # anchored in a subspace: no single direction
+    assert make_plan(InterventionConfig(name="a", method="ablate", concept="s"), [spread], 4).dims == (1, 2)
+    refused = {("suppress", "s", None): "suppress needs a concept with an anchor",
+               ("zero", None, None): "zero needs dims",
+               ("ablate", "x", None): r"unknown concept 'x' \(have: c, s\)",
+               ("prune", None, (1, 1)): r"dims \[1, 1\] name a dim twice"}
+    for (method, concept, dims), message in refused.items():
+        with pytest.raises(AnchoringError, match=message):
+            make_plan(InterventionConfig(name="r", method=method, concept=concept, dims=dims), [anti, spread], 4)
 
 
 def test_relearning_curves_count_the_first_step_at_or_below_the_threshold():

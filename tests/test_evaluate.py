@@ -61,6 +61,22 @@ def test_probe_halves_alternate_a_class_whose_passages_share_one_parity():
         probe_halves(np.array([1, 0, 0]), np.array([3, 1, 3]))
 
 
+def test_a_probe_scores_the_concept_with_and_without_the_anchor_and_is_undefined_on_too_little_data():
+    from anchoring.kinds.lm.evaluate import probes
+
+    g = torch.Generator().manual_seed(0)
+    n = 40
+    concept, retain = torch.randn(n, 8, generator=g), torch.randn(n, 8, generator=g)
+    concept[:, 0] += 4.0  # the concept lives on dim 0 alone
+    passages = {"concept": np.arange(n) % 8, "retain": 8 + np.arange(n) % 8}
+    (row,) = probes({"blocks.1": {"concept": concept, "retain": retain}}, passages, None, (0,))
+    assert row["site"] == "blocks.1" and row["auc"] > 0.95 and row["auc_without_anchor"] < 0.75
+    few = {"concept": concept[:9], "retain": retain}  # under 10 positions of a class: no probe
+    one_each = {"concept": concept, "retain": retain}  # each class in one passage: one half would lack a class
+    rows = probes({"few": few, "one": one_each}, {"concept": np.zeros(n, int), "retain": np.ones(n, int)}, None, (0,))
+    assert all(math.isnan(r["auc"]) and math.isnan(r["auc_without_anchor"]) for r in rows)
+
+
 def test_an_infinite_median_keeps_its_sign_once_read_back():
     from anchoring.evaluate.stats import mark_infinite, target_median
 

@@ -421,6 +421,19 @@ def test_a_run_that_anchors_nothing_has_no_direction_to_edit():
     assert len(concept_directions(experiments.load("lm-anchor"))) == 1
 
 
+def test_the_random_control_goes_with_suppress_only_and_suppress_needs_a_site():
+    from anchoring.errors import AnchoringError
+    from anchoring.kinds.lm.training import build_model
+
+    cfg = experiments.load("lm-anchor")
+    model = build_model(cfg, 8)
+    for edit in ("delete", "blind"):
+        with pytest.raises(AnchoringError, match=f"goes with suppress, not {edit}"):
+            edited(model, cfg, edit, random_control=3)
+    with pytest.raises(AnchoringError, match="no site to suppress at"):
+        edited(model, cfg, "suppress", sites=[])
+
+
 def test_validate_refuses_unlearning_on_an_anchored_arm_that_anchors_no_direction():
     """An anchored arm can carry terms yet pull towards nothing (only a clearing term here); unlearning
     and `evaluate.ood` delete along the concept's direction after training, so the config is refused
