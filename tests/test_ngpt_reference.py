@@ -89,3 +89,13 @@ def test_the_real_form_of_rotary_used_under_compile_is_the_same_turn():
     x = torch.randn(7, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     cos, sin = rotary_tables(7, 8, dtype=torch.float64)
     torch.testing.assert_close(apply_rotary(x, cos, sin), rotate(x), rtol=1e-12, atol=1e-12)
+
+
+def test_the_model_refuses_shapes_it_cannot_compute():
+    with pytest.raises(ValueError, match="width 12 must split into 4 heads of even size"):  # heads of 3
+        NormalizedTransformer(vocab=5, width=12, layers=1, heads=4)
+    with pytest.raises(ValueError, match=r"no block 2 \(the model has 2\)"):
+        NormalizedTransformer(vocab=5, width=8, layers=2, heads=2, extra_units={2: 4})
+    model = NormalizedTransformer(vocab=5, width=8, layers=2, heads=2, context=6)
+    with pytest.raises(ValueError, match="sequence of 7 tokens is longer than the context 6"):
+        model(torch.zeros(1, 7, dtype=torch.long))
