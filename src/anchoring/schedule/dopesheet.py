@@ -24,9 +24,9 @@ _FRAC = re.compile(r"^\+(\d*\.\d+|\d+\.\d*)$")
 RESERVED = ("STEP", "PHASE", "ACTION")
 
 
-def _parse_header(cells: list[str]) -> tuple[dict[str, int], list[tuple[str, str, str, int]]]:
+def _parse_header(cells: list[str], source: str = "dopesheet") -> tuple[dict[str, int], list[tuple[str, str, str, int]]]:
     if not cells or cells[0].strip().upper() != "STEP":
-        raise AnchoringError("dopesheet: first column must be STEP")
+        raise AnchoringError(f"{source}: first column must be STEP")
     special: dict[str, int] = {}
     params: list[tuple[str, str, str, int]] = []
     seen: set[str] = set()
@@ -38,22 +38,23 @@ def _parse_header(cells: list[str]) -> tuple[dict[str, int], list[tuple[str, str
         parts = cell.split(":")
         name = parts[0].strip()
         if not name or len(parts) > 3:
-            raise AnchoringError(f"dopesheet: bad column header {cell!r} (want name[:space[:interp]])")
+            raise AnchoringError(f"{source}: bad column header {cell!r} (want name[:space[:interp]])")
         space = parts[1].strip() if len(parts) > 1 else "linear"
         interp = parts[2].strip() if len(parts) > 2 else "minjerk"
         if space not in SPACES:
-            raise AnchoringError(f"dopesheet column {name!r}: unknown space {space!r} (use {'|'.join(SPACES)})")
+            raise AnchoringError(f"{source} column {name!r}: unknown space {space!r} (use {'|'.join(SPACES)})")
         if interp not in INTERPS:
-            raise AnchoringError(f"dopesheet column {name!r}: unknown interpolation {interp!r} (use {'|'.join(INTERPS)})")
+            raise AnchoringError(f"{source} column {name!r}: unknown interpolation {interp!r} (use {'|'.join(INTERPS)})")
         if name in seen:
-            raise AnchoringError(f"dopesheet: column {name!r} appears twice")
+            raise AnchoringError(f"{source}: column {name!r} appears twice")
         seen.add(name)
         params.append((name, space, interp, i))
     return special, params
 
 
-def _resolve_steps(raw: list[tuple[int, str]]) -> list[int]:
-    """Absolute step for every row; `raw` holds (line number, STEP cell)."""
+def _resolve_steps(raw: list[tuple[int, str]], source: str = "dopesheet") -> list[int]:
+    """Absolute step for every row; `raw` holds (line number, STEP cell). Errors name `source` as the
+    other dopesheet errors do, so a user with several schedule files knows which one to fix."""
     absolute: list[int | None] = []
     for line, cell in raw:
         if _ABS.match(cell):
@@ -61,7 +62,7 @@ def _resolve_steps(raw: list[tuple[int, str]]) -> list[int]:
         elif _REL.match(cell) or _FRAC.match(cell):
             absolute.append(None)
         else:
-            raise AnchoringError(f"dopesheet line {line}: bad STEP {cell!r} (use 750, +10, -10 or +0.5)")
+            raise AnchoringError(f"{source} line {line}: bad STEP {cell!r} (use 750, +10, -10 or +0.5)")
     steps: list[int] = []
     for k, ((line, cell), fixed) in enumerate(zip(raw, absolute)):
         if fixed is not None:
@@ -71,9 +72,9 @@ def _resolve_steps(raw: list[tuple[int, str]]) -> list[int]:
         nxt = next((a for a in absolute[k + 1 :] if a is not None), None)
         if _FRAC.match(cell) or cell.startswith("-"):
             if nxt is None:
-                raise AnchoringError(f"dopesheet line {line}: STEP {cell!r} needs a later absolute row")
+                raise AnchoringError(f"{source} line {line}: STEP {cell!r} needs a later absolute row")
             if _FRAC.match(cell) and not 0 <= float(cell) <= 1:
-                raise AnchoringError(f"dopesheet line {line}: STEP {cell!r} is a fraction of the way to the next "
+                raise AnchoringError(f"{source} line {line}: STEP {cell!r} is a fraction of the way to the next "
                                      f"absolute row, so it must lie between +0.0 and +1.0")
             step = round(prev + float(cell) * (nxt - prev)) if _FRAC.match(cell) else nxt + int(cell)
         else:
@@ -81,9 +82,9 @@ def _resolve_steps(raw: list[tuple[int, str]]) -> list[int]:
         steps.append(step)
     for (line, cell), s, before in zip(raw[1:], steps[1:], steps):
         if s < before:
-            raise AnchoringError(f"dopesheet line {line}: STEP {cell!r} resolves to {s}, before the previous row's {before}")
+            raise AnchoringError(f"{source} line {line}: STEP {cell!r} resolves to {s}, before the previous row's {before}")
     if steps and steps[0] < 0:
-        raise AnchoringError(f"dopesheet line {raw[0][0]}: STEP resolves to {steps[0]} < 0")
+        raise AnchoringError(f"{source} line {raw[0][0]}: STEP resolves to {steps[0]} < 0")
     return steps
 
 
@@ -96,7 +97,7 @@ def parse_dopesheet(text: str, source: str = "dopesheet") -> Timeline:
         raise AnchoringError(f"{source}: not valid CSV ({e})") from None
     if not rows:
         raise AnchoringError(f"{source}: empty dopesheet")
-    special, params = _parse_header(rows[0][1])
+    special, params = _parse_header(rows[0][1], source)
     if not params:
         raise AnchoringError(f"{source}: no hyperparameter columns")
     body = rows[1:]
@@ -108,7 +109,7 @@ def parse_dopesheet(text: str, source: str = "dopesheet") -> Timeline:
             raise AnchoringError(f"{source} line {line}: {len(cells)} cells but the header has {width} "
                                  f"(leave a cell empty with nothing between its commas)")
     cell = lambda cells, i: cells[i].strip() if i < len(cells) else ""  # noqa: E731
-    steps = _resolve_steps([(line, cell(cells, 0)) for line, cells in body])
+    steps = _resolve_steps([(line, cell(cells, 0)) for line, cells in body], source)
 
     tracks: dict[str, Track] = {}
     for name, space, interp, col in params:

@@ -1,0 +1,62 @@
+"""One-line refusals of the building blocks' bad input, each naming what is wrong, that no other fast
+test reaches: schedule tracks and dopesheets, regularizer terms, concept specs and falloff shapes."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+
+from anchoring.anchor import Concept, build_term
+from anchoring.anchor.concepts import build_concepts
+from anchoring.config import ConceptConfig
+from anchoring.control.falloff import Constant, parse_falloff
+from anchoring.errors import AnchoringError
+from anchoring.schedule import parse_dopesheet
+from anchoring.schedule.dopesheet import read_dopesheet
+from anchoring.schedule.track import Track
+
+CONCEPT = Concept("red", None, anchor=(1.0, 0.0, 0.0))
+
+CASES: dict[str, tuple[Callable[[], object], str]] = {
+    "track space": (lambda: Track([(0, 1.0)], space="cubic", name="lr"), r"^lr: unknown space 'cubic'"),
+    "track interpolation": (lambda: Track([(0, 1.0)], interp="wobbly", name="lr"), r"^lr: unknown interpolation 'wobbly'"),
+    "track without keys": (lambda: Track([], name="lr"), r"^lr: a track needs at least one keyframe$"),
+    "track keyed twice": (lambda: Track([(5, 1.0), (5, 2.0)], name="lr"), r"^lr: two keyframes at step 5$"),
+    "track log of zero": (lambda: Track([(0, 0.0)], space="log", name="lr"), r"^lr: log-space value must be > 0, got 0$"),
+    "retarget backwards": (lambda: Track([(0, 1.0), (10, 2.0)], name="w").retarget(5, 3.0, until=5),
+                           r"^w: retarget must end after it starts \(5 ≤ 5\)$"),
+    "dopesheet step below 0": (lambda: parse_dopesheet("STEP,lr\n-10,1\n5,2\n", source="s.csv"),  # 10 before step 5
+                               r"^s.csv line 2: STEP resolves to -5 < 0$"),
+    "dopesheet step after its next": (lambda: parse_dopesheet("STEP,lr\n10,1\n5,2\n", source="s.csv"),
+                                      r"^s.csv line 3: STEP '5' resolves to 5, before the previous row's 10$"),
+    "dopesheet step keyed twice": (lambda: parse_dopesheet("STEP,lr\n0,1\n0,2\n", source="s.csv"),
+                                   r"^s.csv line 3, column 'lr': step 0 is keyed twice$"),
+    "dopesheet file missing": (lambda: read_dopesheet("/nonexistent/s.csv"), r"^cannot read dopesheet '/nonexistent/s.csv': "),
+    "anchor towards nothing": (lambda: build_term("anchor", "w", latent_dim=3, direction=[0.0, 0.0, 0.0]),
+                               r"^term 'anchor': direction must be non-zero$"),
+    "anti-subspace without dims": (lambda: build_term("anti-subspace", "w", latent_dim=3),
+                                   r"^term 'anti-subspace': anti-subspace needs dims \(or a concept with dims\)$"),
+    "residual-toward without a concept": (lambda: build_term("residual-toward", "w", latent_dim=3, dims=[0], toward=CONCEPT),
+                                          r"residual-toward needs a concept \(whose residual it moves\)$"),
+    "concept twice": (lambda: build_concepts([ConceptConfig(name="red"), ConceptConfig(name="red")], 3, lambda n: None),
+                      r"^concept 'red' is defined twice$"),
+    "anchor and axis": (lambda: build_concepts([ConceptConfig(name="red", anchor=[1, 0, 0], axis=0)], 3, lambda n: None),
+                        r"^concept 'red': give an anchor or an axis, not both$"),
+    "falloff power 0": (lambda: parse_falloff("power:0.2,0,1"), r"^falloff power p must be > 0, got 0.0 \(falloff 'power:0.2,0,1'"),
+    "falloff ceiling below 0": (lambda: parse_falloff("linear:0.2,-1"), r"^falloff ceiling b must be ≥ 0, got -1.0"),
+    "bezier outside the unit square": (lambda: parse_falloff("bezier:1.5,0,0.9,0.1,0"),
+                                       r"^Bézier control x-coordinates must lie in \[0, 1\]"),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_bad_input_is_one_line_naming_what_is_wrong(case):
+    make, message = CASES[case]
+    with pytest.raises(AnchoringError, match=message) as e:
+        make()
+    assert "\n" not in str(e.value)
+
+
+def test_no_falloff_given_is_the_full_constant_strength():
+    assert parse_falloff(None) == Constant() == parse_falloff("")
