@@ -216,3 +216,28 @@ def test_the_residual_component_counts_a_state_pointing_away_from_the_direction(
     with torch.no_grad():
         m.emb.weight.copy_(torch.tensor([-1.0, 0.0, 0.0, 0.0]).expand(5, 4))
     assert residual_component(m, torch.tensor([1.0, 0.0, 0.0, 0.0]), torch.arange(5)[None], ["emb"]) == pytest.approx(1.0)
+
+
+class Unused(nn.Module):
+    """A Linear autoencoder with a module the forward never calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.latent, self.dec, self.spare = nn.Linear(3, 4), nn.Identity(), nn.Linear(4, 3), nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dec(self.latent(self.enc(x)))
+
+
+def test_weight_edits_name_what_they_cannot_find_in_a_users_model():
+    for model, site, message in ((Unused(), "spare", "site 'spare' did not run in a forward pass"),
+                                 (nn.Sequential(nn.Tanh()), "0", "the model has no nn.Linear")):
+        with pytest.raises(AnchoringError, match=message):
+            find_layout(model, site)
+    m, v = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 4), nn.Linear(4, 3)), torch.tensor([1.0, 0.0, 0.0, 0.0])
+    with pytest.raises(AnchoringError, match=r"'2' is not a Linear writing a 4-wide residual stream"):
+        project_out(m, v, embeddings=["0"], writers=["1", "2"])
+    with pytest.raises(AnchoringError, match=r"blinding strength must be in \[0, 1\], not 1.5"):
+        blind_readers(m, v, ["1"], strength=1.5)
+    with pytest.raises(AnchoringError, match="nothing to blind: no reader given"):
+        blind_readers(m, v, [])
