@@ -1,5 +1,6 @@
 """One-line refusals of the building blocks' bad input, each naming what is wrong, that no other fast
-test reaches: schedule tracks and dopesheets, regularizer terms, concept specs and falloff shapes."""
+test reaches: schedule tracks and dopesheets, regularizer terms, concept specs, falloff shapes, config
+files and selections by seed."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ from typing import Callable
 
 import pytest
 
+from anchoring import experiments
 from anchoring.anchor import Concept, build_term
 from anchoring.anchor.concepts import build_concepts
 from anchoring.config import ConceptConfig
 from anchoring.control.falloff import Constant, parse_falloff
 from anchoring.errors import AnchoringError
+from anchoring.evaluate.selection import edit_summary
 from anchoring.schedule import parse_dopesheet
 from anchoring.schedule.dopesheet import read_dopesheet
 from anchoring.schedule.track import Track
@@ -60,3 +63,25 @@ def test_bad_input_is_one_line_naming_what_is_wrong(case):
 
 def test_no_falloff_given_is_the_full_constant_strength():
     assert parse_falloff(None) == Constant() == parse_falloff("")
+
+
+def test_config_files_and_seed_lists_that_cannot_be_read_are_one_line(tmp_path):
+    for bad in ("[]", "[-1]"):
+        with pytest.raises(AnchoringError, match=r"^anchored.toml with --set train.seed_list: .*seed_list must be non-empty seeds ≥ 0$"):
+            experiments.load("anchored", [f"train.seed_list={bad}"])
+    (tmp_path / "broken.toml").write_text("kind = [\n")
+    with pytest.raises(AnchoringError, match=r"^broken.toml: not valid TOML \("):
+        experiments.load(str(tmp_path / "broken.toml"))
+    (tmp_path / "latin.csv").write_bytes(b"STEP,lr\n0,1e-3 # \xe9t\xe9\n")  # Latin-1, not UTF-8
+    spec = (experiments.HERE / "anchored.toml").read_text().replace('schedule = "anchored.csv"', 'schedule = "latin.csv"')
+    (tmp_path / "mine.toml").write_text(spec)
+    with pytest.raises(AnchoringError, match=r"^schedule '.*latin.csv' is not UTF-8 text$"):
+        experiments.load(str(tmp_path / "mine.toml"))
+
+
+def test_a_selection_by_seed_refuses_what_would_be_ambiguous():
+    for seeds, selected, values, message in (([0, 0, 1], [0], [1.0, 2.0, 3.0], "seeds repeat"),
+                                             ([0, 1, 2], [5], [1.0, 2.0, 3.0], r"selected seeds \[5\] are not among"),
+                                             ([0, 1, 2], [1], [1.0, 2.0], "'red': 2 values for 3 seeds")):
+        with pytest.raises(ValueError, match=message):
+            edit_summary({"red": values}, seeds, selected)
