@@ -609,3 +609,27 @@ def test_generate_pairs_each_sample_with_and_without_the_edit_on_one_sampling_se
     assert [k for k, _ in seen] == [0, 0, 1, 1, 2, 2]  # as trained, then after the edit, on the same seed
     assert all(seen[i][1] is seen[0][1] and seen[i + 1][1] is seen[1][1] for i in (0, 2, 4))
     assert seen[0][1] is not seen[1][1]
+
+
+def test_the_run_api_on_text_too_short_to_score_at_a_site_that_is_not_there_and_without_its_tokenizer(lm_run, tmp_path):
+    import math
+    import shutil
+
+    (short,) = lm_run.loss_per_token("a")  # one token: nothing is predicted
+    assert short["nats"].numel() == 0 and short["spans"] == [] and math.isnan(short["nats_per_char"])
+    with pytest.raises(AnchoringError, match=r"^site 'blocks.9' is not a residual site of this model \(embed, blocks.0"):
+        lm_run.alignment("He stabs him.", site="blocks.9")
+    copy = tmp_path / "copy"
+    shutil.copytree(lm_run.path, copy)
+    arch = json.loads((copy / "architecture.json").read_text())
+    (copy / "architecture.json").write_text(json.dumps({**arch, "vocab": arch["vocab"] + 1}))
+    with pytest.raises(AnchoringError, match=rf"tokenizer has {arch['vocab']} tokens, the weights {arch['vocab'] + 1}$"):
+        lifecycle.load_run(copy)
+    (copy / "architecture.json").write_text(json.dumps({k: v for k, v in arch.items() if k != "vocab"}))
+    with pytest.raises(AnchoringError, match=r"architecture.json' has no 'vocab'$"):
+        lifecycle.load_run(copy)
+    (copy / "architecture.json").write_text(json.dumps(arch))
+    (copy / "tokenizer.json").unlink()
+    with pytest.raises(AnchoringError, match=r"tokenizer.json' is missing: the run's weights need the tokenizer"):
+        lifecycle.load_run(copy)
+    assert not (copy / "tokenizer.json").exists()  # opening a run writes nothing into it
