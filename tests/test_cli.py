@@ -104,6 +104,13 @@ def test_unreadable_run_directories(tmp_path):
     (broken / "architecture.json").write_text('{"kind": "colour-autoencoder"}')
     with pytest.raises(AnchoringError, match="cannot read checkpoint"):
         load_run(broken)
+    (broken / "architecture.json").write_text('["colour-autoencoder"]')
+    with pytest.raises(AnchoringError, match=r"architecture.json' is not an architecture description$"):
+        load_run(broken)
+    (broken / "architecture.json").write_text('{"kind": "colour-autoencoder"}')
+    (broken / "checkpoint.safetensors").unlink()
+    with pytest.raises(AnchoringError, match=r"has no trained weights yet; `anchoring resume` it$"):
+        load_run(broken)
 
 
 def test_real_process_prints_one_line_and_no_traceback(tmp_path):

@@ -20,6 +20,11 @@ from anchoring.errors import AnchoringError
     (["lm.width=132", "lm.heads=4"], "must split into 4 heads of even size"),  # heads of 33: rotary needs pairs
     (["lm.batch_size=15", "lm.nproc=2"], "does not split over nproc = 2"),
     (["lm.window=257"], "window 257 is longer than the model's context 256"),
+    (["routing.layers=[0,0]"], r"routing.layers must be distinct and non-empty, got \[0, 0\]"),
+    (["routing.layers=[]"], "routing.layers must be distinct and non-empty"),  # a routing arm that routes nowhere
+    (["unlearning.relearn_k=[]"], "relearn_k needs at least one K"),
+    (["unlearning.relearn_k=[4,0]"], "relearn_k entries must be positive passage counts, got 0"),
+    (['unlearning.posthoc=["leace","leace"]'], "posthoc methods must be distinct"),
 ])
 def test_a_config_that_cannot_run_as_written_is_refused(overrides, message):
     with pytest.raises(AnchoringError, match=message):
