@@ -442,3 +442,16 @@ def test_an_edit_record_takes_each_drop_from_its_own_group():
     assert e["red_answer_drop"] == pytest.approx(0.6) and e["no_red_drop"] == pytest.approx(0.02)
     assert (e["seed"], e["direction"]) == (3, "difference of means")
     assert edit_record(0, "anchored", table(1, 1, 1), table(1, 1, 1))["direction"] == "anchor"
+
+
+@pytest.mark.parametrize("override, message", [
+    ('interventions.1.name="suppress-red"', "^intervention names must be unique$"),
+    ('interventions.0.method="repel"', "^intervention 'suppress-red': a transformer supports suppress or ablate, not 'repel'$"),
+    ('interventions.0.concept="blue"', "^intervention 'suppress-red': concept 'blue' is not anchored by any term$"),
+    ('interventions.0.sites=["blocks.0"]', r"'blocks.0' is not an anchored site \(anchored: blocks.1, blocks.3\)$"),
+])
+def test_transformer_interventions_that_cannot_run_are_refused_before_training(override, message):
+    from anchoring.kinds.transformer.kind import validate
+
+    with pytest.raises(AnchoringError, match=message):
+        validate(experiments.load("transformer-anchor-residual", [override]))
