@@ -92,6 +92,10 @@ def test_show_intervene_and_delete_on_a_transformer_run(two_kinds, tmp_path):
     assert shown.exit_code == 0 and "exact match by redness" in shown.stdout and "red answer" in shown.stdout, shown.stderr
     r = runner.invoke(app, ["intervene", str(run_dir), "--concept", "red", "--method", "repel"])
     assert r.exit_code == 2 and "'transformer' run supports --method suppress or ablate" in r.stderr
+    for args, message in ((["--concept", "blue"], "concept 'blue' is not anchored in this run (anchored: red)"),
+                          (["--concept", "red", "--site", "embed"], "site(s) embed not anchored (anchored: ")):
+        r = runner.invoke(app, ["intervene", str(run_dir), *args, "--name", "unused"])
+        assert r.exit_code == 2 and message in r.stderr, (args, r.stderr)
     for flag, value in (("--falloff", "constant:0"), ("--dims", "0"), ("--k", "3")):  # ignored before, and recorded as applied
         for cmd in ("intervene", "delete") if flag == "--dims" else ("intervene",):  # delete has only --dims of these
             r = runner.invoke(app, [cmd, str(run_dir), "--concept", "red", flag, value,

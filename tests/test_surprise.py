@@ -127,3 +127,21 @@ def test_passage_means_ignore_the_unscored_first_token():
     first, second = passage_means(sc, spans, [(0, 3), (3, 7)])
     assert first["s2"] == pytest.approx(float(sc.s2[1:3].mean()), abs=1e-6)
     assert second["surprisal"] == pytest.approx(float(sc.surprisal[3:7].mean()), abs=1e-6)
+
+
+def test_a_model_or_tokenizer_that_breaks_the_contract_is_named_in_one_line():
+    """Scoring takes any causal LM: one that returns (B, V) logits (the last position only, as some
+    generation APIs do) or a tokenizer whose spans disagree with its ids would misalign every score."""
+    def last_position(x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(x.shape[0], 5)
+
+    with pytest.raises(AnchoringError, match=r"^model gave logits of shape \(1, 5\) for ids \(1, 4\); expected \(B, T, V\)$"):
+        score_ids(last_position, [1, 2, 3, 4], context=8)
+
+    class Dropping(CharTokenizer):
+        def spans(self, text: str) -> list[tuple[int, int]]:
+            return super().spans(text)[:-1]
+
+    tok = Dropping("abcd")
+    with pytest.raises(AnchoringError, match=r"^tokenizer gave 4 ids but 3 spans for the same text$"):
+        score_text(last_position, tok, "abcd", context=8)
