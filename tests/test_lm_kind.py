@@ -1008,3 +1008,16 @@ def test_a_word_inside_a_longer_stage_span_keeps_the_whole_span():
 
     line = "Kills him with a dagger and then departs the stage."  # a stage line; "Kills" and "dagger" inside it
     assert concept_spans(line, "violence") == [(0, len(line))]
+
+
+@pytest.mark.parametrize("paragraphs, violent, arms, message", [
+    (3, 0.3, '["anchored","control"]', r"leaves no validation passages; use more text or a larger split$"),
+    (60, 1.0, '["control","oracle-filtered"]',  # every passage is violent: the oracle filter removes them all
+     r"^arm 'oracle-filtered' \(seed 0\) would train on 0 tokens, fewer than one window of 65 tokens"),
+])
+def test_text_too_small_for_the_experiment_is_refused_before_anything_is_written(tmp_path, paragraphs, violent, arms, message):
+    corpus = write_corpus(tmp_path / "texts", files=1, paragraphs=paragraphs, violent=violent)
+    cfg = experiments.load("lm-anchor-passages", tiny(corpus, "train.steps=5", f"lm.arms={arms}"))
+    with pytest.raises(AnchoringError, match=message):
+        lifecycle.run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
