@@ -4,6 +4,8 @@ the rest, and `anchoring surprisal` shows the text before and after as a self-co
 from __future__ import annotations
 
 import json
+import math
+import shutil
 
 import pytest
 import torch
@@ -422,7 +424,6 @@ def test_a_run_that_anchors_nothing_has_no_direction_to_edit():
 
 
 def test_the_random_control_goes_with_suppress_only_and_suppress_needs_a_site():
-    from anchoring.errors import AnchoringError
     from anchoring.kinds.lm.training import build_model
 
     cfg = experiments.load("lm-anchor")
@@ -612,9 +613,6 @@ def test_generate_pairs_each_sample_with_and_without_the_edit_on_one_sampling_se
 
 
 def test_the_run_api_on_text_too_short_to_score_at_a_site_that_is_not_there_and_without_its_tokenizer(lm_run, tmp_path):
-    import math
-    import shutil
-
     (short,) = lm_run.loss_per_token("a")  # one token: nothing is predicted
     assert short["nats"].numel() == 0 and short["spans"] == [] and math.isnan(short["nats_per_char"])
     with pytest.raises(AnchoringError, match=r"^site 'blocks.9' is not a residual site of this model \(embed, blocks.0"):

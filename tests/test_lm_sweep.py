@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -105,6 +106,25 @@ def test_lm_grid_sweep_equals_one_run_per_point(spec, tmp_path, monkeypatch):
     for k, v in theirs.items():
         assert mine[k] == pytest.approx(v, abs=1e-6, nan_ok=True), k
     assert (point / "metrics.csv").read_text().count("\n") == 1 + STEPS * 4  # nothing lost, nothing twice
+
+
+def test_an_lm_sweep_on_ray_trains_each_shard_in_scratch_space_and_merges_like_a_run(spec, tmp_path, monkeypatch):
+    """Every Ray task (a stand-in running in this process) runs the real shard body: the LM's
+    checkpoints sit under `arms/` in a shard, so they must come back by their path, not their name."""
+    from test_sweep_backends import FakeRay
+
+    monkeypatch.setitem(sys.modules, "ray", FakeRay())
+    out = tmp_path / "sw"
+    sweep.sweep(str(spec), out, workers=2, backend="ray")
+    shards = sorted((out / "shards").iterdir())  # one shard per seed
+    assert [sorted(p.name for p in (d / "arms").iterdir()) for d in shards] == [
+        [f"anchored-seed{s}.safetensors", f"control-seed{s}.safetensors"] for s in (0, 1)]
+    run = lifecycle.load_run(out)
+    ref = lifecycle.load_run(lifecycle.run(experiments.load(str(spec)), tmp_path / "ref").path)
+    for arm in ("anchored", "control"):
+        for seed in (0, 1):
+            a, b = run.model(arm, seed).state_dict(), ref.model(arm, seed).state_dict()
+            assert all(torch.equal(a[k], b[k]) for k in a), (arm, seed)
 
 
 def test_lm_sweep_plans_one_shard_per_seed_block(spec, tmp_path):

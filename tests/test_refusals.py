@@ -1,5 +1,5 @@
 """One-line refusals of the building blocks' bad input, each naming what is wrong, that no other fast
-test reaches: schedule tracks and dopesheets, regularizer terms, concept specs, falloff shapes, config
+test reaches: schedule tracks, dopesheet files, regularizer terms, concept specs, falloff shapes, config
 files and selections by seed."""
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from anchoring.config import ConceptConfig
 from anchoring.control.falloff import Constant, parse_falloff
 from anchoring.errors import AnchoringError
 from anchoring.evaluate.selection import edit_summary
-from anchoring.schedule import parse_dopesheet
 from anchoring.schedule.dopesheet import read_dopesheet
 from anchoring.schedule.track import Track
 
@@ -29,12 +28,6 @@ CASES: dict[str, tuple[Callable[[], object], str]] = {
     "track log of zero": (lambda: Track([(0, 0.0)], space="log", name="lr"), r"^lr: log-space value must be > 0, got 0$"),
     "retarget backwards": (lambda: Track([(0, 1.0), (10, 2.0)], name="w").retarget(5, 3.0, until=5),
                            r"^w: retarget must end after it starts \(5 ≤ 5\)$"),
-    "dopesheet step below 0": (lambda: parse_dopesheet("STEP,lr\n-10,1\n5,2\n", source="s.csv"),  # 10 before step 5
-                               r"^s.csv line 2: STEP resolves to -5 < 0$"),
-    "dopesheet step after its next": (lambda: parse_dopesheet("STEP,lr\n10,1\n5,2\n", source="s.csv"),
-                                      r"^s.csv line 3: STEP '5' resolves to 5, before the previous row's 10$"),
-    "dopesheet step keyed twice": (lambda: parse_dopesheet("STEP,lr\n0,1\n0,2\n", source="s.csv"),
-                                   r"^s.csv line 3, column 'lr': step 0 is keyed twice$"),
     "dopesheet file missing": (lambda: read_dopesheet("/nonexistent/s.csv"), r"^cannot read dopesheet '/nonexistent/s.csv': "),
     "anchor towards nothing": (lambda: build_term("anchor", "w", latent_dim=3, direction=[0.0, 0.0, 0.0]),
                                r"^term 'anchor': direction must be non-zero$"),

@@ -95,6 +95,8 @@ def test_relative_steps_in_order():
     ("STEP,x:log\n0,1\n10,0\n", "log-space values must be > 0"),
     ("STEP,x,x\n0,1,2\n", "column 'x' appears twice"),
     ("STEP,x\n10,1\n5,2\n", "resolves to 5, before the previous row's 10"),
+    ("STEP,x\n-10,1\n5,2\n", "line 2: STEP resolves to -5 < 0"),  # 10 steps before step 5
+    ("STEP,x\n0,1\n0,2\n", "line 3, column 'x': step 0 is keyed twice"),
     ("STEP,x,y\n0,1,\n", "column 'y' has no values"),
     ("x,STEP\n0,1\n", "first column must be STEP"),
     ("STEP,x\n0,1,2,3\n", "4 cells but the header has 2"),

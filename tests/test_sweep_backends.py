@@ -1,7 +1,8 @@
 """A sweep's shards: the worker process's entry point, and the Ray backend's own logic with a
 stand-in for Ray that runs each task in this process (how it starts and stops Ray, which shards it
 sends, where the returned files land, what a failed task says). `test_speed.py` runs a real Ray
-once, in the slow tests, and the local backend's worker pool."""
+once, in the slow tests, and the local backend's worker pool; `test_lm_sweep.py` runs an LM sweep
+through this stand-in."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from anchoring import experiments, lifecycle, sweep
 from anchoring.errors import AnchoringError
 from anchoring.sweep import backends
 from anchoring.sweep.layout import DONE
@@ -21,8 +21,8 @@ from anchoring.sweep.layout import DONE
 class FakeRay:
     """What `run_ray` calls of Ray, recorded; tasks run when their result is asked for, in order."""
 
-    def __init__(self, initialised: bool = False) -> None:
-        self.initialised, self.init_kwargs, self.task_options, self.shutdowns = initialised, None, None, 0
+    def __init__(self) -> None:
+        self.initialised, self.init_kwargs, self.task_options, self.shutdowns = False, None, None, 0
         self.sent: list[str] = []
         self._refs: dict[int, tuple] = {}
 
@@ -128,29 +128,6 @@ def test_a_failed_task_names_its_shard_and_leaves_it_unfinished(ray, monkeypatch
         backends.run_ray(shards, workers=2, address=None, retries=0)
     assert (shards[0].dir / DONE).is_file() and not (shards[1].dir / DONE).exists()
     assert ray.shutdowns == 1  # stopped on the way out, too
-
-
-def test_an_lm_sweep_on_ray_trains_each_shard_in_scratch_space_and_merges_like_a_run(monkeypatch, tmp_path):
-    """Every task runs the real shard body (`shard_payload`): the LM's checkpoints sit under `arms/`,
-    so the files must come back by their path in the shard, not by their name."""
-    from test_lm_kind import SCHEDULE, tiny, write_corpus
-
-    monkeypatch.setitem(sys.modules, "ray", FakeRay())
-    cfg = experiments.load("lm-anchor-passages", tiny(write_corpus(tmp_path / "texts"), "train.steps=6", "train.seeds=2",
-                                                      'lm.arms=["anchored","control"]'))
-    spec = tmp_path / "tiny.toml"
-    spec.write_text(cfg.model_copy(update={"schedule": SCHEDULE}).to_toml())
-    out = tmp_path / "sw"
-    sweep.sweep(str(spec), out, workers=2, backend="ray")
-    shards = sorted((out / "shards").iterdir())  # one shard per seed
-    assert [sorted(p.name for p in (d / "arms").iterdir()) for d in shards] == [
-        [f"anchored-seed{s}.safetensors", f"control-seed{s}.safetensors"] for s in (0, 1)]
-    run = lifecycle.load_run(out)
-    ref = lifecycle.load_run(lifecycle.run(experiments.load(str(spec)), tmp_path / "ref").path)
-    for arm in ("anchored", "control"):
-        for seed in (0, 1):
-            a, b = run.model(arm, seed).state_dict(), ref.model(arm, seed).state_dict()
-            assert all(torch.equal(a[k], b[k]) for k in a), (arm, seed)
 
 
 def test_a_shard_is_marked_done_only_after_its_files_are_written(ray, monkeypatch, tmp_path):
