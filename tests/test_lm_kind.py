@@ -769,6 +769,27 @@ def test_a_run_refuses_to_go_on_over_a_corpus_that_changed(tmp_path):
     fresh()
 
 
+def test_a_run_folder_that_does_not_match_its_config_is_refused_in_one_line(tmp_path):
+    """A run folder whose tokenizer is of another kind than its config asks for, or whose corpus fingerprint
+    cannot be read, must stop the run before any batch is drawn: either would silently score another model's
+    vocabulary or skip the corpus check."""
+    folder = write_corpus(tmp_path / "texts")
+    text = experiments.load("lm-anchor-passages", tiny(folder)).text
+    run_dir = tmp_path / "run"
+    load_data(text, run_dir)  # saves the char tokenizer and the fingerprint
+    bpe = text.model_copy(update={"tokenizer": "bpe"})
+    with pytest.raises(AnchoringError, match=r"tokenizer.json holds a char tokenizer but the config asks for bpe$"):
+        load_data(bpe, run_dir)
+    (run_dir / "corpus.json").write_text('{"passages": 360}\n')  # truncated by hand: no digest
+    tokenizer = (run_dir / "tokenizer.json").read_bytes()
+    with pytest.raises(AnchoringError, match=r"^cannot read .*corpus.json: 'sha256'$"):
+        load_data(text, run_dir)
+    (run_dir / "corpus.json").write_text("{not json")
+    with pytest.raises(AnchoringError, match=r"^cannot read .*corpus.json: "):
+        load_data(text, run_dir)
+    assert (run_dir / "tokenizer.json").read_bytes() == tokenizer and (run_dir / "corpus.json").read_text() == "{not json"
+
+
 def test_the_summary_gives_the_coverage_span_labels_really_train_with(corpus):
     """A labelled passage with no word to mark trains as unlabelled text under span labels, so the
     coverage a run prints must count only passages that hold one."""
