@@ -648,3 +648,27 @@ def test_the_local_backend_keeps_at_most_workers_shards_running_and_needs_each_s
     (tmp_path / "late" / "no-done").write_text("")  # exits 0 without writing done: not finished
     with pytest.raises(AnchoringError, match="shard late failed 1 times"):
         backends.run_local([SimpleNamespace(name="late", dir=tmp_path / "late")], workers=1, retries=0)
+
+
+@pytest.mark.parametrize("wrote_shard", [False, True])
+def test_a_sweep_stopped_by_ctrl_c_says_whether_there_is_anything_to_continue(tmp_path, monkeypatch, wrote_shard):
+    """A stop before any shard leaves nothing to continue and no generated folder; a stop after one
+    names the folder to continue with. The workers' own saving is covered by test_speed."""
+    from anchoring import sweep
+
+    def stopped_sweep(experiment, path, **kwargs):
+        if wrote_shard:
+            (path / "shards" / "000").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "sweep", stopped_sweep)
+    monkeypatch.chdir(tmp_path)
+    r = invoke("sweep", "anchored", "--seeds", "2", "--workers", "2", "-q")
+    assert r.exit_code == 130 and "Traceback" not in r.stdout + r.stderr
+    if wrote_shard:
+        (path,) = (tmp_path / "runs" / "anchored-sweep").iterdir()
+        assert r.stderr.strip() == ("sweep interrupted; finished shards and checkpoints are kept — continue with "
+                                    f"the same command and --out {Path('runs') / 'anchored-sweep' / path.name}")
+    else:
+        assert r.stderr.strip() == "sweep interrupted before any shard was written; nothing to continue"
+        assert list(tmp_path.iterdir()) == []  # the generated runs/anchored-sweep/<time> went again
