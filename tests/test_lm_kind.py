@@ -22,7 +22,7 @@ from anchoring.cli import app
 from anchoring.domains.text.lexicons import lexicon_hits
 from anchoring.errors import AnchoringError
 from anchoring.kinds.lm.data import Stream, load_data
-from anchoring.kinds.lm.training import build_model, build_objective, self_labeller, train_arm
+from anchoring.kinds.lm.training import build_model, build_objective, build_timeline, self_labeller, train_arm
 
 CALM = ["The morning light fell soft upon the garden and the birds sang sweetly.",
         "She walked along the river and thought of supper and of home.",
@@ -835,6 +835,25 @@ def test_every_builtin_lm_experiment_binds_its_terms_to_its_model(name):
         for t in objective.terms:  # the site runs in the forward pass and holds the residual stream
             assert t.site.read(cap.acts).shape == (1, 16, cfg.lm.width), t.name
     assert (self_labeller(cfg, objective) is None) == (cfg.lm.self_label is None)
+    from anchoring.kinds.lm.kind import TARGET_STEPS  # the budget the printed targets say they are stated for
+
+    assert build_timeline(cfg, objective).steps == TARGET_STEPS + 1  # keys 0 … TARGET_STEPS
+
+
+def test_a_run_shortened_with_steps_says_its_targets_are_for_the_full_budget():
+    """`--steps 300` is the README's first look, and it misses the targets it prints; the line beside
+    them says they are stated for the full budget, and a full-length run prints no such line."""
+    from anchoring.kinds.lm.kind import TARGET_STEPS, summary_lines
+
+    def printed(**summary) -> list[str]:
+        base = {"experiment": "lm-anchor", "models": [], "arms": ["control"],
+                "targets": {"control validation loss ≤ 1.60 nats/char": {"median": 1.757, "met": False}}}
+        return [x for x in summary_lines(base | summary) if isinstance(x, str)]
+
+    note = f"the targets are stated for the default budget of {TARGET_STEPS} steps; this run trained 300"
+    short = printed(steps=300)
+    assert short.index(note) == short.index("MISS  control validation loss ≤ 1.60 nats/char: 1.757") - 1
+    assert not any("default budget" in x for x in printed(steps=None) + printed(steps=TARGET_STEPS) + printed(steps=300, targets={}))
 
 
 def test_the_concept_rename_flags_the_error_lists_are_all_it_takes(corpus):

@@ -534,7 +534,8 @@ def write_report(cfg: LMExperiment, path: Path, summary: dict[str, Any], metric_
                                                                  [[a, s_, "–" if t is None else float(t)] for a, s_, t in seconds])))
     if summary["targets"]:
         shown = [[k, target_text(target_median(v)) + left_out_note(v), v["met"]] for k, v in summary["targets"].items()]
-        sections.append(("Targets", html.table_html(["target", "median", "met"], shown)))
+        note = budget_note(summary)
+        sections.append(("Targets", (f"<p>{note[:1].upper() + note[1:]}.</p>" if note else "") + html.table_html(["target", "median", "met"], shown)))
     sections += [
         ("Alignment cos(h, anchor) per layer", html.table_html(["arm", "seed", "site", "concept", "retain", "margin",
                                                                 "containment"], al_rows)),
@@ -683,6 +684,18 @@ def left_out_note(t: dict[str, Any]) -> str:
     return f" ({n} seed{'s' * (n != 1)} undefined, {treated})" if n else ""
 
 
+TARGET_STEPS = 1000  # the budget the LM targets are stated for: every built-in LM schedule's length
+
+
+def budget_note(summary: dict[str, Any]) -> str | None:
+    """A run shortened with --steps is judged against targets meant for the full budget; say so next to
+    the MISS lines, so that a first look at 300 steps is not read as the method failing."""
+    steps = summary.get("steps")
+    if not summary.get("targets") or steps is None or steps >= TARGET_STEPS:
+        return None
+    return f"the targets are stated for the default budget of {TARGET_STEPS} steps; this run trained {steps}"
+
+
 def _cell(x: float | None) -> str:
     """A table cell of three decimals; "–" for a value that is undefined (NaN in the run, null once
     summary.json is read back: a class with no positions, a probe with one class)."""
@@ -739,6 +752,8 @@ def summary_lines(summary: dict[str, Any]) -> list[Any]:
     from anchoring.kinds.lm.unlearning import TableOrList
 
     lines: list[Any] = [TableOrList(table, listed), *run_notes(summary)]
+    if note := budget_note(summary):
+        lines.append(note)
     for name, t in summary.get("targets", {}).items():
         lines.append(f"{'met ' if t['met'] else 'MISS'}  {name}: {target_text(target_median(t))}{left_out_note(t)}")  # None: NaN read back from JSON
     if summary.get("unlearning"):
