@@ -4,6 +4,7 @@ and the numbers repeat exactly; plus the post-hoc and edit building blocks on th
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -960,3 +961,73 @@ def test_the_matched_move_of_a_subspace_hook_avoids_the_whole_subspace():
     energy = lambda x: x[..., :3].norm(dim=-1)  # noqa: E731
     assert not torch.allclose(seen["h"], h)  # the states were moved
     assert bool((energy(seen["h"]) <= energy(h) + 1e-5).all())
+
+
+def test_an_interrupted_unlearning_evaluation_resumes_from_its_finished_seeds(unlearned, tmp_path, monkeypatch):
+    """The evaluation takes minutes per seed at full size. A stop keeps the seeds already finished, and
+    the resumed evaluation gives exactly the numbers of an unbroken one; saved seeds are reused only
+    for the same config and weights."""
+    path, _ = unlearned
+    run = lifecycle.load_run(path)
+    models = {(arm, s): ms[0] for arm, ms in run.arms.items() for s in (0, 1)}  # the run's models as two seeds' work
+    same = lambda out: json.dumps([out["rows"], out["curve_points"]], default=lambda o: o.item())  # noqa: E731  (NaN-safe)
+    whole = same(ul.evaluate(run.config, run.data, models))
+    partial = tmp_path / "partial"
+    real, computed, stop_in = ul.forget_passages, [], [1]
+
+    def counted(data, seed):  # called once per seed that is computed, not read back
+        computed.append(seed)
+        if seed in stop_in:
+            raise KeyboardInterrupt  # Ctrl-C in the second seed
+        return real(data, seed)
+
+    monkeypatch.setattr(ul, "forget_passages", counted)
+    with pytest.raises(KeyboardInterrupt):
+        ul.evaluate(run.config, run.data, models, partial=partial)
+    stop_in.clear()
+    assert sorted(p.name for p in partial.iterdir()) == ["seed0.json"]
+    assert same(ul.evaluate(run.config, run.data, models, partial=partial)) == whole
+    assert computed == [0, 1, 1]  # the resumed evaluation computed only seed 1
+    computed.clear()
+    assert same(ul.evaluate(run.config, run.data, models, partial=partial)) == whole and computed == []
+    changed = dict(models)
+    changed["anchored", 1] = copy.deepcopy(models["anchored", 1])
+    with torch.no_grad():
+        changed["anchored", 1].embed.weight[0, 0] += 1e-3
+    ul.evaluate(run.config, run.data, changed, partial=partial)
+    assert computed == [1]  # other weights in seed 1: computed again; seed 0 kept
+    computed.clear()
+    other = run.config.model_copy(update={"unlearning": run.config.unlearning.model_copy(update={"relearn_steps": 2})})
+    ul.evaluate(other, run.data, models, partial=partial)
+    assert computed == [0, 1]  # other options: nothing reused
+
+
+def test_a_run_and_an_attack_keep_finished_seeds_where_a_stop_leaves_them(unlearned, tmp_path, monkeypatch):
+    """A run saves its evaluation's seeds in the run folder, which resume reads; `anchoring relearn` saves
+    them beside its staging folder, which a stop removes. Both clear them once the results are written."""
+    import shutil
+
+    path, summary = unlearned
+    copy_ = tmp_path / "run"
+    shutil.copytree(path, copy_, ignore=shutil.ignore_patterns("relearn"))
+    (copy_ / runs.SUMMARY).unlink()  # as a run stopped while it evaluated leaves it
+    real, seen = ul.evaluate, []
+
+    def watched(*args, partial=None, **kwargs):
+        out = real(*args, partial=partial, **kwargs)
+        seen.append((partial, sorted(p.name for p in partial.iterdir())))
+        return out
+
+    monkeypatch.setattr(ul, "evaluate", watched)
+    lifecycle.resume(copy_)
+    assert seen == [(copy_ / ul.PARTIAL, ["seed0.json"])] and not (copy_ / ul.PARTIAL).exists()
+    got = json.loads((copy_ / runs.SUMMARY).read_text())["unlearning"]["rows"]
+    assert [r["method"] for r in got] == [r["method"] for r in summary["unlearning"]["rows"]]
+    assert [r["d_forget_concept"] for r in got] == pytest.approx([r["d_forget_concept"] for r in summary["unlearning"]["rows"]],
+                                                                 abs=1e-5)  # weights reloaded from disk, as above
+    seen.clear()
+    r = CliRunner().invoke(app, ["relearn", str(copy_), "--steps", "1"])
+    assert r.exit_code == 0, r.stderr
+    assert seen == [(copy_ / "relearn" / f".violence-{ul.PARTIAL}", ["seed0.json"])]
+    assert sorted(p.name for p in (copy_ / "relearn").iterdir()) == ["violence"]
+    assert not (copy_ / "relearn" / "violence" / ul.PARTIAL).exists()

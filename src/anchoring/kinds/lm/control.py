@@ -14,6 +14,7 @@ many directions the concept was not put on costs the same model.
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -313,9 +314,10 @@ def relearn(run, concept: str | None = None, samples: list[int] | None = None, s
     earlier = (out / runs.SUMMARY).is_file()
     models = {(arm, seed): m for arm, ms in run.arms.items() for seed, m in zip(run.seeds, ms)}
     made = not out.parent.exists()
+    partial = out.parent / f".{out.name}-{ul.PARTIAL}"  # outside the staged folder: kept when the attack is stopped
     try:
         with runs.staged(out, replace=True) as tmp:  # all of it or nothing: a stopped attack leaves the earlier one
-            res = unlearning(cfg, tmp, d, models, progress)
+            res = unlearning(cfg, tmp, d, models, progress, partial=partial)
             targets = mark_infinite(ul.targets(res))
             summary = {"experiment": cfg.name, "source": str(run.path.resolve()), "concept": cfg.text.concept,
                        "unlearning_config": u.model_dump(), "unlearning": res, "targets": targets}
@@ -324,6 +326,7 @@ def relearn(run, concept: str | None = None, samples: list[int] | None = None, s
         if made and out.parent.is_dir() and not any(out.parent.iterdir()):  # nor an empty relearn/ of a first attack
             out.parent.rmdir()
         raise
+    shutil.rmtree(partial, ignore_errors=True)
     lines = attack_lines(summary)
     lines.append(f"wrote {out}" + (" (replacing an earlier attack)" if earlier else ""))
     return EditResult("relearn", lines, [out], summary)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -310,6 +311,9 @@ def run(cfg: LMExperiment, path: Path, *, progress: Progress | None = None) -> d
     if todo:
         summary["timing"].update(trained_on(cfg, workers, "data-parallel ranks" if launched or cfg.lm.nproc > 1 else "job processes"))
     write_report(cfg, path, summary, next(iter(results.values())).metric_names)  # after the timing, which it shows
+    from anchoring.kinds.lm.unlearning import PARTIAL
+
+    shutil.rmtree(path / PARTIAL, ignore_errors=True)  # the finished evaluation's seeds: all in the summary now
     return summary
 
 
@@ -425,12 +429,13 @@ def ood(cfg: LMExperiment, path: Path, data: LMData, results: dict[tuple[str, in
 
 
 def unlearning(cfg: LMExperiment, path: Path, data: LMData, models: dict[tuple[str, int], torch.nn.Module],
-               progress: Progress | None = None) -> dict[str, Any]:
+               progress: Progress | None = None, partial: Path | None = None) -> dict[str, Any]:
     """Forget/retain loss per unlearning method and seed, relearning curves (CSV) and their figures,
-    written under `path`: after training (`unlearning.enabled`) or on a finished run (`anchoring relearn`)."""
+    written under `path`: after training (`unlearning.enabled`) or on a finished run (`anchoring relearn`).
+    Finished seeds are kept in `partial` (default `path/unlearning-partial`) until the caller is done."""
     from anchoring.kinds.lm import unlearning as ul
 
-    out = ul.evaluate(cfg, data, models, path, progress)
+    out = ul.evaluate(cfg, data, models, path, progress, partial=path / ul.PARTIAL if partial is None else partial)
     points = out.pop("curve_points")
     save_fig(lf.unlearning_tradeoff(out["rows"]), path / "figures" / "unlearning_tradeoff.png")
     if any(p["fine_tune"].startswith("relearn") for p in points):

@@ -28,6 +28,8 @@ reference-negative passage. Fine-tunes score a smaller fixed subset (`unlearning
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import sys
 from contextlib import contextmanager
@@ -49,6 +51,7 @@ from anchoring.kinds.lm.config import LMExperiment
 from anchoring.kinds.lm.data import LMData
 
 CURVES = "unlearning_curves.csv"
+PARTIAL = "unlearning-partial"  # a run's per-seed results while its evaluation is unfinished (one JSON file per seed)
 PICK_SALT, BATCH_SALT, MIX_SALT, REPAIR_SALT, MIX_RETAIN_SALT = 0x4E1, 0x4E2, 0x4E3, 0x4E4, 0x4E5
 TINY = 1e-6  # nats/char: a difference this small is no difference
 COST_FLOOR = 1e-3  # nats/char: a retain cost under this prints as 0.000, and a selectivity over it says more about
@@ -258,34 +261,77 @@ def _bar(total: int, progress: Progress | None) -> Iterator[Callable[[], None]]:
 
         with Bar(TextColumn("unlearning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True) as bar:
             task = bar.add_task("unlearning", total=total)
-            yield lambda: bar.advance(task)
+            yield lambda n=1: bar.advance(task, n)
         return
 
-    def tick() -> None:
-        done[0] += 1
+    def tick(n: int = 1) -> None:
+        done[0] += n
         if progress is not None:
             progress(done[0], total)
 
     yield tick
 
 
+def seed_key(cfg: LMExperiment, models: dict[tuple[str, int], nn.Module], seed: int) -> str:
+    """What one seed's rows and curves rest on: the whole config and every weight of that seed's arms.
+    A saved seed is reused only under an equal key, so an interrupted evaluation resumes to the numbers
+    an unbroken one gives, and other options (`anchoring relearn --steps`) or retrained arms never
+    read stale results."""
+    h = hashlib.sha256(cfg.model_dump_json().encode())
+    for (arm, s), model in sorted(models.items(), key=lambda kv: kv[0]):
+        if s != seed:
+            continue
+        h.update(arm.encode() + b"\0")
+        for name, t in model.state_dict().items():
+            h.update(name.encode() + b"\0" + t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _saved_seed(partial: Path | None, seed: int, key: str) -> dict[str, Any] | None:
+    """A finished seed of an interrupted evaluation, or None (none saved, unreadable, or another key)."""
+    if partial is None:
+        return None
+    try:
+        saved = json.loads((partial / f"seed{seed}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) and saved.get("key") == key else None
+
+
+def _planned_ticks(ms: list[Method], u: Any) -> int:
+    """The fine-tuning steps one seed's methods are given (a recovery may stop early)."""
+    edited = sum(attacked(m, u.attack_hooks) for m in ms)
+    repaired = sum(m.repairable for m in ms) if u.repair_steps else 0
+    return edited * (len(u.relearn_k) * u.relearn_steps + u.recover_steps) + repaired * u.repair_steps
+
+
 def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.Module], path: Path | None = None,
-             progress: Progress | None = None) -> dict[str, Any]:
-    """Rows per (method, seed) and the fine-tuning curves (also written to `path/unlearning_curves.csv`)."""
+             progress: Progress | None = None, partial: Path | None = None) -> dict[str, Any]:
+    """Rows per (method, seed) and the fine-tuning curves (also written to `path/unlearning_curves.csv`).
+    With `partial`, each finished seed is saved there, and a seed saved by an interrupted evaluation of
+    the same config and weights is read back instead of computed again (`seed_key`): a full evaluation
+    takes minutes per seed, and an interrupt should cost at most the seed it stopped in."""
     u = cfg.unlearning
     seeds = sorted({s for _a, s in models})
     window = cfg.lm.tokens
     es = ev.eval_set(data, window, cfg.evaluate.eval_chars, cfg.evaluate.after, order=cfg.evaluate.order)
     small = ev.eval_set(data, window, u.eval_chars, cfg.evaluate.after, order=cfg.evaluate.order)
     bs = cfg.evaluate.batch_size
-    by_seed = {s: methods(cfg, data, models, s) for s in seeds}
+    keys = {s: seed_key(cfg, models, s) for s in seeds}
+    saved = {s: x for s in seeds if (x := _saved_seed(partial, s, keys[s])) is not None}
+    by_seed = {s: methods(cfg, data, models, s) for s in seeds if s not in saved}
+    planned = {s: saved[s]["ticks"] if s in saved else _planned_ticks(by_seed[s], u) for s in seeds}
     probe, residual = es.tokens[:bs, :-1], ["embed", *[f"blocks.{i}" for i in range(cfg.lm.layers)]]
-    n_edited = sum(attacked(m, u.attack_hooks) for ms in by_seed.values() for m in ms)
-    n_repaired = sum(m.repairable for ms in by_seed.values() for m in ms) if u.repair_steps else 0
     rows: list[dict[str, Any]] = []
     curves: list[dict[str, Any]] = []
-    with _bar(n_edited * (len(u.relearn_k) * u.relearn_steps + u.recover_steps) + n_repaired * u.repair_steps, progress) as tick:
+    with _bar(sum(planned.values()), progress) as tick:
         for seed in seeds:
+            if seed in saved:
+                rows += saved[seed]["rows"]
+                curves += saved[seed]["curves"]
+                tick(planned[seed])
+                continue
+            first_curve = len(curves)
             control = models["control", seed]
             control_small = losses(control, small, bs)
             target = control_small["concept"]
@@ -332,6 +378,10 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
                 seed_rows.append(matched)
             set_r(seed_rows)
             rows += seed_rows
+            if partial is not None:  # NaN and ±inf kept as such: read back, the rows equal the computed ones
+                runs.write_atomic(partial / f"seed{seed}.json", json.dumps(
+                    {"key": keys[seed], "ticks": planned[seed], "rows": seed_rows, "curves": curves[first_curve:]},
+                    default=lambda o: o.item()))
     if path is not None:
         runs.write_atomic(path / CURVES, pd.DataFrame(curves).to_csv(index=False, float_format="%.8g"))
     return {"rows": rows, "curves": CURVES, "curve_points": curves, "relearn_k": list(u.relearn_k),
