@@ -1031,3 +1031,33 @@ def test_a_run_and_an_attack_keep_finished_seeds_where_a_stop_leaves_them(unlear
     assert seen == [(copy_ / "relearn" / f".violence-{ul.PARTIAL}", ["seed0.json"])]
     assert sorted(p.name for p in (copy_ / "relearn").iterdir()) == ["violence"]
     assert not (copy_ / "relearn" / "violence" / ul.PARTIAL).exists()
+
+
+def test_a_run_stopped_in_its_evaluation_resumes_without_redoing_the_finished_seeds(tmp_path, monkeypatch):
+    """The whole path: `lifecycle.run` stopped in seed 1's evaluation, then `resume` in a fresh config
+    read from config.toml (the saved seed's key must survive that round trip), gives the table an
+    unbroken run gives."""
+    corpus = write_corpus(tmp_path / "texts")
+    cfg = experiments.load("lm-anchor-passages", tiny(corpus, "train.steps=30", "train.seeds=2", 'lm.arms=["anchored","control"]',
+                                                      *UNLEARNING, "unlearning.posthoc=[]"))
+    cfg = cfg.model_copy(update={"schedule": SCHEDULE})
+    unbroken = lifecycle.run(cfg, tmp_path / "unbroken").summary["unlearning"]["rows"]
+    real, computed, stop_in = ul.forget_passages, [], [1]
+
+    def counted(data, seed):
+        computed.append(seed)
+        if seed in stop_in:
+            raise KeyboardInterrupt
+        return real(data, seed)
+
+    monkeypatch.setattr(ul, "forget_passages", counted)
+    out = tmp_path / "stopped"
+    with pytest.raises(lifecycle.TrainingInterrupted):
+        lifecycle.run(cfg, out)
+    assert sorted(p.name for p in (out / ul.PARTIAL).iterdir()) == ["seed0.json"] and not (out / runs.SUMMARY).exists()
+    stop_in.clear()
+    computed.clear()
+    rows = lifecycle.resume(out).summary["unlearning"]["rows"]
+    assert computed == [1] and not (out / ul.PARTIAL).exists()
+    assert [(r["method"], r["seed"]) for r in rows] == [(r["method"], r["seed"]) for r in unbroken]
+    assert json.dumps(rows, default=lambda o: o.item()) == json.dumps(unbroken, default=lambda o: o.item())  # NaN-safe
