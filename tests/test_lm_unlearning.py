@@ -1031,6 +1031,22 @@ def test_a_run_and_an_attack_keep_finished_seeds_where_a_stop_leaves_them(unlear
     assert seen == [(copy_ / "relearn" / f".violence-{ul.PARTIAL}", ["seed0.json"])]
     assert sorted(p.name for p in (copy_ / "relearn").iterdir()) == ["violence"]
     assert not (copy_ / "relearn" / "violence" / ul.PARTIAL).exists()
+    # an attack stopped after its seed finished (here: while it scores the targets) is run again without
+    # evaluating that seed again
+    real_targets, real_forget, computed = ul.targets, ul.forget_passages, []
+
+    def stop(unlearning):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ul, "targets", stop)
+    monkeypatch.setattr(ul, "forget_passages", lambda data, seed: computed.append(seed) or real_forget(data, seed))
+    assert CliRunner().invoke(app, ["relearn", str(copy_), "--steps", "2"]).exit_code == 130
+    assert computed == [0] and (copy_ / "relearn" / f".violence-{ul.PARTIAL}" / "seed0.json").is_file()
+    monkeypatch.setattr(ul, "targets", real_targets)
+    r = CliRunner().invoke(app, ["relearn", str(copy_), "--steps", "2"])
+    assert r.exit_code == 0 and computed == [0], r.stderr
+    assert json.loads((copy_ / "relearn" / "violence" / runs.SUMMARY).read_text())["unlearning"]["relearn_steps"] == 2
+    assert sorted(p.name for p in (copy_ / "relearn").iterdir()) == ["violence"]
 
 
 def test_a_run_stopped_in_its_evaluation_resumes_without_redoing_the_finished_seeds(tmp_path, monkeypatch):
