@@ -963,6 +963,21 @@ def test_the_matched_move_of_a_subspace_hook_avoids_the_whole_subspace():
     assert bool((energy(seen["h"]) <= energy(h) + 1e-5).all())
 
 
+def count_seeds(monkeypatch, stop_in=()) -> tuple[list[int], set[int]]:
+    """Record each seed the evaluation computes rather than reads back (it draws that seed's forget
+    passages once), and raise a Ctrl-C there for the seeds in `stop_in` (a set the caller may empty)."""
+    real, computed, stop = ul.forget_passages, [], set(stop_in)
+
+    def counted(data, seed):
+        computed.append(seed)
+        if seed in stop:
+            raise KeyboardInterrupt
+        return real(data, seed)
+
+    monkeypatch.setattr(ul, "forget_passages", counted)
+    return computed, stop
+
+
 def test_an_interrupted_unlearning_evaluation_resumes_from_its_finished_seeds(unlearned, tmp_path, monkeypatch):
     """The evaluation takes minutes per seed at full size. A stop keeps the seeds already finished, and
     the resumed evaluation gives exactly the numbers of an unbroken one; saved seeds are reused only
@@ -973,15 +988,7 @@ def test_an_interrupted_unlearning_evaluation_resumes_from_its_finished_seeds(un
     same = lambda out: json.dumps([out["rows"], out["curve_points"]], default=lambda o: o.item())  # noqa: E731  (NaN-safe)
     whole = same(ul.evaluate(run.config, run.data, models))
     partial = tmp_path / "partial"
-    real, computed, stop_in = ul.forget_passages, [], [1]
-
-    def counted(data, seed):  # called once per seed that is computed, not read back
-        computed.append(seed)
-        if seed in stop_in:
-            raise KeyboardInterrupt  # Ctrl-C in the second seed
-        return real(data, seed)
-
-    monkeypatch.setattr(ul, "forget_passages", counted)
+    computed, stop_in = count_seeds(monkeypatch, stop_in=[1])  # Ctrl-C in the second seed
     with pytest.raises(KeyboardInterrupt):
         ul.evaluate(run.config, run.data, models, partial=partial)
     stop_in.clear()
@@ -1033,13 +1040,13 @@ def test_a_run_and_an_attack_keep_finished_seeds_where_a_stop_leaves_them(unlear
     assert not (copy_ / "relearn" / "violence" / ul.PARTIAL).exists()
     # an attack stopped after its seed finished (here: while it scores the targets) is run again without
     # evaluating that seed again
-    real_targets, real_forget, computed = ul.targets, ul.forget_passages, []
+    real_targets = ul.targets
 
     def stop(unlearning):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ul, "targets", stop)
-    monkeypatch.setattr(ul, "forget_passages", lambda data, seed: computed.append(seed) or real_forget(data, seed))
+    computed, _ = count_seeds(monkeypatch)
     assert CliRunner().invoke(app, ["relearn", str(copy_), "--steps", "2"]).exit_code == 130
     assert computed == [0] and (copy_ / "relearn" / f".violence-{ul.PARTIAL}" / "seed0.json").is_file()
     monkeypatch.setattr(ul, "targets", real_targets)
@@ -1058,15 +1065,7 @@ def test_a_run_stopped_in_its_evaluation_resumes_without_redoing_the_finished_se
                                                       *UNLEARNING, "unlearning.posthoc=[]"))
     cfg = cfg.model_copy(update={"schedule": SCHEDULE})
     unbroken = lifecycle.run(cfg, tmp_path / "unbroken").summary["unlearning"]["rows"]
-    real, computed, stop_in = ul.forget_passages, [], [1]
-
-    def counted(data, seed):
-        computed.append(seed)
-        if seed in stop_in:
-            raise KeyboardInterrupt
-        return real(data, seed)
-
-    monkeypatch.setattr(ul, "forget_passages", counted)
+    computed, stop_in = count_seeds(monkeypatch, stop_in=[1])
     out = tmp_path / "stopped"
     with pytest.raises(lifecycle.TrainingInterrupted):
         lifecycle.run(cfg, out)
