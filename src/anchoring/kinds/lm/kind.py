@@ -540,7 +540,7 @@ def write_report(cfg: LMExperiment, path: Path, summary: dict[str, Any], metric_
     if summary["targets"]:
         shown = [[k, target_text(target_median(v)) + left_out_note(v), v["met"]] for k, v in summary["targets"].items()]
         note = budget_note(summary)
-        sections.append(("Targets", (f"<p>{note[:1].upper() + note[1:]}.</p>" if note else "") + html.table_html(["target", "median", "met"], shown)))
+        sections.append(("Targets", (f"<p>{note}.</p>" if note else "") + html.table_html(["target", "median", "met"], shown)))
     sections += [
         ("Alignment cos(h, anchor) per layer", html.table_html(["arm", "seed", "site", "concept", "retain", "margin",
                                                                 "containment"], al_rows)),

@@ -47,7 +47,7 @@ from anchoring import runs
 from anchoring.control.surgery import residual_component
 from anchoring.errors import AnchoringError
 from anchoring.kinds.lm import evaluate as ev
-from anchoring.kinds.lm.config import LMExperiment
+from anchoring.kinds.lm.config import LMExperiment, UnlearningConfig
 from anchoring.kinds.lm.data import LMData
 
 CURVES = "unlearning_curves.csv"
@@ -287,10 +287,8 @@ def seed_key(cfg: LMExperiment, models: dict[tuple[str, int], nn.Module], seed: 
     return h.hexdigest()
 
 
-def _saved_seed(partial: Path | None, seed: int, key: str) -> dict[str, Any] | None:
+def _saved_seed(partial: Path, seed: int, key: str) -> dict[str, Any] | None:
     """A finished seed of an interrupted evaluation, or None (none saved, unreadable, or another key)."""
-    if partial is None:
-        return None
     try:
         saved = json.loads((partial / f"seed{seed}.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -298,7 +296,7 @@ def _saved_seed(partial: Path | None, seed: int, key: str) -> dict[str, Any] | N
     return saved if isinstance(saved, dict) and saved.get("key") == key else None
 
 
-def _planned_ticks(ms: list[Method], u: Any) -> int:
+def _planned_ticks(ms: list[Method], u: UnlearningConfig) -> int:
     """The fine-tuning steps one seed's methods are given (a recovery may stop early)."""
     edited = sum(attacked(m, u.attack_hooks) for m in ms)
     repaired = sum(m.repairable for m in ms) if u.repair_steps else 0
@@ -317,8 +315,8 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
     es = ev.eval_set(data, window, cfg.evaluate.eval_chars, cfg.evaluate.after, order=cfg.evaluate.order)
     small = ev.eval_set(data, window, u.eval_chars, cfg.evaluate.after, order=cfg.evaluate.order)
     bs = cfg.evaluate.batch_size
-    keys = {s: seed_key(cfg, models, s) for s in seeds}
-    saved = {s: x for s in seeds if (x := _saved_seed(partial, s, keys[s])) is not None}
+    keys = {s: seed_key(cfg, models, s) for s in seeds} if partial is not None else {}  # nothing to save or reuse without
+    saved = {s: x for s, key in keys.items() if (x := _saved_seed(partial, s, key)) is not None}
     by_seed = {s: methods(cfg, data, models, s) for s in seeds if s not in saved}
     planned = {s: saved[s]["ticks"] if s in saved else _planned_ticks(by_seed[s], u) for s in seeds}
     probe, residual = es.tokens[:bs, :-1], ["embed", *[f"blocks.{i}" for i in range(cfg.lm.layers)]]
