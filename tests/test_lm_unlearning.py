@@ -1009,6 +1009,45 @@ def test_an_interrupted_unlearning_evaluation_resumes_from_its_finished_seeds(un
     assert computed == [0, 1]  # other options: nothing reused
 
 
+def test_an_evaluation_stopped_inside_a_seed_keeps_the_methods_it_finished(unlearned, tmp_path, monkeypatch):
+    """One seed holds many methods, each minutes of fine-tuning at full size: a stop keeps the methods the
+    seed finished, the resumed evaluation scores only the rest, and the table, curves and progress equal
+    an unbroken evaluation's. Saved methods that are not this evaluation's first ones are not reused."""
+    path, _ = unlearned
+    run = lifecycle.load_run(path)
+    models = {(arm, 0): ms[0] for arm, ms in run.arms.items()}
+    same = lambda out: json.dumps([out["rows"], out["curve_points"]], default=lambda o: o.item())  # noqa: E731  (NaN-safe)
+    ticks: list[tuple[int, int]] = []
+    whole = same(ul.evaluate(run.config, run.data, models, progress=lambda d, t: ticks.append((d, t))))
+    unbroken_end, ticks[:] = ticks[-1], []
+    real, scored, stop_at = ul.score_method, [], [3]
+
+    def counted(m, *args, **kwargs):
+        scored.append(m.name)
+        if len(scored) in stop_at:
+            raise KeyboardInterrupt
+        return real(m, *args, **kwargs)
+
+    monkeypatch.setattr(ul, "score_method", counted)
+    partial = tmp_path / "partial"
+    with pytest.raises(KeyboardInterrupt):
+        ul.evaluate(run.config, run.data, models, partial=partial)
+    saved = json.loads((partial / "seed0.json").read_text())
+    assert not saved["complete"] and [r["method"] for r in saved["rows"]] == scored[:2]
+    assert saved["done"] > 0  # the first method's fine-tuning steps, counted for the bar
+    names, stop_at[:] = list(scored), []
+    scored.clear()
+    assert same(ul.evaluate(run.config, run.data, models, partial=partial, progress=lambda d, t: ticks.append((d, t)))) == whole
+    assert scored and scored[0] == names[2] and names[0] not in scored and names[1] not in scored  # the rest only
+    assert ticks[-1] == unbroken_end and ticks[0][0] == saved["done"]
+    assert json.loads((partial / "seed0.json").read_text())["complete"]
+    # a seed file whose methods are not this evaluation's first ones (another version's order) is not reused
+    saved["rows"] = saved["rows"][::-1]
+    (partial / "seed0.json").write_text(json.dumps(saved))
+    scored.clear()
+    assert same(ul.evaluate(run.config, run.data, models, partial=partial)) == whole and scored[:2] == names[:2]
+
+
 def test_a_run_and_an_attack_keep_finished_seeds_where_a_stop_leaves_them(unlearned, tmp_path, monkeypatch):
     """A run saves its evaluation's seeds in the run folder, which resume reads; `anchoring relearn` saves
     them beside its staging folder, which a stop removes. Both clear them once the results are written."""

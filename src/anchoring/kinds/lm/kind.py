@@ -432,7 +432,7 @@ def unlearning(cfg: LMExperiment, path: Path, data: LMData, models: dict[tuple[s
                progress: Progress | None = None, partial: Path | None = None) -> dict[str, Any]:
     """Forget/retain loss per unlearning method and seed, relearning curves (CSV) and their figures,
     written under `path`: after training (`unlearning.enabled`) or on a finished run (`anchoring relearn`).
-    Finished seeds are kept in `partial` (default `path/unlearning-partial`) until the caller is done."""
+    Finished methods are kept in `partial` (default `path/unlearning-partial`) until the caller is done."""
     from anchoring.kinds.lm import unlearning as ul
 
     out = ul.evaluate(cfg, data, models, path, progress, partial=path / ul.PARTIAL if partial is None else partial)

@@ -51,7 +51,7 @@ from anchoring.kinds.lm.config import LMExperiment, UnlearningConfig
 from anchoring.kinds.lm.data import LMData
 
 CURVES = "unlearning_curves.csv"
-PARTIAL = "unlearning-partial"  # a run's per-seed results while its evaluation is unfinished (one JSON file per seed)
+PARTIAL = "unlearning-partial"  # a run's finished methods while its evaluation is unfinished (one JSON file per seed)
 PICK_SALT, BATCH_SALT, MIX_SALT, REPAIR_SALT, MIX_RETAIN_SALT = 0x4E1, 0x4E2, 0x4E3, 0x4E4, 0x4E5
 TINY = 1e-6  # nats/char: a difference this small is no difference
 COST_FLOOR = 1e-3  # nats/char: a retain cost under this prints as 0.000, and a selectivity over it says more about
@@ -288,27 +288,102 @@ def seed_key(cfg: LMExperiment, models: dict[tuple[str, int], nn.Module], seed: 
 
 
 def _saved_seed(partial: Path, seed: int, key: str) -> dict[str, Any] | None:
-    """A finished seed of an interrupted evaluation, or None (none saved, unreadable, or another key)."""
+    """What an interrupted evaluation of the same config and weights saved of `seed` (every method when
+    `complete`, else the first ones in order), or None (nothing saved, unreadable, or another key)."""
     try:
         saved = json.loads((partial / f"seed{seed}.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return saved if isinstance(saved, dict) and saved.get("key") == key else None
+    if not (isinstance(saved, dict) and saved.get("key") == key):
+        return None
+    whole = isinstance(saved.get("rows"), list) and isinstance(saved.get("curves"), list) and isinstance(saved.get("done"), int)
+    return saved if whole and all(isinstance(r, dict) and "method" in r for r in saved["rows"]) else None
 
 
 def _planned_ticks(ms: list[Method], u: UnlearningConfig) -> int:
     """The fine-tuning steps one seed's methods are given (a recovery may stop early)."""
-    edited = sum(attacked(m, u.attack_hooks) for m in ms)
-    repaired = sum(m.repairable for m in ms) if u.repair_steps else 0
-    return edited * (len(u.relearn_k) * u.relearn_steps + u.recover_steps) + repaired * u.repair_steps
+    return sum(_method_ticks(m, u) for m in ms)
+
+
+def _method_ticks(m: Method, u: UnlearningConfig) -> int:
+    """The fine-tuning steps one method is given: its repair, its attacks and its recovery (which may stop early)."""
+    steps = u.repair_steps if u.repair_steps and m.repairable else 0
+    return steps + (len(u.relearn_k) * u.relearn_steps + u.recover_steps if attacked(m, u.attack_hooks) else 0)
+
+
+@dataclass
+class SeedSetting:
+    """What every method of one seed is scored against: the evaluation texts, the control's concept loss,
+    and the seed's fine-tuning windows (the same for every method, so their numbers compare)."""
+    es: ev.EvalSet
+    small: ev.EvalSet
+    bs: int
+    target: float
+    forget: np.ndarray
+    attack: dict[int, Windows]
+    mix: tuple[Windows, Windows]
+    fix: Windows | None
+
+
+def score_method(m: Method, seed: int, at: SeedSetting, u: UnlearningConfig, probe: torch.Tensor, residual: list[str],
+                 tick: Callable[[], None]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One method's table row and fine-tuning curve points: its repair (when asked), its losses before
+    and after, the deletion's leftover, the relearning attacks and the recovery."""
+    es, small, bs, target = at.es, at.small, at.bs, at.target
+    curves: list[dict[str, Any]] = []
+    edit_only = None
+    if at.fix is not None and m.repairable:
+        edit_only = losses(m.after, es, bs)
+        fix = at.fix
+        m.after = repair(m.after, m.redo, lambda step: fix.batch(step, u.relearn_batch), u.repair_steps, u.repair_lr, tick)
+    row = _row(m.name, seed, m.arm, m.weights_edited, losses(m.before, es, bs), losses(m.after, es, bs),
+               attacked(m, u.attack_hooks))
+    if edit_only is not None:  # the edit alone, before its repair
+        row["edit_only"] = edit_only
+        row["repair_steps"] = u.repair_steps
+    if m.removed:  # exact (0) for a basis axis; a slanted direction leaks back through the per-dim step α
+        with torch.no_grad():
+            row["leftover"] = max(residual_component(m.after, v, probe, residual) for v in m.removed)
+    if not row["fine_tuned"]:
+        return row, curves
+    sb = losses(m.before, small, bs)["concept"]
+    score = lambda model: losses(model, small, bs)  # noqa: E731
+
+    def points(curve: list[dict[str, float]], fine_tune: str, k: int) -> list[dict[str, Any]]:
+        return [{"seed": seed, "method": m.name, "fine_tune": fine_tune, "k": k, "step": i, "forget_concept": c["concept"],
+                 "forget": c["forget"], "retain": c["retain"], "control_concept": target} for i, c in enumerate(curve)]
+
+    for k, w in at.attack.items():
+        curve = finetune(m.after, lambda step, w=w: w.batch(step, u.relearn_batch), u.relearn_steps, u.relearn_lr, score,
+                         tick=tick)
+        row["relearn"][str(k)] = relearn_record(curve, sb, target, int(min(k, len(at.forget))))
+        curves += points(curve, f"relearn K={k}", k)
+    mix_f, mix_r = at.mix
+    half = max(1, u.relearn_batch // 2)
+    rec = finetune(m.after, lambda step: torch.cat([mix_f.batch(step, half), mix_r.batch(step, half)]),
+                   u.recover_steps, u.relearn_lr, score, stop=lambda c: c["concept"] <= target, tick=tick)
+    hit = [i for i, c in enumerate(rec) if c["concept"] <= target]
+    row["recover_steps"] = hit[0] if hit else None  # 0: nothing to recover (shown nd)
+    curves += points(rec, "recover", 0)
+    return row, curves
+
+
+def _save_seed(partial: Path, seed: int, key: str, ticks: int, done: int, rows: list[dict[str, Any]],
+               curves: list[dict[str, Any]], complete: bool) -> None:
+    """`seed<s>.json`, atomically: the seed's rows and curves so far. NaN and ±inf are kept as such, so
+    rows read back equal the computed ones."""
+    runs.write_atomic(partial / f"seed{seed}.json", json.dumps(
+        {"key": key, "ticks": ticks, "done": done, "complete": complete, "rows": rows, "curves": curves},
+        default=lambda o: o.item()))
 
 
 def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.Module], path: Path | None = None,
              progress: Progress | None = None, partial: Path | None = None) -> dict[str, Any]:
     """Rows per (method, seed) and the fine-tuning curves (also written to `path/unlearning_curves.csv`).
-    With `partial`, each finished seed is saved there, and a seed saved by an interrupted evaluation of
-    the same config and weights is read back instead of computed again (`seed_key`): a full evaluation
-    takes minutes per seed, and an interrupt should cost at most the seed it stopped in."""
+    With `partial`, every finished method is saved there (`seed<s>.json`), and what an interrupted
+    evaluation of the same config and weights saved is read back instead of computed again (`seed_key`):
+    a full evaluation takes minutes per method, and an interrupt should cost at most the method it
+    stopped in."""
     u = cfg.unlearning
     seeds = sorted({s for _a, s in models})
     window = cfg.lm.tokens
@@ -317,69 +392,53 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
     bs = cfg.evaluate.batch_size
     keys = {s: seed_key(cfg, models, s) for s in seeds} if partial is not None else {}  # nothing to save or reuse without
     saved = {s: x for s, key in keys.items() if (x := _saved_seed(partial, s, key)) is not None}
-    by_seed = {s: methods(cfg, data, models, s) for s in seeds if s not in saved}
-    planned = {s: saved[s]["ticks"] if s in saved else _planned_ticks(by_seed[s], u) for s in seeds}
+    complete = {s for s, x in saved.items() if x.get("complete", False)}
+    by_seed = {s: methods(cfg, data, models, s) for s in seeds if s not in complete}
+    for s in list(saved):  # a seed saved part-way: its first methods, in the order this evaluation computes them
+        names = [r["method"] for r in saved[s]["rows"]]
+        if s not in complete and names != [m.name for m in by_seed[s][:len(names)]]:
+            del saved[s]
+    planned = {s: saved[s]["ticks"] if s in complete else _planned_ticks(by_seed[s], u) for s in seeds}
     probe, residual = es.tokens[:bs, :-1], ["embed", *[f"blocks.{i}" for i in range(cfg.lm.layers)]]
     rows: list[dict[str, Any]] = []
     curves: list[dict[str, Any]] = []
     with _bar(sum(planned.values()), progress) as tick:
         for seed in seeds:
-            if seed in saved:
+            if seed in complete:
                 rows += saved[seed]["rows"]
                 curves += saved[seed]["curves"]
                 tick(planned[seed])
                 continue
-            first_curve = len(curves)
+            seed_rows = list(saved[seed]["rows"]) if seed in saved else []
+            seed_curves = list(saved[seed]["curves"]) if seed in saved else []
+            done = saved[seed]["done"] if seed in saved else 0
+            tick(done)
+            counted = [done]
+
+            def ticked(n: int = 1) -> None:
+                counted[0] += n
+                tick(n)
+
             control = models["control", seed]
-            control_small = losses(control, small, bs)
-            target = control_small["concept"]
             forget = forget_passages(data, seed)
-            mix_f, mix_r = recovery_windows(data, forget, window, seed)
-            half = max(1, u.relearn_batch // 2)
-            attack = {k: Windows(data, forget[:k], window, seed, (BATCH_SALT << 20) + k) for k in u.relearn_k}  # never a MIX_SALT
-            fix = repair_windows(data, window, seed) if u.repair_steps else None
-            seed_rows = []
-            for m in by_seed[seed]:
-                edit_only = None
-                if fix is not None and m.repairable:
-                    edit_only = losses(m.after, es, bs)
-                    m.after = repair(m.after, m.redo, lambda step: fix.batch(step, u.relearn_batch), u.repair_steps,
-                                     u.repair_lr, tick)
-                row = _row(m.name, seed, m.arm, m.weights_edited, losses(m.before, es, bs), losses(m.after, es, bs),
-                           attacked(m, u.attack_hooks))
-                if edit_only is not None:  # the edit alone, before its repair
-                    row["edit_only"] = edit_only
-                    row["repair_steps"] = u.repair_steps
-                if m.removed:  # exact (0) for a basis axis; a slanted direction leaks back through the per-dim step α
-                    with torch.no_grad():
-                        row["leftover"] = max(residual_component(m.after, v, probe, residual) for v in m.removed)
-                if row["fine_tuned"]:
-                    sb = losses(m.before, small, bs)["concept"]
-                    score = lambda model: losses(model, small, bs)  # noqa: E731
-                    for k, w in attack.items():
-                        curve = finetune(m.after, lambda step, w=w: w.batch(step, u.relearn_batch), u.relearn_steps,
-                                         u.relearn_lr, score, tick=tick)
-                        row["relearn"][str(k)] = relearn_record(curve, sb, target, int(min(k, len(forget))))
-                        curves += [{"seed": seed, "method": m.name, "fine_tune": f"relearn K={k}", "k": k, "step": i,
-                                    "forget_concept": c["concept"], "forget": c["forget"], "retain": c["retain"],
-                                    "control_concept": target} for i, c in enumerate(curve)]
-                    rec = finetune(m.after, lambda step: torch.cat([mix_f.batch(step, half), mix_r.batch(step, half)]),
-                                   u.recover_steps, u.relearn_lr, score, stop=lambda c: c["concept"] <= target, tick=tick)
-                    hit = [i for i, c in enumerate(rec) if c["concept"] <= target]
-                    row["recover_steps"] = hit[0] if hit else None  # 0: nothing to recover (shown nd)
-                    curves += [{"seed": seed, "method": m.name, "fine_tune": "recover", "k": 0, "step": i,
-                                "forget_concept": c["concept"], "forget": c["forget"], "retain": c["retain"],
-                                "control_concept": target} for i, c in enumerate(rec)]
+            at = SeedSetting(es, small, bs, losses(control, small, bs)["concept"], forget,
+                             {k: Windows(data, forget[:k], window, seed, (BATCH_SALT << 20) + k) for k in u.relearn_k},  # never a MIX_SALT
+                             recovery_windows(data, forget, window, seed),
+                             repair_windows(data, window, seed) if u.repair_steps else None)
+            for m in by_seed[seed][len(seed_rows):]:
+                row, points = score_method(m, seed, at, u, probe, residual, ticked)
                 seed_rows.append(row)
+                seed_curves += points
+                if partial is not None:
+                    _save_seed(partial, seed, keys[seed], planned[seed], counted[0], seed_rows, seed_curves, False)
             matched = None if u.repair_steps else cost_matched_row(seed_rows, by_seed[seed], es, bs)
             if matched is not None:
                 seed_rows.append(matched)
             set_r(seed_rows)
             rows += seed_rows
-            if partial is not None:  # NaN and ±inf kept as such: read back, the rows equal the computed ones
-                runs.write_atomic(partial / f"seed{seed}.json", json.dumps(
-                    {"key": keys[seed], "ticks": planned[seed], "rows": seed_rows, "curves": curves[first_curve:]},
-                    default=lambda o: o.item()))
+            curves += seed_curves
+            if partial is not None:
+                _save_seed(partial, seed, keys[seed], counted[0], counted[0], seed_rows, seed_curves, True)
     if path is not None:
         runs.write_atomic(path / CURVES, pd.DataFrame(curves).to_csv(index=False, float_format="%.8g"))
     return {"rows": rows, "curves": CURVES, "curve_points": curves, "relearn_k": list(u.relearn_k),
