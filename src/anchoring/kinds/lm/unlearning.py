@@ -302,13 +302,9 @@ def _saved_seed(partial: Path, seed: int, key: str) -> dict[str, Any] | None:
 
 def _planned_ticks(ms: list[Method], u: UnlearningConfig) -> int:
     """The fine-tuning steps one seed's methods are given (a recovery may stop early)."""
-    return sum(_method_ticks(m, u) for m in ms)
-
-
-def _method_ticks(m: Method, u: UnlearningConfig) -> int:
-    """The fine-tuning steps one method is given: its repair, its attacks and its recovery (which may stop early)."""
-    steps = u.repair_steps if u.repair_steps and m.repairable else 0
-    return steps + (len(u.relearn_k) * u.relearn_steps + u.recover_steps if attacked(m, u.attack_hooks) else 0)
+    edited = sum(attacked(m, u.attack_hooks) for m in ms)
+    repaired = sum(m.repairable for m in ms) if u.repair_steps else 0
+    return edited * (len(u.relearn_k) * u.relearn_steps + u.recover_steps) + repaired * u.repair_steps
 
 
 @dataclass
