@@ -963,6 +963,11 @@ def test_the_matched_move_of_a_subspace_hook_avoids_the_whole_subspace():
     assert bool((energy(seen["h"]) <= energy(h) + 1e-5).all())
 
 
+def table_json(out: dict) -> str:
+    """An evaluation's rows and curve points as one string: NaN-safe equality of two evaluations."""
+    return json.dumps([out["rows"], out["curve_points"]], default=lambda o: o.item())
+
+
 def count_seeds(monkeypatch, stop_in=()) -> tuple[list[int], set[int]]:
     """Record each seed the evaluation computes rather than reads back (it draws that seed's forget
     passages once), and raise a Ctrl-C there for the seeds in `stop_in` (a set the caller may empty)."""
@@ -985,18 +990,17 @@ def test_an_interrupted_unlearning_evaluation_resumes_from_its_finished_seeds(un
     path, _ = unlearned
     run = lifecycle.load_run(path)
     models = {(arm, s): ms[0] for arm, ms in run.arms.items() for s in (0, 1)}  # the run's models as two seeds' work
-    same = lambda out: json.dumps([out["rows"], out["curve_points"]], default=lambda o: o.item())  # noqa: E731  (NaN-safe)
-    whole = same(ul.evaluate(run.config, run.data, models))
+    whole = table_json(ul.evaluate(run.config, run.data, models))
     partial = tmp_path / "partial"
     computed, stop_in = count_seeds(monkeypatch, stop_in=[1])  # Ctrl-C in the second seed
     with pytest.raises(KeyboardInterrupt):
         ul.evaluate(run.config, run.data, models, partial=partial)
     stop_in.clear()
     assert sorted(p.name for p in partial.iterdir()) == ["seed0.json"]
-    assert same(ul.evaluate(run.config, run.data, models, partial=partial)) == whole
+    assert table_json(ul.evaluate(run.config, run.data, models, partial=partial)) == whole
     assert computed == [0, 1, 1]  # the resumed evaluation computed only seed 1
     computed.clear()
-    assert same(ul.evaluate(run.config, run.data, models, partial=partial)) == whole and computed == []
+    assert table_json(ul.evaluate(run.config, run.data, models, partial=partial)) == whole and computed == []
     changed = dict(models)
     changed["anchored", 1] = copy.deepcopy(models["anchored", 1])
     with torch.no_grad():
@@ -1016,9 +1020,8 @@ def test_an_evaluation_stopped_inside_a_seed_keeps_the_methods_it_finished(unlea
     path, _ = unlearned
     run = lifecycle.load_run(path)
     models = {(arm, 0): ms[0] for arm, ms in run.arms.items()}
-    same = lambda out: json.dumps([out["rows"], out["curve_points"]], default=lambda o: o.item())  # noqa: E731  (NaN-safe)
     ticks: list[tuple[int, int]] = []
-    whole = same(ul.evaluate(run.config, run.data, models, progress=lambda d, t: ticks.append((d, t))))
+    whole = table_json(ul.evaluate(run.config, run.data, models, progress=lambda d, t: ticks.append((d, t))))
     unbroken_end, ticks[:] = ticks[-1], []
     real, scored, stop_at = ul.score_method, [], [3]
 
@@ -1037,7 +1040,7 @@ def test_an_evaluation_stopped_inside_a_seed_keeps_the_methods_it_finished(unlea
     assert saved["done"] > 0  # the first method's fine-tuning steps, counted for the bar
     names, stop_at[:] = list(scored), []
     scored.clear()
-    assert same(ul.evaluate(run.config, run.data, models, partial=partial, progress=lambda d, t: ticks.append((d, t)))) == whole
+    assert table_json(ul.evaluate(run.config, run.data, models, partial=partial, progress=lambda d, t: ticks.append((d, t)))) == whole
     assert scored and scored[0] == names[2] and names[0] not in scored and names[1] not in scored  # the rest only
     assert ticks[-1] == unbroken_end and ticks[0][0] == saved["done"]
     assert json.loads((partial / "seed0.json").read_text())["complete"]
@@ -1045,7 +1048,7 @@ def test_an_evaluation_stopped_inside_a_seed_keeps_the_methods_it_finished(unlea
     saved["rows"] = saved["rows"][::-1]
     (partial / "seed0.json").write_text(json.dumps(saved))
     scored.clear()
-    assert same(ul.evaluate(run.config, run.data, models, partial=partial)) == whole and scored[:2] == names[:2]
+    assert table_json(ul.evaluate(run.config, run.data, models, partial=partial)) == whole and scored[:2] == names[:2]
 
 
 def test_a_run_and_an_attack_keep_finished_seeds_where_a_stop_leaves_them(unlearned, tmp_path, monkeypatch):

@@ -364,12 +364,12 @@ def score_method(m: Method, seed: int, at: SeedSetting, u: UnlearningConfig, pro
     return row, curves
 
 
-def _save_seed(partial: Path, seed: int, key: str, ticks: int, done: int, rows: list[dict[str, Any]],
+def _save_seed(partial: Path, seed: int, key: str, done: int, rows: list[dict[str, Any]],
                curves: list[dict[str, Any]], complete: bool) -> None:
-    """`seed<s>.json`, atomically: the seed's rows and curves so far. NaN and ±inf are kept as such, so
-    rows read back equal the computed ones."""
+    """`seed<s>.json`, atomically: the seed's rows and curves so far, and its fine-tuning steps so far
+    (`done`, for the progress bar). NaN and ±inf are kept as such, so rows read back equal the computed ones."""
     runs.write_atomic(partial / f"seed{seed}.json", json.dumps(
-        {"key": key, "ticks": ticks, "done": done, "complete": complete, "rows": rows, "curves": curves},
+        {"key": key, "done": done, "complete": complete, "rows": rows, "curves": curves},
         default=lambda o: o.item()))
 
 
@@ -394,7 +394,7 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
         names = [r["method"] for r in saved[s]["rows"]]
         if s not in complete and names != [m.name for m in by_seed[s][:len(names)]]:
             del saved[s]
-    planned = {s: saved[s]["ticks"] if s in complete else _planned_ticks(by_seed[s], u) for s in seeds}
+    planned = {s: saved[s]["done"] if s in complete else _planned_ticks(by_seed[s], u) for s in seeds}
     probe, residual = es.tokens[:bs, :-1], ["embed", *[f"blocks.{i}" for i in range(cfg.lm.layers)]]
     rows: list[dict[str, Any]] = []
     curves: list[dict[str, Any]] = []
@@ -426,7 +426,7 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
                 seed_rows.append(row)
                 seed_curves += points
                 if partial is not None:
-                    _save_seed(partial, seed, keys[seed], planned[seed], counted[0], seed_rows, seed_curves, False)
+                    _save_seed(partial, seed, keys[seed], counted[0], seed_rows, seed_curves, False)
             matched = None if u.repair_steps else cost_matched_row(seed_rows, by_seed[seed], es, bs)
             if matched is not None:
                 seed_rows.append(matched)
@@ -434,7 +434,7 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
             rows += seed_rows
             curves += seed_curves
             if partial is not None:
-                _save_seed(partial, seed, keys[seed], counted[0], counted[0], seed_rows, seed_curves, True)
+                _save_seed(partial, seed, keys[seed], counted[0], seed_rows, seed_curves, True)
     if path is not None:
         runs.write_atomic(path / CURVES, pd.DataFrame(curves).to_csv(index=False, float_format="%.8g"))
     return {"rows": rows, "curves": CURVES, "curve_points": curves, "relearn_k": list(u.relearn_k),
