@@ -148,6 +148,31 @@ def test_the_lm_ood_experiment_reports_auroc_and_roc_curves(tmp_path):
     assert r.exit_code == 0 and "OOD AUROC" in r.stdout and "after delete" in r.stdout
 
 
+def test_a_corpus_with_characters_outside_the_ood_vocabulary_still_gets_its_sets(tmp_path):
+    """A folder corpus written with tabs (not printable, so not in the OOD vocabulary) passes the checks
+    before training; the sets drawn after training must then exist too. They once failed there: the
+    held-out passages stood in for the Milton set, were filtered by the vocabulary to nothing, and
+    raised after every step had been trained."""
+    from types import SimpleNamespace
+
+    from anchoring.evaluate.ood import REFERENCE
+    from anchoring.kinds.lm import kind
+    from anchoring.kinds.lm.data import load_data
+    from anchoring.kinds.lm.ood import ood_sets, ood_vocabulary
+
+    corpus = write_corpus(tmp_path / "texts", paragraphs=60)
+    for f in corpus.iterdir():
+        f.write_text(f.read_text().replace(". ", ".\t"))
+    overrides = [o for o in tiny(corpus, "evaluate.ood_passages=5", "evaluate.ood_min_chars=40") if not o.startswith("terms.")]
+    cfg = experiments.load("lm-ood", [*overrides, 'terms.0.site="blocks.1"', 'terms.1.site="blocks.1"'])
+    assert kind.validate(cfg) > 0
+    data = load_data(cfg.text)
+    assert "\t" not in ood_vocabulary(data)
+    sets = ood_sets(SimpleNamespace(data=data, config=cfg), n=5, seed=0, min_chars=40)
+    assert list(sets) == [REFERENCE, "shuffled", "random", "suffix"] and all(len(v) == 5 for v in sets.values())
+    assert any("\t" in t for t in sets[REFERENCE])  # the reference is the held-out text as it is
+
+
 def test_lm_ood_refuses_before_training_when_retain_passages_cannot_match_the_concept_ones(tmp_path):
     corpus = write_corpus(tmp_path / "texts", paragraphs=60, violent=0.9)
     overrides = [o for o in tiny(corpus, "evaluate.ood_passages=5", "evaluate.ood_min_chars=40", 'evaluate.order="shuffled"')

@@ -42,13 +42,14 @@ def test_each_target_line_is_judged_on_its_own_number_at_its_own_bound(control_l
     assert tuple(x["met"] for x in lines) == met
 
 
-def test_the_positions_counted_are_those_with_a_next_token():
-    """The last column of the evaluation set is never a target (nothing follows it in the window)."""
+def test_the_positions_counted_are_the_predicted_tokens():
+    """The counts are of predicted tokens, whose nats make up the losses: the first column of a window is
+    never predicted, and a token followed by padding predicts nothing (the last real token of the set)."""
     cfg = experiments.load("lm-anchor")
-    cls = np.array([[ev.CONCEPT, ev.RETAIN, ev.OTHER, ev.CONCEPT], [ev.RETAIN, ev.PAD, ev.CONCEPT, ev.RETAIN]])
+    cls = np.array([[ev.CONCEPT, ev.RETAIN, ev.OTHER, ev.CONCEPT], [ev.RETAIN, ev.CONCEPT, ev.PAD, ev.PAD]])
     es = SimpleNamespace(passages=[0, 1, 2], cls=cls)
     summary = kind.summarize(cfg, [_row("control", 0, 1.5)], ["control"], es, SITES)
-    assert summary["eval"]["positions"] == {"concept": 2, "retain": 2, "all": 5}
+    assert summary["eval"]["positions"] == {"concept": 2, "retain": 1, "all": 4}  # inputs would give 2, 2, 5
     assert summary["eval"]["passages"] == 3
 
 

@@ -137,19 +137,19 @@ def written_in(texts: Sequence[str], vocabulary: str) -> list[str]:
     return [t for t in texts if set(t) <= known]
 
 
-def comparison_sets(heldout: Sequence[str], milton: Sequence[str], tokenizer: SpanTokenizer, vocabulary: str, *,
+def comparison_sets(heldout: Sequence[str], milton: Sequence[str] | None, tokenizer: SpanTokenizer, vocabulary: str, *,
                     n: int = 200, seed: int = 0, min_chars: int = 200, max_chars: int = 600) -> dict[str, list[str]]:
     """The five sets of the experiment, `n` passages each, from held-out Shakespeare and Milton texts;
     `vocabulary` is the training text's characters (random characters are drawn from it, and Milton
-    passages with any other character are left out)."""
+    passages with any other character are left out). `milton=None` (a model that did not learn
+    Shakespeare, for which Milton is no other domain): the four other sets only."""
     base = select_passages(heldout, n, seed, min_chars=min_chars, max_chars=max_chars)
-    return {
-        REFERENCE: base,
-        "milton": select_passages(written_in(milton, vocabulary), n, seed, min_chars=min_chars, max_chars=max_chars),
-        "shuffled": shuffle_words(base, seed),
-        "random": random_characters(base, vocabulary, seed),
-        "suffix": inject_suffix(base, tokenizer, seed),
-    }
+    sets = {REFERENCE: base}
+    if milton is not None:
+        sets["milton"] = select_passages(written_in(milton, vocabulary), n, seed, min_chars=min_chars, max_chars=max_chars)
+    sets.update(shuffled=shuffle_words(base, seed), random=random_characters(base, vocabulary, seed),
+                suffix=inject_suffix(base, tokenizer, seed))
+    return sets
 
 
 def lm_ood_sets(tokenizer: SpanTokenizer, vocabulary: str, *, n: int = 200, seed: int = 0, split_seed: int = 0,

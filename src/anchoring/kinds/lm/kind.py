@@ -475,9 +475,10 @@ def summarize(cfg: LMExperiment, rows: list[dict], names: list[str], es: ev.Eval
     return {"experiment": cfg.name, "upstream": cfg.upstream, "kind": "lm", "arms": names,
             "seeds": cfg.train.member_seeds(), "steps": int(cfg.train.steps or 0) or None,
             "concept": cfg.text.concept, "anchored_sites": anchored, "models": rows, "median": med, "targets": targets,
+            # the predicted tokens of each class: the positions whose nats make up the losses above
             "eval": {"passages": len(es.passages), "positions": {
-                "concept": int((es.cls[:, :-1] == ev.CONCEPT).sum()), "retain": int((es.cls[:, :-1] == ev.RETAIN).sum()),
-                "all": int((es.cls[:, :-1] != ev.PAD).sum())},
+                "concept": int((es.cls[:, 1:] == ev.CONCEPT).sum()), "retain": int((es.cls[:, 1:] == ev.RETAIN).sum()),
+                "all": int((es.cls[:, 1:] != ev.PAD).sum())},
                 "concept_positions": f"tokens of reference-positive passages overlapping a concept word or the "
                                      f"{cfg.evaluate.after} characters after it",
                 "retain_positions": "every token of a reference-negative passage"}}

@@ -69,16 +69,12 @@ def ood_sets(run: LMRun, n: int, seed: int, min_chars: int = 200) -> dict[str, l
     """The comparison sets for this run; Milton only when the run learned Shakespeare alone."""
     tok = run.data.tokenizer
     vocabulary = ood_vocabulary(run.data)
-    milton: list[str] = []
+    milton: list[str] | None = None
     if run.config.text.corpus == "shakespeare":
         from anchoring.domains.text.corpus import load_corpus
 
         milton = load_corpus("milton").texts
-    texts = heldout(run)
-    sets = comparison_sets(texts, milton or texts, tok, vocabulary, n=n, seed=seed, min_chars=min_chars)
-    if not milton:
-        sets.pop("milton")
-    return sets
+    return comparison_sets(heldout(run), milton, tok, vocabulary, n=n, seed=seed, min_chars=min_chars)
 
 
 def evaluate_ood(run: LMRun, *, n: int = 200, seed: int = 0, arm: str = "control", min_chars: int = 200) -> dict[str, Any]:
