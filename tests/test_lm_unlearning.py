@@ -574,6 +574,56 @@ def test_r_is_undefined_when_the_oracle_filter_removed_nothing():
         assert all(math.isnan(r["R"]) for r in bad)
 
 
+def test_a_ratio_never_divides_by_a_change_the_table_prints_as_zero():
+    """A mean-difference deletion that removed 0.0006 nats/char read as "53 ×"; an oracle filter that
+    removed 0.0005 would have made every R a thousandfold."""
+    assert ul.ratio(0.032, 0.0006) == float("inf") and ul.ratio(0.05, -0.01) == float("inf")
+    assert math.isnan(ul.ratio(0.0005, 0.0006)) and math.isnan(ul.ratio(-0.02, 0.0))
+    assert ul.ratio(0.058, 0.0043) == pytest.approx(13.49, abs=0.01) and ul.ratio(-0.02, 0.01) == pytest.approx(-2.0)
+    rows = [{"method": "oracle filter", "d_forget_concept": 0.0005}, {"method": "anchoring · delete", "d_forget_concept": 0.03}]
+    ul.set_r(rows)
+    assert all(math.isnan(r["R"]) for r in rows)
+    assert "under 0.001 (+0.0005)" in ul.r_note({"rows": [{**r, "seed": 0} for r in rows]})
+
+
+def test_a_seed_without_a_cost_matched_row_is_counted_as_undefined_not_dropped():
+    losses = dict.fromkeys(("forget", "concept", "retain"), 1.0)
+
+    def row(method: str, seed: int, d: float, cost: float = 0.01) -> dict:
+        return {"method": method, "seed": seed, "d_forget_concept": d, "d_forget": d, "retain_cost": cost, "R": 1.0,
+                "before": losses, "after": losses, "weights_edited": True, "fine_tuned": False, "recover_steps": None,
+                "relearn": {}, "strength": 0.5}
+    rows = [row("anchoring · delete", 0, 0.05), row("anchoring · delete", 1, 0.04), row("anchoring · delete", 2, 0.06, cost=0.0),
+            row("mean-difference · delete", 0, 0.02), row("mean-difference · delete", 1, 0.02), row("mean-difference · delete", 2, 0.02),
+            row(ul.MATCHED_COST, 0, 0.01), row(ul.MATCHED_COST, 1, 0.002)]  # seed 2: the anchored deletion cost nothing
+    got = ul.targets({"rows": rows, "relearn_k": []})
+    matched = got["Δforget (concept) of anchoring · delete ≥ 3 × mean-difference · delete at the same retain cost"]
+    assert matched["undefined_seeds"] == 1 and matched["median"] == pytest.approx(12.5)  # 5 and 20 over seeds 0 and 1
+
+
+def test_the_cost_matched_strength_meets_a_small_cost_to_within_two_percent(monkeypatch):
+    """Retain cost 0.01·β²: asked for 5e-5, an absolute tolerance of 1e-4 stopped at β = 1/16 (3.9e-5,
+    22% short); the relative tolerance keeps halving."""
+    import anchoring.kinds.lm.edits as edits
+
+    monkeypatch.setattr(edits, "delete", lambda model, directions, beta: beta)
+    monkeypatch.setattr(ul, "losses", lambda beta, es, bs: {"forget": 1.0, "concept": 1.0 + beta, "retain": 1.0 + 0.01 * beta ** 2})
+    for cost in (5e-5, 2e-4, 0.004):
+        beta, got = ul.cost_matched(None, [], cost, 1.0, None, 16)
+        assert abs(got["retain"] - 1.0 - cost) <= 0.02 * cost, (cost, beta)
+    beta, got = ul.cost_matched(None, [], 0.02, 1.0, None, 16)  # the full deletion costs less: as it is
+    assert beta == 1.0 and got["retain"] == pytest.approx(1.01)
+
+
+def test_saved_seeds_are_keyed_by_the_scoring_version(monkeypatch):
+    cfg = experiments.load("lm-anchor")
+    models = {("control", 0): torch.nn.Linear(2, 2)}
+    key = ul.seed_key(cfg, models, 0)
+    assert ul.seed_key(cfg, models, 0) == key
+    monkeypatch.setattr(ul, "SCORING", ul.SCORING + 1)
+    assert ul.seed_key(cfg, models, 0) != key
+
+
 def test_a_retain_cost_below_the_tables_resolution_gives_no_selectivity_and_nothing_deleted_is_nd():
     """A cost that prints as 0.000 read as a selectivity of −25; an edit that left the concept no harder
     than the control's read as "recovered in 0 steps" and pulled the median down."""
@@ -594,7 +644,7 @@ def test_a_retain_cost_below_the_tables_resolution_gives_no_selectivity_and_noth
     got = {t[1]: t[rec] for t in table if t[0] == "anchoring · delete"}
     assert got == {"median": 8.0, 0: "nd", 1: 6, 2: 10}  # seed 0 out of the median, not a 0 in it
     assert "steps to recover is nd" in ul.nothing_to_recover_note(u) and "anchoring · delete (seed 0)" in ul.nothing_to_recover_note(u)
-    assert "R is undefined (–) throughout" in ul.r_note(u) and "(−0.163)" in ul.r_note(u)
+    assert "R is undefined (–) throughout" in ul.r_note(u) and "(−0.1630)" in ul.r_note(u)
     assert "(–)" in ul.r_note(json.loads(json.dumps(runs._finite({**u, "rows": [
         *u["rows"][:3], {**u["rows"][3], "d_forget_concept": float("nan")}]}))))  # NaN read back as null
     u["rows"][1]["recover_steps"] = u["rows"][2]["recover_steps"] = 0  # every seed nd: so is the median

@@ -52,10 +52,12 @@ from anchoring.kinds.lm.data import LMData
 
 CURVES = "unlearning_curves.csv"
 PARTIAL = "unlearning-partial"  # a run's finished methods while its evaluation is unfinished (one JSON file per seed)
+SCORING = 2  # part of every saved seed's key: raise it whenever a change alters what a row or curve holds, so an
+# evaluation resumed after an upgrade never reads rows the older code scored (2: ratio floors, relative β tolerance)
 PICK_SALT, BATCH_SALT, MIX_SALT, REPAIR_SALT, MIX_RETAIN_SALT = 0x4E1, 0x4E2, 0x4E3, 0x4E4, 0x4E5
 TINY = 1e-6  # nats/char: a difference this small is no difference
-COST_FLOOR = 1e-3  # nats/char: a retain cost under this prints as 0.000, and a selectivity over it says more about
-# rounding than about the edit (Δforget 0.005 over a cost of 0.0002 read as 25): selectivity is ∞ or undefined there
+COST_FLOOR = 1e-3  # nats/char: a change under this prints as 0.000, and a ratio over it says more about rounding than
+# about the edit (Δforget 0.005 over a cost of 0.0002 read as 25): a ratio with such a denominator is ∞ or undefined
 KEPT_FLOOR = 0.01  # nats/char: an edit must raise the curve's forget loss this much for "kept" to be a share
 POSTHOC_NAMES = {"mean-difference": "mean-difference", "leace": "LEACE"}
 BASELINES = {"sgtm": "SGTM", "routing": "gradient routing"}
@@ -87,12 +89,15 @@ def losses(model: nn.Module, es: ev.EvalSet, batch: int = 16) -> dict[str, float
     return {k: nats[k] / chars[k] if chars[k] else float("nan") for k in nats}
 
 
-def ratio(num: float, den: float) -> float:
-    """num/den, honest at the edges: den ≤ TINY gives inf when num > TINY, else NaN."""
+def ratio(num: float, den: float, floor: float = COST_FLOOR) -> float:
+    """num/den of two changes, honest at the edges: a denominator under `floor` (no change one can
+    read, or one of the other sign) gives inf when the numerator is at least `floor`, else NaN.
+    Why: dividing by 0.0006 turned a mean-difference deletion that removed nothing visible into a
+    precise-looking "53 ×"."""
     if not (math.isfinite(num) and math.isfinite(den)):
         return float("nan")
-    if den <= TINY:
-        return float("inf") if num > TINY else float("nan")
+    if den < floor:
+        return float("inf") if num >= floor else float("nan")
     return num / den
 
 
@@ -275,9 +280,9 @@ def _bar(total: int, progress: Progress | None) -> Iterator[Callable[[], None]]:
 def seed_key(cfg: LMExperiment, models: dict[tuple[str, int], nn.Module], seed: int) -> str:
     """What one seed's rows and curves rest on: the whole config and every weight of that seed's arms.
     A saved seed is reused only under an equal key, so an interrupted evaluation resumes to the numbers
-    an unbroken one gives, and other options (`anchoring relearn --steps`) or retrained arms never
-    read stale results."""
-    h = hashlib.sha256(cfg.model_dump_json().encode())
+    an unbroken one gives, and other options (`anchoring relearn --steps`), retrained arms or rows
+    scored by an older version of this module (`SCORING`) are never read back."""
+    h = hashlib.sha256(f"scoring {SCORING}\0".encode() + cfg.model_dump_json().encode())
     for (arm, s), model in sorted(models.items(), key=lambda kv: kv[0]):
         if s != seed:
             continue
@@ -454,7 +459,7 @@ def relearn_record(curve: list[dict[str, float]], before_edit: float, control: f
     lowest = min(c["concept"] for c in curve)
     start = curve[0]["concept"]
     return {"passages": passages, "relearned": lowest - control,
-            "kept": ratio(lowest - before_edit, start - before_edit) if start - before_edit >= KEPT_FLOOR else float("nan"),
+            "kept": ratio(lowest - before_edit, start - before_edit, KEPT_FLOOR) if start - before_edit >= KEPT_FLOOR else float("nan"),
             "lowest": lowest, "before_edit": before_edit, "after_edit": start}
 
 
@@ -470,14 +475,16 @@ def _row(method: str, seed: int, arm: str, weights_edited: bool, before: dict[st
 
 
 def cost_matched(model: nn.Module, directions: list[torch.Tensor], cost: float, retain_before: float, es: ev.EvalSet,
-                 bs: int, iters: int = 14, tol: float = 1e-4,
+                 bs: int, iters: int = 14, tol: float = 1e-4, rel_tol: float = 0.02,
                  full: dict[str, float] | None = None) -> tuple[float, dict[str, float]]:
     """The strength β in [0, 1] at which deleting `directions` from `model` (`edits.delete(…, β)`) costs
     retain text `cost` nats/char on `es`, and the losses there. Why: a deletion that costs retain text more
     also removes more, so comparing two deletions is only fair at one cost; the dearer one is dialled
-    down to the cheaper one's. Bisection, since retain cost grows with β (0 at β = 0); a full deletion
-    that costs no more than `cost` is returned as it is (β = 1). Of the strengths tried, the one whose
-    cost is nearest `cost` is kept. `full`: the full deletion's losses on `es`, when the caller has them."""
+    down to the cheaper one's. Bisection, since retain cost grows with β (0 at β = 0), until the cost is
+    within `tol` or `rel_tol` × `cost`, whichever is tighter (an absolute 1e-4 alone missed a cost of 5e-5
+    by half again); a full deletion that costs no more than `cost` is returned as it is (β = 1). Of the
+    strengths tried, the one whose cost is nearest `cost` is kept. `full`: the full deletion's losses on
+    `es`, when the caller has them."""
     from anchoring.kinds.lm.edits import delete
 
     def at(beta: float) -> dict[str, float]:
@@ -487,6 +494,7 @@ def cost_matched(model: nn.Module, directions: list[torch.Tensor], cost: float, 
     if full["retain"] - retain_before <= cost:
         return 1.0, full
     lo, hi = 0.0, 1.0
+    tol = min(tol, rel_tol * abs(cost))
     best = (abs(full["retain"] - retain_before - cost), 1.0, full)
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
@@ -540,9 +548,13 @@ def targets(unlearning: dict[str, Any]) -> dict[str, dict[str, Any]]:
         return ranked_median([_num(get(r)) for r in rows if r["method"] == method])
 
     def times(mine: str, other: str) -> dict[str, Any]:
-        """Median over seeds of `mine`'s Δforget (concept) over `other`'s, and how many seeds had none."""
-        ratios = [ratio(a["d_forget_concept"], b["d_forget_concept"]) for a in rows if a["method"] == mine
-                  for b in rows if b["method"] == other and b["seed"] == a["seed"]]
+        """Median over seeds of `mine`'s Δforget (concept) over `other`'s, and how many seeds had none: a
+        seed with a `mine` row but no `other` row (no cost-matched row where the anchored deletion cost
+        nothing) counts as undefined rather than leaving the median to the other seeds unsaid."""
+        ratios = []
+        for a in (r for r in rows if r["method"] == mine):
+            b = next((r for r in rows if r["method"] == other and r["seed"] == a["seed"]), None)
+            ratios.append(float("nan") if b is None else ratio(a["d_forget_concept"], b["d_forget_concept"]))
         m = ranked_median(ratios)
         return {"median": m, "met": m >= 3.0, "undefined_seeds": sum(math.isnan(v) for v in ratios)}
 
@@ -600,12 +612,13 @@ def ranked_median(values: list[float]) -> float:
 
 def set_r(seed_rows: list[dict[str, Any]]) -> None:
     """R of every row of one seed: its Δforget (concept) over the oracle filter's. NaN without an
-    oracle row, or where the oracle removed nothing (Δ ≤ TINY): dividing by a negative Δ would turn
-    an edit that made the concept easier into a positive R."""
+    oracle row, or where the oracle removed less than COST_FLOOR: dividing by a negative Δ would turn
+    an edit that made the concept easier into a positive R, and dividing by a Δ that prints as 0.000
+    would make noise look like a large R."""
     oracle = next((r for r in seed_rows if r["method"] == "oracle filter"), None)
     d = oracle["d_forget_concept"] if oracle else float("nan")
     for r in seed_rows:
-        r["R"] = r["d_forget_concept"] / d if d > TINY else float("nan")
+        r["R"] = r["d_forget_concept"] / d if d >= COST_FLOOR else float("nan")
 
 
 def table(unlearning: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
@@ -765,13 +778,13 @@ def r_note(unlearning: dict[str, Any]) -> str:
     oracle = {r["seed"]: r["d_forget_concept"] for r in rows if r["method"] == "oracle filter"}
     if not oracle:
         return "R is undefined (–) throughout: the run has no oracle-filter arm to divide by"
-    bad = {s: _num(d) for s, d in oracle.items() if not _num(d) > TINY}  # read back from JSON, NaN is None
+    bad = {s: _num(d) for s, d in oracle.items() if not _num(d) >= COST_FLOOR}  # read back from JSON, NaN is None
     if not bad:
         return ""
     every = " throughout" if len(bad) == len(oracle) else f" on seed{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}"
-    return (f"R is undefined (–){every}: the oracle filter's Δforget (concept) there is not above 0 ("
-            + ", ".join("–" if math.isnan(d) else f"{d:+.3f}".replace("-", "−") for d in bad.values())
-            + "), so there is nothing to divide by")
+    return (f"R is undefined (–){every}: the oracle filter's Δforget (concept) there is under {COST_FLOOR:g} ("
+            + ", ".join("–" if math.isnan(d) else f"{d:+.4f}".replace("-", "−") for d in bad.values())
+            + "), too small to divide by")
 
 
 def repair_note(unlearning: dict[str, Any]) -> str:
