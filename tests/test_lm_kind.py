@@ -249,6 +249,22 @@ def test_bad_config_is_one_line(corpus, tmp_path, override, message):
         lifecycle.validate(experiments.load("lm-anchor-passages", tiny(corpus, override)))
 
 
+@pytest.mark.parametrize("experiment, overrides, message", [
+    # self-labelling reads the anchored term's alignment: without one, the anchored arm failed only after the control trained
+    ("lm-anchor", ['terms.0.kind="anti-subspace"', 'terms.0.select="all"', "lm.self_label=0.3"],
+     "lm.self_label: the anchored arm has no anchor or subspace term for the concept"),
+    # a subspace term's own dims were pulled into while alignment, the route and the edits read the concept's
+    ("lm-anchor-subspace", ["terms.0.dims=[2,3]"], "terms.0 pulls 'violence' into dims [2, 3], but the concept's dims are [0, 1]"),
+])
+def test_configs_the_anchored_arm_cannot_train_as_meant_are_refused_before_any_arm_trains(corpus, tmp_path, experiment,
+                                                                                          overrides, message):
+    out = tmp_path / "run"
+    over = [*tiny_spans(corpus, 'lm.arms=["control","anchored"]'), *overrides]
+    r = CliRunner().invoke(app, ["run", experiment, *[a for o in over for a in ("--set", o)], "--out", str(out), "-q"])
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+    assert not out.exists()
+
+
 def test_scored_concept_passages_without_a_word_of_the_concept_are_refused(corpus, tmp_path, monkeypatch):
     """A passage's reference label can come from sentiment or metadata while no word of it marks a
     position; if no scored passage has such a word, every concept number would be NaN after training."""
@@ -967,6 +983,23 @@ def test_windows_of_a_batch_follow_each_other_in_the_stream():
     assert torch.equal(b.inputs[1:, 0], b.targets[:-1, -1])
     assert torch.equal(b.inputs[:, 1:], b.targets[:, :-1])
 
+
+
+def test_a_passage_that_ends_one_epoch_and_starts_the_next_is_two_lines():
+    """Lines (what mellowmax pools over, what the passage labels count) once split only where the passage
+    id changed, so a passage read at the end of an epoch and again at the start of the next one became
+    one line in the window that straddles the two."""
+    tokens = [np.arange(10) + 100 * i for i in range(3)]
+    for seed in range(50):
+        stream = Stream(tokens, np.ones(3, dtype=bool), seed, 8)
+        if stream.order(0)[-1] == stream.order(1)[0]:
+            break
+    else:
+        pytest.fail("no seed puts one passage at both ends of an epoch boundary")
+    b = stream.batch(0, 4, np.ones(3), rows=range(3, 4))  # tokens 24..32: the boundary is after token 29
+    twice = int(stream.order(1)[0])
+    assert b.passage[0].tolist() == [twice] * 8 and b.line[0].tolist() == [0] * 6 + [1] * 2
+    assert b.line_labels.shape == (1, 2) and b.line_labels[0].tolist() == [1.0, 1.0]
 
 def test_training_curves_average_the_seeds_step_by_step():
     from anchoring.kinds.lm.figures import training_curves

@@ -243,30 +243,34 @@ class Stream:
             self._epochs[e] = (toks, pid, mask)
         return self._epochs[e]
 
-    def span(self, start: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """`n` tokens, their passage ids and span flags (None without spans) from global stream
-        offset `start`, across epochs."""
-        toks, pids, masks = [], [], []
+    def span(self, start: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+        """`n` tokens, their passage ids, span flags (None without spans) and epochs from global stream
+        offset `start`, across epochs. The epochs tell two readings of one passage apart where it ends
+        one epoch and starts the next."""
+        toks, pids, masks, epochs = [], [], [], []
         while n > 0:
             e, off = divmod(start, self.length)
             t, p, m = self.epoch(e)
             take = min(n, self.length - off)
             toks.append(t[off:off + take])
             pids.append(p[off:off + take])
+            epochs.append(np.full(take, e, dtype=np.int64))
             if m is not None:
                 masks.append(m[off:off + take])
             start, n = start + take, n - take
-        return np.concatenate(toks), np.concatenate(pids), (np.concatenate(masks) if masks else None)
+        return (np.concatenate(toks), np.concatenate(pids), (np.concatenate(masks) if masks else None),
+                np.concatenate(epochs))
 
     def batch(self, step: int, size: int, labels: np.ndarray, rows: range | None = None) -> Batch:
         """Windows step·size … step·size+size−1 (or only `rows` of them, for a data-parallel rank)."""
         T = self.window
         rows = rows if rows is not None else range(size)
-        xs, ps, ms = [], [], []
+        xs, ps, ms, es = [], [], [], []
         for r in rows:
-            t, p, m = self.span((step * size + r) * T, T + 1)
+            t, p, m, e = self.span((step * size + r) * T, T + 1)
             xs.append(t)
             ps.append(p)
+            es.append(e[:-1])
             if m is not None:
                 ms.append(m)
         x = torch.from_numpy(np.stack(xs).astype(np.int64))
@@ -276,7 +280,8 @@ class Stream:
         passage = torch.from_numpy(np.stack(ps)[:, :-1].astype(np.int64))
         per_position, per_target = every[:, :-1], every[:, 1:]
         change = torch.ones_like(passage, dtype=torch.bool)
-        change[:, 1:] = passage[:, 1:] != passage[:, :-1]
+        epoch = torch.from_numpy(np.stack(es))
+        change[:, 1:] = (passage[:, 1:] != passage[:, :-1]) | (epoch[:, 1:] != epoch[:, :-1])  # a new passage, or the same one read again
         line = change.long().cumsum(1) - 1
         K = int(line.max()) + 1
         first = torch.zeros(len(rows), K, dtype=torch.long)

@@ -40,7 +40,17 @@ from anchoring.kinds.lm import figures as lf
 from anchoring.kinds.lm.baselines import forget_masks
 from anchoring.kinds.lm.config import LMExperiment
 from anchoring.kinds.lm.data import LMData, load_data
-from anchoring.kinds.lm.training import ArmResult, build_model, build_objective, build_timeline, check_compile, device_of, term_columns, train_arm
+from anchoring.kinds.lm.training import (
+    ArmResult,
+    build_model,
+    build_objective,
+    build_timeline,
+    check_compile,
+    device_of,
+    self_labeller,
+    term_columns,
+    train_arm,
+)
 from anchoring.report import html
 from anchoring.report.figures import save as save_fig
 from anchoring.resources import check_fits, release_freed_memory
@@ -108,8 +118,18 @@ def validate(cfg: LMExperiment, data: bool = True) -> int:
             raise AnchoringError(f"the anchor terms of {cfg.text.concept!r} pull towards different directions at "
                                  f"{pulls[0].site.module} and {t.site.module}; an LM run measures and edits one direction "
                                  f"per concept, so give every term the same one (or none, to use the concept's anchor)")
+    own = objective.concepts.get(cfg.text.concept)
+    for j, t in enumerate(cfg.terms):  # a subspace term's own dims would be pulled into, but never measured or edited
+        if t.kind == "subspace" and t.concept == cfg.text.concept and t.dims is not None \
+                and (own is None or tuple(t.dims) != tuple(own.dims or ())):
+            have = list(own.dims) if own is not None and own.dims else "none"
+            raise AnchoringError(f"terms.{j} pulls {cfg.text.concept!r} into dims {list(t.dims)}, but the concept's dims are "
+                                 f"{have}; alignment, routing, self-labelling and the edits read the concept's dims, so give "
+                                 f"the concept these dims and leave the term's unset")
     if "anchored" in cfg.lm.arms and (cfg.unlearning.enabled or cfg.evaluate.ood):
         measured_direction(cfg, fallback=False)  # both edit the anchored arm along it after training: refuse now
+    if "anchored" in cfg.lm.arms and cfg.lm.self_label is not None:
+        self_labeller(cfg, objective)  # its errors now, not once the arms before the anchored one have trained
     residual = {"embed", *[f"blocks.{i}" for i in range(cfg.lm.layers)]}  # where alignment is measured and edits act
     odd = sorted({t.site.module for t in objective.terms if t.kind in ("anchor", "subspace")} - residual)
     if odd:
