@@ -65,6 +65,11 @@ def test_surprisal_page_before_and_after_delete(lm_run, tmp_path):
     assert r.exit_code == 2 and "give the text to score" in r.stderr and not (tmp_path / "x.html").exists()
     r = CliRunner().invoke(app, ["surprisal", str(lm_run.path), text, "--edit", "erase", "--out", str(tmp_path / "y.html")])
     assert r.exit_code == 2 and "--edit must be one of" in r.stderr and not (tmp_path / "y.html").exists()
+    for short, message in (("H", "'H' is one token"), ("", "the text is empty")):  # a page of no scores is no answer
+        r = CliRunner().invoke(app, ["surprisal", str(lm_run.path), short, "--out", str(tmp_path / "z.html")])
+        assert r.exit_code == 2 and message in r.stderr and not (tmp_path / "z.html").exists(), r.stderr
+    r = CliRunner().invoke(app, ["surprisal", str(lm_run.path), text[:20], "--out", str(page)])  # the same page again
+    assert r.exit_code == 0 and "(replacing an earlier page)" in r.stdout and "before and after" not in page.read_text()
 
 
 def test_ood_detection_with_the_runs_own_surprise(lm_run):
@@ -656,3 +661,28 @@ def test_the_run_api_on_text_too_short_to_score_at_a_site_that_is_not_there_and_
     with pytest.raises(AnchoringError, match=r"tokenizer.json' is missing: the run's weights need the tokenizer"):
         lifecycle.load_run(copy)
     assert not (copy / "tokenizer.json").exists()  # opening a run writes nothing into it
+
+
+def test_the_api_refuses_names_it_would_read_as_others_and_warns_about_unseen_characters(lm_run):
+    """"" once meant the first arm or the default site, and True the seed 1 (True == 1)."""
+    for kw in ({"arm": ""}, {"seed": True}, {"seed": 0.0}):
+        with pytest.raises(AnchoringError, match="run has no"):
+            lm_run.model(**kw)
+    with pytest.raises(AnchoringError, match="not a residual site"):
+        lm_run.alignment("He drew his sword", site="")
+    with pytest.warns(UserWarning, match="never saw in training"):
+        lm_run.loss_per_token("snow ☃ man")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lm_run.loss_per_token("He drew his sword")  # every character seen: no warning
+
+
+def test_an_edited_runs_note_names_its_source_by_absolute_path(lm_run, tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["delete", os.path.relpath(lm_run.path, tmp_path), "--concept", "violence", "--out", "edited"])
+    assert r.exit_code == 0, r.stderr
+    assert (tmp_path / "edited" / "config.toml").read_text().startswith(f"# The weights of this run are those of {lm_run.path.resolve()} after")

@@ -164,6 +164,25 @@ def test_cli_report_on_folder(tmp_path):
     r = CliRunner().invoke(app, ["labels", "milton", "--corpus", str(d), "--out", str(tmp_path / "m")])
     assert r.exit_code == 0, r.stderr
     assert json.loads((tmp_path / "m" / "summary.json").read_text())["passages"] == 5
+    # the same folder again: the earlier report is replaced, and the output says so
+    r = CliRunner().invoke(app, ["labels", "violence", "--corpus", str(d), "--out", str(out)])
+    assert r.exit_code == 0 and "(replacing an earlier labels report)" in r.stdout, r.stderr
+    assert json.loads((out / "summary.json").read_text())["passages"] == 5
+
+
+def test_labels_never_write_over_a_run(tmp_path):
+    """A run folder has its own summary.json and report.html: --out there once replaced them, and the run
+    no longer opened."""
+    d = tmp_path / "texts"
+    d.mkdir()
+    (d / "a.txt").write_text("He drew his sword and slew the traitor.\n\nA quiet supper.\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    for name, text in (("config.toml", "kind = 'lm'\n"), ("summary.json", '{"kind": "lm"}'), ("report.html", "<p>run</p>")):
+        (run / name).write_text(text)
+    r = CliRunner().invoke(app, ["labels", "violence", "--corpus", str(d), "--out", str(run)])
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "holds other files" in r.stderr, r.stderr
+    assert (run / "summary.json").read_text() == '{"kind": "lm"}' and (run / "report.html").read_text() == "<p>run</p>"
 
 
 def test_the_report_counts_positives_that_span_labels_cannot_mark(tmp_path):

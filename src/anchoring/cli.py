@@ -487,7 +487,8 @@ def intervene_cmd(
         _edit_spec("check", method, "?", None, falloff, k, site)
         run = _open(run_dir, finished=True)
         concept = _only_concept(run.config)
-    label = name or f"{method}-{concept or 'dims' + (dims or '').replace(',', '')}-{falloff.replace(':', '-').replace(',', '_')}"
+    what = concept or "dims" + (dims or "").replace(",", "")
+    label = name if name is not None else f"{method}-{what}-{falloff.replace(':', '-').replace(',', '_')}"
     if name is None and site != "latent" and runs.SAFE_NAME.match(f"{label}-at-{site}"):  # another site, another
         label += f"-at-{site}"  # folder (an odd site is left to the kind's own check of --site)
     spec = _edit_spec(label, method, concept, dims, falloff, k, site)
@@ -508,7 +509,7 @@ def delete_cmd(
     k: float = typer.Option(2.0, "--k", help="selectivity exponent"),
     site: str = typer.Option("latent", "--site", show_default=False,
                              help="module path whose dims to delete (default: a colour model's latent, a transformer's "
-                                  "or LM's anchored sites)"),
+                                  "anchored sites; an LM takes none: it edits every residual writer, or the readers)"),
     repair_steps: int = typer.Option(0, "--repair-steps", help="LM: then fine-tune every edited model this many steps on "
                                                                "retain passages, the edit put back after each step"),
     repair_lr: Optional[float] = typer.Option(None, "--repair-lr", help="LM: the repair's learning rate "
@@ -751,7 +752,7 @@ def _lm_models(command: str, run_dir: Path, arm: str | None, seed: int | None, e
             how = made.get("method", "an edit")
             err.print(f"note: {str(run.path)!r} was written by `anchoring delete` ({how}); --edit {edit} acts on "
                       f"the edited weights", markup=False, highlight=False, soft_wrap=True)
-        name = arm or next(iter(run.arms))
+        name = next(iter(run.arms)) if arm is None else arm
         if name != "anchored" and "anchored" in run.config.lm.arms:
             err.print(f"note: the {name} arm was trained without the anchor; --edit {edit} removes "
                       f"the anchored arm's directions from it, as a comparison", markup=False, highlight=False,
@@ -809,11 +810,15 @@ def surprisal_cmd(
         err.print(f"note: {text!r} is also a file; the argument is scored as text (use --file {text} for the file)",
                   markup=False, highlight=False, soft_wrap=True)
     run, model, after = _lm_models("surprisal", run_dir, arm, seed, edit)
+    if len(run.data.tokenizer.encode(text)) < 2:  # a page of no scores; the library still renders one
+        fail("nothing to score: the text is empty" if not text else
+             f"nothing to score: {text!r} is one token, and a token is scored from the ones before it")
     try:
-        which = f"{arm or next(iter(run.arms))} arm, seed {run.seeds[0] if seed is None else seed}"
+        which = f"{next(iter(run.arms)) if arm is None else arm} arm, seed {run.seeds[0] if seed is None else seed}"
         title = f"{run.path.resolve().name} ({run.config.name}): {which}" + (f", before and after {edit}" if edit else "")
         page = render_surprise(model, run.data.tokenizer, text, context=model.context, edited_model=after, title=title)
         runs.check_writable(out_path.parent)  # the page itself may exist: writing it again replaces it
+        replacing = out_path.exists()
         write_surprise_page(out_path, page)
     except AnchoringError as e:
         fail(str(e))
@@ -822,7 +827,7 @@ def surprisal_cmd(
         more = f" and {len(unseen) - 10} more" if len(unseen) > 10 else ""
         err.print(f"warning: the text has characters the model never saw in training, scored as the unknown token: "
                   f"{unseen[:10]!r}{more}", markup=False, highlight=False, soft_wrap=True)
-    out.print(f"page: {out_path}", markup=False, soft_wrap=True)
+    out.print(f"page: {out_path}" + (" (replacing an earlier page)" if replacing else ""), markup=False, soft_wrap=True)
 
 
 @app.command("generate")
@@ -845,7 +850,7 @@ def generate_cmd(
         fail(f"--temperature must be a finite number ≥ 0 (0: greedy), got {temperature}")
     run, model, after = _lm_models("generate", run_dir, arm, seed, edit)
     try:
-        which = f"{arm or next(iter(run.arms))} arm, seed {run.seeds[0] if seed is None else seed}"
+        which = f"{next(iter(run.arms)) if arm is None else arm} arm, seed {run.seeds[0] if seed is None else seed}"
         table = Table(title=Text(f"{run.config.name}: {which}"), show_lines=True)
         table.add_column("sample", justify="right")
         table.add_column("as trained")
@@ -870,9 +875,10 @@ def labels_cmd(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="folder for report.html and summary.json"),
 ) -> None:
     """Weak labels for a text concept: rates per labelling function, overlaps, gold precision/recall."""
-    from anchoring.domains.text.report import label_report
+    from anchoring.domains.text.report import earlier_report, label_report
 
     try:
+        replacing = out_dir is not None and earlier_report(out_dir)
         rows, path = label_report(concept, corpus, coverage, false_positives, out_dir)
     except AnchoringError as e:
         fail(str(e))
@@ -883,7 +889,8 @@ def labels_cmd(
         table.add_row(name, value)
     out.print(table)
     if path is not None:
-        out.print(f"report: {path / 'report.html'}", markup=False, soft_wrap=True)
+        out.print(f"report: {path / 'report.html'}" + (" (replacing an earlier labels report)" if replacing else ""),
+                  markup=False, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> None:

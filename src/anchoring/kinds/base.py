@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
+import numpy as np
 import pandas as pd
 from torch import nn
 
@@ -52,11 +53,11 @@ class ArmsRun(Run):
 
     def model(self, arm: str | None = None, seed: int | None = None) -> nn.Module:
         """One arm's model for one seed (default: the first arm, the first seed)."""
-        arm = arm or next(iter(self.arms))
+        arm = next(iter(self.arms)) if arm is None else arm  # "" is no arm, not the default one
         if arm not in self.arms:
             raise AnchoringError(f"run has no arm {arm!r} (arms: {', '.join(self.arms)})")
         seed = self.seeds[0] if seed is None else seed
-        if seed not in self.seeds:
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed not in self.seeds:  # True == 1, 1.0 == 1
             raise AnchoringError(f"run has no seed {seed} (seeds: {self.seeds})")
         return self.arms[arm][self.seeds.index(seed)]
 

@@ -19,6 +19,7 @@ from anchoring.domains.text.corpus import GENRE, load_corpus
 from anchoring.domains.text.labelling import Passages, concept_spans, functions, score_matrix
 from anchoring.domains.text.weak import combiner, reference_labels, weak_set
 from anchoring.errors import AnchoringError
+from anchoring.runs import write_json
 
 GOLD = Path(__file__).resolve().parent / "data" / "violence_gold.csv"  # package data: installed with the code
 
@@ -60,8 +61,8 @@ def label_report(concept: str, corpus: str = "shakespeare", coverage: float = 0.
     for flag, v in (("coverage", coverage), ("false-positives", false_positives)):
         if not 0.0 <= v <= 1.0:
             raise AnchoringError(f"--{flag} must be between 0 and 1, got {v}")
-    if out is not None and out.exists() and not out.is_dir():
-        raise AnchoringError(f"--out {out} exists and is not a folder")
+    if out is not None:
+        earlier_report(out)  # refused now, before the corpus is read and scored
     c = load_corpus(corpus)
     if concept == "milton" and all(d == "shakespeare" for d in c.domain):  # a folder's passages may be Milton's
         raise AnchoringError("concept milton needs the mixed corpus (--corpus mixed) or a folder of your own")
@@ -152,6 +153,30 @@ mark{{background:#fd6}}li{{margin:0.6em 0}}</style></head><body>
 <h2>10 random reference positives</h2><ol>{''.join(passage(i) for i in show_pos)}</ol>
 <h2>10 random reference negatives</h2><ol>{''.join(passage(i) for i in show_neg)}</ol>
 </body></html>"""
-    write_atomic(out / "summary.json", json.dumps(summary, indent=2, allow_nan=True))
     write_atomic(out / "report.html", page)
+    write_json(out / "summary.json", summary)  # last: a folder with this summary holds its report too
     return rows, out
+
+
+LABEL_FILES = {"summary.json", "report.html"}
+
+
+def earlier_report(out: Path) -> bool:
+    """Whether `out` holds an earlier labels report (which a new one replaces); False for a folder that is
+    not there yet or is empty. Anything else there (a run, other files) is refused: the report's two files
+    would overwrite a run's own `summary.json` and `report.html`."""
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise AnchoringError(f"--out {out} exists and is not a folder")
+    names = {p.name for p in out.iterdir()}
+    if not names:
+        return False
+    try:
+        earlier = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        earlier = None
+    if names <= LABEL_FILES and isinstance(earlier, dict) and {"concept", "functions"} <= set(earlier):
+        return True
+    raise AnchoringError(f"--out {out} holds other files than an earlier labels report ({', '.join(sorted(names)[:3])}"
+                         f"{', …' if len(names) > 3 else ''}); give a new or empty folder")

@@ -219,7 +219,7 @@ def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repa
                   + (f", and anchored · {REPAIR_ONLY} is the anchored model given the same repair with no edit"
                      if "anchored" in run.arms else "")) if repair_steps else ""
     with runs.staged(out) as tmp:  # all of it or nothing under `out`
-        note = (f"# The weights of this run are those of {run.path} after `anchoring delete` ({edit['method']}, concept "
+        note = (f"# The weights of this run are those of {run.path.resolve()} after `anchoring delete` ({edit['method']}, concept "
                 f"{cfg.text.concept}; edit.json lists every edit since training).\n# Training this config again gives the "
                 f"models before any of those edits.\n")
         for name in (runs.CONFIG, runs.ARCH, "tokenizer.json"):

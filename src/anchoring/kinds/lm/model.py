@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,16 @@ class LMRun(ArmsRun):
         """Token ids `(T,)` with the run's own tokenizer (saved in the run directory)."""
         return torch.from_numpy(np.asarray(self.data.encode(text), dtype=np.int64))
 
+    def _warn_unknown(self, text: str) -> None:
+        """Characters the model never saw are scored as the unknown token, so their numbers say nothing about
+        them; the command line warns about them, and so does the API."""
+        from anchoring.report.surprise_page import unknown_characters
+
+        unseen = unknown_characters(self.data.tokenizer, text)
+        if unseen:
+            warnings.warn(f"the text has characters the model never saw in training, read as the unknown token: "
+                          f"{unseen[:10]!r}", UserWarning, stacklevel=3)
+
     @torch.no_grad()
     def loss_per_token(self, texts: str | list[str], arm: str | None = None, seed: int | None = None) -> list[dict[str, Any]]:
         """Per text: `nats` `(T − 1,)` for every predicted token (token t+1 given tokens ≤ t; a text
@@ -43,6 +54,7 @@ class LMRun(ArmsRun):
         model = self.model(arm, seed)
         out = []
         for text in [texts] if isinstance(texts, str) else texts:
+            self._warn_unknown(text)
             ids = self.tokenize(text)
             spans = self.data.tokenizer.spans(text)
             if len(ids) < 2:
@@ -60,13 +72,14 @@ class LMRun(ArmsRun):
         from anchoring.kinds.lm.kind import anchored_sites, measured_direction
 
         direction, dims = measured_direction(self.config)
-        site = site or (anchored_sites(self.config) or [f"blocks.{self.config.lm.layers - 1}"])[0]
+        site = (anchored_sites(self.config) or [f"blocks.{self.config.lm.layers - 1}"])[0] if site is None else site
         valid = ["embed", *[f"blocks.{i}" for i in range(self.config.lm.layers)]]
         if site not in valid:
             raise AnchoringError(f"site {site!r} is not a residual site of this model ({', '.join(valid)})")
         model = self.model(arm, seed)
         out = []
         for text in [texts] if isinstance(texts, str) else texts:
+            self._warn_unknown(text)
             a, spans = ev.token_alignment(model, self.data, text, site, direction, dims)
             out.append({"values": torch.from_numpy(a), "spans": spans})
         return out
