@@ -112,3 +112,18 @@ def test_an_orthonormal_basis_has_unit_rows():
     basis = orthonormal([e1, e1 + 2 * e2])
     assert len(basis) == 2 and all(float(b.norm()) == pytest.approx(1.0) for b in basis)
     assert float(basis[0] @ basis[1]) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_a_term_names_a_latent_of_the_wrong_width_and_takes_boolean_labels():
+    from anchoring.anchor import Concept, build_term
+
+    c = Concept("c", None, anchor=(1.0, 0.0, 0.0), dims=(0,))
+    anti = build_term("anti-subspace", "w", latent_dim=3, concept=c, select="unlabelled")
+    pull = build_term("anchor", "w", latent_dim=3, concept=c)
+    z = torch.randn(5, 3)
+    labels = torch.tensor([True, False, False, True, False])
+    got = anti({"latent": z}, {"c": labels})  # bool labels: 1 − w once failed inside torch
+    assert torch.allclose(got, anti({"latent": z}, {"c": labels.float()}))
+    for term in (anti, pull):
+        with pytest.raises(AnchoringError, match="built for a latent of 3 dims; 'latent' gives 4"):
+            term({"latent": torch.randn(5, 4)}, {"c": labels})

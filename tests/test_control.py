@@ -410,3 +410,50 @@ def test_selectivity_is_r_squared_and_equal_rows_share_the_front():
     r = np.corrcoef(errors[0].double().numpy(), (sim.double() ** 2).numpy())[0, 1]
     assert float(selectivity(errors, sim, 2.0)[0]) == pytest.approx(r**2, rel=1e-5) and 0.2 < r**2 < 0.9
     assert pareto_front(np.array([[1.0, 1.0], [1.0, 1.0], [2.0, 0.0], [2.0, 2.0]])) == [0, 1, 2]
+
+
+def test_intervene_edits_the_first_item_of_a_module_that_returns_a_tuple():
+    """nn.GRU returns (outputs, hidden): Capture read the first item, intervene failed on the tuple."""
+    torch.manual_seed(0)
+    gru = nn.Sequential()
+    gru.add_module("rnn", nn.GRU(3, 4, batch_first=True))
+    x = torch.randn(2, 5, 3)
+    with intervene(gru, "rnn", lambda z: torch.zeros_like(z)):
+        out, hidden = gru.rnn(x)
+    assert torch.equal(out, torch.zeros(2, 5, 4)) and hidden.abs().sum() > 0  # the rest passes as it was
+
+
+def test_intervene_on_a_site_that_never_runs_is_an_error_not_a_silent_no_op():
+    """MultiheadAttention uses out_proj through its weights: a hook there never fires."""
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(4, 2, batch_first=True)
+    x = torch.randn(1, 3, 4)
+    with pytest.raises(AnchoringError, match="'out_proj' never ran in the 1 forward pass"):
+        with intervene(attn, "out_proj", lambda z: torch.zeros_like(z)):
+            attn(x, x, x)
+    with intervene(attn, "out_proj", lambda z: torch.zeros_like(z)):
+        pass  # no forward pass at all: nothing to say
+    assert not attn.out_proj._forward_hooks and not attn._forward_hooks  # the hooks went either way
+
+
+def test_a_capture_opened_inside_intervene_records_the_edited_output():
+    from anchoring.anchor import Capture
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    x = torch.randn(3, 4)
+    with intervene(model, "0", lambda z: torch.zeros_like(z)):
+        with Capture(model, ["0"]) as cap:
+            model(x)
+            assert torch.equal(cap.acts["0"], torch.zeros(3, 4))
+    with Capture(model, ["0"]) as cap, intervene(model, "0", lambda z: torch.zeros_like(z)):
+        model(x)
+        assert torch.equal(cap.acts["0"], nn.functional.linear(x, model[0].weight, model[0].bias))  # opened first: as computed
+
+
+def test_suppress_and_repel_refuse_a_zero_or_per_row_direction():
+    z = torch.randn(4, 4)
+    for edit in (suppress, repel):
+        with pytest.raises(AnchoringError, match="direction is zero"):
+            edit(z, torch.zeros(4))
+        with pytest.raises(AnchoringError, match="one vector of 4 entries, not of shape"):
+            edit(z, torch.eye(4))  # (N, D) with N = the batch: each row along its own direction

@@ -43,6 +43,7 @@ class Term:
     select: Select = "all"
     params: dict = field(default_factory=dict)
     toward: str | None = None
+    width: int | None = None  # the latent width the term was built for (`latent_dim`)
 
     def __call__(self, acts: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
         """Batch loss `(...)` from activations `(..., N, D)` and labels `(..., N)`."""
@@ -55,6 +56,9 @@ class Term:
                 raise AnchoringError(f"term {self.name!r} needs labels for concept {c!r}; the labels given are for "
                                      f"{', '.join(map(repr, labels)) or 'none'}")
         z = acts[self.site]
+        if self.width is not None and z.shape[-1] != self.width:  # not torch's broadcast error, or a silent wrong loss
+            raise AnchoringError(f"term {self.name!r} was built for a latent of {self.width} dims; {self.site!r} "
+                                 f"gives {z.shape[-1]}")
         if self.toward is None:
             per_sample = self.formula(z)
         else:
@@ -62,6 +66,8 @@ class Term:
         if self.select == "all":
             return per_sample.mean(-1)
         w = labels[self.concept]
+        if not w.is_floating_point():  # bool or integer 0/1 labels: weights, so 1 − w must be arithmetic
+            w = w.to(per_sample.dtype)
         if w.shape != per_sample.shape and not _labels_fit(w.shape, per_sample.shape):
             raise AnchoringError(f"term {self.name!r}: labels of shape {tuple(w.shape)} do not match the "
                                  f"{tuple(per_sample.shape)} samples of {self.site!r} (one label per sample)")
@@ -164,4 +170,4 @@ def build_term(
         return _f(z, **kw, **extra)
 
     return Term(label, kind, weight, site, bound_formula, concept.name if concept else None, select, bound,
-                toward.name if toward else None)
+                toward.name if toward else None, latent_dim)

@@ -54,9 +54,14 @@ def suppress_subspace(z: torch.Tensor, basis: torch.Tensor, falloff: Callable = 
 
 
 def _check_width(z: torch.Tensor, v: torch.Tensor, what: str) -> None:
-    """One line naming both widths, instead of torch's broadcasting error from deep inside the hook."""
+    """One line naming both widths, instead of torch's broadcasting error from deep inside the hook. A
+    direction is one vector: an (N, D) one would edit each of N rows along its own row, unasked."""
+    if what == "direction" and v.dim() != 1:
+        raise AnchoringError(f"the direction must be one vector of {z.shape[-1]} entries, not of shape {tuple(v.shape)}")
     if v.shape[-1] != z.shape[-1]:
         raise AnchoringError(f"the {what} has {v.shape[-1]} entries, the activations it edits {z.shape[-1]}")
+    if what == "direction" and not bool(v.any()):  # it would normalise to zero and edit nothing, without a word
+        raise AnchoringError("the direction is zero; an edit needs a direction to remove")
 
 
 def _orthogonal_fallback(v: torch.Tensor) -> torch.Tensor:
@@ -210,9 +215,34 @@ class Intervention:
 
 @contextmanager
 def intervene(model: nn.Module, site: str, edit: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[nn.Module]:
-    """While open, `site`'s output is replaced by `edit(output)` in every forward pass."""
-    handle = resolve_site(model, site).register_forward_hook(lambda _m, _i, out: edit(out))
+    """While open, `site`'s output is replaced by `edit(output)` in every forward pass (a module that
+    returns a tuple, such as `nn.GRU` or `nn.MultiheadAttention`: its first item, as `Capture` reads it).
+
+    Hooks run in the order they were registered: a `Capture` of the same site opened *inside* this
+    block records the edited output, one opened before it the output as the model computed it.
+    A block in which `model` ran a forward pass but `site` never did (a module used only through its
+    weights, such as `nn.MultiheadAttention.out_proj`) raises on exit, since nothing was edited."""
+    module = resolve_site(model, site)
+    calls = {"site": 0, "model": 0}
+
+    def hook(_m, _i, out):
+        calls["site"] += 1
+        if isinstance(out, tuple):
+            return (edit(out[0]), *out[1:])
+        return edit(out)
+
+    def count(_m, _i, _o):
+        calls["model"] += 1
+
+    handles = [module.register_forward_hook(hook)]
+    if module is not model:
+        handles.append(model.register_forward_hook(count))
     try:
         yield model
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
+    if calls["model"] and not calls["site"]:
+        raise AnchoringError(f"{site!r} never ran in the {calls['model']} forward pass(es) of this block, so nothing "
+                             f"was edited: its parent uses it through its weights, not by calling it; hook a module "
+                             f"that runs")
