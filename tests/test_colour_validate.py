@@ -23,6 +23,10 @@ BAD_SITES = [  # (override, what the one-line error must say)
     ('interventions.0.site="encoder.0"', "intervention 'suppress-red': site 'encoder.0' has width 16, not the latent width 4"),
     ('interventions.0.site="nosuch"', "intervention 'suppress-red': model has no module 'nosuch'"),
     ('interventions.2.site="encoder"', "intervention 'ablate-red': cannot edit weights at 'encoder'"),
+    # read only after training: an IndexError then, or hue numbers of one dim against itself, or no anchoring columns
+    ("evaluate.hue_dims=[0,7]", "evaluate.hue_dims [0, 7] must be two different dims within 0..3"),
+    ("evaluate.hue_dims=[1,1]", "evaluate.hue_dims [1, 1] must be two different dims"),
+    ('evaluate.concept="blue"', "evaluate.concept 'blue' is not a concept of this experiment (red, vibrant)"),
 ]
 
 

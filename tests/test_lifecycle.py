@@ -364,6 +364,31 @@ def test_a_run_folder_with_a_config_always_has_its_digest(tmp_path, monkeypatch)
     with pytest.raises((KeyboardInterrupt, lifecycle.TrainingInterrupted)):
         lifecycle.run(experiments.load("anchored", ["train.seeds=1", "train.steps=20"]), tmp_path / "run")
     assert not (tmp_path / "run" / runs.CONFIG).exists() or (tmp_path / "run" / runs.CONFIG_DIGEST).exists()
+    # and nothing is left in its place: a lone digest once made `run --out` and `resume` refuse the folder
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(runs, "write_atomic", real)
+    given = tmp_path / "given"  # an empty folder the user made stays, empty
+    given.mkdir()
+    calls.clear()
+    monkeypatch.setattr(runs, "write_atomic", second_write_stops)
+    with pytest.raises(KeyboardInterrupt):
+        lifecycle.run(experiments.load("anchored", ["train.seeds=1", "train.steps=20"]), given)
+    assert given.is_dir() and not any(given.iterdir())
+
+
+def test_a_study_resumes_past_a_variant_stopped_before_its_config(tmp_path):
+    """A variant folder holding only the digest (a stop between the two writes of an older version, or a
+    full disk) once made the study impossible to resume ("already exists and is not empty")."""
+    cfg = experiments.load("smooth-vs-stepped", ["train.seeds=1", "train.steps=20"])
+    out = tmp_path / "study"
+    lifecycle.run(cfg, out)
+    variant = next(p for p in (out / "variants").iterdir() if p.is_dir())
+    for p in variant.iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    (variant / runs.CONFIG_DIGEST).write_text("0" * 64 + "\n")
+    (out / runs.SUMMARY).unlink()
+    outcome = lifecycle.resume(out)
+    assert (variant / runs.SUMMARY).is_file() and outcome.summary
 
 
 def test_ctrl_c_just_after_the_config_is_written_leaves_a_run_to_resume(tmp_path, monkeypatch):

@@ -122,3 +122,26 @@ def test_ensemble_members_carry_their_own_buffers_and_captures_carry_no_gradient
         assert torch.equal(member.scale, alone.scale) and torch.equal(member.lin.weight, alone.lin.weight)
     acts = ens.capture_at("lin", torch.randn(2, 4, 3))
     assert acts.shape == (2, 4, 3) and not acts.requires_grad
+
+
+def test_ctrl_c_during_the_last_save_waits_for_it_and_then_stops(small_cfg, tmp_path, monkeypatch):
+    """The last checkpoint was written outside the stop flag: a Ctrl-C there cut the save short and the
+    run started again from its previous checkpoint (from step 0 under 500 steps)."""
+    from anchoring.train import skeleton
+    from anchoring.train.checkpoint import steps_done
+
+    small_cfg = small_cfg.model_copy(update={"train": small_cfg.train.model_copy(update={"checkpoint_every": 60})})
+    assert small_cfg.train.steps % 60  # so the last save is the one after the loop, not a periodic one
+    real = skeleton.save_checkpoint
+
+    def stopped_while_saving(path, done, *args, **kwargs):
+        if done == small_cfg.train.steps:
+            os.kill(os.getpid(), signal.SIGINT)  # handled as soon as this call returns: mid-save
+        return real(path, done, *args, **kwargs)
+
+    monkeypatch.setattr(skeleton, "save_checkpoint", stopped_while_saving)
+    with pytest.raises(TrainingInterrupted) as info:
+        train(small_cfg, tmp_path)
+    assert info.value.step == small_cfg.train.steps
+    checkpoints = list(tmp_path.glob("*.safetensors"))
+    assert checkpoints and all(steps_done(c) == small_cfg.train.steps for c in checkpoints)

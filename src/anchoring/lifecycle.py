@@ -73,16 +73,31 @@ def validate(cfg: ExperimentBase) -> None:
 def run(cfg: ExperimentBase, out: Path | None = None, progress: Progress | None = None) -> Outcome:
     """Train, evaluate and report an experiment into a new run directory."""
     validate(cfg)
+    ours = out is None or not out.exists()  # a folder this call creates (a generated name is created by new_run_dir)
     path = runs.new_run_dir(cfg.name, out)  # a generated name is created there, so no other run can take it
     runs.check_writable(path)
     path.mkdir(parents=True, exist_ok=True)
     try:
         write_config(path, cfg)
-    except KeyboardInterrupt:  # with its config written the run starts from step 0 under `resume`
+    except BaseException as e:
         if (path / runs.CONFIG).is_file():
-            raise TrainingInterrupted(-1, path) from None
+            if isinstance(e, KeyboardInterrupt):  # with its config written the run starts from step 0 under `resume`
+                raise TrainingInterrupted(-1, path) from None
+            raise
+        _unclaim(path, ours)  # a digest without its config is no run: `run --out` would refuse it, `resume` too
         raise
     return _execute(cfg, path, progress)
+
+
+def _unclaim(path: Path, ours: bool) -> None:
+    """Take back what a start that never wrote its config left: the digest, and the folder if this
+    start made it and it is empty now."""
+    try:
+        (path / runs.CONFIG_DIGEST).unlink(missing_ok=True)
+        if ours and not any(path.iterdir()):
+            path.rmdir()
+    except OSError:
+        pass
 
 
 def _execute(cfg: ExperimentBase, path: Path, progress: Progress | None) -> Outcome:
@@ -116,6 +131,8 @@ def _run_or_continue(cfg: ExperimentBase, path: Path, progress: Progress | None)
         if (path / runs.CONFIG).read_text() != cfg.to_toml():
             raise AnchoringError(f"{str(path)!r} was started with other settings; choose another --out")
         return show(path) if (path / runs.SUMMARY).is_file() else _execute(cfg, path, progress)
+    if path.is_dir() and {p.name for p in path.iterdir()} <= {runs.CONFIG_DIGEST}:  # a start stopped before its config
+        _unclaim(path, ours=False)
     return run(cfg, path, progress)
 
 

@@ -241,6 +241,9 @@ def fit(task: Task, *, checkpoint: Path | None, every: int, progress: Progress |
             if _agree(int(asked), device) if world > 1 else asked:  # every rank stops after the same step
                 save(step + 1)
                 raise TrainingInterrupted(step + 1, run_dir)
-    if start < task.steps:  # a checkpoint already at the last step is only read, never rewritten
-        save(task.steps)
+        if start < task.steps:  # a checkpoint already at the last step is only read, never rewritten
+            save(task.steps)  # under the flag too: a stop during this save waits for it instead of losing it
+        asked = stop.set or (should_stop is not None and should_stop())
+        if _agree(int(asked), device) if world > 1 else asked:  # trained, but asked to stop before the evaluation
+            raise TrainingInterrupted(task.steps, run_dir)
     return start

@@ -57,6 +57,13 @@ class ColourKind(Kind):
                 if not 0 <= d < cfg.model.latent_dim:
                     raise AnchoringError(f"concept {c.name!r}: dim {d} is outside 0..{cfg.model.latent_dim - 1}")
         check_sites(cfg, objective)  # a bad site otherwise fails in the first step, or after the last
+        h, w = cfg.model.latent_dim, cfg.evaluate.hue_dims  # read after training, so refused now
+        if len(set(w)) != 2 or any(not 0 <= d < h for d in w):
+            raise AnchoringError(f"evaluate.hue_dims {list(w)} must be two different dims within 0..{h - 1}")
+        names = [c.name for c in cfg.concepts]
+        if names and cfg.evaluate.concept and cfg.evaluate.concept not in names:  # "" or None: no concept checked
+            raise AnchoringError(f"evaluate.concept {cfg.evaluate.concept!r} is not a concept of this experiment "
+                                 f"({', '.join(names)}); its anchoring columns would be left out without a word")
 
     def architecture(self, cfg: ColourExperiment) -> dict[str, Any]:
         return architecture(cfg)

@@ -170,7 +170,7 @@ def _train_in_processes(cfg: TransformerExperiment, jobs: list[tuple[str, int]],
     try:
         run_jobs(_train_job, [(cfg, arm, seed, ckpt[arm, seed]) for arm, seed in jobs], workers, _init_worker, (queue,))
     except TrainingInterrupted:
-        raise TrainingInterrupted(max(done.values(), default=0), path) from None
+        raise TrainingInterrupted(-1, path) from None  # the jobs stop at steps of their own: no one step to name
     finally:
         stop.set()
         listener.join()
