@@ -174,3 +174,20 @@ def test_an_encoder_that_puts_every_colour_on_the_anchor_has_no_anchor_loss():
     assert get_labeller("red").exact(validation).bool().any()  # exactly labelled red colours to score
     rows = summarize_seeds(encode, lambda rgb: rgb.expand(2, *rgb.shape), cfg, objective, validation)
     assert all(r["anchor_cos"] == pytest.approx(1.0) and r["val_anchor_loss"] == pytest.approx(0.0, abs=1e-6) for r in rows)
+
+
+def test_the_relearning_baseline_keeps_the_runs_learning_rate_and_data_curriculum():
+    """The unanchored baseline once kept only the learning rate, so on a curriculum it trained on other
+    data than the anchored arm it is compared with."""
+    import csv
+    import io
+
+    from anchoring import experiments
+    from anchoring.kinds.colour.control import lr_schedule
+
+    cfg = experiments.load("smooth-curriculum")
+    rows = list(csv.reader(io.StringIO(lr_schedule(cfg.schedule))))
+    assert rows[0] == ["STEP", "lr", "extent"]
+    source = [r for r in csv.reader(io.StringIO(cfg.schedule)) if r and not r[0].startswith("#")]
+    col = source[0].index("extent")
+    assert [r[2] for r in rows[1:]] == [r[col] if col < len(r) else "" for r in source[1:]]

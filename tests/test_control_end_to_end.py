@@ -50,11 +50,11 @@ def test_intervene_and_delete_commands(anchored_run, tmp_path):
     out, _ = anchored_run
     r = runner.invoke(app, ["intervene", str(out), "--concept", "red", "--method", "repel", "--falloff", "power:0.1,2,1", "--name", "rp"])
     assert r.exit_code == 0, r.stderr
-    assert "red" in r.stdout and "selectivity R² per seed" in r.stdout
+    assert "red" in r.stdout and "selectivity R² (k = 2) per seed" in r.stdout  # which k: one edit scores differently at another
     for f in ("colours.csv", "per_seed.csv", "hue_error.png", "reconstruction.png", "lobes.png", "strength.png"):
         assert (out / "interventions" / "rp" / f).is_file(), f
     shown = runner.invoke(app, ["show", str(out / "interventions" / "rp")])  # read back: the lines intervene printed
-    selectivity = next(x for x in r.stdout.splitlines() if x.startswith("selectivity R² per seed"))
+    selectivity = next(x for x in r.stdout.splitlines() if x.startswith("selectivity R² (k = 2) per seed"))
     assert shown.exit_code == 0 and selectivity in shown.stdout and "figures: hue_error.png" in shown.stdout, shown.stderr
     pruned = tmp_path / "pruned"
     r = runner.invoke(app, ["delete", str(out), "--concept", "red", "--method", "prune", "--out", str(pruned)])
@@ -75,6 +75,12 @@ def test_intervene_and_delete_commands(anchored_run, tmp_path):
         r = runner.invoke(app, args)
         assert r.exit_code == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
     assert not (tmp_path / "x").exists()
+    assert json.loads((pruned / "edit.json").read_text())["k"] == 2.0  # the deleted run says how it was scored
+    # a --dims edit of a concept is another edit: its default folder is not the concept's own edit's
+    for extra in ([], ["--dims", "3"]):
+        r = runner.invoke(app, ["intervene", str(out), "--concept", "red", "--method", "ablate", *extra])
+        assert r.exit_code == 0, r.stderr
+    assert {"ablate-red-constant", "ablate-red-dims3-constant"} <= {p.name for p in (out / "interventions").iterdir()}
 
 
 def test_relearning_curves_are_recorded_and_more_samples_help(anchored_run):

@@ -449,9 +449,46 @@ def test_an_edit_record_takes_each_drop_from_its_own_group():
     ('interventions.0.method="repel"', "^intervention 'suppress-red': a transformer supports suppress or ablate, not 'repel'$"),
     ('interventions.0.concept="blue"', "^intervention 'suppress-red': concept 'blue' is not anchored by any term$"),
     ('interventions.0.sites=["blocks.0"]', r"'blocks.0' is not an anchored site \(anchored: blocks.1, blocks.3\)$"),
+    ('interventions.0.site="blocks.0"', r"'blocks.0' is not an anchored site \(anchored: blocks.1, blocks.3\)$"),  # site too
+    # accepted and ignored once: the config's edit ran at full strength while the summary recorded these
+    ('interventions.0.falloff="linear:0.5,1"', "^intervention 'suppress-red': falloff does not apply to 'transformer' runs"),
+    ("interventions.0.k=7", "^intervention 'suppress-red': k does not apply"),
+    # measured against residual axis 0 without a word when it named no anchored concept
+    ('evaluate.concept="blue"', r"^evaluate.concept 'blue' is anchored by no term \(anchored: red\)"),
 ])
 def test_transformer_interventions_that_cannot_run_are_refused_before_training(override, message):
     from anchoring.kinds.transformer.kind import validate
 
     with pytest.raises(AnchoringError, match=message):
         validate(experiments.load("transformer-anchor-residual", [override]))
+
+
+def test_a_config_intervention_edits_the_site_it_names_and_the_default_concept_is_the_experiments_own():
+    """`site = "blocks.3"` in [[interventions]] once edited every anchored site; a concept named other than
+    red was measured against residual axis 0, since evaluate.concept defaulted to "red"."""
+    from anchoring.kinds.transformer.kind import edit_targets
+    from anchoring.kinds.transformer.training import build_language, build_sequence_objective, build_transformer
+
+    cfg = experiments.load("transformer-anchor-residual", ['interventions.0.site="blocks.3"'])
+    objective = build_sequence_objective(cfg, build_transformer(cfg, build_language(cfg)))
+    assert [s.module for s, _ in edit_targets(cfg, objective, cfg.interventions[0])] == ["blocks.3"]
+    assert [s.module for s, _ in edit_targets(cfg, objective, cfg.interventions[1])] == ["blocks.1", "blocks.3"]
+    from anchoring.kinds.transformer.config import TransformerEvaluateConfig
+
+    assert TransformerEvaluateConfig().concept is None  # the fallback to the first concept can happen
+
+
+def test_delete_refuses_a_key_space_anchor_of_a_one_head_model(tmp_path):
+    """With one head, a head is as wide as the residual stream, and the key-space anchor passed the width
+    filter: delete projected it out of the residual writers and reported nothing left."""
+    from typer.testing import CliRunner
+
+    from anchoring.cli import app
+
+    run = tmp_path / "run"
+    r = CliRunner().invoke(app, ["run", "transformer-anchor-attention", "-q", "--steps", "10", "--seeds", "1", "--out", str(run),
+                                 "--set", "transformer.heads=1", "--set", "transformer.eval_lines=64",
+                                 "--set", "transformer.workers=1"])
+    assert r.exit_code == 0, r.stderr
+    r = CliRunner().invoke(app, ["delete", str(run), "--concept", "red", "--out", str(tmp_path / "deleted")])
+    assert r.exit_code == 2 and "anchored only on per-head sites" in r.stderr and not (tmp_path / "deleted").exists()

@@ -5,6 +5,7 @@ Every user mistake ends as one line `error: …` on stderr with exit code 2, and
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -389,7 +390,8 @@ def _show_intervention(path: Path) -> None:
             from anchoring.kinds.colour.control import colour_table
 
             table = pd.read_csv(path / "colours.csv").to_dict("records")
-            lines = colour_table(f"{path.name}: per-colour MSE", table, pd.read_csv(path / "per_seed.csv")["selectivity"].tolist())
+            k = json.loads((path / "spec.json").read_text()).get("k") if (path / "spec.json").is_file() else None
+            lines = colour_table(f"{path.name}: per-colour MSE", table, pd.read_csv(path / "per_seed.csv")["selectivity"].tolist(), k)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         fail(f"{str(path)!r}: cannot read the intervention's files ({e})")
     if not lines:
@@ -487,7 +489,8 @@ def intervene_cmd(
         _edit_spec("check", method, "?", None, falloff, k, site)
         run = _open(run_dir, finished=True)
         concept = _only_concept(run.config)
-    what = concept or "dims" + (dims or "").replace(",", "")
+    # the concept and the dims both, when both are given: the same concept with other dims is another edit
+    what = "-".join(x for x in (concept, "dims" + dims.replace(",", "") if dims else None) if x) or "dims"
     label = name if name is not None else f"{method}-{what}-{falloff.replace(':', '-').replace(',', '_')}"
     if name is None and site != "latent" and runs.SAFE_NAME.match(f"{label}-at-{site}"):  # another site, another
         label += f"-at-{site}"  # folder (an odd site is left to the kind's own check of --site)

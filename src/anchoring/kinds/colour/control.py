@@ -99,13 +99,16 @@ def _table_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def colour_table(title: str, rows: list[dict], selectivity: list[float]) -> list[Any]:
+def colour_table(title: str, rows: list[dict], selectivity: list[float], k: float | None = None) -> list[Any]:
+    """The per-colour table and the selectivity line; `k` (the exponent of the similarity the R² is
+    taken against) is named, since one edit scored at two k gives two selectivities."""
     table = Table(title=title)
     for h in ("colour", "before", "after (median)", "min", "max"):
         table.add_column(h, justify="right")
     for r in rows:
         table.add_row(r["colour"], f"{r['before']:.4f}", f"{r['after']:.4f}", f"{r['after_min']:.4f}", f"{r['after_max']:.4f}")
-    return [table, f"selectivity R² per seed: {', '.join(f'{x:.3f}' for x in selectivity)} (median {median(selectivity):.3f})"]
+    at = f" (k = {k:g})" if k is not None else ""
+    return [table, f"selectivity R²{at} per seed: {', '.join(f'{x:.3f}' for x in selectivity)} (median {median(selectivity):.3f})"]
 
 
 def intervene(run: ColourRun, spec: InterventionConfig) -> EditResult:
@@ -140,7 +143,7 @@ def intervene(run: ColourRun, spec: InterventionConfig) -> EditResult:
             names += ["lobes.png", "strength.png"]
     files = [out / n for n in names]
     selectivity = [float(x) for x in res["selectivity"]]
-    return EditResult(spec.name, [*colour_table(f"{spec.name}: per-colour MSE", table, selectivity), f"wrote {out}"], files,
+    return EditResult(spec.name, [*colour_table(f"{spec.name}: per-colour MSE", table, selectivity, spec.k), f"wrote {out}"], files,
                       {"table": table, "selectivity": selectivity})
 
 
@@ -164,7 +167,8 @@ def delete(run: ColourRun, spec: InterventionConfig, out: Path) -> EditResult:
         runs.write_json(tmp / runs.ARCH, arch)
         stacked_params = {f"param.{k}": torch.stack([m.state_dict()[k] for m in edited]) for k in edited[0].state_dict()}
         atomic_save(stacked_params, tmp / "checkpoint.safetensors", {"format": FORMAT, "step": "0"})
-        edit = {"source": str(run.path.resolve()), "method": spec.method, "concept": spec.concept, "dims": list(plan.dims or [])}
+        edit = {"source": str(run.path.resolve()), "method": spec.method, "concept": spec.concept, "dims": list(plan.dims or []),
+                "k": spec.k}  # the selectivity's exponent: the same edit scores differently at another k
         runs.write_json(tmp / EDIT, {**edit, "lineage": [*edit_lineage(run.path), edit]})
         runs.write_atomic(tmp / "colours.csv", _table_csv(table))
         figures.save(figures.hue_error_curves(res["hue_after"], (0.25, 0.5, 0.75, 1.0), f"{spec.method}: error vs hue"),
@@ -174,7 +178,8 @@ def delete(run: ColourRun, spec: InterventionConfig, out: Path) -> EditResult:
         figures.save(figures.reconstruction_grid(named_rgb(), outputs, NAMES, run.seeds), tmp / "figures" / "reconstruction.png")
         rows = [[r["colour"], r["before"], r["after"], r["after_min"], r["after_max"]] for r in table]
         sections = [("Edit", f"<p>{spec.method} of {html.html.escape(spec.concept or 'dims')} (dims {list(plan.dims or [])}) "
-                             f"applied to {html.html.escape(str(run.path))}; selectivity R² median {median(selectivity):.3f}</p>"),
+                             f"applied to {html.html.escape(str(run.path))}; selectivity R² (k = {spec.k:g}) median "
+                             f"{median(selectivity):.3f}</p>"),
                     ("Per-colour MSE", html.table_html(["colour", "before (median)", "after (median)", "after min", "after max"], rows)),
                     ("Error vs hue", html.image_html(tmp / "figures" / "hue_error.png", "error vs hue")),
                     ("Reconstructions", html.image_html(tmp / "figures" / "reconstruction.png", "reconstructions"))]
@@ -182,7 +187,7 @@ def delete(run: ColourRun, spec: InterventionConfig, out: Path) -> EditResult:
         summary = {"experiment": run.config.name, "kind": "colour", "seeds": [], "edit": edit, "edit_table": table,
                    "edit_selectivity": selectivity}
         runs.write_json(tmp / runs.SUMMARY, summary)
-    return EditResult(spec.name, [*colour_table(f"{spec.method}: per-colour MSE", table, selectivity), f"edited run: {out}"],
+    return EditResult(spec.name, [*colour_table(f"{spec.method}: per-colour MSE", table, selectivity, spec.k), f"edited run: {out}"],
                       [out], summary)
 
 
@@ -263,12 +268,13 @@ def relearn(run: ColourRun, concept: str = "red", samples: Sequence[int] = (1, 4
 
 
 def lr_schedule(schedule: str) -> str:
-    """The dopesheet's STEP and learning-rate columns, every row kept: the baseline then stretches to
-    the run's steps exactly as the run did, so both follow the same learning rate step by step (keys
-    written out after stretching could land twice on one step, which a dopesheet refuses)."""
+    """The dopesheet's STEP, learning-rate and data-extent columns, every row kept: the baseline then
+    stretches to the run's steps exactly as the run did, so both follow the same learning rate and see
+    the same data curriculum step by step (keys written out after stretching could land twice on one
+    step, which a dopesheet refuses). The regularizers' columns go: the baseline has no terms."""
     rows = [r for r in csv.reader(io.StringIO(schedule)) if r and any(c.strip() for c in r)
             and not r[0].lstrip().startswith("#")]
-    keep = [0] + [i for i, h in enumerate(rows[0]) if i and h.split(":")[0].strip() == "lr"]
+    keep = [0] + [i for i, h in enumerate(rows[0]) if i and h.split(":")[0].strip() in ("lr", "extent")]
     out = io.StringIO()
     csv.writer(out, lineterminator="\n").writerows([[r[i] if i < len(r) else "" for i in keep] for r in rows])
     return out.getvalue()

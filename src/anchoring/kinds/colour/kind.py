@@ -191,7 +191,7 @@ def summary_lines(summary: dict[str, Any]) -> list[Any]:
 
         e = summary["edit"]
         lines += colour_table(f"{e['method']} of {e['concept'] or e['dims']}: per-colour MSE", summary["edit_table"],
-                              summary["edit_selectivity"])
+                              summary["edit_selectivity"], e.get("k"))  # deletions written before k was recorded: unnamed
     n = summary.get("anchored_seeds")
     if n is not None:
         lines.append(f"{n}/{len(rows)} seeds anchored ({summary['criterion']})")

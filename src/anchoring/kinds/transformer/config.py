@@ -46,7 +46,8 @@ class TransformerConfig(_Strict):
 
 
 class TransformerEvaluateConfig(_Strict):
-    concept: str | None = Field("red", description="anchored concept whose direction is measured and edited")
+    concept: str | None = Field(None, description="anchored concept whose direction is measured and edited "
+                                                "(default: the experiment's first concept)")
 
 
 class TransformerExperiment(TrainedExperiment):

@@ -75,14 +75,16 @@ def _table(title: str, rows: list[dict[str, Any]]) -> Table:
     return table
 
 
-def _refuse_unused(spec: InterventionConfig) -> None:
+def _refuse_unused(spec: InterventionConfig, in_config: bool = False) -> None:
     """A transformer edit acts on the concept's anchor at full strength: options it would not use are
-    refused rather than recorded in the edit's summary as if they had been applied."""
+    refused rather than recorded in the edit's summary as if they had been applied. `in_config`: name
+    the config keys of an `[[interventions]]` entry instead of the command's flags."""
     default = InterventionConfig(name=spec.name, method=spec.method)
-    for key, flag in (("falloff", "--falloff"), ("dims", "--dims"), ("k", "--k")):
+    for key in ("falloff", "dims", "k"):
         if getattr(spec, key) != getattr(default, key):
-            raise AnchoringError(f"{flag} does not apply to 'transformer' runs: their edits remove the concept's anchor "
-                                 f"at full strength (use --concept)")
+            where = f"intervention {spec.name!r}: {key}" if in_config else f"--{key}"
+            raise AnchoringError(f"{where} does not apply to 'transformer' runs: their edits remove the concept's anchor "
+                                 f"at full strength (use {'concept' if in_config else '--concept'})")
 
 
 def intervene(run: TransformerRun, spec: InterventionConfig) -> EditResult:
@@ -131,7 +133,8 @@ def delete(run: TransformerRun, spec: InterventionConfig, out: Path) -> EditResu
     probe_tokens = lang.batch(4, cfg.language.context, torch.Generator().manual_seed(0)).inputs
     leftover = []
     for i, model in enumerate(run.arms["anchored"]):
-        directions = [v for _, v in _targets(run, spec, model) if v.shape[-1] == cfg.transformer.width]
+        residual = set(residual_sites(model))  # a key-space anchor of a one-head model is as wide, but no residual direction
+        directions = [v for s, v in _targets(run, spec, model) if s.head is None and s.module in residual]
         if not directions:
             raise AnchoringError("delete removes residual-stream directions; this concept is anchored only on per-head sites")
         m = model

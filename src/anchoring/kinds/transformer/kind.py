@@ -75,10 +75,18 @@ def validate(cfg: TransformerExperiment) -> int:
     names = [i.name for i in cfg.interventions]
     if len(set(names)) != len(names):
         raise AnchoringError("intervention names must be unique")
+    from anchoring.kinds.transformer.control import _refuse_unused as refuse_unused  # control → model → kind: import late
+
     for spec in cfg.interventions:
         if spec.method not in ("suppress", "ablate"):
             raise AnchoringError(f"intervention {spec.name!r}: a transformer supports suppress or ablate, not {spec.method!r}")
+        refuse_unused(spec, in_config=True)  # options it would not use, refused as the command refuses them
         edit_targets(cfg, objective, spec)
+    concept = cfg.evaluate.concept
+    if concept and cfg.terms and not objective.anchors(concept):  # measured against axis 0 instead, without a word
+        anchored = sorted({t.concept for t in objective.terms if t.kind == "anchor" and t.concept})
+        raise AnchoringError(f"evaluate.concept {concept!r} is anchored by no term (anchored: {', '.join(anchored) or 'none'}); "
+                             f"set evaluate.concept to the concept the alignment and the edits should measure")
     if cfg.interventions and not cfg.terms:
         raise AnchoringError("interventions need an anchored concept (this experiment has no terms)")
     return steps
@@ -89,11 +97,12 @@ def edit_targets(cfg: TransformerExperiment, objective, spec) -> list[tuple[Sequ
     anchors = objective.anchors(spec.concept) if spec.concept else []
     if not anchors:
         raise AnchoringError(f"intervention {spec.name!r}: concept {spec.concept!r} is not anchored by any term")
-    if spec.sites is None:
+    wanted = spec.sites if spec.sites is not None else ([] if spec.site in (None, "latent") else [spec.site])
+    if not wanted:  # "latent" is the colour default: no site named
         return anchors
     by_module = {s.module: (s, v) for s, v in anchors}
     out = []
-    for m in spec.sites:
+    for m in wanted:
         if m not in by_module:
             raise AnchoringError(f"intervention {spec.name!r}: {m!r} is not an anchored site (anchored: {', '.join(by_module)})")
         out.append(by_module[m])
