@@ -878,11 +878,10 @@ def labels_cmd(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="folder for report.html and summary.json"),
 ) -> None:
     """Weak labels for a text concept: rates per labelling function, overlaps, gold precision/recall."""
-    from anchoring.domains.text.report import earlier_report, label_report
+    from anchoring.domains.text.report import label_report
 
     try:
-        replacing = out_dir is not None and earlier_report(out_dir)
-        rows, path = label_report(concept, corpus, coverage, false_positives, out_dir)
+        rows, path, replacing = label_report(concept, corpus, coverage, false_positives, out_dir)
     except AnchoringError as e:
         fail(str(e))
     table = Table(title=Text(f"{concept} labels on {corpus}"))

@@ -55,14 +55,14 @@ def _highlight(text: str, spans: list[tuple[int, int]]) -> str:
 
 
 def label_report(concept: str, corpus: str = "shakespeare", coverage: float = 0.3, false_positives: float = 0.0,
-                 out: Path | None = None, seed: int = 0) -> tuple[list[tuple[str, str]], Path | None]:
-    """Rows (name, value) for a printed table, and the report folder (None when `out` is None)."""
+                 out: Path | None = None, seed: int = 0) -> tuple[list[tuple[str, str]], Path | None, bool]:
+    """Rows (name, value) for a printed table, the report folder (None when `out` is None), and whether
+    the report replaced an earlier one there."""
     functions(concept)  # validates the concept
     for flag, v in (("coverage", coverage), ("false-positives", false_positives)):
         if not 0.0 <= v <= 1.0:
             raise AnchoringError(f"--{flag} must be between 0 and 1, got {v}")
-    if out is not None:
-        earlier_report(out)  # refused now, before the corpus is read and scored
+    replacing = out is not None and earlier_report(out)  # refused now, before the corpus is read and scored
     c = load_corpus(corpus)
     if concept == "milton" and all(d == "shakespeare" for d in c.domain):  # a folder's passages may be Milton's
         raise AnchoringError("concept milton needs the mixed corpus (--corpus mixed) or a folder of your own")
@@ -126,7 +126,7 @@ def label_report(concept: str, corpus: str = "shakespeare", coverage: float = 0.
         rows += [("gold precision (combined)", f"{g['precision']:.3f} ({g['tp']}/{g['tp'] + g['fp']})"),
                  ("gold recall (combined)", f"{g['recall']:.3f} ({g['tp']}/{g['tp'] + g['fn']})")]
     if out is None:
-        return rows, None
+        return rows, None, False
 
     def passage(i: int) -> str:
         meta = html.escape(f"{c.work[i]}:{c.line[i]} {c.speaker[i]}")
@@ -155,7 +155,7 @@ mark{{background:#fd6}}li{{margin:0.6em 0}}</style></head><body>
 </body></html>"""
     write_atomic(out / "report.html", page)
     write_json(out / "summary.json", summary)  # last: a folder with this summary holds its report too
-    return rows, out
+    return rows, out, replacing
 
 
 LABEL_FILES = {"summary.json", "report.html"}

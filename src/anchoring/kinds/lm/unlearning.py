@@ -459,7 +459,7 @@ def relearn_record(curve: list[dict[str, float]], before_edit: float, control: f
     lowest = min(c["concept"] for c in curve)
     start = curve[0]["concept"]
     return {"passages": passages, "relearned": lowest - control,
-            "kept": ratio(lowest - before_edit, start - before_edit, KEPT_FLOOR) if start - before_edit >= KEPT_FLOOR else float("nan"),
+            "kept": ratio(lowest - before_edit, start - before_edit) if start - before_edit >= KEPT_FLOOR else float("nan"),
             "lowest": lowest, "before_edit": before_edit, "after_edit": start}
 
 

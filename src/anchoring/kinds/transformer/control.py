@@ -23,6 +23,14 @@ from anchoring.report import html
 GROUPS = ("red answer", "red-ish", "no red")
 
 
+def named_sites(spec: InterventionConfig) -> list[str]:
+    """The sites an edit names (`sites`, or one `site`); none means every anchored site. "latent" is the
+    colour models' default site, so it names nothing here."""
+    if spec.sites is not None:
+        return list(spec.sites)
+    return [] if spec.site in (None, "latent") else [spec.site]
+
+
 def _targets(run: TransformerRun, spec: InterventionConfig, model) -> list:
     """(site, direction) pairs of the concept's anchored sites (all of them, or the one `--site` names)."""
     cfg = run.config
@@ -33,7 +41,7 @@ def _targets(run: TransformerRun, spec: InterventionConfig, model) -> list:
     if not anchors:
         known = sorted({t.concept for t in objective.terms if t.kind == "anchor" and t.concept})
         raise AnchoringError(f"concept {spec.concept!r} is not anchored in this run (anchored: {', '.join(known) or 'none'})")
-    wanted = spec.sites if spec.sites is not None else ([] if spec.site in (None, "latent") else [spec.site])
+    wanted = named_sites(spec)
     if not wanted:
         return anchors
     chosen = [(s, v) for s, v in anchors if s.module in wanted]
@@ -75,7 +83,7 @@ def _table(title: str, rows: list[dict[str, Any]]) -> Table:
     return table
 
 
-def _refuse_unused(spec: InterventionConfig, in_config: bool = False) -> None:
+def refuse_unused(spec: InterventionConfig, in_config: bool = False) -> None:
     """A transformer edit acts on the concept's anchor at full strength: options it would not use are
     refused rather than recorded in the edit's summary as if they had been applied. `in_config`: name
     the config keys of an `[[interventions]]` entry instead of the command's flags."""
@@ -91,7 +99,7 @@ def intervene(run: TransformerRun, spec: InterventionConfig) -> EditResult:
     """Suppress or ablate the concept's direction at its anchored sites; exact match split by redness."""
     if spec.method not in ("suppress", "ablate"):
         raise AnchoringError(f"a 'transformer' run supports --method suppress or ablate, not {spec.method!r}")
-    _refuse_unused(spec)
+    refuse_unused(spec)
     if not runs.SAFE_NAME.match(spec.name):
         raise AnchoringError(f"--name {spec.name!r}: use letters, digits and _.,+=- only (it names a folder inside the run)")
     out = run.path / "interventions" / spec.name
@@ -122,7 +130,7 @@ def delete(run: TransformerRun, spec: InterventionConfig, out: Path) -> EditResu
     control arm is copied unchanged (it has no anchor to remove)."""
     if spec.method != "ablate":
         raise AnchoringError(f"delete on a 'transformer' run removes the anchor direction (--method ablate), not {spec.method!r}")
-    _refuse_unused(spec)
+    refuse_unused(spec)
     if "anchored" not in run.arms:
         raise AnchoringError("this transformer run has no anchored arm to delete from")
     out = runs.new_run_dir(run.config.name, out, resumable=False)

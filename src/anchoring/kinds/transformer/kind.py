@@ -29,6 +29,7 @@ from anchoring.kinds.base import Kind
 from anchoring.kinds.transformer import evaluate as ev
 from anchoring.kinds.transformer import figures as sf
 from anchoring.kinds.transformer.config import TransformerExperiment
+from anchoring.kinds.transformer.control import named_sites, refuse_unused
 from anchoring.kinds.transformer.training import (
     ArmResult,
     build_language,
@@ -75,8 +76,6 @@ def validate(cfg: TransformerExperiment) -> int:
     names = [i.name for i in cfg.interventions]
     if len(set(names)) != len(names):
         raise AnchoringError("intervention names must be unique")
-    from anchoring.kinds.transformer.control import _refuse_unused as refuse_unused  # control → model → kind: import late
-
     for spec in cfg.interventions:
         if spec.method not in ("suppress", "ablate"):
             raise AnchoringError(f"intervention {spec.name!r}: a transformer supports suppress or ablate, not {spec.method!r}")
@@ -97,8 +96,8 @@ def edit_targets(cfg: TransformerExperiment, objective, spec) -> list[tuple[Sequ
     anchors = objective.anchors(spec.concept) if spec.concept else []
     if not anchors:
         raise AnchoringError(f"intervention {spec.name!r}: concept {spec.concept!r} is not anchored by any term")
-    wanted = spec.sites if spec.sites is not None else ([] if spec.site in (None, "latent") else [spec.site])
-    if not wanted:  # "latent" is the colour default: no site named
+    wanted = named_sites(spec)
+    if not wanted:
         return anchors
     by_module = {s.module: (s, v) for s, v in anchors}
     out = []
