@@ -293,6 +293,8 @@ def test_selectivity_and_pareto():
     noise = torch.rand(3, 50, generator=torch.Generator().manual_seed(0))
     assert (selectivity(noise, sim, 2.0) < 0.2).all()
     assert selectivity(perfect, sim, 1.0)[0] < 1.0  # wrong exponent fits worse
+    spared = 0.3 - perfect  # the concept spared, everything else broken: the same fit, the wrong way round
+    assert torch.allclose(selectivity(spared, sim, 2.0), -torch.ones(3))
     pts = np.array([[1, 1, 1], [0, 2, 1], [2, 2, 2], [1, 1, 0]])
     assert pareto_front(pts) == [1, 3]
 

@@ -306,8 +306,10 @@ def test_a_sweep_stopped_between_its_merged_summary_and_its_record_is_completed_
         sw.sweep("anchored", out, sets=["train.seeds=1", "train.steps=10"], workers=1)
     assert "sweep" not in json.loads((out / runs.SUMMARY).read_text())
     monkeypatch.undo()
-    summary = sw.sweep("anchored", out, sets=["train.seeds=1", "train.steps=10"], workers=1)
-    assert summary["sweep"]["workers"] == 1 and "sweep" in json.loads((out / runs.SUMMARY).read_text())
+    summary = sw.sweep("anchored", out, sets=["train.seeds=1", "train.steps=10"], workers=2)  # one seed: same shards
+    assert "sweep" in json.loads((out / runs.SUMMARY).read_text())
+    assert summary["sweep"] | {"shards": None} == {"backend": "local", "workers": 2, "planned_workers": 1,
+                                                   "continued": True, "shards": None}
     with pytest.raises(AnchoringError, match="is a finished sweep"):
         sw.sweep("anchored", out, sets=["train.seeds=1", "train.steps=10"], workers=1)
 

@@ -9,6 +9,8 @@ import torch
 def selectivity(errors: torch.Tensor, similarity: torch.Tensor, k: float) -> torch.Tensor:
     """R² of a linear fit of error on similarity^k, per seed: 1 = the damage is exactly as predicted.
 
+    Signed: an edit whose damage *falls* as similarity rises (it spares the concept and breaks the
+    rest) fits a line just as well, so its R² is given a minus sign rather than read as selective.
     `errors` `(seeds, N)`, `similarity` `(N,)`. A seed whose errors do not vary scores 0.
     """
     x = similarity.double().pow(k)
@@ -16,7 +18,7 @@ def selectivity(errors: torch.Tensor, similarity: torch.Tensor, k: float) -> tor
     e = errors.double() - errors.double().mean(-1, keepdim=True)
     cov = (e * x).sum(-1)
     denom = (e.pow(2).sum(-1) * x.pow(2).sum()).clamp_min(1e-30)
-    return (cov.pow(2) / denom).float()
+    return (cov.sign() * cov.pow(2) / denom).float()
 
 
 def pareto_front(objectives: np.ndarray) -> list[int]:

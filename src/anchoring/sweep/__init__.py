@@ -227,7 +227,8 @@ def sweep(experiment: str, out: Path, *, sets: list[str] | None = None, grid: li
         kind_of(cfg).merge_shards(cfg, [s.dir for s in shards if s.point == i], path)
         outcome = lifecycle.finish_merged(path)  # every model at its last step: evaluates, draws and reports, trains nothing
         results.append((extra, outcome))
-    summary = _sweep_summary(configs[0].name, grid, shards, results, workers, backend, train_s, time.perf_counter() - t0)
+    summary = _sweep_summary(configs[0].name, grid, shards, results, workers, backend, train_s, time.perf_counter() - t0,
+                             planned_workers=record["workers"], continued=bool(old_plan))
     if grid:
         _write_grid_report(out, summary, results)
     else:
@@ -258,13 +259,16 @@ def _point_row(extra: list[str], s: dict) -> dict:
 
 
 def _sweep_summary(experiment: str, grid, shards: list[Shard], results, workers: int, backend: str,
-                   train_s: float, total_s: float) -> dict:
+                   train_s: float, total_s: float, *, planned_workers: int, continued: bool) -> dict:
+    """The sweep's record. `workers` and the timing are this invocation's; a continued sweep says so,
+    and names the --workers it was planned with (which set its seed blocks), since the two may differ."""
     points = [_point_row(extra, o.summary) for extra, o in results]
     keys = list(dict.fromkeys(k for p in points for k in p))  # points may differ (e.g. one has unlearning rows)
     return {
         "experiment": experiment, "grid": [{"key": k, "values": v} for k, v in grid],
         "points": [{k: p.get(k) for k in keys} | {"path": str(o.path.resolve())} for p, (_, o) in zip(points, results)],
-        "sweep": {"backend": backend, "workers": workers, "shards": [{"name": s.name, "seeds": s.seeds} for s in shards]},
+        "sweep": {"backend": backend, "workers": workers, "planned_workers": planned_workers, "continued": continued,
+                  "shards": [{"name": s.name, "seeds": s.seeds} for s in shards]},
         "timing": {"train_s": round(train_s, 3), "total_s": round(total_s, 3)},
     }
 
@@ -275,7 +279,9 @@ def _write_grid_report(out: Path, summary: dict, results) -> None:
     sections = [("Overview", f"<p>Sweep of {summary['experiment']} over "
                              f"{' × '.join(g['key'] + ' ∈ {' + ', '.join(g['values']) + '}' for g in summary['grid'])}; "
                              f"{len(summary['sweep']['shards'])} shards on {summary['sweep']['workers']} "
-                             f"{summary['sweep']['backend']} worker(s); {summary['timing']['total_s']:.1f} s.</p>"),
+                             f"{summary['sweep']['backend']} worker(s); {summary['timing']['total_s']:.1f} s"
+                             f"{' (this invocation: the sweep was continued)' if summary['sweep']['continued'] else ''}"
+                             f".</p>"),
                 ("Per grid point", html.table_html(header, rows))]
     kind = REGISTRY[results[0][1].summary.get("kind", "colour")]
     for caption, fig_path in kind.grid_figures(out, results):
