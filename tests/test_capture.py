@@ -127,3 +127,22 @@ def test_a_term_names_a_latent_of_the_wrong_width_and_takes_boolean_labels():
     for term in (anti, pull):
         with pytest.raises(AnchoringError, match="built for a latent of 3 dims; 'latent' gives 4"):
             term({"latent": torch.randn(5, 4)}, {"c": labels})
+
+
+def test_a_term_refuses_labels_outside_zero_to_one_and_still_runs_under_vmap():
+    from torch.func import vmap
+
+    from anchoring.anchor import Concept, build_term
+
+    c = Concept("c", None, anchor=(1.0, 0.0, 0.0), dims=(0,))
+    anti = build_term("anti-subspace", "w", latent_dim=3, concept=c, select="unlabelled")
+    z = torch.randn(5, 3)
+    for bad, said in ((torch.tensor([0.0, 2.0, 0.0, 1.0, 0.0]), "from 0 to 2"),
+                      (torch.tensor([0.0, -1.0, 0.0, 1.0, 0.0]), "from -1 to 1"),
+                      (torch.tensor([0.0, float("nan"), 0.0, 1.0, 0.0]), "and NaN")):
+        with pytest.raises(AnchoringError, match=f"must lie in \\[0, 1\\].*{said}"):
+            anti({"latent": z}, {"c": bad})
+    soft = torch.tensor([0.0, 0.25, 1.0, 0.5, 0.0])  # soft labels in range are weights, as before
+    assert torch.isfinite(anti({"latent": z}, {"c": soft}))
+    per_model = vmap(lambda zz, w: anti({"latent": zz}, {"c": w}))(z.expand(2, 5, 3), soft.expand(2, 5))
+    assert torch.allclose(per_model, anti({"latent": z}, {"c": soft}).expand(2))

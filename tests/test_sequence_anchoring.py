@@ -139,3 +139,8 @@ def test_a_sequence_term_averages_over_its_slot_and_its_selected_positions():
     assert float(slot) == pytest.approx((1 + 4) / 2)
     calm = term(Positions("all"), "unlabelled")({"s": h}, roles, line, {"c": torch.ones(1, 2)}, {"c": lab})
     assert float(calm) == pytest.approx((3 + 4 + 6) / 3)
+    for bad in ({"c": torch.full((1, 2), 2.0)}, {"c": -torch.ones(1, 2)}):  # line labels out of [0, 1], either path
+        with pytest.raises(AnchoringError, match="must lie in \\[0, 1\\]"):
+            term(Positions("all"), "labelled")({"s": h}, roles, line, bad)
+        with pytest.raises(AnchoringError, match="must lie in \\[0, 1\\]"):
+            term(Positions("mellowmax", omega=3.0), "labelled")({"s": h}, roles, line, bad)

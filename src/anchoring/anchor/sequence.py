@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from anchoring.anchor.terms import Concept
+from anchoring.anchor.terms import Concept, check_weights
 from anchoring.errors import AnchoringError
 
 
@@ -140,12 +140,14 @@ class SequenceTerm:
         (text labelled by spans); by default every position takes its line's label."""
         ell = self.formula(self.site.read(acts))  # (B, T)
         if self.positions.kind == "mellowmax":
+            check_weights(line_labels[self.concept], self.name, self.concept)
             return pool_lines(ell, line, line_labels[self.concept], self.positions.omega, self.select)
         w = torch.ones_like(ell)
         if self.positions.kind == "slot":
             w = w * (roles == self.positions.role)
         if self.select != "all":
             lab = labels[self.concept] if labels is not None else position_labels(line_labels[self.concept], line)
+            check_weights(lab, self.name, self.concept)
             w = w * (lab if self.select == "labelled" else 1.0 - lab)
         return (ell * w).sum() / w.sum().clamp_min(1.0)
 

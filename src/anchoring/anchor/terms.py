@@ -68,12 +68,35 @@ class Term:
         w = labels[self.concept]
         if not w.is_floating_point():  # bool or integer 0/1 labels: weights, so 1 − w must be arithmetic
             w = w.to(per_sample.dtype)
+        check_weights(w, self.name, self.concept)
         if w.shape != per_sample.shape and not _labels_fit(w.shape, per_sample.shape):
             raise AnchoringError(f"term {self.name!r}: labels of shape {tuple(w.shape)} do not match the "
                                  f"{tuple(per_sample.shape)} samples of {self.site!r} (one label per sample)")
         if self.select == "unlabelled":
             w = 1.0 - w
         return (per_sample * w).sum(-1) / w.sum(-1).clamp_min(1.0)
+
+
+def check_weights(w: torch.Tensor, term: str, concept: str | None) -> None:
+    """Refuse labels outside [0, 1]: a label of 2 would count a sample twice, and a negative one
+    would push the "unlabelled" side (1 − w) past 1, both without any error.
+
+    Checked where it costs nothing: on CPU, outside `torch.compile` and with labels that `vmap`
+    does not batch. On a GPU the check would stall every step waiting for the device, so labels
+    that live there are the caller's to keep in range.
+    """
+    if w.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    try:
+        bad = bool(((w < 0) | (w > 1) | w.isnan()).any())
+    except RuntimeError as e:  # labels batched by vmap: a Python bool of them is not defined there
+        if "vmap" not in str(e):
+            raise
+        return
+    if bad:
+        lo, hi = float(w.nan_to_num(0.5).min()), float(w.nan_to_num(0.5).max())
+        raise AnchoringError(f"term {term!r}: labels for concept {concept!r} must lie in [0, 1] (weights of a "
+                             f"sample), got values from {lo:g} to {hi:g}{' and NaN' if bool(w.isnan().any()) else ''}")
 
 
 def _labels_fit(labels: torch.Size, samples: torch.Size) -> bool:
