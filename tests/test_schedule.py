@@ -312,3 +312,21 @@ def test_a_runs_schedule_is_checked_column_by_column_naming_its_source():
     for text, message in refused.items():
         with pytest.raises(AnchoringError, match=message):
             parse_schedule(text, "my.csv", ["anchor"])
+
+
+@pytest.mark.parametrize("interp", ["minjerk", "step"])
+def test_a_reactive_ease_stops_before_the_next_phase_so_its_keys_land_on_time(interp):
+    """A decision at 1400 with a 50-step ease used to drop the Tail's key at 1425, and the term the
+    Tail turns off kept its raised weight to the end of the run."""
+    from anchoring.schedule.reactive import Reactive, apply
+
+    tl = Timeline({"anchor": Track([(0, 0.1), (1400, 0.1), (1425, 0.0)], interp=interp)}, steps=1501,
+                  phases=[(0, "Train"), (1425, "Tail")])
+    r = Reactive(param="anchor", metric="m", target=0.01, every=100, factor=1.5, ease=50)
+    d = r.decide(1400, torch.ones(10, 2), tl)
+    assert d.until == 1424
+    apply(tl, d)
+    assert tl.values(1424)["anchor"] == pytest.approx(0.15)  # the decision holds until the phase
+    assert all(tl.values(t)["anchor"] == 0.0 for t in (1425, 1450, 1500))  # and the Tail still turns it off
+    assert r.decide(1300, torch.ones(10, 2), tl).until == 1350  # far from a phase: the whole ease
+    assert r.decide(1424, torch.ones(10, 2), tl) is None  # no step left before the phase

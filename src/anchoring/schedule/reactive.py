@@ -5,11 +5,13 @@ over the window, skipping exact zeros, which sparse concept terms produce on unl
 batches). If the metric is on the wrong side of its target, the parameter is re-targeted
 by `factor` (clamped to bounds) over `ease` steps; with `relax`, a satisfied metric lets
 the parameter fall back by the same factor. Re-targeting keeps value and velocity
-continuous (see `Track.retarget`).
+continuous (see `Track.retarget`). An ease ends before the next PHASE row, so a phase's keys
+(a Tail that turns a term off) still land on their step.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +71,12 @@ class Reactive:
         else:
             return None
         until = min(step + self.ease, timeline.steps - 1)
+        # a decision does not ease across a PHASE row: keys inside the ease are dropped, and a phase's
+        # keys are the ones that must land on time (a Tail that turns a term off would otherwise never
+        # come). The ease ends the step before, so the phase's own key is reached at its start.
+        phase = next((t for t, _ in timeline.phases if t > step), None)
+        if phase is not None:
+            until = min(until, math.ceil(phase) - 1)
         if until <= step:
             return None
         return Decision(self.param, step, goal, until)
