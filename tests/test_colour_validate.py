@@ -163,3 +163,44 @@ def test_an_edits_selectivity_median_is_the_median_seed(tmp_path):
 def test_relearning_refuses_more_samples_than_the_concept_has_colours(untrained_run):
     with pytest.raises(AnchoringError, match="distinct red colours can be drawn"):
         control.relearn(untrained_run, "red", samples=[4000], steps=1)
+
+
+ANCHORED_CSV = (experiments.HERE / "anchored.csv").read_text()
+BAD_OPTIONS = [  # each used to train: to NaN at a random early step, or silently on a loss of the wrong sign
+    (["terms.0.power=2.5", "terms.0.shift=false"], "non-integer power 2.5 is NaN"),
+    (["terms.0.power=-3"], "power must be a finite number > 0, got -3"),
+    (["terms.0.power=0"], "power must be a finite number > 0, got 0"),
+    (['terms.0.kind="euclidean-repulsion"', "terms.0.eps=0"], "eps must be a finite number > 0"),
+    (['terms.0.kind="euclidean-repulsion"', "terms.0.eps=-1"], "eps must be a finite number > 0"),
+    (["schedule=negative.csv"], "term weight 'anchor' must be ≥ 0 at every key, got -0.5"),
+    (["schedule=extent.csv"], "extent must lie in [0, 1] at every key, got 1 to 1.5"),
+    (["train.term_masks=[[true, false]]"], "term_masks rows must have one entry per term (3), got one of 2"),
+    (['reactive=[{param="anchor", metric="loss", target=0.1, lowest=5, highest=1}]'], "highest (1) must be ≥ lowest (5)"),
+    (['reactive=[{param="anchor", metric="loss", target=0.1, lowest=-1}]'], "lowest must be a finite number ≥ 0, got -1"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_OPTIONS)
+def test_term_options_and_schedule_values_that_cannot_train_are_refused_before_any_step(tmp_path, overrides, message):
+    (tmp_path / "negative.csv").write_text(ANCHORED_CSV.replace("750,,,0.1,0.01,0.1,", "750,,,0.1,0.01,-0.5,"))
+    lines = ANCHORED_CSV.strip().splitlines()
+    (tmp_path / "extent.csv").write_text("\n".join([lines[0] + ",extent", lines[1] + ",1", *(r + "," for r in lines[2:-1]),
+                                                    lines[-1] + ",1.5"]))
+    overrides = [o.replace("=negative.csv", f"={tmp_path / 'negative.csv'}").replace("=extent.csv", f"={tmp_path / 'extent.csv'}")
+                 for o in overrides]
+    try:
+        cfg = experiments.load("anchored", [*SHORT, *overrides])
+        lifecycle.validate(cfg)
+    except AnchoringError as e:
+        assert message in str(e) and "\n" not in str(e), str(e)
+    else:
+        pytest.fail(f"{overrides} was accepted")
+
+
+def test_a_schedule_saved_with_a_byte_order_mark_is_read(tmp_path):
+    """Spreadsheets save "CSV UTF-8" with a BOM; the STEP column then read as '\\ufeffSTEP'."""
+    sheet = tmp_path / "bom.csv"
+    sheet.write_text(ANCHORED_CSV, encoding="utf-8-sig")
+    cfg = experiments.load("anchored", [*SHORT, f"schedule={sheet}"])
+    lifecycle.validate(cfg)
+    assert cfg.schedule.startswith("\ufeffSTEP")  # the mark is still there; the parser reads past it

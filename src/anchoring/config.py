@@ -9,6 +9,7 @@ the dopesheet text inline, so a run directory's `config.toml` re-runs with nothi
 
 from __future__ import annotations
 
+import math
 import tomllib
 from typing import Any, Literal, Sequence
 
@@ -57,6 +58,19 @@ class TermConfig(_Strict):
 
     def options(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("power", "shift", "eps") if getattr(self, k) is not None}
+
+    @model_validator(mode="after")
+    def _options_that_give_a_finite_loss(self) -> "TermConfig":
+        """Options that can only give NaN, ∞ or a loss of the wrong sign, refused before training."""
+        label = f"term {self.name or self.kind!r}"
+        if self.power is not None and not (math.isfinite(self.power) and self.power > 0):
+            raise ValueError(f"{label}: power must be a finite number > 0, got {self.power:g}")
+        if self.shift is False and self.power is not None and self.power != int(self.power):
+            raise ValueError(f"{label}: with shift = false the cosine can be negative, and a negative number to the "
+                             f"non-integer power {self.power:g} is NaN; give an integer power or shift = true")
+        if self.eps is not None and not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"{label}: eps must be a finite number > 0 (it keeps 1/(d² + eps) finite), got {self.eps:g}")
+        return self
 
 
 class TrainConfig(_Strict):

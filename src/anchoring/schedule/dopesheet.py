@@ -90,6 +90,7 @@ def _resolve_steps(raw: list[tuple[int, str]], source: str = "dopesheet") -> lis
 
 def parse_dopesheet(text: str, source: str = "dopesheet") -> Timeline:
     """Parse dopesheet CSV text; every error names the line and column at fault."""
+    text = text.removeprefix("\ufeff")  # a spreadsheet's "CSV UTF-8" starts with a byte-order mark
     try:
         rows = [(n, r) for n, r in enumerate(csv.reader(io.StringIO(text)), start=1)
                 if r and any(c.strip() for c in r) and not r[0].lstrip().startswith("#")]

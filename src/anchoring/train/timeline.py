@@ -22,6 +22,11 @@ def parse_schedule(schedule: str, source: str, weights: list[str], optional: tup
     low = min(v for _, v in timeline.tracks["lr"].key_values())
     if low < 0:
         raise AnchoringError(f"{source}: lr must be ≥ 0 at every key, got {low:g}")
+    for col in dict.fromkeys(weights):  # a negative weight rewards the term: red pushed off its anchor, repulsion unbounded
+        low = min(v for _, v in timeline.tracks[col].key_values())
+        if low < 0:
+            raise AnchoringError(f"{source}: term weight {col!r} must be ≥ 0 at every key, got {low:g} (a negative "
+                                 f"weight rewards what the term penalises; use the opposite term instead)")
     return timeline
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
@@ -46,6 +47,14 @@ class ReactiveConfig(_Strict):
     ease: int = Field(50, ge=1, description="steps each re-targeted transition takes")
     relax: bool = Field(False, description="also lower the parameter when the metric is satisfied")
 
+    @model_validator(mode="after")
+    def _bounds(self) -> "ReactiveConfig":
+        if not math.isfinite(self.lowest) or self.lowest < 0:
+            raise ValueError(f"reactive {self.param!r}: lowest must be a finite number ≥ 0, got {self.lowest:g}")
+        if self.highest is not None and not self.highest >= self.lowest:  # NaN too
+            raise ValueError(f"reactive {self.param!r}: highest ({self.highest:g}) must be ≥ lowest ({self.lowest:g})")
+        return self
+
 
 class EvaluateConfig(_Strict):
     concept: str | None = Field("red", description="anchored concept whose direction is checked")
@@ -83,3 +92,13 @@ class ColourExperiment(TrainedExperiment):
     train: ColourTrainConfig = Field(default_factory=ColourTrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     reactive: list[ReactiveConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _mask_rows_name_every_term(self) -> "ColourExperiment":
+        """A mask row shorter or longer than the term list would fail only once training starts,
+        after the run's folder is written."""
+        rows = self.train.term_masks or []
+        bad = next((len(r) for r in rows if len(r) != len(self.terms)), None)
+        if bad is not None:
+            raise ValueError(f"train.term_masks rows must have one entry per term ({len(self.terms)}), got one of {bad}")
+        return self

@@ -67,6 +67,11 @@ def build_objective(cfg: ColourExperiment) -> Objective:
 def build_timeline(cfg: ColourExperiment, objective: Objective) -> Timeline:
     """Parse the schedule and check it against the terms, both ways, naming the column."""
     timeline = parse_schedule(cfg.schedule, f"{cfg.name} schedule", objective.weight_names, OPTIONAL)
+    if "extent" in timeline.tracks:  # a share of the curriculum's depth: outside [0, 1] it silently clips
+        vals = [v for _, v in timeline.tracks["extent"].key_values()]
+        if min(vals) < 0 or max(vals) > 1:
+            raise AnchoringError(f"{cfg.name} schedule: extent must lie in [0, 1] at every key, got "
+                                 f"{min(vals):g} to {max(vals):g}")
     for step, acts in timeline.actions.items():
         for a in acts:
             if a not in ACTIONS:
