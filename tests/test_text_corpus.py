@@ -296,3 +296,16 @@ def test_each_part_of_the_split_gets_its_own_share():
     parts = split_indices(ids, (0.6, 0.3, 0.1), seed=1)
     shares = {k: len(v) / len(ids) for k, v in parts.items()}
     assert shares == pytest.approx({"train": 0.6, "validation": 0.3, "test": 0.1}, abs=0.03)
+
+
+def test_a_file_name_that_is_not_utf8_and_an_empty_corpus_name_are_one_line_refusals(tmp_path):
+    import os
+
+    folder = tmp_path / "latin1"
+    folder.mkdir()
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.txt"), "w") as f:  # a Latin-1 name, copied as bytes
+        f.write("A passage long enough to count as one.\n")
+    with pytest.raises(AnchoringError, match="file name that is not UTF-8; rename it$"):
+        C.load_corpus(str(folder))
+    with pytest.raises(AnchoringError, match="unknown corpus ''"):  # Path("") is the current directory
+        C.load_corpus("")

@@ -238,3 +238,19 @@ def test_milton_reference_labels_are_exact_only_where_the_source_is_known():
     assert list(reference_labels(Passages(texts, domain=["user", "user"]), "milton")) == [1, 0]
     # known sources are exact, whatever the words say
     assert list(reference_labels(Passages(texts, domain=["shakespeare", "milton"]), "milton")) == [0, 1]
+
+
+def test_split_fractions_with_nan_are_refused_and_api_labels_refuse_a_bare_string():
+    from anchoring.domains.text.weak import weak_set
+    from anchoring.errors import AnchoringError
+    from anchoring.text import weak_labels
+
+    for bad in ((0.9, float("nan"), 0.05), (float("nan"), 0.5, 0.5)):  # NaN passed both checks: an empty part, silently
+        with pytest.raises(ValidationError, match="split fractions"):
+            TextConfig(split=bad)
+    with pytest.raises(AnchoringError, match="takes a list of texts"):
+        weak_labels("he drew his sword", "violence")  # list("abc") labelled each character
+    ref = np.array([1, 0, 1, 0, 1, 1, 0, 0])
+    assert (weak_set(ref, np.float32(0.5), 0.0, 0) == weak_set(ref, 0.5, 0.0, 0)).all()  # numpy numbers are numbers
+    with pytest.raises(AnchoringError, match="coverage must be between 0 and 1, got True"):
+        weak_set(ref, True, 0.0, 0)

@@ -14,6 +14,7 @@ import numpy as np
 from anchoring.domains.text.labelling import Passages
 from anchoring.domains.text.labelling import concept_spans as _concept_spans
 from anchoring.domains.text.weak import probabilities
+from anchoring.errors import AnchoringError
 
 __all__ = ["weak_labels", "concept_spans"]
 
@@ -24,6 +25,8 @@ def weak_labels(texts: list[str], concept: str) -> np.ndarray:
     Plain texts carry no metadata (genre, speaker), so the metadata labelling function stays silent;
     stage directions are found by their brackets.
     """
+    if isinstance(texts, str):  # list("abc") would label each character
+        raise AnchoringError("weak_labels takes a list of texts; wrap a single text as [text]")
     return probabilities(Passages(list(texts)), concept)
 
 

@@ -5,6 +5,7 @@ The LM experiment kind embeds this model as its `text` table, so `--set text.cor
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -33,7 +34,7 @@ class TextConfig(BaseModel):
     @field_validator("split")
     @classmethod
     def _fractions(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
-        if any(x < 0 for x in v) or abs(sum(v) - 1.0) > 1e-6 or v[0] <= 0:
+        if not all(math.isfinite(x) and x >= 0 for x in v) or abs(sum(v) - 1.0) > 1e-6 or v[0] <= 0:  # NaN compares false
             raise ValueError(f"split fractions must be ≥ 0, sum to 1 and give training data, got {v}")
         return v
 

@@ -469,6 +469,10 @@ def load_folder(folder: Path) -> Corpus:
     c = Corpus(folder.name)
     stems: dict[str, Path] = {}
     for p in files:
+        try:  # a name that is not UTF-8 (a Latin-1 copy) reaches Python as surrogates, which the split's hash cannot encode
+            p.name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise AnchoringError(f"{str(p)!r} has a file name that is not UTF-8; rename it") from None
         if p.suffix.lower() != ".txt":
             raise AnchoringError(f"{p} is not a .txt file; the corpus folder must hold only .txt files")
         if p.stem in stems:  # passages are named `stem:line`; two files of one stem would share names, splits and labels
@@ -494,6 +498,6 @@ def load_corpus(name: str, cache: bool = True) -> Corpus:
         c.extend(load_milton(cache))
         return c
     path = Path(name).expanduser()
-    if not path.exists():
+    if not name.strip() or not path.exists():  # Path("") is the current directory
         raise AnchoringError(f"unknown corpus {name!r}: use shakespeare, milton, mixed or an existing folder of .txt files")
     return load_folder(path)

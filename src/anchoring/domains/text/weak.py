@@ -90,7 +90,7 @@ def exact_domain_labels(domain: list[str], name: str = "milton") -> np.ndarray:
 
 def _check_rates(coverage: float, false_positives: float) -> None:
     for flag, v in (("coverage", coverage), ("false_positives", false_positives)):
-        if not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
+        if isinstance(v, bool) or not (isinstance(v, (int, float, np.integer, np.floating)) and 0.0 <= v <= 1.0):
             raise AnchoringError(f"{flag} must be between 0 and 1, got {v}")
 
 
