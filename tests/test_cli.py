@@ -66,7 +66,7 @@ def test_list_shows_the_default():
     (["run", "lm-anchor-milton", "--set", "evaluate.eval_chars=3000"],  # already shuffled: not "set it to shuffled"
      "(evaluate.eval_chars, evaluate.order = 'shuffled') hold no passage with 'milton'; raise evaluate.eval_chars"),
     (["run", "lm-unlearning", "--set", 'lm.arms=["anchored"]'],  # a check across keys: the file and the --set together
-     "lm-unlearning.toml with --set lm.arms: config: Value error, unlearning.enabled needs the control arm"),
+     "lm-unlearning.toml with --set lm.arms: config: unlearning.enabled needs the control arm"),
 ])
 def test_bad_arguments(tmp_path, args, message):
     out = tmp_path / "run"

@@ -78,3 +78,17 @@ def test_a_selection_by_seed_refuses_what_would_be_ambiguous():
                                              ([0, 1, 2], [1], [1.0, 2.0], "'red': 2 values for 3 seeds")):
         with pytest.raises(ValueError, match=message):
             edit_summary({"red": values}, seeds, selected)
+
+
+@pytest.mark.parametrize("name", ["/tmp/elsewhere", "../../outside", "", "a b"])
+def test_an_experiment_name_that_is_no_folder_name_is_refused(tmp_path, name):
+    """The name becomes `runs/<name>/<time>`: an absolute one wrote outside `runs/`, `..` climbed out of
+    it, and an empty one put the run straight into `runs/`."""
+    from typer.testing import CliRunner
+
+    from anchoring.cli import app
+
+    r = CliRunner().invoke(app, ["run", "anchored", "--seeds", "1", "--steps", "3", "-q", "--set", f'name="{name}"',
+                                 "--out", str(tmp_path / "run")])
+    assert r.exit_code == 2 and f"experiment name {name!r} names the run's folder" in r.stderr, r.stderr
+    assert "Value error" not in r.stderr and not (tmp_path / "run").exists()

@@ -10,6 +10,7 @@ the dopesheet text inline, so a run directory's `config.toml` re-runs with nothi
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from typing import Any, Literal, Sequence
 
@@ -130,11 +131,27 @@ class LobeConfig(_Strict):
     falloff: str
 
 
+# an experiment's (or variant's) name becomes a folder, `runs/<name>/<time>`: no separators, no `..`, not empty
+FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.,+=-]*$")
+
+
+def _folder_name(v: str, what: str) -> str:
+    if not FOLDER_NAME.match(v):
+        raise ValueError(f"{what} {v!r} names the run's folder: use letters, digits and _ . , + = - "
+                         f"(starting with a letter or digit)")
+    return v
+
+
 class VariantConfig(_Strict):
     """One arm of a comparison: the same experiment with another schedule."""
 
     name: str
     schedule: str
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _folder_name(v, "variant name")
 
 
 class ExperimentBase(_Strict):
@@ -144,6 +161,11 @@ class ExperimentBase(_Strict):
     kind: str
     description: str = ""
     upstream: str | None = Field(None, description="experiment number in the published write-ups")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _folder_name(v, "experiment name")
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True), multiline_strings=True)
@@ -177,7 +199,8 @@ def one_line(err: ValidationError, source: str, kind: str | None = None, overrid
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     if first["type"] == "extra_forbidden":
         return f"{source}: {where}: key means nothing for a {kind!r} experiment{more}"
-    return f"{source}: {where}: {first['msg']}{more}"
+    msg = first["msg"].removeprefix("Value error, ")  # pydantic's prefix to a validator's own sentence
+    return f"{source}: {where}: {msg}{more}"
 
 
 def parse_value(text: str) -> Any:
