@@ -110,6 +110,10 @@ def test_relearning_attack_on_the_post_hoc_baseline(anchored_run):
     base = res.files[0] / "baseline-run"
     assert (base / "summary.json").is_file()
     assert load_run(base).config.terms == [] and load_run(base).seeds == load_run(out).seeds
+    # what a resume reads back is what it trained under: a None concept used to drop out of config.toml
+    # and come back as the default "red", with "cos(None, anchor)" in the summary before it
+    assert load_run(base).config.evaluate.concept == ""
+    assert "None" not in json.loads((base / "summary.json").read_text())["criterion"]
     assert rows["post-hoc"]["start_error"] > 0.02  # the post-hoc edit did damage red before the attack
     import csv
 

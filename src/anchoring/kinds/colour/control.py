@@ -234,7 +234,8 @@ def relearn(run: ColourRun, concept: str = "red", samples: Sequence[int] = (1, 4
             cfg = run.config
             sched = lr_schedule(cfg.schedule)
             plain = cfg.model_copy(update={"name": f"{cfg.name}-unanchored", "concepts": [], "terms": [], "interventions": [],
-                                          "schedule": sched, "evaluate": cfg.evaluate.model_copy(update={"concept": None})})
+                                          "schedule": sched, "evaluate": cfg.evaluate.model_copy(update={"concept": ""})})  # "", not None: a None
+            # is left out of config.toml, which then reads back as the default "red" on resume
             config = base_dir / runs.CONFIG
             if config.is_file() and config.read_text() == plain.to_toml():  # stopped part-way: go on from its checkpoint
                 lifecycle.resume(base_dir, progress=progress)

@@ -234,8 +234,7 @@ def finish(result: TrainResult, path: Path) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "experiment": cfg.name, "upstream": cfg.upstream, "steps": result.timeline.steps,
         "seeds": rows, "anchored_seeds": len(anchored) if rows and "anchored" in rows[0] else None,
-        "criterion": (f"12 hues in order around dims {tuple(cfg.evaluate.hue_dims)} and " if cfg.evaluate.hue_order else "")
-        + f"cos({cfg.evaluate.concept}, anchor) ≥ {cfg.evaluate.min_cosine}",
+        "criterion": criterion(cfg),
     }
     if result.decisions:
         summary["reactive"] = [vars(d) for d in result.decisions]
@@ -365,3 +364,11 @@ def write_report(path: Path, cfg: ColourExperiment, rows: list[dict], summary: d
         ("Resolved config", f"<pre>{html.html.escape(cfg.to_toml())}</pre>"),
     ]
     runs.write_atomic(path / runs.REPORT, html.page(f"anchoring: {cfg.name}", sections))
+
+
+def criterion(cfg) -> str:
+    """What made a seed count as anchored, in words; "" or None as evaluate.concept checks no concept."""
+    parts = [f"12 hues in order around dims {tuple(cfg.evaluate.hue_dims)}"] if cfg.evaluate.hue_order else []
+    if cfg.evaluate.concept:
+        parts.append(f"cos({cfg.evaluate.concept}, anchor) ≥ {cfg.evaluate.min_cosine}")
+    return " and ".join(parts) or "none (no concept checked, no hue order)"
