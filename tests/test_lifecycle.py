@@ -445,3 +445,31 @@ def test_a_sweep_refused_after_it_named_its_folder_leaves_no_folder(tmp_path, mo
     monkeypatch.setattr(sweep, "sweep", refuse)
     one_line_error(invoke("sweep", "--seeds", "2", "--steps", "20", "--workers", "1", "-q"), "refused by the test")
     assert not [p for p in (tmp_path / "runs").rglob("*") if p.is_dir() and not any(p.iterdir())]
+
+
+def test_a_diverged_run_is_not_offered_for_resume_and_show_and_resume_say_it_diverged(tmp_path):
+    """Every command used to point at `resume`, which met the same non-finite step again, forever."""
+    sheet = tmp_path / "huge.csv"
+    sheet.write_text("STEP,PHASE,ACTION,lr,separate,anchor,subspace\n0,Train,,1e30,0.01,0.01,0.01\n100,,,1e30,,,\n")
+    out = tmp_path / "div"
+    r = invoke("run", "anchored", "--steps", "100", "--seeds", "1", "--set", f"schedule={sheet}", "--out", out, "-q")
+    one_line_error(r, "training diverged at step")
+    assert "training diverged at step" in (out / runs.DIVERGED).read_text()
+    for cmd, said in ((("show", out), "it has no results"), (("resume", out), "resuming would meet the same step again")):
+        r = invoke(*cmd)
+        one_line_error(r, "diverged (training diverged at step")
+        assert said in r.stderr
+    r = invoke("run", "anchored", "--steps", "100", "--seeds", "1", "--out", out, "-q")
+    one_line_error(r, "already exists and is not empty (choose another --out)")
+    assert "resume" not in r.stderr
+
+
+@pytest.mark.parametrize("marker", [runs.SUMMARY, runs.EDIT])
+def test_out_on_a_finished_or_edited_run_does_not_suggest_resume(tmp_path, marker):
+    out = tmp_path / "done"
+    out.mkdir()
+    (out / runs.CONFIG).write_text("name = 'x'\n")
+    (out / marker).write_text("{}")
+    with pytest.raises(AnchoringError) as e:
+        runs.new_run_dir("x", out)
+    assert "choose another --out)" in str(e.value) and "resume" not in str(e.value)

@@ -22,7 +22,7 @@ from anchoring.errors import AnchoringError
 from anchoring.experiments import load_config
 from anchoring.kinds import REGISTRY, kind_name, kind_of
 from anchoring.kinds.base import Progress, Run
-from anchoring.train.skeleton import TrainingInterrupted
+from anchoring.train.skeleton import Diverged, TrainingInterrupted
 
 
 @dataclass
@@ -115,6 +115,9 @@ def _execute(cfg: ExperimentBase, path: Path, progress: Progress | None) -> Outc
         raise TrainingInterrupted(-1, path) from None
     except TrainingInterrupted as e:
         raise TrainingInterrupted(e.step, path) from None
+    except Diverged as e:  # resuming would meet the same step again: `show` and `resume` say so instead
+        runs.write_atomic(path / runs.DIVERGED, str(e) + "\n")
+        raise
     summary.setdefault("kind", cfg.kind)
     summary.setdefault("timing", {})["total_s"] = round(time.perf_counter() - t0, 3)
     try:
@@ -182,6 +185,8 @@ def resumable_config(path: Path, warn: Callable[[str], None] | None = None):
         raise AnchoringError(f"{str(path)!r} is an edited run (written by `anchoring delete`); there is no training to resume")
     if (path / runs.SUMMARY).is_file():
         raise AnchoringError(f"{str(path)!r} has already finished; `anchoring show {path}` prints it")
+    _refuse_diverged(path, "resuming would meet the same step again: run it anew with a lower learning rate "
+                           "or term weight")
     digest = path / runs.CONFIG_DIGEST
     if not digest.is_file():
         (warn or (lambda m: warnings.warn(m, stacklevel=3)))(
@@ -229,11 +234,19 @@ def _unmerged_sweep(path: Path) -> None:
         raise _unfinished_sweep(path)
 
 
+def _refuse_diverged(path: Path, then: str) -> None:
+    """A run whose training diverged is no interrupted run: its checkpoint leads to the same step."""
+    if (path / runs.DIVERGED).is_file():
+        said = (path / runs.DIVERGED).read_text().strip().split(" — ")[0]
+        raise AnchoringError(f"{str(path)!r} diverged ({said}); {then}")
+
+
 def show(path: Path) -> Outcome:
     """A finished run's summary, for printing."""
     _unmerged_sweep(path)
     cfg = _config(path)
     if not (path / runs.SUMMARY).is_file():
+        _refuse_diverged(path, "it has no results")
         raise AnchoringError(f"{str(path)!r} has not finished (no {runs.SUMMARY}); `anchoring resume` it")
     return Outcome(path, _summary(path, cfg), cfg.kind, from_disk=True)
 

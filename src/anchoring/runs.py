@@ -30,6 +30,7 @@ CONFIG, ARCH, SUMMARY, METRICS, SNAPSHOTS, REPORT = (
     "config.toml", "architecture.json", "summary.json", "metrics.csv", "snapshots.safetensors", "report.html")
 EDIT = "edit.json"  # written by `anchoring delete`: what was edited, from which run, and the runs before it
 CONFIG_DIGEST = "config.sha256"  # of config.toml as the run was started: a resume refuses a config edited since
+DIVERGED = "diverged.txt"  # the divergence message of a run whose training stopped on a non-finite step
 
 __all__ = ["ARCH", "CONFIG", "CONFIG_DIGEST", "METRICS", "REPORT", "SNAPSHOTS", "SUMMARY", "check_writable", "new_run_dir",
            "read_json", "read_metrics", "staged", "write_atomic", "write_json", "write_metrics_csv"]
@@ -55,7 +56,8 @@ def new_run_dir(name: str, out: Path | None, root: Path = Path("runs"), resumabl
     if out.exists() and not out.is_dir():
         raise AnchoringError(f"{str(out)!r} is a file, not a directory (choose another --out)")
     if out.exists() and any(out.iterdir()):
-        hint = ", or `anchoring resume` it" if resumable and (out / CONFIG).is_file() else ""
+        unfinished = (out / CONFIG).is_file() and not any((out / f).exists() for f in (SUMMARY, EDIT, DIVERGED))
+        hint = ", or `anchoring resume` it" if resumable and unfinished else ""
         raise AnchoringError(f"{str(out)!r} already exists and is not empty (choose another --out{hint})")
     return out
 
