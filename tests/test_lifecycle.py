@@ -473,3 +473,19 @@ def test_out_on_a_finished_or_edited_run_does_not_suggest_resume(tmp_path, marke
     with pytest.raises(AnchoringError) as e:
         runs.new_run_dir("x", out)
     assert "choose another --out)" in str(e.value) and "resume" not in str(e.value)
+
+
+def test_a_run_another_process_is_training_is_refused_until_that_one_ends(tmp_path):
+    """A second `resume` of a run still training used to train it too, into the same checkpoints."""
+    import fcntl
+
+    cfg = experiments.load("anchored", ["train.seeds=1", "train.steps=5"])
+    path = tmp_path / "r"
+    path.mkdir()
+    lifecycle.write_config(path, cfg)
+    with open(path / runs.CONFIG, "rb") as other:  # what the training process holds while it trains
+        fcntl.flock(other, fcntl.LOCK_EX)
+        with pytest.raises(AnchoringError, match="is being trained by another process"):
+            lifecycle.resume(path)
+        assert not (path / "checkpoint.safetensors").exists()
+    assert lifecycle.resume(path).summary["experiment"] == "anchored"  # that one gone, it trains

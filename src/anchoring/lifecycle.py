@@ -8,13 +8,15 @@ run. The kind of a run is looked up in `anchoring.kinds.REGISTRY`, the only disp
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import shlex
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from anchoring import runs, studies
 from anchoring.config import ExperimentBase
@@ -100,7 +102,29 @@ def _unclaim(path: Path, ours: bool) -> None:
         pass
 
 
+@contextmanager
+def _only_trainer(path: Path) -> Iterator[None]:
+    """One process at a time trains a run: a second `resume` (or a sweep's merge) of a run still
+    training would write the same checkpoints. The lock is on config.toml itself (no extra file in
+    the run), and the system drops it when the process ends, however it ends."""
+    with open(path / runs.CONFIG, "rb") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AnchoringError(f"{str(path)!r} is being trained by another process; wait for it to finish, "
+                                 f"or stop it first") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _execute(cfg: ExperimentBase, path: Path, progress: Progress | None) -> Outcome:
+    with _only_trainer(path):
+        return _execute_locked(cfg, path, progress)
+
+
+def _execute_locked(cfg: ExperimentBase, path: Path, progress: Progress | None) -> Outcome:
     kind = kind_of(cfg)
     t0 = time.perf_counter()
     try:
