@@ -492,3 +492,13 @@ def test_delete_refuses_a_key_space_anchor_of_a_one_head_model(tmp_path):
     assert r.exit_code == 0, r.stderr
     r = CliRunner().invoke(app, ["delete", str(run), "--concept", "red", "--out", str(tmp_path / "deleted")])
     assert r.exit_code == 2 and "anchored only on per-head sites" in r.stderr and not (tmp_path / "deleted").exists()
+
+
+def test_a_transformer_too_big_for_memory_is_refused_with_its_estimate_before_any_allocation(tmp_path):
+    """A width of 100,000 used to end in a 76-line allocation traceback after the run folder was made."""
+    out = tmp_path / "big"
+    r = CliRunner().invoke(app, ["run", "colour-transformer", "--seeds", "1", "--set", "transformer.width=100000",
+                                 "--out", str(out), "-q"])
+    assert r.exit_code == 2, (r.exit_code, r.stderr)
+    assert "colour-transformer (width 100000, 4 layers" in r.stderr and "GiB but only" in r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()

@@ -40,6 +40,7 @@ from anchoring.kinds.transformer.training import (
 )
 from anchoring.report import html
 from anchoring.report.figures import save as save_fig
+from anchoring.resources import check_fits
 from anchoring.train.skeleton import TrainingInterrupted
 from anchoring.train.workers import run_jobs, stop_asked
 
@@ -55,10 +56,29 @@ def arms(cfg: TransformerExperiment) -> list[str]:
     return out
 
 
+def memory_estimate(cfg: TransformerExperiment, vocab: int) -> int:
+    """Bytes the run holds at once, without building a model, by the LM kind's rough rule: weights,
+    gradients and two Adam moments per parameter, one step's saved activations, doubled for
+    temporaries, times the models training side by side; plus every finished model, held until the
+    run is saved. An upper bound meant to refuse what cannot fit (a width of 100,000 used to end in
+    an allocation traceback, or a process the system kills half-way)."""
+    t, lang = cfg.transformer, cfg.language
+    hidden = t.mlp_ratio * t.width
+    params = 2 * vocab * t.width + t.layers * (4 * t.width ** 2 + 3 * t.width * hidden + 2 * hidden + 2 * t.width)
+    activations = lang.batch_size * lang.context * (t.layers * (10 * t.width + 4 * hidden) + 3 * vocab)
+    jobs = len(arms(cfg)) * len(cfg.train.member_seeds())
+    side_by_side = min(jobs, t.workers or os.cpu_count() or 1)
+    return 2 * 4 * side_by_side * (4 * params + activations) + 4 * params * jobs
+
+
 def validate(cfg: TransformerExperiment) -> int:
     """Everything checkable before training (the model builds, terms bind, the schedule fits, edits
     resolve); returns the run length in steps."""
     lang = build_language(cfg)
+    check_fits(memory_estimate(cfg, lang.vocab_size), f"{cfg.name} (width {cfg.transformer.width}, "
+               f"{cfg.transformer.layers} layers, batch {cfg.language.batch_size} × {cfg.language.context} tokens)",
+               "lower transformer.width, transformer.layers, language.batch_size or language.context, "
+               "transformer.workers, or the seeds")  # before the model below is built
     if cfg.transformer.reddest >= lang.n_colours:  # the evaluation's red group must leave colours that are not red
         raise AnchoringError(f"transformer.reddest = {cfg.transformer.reddest} needs fewer than the lattice's "
                              f"{lang.n_colours} colours (language.levels = {cfg.language.levels})")
