@@ -131,7 +131,8 @@ def test_commands_that_do_not_apply_say_so_naming_the_kind(tmp_path):
     out = tmp_path / "lobes"
     assert runner.invoke(app, ["run", "intervention-lobes", "--out", str(out), "-q"]).exit_code == 0
     r = runner.invoke(app, ["intervene", str(out), "--concept", "red"])
-    assert r.exit_code == 2 and r.stderr.strip() == "error: `load_run` does not apply to 'figures' runs"
+    assert r.exit_code == 2 and r.stderr.strip() == (f"error: {str(out)!r} is a 'figures' run: it draws figures and "
+                                                     f"trains no model to open or edit")
 
 
 CROSS = [("anchored", "transformer.width=32", "colour"), ("anchored", "language.context=16", "colour"),
@@ -191,3 +192,11 @@ def test_weights_that_do_not_fit_the_config_are_one_line_naming_the_tensor(tmp_p
         load_arms(tmp_path, {"arms": ["control"], "seeds": [0]}, lambda arm: nn.Linear(3, 2))
     message = str(e.value)
     assert "\n" not in message and "size mismatch for weight" in message and "do not match the config" in message
+
+
+@pytest.mark.parametrize("experiment", ["colour-transformer", "lm-control"])
+def test_a_seed_listed_twice_is_refused_where_models_are_stored_by_seed(tmp_path, experiment):
+    """Two jobs trained into one seed's name, and `load_run` gave that model twice."""
+    out = tmp_path / "dup"
+    r = runner.invoke(app, ["run", experiment, "--set", "train.seed_list=[0,3,0]", "--steps", "2", "-q", "--out", str(out)])
+    assert r.exit_code == 2 and "train.seed_list repeats seed 0" in r.stderr and not out.exists(), r.stderr

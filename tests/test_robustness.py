@@ -203,6 +203,9 @@ def test_bad_input_is_one_line_and_writes_nothing(anchored_run, tmp_path):
     one_line_error(invoke("run", "--set", "train.betas=[2,2]", "--out", tmp_path / "b", *SHORT), "betas")
     one_line_error(invoke("relearn", out, "--lr", "-1"), "--lr must be a positive number")
     one_line_error(invoke("relearn", out, "--samples", "100000", "--no-baseline"), "--samples 100000")
+    one_line_error(invoke("relearn", out, "--samples", "4,1,4", "--no-baseline"), "--samples '4,1,4' names 4 twice")
+    one_line_error(invoke("delete", out, "--concept", "red", "--out", out / "sub"), "is inside the source run")
+    assert not (out / "sub").exists()
     one_line_error(invoke("relearn", out, "--threshold", "nan", "--no-baseline"), "--threshold must be a number ≥ 0")
     one_line_error(invoke("relearn", out, "--eval-chars", "5000", "--no-baseline"), "--eval-chars is for LM runs")
     one_line_error(invoke("run", "--set", 'interventions.0.falloff="bezier:0.5,0,0.9,0.1,0"', "--out", tmp_path / "bz",

@@ -402,15 +402,19 @@ def _show_intervention(path: Path) -> None:
               soft_wrap=True)
 
 
-def _dims(text: str | None, flag: str = "--dims", example: str = "0,1") -> list[int] | None:
-    """Comma-separated integers given to `flag` (named in the error: --dims, or relearn's --samples)."""
+def _dims(text: str | None, flag: str = "--dims", example: str = "0,1", distinct: bool = False) -> list[int] | None:
+    """Comma-separated integers given to `flag` (named in the error: --dims, or relearn's --samples);
+    `distinct`: refuse a value given twice here (--dims repeats are refused with the edit's own line)."""
     if text is None:
         return None
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         fail(f"{flag} {text!r}: expected comma-separated integers, e.g. {example}")
-    return None
+    repeated = sorted({v for v in values if values.count(v) > 1}) if distinct else []
+    if repeated:  # relearn printed the same K row twice
+        fail(f"{flag} {text!r} names {', '.join(map(str, repeated))} twice")
+    return values
 
 
 def _edit_spec(name: str, method: str, concept: str | None, dims: str | None, falloff: str, k: float, site: str):
@@ -522,6 +526,8 @@ def delete_cmd(
     if method not in ("ablate", "prune", "blind"):
         fail(f"--method must be ablate, prune or blind, not {method!r}")
     _edit_spec(method, method, concept or "?", dims, "constant", k, site)  # the options, before the run loads
+    if out_dir.resolve().is_relative_to(run_dir.resolve()):  # the edited run would sit inside the one it came from
+        fail(f"--out {str(out_dir)!r} is inside the source run {str(run_dir)!r}; write the edited run elsewhere")
     run = _open(run_dir, finished=True)
     if concept is None and dims is None:
         concept = _only_concept(run.config)
@@ -557,7 +563,7 @@ def relearn_cmd(
     Colour runs: steps until the concept's error falls back under --threshold. LM runs: the unlearning
     table of the run's own arms (forget/retain loss after each method, relearned loss, steps to recover),
     as `unlearning.enabled` computes it after training; it needs the control arm."""
-    ks = None if samples is None else (_dims(samples, "--samples", "1,4,16") or [])
+    ks = None if samples is None else (_dims(samples, "--samples", "1,4,16", distinct=True) or [])
     run = _open(run_dir, finished=True)
     given = {"concept": concept, "samples": ks, "steps": steps, "lr": lr, "eval_chars": eval_chars, "retain": retain,
              "threshold": threshold, "baseline": baseline}

@@ -282,8 +282,8 @@ def load_run(path: str | Path) -> Run:
     p = Path(path)
     cfg = _config(p)
     kind = kind_of(cfg)
-    if not kind.trains:
-        raise kind.unsupported("load_run")
+    if not kind.trains:  # said for the commands that open a run too (intervene, delete, relearn …)
+        raise AnchoringError(f"{str(p)!r} is a {kind.name!r} run: it draws figures and trains no model to open or edit")
     if not (p / runs.ARCH).is_file():
         raise AnchoringError(f"{str(p)!r} is not a readable run (no {runs.ARCH})")
     arch = runs.read_json(p / runs.ARCH)

@@ -15,6 +15,15 @@ from anchoring.errors import AnchoringError
 from anchoring.train.checkpoint import CHECKPOINT, atomic_save, verify
 
 
+def refuse_repeated_seeds(seeds: list[int]) -> None:
+    """Each (arm, seed) model is stored and opened under its seed: a seed listed twice trained two jobs
+    into one name, and `load_run` gave the same model twice."""
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise AnchoringError(f"train.seed_list repeats seed {', '.join(map(str, repeated))}: every seed trains one model "
+                             f"per arm, stored under the seed, so list each seed once")
+
+
 def write_arms(path: Path, models: dict[tuple[str, int], nn.Module], fmt: str) -> None:
     atomic_save({f"{arm}.{seed}.{k}": v.detach().cpu() for (arm, seed), m in models.items() for k, v in m.state_dict().items()},
                 path / CHECKPOINT, {"format": fmt})

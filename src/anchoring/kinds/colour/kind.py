@@ -41,8 +41,9 @@ class ColourKind(Kind):
     studies = frozenset({"compare", "combinations", "sweep"})
 
     def validate(self, cfg: ColourExperiment) -> None:
-        check_fits(memory_estimate(cfg), f"{cfg.name} with {members(cfg)} seeds", "train fewer --seeds at once "
-                   "(or split them with `anchoring sweep`)")
+        check_fits(memory_estimate(cfg), f"{cfg.name} with {members(cfg)} seed{'s' if members(cfg) > 1 else ''}",
+                   "train fewer --seeds at once (or split them with `anchoring sweep`)" if members(cfg) > 1 else
+                   "one model alone is too big: lower model.hidden or model.latent_dim")
         if cfg.evaluate.select == "pareto" and cfg.train.seed_list is not None and len(set(cfg.train.seed_list)) != len(cfg.train.seed_list):
             raise AnchoringError("evaluate.select = 'pareto' picks seeds by name, so train.seed_list must not repeat a seed")
         objective = build_objective(cfg)

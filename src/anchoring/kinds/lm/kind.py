@@ -33,7 +33,7 @@ from anchoring.anchor import Capture
 from anchoring.domains.text.labelling import concept_spans
 from anchoring.errors import AnchoringError
 from anchoring.evaluate.stats import mark_infinite, median, target_median, target_text
-from anchoring.kinds.arms import write_arms
+from anchoring.kinds.arms import refuse_repeated_seeds, write_arms
 from anchoring.kinds.base import Kind
 from anchoring.kinds.lm import evaluate as ev
 from anchoring.kinds.lm import figures as lf
@@ -87,6 +87,7 @@ def memory_estimate(cfg: LMExperiment, held: bool = True) -> int:
 def validate(cfg: LMExperiment, data: bool = True) -> int:
     """Everything checkable before training: memory, model shape, terms against the model (sites exist,
     axes/dims fit the width), schedule, arms; then the corpus, split and labels. Returns the steps."""
+    refuse_repeated_seeds(cfg.train.member_seeds())
     check_fits(memory_estimate(cfg), f"{cfg.name} (width {cfg.lm.width}, {cfg.lm.layers} layers, batch "
                f"{cfg.lm.batch_size} × {cfg.lm.tokens} tokens)", "lower lm.batch_size, lm.context or the model's size, "
                "lm.workers, or the seeds and arms (every finished model is held until the run is saved)")  # before the check below builds a model

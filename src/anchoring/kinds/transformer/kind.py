@@ -24,7 +24,7 @@ from anchoring.anchor.sequence import SequenceSite
 from anchoring.domains.colour.labels import redness
 from anchoring.errors import AnchoringError
 from anchoring.evaluate.stats import mark_infinite, median, target_median, target_text
-from anchoring.kinds.arms import write_arms
+from anchoring.kinds.arms import refuse_repeated_seeds, write_arms
 from anchoring.kinds.base import Kind
 from anchoring.kinds.transformer import evaluate as ev
 from anchoring.kinds.transformer import figures as sf
@@ -74,6 +74,7 @@ def memory_estimate(cfg: TransformerExperiment, vocab: int) -> int:
 def validate(cfg: TransformerExperiment) -> int:
     """Everything checkable before training (the model builds, terms bind, the schedule fits, edits
     resolve); returns the run length in steps."""
+    refuse_repeated_seeds(cfg.train.member_seeds())
     lang = build_language(cfg)
     check_fits(memory_estimate(cfg, lang.vocab_size), f"{cfg.name} (width {cfg.transformer.width}, "
                f"{cfg.transformer.layers} layers, batch {cfg.language.batch_size} × {cfg.language.context} tokens)",
