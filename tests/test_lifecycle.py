@@ -51,6 +51,7 @@ def test_ctrl_c_during_relearns_baseline_is_one_line_and_the_baseline_resumes(ru
     assert "Traceback" not in r.stdout + r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "after step 10; checkpoint saved" in r.stderr and f"anchoring resume {base}" in r.stderr, r.stderr
     monkeypatch.undo()
+    one_line_error(invoke("show", base.parent), "is a relearning attack that has not finished; run `anchoring relearn")
     r = invoke("resume", base, "-q")  # what the line says to do: the baseline finishes from step 10 …
     assert r.exit_code == 0, r.stderr
     weights = (base / runs.CONFIG_DIGEST).read_text(), (base / "checkpoint.safetensors").read_bytes()
