@@ -490,3 +490,22 @@ def test_a_run_another_process_is_training_is_refused_until_that_one_ends(tmp_pa
             lifecycle.resume(path)
         assert not (path / "checkpoint.safetensors").exists()
     assert lifecycle.resume(path).summary["experiment"] == "anchored"  # that one gone, it trains
+
+
+def test_a_relearn_stopped_between_its_files_leaves_no_table_of_the_earlier_attack(run_copy, monkeypatch):
+    """The summary was written before the figure: a stop there left the new table with the old figure,
+    and a stop before the curves left the old table next to new curves."""
+    from anchoring.kinds.colour import control
+
+    attack = ["relearn", run_copy, "--samples", "1", "--steps", "3", "--no-baseline"]
+    assert invoke(*attack).exit_code == 0
+    summary = run_copy / "relearn" / "red" / runs.SUMMARY
+    assert summary.is_file()
+
+    def stopped(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(control.figures, "relearn_curves", stopped)
+    assert invoke("relearn", run_copy, "--samples", "4", "--steps", "3", "--no-baseline").exit_code == 130
+    assert not summary.exists()  # no table of the K = 1 attack beside the K = 4 curves
+    one_line_error(invoke("show", summary.parent), "is a relearning attack that has not finished")

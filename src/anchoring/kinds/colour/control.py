@@ -261,10 +261,13 @@ def relearn(run: ColourRun, concept: str = "red", samples: Sequence[int] = (1, 4
                 curves.extend({"model": name, "K": k, "seed": seed, "step": t, "error": float(e)} for t, e in enumerate(curve.errors))
             rows.append({"model": name, "K": k, "steps_to_recover": recover, "start_error": median(starts),
                          "start_errors": starts})
+    # the summary goes first and comes back last: a stop between the files leaves no table that
+    # `show` would print next to curves of another attack, only an attack it calls unfinished
+    (out / runs.SUMMARY).unlink(missing_ok=True)
     runs.write_atomic(out / "curves.csv", _table_csv(curves))
-    summary = {"concept": concept, "threshold": threshold, "steps": steps, "lr": lr, "retain": retain, "rows": rows}
-    runs.write_json(out / "summary.json", summary)
     figures.save(figures.relearn_curves(curves, threshold), out / "relearn.png")
+    summary = {"concept": concept, "threshold": threshold, "steps": steps, "lr": lr, "retain": retain, "rows": rows}
+    runs.write_json(out / runs.SUMMARY, summary)
     return EditResult("relearn", [attack_table(summary), f"wrote {out}"], [out], summary)
 
 
