@@ -66,3 +66,49 @@ def test_validate_refuses_bad_variant_names(variants, message):
 
 def test_distinct_safe_variant_names_pass():
     lifecycle.validate(experiments.load("smooth-vs-stepped"))  # smooth, stepped
+
+
+STUDY_REFUSALS = [  # each used to train (or crash after writing a folder) instead of a line before anything
+    ("regularizer-combinations", ["combine=['planar','planar']"], "combine names 'planar' more than once"),
+    ("regularizer-combinations", ['reactive=[{param="norm", metric="loss", target=0.1}]'],
+     "would steer every subset by the median of all of them"),
+    ("regularizer-combinations", ["evaluate.min_cosine=-2.0"], "min_cosine"),
+    ("regularizer-combinations", ['interventions=[{name="a", method="ablate", concept="red"}]'],
+     "a combinations study runs no [[interventions]]"),
+    ("anchored", ["combine=['anchor:red']"], 'combine is read by study = "combinations" only'),
+    ("anchored", ['variants=[{name="a", schedule="anchored.csv"}, {name="b", schedule="anchored.csv"}]'],
+     '[[variants]] are trained by study = "compare" only'),
+]
+
+
+@pytest.mark.parametrize("experiment, sets, message", STUDY_REFUSALS)
+def test_study_settings_that_cannot_do_what_they_say_are_refused_before_training(experiment, sets, message, no_training):
+    with pytest.raises(AnchoringError, match=message.replace("[", r"\[").replace("]", r"\]")) as e:
+        lifecycle.validate(experiments.load(experiment, ["train.seeds=1", "train.steps=5", *sets]))
+    assert "\n" not in str(e.value)
+
+
+def test_a_variant_whose_schedule_misses_a_column_is_named(tmp_path, no_training):
+    bad = tmp_path / "no-repel.csv"
+    base = experiments.find("smooth-vs-stepped").parent
+    lines = (base / STEPPED).read_text().splitlines()
+    drop = lines[0].split(",").index("repel")
+    bad.write_text("\n".join(",".join(c for i, c in enumerate(r.split(",")) if i != drop) for r in lines) + "\n")
+    cfg = experiments.load("smooth-vs-stepped")
+    cfg = cfg.model_copy(update={"variants": [cfg.variants[0], VariantConfig(name="stepped", schedule=bad.read_text())]})
+    with pytest.raises(AnchoringError, match="^variant 'stepped': schedule has no column 'repel'"):
+        lifecycle.validate(cfg)
+
+
+def test_a_combinations_study_without_an_anchor_shows_and_names_its_always_on_terms(tmp_path):
+    """Its table printed through `show` used to fail on the NaN anchor median ("not a summary of a
+    'colour' run"), and the rows did not say which terms were on for every member."""
+    out = tmp_path / "rc"
+    r = CliRunner().invoke(app, ["run", "regularizer-combinations", "--set", "train.steps=5", "--set", "train.seeds=1",
+                                 "--set", "combine=['planar','norm']", "--set", "evaluate.concept=''", "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.stderr
+    shown = CliRunner().invoke(app, ["show", str(out)])
+    assert shown.exit_code == 0, shown.stderr
+    assert "anchor      –°" in shown.stdout and "on in every subset as well (not in combine): " in shown.stdout
+    report = (out / "report.html").read_text()
+    assert "On in every subset as well (not in combine)" in report and "anchor within" not in report

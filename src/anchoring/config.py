@@ -131,7 +131,8 @@ class LobeConfig(_Strict):
     falloff: str
 
 
-# an experiment's (or variant's) name becomes a folder, `runs/<name>/<time>`: no separators, no `..`, not empty
+# an experiment's name becomes a folder, `runs/<name>/<time>`: no separators, no `..`, not empty (a compare
+# study's variant names are checked by the study, which names the experiment)
 FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.,+=-]*$")
 
 
@@ -147,11 +148,6 @@ class VariantConfig(_Strict):
 
     name: str
     schedule: str
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return _folder_name(v, "variant name")
 
 
 class ExperimentBase(_Strict):

@@ -64,10 +64,15 @@ def compare(cfg: ColourExperiment, path: Path, progress: Progress | None, run: R
 def combination_config(cfg: ColourExperiment) -> tuple[ColourExperiment, list[tuple[str, ...]]]:
     """One training config whose ensemble holds every subset × every seed, and the subsets."""
     names = [t.name for t in build_objective(cfg).terms]
+    if not names:  # no subset to train: an empty ensemble failed inside torch, after its folder was written
+        raise AnchoringError(f"{cfg.name}: a combinations study needs terms to combine; this experiment has none")
     chosen = cfg.combine or names
     unknown = [c for c in chosen if c not in names]
     if unknown:
         raise AnchoringError(f"combine names unknown term(s) {unknown} (terms: {', '.join(names)})")
+    twice = sorted({c for c in chosen if chosen.count(c) > 1})
+    if twice:  # "planar + planar" and two "planar" rows, all one mask
+        raise AnchoringError(f"combine names {', '.join(map(repr, twice))} more than once")
     subsets = [c for k in range(len(chosen), 0, -1) for c in combinations(chosen, k)]
     seeds = cfg.train.member_seeds()
     masks = [[n in sub or n not in chosen for n in names] for sub in subsets for _ in seeds]
@@ -77,10 +82,17 @@ def combination_config(cfg: ColourExperiment) -> tuple[ColourExperiment, list[tu
 
 
 def formed(row: dict[str, Any], max_angle: float) -> bool:
-    """The target structure: hues in order on the wheel, the anchor hit, vibrant colours flat, no collapse."""
+    """The target structure: hues in order on the wheel, the anchor hit (where a concept's anchor is
+    measured), vibrant colours flat, no collapse."""
     st = row["structure"]
-    return (st["hue_order"] == 1.0 and st.get("anchor_angle_deg", 0.0) <= max_angle
+    angle = st.get("anchor_angle_deg")
+    return (st["hue_order"] == 1.0 and (angle is None or angle <= max_angle)
             and st["vibrant_in_plane"] >= 0.9 and st["spread_deg"] >= 2.0)
+
+
+def always_on(cfg: ColourExperiment) -> list[str]:
+    """Terms a combinations study leaves out of `combine`: on in every subset, and named as such."""
+    return [t.name for t in build_objective(cfg).terms if cfg.combine and t.name not in cfg.combine]
 
 
 def combine(cfg: ColourExperiment, path: Path, progress: Progress | None, run: RunFn) -> dict[str, Any]:
@@ -106,13 +118,20 @@ def combine(cfg: ColourExperiment, path: Path, progress: Progress | None, run: R
     figures.save(figures.thumbnail_grid(z, grid_points, [r["terms"] for r in rows], tuple(cfg.evaluate.hue_dims)),
                  path / "figures" / "combinations.png")
     header = list(rows[0])
+    fixed = always_on(cfg)
+    anchored = any("anchor_angle_deg" in m["structure"] for m in members)
     sections = [("Overview", f"<p>{cfg.description}</p><p>{len(subsets)} subsets × {k} seed(s) trained as one ensemble; "
-                             f"'formed' = hue order 1.0, anchor within {max_angle:.0f}°, ≥ 90% of vibrant energy in the "
-                             f"hue plane, nearest-neighbour spread ≥ 2°. Per-member details under ensemble/.</p>"),
+                             f"'formed' = hue order 1.0, "
+                             f"{f'anchor within {max_angle:.0f}°, ' if anchored else ''}≥ 90% of vibrant energy in the "
+                             f"hue plane, nearest-neighbour spread ≥ 2°"
+                             f"{'' if anchored else ' (no anchor measured: evaluate.concept names no anchored concept)'}. "
+                             f"{f'On in every subset as well (not in combine): {html.html.escape(chr(44).join(fixed))}. ' if fixed else ''}"
+                             f"Per-member details under ensemble/.</p>"),
                 ("Per subset (medians over seeds)", html.table_html(header, [[r[h] for h in header] for r in rows])),
                 ("Latents (first seed of each subset, hue dims)", html.image_html(path / "figures" / "combinations.png", "grid"))]
     runs.write_atomic(path / runs.REPORT, html.page(f"anchoring: {cfg.name}", sections))
-    return {"experiment": cfg.name, "upstream": cfg.upstream, "kind": "colour", "study": "combinations", "combinations": rows}
+    return {"experiment": cfg.name, "upstream": cfg.upstream, "kind": "colour", "study": "combinations", "combinations": rows,
+            "always_on": fixed}
 
 
 def check_variant_names(names: list[str], experiment: str) -> None:
@@ -140,8 +159,15 @@ def validate(cfg: Any, kind) -> None:
             raise AnchoringError(f"{cfg.name}: a comparison needs at least two [[variants]]")
         check_variant_names([v.name for v in cfg.variants], cfg.name)
         for v in cfg.variants:
-            kind.validate(variant_config(cfg, v))
+            try:
+                kind.validate(variant_config(cfg, v))
+            except AnchoringError as e:  # "schedule has no column 'repel'" said nothing of which variant's schedule
+                raise AnchoringError(f"variant {v.name!r}: {e}") from None
     elif study == "combinations":
+        if getattr(cfg, "reactive", None):  # a controller reads the median over every member: all subsets at once
+            raise AnchoringError(f"{cfg.name}: [[reactive]] controllers would steer every subset by the median of all "
+                                 f"of them, so the subsets would not train independently; drop them, or compare "
+                                 f"the subsets as separate runs")
         kind.validate(combination_config(cfg)[0])
 
 

@@ -58,7 +58,7 @@ class ReactiveConfig(_Strict):
 
 class EvaluateConfig(_Strict):
     concept: str | None = Field("red", description="anchored concept whose direction is checked")
-    min_cosine: float = Field(0.9, description="anchoring criterion: cos(latent of the pure concept colour, anchor)")
+    min_cosine: float = Field(0.9, ge=-1.0, le=1.0, description="anchoring criterion: cos(latent of the pure concept colour, anchor)")
     hue_dims: tuple[int, int] = (0, 1)
     hue_order: bool = Field(True, description="require the hues in order around hue_dims for a seed to count as anchored")
     select: Literal["all", "pareto"] = Field("all", description="'pareto': tables and the CLI also show the edits on the seeds "
@@ -92,6 +92,18 @@ class ColourExperiment(TrainedExperiment):
     train: ColourTrainConfig = Field(default_factory=ColourTrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     reactive: list[ReactiveConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _study_fields_where_they_apply(self) -> "ColourExperiment":
+        """Fields only one study reads, refused elsewhere rather than ignored without a word."""
+        if self.variants and self.study != "compare":
+            raise ValueError(f"[[variants]] are trained by study = \"compare\" only (study is {self.study!r})")
+        if self.combine and self.study != "combinations":
+            raise ValueError(f"combine is read by study = \"combinations\" only (study is {self.study!r})")
+        if self.study == "combinations" and self.interventions:
+            raise ValueError("a combinations study runs no [[interventions]] (its members are subsets, not one model); "
+                             "drop them, or run the edits on a plain run")
+        return self
 
     @model_validator(mode="after")
     def _mask_rows_name_every_term(self) -> "ColourExperiment":

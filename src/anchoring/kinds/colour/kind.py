@@ -3,6 +3,7 @@ for hue structure and anchoring, edited (suppress, repel, ablate, prune) and rep
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -176,9 +177,15 @@ def summary_lines(summary: dict[str, Any]) -> list[Any]:
             shown = ", ".join(f"{c} {sel[c]:.3f}" for c in ("red", "cyan", "lime", "purple", "grey") if c in sel)
             lines.append(f"{name} on the {len(selected['seeds'])} Pareto-selected seeds {selected['seeds']}: {shown}; "
                          f"selectivity R² median {sel['selectivity']:.2f}")
+    def num(v: Any, fmt: str, width: int = 0) -> str:  # a median of nothing is NaN, saved as null: a dash
+        return f"{v:{width}{fmt}}" if isinstance(v, (int, float)) and math.isfinite(v) else "–".rjust(width)
+
     for r in summary.get("combinations", []):  # plain lines: 31 rows of long names
-        lines.append(f"{r['formed']:>5} formed  hue order {r['hue_order']:.2f}  anchor {r['anchor_angle_deg']:6.1f}°  "
-                     f"in plane {r['vibrant_in_plane']:.2f}  spread {r['spread_deg']:5.1f}°  {r['terms']}")
+        lines.append(f"{r['formed']:>5} formed  hue order {num(r['hue_order'], '.2f')}  anchor "
+                     f"{num(r['anchor_angle_deg'], '.1f', 6)}°  in plane {num(r['vibrant_in_plane'], '.2f')}  "
+                     f"spread {num(r['spread_deg'], '.1f', 5)}°  {r['terms']}")
+    if summary.get("always_on"):
+        lines.append(f"on in every subset as well (not in combine): {', '.join(summary['always_on'])}")
     comparison = summary.get("comparison")
     if comparison:
         table = Table(title=f"{summary['experiment']}: comparison")
