@@ -92,3 +92,10 @@ def test_an_experiment_name_that_is_no_folder_name_is_refused(tmp_path, name):
                                  "--out", str(tmp_path / "run")])
     assert r.exit_code == 2 and f"experiment name {name!r} names the run's folder" in r.stderr, r.stderr
     assert "Value error" not in r.stderr and not (tmp_path / "run").exists()
+
+
+def test_an_alias_shared_by_several_experiments_is_refused_not_resolved_to_the_first():
+    """`ex-M4` opened lm-anchor (first by name) although six experiments carry M4."""
+    with pytest.raises(AnchoringError, match=r"^'ex-M3' names \d+ experiments \(colour-transformer, .*\); give the name$"):
+        experiments.find("ex-M3")
+    assert experiments.find("ex-M4-ood").name == "lm-ood.toml" and experiments.find("ex-1.7").name == "sparse-labels.toml"

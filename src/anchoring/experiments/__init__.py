@@ -37,9 +37,12 @@ def find(name_or_path: str) -> Path:
     specs = builtin()
     if name_or_path in specs:
         return specs[name_or_path].path
-    for s in specs.values():
-        if s.upstream and name_or_path == f"ex-{s.upstream}":
-            return s.path
+    aliased = [s for s in specs.values() if s.upstream and name_or_path == f"ex-{s.upstream}"]
+    if len(aliased) > 1:  # `ex-M4` opened whichever came first by name
+        raise AnchoringError(f"{name_or_path!r} names {len(aliased)} experiments ({', '.join(s.name for s in aliased)}); "
+                             f"give the name")
+    if aliased:
+        return aliased[0].path
     p = Path(name_or_path)
     if p.suffix == ".toml" or p.is_dir():
         if p.is_dir():
