@@ -306,3 +306,10 @@ def test_a_check_across_keys_names_the_set_items_once(tmp_path):
     r = invoke("run", "lm-unlearning", "--set", 'lm.arms=["anchored"]', "--set", 'lm.arms=["anchored"]',
                "--set", "evaluate.eval_chars=3000", "--out", tmp_path / "run")
     assert_one_line_error(r, "lm-unlearning.toml with --set evaluate.eval_chars, lm.arms: config:", tmp_path / "run")
+
+
+def test_version_is_the_installed_packages():
+    from importlib.metadata import version
+
+    r = invoke("--version")
+    assert r.exit_code == 0 and r.stdout.strip() == f"anchoring {version('anchoring')}"

@@ -15,7 +15,12 @@ if TYPE_CHECKING:
     from anchoring.kinds.base import Run
     from anchoring.lifecycle import load_run
 
-__version__ = "0.2.0"
+try:  # one version, pyproject.toml's: `--version` said 0.2.0 while pip said 0.1.0
+    from importlib.metadata import PackageNotFoundError, version
+
+    __version__ = version("anchoring")
+except PackageNotFoundError:  # the source tree on sys.path, not installed
+    __version__ = "0+unknown"
 __all__ = ["AnchoringError", "Run", "__version__", "load_run"]
 
 
