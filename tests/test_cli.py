@@ -313,3 +313,16 @@ def test_version_is_the_installed_packages():
 
     r = invoke("--version")
     assert r.exit_code == 0 and r.stdout.strip() == f"anchoring {version('anchoring')}"
+
+
+def test_a_term_named_like_its_weight_column_keeps_both_in_metrics(tmp_path):
+    """`norm` the weight and `norm` the term shared one header name: read back, "norm" was the
+    weight and "norm.1" the term."""
+    out = tmp_path / "smooth"
+    assert invoke("run", "smooth-curriculum", "--seeds", "1", "--steps", "5", "--out", out, "-q").exit_code == 0
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert len(header) == len(set(header)) and {"norm", "norm:weight", "planar", "planar:weight"} <= set(header)
+    m = load_run(out).metrics()
+    weights = m[m.metric == "norm:weight"].value
+    assert not any(name.endswith(".1") for name in m.metric.unique()) and weights.max() > 0
+    assert (m[m.metric == "norm"].value.to_numpy() != weights.to_numpy()).any()  # the term's value, not the weight

@@ -209,7 +209,10 @@ def summary_lines(summary: dict[str, Any]) -> list[Any]:
 def finish(result: TrainResult, path: Path) -> dict[str, Any]:
     """Metrics, snapshots, evaluation, figures and report for a trained ensemble."""
     cfg = result.config
-    header = ["step", "seed", *result.timeline.names, *result.metric_names]
+    # a term is often named like its weight column (norm, planar, repel): two "norm" columns read back
+    # as "norm" (the weight) and "norm.1" (the term); the schedule's copy is written "norm:weight"
+    header = ["step", "seed", *[f"{n}:weight" if n in result.metric_names else n for n in result.timeline.names],
+              *result.metric_names]
     runs.write_metrics_csv(path / runs.METRICS, header, metrics_table(result), integer_columns=2)
     runs.write_atomic(path / runs.SNAPSHOTS, st_save({"points": result.snapshot_points,
                                                       **{f"step.{s}": z for s, z in sorted(result.snapshots.items())}}))
