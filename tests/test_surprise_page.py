@@ -371,3 +371,14 @@ def test_columns_count_wide_characters_twice_and_combining_marks_not_at_all():
     model = NormalizedTransformer(tok.vocab_size, width=16, layers=1, heads=2, context=32).eval()
     page = sp.render_surprise(model, tok, text)
     assert 'style="width:10ch' in page  # the sparkline spans 3×2 + 1 + 2 + ↵ = 10 columns, not 7
+
+
+def test_a_byte_that_is_not_utf8_in_the_text_is_shown_as_a_replacement_and_the_page_writes(tmp_path):
+    """`anchoring surprisal RUN "$(printf 'ab\\xffcd')"` passes a lone surrogate; it was scored and put
+    into the page raw, and writing the page failed with a UnicodeEncodeError traceback."""
+    tok = CharTokenizer.train(["abcd"])
+    text = "ab" + "\udcff" + "cd"
+    page = sp.render_surprise(tiny(tok.vocab_size), tok, text, title="bytes", context=8)
+    assert "\udcff" not in page and "\ufffd" in page
+    out = sp.write_surprise_page(tmp_path / "p.html", page)
+    assert "\ufffd" in out.read_text(encoding="utf-8")

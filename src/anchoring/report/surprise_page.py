@@ -387,6 +387,9 @@ def _check(scores: TokenScores, n: int, what: str) -> None:
         raise AnchoringError(f"{what} has {len(scores)} tokens but the text has {n} token spans")
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def surprise_page(text: str, token_spans: Sequence[tuple[int, int]], scores: TokenScores, *, title: str,
                   before: TokenScores | None = None, unknown: Sequence[bool] | None = None) -> str:
     """The page as a string. `scores` are the model's (after the edit, when `before` is given).
@@ -463,11 +466,14 @@ def surprise_page(text: str, token_spans: Sequence[tuple[int, int]], scores: Tok
             "prediction for token t, s₂ = (iₜ − hₜ)/log|V|. The first token has no score. Hover a token for its numbers.</p>")
     opened = " open" if len(passages) <= 12 else ""
     summary = f"<details{opened}><summary>per-passage means</summary><table>{header}{''.join(table)}</table></details>"
-    return ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+    page = ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
             f"<meta name='generator' content='{GENERATOR}'>"
             "<meta name='viewport' content='width=device-width, initial-scale=1'>"
             f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
             f"<h1>{html.escape(title)}</h1>{note}{_legend()}{summary}{''.join(body)}</body></html>")
+    # a byte that is not UTF-8 in a command-line argument reaches Python as a lone surrogate: the
+    # tokenizer reads it as its unknown token, and the page shows it as U+FFFD (UTF-8 cannot hold it)
+    return _LONE_SURROGATE.sub("\ufffd", page)
 
 
 def unknown_tokens(tokenizer: SpanTokenizer, text: str) -> list[bool] | None:
