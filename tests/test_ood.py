@@ -203,3 +203,14 @@ def test_each_seed_draws_its_own_passages():
     texts = [f"passage {i} " + "word " * 60 for i in range(40)]
     a, b, c = (ood.select_passages(texts, 10, seed) for seed in (0, 0, 1))
     assert a == b and a != c
+
+
+def test_an_infinite_passage_mean_ranks_above_every_finite_one_instead_of_stopping_the_auroc():
+    """A masked target gives infinite surprisal; sklearn refused the whole AUROC ("contains infinity")."""
+    ref = np.array([0.1, 0.2, 0.3])
+    other = np.array([0.25, np.inf, 0.05])
+    # by hand: pairs (other > ref) + ties/2 over 9 pairs: 0.25 beats 2, inf beats 3, 0.05 beats 0
+    assert ood.auroc(ref, other) == pytest.approx(5 / 9)
+    assert ood.auroc(np.array([-np.inf, 0.0]), np.array([1.0, 2.0])) == 1.0
+    fpr, tpr = ood.roc_curves({"reference": {"s2": ref}, "x": {"s2": other}}, "s2", reference="reference")["x"]
+    assert fpr[0] == 0 and tpr[-1] == 1 and np.isfinite(fpr).all()

@@ -186,7 +186,14 @@ def _pair(reference: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndar
     if not len(reference) or not len(other):
         raise AnchoringError("AUROC needs at least one scored passage in each set")
     y = np.r_[np.zeros(len(reference)), np.ones(len(other))]
-    return y, np.r_[reference, other]
+    s = np.r_[reference, other]
+    finite = s[np.isfinite(s)]
+    if len(finite) < len(s):  # an infinite mean (a masked logit) ranks above or below every finite one, and
+        # AUROC is a statistic of ranks alone: give infinities the next value past the finite ones, which
+        # sklearn accepts, keeping every order and tie
+        hi, lo = (finite.max(), finite.min()) if len(finite) else (0.0, 0.0)
+        s = np.where(s == np.inf, hi + 1.0, np.where(s == -np.inf, lo - 1.0, s))
+    return y, s
 
 
 def auroc(reference: np.ndarray, other: np.ndarray) -> float:
