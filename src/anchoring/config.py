@@ -10,7 +10,6 @@ the dopesheet text inline, so a run directory's `config.toml` re-runs with nothi
 from __future__ import annotations
 
 import math
-import re
 import tomllib
 from typing import Any, Literal, Sequence
 
@@ -23,6 +22,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from anchoring.runs import SAFE_NAME
 
 
 class _Strict(BaseModel):
@@ -131,18 +132,6 @@ class LobeConfig(_Strict):
     falloff: str
 
 
-# an experiment's name becomes a folder, `runs/<name>/<time>`: no separators, no `..`, not empty (a compare
-# study's variant names are checked by the study, which names the experiment)
-FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.,+=-]*$")
-
-
-def _folder_name(v: str, what: str) -> str:
-    if not FOLDER_NAME.match(v):
-        raise ValueError(f"{what} {v!r} names the run's folder: use letters, digits and _ . , + = - "
-                         f"(starting with a letter or digit)")
-    return v
-
-
 class VariantConfig(_Strict):
     """One arm of a comparison: the same experiment with another schedule."""
 
@@ -161,7 +150,12 @@ class ExperimentBase(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        return _folder_name(v, "experiment name")
+        """The name becomes a folder, `runs/<name>/<time>`: no separators, no `..`, not empty (a compare
+        study's variant names are checked by the study, which names the experiment)."""
+        if not SAFE_NAME.match(v):
+            raise ValueError(f"experiment name {v!r} names the run's folder: use letters, digits and _ . , + = - "
+                             f"(starting with a letter or digit)")
+        return v
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True), multiline_strings=True)

@@ -52,6 +52,18 @@ class _Unit(torch.autograd.Function):
         return g.addcmul(y, (g * y).sum(-1, keepdim=True), value=-1).mul_(inv)
 
 
+def training_bytes(vocab: int, width: int, layers: int, hidden: int, positions: int, side_by_side: int,
+                   held: int) -> int:
+    """Bytes that training this model takes, without building one: weights, gradients and two Adam
+    moments per parameter; one step's saved activations (about 10 states of the width and 4 of the MLP
+    per position and block, 3 of the vocabulary for the logits) over `positions` tokens per step;
+    doubled for temporaries; times the models training `side_by_side`; plus `held` finished models
+    kept in memory. A rough upper bound, meant to refuse what cannot fit rather than predict the peak."""
+    params = 2 * vocab * width + layers * (4 * width ** 2 + 3 * width * hidden + 2 * hidden + 2 * width)
+    activations = positions * (layers * (10 * width + 4 * hidden) + 3 * vocab)
+    return 2 * 4 * side_by_side * (4 * params + activations) + 4 * params * held
+
+
 def _unit(x: torch.Tensor) -> torch.Tensor:
     """`x` scaled to unit length along its last dim (the sphere every state lives on)."""
     return _Unit.apply(x)[0]

@@ -51,6 +51,7 @@ from anchoring.kinds.lm.training import (
     term_columns,
     train_arm,
 )
+from anchoring.models.ngpt import training_bytes
 from anchoring.report import html
 from anchoring.report.figures import save as save_fig
 from anchoring.resources import check_fits, release_freed_memory
@@ -67,21 +68,15 @@ def arms(cfg: LMExperiment) -> list[str]:
 
 
 def memory_estimate(cfg: LMExperiment, held: bool = True) -> int:
-    """Bytes the training processes hold at once, without building a model: weights, gradients and
-    two Adam moments per parameter; one step's saved activations (about 10 states of the width and
-    4 of the MLP per position and block, 3 of the vocabulary for the logits); doubled for
-    temporaries; times the processes that train side by side. On top (`held`), every finished
-    model, which a run holds until all are evaluated and saved (a sweep's shard does not). A rough
-    upper bound, meant to refuse a configuration that cannot fit rather than to predict the peak."""
+    """Bytes the training processes hold at once (`models.ngpt.training_bytes`), with the processes
+    that train side by side; on top (`held`), every finished model, which a run holds until all are
+    evaluated and saved (a sweep's shard does not)."""
     m = cfg.lm
     vocab = cfg.text.bpe_vocab if cfg.text.tokenizer == "bpe" else 256
-    hidden = m.mlp_hidden or m.mlp_ratio * m.width
-    params = 2 * vocab * m.width + m.layers * (4 * m.width ** 2 + 3 * m.width * hidden + 2 * hidden + 2 * m.width)
-    positions = m.batch_size // m.nproc * m.tokens
-    activations = positions * (m.layers * (10 * m.width + 4 * hidden) + 3 * vocab)
     jobs = len(m.arms) * cfg.train.seeds
     side_by_side = m.nproc if m.nproc > 1 else min(jobs, m.workers or os.cpu_count() or 1)
-    return 2 * 4 * side_by_side * (4 * params + activations) + (4 * params * jobs if held else 0)
+    return training_bytes(vocab, m.width, m.layers, m.mlp_hidden or m.mlp_ratio * m.width,
+                          m.batch_size // m.nproc * m.tokens, side_by_side, jobs if held else 0)
 
 
 def validate(cfg: LMExperiment, data: bool = True) -> int:

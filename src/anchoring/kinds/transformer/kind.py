@@ -38,6 +38,7 @@ from anchoring.kinds.transformer.training import (
     build_transformer,
     train_arm,
 )
+from anchoring.models.ngpt import training_bytes
 from anchoring.report import html
 from anchoring.report.figures import save as save_fig
 from anchoring.resources import check_fits
@@ -57,18 +58,13 @@ def arms(cfg: TransformerExperiment) -> list[str]:
 
 
 def memory_estimate(cfg: TransformerExperiment, vocab: int) -> int:
-    """Bytes the run holds at once, without building a model, by the LM kind's rough rule: weights,
-    gradients and two Adam moments per parameter, one step's saved activations, doubled for
-    temporaries, times the models training side by side; plus every finished model, held until the
-    run is saved. An upper bound meant to refuse what cannot fit (a width of 100,000 used to end in
-    an allocation traceback, or a process the system kills half-way)."""
+    """Bytes the run holds at once (`models.ngpt.training_bytes`): the models training side by side,
+    and every finished one, held until the run is saved. Meant to refuse what cannot fit (a width of
+    100,000 used to end in an allocation traceback, or a process the system kills half-way)."""
     t, lang = cfg.transformer, cfg.language
-    hidden = t.mlp_ratio * t.width
-    params = 2 * vocab * t.width + t.layers * (4 * t.width ** 2 + 3 * t.width * hidden + 2 * hidden + 2 * t.width)
-    activations = lang.batch_size * lang.context * (t.layers * (10 * t.width + 4 * hidden) + 3 * vocab)
     jobs = len(arms(cfg)) * len(cfg.train.member_seeds())
-    side_by_side = min(jobs, t.workers or os.cpu_count() or 1)
-    return 2 * 4 * side_by_side * (4 * params + activations) + 4 * params * jobs
+    return training_bytes(vocab, t.width, t.layers, t.mlp_ratio * t.width, lang.batch_size * lang.context,
+                          min(jobs, t.workers or os.cpu_count() or 1), jobs)
 
 
 def validate(cfg: TransformerExperiment) -> int:
