@@ -338,3 +338,115 @@ def test_under_torchrun_rank_0_makes_the_run_and_the_others_follow(monkeypatch, 
     monkeypatch.setattr(lifecycle, "run", make)
     CliRunner().invoke(app, ["run", "lm-anchor", "--out", str(tmp_path / "r"), "-q"])
     assert (len(made), len(followed)) == ((1, 0) if rank == 0 else (0, 1))
+
+
+def test_a_rank_that_cannot_read_its_checkpoint_is_named_not_the_lost_connection(corpus, tmp_path):
+    """torch reports the first rank to exit; when rank 1 cannot read its checkpoint, that is rank 0
+    failing on gloo's "connection closed by peer", which hid the cause."""
+    from anchoring.errors import AnchoringError
+    from anchoring.kinds.lm.data import load_data
+    from anchoring.kinds.lm.distributed import train_data_parallel
+    from anchoring.kinds.lm.kind import checkpoint_path
+
+    base = [o.replace("CORPUS", str(corpus)) for o in SPANS] + ['lm.arms=["control"]']
+    out = tmp_path / "run"
+    (out / "arms").mkdir(parents=True)
+    load_data(experiments.load("lm-anchor", base).text, out)
+    train_data_parallel(experiments.load("lm-anchor", [*base, "train.steps=2"]), out, [("control", 0)], 2)
+    rank1 = checkpoint_path(out, "control", 0).with_name("control-seed0.rank1.safetensors")
+    rank1.write_bytes(rank1.read_bytes()[:1000])
+    with pytest.raises(AnchoringError, match=r"cannot read checkpoint .*rank1\.safetensors") as e:
+        train_data_parallel(experiments.load("lm-anchor", [*base, "train.steps=4"]), out, [("control", 0)], 2)
+    assert "Connection closed" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_why_the_ranks_failed_is_said_in_one_line():
+    """A rank killed from outside (the OOM killer's SIGKILL) raised torch's ProcessExitedException,
+    which escaped as a traceback; a divergence in a rank lost its kind, so the run did not record it."""
+    from pathlib import Path
+
+    import torch.multiprocessing as tmp
+
+    from anchoring.errors import AnchoringError
+    from anchoring.kinds.lm.distributed import why_ranks_failed
+    from anchoring.train.skeleton import Diverged
+
+    lost = "Traceback (most recent call last):\n  ...\nRuntimeError: [pair.cc:553] Connection closed by peer"
+    killed = tmp.ProcessExitedException("process 1 terminated with signal SIGKILL", error_index=1, error_pid=7,
+                                        exit_code=-9, signal_name="SIGKILL")
+    e = why_ranks_failed([lost], killed, Path("runs/x"))
+    assert isinstance(e, AnchoringError) and "rank 1 was killed by SIGKILL" in str(e) and "anchoring resume runs/x" in str(e)
+    raised = tmp.ProcessRaisedException("trace", 0, 7)
+    diverged = "Traceback ...\nanchoring.train.skeleton.Diverged: training diverged at step 1: loss nan"
+    e = why_ranks_failed([lost, diverged], raised, Path("r"))
+    assert type(e) is Diverged and str(e) == "training diverged at step 1: loss nan"
+    e = why_ranks_failed([lost, "Traceback ...\nanchoring.errors.AnchoringError: cannot read checkpoint 'x'"], raised, Path("r"))
+    assert type(e) is AnchoringError and str(e) == "cannot read checkpoint 'x'"
+    assert isinstance(why_ranks_failed([lost, "...\nanchoring.train.skeleton.TrainingInterrupted: interrupted after "
+                                              "step 3"], raised, Path("r")), KeyboardInterrupt)
+    e = why_ranks_failed([lost], raised, Path("r"))
+    assert str(e).startswith("data-parallel training failed: RuntimeError: [pair.cc:553] Connection closed by peer;")
+
+
+def test_a_finished_data_parallel_run_evaluates_without_starting_ranks(corpus, tmp_path, monkeypatch):
+    """A resume after the last step (stopped in evaluation) used to start every rank to train nothing."""
+    from anchoring.kinds.lm import distributed
+
+    base = [o.replace("CORPUS", str(corpus)) for o in SPANS] + ['lm.arms=["control"]', "train.steps=2", "lm.nproc=2",
+                                                                "evaluate.shade_passages=0"]
+    out = tmp_path / "run"
+    lifecycle.run(experiments.load("lm-anchor", base), out)
+    (out / "summary.json").unlink()
+
+    def started(*args, **kwargs):
+        raise AssertionError("ranks started for a finished run")
+
+    monkeypatch.setattr(distributed, "train_data_parallel", started)
+    outcome = lifecycle.resume(out)
+    assert (out / "summary.json").is_file() and outcome.summary["timing"]["train_s"] is None
+
+
+def test_a_stopped_data_parallel_run_says_the_step_its_ranks_saved(corpus, tmp_path, monkeypatch):
+    from anchoring.kinds.lm import distributed
+    from anchoring.kinds.lm import kind as lm_kind
+    from anchoring.kinds.lm.data import load_data
+    from anchoring.train.skeleton import TrainingInterrupted
+
+    base = [o.replace("CORPUS", str(corpus)) for o in SPANS] + ['lm.arms=["control"]']
+    out = tmp_path / "run"
+    (out / "arms").mkdir(parents=True)
+    load_data(experiments.load("lm-anchor", base).text, out)
+    distributed.train_data_parallel(experiments.load("lm-anchor", [*base, "train.steps=2"]), out, [("control", 0)], 2)
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt  # as the ranks' stop reaches the command
+
+    monkeypatch.setattr(distributed, "train_data_parallel", stop)
+    with pytest.raises(TrainingInterrupted) as e:
+        lm_kind.run(experiments.load("lm-anchor", [*base, "train.steps=4", "lm.nproc=2"]), out)
+    assert e.value.step == 2
+
+
+def test_a_torchrun_follower_stopped_by_a_signal_says_so_in_one_line(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from anchoring.cli import app
+    from anchoring.kinds.lm import distributed
+    from anchoring.train.skeleton import TrainingInterrupted
+
+    def interrupted(cfg, out):
+        raise TrainingInterrupted(98)
+
+    monkeypatch.setattr(distributed, "launched_by_torchrun", lambda: (1, 2))
+    monkeypatch.setattr(distributed, "follow", interrupted)
+    r = CliRunner().invoke(app, ["run", "lm-anchor", "--out", str(tmp_path / "r"), "-q"])
+    assert r.exit_code == 130 and "rank 1: interrupted" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_the_nproc_flag_is_named_in_its_own_errors():
+    from typer.testing import CliRunner
+
+    from anchoring.cli import app
+
+    r = CliRunner().invoke(app, ["run", "lm-anchor", "--nproc", "65", "--set", "lm.batch_size=130", "-q"])
+    assert r.exit_code == 2 and "--nproc 65:" in r.stderr and "--set" not in r.stderr, r.stderr

@@ -193,7 +193,10 @@ def run_cmd(
             if any(o.split("=", 1)[0].strip() == "lm.nproc" for o in overrides):
                 fail("give the number of processes once: --nproc or --set lm.nproc, not both")
             _check_split(cfg, nproc, "--nproc")
-            cfg = experiments.load(experiment, [*overrides, f"lm.nproc={nproc}"])
+            try:
+                cfg = experiments.load(experiment, [*overrides, f"lm.nproc={nproc}"])
+            except AnchoringError as e:  # the flag's own bounds, named as the user typed them
+                fail(str(e).replace("--set: lm.nproc:", f"--nproc {nproc}:", 1))
             if nproc > (os.cpu_count() or 1):
                 err.print(f"note: --nproc {nproc} on {os.cpu_count()} CPU cores: the ranks share cores and run slower "
                           f"than fewer would", markup=False, highlight=False, soft_wrap=True)
@@ -210,13 +213,20 @@ def run_cmd(
         if launched[0] != 0:  # rank 0 makes the run, trains its share and evaluates; the others only train
             from anchoring.kinds.lm.distributed import follow
 
-            try:
-                follow(cfg, out_dir)
-            except AnchoringError as e:
-                fail(str(e))
+            _follow(follow, cfg, out_dir, launched[0])
             return
         quiet = True
     _train(lambda update: lifecycle.run(cfg, out_dir, progress=update), cfg.name, quiet)
+
+
+def _follow(follow, cfg, path: Path, rank: int) -> None:
+    """A torchrun rank other than 0 trains its share; rank 0 alone says how to resume after a stop."""
+    try:
+        follow(cfg, path)
+    except (TrainingInterrupted, KeyboardInterrupt):
+        stopped(f"rank {rank}: interrupted; its checkpoint is saved")
+    except AnchoringError as e:
+        fail(str(e))
 
 
 def _check_split(cfg, world: int, flag: str | None = None) -> None:
@@ -267,7 +277,7 @@ def resume_cmd(run_dir: Path = typer.Argument(..., help="run directory with a ch
             if launched[0] != 0:
                 from anchoring.kinds.lm.distributed import follow
 
-                follow(cfg, run_dir)
+                _follow(follow, cfg, run_dir, launched[0])
                 return
         except AnchoringError as e:
             fail(str(e))

@@ -32,8 +32,8 @@ class LMConfig(_Strict):
                             description="anchored | control | weak-filtered | oracle-filtered | sgtm | routing (all "
                                         "share seeds, batch stream and labels)")
     workers: int = Field(1, ge=0, description="processes training (arm, seed) jobs side by side (0: one per CPU core)")
-    nproc: int = Field(1, ge=1, le=64, description="data-parallel processes per job (gloo): each takes batch_size/nproc "
-                                                  "windows of every step; jobs then run one after another")
+    nproc: int = Field(1, ge=1, le=64, description="data-parallel processes per job (gloo; NCCL on CUDA with a GPU each): each "
+                                                  "takes batch_size/nproc windows of every step; jobs then run one after another")
     route: bool = Field(False, description="anchored arm: at weakly labelled positions, gradients flow back through "
                                            "each anchored site only along the concept's direction(s), so the layers "
                                            "before it can teach the concept only through the anchor (anchor.route)")

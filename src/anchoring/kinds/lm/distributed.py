@@ -121,15 +121,54 @@ def train_data_parallel(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int
                                             nprocs=world, join=False, start_method="spawn")
             while not ranks.join(timeout=0.5, grace_period=GRACE_S):  # a failed rank: the others get GRACE_S to stop
                 pass
-        except tmp.ProcessRaisedException as e:
-            if "TrainingInterrupted" in str(e) or "KeyboardInterrupt" in str(e):  # a rank stopped on the signal
-                raise KeyboardInterrupt from None
-            last = str(e).strip().splitlines()[-1] if str(e).strip() else "a rank failed"
-            raise AnchoringError(f"data-parallel training failed: {last}") from None
+        except (tmp.ProcessRaisedException, tmp.ProcessExitedException) as e:  # join has stopped the other ranks
+            raise why_ranks_failed(_traces(ranks.error_files), e, path) from None
         except BaseException:  # Ctrl-C or SIGTERM: the ranks save and stop, or are stopped
             if ranks is not None:
                 _stop_ranks(ranks.processes)
             raise
+
+
+def _traces(error_files: list[str]) -> list[str]:
+    """The tracebacks torch's spawn wrapper pickled for the ranks that raised, in rank order."""
+    import pickle
+
+    traces = []
+    for name in error_files:
+        try:
+            with open(name, "rb") as fh:
+                traces.append(pickle.load(fh))
+        except (OSError, EOFError, pickle.UnpicklingError):  # that rank raised nothing (or was killed)
+            pass
+    return traces
+
+
+def why_ranks_failed(traces: list[str], first: Exception, path: Path) -> BaseException:
+    """The exception that says why the ranks stopped. torch reports the first rank to exit, which is
+    often not the one with the cause: when rank 1 cannot read its checkpoint, rank 0 dies at the same
+    moment of gloo's "connection closed by peer". So a project error from any rank wins; a divergence
+    stays a `Diverged` (the run then records it as one process would); a rank stopped by a signal is
+    a stop; and a rank killed from outside (the OOM killer's SIGKILL) is said in one line."""
+    from anchoring.train.skeleton import Diverged
+
+    if any("TrainingInterrupted" in t or "KeyboardInterrupt" in t for t in traces):
+        return KeyboardInterrupt()
+    last_lines = [t.strip().splitlines()[-1] for t in traces if t.strip()]
+    for line in last_lines:
+        name, sep, message = line.partition(": ")
+        if sep and name.startswith("anchoring."):
+            return Diverged(message) if name.rsplit(".", 1)[-1] == "Diverged" else AnchoringError(message)
+    signal_name, rank = getattr(first, "signal_name", None), getattr(first, "error_index", "?")
+    if signal_name:  # the others then fail on the lost connection: the kill is the cause
+        why = f"rank {rank} was killed by {signal_name} (out of memory?)"
+    elif last_lines:
+        why = last_lines[0]
+    elif hasattr(first, "exit_code"):
+        why = f"rank {rank} exited with code {getattr(first, 'exit_code')}"
+    else:
+        why = "a rank failed"
+    return AnchoringError(f"data-parallel training failed: {why}; the ranks' last checkpoints are kept, "
+                          f"`anchoring resume {path}` continues from them")
 
 
 @contextlib.contextmanager

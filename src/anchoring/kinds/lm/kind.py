@@ -299,10 +299,14 @@ def run(cfg: LMExperiment, path: Path, *, progress: Progress | None = None) -> d
 
         train_as_torchrun_rank(cfg, path, jobs)
         workers = launched[1]
-    elif cfg.lm.nproc > 1:
+    elif cfg.lm.nproc > 1 and todo:  # every job finished (a resume stopped in evaluation): no ranks to start
         from anchoring.kinds.lm.distributed import train_data_parallel
 
-        train_data_parallel(cfg, path, jobs, cfg.lm.nproc)
+        try:
+            train_data_parallel(cfg, path, todo, cfg.lm.nproc)
+        except KeyboardInterrupt:  # the ranks saved where they stopped: say where, as one process does
+            stopped_at = next((n for n in (steps_done(checkpoint_path(path, *j)) for j in todo) if n < steps), 0)
+            raise TrainingInterrupted(stopped_at or -1, path) from None  # -1: stopped before any step was saved
         workers = cfg.lm.nproc  # no progress from the ranks; the loop below only loads their checkpoints
     elif workers > 1:  # a job already at its last step (a resumed run, a merged sweep) needs no process
         _train_in_processes(cfg, path, todo, workers)
