@@ -4,6 +4,7 @@ files and selections by seed."""
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import pytest
@@ -99,3 +100,68 @@ def test_an_alias_shared_by_several_experiments_is_refused_not_resolved_to_the_f
     with pytest.raises(AnchoringError, match=r"^'ex-M3' names \d+ experiments \(colour-transformer, .*\); give the name$"):
         experiments.find("ex-M3")
     assert experiments.find("ex-M4-ood").name == "lm-ood.toml" and experiments.find("ex-1.7").name == "sparse-labels.toml"
+
+
+@pytest.mark.parametrize("experiment,item", [("anchored", "model.hidden=[true]"), ("anchored", "train.snapshot_every=true"),
+                                             ("lm-control", "lm.mlp_hidden=true"), ("lm-control", "unlearning.relearn_k=[true]"),
+                                             ("lm-control", "text.split=[true,0,0]"), ("colour-transformer", "language.op_weights=[true,1,1]")])
+def test_true_or_false_for_any_number_is_refused(experiment, item):
+    """pydantic reads true as 1: `model.hidden=[true]` trained a hidden layer of one unit, and only a few
+    integer keys were checked (an optional one, `lm.mlp_hidden`, not at all)."""
+    with pytest.raises(AnchoringError, match=rf"{item.split('=')[0]}: expected a number, not true/false"):
+        experiments.load(experiment, [item])
+
+
+def test_true_for_a_number_in_a_spec_file_is_refused(tmp_path):
+    spec = tmp_path / "spec.toml"
+    text = experiments.load("anchored", []).to_toml()
+    spec.write_text(re.sub(r"(?m)^snapshot_every = \d+$", "snapshot_every = true", text))
+    assert spec.read_text() != text
+    with pytest.raises(AnchoringError, match=r"spec.toml: train.snapshot_every: expected a number"):
+        experiments.load(str(spec))
+
+
+def test_text_settings_refuse_nan():
+    with pytest.raises(AnchoringError, match=r"text.coverage: Input should be a finite number"):
+        experiments.load("lm-control", ["text.coverage=nan"])
+
+
+@pytest.mark.parametrize("argv", [["anchored", "--seed", "18446744073709551615"],
+                                  ["colour-transformer", "--seed", "20000000000000", "--seeds", "1"],
+                                  ["lm-control", "--seed", "4294967296", "--seeds", "1"],
+                                  ["anchored", "--set", "train.seed_list=[0,4294967296]"]])
+def test_a_seed_too_large_for_torch_is_refused_before_the_run_is_made(tmp_path, argv):
+    """It crashed with a traceback in the first step, leaving a run directory behind."""
+    from typer.testing import CliRunner
+
+    from anchoring.cli import app
+
+    r = CliRunner().invoke(app, ["run", *argv, "--steps", "1", "--out", str(tmp_path / "r"), "-q"])
+    assert r.exit_code == 2 and "seeds must be below 2**32" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("item", ["language.op_weights=[-1,1,1]", "language.op_weights=[0,0,0]",
+                                  "language.split_seed=18446744073709551616"])
+def test_colour_language_settings_torch_cannot_use_are_refused(item):
+    """Each crashed in the first training step (or in validation) with a traceback."""
+    with pytest.raises(AnchoringError, match=item.split("=")[0]):
+        experiments.load("colour-transformer", [item])
+
+
+def test_a_check_on_the_seed_count_sees_the_seeds_flag(tmp_path):
+    """`--seeds 1` with one term_masks row was refused against the spec's 8 seeds."""
+    from anchoring.cli import load_experiment
+
+    cfg, _ = load_experiment("anchored", ["train.term_masks=[[true,true,false]]"], seeds=1)
+    assert cfg.train.member_seeds() == [0] and len(cfg.train.term_masks) == 1
+
+
+def test_seed_settings_a_seed_list_would_override_are_refused():
+    """`--set train.seeds=5 --set train.seed=7` next to a seed_list trained the list's seeds, while
+    config.toml still said seeds = 5, seed = 7 (the flags were already refused)."""
+    from anchoring.cli import load_experiment
+
+    with pytest.raises(AnchoringError, match=r"seed_list \[1, 2\] sets the seeds, so --set train.seeds would be ignored"):
+        load_experiment("anchored", ["train.seed_list=[1,2]", "train.seeds=5"])
+    assert load_experiment("anchored", ["train.seed_list=[1,2]"])[0].train.member_seeds() == [1, 2]

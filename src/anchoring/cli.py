@@ -155,16 +155,22 @@ def load_experiment(experiment: str, sets: list[str], seeds: int | None = None, 
         overrides.append(f"evaluate.select={select}")
     given = [f for f, v in (("--seeds", seeds), ("--seed", seed), ("--steps", steps), ("--select", select)) if v is not None]
     if given:
-        base = experiments.load(experiment, sets)
+        try:
+            base = experiments.load(experiment, sets)
+        except AnchoringError:  # a check that needs the flags' values (one train.term_masks row per --seeds member)
+            base = experiments.load(experiment, overrides)
         for flag in given:
             if not _has_key(base, FLAG_KEYS[flag]):
                 raise AnchoringError(f"{flag} does not apply to {base.name!r}: a {base.kind!r} experiment has no "
                                      f"{FLAG_KEYS[flag]}")
-        chosen = [f for f in given if f in ("--seeds", "--seed")]
-        if chosen and base.train.seed_list is not None:
-            raise AnchoringError(f"train.seed_list {base.train.seed_list} sets the seeds, so {' and '.join(chosen)} would be "
-                                 f"ignored; give one or the other")
-    return experiments.load(experiment, overrides), overrides
+    # flags and --set items that a train.seed_list would quietly win over
+    chosen = [f for f, v in (("--seeds", seeds), ("--seed", seed)) if v is not None]
+    chosen += [f"--set {k}" for k in ("train.seeds", "train.seed") if any(o.split("=", 1)[0].strip() == k for o in sets)]
+    cfg = experiments.load(experiment, overrides)
+    if chosen and getattr(getattr(cfg, "train", None), "seed_list", None) is not None:
+        raise AnchoringError(f"train.seed_list {cfg.train.seed_list} sets the seeds, so {' and '.join(chosen)} would be "
+                             f"ignored; give one or the other")
+    return cfg, overrides
 
 
 @app.command("run")

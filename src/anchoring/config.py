@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import tomllib
+import types
+import typing
 from typing import Any, Literal, Sequence
 
 import tomli_w
@@ -26,10 +28,43 @@ from pydantic import (
 from anchoring.runs import SAFE_NAME
 
 
+def _wants_number(annotation: Any) -> bool:
+    """Whether a field holds numbers (int, float, or lists, tuples and optionals of them), and no bools."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return bool not in args and any(_wants_number(a) for a in args if a is not type(None))
+    if typing.get_origin(annotation) in (list, tuple):
+        return any(_wants_number(a) for a in args if a is not Ellipsis)
+    return annotation in (int, float)
+
+
+def _holds_bool(value: Any) -> bool:
+    return isinstance(value, bool) or (isinstance(value, (list, tuple)) and any(isinstance(x, bool) for x in value))
+
+
+NOT_A_BOOL = "expected a number, not true/false"
+
+
+def refuse_bool_numbers(model: type[BaseModel], data: Any) -> Any:
+    """pydantic reads true as 1 and false as 0: `snapshot_every = true` would quietly mean every step.
+    (A model-level check: a field-level one may not touch a discriminated union's `kind`.)"""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            field = model.model_fields.get(key) if isinstance(key, str) else None
+            if field is not None and _holds_bool(value) and _wants_number(field.annotation):
+                raise ValueError(f"{key}: {NOT_A_BOOL}")
+    return data
+
+
 class _Strict(BaseModel):
-    """Unknown keys and non-finite numbers (nan, inf) are errors at the boundary."""
+    """Unknown keys, non-finite numbers (nan, inf) and true/false for a number are errors at the boundary."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data: Any) -> Any:
+        return refuse_bool_numbers(cls, data)
 
 
 class ConceptConfig(_Strict):
@@ -75,6 +110,9 @@ class TermConfig(_Strict):
         return self
 
 
+SEED_BOUND = 2**32
+
+
 class TrainConfig(_Strict):
     """What every trained kind shares; kinds add their own fields in a subclass."""
 
@@ -84,14 +122,6 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(500, ge=1)
     betas: tuple[float, float] = (0.9, 0.999)
     seed_list: list[int] | None = Field(None, description="explicit seed per ensemble member (overrides seed/seeds; repeats allowed)")
-
-    @field_validator("seeds", "seed", "steps", "checkpoint_every", "seed_list", mode="before")
-    @classmethod
-    def _not_a_bool(cls, v: Any) -> Any:
-        """pydantic reads true as 1: `seeds = true` would train one seed without a word."""
-        if isinstance(v, bool) or (isinstance(v, list) and any(isinstance(x, bool) for x in v)):
-            raise ValueError("expected an integer, not true/false")
-        return v
 
     def member_seeds(self) -> list[int]:
         """The seed of every ensemble member, in order."""
@@ -107,6 +137,11 @@ class TrainConfig(_Strict):
             raise ValueError(f"steps must be a positive integer, got {self.steps}")
         if self.seed_list is not None and (not self.seed_list or min(self.seed_list) < 0):
             raise ValueError("seed_list must be non-empty seeds ≥ 0")
+        # torch seeds generators with 64-bit integers, and kinds derive further seeds from these:
+        # a bound well inside that range, so that a huge seed fails here and not after the run is made
+        highest = max(self.seed_list) if self.seed_list is not None else self.seed + self.seeds - 1
+        if highest >= SEED_BOUND:
+            raise ValueError(f"seeds must be below 2**32 = {SEED_BOUND}, got up to {highest}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must each be in [0, 1), got {list(self.betas)}")
         return self
@@ -176,6 +211,10 @@ def one_line(err: ValidationError, source: str, kind: str | None = None, overrid
     that came from `--set` (a key of `overridden`, or under one) is blamed on --set, not on the file."""
     first = err.errors()[0]
     loc = [str(p) for p in first["loc"]]
+    msg = first["msg"].removeprefix("Value error, ")  # pydantic's prefix to a validator's own sentence
+    if msg.endswith(": " + NOT_A_BOOL):  # a model-level check that names its field: the field joins the path
+        field, msg = msg.split(": ", 1)
+        loc.append(field)
     if kind is not None and loc and loc[0] == kind:  # discriminated unions prefix the kind's tag
         loc = loc[1:]
     where = ".".join(loc) or "config"
@@ -189,7 +228,6 @@ def one_line(err: ValidationError, source: str, kind: str | None = None, overrid
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     if first["type"] == "extra_forbidden":
         return f"{source}: {where}: key means nothing for a {kind!r} experiment{more}"
-    msg = first["msg"].removeprefix("Value error, ")  # pydantic's prefix to a validator's own sentence
     return f"{source}: {where}: {msg}{more}"
 
 

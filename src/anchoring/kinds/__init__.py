@@ -86,12 +86,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> 
                 known = ", ".join(sorted(shape)) if isinstance(shape, dict) else "(none)"
                 raise AnchoringError(f"unknown --set key {key!r} for a {cfg.kind!r} experiment (valid keys here: {known})")
             if last:
-                value = parse_value(raw.strip())
-                was = shape[part_key]
-                if isinstance(value, bool) and isinstance(was, int) and not isinstance(was, bool):
-                    # pydantic would quietly read true as 1
-                    raise AnchoringError(f"--set {key}={raw.strip()}: {key} is an integer, not true/false")
-                node[part_key] = value
+                node[part_key] = parse_value(raw.strip())  # true for a number: refused by the config models
             else:
                 if isinstance(node, dict) and part_key not in node:
                     # a section the spec does not write: start from its default, so that an index into a

@@ -7,15 +7,21 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from anchoring.config import refuse_bool_numbers
 from anchoring.domains.text.corpus import BUILTIN
 
 
 class TextConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data: Any) -> Any:
+        return refuse_bool_numbers(cls, data)
 
     corpus: str = Field("shakespeare", description="shakespeare | milton | mixed | a folder of .txt files")
     tokenizer: Literal["char", "bpe"] = "char"

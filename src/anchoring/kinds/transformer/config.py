@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from anchoring.config import TrainConfig, TrainedExperiment, _Strict
 
@@ -17,8 +17,16 @@ class LanguageConfig(_Strict):
     mix_rule: Literal["exact", "half-up"] = Field("exact", description="'exact': only pairs whose mean lands on the "
                                                                       "lattice; 'half-up': all pairs, rounded half up")
     held_out: float = Field(0.2, ge=0.0, lt=1.0, description="share of unordered mix pairs never trained on")
-    split_seed: int = 1234
+    split_seed: int = Field(1234, ge=0, lt=2**63)  # seeds a torch generator (a signed 64-bit integer)
     op_weights: tuple[float, float, float] = Field((0.5, 0.25, 0.25), description="mix, complement, lighten")
+
+    @field_validator("op_weights")
+    @classmethod
+    def _weights(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        """Relative frequencies of the three operations: none negative, and some operation drawn at all."""
+        if min(v) < 0 or sum(v) <= 0:
+            raise ValueError(f"op_weights are relative frequencies: each ≥ 0, not all 0, got {list(v)}")
+        return v
     context: int = Field(64, ge=8, le=1024)
     batch_size: int = Field(16, ge=1, le=4096)
 
