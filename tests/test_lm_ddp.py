@@ -233,7 +233,7 @@ def test_ranks_can_be_started_from_a_thread_that_owns_no_signals():
     import signal
     import threading
 
-    from anchoring.kinds.lm.distributed import _start_held
+    from anchoring.train.workers import start_held as _start_held
 
     errors: list[BaseException] = []
 
@@ -288,7 +288,7 @@ def test_a_sigterm_held_while_the_ranks_start_is_delivered_once_after():
     import os
     import signal
 
-    from anchoring.kinds.lm.distributed import _start_held
+    from anchoring.train.workers import start_held as _start_held
 
     got: list[int] = []
     previous = signal.signal(signal.SIGTERM, lambda sig, _frame: got.append(sig))

@@ -92,3 +92,43 @@ def test_jobs_queued_behind_a_stop_never_start(tmp_path):
 def test_every_job_runs_when_nothing_stops_them(tmp_path):
     run_jobs(job, [(str(tmp_path), name, 0.0) for name in ("a", "b", "c")], 2)
     assert all((tmp_path / f"{n}.done").exists() for n in ("a", "b", "c"))
+
+
+@pytest.mark.parametrize("how", ["sigterm to the parent", "ctrl-c to the group"])
+def test_a_stop_while_the_workers_start_ends_the_run(tmp_path, how):
+    """A signal that reached the workers while they still imported torch killed them; the broken pool
+    then failed on the futures the parent had just cancelled, and the parent waited for ever, deaf to
+    every further Ctrl-C. Now the run stops, and a Ctrl-C prints no worker's traceback."""
+    import subprocess
+    import sys
+
+    from signals import child_pids
+
+    script = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+              "from pool_jobs import job\n"
+              "from anchoring.train.skeleton import TrainingInterrupted\n"
+              "from anchoring.train.workers import run_jobs\n"
+              "try:\n"
+              "    run_jobs(job, [(sys.argv[2], f'j{i}', 30.0) for i in range(4)], 2)\n"
+              "except TrainingInterrupted:\n"
+              "    print('stopped')\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, os.path.dirname(__file__), str(tmp_path)], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 60
+    while not child_pids(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # the workers are importing: their own handlers are not in yet
+    assert not list(tmp_path.glob("*.pid")), "a job started already: the stop no longer lands in the start-up"
+    if how == "sigterm to the parent":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the run hung after a stop while its workers started")
+    assert "stopped" in out, err
+    if how == "ctrl-c to the group":
+        assert "Traceback" not in err, err

@@ -12,11 +12,13 @@ import multiprocessing as mp
 import signal
 import threading
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from anchoring.errors import AnchoringError
 from anchoring.train.skeleton import TrainingInterrupted
 
 
@@ -44,6 +46,28 @@ def sigterm_interrupts(pass_to_workers: bool = False) -> Iterator[None]:
 def sigterm_to_workers():
     """`sigterm_interrupts` for a parent of worker processes."""
     return sigterm_interrupts(pass_to_workers=True)
+
+
+@contextmanager
+def start_held() -> Iterator[None]:
+    """While child processes are spawned: Ctrl-C ignored, which they inherit until they set their own
+    handlers (a Ctrl-C while they import then prints no tracebacks, and kills none of them), and a
+    SIGTERM held and delivered once every child is known; a stop half-way through starting data-parallel
+    ranks left the started ones waiting in the rendezvous for ever.
+    (A Ctrl-C in these few milliseconds is lost.) Outside the main thread signals are not ours to set."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda got, _frame: caught.append(got))}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if caught:
+            signal.raise_signal(signal.SIGTERM)
 
 
 # --- a pool of job processes that stop together --------------------------------------------------
@@ -104,14 +128,19 @@ def run_jobs(fn: Callable[..., None], jobs: Sequence[tuple], workers: int,
     with sigterm_to_workers():
         pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_job_process, initargs=(stop, initializer, initargs))
         try:
-            futures = [pool.submit(_job, fn, tuple(job)) for job in jobs]
+            futures: list[Any] = []
             try:
+                with start_held():  # the pool spawns its workers as jobs are submitted
+                    for job in jobs:
+                        futures.append(pool.submit(_job, fn, tuple(job)))
                 wait(futures, return_when=FIRST_EXCEPTION)  # the first job to fail or stop, not the first submitted
             except BaseException:  # Ctrl-C or SIGTERM to this process
                 interrupted = True
-            stop.value = True  # whatever ended the wait, the jobs still running save and stop after their next step
-            for f in futures:  # not yet handed to a worker; those that were see the flag and do not start
-                f.cancel()
+            # whatever ended the wait, the jobs still running save and stop after their next step, and the
+            # queued ones see the flag and return at once. They are not cancelled: a worker killed while it
+            # starts (a signal before its handlers are in) breaks the pool, and Python 3.11's pool then
+            # fails on setting the error of a cancelled future, so the wait below never ended.
+            stop.value = True
             while True:  # until every job has saved and stopped: a second stop here must not orphan them
                 try:
                     wait(futures)
@@ -121,8 +150,12 @@ def run_jobs(fn: Callable[..., None], jobs: Sequence[tuple], workers: int,
         finally:
             pool.shutdown(wait=True, cancel_futures=True)  # joins the workers, which have nothing left to do
     errors = [e for f in futures if not f.cancelled() and (e := f.exception()) is not None]
-    failed = [e for e in errors if not isinstance(e, (TrainingInterrupted, KeyboardInterrupt))]
+    stops = (TrainingInterrupted, KeyboardInterrupt) + ((BrokenProcessPool,) if interrupted else ())  # a worker the stop killed
+    failed = [e for e in errors if not isinstance(e, stops)]
     if failed:  # a real failure wins over the stops it caused, and over a Ctrl-C that came after it
+        if isinstance(failed[0], BrokenProcessPool):  # a worker killed from outside (the OOM killer), with no stop asked
+            raise AnchoringError("a worker process died without a word (killed from outside, out of memory?); every "
+                                 "job's last checkpoint is kept, and resume continues from them") from None
         raise failed[0]
     if interrupted or errors or any(f.cancelled() for f in futures):
         raise TrainingInterrupted(-1, None)

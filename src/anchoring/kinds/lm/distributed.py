@@ -21,18 +21,16 @@ per rank, gloo otherwise.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import tempfile
-import threading
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from anchoring.errors import AnchoringError
 from anchoring.kinds.lm.config import LMExperiment
+from anchoring.train.workers import start_held
 
 
 def backend(cfg: LMExperiment, world: int) -> str:
@@ -116,7 +114,7 @@ def train_data_parallel(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int
     with tempfile.TemporaryDirectory(prefix="anchoring-ddp-") as meet:
         ranks = None
         try:
-            with _start_held():
+            with start_held():
                 ranks = tmp.start_processes(_rank_main, args=(world, os.path.join(meet, "store"), cfg, path, jobs),
                                             nprocs=world, join=False, start_method="spawn")
             while not ranks.join(timeout=0.5, grace_period=GRACE_S):  # a failed rank: the others get GRACE_S to stop
@@ -169,27 +167,6 @@ def why_ranks_failed(traces: list[str], first: Exception, path: Path) -> BaseExc
         why = "a rank failed"
     return AnchoringError(f"data-parallel training failed: {why}; the ranks' last checkpoints are kept, "
                           f"`anchoring resume {path}` continues from them")
-
-
-@contextlib.contextmanager
-def _start_held() -> Iterator[None]:
-    """While the ranks are spawned: Ctrl-C ignored, which they inherit until `_rank_main` (a Ctrl-C while
-    they import then prints no tracebacks), and a SIGTERM held and delivered once every rank is known;
-    a stop half-way through starting them left the started ones waiting in the rendezvous for ever.
-    (A Ctrl-C in these few milliseconds is lost.) Outside the main thread signals are not ours to set."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
-                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda got, _frame: caught.append(got))}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if caught:
-            signal.raise_signal(signal.SIGTERM)
 
 
 GRACE_S = 20.0  # for a rank to finish its step and save its checkpoint after a stop
