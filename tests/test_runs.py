@@ -79,3 +79,39 @@ def test_damaged_run_files_are_one_error(tmp_path):
         (tmp_path / "metrics.csv").write_text(table)
         with pytest.raises(AnchoringError, match=why):
             runs.read_metrics(tmp_path)
+
+
+def test_a_flipped_bit_in_a_checkpoints_step_is_caught(tmp_path):
+    """The checksum covered the tensors only: "231" read as "031" resumed step-231 weights at step 31."""
+    import torch
+
+    from anchoring.train.checkpoint import read_checkpoint, save_checkpoint
+
+    p = torch.zeros(3, requires_grad=True)
+    opt = torch.optim.Adam([p])
+    path = tmp_path / "checkpoint.safetensors"
+    save_checkpoint(path, 231, {"w": p}, opt, {})
+    assert read_checkpoint(path)[0] == 231
+    raw = path.read_bytes()
+    assert raw.count(b'"step":"231"') == 1
+    path.write_bytes(raw.replace(b'"step":"231"', b'"step":"031"'))  # one bit: '2' (0x32) to '0' (0x30)
+    with pytest.raises(AnchoringError, match="is corrupt"):
+        read_checkpoint(path)
+
+
+def test_denormal_flushing_is_put_back_as_it_was():
+    import torch
+
+    from anchoring.train.skeleton import flush_denormals
+
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        with flush_denormals():
+            pass
+        assert torch.tensor([1e-39]).item() == 0.0  # the caller had it on: still on
+    finally:
+        torch.set_flush_denormal(False)
+    with flush_denormals():
+        assert torch.tensor([1e-39]).item() == 0.0
+    assert torch.tensor([1e-39]).item() != 0.0

@@ -28,14 +28,25 @@ def checksum(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def meta_checksum(meta: dict[str, str]) -> str:
+    """SHA-256 over the header's own entries (the step a resume starts from, the format), which the
+    tensors' checksum does not cover: a flipped bit in `step` resumed the weights at the wrong step."""
+    h = hashlib.sha256()
+    for k in sorted(k for k in meta if k not in ("sha256", "meta_sha256")):
+        h.update(f"{k}={meta[k]}\n".encode())
+    return h.hexdigest()
+
+
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-    write_atomic(path, save(tensors, metadata={**metadata, "sha256": checksum(tensors)}))
+    write_atomic(path, save(tensors, metadata={**metadata, "sha256": checksum(tensors), "meta_sha256": meta_checksum(metadata)}))
 
 
 def verify(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
-    """Refuse a checkpoint whose contents do not match its stored checksum."""
-    if "sha256" in meta and checksum(tensors) != meta["sha256"]:
+    """Refuse a checkpoint whose contents or header do not match their stored checksums (checkpoints
+    written before the header had one are checked on their tensors only)."""
+    if ("sha256" in meta and checksum(tensors) != meta["sha256"]) or (
+            "meta_sha256" in meta and meta_checksum(meta) != meta["meta_sha256"]):
         raise AnchoringError(f"checkpoint {str(path)!r} is corrupt (its checksum does not match); "
                              f"restore it or start the run again")
 

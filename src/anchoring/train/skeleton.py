@@ -131,13 +131,14 @@ def flush_denormals() -> Iterator[None]:
 
     Terms like s^100 of cosines produce values below 1e-38, and CPU arithmetic on denormals is
     several times slower (the separation term's pow went from ~5 ms to ~1 ms at E=60). Losing
-    values that small changes nothing measurable; the flag is switched back off afterwards.
+    values that small changes nothing measurable; the flag is put back as it was afterwards.
     """
+    was_on = torch.tensor([1e-39]).item() == 0.0  # torch has no getter for the flag; a denormal tells
     supported = torch.set_flush_denormal(True)
     try:
         yield
     finally:
-        if supported:
+        if supported and not was_on:
             torch.set_flush_denormal(False)
 
 
