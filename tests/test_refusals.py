@@ -165,3 +165,64 @@ def test_seed_settings_a_seed_list_would_override_are_refused():
     with pytest.raises(AnchoringError, match=r"seed_list \[1, 2\] sets the seeds, so --set train.seeds would be ignored"):
         load_experiment("anchored", ["train.seed_list=[1,2]", "train.seeds=5"])
     assert load_experiment("anchored", ["train.seed_list=[1,2]"])[0].train.member_seeds() == [1, 2]
+
+
+@pytest.mark.parametrize("item,whole", [("train.betas.0=0.5", "train.betas has a fixed length of 2"),
+                                        ("train.seed_list.0=3", "train.seed_list is not set")])
+def test_an_index_into_a_value_that_has_none_says_to_give_it_whole(item, whole):
+    """It said the key was unknown, listing '(none)' as the valid keys."""
+    with pytest.raises(AnchoringError, match=rf"{whole}; give the whole value, as in --set {item.split('.')[0]}"):
+        experiments.load("anchored", [item])
+
+
+def test_relative_paths_in_a_spec_are_relative_to_its_folder(tmp_path, monkeypatch):
+    """A spec's schedule was read from its folder but its text.corpus from the current directory."""
+    from anchoring.experiments import HERE
+
+    (tmp_path / "spec" / "texts").mkdir(parents=True)
+    spec = tmp_path / "spec" / "lm.toml"
+    spec.write_text((HERE / "lm-control.toml").read_text().replace('corpus = "shakespeare"', 'corpus = "./texts"'))
+    assert 'corpus = "./texts"' in spec.read_text()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert experiments.load(str(spec)).text.corpus == str(tmp_path / "spec" / "texts")
+    assert experiments.load(str(spec), ["text.corpus=./here"]).text.corpus == str(tmp_path / "elsewhere" / "here")
+
+
+def test_a_spec_with_a_byte_order_mark_is_read(tmp_path):
+    spec = tmp_path / "bom.toml"
+    spec.write_text("\ufeff" + experiments.load("anchored", []).to_toml(), encoding="utf-8")
+    assert experiments.load(str(spec)).name == "anchored"
+
+
+def test_a_variants_schedule_given_with_set_is_read_from_the_current_directory(tmp_path, monkeypatch):
+    """It was looked for next to the built-in spec, while `--set schedule=` reads from here."""
+    source = experiments.load("smooth-vs-stepped", []).variants[1].schedule  # another variant's, so the test can tell
+    assert source != experiments.load("smooth-vs-stepped", []).variants[0].schedule
+    (tmp_path / "mine.csv").write_text(source)
+    monkeypatch.chdir(tmp_path)
+    assert experiments.load("smooth-vs-stepped", ["variants.0.schedule=mine.csv"]).variants[0].schedule == source
+
+
+def test_set_mends_a_bad_value_in_the_file(tmp_path):
+    """The file was validated before its overrides were applied, so `--set` could not fix it."""
+    spec = tmp_path / "bs1.toml"
+    spec.write_text(re.sub(r"(?m)^batch_size = \d+$", "batch_size = 1", experiments.load("anchored", []).to_toml()))
+    with pytest.raises(AnchoringError, match=r"bs1.toml: data.batch_size: Input should be greater than or equal to 2"):
+        experiments.load(str(spec))
+    assert experiments.load(str(spec), ["data.batch_size=64"]).data.batch_size == 64
+    with pytest.raises(AnchoringError, match=r"bs1.toml: data.batch_size"):  # an override elsewhere: the file's error
+        experiments.load(str(spec), ["train.steps=5"])
+
+
+@pytest.mark.parametrize("item,why", [("terms.0.dims=[9]", "separation takes no dims"),
+                                      ("terms.0.direction=[1,2]", "separation takes no direction"),
+                                      ("interventions.2.falloff=linear:0,1", "ablate edits the weights at full strength"),
+                                      ('interventions.2.sites=["nothing"]', "sites apply to transformer experiments")])
+def test_colour_options_an_edit_or_term_would_not_use_are_refused(item, why):
+    """Each was accepted, trained without effect, and written to config.toml as if it applied."""
+    from anchoring.kinds import kind_of
+
+    cfg = experiments.load("anchored", [item])
+    with pytest.raises(AnchoringError, match=why):
+        kind_of(cfg).validate(cfg)

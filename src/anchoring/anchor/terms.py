@@ -165,6 +165,9 @@ def build_term(
     select = select or (default_select if concept else "all")
     if select != "all" and concept is None:
         raise AnchoringError(f"term {label!r}: select={select!r} needs a concept")
+    for given, needed, what in ((direction, needs_dir, "a direction"), (dims, needs_dims, "dims")):
+        if given is not None and not needed:  # trained without it, and nothing would say so
+            raise AnchoringError(f"term {label!r}: {kind} takes no {what.removeprefix('a ')}; remove it")
     bound: dict = dict(options)
     if needs_dir:
         vec = direction if direction is not None else (concept.anchor if concept else None)

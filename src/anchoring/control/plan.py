@@ -87,4 +87,10 @@ def make_plan(spec: InterventionConfig, concepts: Sequence[Concept], latent_dim:
             raise AnchoringError(f"intervention {spec.name!r}: dims {list(dims)} must be within 0..{latent_dim - 1}")
     if isinstance(parse_falloff(spec.falloff), BezierMapper) and spec.method != "repel":  # before training, not after
         raise AnchoringError(f"intervention {spec.name!r}: a Bézier mapper only applies to repel")
+    # options the edit would not use, refused rather than recorded with its result as if applied
+    if spec.method in SURGERY and spec.falloff != "constant":
+        raise AnchoringError(f"intervention {spec.name!r}: {spec.method} edits the weights at full strength; a falloff "
+                             f"applies to suppress and repel")
+    if spec.sites is not None:
+        raise AnchoringError(f"intervention {spec.name!r}: sites apply to transformer experiments; use site")
     return Plan(spec, direction, dims)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from anchoring.config import ExperimentBase
+from anchoring.domains.text.corpus import BUILTIN
 from anchoring.errors import AnchoringError
 from anchoring.kinds import apply_overrides, validate_config
 
@@ -75,21 +76,30 @@ def _inline_schedule(sched: Any, base: Path) -> Any:
 def load_config(path: Path, overrides: list[str] | None = None) -> ExperimentBase:
     """Read a spec or a run's config.toml, inline its schedule, apply overrides, validate."""
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark is no TOML error
     except OSError as e:
         raise AnchoringError(f"cannot read {str(path)!r}: {e.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise AnchoringError(f"{path.name}: not valid TOML ({e})") from None
     if overrides:
         data = apply_overrides(data, overrides, path.name)
-    # a schedule given on the command line is relative to where the user stands
-    from_cli = any(o.split("=", 1)[0].strip() == "schedule" for o in overrides or [])
+    # a path given on the command line is relative to where the user stands, one in the file to the file's folder
+    set_keys = [o.split("=", 1)[0].strip() for o in overrides or [] if "=" in o]
+
+    def base(key: str) -> Path:
+        return Path.cwd() if any(k == key or key.startswith(k + ".") for k in set_keys) else path.parent
+
     if "schedule" in data:
-        data["schedule"] = _inline_schedule(data.get("schedule"), Path.cwd() if from_cli else path.parent)
-    for variant in data.get("variants", []) if isinstance(data.get("variants"), list) else []:
+        data["schedule"] = _inline_schedule(data.get("schedule"), base("schedule"))
+    for i, variant in enumerate(data.get("variants", []) if isinstance(data.get("variants"), list) else []):
         if isinstance(variant, dict):
-            variant["schedule"] = _inline_schedule(variant.get("schedule"), path.parent)
-    return validate_config(data, path.name, [o.split("=", 1)[0] for o in overrides or [] if "=" in o])
+            variant["schedule"] = _inline_schedule(variant.get("schedule"), base(f"variants.{i}.schedule"))
+    text = data.get("text")
+    if isinstance(text, dict) and isinstance(text.get("corpus"), str) and text["corpus"].strip() not in BUILTIN:
+        corpus = Path(text["corpus"]).expanduser()
+        if not corpus.is_absolute():
+            text["corpus"] = str(base("text.corpus") / corpus)
+    return validate_config(data, path.name, set_keys)
 
 
 def load(name_or_path: str, overrides: list[str] | None = None) -> ExperimentBase:

@@ -62,11 +62,31 @@ def validate_config(data: dict[str, Any], source: str, overridden: Sequence[str]
         raise AnchoringError(one_line(e, source, kind, overridden)) from None
 
 
+def _mended(data: dict[str, Any], overrides: list[str], source: str) -> ExperimentBase:
+    """The file's config with the overrides written straight into it, to learn the shape that the
+    overrides are then checked against; the file's own error when that does not validate either."""
+    mended = copy.deepcopy(data)
+    try:
+        for item in overrides:
+            key, raw = item.split("=", 1)
+            *path, last = key.strip().split(".")
+            node: Any = mended
+            for part in path:
+                node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+            node[int(last) if isinstance(node, list) else last] = parse_value(raw.strip())
+        return validate_config(mended, source)
+    except (AnchoringError, ValueError, LookupError, TypeError, AttributeError):
+        return validate_config(data, source)  # raises the file's error
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
     """Apply `key.path=value` overrides to a config dict; a key the experiment's kind does not
     have is an error naming the key and the kind."""
     data = _upgrade(data)
-    cfg = validate_config(data, source)
+    try:
+        cfg = validate_config(data, source)
+    except AnchoringError:  # a bad value in the file that an override replaces is no reason to refuse
+        cfg = _mended(data, overrides, source)
     template = cfg.model_dump(mode="python")
     for item in overrides:
         if "=" not in item:
@@ -76,6 +96,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> 
         node, shape = data, template
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
+            if (shape is None or isinstance(shape, tuple)) and i > 0:  # a fixed-length or unset value: no parts to set
+                whole = ".".join(parts[:i])
+                why, like = ("is not set", "…") if shape is None else (f"has a fixed length of {len(shape)}", "[…]")
+                raise AnchoringError(f"--set {key!r}: {whole} {why}; give the whole value, as in --set {whole}={like}")
             if isinstance(shape, list):
                 if not part.isdigit() or int(part) >= len(shape):
                     raise AnchoringError(f"unknown --set key {key!r}: {part!r} is not an index below {len(shape)}")
