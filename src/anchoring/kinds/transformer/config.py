@@ -19,6 +19,8 @@ class LanguageConfig(_Strict):
     held_out: float = Field(0.2, ge=0.0, lt=1.0, description="share of unordered mix pairs never trained on")
     split_seed: int = Field(1234, ge=0, lt=2**63)  # seeds a torch generator (a signed 64-bit integer)
     op_weights: tuple[float, float, float] = Field((0.5, 0.25, 0.25), description="mix, complement, lighten")
+    context: int = Field(64, ge=8, le=1024)
+    batch_size: int = Field(16, ge=1, le=4096)
 
     @field_validator("op_weights")
     @classmethod
@@ -27,8 +29,6 @@ class LanguageConfig(_Strict):
         if min(v) < 0 or sum(v) <= 0:
             raise ValueError(f"op_weights are relative frequencies: each ≥ 0, not all 0, got {list(v)}")
         return v
-    context: int = Field(64, ge=8, le=1024)
-    batch_size: int = Field(16, ge=1, le=4096)
 
 
 class TransformerConfig(_Strict):
