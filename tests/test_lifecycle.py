@@ -484,12 +484,75 @@ def test_a_run_another_process_is_training_is_refused_until_that_one_ends(tmp_pa
     path = tmp_path / "r"
     path.mkdir()
     lifecycle.write_config(path, cfg)
-    with open(path / runs.CONFIG, "rb") as other:  # what the training process holds while it trains
+    other = os.open(path, os.O_RDONLY | os.O_DIRECTORY)  # what the training process holds while it trains
+    try:
         fcntl.flock(other, fcntl.LOCK_EX)
         with pytest.raises(AnchoringError, match="is being trained by another process"):
             lifecycle.resume(path)
         assert not (path / "checkpoint.safetensors").exists()
+    finally:
+        os.close(other)
     assert lifecycle.resume(path).summary["experiment"] == "anchored"  # that one gone, it trains
+
+
+def test_a_second_run_into_the_same_new_folder_cannot_take_it_over(tmp_path, monkeypatch):
+    """Two `run --out D` started together could both pass the empty-folder check; the second then wrote
+    its config over the first's, and the first evaluated the second's checkpoint as its own. The lock
+    was on config.toml, which the second replaced by a rename, so it never met the first's lock. Now
+    one of them trains the folder and the other is refused, whichever checked first."""
+    import threading
+
+    out = tmp_path / "d"
+    checked, go_on = threading.Event(), threading.Event()
+    real = runs.new_run_dir
+
+    def slow_first(name, where, *args, **kwargs):  # the first start pauses between its check and its writes
+        result = real(name, where, *args, **kwargs)
+        if threading.current_thread().name == "first" and not checked.is_set():
+            checked.set()
+            go_on.wait(30)
+        return result
+
+    monkeypatch.setattr(runs, "new_run_dir", slow_first)
+    outcome: dict = {}
+
+    def start(seed: int) -> None:
+        try:
+            outcome[seed] = lifecycle.run(experiments.load("anchored", ["train.seeds=1", "train.steps=5", f"train.seed={seed}"]), out)
+        except AnchoringError as e:
+            outcome[seed] = e
+
+    t = threading.Thread(target=start, args=(0,), name="first")
+    t.start()
+    assert checked.wait(30)
+    start(7)  # passes the same check while the folder is still empty
+    go_on.set()
+    t.join(60)
+    won = [seed for seed, o in outcome.items() if not isinstance(o, AnchoringError)]
+    assert len(won) == 1, outcome
+    lost = outcome[7 if won == [0] else 0]
+    assert "already exists and is not empty" in str(lost) or "being trained by another process" in str(lost)
+    assert experiments.load(str(out / runs.CONFIG)).train.seed == won[0]  # the folder's config is the winner's
+    assert [row["seed"] for row in outcome[won[0]].summary["seeds"]] == [won[0]]
+
+
+def test_a_run_folder_deleted_while_it_trains_is_said_not_offered_for_resume(tmp_path, monkeypatch):
+    """The trainer recreated the folder, without its config, and said `anchoring resume` it."""
+    import shutil
+
+    from anchoring.kinds.colour import kind as colour_kind
+
+    cfg = experiments.load("anchored", ["train.seeds=1", "train.steps=5"])
+    out = tmp_path / "gone"
+    real = colour_kind.train
+
+    def removed_then_trained(cfg, path, **kwargs):
+        shutil.rmtree(path)
+        return real(cfg, path, **kwargs)
+
+    monkeypatch.setattr(colour_kind, "train", removed_then_trained)
+    with pytest.raises(AnchoringError, match="was deleted or moved while the run trained"):
+        lifecycle.run(cfg, out)
 
 
 def test_a_relearn_stopped_between_its_files_leaves_no_table_of_the_earlier_attack(run_copy, monkeypatch):
@@ -509,3 +572,36 @@ def test_a_relearn_stopped_between_its_files_leaves_no_table_of_the_earlier_atta
     assert invoke("relearn", run_copy, "--samples", "4", "--steps", "3", "--no-baseline").exit_code == 130
     assert not summary.exists()  # no table of the K = 1 attack beside the K = 4 curves
     one_line_error(invoke("show", summary.parent), "is a relearning attack that has not finished")
+
+
+def test_a_full_disk_says_the_run_resumes(tmp_path, monkeypatch):
+    """It printed only 'No space left on device', naming neither the run nor that it can be resumed."""
+    import errno
+
+    from anchoring.kinds.colour import kind as colour_kind
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(colour_kind, "train", full)
+    out = tmp_path / "r"
+    with pytest.raises(AnchoringError, match=rf"No space left on device \(in '{out}'\).*anchoring resume {out}"):
+        lifecycle.run(experiments.load("anchored", ["train.seeds=1", "train.steps=5"]), out)
+
+
+def test_show_on_a_run_training_now_does_not_offer_resume(tmp_path):
+    import fcntl
+
+    cfg = experiments.load("anchored", ["train.seeds=1", "train.steps=5"])
+    path = tmp_path / "r"
+    path.mkdir()
+    lifecycle.write_config(path, cfg)
+    with pytest.raises(AnchoringError, match="`anchoring resume` it"):
+        lifecycle.show(path)
+    other = os.open(path, os.O_RDONLY | os.O_DIRECTORY)  # as the training process holds it
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        with pytest.raises(AnchoringError, match="it is training now, in another process"):
+            lifecycle.show(path)
+    finally:
+        os.close(other)

@@ -4,6 +4,7 @@ not at all, numbers keep their digits, and damaged files are one clear error."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,3 +116,24 @@ def test_denormal_flushing_is_put_back_as_it_was():
     with flush_denormals():
         assert torch.tensor([1e-39]).item() == 0.0
     assert torch.tensor([1e-39]).item() != 0.0
+
+
+def test_a_legal_long_file_name_is_written_atomically(tmp_path):
+    """The temporary sibling's suffix took a 245-byte name past the 255-byte limit."""
+    from anchoring.atomic import write_atomic
+
+    path = tmp_path / ("d" * 245 + ".json")
+    write_atomic(path, "{}")
+    assert path.read_text() == "{}" and [p.name for p in tmp_path.iterdir()] == [path.name]
+    with runs.staged(tmp_path / ("e" * 250)) as tmp:
+        (tmp / "x").write_text("y")
+    assert (tmp_path / ("e" * 250) / "x").read_text() == "y"
+
+
+def test_the_current_folder_can_be_the_staged_output(tmp_path, monkeypatch):
+    """`anchoring delete RUN --out .` in an empty folder ended in 'Invalid argument: .'."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    with runs.staged(Path(".")) as tmp:
+        (tmp / "x").write_text("y")
+    assert (tmp_path / "here" / "x").read_text() == "y"

@@ -246,7 +246,7 @@ def test_split_fractions_with_nan_are_refused_and_api_labels_refuse_a_bare_strin
     from anchoring.text import weak_labels
 
     for bad in ((0.9, float("nan"), 0.05), (float("nan"), 0.5, 0.5)):  # NaN passed both checks: an empty part, silently
-        with pytest.raises(ValidationError, match="split fractions"):
+        with pytest.raises(ValidationError, match="split fractions|split.[0-2]\n  Input should be a finite number"):
             TextConfig(split=bad)
     with pytest.raises(AnchoringError, match="takes a list of texts"):
         weak_labels("he drew his sword", "violence")  # list("abc") labelled each character
@@ -254,3 +254,28 @@ def test_split_fractions_with_nan_are_refused_and_api_labels_refuse_a_bare_strin
     assert (weak_set(ref, np.float32(0.5), 0.0, 0) == weak_set(ref, 0.5, 0.0, 0)).all()  # numpy numbers are numbers
     with pytest.raises(AnchoringError, match="coverage must be between 0 and 1, got True"):
         weak_set(ref, True, 0.0, 0)
+
+
+def test_a_report_that_fails_half_way_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
+    """A full disk at summary.json left a new report.html beside the old summary.json (which a later
+    run then took for a whole report), or, in a new folder, a lone report.html that blocked a retry."""
+    import errno
+
+    from anchoring.domains.text import report
+
+    d = tmp_path / "texts"
+    d.mkdir()
+    (d / "a.txt").write_text("He drew his sword and slew the traitor.\n\nA quiet supper.\n\nThey fight and die.\n")
+    out = tmp_path / "out"
+    assert CliRunner().invoke(app, ["labels", "violence", "--corpus", str(d), "--out", str(out)]).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report, "write_json", full)
+    for folder in (out, tmp_path / "fresh"):
+        r = CliRunner().invoke(app, ["labels", "violence", "--corpus", str(d), "--coverage", "1", "--out", str(folder)])
+        assert r.exit_code != 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not (tmp_path / "fresh").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out", "texts"]

@@ -9,9 +9,18 @@ import tempfile
 from pathlib import Path
 
 
+def temp_stem(name: str, room: int = 32) -> str:
+    """A hidden name for a temporary sibling of `name` that leaves `room` bytes for a suffix within the
+    file system's 255-byte limit: a legal long name failed only when its temporary file was made."""
+    keep = name
+    while len(f".{keep}".encode()) > 255 - room:
+        keep = keep[:-1]
+    return f".{keep}"
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{temp_stem(path.name)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)

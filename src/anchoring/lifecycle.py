@@ -8,8 +8,10 @@ run. The kind of a run is looked up in `anchoring.kinds.REGISTRY`, the only disp
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
+import os
 import shlex
 import time
 import warnings
@@ -79,16 +81,22 @@ def run(cfg: ExperimentBase, out: Path | None = None, progress: Progress | None 
     path = runs.new_run_dir(cfg.name, out)  # a generated name is created there, so no other run can take it
     runs.check_writable(path)
     path.mkdir(parents=True, exist_ok=True)
-    try:
-        write_config(path, cfg)
-    except BaseException as e:
-        if (path / runs.CONFIG).is_file():
-            if isinstance(e, KeyboardInterrupt):  # with its config written the run starts from step 0 under `resume`
-                raise TrainingInterrupted(-1, path) from None
-            raise
-        _unclaim(path, ours)  # a digest without its config is no run: `run --out` would refuse it, `resume` too
-        raise
-    return _execute(cfg, path, progress)
+    with _only_trainer(path):
+        # a second start into the same --out could pass new_run_dir's check before this one wrote anything;
+        # with the lock held, whoever comes second finds the first one's files
+        runs.new_run_dir(cfg.name, path)
+        try:
+            write_config(path, cfg)
+        except BaseException as e:
+            if (path / runs.CONFIG).is_file():
+                if isinstance(e, KeyboardInterrupt):  # with its config written the run starts from step 0 under `resume`
+                    raise TrainingInterrupted(-1, path) from None
+                raise
+            failed = e
+        else:
+            return _execute_locked(cfg, path, progress)
+    _unclaim(path, ours)  # a digest without its config is no run: `run --out` would refuse it, `resume` too
+    raise failed
 
 
 def _unclaim(path: Path, ours: bool) -> None:
@@ -105,18 +113,37 @@ def _unclaim(path: Path, ours: bool) -> None:
 @contextmanager
 def _only_trainer(path: Path) -> Iterator[None]:
     """One process at a time trains a run: a second `resume` (or a sweep's merge) of a run still
-    training would write the same checkpoints. The lock is on config.toml itself (no extra file in
-    the run), and the system drops it when the process ends, however it ends."""
-    with open(path / runs.CONFIG, "rb") as f:
+    training would write the same checkpoints, and a second `run --out` into the same new folder
+    would write over the first's config. The lock is on the run directory itself (no extra file in
+    the run; config.toml is replaced by renames, so a lock on it would not hold), and the system drops
+    it when the process ends, however it ends. The directory, held open, also tells whether it was
+    deleted or moved while the run trained: the files written since then went to a new folder of the
+    old name, one without the run's config, so no message may point there as if it were the run."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise AnchoringError(f"{str(path)!r} is being trained by another process; wait for it to finish, "
                                  f"or stop it first") from None
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            _refuse_moved(path, os.fstat(fd))
+    finally:
+        os.close(fd)
+
+
+def _refuse_moved(path: Path, held: os.stat_result) -> None:
+    try:
+        now = os.stat(path)
+        same = (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+    except OSError:
+        same = False
+    if not same:
+        raise AnchoringError(f"the run directory {str(path)!r} was deleted or moved while the run trained; what it "
+                             f"wrote after that is in a new {str(path)!r} without the run's config (the moved folder, "
+                             f"if any, resumes from its last checkpoint before the move)")
 
 
 def _execute(cfg: ExperimentBase, path: Path, progress: Progress | None) -> Outcome:
@@ -142,6 +169,12 @@ def _execute_locked(cfg: ExperimentBase, path: Path, progress: Progress | None) 
     except Diverged as e:  # resuming would meet the same step again: `show` and `resume` say so instead
         runs.write_atomic(path / runs.DIVERGED, str(e) + "\n")
         raise
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # every file is written whole or not at all, so what the run saved is intact and resumes
+        raise AnchoringError(f"{e.strerror} (in {str(path)!r}); the run keeps what it saved: make room, then "
+                             f"`anchoring resume {path}` continues") from None
     summary.setdefault("kind", cfg.kind)
     summary.setdefault("timing", {})["total_s"] = round(time.perf_counter() - t0, 3)
     try:
@@ -271,8 +304,24 @@ def show(path: Path) -> Outcome:
     cfg = _config(path)
     if not (path / runs.SUMMARY).is_file():
         _refuse_diverged(path, "it has no results")
-        raise AnchoringError(f"{str(path)!r} has not finished (no {runs.SUMMARY}); `anchoring resume` it")
+        then = "it is training now, in another process" if training_now(path) else "`anchoring resume` it"
+        raise AnchoringError(f"{str(path)!r} has not finished (no {runs.SUMMARY}); {then}")
     return Outcome(path, _summary(path, cfg), cfg.kind, from_disk=True)
+
+
+def training_now(path: Path) -> bool:
+    """Whether another process holds the run's trainer lock (so `resume` would be refused)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False  # closing the descriptor below lets go again
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def load_run(path: str | Path) -> Run:

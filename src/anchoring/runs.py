@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
-from anchoring.atomic import sync_dir, write_atomic
+from anchoring.atomic import sync_dir, temp_stem, write_atomic
 from anchoring.errors import AnchoringError
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.,+=-]*$")  # a folder name a user may give inside a run
@@ -71,8 +71,9 @@ def staged(out: Path, replace: bool = False) -> Iterator[Path]:
     `out` may already exist only as an empty folder, or, with `replace` (an edit written again
     under its name), as a whole earlier one: that is moved aside once the new one is complete, put
     back if the new one then fails to arrive, and deleted after, so a reader never sees the two mixed."""
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+    out = out.absolute()  # `--out .` has no name to make a sibling from
+    tmp = out.parent / f"{temp_stem(out.name)}.partial-{os.getpid()}"
+    old = out.parent / f"{temp_stem(out.name)}.replaced-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     moved = False

@@ -19,7 +19,7 @@ from anchoring.domains.text.corpus import GENRE, load_corpus
 from anchoring.domains.text.labelling import Passages, concept_spans, functions, score_matrix
 from anchoring.domains.text.weak import combiner, reference_labels, weak_set
 from anchoring.errors import AnchoringError
-from anchoring.runs import write_json
+from anchoring.runs import staged, write_json
 
 GOLD = Path(__file__).resolve().parent / "data" / "violence_gold.csv"  # package data: installed with the code
 
@@ -153,8 +153,12 @@ mark{{background:#fd6}}li{{margin:0.6em 0}}</style></head><body>
 <h2>10 random reference positives</h2><ol>{''.join(passage(i) for i in show_pos)}</ol>
 <h2>10 random reference negatives</h2><ol>{''.join(passage(i) for i in show_neg)}</ol>
 </body></html>"""
-    write_atomic(out / "report.html", page)
-    write_json(out / "summary.json", summary)  # last: a folder with this summary holds its report too
+    # the two files arrive together or not at all: written into a hidden sibling that then takes the
+    # folder's place (an earlier report is swapped out whole), so a full disk between them leaves
+    # neither a new report beside an old summary nor a lone report.html that blocks the next try
+    with staged(out, replace=True) as tmp:
+        write_atomic(tmp / "report.html", page)
+        write_json(tmp / "summary.json", summary)
     return rows, out, replacing
 
 

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from anchoring.atomic import sync_dir, sync_file, write_atomic
+from anchoring.atomic import sync_dir, sync_file, temp_stem, write_atomic
 from anchoring.errors import AnchoringError
 from anchoring.evaluate.stats import median
 from anchoring.kinds.base import StepCallback
@@ -63,7 +63,7 @@ def _link(src: Path, dst: Path) -> None:
     """`dst` becomes the same file as `src` (a hard link; a copy across file systems), atomically.
     Resuming or re-saving in `dst`'s run replaces the link by rename, so the shard's file never changes."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f"{temp_stem(dst.name)}.", suffix=".tmp")
     os.close(fd)
     os.unlink(tmp)
     try:
