@@ -226,3 +226,13 @@ def test_colour_options_an_edit_or_term_would_not_use_are_refused(item, why):
     cfg = experiments.load("anchored", [item])
     with pytest.raises(AnchoringError, match=why):
         kind_of(cfg).validate(cfg)
+
+
+def test_a_run_too_long_to_hold_names_the_steps_not_only_the_model():
+    """--steps 100000000 was refused as 'lower model.hidden or model.latent_dim', while the per-step
+    metrics and snapshots were what did not fit."""
+    from anchoring.kinds import kind_of
+
+    cfg = experiments.load("anchored", ["train.seeds=1", "train.steps=1000000000"])
+    with pytest.raises(AnchoringError, match="fewer --steps or a larger train.snapshot_every"):
+        kind_of(cfg).validate(cfg)

@@ -44,7 +44,8 @@ class ColourKind(Kind):
     def validate(self, cfg: ColourExperiment) -> None:
         check_fits(memory_estimate(cfg), f"{cfg.name} with {members(cfg)} seed{'s' if members(cfg) > 1 else ''}",
                    "train fewer --seeds at once (or split them with `anchoring sweep`)" if members(cfg) > 1 else
-                   "one model alone is too big: lower model.hidden or model.latent_dim")
+                   "one model alone is too big: fewer --steps or a larger train.snapshot_every (a run keeps its metrics of "
+                   "every step and a latent snapshot every snapshot_every steps), or a smaller model.hidden or model.latent_dim")
         if cfg.evaluate.select == "pareto" and cfg.train.seed_list is not None and len(set(cfg.train.seed_list)) != len(cfg.train.seed_list):
             raise AnchoringError("evaluate.select = 'pareto' picks seeds by name, so train.seed_list must not repeat a seed")
         objective = build_objective(cfg)
