@@ -392,6 +392,9 @@ def test_a_study_resumes_past_a_variant_stopped_before_its_config(tmp_path):
     (out / runs.SUMMARY).unlink()
     outcome = lifecycle.resume(out)
     assert (variant / runs.SUMMARY).is_file() and outcome.summary
+    # the study's page links every variant's own report
+    page = (out / runs.REPORT).read_text()
+    assert all(f'<a href="variants/{v.name}/report.html">' in page for v in cfg.variants)
 
 
 def test_ctrl_c_just_after_the_config_is_written_leaves_a_run_to_resume(tmp_path, monkeypatch):

@@ -405,14 +405,19 @@ def test_report_tables_show_undefined_and_infinite_values_as_such():
     assert page.count('<td title="undefined">–</td>') == 2
     assert '<td title="undefined">–</td>' in page and "<td>∞</td>" in page and "<td>−∞</td>" in page
     assert "<td>0.123</td>" in page and "nan" not in page and "inf" not in page
-    # a column reads evenly (3.100 beside 3.058; 0.0393 beside −0.0009), whole numbers print whole, a column of tiny
+    # a column reads evenly (3.100 beside 3.058; 0.0393 beside −0.0019), whole numbers print whole, a column of tiny
     # numbers keeps their digits, and rounding to zero drops the sign
-    page = table_html(["loss", "steps", "Δ", "mse"], [[3.1, 8.0, 0.03928, 7.722e-05], [3.058, -0.0, -0.0008868, 2.1e-4],
-                                                     [3.0, 1.5, -3.9e-05, 1e-3]])
-    for cell in ("3.100", "3.058", "3.000", "8.000", "0.000", "1.500", "0.0393", "-0.0009", "0.0000", "7.722e-05", "0.00021",
+    page = table_html(["loss", "steps", "Δ", "mse"], [[3.1, 8.0, 0.03928, 7.722e-05], [3.058, -0.0, -0.0018868, 2.1e-4],
+                                                     [3.0, 1.5, -0.00104, 1e-3]])
+    for cell in ("3.100", "3.058", "3.000", "8.000", "0.000", "1.500", "0.0393", "-0.0019", "-0.0010", "7.722e-05", "0.00021",
                  "0.001"):
         assert f"<td>{cell}</td>" in page, (cell, page)
     assert "-0.0000" not in page and "-0.000<" not in page
+    assert "<td>0.0000</td>" not in table_html(["x"], [[0.0], [-0.0]])
+    # a number under 0.001 beside larger ones keeps its digits: the same error before and after an edit
+    # read 3.67e-05 and 0.0000, and one that rose read as one that fell
+    page = table_html(["colour", "before", "after"], [["black", 3.67e-05, 3.67e-05], ["azure", 8.835e-05, 0.0712]])
+    assert page.count("<td>3.67e-05</td>") == 2 and "<td>0.0712</td>" in page and "0.0000" not in page
     assert "<td>8</td>" in table_html(["steps"], [[8.0], [-0.0]]) and "<td>0</td>" in table_html(["steps"], [[-0.0]])
 
 

@@ -145,7 +145,15 @@ def test_sweep_grid_writes_one_report_over_points(tmp_path, monkeypatch):
         "data.batch_size=32, train.seed=0", "data.batch_size=32, train.seed=7"]
     run = load_run(tmp_path / "g" / "points" / "data.batch_size=32,train.seed=7")
     assert run.config.data.batch_size == 32 and [s["seed"] for s in run.summary["seeds"]] == [7]
-    assert "data.batch_size=32, train.seed=7" in (tmp_path / "g" / "report.html").read_text()
+    page = (tmp_path / "g" / "report.html").read_text()
+    assert "data.batch_size=32, train.seed=7" in page
+    # every point's own report is a link from the grid's page, and the link leads to it
+    import re
+
+    links = re.findall(r'<a href="([^"]+)">', page)
+    from urllib.parse import unquote
+
+    assert len(links) == 4 and all((tmp_path / "g" / unquote(link)).is_file() for link in links), links
     # continued (one shard not marked done), the sweep evaluates every point again; stopped part-way
     # through that, it must not leave the earlier report and summary looking like a finished sweep
     from anchoring import lifecycle

@@ -112,3 +112,4 @@ def test_a_combinations_study_without_an_anchor_shows_and_names_its_always_on_te
     assert "anchor      –°" in shown.stdout and "on in every subset as well (not in combine): " in shown.stdout
     report = (out / "report.html").read_text()
     assert "On in every subset as well (not in combine)" in report and "anchor within" not in report
+    assert '<a href="ensemble/report.html">' in report and (out / "ensemble" / "report.html").is_file()

@@ -179,3 +179,22 @@ def test_the_fault_aid_kills_a_shard_once_when_the_given_step_is_done(tmp_path, 
     cb(14)  # the callback gets the 0-based step just trained: the 15th
     assert kills == [worker.signal.SIGKILL] and (tmp_path / "fault-injected").is_file()
     assert worker._fault_callback(tmp_path) == []  # the retry runs to the end
+
+
+def test_a_shard_that_diverges_is_said_once_not_retried(tmp_path):
+    """A divergence is deterministic: the sweep retried it twice more (each resumed into the same step)
+    and then reported only 'failed 3 times'."""
+    from typer.testing import CliRunner
+
+    from anchoring.cli import app
+    from anchoring.experiments import HERE
+
+    schedule = (HERE / "anchored.csv").read_text()
+    assert "1500,,,0.05,,," in schedule
+    bad = tmp_path / "bad.csv"  # the learning rate eases towards 1e30 at the end: the loss is no longer finite
+    bad.write_text(schedule.replace("1500,,,0.05,,,", "1500,,,1e30,,,"))
+    out = tmp_path / "sweep"
+    r = CliRunner().invoke(app, ["sweep", "anchored", "--seeds", "1", "--steps", "60", "--workers", "1",
+                                 "--set", f"schedule={bad}", "--out", str(out), "-q"])
+    assert r.exit_code == 2 and "diverged" in r.stderr and "retrying would meet the same step again" in r.stderr, r.stderr
+    assert len(list(out.glob("shards/*/attempt*.log"))) == 1

@@ -502,3 +502,15 @@ def test_a_transformer_too_big_for_memory_is_refused_with_its_estimate_before_an
     assert r.exit_code == 2, (r.exit_code, r.stderr)
     assert "colour-transformer (width 100000, 4 layers" in r.stderr and "GiB but only" in r.stderr
     assert "Traceback" not in r.stderr and not out.exists()
+
+
+def test_a_long_figure_title_is_broken_to_the_figures_width():
+    """A one-arm figure cut its long title off at both ends."""
+    from anchoring.kinds.transformer.figures import fit_title
+    from anchoring.report.figures import plt
+
+    fig = plt.figure(figsize=(3.2, 2.8))
+    title = "training (mean over seeds, moving average; concept terms only where a batch had a labelled line)"
+    lines = fit_title(title, fig).splitlines()
+    plt.close(fig)
+    assert len(lines) > 1 and " ".join(lines) == title and max(map(len, lines)) <= 35

@@ -332,7 +332,10 @@ def timing_functions() -> list[tuple[str, Figure]]:
     a2.set_ylabel("velocity")
     a2.set_xlabel("step")
     a1.legend(fontsize=7)
-    a1.set_title("re-targeting mid-flight: no jump in value or velocity")
+    # continuous where the targets change; where the eased curve would overshoot, it holds the bound,
+    # and its velocity drops to zero there (the lower panel shows that step, not hides it)
+    a1.set_title("re-targeting mid-flight: no jump in value or velocity at 35 and 55;\n"
+                 "where the curve would overshoot its target it holds it (velocity drops to 0)", fontsize=9)
     fig.tight_layout()
     result.append(("retargeting", fig))
     return result

@@ -20,13 +20,15 @@ pre{background:#f6f6f6;padding:8px;font-size:12px;overflow-x:auto}.scroll{overfl
 
 def _decimals(rows: Sequence[Sequence[Any]]) -> dict[int, int]:
     """Decimals per column, so a column reads evenly (3.100 beside 3.058, not 3.1): 3 where its numbers
-    lie in [0.01, 10⁴), 4 where some are smaller. A column whose numbers are all under 0.01 or reach
-    10⁴ is left out: its cells keep four significant digits each (7.722e-05)."""
+    lie in [0.01, 10⁴), 4 where some lie in [0.001, 0.01). A column with a number under 0.001, or one
+    that reaches 10⁴, is left out: its cells keep four significant digits each (7.722e-05). Fixed
+    decimals there printed 3.7e-05 as 0.0000 beside a column that showed the same value in full, so a
+    quantity that had not moved read as one that fell to zero."""
     out = {}
     for j in range(max((len(r) for r in rows), default=0)):
         vals = [abs(float(r[j])) for r in rows if j < len(r) and isinstance(r[j], (float, np.floating))
                 and not isinstance(r[j], bool) and math.isfinite(float(r[j])) and not float(r[j]).is_integer()]
-        if vals and 0.01 <= max(vals) < 1e4:
+        if vals and 0.01 <= max(vals) < 1e4 and min(vals) >= 0.001:
             out[j] = 3 if min(vals) >= 0.01 else 4
     return out
 
@@ -58,6 +60,13 @@ def table_html(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def image_html(path: Path, caption: str, mime: str = "image/png") -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return f'<figure><img src="data:{mime};base64,{data}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+
+
+def link_html(target: str, text: str) -> str:
+    """A link to another page of the same run (a relative path): comparison pages link the runs they compare."""
+    from urllib.parse import quote
+
+    return f'<a href="{html.escape(quote(target, safe="/=,+"))}">{html.escape(text)}</a>'
 
 
 def page(title: str, sections: Sequence[tuple[str, str]]) -> str:

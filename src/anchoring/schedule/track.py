@@ -4,7 +4,9 @@ Every eased segment is a quintic in normalised time u ∈ [0, 1], fixed by the v
 and acceleration at both ends (a quintic Hermite). Between plain keyframes the end
 velocities and accelerations are zero, which is exactly minimum-jerk easing
 (y0 + Δ·(10u³ − 15u⁴ + 6u⁵)). Re-targeting starts a new quintic from the *current* value,
-velocity and acceleration, so the curve has no jump in any of them.
+velocity and acceleration, so the curve has no jump in any of them where the target changes.
+Where that quintic would overshoot past its bounds (the value at re-targeting and the new target),
+the value holds the bound instead: velocity and acceleration drop to zero at that point.
 """
 
 from __future__ import annotations

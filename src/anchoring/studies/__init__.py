@@ -52,7 +52,8 @@ def compare(cfg: ColourExperiment, path: Path, progress: Progress | None, run: R
     figures.save(figures.compare_curves({n: m for n, (_, m) in arms.items()}), path / "figures" / "compare_loss.png")
     header = list(rows[0])
     sections = [("Overview", f"<p>{cfg.description}</p><p>Each variant trained on seeds "
-                             f"{', '.join(map(str, cfg.train.member_seeds()))}; full reports under variants/.</p>"),
+                             f"{', '.join(map(str, cfg.train.member_seeds()))}; full reports: "
+                             + ", ".join(html.link_html(f"variants/{name}/report.html", name) for name in arms) + ".</p>"),
                 ("Stability and outcome", html.table_html(header, [[r[h] for h in header] for r in rows])),
                 ("Loss (median over seeds, band = min–max)", html.image_html(path / "figures" / "compare_loss.png", "loss"))]
     for name, (outcome, _) in arms.items():
@@ -126,7 +127,7 @@ def combine(cfg: ColourExperiment, path: Path, progress: Progress | None, run: R
                              f"hue plane, nearest-neighbour spread ≥ 2°"
                              f"{'' if anchored else ' (no anchor measured: evaluate.concept names no anchored concept)'}. "
                              f"{f'On in every subset as well (not in combine): {html.html.escape(chr(44).join(fixed))}. ' if fixed else ''}"
-                             f"Per-member details under ensemble/.</p>"),
+                             f"Per-member details: {html.link_html('ensemble/report.html', 'ensemble/report.html')}.</p>"),
                 ("Per subset (medians over seeds)", html.table_html(header, [[r[h] for h in header] for r in rows])),
                 ("Latents (first seed of each subset, hue dims)", html.image_html(path / "figures" / "combinations.png", "grid"))]
     runs.write_atomic(path / runs.REPORT, html.page(f"anchoring: {cfg.name}", sections))

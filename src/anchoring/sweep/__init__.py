@@ -290,7 +290,8 @@ def _write_grid_report(out: Path, summary: dict, results) -> None:
         figure = REGISTRY[o.summary.get("kind", "colour")].sweep_figure
         if figure is None or not (o.path / figure[0]).is_file():
             continue
-        sections.append((f"{', '.join(extra)}: {figure[1]} (full report: {o.path.relative_to(out)}/report.html)",
-                         html.image_html(o.path / figure[0], figure[1])))
+        report = f"{o.path.relative_to(out).as_posix()}/report.html"
+        sections.append((f"{', '.join(extra)}: {figure[1]}", html.image_html(o.path / figure[0], figure[1])
+                         + f"<p>full report: {html.link_html(report, report)}</p>"))
     runs.write_atomic(out / runs.REPORT, html.page(f"anchoring sweep: {summary['experiment']}", sections))
     runs.write_json(out / runs.SUMMARY, summary)

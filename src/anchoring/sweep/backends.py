@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 from anchoring.atomic import write_atomic
 from anchoring.errors import AnchoringError
-from anchoring.sweep.layout import DONE
+from anchoring.sweep.layout import DIVERGED_EXIT, DONE
 from anchoring.sweep.worker import shard_payload
 from anchoring.train.workers import sigterm_interrupts
 
@@ -109,6 +109,10 @@ def run_local(shards: list, workers: int, retries: int, progress: Progress | Non
                         done += 1
                         if progress:
                             progress(done, len(shards))
+                    elif code == DIVERGED_EXIT:  # deterministic: a retry resumes into the same divergence
+                        said = [line for line in Path(log.name).read_text().splitlines() if line.startswith("diverged: ")]
+                        raise AnchoringError(f"shard {name} {said[-1] if said else 'diverged'}; retrying would meet the "
+                                             f"same step again")
                     elif attempts[name] <= retries:
                         pending.append(s)  # resumes from its checkpoint
                     else:

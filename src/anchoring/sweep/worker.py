@@ -21,7 +21,8 @@ import torch
 from anchoring.atomic import write_atomic
 from anchoring.experiments import load_config
 from anchoring.kinds import kind_of
-from anchoring.sweep.layout import DONE, SHARD_CONFIG
+from anchoring.sweep.layout import DIVERGED_EXIT, DONE, SHARD_CONFIG
+from anchoring.train.skeleton import Diverged
 
 # testing aid for the local backend: kill the first attempt of every shard at this step (its marker lives in the
 # shard directory; a Ray task trains in fresh scratch space, where every attempt would be the first)
@@ -72,4 +73,8 @@ def shard_payload(config_toml: str) -> dict[str, bytes]:
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m anchoring.sweep.worker SHARD_DIR (a shard directory written by `anchoring sweep`)")
-    run_shard(Path(sys.argv[1]))
+    try:
+        run_shard(Path(sys.argv[1]))
+    except Diverged as e:  # the same step diverges again on every attempt: said so, and not retried
+        print(f"diverged: {e}", file=sys.stderr, flush=True)
+        sys.exit(DIVERGED_EXIT)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -12,6 +14,12 @@ def short_site(name: str) -> str:
     """'blocks.1.attn.k_site[head 0]' → 'blocks.1 keys h0': labels that fit beside a heatmap."""
     return (name.replace(".attn.k_site", " keys").replace(".attn.q_site", " queries")
             .replace("[head ", " h").replace("]", ""))
+
+
+def fit_title(title: str, fig: Figure) -> str:
+    """The title broken into lines that fit the figure's width (about 11 characters of 10-point text per
+    inch): a one-arm figure cut the long titles off at both ends."""
+    return textwrap.fill(title, max(30, int(fig.get_figwidth() * 11)))
 
 
 def alignment_maps(maps: dict[str, np.ndarray], rows: list[str], cols: list[str], title: str) -> Figure:
@@ -26,9 +34,9 @@ def alignment_maps(maps: dict[str, np.ndarray], rows: list[str], cols: list[str]
         ax.set_yticks(range(len(rows)), rows if ax is axes[0, 0] else [], fontsize=8)
         ax.set_title(name, fontsize=9)
         for (i, j), v in np.ndenumerate(m):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+            ax.text(j, i, f"{v:.2f}".replace("-0.00", "0.00"), ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(fit_title(title, fig), fontsize=10)
     return fig
 
 
@@ -82,6 +90,6 @@ def training_curves(curves: dict[str, np.ndarray], names: list[str], title: str)
         ax.set_yscale("log")
         ax.tick_params(labelsize=7)
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(fit_title(title, fig), fontsize=10)
     fig.tight_layout()
     return fig
