@@ -117,6 +117,10 @@ def test_relearning_attack_on_the_post_hoc_baseline(anchored_run):
     # what a resume reads back is what it trained under: a None concept used to drop out of config.toml
     # and come back as the default "red", with "cos(None, anchor)" in the summary before it
     assert load_run(base).config.evaluate.concept == ""
+    # its page describes the baseline, not the anchored experiment it was copied from
+    page = (base / "report.html").read_text()
+    assert "the relearning attack's baseline" in page.lower() and "× marks the anchor" not in page
+    assert load_run(out).config.description.split(".")[0] not in page
     assert "None" not in json.loads((base / "summary.json").read_text())["criterion"]
     assert rows["post-hoc"]["start_error"] > 0.02  # the post-hoc edit did damage red before the attack
     import csv

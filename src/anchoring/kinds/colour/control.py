@@ -234,6 +234,8 @@ def relearn(run: ColourRun, concept: str = "red", samples: Sequence[int] = (1, 4
             cfg = run.config
             sched = lr_schedule(cfg.schedule)
             plain = cfg.model_copy(update={"name": f"{cfg.name}-unanchored", "concepts": [], "terms": [], "interventions": [],
+                                          "description": f"The relearning attack's baseline for {cfg.name}: the same model, "
+                                                         f"data, seeds and learning rates, with no concept and no regularizer.",
                                           "schedule": sched, "evaluate": cfg.evaluate.model_copy(update={"concept": ""})})  # "", not None: a None
             # is left out of config.toml, which then reads back as the default "red" on resume
             config = base_dir / runs.CONFIG

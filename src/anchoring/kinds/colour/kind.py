@@ -366,7 +366,8 @@ def write_report(path: Path, cfg: ColourExperiment, rows: list[dict], summary: d
         ("Overview", f"<p>{cfg.description}</p><p>upstream experiment: {cfg.upstream or '–'}; steps: {summary['steps']}; "
                      f"seeds: {', '.join(map(str, cfg.train.member_seeds()))}</p>{verdict}"),
         ("Per-seed results", html.table_html(header, body)),
-        ("Latent space (axis-aligned slices; × marks the anchor)", html.image_html(figs / "latent_slices.png", "latent slices")),
+        ("Latent space (axis-aligned slices" + ("; × marks the anchor)" if any(c.anchor for c in cfg.concepts) else ")"),
+         html.image_html(figs / "latent_slices.png", "latent slices")),
         ("Loss curves", html.image_html(figs / "loss_curves.png", "loss curves")),
         ("Schedule", html.image_html(figs / "schedule.png", "schedule")),
         *([("Phase history (seed %d)" % cfg.train.member_seeds()[0], html.image_html(figs / "phase_history.png", "phase history")),
