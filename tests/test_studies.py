@@ -113,3 +113,7 @@ def test_a_combinations_study_without_an_anchor_shows_and_names_its_always_on_te
     report = (out / "report.html").read_text()
     assert "On in every subset as well (not in combine)" in report and "anchor within" not in report
     assert '<a href="ensemble/report.html">' in report and (out / "ensemble" / "report.html").is_file()
+    # the ensemble's page repeats seeds, one row per subset: each row says which terms it trained with
+    page = (out / "ensemble" / "report.html").read_text()
+    assert "<th>terms on</th>" in page
+    assert "<td>separation+planar+norm-v+polar</td>" in page and "<td>separation+norm+norm-v+polar</td>" in page

@@ -359,6 +359,11 @@ def intervention_sections(summary: dict[str, Any], figs: Path) -> list[tuple[str
 
 def write_report(path: Path, cfg: ColourExperiment, rows: list[dict], summary: dict[str, Any]) -> None:
     header, body = seed_table(rows)
+    masks = cfg.train.term_masks
+    if masks is not None and len(masks) == len(body):  # a term-subset ensemble: seeds repeat, so say which member is which
+        names = [t.name or t.kind for t in cfg.terms]
+        header = ["terms on", *header]
+        body = [["+".join(n for n, on in zip(names, m) if on) or "none", *b] for m, b in zip(masks, body)]
     figs = path / "figures"
     verdict = (f"<p><b>{summary['anchored_seeds']} of {len(rows)} seeds anchored</b> ({summary['criterion']}).</p>"
                if summary.get("anchored_seeds") is not None else "")
