@@ -149,7 +149,7 @@ def test_colour_language_settings_torch_cannot_use_are_refused(item):
         experiments.load("colour-transformer", [item])
 
 
-def test_a_check_on_the_seed_count_sees_the_seeds_flag(tmp_path):
+def test_a_check_on_the_seed_count_sees_the_seeds_flag():
     """`--seeds 1` with one term_masks row was refused against the spec's 8 seeds."""
     from anchoring.cli import load_experiment
 

@@ -12,10 +12,7 @@ from pathlib import Path
 def temp_stem(name: str, room: int = 32) -> str:
     """A hidden name for a temporary sibling of `name` that leaves `room` bytes for a suffix within the
     file system's 255-byte limit: a legal long name failed only when its temporary file was made."""
-    keep = name
-    while len(f".{keep}".encode()) > 255 - room:
-        keep = keep[:-1]
-    return f".{keep}"
+    return "." + name.encode()[: 255 - room - 1].decode("utf-8", "ignore")  # never half a character
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:

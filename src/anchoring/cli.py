@@ -217,18 +217,18 @@ def run_cmd(
                  if cfg.kind == "lm" else f"torchrun runs LM experiments only; {cfg.name!r} is a {cfg.kind!r} experiment")
         _check_split(cfg, launched[1])
         if launched[0] != 0:  # rank 0 makes the run, trains its share and evaluates; the others only train
-            from anchoring.kinds.lm.distributed import follow
-
-            _follow(follow, cfg, out_dir, launched[0])
+            _follow(cfg, out_dir, launched[0])
             return
         quiet = True
     _train(lambda update: lifecycle.run(cfg, out_dir, progress=update), cfg.name, quiet)
 
 
-def _follow(follow, cfg, path: Path, rank: int) -> None:
+def _follow(cfg, path: Path, rank: int) -> None:
     """A torchrun rank other than 0 trains its share; rank 0 alone says how to resume after a stop."""
+    from anchoring.kinds.lm import distributed
+
     try:
-        follow(cfg, path)
+        distributed.follow(cfg, path)
     except (TrainingInterrupted, KeyboardInterrupt):
         stopped(f"rank {rank}: interrupted; its checkpoint is saved")
     except AnchoringError as e:
@@ -281,9 +281,7 @@ def resume_cmd(run_dir: Path = typer.Argument(..., help="run directory with a ch
                 fail("under torchrun, resume an LM run")
             _check_split(cfg, launched[1])
             if launched[0] != 0:
-                from anchoring.kinds.lm.distributed import follow
-
-                _follow(follow, cfg, run_dir, launched[0])
+                _follow(cfg, run_dir, launched[0])
                 return
         except AnchoringError as e:
             fail(str(e))

@@ -45,17 +45,6 @@ def _holds_bool(value: Any) -> bool:
 NOT_A_BOOL = "expected a number, not true/false"
 
 
-def refuse_bool_numbers(model: type[BaseModel], data: Any) -> Any:
-    """pydantic reads true as 1 and false as 0: `snapshot_every = true` would quietly mean every step.
-    (A model-level check: a field-level one may not touch a discriminated union's `kind`.)"""
-    if isinstance(data, dict):
-        for key, value in data.items():
-            field = model.model_fields.get(key) if isinstance(key, str) else None
-            if field is not None and _holds_bool(value) and _wants_number(field.annotation):
-                raise ValueError(f"{key}: {NOT_A_BOOL}")
-    return data
-
-
 class _Strict(BaseModel):
     """Unknown keys, non-finite numbers (nan, inf) and true/false for a number are errors at the boundary."""
 
@@ -64,7 +53,14 @@ class _Strict(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _no_bool_numbers(cls, data: Any) -> Any:
-        return refuse_bool_numbers(cls, data)
+        """pydantic reads true as 1 and false as 0: `snapshot_every = true` would quietly mean every step.
+        (A model-level check: a field-level one may not touch a discriminated union's `kind`.)"""
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key) if isinstance(key, str) else None
+                if field is not None and _holds_bool(value) and _wants_number(field.annotation):
+                    raise ValueError(f"{key}: {NOT_A_BOOL}")
+        return data
 
 
 class ConceptConfig(_Strict):

@@ -119,19 +119,29 @@ def _only_trainer(path: Path) -> Iterator[None]:
     it when the process ends, however it ends. The directory, held open, also tells whether it was
     deleted or moved while the run trained: the files written since then went to a new folder of the
     old name, one without the run's config, so no message may point there as if it were the run."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fd = _locked(path)
+    if fd is None:
+        raise AnchoringError(f"{str(path)!r} is being trained by another process; wait for it to finish, "
+                             f"or stop it first")
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise AnchoringError(f"{str(path)!r} is being trained by another process; wait for it to finish, "
-                                 f"or stop it first") from None
         try:
             yield
         finally:
             _refuse_moved(path, os.fstat(fd))
     finally:
         os.close(fd)
+
+
+def _locked(path: Path) -> int | None:
+    """The run directory opened and locked (closing the descriptor lets go), or None while another
+    process holds the lock."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _refuse_moved(path: Path, held: os.stat_result) -> None:
@@ -312,16 +322,13 @@ def show(path: Path) -> Outcome:
 def training_now(path: Path) -> bool:
     """Whether another process holds the run's trainer lock (so `resume` would be refused)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        fd = _locked(path)
     except OSError:
         return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False  # closing the descriptor below lets go again
-    except BlockingIOError:
+    if fd is None:
         return True
-    finally:
-        os.close(fd)
+    os.close(fd)
+    return False
 
 
 def load_run(path: str | Path) -> Run:

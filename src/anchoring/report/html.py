@@ -7,6 +7,7 @@ import html
 import math
 from pathlib import Path
 from typing import Any, Sequence
+from urllib.parse import quote
 
 import numpy as np
 
@@ -64,8 +65,6 @@ def image_html(path: Path, caption: str, mime: str = "image/png") -> str:
 
 def link_html(target: str, text: str) -> str:
     """A link to another page of the same run (a relative path): comparison pages link the runs they compare."""
-    from urllib.parse import quote
-
     return f'<a href="{html.escape(quote(target, safe="/=,+"))}">{html.escape(text)}</a>'
 
 

@@ -7,22 +7,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from anchoring.config import refuse_bool_numbers
+from anchoring.config import _Strict
 from anchoring.domains.text.corpus import BUILTIN
 
 
-class TextConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_bool_numbers(cls, data: Any) -> Any:
-        return refuse_bool_numbers(cls, data)
-
+class TextConfig(_Strict):
     corpus: str = Field("shakespeare", description="shakespeare | milton | mixed | a folder of .txt files")
     tokenizer: Literal["char", "bpe"] = "char"
     bpe_vocab: int = Field(1024, ge=260, le=65536, description="byte-level BPE vocabulary size (≥ 256 bytes + a few merges)")
