@@ -24,6 +24,7 @@ class FakeRay:
     def __init__(self) -> None:
         self.initialised, self.init_kwargs, self.task_options, self.shutdowns = False, None, None, 0
         self.sent: list[str] = []
+        self.cancelled: list[str] = []
         self._refs: dict[int, tuple] = {}
 
     def is_initialized(self) -> bool:
@@ -59,6 +60,9 @@ class FakeRay:
         fn, args = self._refs[ref]
         return fn(*args)
 
+    def cancel(self, ref: int) -> None:
+        self.cancelled.append(self._refs[ref][1][0])
+
 
 class Config:
     def __init__(self, name: str) -> None:
@@ -69,8 +73,9 @@ class Config:
 
 
 class Shard:
-    def __init__(self, root: Path, name: str) -> None:
+    def __init__(self, root: Path, name: str, point: int | None = None) -> None:
         self.dir, self.config = root / name, Config(name)
+        self.point = name if point is None else point  # its grid point: its own, unless given
         self.dir.mkdir(parents=True)
 
     @property
@@ -128,6 +133,33 @@ def test_a_failed_task_names_its_shard_and_leaves_it_unfinished(ray, monkeypatch
         backends.run_ray(shards, workers=2, address=None, retries=0)
     assert (shards[0].dir / DONE).is_file() and not (shards[1].dir / DONE).exists()
     assert ray.shutdowns == 1  # stopped on the way out, too
+
+
+def test_a_diverged_task_in_a_grid_marks_its_shard_and_drops_its_point_while_the_others_train(ray, monkeypatch, tmp_path):
+    """In a grid, one point's divergence stopped the whole sweep, so the healthy points had no report.
+    Ray raises a task's own exception as an instance of it; here the stand-in raises it as it is."""
+    from anchoring.sweep.layout import DIVERGED
+    from anchoring.train.skeleton import Diverged
+
+    def payload(toml: str) -> dict[str, bytes]:
+        if toml == "p1a":
+            raise Diverged("training diverged by step 7")
+        return {"x": b"1"}
+
+    monkeypatch.setattr(backends, "shard_payload", payload)
+    shards = [Shard(tmp_path, "p0", 0), Shard(tmp_path, "p1a", 1), Shard(tmp_path, "p1b", 1), Shard(tmp_path, "p2", 2)]
+    seen = []
+    backends.run_ray(shards, workers=2, address=None, retries=0, keep_going=True,
+                     progress=lambda done, total: seen.append(done))
+    assert (shards[1].dir / DIVERGED).read_text() == "diverged: training diverged by step 7\n"
+    assert ray.cancelled == ["p1b"] and not (shards[2].dir / DONE).exists()  # its point cannot be merged
+    assert (shards[0].dir / DONE).is_file() and (shards[3].dir / DONE).is_file()
+    assert seen[-1] == 4
+    ray.sent.clear()
+    backends.run_ray(shards, workers=2, address=None, retries=0, keep_going=True)  # a continuation trains nothing
+    assert ray.sent == []
+    with pytest.raises(AnchoringError, match="^shard p1a diverged: training diverged by step 7; retrying"):
+        backends.run_ray([Shard(tmp_path / "one", "p1a")], workers=1, address=None, retries=0)  # one point: it stops
 
 
 def test_a_shard_is_marked_done_only_after_its_files_are_written(ray, monkeypatch, tmp_path):
@@ -198,3 +230,38 @@ def test_a_shard_that_diverges_is_said_once_not_retried(tmp_path):
                                  "--set", f"schedule={bad}", "--out", str(out), "-q"])
     assert r.exit_code == 2 and "diverged" in r.stderr and "retrying would meet the same step again" in r.stderr, r.stderr
     assert len(list(out.glob("shards/*/attempt*.log"))) == 1
+
+
+def test_a_grid_point_that_diverges_leaves_the_other_points_reported(tmp_path):
+    """One diverging grid point used to stop the sweep, and no point got a report. Now the healthy
+    points are merged, reported and printed; the diverged one is named there and by the command's
+    failure; continuing the sweep trains nothing and is refused as finished."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from anchoring.cli import app
+    from anchoring.experiments import HERE
+
+    schedule = (HERE / "anchored.csv").read_text()
+    (tmp_path / "good.csv").write_text(schedule)
+    (tmp_path / "bad.csv").write_text(schedule.replace("1500,,,0.05,,,", "1500,,,1e30,,,"))
+    out = tmp_path / "sweep"
+    args = ["sweep", "anchored", "--seeds", "1", "--steps", "60", "--workers", "1", "--out", str(out), "-q",
+            "--grid", f"schedule={tmp_path / 'bad.csv'},{tmp_path / 'good.csv'}"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2, r.output
+    assert "1 grid point(s) diverged" in r.stderr and "bad.csv (diverged: training diverged" in r.stderr, r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert [p["point"] for p in summary["points"]] == [f"schedule={tmp_path / 'good.csv'}"]
+    assert [d["point"] for d in summary["diverged"]] == [f"schedule={tmp_path / 'bad.csv'}"]
+    assert (Path(summary["points"][0]["path"]) / "summary.json").is_file()
+    page = (out / "report.html").read_text()
+    assert "Diverged points" in page and "bad.csv" in page
+    assert "sweep of anchored" in r.stdout and "report:" in r.stdout  # the healthy point's table comes before the failure
+    shown = CliRunner().invoke(app, ["show", str(out)])
+    assert shown.exit_code == 0 and "1 grid point(s) diverged" in shown.stdout, shown.output
+    logs = sorted(out.glob("shards/*/attempt*.log"))
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "is a finished sweep" in again.stderr, again.output
+    assert sorted(out.glob("shards/*/attempt*.log")) == logs

@@ -350,6 +350,8 @@ def _show_sweep(path: Path) -> None:
         out.print(f"report: {report}", markup=False, soft_wrap=True)
     for p in points:
         out.print(f"point {p.get('point')}: {p.get('path')}", markup=False, soft_wrap=True)
+    if summary.get("diverged"):
+        out.print(_diverged_points(summary["diverged"]), markup=False, soft_wrap=True)
 
 
 def _show_attack(path: Path) -> None:
@@ -655,8 +657,16 @@ def sweep_cmd(
         out.print(table)
         out.print(f"wall time {time.perf_counter() - t0:.1f} s", markup=False)
         out.print(f"report: {path / 'report.html'}", markup=False)
+        if summary.get("diverged"):  # the healthy points are reported above; the command still fails
+            fail(_diverged_points(summary["diverged"]))
     else:
         print_outcome(lifecycle.Outcome(path, summary), time.perf_counter() - t0)
+
+
+def _diverged_points(lost: list[dict]) -> str:
+    """One line for a grid sweep's points that diverged (their shards are not retried)."""
+    return (f"{len(lost)} grid point(s) diverged and have no results: "
+            + "; ".join(f"{d.get('point')} ({d.get('message')})" for d in lost))
 
 
 def _drop_if_empty(path: Path | None) -> None:

@@ -26,7 +26,7 @@ from anchoring.errors import AnchoringError
 from anchoring.kinds import REGISTRY, kind_of
 from anchoring.report import html
 from anchoring.resources import check_fits
-from anchoring.sweep.layout import DONE, SHARD_CONFIG
+from anchoring.sweep.layout import DIVERGED, DONE, SHARD_CONFIG
 
 SWEEP_PLAN = "sweep.json"  # how the sweep was planned: experiment, --set items, grid, workers
 
@@ -118,10 +118,17 @@ def plan(experiment: str, sets: list[str], grid: list[tuple[str, list[str]]], wo
     return configs, shards
 
 
+def to_train(shards: list[Shard]) -> list[Shard]:
+    """The shards left to train: not finished, and not of a grid point where a shard diverged (a
+    retry would meet the same step again, and the point cannot be merged without it)."""
+    lost = {s.point for s in shards if (s.dir / DIVERGED).is_file()}
+    return [s for s in shards if not (s.dir / DONE).is_file() and s.point not in lost]
+
+
 def check_memory(shards: list[Shard], workers: int) -> None:
     """Each shard process checks only itself, so add up the largest shards that this machine's
     workers will train side by side (finished ones, of a continued sweep, train nothing)."""
-    todo = [s for s in shards if not (s.dir / DONE).is_file()]
+    todo = to_train(shards)
     busy = sorted((kind_of(s.config).shard_memory(s.config) for s in todo), reverse=True)[:workers]
     check_fits(sum(busy), f"{min(workers, len(todo))} shards training at once", "give --workers a smaller number")
 
@@ -192,7 +199,7 @@ def sweep(experiment: str, out: Path, *, sets: list[str] | None = None, grid: li
     record = {"experiment": configs[0].name, "sets": list(sets or []), "grid": [[k, v] for k, v in grid], "workers": workers,
               "source": typed, "backend": backend, "address": address}
     old_plan = check_continuation(out, shards, record)
-    if shards and all((s.dir / DONE).is_file() for s in shards) and _finished(out, grid):
+    if shards and not to_train(shards) and _finished(out, grid):
         where = f"its report is {str(out / runs.REPORT)!r}" if grid else f"`anchoring show {out}` prints it"
         raise AnchoringError(f"{str(out)!r} is a finished sweep ({where}); choose another --out to run it again")
     record["workers"] = old_plan.get("workers", workers)  # what set the seed blocks, which a continuation keeps
@@ -206,20 +213,25 @@ def sweep(experiment: str, out: Path, *, sets: list[str] | None = None, grid: li
     if backend == "local":
         from anchoring.sweep.backends import run_local
 
-        run_local(shards, workers, retries, progress)
+        run_local(shards, workers, retries, progress, keep_going=len(configs) > 1)
     elif backend == "ray":
         from anchoring.sweep.backends import run_ray
 
-        run_ray(shards, workers, address, retries, progress)
+        run_ray(shards, workers, address, retries, progress, keep_going=len(configs) > 1)
     else:
         raise AnchoringError(f"unknown backend {backend!r} (local, ray)")
     train_s = time.perf_counter() - t0
     points = grid_points(grid)
-    results = []
+    results, lost = [], []
     if grid:  # a continued sweep re-evaluates every point: an interruption must not leave the old report looking finished
         for name in (runs.SUMMARY, runs.REPORT):
             (out / name).unlink(missing_ok=True)
     for i, (cfg, extra) in enumerate(zip(configs, points)):
+        diverged = [s for s in shards if s.point == i and (s.dir / DIVERGED).is_file()]
+        if diverged:  # nothing to merge: the point is named in the report and the command fails after it
+            lost.append({"point": ", ".join(extra), "shard": diverged[0].name,
+                         "message": (diverged[0].dir / DIVERGED).read_text().strip()})
+            continue
         path = out if not grid else out / "points" / point_name(extra)
         path.mkdir(parents=True, exist_ok=True)
         lifecycle.write_config(path, cfg)  # with its digest, which `anchoring resume` checks like any run's
@@ -227,8 +239,12 @@ def sweep(experiment: str, out: Path, *, sets: list[str] | None = None, grid: li
         kind_of(cfg).merge_shards(cfg, [s.dir for s in shards if s.point == i], path)
         outcome = lifecycle.finish_merged(path)  # every model at its last step: evaluates, draws and reports, trains nothing
         results.append((extra, outcome))
+    if not results:
+        raise AnchoringError("every grid point diverged: " + "; ".join(f"{d['point']}: {d['message']}" for d in lost))
     summary = _sweep_summary(configs[0].name, grid, shards, results, workers, backend, train_s, time.perf_counter() - t0,
                              planned_workers=record["workers"], continued=bool(old_plan))
+    if lost:
+        summary["diverged"] = lost
     if grid:
         _write_grid_report(out, summary, results)
     else:
@@ -283,6 +299,11 @@ def _write_grid_report(out: Path, summary: dict, results) -> None:
                              f"{' (this invocation: the sweep was continued)' if summary['sweep']['continued'] else ''}"
                              f".</p>"),
                 ("Per grid point", html.table_html(header, rows))]
+    if summary.get("diverged"):
+        sections.append(("Diverged points", "<p>Training diverged in these grid points, so they have no results above "
+                          "(a divergence is deterministic: continuing the sweep would meet it again).</p>"
+                          + html.table_html(["point", "shard", "message"],
+                                            [[d["point"], d["shard"], d["message"]] for d in summary["diverged"]])))
     kind = REGISTRY[results[0][1].summary.get("kind", "colour")]
     for caption, fig_path in kind.grid_figures(out, results):
         sections.append((caption, html.image_html(fig_path, caption)))

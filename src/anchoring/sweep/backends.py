@@ -15,8 +15,10 @@ from typing import Callable, Iterator
 
 from anchoring.atomic import write_atomic
 from anchoring.errors import AnchoringError
-from anchoring.sweep.layout import DIVERGED_EXIT, DONE
+from anchoring.sweep import to_train
+from anchoring.sweep.layout import DIVERGED, DIVERGED_EXIT, DONE
 from anchoring.sweep.worker import shard_payload
+from anchoring.train.skeleton import Diverged
 from anchoring.train.workers import sigterm_interrupts
 
 Progress = Callable[[int, int], None]
@@ -73,15 +75,27 @@ def _stop(running: dict) -> None:
             log.close()
 
 
-def run_local(shards: list, workers: int, retries: int, progress: Progress | None = None) -> None:
+def _diverged(shard, message: str, pending: list, keep_going: bool) -> None:
+    """Record a shard's divergence. Without `keep_going` (one grid point: nothing could be merged)
+    the sweep stops; otherwise the other points train on and the point's queued shards are dropped."""
+    if not keep_going:
+        raise AnchoringError(f"shard {shard.name} {message}; retrying would meet the same step again")
+    write_atomic(shard.dir / DIVERGED, message + "\n")
+    pending[:] = [s for s in pending if s.point != shard.point]
+
+
+def run_local(shards: list, workers: int, retries: int, progress: Progress | None = None, *,
+              keep_going: bool = False) -> None:
     """Keep up to `workers` shard processes busy; a shard whose process dies is started again.
 
     A restarted shard resumes from its own last checkpoint, and a shard writes `done` only
     after its final checkpoint, so a crash can cost time but never duplicates or loses steps.
     Ctrl-C, or a SIGTERM sent to this process alone, stops every worker (each saves first) before
     this returns, so no worker is left training into the sweep after its parent has gone.
+    A shard that diverges is not retried; with `keep_going` (a grid) it is marked and the other
+    points go on, since their reports are worth having.
     """
-    pending = [s for s in shards if not (s.dir / DONE).is_file()]
+    pending = to_train(shards)
     attempts = {s.name: 0 for s in shards}
     running: dict[str, tuple[subprocess.Popen, object, object]] = {}
     done = len(shards) - len(pending)
@@ -111,8 +125,10 @@ def run_local(shards: list, workers: int, retries: int, progress: Progress | Non
                             progress(done, len(shards))
                     elif code == DIVERGED_EXIT:  # deterministic: a retry resumes into the same divergence
                         said = [line for line in Path(log.name).read_text().splitlines() if line.startswith("diverged: ")]
-                        raise AnchoringError(f"shard {name} {said[-1] if said else 'diverged'}; retrying would meet the "
-                                             f"same step again")
+                        _diverged(s, said[-1] if said else "diverged", pending, keep_going)
+                        done = len(shards) - len(pending) - len(running)  # with the point's dropped shards
+                        if progress:
+                            progress(done, len(shards))
                     elif attempts[name] <= retries:
                         pending.append(s)  # resumes from its checkpoint
                     else:
@@ -122,9 +138,11 @@ def run_local(shards: list, workers: int, retries: int, progress: Progress | Non
             _stop(running)
 
 
-def run_ray(shards: list, workers: int, address: str | None, retries: int, progress: Progress | None = None) -> None:
+def run_ray(shards: list, workers: int, address: str | None, retries: int, progress: Progress | None = None, *,
+            keep_going: bool = False) -> None:
     """Each shard a Ray task (1 CPU); Ray re-runs a task whose worker died. Results come back as
-    the bytes of the shard's result files, written into the shard directory here."""
+    the bytes of the shard's result files, written into the shard directory here. A divergence is
+    handled as `run_local` does (Ray does not retry a task's own exception)."""
     try:
         import ray
     except ImportError:
@@ -135,7 +153,7 @@ def run_ray(shards: list, workers: int, address: str | None, retries: int, progr
         ray.init(log_to_driver=False, **kwargs)
     try:
         task = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=False)(_ray_shard)
-        todo = {task.remote(s.config.to_toml()): s for s in shards if not (s.dir / DONE).is_file()}
+        todo = {task.remote(s.config.to_toml()): s for s in to_train(shards)}
         done = len(shards) - len(todo)
         if progress:
             progress(done, len(shards))
@@ -145,6 +163,17 @@ def run_ray(shards: list, workers: int, address: str | None, retries: int, progr
             try:
                 files = ray.get(ready[0])
             except Exception as e:  # noqa: BLE001 - Ray wraps worker errors in its own types
+                cause = e if isinstance(e, Diverged) else getattr(e, "cause", None)
+                if isinstance(cause, Diverged):  # Ray's error is raised as an instance of the task's own
+                    _diverged(s, f"diverged: {cause}", [], keep_going)
+                    for ref, other in list(todo.items()):  # the point cannot be merged: its other shards are not needed
+                        if other.point == s.point:
+                            ray.cancel(ref)
+                            del todo[ref]
+                    done = len(shards) - len(todo)
+                    if progress:
+                        progress(done, len(shards))
+                    continue
                 raise AnchoringError(f"shard {s.name} failed under Ray: {type(e).__name__}: {str(e).splitlines()[0]}") from None
             for rel, data in files.items():
                 write_atomic(s.dir / rel, data)

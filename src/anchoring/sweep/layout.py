@@ -6,4 +6,5 @@ They live apart from `worker` so that importing the package does not import the 
 
 SHARD_CONFIG = "shard.toml"  # the shard's resolved config
 DONE = "done"  # written atomically once the shard's final checkpoints are in place
+DIVERGED = "diverged"  # a shard whose training diverged: its message (the shard is not retried, its point not merged)
 DIVERGED_EXIT = 3  # a shard worker's exit code when training diverged (not retried: it would diverge again)
