@@ -608,3 +608,17 @@ def test_show_on_a_run_training_now_does_not_offer_resume(tmp_path):
             lifecycle.show(path)
     finally:
         os.close(other)
+
+
+def test_a_resume_clears_the_temporary_files_a_killed_trainer_left_and_no_one_elses(run_copy):
+    """A trainer SIGKILLed while writing a checkpoint left its hidden temporary file (as large as the
+    model) in the run for good. The files of another command's folder are that command's."""
+    (run_copy / runs.SUMMARY).unlink()  # an interrupted run, as far as resume can tell
+    ours = [run_copy / ".checkpoint.safetensors.k3j_9xq2.tmp", run_copy / "figures" / ".hue.png.ab12cd34.tmp"]
+    theirs = [run_copy / "relearn" / "red" / ".summary.json.zz99yy88.tmp", run_copy / "notes.tmp", run_copy / ".x.tmp"]
+    for f in ours + theirs:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"half a file")
+    lifecycle.resume(run_copy)
+    assert (run_copy / runs.SUMMARY).is_file()
+    assert [f.exists() for f in ours] == [False, False] and all(f.exists() for f in theirs)

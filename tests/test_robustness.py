@@ -679,3 +679,34 @@ def test_a_sweep_stopped_by_ctrl_c_says_whether_there_is_anything_to_continue(tm
     else:
         assert r.stderr.strip() == "sweep interrupted before any shard was written; nothing to continue"
         assert list(tmp_path.iterdir()) == []  # the generated runs/anchored-sweep/<time> went again
+
+
+def test_delete_refuses_a_place_it_could_not_rename_into_before_any_work(anchored_run, tmp_path, monkeypatch):
+    """`delete` writes a hidden sibling of --out and renames it into place. An empty --out that was
+    writable passed the check even when its parent was not (or when it was a mount point), and the
+    edit then failed after all its work, at the rename."""
+    from anchoring.kinds.colour import control
+
+    out, _ = anchored_run
+    edited = []
+    real_plan = control.make_plan
+
+    def plan(*args, **kwargs):
+        p = real_plan(*args, **kwargs)
+        real_edit = p.edit_models
+        p.edit_models = lambda models: edited.append(1) or real_edit(models)
+        return p
+
+    monkeypatch.setattr(control, "make_plan", plan)
+    target = tmp_path / "mnt"
+    target.mkdir()
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: os.fspath(p) == os.fspath(target) or real_ismount(p))
+    one_line_error(invoke("delete", out, "--concept", "red", "--out", target), "is a mount point")
+    monkeypatch.setattr(os.path, "ismount", real_ismount)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: os.fspath(p) != os.fspath(tmp_path) and real_access(p, mode, **kw))
+    one_line_error(invoke("delete", out, "--concept", "red", "--out", target), f"{str(tmp_path)!r} is not writable")
+    assert edited == [] and list(tmp_path.iterdir()) == [target] and not any(target.iterdir())
+    monkeypatch.setattr(os, "access", real_access)
+    assert invoke("delete", out, "--concept", "red", "--out", target).exit_code == 0 and edited == [1]

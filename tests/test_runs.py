@@ -48,6 +48,33 @@ def test_an_edit_that_fails_to_arrive_puts_the_earlier_one_back(tmp_path, monkey
     assert _listing(out) == ["edit"]
 
 
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_what_a_killed_edit_left_beside_its_output_is_cleared_and_a_live_ones_kept(tmp_path):
+    """A SIGKILLed `delete` left its hidden `.name.partial-PID` copy (a whole model) for good, and
+    one killed between its two renames left the earlier edit under `.name.replaced-PID`."""
+    import os
+
+    out, dead = tmp_path / "edit", _dead_pid()
+    for name in (f".edit.partial-{dead}", f".edit.partial-{os.getppid()}", f".other.partial-{dead}"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_text("x")
+    (tmp_path / f".edit.replaced-{dead}").mkdir()
+    (tmp_path / f".edit.replaced-{dead}" / "summary.json").write_text("earlier")
+    with runs.staged(out, replace=True) as tmp:  # the earlier edit comes back first, then this one replaces it
+        assert (out / "summary.json").read_text() == "earlier"
+        (tmp / "summary.json").write_text("new")
+    assert (out / "summary.json").read_text() == "new"
+    assert _listing(out) == [f".edit.partial-{os.getppid()}", f".other.partial-{dead}", "edit"]  # a live process's, another name's
+
+
 def test_an_existing_folder_is_refused_without_replace(tmp_path):
     out = tmp_path / "edit"
     with runs.staged(out) as tmp:

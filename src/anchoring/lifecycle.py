@@ -12,6 +12,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import re
 import shlex
 import time
 import warnings
@@ -124,12 +125,29 @@ def _only_trainer(path: Path) -> Iterator[None]:
         raise AnchoringError(f"{str(path)!r} is being trained by another process; wait for it to finish, "
                              f"or stop it first")
     try:
+        _clear_stale_temps(path)
         try:
             yield
         finally:
             _refuse_moved(path, os.fstat(fd))
     finally:
         os.close(fd)
+
+
+STALE_TEMP = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")  # `atomic.write_atomic`'s temporary names
+OTHER_WRITERS = ("relearn", "interventions")  # folders of a run that commands other than its trainer write
+
+
+def _clear_stale_temps(path: Path) -> None:
+    """Delete the temporary files a trainer killed outright (SIGKILL, the OOM killer) left mid-write: a
+    checkpoint's can be as large as the model. Only the lock holder writes the run's own files, so
+    with the lock held no such file is still being written."""
+    for root, dirs, files in os.walk(path):
+        if Path(root) == path:
+            dirs[:] = [d for d in dirs if d not in OTHER_WRITERS]
+        for name in files:
+            if STALE_TEMP.fullmatch(name):
+                Path(root, name).unlink(missing_ok=True)
 
 
 def _locked(path: Path) -> int | None:

@@ -32,7 +32,7 @@ EDIT = "edit.json"  # written by `anchoring delete`: what was edited, from which
 CONFIG_DIGEST = "config.sha256"  # of config.toml as the run was started: a resume refuses a config edited since
 DIVERGED = "diverged.txt"  # the divergence message of a run whose training stopped on a non-finite step
 
-__all__ = ["ARCH", "CONFIG", "CONFIG_DIGEST", "METRICS", "REPORT", "SNAPSHOTS", "SUMMARY", "check_writable", "new_run_dir",
+__all__ = ["ARCH", "CONFIG", "CONFIG_DIGEST", "METRICS", "REPORT", "SNAPSHOTS", "SUMMARY", "check_stageable", "check_writable", "new_run_dir",
            "read_json", "read_metrics", "staged", "write_atomic", "write_json", "write_metrics_csv"]
 
 
@@ -74,6 +74,7 @@ def staged(out: Path, replace: bool = False) -> Iterator[Path]:
     out = out.absolute()  # `--out .` has no name to make a sibling from
     tmp = out.parent / f"{temp_stem(out.name)}.partial-{os.getpid()}"
     old = out.parent / f"{temp_stem(out.name)}.replaced-{os.getpid()}"
+    _clear_dead_siblings(out, replace)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     moved = False
@@ -96,6 +97,35 @@ def staged(out: Path, replace: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _clear_dead_siblings(out: Path, replace: bool) -> None:
+    """What a `staged(out)` killed outright (SIGKILL, a power cut) left beside `out`: its hidden
+    partial copy, which may hold a whole model, and the earlier `out` it had moved aside (put back
+    when it was killed before the new one arrived). A sibling whose process still runs is another
+    edit's, and is left alone."""
+    if not out.parent.is_dir():
+        return
+    stem = temp_stem(out.name)
+    for p in out.parent.iterdir():
+        what, _, pid = p.name.removeprefix(stem + ".").partition("-")
+        if not p.name.startswith(stem + ".") or what not in ("partial", "replaced") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if what == "replaced" and not out.exists():  # killed between moving the earlier one aside and renaming the new
+            if replace:
+                os.replace(p, out)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def check_writable(path: Path) -> None:
     """Fail before any work when `path` (or its nearest existing parent) cannot be written."""
     p = path
@@ -113,6 +143,18 @@ def check_writable(path: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise AnchoringError(f"cannot write under {str(path)!r}: {e.strerror}") from None
+
+
+def check_stageable(out: Path) -> None:
+    """Fail before any work when `staged(out)` could not put its result in place: it writes a hidden
+    sibling of `out` and renames it to `out`, so the parent must be writable (an empty `out` that is
+    writable itself is not enough), and `out` cannot be a mount point (nothing is renamed onto one)."""
+    out = out.absolute()
+    if out.is_dir() and os.path.ismount(out):
+        raise AnchoringError(f"cannot write the run to {str(out)!r}: it is a mount point, and a run is written beside "
+                             f"its folder and renamed into place; give a folder inside it")
+    check_writable(out)
+    check_writable(out.parent)
 
 
 def _finite(obj: Any) -> Any:

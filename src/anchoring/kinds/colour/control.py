@@ -119,7 +119,7 @@ def intervene(run: ColourRun, spec: InterventionConfig) -> EditResult:
     _check_site(run, spec.site)
     plan = make_plan(spec, concepts, run.latent_dim)
     out = run.path / "interventions" / spec.name
-    runs.check_writable(out)
+    runs.check_stageable(out)  # staged below: checked before any work
     after = plan.reconstruct(run.models)
     res = evaluate_edit(stacked(run.models), after, concept, spec.k)
     table = named_error_table(res["named_before"], res["named_after"], run.seeds)
@@ -155,7 +155,7 @@ def delete(run: ColourRun, spec: InterventionConfig, out: Path) -> EditResult:
     _check_site(run, spec.site)
     plan = make_plan(spec, concepts, run.latent_dim)
     out = runs.new_run_dir(run.config.name, out, resumable=False)
-    runs.check_writable(out)
+    runs.check_stageable(out)  # staged below: checked before any work
     edited = plan.edit_models(run.models)
     res = evaluate_edit(stacked(run.models), stacked(edited), concept, spec.k)
     table = named_error_table(res["named_before"], res["named_after"], run.seeds)

@@ -166,7 +166,7 @@ def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repa
         raise AnchoringError(f"--repair-lr must be a positive number, got {lr}")
     kind = "blind" if spec.method == "blind" else "delete"
     out = runs.new_run_dir(cfg.name, out, resumable=False)
-    runs.check_writable(out)
+    runs.check_stageable(out)  # staged below: checked before any work
     directions = concept_directions(cfg)
     plural = "s" if len(directions) != 1 else ""
     others = [matched_directions(directions, torch.Generator().manual_seed(seed)) for seed in run.seeds]
@@ -310,7 +310,7 @@ def relearn(run, concept: str | None = None, samples: list[int] | None = None, s
     if "anchored" in run.arms:
         concept_directions(cfg)
     out = run.path / "relearn" / cfg.text.concept
-    runs.check_writable(out)
+    runs.check_stageable(out)  # staged below: checked before any work
     earlier = (out / runs.SUMMARY).is_file()
     models = {(arm, seed): m for arm, ms in run.arms.items() for seed, m in zip(run.seeds, ms)}
     made = not out.parent.exists()

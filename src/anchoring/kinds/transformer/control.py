@@ -134,7 +134,7 @@ def delete(run: TransformerRun, spec: InterventionConfig, out: Path) -> EditResu
     if "anchored" not in run.arms:
         raise AnchoringError("this transformer run has no anchored arm to delete from")
     out = runs.new_run_dir(run.config.name, out, resumable=False)
-    runs.check_writable(out)
+    runs.check_stageable(out)  # staged below: checked before any work
     cfg = run.config
     edited: dict[str, list] = {arm: list(ms) for arm, ms in run.arms.items()}
     lang = run.language
