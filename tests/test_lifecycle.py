@@ -622,3 +622,23 @@ def test_a_resume_clears_the_temporary_files_a_killed_trainer_left_and_no_one_el
     lifecycle.resume(run_copy)
     assert (run_copy / runs.SUMMARY).is_file()
     assert [f.exists() for f in ours] == [False, False] and all(f.exists() for f in theirs)
+
+
+def test_a_run_that_could_not_write_its_config_leaves_no_empty_folders(tmp_path, monkeypatch):
+    """Without --out, a full disk at the first write left an empty runs/<experiment>/ behind; a folder
+    that holds other runs stays."""
+    import errno
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runs, "write_atomic", full)
+    cfg = experiments.load("anchored", ["train.seeds=1", "train.steps=5"])
+    with pytest.raises(OSError, match="No space left"):
+        lifecycle.run(cfg, None)
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == []
+    (tmp_path / "runs" / "anchored" / "older").mkdir(parents=True)
+    with pytest.raises(OSError, match="No space left"):
+        lifecycle.run(cfg, None)
+    assert [p.name for p in (tmp_path / "runs" / "anchored").iterdir()] == ["older"]

@@ -96,17 +96,19 @@ def run(cfg: ExperimentBase, out: Path | None = None, progress: Progress | None 
             failed = e
         else:
             return _execute_locked(cfg, path, progress)
-    _unclaim(path, ours)  # a digest without its config is no run: `run --out` would refuse it, `resume` too
+    _unclaim(path, ours, generated=out is None)  # a digest without its config is no run: `run --out` would refuse it
     raise failed
 
 
-def _unclaim(path: Path, ours: bool) -> None:
+def _unclaim(path: Path, ours: bool, generated: bool = False) -> None:
     """Take back what a start that never wrote its config left: the digest, and the folder if this
-    start made it and it is empty now."""
+    start made it and it is empty now (with a generated name, its runs/<experiment>/ too, if empty)."""
     try:
         (path / runs.CONFIG_DIGEST).unlink(missing_ok=True)
         if ours and not any(path.iterdir()):
             path.rmdir()
+            if generated:
+                path.parent.rmdir()  # fails, as it should, when other runs are there
     except OSError:
         pass
 
