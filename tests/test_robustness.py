@@ -226,9 +226,15 @@ def test_bad_input_is_one_line_and_writes_nothing(anchored_run, tmp_path):
     (copy / "summary.json").write_text("")
     one_line_error(invoke("show", copy), "is corrupt")
     (copy / "summary.json").write_bytes((out / "summary.json").read_bytes())
-    (copy / "metrics.csv").write_bytes(b"\x00\x01garbage\nrows")
+    (copy / "metrics.csv").write_bytes(b"\x00\x01garbage\nrows\n")
     with pytest.raises(AnchoringError, match="not a metrics table"):
         load_run(copy).metrics()
+    whole = (out / "metrics.csv").read_bytes()
+    (copy / "metrics.csv").write_bytes(whole[:-7])  # cut in the last row's numbers: it was read with those numbers cut
+    with pytest.raises(AnchoringError, match="is cut short"):
+        load_run(copy).metrics()
+    (copy / "metrics.csv").write_bytes(whole)
+    assert load_run(copy).metrics().equals(load_run(out).metrics())
     arch = json.loads((out / "architecture.json").read_text())
     del arch["seeds"]
     (copy / "architecture.json").write_text(json.dumps(arch))

@@ -221,6 +221,13 @@ def read_metrics(run_dir: Path) -> pd.DataFrame:
             where = (f": it has not finished training (the table is written at the end; its models are those of its "
                      f"last checkpoint); `anchoring resume {run_dir}` finishes it")
         raise AnchoringError(f"{str(run_dir)!r} has no {METRICS}{where}")
+    with open(p, "rb") as f:  # every line is written whole, so a last line without its newline was cut off
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(size - 1, 0))
+        cut = size > 0 and f.read(1) != b"\n"
+    if cut:
+        raise AnchoringError(f"{str(p)!r} is cut short (its last line is incomplete): the file was truncated after "
+                             f"the run wrote it")
     try:
         wide = pd.read_csv(p)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
