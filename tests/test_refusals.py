@@ -236,3 +236,18 @@ def test_a_run_too_long_to_hold_names_the_steps_not_only_the_model():
     cfg = experiments.load("anchored", ["train.seeds=1", "train.steps=1000000000"])
     with pytest.raises(AnchoringError, match="fewer --steps or a larger train.snapshot_every"):
         kind_of(cfg).validate(cfg)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('kind = "colour"\nname = "t"\n[train]\nstep = 5\n', r"t\.toml: train\.step: key means nothing for a 'colour' experiment "
+                                                        r"\(did you mean train\.steps\?\)$"),
+    ('kind = "lm"\nname = "t"\n[lm]\nwidht = 5\n', r"lm\.widht: .* \(did you mean lm\.width\?\)$"),
+    ('kind = "lm"\nname = "t"\nshcedule = "x"\n', r"shcedule: .* \(did you mean schedule\?\)$"),
+    ('kind = "transformer"\nname = "t"\n[language]\nzzz = 1\n', r"language\.zzz: key means nothing for a 'transformer' experiment$"),
+])
+def test_a_misspelt_key_in_a_spec_file_is_named_with_the_key_it_was_meant_to_be(tmp_path, text, message):
+    """A spec file's unknown key said only that it meant nothing (`--set` lists the valid keys)."""
+    spec = tmp_path / "t.toml"
+    spec.write_text(text)
+    with pytest.raises(AnchoringError, match=message):
+        experiments.load(str(spec), [])

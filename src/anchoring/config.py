@@ -9,6 +9,7 @@ the dopesheet text inline, so a run directory's `config.toml` re-runs with nothi
 
 from __future__ import annotations
 
+import difflib
 import math
 import tomllib
 import types
@@ -202,7 +203,27 @@ class TrainedExperiment(ExperimentBase):
     schedule: str = Field("", description="dopesheet CSV text (a spec file may give a .csv path instead)")
 
 
-def one_line(err: ValidationError, source: str, kind: str | None = None, overridden: Sequence[str] = ()) -> str:
+def _known_keys(model: type[BaseModel] | None, path: Sequence[str]) -> list[str]:
+    """The keys a config section accepts, found by walking `path` down from `model` (list indices
+    and optional or union types are looked through); empty where the walk cannot tell."""
+    for part in path:
+        if model is None or part.isdigit():
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        model = next((t for t in _models_in(field.annotation)), None)
+    return list(model.model_fields) if model is not None else []
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for a in typing.get_args(annotation) for m in _models_in(a)]
+
+
+def one_line(err: ValidationError, source: str, kind: str | None = None, overridden: Sequence[str] = (),
+             model: type[BaseModel] | None = None) -> str:
     """The first validation error as one line; an unknown key names the experiment's kind. A value
     that came from `--set` (a key of `overridden`, or under one) is blamed on --set, not on the file."""
     first = err.errors()[0]
@@ -223,7 +244,9 @@ def one_line(err: ValidationError, source: str, kind: str | None = None, overrid
         source = f"{source} with --set {', '.join(under)}"
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     if first["type"] == "extra_forbidden":
-        return f"{source}: {where}: key means nothing for a {kind!r} experiment{more}"
+        close = difflib.get_close_matches(loc[-1], _known_keys(model, loc[:-1]), n=1) if model is not None and loc else []
+        hint = f" (did you mean {'.'.join([*loc[:-1], close[0]])}?)" if close else ""
+        return f"{source}: {where}: key means nothing for a {kind!r} experiment{hint}{more}"
     return f"{source}: {where}: {msg}{more}"
 
 

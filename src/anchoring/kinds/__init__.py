@@ -59,7 +59,7 @@ def validate_config(data: dict[str, Any], source: str, overridden: Sequence[str]
     try:
         return _ADAPTER.validate_python(data)
     except ValidationError as e:
-        raise AnchoringError(one_line(e, source, kind, overridden)) from None
+        raise AnchoringError(one_line(e, source, kind, overridden, REGISTRY[kind].config)) from None
 
 
 def _mended(data: dict[str, Any], overrides: list[str], source: str) -> ExperimentBase:
