@@ -320,6 +320,33 @@ def test_the_relearning_attack_measures_in_eval_mode_and_trains_in_train_mode():
     assert modes == [True, True, True] and not model.training  # the copy trained; the given model untouched
 
 
+def test_a_fine_tune_that_blows_up_stops_naming_its_step_instead_of_scoring_broken_weights():
+    """The relearning attacks' loops skipped a non-finite loss: the LM table's lowest forget loss is
+    Python's `min` over a curve with NaN in it, which passes the NaN by, so a broken attack read as
+    a deletion that held ("kept" near 1, "not recovered")."""
+    from anchoring.control.relearn import finetune
+    from anchoring.train.skeleton import Diverged
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+
+    def loss(m: nn.Module, step: int) -> torch.Tensor:
+        out = ((m(x) - y) ** 2).mean()
+        return out * float("inf") if step == 3 else out
+
+    scores = []
+    with pytest.raises(Diverged, match=r"^fine-tuning diverged at step 3 of 10 \(lr 0\.01\): the loss is not finite$"):
+        finetune(model, loss, lambda m: scores.append(m.training) or 0.0, steps=10, lr=0.01)
+    assert scores == [False] * 4  # before the first step and after steps 0, 1, 2: none after the broken one
+    with pytest.raises(Diverged, match="at step 0 of 5 .*the weights are not finite"):  # a finite loss, weights broken by `keep`
+        finetune(model, lambda m, step: ((m(x) - y) ** 2).mean(), lambda m: 0.0, steps=5, lr=0.01,
+                 keep=lambda m: m.weight.fill_(float("nan")))
+    curve = finetune(model, lambda m, step: ((m(x) - y) ** 2).mean(), lambda m: float(((m(x) - y) ** 2).mean()),
+                     steps=5, lr=0.01, stop=lambda e: e < 0)
+    assert len(curve) == 6 and curve[-1] < curve[0]
+
+
 def test_falloffs_read_the_cosine_not_the_length_of_the_state():
     """α is the share of the state along the concept: a long state mostly off the concept is below a
     threshold of 0.5 even though its component (1.2) is above it."""

@@ -1168,3 +1168,15 @@ def test_a_run_stopped_in_its_evaluation_resumes_without_redoing_the_finished_se
     assert computed == [1] and not (out / ul.PARTIAL).exists()
     assert [(r["method"], r["seed"]) for r in rows] == [(r["method"], r["seed"]) for r in unbroken]
     assert json.dumps(rows, default=lambda o: o.item()) == json.dumps(unbroken, default=lambda o: o.item())  # NaN-safe
+
+
+def test_a_relearning_attack_that_blows_up_is_named_and_writes_no_table(unlearned):
+    """A fine-tune at a learning rate that broke it reported the lowest loss reached before the NaN
+    (Python's `min` passes NaN by) and no recovery: a deletion that held, read off a failed attack."""
+    path, _summary = unlearned
+    before = sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+    r = CliRunner().invoke(app, ["relearn", str(path), "--lr", "1e30", "--steps", "3"])
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "the relearning attack on " in r.stderr and "fine-tuning diverged at step" in r.stderr, r.stderr
+    assert "give a smaller unlearning.relearn_lr (`anchoring relearn RUN --lr`" in r.stderr, r.stderr
+    assert sorted(str(p.relative_to(path)) for p in path.rglob("*")) == before

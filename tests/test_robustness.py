@@ -653,14 +653,14 @@ def test_the_local_backend_keeps_at_most_workers_shards_running_and_needs_each_s
     shards = []
     for i in range(5):
         (tmp_path / f"s{i}").mkdir()
-        shards.append(SimpleNamespace(name=f"s{i}", dir=tmp_path / f"s{i}"))
+        shards.append(SimpleNamespace(name=f"s{i}", dir=tmp_path / f"s{i}", point=i))
     _FakeShard.active = _FakeShard.peak = 0
     backends.run_local(shards, workers=2, retries=0)
     assert _FakeShard.peak == 2 and _FakeShard.active == 0
     (tmp_path / "late").mkdir()
     (tmp_path / "late" / "no-done").write_text("")  # exits 0 without writing done: not finished
     with pytest.raises(AnchoringError, match="shard late failed 1 times"):
-        backends.run_local([SimpleNamespace(name="late", dir=tmp_path / "late")], workers=1, retries=0)
+        backends.run_local([SimpleNamespace(name="late", dir=tmp_path / "late", point=0)], workers=1, retries=0)
 
 
 @pytest.mark.parametrize("wrote_shard", [False, True])
@@ -716,3 +716,15 @@ def test_delete_refuses_a_place_it_could_not_rename_into_before_any_work(anchore
     assert edited == [] and list(tmp_path.iterdir()) == [target] and not any(target.iterdir())
     monkeypatch.setattr(os, "access", real_access)
     assert invoke("delete", out, "--concept", "red", "--out", target).exit_code == 0 and edited == [1]
+
+
+def test_a_relearning_attack_that_blows_up_is_one_line_and_writes_no_table(anchored_run):
+    """At a learning rate that broke the fine-tune, the attack's errors went NaN and the table said
+    "not recovered": a deletion that held, read off an attack that had failed."""
+    out, _ = anchored_run
+    attack = out / "relearn" / "red"
+    before = sorted(p.name for p in attack.iterdir()) if attack.exists() else None
+    r = invoke("relearn", out, "--lr", "1e30", "--samples", "4", "--steps", "5", "--no-baseline")
+    one_line_error(r, "the relearning attack on anchored (seed 0, K = 4): fine-tuning diverged at step")
+    assert "give a smaller --lr" in r.stderr
+    assert (sorted(p.name for p in attack.iterdir()) if attack.exists() else None) == before

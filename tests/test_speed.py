@@ -112,7 +112,7 @@ def test_a_shard_whose_process_dies_is_started_again_as_often_as_retries_says(tm
     from anchoring.sweep import backends
     from anchoring.sweep.layout import DONE
 
-    shard = SimpleNamespace(name="shard-0", dir=tmp_path / "shard-0")
+    shard = SimpleNamespace(name="shard-0", dir=tmp_path / "shard-0", point=0)
     shard.dir.mkdir()
     starts = []
 
@@ -271,7 +271,7 @@ def test_an_interrupt_while_a_worker_starts_still_stops_that_worker(tmp_path, mo
         return proc
 
     monkeypatch.setattr(backends.subprocess, "Popen", popen_then_sigterm)
-    shards = [SimpleNamespace(name=f"s{i}", dir=tmp_path / f"s{i}") for i in range(2)]
+    shards = [SimpleNamespace(name=f"s{i}", dir=tmp_path / f"s{i}", point=i) for i in range(2)]
     for sh in shards:
         sh.dir.mkdir()
     try:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 from torch import nn
 
 from anchoring.control.erasure import mean_difference
+from anchoring.train.skeleton import Diverged
 
 
 def concept_samples(labeller, pool: torch.Tensor, k: int, seed: int) -> torch.Tensor:
@@ -46,21 +47,53 @@ class Curve:
         return int(hit[0]) if len(hit) else None
 
 
+T = TypeVar("T")
+
+
+def finetune(model: nn.Module, loss: Callable[[nn.Module, int], torch.Tensor], score: Callable[[nn.Module], T],
+             steps: int, lr: float, *, stop: Callable[[T], bool] | None = None,
+             keep: Callable[[nn.Module], Any] | None = None, tick: Callable[[], None] | None = None) -> list[T]:
+    """Adam on a copy of `model` with `loss(model, step)`; `score` (in eval mode, no gradients)
+    before the first step and after each: steps + 1 points, fewer when `stop` says so. Weights go
+    back on the sphere after each step when the model keeps them there (`normalize_weights`), then
+    `keep` (in place) constrains them. Any model and task: the caller says what is learned and scored.
+
+    A loss or weights that stop being finite raise `Diverged`: the scores after would be those of
+    broken weights, and an attack that broke would pass for a deletion that held."""
+    m = copy.deepcopy(model)
+    opt = torch.optim.Adam(m.parameters(), lr=lr)
+    curve = [_scored(m, score)]
+    for step in range(steps):
+        if stop is not None and stop(curve[-1]):
+            break
+        m.train()  # trained as in training, scored as it would be used (dropout off, statistics frozen)
+        value = loss(m, step)
+        if not bool(torch.isfinite(value.detach()).all()):
+            raise Diverged(f"fine-tuning diverged at step {step} of {steps} (lr {lr:g}): the loss is not finite")
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        with torch.no_grad():
+            if hasattr(m, "normalize_weights"):
+                m.normalize_weights()
+            if keep is not None:
+                keep(m)
+            if not all(bool(torch.isfinite(w).all()) for w in m.parameters()):
+                raise Diverged(f"fine-tuning diverged at step {step} of {steps} (lr {lr:g}): the weights are not finite")
+        curve.append(_scored(m, score))
+        if tick is not None:
+            tick()
+    return curve
+
+
+def _scored(m: nn.Module, score: Callable[[nn.Module], T]) -> T:
+    m.eval()
+    with torch.no_grad():
+        return score(m)
+
+
 def relearn(model: nn.Module, loss: Callable[[nn.Module], torch.Tensor], error: Callable[[nn.Module], torch.Tensor],
             steps: int, lr: float = 0.01) -> Curve:
     """Fine-tune a copy with Adam on `loss(model)` (full batch); `error(model)` measured before each
-    step and after the last. Any model, any task: the caller says what is learned and what is measured."""
-    m = copy.deepcopy(model)
-    opt = torch.optim.Adam(m.parameters(), lr=lr)
-    errors = []
-    for _ in range(steps + 1):
-        m.eval()  # measured as it would be used (dropout off, running statistics frozen) ...
-        with torch.no_grad():
-            errors.append(error(m).detach())
-        if len(errors) > steps:
-            break
-        m.train()  # ... and trained as in training
-        opt.zero_grad(set_to_none=True)
-        loss(m).backward()
-        opt.step()
-    return Curve(torch.stack(errors))
+    step and after the last."""
+    return Curve(torch.stack(finetune(model, lambda m, _step: loss(m), lambda m: error(m).detach(), steps, lr)))

@@ -37,7 +37,7 @@ from anchoring.kinds.lm.config import LMExperiment
 from anchoring.kinds.lm.data import CORPUS
 from anchoring.kinds.lm.edits import concept_directions, edited, first_site, matched_directions
 from anchoring.kinds.lm.kind import anchored_sites, check_relearnable, check_scored, left_out_note, unlearning
-from anchoring.kinds.lm.unlearning import REPAIR_ONLY, losses, repair, repair_windows
+from anchoring.kinds.lm.unlearning import REPAIR_ONLY, diverging, losses, repair, repair_windows
 from anchoring.report import html
 
 KEYS = ("forget", "concept", "retain")
@@ -195,7 +195,8 @@ def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repa
         if i not in windows_of:
             windows_of[i] = repair_windows(run.data, cfg.lm.tokens, run.seeds[i])
         windows = windows_of[i]
-        return repair(after, edit, lambda step: windows.batch(step, cfg.unlearning.relearn_batch), repair_steps, lr, tick)
+        with diverging(f"the repair of seed {run.seeds[i]}'s model", "give a smaller --repair-lr"):
+            return repair(after, edit, lambda step: windows.batch(step, cfg.unlearning.relearn_batch), repair_steps, lr, tick)
 
     new = {arm: [fixed(m, i, concept_edit) for i, m in enumerate(ms)] for arm, ms in run.arms.items()}
     after_site = first_site(next(iter(new.values()))[0], anchored_sites(cfg)) if kind == "blind" else None

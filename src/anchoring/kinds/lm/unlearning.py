@@ -27,7 +27,6 @@ reference-negative passage. Fine-tunes score a smaller fixed subset (`unlearning
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -44,11 +43,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from anchoring import runs
+from anchoring.control.relearn import finetune as shared_finetune
 from anchoring.control.surgery import residual_component
 from anchoring.errors import AnchoringError
 from anchoring.kinds.lm import evaluate as ev
 from anchoring.kinds.lm.config import LMExperiment, UnlearningConfig
 from anchoring.kinds.lm.data import LMData
+from anchoring.train.skeleton import Diverged
 
 CURVES = "unlearning_curves.csv"
 PARTIAL = "unlearning-partial"  # a run's finished methods while its evaluation is unfinished (one JSON file per seed)
@@ -226,34 +227,25 @@ def forget_passages(data: LMData, seed: int) -> np.ndarray:
     return pos[np.random.default_rng([seed, PICK_SALT]).permutation(len(pos))]
 
 
+@contextmanager
+def diverging(what: str, fix: str) -> Iterator[None]:
+    """A fine-tune's divergence named by the attack or repair it ended, with what to change: the
+    step alone would not say which of a run's many fine-tunes broke."""
+    try:
+        yield
+    except Diverged as e:
+        raise Diverged(f"{what}: {e}; {fix}") from None
+
+
 def finetune(model: nn.Module, batches: Callable[[int], torch.Tensor], steps: int, lr: float,
              score: Callable[[nn.Module], dict[str, float]], stop: Callable[[dict[str, float]], bool] | None = None,
              tick: Callable[[], None] | None = None, keep: Callable[[nn.Module], Any] | None = None) -> list[dict[str, float]]:
-    """Adam on a copy of `model`; `score` before the first step and after each (steps + 1 points, or
-    fewer when `stop` says so). Weights are put back on the sphere after each step if the model does that,
-    then `keep` (in place) constrains them, when given."""
-    m = copy.deepcopy(model)
-    opt = torch.optim.Adam(m.parameters(), lr=lr)
-    curve = [score(m)]
-    for step in range(steps):
-        if stop is not None and stop(curve[-1]):
-            break
-        m.train()
+    """`control.relearn.finetune` on next-token loss over the windows `batches(step)` gives."""
+    def loss(m: nn.Module, step: int) -> torch.Tensor:
         x = batches(step)
-        loss = F.cross_entropy(m(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if hasattr(m, "normalize_weights"):
-            with torch.no_grad():
-                m.normalize_weights()
-        if keep is not None:
-            with torch.no_grad():
-                keep(m)
-        curve.append(score(m))
-        if tick is not None:
-            tick()
-    return curve
+        return F.cross_entropy(m(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+
+    return shared_finetune(model, loss, score, steps, lr, stop=stop, keep=keep, tick=tick)
 
 
 @contextmanager
@@ -336,7 +328,8 @@ def score_method(m: Method, seed: int, at: SeedSetting, u: UnlearningConfig, pro
     if at.fix is not None and m.repairable:
         edit_only = losses(m.after, es, bs)
         fix = at.fix
-        m.after = repair(m.after, m.redo, lambda step: fix.batch(step, u.relearn_batch), u.repair_steps, u.repair_lr, tick)
+        with diverging(f"the repair of {m.name} (seed {seed})", "give a smaller unlearning.repair_lr"):
+            m.after = repair(m.after, m.redo, lambda step: fix.batch(step, u.relearn_batch), u.repair_steps, u.repair_lr, tick)
     row = _row(m.name, seed, m.arm, m.weights_edited, losses(m.before, es, bs), losses(m.after, es, bs),
                attacked(m, u.attack_hooks))
     if edit_only is not None:  # the edit alone, before its repair
@@ -354,15 +347,18 @@ def score_method(m: Method, seed: int, at: SeedSetting, u: UnlearningConfig, pro
         return [{"seed": seed, "method": m.name, "fine_tune": fine_tune, "k": k, "step": i, "forget_concept": c["concept"],
                  "forget": c["forget"], "retain": c["retain"], "control_concept": target} for i, c in enumerate(curve)]
 
+    smaller = "give a smaller unlearning.relearn_lr (`anchoring relearn RUN --lr` scores the run with another)"
     for k, w in at.attack.items():
-        curve = finetune(m.after, lambda step, w=w: w.batch(step, u.relearn_batch), u.relearn_steps, u.relearn_lr, score,
-                         tick=tick)
+        with diverging(f"the relearning attack on {m.name} (seed {seed}, K = {k})", smaller):
+            curve = finetune(m.after, lambda step, w=w: w.batch(step, u.relearn_batch), u.relearn_steps, u.relearn_lr,
+                             score, tick=tick)
         row["relearn"][str(k)] = relearn_record(curve, sb, target, int(min(k, len(at.forget))))
         curves += points(curve, f"relearn K={k}", k)
     mix_f, mix_r = at.mix
     half = max(1, u.relearn_batch // 2)
-    rec = finetune(m.after, lambda step: torch.cat([mix_f.batch(step, half), mix_r.batch(step, half)]),
-                   u.recover_steps, u.relearn_lr, score, stop=lambda c: c["concept"] <= target, tick=tick)
+    with diverging(f"the recovery fine-tune of {m.name} (seed {seed})", smaller):
+        rec = finetune(m.after, lambda step: torch.cat([mix_f.batch(step, half), mix_r.batch(step, half)]),
+                       u.recover_steps, u.relearn_lr, score, stop=lambda c: c["concept"] <= target, tick=tick)
     hit = [i for i, c in enumerate(rec) if c["concept"] <= target]
     row["recover_steps"] = hit[0] if hit else None  # 0: nothing to recover (shown nd)
     curves += points(rec, "recover", 0)
