@@ -138,10 +138,19 @@ class SequenceTerm:
                  line_labels: dict[str, torch.Tensor], labels: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """`labels`: per-position `(B, T)` labels per concept, where they are finer than the lines'
         (text labelled by spans); by default every position takes its line's label."""
+        total, weight = self.parts(acts, roles, line, line_labels, labels)
+        return total / weight.clamp_min(1.0)
+
+    def parts(self, acts: dict[str, torch.Tensor], roles: torch.Tensor, line: torch.Tensor,
+              line_labels: dict[str, torch.Tensor], labels: dict[str, torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The term as its weighted sum and its total weight, apart: the term is their ratio, and a
+        data-parallel caller adds up the weights of every rank's batch before it divides."""
         ell = self.formula(self.site.read(acts))  # (B, T)
         if self.positions.kind == "mellowmax":
             check_weights(line_labels[self.concept], self.name, self.concept)
-            return pool_lines(ell, line, line_labels[self.concept], self.positions.omega, self.select)
+            pooled, w = pooled_lines(ell, line, line_labels[self.concept], self.positions.omega, self.select)
+            return (pooled * w).sum(), w.sum()
         w = torch.ones_like(ell)
         if self.positions.kind == "slot":
             w = w * (roles == self.positions.role)
@@ -149,7 +158,7 @@ class SequenceTerm:
             lab = labels[self.concept] if labels is not None else position_labels(line_labels[self.concept], line)
             check_weights(lab, self.name, self.concept)
             w = w * (lab if self.select == "labelled" else 1.0 - lab)
-        return (ell * w).sum() / w.sum().clamp_min(1.0)
+        return (ell * w).sum(), w.sum()
 
 
 @dataclass

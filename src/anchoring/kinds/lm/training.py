@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from anchoring.anchor import Capture, build_term
 from anchoring.anchor.concepts import build_concepts
 from anchoring.anchor.route import RouteThrough
-from anchoring.anchor.sequence import Positions, SequenceObjective, SequenceSite, SequenceTerm, pooled_lines
+from anchoring.anchor.sequence import Positions, SequenceObjective, SequenceSite, SequenceTerm
 from anchoring.domains.text.lexicons import CONCEPTS
 from anchoring.errors import AnchoringError
 from anchoring.kinds.lm.baselines import forget_masks, routing
@@ -316,16 +316,8 @@ class LMTask(MetricRows):
             return t(self.cap.acts, line, line, {concept: lab}, {concept: pos})
         import torch.distributed as dist
 
-        ell = t.formula(t.site.read(self.cap.acts))  # (B, T)
-        if t.positions.kind == "mellowmax":
-            pooled, w = pooled_lines(ell, line, lab, t.positions.omega, t.select)
-            num = (pooled * w).sum()
-        else:
-            w = torch.ones_like(ell)
-            if t.select != "all":
-                w = w * (pos if t.select == "labelled" else 1.0 - pos)
-            num = (ell * w).sum()
-        den = w.sum().detach().clone()
+        num, den = t.parts(self.cap.acts, line, line, {concept: lab}, {concept: pos})
+        den = den.detach().clone()
         dist.all_reduce(den)
         return num / den.clamp_min(1.0) * self.world
 
