@@ -83,12 +83,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
 
 
-def rotary(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
-    """Rotary position embedding of `(B, H, T, d)` (d even): rotate channel pairs by position."""
-    cos, sin = rotary_tables(x.shape[-2], x.shape[-1], base, x.dtype, x.device)
-    return apply_rotary(x, cos, sin)
-
-
 class Attention(nn.Module):
     """Causal attention on unit queries and keys, with rotary positions.
 

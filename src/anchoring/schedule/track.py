@@ -129,10 +129,6 @@ class Track:
         """Keyframes as (step, value) in real space."""
         return [(t, self._from_space(y)) for t, y in self.keys]
 
-    @property
-    def last_step(self) -> float:
-        return self.keys[-1][0]
-
     # -- reactive ----------------------------------------------------------------------
     def retarget(self, at: float, value: float, until: float) -> None:
         """From step `at`, head for `value` at step `until` with no jump in value or velocity.

@@ -46,12 +46,6 @@ def hue_latents(encode) -> torch.Tensor:
     return encode(torch.stack([named[n] for n in HUE_NAMES]))
 
 
-def reconstruction_mse(decode_encode, rgb: torch.Tensor) -> torch.Tensor:
-    """Per-seed mean squared error over `rgb` `(N, 3)`; output clamped to [0, 1] as at evaluation."""
-    out = decode_encode(rgb).clamp(0.0, 1.0)
-    return (out - rgb).pow(2).mean(dim=(-1, -2))
-
-
 def concept_exemplar(labeller, candidates: torch.Tensor) -> torch.Tensor:
     """The candidate colour the labeller is surest about (pure red for `red`)."""
     return candidates[labeller.probability(candidates).argmax()]
