@@ -88,14 +88,20 @@ def _resolve_steps(raw: list[tuple[int, str]], source: str = "dopesheet") -> lis
     return steps
 
 
-def parse_dopesheet(text: str, source: str = "dopesheet") -> Timeline:
-    """Parse dopesheet CSV text; every error names the line and column at fault."""
-    text = text.removeprefix("\ufeff")  # a spreadsheet's "CSV UTF-8" starts with a byte-order mark
+def dopesheet_rows(text: str, source: str = "dopesheet") -> list[tuple[int, list[str]]]:
+    """The rows that count, with their line numbers: blank lines and `#` comments go, and so does a
+    byte-order mark (a spreadsheet's "CSV UTF-8" starts with one)."""
+    text = text.removeprefix("\ufeff")
     try:
-        rows = [(n, r) for n, r in enumerate(csv.reader(io.StringIO(text)), start=1)
+        return [(n, r) for n, r in enumerate(csv.reader(io.StringIO(text)), start=1)
                 if r and any(c.strip() for c in r) and not r[0].lstrip().startswith("#")]
     except csv.Error as e:
         raise AnchoringError(f"{source}: not valid CSV ({e})") from None
+
+
+def parse_dopesheet(text: str, source: str = "dopesheet") -> Timeline:
+    """Parse dopesheet CSV text; every error names the line and column at fault."""
+    rows = dopesheet_rows(text, source)
     if not rows:
         raise AnchoringError(f"{source}: empty dopesheet")
     special, params = _parse_header(rows[0][1], source)

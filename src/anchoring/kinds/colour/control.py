@@ -35,6 +35,7 @@ from anchoring.kinds.colour.model import ColourRun
 from anchoring.kinds.colour.objective import build_objective
 from anchoring.kinds.colour.sites import check_edit_site, site_width
 from anchoring.report import figures, html
+from anchoring.schedule.dopesheet import dopesheet_rows
 from anchoring.train.checkpoint import FORMAT, atomic_save
 from anchoring.train.skeleton import Diverged
 
@@ -282,8 +283,7 @@ def lr_schedule(schedule: str) -> str:
     stretches to the run's steps exactly as the run did, so both follow the same learning rate and see
     the same data curriculum step by step (keys written out after stretching could land twice on one
     step, which a dopesheet refuses). The regularizers' columns go: the baseline has no terms."""
-    rows = [r for r in csv.reader(io.StringIO(schedule)) if r and any(c.strip() for c in r)
-            and not r[0].lstrip().startswith("#")]
+    rows = [r for _line, r in dopesheet_rows(schedule)]
     keep = [0] + [i for i, h in enumerate(rows[0]) if i and h.split(":")[0].strip() in ("lr", "extent")]
     out = io.StringIO()
     csv.writer(out, lineterminator="\n").writerows([[r[i] if i < len(r) else "" for i in keep] for r in rows])
