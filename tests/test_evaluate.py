@@ -84,3 +84,14 @@ def test_an_infinite_median_keeps_its_sign_once_read_back():
     assert (marked["up"]["infinite"], marked["down"]["infinite"]) == (1, -1) and "infinite" not in marked["x"]
     back = {k: {kk: vv for kk, vv in t.items() if kk != "median"} for k, t in marked.items()}  # null in summary.json
     assert target_median(back["down"]) == float("-inf") and target_median(back["up"]) == float("inf")
+
+
+def test_the_median_ranks_infinities_only_when_asked_and_always_leaves_nan_out():
+    """One median for the project: seeds that never recovered (inf) rank above every count in the
+    relearning tables; elsewhere a non-finite value is no number to take a median of."""
+    from anchoring.evaluate.stats import median
+
+    inf, nan = float("inf"), float("nan")
+    assert median([8.0, inf, 2.0]) == 5.0 and median([8.0, inf, 2.0], rank_infinite=True) == 8.0
+    assert median([8.0, inf], rank_infinite=True) == inf and median([-inf, 1.0, nan], rank_infinite=True) == -inf
+    assert median([nan, 3.0, nan], rank_infinite=True) == 3.0 and median([nan]) != median([nan])

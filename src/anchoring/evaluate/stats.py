@@ -7,10 +7,13 @@ from typing import Iterable
 import numpy as np
 
 
-def median(values: Iterable[float]) -> float:
-    """Median over the finite values; NaN when there are none (written as null in JSON)."""
+def median(values: Iterable[float], rank_infinite: bool = False) -> float:
+    """Median over the finite values; NaN when there are none (written as null in JSON).
+
+    `rank_infinite`: ±inf count, as the extremes they are (a seed that never recovered, an edit with
+    no retain cost), instead of being left out; NaN (undefined) is left out either way."""
     a = np.asarray([float(v) for v in values], dtype=np.float64)
-    a = a[np.isfinite(a)]
+    a = a[~np.isnan(a)] if rank_infinite else a[np.isfinite(a)]
     return float(np.median(a)) if a.size else float("nan")
 
 

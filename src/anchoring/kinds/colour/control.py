@@ -15,7 +15,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from rich.table import Table
 
@@ -196,7 +195,7 @@ def delete(run: ColourRun, spec: InterventionConfig, out: Path) -> EditResult:
 def median_steps(got: Sequence[int | None], steps: int) -> str:
     """Median steps to recover over seeds, where a seed that never recovered (None) ranks above every
     count: with seeds [8, never] in 10 steps the median is "> 10", not a made-up 9.5."""
-    med = float(np.median([s if s is not None else math.inf for s in got]))  # stats.median would drop inf
+    med = median([s if s is not None else math.inf for s in got], rank_infinite=True)
     return f"{med:g}" if med <= steps else f">{steps}"
 
 

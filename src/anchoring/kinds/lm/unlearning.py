@@ -46,6 +46,7 @@ from anchoring import runs
 from anchoring.control.relearn import finetune as shared_finetune
 from anchoring.control.surgery import residual_component
 from anchoring.errors import AnchoringError
+from anchoring.evaluate.stats import median
 from anchoring.kinds.lm import evaluate as ev
 from anchoring.kinds.lm.config import LMExperiment, UnlearningConfig
 from anchoring.kinds.lm.data import LMData
@@ -602,8 +603,7 @@ def kept_for_median(row: dict[str, Any], k: int) -> float:
 def ranked_median(values: list[float]) -> float:
     """Median over seeds that ranks ±inf as the extremes they are (a seed that never recovered, an
     edit with no retain cost) instead of dropping them; NaN (undefined) values are left out."""
-    kept = [v for v in values if not math.isnan(v)]
-    return float(np.median(kept)) if kept else float("nan")
+    return median(values, rank_infinite=True)
 
 
 def set_r(seed_rows: list[dict[str, Any]]) -> None:
