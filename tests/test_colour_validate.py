@@ -131,8 +131,8 @@ def test_an_interruption_after_the_earlier_folder_was_set_aside_puts_it_back(unt
 def test_per_seed_grid_errors_are_the_edited_models(untrained_run):
     import csv
 
-    from anchoring.control.plan import make_plan
     from anchoring.kinds.colour.edits import colour_errors, selectivity_grid, stacked
+    from anchoring.kinds.colour.plan import make_plan
 
     run = untrained_run
     spec = InterventionConfig(name="z", method="zero", concept="red")

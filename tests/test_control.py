@@ -387,7 +387,7 @@ def test_the_bezier_mapper_solves_for_the_curve_parameter():
 def test_plans_take_dims_from_the_anchor_and_refuse_what_would_not_apply():
     from anchoring.anchor import Concept
     from anchoring.config import InterventionConfig
-    from anchoring.control.plan import make_plan
+    from anchoring.kinds.colour.plan import make_plan
 
     anti = Concept("c", None, anchor=(-1.0, 0.0, 0.0, 0.0))  # a negative anchor still lives on dim 0
     assert make_plan(InterventionConfig(name="z", method="zero", concept="c"), [anti], 4).dims == (0,)
@@ -408,7 +408,8 @@ def test_plans_take_dims_from_the_anchor_and_refuse_what_would_not_apply():
 
 
 def test_relearning_curves_count_the_first_step_at_or_below_the_threshold():
-    from anchoring.control.relearn import Curve, concept_samples
+    from anchoring.control.relearn import Curve
+    from anchoring.kinds.colour.plan import concept_samples
 
     assert Curve(torch.tensor([0.5, 0.1, 0.05])).steps_to(0.1) == 1
     assert Curve(torch.tensor([0.5, 0.2])).steps_to(0.1) is None

@@ -1,9 +1,9 @@
 """Relearning attack: does a deleted concept come back after a little fine-tuning?
 
-Fine-tune an edited model on K samples of the concept (plus optional retain data) and record
-the concept's error after every step. The baseline is the same architecture trained with no
-anchoring, with the concept direction found post hoc (difference of means) and projected out
-of the weights. The task's loss and error come from the caller, so this knows no model.
+Fine-tune an edited model on samples of the concept (plus optional retain data) and record
+its score after every step. The task's loss and score come from the caller, so this knows no
+model and no data: each kind draws its own attack (colour: `kinds/colour/plan.py`; LM:
+`kinds/lm/unlearning.py`).
 """
 
 from __future__ import annotations
@@ -15,27 +15,7 @@ from typing import Any, Callable, TypeVar
 import torch
 from torch import nn
 
-from anchoring.control.erasure import mean_difference
 from anchoring.train.skeleton import Diverged
-
-
-def concept_samples(labeller, pool: torch.Tensor, k: int, seed: int) -> torch.Tensor:
-    """K distinct colours drawn from `pool` with probability ∝ p(concept | colour)."""
-    p = labeller.probability(pool).double()
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.multinomial(p / p.sum(), k, replacement=False, generator=g)
-    return pool[idx]
-
-
-def post_hoc_direction(encode, labeller, pool: torch.Tensor) -> torch.Tensor:
-    """Mean latent of exactly-labelled colours minus mean of the rest, unit length.
-
-    `encode(rgb)` gives the site's activations; use the pre-normalisation site so the
-    direction can be projected out of the producing layer's weights.
-    """
-    with torch.no_grad():
-        z = encode(pool)
-    return mean_difference(z, labeller.exact(pool))
 
 
 @dataclass

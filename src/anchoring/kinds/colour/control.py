@@ -22,8 +22,6 @@ from anchoring import runs
 from anchoring.anchor import Concept
 from anchoring.config import InterventionConfig
 from anchoring.control import ablate_direction
-from anchoring.control.plan import make_plan
-from anchoring.control.relearn import concept_samples, post_hoc_direction
 from anchoring.control.relearn import relearn as finetune
 from anchoring.domains.colour import NAMES, named_rgb, rgb_grid
 from anchoring.errors import AnchoringError
@@ -32,6 +30,7 @@ from anchoring.kinds.base import EditResult
 from anchoring.kinds.colour.edits import evaluate_edit, named_error_table, stacked
 from anchoring.kinds.colour.model import ColourRun
 from anchoring.kinds.colour.objective import build_objective
+from anchoring.kinds.colour.plan import concept_samples, make_plan, post_hoc_direction
 from anchoring.kinds.colour.sites import check_edit_site, site_width
 from anchoring.report import figures, html
 from anchoring.schedule.dopesheet import dopesheet_rows

@@ -14,7 +14,6 @@ from safetensors.torch import save as st_save
 
 from anchoring import runs
 from anchoring.config import InterventionConfig
-from anchoring.control.plan import make_plan
 from anchoring.domains.colour import NAMES, named_rgb, rgb_grid
 from anchoring.errors import AnchoringError
 from anchoring.evaluate.selection import edit_summary, pareto_selection
@@ -28,6 +27,7 @@ from anchoring.kinds.colour.edits import evaluate_edit, named_error_table, stack
 from anchoring.kinds.colour.metrics import concept_exemplar
 from anchoring.kinds.colour.model import ColourRun, architecture, open_run
 from anchoring.kinds.colour.objective import build_objective, build_timeline, check_curriculum, training_points
+from anchoring.kinds.colour.plan import make_plan
 from anchoring.kinds.colour.sites import check_sites
 from anchoring.kinds.colour.summary import summarize_seeds
 from anchoring.kinds.colour.training import CHECKPOINT, TrainResult, metrics_table, train

@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from anchoring.anchor import Capture, Term, resolve_site
-from anchoring.control.plan import make_plan
 from anchoring.domains.colour import named_rgb
 from anchoring.errors import AnchoringError
 from anchoring.kinds.colour.config import ColourExperiment
 from anchoring.kinds.colour.objective import Objective, build_model
+from anchoring.kinds.colour.plan import make_plan
 
 
 def site_width(model: nn.Module, site: str) -> int:

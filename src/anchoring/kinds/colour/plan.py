@@ -1,4 +1,5 @@
-"""From an intervention spec to edited models: one place that knows every method's wiring."""
+"""A colour run's edits: from an intervention spec to edited models (one place that knows every
+method's wiring), and the relearning attack's colours and post-hoc baseline direction."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from anchoring.anchor import Concept
 from anchoring.config import InterventionConfig
+from anchoring.control.erasure import mean_difference
 from anchoring.control.falloff import BezierMapper, parse_falloff
 from anchoring.control.interventions import Intervention, intervene
 from anchoring.control.surgery import ablate, prune
@@ -94,3 +96,22 @@ def make_plan(spec: InterventionConfig, concepts: Sequence[Concept], latent_dim:
     if spec.sites is not None:
         raise AnchoringError(f"intervention {spec.name!r}: sites apply to transformer experiments; use site")
     return Plan(spec, direction, dims)
+
+
+def concept_samples(labeller, pool: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """K distinct colours drawn from `pool` with probability ∝ p(concept | colour)."""
+    p = labeller.probability(pool).double()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.multinomial(p / p.sum(), k, replacement=False, generator=g)
+    return pool[idx]
+
+
+def post_hoc_direction(encode, labeller, pool: torch.Tensor) -> torch.Tensor:
+    """Mean latent of exactly-labelled colours minus mean of the rest, unit length.
+
+    `encode(rgb)` gives the site's activations; use the pre-normalisation site so the
+    direction can be projected out of the producing layer's weights.
+    """
+    with torch.no_grad():
+        z = encode(pool)
+    return mean_difference(z, labeller.exact(pool))
