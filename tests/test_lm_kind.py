@@ -479,7 +479,11 @@ def test_span_labels_anchor_the_labelled_words_above_the_control(corpus, tmp_pat
 def test_every_job_reports_its_training_seconds_also_from_worker_processes(corpus, tmp_path):
     cfg = experiments.load("lm-anchor-passages", tiny(corpus, "train.steps=12", 'lm.arms=["anchored","control"]',
                                                       "lm.workers=2", "evaluate.shade_passages=0"))
-    timing = lifecycle.run(cfg, tmp_path / "run").summary["timing"]
+    seen: list[tuple[int, int]] = []
+    timing = lifecycle.run(cfg, tmp_path / "run", progress=lambda done, total: seen.append((done, total))).summary["timing"]
+    # the bar moves while the processes train (it stood at 0 until the end): each job reports at its 10th step
+    training = [d for d, t in seen if t == 24]
+    assert 10 in training and 20 in training and training[-1] == 24 and training == sorted(training), seen
     jobs = {k: v for k, v in timing.items() if k.endswith("-seed0_s")}
     assert set(jobs) == {"anchored-seed0_s", "control-seed0_s"} and all(0 < v < timing["train_s"] for v in jobs.values())
     from rich.console import Console

@@ -14,7 +14,7 @@ import threading
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Hashable, Iterator, Sequence
 
 import torch
 
@@ -159,3 +159,53 @@ def run_jobs(fn: Callable[..., None], jobs: Sequence[tuple], workers: int,
         raise failed[0]
     if interrupted or errors or any(f.cancelled() for f in futures):
         raise TrainingInterrupted(-1, None)
+
+
+_PROGRESS: Any = None  # in a job process of `run_jobs_reporting`: where `job_progress` sends its steps
+
+
+def _set_progress_queue(queue: Any) -> None:
+    global _PROGRESS
+    _PROGRESS = queue
+
+
+def job_progress(key: Hashable, every: int = 10) -> Callable[[int], None]:
+    """A `progress(step)` for a training loop inside a job of `run_jobs_reporting`: every `every`
+    steps it tells the parent how far job `key` is (more often would cost the job time)."""
+    def report(step: int) -> None:
+        if _PROGRESS is not None and step % every == 0:
+            _PROGRESS.put((key, step))
+
+    return report
+
+
+def run_jobs_reporting(fn: Callable[..., None], jobs: Sequence[tuple], workers: int,
+                       progress: Callable[[int, int], None] | None, total: int,
+                       done: dict[Hashable, int] | None = None) -> None:
+    """`run_jobs`, with the steps of every job added up into `progress(done, total)` here, so a run
+    trained in processes moves its progress bar as one trained here does (`fn` hands
+    `job_progress(key)` to its loop). `done`: the steps each job had already trained (a resume)."""
+    if progress is None:
+        run_jobs(fn, jobs, workers)
+        return
+    queue = mp.get_context("spawn").Queue()
+    steps: dict[Hashable, int] = dict(done or {})
+    stop = threading.Event()
+
+    def listen() -> None:
+        while not stop.is_set():
+            try:
+                key, step = queue.get(timeout=0.2)
+            except Exception:  # queue.Empty, or the queue closing at shutdown
+                continue
+            steps[key] = step
+            progress(sum(steps.values()), total)
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    try:
+        run_jobs(fn, jobs, workers, _set_progress_queue, (queue,))
+    finally:
+        stop.set()
+        listener.join()
+    progress(total, total)  # every job finished: its last steps need not fall on a report

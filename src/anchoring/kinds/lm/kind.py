@@ -57,7 +57,7 @@ from anchoring.report.figures import save as save_fig
 from anchoring.resources import check_fits, release_freed_memory
 from anchoring.train.checkpoint import CHECKPOINT, steps_done
 from anchoring.train.skeleton import TrainingInterrupted
-from anchoring.train.workers import run_jobs, stop_asked
+from anchoring.train.workers import job_progress, run_jobs_reporting, stop_asked
 
 Progress = Callable[[int, int], None]
 ARCH_KIND = "lm-ngpt"
@@ -309,7 +309,8 @@ def run(cfg: LMExperiment, path: Path, *, progress: Progress | None = None) -> d
             raise TrainingInterrupted(stopped_at or -1, path) from None  # -1: stopped before any step was saved
         workers = cfg.lm.nproc  # no progress from the ranks; the loop below only loads their checkpoints
     elif workers > 1:  # a job already at its last step (a resumed run, a merged sweep) needs no process
-        _train_in_processes(cfg, path, todo, workers)
+        _train_in_processes(cfg, path, todo, workers, progress, total,
+                            {j: steps_done(checkpoint_path(path, *j)) for j in jobs})
     results: dict[tuple[str, int], ArmResult] = {}
     for i, (arm, seed) in enumerate(jobs):  # after the pool: each job only loads its finished checkpoint
         done = i * steps
@@ -347,14 +348,17 @@ def trained_on(cfg: LMExperiment, processes: int, how: str) -> dict[str, Any]:
 
 
 def _train_job(cfg: LMExperiment, path: Path, arm: str, seed: int) -> None:
-    train_arm(cfg, load_data(cfg.text, path), seed, arm, checkpoint=checkpoint_path(path, arm, seed), should_stop=stop_asked)
+    train_arm(cfg, load_data(cfg.text, path), seed, arm, checkpoint=checkpoint_path(path, arm, seed),
+              progress=job_progress((arm, seed)), should_stop=stop_asked)
     release_freed_memory()  # a worker trains job after job
 
 
-def _train_in_processes(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int]], workers: int) -> None:
-    """One process per (arm, seed) job, all stopping together (`train.workers.run_jobs`)."""
+def _train_in_processes(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int]], workers: int,
+                        progress: Progress | None, total: int, done: dict[tuple[str, int], int]) -> None:
+    """One process per (arm, seed) job, all stopping together, their steps summed into `progress`
+    (`train.workers.run_jobs_reporting`; `done`: every job's steps so far, finished ones included)."""
     try:
-        run_jobs(_train_job, [(cfg, path, arm, seed) for arm, seed in jobs], workers)
+        run_jobs_reporting(_train_job, [(cfg, path, arm, seed) for arm, seed in jobs], workers, progress, total, done)
     except TrainingInterrupted as e:
         raise TrainingInterrupted(e.step, path) from None
 

@@ -7,9 +7,7 @@ loses at most `checkpoint_every` steps of one model; `anchoring resume` picks up
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -42,8 +40,9 @@ from anchoring.models.ngpt import training_bytes
 from anchoring.report import html
 from anchoring.report.figures import save as save_fig
 from anchoring.resources import check_fits
+from anchoring.train.checkpoint import steps_done
 from anchoring.train.skeleton import TrainingInterrupted
-from anchoring.train.workers import run_jobs, stop_asked
+from anchoring.train.workers import job_progress, run_jobs_reporting, stop_asked
 
 Progress = Callable[[int, int], None]
 ARCH_KIND = "colour-transformer"
@@ -152,20 +151,9 @@ def run(cfg: TransformerExperiment, path: Path, *, progress: Progress | None = N
     return summary
 
 
-_queue: Any = None  # a worker's channel for progress, set by its initializer
-
-
-def _init_worker(queue) -> None:
-    global _queue
-    _queue = queue
-
-
 def _train_job(cfg: TransformerExperiment, arm: str, seed: int, checkpoint: Path) -> None:
-    def report(step: int) -> None:
-        if step % 10 == 0:
-            _queue.put(((arm, seed), step))
-
-    train_arm(cfg, seed, anchored=arm == "anchored", checkpoint=checkpoint, progress=report, should_stop=stop_asked)
+    train_arm(cfg, seed, anchored=arm == "anchored", checkpoint=checkpoint, progress=job_progress((arm, seed)),
+              should_stop=stop_asked)
 
 
 def _train_in_processes(cfg: TransformerExperiment, jobs: list[tuple[str, int]], ckpt: dict, workers: int, steps: int,
@@ -175,30 +163,11 @@ def _train_in_processes(cfg: TransformerExperiment, jobs: list[tuple[str, int]],
     Ctrl-C, or a SIGTERM to this process or to any worker, stops them all after their next step,
     each with its checkpoint, and the run resumes later (`train.workers.run_jobs`).
     """
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    done: dict[tuple[str, int], int] = {}
-    stop = threading.Event()
-
-    def listen() -> None:
-        while not stop.is_set():
-            try:
-                job, step = queue.get(timeout=0.2)
-            except Exception:  # queue.Empty, or the queue closing at shutdown
-                continue
-            done[job] = step
-            if progress:
-                progress(sum(done.values()), steps * len(jobs))
-
-    listener = threading.Thread(target=listen, daemon=True)
-    listener.start()
     try:
-        run_jobs(_train_job, [(cfg, arm, seed, ckpt[arm, seed]) for arm, seed in jobs], workers, _init_worker, (queue,))
+        run_jobs_reporting(_train_job, [(cfg, arm, seed, ckpt[arm, seed]) for arm, seed in jobs], workers, progress,
+                           steps * len(jobs), {job: steps_done(ckpt[job]) for job in jobs})
     except TrainingInterrupted:
         raise TrainingInterrupted(-1, path) from None  # the jobs stop at steps of their own: no one step to name
-    finally:
-        stop.set()
-        listener.join()
 
 
 def architecture(cfg: TransformerExperiment) -> dict[str, Any]:
