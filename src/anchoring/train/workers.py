@@ -164,7 +164,8 @@ def run_jobs(fn: Callable[..., None], jobs: Sequence[tuple], workers: int,
 _PROGRESS: Any = None  # in a job process of `run_jobs_reporting`: where `job_progress` sends its steps
 
 
-def _set_progress_queue(queue: Any) -> None:
+def set_progress_queue(queue: Any) -> None:
+    """In a job or rank process: where `job_progress` sends its steps (None: nowhere)."""
     global _PROGRESS
     _PROGRESS = queue
 
@@ -204,7 +205,7 @@ def run_jobs_reporting(fn: Callable[..., None], jobs: Sequence[tuple], workers: 
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
     try:
-        run_jobs(fn, jobs, workers, _set_progress_queue, (queue,))
+        run_jobs(fn, jobs, workers, set_progress_queue, (queue,))
     finally:
         stop.set()
         listener.join()

@@ -22,15 +22,17 @@ per rank, gloo otherwise.
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 from anchoring.errors import AnchoringError
 from anchoring.kinds.lm.config import LMExperiment
-from anchoring.train.workers import start_held
+from anchoring.train.workers import job_progress, set_progress_queue, start_held
 
 
 def backend(cfg: LMExperiment, world: int) -> str:
@@ -70,17 +72,20 @@ def _train_jobs(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int]], rank
     dist.init_process_group(name, init_method=init_method, rank=rank, world_size=world)
     try:
         data = load_data(cfg.text, path)
-        for arm, seed in jobs:
-            train_arm(cfg, data, seed, arm, checkpoint=checkpoint_path(path, arm, seed), rank=rank, world=world)
+        for arm, seed in jobs:  # rank 0 tells the parent how far it is (every rank is at the same step)
+            train_arm(cfg, data, seed, arm, checkpoint=checkpoint_path(path, arm, seed), rank=rank, world=world,
+                      progress=job_progress((arm, seed)) if rank == 0 else None)
         dist.barrier()  # no rank closes its connections while another still finishes the last reduction
     finally:
         dist.destroy_process_group()
 
 
-def _rank_main(rank: int, world: int, store: str, cfg: LMExperiment, path: Path, jobs: list[tuple[str, int]]) -> None:
+def _rank_main(rank: int, world: int, store: str, cfg: LMExperiment, path: Path, jobs: list[tuple[str, int]],
+               steps_to: Any = None) -> None:
     # the parent started this process with Ctrl-C ignored, so that a Ctrl-C while it was still importing
     # printed no traceback; from here on a signal stops training as in one process (save, then stop)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    set_progress_queue(steps_to)
     # ranks meet through a file, not a TCP port: no race with other processes for a free port
     try:
         _train_jobs(cfg, path, jobs, rank, world, f"file://{store}")
@@ -105,26 +110,49 @@ def follow(cfg: LMExperiment, path: Path) -> None:
     train_as_torchrun_rank(cfg, path, [(arm, seed) for seed in cfg.train.member_seeds() for arm in arms(cfg)])
 
 
-def train_data_parallel(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int]], world: int) -> None:
-    """Train every job with `world` data-parallel processes; returns when all checkpoints are final."""
+def train_data_parallel(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int]], world: int,
+                        progress: Callable[[int, int], None] | None = None, total: int = 0,
+                        done: dict[tuple[str, int], int] | None = None) -> None:
+    """Train every job with `world` data-parallel processes; returns when all checkpoints are final.
+    `progress(done, total)` follows rank 0's steps (`done`: every job's steps before, as in a resume)."""
     import torch.multiprocessing as tmp
 
     if cfg.lm.batch_size % world:
         raise AnchoringError(f"lm.batch_size {cfg.lm.batch_size} does not split over lm.nproc = {world} processes")
+    steps_to = tmp.get_context("spawn").Queue() if progress is not None else None
+    steps = dict(done or {})
     with tempfile.TemporaryDirectory(prefix="anchoring-ddp-") as meet:
         ranks = None
         try:
             with start_held():
-                ranks = tmp.start_processes(_rank_main, args=(world, os.path.join(meet, "store"), cfg, path, jobs),
+                ranks = tmp.start_processes(_rank_main, args=(world, os.path.join(meet, "store"), cfg, path, jobs, steps_to),
                                             nprocs=world, join=False, start_method="spawn")
             while not ranks.join(timeout=0.5, grace_period=GRACE_S):  # a failed rank: the others get GRACE_S to stop
-                pass
+                _report(steps_to, steps, progress, total)
+            if progress is not None:  # every job finished: its last steps need not fall on a report
+                progress(total, total)
         except (tmp.ProcessRaisedException, tmp.ProcessExitedException) as e:  # join has stopped the other ranks
             raise why_ranks_failed(_traces(ranks.error_files), e, path) from None
         except BaseException:  # Ctrl-C or SIGTERM: the ranks save and stop, or are stopped
             if ranks is not None:
                 _stop_ranks(ranks.processes)
             raise
+
+
+def _report(steps_to: Any, steps: dict[tuple[str, int], int], progress: Callable[[int, int], None] | None,
+            total: int) -> None:
+    """What rank 0 has said since the last look, into `progress`."""
+    if steps_to is None or progress is None:
+        return
+    said = False
+    while True:
+        try:
+            job, step = steps_to.get_nowait()
+        except queue.Empty:
+            break
+        steps[job], said = step, True
+    if said:
+        progress(sum(steps.values()), total)
 
 
 def _traces(error_files: list[str]) -> list[str]:

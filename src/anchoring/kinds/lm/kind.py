@@ -303,7 +303,8 @@ def run(cfg: LMExperiment, path: Path, *, progress: Progress | None = None) -> d
         from anchoring.kinds.lm.distributed import train_data_parallel
 
         try:
-            train_data_parallel(cfg, path, todo, cfg.lm.nproc)
+            train_data_parallel(cfg, path, todo, cfg.lm.nproc, progress, total,
+                                {j: steps_done(checkpoint_path(path, *j)) for j in jobs})
         except KeyboardInterrupt:  # the ranks saved where they stopped: say where, as one process does
             stopped_at = next((n for n in (steps_done(checkpoint_path(path, *j)) for j in todo) if n < steps), 0)
             raise TrainingInterrupted(stopped_at or -1, path) from None  # -1: stopped before any step was saved
