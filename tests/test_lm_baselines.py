@@ -261,3 +261,20 @@ def test_sgtm_and_routing_steer_the_losses_of_labelled_target_tokens(corpus, mon
 
 def test_a_small_positive_forget_fraction_still_gets_one_unit():
     assert forget_units(64, 0.001) == 1 and forget_units(64, 0.0) == 0 and forget_units(64, 1 / 16) == 4
+
+
+def test_sgtm_forget_entries_of_every_attention_matrix_belong_to_the_same_heads(corpus):
+    """With 2 heads and 1 forget head the query rows' start, (heads − 1)·d, equals 1·d, so the tests
+    could not tell the last head from the second; with 4 heads a slip would mask head 1's queries,
+    keys and values but head 3's output columns and scales, and SGTM would train and cut neither."""
+    cfg = config(corpus, "lm.heads=4", "sgtm.heads=1")
+    model = build_model(cfg, 20)
+    masks = forget_masks(model, cfg)
+    for i, block in enumerate(model.blocks):
+        H, p = block.attn.heads, f"blocks.{i}.attn."
+        assert H == 4
+        by_head = {"q": masks[p + "q.weight"], "k": masks[p + "k.weight"], "v": masks[p + "v.weight"],
+                   "o": masks[p + "o.weight"].T, "s_qk": masks[p + "s_qk"]}  # rows of d per head (o: its input columns)
+        touched = {name: set(torch.nonzero(m.reshape(H, -1).any(-1)).flatten().tolist()) for name, m in by_head.items()}
+        assert all(heads == {3} for heads in touched.values()), touched
+        assert all(masks[p + n].view(H, -1)[3].all() for n in ("q.weight", "k.weight", "v.weight", "s_qk"))

@@ -205,6 +205,20 @@ def test_a_partial_deletion_removes_that_share_of_the_component():
         project_out(model, v, embeddings, writers, 1.5)
 
 
+def test_a_deleted_model_is_back_on_the_sphere_with_the_direction_still_gone():
+    """The projection shortens the embedding rows and writer columns it touches; left short, the
+    deleted model's logits differ (by up to 0.23 here) from those of the model its own training
+    would keep, and the relearning attack's first step would renormalise them as a jump."""
+    torch.manual_seed(3)
+    model = NormalizedTransformer(11, 16, 3, 2, 16).eval()
+    v = torch.nn.functional.normalize(torch.randn(16), dim=0)
+    out = delete(model, [v])
+    for w, dim in [(out.embed.weight, 1), *[(lin.weight, 0) for b in out.blocks for lin in (b.attn.o, b.mlp.down)]]:
+        assert torch.allclose(torch.linalg.vector_norm(w, dim=dim), torch.ones(()), atol=1e-5)
+    assert (out.embed.weight @ v).abs().max() < 1e-6
+    assert max(float((v @ lin.weight).abs().max()) for b in out.blocks for lin in (b.attn.o, b.mlp.down)) < 1e-6
+
+
 def test_blinding_a_reader_removes_its_response_to_the_direction_and_nothing_else():
     from anchoring.control.surgery import blind_readers
     from anchoring.kinds.lm.edits import blind, downstream_readers, first_site

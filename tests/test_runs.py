@@ -164,3 +164,20 @@ def test_the_current_folder_can_be_the_staged_output(tmp_path, monkeypatch):
     with runs.staged(Path(".")) as tmp:
         (tmp / "x").write_text("y")
     assert (tmp_path / "here" / "x").read_text() == "y"
+
+
+def test_written_files_get_the_usual_mode_not_the_temporary_files_private_one(tmp_path):
+    """`mkstemp` makes its file 0600; renamed as it is, every summary, table and checkpoint of a run
+    would be unreadable to the other users of a shared machine."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        runs.write_atomic(tmp_path / "summary.json", "{}")
+        os.umask(0o077)
+        runs.write_atomic(tmp_path / "private.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "summary.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "private.json").stat().st_mode) == 0o600  # a umask that asks for privacy is kept
