@@ -117,3 +117,28 @@ def test_a_combinations_study_without_an_anchor_shows_and_names_its_always_on_te
     page = (out / "ensemble" / "report.html").read_text()
     assert "<th>terms on</th>" in page
     assert "<td>separation+planar+norm-v+polar</td>" in page and "<td>separation+norm+norm-v+polar</td>" in page
+
+
+def test_the_subset_thumbnails_titles_stay_clear_of_the_panel_above():
+    """A subset of six terms has a six-line title; the rows were a fixed height and those titles ran
+    into the panels above them (`regularizer-combinations`' combinations.png)."""
+    import itertools
+
+    import torch
+
+    from anchoring.domains.colour import rgb_grid
+    from anchoring.report import figures
+
+    names = ["anchor", "separate", "unitarity", "norm", "planarity", "anti"]
+    subsets = [" + ".join(c) for r in (1, 5, 6) for c in itertools.combinations(names, r)]  # long titles in the lower rows
+    grid = rgb_grid(4)
+    fig = figures.thumbnail_grid(torch.rand(len(subsets), len(grid), 4), grid, subsets, (0, 1))
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    axes = [ax for ax in fig.axes if ax.get_title()]
+    for ax in axes:
+        title = ax.title.get_window_extent(renderer)
+        for other in axes:
+            if other is not ax:
+                assert not title.overlaps(other.get_window_extent(renderer)), (ax.get_title(), other.get_title())
+    figures.plt.close(fig)

@@ -362,7 +362,8 @@ def thumbnail_grid(z: torch.Tensor, rgb: torch.Tensor, titles: list[str], dims: 
     """One small latent slice per configuration (e.g. per subset of terms), true colours."""
     n = len(titles)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.1 * rows), squeeze=False)
+    lines = max((t.count(" + ") + 1 for t in titles), default=1)  # a title's terms, one per line
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, (1.85 + 0.14 * lines) * rows), squeeze=False)
     colours = rgb.clamp(0, 1).numpy()
     order = np.argsort(rgb.sum(-1).numpy())
     for k in range(rows * cols):
