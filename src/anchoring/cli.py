@@ -5,7 +5,6 @@ Every user mistake ends as one line `error: …` on stderr with exit code 2, and
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -28,7 +27,7 @@ from rich.text import Text
 
 from anchoring import __version__, experiments, lifecycle, runs
 from anchoring.errors import AnchoringError
-from anchoring.kinds import kind_of
+from anchoring.kinds import kind_of, kind_of_run
 from anchoring.runtime import default_threads
 from anchoring.train import TrainingInterrupted
 from anchoring.train.workers import sigterm_interrupts
@@ -355,20 +354,17 @@ def _show_sweep(path: Path) -> None:
 
 
 def _show_attack(path: Path) -> None:
-    """A relearning attack's table and targets, read back from the summary.json `anchoring relearn` wrote."""
+    """A relearning attack's table and targets, read back by the run's kind from the summary.json
+    `anchoring relearn` wrote."""
     try:
+        kind = kind_of_run(path.resolve().parent.parent)
         summary = runs.read_json(path / runs.SUMMARY)
+        lines = kind.attack_lines(summary) if isinstance(summary, dict) else None
     except AnchoringError as e:
         fail(str(e))
-    if isinstance(summary, dict) and {"unlearning", "targets"} <= set(summary):
-        from anchoring.kinds.lm.control import attack_lines
-
-        lines = attack_lines(summary)
-    elif isinstance(summary, dict) and {"rows", "threshold", "steps", "concept"} <= set(summary):
-        from anchoring.kinds.colour.control import attack_table
-
-        lines = [attack_table(summary)]
-    else:
+    except (KeyError, TypeError, ValueError, AttributeError):
+        lines = None
+    if not lines:
         fail(f"{str(path / runs.SUMMARY)!r} is not a relearning attack's summary")
     print_lines(lines)
     out.print(f"relearning attack on {path.resolve().parent.parent}", markup=False, soft_wrap=True)
@@ -385,31 +381,12 @@ def _sweep_cell(v: Any) -> str:
 
 
 def _show_intervention(path: Path) -> None:
-    """An intervention's table (not the notes printed under it), read back from what `anchoring intervene`
-    wrote in RUN/interventions/NAME."""
-    import pandas as pd
-
-    lines: list = []
+    """An intervention's table (not the notes printed under it), read back by the run's kind from what
+    `anchoring intervene` wrote in RUN/interventions/NAME."""
     try:
-        if (path / runs.SUMMARY).is_file():  # LM and transformer runs: the rows the command printed
-            summary = runs.read_json(path / runs.SUMMARY)
-            summary = summary if isinstance(summary, dict) else {}
-            rows, name = summary.get("rows") or [], (summary.get("spec") or {}).get("name", path.name)
-            rows = rows if isinstance(rows, list) and all(isinstance(r, dict) for r in rows) else []
-            if rows and "forget before" in rows[0]:
-                from anchoring.kinds.lm.control import _table
-
-                lines = [_table(f"{name} at {', '.join(summary.get('sites') or [])}: validation nats/char", rows)]
-            elif rows and "direction" in rows[0]:
-                from anchoring.kinds.transformer.control import _table
-
-                lines = [_table(f"{name}: exact match by redness", rows)]
-        elif (path / "colours.csv").is_file() and (path / "per_seed.csv").is_file():  # colour runs
-            from anchoring.kinds.colour.control import colour_table
-
-            table = pd.read_csv(path / "colours.csv").to_dict("records")
-            k = json.loads((path / "spec.json").read_text()).get("k") if (path / "spec.json").is_file() else None
-            lines = colour_table(f"{path.name}: per-colour MSE", table, pd.read_csv(path / "per_seed.csv")["selectivity"].tolist(), k)
+        lines = kind_of_run(path.parent.parent).intervention_lines(path)
+    except AnchoringError as e:
+        fail(str(e))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         fail(f"{str(path)!r}: cannot read the intervention's files ({e})")
     if not lines:

@@ -4,6 +4,8 @@ to its implementation. Nothing else in the project dispatches on `kind`."""
 from __future__ import annotations
 
 import copy
+import tomllib
+from pathlib import Path
 from typing import Annotated, Any, Sequence, Union
 
 from pydantic import Field, TypeAdapter, ValidationError
@@ -39,6 +41,18 @@ def kind_name(value: Any) -> str:
     if isinstance(value, str):
         return _LEGACY[value]["kind"] if value in _LEGACY else value
     return repr(value)
+
+
+def kind_of_run(run_dir: Path) -> Kind:
+    """The kind of the run in `run_dir`, from its config's `kind` alone (no validation: a folder an
+    edit wrote inside the run is read by that kind, whatever else the config says)."""
+    try:
+        name = kind_name(tomllib.loads((run_dir / "config.toml").read_text()).get("kind"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise AnchoringError(f"{str(run_dir / 'config.toml')!r} cannot be read ({e})") from None
+    if name not in REGISTRY:
+        raise AnchoringError(f"{str(run_dir)!r} is a run of an unknown kind {name!r} (kinds: {', '.join(REGISTRY)})")
+    return REGISTRY[name]
 
 
 def _upgrade(data: dict[str, Any]) -> dict[str, Any]:

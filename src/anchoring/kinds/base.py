@@ -114,6 +114,15 @@ class Kind:
     def relearn(self, run: Run, **options: Any) -> EditResult:
         raise self.unsupported("relearn")
 
+    def intervention_lines(self, path: Path) -> list[Any]:
+        """What `intervene` printed, read back from the folder it wrote (`show RUN/interventions/NAME`);
+        empty when the folder holds no such files."""
+        return []
+
+    def attack_lines(self, summary: dict[str, Any]) -> list[Any]:
+        """What `relearn` printed, read back from the summary it wrote (`show RUN/relearn/CONCEPT`)."""
+        raise self.unsupported("relearn")
+
     # Sweeps (`anchoring.sweep`), for kinds whose `studies` include "sweep". A shard is one grid
     # point × a block of its seeds, trained in its own directory by its own process.
 

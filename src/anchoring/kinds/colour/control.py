@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
+import pandas as pd
 import torch
 from rich.table import Table
 
@@ -286,6 +288,15 @@ def lr_schedule(schedule: str) -> str:
     out = io.StringIO()
     csv.writer(out, lineterminator="\n").writerows([[r[i] if i < len(r) else "" for i in keep] for r in rows])
     return out.getvalue()
+
+
+def intervention_lines(path: Path) -> list[Any]:
+    """The table `intervene` printed, from the tables it wrote in `path`."""
+    if not ((path / "colours.csv").is_file() and (path / "per_seed.csv").is_file()):
+        return []
+    table = pd.read_csv(path / "colours.csv").to_dict("records")
+    k = json.loads((path / "spec.json").read_text()).get("k") if (path / "spec.json").is_file() else None
+    return colour_table(f"{path.name}: per-colour MSE", table, pd.read_csv(path / "per_seed.csv")["selectivity"].tolist(), k)
 
 
 def attack_table(summary: dict[str, Any]) -> Table:

@@ -100,6 +100,12 @@ class ColourKind(Kind):
     def relearn(self, run: Run, **options: Any) -> EditResult:
         return control.relearn(run, **options)
 
+    def intervention_lines(self, path: Path) -> list[Any]:
+        return control.intervention_lines(path)
+
+    def attack_lines(self, summary: dict[str, Any]) -> list[Any]:
+        return [control.attack_table(summary)]
+
     sweep_figure = ("figures/latent_slices.png", "latent slices")
 
     def seed_blocks(self, cfg: ColourExperiment, n: int) -> list[list[int]]:

@@ -333,6 +333,15 @@ def relearn(run, concept: str | None = None, samples: list[int] | None = None, s
     return EditResult("relearn", lines, [out], summary)
 
 
+def intervention_lines(path: Path) -> list[Any]:
+    """The table `intervene` printed, from the summary.json it wrote in `path`."""
+    summary = runs.read_json(path / runs.SUMMARY) if (path / runs.SUMMARY).is_file() else {}
+    rows, name = summary.get("rows") or [], (summary.get("spec") or {}).get("name", path.name)
+    if not (isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows) and "forget before" in rows[0]):
+        return []
+    return [_table(f"{name} at {', '.join(summary.get('sites') or [])}: validation nats/char", rows)]
+
+
 def attack_lines(summary: dict[str, Any]) -> list[Any]:
     """The unlearning table and its targets from an attack's summary: what `anchoring relearn`
     printed, and what `anchoring show RUN/relearn/<concept>` prints again from summary.json."""

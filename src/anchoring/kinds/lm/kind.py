@@ -667,6 +667,16 @@ class LMKind(Kind):
 
         return control.relearn(run_, **options)
 
+    def intervention_lines(self, path: Path) -> list[Any]:
+        from anchoring.kinds.lm import control
+
+        return control.intervention_lines(path)
+
+    def attack_lines(self, summary: dict[str, Any]) -> list[Any]:
+        from anchoring.kinds.lm import control
+
+        return control.attack_lines(summary)
+
     # sweeps: a shard trains every (arm, seed) job of a block of seeds (see kinds.lm.shards)
     sweep_figure = ("figures/alignment.png", "alignment per layer")
 

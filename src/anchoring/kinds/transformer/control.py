@@ -73,6 +73,15 @@ def _accuracy_rows(run: TransformerRun, spec: InterventionConfig) -> list[dict[s
     return rows
 
 
+def intervention_lines(path: Path) -> list[Any]:
+    """The table `intervene` printed, from the summary.json it wrote in `path`."""
+    summary = runs.read_json(path / runs.SUMMARY) if (path / runs.SUMMARY).is_file() else {}
+    rows, name = summary.get("rows") or [], (summary.get("spec") or {}).get("name", path.name)
+    if not (isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows) and "direction" in rows[0]):
+        return []
+    return [_table(f"{name}: exact match by redness", rows)]
+
+
 def _table(title: str, rows: list[dict[str, Any]]) -> Table:
     table = Table(title=title)
     for h in ("arm", "seed", *[f"{g}: before → after" for g in GROUPS]):

@@ -401,6 +401,11 @@ class TransformerKind(Kind):
 
         return control.delete(run_, spec, out)
 
+    def intervention_lines(self, path: Path) -> list[Any]:
+        from anchoring.kinds.transformer import control
+
+        return control.intervention_lines(path)
+
 
 KIND = TransformerKind()
 
