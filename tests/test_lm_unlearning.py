@@ -1194,3 +1194,15 @@ def test_a_relearning_attack_that_blows_up_is_named_and_writes_no_table(unlearne
     assert "the relearning attack on " in r.stderr and "fine-tuning diverged at step" in r.stderr, r.stderr
     assert "give a smaller unlearning.relearn_lr (`anchoring relearn RUN --lr`" in r.stderr, r.stderr
     assert sorted(str(p.relative_to(path)) for p in path.rglob("*")) == before
+
+
+def test_the_unlearning_evaluation_after_training_reports_to_the_runs_progress(tmp_path):
+    """It drew a bar of its own on a terminal, also under -q (which passes no progress), and the
+    run's bar stood at the end of training meanwhile."""
+    corpus = write_corpus(tmp_path / "texts")
+    cfg = experiments.load("lm-anchor-passages", tiny(corpus, "train.steps=5", 'lm.arms=["anchored","control"]', *UNLEARNING))
+    seen: list[tuple[int, int]] = []
+    lifecycle.run(cfg.model_copy(update={"schedule": SCHEDULE}), tmp_path / "run",
+                  progress=lambda done, total: seen.append((done, total)))
+    after = [(d, t) for d, t in seen if t != 10]  # 2 jobs × 5 steps trained; then the fine-tuning steps
+    assert after and after[-1][0] == after[-1][1] and [d for d, _ in after] == sorted(d for d, _ in after), seen

@@ -322,7 +322,7 @@ def run(cfg: LMExperiment, path: Path, *, progress: Progress | None = None) -> d
             raise TrainingInterrupted(e.step, path) from None
         release_freed_memory()  # or the process grows by each job's freed activations and optimiser state
     train_s = time.perf_counter() - t0
-    summary = finish(cfg, path, data, results)
+    summary = finish(cfg, path, data, results, progress)
     # each job's own seconds in training steps (kept in its checkpoint, so worker processes and resumes count)
     timing = {f"{arm}-seed{seed}_s": None if math.isnan(r.seconds) else round(r.seconds, 3)
               for (arm, seed), r in results.items()}
@@ -388,7 +388,10 @@ def label_coverage(data: LMData, seeds: list[int]) -> dict[str, Any]:
     return out
 
 
-def finish(cfg: LMExperiment, path: Path, data: LMData, results: dict[tuple[str, int], ArmResult]) -> dict[str, Any]:
+def finish(cfg: LMExperiment, path: Path, data: LMData, results: dict[tuple[str, int], ArmResult],
+           progress: Progress | None = None) -> dict[str, Any]:
+    """Write the metrics and weights, evaluate every model and, when asked, the unlearning methods (whose
+    fine-tuning steps go to `progress`)."""
     names = arms(cfg)
     frames = []
     for (arm, seed), r in results.items():
@@ -418,7 +421,7 @@ def finish(cfg: LMExperiment, path: Path, data: LMData, results: dict[tuple[str,
     if cfg.evaluate.ood:
         summary["ood"] = ood(cfg, path, data, results)
     if cfg.unlearning.enabled:
-        summary["unlearning"] = unlearning(cfg, path, data, {k: r.model for k, r in results.items()})
+        summary["unlearning"] = unlearning(cfg, path, data, {k: r.model for k, r in results.items()}, progress)
         from anchoring.kinds.lm.unlearning import targets as unlearning_targets
 
         summary["targets"].update(unlearning_targets(summary["unlearning"]))

@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,16 +250,8 @@ def finetune(model: nn.Module, batches: Callable[[int], torch.Tensor], steps: in
 
 @contextmanager
 def _bar(total: int, progress: Progress | None) -> Iterator[Callable[[], None]]:
-    """A tick per fine-tuning step: to `progress(done, total)`, else a rich bar on a terminal."""
+    """A tick per fine-tuning step, to `progress(done, total)` (the caller's bar; none under -q)."""
     done = [0]
-    if progress is None and sys.stderr.isatty():
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-        from rich.progress import Progress as Bar
-
-        with Bar(TextColumn("unlearning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True) as bar:
-            task = bar.add_task("unlearning", total=total)
-            yield lambda n=1: bar.advance(task, n)
-        return
 
     def tick(n: int = 1) -> None:
         done[0] += n
@@ -268,6 +259,8 @@ def _bar(total: int, progress: Progress | None) -> Iterator[Callable[[], None]]:
             progress(done[0], total)
 
     yield tick
+    if progress is not None and done[0] < total:  # a recovery that stopped early leaves planned steps unused
+        progress(total, total)
 
 
 def seed_key(cfg: LMExperiment, models: dict[tuple[str, int], nn.Module], seed: int) -> str:
