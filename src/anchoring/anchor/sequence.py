@@ -37,6 +37,8 @@ class SequenceSite:
     head: int | None = None
 
     def read(self, acts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """This site's `(B, T, D)` states from the captured activations, each mistake named (a module
+        that never runs, a head that does not exist) instead of a shape error deep in a formula."""
         if self.module not in acts:  # a module that exists but is not called (its weight is read directly)
             raise AnchoringError(f"site {self.module!r} does not run in the model's forward pass, so it has no "
                                  f"activations to anchor; pick a module that is called (a block's output, say)")
@@ -63,6 +65,7 @@ class Positions:
 
     @staticmethod
     def parse(text: str, roles: dict[str, int]) -> "Positions":
+        """`all`, `slot:NAME` (a role of the domain's `roles`) or `mellowmax[:ω]`, from a config string."""
         kind, _, arg = text.partition(":")
         if kind == "all" and not arg:
             return Positions("all")
@@ -163,6 +166,8 @@ class SequenceTerm:
 
 @dataclass
 class SequenceObjective:
+    """A sequence model's concepts and terms, which name the modules whose activations are captured."""
+
     concepts: dict[str, Concept]
     terms: list[SequenceTerm]
 

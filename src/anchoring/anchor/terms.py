@@ -8,7 +8,7 @@ Written without data-dependent branches so it runs under vmap.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence, get_args
+from typing import Callable, Literal, Protocol, Sequence, get_args
 
 import torch
 
@@ -18,22 +18,37 @@ from anchoring.errors import AnchoringError
 Select = Literal["labelled", "unlabelled", "all"]
 
 
+class Labeller(Protocol):
+    """How a domain labels samples for a concept; the method reads only these two."""
+
+    def probability(self, x: torch.Tensor) -> torch.Tensor:
+        """p(concept | x) per sample, which the sparse noisy labels are drawn from."""
+        ...
+
+    def exact(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference label per sample (0/1), for evaluation only."""
+        ...
+
+
 @dataclass(frozen=True)
 class Concept:
     """A named concept: how samples get labelled for it, and where it should live.
 
-    `labeller` is any object with `probability(x)`, `exact(x)` and `draw(x, uniform)`;
+    `labeller` is any object with `probability(x)` and `exact(x)` (a `Labeller`);
     `anchor` is a direction in latent space, `dims` a subspace; either may be absent.
     """
 
     name: str
-    labeller: object
+    labeller: Labeller
     anchor: tuple[float, ...] | None = None
     dims: tuple[int, ...] | None = None
 
 
 @dataclass
 class Term:
+    """A regularizer as configured: its formula's `kind`, the schedule column of its `weight`, the
+    `site` it reads; the trainer binds these to tensors."""
+
     name: str
     kind: str
     weight: str

@@ -182,6 +182,8 @@ def matched_random(edit: Callable[[torch.Tensor], torch.Tensor], generator: torc
 
 
 def zero_dims(z: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """`z` with `dims` set to 0, as a copy: the activation-level twin of ablation, to compare a hook
+    with the weight edit it stands for."""
     out = z.clone()
     out[..., list(dims)] = 0.0
     return out

@@ -20,6 +20,8 @@ from anchoring.train.skeleton import Diverged
 
 @dataclass
 class Curve:
+    """A relearning attack's error per step, and when it fell back under a threshold."""
+
     errors: torch.Tensor  # (steps + 1,), error on the concept's colours before each step and after the last
 
     def steps_to(self, threshold: float) -> int | None:

@@ -45,6 +45,9 @@ def _positive_multiple(x: object, y: object) -> bool:
 
 @dataclass
 class Layout:
+    """Where a site sits between two Linears: the `producer` writing its `width` values and the
+    `consumer` reading them, the two weights a surgery edits (found by `find_layout`)."""
+
     producer: str
     consumer: str
     width: int

@@ -38,6 +38,8 @@ def meta_checksum(meta: dict[str, str]) -> str:
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors with checksums of the tensors and of the header, written atomically: a crash leaves
+    the previous checkpoint, and a damaged file is refused on reading instead of resuming wrong."""
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     write_atomic(path, save(tensors, metadata={**metadata, "sha256": checksum(tensors), "meta_sha256": meta_checksum(metadata)}))
 
@@ -53,6 +55,8 @@ def verify(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -
 
 def save_checkpoint(path: Path, step: int, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                     extra: dict[str, torch.Tensor]) -> None:
+    """Weights, Adam's moments and the task's `extra` state at `step`: everything a resume needs to
+    continue bit for bit as if never stopped."""
     tensors = {f"param.{k}": v for k, v in params.items()}
     for k, p in params.items():
         state = optimizer.state.get(p, {})
@@ -64,6 +68,8 @@ def save_checkpoint(path: Path, step: int, params: dict[str, torch.Tensor], opti
 
 
 def read_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor]]:
+    """(step, tensors) of a checkpoint `save_checkpoint` wrote, checked against its checksums; any
+    other file is one clear error rather than a resume from the wrong state."""
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}

@@ -19,6 +19,9 @@ from anchoring.train.stacked import StackedChain, try_stacked
 
 
 class Ensemble:
+    """Many seeds of one model as stacked parameters, trained together through `vmap` (or the stacked
+    fast path): one process trains 60 seeds for little more than the cost of one."""
+
     def __init__(self, make_model: Callable[[], nn.Module], seeds: list[int]) -> None:
         members = []
         for s in seeds:

@@ -22,6 +22,9 @@ SURGERY = {"ablate": ablate, "prune": prune}
 
 @dataclass
 class Plan:
+    """An intervention spec resolved against a run's concepts: the direction or dims it acts on, and
+    whether it is a hook on activations or a surgery on weights."""
+
     spec: InterventionConfig
     direction: tuple[float, ...] | None
     dims: tuple[int, ...] | None
@@ -31,6 +34,7 @@ class Plan:
         return self.spec.method in SURGERY
 
     def edit_activation(self) -> Intervention:
+        """The hook's edit, with its falloff (a Bézier mapper is refused except for repel)."""
         shape = parse_falloff(self.spec.falloff)
         if isinstance(shape, BezierMapper) and self.spec.method != "repel":
             raise AnchoringError(f"intervention {self.spec.name!r}: a Bézier mapper only applies to repel")
