@@ -161,3 +161,16 @@ class Kind:
     def sweep_row(self, summary: dict[str, Any]) -> dict[str, Any]:
         """One grid point's line in the sweep report, from its run summary."""
         return {"seeds": len(summary.get("seeds") or [])}
+
+
+def intervention_rows(path: Path, column: str) -> tuple[str, list[dict[str, Any]], dict[str, Any]] | None:
+    """(name, rows, summary) of the summary.json an LM or transformer `intervene` wrote in `path`, or
+    None when there is none whose rows have `column` (the kinds' tables differ, their files do not)."""
+    from anchoring import runs
+
+    summary = runs.read_json(path / runs.SUMMARY) if (path / runs.SUMMARY).is_file() else {}
+    summary = summary if isinstance(summary, dict) else {}
+    rows = summary.get("rows") or []
+    if not (isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows) and column in rows[0]):
+        return None
+    return (summary.get("spec") or {}).get("name", path.name), rows, summary

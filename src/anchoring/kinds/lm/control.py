@@ -30,7 +30,7 @@ from anchoring.control.surgery import residual_component
 from anchoring.errors import AnchoringError
 from anchoring.evaluate.stats import mark_infinite, target_median, target_text
 from anchoring.kinds.arms import write_arms
-from anchoring.kinds.base import EditResult
+from anchoring.kinds.base import EditResult, intervention_rows
 from anchoring.kinds.lm import evaluate as ev
 from anchoring.kinds.lm import unlearning as ul
 from anchoring.kinds.lm.config import LMExperiment
@@ -335,10 +335,10 @@ def relearn(run, concept: str | None = None, samples: list[int] | None = None, s
 
 def intervention_lines(path: Path) -> list[Any]:
     """The table `intervene` printed, from the summary.json it wrote in `path`."""
-    summary = runs.read_json(path / runs.SUMMARY) if (path / runs.SUMMARY).is_file() else {}
-    rows, name = summary.get("rows") or [], (summary.get("spec") or {}).get("name", path.name)
-    if not (isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows) and "forget before" in rows[0]):
+    found = intervention_rows(path, "forget before")
+    if found is None:
         return []
+    name, rows, summary = found
     return [_table(f"{name} at {', '.join(summary.get('sites') or [])}: validation nats/char", rows)]
 
 

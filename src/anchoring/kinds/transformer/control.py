@@ -14,7 +14,7 @@ from anchoring.config import InterventionConfig
 from anchoring.control.surgery import project_out, residual_component
 from anchoring.errors import AnchoringError
 from anchoring.kinds.arms import write_arms
-from anchoring.kinds.base import EditResult
+from anchoring.kinds.base import EditResult, intervention_rows
 from anchoring.kinds.transformer import evaluate as ev
 from anchoring.kinds.transformer.model import TransformerRun
 from anchoring.kinds.transformer.training import build_sequence_objective
@@ -75,11 +75,8 @@ def _accuracy_rows(run: TransformerRun, spec: InterventionConfig) -> list[dict[s
 
 def intervention_lines(path: Path) -> list[Any]:
     """The table `intervene` printed, from the summary.json it wrote in `path`."""
-    summary = runs.read_json(path / runs.SUMMARY) if (path / runs.SUMMARY).is_file() else {}
-    rows, name = summary.get("rows") or [], (summary.get("spec") or {}).get("name", path.name)
-    if not (isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows) and "direction" in rows[0]):
-        return []
-    return [_table(f"{name}: exact match by redness", rows)]
+    found = intervention_rows(path, "direction")
+    return [] if found is None else [_table(f"{found[0]}: exact match by redness", found[1])]
 
 
 def _table(title: str, rows: list[dict[str, Any]]) -> Table:
