@@ -44,6 +44,36 @@ def test_each_seed_trains_on_its_own_draw_of_weak_labels(corpus):
         assert np.array_equal(LMTask(cfg, data, seed, "anchored").labels, data.weak(seed)), seed
 
 
+def test_each_arm_trains_on_its_passages_for_every_seed_and_only_the_anchored_arm_anchors(corpus):
+    """A filtered arm of seed 1 that removed seed 0's weak set, an oracle filter that read the labels of
+    the wrong passages, or a filtered arm that also anchored, all trained without a word."""
+    cfg = experiments.load("lm-unlearning", tiny_spans(corpus, "text.coverage=0.5", "train.seeds=2"))
+    data = load_data(cfg.text)
+    ref = data.reference[data.parts["train"]]
+    assert ref.any() and not ref.all() and not np.array_equal(data.weak(0), data.weak(1))
+    for seed in (0, 1):
+        tasks = {arm: LMTask(cfg, data, seed, arm) for arm in cfg.lm.arms}
+        assert np.array_equal(tasks["weak-filtered"].stream.keep, data.weak(seed) == 0), seed
+        assert np.array_equal(tasks["oracle-filtered"].stream.keep, ref == 0), seed
+        assert all(tasks[arm].stream.keep.all() for arm in cfg.lm.arms if not arm.endswith("-filtered"))
+        assert tasks["anchored"].terms and all(tasks[arm].terms == [] for arm in cfg.lm.arms if arm != "anchored")
+
+
+def test_a_windows_line_labels_are_its_passages_and_unused_slots_are_unlabelled(corpus):
+    """Rows hold different numbers of passages; the slots past a row's last one took passage 0's label,
+    so the logged count of labelled passages grew fivefold whenever passage 0 was labelled."""
+    cfg = experiments.load("lm-anchor", tiny_spans(corpus))
+    data = load_data(cfg.text)
+    stream = LMTask(cfg, data, 0, "control").stream
+    labels = np.ones(len(data.parts["train"]), dtype=np.int64)  # every passage labelled, passage 0 too
+    for step in range(3):
+        b = stream.batch(step, 8, labels)
+        used = b.line.max(1).values + 1  # lines per row
+        assert (used < b.line_labels.shape[1]).any(), "every row has as many lines as the widest (the check could not fail)"
+        for row in range(len(b.line)):
+            assert b.line_labels[row, :used[row]].eq(1).all() and b.line_labels[row, used[row]:].eq(0).all(), (step, row)
+
+
 def _stepped(cfg, data, step: int, arm: str = "anchored") -> tuple[LMTask, torch.Tensor | None]:
     """The task after one step, and the route's mask during it (the route forgets it on leaving)."""
     task = LMTask(cfg, data, 0, arm)
