@@ -159,6 +159,21 @@ def test_before_and_after_rows_are_aligned():
     assert before == after and len(before) == 4
     assert page.count('class="gut">before<') == page.count('class="gut">after<') == 4
     assert "Δs₂ vs before" in page and "s₂ before" in page
+    # the numbers, from the two models' own scores: a sign or an order swapped read as the edit's opposite
+    _, sb = score_text(model, tok, TEXT, context=32)
+    _, sa = score_text(edited, tok, TEXT, context=32)
+    mb, ma = float(sb.s2[1:].mean()), float(sa.s2[1:].mean())
+    assert mb != ma and f"s₂ before <b>{mb:+.3f}</b> → after <b>{ma:+.3f}</b>" in page
+    k = next(k for k in range(1, len(sa)) if abs(float(sa.s2[k] - sb.s2[k])) > 0.01)
+    assert html.escape(f"Δs₂ vs before {float(sa.s2[k] - sb.s2[k]):+.3f}") in page
+    table = page[page.index("per-passage means"):]
+    rows = [re.findall(r"<td[^>]*>([^<]*)</td>", r) for r in re.findall(r"<tr>(.*?)</tr>", table)]
+    rows = [r for r in rows if len(r) == 10]  # ¶, its beginning, tokens, i/h/s₂ before and after, Δs₂
+    assert len(rows) == 2, rows
+    for r in rows:  # the Δ column is after − before, as its neighbours print them
+        before_s2, after_s2, delta = (float(v.replace("−", "-")) for v in r[-3:])
+        assert abs(delta - (after_s2 - before_s2)) <= 0.0015, r
+    assert any(float(r[-1].replace("−", "-")) != 0 for r in rows)
 
 
 def test_bad_input_is_one_line_error(tmp_path):
