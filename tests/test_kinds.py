@@ -88,8 +88,21 @@ def test_show_intervene_and_delete_on_a_transformer_run(two_kinds, tmp_path):
         after = ev.accuracy_table(lang, sets, ev.score(control, lang, sets, ctx), tc.reddest, tc.redish)
     (row,) = [x for x in rows if x["arm"] == "control"]
     assert all(row[f"{g} after"] == after[g] for g in ("red answer", "red-ish", "no red")), (row, after)
+    # and the anchored model's along its anchors (an edit that left it alone showed after = before)
+    from anchoring.kinds.transformer.training import build_sequence_objective
+
+    anchored = run.model("anchored")
+    before = ev.accuracy_table(lang, sets, ev.score(anchored, lang, sets, ctx), tc.reddest, tc.redish)
+    with ev.edited(anchored, build_sequence_objective(run.config, anchored).anchors("red"), "suppress"):
+        after = ev.accuracy_table(lang, sets, ev.score(anchored, lang, sets, ctx), tc.reddest, tc.redish)
+    assert before != after
+    (row,) = [x for x in rows if x["arm"] == "anchored"]
+    assert all(row[f"{g} before"] == before[g] and row[f"{g} after"] == after[g] for g in ("red answer", "red-ish", "no red"))
     shown = runner.invoke(app, ["show", str(run_dir / "interventions" / "sup")])  # read back: the table intervene printed
     assert shown.exit_code == 0 and "exact match by redness" in shown.stdout and "red answer" in shown.stdout, shown.stderr
+    for x in rows:  # in the order its header says: before → after
+        for g in ("red answer", "red-ish", "no red"):
+            assert f"{x[f'{g} before']:.3f} → {x[f'{g} after']:.3f}" in shown.stdout, (g, shown.stdout)
     r = runner.invoke(app, ["intervene", str(run_dir), "--concept", "red", "--method", "repel"])
     assert r.exit_code == 2 and "'transformer' run supports --method suppress or ablate" in r.stderr
     for args, message in ((["--concept", "blue"], "concept 'blue' is not anchored in this run (anchored: red)"),
