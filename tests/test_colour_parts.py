@@ -174,6 +174,16 @@ def test_an_encoder_that_puts_every_colour_on_the_anchor_has_no_anchor_loss():
     assert get_labeller("red").exact(validation).bool().any()  # exactly labelled red colours to score
     rows = summarize_seeds(encode, lambda rgb: rgb.expand(2, *rgb.shape), cfg, objective, validation)
     assert all(r["anchor_cos"] == pytest.approx(1.0) and r["val_anchor_loss"] == pytest.approx(0.0, abs=1e-6) for r in rows)
+    red = get_labeller("red").exact(validation).bool()
+
+    def only_red_on_it(rgb):  # the loss is the concept's: colours that are not red are not charged for being elsewhere
+        lab = get_labeller("red").exact(rgb.reshape(-1, 3)).bool().reshape(rgb.shape[:-1])
+        z = torch.where(lab[..., None], anchor, -anchor)
+        return z.expand(2, *z.shape)
+
+    assert not red.all()
+    rows = summarize_seeds(only_red_on_it, lambda rgb: rgb.expand(2, *rgb.shape), cfg, objective, validation)
+    assert all(r["val_anchor_loss"] == pytest.approx(0.0, abs=1e-6) for r in rows), rows
 
 
 def test_the_relearning_baseline_keeps_the_runs_learning_rate_and_data_curriculum():
