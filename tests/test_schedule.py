@@ -294,6 +294,12 @@ def test_a_reactive_controller_reads_the_median_seed_and_skips_exact_zeros():
     above = Reactive(param="w", metric="m", target=0.5, every=10, factor=2.0, keep="above")
     assert above.decide(10, torch.full((10, 2), 0.1), tl).value == pytest.approx(0.2)  # below a floor target: raised
     assert above.decide(10, torch.full((10, 2), 0.9), tl) is None
+    nan, inf = float("nan"), float("inf")  # a seed that diverged is no evidence either way: the others decide
+    assert r.window_value(torch.tensor([[1.0, nan], [1.0, inf]])) == 1.0
+    assert r.window_value(torch.tensor([[nan], [inf]])) is None and r.decide(10, torch.tensor([[nan], [inf]]), tl) is None
+    off = Timeline({"w": Track([(0, 0.0)])}, steps=100)  # a weight keyed at 0 can still be raised: ×factor alone would keep it 0
+    raised = r.decide(10, torch.ones(10, 2), off)
+    assert raised is not None and raised.value > 0
 
 
 def test_a_runs_schedule_is_checked_column_by_column_naming_its_source():
