@@ -326,3 +326,12 @@ def test_a_term_named_like_its_weight_column_keeps_both_in_metrics(tmp_path):
     weights = m[m.metric == "norm:weight"].value
     assert not any(name.endswith(".1") for name in m.metric.unique()) and weights.max() > 0
     assert (m[m.metric == "norm"].value.to_numpy() != weights.to_numpy()).any()  # the term's value, not the weight
+
+
+def test_a_sweep_table_keeps_the_digits_of_a_small_number():
+    """A colour sweep's val_mse median (about 1e-3) printed with three decimals read 0.001 or 0.000."""
+    from anchoring.cli import _sweep_cell
+
+    assert _sweep_cell(0.00123) == "1.23e-03" and _sweep_cell(-0.00456) == "-4.56e-03"
+    assert _sweep_cell(0.4567) == "0.457" and _sweep_cell(0.0) == "0.000" and _sweep_cell(None) == "–"
+    assert _sweep_cell(3) == "3" and _sweep_cell(float("inf")) == "inf" and _sweep_cell(True) == "True"

@@ -111,6 +111,20 @@ def test_every_evaluation_line_is_scored_once():
         assert len(triples) == len(set(triples)), name
 
 
+def test_the_red_answers_set_holds_every_seen_red_mix_and_no_held_out_one():
+    """Its mixes are every *seen* line whose answer is among the reddest: a held-out mix there would
+    mix generalisation into the red group's accuracy."""
+    lang = build_language(experiments.load("transformer-anchor-residual", []))
+    lines = ev.eval_lines(lang, 2048)["red answers"]
+    mixes = {(a, b) for op, a, b in zip(lines.op.tolist(), lines.a.tolist(), lines.b.tolist()) if op == 0}
+    seen = ev.both_orders(lang.mix_pairs("seen"))
+    red = set(ev.reddest(lang, 10).tolist())
+    want = {(a, b) for a, b in seen.tolist() if int(lang.lattice.mix(torch.tensor([a]), torch.tensor([b]))) in red}
+    assert mixes == want and want
+    held_out = {tuple(p) for p in ev.both_orders(lang.mix_pairs("held-out")).tolist()}
+    assert held_out and not mixes & held_out
+
+
 def test_only_ascii_digits_are_colour_words():
     lang = build_language(experiments.load("transformer-anchor-residual", SMALL))
     assert lang.tokenize("500 + 005 =").tolist()[0] == int(lang.lattice.token(torch.tensor([5, 0, 0])))
