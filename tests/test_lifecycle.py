@@ -615,7 +615,8 @@ def test_a_resume_clears_the_temporary_files_a_killed_trainer_left_and_no_one_el
     model) in the run for good. The files of another command's folder are that command's."""
     (run_copy / runs.SUMMARY).unlink()  # an interrupted run, as far as resume can tell
     ours = [run_copy / ".checkpoint.safetensors.k3j_9xq2.tmp", run_copy / "figures" / ".hue.png.ab12cd34.tmp"]
-    theirs = [run_copy / "relearn" / "red" / ".summary.json.zz99yy88.tmp", run_copy / "notes.tmp", run_copy / ".x.tmp"]
+    theirs = [run_copy / "relearn" / "red" / ".summary.json.zz99yy88.tmp", run_copy / "notes.tmp", run_copy / ".x.tmp",
+              run_copy / "variants" / "a" / "interventions" / "sup" / ".colours.csv.ab12cd34.tmp"]  # a study's run's, too
     for f in ours + theirs:
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_bytes(b"half a file")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 
 import pandas as pd
 import pytest
@@ -1184,16 +1185,29 @@ def test_a_run_stopped_in_its_evaluation_resumes_without_redoing_the_finished_se
     assert json.dumps(rows, default=lambda o: o.item()) == json.dumps(unbroken, default=lambda o: o.item())  # NaN-safe
 
 
-def test_a_relearning_attack_that_blows_up_is_named_and_writes_no_table(unlearned):
+def test_a_relearning_attack_that_blows_up_is_recorded_as_broken_not_as_a_deletion_that_held(unlearned):
     """A fine-tune at a learning rate that broke it reported the lowest loss reached before the NaN
-    (Python's `min` passes NaN by) and no recovery: a deletion that held, read off a failed attack."""
+    (Python's `min` passes NaN by) and no recovery: a deletion that held, read off a failed attack.
+    Failing the whole evaluation instead would lose a run that trained for hours, so the row says
+    the attack broke, its "kept" and recovery are undefined, and the target is not met on it."""
     path, _summary = unlearned
-    before = sorted(str(p.relative_to(path)) for p in path.rglob("*"))
     r = CliRunner().invoke(app, ["relearn", str(path), "--lr", "1e30", "--steps", "3"])
-    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert "the relearning attack on " in r.stderr and "fine-tuning diverged at step" in r.stderr, r.stderr
-    assert "give a smaller unlearning.relearn_lr (`anchoring relearn RUN --lr`" in r.stderr, r.stderr
-    assert sorted(str(p.relative_to(path)) for p in path.rglob("*")) == before
+    assert r.exit_code == 0, r.stderr
+    got = json.loads((path / "relearn" / "violence" / "summary.json").read_text())
+    attacked = [x for x in got["unlearning"]["rows"] if x.get("relearn")]
+    assert attacked and all(a.get("diverged", "").startswith("fine-tuning diverged at step") for x in attacked
+                            for a in x["relearn"].values())
+    assert all(a["kept"] is None for x in attacked for a in x["relearn"].values())  # undefined (NaN, null in JSON)
+    assert all(x["recover_steps"] is None and x["recover_diverged"] for x in attacked if x["recover_steps"] != 0)
+    robust = [v for k, v in got["targets"].items() if "keeps ≥ 50%" in k]
+    assert robust and all(not t["met"] and t["diverged_seeds"] for t in robust)
+    assert "fine-tune(s) diverged at unlearning.relearn_lr 1e+30" in r.stdout.replace("\n", " ")
+    header, rows = ul.table(got["unlearning"])
+    steps = header.index("steps to recover")
+    assert any(row[steps] == ul.DIVERGED for row in rows) and not any(str(row[steps]).startswith(">") for row in rows)
+    curves = pd.read_csv(path / "relearn" / "violence" / ul.CURVES)
+    assert curves[["forget_concept", "forget", "retain"]].notna().all().all()  # each curve stops at its last finite point
+    shutil.rmtree(path / "relearn")
 
 
 def test_the_unlearning_evaluation_after_training_reports_to_the_runs_progress(tmp_path):

@@ -141,9 +141,14 @@ def test_a_diverged_task_in_a_grid_marks_its_shard_and_drops_its_point_while_the
     from anchoring.sweep.layout import DIVERGED
     from anchoring.train.skeleton import Diverged
 
+    class RayTaskError(Diverged):  # what Ray raises: its own error, as an instance of the task's, with the task's as .cause
+        def __init__(self, cause: Exception) -> None:
+            super().__init__(f"ray::_ray_shard() (pid=123, ip=10.0.0.1)\n  File \"worker.py\", line 1\n{cause}")
+            self.cause = cause
+
     def payload(toml: str) -> dict[str, bytes]:
         if toml == "p1a":
-            raise Diverged("training diverged by step 7")
+            raise RayTaskError(Diverged("training diverged by step 7"))
         return {"x": b"1"}
 
     monkeypatch.setattr(backends, "shard_payload", payload)
@@ -265,3 +270,50 @@ def test_a_grid_point_that_diverges_leaves_the_other_points_reported(tmp_path):
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 2 and "is a finished sweep" in again.stderr, again.output
     assert sorted(out.glob("shards/*/attempt*.log")) == logs
+
+
+def test_a_diverged_local_shard_stops_the_other_shards_of_its_point_and_none_is_retried(tmp_path, monkeypatch):
+    """Only the queued shards of a diverged point were dropped: one already training trained on (hours,
+    for an LM) for a point that could never be merged, and its failure would have been retried."""
+    from types import SimpleNamespace
+
+    from anchoring.sweep.layout import DIVERGED, DIVERGED_EXIT
+
+    starts: list[str] = []
+
+    class Process:
+        def __init__(self, argv, stdout, **_):
+            self.dir, self.code = Path(argv[-1]), None
+            starts.append(self.dir.name)
+            if self.dir.name == "p1a":  # diverges at once
+                stdout.write("diverged: training diverged by step 3\n")
+                stdout.flush()
+                self.code = DIVERGED_EXIT
+            elif self.dir.name == "p0":
+                (self.dir / DONE).write_text("")
+                self.code = 0
+
+        def poll(self):
+            self.polls = getattr(self, "polls", 0) + 1
+            if self.code is None and self.polls > 1000:  # trained to its end untold (and, as stopped, without `done`)
+                self.code = 1
+            return self.code
+
+        def terminate(self):  # p1b trains until it is told to stop, then exits as a stopped worker does
+            self.code = -15
+
+        def wait(self, timeout=None):
+            return self.code
+
+        def kill(self):
+            self.code = -9
+
+    monkeypatch.setattr(backends.subprocess, "Popen", Process)
+    monkeypatch.setattr(backends.time, "sleep", lambda _s: None)
+    shards = [SimpleNamespace(name=n, dir=tmp_path / n, point=pt) for n, pt in (("p1b", 1), ("p1a", 1), ("p0", 0))]
+    for sh in shards:
+        sh.dir.mkdir()
+    backends.run_local(shards, workers=3, retries=2, keep_going=True)
+    assert starts == ["p1b", "p1a", "p0"]  # p1b stopped, not started again
+    assert (tmp_path / "p1a" / DIVERGED).is_file() and (tmp_path / "p0" / DONE).is_file()
+    assert not (tmp_path / "p1b" / DONE).exists()

@@ -145,8 +145,7 @@ def _clear_stale_temps(path: Path) -> None:
     checkpoint's can be as large as the model. Only the lock holder writes the run's own files, so
     with the lock held no such file is still being written."""
     for root, dirs, files in os.walk(path):
-        if Path(root) == path:
-            dirs[:] = [d for d in dirs if d not in OTHER_WRITERS]
+        dirs[:] = [d for d in dirs if d not in OTHER_WRITERS]  # at every depth: a study's runs have their own
         for name in files:
             if STALE_TEMP.fullmatch(name):
                 Path(root, name).unlink(missing_ok=True)

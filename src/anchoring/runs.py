@@ -44,11 +44,10 @@ def new_run_dir(name: str, out: Path | None, root: Path = Path("runs"), resumabl
     if out is None:
         check_writable(root / name)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        (root / name).mkdir(parents=True, exist_ok=True)
         for n in range(1, 10_000):
             out = root / name / (stamp if n == 1 else f"{stamp}-{n}")
-            try:
-                out.mkdir()
+            try:  # the parent too: a start that failed elsewhere removes it when it leaves it empty
+                out.mkdir(parents=True)
                 return out
             except FileExistsError:
                 continue

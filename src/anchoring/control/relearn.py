@@ -9,8 +9,10 @@ model and no data: each kind draws its own attack (colour: `kinds/colour/plan.py
 from __future__ import annotations
 
 import copy
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from torch import nn
@@ -40,8 +42,9 @@ def finetune(model: nn.Module, loss: Callable[[nn.Module, int], torch.Tensor], s
     back on the sphere after each step when the model keeps them there (`normalize_weights`), then
     `keep` (in place) constrains them. Any model and task: the caller says what is learned and scored.
 
-    A loss or weights that stop being finite raise `Diverged`: the scores after would be those of
-    broken weights, and an attack that broke would pass for a deletion that held."""
+    A loss or weights that stop being finite raise `Diverged`, which carries the curve up to there
+    (`.curve`, every point finite): scored on, the weights would be broken, and an attack that broke
+    would pass for a deletion that held; the caller decides whether the cut curve means anything."""
     m = copy.deepcopy(model)
     opt = torch.optim.Adam(m.parameters(), lr=lr)
     curve = [_scored(m, score)]
@@ -51,7 +54,7 @@ def finetune(model: nn.Module, loss: Callable[[nn.Module, int], torch.Tensor], s
         m.train()  # trained as in training, scored as it would be used (dropout off, statistics frozen)
         value = loss(m, step)
         if not bool(torch.isfinite(value.detach()).all()):
-            raise Diverged(f"fine-tuning diverged at step {step} of {steps} (lr {lr:g}): the loss is not finite")
+            raise _diverged(f"fine-tuning diverged at step {step} of {steps} (lr {lr:g}): the loss is not finite", curve)
         opt.zero_grad(set_to_none=True)
         value.backward()
         opt.step()
@@ -60,12 +63,45 @@ def finetune(model: nn.Module, loss: Callable[[nn.Module, int], torch.Tensor], s
                 m.normalize_weights()
             if keep is not None:
                 keep(m)
-            if not all(bool(torch.isfinite(w).all()) for w in m.parameters()):
-                raise Diverged(f"fine-tuning diverged at step {step} of {steps} (lr {lr:g}): the weights are not finite")
-        curve.append(_scored(m, score))
+            if not bool(torch.stack([torch.isfinite(w).all() for w in m.parameters()]).all()):  # one device sync
+                raise _diverged(f"fine-tuning diverged at step {step} of {steps} (lr {lr:g}): the weights are not finite",
+                                curve)
+        scored = _scored(m, score)
+        if not _all_finite(scored):  # finite weights can still be large enough to overflow what they compute
+            raise _diverged(f"fine-tuning diverged at step {step} of {steps} (lr {lr:g}): its score is not finite", curve)
+        curve.append(scored)
         if tick is not None:
             tick()
     return curve
+
+
+def _all_finite(x: Any) -> bool:
+    """Whether every number in a score (a tensor, a float, or a dict or list of them) is finite."""
+    if isinstance(x, torch.Tensor):
+        return bool(torch.isfinite(x).all())
+    if isinstance(x, float):
+        return math.isfinite(x)
+    if isinstance(x, dict):
+        return all(_all_finite(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return all(_all_finite(v) for v in x)
+    return True
+
+
+def _diverged(message: str, curve: list) -> Diverged:
+    err = Diverged(message)
+    err.curve = curve  # type: ignore[attr-defined]
+    return err
+
+
+@contextmanager
+def diverging(what: str, fix: str) -> Iterator[None]:
+    """A fine-tune's divergence named by the attack or repair it ended, with what to change: the
+    step alone would not say which of a command's many fine-tunes broke."""
+    try:
+        yield
+    except Diverged as e:
+        raise Diverged(f"{what}: {e}; {fix}") from None
 
 
 def _scored(m: nn.Module, score: Callable[[nn.Module], T]) -> T:

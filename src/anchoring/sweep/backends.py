@@ -96,6 +96,7 @@ def run_local(shards: list, workers: int, retries: int, progress: Progress | Non
     points go on, since their reports are worth having.
     """
     pending = to_train(shards)
+    lost: set = set()  # grid points where a shard diverged
     attempts = {s.name: 0 for s in shards}
     running: dict[str, tuple[subprocess.Popen, object, object]] = {}
     done = len(shards) - len(pending)
@@ -119,6 +120,8 @@ def run_local(shards: list, workers: int, retries: int, progress: Progress | Non
                         continue
                     log.close()
                     del running[name]
+                    if s.point in lost:  # stopped because its point diverged elsewhere: nothing to retry or report
+                        continue
                     if code == 0 and (s.dir / DONE).is_file():
                         done += 1
                         if progress:
@@ -126,7 +129,11 @@ def run_local(shards: list, workers: int, retries: int, progress: Progress | Non
                     elif code == DIVERGED_EXIT:  # deterministic: a retry resumes into the same divergence
                         said = [line for line in Path(log.name).read_text().splitlines() if line.startswith("diverged: ")]
                         _diverged(s, said[-1] if said else "diverged", pending, keep_going)
-                        done = len(shards) - len(pending) - len(running)  # with the point's dropped shards
+                        lost.add(s.point)
+                        for proc2, s2, _ in running.values():  # the point cannot be merged: its other shards stop
+                            if s2.point == s.point and proc2.poll() is None:
+                                proc2.terminate()  # saves and stops, as on Ctrl-C
+                        done = len(shards) - len(pending) - sum(s2.point not in lost for _, s2, _ in running.values())
                         if progress:
                             progress(done, len(shards))
                     elif attempts[name] <= retries:
@@ -163,8 +170,8 @@ def run_ray(shards: list, workers: int, address: str | None, retries: int, progr
             try:
                 files = ray.get(ready[0])
             except Exception as e:  # noqa: BLE001 - Ray wraps worker errors in its own types
-                cause = e if isinstance(e, Diverged) else getattr(e, "cause", None)
-                if isinstance(cause, Diverged):  # Ray's error is raised as an instance of the task's own
+                cause = getattr(e, "cause", e)  # Ray raises its own error as an instance of the task's too; its text
+                if isinstance(cause, Diverged):  # is a whole traceback, the cause's is the one line
                     _diverged(s, f"diverged: {cause}", [], keep_going)
                     for ref, other in list(todo.items()):  # the point cannot be merged: its other shards are not needed
                         if other.point == s.point:

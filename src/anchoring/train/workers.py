@@ -195,12 +195,7 @@ def run_jobs_reporting(fn: Callable[..., None], jobs: Sequence[tuple], workers: 
 
     def listen() -> None:
         while not stop.is_set():
-            try:
-                key, step = queue.get(timeout=0.2)
-            except Exception:  # queue.Empty, or the queue closing at shutdown
-                continue
-            steps[key] = step
-            progress(sum(steps.values()), total)
+            drain_progress(queue, steps, progress, total, wait=0.2)
 
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
@@ -210,3 +205,18 @@ def run_jobs_reporting(fn: Callable[..., None], jobs: Sequence[tuple], workers: 
         stop.set()
         listener.join()
     progress(total, total)  # every job finished: its last steps need not fall on a report
+
+
+def drain_progress(queue: Any, steps: dict[Hashable, int], progress: Callable[[int, int], None] | None, total: int,
+                   wait: float | None = None) -> None:
+    """What the jobs' `job_progress` said since the last look (waiting up to `wait` s for a first word),
+    into `steps` per job and then their sum into `progress`."""
+    said = False
+    while True:
+        try:
+            key, step = queue.get(timeout=wait) if wait and not said else queue.get_nowait()
+        except Exception:  # queue.Empty, or the queue closing at shutdown
+            break
+        steps[key], said = step, True
+    if said and progress is not None:
+        progress(sum(steps.values()), total)

@@ -24,6 +24,7 @@ from anchoring import runs
 from anchoring.anchor import Concept
 from anchoring.config import InterventionConfig
 from anchoring.control import ablate_direction
+from anchoring.control.relearn import diverging
 from anchoring.control.relearn import relearn as finetune
 from anchoring.domains.colour import NAMES, named_rgb, rgb_grid
 from anchoring.errors import AnchoringError
@@ -37,7 +38,6 @@ from anchoring.kinds.colour.sites import check_edit_site, site_width
 from anchoring.report import figures, html
 from anchoring.schedule.dopesheet import dopesheet_rows
 from anchoring.train.checkpoint import FORMAT, atomic_save
-from anchoring.train.skeleton import Diverged
 
 EDIT = "edit.json"
 
@@ -258,11 +258,9 @@ def relearn(run: ColourRun, concept: str = "red", samples: Sequence[int] = (1, 4
                 x = concept_samples(c.labeller, pool, k, seed=seed * 1000 + k)
                 if retain:
                     x = torch.cat([x, pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:retain]]])
-                try:
+                with diverging(f"the relearning attack on {name} (seed {seed}, K = {k})", "give a smaller --lr"):
                     curve = finetune(m, lambda mm, x=x: (mm(x) - x).pow(2).mean(),
                                      lambda mm: (mm(probe).clamp(0, 1) - probe).pow(2).mean(), steps, lr=lr)
-                except Diverged as e:  # a broken attack would pass for a deletion that held
-                    raise Diverged(f"the relearning attack on {name} (seed {seed}, K = {k}): {e}; give a smaller --lr") from None
                 recover.append(curve.steps_to(threshold))
                 starts.append(float(curve.errors[0]))
                 curves.extend({"model": name, "K": k, "seed": seed, "step": t, "error": float(e)} for t, e in enumerate(curve.errors))

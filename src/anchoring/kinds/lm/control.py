@@ -26,6 +26,7 @@ from rich.table import Table
 from anchoring import runs
 from anchoring.config import InterventionConfig
 from anchoring.control.falloff import parse_falloff
+from anchoring.control.relearn import diverging
 from anchoring.control.surgery import residual_component
 from anchoring.errors import AnchoringError
 from anchoring.evaluate.stats import mark_infinite, target_median, target_text
@@ -37,7 +38,7 @@ from anchoring.kinds.lm.config import LMExperiment
 from anchoring.kinds.lm.data import CORPUS
 from anchoring.kinds.lm.edits import concept_directions, edited, first_site, matched_directions
 from anchoring.kinds.lm.kind import anchored_sites, check_relearnable, check_scored, left_out_note, unlearning
-from anchoring.kinds.lm.unlearning import REPAIR_ONLY, diverging, losses, repair, repair_windows
+from anchoring.kinds.lm.unlearning import REPAIR_ONLY, losses, repair, repair_windows
 from anchoring.report import html
 
 KEYS = ("forget", "concept", "retain")

@@ -22,7 +22,6 @@ per rank, gloo otherwise.
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import tempfile
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 
 from anchoring.errors import AnchoringError
 from anchoring.kinds.lm.config import LMExperiment
-from anchoring.train.workers import job_progress, set_progress_queue, start_held
+from anchoring.train.workers import drain_progress, job_progress, set_progress_queue, start_held
 
 
 def backend(cfg: LMExperiment, world: int) -> str:
@@ -128,7 +127,8 @@ def train_data_parallel(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int
                 ranks = tmp.start_processes(_rank_main, args=(world, os.path.join(meet, "store"), cfg, path, jobs, steps_to),
                                             nprocs=world, join=False, start_method="spawn")
             while not ranks.join(timeout=0.5, grace_period=GRACE_S):  # a failed rank: the others get GRACE_S to stop
-                _report(steps_to, steps, progress, total)
+                if steps_to is not None:
+                    drain_progress(steps_to, steps, progress, total)
             if progress is not None:  # every job finished: its last steps need not fall on a report
                 progress(total, total)
         except (tmp.ProcessRaisedException, tmp.ProcessExitedException) as e:  # join has stopped the other ranks
@@ -137,22 +137,6 @@ def train_data_parallel(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int
             if ranks is not None:
                 _stop_ranks(ranks.processes)
             raise
-
-
-def _report(steps_to: Any, steps: dict[tuple[str, int], int], progress: Callable[[int, int], None] | None,
-            total: int) -> None:
-    """What rank 0 has said since the last look, into `progress`."""
-    if steps_to is None or progress is None:
-        return
-    said = False
-    while True:
-        try:
-            job, step = steps_to.get_nowait()
-        except queue.Empty:
-            break
-        steps[job], said = step, True
-    if said:
-        progress(sum(steps.values()), total)
 
 
 def _traces(error_files: list[str]) -> list[str]:

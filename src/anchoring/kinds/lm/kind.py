@@ -289,7 +289,8 @@ def run(cfg: LMExperiment, path: Path, *, progress: Progress | None = None) -> d
     jobs = [(arm, seed) for seed in seeds for arm in arms(cfg)]
     total = steps * len(jobs)
     workers = 1 if cfg.lm.nproc > 1 else min(len(jobs), cfg.lm.workers or os.cpu_count() or 1)
-    todo = [j for j in jobs if steps_done(checkpoint_path(path, *j)) < steps]  # empty: a merged sweep, a finished resume
+    so_far = {j: steps_done(checkpoint_path(path, *j)) for j in jobs}
+    todo = [j for j in jobs if so_far[j] < steps]  # empty: a merged sweep, a finished resume
     t0 = time.perf_counter()
     from anchoring.kinds.lm.distributed import launched_by_torchrun
 
@@ -303,15 +304,13 @@ def run(cfg: LMExperiment, path: Path, *, progress: Progress | None = None) -> d
         from anchoring.kinds.lm.distributed import train_data_parallel
 
         try:
-            train_data_parallel(cfg, path, todo, cfg.lm.nproc, progress, total,
-                                {j: steps_done(checkpoint_path(path, *j)) for j in jobs})
+            train_data_parallel(cfg, path, todo, cfg.lm.nproc, progress, total, so_far)
         except KeyboardInterrupt:  # the ranks saved where they stopped: say where, as one process does
             stopped_at = next((n for n in (steps_done(checkpoint_path(path, *j)) for j in todo) if n < steps), 0)
             raise TrainingInterrupted(stopped_at or -1, path) from None  # -1: stopped before any step was saved
-        workers = cfg.lm.nproc  # no progress from the ranks; the loop below only loads their checkpoints
+        workers = cfg.lm.nproc  # the ranks reported their progress; the loop below only loads their checkpoints
     elif workers > 1:  # a job already at its last step (a resumed run, a merged sweep) needs no process
-        _train_in_processes(cfg, path, todo, workers, progress, total,
-                            {j: steps_done(checkpoint_path(path, *j)) for j in jobs})
+        _train_in_processes(cfg, path, todo, workers, progress, total, so_far)
     results: dict[tuple[str, int], ArmResult] = {}
     for i, (arm, seed) in enumerate(jobs):  # after the pool: each job only loads its finished checkpoint
         done = i * steps
@@ -605,7 +604,7 @@ def write_report(cfg: LMExperiment, path: Path, summary: dict[str, Any], metric_
 
         u = summary["unlearning"]
         header, rows = ul.table(u)
-        matched = ". ".join(n for n in (ul.matched_note(u), ul.repair_note(u), ul.nothing_kept_note(u),
+        matched = ". ".join(n for n in (ul.diverged_note(u), ul.matched_note(u), ul.repair_note(u), ul.nothing_kept_note(u),
                                         ul.nothing_to_recover_note(u), ul.r_note(u)) if n)
         body = (f"<p>Nats/char on held-out text. Forget: reference-positive passages (whole, and at concept positions); "
                 f"retain: reference-negative passages. Δ = after − before; selectivity = Δforget (concept) / retain cost; "

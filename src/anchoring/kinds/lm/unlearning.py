@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anchoring import runs
+from anchoring.control.relearn import diverging
 from anchoring.control.relearn import finetune as shared_finetune
 from anchoring.control.surgery import residual_component
 from anchoring.errors import AnchoringError
@@ -62,6 +63,7 @@ COST_FLOOR = 1e-3  # nats/char: a change under this prints as 0.000, and a ratio
 KEPT_FLOOR = 0.01  # nats/char: an edit must raise the curve's forget loss this much for "kept" to be a share
 POSTHOC_NAMES = {"mean-difference": "mean-difference", "leace": "LEACE"}
 BASELINES = {"sgtm": "SGTM", "routing": "gradient routing"}
+DIVERGED = "diverged"  # steps to recover of a recovery fine-tune whose loss stopped being finite before it recovered
 ND = "nd"  # steps to recover of an edited model already at or below the control's concept loss: nothing to recover
 MATCHED_RANDOM = "anchoring · matched random move"
 MATCHED_DELETE = "anchoring · matched random deletion"
@@ -227,16 +229,6 @@ def forget_passages(data: LMData, seed: int) -> np.ndarray:
     return pos[np.random.default_rng([seed, PICK_SALT]).permutation(len(pos))]
 
 
-@contextmanager
-def diverging(what: str, fix: str) -> Iterator[None]:
-    """A fine-tune's divergence named by the attack or repair it ended, with what to change: the
-    step alone would not say which of a run's many fine-tunes broke."""
-    try:
-        yield
-    except Diverged as e:
-        raise Diverged(f"{what}: {e}; {fix}") from None
-
-
 def finetune(model: nn.Module, batches: Callable[[int], torch.Tensor], steps: int, lr: float,
              score: Callable[[nn.Module], dict[str, float]], stop: Callable[[dict[str, float]], bool] | None = None,
              tick: Callable[[], None] | None = None, keep: Callable[[nn.Module], Any] | None = None) -> list[dict[str, float]]:
@@ -322,7 +314,7 @@ def score_method(m: Method, seed: int, at: SeedSetting, u: UnlearningConfig, pro
     if at.fix is not None and m.repairable:
         edit_only = losses(m.after, es, bs)
         fix = at.fix
-        with diverging(f"the repair of {m.name} (seed {seed})", "give a smaller unlearning.repair_lr"):
+        with diverging(f"the repair of {m.name} (seed {seed})", "give a smaller unlearning.repair_lr"):  # no row without it
             m.after = repair(m.after, m.redo, lambda step: fix.batch(step, u.relearn_batch), u.repair_steps, u.repair_lr, tick)
     row = _row(m.name, seed, m.arm, m.weights_edited, losses(m.before, es, bs), losses(m.after, es, bs),
                attacked(m, u.attack_hooks))
@@ -341,22 +333,36 @@ def score_method(m: Method, seed: int, at: SeedSetting, u: UnlearningConfig, pro
         return [{"seed": seed, "method": m.name, "fine_tune": fine_tune, "k": k, "step": i, "forget_concept": c["concept"],
                  "forget": c["forget"], "retain": c["retain"], "control_concept": target} for i, c in enumerate(curve)]
 
-    smaller = "give a smaller unlearning.relearn_lr (`anchoring relearn RUN --lr` scores the run with another)"
     for k, w in at.attack.items():
-        with diverging(f"the relearning attack on {m.name} (seed {seed}, K = {k})", smaller):
-            curve = finetune(m.after, lambda step, w=w: w.batch(step, u.relearn_batch), u.relearn_steps, u.relearn_lr,
-                             score, tick=tick)
+        curve, broke = cut_at_divergence(lambda w=w: finetune(m.after, lambda step: w.batch(step, u.relearn_batch),
+                                                               u.relearn_steps, u.relearn_lr, score, tick=tick))
         row["relearn"][str(k)] = relearn_record(curve, sb, target, int(min(k, len(at.forget))))
+        if broke:
+            row["relearn"][str(k)].update(diverged=broke, kept=float("nan"))
         curves += points(curve, f"relearn K={k}", k)
     mix_f, mix_r = at.mix
     half = max(1, u.relearn_batch // 2)
-    with diverging(f"the recovery fine-tune of {m.name} (seed {seed})", smaller):
-        rec = finetune(m.after, lambda step: torch.cat([mix_f.batch(step, half), mix_r.batch(step, half)]),
-                       u.recover_steps, u.relearn_lr, score, stop=lambda c: c["concept"] <= target, tick=tick)
+    rec, broke = cut_at_divergence(lambda: finetune(m.after, lambda step: torch.cat([mix_f.batch(step, half),
+                                                                                     mix_r.batch(step, half)]),
+                                                    u.recover_steps, u.relearn_lr, score,
+                                                    stop=lambda c: c["concept"] <= target, tick=tick))
     hit = [i for i, c in enumerate(rec) if c["concept"] <= target]
     row["recover_steps"] = hit[0] if hit else None  # 0: nothing to recover (shown nd)
+    if broke and not hit:
+        row["recover_diverged"] = broke
     curves += points(rec, "recover", 0)
     return row, curves
+
+
+def cut_at_divergence(fine_tune: Callable[[], list[dict[str, float]]]) -> tuple[list[dict[str, float]], str | None]:
+    """A fine-tune's curve, and None; or, when it diverged (a relearning rate too high for the edited
+    model), the curve up to its last finite point and the message. The row records that the attack
+    broke and leaves its "kept" and recovery undefined rather than failing a run that trained for
+    hours: its other methods and seeds are as good as ever."""
+    try:
+        return fine_tune(), None
+    except Diverged as e:
+        return getattr(e, "curve", []), str(e)
 
 
 def _save_seed(partial: Path, seed: int, key: str, done: int, rows: list[dict[str, Any]],
@@ -433,7 +439,7 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
     if path is not None:
         runs.write_atomic(path / CURVES, pd.DataFrame(curves).to_csv(index=False, float_format="%.8g"))
     return {"rows": rows, "curves": CURVES, "curve_points": curves, "relearn_k": list(u.relearn_k),
-            "relearn_steps": u.relearn_steps, "recover_cap": u.recover_steps, "repair_steps": u.repair_steps,
+            "relearn_steps": u.relearn_steps, "relearn_lr": u.relearn_lr, "recover_cap": u.recover_steps, "repair_steps": u.repair_steps,
             "eval_positions": {"table": int((es.cls[:, 1:] != ev.PAD).sum()), "curves": int((small.cls[:, 1:] != ev.PAD).sum())},
             "note": ("suppress rows are hooks, not weight edits: they are fine-tuned with the hook kept in place; the matched "
                      "controls (random move, random deletion, random blinding) are not fine-tuned" if u.attack_hooks else
@@ -570,10 +576,12 @@ def targets(unlearning: dict[str, Any]) -> dict[str, dict[str, Any]]:
             k = max(ks)
             attacked = [r for r in rows if r["method"] == mine and str(k) in (r.get("relearn") or {})]
             kept = ranked_median([kept_for_median(r, k) for r in attacked])
+            broke = sum(bool(r["relearn"][str(k)].get("diverged")) for r in attacked)
             out[f"{mine} keeps ≥ 50% of Δforget after relearning on K = {k}"] = {
-                "median": kept, "met": kept >= 0.5,
-                "undefined_seeds": sum(math.isnan(_num(r["relearn"][str(k)].get("kept"))) for r in attacked),
-                "undefined_counted_as": 0.0}  # see kept_for_median
+                "median": kept, "met": kept >= 0.5 and not broke,  # an attack that broke proves nothing kept
+                "undefined_seeds": sum(math.isnan(_num(r["relearn"][str(k)].get("kept"))) for r in attacked) - broke,
+                "undefined_counted_as": 0.0,  # see kept_for_median
+                **({"diverged_seeds": broke} if broke else {})}
         if not any(r["method"] == "oracle filter" for r in rows):  # R is relative to it: no arm, no target
             continue
         r_ = med(mine, lambda r: r["R"])
@@ -587,7 +595,7 @@ def kept_for_median(row: dict[str, Any], k: int) -> float:
     when it was but its edit raised the forget loss too little for a share ("kept" undefined): it
     had nothing to keep, and leaving it out would let the seeds where the edit worked decide alone."""
     got = (row.get("relearn") or {}).get(str(k))
-    if got is None:
+    if got is None or got.get("diverged"):  # not attacked, or the attack broke: no share either way
         return float("nan")
     v = _num(got.get("kept"))
     return 0.0 if math.isnan(v) else v
@@ -636,6 +644,8 @@ def table(unlearning: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
             return "hook"
         if _nothing_to_recover(r):
             return ND
+        if r.get("recover_diverged"):
+            return DIVERGED
         return r["recover_steps"] if r["recover_steps"] is not None else f"> {cap}"
 
     head = columns(ks)
@@ -643,9 +653,11 @@ def table(unlearning: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     for m in dict.fromkeys(r["method"] for r in unlearning["rows"]):
         mine = [r for r in unlearning["rows"] if r["method"] == m]
         vals = np.array([values(r) for r in mine], dtype=float)
-        steps = [r["recover_steps"] for r in mine if not _nothing_to_recover(r)]  # nd seeds: out of the median
+        steps = [r["recover_steps"] for r in mine if not _nothing_to_recover(r) and not r.get("recover_diverged")]  # out of
+        # the median: nd seeds, and seeds whose recovery fine-tune broke
         med_rec: Any = recover(mine[0]) if not mine[0].get("fine_tuned", mine[0]["weights_edited"]) else (
-            median([float(s) if s is not None else float("inf") for s in steps]) if steps else ND)
+            median([float(s) if s is not None else float("inf") for s in steps]) if steps
+            else DIVERGED if any(r.get("recover_diverged") for r in mine) else ND)
         if isinstance(med_rec, float) and not math.isfinite(med_rec):
             med_rec = f"> {cap}"
         med = [median(list(col)) for col in vals.T]
@@ -698,8 +710,8 @@ def lines(unlearning: dict[str, Any]) -> list[Any]:
         t.add_row(*cells)
     listed = [title + ":", *[f"{c[0]}: " + ", ".join(f"{h} {v}" for h, v in zip(keep[1:], c[1:])) for c in medians]]
     t_or_list = TableOrList(t, listed, max(0, longest - NAME_WIDTH))
-    notes = [nothing_kept_note(unlearning), nothing_to_recover_note(unlearning), r_note(unlearning),
-             matched_note(unlearning), repair_note(unlearning)]
+    notes = [diverged_note(unlearning), nothing_kept_note(unlearning), nothing_to_recover_note(unlearning),
+             r_note(unlearning), matched_note(unlearning), repair_note(unlearning)]
     return [t_or_list, f"{unlearning['note']}; relearning fine-tunes {unlearning['relearn_steps']} steps; "
                        f"relearned = lowest concept loss reached − the control's; medians leave out undefined (–) seeds "
                        f"(kept counts one as 0) and rank ±∞ as extremes", *[n for n in notes if n]]
@@ -726,6 +738,19 @@ class TableOrList:
             yield from (Text(line) for line in self.lines)
 
 
+def diverged_note(unlearning: dict[str, Any]) -> str:
+    """The fine-tunes that broke (a loss or weights no longer finite): their curves stop there, their
+    "kept" and recovery are undefined and out of the medians ("" when none)."""
+    out = [f"{r['method']} seed {r['seed']} K = {k}" for r in unlearning["rows"]
+           for k, got in (r.get("relearn") or {}).items() if got.get("diverged")]
+    out += [f"{r['method']} seed {r['seed']} recovery" for r in unlearning["rows"] if r.get("recover_diverged")]
+    if not out:
+        return ""
+    return (f"{len(out)} fine-tune(s) diverged at unlearning.relearn_lr {unlearning.get('relearn_lr', '?')} and stop at "
+            f"their last finite point, their kept and recovery undefined (a smaller rate: `anchoring relearn RUN --lr`): "
+            + "; ".join(out))
+
+
 def nothing_kept_note(unlearning: dict[str, Any]) -> str:
     """Which attacked seeds had no Δforget to keep, and so count as keeping 0 in the medians above
     ("" when none)."""
@@ -733,7 +758,7 @@ def nothing_kept_note(unlearning: dict[str, Any]) -> str:
     for m in dict.fromkeys(r["method"] for r in unlearning["rows"]):
         seeds = sorted({r["seed"] for r in unlearning["rows"] if r["method"] == m
                         for k in unlearning["relearn_k"] if (r.get("relearn") or {}).get(str(k)) is not None
-                        and math.isnan(_num(r["relearn"][str(k)].get("kept")))})
+                        and math.isnan(_num(r["relearn"][str(k)].get("kept"))) and not r["relearn"][str(k)].get("diverged")})
         if seeds:
             out.append(f"{m} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})")
     if not out:
