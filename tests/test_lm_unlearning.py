@@ -1211,8 +1211,8 @@ def test_a_relearning_attack_that_blows_up_is_recorded_as_broken_not_as_a_deleti
 
 
 def test_the_unlearning_evaluation_after_training_reports_to_the_runs_progress(tmp_path):
-    """It drew a bar of its own on a terminal, also under -q (which passes no progress), and the
-    run's bar stood at the end of training meanwhile."""
+    """The run's bar stood at the end of training while the evaluation fine-tuned (it drew a bar of
+    its own instead, on a terminal only); now its steps reach the run's progress, up to its total."""
     corpus = write_corpus(tmp_path / "texts")
     cfg = experiments.load("lm-anchor-passages", tiny(corpus, "train.steps=5", 'lm.arms=["anchored","control"]', *UNLEARNING))
     seen: list[tuple[int, int]] = []
