@@ -421,7 +421,7 @@ def load_shakespeare(cache: bool = True) -> Corpus:
 
 
 def without_repeats(c: Corpus, min_line: int = 30) -> Corpus:
-    """`c` without every passage that repeats a line (of ≥ `min_line` characters) of an earlier one.
+    """`c` without every passage that repeats a line (of ≥ `min_line` characters) of an earlier kept one.
 
     Why: Milton's files are not distinct texts. One collection reprints Comus, another the shorter
     poems, so the same verse sits in passages of different files; split by passage, it would land in
