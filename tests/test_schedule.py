@@ -271,6 +271,10 @@ def test_a_fraction_step_beyond_the_next_absolute_row_is_blamed_on_its_own_line(
     with pytest.raises(AnchoringError, match=r"line 3: STEP '\+1.5' is a fraction .* between \+0.0 and \+1.0"):
         parse_dopesheet("STEP,lr\n0,0.1\n+1.5,0.2\n100,0.3\n")
     assert [t for t, _ in parse_dopesheet("STEP,lr\n0,0.1\n+0.25,0.2\n100,0.3\n").tracks["lr"].keys] == [0, 25, 100]
+    # the nearest step, not the one before it; a half goes to the even step (Python's round, as README says)
+    for frac, step in (("+0.75", 8), ("+0.72", 7), ("+0.25", 2), ("+0.35", 4)):
+        keys = parse_dopesheet(f"STEP,lr\n0,0.1\n{frac},0.2\n10,0.3\n").tracks["lr"].keys
+        assert [t for t, _ in keys] == [0, step, 10], frac
 
 
 def test_retargeting_keeps_the_acceleration_and_log_tracks_report_real_velocity():
