@@ -112,6 +112,11 @@ def test_an_orthonormal_basis_has_unit_rows():
     basis = orthonormal([e1, e1 + 2 * e2])
     assert len(basis) == 2 and all(float(b.norm()) == pytest.approx(1.0) for b in basis)
     assert float(basis[0] @ basis[1]) == pytest.approx(0.0, abs=1e-7)
+    # a direction given twice, or one in the span of the others, adds none: rounding leaves a remainder
+    # of about 1e-8 off the axes, and an edit along it would act in a direction nobody chose
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(16, generator=g), torch.randn(16, generator=g)
+    assert len(orthonormal([a, a])) == 1 and len(orthonormal([a, b, a + b])) == 2 and len(orthonormal([a, 3 * a - 0.0])) == 1
 
 
 def test_a_term_names_a_latent_of_the_wrong_width_and_takes_boolean_labels():

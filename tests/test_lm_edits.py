@@ -84,6 +84,9 @@ def test_ood_detection_with_the_runs_own_surprise(lm_run):
     assert deleted["n_retain"] == deleted["n_concept"]  # one retain passage matched to each concept passage's length
     # AUROC with concept passages as the positive class: above one half when they score higher
     assert deleted["auroc_s2"] > 0.5 and deleted["auroc_s2"] == deleted["auroc_s2_after"]
+    # "before" is the anchored model as trained: scored with the deletion too, it read the same as "after"
+    assert deleted["concept_s2_before"] != deleted["concept_s2_after"]
+    assert deleted["retain_s2_before"] != deleted["retain_s2_after"]
 
 
 def test_retain_passages_are_matched_to_the_concept_passages_lengths():

@@ -100,6 +100,7 @@ def test_auroc_separated_identical_and_reversed():
     assert ood.auroc(ref, ref - 10) == 0.0
     assert abs(ood.auroc(ref, rng.normal(0, 1, 500)) - 0.5) < 0.06
     assert ood.auroc(np.array([1.0, np.nan]), np.array([2.0])) == 1.0  # unscored passages are dropped
+    assert ood.auroc(np.array([1.0]), np.array([2.0, np.nan])) == 1.0  # on either side (it raised on this one)
 
 
 def test_table_curves_and_figure(tmp_path):
