@@ -162,6 +162,11 @@ def test_lm_sweep_row_takes_unlearning_medians_when_present():
     row = sweep_row(summary)
     assert row["delete_R"] == pytest.approx(0.3) and row["delete_d_forget_concept"] == pytest.approx(2.0)
     assert row["relearn_R"] == 0.9 and row["relearn_d_forget_concept"] == 0.5
+    summary["arms"].append("control")  # each arm's own numbers, not the first arm's under every name
+    summary["median"]["control"] = {"loss": {"all": 1.6, "concept": 2.1, "retain": 1.5}, "alignment": {"blocks.1": {"margin": 0.1}}}
+    row = sweep_row(summary)
+    assert (row["control_margin@blocks.1"], row["anchored_margin@blocks.1"]) == (0.1, 0.4)
+    assert (row["control_loss_all"], row["control_loss_concept"], row["control_loss_retain"]) == (1.6, 2.1, 1.5)
 
 
 def test_a_coverage_grid_draws_r_against_coverage(tmp_path):
@@ -219,6 +224,10 @@ def test_shards_that_trained_on_different_corpora_are_not_merged(spec, tmp_path)
         (d / "corpus.json").write_text(f'{{"sha256": "{i}", "passages": 1}}')
     (tmp_path / "point").mkdir()
     with pytest.raises(AnchoringError, match="trained on different corpora"):
+        merge_shards(cfg, shards, tmp_path / "point")
+    (shards[1] / "corpus.json").write_text('{"sha256": "0", "passages": 1}')  # the same corpus, another tokenizer
+    (shards[1] / "tokenizer.json").write_text('{"kind": "char", "chars": "abc"}')
+    with pytest.raises(AnchoringError, match="trained different tokenizers"):
         merge_shards(cfg, shards, tmp_path / "point")
 
 
