@@ -335,3 +335,23 @@ def test_a_sweep_table_keeps_the_digits_of_a_small_number():
     assert _sweep_cell(0.00123) == "1.23e-03" and _sweep_cell(-0.00456) == "-4.56e-03"
     assert _sweep_cell(0.4567) == "0.457" and _sweep_cell(0.0) == "0.000" and _sweep_cell(None) == "–"
     assert _sweep_cell(3) == "3" and _sweep_cell(float("inf")) == "inf" and _sweep_cell(True) == "True"
+
+
+def test_the_bench_table_prints_each_figure_in_its_own_column(tmp_path, monkeypatch):
+    """The printed table is what people read; only bench.json was checked, so an inverted ratio or
+    swapped min/max columns would have gone unseen."""
+    import anchoring.benchmarks as bench
+
+    def suite(*args, **kwargs):
+        return {"machine": {"torch": "x", "cpus": 2},
+                "cases": [{"case": "plain loop", "median": 100.0, "min": 90.0, "max": 400.0, "unit": "steps/s", "peak_mb": 12.0},
+                          {"case": "ensemble E=4", "median": 1234.0, "min": 1200.0, "max": 1300.0, "unit": "steps/s",
+                           "vs_baseline": 2.0, "peak_mb": 50.0}]}
+
+    monkeypatch.setattr(bench, "run_suite", suite)
+    r = CliRunner().invoke(app, ["bench", "--json", str(tmp_path / "b.json")])
+    assert r.exit_code == 0, r.output
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in r.stdout.splitlines() if line.count("│") == 8}
+    assert rows["plain loop"] == ["100", "90", "400", "steps/s", "", "12"]
+    assert rows["ensemble E=4"] == ["1,234", "1,200", "1,300", "steps/s", "2.00", "50"]
