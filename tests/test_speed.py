@@ -54,8 +54,19 @@ class Chain(nn.Module):
         return self.decoder(self.latent(self.encoder(x)))
 
 
+class SideRead(Chain):
+    """The chain's output, but `latent` is called on another value: a hook there (the anchoring terms'
+    reading) sees 2z, the stacked chain's activation would be z."""
+
+    def forward(self, x):
+        z = self.encoder(x)
+        self.latent(2 * z)
+        return self.decoder(z)
+
+
 def test_fast_path_only_for_models_it_reproduces():
     assert Ensemble(Chain, [0, 1]).fast_path(["encoder", "latent"]) is not None
+    assert Ensemble(SideRead, [0, 1]).fast_path(["latent"]) is None  # the same output is not enough: the terms read the site
     assert Ensemble(Residual, [0, 1]).fast_path(["latent"]) is None  # probe disagrees → generic path
     hooked = Ensemble(Chain, [0, 1])
     hooked.template.decoder.register_forward_hook(lambda *a: None)  # a user's hook must still fire
