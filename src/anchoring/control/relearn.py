@@ -42,7 +42,7 @@ def finetune(model: nn.Module, loss: Callable[[nn.Module, int], torch.Tensor], s
     back on the sphere after each step when the model keeps them there (`normalize_weights`), then
     `keep` (in place) constrains them. Any model and task: the caller says what is learned and scored.
 
-    A loss or weights that stop being finite raise `Diverged`, which carries the curve up to there
+    A loss, weights or score that stop being finite raise `Diverged`, which carries the curve up to there
     (`.curve`, every point finite): scored on, the weights would be broken, and an attack that broke
     would pass for a deletion that held; the caller decides whether the cut curve means anything."""
     m = copy.deepcopy(model)
