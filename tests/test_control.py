@@ -330,15 +330,25 @@ def test_a_fine_tune_that_blows_up_stops_naming_its_step_instead_of_scoring_brok
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
     x, y = torch.randn(64, 4), torch.randn(64, 1)
+    seen: list[int] = []
 
     def loss(m: nn.Module, step: int) -> torch.Tensor:
         out = ((m(x) - y) ** 2).mean()
         return out * float("inf") if step == 3 else out
 
     scores = []
-    with pytest.raises(Diverged, match=r"^fine-tuning diverged at step 3 of 10 \(lr 0\.01\): the loss is not finite$"):
-        finetune(model, loss, lambda m: scores.append(m.training) or 0.0, steps=10, lr=0.01)
+    with pytest.raises(Diverged, match=r"^fine-tuning diverged at step 3 of 10 \(lr 0\.01\): the loss is not finite$") as got:
+        finetune(model, loss, lambda m: scores.append(m.training) or float(len(scores)), steps=10, lr=0.01)
     assert scores == [False] * 4  # before the first step and after steps 0, 1, 2: none after the broken one
+    assert got.value.curve == [1.0, 2.0, 3.0, 4.0]  # the curve up to there travels with the error
+
+    def overflows_after_two(m: nn.Module) -> dict[str, float]:  # weights finite, what they compute not
+        seen.append(1)
+        return {"loss": 0.5 if len(seen) <= 2 else float("nan")}
+
+    with pytest.raises(Diverged, match="at step 1 of 5 .*its score is not finite") as got:
+        finetune(model, lambda m, step: ((m(x) - y) ** 2).mean(), overflows_after_two, steps=5, lr=0.01)
+    assert got.value.curve == [{"loss": 0.5}, {"loss": 0.5}]
     with pytest.raises(Diverged, match="at step 0 of 5 .*the weights are not finite"):  # a finite loss, weights broken by `keep`
         finetune(model, lambda m, step: ((m(x) - y) ** 2).mean(), lambda m: 0.0, steps=5, lr=0.01,
                  keep=lambda m: m.weight.fill_(float("nan")))

@@ -1191,23 +1191,30 @@ def test_a_relearning_attack_that_blows_up_is_recorded_as_broken_not_as_a_deleti
     Failing the whole evaluation instead would lose a run that trained for hours, so the row says
     the attack broke, its "kept" and recovery are undefined, and the target is not met on it."""
     path, _summary = unlearned
+    try:
+        _check_a_broken_attack(path)
+    finally:
+        shutil.rmtree(path / "relearn", ignore_errors=True)  # the module's run is shared with other tests
+
+
+def _check_a_broken_attack(path) -> None:
     r = CliRunner().invoke(app, ["relearn", str(path), "--lr", "1e30", "--steps", "3"])
     assert r.exit_code == 0, r.stderr
     got = json.loads((path / "relearn" / "violence" / "summary.json").read_text())
     attacked = [x for x in got["unlearning"]["rows"] if x.get("relearn")]
     assert attacked and all(a.get("diverged", "").startswith("fine-tuning diverged at step") for x in attacked
                             for a in x["relearn"].values())
-    assert all(a["kept"] is None for x in attacked for a in x["relearn"].values())  # undefined (NaN, null in JSON)
+    assert all(a["kept"] is None and a["relearned"] is None for x in attacked for a in x["relearn"].values())  # undefined
     assert all(x["recover_steps"] is None and x["recover_diverged"] for x in attacked if x["recover_steps"] != 0)
     robust = [v for k, v in got["targets"].items() if "keeps ≥ 50%" in k]
     assert robust and all(not t["met"] and t["diverged_seeds"] for t in robust)
     assert "fine-tune(s) diverged at unlearning.relearn_lr 1e+30" in r.stdout.replace("\n", " ")
+    assert "attack diverged, left out: not met" in r.stdout.replace("\n", " ")  # the target line says why it missed
     header, rows = ul.table(got["unlearning"])
     steps = header.index("steps to recover")
     assert any(row[steps] == ul.DIVERGED for row in rows) and not any(str(row[steps]).startswith(">") for row in rows)
     curves = pd.read_csv(path / "relearn" / "violence" / ul.CURVES)
     assert curves[["forget_concept", "forget", "retain"]].notna().all().all()  # each curve stops at its last finite point
-    shutil.rmtree(path / "relearn")
 
 
 def test_the_unlearning_evaluation_after_training_reports_to_the_runs_progress(tmp_path):

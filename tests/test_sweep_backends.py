@@ -280,6 +280,7 @@ def test_a_diverged_local_shard_stops_the_other_shards_of_its_point_and_none_is_
     from anchoring.sweep.layout import DIVERGED, DIVERGED_EXIT
 
     starts: list[str] = []
+    stopped: list[tuple[str, int]] = []
 
     class Process:
         def __init__(self, argv, stdout, **_):
@@ -300,6 +301,7 @@ def test_a_diverged_local_shard_stops_the_other_shards_of_its_point_and_none_is_
             return self.code
 
         def terminate(self):  # p1b trains until it is told to stop, then exits as a stopped worker does
+            stopped.append((self.dir.name, getattr(self, "polls", 0)))
             self.code = -15
 
         def wait(self, timeout=None):
@@ -315,5 +317,6 @@ def test_a_diverged_local_shard_stops_the_other_shards_of_its_point_and_none_is_
         sh.dir.mkdir()
     backends.run_local(shards, workers=3, retries=2, keep_going=True)
     assert starts == ["p1b", "p1a", "p0"]  # p1b stopped, not started again
+    assert [name for name, _ in stopped] == ["p1b"] and stopped[0][1] < 1000  # told to stop, not left to train on
     assert (tmp_path / "p1a" / DIVERGED).is_file() and (tmp_path / "p0" / DONE).is_file()
     assert not (tmp_path / "p1b" / DONE).exists()

@@ -170,7 +170,7 @@ def run_ray(shards: list, workers: int, address: str | None, retries: int, progr
             try:
                 files = ray.get(ready[0])
             except Exception as e:  # noqa: BLE001 - Ray wraps worker errors in its own types
-                cause = getattr(e, "cause", e)  # Ray raises its own error as an instance of the task's too; its text
+                cause = getattr(e, "cause", None) or e  # Ray raises its own error as an instance of the task's too; its text
                 if isinstance(cause, Diverged):  # is a whole traceback, the cause's is the one line
                     _diverged(s, f"diverged: {cause}", [], keep_going)
                     for ref, other in list(todo.items()):  # the point cannot be merged: its other shards are not needed

@@ -724,7 +724,9 @@ def left_out_note(t: dict[str, Any]) -> str:
     """What a target line adds when some seeds had no value for it (their median leaves them out)."""
     n = t.get("undefined_seeds") or 0
     treated = "left out" if t.get("undefined_counted_as") is None else f"counted as {t['undefined_counted_as']:g}"
-    return f" ({n} seed{'s' * (n != 1)} undefined, {treated})" if n else ""
+    said = f" ({n} seed{'s' * (n != 1)} undefined, {treated})" if n else ""
+    broke = t.get("diverged_seeds") or 0
+    return said + (f" ({broke} seed{'s' * (broke != 1)}' attack diverged, left out: not met)" if broke else "")
 
 
 TARGET_STEPS = 1000  # the budget the LM targets are stated for: every built-in LM schedule's length

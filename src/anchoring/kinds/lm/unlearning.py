@@ -337,8 +337,8 @@ def score_method(m: Method, seed: int, at: SeedSetting, u: UnlearningConfig, pro
         curve, broke = cut_at_divergence(lambda w=w: finetune(m.after, lambda step: w.batch(step, u.relearn_batch),
                                                                u.relearn_steps, u.relearn_lr, score, tick=tick))
         row["relearn"][str(k)] = relearn_record(curve, sb, target, int(min(k, len(at.forget))))
-        if broke:
-            row["relearn"][str(k)].update(diverged=broke, kept=float("nan"))
+        if broke:  # what a cut curve reached says nothing of what the attack would have: undefined, not low
+            row["relearn"][str(k)].update(diverged=broke, kept=float("nan"), relearned=float("nan"))
         curves += points(curve, f"relearn K={k}", k)
     mix_f, mix_r = at.mix
     half = max(1, u.relearn_batch // 2)
@@ -362,7 +362,9 @@ def cut_at_divergence(fine_tune: Callable[[], list[dict[str, float]]]) -> tuple[
     try:
         return fine_tune(), None
     except Diverged as e:
-        return getattr(e, "curve", []), str(e)
+        if not getattr(e, "curve", None):  # not `finetune`'s own: nothing to keep
+            raise
+        return e.curve, str(e)
 
 
 def _save_seed(partial: Path, seed: int, key: str, done: int, rows: list[dict[str, Any]],
@@ -747,7 +749,8 @@ def diverged_note(unlearning: dict[str, Any]) -> str:
     if not out:
         return ""
     return (f"{len(out)} fine-tune(s) diverged at unlearning.relearn_lr {unlearning.get('relearn_lr', '?')} and stop at "
-            f"their last finite point, their kept and recovery undefined (a smaller rate: `anchoring relearn RUN --lr`): "
+            f"their last finite point, their relearned, kept and recovery undefined (a smaller rate: `anchoring relearn "
+            f"RUN --lr`): "
             + "; ".join(out))
 
 
