@@ -700,6 +700,12 @@ def test_the_relearning_figure_draws_the_control_as_the_mean_over_seeds():
     assert len(dashed) == 1 and dashed[0].get_ydata()[0] == pytest.approx(1.5)  # two seeds at 1.0 count twice
     (curve,) = [line for line in fig.axes[0].lines if line.get_linestyle() == "-"]  # the method's mean, as its axis says
     assert list(curve.get_xdata()) == [0, 1, 2] and list(curve.get_ydata()) == pytest.approx([2.3, 2.2, 2.1])
+    cut = [p for p in points if not (p["seed"] == 2 and p["step"] == 2)]  # seed 2's attack diverged after step 1
+    fig = relearning_curves(cut, [4])
+    solid = [line for line in fig.axes[0].lines if line.get_linestyle() == "-"]
+    marks = [line for line in fig.axes[0].lines if line.get_marker() == "x"]
+    assert len(solid) == 1 and list(solid[0].get_xdata()) == [0, 1]  # not the two other seeds' mean at step 2 (a jump)
+    assert list(solid[0].get_ydata()) == pytest.approx([2.3, 2.2]) and len(marks) == 1 and list(marks[0].get_xdata()) == [1]
 
 
 def test_repair_fine_tunes_on_retain_text_and_keeps_the_edit(unlearned):

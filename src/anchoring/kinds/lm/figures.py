@@ -126,7 +126,7 @@ def unlearning_tradeoff(rows: list[dict]) -> Figure:
 
 def relearning_curves(points: list[dict], ks: list[int]) -> Figure:
     """Forget-concept loss against fine-tuning step, one panel per K, one line per method (mean over
-    seeds); the control's loss on the same text dashed."""
+    seeds; it ends with an × where a seed's fine-tune diverged); the control's loss on the same text dashed."""
     relearn = [p for p in points if p["fine_tune"].startswith("relearn")]
     methods = list(dict.fromkeys(p["method"] for p in relearn))
     colour = _method_colours(methods)
@@ -134,9 +134,20 @@ def relearning_curves(points: list[dict], ks: list[int]) -> Figure:
     for ax, k in zip(axes[0], ks):
         mine = [p for p in relearn if p["k"] == k]
         for m in methods:
-            steps = sorted({p["step"] for p in mine if p["method"] == m})
-            ys = [np.mean([p["forget_concept"] for p in mine if p["method"] == m and p["step"] == s]) for s in steps]
+            by_seed: dict[int, dict[int, float]] = {}
+            for p in mine:
+                if p["method"] == m:
+                    by_seed.setdefault(p["seed"], {})[p["step"]] = p["forget_concept"]
+            if not by_seed:  # not attacked at this K: still in the legend, which the last panel draws
+                ax.plot([], [], color=colour[m], lw=1.2, label=m)
+                continue
+            # a mean over the same seeds at every step: past a seed's curve cut at a divergence, the line would
+            # become the other seeds' mean and jump; it ends there instead, with an ×
+            steps = sorted(set.intersection(*(set(c) for c in by_seed.values())))
+            ys = [float(np.mean([c[s] for c in by_seed.values()])) for s in steps]
             ax.plot(steps, ys, color=colour[m], lw=1.2, label=m)
+            if steps and len(steps) < max(len(c) for c in by_seed.values()):
+                ax.plot(steps[-1:], ys[-1:], color=colour[m], marker="x", ms=6, ls="none")
         if mine:
             per_seed = {p["seed"]: p["control_concept"] for p in mine}  # one control loss per seed, equal values or not
             ax.axhline(float(np.mean(list(per_seed.values()))), color="k", ls="--", lw=0.8,
