@@ -212,7 +212,7 @@ def _known_keys(model: type[BaseModel] | None, path: Sequence[str]) -> list[str]
         field = model.model_fields.get(part)
         if field is None:
             return []
-        model = next((t for t in _models_in(field.annotation)), None)
+        model = next(iter(_models_in(field.annotation)), None)
     return list(model.model_fields) if model is not None else []
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
+from anchoring import runs
 from anchoring.config import ExperimentBase, InterventionConfig
 from anchoring.errors import AnchoringError
 
@@ -166,8 +167,6 @@ class Kind:
 def intervention_rows(path: Path, column: str) -> tuple[str, list[dict[str, Any]], dict[str, Any]] | None:
     """(name, rows, summary) of the summary.json an LM or transformer `intervene` wrote in `path`, or
     None when there is none whose rows have `column` (the kinds' tables differ, their files do not)."""
-    from anchoring import runs
-
     summary = runs.read_json(path / runs.SUMMARY) if (path / runs.SUMMARY).is_file() else {}
     summary = summary if isinstance(summary, dict) else {}
     rows = summary.get("rows") or []

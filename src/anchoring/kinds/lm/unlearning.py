@@ -581,7 +581,8 @@ def targets(unlearning: dict[str, Any]) -> dict[str, dict[str, Any]]:
             broke = sum(bool(r["relearn"][str(k)].get("diverged")) for r in attacked)
             out[f"{mine} keeps ≥ 50% of Δforget after relearning on K = {k}"] = {
                 "median": kept, "met": kept >= 0.5 and not broke,  # an attack that broke proves nothing kept
-                "undefined_seeds": sum(math.isnan(_num(r["relearn"][str(k)].get("kept"))) for r in attacked) - broke,
+                "undefined_seeds": sum(math.isnan(_num(r["relearn"][str(k)].get("kept"))) and not r["relearn"][str(k)].get("diverged")
+                                       for r in attacked),
                 "undefined_counted_as": 0.0,  # see kept_for_median
                 **({"diverged_seeds": broke} if broke else {})}
         if not any(r["method"] == "oracle filter" for r in rows):  # R is relative to it: no arm, no target
