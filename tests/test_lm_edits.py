@@ -115,7 +115,7 @@ def test_the_ood_table_calls_equal_aurocs_a_tie_and_names_the_held_out_corpus():
     import numpy as np
 
     from anchoring.evaluate.ood import roc_figure
-    from anchoring.kinds.lm.kind import better
+    from anchoring.kinds.lm.report import better
 
     assert better(0.8401, 0.8399) == "tie" and better(0.9, 0.8) == "s₂" and better(0.8, 0.9) == "surprisal"
     rng = np.random.default_rng(0)
@@ -164,7 +164,7 @@ def test_a_corpus_with_characters_outside_the_ood_vocabulary_still_gets_its_sets
     from types import SimpleNamespace
 
     from anchoring.evaluate.ood import REFERENCE
-    from anchoring.kinds.lm import kind
+    from anchoring.kinds.lm import checks
     from anchoring.kinds.lm.data import load_data
     from anchoring.kinds.lm.ood import ood_sets, ood_vocabulary
 
@@ -173,7 +173,7 @@ def test_a_corpus_with_characters_outside_the_ood_vocabulary_still_gets_its_sets
         f.write_text(f.read_text().replace(". ", ".\t"))
     overrides = [o for o in tiny(corpus, "evaluate.ood_passages=5", "evaluate.ood_min_chars=40") if not o.startswith("terms.")]
     cfg = experiments.load("lm-ood", [*overrides, 'terms.0.site="blocks.1"', 'terms.1.site="blocks.1"'])
-    assert kind.validate(cfg) > 0
+    assert checks.validate(cfg) > 0
     data = load_data(cfg.text)
     assert "\t" not in ood_vocabulary(data)
     sets = ood_sets(SimpleNamespace(data=data, config=cfg), n=5, seed=0, min_chars=40)
@@ -363,8 +363,8 @@ def test_blinding_the_readers_writes_a_run_whose_later_layers_ignore_the_anchor(
     r = CliRunner().invoke(app, ["delete", str(lm_run.path), "--concept", "violence", "--method", "blind", "--out", str(out)])
     assert r.exit_code == 0, r.stderr
     run = lifecycle.load_run(out)
+    from anchoring.kinds.lm.direction import anchored_sites
     from anchoring.kinds.lm.edits import concept_directions, downstream_readers, first_site
-    from anchoring.kinds.lm.kind import anchored_sites
 
     (v,) = concept_directions(run.config)
     before, after = lm_run.model("anchored"), run.model("anchored")
@@ -433,8 +433,8 @@ def test_a_run_that_anchors_nothing_has_no_direction_to_edit():
     """Alignment in such a run is measured along axis 0 for reference; deleting or blinding that
     axis and calling it the concept would be a made-up edit, so every edit refuses in one line."""
     from anchoring.errors import AnchoringError
+    from anchoring.kinds.lm.direction import measured_direction
     from anchoring.kinds.lm.edits import concept_directions
-    from anchoring.kinds.lm.kind import measured_direction
     from anchoring.kinds.lm.training import build_model
 
     cfg = experiments.load("lm-control")
@@ -473,7 +473,7 @@ def test_validate_refuses_unlearning_on_an_anchored_arm_that_anchors_no_directio
     and `evaluate.ood` delete along the concept's direction after training, so the config is refused
     before training starts, not after it. Without them the same config trains."""
     from anchoring.errors import AnchoringError
-    from anchoring.kinds.lm.kind import validate
+    from anchoring.kinds.lm.checks import validate
 
     base = experiments.load("lm-anchor", ['lm.arms=["anchored","control"]'])
     d = base.model_dump()

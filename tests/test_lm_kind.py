@@ -268,18 +268,18 @@ def test_configs_the_anchored_arm_cannot_train_as_meant_are_refused_before_any_a
 def test_scored_concept_passages_without_a_word_of_the_concept_are_refused(corpus, tmp_path, monkeypatch):
     """A passage's reference label can come from sentiment or metadata while no word of it marks a
     position; if no scored passage has such a word, every concept number would be NaN after training."""
-    from anchoring.kinds.lm import kind
+    from anchoring.kinds.lm import checks
 
-    real = kind.concept_spans
+    real = checks.concept_spans
     calls = []
-    monkeypatch.setattr(kind, "concept_spans", lambda text, concept: calls.append(text) or [])
+    monkeypatch.setattr(checks, "concept_spans", lambda text, concept: calls.append(text) or [])
     out = tmp_path / "run"
     r = CliRunner().invoke(app, ["run", "lm-anchor-passages", *[a for o in tiny(corpus) for a in ("--set", o)],
                                  "--out", str(out), "-q"])
     assert r.exit_code == 2 and not out.exists() and calls, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "no concept positions to score" in lines[0], r.stderr
-    monkeypatch.setattr(kind, "concept_spans", real)
+    monkeypatch.setattr(checks, "concept_spans", real)
     lifecycle.validate(experiments.load("lm-anchor-passages", tiny(corpus)))  # the real labeller finds words
 
 
@@ -296,16 +296,16 @@ def test_the_memory_check_counts_every_finished_model_the_run_holds(monkeypatch)
     """One job fits, but a run holds all its finished models until they are evaluated and saved: a
     1000-seed run of four arms (4,000 models of about 1 M parameters) was not refused."""
     from anchoring import resources
-    from anchoring.kinds.lm import kind
+    from anchoring.kinds.lm import checks
 
     one = experiments.load("lm-anchor", ["train.seeds=1", "lm.workers=2"])
     many = experiments.load("lm-anchor", ["train.seeds=1000", "lm.workers=2"])
     params = sum(p.numel() for p in build_model(one, 256).parameters())
-    assert kind.memory_estimate(many) - kind.memory_estimate(one) >= 999 * 4 * 4 * params * 0.95
+    assert checks.memory_estimate(many) - checks.memory_estimate(one) >= 999 * 4 * 4 * params * 0.95
     monkeypatch.setattr(resources, "available_bytes", lambda: 8 * 2**30)
-    kind.check_fits(kind.memory_estimate(one), "one seed", "")  # fits
+    checks.check_fits(checks.memory_estimate(one), "one seed", "")  # fits
     with pytest.raises(AnchoringError, match="needs about .* GiB but only 8.0 GiB"):
-        kind.validate(many, data=False)
+        checks.validate(many, data=False)
 
 
 def test_load_run_gives_tokens_losses_alignment_and_samples(finished):
@@ -488,7 +488,7 @@ def test_every_job_reports_its_training_seconds_also_from_worker_processes(corpu
     assert set(jobs) == {"anchored-seed0_s", "control-seed0_s"} and all(0 < v < timing["train_s"] for v in jobs.values())
     from rich.console import Console
 
-    from anchoring.kinds.lm.kind import summary_lines
+    from anchoring.kinds.lm.report import summary_lines
 
     console = Console(width=250, record=True)
     lines = summary_lines(json.loads((tmp_path / "run" / "summary.json").read_text()))
@@ -531,7 +531,7 @@ def test_a_checkpoint_without_seconds_gives_unknown_training_time_not_zero(corpu
 def test_a_target_without_a_value_shows_as_undefined():
     """A target whose median is undefined (NaN in the run, null once summary.json is read back) must not
     break `anchoring show`."""
-    from anchoring.kinds.lm.kind import summary_lines
+    from anchoring.kinds.lm.report import summary_lines
 
     lines = summary_lines({"experiment": "x", "models": [], "targets": {"kept ≥ 50%": {"median": None, "met": False},
                                                                           "margin": {"median": 0.4, "met": True}}})
@@ -544,7 +544,7 @@ def test_an_infinite_target_prints_as_infinite_in_the_report_and_after_reading_b
     "undefined". Undefined values in the per-seed table print as a dash instead of a traceback."""
     from anchoring import runs
     from anchoring.evaluate.stats import mark_infinite
-    from anchoring.kinds.lm.kind import summary_lines
+    from anchoring.kinds.lm.report import summary_lines
 
     targets = mark_infinite({"ratio ≥ 3": {"median": float("inf"), "met": True},
                              "R ≥ 0.5": {"median": 0.25, "met": False, "undefined_seeds": 2}})
@@ -736,7 +736,7 @@ def test_a_saved_tokenizer_gets_its_own_encodings_not_those_of_a_fresh_one(corpu
 def test_anchor_terms_of_one_concept_with_different_directions_are_one_error():
     """Alignment, probes and edits measure one direction per concept at every site; two anchor terms
     pulling towards different directions would be scored against the first one's at both sites."""
-    from anchoring.kinds.lm.kind import validate
+    from anchoring.kinds.lm.checks import validate
 
     other = [0.0] * 128
     other[1] = 1.0
@@ -813,7 +813,8 @@ def test_a_run_folder_that_does_not_match_its_config_is_refused_in_one_line(tmp_
 def test_the_summary_gives_the_coverage_span_labels_really_train_with(corpus):
     """A labelled passage with no word to mark trains as unlabelled text under span labels, so the
     coverage a run prints must count only passages that hold one."""
-    from anchoring.kinds.lm.kind import label_coverage, summary_lines
+    from anchoring.kinds.lm.kind import label_coverage
+    from anchoring.kinds.lm.report import summary_lines
 
     cfg = experiments.load("lm-anchor-passages", tiny(corpus, "text.coverage=0.5", 'text.weak_labels="spans"'))
     data = load_data(cfg.text)
@@ -855,7 +856,7 @@ def test_every_builtin_lm_experiment_binds_its_terms_to_its_model(name):
         for t in objective.terms:  # the site runs in the forward pass and holds the residual stream
             assert t.site.read(cap.acts).shape == (1, 16, cfg.lm.width), t.name
     assert (self_labeller(cfg, objective) is None) == (cfg.lm.self_label is None)
-    from anchoring.kinds.lm.kind import TARGET_STEPS  # the budget the printed targets say they are stated for
+    from anchoring.kinds.lm.report import TARGET_STEPS  # the budget the printed targets say they are stated for
 
     assert build_timeline(cfg, objective).steps == TARGET_STEPS + 1  # keys 0 … TARGET_STEPS
 
@@ -863,7 +864,7 @@ def test_every_builtin_lm_experiment_binds_its_terms_to_its_model(name):
 def test_a_run_shortened_with_steps_says_its_targets_are_for_the_full_budget():
     """`--steps 300` is the README's first look, and it misses the targets it prints; the line beside
     them says they are stated for the full budget, and a full-length run prints no such line."""
-    from anchoring.kinds.lm.kind import TARGET_STEPS, summary_lines
+    from anchoring.kinds.lm.report import TARGET_STEPS, summary_lines
 
     def printed(**summary) -> list[str]:
         base = {"experiment": "lm-anchor", "models": [], "arms": ["control"],
@@ -879,41 +880,41 @@ def test_a_run_shortened_with_steps_says_its_targets_are_for_the_full_budget():
 def test_the_concept_rename_flags_the_error_lists_are_all_it_takes(corpus):
     """Anchoring another concept renames it in three places; the error names every flag, and with
     them the config binds (before any data is read)."""
-    from anchoring.kinds.lm import kind
+    from anchoring.kinds.lm import checks
 
     base = [f'text.corpus="{corpus}"', 'text.concept="deception"', "lm.width=32"]
     with pytest.raises(AnchoringError) as e:
-        kind.validate(experiments.load("lm-anchor-cleared", base), data=False)
+        checks.validate(experiments.load("lm-anchor-cleared", base), data=False)
     rename, back = str(e.value).split("rename the concept too: ")[1].split(", or label 'violence' instead: ")
     assert back == "--set text.concept=violence"  # the other way out: label the concept the terms name
     flags = rename.split(" --set ")
     assert flags[0].startswith("--set ")
     flags = [f.removeprefix("--set ") for f in flags]
     cfg = experiments.load("lm-anchor-cleared", base + flags)
-    kind.validate(cfg, data=False)
+    checks.validate(cfg, data=False)
     assert {c.name for c in cfg.concepts} == {t.concept for t in cfg.terms if t.concept} == {"deception"}
 
 
 def test_arms_without_labels_are_refused_only_where_an_arm_learns_from_them(corpus):
-    from anchoring.kinds.lm import kind
+    from anchoring.kinds.lm import checks
 
     cfg = experiments.load("lm-anchor-passages", tiny(corpus, "text.coverage=0.0", 'lm.arms=["control","oracle-filtered"]'))
-    kind.check_labelled(cfg, load_data(cfg.text))  # neither arm reads the weak labels
+    checks.check_labelled(cfg, load_data(cfg.text))  # neither arm reads the weak labels
     spans = experiments.load("lm-anchor", [f'text.corpus="{corpus}"', "text.coverage=1.0", 'lm.arms=["anchored"]'])
-    kind.check_labelled(spans, load_data(spans.text))  # span labels: labelled passages with a word to mark
+    checks.check_labelled(spans, load_data(spans.text))  # span labels: labelled passages with a word to mark
     # only false positives labelled: calm passages, no word to mark; the weak filter still drops them
     calm = [f'text.corpus="{corpus}"', "text.coverage=0.0", "text.false_positives=0.3"]
     cfg = experiments.load("lm-anchor", [*calm, 'lm.arms=["control","weak-filtered"]'])
     d = load_data(cfg.text)
     assert (~d.keep("weak-filtered", 0)).sum() > 0
-    kind.check_labelled(cfg, d)
+    checks.check_labelled(cfg, d)
     cfg = experiments.load("lm-anchor", [*calm, 'lm.arms=["anchored","control"]'])
     with pytest.raises(AnchoringError, match="weakly labelled training passages has a word of 'violence' to mark"):
-        kind.check_labelled(cfg, d)
+        checks.check_labelled(cfg, d)
     for arm in ("sgtm", "routing"):  # the training-time baselines learn from the weak labels too
         cfg = experiments.load("lm-anchor-passages", tiny(corpus, "text.coverage=0.0", f'lm.arms=["control","{arm}"]'))
         with pytest.raises(AnchoringError, match="weak label"):
-            kind.check_labelled(cfg, load_data(cfg.text))
+            checks.check_labelled(cfg, load_data(cfg.text))
 
 
 def test_a_folder_corpus_is_kept_as_an_absolute_path_and_opens_from_anywhere(corpus, tmp_path, monkeypatch):
@@ -1036,7 +1037,7 @@ def test_the_shaded_text_colours_every_character_of_a_token_on_a_scale_of_the_la
 
 def test_a_finished_run_keeps_an_infinite_target_infinite_in_its_summary(corpus, tmp_path, monkeypatch):
     from anchoring.kinds.lm import kind
-    from anchoring.kinds.lm.kind import summary_lines
+    from anchoring.kinds.lm.report import summary_lines
 
     real = kind.summarize
 

@@ -11,8 +11,8 @@ import pytest
 
 from anchoring import experiments
 from anchoring.errors import AnchoringError
+from anchoring.kinds.lm import checks, kind, report
 from anchoring.kinds.lm import evaluate as ev
-from anchoring.kinds.lm import kind
 
 SITES = ["embed", "blocks.0", "blocks.1", "blocks.2", "blocks.3"]
 
@@ -64,9 +64,9 @@ def test_label_coverage_counts_only_reference_positives_the_weak_labels_hit():
 
 
 def test_a_target_line_names_the_seeds_it_had_no_value_for():
-    assert kind.left_out_note({"undefined_seeds": 2, "undefined_counted_as": 0.0}) == " (2 seeds undefined, counted as 0)"
-    assert kind.left_out_note({"undefined_seeds": 1, "undefined_counted_as": None}) == " (1 seed undefined, left out)"
-    assert kind.left_out_note({"undefined_seeds": 0}) == "" and kind.left_out_note({}) == ""
+    assert report.left_out_note({"undefined_seeds": 2, "undefined_counted_as": 0.0}) == " (2 seeds undefined, counted as 0)"
+    assert report.left_out_note({"undefined_seeds": 1, "undefined_counted_as": None}) == " (1 seed undefined, left out)"
+    assert report.left_out_note({"undefined_seeds": 0}) == "" and report.left_out_note({}) == ""
 
 
 def _passages(reference: list[int], texts: list[str]):
@@ -77,16 +77,16 @@ def test_scored_text_needs_passages_with_and_without_the_concept(monkeypatch):
     cfg = experiments.load("lm-anchor")
     monkeypatch.setattr(ev, "eval_passages", lambda d, n, order: np.arange(len(d.texts)))
     violent, calm = "He drew his sword and stabbed him.", "The birds sang sweetly."
-    kind.check_scored(cfg, _passages([1, 0], [violent, calm]), "evaluate.eval_chars", 1000)
+    checks.check_scored(cfg, _passages([1, 0], [violent, calm]), "evaluate.eval_chars", 1000)
     with pytest.raises(AnchoringError, match="no passage without it"):
-        kind.check_scored(cfg, _passages([1, 1], [violent, violent]), "evaluate.eval_chars", 1000)
+        checks.check_scored(cfg, _passages([1, 1], [violent, violent]), "evaluate.eval_chars", 1000)
     with pytest.raises(AnchoringError, match="no passage with 'violence'"):
-        kind.check_scored(cfg, _passages([0, 0], [calm, calm]), "evaluate.eval_chars", 1000)
+        checks.check_scored(cfg, _passages([0, 0], [calm, calm]), "evaluate.eval_chars", 1000)
 
 
 def test_relearning_may_ask_for_every_passage_that_carries_the_concept_but_not_more():
     train = np.array([1, 0, 1, 1, 0])  # three passages carry the concept
     data = SimpleNamespace(reference=train, parts={"train": np.arange(5)})
-    kind.check_relearnable(experiments.load("lm-unlearning", ["unlearning.relearn_k=[1,3]"]), data)
+    checks.check_relearnable(experiments.load("lm-unlearning", ["unlearning.relearn_k=[1,3]"]), data)
     with pytest.raises(AnchoringError, match="K = 4 asks for more passages than the 3"):
-        kind.check_relearnable(experiments.load("lm-unlearning", ["unlearning.relearn_k=[4]"]), data)
+        checks.check_relearnable(experiments.load("lm-unlearning", ["unlearning.relearn_k=[4]"]), data)

@@ -237,7 +237,7 @@ def test_the_memory_check_counts_every_shard_that_trains_at_once(spec, tmp_path,
     continued sweep train nothing, and a Ray cluster trains on its own machines."""
     from anchoring import resources
     from anchoring.kinds import kind_of
-    from anchoring.kinds.lm.kind import memory_estimate
+    from anchoring.kinds.lm.checks import memory_estimate
     from anchoring.sweep.layout import DONE
 
     grid = sweep.parse_grid(["text.coverage=0.5,1.0"])

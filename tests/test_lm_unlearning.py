@@ -19,6 +19,7 @@ from anchoring.cli import app
 from anchoring.control.erasure import mean_difference
 from anchoring.errors import AnchoringError
 from anchoring.kinds.lm import unlearning as ul
+from anchoring.kinds.lm import unlearning_table as ut
 from anchoring.kinds.lm.edits import Suppressed, delete, matched_directions, orthonormal
 from anchoring.kinds.lm.figures import coverage_figure
 from anchoring.models import NormalizedTransformer
@@ -70,7 +71,7 @@ def test_every_method_is_a_row_and_anchoring_delete_hits_the_concept(unlearned):
     assert not rnd["fine_tuned"] and not rnd["relearn"] and rnd["recover_steps"] is None and rnd["leftover"] < 1e-5
     assert rnd["before"] == a["before"] and rnd["d_forget_concept"] != a["d_forget_concept"]
     assert set(rows["weak filter"]["relearn"]) == {"2"}
-    header, table = ul.table(u)
+    header, table = ut.table(u)
     assert [r[-1] for r in table if r[0] == "anchoring · matched random deletion"] == ["control", "control"]
     assert len(table) == 2 * len(methods) and all(len(r) == len(header) for r in table)
     assert (path / "figures" / "unlearning_tradeoff.png").stat().st_size > 3000
@@ -120,7 +121,7 @@ def test_every_rows_derived_numbers_follow_from_its_losses_and_curves(unlearned)
             rec = sorted((p for p in points if p["method"] == r["method"] and p["seed"] == r["seed"]
                           and p["fine_tune"] == "recover"), key=lambda p: p["step"])
             first = next((p["step"] for p in rec if p["forget_concept"] <= p["control_concept"]), None)
-            assert r["recover_steps"] == first and ul._nothing_to_recover(r) == (first == 0), r["method"]
+            assert r["recover_steps"] == first and ut._nothing_to_recover(r) == (first == 0), r["method"]
             checked["recover"] += 1
     assert checked["recover"] >= 5 and checked["kept"] >= 1, checked
 
@@ -147,11 +148,11 @@ def test_the_mean_difference_deletion_is_compared_at_anchorings_retain_cost(unle
     matched = [rows[ul.MATCHED_COST, s] for s in seeds if (ul.MATCHED_COST, s) in rows]
     assert (line is not None) == bool(matched)
     if matched:
-        want = ul.ranked_median([ul.ratio(rows["anchoring · delete", r["seed"]]["d_forget_concept"], r["d_forget_concept"])
+        want = ut.ranked_median([ul.ratio(rows["anchoring · delete", r["seed"]]["d_forget_concept"], r["d_forget_concept"])
                                  for r in matched])
         assert line["median"] == pytest.approx(want, nan_ok=True) and line["strengths"] == [r["strength"] for r in matched]
-        assert ul.matched_note({"rows": []}) == "" and "β = " in ul.matched_note(summary["unlearning"])
-        header, table = ul.table(summary["unlearning"])
+        assert ut.matched_note({"rows": []}) == "" and "β = " in ut.matched_note(summary["unlearning"])
+        header, table = ut.table(summary["unlearning"])
         assert all(r[-1] == "–" for r in table if r[0] == ul.MATCHED_COST)
 
 
@@ -180,7 +181,7 @@ def test_cost_matching_finds_the_strength_that_costs_the_asked_retain_loss(unlea
 
 def mean_difference_direction(model, cfg, data, seed):
     from anchoring.kinds.lm import posthoc
-    from anchoring.kinds.lm.kind import anchored_sites
+    from anchoring.kinds.lm.direction import anchored_sites
 
     fit = posthoc.fit(model, cfg, data, seed, anchored_sites(cfg))["mean-difference"]
     return next(iter(fit.directions.values()))
@@ -531,9 +532,9 @@ def test_the_leace_range_is_the_difference_of_means_for_one_binary_label():
 
 
 def test_medians_rank_never_recovered_and_free_edits_as_the_extremes():
-    assert ul.ranked_median([float("inf"), float("inf"), 0.5]) == float("inf")
-    assert ul.ranked_median([float("inf"), 7.0, 3.0]) == 7.0
-    assert ul.ranked_median([float("nan"), 2.0, 4.0]) == 3.0
+    assert ut.ranked_median([float("inf"), float("inf"), 0.5]) == float("inf")
+    assert ut.ranked_median([float("inf"), 7.0, 3.0]) == 7.0
+    assert ut.ranked_median([float("nan"), 2.0, 4.0]) == 3.0
     rows = [{"method": "m", "seed": s, "weights_edited": True, "recover_steps": rec, "before": dict.fromkeys(("forget", "concept", "retain"), 1.0),
              "after": dict.fromkeys(("forget", "concept", "retain"), 1.0), "d_forget": 0.0, "d_forget_concept": dc,
              "retain_cost": rc, "selectivity": ul.ratio(dc, rc), "R": 0.0, "relearn": {}}
@@ -541,7 +542,7 @@ def test_medians_rank_never_recovered_and_free_edits_as_the_extremes():
     unlearning = {"rows": rows, "relearn_k": [], "recover_cap": 50}
     # summary.json stores inf as null: `anchoring show` must print what the run printed
     for u in (unlearning, json.loads(json.dumps(runs._finite(unlearning)))):
-        header, table = ul.table(u)
+        header, table = ut.table(u)
         median = table[0]
         assert median[1] == "median" and median[header.index("steps to recover")] == "> 50"
         assert median[header.index("selectivity")] == float("inf")
@@ -560,20 +561,20 @@ def test_targets_count_an_edit_that_removed_nothing_as_keeping_nothing():
     rows = [row("anchoring · delete", 0, 0.3, 0.9), row("anchoring · delete", 1, 0.005, float("nan")),
             row("anchoring · delete", 2, 0.004, float("nan")),
             *[row("mean-difference · delete", s, d) for s, d in ((0, 0.0), (1, 0.001), (2, 0.002))]]
-    got = ul.targets({"rows": rows, "relearn_k": [4, 64]})
+    got = ut.targets({"rows": rows, "relearn_k": [4, 64]})
     kept = got["anchoring · delete keeps ≥ 50% of Δforget after relearning on K = 64"]
     assert kept["median"] == 0.0 and not kept["met"] and kept["undefined_seeds"] == 2
-    header, table = ul.table({"rows": rows, "relearn_k": [64], "recover_cap": 50})
+    header, table = ut.table({"rows": rows, "relearn_k": [64], "recover_cap": 50})
     median = next(t for t in table if t[:2] == ["anchoring · delete", "median"])
     assert median[header.index("kept K=64")] == 0.0  # the table's median counts them as the target line does
     assert math.isnan(next(t for t in table if t[:2] == ["anchoring · delete", 1])[header.index("kept K=64")])  # per seed: undefined
     rows[1]["relearn"]["64"]["kept"] = rows[2]["relearn"]["64"]["kept"] = 0.7
-    assert ul.targets({"rows": rows, "relearn_k": [64]})["anchoring · delete keeps ≥ 50% of Δforget after relearning on K = 64"]["met"]
+    assert ut.targets({"rows": rows, "relearn_k": [64]})["anchoring · delete keeps ≥ 50% of Δforget after relearning on K = 64"]["met"]
     three = got["Δforget (concept) of anchoring · delete ≥ 3 × mean-difference · delete"]
     assert three["median"] == pytest.approx(5.0)  # inf (seed 0: the baseline removed nothing), 5, 2; not 3.5
     assert not [t for t in got if t.startswith("R (")]  # no oracle filter row: R has nothing to be relative to
     rows.append({**row("oracle filter", 0, 0.4), "weights_edited": False})
-    assert "R (anchoring · delete vs oracle filter) ≥ 0.5" in ul.targets({"rows": rows, "relearn_k": [64]})
+    assert "R (anchoring · delete vs oracle filter) ≥ 0.5" in ut.targets({"rows": rows, "relearn_k": [64]})
 
 
 def test_r_is_undefined_when_the_oracle_filter_removed_nothing():
@@ -598,7 +599,7 @@ def test_a_ratio_never_divides_by_a_change_the_table_prints_as_zero():
     rows = [{"method": "oracle filter", "d_forget_concept": 0.0005}, {"method": "anchoring · delete", "d_forget_concept": 0.03}]
     ul.set_r(rows)
     assert all(math.isnan(r["R"]) for r in rows)
-    assert "under 0.001 (+0.0005)" in ul.r_note({"rows": [{**r, "seed": 0} for r in rows]})
+    assert "under 0.001 (+0.0005)" in ut.r_note({"rows": [{**r, "seed": 0} for r in rows]})
 
 
 def test_a_seed_without_a_cost_matched_row_is_counted_as_undefined_not_dropped():
@@ -611,7 +612,7 @@ def test_a_seed_without_a_cost_matched_row_is_counted_as_undefined_not_dropped()
     rows = [row("anchoring · delete", 0, 0.05), row("anchoring · delete", 1, 0.04), row("anchoring · delete", 2, 0.06, cost=0.0),
             row("mean-difference · delete", 0, 0.02), row("mean-difference · delete", 1, 0.02), row("mean-difference · delete", 2, 0.02),
             row(ul.MATCHED_COST, 0, 0.01), row(ul.MATCHED_COST, 1, 0.002)]  # seed 2: the anchored deletion cost nothing
-    got = ul.targets({"rows": rows, "relearn_k": []})
+    got = ut.targets({"rows": rows, "relearn_k": []})
     matched = got["Δforget (concept) of anchoring · delete ≥ 3 × mean-difference · delete at the same retain cost"]
     assert matched["undefined_seeds"] == 1 and matched["median"] == pytest.approx(12.5)  # 5 and 20 over seeds 0 and 1
 
@@ -654,24 +655,24 @@ def test_a_retain_cost_below_the_tables_resolution_gives_no_selectivity_and_noth
                 "recover_steps": rec}
     u = {"rows": [row(0, 0), row(1, 6), row(2, 10), row(0, None, oracle=True)],
          "relearn_k": [64], "recover_cap": 50, "relearn_steps": 40, "note": "n"}
-    header, table = ul.table(u)
+    header, table = ut.table(u)
     rec = header.index("steps to recover")
     got = {t[1]: t[rec] for t in table if t[0] == "anchoring · delete"}
     assert got == {"median": 8.0, 0: "nd", 1: 6, 2: 10}  # seed 0 out of the median, not a 0 in it
-    assert "steps to recover is nd" in ul.nothing_to_recover_note(u) and "anchoring · delete (seed 0)" in ul.nothing_to_recover_note(u)
-    assert "R is undefined (–) throughout" in ul.r_note(u) and "(−0.1630)" in ul.r_note(u)
-    assert "(–)" in ul.r_note(json.loads(json.dumps(runs._finite({**u, "rows": [
+    assert "steps to recover is nd" in ut.nothing_to_recover_note(u) and "anchoring · delete (seed 0)" in ut.nothing_to_recover_note(u)
+    assert "R is undefined (–) throughout" in ut.r_note(u) and "(−0.1630)" in ut.r_note(u)
+    assert "(–)" in ut.r_note(json.loads(json.dumps(runs._finite({**u, "rows": [
         *u["rows"][:3], {**u["rows"][3], "d_forget_concept": float("nan")}]}))))  # NaN read back as null
     u["rows"][1]["recover_steps"] = u["rows"][2]["recover_steps"] = 0  # every seed nd: so is the median
-    assert next(t for t in ul.table(u)[1] if t[:2] == ["anchoring · delete", "median"])[rec] == "nd"
+    assert next(t for t in ut.table(u)[1] if t[:2] == ["anchoring · delete", "median"])[rec] == "nd"
     u["rows"] = [r for r in u["rows"] if r["method"] != "oracle filter"]
-    assert "no oracle-filter arm" in ul.r_note(u)
+    assert "no oracle-filter arm" in ut.r_note(u)
     for r in u["rows"]:
         r["retain_cost"] = 0.0  # a free edit: selectivity +∞, printed as the report and the targets print it
     from rich.console import Console
 
     console = Console(width=400, record=True)
-    for line in ul.lines(u):
+    for line in ut.lines(u):
         console.print(line)
     text = console.export_text()
     assert "∞" in text and "inf" not in text and "relearned K=64" in text and "no oracle-filter arm" in text
@@ -682,7 +683,7 @@ def test_anchor_sites_outside_the_residual_stream_are_refused_before_training(un
     """Alignment, probes and every edit read the residual stream, so an anchor elsewhere would train
     for nothing and fail at the summary: refused by `validate`, with or without unlearning."""
     from anchoring.errors import AnchoringError
-    from anchoring.kinds.lm.kind import validate
+    from anchoring.kinds.lm.checks import validate
 
     cfg = experiments.load("lm-anchor-passages", ['lm.arms=["anchored","control"]', f"unlearning.enabled={unlearning}",
                                          'terms.0.site="blocks.1.mlp"'])
@@ -734,7 +735,7 @@ def test_repair_fine_tunes_on_retain_text_and_keeps_the_edit(unlearned):
     assert alone["edit_only"] == alone["before"] == rows["mean-difference · delete"]["before"] and not alone["fine_tuned"]
     assert alone["after"]["retain"] < alone["before"]["retain"]
     assert ul.REPAIR_ONLY not in {r["method"] for r in summary["unlearning"]["rows"]}
-    assert "repaired before scoring: 6 fine-tuning steps" in " ".join(str(x) for x in ul.lines(got)[1:])
+    assert "repaired before scoring: 6 fine-tuning steps" in " ".join(str(x) for x in ut.lines(got)[1:])
 
 
 def test_a_repair_without_re_editing_lets_a_deleted_direction_back():
@@ -795,7 +796,7 @@ def test_relearn_on_a_finished_run_gives_the_in_run_table_and_takes_its_own_atta
         for k, v in want["relearn"].items():
             assert x["relearn"][k]["relearned"] == pytest.approx(v["relearned"], abs=1e-5), (x["method"], k)
             assert x["relearn"][k]["kept"] == pytest.approx(v["kept"], abs=1e-4, nan_ok=True), (x["method"], k)
-    assert set(got["targets"]) == set(ul.targets(summary["unlearning"])) and got["targets"]
+    assert set(got["targets"]) == set(ut.targets(summary["unlearning"])) and got["targets"]
     assert "Δforget" in r.stdout and "wrote" in r.stdout
     shown = CliRunner().invoke(app, ["show", str(out)])  # the table again, later, from what the attack wrote
     assert shown.exit_code == 0, shown.stderr
@@ -920,7 +921,7 @@ def test_the_cli_table_keeps_every_method_name_whole_on_a_narrow_terminal(unlear
     def shown(width: int) -> str:
         c = Console(width=width, record=True, soft_wrap=True)
         with c.capture() as cap:
-            for line in ul.lines(u):
+            for line in ut.lines(u):
                 c.print(line)
         return cap.get()
 
@@ -1153,16 +1154,16 @@ def test_a_run_and_an_attack_keep_finished_seeds_where_a_stop_leaves_them(unlear
     assert not (copy_ / "relearn" / "violence" / ul.PARTIAL).exists()
     # an attack stopped after its seed finished (here: while it scores the targets) is run again without
     # evaluating that seed again
-    real_targets = ul.targets
+    real_targets = ut.targets
 
     def stop(unlearning):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ul, "targets", stop)
+    monkeypatch.setattr(ut, "targets", stop)
     computed, _ = count_seeds(monkeypatch)
     assert CliRunner().invoke(app, ["relearn", str(copy_), "--steps", "2"]).exit_code == 130
     assert computed == [0] and (copy_ / "relearn" / f".violence-{ul.PARTIAL}" / "seed0.json").is_file()
-    monkeypatch.setattr(ul, "targets", real_targets)
+    monkeypatch.setattr(ut, "targets", real_targets)
     r = CliRunner().invoke(app, ["relearn", str(copy_), "--steps", "2"])
     assert r.exit_code == 0 and computed == [0], r.stderr
     assert json.loads((copy_ / "relearn" / "violence" / runs.SUMMARY).read_text())["unlearning"]["relearn_steps"] == 2
@@ -1216,7 +1217,7 @@ def _check_a_broken_attack(path) -> None:
     assert robust and all(not t["met"] and t["diverged_seeds"] for t in robust)
     assert "fine-tune(s) diverged at unlearning.relearn_lr 1e+30" in r.stdout.replace("\n", " ")
     assert "attack diverged, left out: not met" in r.stdout.replace("\n", " ")  # the target line says why it missed
-    header, rows = ul.table(got["unlearning"])
+    header, rows = ut.table(got["unlearning"])
     steps = header.index("steps to recover")
     assert any(row[steps] == ul.DIVERGED for row in rows) and not any(str(row[steps]).startswith(">") for row in rows)
     curves = pd.read_csv(path / "relearn" / "violence" / ul.CURVES)

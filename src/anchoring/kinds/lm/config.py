@@ -10,6 +10,7 @@ from anchoring.config import TrainConfig, TrainedExperiment, _Strict
 from anchoring.domains.text.config import TextConfig
 
 ARMS = ("anchored", "control", "weak-filtered", "oracle-filtered", "sgtm", "routing")
+WEAK_LABEL_ARMS = {"anchored", "weak-filtered", "sgtm", "routing"}  # the arms that train on the weak labels
 Arm = Literal["anchored", "control", "weak-filtered", "oracle-filtered", "sgtm", "routing"]
 
 

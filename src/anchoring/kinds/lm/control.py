@@ -34,10 +34,14 @@ from anchoring.kinds.arms import write_arms
 from anchoring.kinds.base import EditResult, intervention_rows
 from anchoring.kinds.lm import evaluate as ev
 from anchoring.kinds.lm import unlearning as ul
+from anchoring.kinds.lm import unlearning_table as ut
+from anchoring.kinds.lm.checks import check_relearnable, check_scored
 from anchoring.kinds.lm.config import LMExperiment
 from anchoring.kinds.lm.data import CORPUS
+from anchoring.kinds.lm.direction import anchored_sites
 from anchoring.kinds.lm.edits import concept_directions, edited, first_site, matched_directions
-from anchoring.kinds.lm.kind import anchored_sites, check_relearnable, check_scored, left_out_note, unlearning
+from anchoring.kinds.lm.kind import unlearning
+from anchoring.kinds.lm.report import left_out_note
 from anchoring.kinds.lm.unlearning import REPAIR_ONLY, losses, repair, repair_windows
 from anchoring.report import html
 
@@ -72,7 +76,7 @@ def _rows(run, after_of, controls: dict[str, Any] | None = None, tick: Callable[
 
 def _table(title: str, rows: list[dict[str, Any]]) -> Any:
     """The edit's before → after table, or (terminal too narrow for it) the same cells one line per model."""
-    from anchoring.kinds.lm.unlearning import TableOrList
+    from anchoring.kinds.lm.unlearning_table import TableOrList
 
     table = Table(title=title)
     heads = ("arm", "seed", *[f"{k}: before → after" for k in KEYS], "Δconcept − Δretain")
@@ -320,7 +324,7 @@ def relearn(run, concept: str | None = None, samples: list[int] | None = None, s
     try:
         with runs.staged(out, replace=True) as tmp:  # all of it or nothing: a stopped attack leaves the earlier one
             res = unlearning(cfg, tmp, d, models, progress, partial=partial)
-            targets = mark_infinite(ul.targets(res))
+            targets = mark_infinite(ut.targets(res))
             summary = {"experiment": cfg.name, "source": str(run.path.resolve()), "concept": cfg.text.concept,
                        "unlearning_config": u.model_dump(), "unlearning": res, "targets": targets}
             runs.write_json(tmp / runs.SUMMARY, summary)
@@ -346,7 +350,7 @@ def intervention_lines(path: Path) -> list[Any]:
 def attack_lines(summary: dict[str, Any]) -> list[Any]:
     """The unlearning table and its targets from an attack's summary: what `anchoring relearn`
     printed, and what `anchoring show RUN/relearn/<concept>` prints again from summary.json."""
-    lines: list[Any] = [*ul.lines(summary["unlearning"])]
+    lines: list[Any] = [*ut.lines(summary["unlearning"])]
     lines += [f"{'met ' if t['met'] else 'MISS'}  {name}: {target_text(target_median(t))}{left_out_note(t)}"
               for name, t in summary["targets"].items()]
     return lines

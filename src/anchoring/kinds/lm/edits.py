@@ -19,7 +19,7 @@ from anchoring.control import Constant, Intervention, intervene, keeping_norm, m
 from anchoring.control.surgery import blind_readers, project_out
 from anchoring.errors import AnchoringError
 from anchoring.kinds.lm.config import LMExperiment
-from anchoring.kinds.lm.kind import anchored_sites, measured_direction
+from anchoring.kinds.lm.direction import anchored_sites, measured_direction
 
 EDITS = ("suppress", "delete", "blind")
 Edit = Callable[[torch.Tensor], torch.Tensor]

@@ -69,7 +69,7 @@ class LMRun(ArmsRun):
                   site: str | None = None) -> list[dict[str, Any]]:
         """Per text: alignment with the anchor of the residual state at every token (`values`) and the
         tokens' character `spans`; `site` defaults to the first anchored layer."""
-        from anchoring.kinds.lm.kind import anchored_sites, measured_direction
+        from anchoring.kinds.lm.direction import anchored_sites, measured_direction
 
         direction, dims = measured_direction(self.config)
         site = (anchored_sites(self.config) or [f"blocks.{self.config.lm.layers - 1}"])[0] if site is None else site
