@@ -330,11 +330,11 @@ def test_a_term_named_like_its_weight_column_keeps_both_in_metrics(tmp_path):
 
 def test_a_sweep_table_keeps_the_digits_of_a_small_number():
     """A colour sweep's val_mse median (about 1e-3) printed with three decimals read 0.001 or 0.000."""
-    from anchoring.cli import _sweep_cell
+    from anchoring.cli.show import sweep_cell
 
-    assert _sweep_cell(0.00123) == "1.23e-03" and _sweep_cell(-0.00456) == "-4.56e-03"
-    assert _sweep_cell(0.4567) == "0.457" and _sweep_cell(0.0) == "0.000" and _sweep_cell(None) == "–"
-    assert _sweep_cell(3) == "3" and _sweep_cell(float("inf")) == "inf" and _sweep_cell(True) == "True"
+    assert sweep_cell(0.00123) == "1.23e-03" and sweep_cell(-0.00456) == "-4.56e-03"
+    assert sweep_cell(0.4567) == "0.457" and sweep_cell(0.0) == "0.000" and sweep_cell(None) == "–"
+    assert sweep_cell(3) == "3" and sweep_cell(float("inf")) == "inf" and sweep_cell(True) == "True"
 
 
 def test_the_bench_table_prints_each_figure_in_its_own_column(tmp_path, monkeypatch):

@@ -43,7 +43,7 @@ def test_ctrl_c_during_relearns_baseline_is_one_line_and_the_baseline_resumes(ru
 
         yield update
 
-    monkeypatch.setattr(cli, "progress_bar", ctrl_c_at_step_10)
+    monkeypatch.setattr(cli.edit, "progress_bar", ctrl_c_at_step_10)
     attack = ["relearn", run_copy, "--samples", "1", "--steps", "5"]
     r = invoke(*attack)
     base = run_copy / "relearn" / "red" / "baseline-run"
@@ -77,7 +77,7 @@ def test_relearn_run_again_goes_on_with_its_interrupted_baseline(run_copy, monke
 
         yield update
 
-    monkeypatch.setattr(cli, "progress_bar", ctrl_c_at_step_10)
+    monkeypatch.setattr(cli.edit, "progress_bar", ctrl_c_at_step_10)
     attack = ["relearn", run_copy, "--samples", "1", "--steps", "5"]
     assert invoke(*attack).exit_code == 130
     seen.clear()
@@ -86,7 +86,7 @@ def test_relearn_run_again_goes_on_with_its_interrupted_baseline(run_copy, monke
     def watch(label, enabled):
         yield lambda done, total: seen.append(done)
 
-    monkeypatch.setattr(cli, "progress_bar", watch)
+    monkeypatch.setattr(cli.edit, "progress_bar", watch)
     r = invoke(*attack)
     assert r.exit_code == 0, r.stderr
     assert seen and min(seen) > 10, seen[:3]  # went on from the checkpoint, not from step 0

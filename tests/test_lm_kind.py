@@ -336,7 +336,7 @@ def test_load_run_gives_tokens_losses_alignment_and_samples(finished):
     assert sample.startswith("The ") and len(sample) == 34
     import inspect
 
-    from anchoring.cli import generate_cmd
+    from anchoring.cli.text import generate_cmd
 
     cli_default = inspect.signature(generate_cmd).parameters["temperature"].default.default
     assert inspect.signature(type(run).generate).parameters["temperature"].default == cli_default  # one default

@@ -884,7 +884,7 @@ def test_relearn_refuses_a_run_written_by_delete(unlearned, tmp_path):
 def test_a_colour_relearn_without_flags_gets_the_functions_own_defaults(monkeypatch, tmp_path):
     """The CLI's options are optional so that an LM run can take its own; a colour run must still get
     exactly what its function defaults to, and every flag given must reach it."""
-    from anchoring import cli
+    from anchoring.cli import edit as cli
     from anchoring.kinds.base import EditResult
 
     seen = []
@@ -897,7 +897,7 @@ def test_a_colour_relearn_without_flags_gets_the_functions_own_defaults(monkeypa
     class Run:
         config = type("C", (), {"kind": "colour"})()
 
-    monkeypatch.setattr(cli, "_open", lambda *a, **k: Run())
+    monkeypatch.setattr(cli, "open_run", lambda *a, **k: Run())
     monkeypatch.setattr(cli, "kind_of", lambda cfg: Kind())
     assert CliRunner().invoke(app, ["relearn", str(tmp_path)]).exit_code == 0
     assert set(seen[-1]) == {"progress"}

@@ -151,7 +151,7 @@ def test_colour_language_settings_torch_cannot_use_are_refused(item):
 
 def test_a_check_on_the_seed_count_sees_the_seeds_flag():
     """`--seeds 1` with one term_masks row was refused against the spec's 8 seeds."""
-    from anchoring.cli import load_experiment
+    from anchoring.cli.common import load_experiment
 
     cfg, _ = load_experiment("anchored", ["train.term_masks=[[true,true,false]]"], seeds=1)
     assert cfg.train.member_seeds() == [0] and len(cfg.train.term_masks) == 1
@@ -160,7 +160,7 @@ def test_a_check_on_the_seed_count_sees_the_seeds_flag():
 def test_seed_settings_a_seed_list_would_override_are_refused():
     """`--set train.seeds=5 --set train.seed=7` next to a seed_list trained the list's seeds, while
     config.toml still said seeds = 5, seed = 7 (the flags were already refused)."""
-    from anchoring.cli import load_experiment
+    from anchoring.cli.common import load_experiment
 
     with pytest.raises(AnchoringError, match=r"seed_list \[1, 2\] sets the seeds, so --set train.seeds would be ignored"):
         load_experiment("anchored", ["train.seed_list=[1,2]", "train.seeds=5"])

@@ -336,7 +336,7 @@ def test_surprisal_command_warns_about_unknown_characters_and_names_the_seed(tmp
     model = tiny(tok.vocab_size, 16)
     run = SimpleNamespace(config=SimpleNamespace(name="tiny-lm"), arms={"control": None}, seeds=[3, 4],
                           data=SimpleNamespace(tokenizer=tok), path=tmp_path / "myrun")
-    monkeypatch.setattr(cli, "_lm_models", lambda *a: (run, model, None))
+    monkeypatch.setattr(cli.text, "_lm_models", lambda *a: (run, model, None))
     page = tmp_path / "p.html"
     r = CliRunner().invoke(cli.app, ["surprisal", str(tmp_path), "abc é déf ü", "--out", str(page)])
     assert r.exit_code == 0, r.stderr
