@@ -826,6 +826,8 @@ def test_relearn_on_a_finished_run_gives_the_in_run_table_and_takes_its_own_atta
     (["--steps", "-1"], "--steps: Input should be greater than or equal to 0"),
     (["--samples", "0"], "--samples: relearn_k entries must be positive passage counts"),
     (["--eval-chars", "199"], "--eval-chars: Input should be greater than or equal to 200"),
+    (["--repair-steps", "-2"], "--repair-steps: Input should be greater than or equal to 0"),
+    (["--repair-lr", "0"], "--repair-lr: Input should be greater than 0"),
     (["--samples", "4,99999999"], "--samples: K = 99,999,999 asks for more passages than the"),  # was capped silently
 ])
 def test_relearn_on_an_lm_run_refuses_bad_input_in_one_line(unlearned, args, message):
@@ -1222,6 +1224,41 @@ def _check_a_broken_attack(path) -> None:
     assert any(row[steps] == ul.DIVERGED for row in rows) and not any(str(row[steps]).startswith(">") for row in rows)
     curves = pd.read_csv(path / "relearn" / "violence" / ul.CURVES)
     assert curves[["forget_concept", "forget", "retain"]].notna().all().all()  # each curve stops at its last finite point
+
+
+def test_a_repair_that_blows_up_is_recorded_on_its_row_and_scored_again_at_another_rate(unlearned):
+    """A repair that diverged in the evaluation after training stopped the whole run with one line: the
+    trained arms were kept, but the run never finished, and `relearn` could not score it at another
+    rate. Now the row records the broken repair (everything after the edit undefined, its targets not
+    met) and `anchoring relearn --repair-lr` scores the run again."""
+    path, _summary = unlearned
+    try:
+        r = CliRunner().invoke(app, ["relearn", str(path), "--steps", "2", "--repair-steps", "3", "--repair-lr", "1e30"])
+        assert r.exit_code == 0, r.stderr
+        got = json.loads((path / "relearn" / "violence" / "summary.json").read_text())
+        rows = {x["method"]: x for x in got["unlearning"]["rows"]}
+        broken = [x for x in rows.values() if x.get("repair_diverged")]
+        assert rows["anchoring · delete"] in broken and rows["LEACE · delete"] in broken
+        assert all(x["repair_diverged"].startswith("the repair's fine-tuning diverged at step") for x in broken)
+        assert all(x["after"]["concept"] is None and x["d_forget_concept"] is None and not x["relearn"] for x in broken)
+        assert all(x.get("recover_diverged") for x in broken if x["fine_tuned"])
+        for name in ("weak filter", "oracle filter"):  # trained arms, not edits: never repaired, scored as always
+            assert "repair_diverged" not in rows[name] and rows[name]["after"]["concept"] is not None
+        lines = {k: v for k, v in got["targets"].items() if "anchoring · delete" in k and "same retain cost" not in k}
+        assert lines and all(not t["met"] and t.get("repair_diverged_seeds") == 1 for t in lines.values()), {k: t.get("repair_diverged_seeds") for k, t in lines.items()}
+        said = r.stdout.replace("\n", " ")
+        assert "repair(s) diverged at unlearning.repair_lr 1e+30" in said and "repair diverged, left out: not met" in said
+        header, table = ut.table(got["unlearning"])
+        steps = header.index("steps to recover")
+        assert next(t for t in table if t[:2] == ["anchoring · delete", 0])[steps] == ul.DIVERGED
+        # the same run scored again at a rate the repair survives: every row defined
+        r = CliRunner().invoke(app, ["relearn", str(path), "--steps", "2", "--repair-steps", "3", "--repair-lr", "1e-4"])
+        assert r.exit_code == 0, r.stderr
+        got = json.loads((path / "relearn" / "violence" / "summary.json").read_text())
+        assert not any(x.get("repair_diverged") for x in got["unlearning"]["rows"])
+        assert all(x["edit_only"] for x in got["unlearning"]["rows"] if x["method"] not in ("weak filter", "oracle filter"))
+    finally:
+        shutil.rmtree(path / "relearn", ignore_errors=True)  # the module's run is shared with other tests
 
 
 def test_the_unlearning_evaluation_after_training_reports_to_the_runs_progress(tmp_path):

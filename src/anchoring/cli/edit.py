@@ -155,6 +155,9 @@ def relearn_cmd(
     lr: Optional[float] = typer.Option(None, "--lr", help="fine-tuning rate (colour: 0.01; LM: unlearning.relearn_lr)"),
     eval_chars: Optional[int] = typer.Option(None, "--eval-chars", help="LM: validation characters the curves are scored on "
                                                                         "(default unlearning.eval_chars)"),
+    repair_steps: Optional[int] = typer.Option(None, "--repair-steps", help="LM: repair every edit this many steps on retain "
+                                                                            "passages first (default unlearning.repair_steps)"),
+    repair_lr: Optional[float] = typer.Option(None, "--repair-lr", help="LM: the repair's rate (default unlearning.repair_lr)"),
     retain: Optional[int] = typer.Option(None, "--retain", help="colour: extra random colours mixed in (retain data; default 0)"),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="colour: concept MSE at which it counts as recovered "
                                                                         "(default 0.01)"),
@@ -168,7 +171,8 @@ def relearn_cmd(
     as `unlearning.enabled` computes it after training; it needs the control arm."""
     ks = None if samples is None else (_dims(samples, "--samples", "1,4,16", distinct=True) or [])
     run = open_run(run_dir, finished=True)
-    given = {"concept": concept, "samples": ks, "steps": steps, "lr": lr, "eval_chars": eval_chars, "retain": retain,
+    given = {"concept": concept, "samples": ks, "steps": steps, "lr": lr, "eval_chars": eval_chars,
+             "repair_steps": repair_steps, "repair_lr": repair_lr, "retain": retain,
              "threshold": threshold, "baseline": baseline}
     label = "unlearning" if run.config.kind == "lm" else "baseline"
     with progress_bar(label, sys.stderr.isatty()) as update:

@@ -267,12 +267,15 @@ def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repa
 
 def relearn(run, concept: str | None = None, samples: list[int] | None = None, steps: int | None = None,
             lr: float | None = None, progress: Callable[[int, int], None] | None = None, *, eval_chars: int | None = None,
-            retain: int | None = None, threshold: float | None = None, baseline: bool | None = None) -> EditResult:
+            repair_steps: int | None = None, repair_lr: float | None = None, retain: int | None = None,
+            threshold: float | None = None, baseline: bool | None = None) -> EditResult:
     """The unlearning evaluation of a finished run, without training it again: every method that its
     arms allow (anchoring's edits of the anchored arm, the post-hoc directions of the control, the
     filtered arms), scored on forget and retain text and attacked by relearning, exactly as
-    `unlearning.enabled` does after training. `samples`, `steps`, `lr` and `eval_chars` replace the run's
-    `unlearning.relearn_k`, `relearn_steps`, `relearn_lr` and `eval_chars`. Written to `<run>/relearn/<concept>`."""
+    `unlearning.enabled` does after training. `samples`, `steps`, `lr`, `eval_chars`, `repair_steps` and
+    `repair_lr` replace the run's `unlearning.relearn_k`, `relearn_steps`, `relearn_lr`, `eval_chars`,
+    `repair_steps` and `repair_lr` (a repair that diverged in training's evaluation is scored again at
+    another rate this way). Written to `<run>/relearn/<concept>`."""
     colour_only = {"--retain": retain, "--threshold": threshold, "--baseline/--no-baseline": baseline}
     given = [flag for flag, v in colour_only.items() if v is not None]
     if given:
@@ -298,11 +301,16 @@ def relearn(run, concept: str | None = None, samples: list[int] | None = None, s
         update["relearn_lr"] = lr
     if eval_chars is not None:
         update["eval_chars"] = eval_chars
+    if repair_steps is not None:
+        update["repair_steps"] = repair_steps
+    if repair_lr is not None:
+        update["repair_lr"] = repair_lr
     try:  # the config's own checks, so the bounds and messages are the config keys'
         u = type(u).model_validate({**u.model_dump(), **update})
     except ValidationError as e:
         first = e.errors()[0]
-        flags = {"relearn_k": "--samples", "relearn_steps": "--steps", "relearn_lr": "--lr", "eval_chars": "--eval-chars"}
+        flags = {"relearn_k": "--samples", "relearn_steps": "--steps", "relearn_lr": "--lr", "eval_chars": "--eval-chars",
+                 "repair_steps": "--repair-steps", "repair_lr": "--repair-lr"}
         flag = flags.get(str(first["loc"][0]) if first["loc"] else "", "")
         raise AnchoringError(f"{flag or 'unlearning'}: {first['msg'].removeprefix('Value error, ')}") from None
     cfg = cfg.model_copy(update={"unlearning": u})

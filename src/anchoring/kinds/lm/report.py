@@ -123,7 +123,9 @@ def left_out_note(t: dict[str, Any]) -> str:
     treated = "left out" if t.get("undefined_counted_as") is None else f"counted as {t['undefined_counted_as']:g}"
     said = f" ({n} seed{'s' * (n != 1)} undefined, {treated})" if n else ""
     broke = t.get("diverged_seeds") or 0
-    return said + (f" ({broke} seed{'s' * (broke != 1)}' attack diverged, left out: not met)" if broke else "")
+    unrepaired = t.get("repair_diverged_seeds") or 0
+    return (said + (f" ({broke} seed{'s' * (broke != 1)}' attack diverged, left out: not met)" if broke else "")
+            + (f" ({unrepaired} seed{'s' * (unrepaired != 1)}' repair diverged, left out: not met)" if unrepaired else ""))
 
 
 TARGET_STEPS = 1000  # the budget the LM targets are stated for: every built-in LM schedule's length

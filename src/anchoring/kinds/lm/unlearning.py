@@ -44,7 +44,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from anchoring import runs
-from anchoring.control.relearn import diverging
 from anchoring.control.relearn import finetune as shared_finetune
 from anchoring.control.surgery import residual_component
 from anchoring.errors import AnchoringError
@@ -315,8 +314,10 @@ def score_method(m: Method, seed: int, at: SeedSetting, u: UnlearningConfig, pro
     if at.fix is not None and m.repairable:
         edit_only = losses(m.after, es, bs)
         fix = at.fix
-        with diverging(f"the repair of {m.name} (seed {seed})", "give a smaller unlearning.repair_lr"):  # no row without it
+        try:
             m.after = repair(m.after, m.redo, lambda step: fix.batch(step, u.relearn_batch), u.repair_steps, u.repair_lr, tick)
+        except Diverged as e:  # recorded like a broken attack: the run's other methods and seeds still count
+            return broken_repair_row(m, seed, losses(m.before, es, bs), edit_only, u, f"the repair's {e}"), curves
     row = _row(m.name, seed, m.arm, m.weights_edited, losses(m.before, es, bs), losses(m.after, es, bs),
                attacked(m, u.attack_hooks))
     if edit_only is not None:  # the edit alone, before its repair
@@ -353,6 +354,19 @@ def score_method(m: Method, seed: int, at: SeedSetting, u: UnlearningConfig, pro
         row["recover_diverged"] = broke
     curves += points(rec, "recover", 0)
     return row, curves
+
+
+def broken_repair_row(m: Method, seed: int, before: dict[str, float], edit_only: dict[str, float], u: UnlearningConfig,
+                      message: str) -> dict[str, Any]:
+    """The row of a method whose repair diverged (a rate too high for the edited model): its losses after,
+    its differences, relearning and recovery are undefined, not those of broken weights, and
+    `repair_diverged` says why. Failing instead would lose a run that trained for hours, and the
+    targets this row would count towards are reported as not met."""
+    row = _row(m.name, seed, m.arm, m.weights_edited, before, dict.fromkeys(before, float("nan")), attacked(m, u.attack_hooks))
+    row.update(edit_only=edit_only, repair_steps=u.repair_steps, repair_diverged=message)
+    if row["fine_tuned"]:  # it would have been attacked and recovered: neither ran
+        row["recover_diverged"] = message
+    return row
 
 
 def cut_at_divergence(fine_tune: Callable[[], list[dict[str, float]]]) -> tuple[list[dict[str, float]], str | None]:
@@ -443,6 +457,7 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
         runs.write_atomic(path / CURVES, pd.DataFrame(curves).to_csv(index=False, float_format="%.8g"))
     return {"rows": rows, "curves": CURVES, "curve_points": curves, "relearn_k": list(u.relearn_k),
             "relearn_steps": u.relearn_steps, "relearn_lr": u.relearn_lr, "recover_cap": u.recover_steps, "repair_steps": u.repair_steps,
+            "repair_lr": u.repair_lr,
             "eval_positions": {"table": int((es.cls[:, 1:] != ev.PAD).sum()), "curves": int((small.cls[:, 1:] != ev.PAD).sum())},
             "note": ("suppress rows are hooks, not weight edits: they are fine-tuned with the hook kept in place; the matched "
                      "controls (random move, random deletion, random blinding) are not fine-tuned" if u.attack_hooks else

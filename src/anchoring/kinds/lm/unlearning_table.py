@@ -42,12 +42,20 @@ def targets(unlearning: dict[str, Any]) -> dict[str, dict[str, Any]]:
         """Median over seeds of `mine`'s Δforget (concept) over `other`'s, and how many seeds had none: a
         seed with a `mine` row but no `other` row (no cost-matched row where the anchored deletion cost
         nothing) counts as undefined rather than leaving the median to the other seeds unsaid."""
-        ratios = []
+        ratios, broken = [], 0
         for a in (r for r in rows if r["method"] == mine):
             b = next((r for r in rows if r["method"] == other and r["seed"] == a["seed"]), None)
             ratios.append(float("nan") if b is None else ratio(a["d_forget_concept"], b["d_forget_concept"]))
+            broken += bool(a.get("repair_diverged") or (b or {}).get("repair_diverged"))  # counted by `unrepaired`
         m = ranked_median(ratios)
-        return {"median": m, "met": m >= 3.0, "undefined_seeds": sum(math.isnan(v) for v in ratios)}
+        return {"median": m, "met": m >= 3.0, "undefined_seeds": sum(math.isnan(v) for v in ratios) - broken}
+
+    def unrepaired(line: dict[str, Any], *methods: str) -> dict[str, Any]:
+        """A target line of `methods` with the seeds where a repair of any of them diverged: their values
+        are undefined and left out, so the line is not met on them (a median over the seeds that
+        survived says nothing of the ones that did not)."""
+        broke = len({r["seed"] for r in rows if r["method"] in methods and r.get("repair_diverged")})
+        return {**line, "met": False, "repair_diverged_seeds": broke} if broke else line
 
     out: dict[str, dict[str, Any]] = {}
     # the writers' deletion first (the edit the targets name), then the readers' blinding, each against
@@ -58,11 +66,11 @@ def targets(unlearning: dict[str, Any]) -> dict[str, dict[str, Any]]:
             continue
         d = med(mine, lambda r: r["d_forget_concept"])
         cost = med(mine, lambda r: r["retain_cost"])
-        out[f"{mine}: Δforget at concept positions ≥ 0.5 nats/char"] = {"median": d, "met": d >= 0.5}
-        out[f"{mine}: retain cost ≤ 0.02 nats/char"] = {"median": cost, "met": cost <= 0.02}
+        out[f"{mine}: Δforget at concept positions ≥ 0.5 nats/char"] = unrepaired({"median": d, "met": d >= 0.5}, mine)
+        out[f"{mine}: retain cost ≤ 0.02 nats/char"] = unrepaired({"median": cost, "met": cost <= 0.02}, mine)
         if any(r["method"] == md for r in rows):
-            out[f"Δforget (concept) of {mine} ≥ 3 × {md}"] = {
-                **times(mine, md), "retain_costs": [cost, med(md, lambda r: r["retain_cost"])]}
+            out[f"Δforget (concept) of {mine} ≥ 3 × {md}"] = unrepaired({
+                **times(mine, md), "retain_costs": [cost, med(md, lambda r: r["retain_cost"])]}, mine, md)
         if edit == "delete" and any(r["method"] == MATCHED_COST for r in rows):  # the target as stated: at the same retain cost
             out[f"Δforget (concept) of {mine} ≥ 3 × {md} at the same retain cost"] = {
                 **times(mine, MATCHED_COST), "strengths": [r["strength"] for r in rows if r["method"] == MATCHED_COST]}
@@ -72,17 +80,18 @@ def targets(unlearning: dict[str, Any]) -> dict[str, dict[str, Any]]:
             attacked = [r for r in rows if r["method"] == mine and str(k) in (r.get("relearn") or {})]
             kept = ranked_median([kept_for_median(r, k) for r in attacked])
             broke = sum(bool(r["relearn"][str(k)].get("diverged")) for r in attacked)
-            out[f"{mine} keeps ≥ 50% of Δforget after relearning on K = {k}"] = {
+            out[f"{mine} keeps ≥ 50% of Δforget after relearning on K = {k}"] = unrepaired({
                 "median": kept, "met": kept >= 0.5 and not broke,  # an attack that broke proves nothing kept
                 "undefined_seeds": sum(math.isnan(_num(r["relearn"][str(k)].get("kept"))) and not r["relearn"][str(k)].get("diverged")
                                        for r in attacked),
                 "undefined_counted_as": 0.0,  # see kept_for_median
-                **({"diverged_seeds": broke} if broke else {})}
+                **({"diverged_seeds": broke} if broke else {})}, mine)
         if not any(r["method"] == "oracle filter" for r in rows):  # R is relative to it: no arm, no target
             continue
         r_ = med(mine, lambda r: r["R"])
-        out[f"R ({mine} vs oracle filter) ≥ 0.5"] = {
-            "median": r_, "met": r_ >= 0.5, "undefined_seeds": sum(math.isnan(_num(r["R"])) for r in rows if r["method"] == mine)}
+        out[f"R ({mine} vs oracle filter) ≥ 0.5"] = unrepaired({
+            "median": r_, "met": r_ >= 0.5, "undefined_seeds": sum(math.isnan(_num(r["R"])) and not r.get("repair_diverged")
+                                                                   for r in rows if r["method"] == mine)}, mine)
     return out
 
 
@@ -224,17 +233,24 @@ class TableOrList:
 
 
 def diverged_note(unlearning: dict[str, Any]) -> str:
-    """The fine-tunes that broke (a loss or weights no longer finite): their curves stop there, their
-    "kept" and recovery are undefined and out of the medians ("" when none)."""
+    """The fine-tunes that broke (a loss or weights no longer finite): an attack's or recovery's curve
+    stops there, its "kept" and recovery undefined and out of the medians; a repair's leaves the whole
+    row after the edit undefined ("" when none)."""
     out = [f"{r['method']} seed {r['seed']} K = {k}" for r in unlearning["rows"]
            for k, got in (r.get("relearn") or {}).items() if got.get("diverged")]
-    out += [f"{r['method']} seed {r['seed']} recovery" for r in unlearning["rows"] if r.get("recover_diverged")]
-    if not out:
-        return ""
-    return (f"{len(out)} fine-tune(s) diverged at unlearning.relearn_lr {unlearning.get('relearn_lr', '?')} and stop at "
-            f"their last finite point, their relearned, kept and recovery undefined (a smaller rate: `anchoring relearn "
-            f"RUN --lr`): "
-            + "; ".join(out))
+    out += [f"{r['method']} seed {r['seed']} recovery" for r in unlearning["rows"]
+            if r.get("recover_diverged") and not r.get("repair_diverged")]
+    repairs = [f"{r['method']} seed {r['seed']}" for r in unlearning["rows"] if r.get("repair_diverged")]
+    said = []
+    if out:
+        said.append(f"{len(out)} fine-tune(s) diverged at unlearning.relearn_lr {unlearning.get('relearn_lr', '?')} and stop "
+                    f"at their last finite point, their relearned, kept and recovery undefined (a smaller rate: `anchoring "
+                    f"relearn RUN --lr`): " + "; ".join(out))
+    if repairs:
+        said.append(f"{len(repairs)} repair(s) diverged at unlearning.repair_lr {unlearning.get('repair_lr', '?')}, so "
+                    f"everything after the edit is undefined there and the method's targets are not met (a smaller rate: "
+                    f"`anchoring relearn RUN --repair-lr`): " + "; ".join(repairs))
+    return ". ".join(said)
 
 
 def nothing_kept_note(unlearning: dict[str, Any]) -> str:
