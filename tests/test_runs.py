@@ -62,17 +62,22 @@ def test_what_a_killed_edit_left_beside_its_output_is_cleared_and_a_live_ones_ke
     one killed between its two renames left the earlier edit under `.name.replaced-PID`."""
     import os
 
-    out, dead = tmp_path / "edit", _dead_pid()
-    for name in (f".edit.partial-{dead}", f".edit.partial-{os.getppid()}", f".other.partial-{dead}"):
+    out, dead, here = tmp_path / "edit", _dead_pid(), runs.HOST
+    elsewhere = "0" * 8 if here != "0" * 8 else "1" * 8
+    for name in (f".edit.partial-{dead}@{here}", f".edit.partial-{dead}", f".edit.partial-{os.getppid()}@{here}",
+                 f".other.partial-{dead}@{here}", f".edit.partial-{dead}@{elsewhere}"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "model.safetensors").write_text("x")
-    (tmp_path / f".edit.replaced-{dead}").mkdir()
-    (tmp_path / f".edit.replaced-{dead}" / "summary.json").write_text("earlier")
+    (tmp_path / f".edit.replaced-{dead}@{here}").mkdir()
+    (tmp_path / f".edit.replaced-{dead}@{here}" / "summary.json").write_text("earlier")
     with runs.staged(out, replace=True) as tmp:  # the earlier edit comes back first, then this one replaces it
         assert (out / "summary.json").read_text() == "earlier"
+        assert tmp.name == f".edit.partial-{os.getpid()}@{here}"
         (tmp / "summary.json").write_text("new")
     assert (out / "summary.json").read_text() == "new"
-    assert _listing(out) == [f".edit.partial-{os.getppid()}", f".other.partial-{dead}", "edit"]  # a live process's, another name's
+    # kept: a live process's, another name's, and one another machine is writing (its number means nothing here)
+    assert _listing(out) == sorted([f".edit.partial-{os.getppid()}@{here}", f".other.partial-{dead}@{here}",
+                                    f".edit.partial-{dead}@{elsewhere}", "edit"])
 
 
 def test_an_existing_folder_is_refused_without_replace(tmp_path):

@@ -8,12 +8,14 @@ each kind adds its own files.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
 import os
 import re
 import shutil
+import socket
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -71,8 +73,8 @@ def staged(out: Path, replace: bool = False) -> Iterator[Path]:
     under its name), as a whole earlier one: that is moved aside once the new one is complete, put
     back if the new one then fails to arrive, and deleted after, so a reader never sees the two mixed."""
     out = out.absolute()  # `--out .` has no name to make a sibling from
-    tmp = out.parent / f"{temp_stem(out.name)}.partial-{os.getpid()}"
-    old = out.parent / f"{temp_stem(out.name)}.replaced-{os.getpid()}"
+    tmp = out.parent / f"{temp_stem(out.name)}.partial-{os.getpid()}@{HOST}"
+    old = out.parent / f"{temp_stem(out.name)}.replaced-{os.getpid()}@{HOST}"
     _clear_dead_siblings(out, replace)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -96,17 +98,24 @@ def staged(out: Path, replace: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # names this machine in a temporary's name
+
+
 def _clear_dead_siblings(out: Path, replace: bool) -> None:
     """What a `staged(out)` killed outright (SIGKILL, a power cut) left beside `out`: its hidden
     partial copy, which may hold a whole model, and the earlier `out` it had moved aside (put back
     when it was killed before the new one arrived). A sibling whose process still runs is another
-    edit's, and is left alone."""
+    edit's, and is left alone; so is one made on another machine (a shared file system), whose
+    process number says nothing here. A name without a machine (written before they had one) is
+    judged as this machine's."""
     if not out.parent.is_dir():
         return
     stem = temp_stem(out.name)
     for p in out.parent.iterdir():
-        what, _, pid = p.name.removeprefix(stem + ".").partition("-")
-        if not p.name.startswith(stem + ".") or what not in ("partial", "replaced") or not pid.isdigit() or _alive(int(pid)):
+        what, _, owner = p.name.removeprefix(stem + ".").partition("-")
+        pid, _, host = owner.partition("@")
+        if (not p.name.startswith(stem + ".") or what not in ("partial", "replaced") or not pid.isdigit()
+                or host not in ("", HOST) or _alive(int(pid))):
             continue
         if what == "replaced" and not out.exists():  # killed between moving the earlier one aside and renaming the new
             if replace:
