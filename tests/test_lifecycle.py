@@ -382,9 +382,15 @@ def test_a_run_folder_with_a_config_always_has_its_digest(tmp_path, monkeypatch)
 def test_a_study_resumes_past_a_variant_stopped_before_its_config(tmp_path):
     """A variant folder holding only the digest (a stop between the two writes of an older version, or a
     full disk) once made the study impossible to resume ("already exists and is not empty")."""
-    cfg = experiments.load("smooth-vs-stepped", ["train.seeds=1", "train.steps=20"])
+    cfg = experiments.load("smooth-vs-stepped", ["train.seeds=1", "train.steps=20", 'description="spikes <b>& spread"'])
     out = tmp_path / "study"
     lifecycle.run(cfg, out)
+    # each variant's own page says which variant it is, and a description is text, not markup
+    for v in cfg.variants:
+        page = (out / "variants" / v.name / runs.REPORT).read_text()
+        assert f"<p>Variant &#x27;{v.name}&#x27; of smooth-vs-stepped (schedule {v.schedule})" in page
+        assert "spikes &lt;b&gt;&amp; spread" in page and "<b>&" not in page
+    assert "<p>spikes &lt;b&gt;&amp; spread</p>" in (out / runs.REPORT).read_text()
     variant = next(p for p in (out / "variants").iterdir() if p.is_dir())
     for p in variant.iterdir():
         shutil.rmtree(p) if p.is_dir() else p.unlink()

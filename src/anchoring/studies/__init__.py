@@ -38,8 +38,12 @@ def columns(long: pd.DataFrame) -> dict[str, list[float]]:
 
 
 def variant_config(cfg: ColourExperiment, variant) -> ColourExperiment:
+    """One variant as a run of its own. Its description says which variant it is: the study's own
+    describes the comparison, which a variant's report, opened alone, is not."""
     return cfg.model_copy(update={"study": None, "variants": [], "name": f"{cfg.name}-{variant.name}",
-                                  "schedule": variant.schedule})
+                                  "schedule": variant.schedule,
+                                  "description": f"Variant {variant.name!r} of {cfg.name} (schedule {Path(variant.schedule).name}), "
+                                                 f"one arm of this comparison: {cfg.description}"})
 
 
 def compare(cfg: ColourExperiment, path: Path, progress: Progress | None, run: RunFn) -> dict[str, Any]:
@@ -51,7 +55,7 @@ def compare(cfg: ColourExperiment, path: Path, progress: Progress | None, run: R
     rows = [{"variant": name, **stability(metrics, outcome.summary)} for name, (outcome, metrics) in arms.items()]
     figures.save(figures.compare_curves({n: m for n, (_, m) in arms.items()}), path / "figures" / "compare_loss.png")
     header = list(rows[0])
-    sections = [("Overview", f"<p>{cfg.description}</p><p>Each variant trained on seeds "
+    sections = [("Overview", f"<p>{html.html.escape(cfg.description)}</p><p>Each variant trained on seeds "
                              f"{', '.join(map(str, cfg.train.member_seeds()))}; full reports: "
                              + ", ".join(html.link_html(f"variants/{name}/report.html", name) for name in arms) + ".</p>"),
                 ("Stability and outcome", html.table_html(header, [[r[h] for h in header] for r in rows])),
@@ -121,7 +125,7 @@ def combine(cfg: ColourExperiment, path: Path, progress: Progress | None, run: R
     header = list(rows[0])
     fixed = always_on(cfg)
     anchored = any("anchor_angle_deg" in m["structure"] for m in members)
-    sections = [("Overview", f"<p>{cfg.description}</p><p>{len(subsets)} subsets × {k} seed(s) trained as one ensemble; "
+    sections = [("Overview", f"<p>{html.html.escape(cfg.description)}</p><p>{len(subsets)} subsets × {k} seed(s) trained as one ensemble; "
                              f"'formed' = hue order 1.0, "
                              f"{f'anchor within {max_angle:.0f}°, ' if anchored else ''}≥ 90% of vibrant energy in the "
                              f"hue plane, nearest-neighbour spread ≥ 2°"

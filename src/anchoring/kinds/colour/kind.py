@@ -374,7 +374,7 @@ def write_report(path: Path, cfg: ColourExperiment, rows: list[dict], summary: d
     verdict = (f"<p><b>{summary['anchored_seeds']} of {len(rows)} seeds anchored</b> ({summary['criterion']}).</p>"
                if summary.get("anchored_seeds") is not None else "")
     sections = [
-        ("Overview", f"<p>{cfg.description}</p><p>upstream experiment: {cfg.upstream or '–'}; steps: {summary['steps']}; "
+        ("Overview", f"<p>{html.html.escape(cfg.description)}</p><p>upstream experiment: {cfg.upstream or '–'}; steps: {summary['steps']}; "
                      f"seeds: {', '.join(map(str, cfg.train.member_seeds()))}</p>{verdict}"),
         ("Per-seed results", html.table_html(header, body)),
         ("Latent space (axis-aligned slices" + ("; × marks the anchor)" if any(c.anchor for c in cfg.concepts) else ")"),
