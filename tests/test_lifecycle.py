@@ -388,7 +388,7 @@ def test_a_study_resumes_past_a_variant_stopped_before_its_config(tmp_path):
     # each variant's own page says which variant it is, and a description is text, not markup
     for v in cfg.variants:
         page = (out / "variants" / v.name / runs.REPORT).read_text()
-        assert f"<p>Variant &#x27;{v.name}&#x27; of smooth-vs-stepped (schedule {v.schedule})" in page
+        assert f"<p>Variant &#x27;{v.name}&#x27; of smooth-vs-stepped, one arm of this comparison: spikes" in page
         assert "spikes &lt;b&gt;&amp; spread" in page and "<b>&" not in page
     assert "<p>spikes &lt;b&gt;&amp; spread</p>" in (out / runs.REPORT).read_text()
     variant = next(p for p in (out / "variants").iterdir() if p.is_dir())
@@ -401,6 +401,32 @@ def test_a_study_resumes_past_a_variant_stopped_before_its_config(tmp_path):
     # the study's page links every variant's own report
     page = (out / runs.REPORT).read_text()
     assert all(f'<a href="variants/{v.name}/report.html">' in page for v in cfg.variants)
+
+
+def test_a_study_whose_variants_were_started_with_another_description_resumes(tmp_path):
+    """A variant's description names the variant now; a study stopped before that change wrote its
+    variants' configs with the study's description, and resuming it was refused ("started with other
+    settings") though nothing that changes a number differs. A changed setting is still refused."""
+    import hashlib
+
+    cfg = experiments.load("smooth-vs-stepped", ["train.seeds=1", "train.steps=20"])
+    out = tmp_path / "study"
+    lifecycle.run(cfg, out)
+    v = cfg.variants[0]
+    variant = out / "variants" / v.name
+    text = (variant / runs.CONFIG).read_text()
+    older = "\n".join(f"description = {json.dumps(cfg.description)}" if line.startswith("description = ") else line
+                      for line in text.split("\n"))
+    assert older != text and "Variant" not in older
+    for body, ok in ((older, True), (older.replace("seed = 0", "seed = 1"), False)):
+        (variant / runs.CONFIG).write_text(body)
+        (variant / runs.CONFIG_DIGEST).write_text(hashlib.sha256(body.encode()).hexdigest() + "\n")
+        (out / runs.SUMMARY).unlink(missing_ok=True)
+        if ok:
+            assert lifecycle.resume(out).summary["comparison"]
+        else:
+            with pytest.raises(AnchoringError, match="was started with other settings"):
+                lifecycle.resume(out)
 
 
 def test_ctrl_c_just_after_the_config_is_written_leaves_a_run_to_resume(tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ from anchoring import experiments, lifecycle, runs
 from anchoring.cli import app
 from anchoring.control.erasure import mean_difference
 from anchoring.errors import AnchoringError
+from anchoring.kinds.lm import report
 from anchoring.kinds.lm import unlearning as ul
 from anchoring.kinds.lm import unlearning_table as ut
 from anchoring.kinds.lm.edits import Suppressed, delete, matched_directions, orthonormal
@@ -575,6 +576,45 @@ def test_targets_count_an_edit_that_removed_nothing_as_keeping_nothing():
     assert not [t for t in got if t.startswith("R (")]  # no oracle filter row: R has nothing to be relative to
     rows.append({**row("oracle filter", 0, 0.4), "weights_edited": False})
     assert "R (anchoring · delete vs oracle filter) ≥ 0.5" in ut.targets({"rows": rows, "relearn_k": [64]})
+
+
+def test_a_seed_whose_repair_diverged_fails_every_target_line_of_its_method_and_is_counted_once():
+    """Medians leave an undefined seed out, so a method whose repair broke on one seed of three would be
+    judged on the other two alone: its lines must say MISS and name the broken seed once, not also as
+    an undefined one, and a ratio line counts a seed once where both sides broke. The targets are read
+    from summary.json too, where NaN is null."""
+    nan = float("nan")
+
+    def row(method: str, seed: int, d: float, cost: float, broke: bool = False) -> dict:
+        before = dict.fromkeys(("forget", "concept", "retain"), 1.0)
+        after = dict.fromkeys(before, nan) if broke else {"forget": 1 + d, "concept": 1 + d, "retain": 1 + cost}
+        out = {"method": method, "seed": seed, "d_forget_concept": nan if broke else d, "d_forget": nan if broke else d,
+               "retain_cost": nan if broke else cost, "before": before, "after": after, "weights_edited": True,
+               "fine_tuned": True, "recover_steps": None, "relearn": {} if broke else {"64": {"kept": 0.8, "relearned": 0.1}}}
+        return {**out, "repair_diverged": "the repair's fine-tuning diverged at step 2"} if broke else out
+
+    rows = [row("anchoring · delete", 0, 0.9, 0.01, broke=True), row("anchoring · delete", 1, 0.9, 0.01),
+            row("anchoring · delete", 2, 0.8, 0.015), row("mean-difference · delete", 0, 0.1, 0.01, broke=True),
+            row("mean-difference · delete", 1, 0.1, 0.01), row("mean-difference · delete", 2, 0.1, 0.01),
+            *[{**row("oracle filter", s, 0.5, 0.0), "weights_edited": False} for s in range(3)]]
+    for s in range(3):
+        ul.set_r([r for r in rows if r["seed"] == s])
+    for u in ({"rows": rows, "relearn_k": [64]}, json.loads(json.dumps(runs._finite({"rows": rows, "relearn_k": [64]})))):
+        got = {k: v for k, v in ut.targets(u).items() if "anchoring · delete" in k}
+        assert len(got) == 5 and all(not t["met"] and t["repair_diverged_seeds"] == 1 for t in got.values()), got
+        assert all(not t.get("undefined_seeds") for t in got.values()), got  # the broken seed is not also "undefined"
+        d = got["anchoring · delete: Δforget at concept positions ≥ 0.5 nats/char"]
+        assert d["median"] == pytest.approx(0.85)  # the two seeds that survived met it: the line still says MISS
+        assert "(1 seed's repair diverged, left out: not met)" in report.left_out_note(d)
+    rows[0] = row("anchoring · delete", 0, 0.9, 0.01)
+    rows[3] = row("mean-difference · delete", 0, 0.1, 0.01)
+    for s in range(3):
+        ul.set_r([r for r in rows if r["seed"] == s])
+    three = ut.targets({"rows": rows, "relearn_k": [64]})["Δforget (concept) of anchoring · delete ≥ 3 × mean-difference · delete"]
+    assert three["met"] and "repair_diverged_seeds" not in three
+    rows[3] = {**row("mean-difference · delete", 0, 0.1, 0.01, broke=True), "R": nan}  # only the comparison's repair broke
+    three = ut.targets({"rows": rows, "relearn_k": [64]})["Δforget (concept) of anchoring · delete ≥ 3 × mean-difference · delete"]
+    assert not three["met"] and three["repair_diverged_seeds"] == 1 and not three["undefined_seeds"]
 
 
 def test_r_is_undefined_when_the_oracle_filter_removed_nothing():
@@ -1245,7 +1285,8 @@ def test_a_repair_that_blows_up_is_recorded_on_its_row_and_scored_again_at_anoth
         for name in ("weak filter", "oracle filter"):  # trained arms, not edits: never repaired, scored as always
             assert "repair_diverged" not in rows[name] and rows[name]["after"]["concept"] is not None
         lines = {k: v for k, v in got["targets"].items() if "anchoring · delete" in k and "same retain cost" not in k}
-        assert lines and all(not t["met"] and t.get("repair_diverged_seeds") == 1 for t in lines.values()), {k: t.get("repair_diverged_seeds") for k, t in lines.items()}
+        counts = {k: t.get("repair_diverged_seeds") for k, t in lines.items()}
+        assert lines and all(not t["met"] and t.get("repair_diverged_seeds") == 1 for t in lines.values()), counts
         said = r.stdout.replace("\n", " ")
         assert "repair(s) diverged at unlearning.repair_lr 1e+30" in said and "repair diverged, left out: not met" in said
         header, table = ut.table(got["unlearning"])
@@ -1259,6 +1300,30 @@ def test_a_repair_that_blows_up_is_recorded_on_its_row_and_scored_again_at_anoth
         assert all(x["edit_only"] for x in got["unlearning"]["rows"] if x["method"] not in ("weak filter", "oracle filter"))
     finally:
         shutil.rmtree(path / "relearn", ignore_errors=True)  # the module's run is shared with other tests
+
+
+def test_a_run_an_earlier_version_stopped_at_a_diverging_repair_resumes_and_only_evaluates(unlearned, tmp_path):
+    """An earlier version stopped a run whose unlearning repair diverged after training, with diverged.txt,
+    and refused to resume it ("would meet the same step again"): hours of training with no way to a
+    table. Such a run now resumes and evaluates again; a run whose training diverged is still refused."""
+    path, summary = unlearned
+    copy_ = tmp_path / "run"
+    shutil.copytree(path, copy_, ignore=shutil.ignore_patterns("relearn"))
+    (copy_ / runs.SUMMARY).unlink()
+    (copy_ / runs.DIVERGED).write_text("the repair of anchoring · delete (seed 0): fine-tuning diverged at step 2 of 3 "
+                                       "(lr 1e+30): its loss is not finite; give a smaller unlearning.repair_lr\n")
+    r = CliRunner().invoke(app, ["show", str(copy_)])
+    assert r.exit_code == 2 and "has not finished" in r.stderr and "anchoring resume" in r.stderr, r.stderr
+    r = CliRunner().invoke(app, ["resume", str(copy_), "-q"])
+    assert r.exit_code == 0, r.stderr
+    assert not (copy_ / runs.DIVERGED).exists()
+    got = json.loads((copy_ / runs.SUMMARY).read_text())
+    assert [x["d_forget_concept"] for x in got["unlearning"]["rows"]] == pytest.approx(
+        [x["d_forget_concept"] for x in summary["unlearning"]["rows"]], nan_ok=True)  # trained nothing: the same models
+    (copy_ / runs.SUMMARY).unlink()
+    (copy_ / runs.DIVERGED).write_text("training diverged at step 7: the loss is not finite\n")
+    r = CliRunner().invoke(app, ["resume", str(copy_), "-q"])
+    assert r.exit_code == 2 and "would meet the same step again" in r.stderr, r.stderr
 
 
 def test_the_unlearning_evaluation_after_training_reports_to_the_runs_progress(tmp_path):

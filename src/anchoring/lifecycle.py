@@ -15,6 +15,7 @@ import os
 import re
 import shlex
 import time
+import tomllib
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -213,11 +214,26 @@ def _execute_locked(cfg: ExperimentBase, path: Path, progress: Progress | None) 
     return Outcome(path, summary, cfg.kind)
 
 
+def _same_settings(saved: str, cfg: ExperimentBase) -> bool:
+    """Whether a sub-run's saved config.toml is `cfg`'s, its description aside: that is prose, which a
+    newer version may word otherwise (a compare study's variants name themselves in theirs), and a
+    study stopped before such a change must still resume."""
+    new = cfg.to_toml()
+    if saved == new:
+        return True
+    try:
+        old = tomllib.loads(saved)
+    except tomllib.TOMLDecodeError:
+        return False
+    old.pop("description", None)
+    return old == {k: v for k, v in tomllib.loads(new).items() if k != "description"}
+
+
 def _run_or_continue(cfg: ExperimentBase, path: Path, progress: Progress | None) -> Outcome:
     """A study's sub-run: trained fresh, continued if a resumed study had started it, or reused
     if it had finished — but only when it was started from the very same config."""
     if (path / runs.CONFIG).is_file():
-        if (path / runs.CONFIG).read_text() != cfg.to_toml():
+        if not _same_settings((path / runs.CONFIG).read_text(), cfg):
             raise AnchoringError(f"{str(path)!r} was started with other settings; choose another --out")
         return show(path) if (path / runs.SUMMARY).is_file() else _execute(cfg, path, progress)
     if path.is_dir() and {p.name for p in path.iterdir()} <= {runs.CONFIG_DIGEST}:  # a start stopped before its config
@@ -271,8 +287,9 @@ def resumable_config(path: Path, warn: Callable[[str], None] | None = None):
         raise AnchoringError(f"{str(path)!r} is an edited run (written by `anchoring delete`); there is no training to resume")
     if (path / runs.SUMMARY).is_file():
         raise AnchoringError(f"{str(path)!r} has already finished; `anchoring show {path}` prints it")
-    _refuse_diverged(path, "resuming would meet the same step again: run it anew with a lower learning rate "
-                           "or term weight")
+    if not _stopped_by_a_repair(path):
+        _refuse_diverged(path, "resuming would meet the same step again: run it anew with a lower learning rate "
+                               "or term weight")
     digest = path / runs.CONFIG_DIGEST
     if not digest.is_file():
         (warn or (lambda m: warnings.warn(m, stacklevel=3)))(
@@ -291,6 +308,8 @@ def resume(path: Path, progress: Progress | None = None, warn: Callable[[str], N
         cfg = resumable_config(path, warn)
         runs.check_writable(path / runs.SUMMARY)
         validate(cfg)
+        if _stopped_by_a_repair(path):  # evaluated again now, the repair recorded on its row
+            (path / runs.DIVERGED).unlink()
     except KeyboardInterrupt:  # nothing was written yet: the run is as resumable as it was
         raise TrainingInterrupted(-1, path) from None
     return _execute(cfg, path, progress)
@@ -320,6 +339,19 @@ def _unmerged_sweep(path: Path) -> None:
         raise _unfinished_sweep(path)
 
 
+STOPPED_BY_A_REPAIR = "the repair of "  # how diverged.txt began where an earlier version stopped an LM run in its evaluation
+
+
+def _stopped_by_a_repair(path: Path) -> bool:
+    """Whether the run's diverged.txt is an earlier version's stop of an LM run whose training had
+    finished: a repair in its unlearning evaluation diverged. That is now recorded on the method's
+    row instead, so resuming evaluates the run again rather than meeting the same step."""
+    try:
+        return (path / runs.DIVERGED).read_text().startswith(STOPPED_BY_A_REPAIR)
+    except OSError:
+        return False
+
+
 def _refuse_diverged(path: Path, then: str) -> None:
     """A run whose training diverged is no interrupted run: its checkpoint leads to the same step."""
     if (path / runs.DIVERGED).is_file():
@@ -332,7 +364,8 @@ def show(path: Path) -> Outcome:
     _unmerged_sweep(path)
     cfg = _config(path)
     if not (path / runs.SUMMARY).is_file():
-        _refuse_diverged(path, "it has no results")
+        if not _stopped_by_a_repair(path):
+            _refuse_diverged(path, "it has no results")
         then = "it is training now, in another process" if training_now(path) else "`anchoring resume` it"
         raise AnchoringError(f"{str(path)!r} has not finished (no {runs.SUMMARY}); {then}")
     return Outcome(path, _summary(path, cfg), cfg.kind, from_disk=True)

@@ -42,8 +42,8 @@ def variant_config(cfg: ColourExperiment, variant) -> ColourExperiment:
     describes the comparison, which a variant's report, opened alone, is not."""
     return cfg.model_copy(update={"study": None, "variants": [], "name": f"{cfg.name}-{variant.name}",
                                   "schedule": variant.schedule,
-                                  "description": f"Variant {variant.name!r} of {cfg.name} (schedule {Path(variant.schedule).name}), "
-                                                 f"one arm of this comparison: {cfg.description}"})
+                                  "description": f"Variant {variant.name!r} of {cfg.name}, one arm of this comparison: "
+                                                 f"{cfg.description}"})
 
 
 def compare(cfg: ColourExperiment, path: Path, progress: Progress | None, run: RunFn) -> dict[str, Any]:

@@ -45,7 +45,7 @@ def targets(unlearning: dict[str, Any]) -> dict[str, dict[str, Any]]:
         ratios, broken = [], 0
         for a in (r for r in rows if r["method"] == mine):
             b = next((r for r in rows if r["method"] == other and r["seed"] == a["seed"]), None)
-            ratios.append(float("nan") if b is None else ratio(a["d_forget_concept"], b["d_forget_concept"]))
+            ratios.append(float("nan") if b is None else ratio(_num(a["d_forget_concept"]), _num(b["d_forget_concept"])))
             broken += bool(a.get("repair_diverged") or (b or {}).get("repair_diverged"))  # counted by `unrepaired`
         m = ranked_median(ratios)
         return {"median": m, "met": m >= 3.0, "undefined_seeds": sum(math.isnan(v) for v in ratios) - broken}
