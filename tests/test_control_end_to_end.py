@@ -1,5 +1,6 @@
 """Trained models, real edits: red must break, cyan must not (where theory says so)."""
 
+import html
 import json
 
 import pytest
@@ -118,7 +119,7 @@ def test_relearning_attack_on_the_post_hoc_baseline(anchored_run):
     # and come back as the default "red", with "cos(None, anchor)" in the summary before it
     assert load_run(base).config.evaluate.concept == ""
     # its page describes the baseline, not the anchored experiment it was copied from
-    page = (base / "report.html").read_text()
+    page = html.unescape((base / "report.html").read_text())
     assert "the relearning attack's baseline" in page.lower() and "× marks the anchor" not in page
     assert load_run(out).config.description.split(".")[0] not in page
     assert "None" not in json.loads((base / "summary.json").read_text())["criterion"]

@@ -204,13 +204,15 @@ def run_jobs_reporting(fn: Callable[..., None], jobs: Sequence[tuple], workers: 
     finally:
         stop.set()
         listener.join()
+    drain_progress(queue, steps, progress, total)  # what the jobs said after the listener's last look
     progress(total, total)  # every job finished: its last steps need not fall on a report
 
 
 def drain_progress(queue: Any, steps: dict[Hashable, int], progress: Callable[[int, int], None] | None, total: int,
                    wait: float | None = None) -> None:
     """What the jobs' `job_progress` said since the last look (waiting up to `wait` s for a first word),
-    into `steps` per job and then their sum into `progress`."""
+    into `steps` per job and, after each word, their sum into `progress`: every report arrives, in
+    order, however late the look (the words are every tenth step, so this costs nothing)."""
     said = False
     while True:
         try:
@@ -218,5 +220,5 @@ def drain_progress(queue: Any, steps: dict[Hashable, int], progress: Callable[[i
         except Exception:  # queue.Empty, or the queue closing at shutdown
             break
         steps[key], said = step, True
-    if said and progress is not None:
-        progress(sum(steps.values()), total)
+        if progress is not None:
+            progress(sum(steps.values()), total)

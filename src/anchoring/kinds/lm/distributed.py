@@ -130,6 +130,7 @@ def train_data_parallel(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int
                 if steps_to is not None:
                     drain_progress(steps_to, steps, progress, total)
             if progress is not None:  # every job finished: its last steps need not fall on a report
+                drain_progress(steps_to, steps, progress, total)  # what the ranks said since the last look
                 progress(total, total)
         except (tmp.ProcessRaisedException, tmp.ProcessExitedException) as e:  # join has stopped the other ranks
             raise why_ranks_failed(_traces(ranks.error_files), e, path) from None

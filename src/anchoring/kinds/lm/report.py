@@ -124,6 +124,7 @@ def left_out_note(t: dict[str, Any]) -> str:
     said = f" ({n} seed{'s' * (n != 1)} undefined, {treated})" if n else ""
     broke = t.get("diverged_seeds") or 0
     unrepaired = t.get("repair_diverged_seeds") or 0
+
     def whose(n: int) -> str:
         return f"{n} seed's" if n == 1 else f"{n} seeds'"
 
