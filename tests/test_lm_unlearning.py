@@ -1326,6 +1326,24 @@ def test_a_run_an_earlier_version_stopped_at_a_diverging_repair_resumes_and_only
     assert r.exit_code == 2 and "would meet the same step again" in r.stderr, r.stderr
 
 
+def test_the_evaluations_progress_moves_by_each_methods_planned_steps(unlearned):
+    """A fine-tune that stops early (a repair or attack that diverged, a recovery that got there) left its
+    planned steps unticked: the bar lagged further behind with every such method, its time left wrong,
+    and jumped to the end at the last one. Now the bar stands at each method's planned end after it."""
+    import itertools
+
+    path, _summary = unlearned
+    run = lifecycle.load_run(path)
+    u = run.config.unlearning.model_copy(update={"repair_steps": 2, "repair_lr": 1e30, "relearn_steps": 2})
+    cfg = run.config.model_copy(update={"unlearning": u})
+    models = {(a, s): m for a, ms in run.arms.items() for s, m in zip(run.seeds, ms)}
+    seen: list[int] = []
+    out = ul.evaluate(cfg, run.data, models, progress=lambda done, total: seen.append(done))
+    assert any(r.get("repair_diverged") for r in out["rows"])  # those stopped after a step of their two
+    bounds = list(itertools.accumulate(ul.method_ticks(m, u) for m in ul.methods(cfg, run.data, models, run.seeds[0])))
+    assert set(bounds) <= set(seen) and seen == sorted(seen), (bounds, seen)
+
+
 def test_the_unlearning_evaluation_after_training_reports_to_the_runs_progress(tmp_path):
     """The run's bar stood at the end of training while the evaluation fine-tuned (it drew a bar of
     its own instead, on a terminal only); now its steps reach the run's progress, up to its total."""

@@ -251,7 +251,7 @@ def _bar(total: int, progress: Progress | None) -> Iterator[Callable[[], None]]:
             progress(done[0], total)
 
     yield tick
-    if progress is not None and done[0] < total:  # a recovery that stopped early leaves planned steps unused
+    if progress is not None and done[0] < total:  # a seed resumed from a save made before methods filled their steps
         progress(total, total)
 
 
@@ -283,11 +283,16 @@ def _saved_seed(partial: Path, seed: int, key: str) -> dict[str, Any] | None:
     return saved if whole and all(isinstance(r, dict) and "method" in r for r in saved["rows"]) else None
 
 
+def method_ticks(m: Method, u: UnlearningConfig) -> int:
+    """The fine-tuning steps one method is given: its repair, attacks and recovery (a recovery may stop
+    early, and a fine-tune that diverges stops there)."""
+    attacks = len(u.relearn_k) * u.relearn_steps + u.recover_steps if attacked(m, u.attack_hooks) else 0
+    return attacks + (u.repair_steps if m.repairable else 0)
+
+
 def _planned_ticks(ms: list[Method], u: UnlearningConfig) -> int:
-    """The fine-tuning steps one seed's methods are given (a recovery may stop early)."""
-    edited = sum(attacked(m, u.attack_hooks) for m in ms)
-    repaired = sum(m.repairable for m in ms) if u.repair_steps else 0
-    return edited * (len(u.relearn_k) * u.relearn_steps + u.recover_steps) + repaired * u.repair_steps
+    """The fine-tuning steps one seed's methods are given."""
+    return sum(method_ticks(m, u) for m in ms)
 
 
 @dataclass
@@ -305,7 +310,25 @@ class SeedSetting:
 
 
 def score_method(m: Method, seed: int, at: SeedSetting, u: UnlearningConfig, probe: torch.Tensor, residual: list[str],
-                 tick: Callable[[], None]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                 tick: Callable[[int], None]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One method's table row and fine-tuning curve points (`_score_method`), after which the progress
+    has moved by exactly the method's planned steps (`method_ticks`): a recovery that stopped once the
+    concept came back, or a fine-tune that diverged, leaves steps unused, and the bar would otherwise
+    lag behind until the last method and then jump, its time left wrong all the while."""
+    spent = [0]
+
+    def counted(n: int = 1) -> None:
+        spent[0] += n
+        tick(n)
+
+    out = _score_method(m, seed, at, u, probe, residual, counted)
+    if method_ticks(m, u) > spent[0]:
+        tick(method_ticks(m, u) - spent[0])
+    return out
+
+
+def _score_method(m: Method, seed: int, at: SeedSetting, u: UnlearningConfig, probe: torch.Tensor, residual: list[str],
+                  tick: Callable[[], None]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One method's table row and fine-tuning curve points: its repair (when asked), its losses before
     and after, the deletion's leftover, the relearning attacks and the recovery."""
     es, small, bs, target = at.es, at.small, at.bs, at.target
