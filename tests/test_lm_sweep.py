@@ -162,6 +162,13 @@ def test_lm_sweep_row_takes_unlearning_medians_when_present():
     row = sweep_row(summary)
     assert row["delete_R"] == pytest.approx(0.3) and row["delete_d_forget_concept"] == pytest.approx(2.0)
     assert row["relearn_R"] == 0.9 and row["relearn_d_forget_concept"] == 0.5
+    assert not [k for k in row if k.endswith("_diverged_seeds")]
+    summary["unlearning"]["rows"] += [{"method": "delete", "seed": 2, "R": None, "d_forget_concept": None,
+                                       "repair_diverged": "the repair's fine-tuning diverged at step 1"},
+                                      {"method": "relearn", "seed": 1, "R": 0.8, "d_forget_concept": 0.4,
+                                       "relearn": {"64": {"diverged": "fine-tuning diverged at step 3"}}}]
+    row = sweep_row(summary)  # the medians leave the broken seeds out, and the row says how many there were
+    assert row["delete_R"] == pytest.approx(0.3) and row["delete_diverged_seeds"] == 1 and row["relearn_diverged_seeds"] == 1
     summary["arms"].append("control")  # each arm's own numbers, not the first arm's under every name
     summary["median"]["control"] = {"loss": {"all": 1.6, "concept": 2.1, "retain": 1.5}, "alignment": {"blocks.1": {"margin": 0.1}}}
     row = sweep_row(summary)

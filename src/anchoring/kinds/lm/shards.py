@@ -106,7 +106,8 @@ def merge_shards(cfg: LMExperiment, shard_dirs: list[Path], path: Path) -> None:
 
 def sweep_row(summary: dict[str, Any]) -> dict[str, Any]:
     """Medians over seeds: per arm the validation loss (all, concept, retain positions; nats/char) and
-    the margin at each anchored site; per unlearning method (when the run has them) R and Δforget."""
+    the margin at each anchored site; per unlearning method (when the run has them) R and Δforget, and,
+    where some seed's repair or attack diverged, how many: the medians leave those seeds out."""
     row: dict[str, Any] = {"seeds": len(summary.get("seeds") or [])}
     for arm in summary.get("arms") or []:
         med = summary["median"][arm]
@@ -120,6 +121,10 @@ def sweep_row(summary: dict[str, Any]) -> dict[str, Any]:
         mine = [r for r in rows if r.get("method") == method]
         for key in ("R", "d_forget_concept"):
             row[f"{method}_{key}"] = median(r[key] for r in mine if r.get(key) is not None)
+        broke = sum(bool(r.get("repair_diverged")) or any(a.get("diverged") for a in (r.get("relearn") or {}).values())
+                    for r in mine)
+        if broke:
+            row[f"{method}_diverged_seeds"] = broke
     return row
 
 
