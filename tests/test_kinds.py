@@ -213,3 +213,35 @@ def test_a_seed_listed_twice_is_refused_where_models_are_stored_by_seed(tmp_path
     out = tmp_path / "dup"
     r = runner.invoke(app, ["run", experiment, "--set", "train.seed_list=[0,3,0]", "--steps", "2", "-q", "--out", str(out)])
     assert r.exit_code == 2 and "train.seed_list repeats seed 0" in r.stderr and not out.exists(), r.stderr
+
+
+def test_jobs_trained_one_after_another_add_their_steps_and_a_stop_names_the_run(tmp_path):
+    """The transformer and LM kinds train their (arm, seed) jobs through one loop: each job's steps come
+    after the jobs before it on the bar, a job another process trained reports nothing here, and a stop
+    inside any job names the run's directory (what `anchoring resume` needs)."""
+    from anchoring.kinds.arms import train_each
+    from anchoring.train.skeleton import TrainingInterrupted
+
+    def train(arm, seed, report):
+        for s in range(1, 4):
+            if report is not None:
+                report(s)
+        return f"{arm}{seed}"
+
+    seen: list[tuple[int, int]] = []
+    jobs = [("anchored", 0), ("control", 0)]
+    got = train_each(jobs, 3, train, lambda done, total: seen.append((done, total)), tmp_path)
+    assert got == {("anchored", 0): "anchored0", ("control", 0): "control0"}
+    assert seen == [(n, 6) for n in range(1, 7)]
+    seen.clear()
+    train_each(jobs, 3, train, lambda done, total: seen.append((done, total)), tmp_path, here=False)
+    assert seen == []  # the worker processes reported these steps already
+
+    def stopped(arm, seed, report):
+        if arm == "control":
+            raise TrainingInterrupted(2, None)
+        return arm
+
+    with pytest.raises(TrainingInterrupted) as e:
+        train_each(jobs, 3, stopped, None, tmp_path)
+    assert (e.value.step, e.value.run_dir) == (2, tmp_path)

@@ -1,10 +1,11 @@
-"""Weights of kinds that train several arms per seed (transformer, language model): one
-checkpoint file with every (arm, seed) model under `<arm>.<seed>.<parameter>`, checksummed."""
+"""Kinds that train several arms per seed (transformer, language model): their (arm, seed) jobs run one
+after another, and their weights go into one checkpoint file with every (arm, seed) model under
+`<arm>.<seed>.<parameter>`, checksummed."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -12,7 +13,30 @@ from safetensors.torch import load_file
 from torch import nn
 
 from anchoring.errors import AnchoringError
+from anchoring.resources import release_freed_memory
 from anchoring.train.checkpoint import CHECKPOINT, atomic_save, verify
+from anchoring.train.skeleton import TrainingInterrupted
+
+R = TypeVar("R")
+Job = tuple[str, int]
+
+
+def train_each(jobs: list[Job], steps: int, train: Callable[[str, int, Callable[[int], None] | None], R],
+               progress: Callable[[int, int], None] | None, path: Path, here: bool = True) -> dict[Job, R]:
+    """`train(arm, seed, report)` for every job, one after another in this process; a job that worker
+    processes or data-parallel ranks already finished only loads its checkpoint there. With `here` (no
+    other process reported the steps), each job's steps reach `progress` after those of the jobs
+    before it. A stop names the run's directory, so that the command can say how to resume it."""
+    total = steps * len(jobs)
+    results: dict[Job, R] = {}
+    for i, (arm, seed) in enumerate(jobs):
+        report = (lambda s, done=i * steps: progress(done + s, total)) if progress and here else None
+        try:
+            results[arm, seed] = train(arm, seed, report)
+        except TrainingInterrupted as e:
+            raise TrainingInterrupted(e.step, path) from None
+        release_freed_memory()  # or the process grows by each job's freed activations and optimiser state
+    return results
 
 
 def refuse_repeated_seeds(seeds: list[int]) -> None:

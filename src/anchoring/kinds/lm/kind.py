@@ -29,7 +29,7 @@ import torch
 
 from anchoring import runs
 from anchoring.evaluate.stats import mark_infinite, median
-from anchoring.kinds.arms import write_arms
+from anchoring.kinds.arms import train_each, write_arms
 from anchoring.kinds.base import Kind
 from anchoring.kinds.lm import evaluate as ev
 from anchoring.kinds.lm import figures as lf
@@ -97,15 +97,9 @@ def run(cfg: LMExperiment, path: Path, *, progress: Progress | None = None) -> d
         workers = cfg.lm.nproc  # the ranks reported their progress; the loop below only loads their checkpoints
     elif workers > 1:  # a job already at its last step (a resumed run, a merged sweep) needs no process
         _train_in_processes(cfg, path, todo, workers, progress, total, so_far)
-    results: dict[tuple[str, int], ArmResult] = {}
-    for i, (arm, seed) in enumerate(jobs):  # after the pool: each job only loads its finished checkpoint
-        done = i * steps
-        report = (lambda s, done=done: progress(done + s, total)) if progress and workers == 1 else None
-        try:
-            results[arm, seed] = train_arm(cfg, data, seed, arm, checkpoint=checkpoint_path(path, arm, seed), progress=report)
-        except TrainingInterrupted as e:
-            raise TrainingInterrupted(e.step, path) from None
-        release_freed_memory()  # or the process grows by each job's freed activations and optimiser state
+    results: dict[tuple[str, int], ArmResult] = train_each(  # after the pool or the ranks: each job only loads
+        jobs, steps, lambda arm, seed, report: train_arm(cfg, data, seed, arm, checkpoint=checkpoint_path(path, arm, seed),
+                                                         progress=report), progress, path, here=workers == 1)
     train_s = time.perf_counter() - t0
     summary = finish(cfg, path, data, results, progress)
     # each job's own seconds in training steps (kept in its checkpoint, so worker processes and resumes count)

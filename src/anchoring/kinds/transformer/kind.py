@@ -22,7 +22,7 @@ from anchoring.anchor.sequence import SequenceSite
 from anchoring.domains.colour.labels import redness
 from anchoring.errors import AnchoringError
 from anchoring.evaluate.stats import mark_infinite, median, target_median, target_text
-from anchoring.kinds.arms import refuse_repeated_seeds, write_arms
+from anchoring.kinds.arms import refuse_repeated_seeds, train_each, write_arms
 from anchoring.kinds.base import Kind
 from anchoring.kinds.transformer import evaluate as ev
 from anchoring.kinds.transformer import figures as sf
@@ -130,21 +130,15 @@ def run(cfg: TransformerExperiment, path: Path, *, progress: Progress | None = N
     seeds = cfg.train.member_seeds()
     names = arms(cfg)
     lang = build_language(cfg)
-    total = steps * len(seeds) * len(names)
     jobs = [(arm, seed) for seed in seeds for arm in names]
     ckpt = {job: path / "arms" / f"{job[0]}-seed{job[1]}.safetensors" for job in jobs}
     workers = min(len(jobs), cfg.transformer.workers or os.cpu_count() or 1)
     t0 = time.perf_counter()
     if workers > 1:
         _train_in_processes(cfg, jobs, ckpt, workers, steps, path, progress)
-    results: dict[tuple[str, int], ArmResult] = {}
-    for i, (arm, seed) in enumerate(jobs):  # in processes: each arm is finished and only loads here
-        done = i * steps
-        report = (lambda s, done=done: progress(done + s, total)) if progress and workers == 1 else None
-        try:
-            results[arm, seed] = train_arm(cfg, seed, anchored=arm == "anchored", checkpoint=ckpt[arm, seed], progress=report)
-        except TrainingInterrupted as e:
-            raise TrainingInterrupted(e.step, path) from None
+    results: dict[tuple[str, int], ArmResult] = train_each(  # in processes: each arm is finished and only loads here
+        jobs, steps, lambda arm, seed, report: train_arm(cfg, seed, anchored=arm == "anchored", checkpoint=ckpt[arm, seed],
+                                                         progress=report), progress, path, here=workers == 1)
     train_s = time.perf_counter() - t0
     summary = finish(cfg, path, lang, results, seeds, names)
     summary["timing"] = {"train_s": round(train_s, 3)}
