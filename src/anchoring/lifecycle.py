@@ -287,9 +287,8 @@ def resumable_config(path: Path, warn: Callable[[str], None] | None = None):
         raise AnchoringError(f"{str(path)!r} is an edited run (written by `anchoring delete`); there is no training to resume")
     if (path / runs.SUMMARY).is_file():
         raise AnchoringError(f"{str(path)!r} has already finished; `anchoring show {path}` prints it")
-    if not _stopped_by_a_repair(path):
-        _refuse_diverged(path, "resuming would meet the same step again: run it anew with a lower learning rate "
-                               "or term weight")
+    _refuse_diverged(path, "resuming would meet the same step again: run it anew with a lower learning rate "
+                           "or term weight")
     digest = path / runs.CONFIG_DIGEST
     if not digest.is_file():
         (warn or (lambda m: warnings.warn(m, stacklevel=3)))(
@@ -353,8 +352,9 @@ def _stopped_by_a_repair(path: Path) -> bool:
 
 
 def _refuse_diverged(path: Path, then: str) -> None:
-    """A run whose training diverged is no interrupted run: its checkpoint leads to the same step."""
-    if (path / runs.DIVERGED).is_file():
+    """A run whose training diverged is no interrupted run: its checkpoint leads to the same step. (A run
+    an earlier version stopped at a diverging repair is not refused: see `_stopped_by_a_repair`.)"""
+    if (path / runs.DIVERGED).is_file() and not _stopped_by_a_repair(path):
         said = (path / runs.DIVERGED).read_text().strip().split(" — ")[0]
         raise AnchoringError(f"{str(path)!r} diverged ({said}); {then}")
 
@@ -364,8 +364,7 @@ def show(path: Path) -> Outcome:
     _unmerged_sweep(path)
     cfg = _config(path)
     if not (path / runs.SUMMARY).is_file():
-        if not _stopped_by_a_repair(path):
-            _refuse_diverged(path, "it has no results")
+        _refuse_diverged(path, "it has no results")
         then = "it is training now, in another process" if training_now(path) else "`anchoring resume` it"
         raise AnchoringError(f"{str(path)!r} has not finished (no {runs.SUMMARY}); {then}")
     return Outcome(path, _summary(path, cfg), cfg.kind, from_disk=True)

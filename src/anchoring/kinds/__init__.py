@@ -10,6 +10,7 @@ from typing import Annotated, Any, Sequence, Union
 
 from pydantic import Field, TypeAdapter, ValidationError
 
+from anchoring import runs
 from anchoring.config import ExperimentBase, one_line, parse_value
 from anchoring.errors import AnchoringError
 from anchoring.kinds.base import Kind
@@ -47,9 +48,9 @@ def kind_of_run(run_dir: Path) -> Kind:
     """The kind of the run in `run_dir`, from its config's `kind` alone (no validation: a folder an
     edit wrote inside the run is read by that kind, whatever else the config says)."""
     try:
-        name = kind_name(tomllib.loads((run_dir / "config.toml").read_text()).get("kind"))
+        name = kind_name(tomllib.loads((run_dir / runs.CONFIG).read_text()).get("kind"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise AnchoringError(f"{str(run_dir / 'config.toml')!r} cannot be read ({e})") from None
+        raise AnchoringError(f"{str(run_dir / runs.CONFIG)!r} cannot be read ({e})") from None
     if name not in REGISTRY:
         raise AnchoringError(f"{str(run_dir)!r} is a run of an unknown kind {name!r} (kinds: {', '.join(REGISTRY)})")
     return REGISTRY[name]

@@ -322,8 +322,9 @@ def score_method(m: Method, seed: int, at: SeedSetting, u: UnlearningConfig, pro
         tick(n)
 
     out = _score_method(m, seed, at, u, probe, residual, counted)
-    if method_ticks(m, u) > spent[0]:
-        tick(method_ticks(m, u) - spent[0])
+    unused = method_ticks(m, u) - spent[0]
+    if unused > 0:
+        tick(unused)
     return out
 
 
