@@ -121,6 +121,16 @@ def test_real_process_prints_one_line_and_no_traceback(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("module", ["anchoring", "anchoring.cli"])
+def test_python_dash_m_runs_the_command_with_its_one_line_errors(module, tmp_path):
+    """`python -m anchoring.cli` ran the command until the CLI became a package; then it said only
+    that a package cannot be executed."""
+    r = subprocess.run([sys.executable, "-m", module, "run", "--steps", "-5", "--out", str(tmp_path / "x")],
+                       capture_output=True, text=True)
+    assert (r.returncode, r.stderr.strip()) == (2, "error: --steps must be a positive integer, got -5")
+    assert not (tmp_path / "x").exists()
+
+
 def test_refuses_to_overwrite_a_run(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
