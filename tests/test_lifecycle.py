@@ -64,6 +64,19 @@ def test_ctrl_c_during_relearns_baseline_is_one_line_and_the_baseline_resumes(ru
     assert shown.stdout.splitlines()[:-1] == r.stdout.splitlines()[:-1] and "relearning red" in shown.stdout
 
 
+def test_show_of_an_attack_or_intervention_never_written_names_the_ones_there(run_copy):
+    """A typo in the concept (`relearn/blue` for `relearn/red`) was told to run the attack "again to
+    finish it", as if it had been started."""
+    one_line_error(invoke("show", run_copy / "relearn" / "blue"), "does not exist; " + str(run_copy) + " has no relearning "
+                   "attack yet (`anchoring relearn` writes one)")
+    one_line_error(invoke("show", run_copy / "interventions" / "suppres"), "does not exist; " + str(run_copy)
+                   + " has no intervention yet (`anchoring intervene` writes one)")
+    (run_copy / "relearn" / "red").mkdir(parents=True)
+    (run_copy / "interventions" / "suppress").mkdir(parents=True)
+    one_line_error(invoke("show", run_copy / "relearn" / "blue"), "has the relearning attacks red")
+    one_line_error(invoke("show", run_copy / "interventions" / "suppres"), "has the interventions suppress")
+
+
 def test_relearn_run_again_goes_on_with_its_interrupted_baseline(run_copy, monkeypatch):
     """Run again without `resume`, the attack used to delete the baseline's checkpoint and train it anew."""
     seen: list[int] = []

@@ -23,6 +23,8 @@ def show_cmd(run_dir: Path = typer.Argument(..., help="finished run directory"),
         _show_sweep(run_dir)
         return
     whole = run_dir.resolve()  # `anchoring show .` from inside the attack's folder too
+    if whole.parent.name in ("relearn", "interventions") and (whole.parent.parent / runs.CONFIG).is_file() and not whole.exists():
+        _no_such_edit(run_dir, whole)
     if whole.parent.name == "relearn" and (whole.parent.parent / runs.CONFIG).is_file() and not (whole / runs.CONFIG).is_file():
         if not (whole / runs.SUMMARY).is_file():  # stopped before it wrote its table ("not a run directory" said nothing)
             fail(f"{str(run_dir)!r} is a relearning attack that has not finished; run `anchoring relearn "
@@ -74,6 +76,17 @@ def _show_sweep(path: Path) -> None:
         out.print(f"point {p.get('point')}: {p.get('path')}", markup=False, soft_wrap=True)
     if summary.get("diverged"):
         out.print(diverged_points(summary["diverged"]), markup=False, soft_wrap=True)
+
+
+def _no_such_edit(given: Path, whole: Path) -> None:
+    """RUN/relearn/NAME or RUN/interventions/NAME that was never written (a typo in the concept's or the
+    intervention's name): say so and list the ones the run has, rather than the advice for a folder
+    that an attack left unfinished."""
+    what, command = (("relearning attack", "anchoring relearn") if whole.parent.name == "relearn"
+                     else ("intervention", "anchoring intervene"))
+    there = sorted(p.name for p in whole.parent.glob("*") if p.is_dir()) if whole.parent.is_dir() else []
+    fail(f"{str(given)!r} does not exist; {whole.parent.parent} has "
+         + (f"the {what}s {', '.join(there)}" if there else f"no {what} yet (`{command}` writes one)"))
 
 
 def _show_attack(path: Path) -> None:
