@@ -639,7 +639,7 @@ def test_a_ratio_never_divides_by_a_change_the_table_prints_as_zero():
     rows = [{"method": "oracle filter", "d_forget_concept": 0.0005}, {"method": "anchoring · delete", "d_forget_concept": 0.03}]
     ul.set_r(rows)
     assert all(math.isnan(r["R"]) for r in rows)
-    assert "under 0.001 (+0.0005)" in ut.r_note({"rows": [{**r, "seed": 0} for r in rows]})
+    assert "under 0.001 (+0.0005), too small to divide by" in ut.r_note({"rows": [{**r, "seed": 0} for r in rows]})
 
 
 def test_a_seed_without_a_cost_matched_row_is_counted_as_undefined_not_dropped():
@@ -700,7 +700,7 @@ def test_a_retain_cost_below_the_tables_resolution_gives_no_selectivity_and_noth
     got = {t[1]: t[rec] for t in table if t[0] == "anchoring · delete"}
     assert got == {"median": 8.0, 0: "nd", 1: 6, 2: 10}  # seed 0 out of the median, not a 0 in it
     assert "steps to recover is nd" in ut.nothing_to_recover_note(u) and "anchoring · delete (seed 0)" in ut.nothing_to_recover_note(u)
-    assert "R is undefined (–) throughout" in ut.r_note(u) and "(−0.1630)" in ut.r_note(u)
+    assert "R is undefined (–) throughout" in ut.r_note(u) and "(−0.1630), negative: without" in ut.r_note(u)
     assert "(–)" in ut.r_note(json.loads(json.dumps(runs._finite({**u, "rows": [
         *u["rows"][:3], {**u["rows"][3], "d_forget_concept": float("nan")}]}))))  # NaN read back as null
     u["rows"][1]["recover_steps"] = u["rows"][2]["recover_steps"] = 0  # every seed nd: so is the median

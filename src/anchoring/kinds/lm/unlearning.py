@@ -58,7 +58,7 @@ SCORING = 2  # part of every saved seed's key: raise it whenever a change alters
 # evaluation resumed after an upgrade never reads rows the older code scored (2: ratio floors, relative β tolerance)
 PICK_SALT, BATCH_SALT, MIX_SALT, REPAIR_SALT, MIX_RETAIN_SALT = 0x4E1, 0x4E2, 0x4E3, 0x4E4, 0x4E5
 TINY = 1e-6  # nats/char: a difference this small is no difference
-COST_FLOOR = 1e-3  # nats/char: a change under this prints as 0.000, and a ratio over it says more about rounding than
+COST_FLOOR = 1e-3  # nats/char: a change under this prints as 0.000 or 0.001, and a ratio over it says more about rounding than
 # about the edit (Δforget 0.005 over a cost of 0.0002 read as 25): a ratio with such a denominator is ∞ or undefined
 KEPT_FLOOR = 0.01  # nats/char: an edit must raise the curve's forget loss this much for "kept" to be a share
 POSTHOC_NAMES = {"mean-difference": "mean-difference", "leace": "LEACE"}
