@@ -54,10 +54,12 @@ def test_load_run_opens_every_kind_with_its_helpers(two_kinds):
     own = transformer.logits(line, arm="anchored", seed=0)  # token t + 1 scored by the logits at t
     assert torch.allclose(nats, torch.nn.functional.cross_entropy(own[:-1], tokens[1:], reduction="none"))
     assert not torch.equal(transformer.logits(line, arm="anchored"), logits)  # two different models
-    for run, ids in ((colour, {"step", "seed"}), (transformer, {"step", "seed", "anchored"})):
+    for run, ids in ((colour, ["step", "seed"]), (transformer, ["step", "seed", "arm"])):
         m = run.metrics()
-        assert isinstance(m, pd.DataFrame) and set(m.columns) == ids | {"metric", "value"}
+        assert isinstance(m, pd.DataFrame) and list(m.columns) == [*ids, "metric", "value"]
         assert m.step.max() == 59 and "loss" in set(m.metric)
+    arms = transformer.metrics().groupby("arm").size()  # named as in an LM run's table, each arm's every step
+    assert set(arms.index) == {"anchored", "control"} and arms["anchored"] == arms["control"]
     with pytest.raises(anchoring.AnchoringError, match="is not a word of the colour language"):
         transformer.tokenize("500 + purple")
 

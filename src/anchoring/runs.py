@@ -246,4 +246,7 @@ def read_metrics(run_dir: Path) -> pd.DataFrame:
     values = wide.drop(columns=ids)
     if not all(pd.api.types.is_numeric_dtype(t) for t in values.dtypes):
         raise AnchoringError(f"{str(p)!r} is not a metrics table (non-numeric values)")
+    if "anchored" in ids and "arm" not in ids:  # the transformer's file marks its two arms 1/0: name them as an LM run does
+        wide.insert(ids.index("anchored"), "arm", np.where(wide.pop("anchored") == 1, "anchored", "control"))
+        ids[ids.index("anchored")] = "arm"
     return wide.melt(id_vars=ids, var_name="metric", value_name="value")
