@@ -204,3 +204,13 @@ def test_a_schedule_saved_with_a_byte_order_mark_is_read(tmp_path):
     cfg = experiments.load("anchored", [*SHORT, f"schedule={sheet}"])
     lifecycle.validate(cfg)
     assert cfg.schedule.startswith("\ufeffSTEP")  # the mark is still there; the parser reads past it
+
+
+def test_an_edits_headline_prints_no_negative_zero():
+    """A short run printed "selectivity R² median -0.00" for a median just under zero."""
+    from anchoring.kinds.colour.kind import summary_lines
+
+    summary = {"experiment": "anchored", "seeds": [], "interventions": {
+        "suppress-red": {"table": [{"colour": "red", "after": 0.01}], "selectivity_median": -0.0012}}}
+    line = next(x for x in summary_lines(summary) if isinstance(x, str) and x.startswith("suppress-red"))
+    assert line.endswith("selectivity R² median 0.00"), line

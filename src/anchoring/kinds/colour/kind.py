@@ -178,12 +178,12 @@ def summary_lines(summary: dict[str, Any]) -> list[Any]:
     for name, e in summary.get("interventions", {}).items():
         after = {r["colour"]: r["after"] for r in e["table"]}
         shown = ", ".join(f"{c} {after[c]:.3f}" for c in ("red", "cyan", "lime", "purple", "grey") if c in after)
-        lines.append(f"{name}: median MSE after — {shown}; selectivity R² median {e['selectivity_median']:.2f}")
+        lines.append(f"{name}: median MSE after — {shown}; selectivity R² median {e['selectivity_median']:z.2f}")
         if selected:
             sel = {r["colour"]: r["selected"] for r in selected["edits"][name]}
             shown = ", ".join(f"{c} {sel[c]:.3f}" for c in ("red", "cyan", "lime", "purple", "grey") if c in sel)
             lines.append(f"{name} on the {len(selected['seeds'])} Pareto-selected seeds {selected['seeds']}: {shown}; "
-                         f"selectivity R² median {sel['selectivity']:.2f}")
+                         f"selectivity R² median {sel['selectivity']:z.2f}")
     def num(v: Any, fmt: str, width: int = 0) -> str:  # a median of nothing is NaN, saved as null: a dash
         return f"{v:{width}{fmt}}" if isinstance(v, (int, float)) and math.isfinite(v) else "–".rjust(width)
 
