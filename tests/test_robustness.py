@@ -117,6 +117,8 @@ def test_edits_after_pruning_hit_the_named_concept_or_are_refused(anchored_run, 
     one_line_error(invoke("delete", pruned, "--concept", "red", "--out", tmp_path / "x"), "its dims were pruned")
     one_line_error(invoke("delete", out, "--concept", "red", "--repair-steps", "5", "--out", tmp_path / "x"),
                    "are for 'lm' runs")  # a colour run has no retain text to repair on
+    r = invoke("delete", out, "--concept", "red", "--dims", "9", "--out", tmp_path / "x")  # not an intervention called 'ablate'
+    assert r.stderr.strip() == "error: delete --method ablate: dims [9] must be within 0..3", r.stderr
     assert not (tmp_path / "x").exists()
     one_line_error(invoke("intervene", pruned, "--concept", "red"), "its dims were pruned")
     one_line_error(invoke("resume", pruned), "is an edited run")

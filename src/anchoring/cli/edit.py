@@ -51,11 +51,12 @@ def _only_concept(cfg) -> str | None:
     return names[0] if len(names) == 1 else None
 
 
-def _apply_edit(action, what: str = "the edit") -> None:
+def _apply_edit(action, what: str = "the edit", renamed: tuple[str, str] | None = None) -> None:
     """Run an edit, turning user errors into one line; print what the kind reports. Ctrl-C or a
     SIGTERM stops it as it stops `run`: one line and exit code 130. A run the edit was training
     (relearn's post-hoc baseline) keeps its checkpoint and is finished by `anchoring resume`; the
-    edit, run again, then reuses it instead of training it anew."""
+    edit, run again, then reuses it instead of training it anew. `renamed`: (old, new) lead of an
+    error's line, for a command whose edit is not the named intervention the shared checks call it."""
     try:
         with sigterm_interrupts():
             res = action()
@@ -68,7 +69,7 @@ def _apply_edit(action, what: str = "the edit") -> None:
     except KeyboardInterrupt:
         stopped(f"interrupted before {what} was complete; run the command again")
     except AnchoringError as e:
-        fail(str(e))
+        fail(str(e).replace(*renamed, 1) if renamed else str(e))
     print_lines(res.lines)
 
 
@@ -135,14 +136,15 @@ def delete_cmd(
     if concept is None and dims is None:
         concept = _only_concept(run.config)
     spec = _edit_spec(method, method, concept, dims, "constant", k, site)
+    renamed = (f"intervention {method!r}: ", f"delete --method {method}: ")  # the checks name the spec, here the method
     if run.config.kind != "lm":
         if repair_steps or repair_lr is not None:
             fail(f"--repair-steps and --repair-lr are for 'lm' runs; this is a {run.config.kind!r} run")
-        _apply_edit(lambda: kind_of(run.config).delete(run, spec, out_dir))
+        _apply_edit(lambda: kind_of(run.config).delete(run, spec, out_dir), renamed=renamed)
         return
     with progress_bar("repair and score" if repair_steps else "score", sys.stderr.isatty()) as update:  # the LM checks the options itself
         _apply_edit(lambda: kind_of(run.config).delete(run, spec, out_dir, repair_steps=repair_steps, repair_lr=repair_lr,
-                                                       progress=update))
+                                                       progress=update), renamed=renamed)
 
 
 @app.command("relearn")
