@@ -863,7 +863,8 @@ def test_relearn_on_a_finished_run_gives_the_in_run_table_and_takes_its_own_atta
     (["--threshold", "0.1"], "--threshold is for colour runs"),
     (["--no-baseline"], "--baseline/--no-baseline is for colour runs"),
     (["--concept", "red"], "this run anchors 'violence'"),
-    (["--steps", "-1"], "--steps: Input should be greater than or equal to 0"),
+    (["--steps", "-1"], "--steps must be a positive integer, got -1"),
+    (["--steps", "0"], "--steps must be a positive integer, got 0"),  # ran the table with no attack at all
     (["--samples", "0"], "--samples: relearn_k entries must be positive passage counts"),
     (["--eval-chars", "199"], "--eval-chars: Input should be greater than or equal to 200"),
     (["--repair-steps", "-2"], "--repair-steps: Input should be greater than or equal to 0"),

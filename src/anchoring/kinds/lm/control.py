@@ -281,6 +281,8 @@ def relearn(run, concept: str | None = None, samples: list[int] | None = None, s
     if given:
         raise AnchoringError(f"{given[0]} is for colour runs; an 'lm' run is attacked with --samples, --steps and --lr "
                              f"(its relearned loss is measured against the control arm's)")
+    if steps is not None and steps < 1:  # the config allows 0 (no attack after training); the command is the attack
+        raise AnchoringError(f"--steps must be a positive integer, got {steps}")
     cfg = run.config
     made = runs.edit_record(run.path)
     if made is not None:  # every arm, the control included, is already edited: no line to measure against
