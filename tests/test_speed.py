@@ -335,6 +335,16 @@ def test_bench_prints_a_table_and_writes_json(tmp_path):
     assert any(c["case"].startswith("surprise page") and c["unit"] == "s" for c in res["cases"])
 
 
+def test_a_shortened_end_to_end_case_names_its_steps():
+    """`--e2e-steps 20` timed a 20-step run under the name of the full one."""
+    import anchoring.benchmarks as bench
+
+    names = {c.name: c.argv for c in bench.plan(12, [], [1, 4], 20, 0) if c.end_to_end}
+    assert list(names) == ["anchoring run anchored --seeds 1 --steps 20", "anchoring run anchored --seeds 4 --steps 20"]
+    assert all(argv[-2:] == ["--steps", "20"] for argv in names.values())
+    assert [c.name for c in bench.plan(12, [], [1], None, 0) if c.end_to_end] == ["anchoring run anchored --seeds 1"]
+
+
 def test_compiled_lm_cases_are_compared_with_the_compiled_baseline(monkeypatch):
     """With --lm-compiled the project's compiled step is set against the compiled baseline, and every
     other LM case still against the eager one. Samples are stubbed: this checks the bookkeeping and

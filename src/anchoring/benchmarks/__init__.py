@@ -74,7 +74,8 @@ def plan(steps: int, ensemble_sizes: list[int], e2e_seeds: list[int], e2e_steps:
         argv = [sys.executable, "-m", "anchoring", "run", "anchored", "--seeds", str(n), "-q"]
         if e2e_steps is not None:
             argv += ["--steps", str(e2e_steps)]
-        cases.append(Case(f"anchoring run anchored --seeds {n}", "s wall", argv, end_to_end=True))
+        steps_flag = "" if e2e_steps is None else f" --steps {e2e_steps}"  # a shortened run says so in its name
+        cases.append(Case(f"anchoring run anchored --seeds {n}{steps_flag}", "s wall", argv, end_to_end=True))
     if lm_steps:  # LM cases: tokens/s, compared with the GPT-2-style baseline (not the colour one)
         dev = ["cuda"] if lm_device == "cuda" else []  # every LM training case, baseline included, on the same device
 

@@ -88,7 +88,8 @@ def bench_cmd(
     except AnchoringError as e:  # a case whose process failed: its last line, nothing written
         fail(str(e))
     lm_part = f"LM: {lm_steps} steps on {lm_device}" if lm_steps else "no LM cases"
-    table = Table(title=f"anchoring bench ({repeats} repeats; colour: {steps} steps; {lm_part}; torch {res['machine']['torch']}, "
+    times = f"{repeats} repeat{'s' if repeats != 1 else ''}"
+    table = Table(title=f"anchoring bench ({times}; colour: {steps} steps; {lm_part}; torch {res['machine']['torch']}, "
                         f"{res['machine']['cpus']} CPUs)")
     for h in ("case", "median", "min", "max", "unit", "× baseline", "peak MB"):
         table.add_column(h, justify="left" if h == "case" else "right")
