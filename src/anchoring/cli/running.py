@@ -37,7 +37,7 @@ def run_cmd(
     seed: Optional[int] = typer.Option(None, "--seed", help="first seed; seeds are FIRST … FIRST+N−1"),
     steps: Optional[int] = typer.Option(None, "--steps", help="run length; the schedule is stretched to fit"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/<experiment>/<time>)"),
-    sets: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set model.latent_dim=5"),
+    sets: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="override a config key, e.g. --set model.latent_dim=5"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     select: Optional[str] = typer.Option(None, "--select", help="pareto: also report the edits on the seeds of the Pareto "
                                                                  "front (shorthand for --set evaluate.select=pareto)"),
