@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -216,7 +217,7 @@ def load_passages(corpus: str, limit: int, seed: int) -> list[str]:
     everything = load_corpus(corpus).texts
     texts = [t for t in everything if len(t) >= 40]  # shorter ones (headings, one-liners) carry too little context
     if len(texts) < 2:
-        raise SystemExit(f"{corpus}: {len(texts)} of its {len(everything)} passages have 40 characters or more; "
+        raise SystemExit(f"error: {corpus}: {len(texts)} of its {len(everything)} passages have 40 characters or more; "
                          "the example needs more (shorter passages are skipped)")
     pick = np.random.default_rng(seed).permutation(len(texts))[:limit]
     return [texts[i] for i in sorted(pick)]
@@ -228,17 +229,17 @@ def run(passages: list[str], *, concept: str = "violence", coverage: float = 0.3
     """Train both arms, then suppress and delete the anchor axis; every number the script prints (and,
     with `figure`, the arms' alignment histograms as a PNG there)."""
     if not 0 < coverage <= 1:
-        raise SystemExit(f"coverage {coverage} must be in (0, 1]: the share of concept passages that get labels")
+        raise SystemExit(f"error: coverage {coverage} must be in (0, 1]: the share of concept passages that get labels")
     train_text, held, vocab = split(passages, concept, coverage, seed)
     if not bool(train_text.concept.any()):  # checked before training: nothing to anchor, and no direction to fit
-        raise SystemExit(f"no training passage holds a {concept!r} word, so there is nothing to label: choose a text or "
-                         "a concept that meet")
+        raise SystemExit(f"error: no training passage holds a {concept!r} word, so there is nothing to label: "
+                         "choose another text, or a concept its passages contain")
     if not bool(train_text.labels.any()):
-        raise SystemExit(f"no training passage is labelled for {concept!r} at coverage {coverage}: give more passages")
+        raise SystemExit(f"error: no training passage is labelled for {concept!r} at coverage {coverage}: give more passages")
     if not bool(held.concept.any()):
-        raise SystemExit(f"no held-out passage holds the concept {concept!r}: give more passages")
+        raise SystemExit(f"error: no held-out passage holds the concept {concept!r}: give more passages")
     if not bool(position_classes(held, len(held.ids))[1].any()):
-        raise SystemExit(f"every held-out passage holds the concept {concept!r}, so there is no retain text to score: "
+        raise SystemExit(f"error: every held-out passage holds the concept {concept!r}, so there is no retain text to score: "
                          "give more passages")
     probe = held.ids[None, :64]  # one token batch: how the weight edit finds which Linear writes the site
     out: dict[str, dict[str, float]] = {}
@@ -304,17 +305,17 @@ def figure_path(text: str) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--corpus", default="shakespeare", help="shakespeare, milton, mixed or a folder of .txt files")
     p.add_argument("--passages", type=positive, default=3000,
                    help="how many passages to draw from the corpus (those under 40 characters are skipped)")
-    p.add_argument("--concept", default="violence", choices=["violence", "deception", "milton"])
+    p.add_argument("--concept", default="violence", choices=["violence", "deception", "milton"], help="what to anchor")
     p.add_argument("--coverage", type=float, default=0.3, help="share of the training passages with a hit that get labels")
-    p.add_argument("--steps", type=positive, default=1000)
-    p.add_argument("--seed", type=whole, default=0)
+    p.add_argument("--steps", type=positive, default=1000, help="training steps per arm")
+    p.add_argument("--seed", type=whole, default=0, help="passages drawn, labels, weights and batches")
     p.add_argument("--anchor", type=weight, default=1.0, help="weight of the pull of labelled positions to the axis")
     p.add_argument("--anti", type=weight, default=3.0, help="weight of the push of every other position out of it")
-    p.add_argument("--figure", type=figure_path, help="write the arms' alignment histograms to this PNG")
+    p.add_argument("--figure", type=figure_path, default=argparse.SUPPRESS, help="write the arms' alignment histograms to this PNG")
     args = p.parse_args()
     torch.set_num_threads(1)
     try:
@@ -322,7 +323,7 @@ def main() -> None:
     except AnchoringError as e:  # a corpus that is not there: its one line, not a traceback
         raise SystemExit(f"error: {e}") from None
     results = run(passages, concept=args.concept, coverage=args.coverage, steps=args.steps, seed=args.seed,
-                  anchor_weight=args.anchor, anti_weight=args.anti, progress=True, figure=args.figure)
+                  anchor_weight=args.anchor, anti_weight=args.anti, progress=sys.stdout.isatty(), figure=getattr(args, "figure", None))
     before = results["anchored"]
     print(f"{'':34} {'margin':>7} {'contain.':>8} {'concept':>8} {'retain':>7}")
     for name, r in results.items():
@@ -332,6 +333,8 @@ def main() -> None:
     for name, ref in (("anchored, axis deleted", before), ("control, mean-difference deleted", results["control"])):
         r = results[name]
         print(f"{name}: Δconcept {r['concept nats'] - ref['concept nats']:+.3f}, Δretain {r['retain nats'] - ref['retain nats']:+.3f} nats/char")
+    if getattr(args, "figure", None):
+        print(f"figure: {args.figure}")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def test_anchoring_a_gru_puts_the_concept_on_the_axis_and_deleting_it_is_selecti
 def test_the_example_refuses_what_it_cannot_measure_before_training():
     E = _example()
     passages = ["He stabs him with his dagger.", "A fair morning in the garden."] * 20
-    with pytest.raises(SystemExit, match="coverage 0.0 must be in"):
+    with pytest.raises(SystemExit, match="^error: coverage 0.0 must be in"):
         E.run(passages, coverage=0.0, steps=1)
     with pytest.raises(SystemExit, match="no training passage holds a 'violence' word"):  # not "give more passages"
         E.run(["A fair morning in the garden."] * 40, steps=1)
