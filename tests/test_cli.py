@@ -237,10 +237,12 @@ def test_resume_refuses_a_config_edited_since_the_run_started(unfinished):
 def test_the_api_says_a_run_in_training_has_no_metrics_yet_and_colour_input_must_be_rgb(unfinished):
     import torch
 
-    from anchoring import AnchoringError, lifecycle
+    from anchoring import AnchoringError, UnfinishedRunWarning, lifecycle
 
     (unfinished / "metrics.csv").unlink()  # as in a run stopped before its end
-    run = lifecycle.load_run(unfinished)
+    with pytest.warns(UnfinishedRunWarning, match=r"has not finished training: its models are those of its last "
+                                                              r"checkpoint .*`anchoring resume "):
+        run = lifecycle.load_run(unfinished)  # it opened silently, half-trained models and all
     assert run.summary is None
     with pytest.raises(AnchoringError, match="has not finished training.*anchoring resume"):
         run.metrics()

@@ -424,6 +424,21 @@ def test_a_delete_that_fails_while_writing_leaves_nothing(lm_run, tmp_path, monk
     assert r.exit_code == 0 and (out / runs.SUMMARY).is_file() and [p.name for p in tmp_path.iterdir()] == ["deleted"]
 
 
+def test_reading_a_run_still_in_training_says_so_in_one_note(lm_run, tmp_path):
+    """`generate` and `surprisal` may read a run in training (its last checkpoint), and said nothing
+    about it: the continuations looked like the trained model's."""
+    args = ["--prompt", "He drew his ", "-n", "5", "--samples", "1", "--temperature", "0"]
+    r = CliRunner().invoke(app, ["generate", str(lm_run.path), *args])
+    assert r.exit_code == 0 and "note:" not in r.stderr, r.stderr
+    copy_ = shutil.copytree(lm_run.path, tmp_path / "run")
+    (copy_ / "summary.json").unlink()  # as a run stopped before its end leaves it
+    again = CliRunner().invoke(app, ["generate", str(copy_), *args])
+    assert again.exit_code == 0 and again.stdout == r.stdout.replace(str(lm_run.path), str(copy_)), again.stderr
+    assert again.stderr.strip().splitlines() == [f"note: {str(copy_)!r} has not finished training: its models are those of "
+                                                 f"its last checkpoint and it has no summary yet; `anchoring resume "
+                                                 f"{copy_}` finishes it"]
+
+
 def test_surprisal_refuses_a_directory_as_its_page(lm_run, tmp_path):
     r = CliRunner().invoke(app, ["surprisal", str(lm_run.path), "The sword", "--out", str(tmp_path)])
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "is a directory" in r.stderr, r.stderr

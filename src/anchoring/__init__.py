@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from anchoring.errors import AnchoringError
+from anchoring.errors import AnchoringError, UnfinishedRunWarning
 
 if TYPE_CHECKING:
     from anchoring.kinds.base import Run
@@ -21,7 +21,7 @@ try:  # one version, pyproject.toml's: `--version` said 0.2.0 while pip said 0.1
     __version__ = version("anchoring")
 except PackageNotFoundError:  # the source tree on sys.path, not installed
     __version__ = "0+unknown"
-__all__ = ["AnchoringError", "Run", "__version__", "load_run"]
+__all__ = ["AnchoringError", "Run", "UnfinishedRunWarning", "__version__", "load_run"]
 
 
 def __getattr__(name: str) -> Any:

@@ -6,3 +6,8 @@ class AnchoringError(ValueError):
 
     Raised *before* anything is written, so a bad command leaves no half-made run behind.
     """
+
+
+class UnfinishedRunWarning(UserWarning):
+    """`load_run` opened a run still in training (or stopped before its end): its models are those of
+    its last checkpoint, not the trained ones, and it has no summary yet."""

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 from anchoring import runs, studies
 from anchoring.config import ExperimentBase
-from anchoring.errors import AnchoringError
+from anchoring.errors import AnchoringError, UnfinishedRunWarning
 from anchoring.experiments import load_config
 from anchoring.kinds import REGISTRY, kind_name, kind_of
 from anchoring.kinds.base import Progress, Run
@@ -399,4 +399,7 @@ def load_run(path: str | Path) -> Run:
     if not kind.has_checkpoint(p):
         raise AnchoringError(f"{str(p)!r} has no trained weights yet; `anchoring resume` it")
     summary = _summary(p, cfg) if (p / runs.SUMMARY).is_file() else None
+    if summary is None and runs.edit_record(p) is None:  # allowed (a look at a run in training), never unsaid
+        warnings.warn(f"{str(p)!r} has not finished training: its models are those of its last checkpoint and it has no "
+                      f"summary yet; `anchoring resume {p}` finishes it", UnfinishedRunWarning, stacklevel=2)
     return kind.open(p, cfg, arch, summary)

@@ -4,6 +4,7 @@ progress bar, printing a kind's lines, and reading an experiment with its flags 
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, NoReturn
@@ -20,7 +21,7 @@ from rich.progress import (
 )
 
 from anchoring import __version__, experiments, lifecycle, runs
-from anchoring.errors import AnchoringError
+from anchoring.errors import AnchoringError, UnfinishedRunWarning
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Sparse concept anchoring: train, inspect, steer and delete concepts.")
@@ -164,6 +165,14 @@ def open_run(run_dir: Path, finished: bool = False):
     if finished and run_dir.is_dir() and (run_dir / runs.CONFIG).is_file() and not (run_dir / runs.SUMMARY).is_file():
         fail(f"{str(run_dir)!r} has not finished training; `anchoring resume {run_dir}` first")
     try:
-        return lifecycle.load_run(run_dir)
+        with warnings.catch_warnings(record=True) as said:  # a run in training, opened to read: one note line
+            warnings.simplefilter("always", UnfinishedRunWarning)
+            run = lifecycle.load_run(run_dir)
     except AnchoringError as e:
         fail(str(e))
+    for w in said:
+        if issubclass(w.category, UnfinishedRunWarning):
+            err.print(f"note: {w.message}", markup=False, highlight=False, soft_wrap=True)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)  # anything else as it was
+    return run
