@@ -266,6 +266,7 @@ def test_a_grid_point_that_diverges_leaves_the_other_points_reported(tmp_path):
     assert "sweep of anchored" in r.stdout and "report:" in r.stdout  # the healthy point's table comes before the failure
     shown = CliRunner().invoke(app, ["show", str(out)])
     assert shown.exit_code == 0 and "1 grid point(s) diverged" in shown.stdout, shown.output
+    assert r.stdout.split("wall time")[0] == shown.stdout.split("report:")[0]  # one table, laid out alike (it was turned)
     logs = sorted(out.glob("shards/*/attempt*.log"))
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 2 and "is a finished sweep" in again.stderr, again.output

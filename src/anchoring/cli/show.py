@@ -58,17 +58,11 @@ def _show_sweep(path: Path) -> None:
     try:
         summary = runs.read_json(path / runs.SUMMARY)
         points = summary["points"]
-        keys = list(dict.fromkeys(k for p in points for k in p if k not in ("point", "path")))
+        if not all(isinstance(p, dict) for p in points):
+            raise TypeError("a point is not a table row")
     except (AnchoringError, KeyError, TypeError) as e:
         fail(f"{str(path / runs.SUMMARY)!r} is not a sweep's summary ({e})")
-    table = Table(title=Text(f"sweep of {summary.get('experiment', '?')}: medians over seeds per grid point"))
-    table.add_column("")
-    for p in points:
-        table.add_column(str(p.get("point")), justify="right")
-
-    for k in keys:
-        table.add_row(k, *[sweep_cell(p.get(k)) for p in points])
-    print_lines([table])
+    print_lines([sweep_table(points, f"sweep of {summary.get('experiment', '?')}: medians over seeds per grid point")])
     report = path / runs.REPORT
     if report.is_file():
         out.print(f"report: {report}", markup=False, soft_wrap=True)
@@ -104,6 +98,26 @@ def _show_attack(path: Path) -> None:
         fail(f"{str(path / runs.SUMMARY)!r} is not a relearning attack's summary")
     print_lines(lines)
     out.print(f"relearning attack on {path.resolve().parent.parent}", markup=False, soft_wrap=True)
+
+
+def sweep_table(points: list[dict[str, Any]], title: str) -> Table:
+    """A grid sweep's table, the same when the sweep ends and in `show` later: one row per point while
+    its measures fit across (a colour sweep's few), else one column per point and one row per measure
+    (an LM sweep's many, per arm and site)."""
+    keys = list(dict.fromkeys(k for p in points for k in p if k not in ("point", "path")))
+    table = Table(title=Text(title))
+    if len(keys) <= 5:
+        for k in ("point", *keys):
+            table.add_column(k, justify="right")
+        for p in points:
+            table.add_row(*[sweep_cell(p.get(k)) for k in ("point", *keys)])
+        return table
+    table.add_column("")
+    for p in points:
+        table.add_column(str(p.get("point")), justify="right")
+    for k in keys:
+        table.add_row(k, *[sweep_cell(p.get(k)) for p in points])
+    return table
 
 
 def sweep_cell(v: Any) -> str:

@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
 from anchoring import experiments, lifecycle, runs
 from anchoring.cli.common import app, fail, load_experiment, out, print_outcome, progress_bar, stopped
-from anchoring.cli.show import diverged_points, sweep_cell
+from anchoring.cli.show import diverged_points, sweep_table
 from anchoring.errors import AnchoringError
 from anchoring.train import TrainingInterrupted
 from anchoring.train.workers import sigterm_interrupts
@@ -68,21 +67,7 @@ def sweep_cmd(
             line = "sweep interrupted before any shard was written; nothing to continue"
         stopped(line)
     if axes:
-        table = Table(title=f"sweep of {name}")
-        keys = [k for k in summary["points"][0] if k != "path"]
-
-        if len(keys) <= 6:  # one row per point
-            for k in keys:
-                table.add_column(k, justify="right")
-            for p in summary["points"]:
-                table.add_row(*[sweep_cell(p[k]) for k in keys])  # as `show` prints it later
-        else:  # many columns (LM: per arm and site): one column per point instead
-            table.add_column("")
-            for p in summary["points"]:
-                table.add_column(str(p["point"]), justify="right")
-            for k in keys[1:]:
-                table.add_row(k, *[sweep_cell(p[k]) for p in summary["points"]])
-        out.print(table)
+        out.print(sweep_table(summary["points"], f"sweep of {name}: medians over seeds per grid point"))  # as `show` prints it
         out.print(f"wall time {time.perf_counter() - t0:.1f} s", markup=False)
         out.print(f"report: {path / 'report.html'}", markup=False)
         if summary.get("diverged"):  # the healthy points are reported above; the command still fails
