@@ -367,3 +367,28 @@ def test_the_bench_table_prints_each_figure_in_its_own_column(tmp_path, monkeypa
             for line in r.stdout.splitlines() if line.count("│") == 8}
     assert rows["plain loop"] == ["100", "90", "400", "steps/s", "", "12"]
     assert rows["ensemble E=4"] == ["1,234", "1,200", "1,300", "steps/s", "2.00", "50"]
+
+
+def test_the_progress_bars_time_left_counts_only_steps_made_since_it_opened(monkeypatch):
+    """A resumed run's first report jumps from 0 to its checkpoint's step; the bar took that jump for
+    speed, so its time left started near zero and stayed wrong for half a minute."""
+    import rich.progress
+
+    from anchoring.cli import common
+
+    made = []
+
+    class Recorded(rich.progress.Progress):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    monkeypatch.setattr(common, "Progress", Recorded)
+    with common.progress_bar("resume", True) as update:
+        update(900, 1000)  # where the checkpoint left it
+        for done in range(901, 911):
+            update(done, 1000)
+        task = made[0].tasks[0]
+        assert sum(s.completed for s in task._progress) <= 10 and task.completed >= 900
+        update(0, 50)  # a new total (the evaluation after training): its own speed from here
+        assert made[0].tasks[0].total == 50 and not list(made[0].tasks[0]._progress)

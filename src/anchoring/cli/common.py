@@ -61,7 +61,10 @@ def progress_bar(label: str, enabled: bool) -> Iterator:
 
         def update(done: int, total: int) -> None:
             now = time.monotonic()
-            if now - last[0] > 0.1 or done == total:  # redraw ≤10×/s: the step itself is ~ms
+            if bar.tasks[0].total != total:  # the first report (a resumed run starts at its checkpoint), or a new total:
+                bar.reset(task, total=total, completed=done)  # the jump to `done` is not speed, or the ETA starts near 0
+                last[0] = now
+            elif now - last[0] > 0.1 or done == total:  # redraw ≤10×/s: the step itself is ~ms
                 bar.update(task, completed=done, total=total)
                 last[0] = now
 
