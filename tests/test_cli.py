@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -102,7 +103,8 @@ def test_unreadable_run_directories(tmp_path):
     with pytest.raises(AnchoringError, match="is not a readable run"):
         load_run(broken)
     (broken / "architecture.json").write_text('{"kind": "colour-autoencoder"}')
-    with pytest.raises(AnchoringError, match="cannot read checkpoint"):
+    with pytest.raises(AnchoringError, match="cannot read checkpoint"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # the error alone, not also "has not finished training"
         load_run(broken)
     (broken / "architecture.json").write_text('["colour-autoencoder"]')
     with pytest.raises(AnchoringError, match=r"architecture.json' is not an architecture description$"):

@@ -377,7 +377,7 @@ def test_each_figure_is_the_median_of_its_repeats_and_ratios_divide_by_the_basel
 
     samples = {"eager baseline (1 model)": [100.0, 100.0, 400.0],  # median 100 (the mean would be 200)
                "ensemble E=2": [250.0, 200.0, 150.0], "ensemble E=2, generic vmap path": [50.0, 60.0, 40.0],
-               "anchoring run anchored --seeds 1": [10.0, 12.0, 11.0], "anchoring run anchored --seeds 4": [30.0, 33.0, 90.0]}
+               "anchoring run anchored --seeds 1 --steps 5": [10.0, 12.0, 11.0], "anchoring run anchored --seeds 4 --steps 5": [30.0, 33.0, 90.0]}
 
     def fake(case, _workdir):
         case.samples.append(samples[case.name][len(case.samples)])
@@ -390,8 +390,8 @@ def test_each_figure_is_the_median_of_its_repeats_and_ratios_divide_by_the_basel
     assert (base["median"], base["min"], base["max"], base["n"], base["vs_baseline"]) == (100.0, 100.0, 400.0, 3, 1.0)
     assert rows["ensemble E=2"]["vs_baseline"] == pytest.approx(2.0)  # 200 model-steps/s against 100
     assert rows["ensemble E=2, generic vmap path"]["vs_baseline"] == pytest.approx(0.5)
-    assert "vs_baseline" not in rows["anchoring run anchored --seeds 4"]  # wall times are not rates
-    assert res["e2e_ratio"] == {"cases": ["anchoring run anchored --seeds 4", "anchoring run anchored --seeds 1"],
+    assert "vs_baseline" not in rows["anchoring run anchored --seeds 4 --steps 5"]  # wall times are not rates
+    assert res["e2e_ratio"] == {"cases": ["anchoring run anchored --seeds 4 --steps 5", "anchoring run anchored --seeds 1 --steps 5"],
                                 "ratio": pytest.approx(33.0 / 11.0)}
 
 

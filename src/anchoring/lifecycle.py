@@ -399,7 +399,8 @@ def load_run(path: str | Path) -> Run:
     if not kind.has_checkpoint(p):
         raise AnchoringError(f"{str(p)!r} has no trained weights yet; `anchoring resume` it")
     summary = _summary(p, cfg) if (p / runs.SUMMARY).is_file() else None
+    run = kind.open(p, cfg, arch, summary)  # first: a checkpoint that cannot be read is an error, not also a warning
     if summary is None and runs.edit_record(p) is None:  # allowed (a look at a run in training), never unsaid
         warnings.warn(f"{str(p)!r} has not finished training: its models are those of its last checkpoint and it has no "
                       f"summary yet; `anchoring resume {p}` finishes it", UnfinishedRunWarning, stacklevel=2)
-    return kind.open(p, cfg, arch, summary)
+    return run
