@@ -23,16 +23,17 @@ def show_cmd(run_dir: Path = typer.Argument(..., help="finished run directory"),
         _show_sweep(run_dir)
         return
     whole = run_dir.resolve()  # `anchoring show .` from inside the attack's folder too
-    if whole.parent.name in ("relearn", "interventions") and (whole.parent.parent / runs.CONFIG).is_file() and not whole.exists():
-        _no_such_edit(run_dir, whole)
-    if whole.parent.name == "relearn" and (whole.parent.parent / runs.CONFIG).is_file() and not (whole / runs.CONFIG).is_file():
-        if not (whole / runs.SUMMARY).is_file():  # stopped before it wrote its table ("not a run directory" said nothing)
+    edit = whole.parent.name  # RUN/relearn/CONCEPT or RUN/interventions/NAME: a folder an edit wrote inside a run
+    if edit in ("relearn", "interventions") and (whole.parent.parent / runs.CONFIG).is_file() and not (whole / runs.CONFIG).is_file():
+        if not whole.exists():
+            _no_such_edit(run_dir, whole)
+        if edit == "interventions":
+            _show_intervention(whole)
+        elif (whole / runs.SUMMARY).is_file():
+            _show_attack(run_dir)
+        else:  # stopped before it wrote its table ("not a run directory" said nothing)
             fail(f"{str(run_dir)!r} is a relearning attack that has not finished; run `anchoring relearn "
                  f"{whole.parent.parent}` again to finish it")
-        _show_attack(run_dir)
-        return
-    if whole.parent.name == "interventions" and (whole.parent.parent / runs.CONFIG).is_file() and not (whole / runs.CONFIG).is_file():
-        _show_intervention(whole)
         return
     try:
         outcome = lifecycle.show(run_dir)

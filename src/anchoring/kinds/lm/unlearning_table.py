@@ -298,11 +298,14 @@ def r_note(unlearning: dict[str, Any]) -> str:
     if not bad:
         return ""
     every = " throughout" if len(bad) == len(oracle) else f" on seed{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}"
-    signs = {"nan" if math.isnan(d) else "negative" if d < 0 else "small" for d in bad.values()}
-    why = {frozenset({"negative"}): "negative: without the concept's passages the filter predicts them better, so there "
-                                    "is no removal to divide by",
-           frozenset({"small"}): "too small to divide by",
-           frozenset({"nan"}): "itself undefined"}.get(frozenset(signs), "too small to divide by, negative or undefined")
+    if all(d < 0 for d in bad.values()):
+        why = "negative: without the concept's passages the filter predicts them better, so there is no removal to divide by"
+    elif all(d >= 0 for d in bad.values()):
+        why = "too small to divide by"
+    elif all(math.isnan(d) for d in bad.values()):
+        why = "itself undefined"
+    else:
+        why = "too small to divide by, negative or undefined"
     return (f"R is undefined (–){every}: the oracle filter's Δforget (concept) there is under {COST_FLOOR:g} ("
             + ", ".join("–" if math.isnan(d) else f"{d:+.4f}".replace("-", "−") for d in bad.values())
             + f"), {why}")
