@@ -58,7 +58,7 @@ def test_list_shows_the_default():
     (["run", "--set", "train.seeds=0"], "seeds must be a positive integer"),
     (["run", "--set", "terms.0.kind=repel"], "unknown regularizer 'repel'"),
     (["run", "--set", "terms.9.kind=anchor"], "not an index below 3"),
-    (["run", "anchored", "--nproc", "2"], "--nproc is for LM experiments; 'anchored' is a 'colour' experiment"),
+    (["run", "anchored", "--nproc", "2"], "--nproc is for 'lm' experiments; 'anchored' is a 'colour' experiment"),
     (["run", "lm-control", "--nproc", "0"], "--nproc must be a positive integer, got 0"),
     (["run", "lm-control", "--nproc", "3"], "--nproc 3: lm.batch_size 16 does not split over 3 processes"),
     (["run", "lm-control", "--nproc", "2", "--set", "lm.nproc=4"], "--nproc or --set lm.nproc, not both"),
@@ -210,7 +210,7 @@ def test_torchrun_workers_refuse_a_batch_they_cannot_share_before_any_directory_
     args = ["run", "lm-control", "--set", "lm.batch_size=15", "--out", str(out)] if command == "run" else ["resume", str(out)]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert "lm.batch_size 15 does not split over torchrun's 2 processes" in r.stderr
+    assert "under torchrun: lm.batch_size 15 does not split over 2 processes" in r.stderr
     assert (not out.exists()) if command == "run" else sorted(p.name for p in out.iterdir()) == ["config.toml"]
 
 

@@ -196,6 +196,28 @@ def test_the_method_imports_no_concrete_model_or_domain(layer):
                 assert not name.startswith(("anchoring.models", "anchoring.domains", "anchoring.kinds")), (path, name)
 
 
+
+def _compares_kind_with_a_name(node: ast.AST) -> bool:
+    """`x.kind == "lm"`, `x.kind != "colour"`, `x.kind in ("lm", …)`: dispatch by a kind's name."""
+    if not isinstance(node, ast.Compare):
+        return False
+    sides = [node.left, *node.comparators]
+    names = [n for n in sides if isinstance(n, ast.Constant) and isinstance(n.value, str)
+             or isinstance(n, (ast.Tuple, ast.List, ast.Set))]
+    return any(isinstance(n, ast.Attribute) and n.attr == "kind" for n in sides) and bool(names)
+
+
+def test_the_commands_for_every_kind_ask_the_kind_instead_of_naming_it():
+    """`run`, `resume`, the edits, `show` and `sweep` reach a kind through the registry and its
+    capabilities (`data_parallel`, `delete_options`, `concepts`, …), so a new kind needs no line in
+    them. `surprisal`/`generate` (cli/text.py) are the language model's own commands and `bench`
+    times each kind's own cases, so those two may name it."""
+    own = {"text.py", "bench.py"}
+    found = [(path.name, node.lineno) for path in sorted((PACKAGE / "cli").glob("*.py")) if path.name not in own
+             for node in ast.walk(ast.parse(path.read_text())) if _compares_kind_with_a_name(node)]
+    assert found == []
+    assert _compares_kind_with_a_name(ast.parse('cfg.kind != "lm"').body[0].value)  # the check can fire
+
 def test_weights_that_do_not_fit_the_config_are_one_line_naming_the_tensor(tmp_path):
     from torch import nn
 

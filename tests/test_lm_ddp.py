@@ -278,7 +278,7 @@ def test_a_rank_stopped_outside_its_training_loop_reports_the_stop(monkeypatch, 
 
 
 def test_torchrun_with_one_process_is_not_data_parallel(monkeypatch):
-    from anchoring.kinds.lm.distributed import launched_by_torchrun
+    from anchoring.runtime import launched_by_torchrun
 
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
     monkeypatch.setenv("WORLD_SIZE", "1")
@@ -327,6 +327,7 @@ def test_the_nproc_flag_reaches_the_config(monkeypatch, tmp_path):
 def test_under_torchrun_rank_0_makes_the_run_and_the_others_follow(monkeypatch, tmp_path, rank):
     from typer.testing import CliRunner
 
+    from anchoring import runtime
     from anchoring.cli import app
     from anchoring.errors import AnchoringError
     from anchoring.kinds.lm import distributed
@@ -337,7 +338,7 @@ def test_under_torchrun_rank_0_makes_the_run_and_the_others_follow(monkeypatch, 
         made.append(out)
         raise AnchoringError("stopped by the test")
 
-    monkeypatch.setattr(distributed, "launched_by_torchrun", lambda: (rank, 2))
+    monkeypatch.setattr(runtime, "launched_by_torchrun", lambda: (rank, 2))
     monkeypatch.setattr(distributed, "follow", lambda cfg, out: followed.append(out))
     monkeypatch.setattr(lifecycle, "run", make)
     CliRunner().invoke(app, ["run", "lm-anchor", "--out", str(tmp_path / "r"), "-q"])
@@ -434,6 +435,7 @@ def test_a_stopped_data_parallel_run_says_the_step_its_ranks_saved(corpus, tmp_p
 def test_a_torchrun_follower_stopped_by_a_signal_says_so_in_one_line(monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
+    from anchoring import runtime
     from anchoring.cli import app
     from anchoring.kinds.lm import distributed
     from anchoring.train.skeleton import TrainingInterrupted
@@ -441,7 +443,7 @@ def test_a_torchrun_follower_stopped_by_a_signal_says_so_in_one_line(monkeypatch
     def interrupted(cfg, out):
         raise TrainingInterrupted(98)
 
-    monkeypatch.setattr(distributed, "launched_by_torchrun", lambda: (1, 2))
+    monkeypatch.setattr(runtime, "launched_by_torchrun", lambda: (1, 2))
     monkeypatch.setattr(distributed, "follow", interrupted)
     r = CliRunner().invoke(app, ["run", "lm-anchor", "--out", str(tmp_path / "r"), "-q"])
     assert r.exit_code == 130 and "rank 1: interrupted" in r.stderr and "Traceback" not in r.stderr, r.stderr

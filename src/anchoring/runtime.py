@@ -12,3 +12,11 @@ def default_threads() -> None:
         import torch
 
         torch.set_num_threads(1)
+
+
+def launched_by_torchrun() -> tuple[int, int] | None:
+    """(rank, world size) when this process is one of several started by `torchrun`, else None."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
+        return None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else None

@@ -11,7 +11,7 @@ import typer
 from anchoring import runs
 from anchoring.cli.common import app, fail, open_run, print_lines, progress_bar, stopped
 from anchoring.errors import AnchoringError
-from anchoring.kinds import kind_of
+from anchoring.kinds import REGISTRY, kind_of
 from anchoring.train import TrainingInterrupted
 from anchoring.train.workers import sigterm_interrupts
 
@@ -47,7 +47,7 @@ def _edit_spec(name: str, method: str, concept: str | None, dims: str | None, fa
 
 def _only_concept(cfg) -> str | None:
     """The run's concept when it has exactly one (an LM run always does), so --concept may be left out."""
-    names = [cfg.text.concept] if cfg.kind == "lm" else [c.name for c in getattr(cfg, "concepts", [])]
+    names = kind_of(cfg).concepts(cfg)
     return names[0] if len(names) == 1 else None
 
 
@@ -137,14 +137,21 @@ def delete_cmd(
         concept = _only_concept(run.config)
     spec = _edit_spec(method, method, concept, dims, "constant", k, site)
     renamed = (f"intervention {method!r}: ", f"delete --method {method}: ")  # the checks name the spec, here the method
-    if run.config.kind != "lm":
-        if repair_steps or repair_lr is not None:
-            fail(f"--repair-steps and --repair-lr are for 'lm' runs; this is a {run.config.kind!r} run")
-        _apply_edit(lambda: kind_of(run.config).delete(run, spec, out_dir), renamed=renamed)
-        return
-    with progress_bar("repair and score" if repair_steps else "score", sys.stderr.isatty()) as update:  # the LM checks the options itself
-        _apply_edit(lambda: kind_of(run.config).delete(run, spec, out_dir, repair_steps=repair_steps, repair_lr=repair_lr,
-                                                       progress=update), renamed=renamed)
+    kind = kind_of(run.config)
+    if (repair_steps or repair_lr is not None) and "repair_steps" not in kind.delete_options:
+        fail(f"--repair-steps and --repair-lr are for {_kinds_whose_delete_takes('repair_steps')} runs; this is a "
+             f"{run.config.kind!r} run")
+    options = {k: v for k, v in (("repair_steps", repair_steps), ("repair_lr", repair_lr)) if k in kind.delete_options}
+    bar = "progress" in kind.delete_options and sys.stderr.isatty()
+    with progress_bar("repair and score" if repair_steps else "score", bar) as update:  # the kind checks the options itself
+        if "progress" in kind.delete_options:
+            options["progress"] = update
+        _apply_edit(lambda: kind.delete(run, spec, out_dir, **options), renamed=renamed)
+
+
+def _kinds_whose_delete_takes(option: str) -> str:
+    """The kinds whose `delete` takes `option`, as an error names them."""
+    return " and ".join(repr(k.name) for k in REGISTRY.values() if option in k.delete_options)
 
 
 @app.command("relearn")
@@ -176,7 +183,6 @@ def relearn_cmd(
     given = {"concept": concept, "samples": ks, "steps": steps, "lr": lr, "eval_chars": eval_chars,
              "repair_steps": repair_steps, "repair_lr": repair_lr, "retain": retain,
              "threshold": threshold, "baseline": baseline}
-    label = "unlearning" if run.config.kind == "lm" else "baseline"
-    with progress_bar(label, sys.stderr.isatty()) as update:
+    with progress_bar(kind_of(run.config).relearn_label, sys.stderr.isatty()) as update:
         _apply_edit(lambda: kind_of(run.config).relearn(run, **{k: v for k, v in given.items() if v is not None},
                                                         progress=update), "the attack")

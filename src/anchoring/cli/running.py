@@ -11,9 +11,10 @@ from typing import Optional
 
 import typer
 
-from anchoring import experiments, lifecycle
+from anchoring import experiments, lifecycle, runtime
 from anchoring.cli.common import app, err, fail, load_experiment, out, print_outcome, progress_bar, stopped, warning
 from anchoring.errors import AnchoringError
+from anchoring.kinds import REGISTRY, kind_of
 from anchoring.train import TrainingInterrupted
 from anchoring.train.workers import sigterm_interrupts
 
@@ -49,8 +50,8 @@ def run_cmd(
     try:
         cfg, overrides = load_experiment(experiment, sets, seeds, seed, steps, select)
         if nproc is not None:
-            if cfg.kind != "lm":
-                fail(f"--nproc is for LM experiments; {cfg.name!r} is a {cfg.kind!r} experiment")
+            if not kind_of(cfg).data_parallel:
+                fail(f"--nproc is for {_parallel_kinds()} experiments; {cfg.name!r} is a {cfg.kind!r} experiment")
             if nproc < 1:
                 fail(f"--nproc must be a positive integer, got {nproc}")
             if any(o.split("=", 1)[0].strip() == "lm.nproc" for o in overrides):
@@ -65,13 +66,12 @@ def run_cmd(
                           f"than fewer would", markup=False, highlight=False, soft_wrap=True)
     except AnchoringError as e:
         fail(str(e))
-    from anchoring.kinds.lm.distributed import launched_by_torchrun
-
-    launched = launched_by_torchrun()
+    launched = runtime.launched_by_torchrun()
     if launched:
-        if cfg.kind != "lm" or out_dir is None:
-            fail("under torchrun, run an LM experiment with --out DIR (every worker must write the same run)"
-                 if cfg.kind == "lm" else f"torchrun runs LM experiments only; {cfg.name!r} is a {cfg.kind!r} experiment")
+        if not kind_of(cfg).data_parallel:
+            fail(f"torchrun runs {_parallel_kinds()} experiments only; {cfg.name!r} is a {cfg.kind!r} experiment")
+        if out_dir is None:
+            fail(f"under torchrun, run {cfg.name!r} with --out DIR (every worker must write the same run)")
         _check_split(cfg, launched[1])
         if launched[0] != 0:  # rank 0 makes the run, trains its share and evaluates; the others only train
             _follow(cfg, out_dir, launched[0])
@@ -82,10 +82,8 @@ def run_cmd(
 
 def _follow(cfg, path: Path, rank: int) -> None:
     """A torchrun rank other than 0 trains its share; rank 0 alone says how to resume after a stop."""
-    from anchoring.kinds.lm import distributed
-
     try:
-        distributed.follow(cfg, path)
+        kind_of(cfg).follow(cfg, path)
     except (TrainingInterrupted, KeyboardInterrupt):
         stopped(f"rank {rank}: interrupted; its checkpoint is saved")
     except AnchoringError as e:
@@ -93,12 +91,16 @@ def _follow(cfg, path: Path, rank: int) -> None:
 
 
 def _check_split(cfg, world: int, flag: str | None = None) -> None:
-    """A batch the processes cannot share is refused naming what asked for them: torchrun (every worker
+    """A split the config cannot take is refused naming what asked for it: torchrun (every worker
     checks before rank 0 makes the run directory) or `flag` (--nproc, before the config takes it)."""
-    if cfg.lm.batch_size % world:
-        lead, whose = (f"{flag} {world}: ", "") if flag else ("", "torchrun's ")
-        fail(f"{lead}lm.batch_size {cfg.lm.batch_size} does not split over {whose}{world} processes: give a multiple "
-             f"of {world}")
+    why = kind_of(cfg).check_processes(cfg, world)
+    if why:
+        fail(f"{flag} {world}: {why}" if flag else f"under torchrun: {why}")
+
+
+def _parallel_kinds() -> str:
+    """The kinds that train data-parallel, as an error names them."""
+    return " and ".join(repr(k.name) for k in REGISTRY.values() if k.data_parallel)
 
 
 def _train(action, label: str, quiet: bool) -> None:
@@ -111,9 +113,7 @@ def _train(action, label: str, quiet: bool) -> None:
     except TrainingInterrupted as e:
         where = (f"interrupted after step {e.step}; checkpoint saved" if e.step >= 0
                  else "interrupted; whatever the run had saved is kept")
-        from anchoring.kinds.lm.distributed import launched_by_torchrun
-
-        ranks = launched_by_torchrun()  # the ranks' checkpoints resume with as many processes as wrote them
+        ranks = runtime.launched_by_torchrun()  # the ranks' checkpoints resume with as many processes as wrote them
         how = (f"torchrun --standalone --nproc-per-node {ranks[1]} -m anchoring resume {e.run_dir}" if ranks
                else f"anchoring resume {e.run_dir}")
         stopped(f"{where} — continue with `{how}`")
@@ -128,14 +128,12 @@ def _train(action, label: str, quiet: bool) -> None:
 def resume_cmd(run_dir: Path = typer.Argument(..., help="run directory with a checkpoint"),
                quiet: bool = typer.Option(False, "--quiet", "-q")) -> None:
     """Continue an interrupted run from its last checkpoint (same numbers as an unbroken run)."""
-    from anchoring.kinds.lm.distributed import launched_by_torchrun
-
-    launched = launched_by_torchrun()
+    launched = runtime.launched_by_torchrun()
     if launched:  # as in `run`: rank 0 resumes and evaluates, the other ranks only train their share
         try:
             cfg = lifecycle.resumable_config(run_dir, warn=lambda _: None)  # rank 0 warns below, in lifecycle.resume
-            if cfg.kind != "lm":
-                fail("under torchrun, resume an LM run")
+            if not kind_of(cfg).data_parallel:
+                fail(f"torchrun resumes {_parallel_kinds()} runs only; {str(run_dir)!r} is a {cfg.kind!r} run")
             _check_split(cfg, launched[1])
             if launched[0] != 0:
                 _follow(cfg, run_dir, launched[0])

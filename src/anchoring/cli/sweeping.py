@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from anchoring import experiments, lifecycle, runs
+from anchoring import experiments, lifecycle, runs, runtime
 from anchoring.cli.common import app, fail, load_experiment, out, print_outcome, progress_bar, stopped
 from anchoring.cli.show import diverged_points, sweep_table
 from anchoring.errors import AnchoringError
@@ -41,9 +41,8 @@ def sweep_cmd(
         fail(f"--backend must be local or ray, got {backend!r}")
     if address and backend != "ray":
         fail("--address is for --backend ray")
-    from anchoring.kinds.lm.distributed import launched_by_torchrun
 
-    if launched_by_torchrun():  # every torchrun worker would run the whole sweep into the same folder
+    if runtime.launched_by_torchrun():  # every torchrun worker would run the whole sweep into the same folder
         fail("a sweep starts its own worker processes: run `anchoring sweep` without torchrun (--workers N sets how many)")
     t0 = time.perf_counter()
     path = None

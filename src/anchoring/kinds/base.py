@@ -80,6 +80,10 @@ class Kind:
     config: ClassVar[type[ExperimentBase]]
     studies: ClassVar[frozenset[str]] = frozenset()  # which studies (compare, combinations, sweep) can wrap it
     trains: ClassVar[bool] = True
+    # what the command line offers only where a kind has it, asked here rather than by the kind's name
+    data_parallel: ClassVar[bool] = False  # `--nproc N` and torchrun split every step's batch over processes
+    delete_options: ClassVar[frozenset[str]] = frozenset()  # keyword options of `delete` beyond the spec
+    relearn_label: ClassVar[str] = "baseline"  # what `relearn`'s progress bar says it is working on
 
     def unsupported(self, what: str) -> AnchoringError:
         return AnchoringError(f"`{what}` does not apply to {self.name!r} runs")
@@ -98,6 +102,19 @@ class Kind:
 
     def has_checkpoint(self, path: Path) -> bool:
         return False
+
+    def concepts(self, cfg: Any) -> list[str]:
+        """The concepts an edit of this config's runs can name; with exactly one, `--concept` may be left out."""
+        return [c.name for c in getattr(cfg, "concepts", [])]
+
+    def check_processes(self, cfg: Any, world: int) -> str | None:
+        """Why training `cfg` cannot be split over `world` data-parallel processes (None: it can);
+        asked of kinds with `data_parallel` only."""
+        return None
+
+    def follow(self, cfg: Any, path: Path) -> None:
+        """Under torchrun, a rank other than 0: train this rank's share of the run in `path`, write nothing else."""
+        raise self.unsupported("torchrun")
 
     def open(self, path: Path, cfg: Any, arch: dict[str, Any], summary: dict[str, Any] | None) -> Run:
         raise self.unsupported("load_run")

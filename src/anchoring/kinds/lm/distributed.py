@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import torch
 
+from anchoring import runtime
 from anchoring.errors import AnchoringError
 from anchoring.kinds.lm.config import LMExperiment
 from anchoring.train.workers import drain_progress, job_progress, set_progress_queue, start_held
@@ -39,14 +40,6 @@ def backend(cfg: LMExperiment, world: int) -> str:
     from anchoring.kinds.lm.training import device_of
 
     return "nccl" if device_of(cfg).type == "cuda" and torch.cuda.device_count() >= world else "gloo"
-
-
-def launched_by_torchrun() -> tuple[int, int] | None:
-    """(rank, world size) when this process is one of several started by `torchrun`, else None."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
-        return None
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
 
 
 def _train_jobs(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int]], rank: int, world: int, init_method: str) -> None:
@@ -98,7 +91,7 @@ def _rank_main(rank: int, world: int, store: str, cfg: LMExperiment, path: Path,
 
 def train_as_torchrun_rank(cfg: LMExperiment, path: Path, jobs: list[tuple[str, int]]) -> None:
     """This process's share of every job, under torchrun (its env names rank, world and rendezvous)."""
-    rank, world = launched_by_torchrun() or (0, 1)
+    rank, world = runtime.launched_by_torchrun() or (0, 1)
     _train_jobs(cfg, path, jobs, rank, world, "env://")
 
 

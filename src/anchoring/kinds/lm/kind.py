@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from anchoring import runs
+from anchoring import runs, runtime
 from anchoring.evaluate.stats import mark_infinite, median
 from anchoring.kinds.arms import train_each, write_arms
 from anchoring.kinds.base import Kind
@@ -78,9 +78,7 @@ def run(cfg: LMExperiment, path: Path, *, progress: Progress | None = None) -> d
     so_far = {j: steps_done(checkpoint_path(path, *j)) for j in jobs}
     todo = [j for j in jobs if so_far[j] < steps]  # empty: a merged sweep, a finished resume
     t0 = time.perf_counter()
-    from anchoring.kinds.lm.distributed import launched_by_torchrun
-
-    launched = launched_by_torchrun()
+    launched = runtime.launched_by_torchrun()
     if launched:  # rank 0 of torchrun's workers; the others train in `distributed.follow`
         from anchoring.kinds.lm.distributed import train_as_torchrun_rank
 
@@ -315,6 +313,9 @@ class LMKind(Kind):
     name = "lm"
     config = LMExperiment
     studies = frozenset({"sweep"})
+    data_parallel = True
+    delete_options = frozenset({"repair_steps", "repair_lr", "progress"})
+    relearn_label = "unlearning"
 
     def validate(self, cfg: LMExperiment) -> None:
         validate(cfg)
@@ -327,6 +328,19 @@ class LMKind(Kind):
 
     def has_checkpoint(self, path: Path) -> bool:
         return (path / CHECKPOINT).is_file()
+
+    def concepts(self, cfg: LMExperiment) -> list[str]:
+        return [cfg.text.concept]  # an LM run labels one concept
+
+    def check_processes(self, cfg: LMExperiment, world: int) -> str | None:
+        if cfg.lm.batch_size % world:
+            return f"lm.batch_size {cfg.lm.batch_size} does not split over {world} processes: give a multiple of {world}"
+        return None
+
+    def follow(self, cfg: LMExperiment, path: Path) -> None:
+        from anchoring.kinds.lm import distributed
+
+        distributed.follow(cfg, path)
 
     def open(self, path: Path, cfg: LMExperiment, arch: dict[str, Any], summary: dict[str, Any] | None):
         from anchoring.kinds.lm.model import open_run
