@@ -209,7 +209,7 @@ def _compares_kind_with_a_name(node: ast.AST) -> bool:
 
 def test_the_commands_for_every_kind_ask_the_kind_instead_of_naming_it():
     """`run`, `resume`, the edits, `show` and `sweep` reach a kind through the registry and its
-    capabilities (`data_parallel`, `delete_options`, `concepts`, …), so a new kind needs no line in
+    capabilities (`nproc_key`, `delete_options`, `concepts`, …), so a new kind needs no line in
     them. `surprisal`/`generate` (cli/text.py) are the language model's own commands and `bench`
     times each kind's own cases, so those two may name it."""
     own = {"text.py", "bench.py"}

@@ -50,17 +50,18 @@ def run_cmd(
     try:
         cfg, overrides = load_experiment(experiment, sets, seeds, seed, steps, select)
         if nproc is not None:
-            if not kind_of(cfg).data_parallel:
+            key = kind_of(cfg).nproc_key
+            if key is None:
                 fail(f"--nproc is for {_parallel_kinds()} experiments; {cfg.name!r} is a {cfg.kind!r} experiment")
             if nproc < 1:
                 fail(f"--nproc must be a positive integer, got {nproc}")
-            if any(o.split("=", 1)[0].strip() == "lm.nproc" for o in overrides):
-                fail("give the number of processes once: --nproc or --set lm.nproc, not both")
+            if any(o.split("=", 1)[0].strip() == key for o in overrides):
+                fail(f"give the number of processes once: --nproc or --set {key}, not both")
             _check_split(cfg, nproc, "--nproc")
             try:
-                cfg = experiments.load(experiment, [*overrides, f"lm.nproc={nproc}"])
+                cfg = experiments.load(experiment, [*overrides, f"{key}={nproc}"])
             except AnchoringError as e:  # the flag's own bounds, named as the user typed them
-                fail(str(e).replace("--set: lm.nproc:", f"--nproc {nproc}:", 1))
+                fail(str(e).replace(f"--set: {key}:", f"--nproc {nproc}:", 1))
             if nproc > (os.cpu_count() or 1):
                 err.print(f"note: --nproc {nproc} on {os.cpu_count()} CPU cores: the ranks share cores and run slower "
                           f"than fewer would", markup=False, highlight=False, soft_wrap=True)
@@ -68,7 +69,7 @@ def run_cmd(
         fail(str(e))
     launched = runtime.launched_by_torchrun()
     if launched:
-        if not kind_of(cfg).data_parallel:
+        if kind_of(cfg).nproc_key is None:
             fail(f"torchrun runs {_parallel_kinds()} experiments only; {cfg.name!r} is a {cfg.kind!r} experiment")
         if out_dir is None:
             fail(f"under torchrun, run {cfg.name!r} with --out DIR (every worker must write the same run)")
@@ -100,7 +101,7 @@ def _check_split(cfg, world: int, flag: str | None = None) -> None:
 
 def _parallel_kinds() -> str:
     """The kinds that train data-parallel, as an error names them."""
-    return " and ".join(repr(k.name) for k in REGISTRY.values() if k.data_parallel)
+    return " and ".join(repr(k.name) for k in REGISTRY.values() if k.nproc_key is not None)
 
 
 def _train(action, label: str, quiet: bool) -> None:
@@ -132,7 +133,7 @@ def resume_cmd(run_dir: Path = typer.Argument(..., help="run directory with a ch
     if launched:  # as in `run`: rank 0 resumes and evaluates, the other ranks only train their share
         try:
             cfg = lifecycle.resumable_config(run_dir, warn=lambda _: None)  # rank 0 warns below, in lifecycle.resume
-            if not kind_of(cfg).data_parallel:
+            if kind_of(cfg).nproc_key is None:
                 fail(f"torchrun resumes {_parallel_kinds()} runs only; {str(run_dir)!r} is a {cfg.kind!r} run")
             _check_split(cfg, launched[1])
             if launched[0] != 0:

@@ -81,7 +81,9 @@ class Kind:
     studies: ClassVar[frozenset[str]] = frozenset()  # which studies (compare, combinations, sweep) can wrap it
     trains: ClassVar[bool] = True
     # what the command line offers only where a kind has it, asked here rather than by the kind's name
-    data_parallel: ClassVar[bool] = False  # `--nproc N` and torchrun split every step's batch over processes
+    # trains data-parallel (`--nproc N`, torchrun: every step's batch split over processes) under this
+    # config key for the number of processes; None: one process per job
+    nproc_key: ClassVar[str | None] = None
     delete_options: ClassVar[frozenset[str]] = frozenset()  # keyword options of `delete` beyond the spec
     relearn_label: ClassVar[str] = "baseline"  # what `relearn`'s progress bar says it is working on
 
@@ -109,7 +111,7 @@ class Kind:
 
     def check_processes(self, cfg: Any, world: int) -> str | None:
         """Why training `cfg` cannot be split over `world` data-parallel processes (None: it can);
-        asked of kinds with `data_parallel` only."""
+        asked of kinds with an `nproc_key` only."""
         return None
 
     def follow(self, cfg: Any, path: Path) -> None:

@@ -313,7 +313,7 @@ class LMKind(Kind):
     name = "lm"
     config = LMExperiment
     studies = frozenset({"sweep"})
-    data_parallel = True
+    nproc_key = "lm.nproc"
     delete_options = frozenset({"repair_steps", "repair_lr", "progress"})
     relearn_label = "unlearning"
 
