@@ -232,9 +232,13 @@ def test_intervene_on_an_lm_run_suppresses_and_reports_forget_and_retain(lm_run)
     (["delete", "--concept", "violence", "--repair-steps", "2", "--repair-lr", "0"], "--repair-lr must be a positive number"),
     (["delete", "--concept", "violence", "--repair-steps", "-1"], "--repair-steps must be ≥ 0"),
 ])
-def test_lm_edits_refuse_options_they_would_ignore(lm_run, tmp_path, args, message):
+def test_lm_edits_refuse_options_they_would_ignore(lm_run, tmp_path, monkeypatch, args, message):
     out = tmp_path / "edited"
     extra = ["--out", str(out)] if args[0] == "delete" else []
+    if args[0] == "delete":  # what the config alone rules out is refused before the models load
+        from anchoring.kinds.lm.kind import LMKind
+
+        monkeypatch.setattr(LMKind, "open", lambda *a: pytest.fail("delete loaded the models before refusing"))
     r = CliRunner().invoke(app, [args[0], str(lm_run.path), *args[1:], *extra])
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
     assert not out.exists() and not (lm_run.path / "interventions" / "x").exists()

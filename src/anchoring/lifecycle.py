@@ -241,6 +241,11 @@ def _run_or_continue(cfg: ExperimentBase, path: Path, progress: Progress | None)
     return run(cfg, path, progress)
 
 
+def run_config(path: Path) -> ExperimentBase:
+    """The config of the run in `path`, read without opening its models (one line when it is not a run)."""
+    return _config(path)
+
+
 def _config(path: Path) -> ExperimentBase:
     if not path.is_dir():
         raise AnchoringError(f"{str(path)!r} is not a run directory")

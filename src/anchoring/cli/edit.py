@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from anchoring import runs
+from anchoring import lifecycle, runs
 from anchoring.cli.common import app, fail, open_run, print_lines, progress_bar, stopped
 from anchoring.errors import AnchoringError
 from anchoring.kinds import REGISTRY, kind_of
@@ -132,16 +132,24 @@ def delete_cmd(
     _edit_spec(method, method, concept or "?", dims, "constant", k, site)  # the options, before the run loads
     if out_dir.resolve().is_relative_to(run_dir.resolve()):  # the edited run would sit inside the one it came from
         fail(f"--out {str(out_dir)!r} is inside the source run {str(run_dir)!r}; write the edited run elsewhere")
-    run = open_run(run_dir, finished=True)
+    try:  # the config first: what it alone rules out is refused before the models load
+        cfg = lifecycle.run_config(run_dir)
+    except AnchoringError as e:
+        fail(str(e))
     if concept is None and dims is None:
-        concept = _only_concept(run.config)
+        concept = _only_concept(cfg)
     spec = _edit_spec(method, method, concept, dims, "constant", k, site)
     renamed = (f"intervention {method!r}: ", f"delete --method {method}: ")  # the checks name the spec, here the method
-    kind = kind_of(run.config)
+    kind = kind_of(cfg)
     if (repair_steps or repair_lr is not None) and "repair_steps" not in kind.delete_options:
         fail(f"--repair-steps and --repair-lr are for {_kinds_whose_delete_takes('repair_steps')} runs; this is a "
-             f"{run.config.kind!r} run")
+             f"{cfg.kind!r} run")
     options = {k: v for k, v in (("repair_steps", repair_steps), ("repair_lr", repair_lr)) if k in kind.delete_options}
+    try:
+        kind.check_delete(cfg, spec, **options)
+    except AnchoringError as e:
+        fail(str(e).replace(*renamed, 1))
+    run = open_run(run_dir, finished=True)
     bar = "progress" in kind.delete_options and sys.stderr.isatty()
     with progress_bar("repair and score" if repair_steps else "score", bar) as update:  # the kind checks the options itself
         if "progress" in kind.delete_options:

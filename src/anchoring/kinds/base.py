@@ -128,6 +128,10 @@ class Kind:
     def intervene(self, run: Run, spec: InterventionConfig) -> EditResult:
         raise self.unsupported("intervene")
 
+    def check_delete(self, cfg: Any, spec: InterventionConfig, **options: Any) -> None:
+        """Refuse (AnchoringError) a deletion that the config alone rules out, before the run's models load;
+        `delete` makes the same checks and any that need the models."""
+
     def delete(self, run: Run, spec: InterventionConfig, out: Path) -> EditResult:
         raise self.unsupported("delete")
 

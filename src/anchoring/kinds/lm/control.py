@@ -146,19 +146,12 @@ def intervene(run, spec: InterventionConfig) -> EditResult:
                       [out], {"rows": rows})
 
 
-def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repair_lr: float | None = None,
-           progress: Callable[[int, int], None] | None = None) -> EditResult:
-    """Write a run whose models have the anchor direction(s) projected out of the embeddings and of
-    every residual-writing matrix (`--method ablate`), or out of every matrix that reads the stream
-    after the anchored site (`--method blind`; see docs/method.md); `load_run` opens it like any LM run.
-    With `repair_steps`, every edited model (and the matched control) is then fine-tuned on retain
-    passages with the edit put back after each step, as the unlearning table's repair does
-    (`unlearning.repair`, same windows, rate `unlearning.repair_lr` unless given), and the anchored arm
-    repaired with no edit is scored as that repair's own control."""
+def check_delete(cfg: LMExperiment, spec: InterventionConfig, repair_steps: int = 0, repair_lr: float | None = None) -> float:
+    """Everything about a deletion that the config alone decides, so a bad option is refused before the
+    run's models load; the repair's learning rate."""
     if spec.method not in ("ablate", "blind"):
         raise AnchoringError(f"delete on an 'lm' run removes the anchor direction from the writers (--method ablate) "
                              f"or the readers (--method blind), not {spec.method!r}")
-    cfg = run.config
     _same_concept(spec, cfg)
     if spec.site != "latent" or spec.sites:
         raise AnchoringError("delete on an 'lm' run edits every residual writer (or reader after the anchored site); it takes no --site")
@@ -169,6 +162,20 @@ def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repa
     lr = cfg.unlearning.repair_lr if repair_lr is None else repair_lr
     if repair_steps and not (math.isfinite(lr) and lr > 0):
         raise AnchoringError(f"--repair-lr must be a positive number, got {lr}")
+    return lr
+
+
+def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repair_lr: float | None = None,
+           progress: Callable[[int, int], None] | None = None) -> EditResult:
+    """Write a run whose models have the anchor direction(s) projected out of the embeddings and of
+    every residual-writing matrix (`--method ablate`), or out of every matrix that reads the stream
+    after the anchored site (`--method blind`; see docs/method.md); `load_run` opens it like any LM run.
+    With `repair_steps`, every edited model (and the matched control) is then fine-tuned on retain
+    passages with the edit put back after each step, as the unlearning table's repair does
+    (`unlearning.repair`, same windows, rate `unlearning.repair_lr` unless given), and the anchored arm
+    repaired with no edit is scored as that repair's own control."""
+    cfg = run.config
+    lr = check_delete(cfg, spec, repair_steps, repair_lr)
     kind = "blind" if spec.method == "blind" else "delete"
     out = runs.new_run_dir(cfg.name, out, resumable=False)
     runs.check_stageable(out)  # staged below: checked before any work

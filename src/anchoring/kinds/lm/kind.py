@@ -355,6 +355,11 @@ class LMKind(Kind):
 
         return control.intervene(run_, spec)
 
+    def check_delete(self, cfg: LMExperiment, spec, **options: Any) -> None:
+        from anchoring.kinds.lm import control
+
+        control.check_delete(cfg, spec, **{k: v for k, v in options.items() if k != "progress"})
+
     def delete(self, run_, spec, out: Path, **options: Any):
         from anchoring.kinds.lm import control
 
