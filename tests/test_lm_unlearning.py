@@ -929,10 +929,13 @@ def test_a_colour_relearn_without_flags_gets_the_functions_own_defaults(monkeypa
     exactly what its function defaults to, and every flag given must reach it."""
     from anchoring.cli import edit as cli
     from anchoring.kinds.base import EditResult
+    from anchoring.kinds.base import Kind as Base
 
     seen = []
 
-    class Kind:
+    class Kind(Base):
+        name = "colour"
+
         def relearn(self, run, **options):
             seen.append(options)
             return EditResult("relearn", [], [])
@@ -1029,6 +1032,31 @@ def test_an_attack_is_scored_at_its_lowest_point_not_its_last():
     assert (rec["after_edit"], rec["before_edit"], rec["passages"]) == (3.0, 0.5, 4)
     assert math.isnan(ul.relearn_record([{"concept": 0.505}], 0.5, 0.8, 4)["kept"])  # removed under KEPT_FLOOR
 
+
+
+def test_an_attack_that_never_got_below_the_edit_is_named_under_the_table():
+    """Its kept is 1 by the definition (the lowest point is the start), which reads as an edit that held
+    when the fine-tune only made the model worse."""
+    def row(method: str, seed: int, curves: dict[int, tuple[float, ...]], diverged: bool = False) -> dict:
+        relearn = {str(k): {**ul.relearn_record([{"concept": c} for c in curve], before_edit=0.5, control=0.8, passages=k),
+                            **({"diverged": True} if diverged else {})} for k, curve in curves.items()}
+        return {"method": method, "seed": seed, "relearn": relearn}
+
+    up, down = (1.0, 1.3, 1.2), (1.0, 0.7, 0.9)
+    u = {"relearn_k": [4, 64], "rows": [
+        row("anchoring · delete", 0, {4: up, 64: down}), row("anchoring · delete", 1, {4: up, 64: up}),
+        row("SGTM", 0, {4: down, 64: down}), row("SGTM", 1, {4: up}, diverged=True),
+        row("oracle filter", 0, {4: (0.505, 0.6)})]}  # removed too little for a share: the other note's
+    assert [r["relearn"]["4"]["kept"] for r in u["rows"][:2]] == [1.0, 1.0]
+    note = ut.never_lower_note(u)
+    assert note.endswith(": anchoring · delete (K = 4: seeds 0, 1; K = 64: seed 1)"), note
+    assert "SGTM" not in note and "oracle" not in note
+    assert ut.never_lower_note({**u, "rows": [u["rows"][2]]}) == ""
+    losses = dict.fromkeys(("forget", "concept", "retain"), 1.0)
+    scored = {"weights_edited": True, "fine_tuned": True, "before": losses, "after": losses, "d_forget": 0.1,
+              "d_forget_concept": 0.1, "retain_cost": 0.01, "R": 0.5, "recover_steps": 3}
+    printed = ut.lines({**u, "rows": [{**scored, **r} for r in u["rows"]], "note": "n", "relearn_steps": 2})
+    assert note in printed
 
 def test_cost_matching_keeps_the_strength_whose_cost_was_nearest(monkeypatch):
     """With too few bisection steps to reach the tolerance, the strength kept is the nearest one tried,

@@ -204,7 +204,8 @@ def lines(unlearning: dict[str, Any]) -> list[Any]:
         t.add_row(*cells)
     listed = [title + ":", *[f"{c[0]}: " + ", ".join(f"{h} {v}" for h, v in zip(keep[1:], c[1:])) for c in medians]]
     t_or_list = TableOrList(t, listed, max(0, longest - NAME_WIDTH))
-    notes = [diverged_note(unlearning), nothing_kept_note(unlearning), nothing_to_recover_note(unlearning),
+    notes = [diverged_note(unlearning), nothing_kept_note(unlearning), never_lower_note(unlearning),
+             nothing_to_recover_note(unlearning),
              r_note(unlearning), matched_note(unlearning), repair_note(unlearning)]
     return [t_or_list, f"{unlearning['note']}; relearning fine-tunes {unlearning['relearn_steps']} steps; "
                        f"relearned = lowest concept loss reached − the control's; medians leave out undefined (–) seeds "
@@ -266,6 +267,29 @@ def nothing_kept_note(unlearning: dict[str, Any]) -> str:
     if not out:
         return ""
     return ("kept counts 0 where an edit raised the forget loss too little to have a share to keep: " + "; ".join(out))
+
+
+def never_lower_note(unlearning: dict[str, Any]) -> str:
+    """Which attacks never brought the concept loss below the edited model's own ("" when none). Their
+    kept is 1 by the definition (the lowest point is the start), and a reader would take that for an
+    edit that held; what it shows is a fine-tune that only raised the loss, as one on a few passages
+    at the attack's rate can, so it says nothing about how the edit would fare against a gentler one."""
+    out = []
+    for m in dict.fromkeys(r["method"] for r in unlearning["rows"]):
+        at = {}
+        for r in unlearning["rows"]:
+            for k, got in (r.get("relearn") or {}).items() if r["method"] == m else ():
+                kept = _num(got.get("kept"))
+                if not got.get("diverged") and not math.isnan(kept) and _num(got.get("lowest")) >= _num(got.get("after_edit")):
+                    at.setdefault(int(k), []).append(r["seed"])
+        if at:
+            out.append(f"{m} (" + "; ".join(f"K = {k}: seed{'s' if len(ss) > 1 else ''} {', '.join(map(str, sorted(ss)))}"
+                                            for k, ss in sorted(at.items())) + ")")
+    if not out:
+        return ""
+    return ("kept is 1 where no step of the attack brought the concept loss below the edited model's (the fine-tune "
+            "only raised it, as one on few passages at this rate can): not evidence that the edit held, see "
+            "unlearning_curves.csv: " + "; ".join(out))
 
 
 def _nothing_to_recover(row: dict[str, Any]) -> bool:
