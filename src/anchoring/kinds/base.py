@@ -80,9 +80,9 @@ class Kind:
     config: ClassVar[type[ExperimentBase]]
     studies: ClassVar[frozenset[str]] = frozenset()  # which studies (compare, combinations, sweep) can wrap it
     trains: ClassVar[bool] = True
-    # what the command line offers only where a kind has it, asked here rather than by the kind's name
-    # trains data-parallel (`--nproc N`, torchrun: every step's batch split over processes) under this
-    # config key for the number of processes; None: one process per job
+    # What the command line offers only where a kind has it, asked here rather than by the kind's name.
+    # nproc_key: the config key of the number of data-parallel processes (`--nproc N`, torchrun: every
+    # step's batch split over them); None: the kind does not train data-parallel
     nproc_key: ClassVar[str | None] = None
     delete_options: ClassVar[frozenset[str]] = frozenset()  # keyword options of `delete` beyond the spec
     relearn_label: ClassVar[str] = "baseline"  # what `relearn`'s progress bar says it is working on
