@@ -268,6 +268,9 @@ def test_an_edit_or_attack_refuses_a_run_still_in_training(unfinished, tmp_path)
     assert not (unfinished / "interventions").exists()
     assert_one_line_error(invoke("delete", unfinished, "--concept", "red", "--out", tmp_path / "d"), "has not finished training",
                           tmp_path / "d")
+    for options in (["--repair-steps", "2"], []):  # said first, before what is wrong with the options
+        assert_one_line_error(invoke("delete", unfinished, "--out", tmp_path / "d", *options), "has not finished training",
+                              tmp_path / "d")
 
 
 def test_sigterm_outside_the_training_loop_stops_with_the_resume_hint(tmp_path, monkeypatch):

@@ -225,6 +225,7 @@ def test_intervene_on_an_lm_run_suppresses_and_reports_forget_and_retain(lm_run)
     (["intervene", "--concept", "milton", "--name", "x"], "this run anchors 'violence'"),  # not silently violence
     (["intervene", "--dims", "5", "--name", "x"], "--dims is for the colour models"),
     (["intervene", "--concept", "violence", "--site", "blocks 1"], "site 'blocks 1' is not a residual site"),  # not --name
+    (["delete", "--concept", "violence", "--method", "prune"], "delete on an 'lm' run removes the anchor direction"),
     (["delete", "--concept", "milton"], "this run anchors 'violence'"),
     (["delete", "--dims", "5"], "--dims is for the colour models"),  # not silently the concept's axis
     (["delete", "--concept", "violence", "--site", "blocks.0"], "takes no --site"),

@@ -1055,8 +1055,8 @@ def test_an_attack_that_never_got_below_the_edit_is_named_under_the_table():
     losses = dict.fromkeys(("forget", "concept", "retain"), 1.0)
     scored = {"weights_edited": True, "fine_tuned": True, "before": losses, "after": losses, "d_forget": 0.1,
               "d_forget_concept": 0.1, "retain_cost": 0.01, "R": 0.5, "recover_steps": 3}
-    printed = ut.lines({**u, "rows": [{**scored, **r} for r in u["rows"]], "note": "n", "relearn_steps": 2})
-    assert note in printed
+    full = {**u, "rows": [{**scored, **r} for r in u["rows"]], "note": "n", "relearn_steps": 2}
+    assert note in ut.lines(full) and note in ut.notes(full)  # under the CLI's table, and on the report's page (`notes`)
 
 def test_cost_matching_keeps_the_strength_whose_cost_was_nearest(monkeypatch):
     """With too few bisection steps to reach the tolerance, the strength kept is the nearest one tried,

@@ -242,8 +242,13 @@ def _run_or_continue(cfg: ExperimentBase, path: Path, progress: Progress | None)
 
 
 def run_config(path: Path) -> ExperimentBase:
-    """The config of the run in `path`, read without opening its models (one line when it is not a run)."""
-    return _config(path)
+    """The config of a run whose models `load_run` can open, read without opening them; the same one
+    line as `load_run` when `path` is not such a run."""
+    cfg = _config(path)
+    kind = kind_of(cfg)
+    if not kind.trains:  # said for the commands that open a run too (intervene, delete, relearn …)
+        raise AnchoringError(f"{str(path)!r} is a {kind.name!r} run: it draws figures and trains no model to open or edit")
+    return cfg
 
 
 def _config(path: Path) -> ExperimentBase:
@@ -392,10 +397,8 @@ def load_run(path: str | Path) -> Run:
     (colour: `encode`/`decode`; transformer: `tokenize`, `logits`, `loss_per_token`), and
     `metrics()` as a long-format DataFrame."""
     p = Path(path)
-    cfg = _config(p)
+    cfg = run_config(p)
     kind = kind_of(cfg)
-    if not kind.trains:  # said for the commands that open a run too (intervene, delete, relearn …)
-        raise AnchoringError(f"{str(p)!r} is a {kind.name!r} run: it draws figures and trains no model to open or edit")
     if not (p / runs.ARCH).is_file():
         raise AnchoringError(f"{str(p)!r} is not a readable run (no {runs.ARCH})")
     arch = runs.read_json(p / runs.ARCH)

@@ -162,11 +162,17 @@ def load_experiment(experiment: str, sets: list[str], seeds: int | None = None, 
     return cfg, overrides
 
 
-def open_run(run_dir: Path, finished: bool = False):
-    """The run for an edit or an attack; `finished`: refuse a run still in training, whose edit would
-    stay inside it, describing half-trained models, after it is resumed."""
-    if finished and run_dir.is_dir() and (run_dir / runs.CONFIG).is_file() and not (run_dir / runs.SUMMARY).is_file():
+def refuse_unfinished(run_dir: Path) -> None:
+    """Refuse a run still in training to an edit or attack, whose result would stay inside it, describing
+    half-trained models, after it is resumed."""
+    if run_dir.is_dir() and (run_dir / runs.CONFIG).is_file() and not (run_dir / runs.SUMMARY).is_file():
         fail(f"{str(run_dir)!r} has not finished training; `anchoring resume {run_dir}` first")
+
+
+def open_run(run_dir: Path, finished: bool = False):
+    """The run for an edit or an attack; `finished`: refuse a run still in training (`refuse_unfinished`)."""
+    if finished:
+        refuse_unfinished(run_dir)
     try:
         with warnings.catch_warnings(record=True) as said:  # a run in training, opened to read: one note line
             warnings.simplefilter("always", UnfinishedRunWarning)

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from anchoring import lifecycle, runs
-from anchoring.cli.common import app, fail, open_run, print_lines, progress_bar, stopped
+from anchoring.cli.common import app, fail, open_run, print_lines, progress_bar, refuse_unfinished, stopped
 from anchoring.errors import AnchoringError
 from anchoring.kinds import REGISTRY, kind_of
 from anchoring.train import TrainingInterrupted
@@ -132,7 +132,8 @@ def delete_cmd(
     _edit_spec(method, method, concept or "?", dims, "constant", k, site)  # the options, before the run loads
     if out_dir.resolve().is_relative_to(run_dir.resolve()):  # the edited run would sit inside the one it came from
         fail(f"--out {str(out_dir)!r} is inside the source run {str(run_dir)!r}; write the edited run elsewhere")
-    try:  # the config first: what it alone rules out is refused before the models load
+    refuse_unfinished(run_dir)  # then the config: what it alone rules out is refused before the models load
+    try:
         cfg = lifecycle.run_config(run_dir)
     except AnchoringError as e:
         fail(str(e))
@@ -141,10 +142,12 @@ def delete_cmd(
     spec = _edit_spec(method, method, concept, dims, "constant", k, site)
     renamed = (f"intervention {method!r}: ", f"delete --method {method}: ")  # the checks name the spec, here the method
     kind = kind_of(cfg)
-    if (repair_steps or repair_lr is not None) and "repair_steps" not in kind.delete_options:
+    given = {"repair_steps": repair_steps or None, "repair_lr": repair_lr}
+    if any(value is not None and name not in kind.delete_options for name, value in given.items()):
         fail(f"--repair-steps and --repair-lr are for {_kinds_whose_delete_takes('repair_steps')} runs; this is a "
              f"{cfg.kind!r} run")
-    options = {k: v for k, v in (("repair_steps", repair_steps), ("repair_lr", repair_lr)) if k in kind.delete_options}
+    options = {name: value for name, value in (("repair_steps", repair_steps), ("repair_lr", repair_lr))
+               if name in kind.delete_options}
     try:
         kind.check_delete(cfg, spec, **options)
     except AnchoringError as e:

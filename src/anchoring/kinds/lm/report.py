@@ -92,8 +92,7 @@ def write_report(cfg: LMExperiment, path: Path, summary: dict[str, Any], metric_
 
         u = summary["unlearning"]
         header, rows = ut.table(u)
-        matched = ". ".join(n for n in (ut.diverged_note(u), ut.matched_note(u), ut.repair_note(u), ut.nothing_kept_note(u),
-                                        ut.never_lower_note(u), ut.nothing_to_recover_note(u), ut.r_note(u)) if n)
+        matched = ". ".join(ut.notes(u))
         body = (f"<p>Nats/char on held-out text. Forget: reference-positive passages (whole, and at concept positions); "
                 f"retain: reference-negative passages. Δ = after − before; selectivity = Δforget (concept) / retain cost; "
                 f"R = Δforget (concept) / that of the oracle filter against the control. Relearning: "

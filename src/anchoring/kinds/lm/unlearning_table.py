@@ -204,12 +204,17 @@ def lines(unlearning: dict[str, Any]) -> list[Any]:
         t.add_row(*cells)
     listed = [title + ":", *[f"{c[0]}: " + ", ".join(f"{h} {v}" for h, v in zip(keep[1:], c[1:])) for c in medians]]
     t_or_list = TableOrList(t, listed, max(0, longest - NAME_WIDTH))
-    notes = [diverged_note(unlearning), nothing_kept_note(unlearning), never_lower_note(unlearning),
-             nothing_to_recover_note(unlearning),
-             r_note(unlearning), matched_note(unlearning), repair_note(unlearning)]
     return [t_or_list, f"{unlearning['note']}; relearning fine-tunes {unlearning['relearn_steps']} steps; "
                        f"relearned = lowest concept loss reached − the control's; medians leave out undefined (–) seeds "
-                       f"(kept counts one as 0) and rank ±∞ as extremes", *[n for n in notes if n]]
+                       f"(kept counts one as 0) and rank ±∞ as extremes", *notes(unlearning)]
+
+
+def notes(unlearning: dict[str, Any]) -> list[str]:
+    """What the table's cells cannot say (broken fine-tunes, undefined shares, failed attacks, R's
+    denominator, the matched and repaired rows), under the CLI's table and the report's alike."""
+    said = [diverged_note(unlearning), nothing_kept_note(unlearning), never_lower_note(unlearning),
+            nothing_to_recover_note(unlearning), r_note(unlearning), matched_note(unlearning), repair_note(unlearning)]
+    return [n for n in said if n]
 
 
 NAME_WIDTH = 20  # the CLI table's method column: longer names wrap
@@ -272,8 +277,8 @@ def nothing_kept_note(unlearning: dict[str, Any]) -> str:
 def never_lower_note(unlearning: dict[str, Any]) -> str:
     """Which attacks never brought the concept loss below the edited model's own ("" when none). Their
     kept is 1 by the definition (the lowest point is the start), and a reader would take that for an
-    edit that held; what it shows is a fine-tune that only raised the loss, as one on a few passages
-    at the attack's rate can, so it says nothing about how the edit would fare against a gentler one."""
+    edit that held; what it shows is a fine-tune that only raised the loss (often one on a few passages
+    at the attack's rate), which says nothing about how the edit would fare against a gentler one."""
     out = []
     for m in dict.fromkeys(r["method"] for r in unlearning["rows"]):
         at = {}
@@ -288,8 +293,7 @@ def never_lower_note(unlearning: dict[str, Any]) -> str:
     if not out:
         return ""
     return ("kept is 1 where no step of the attack brought the concept loss below the edited model's (the fine-tune "
-            "only raised it, as one on few passages at this rate can): not evidence that the edit held, see "
-            "unlearning_curves.csv: " + "; ".join(out))
+            "only raised it): a failed attack, not evidence that the edit held; see unlearning_curves.csv: " + "; ".join(out))
 
 
 def _nothing_to_recover(row: dict[str, Any]) -> bool:
