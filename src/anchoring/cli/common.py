@@ -7,7 +7,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, NoReturn
+from typing import Callable, Iterator, NoReturn
 
 import typer
 from rich.console import Console
@@ -22,6 +22,7 @@ from rich.progress import (
 
 from anchoring import __version__, experiments, lifecycle, runs
 from anchoring.errors import AnchoringError, UnfinishedRunWarning
+from anchoring.kinds import REGISTRY, Kind
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Sparse concept anchoring: train, inspect, steer and delete concepts.")
@@ -160,6 +161,11 @@ def load_experiment(experiment: str, sets: list[str], seeds: int | None = None, 
         raise AnchoringError(f"train.seed_list {cfg.train.seed_list} sets the seeds, so {' and '.join(chosen)} would be "
                              f"ignored; give one or the other")
     return cfg, overrides
+
+
+def kinds_with(has: Callable[[Kind], bool]) -> str:
+    """The kinds that have a capability, as an error names them ('lm', or 'a' and 'b')."""
+    return " and ".join(repr(k.name) for k in REGISTRY.values() if has(k))
 
 
 def refuse_unfinished(run_dir: Path) -> None:

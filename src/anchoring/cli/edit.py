@@ -9,9 +9,9 @@ from typing import Optional
 import typer
 
 from anchoring import lifecycle, runs
-from anchoring.cli.common import app, fail, open_run, print_lines, progress_bar, refuse_unfinished, stopped
+from anchoring.cli.common import app, fail, kinds_with, open_run, print_lines, progress_bar, refuse_unfinished, stopped
 from anchoring.errors import AnchoringError
-from anchoring.kinds import REGISTRY, kind_of
+from anchoring.kinds import kind_of
 from anchoring.train import TrainingInterrupted
 from anchoring.train.workers import sigterm_interrupts
 
@@ -142,12 +142,11 @@ def delete_cmd(
     spec = _edit_spec(method, method, concept, dims, "constant", k, site)
     renamed = (f"intervention {method!r}: ", f"delete --method {method}: ")  # the checks name the spec, here the method
     kind = kind_of(cfg)
-    given = {"repair_steps": repair_steps or None, "repair_lr": repair_lr}
-    if any(value is not None and name not in kind.delete_options for name, value in given.items()):
-        fail(f"--repair-steps and --repair-lr are for {_kinds_whose_delete_takes('repair_steps')} runs; this is a "
-             f"{cfg.kind!r} run")
-    options = {name: value for name, value in (("repair_steps", repair_steps), ("repair_lr", repair_lr))
-               if name in kind.delete_options}
+    given = {"repair_steps": repair_steps, "repair_lr": repair_lr}
+    if any(value not in (None, 0) and name not in kind.delete_options for name, value in given.items()):
+        fail(f"--repair-steps and --repair-lr are for {kinds_with(lambda k: 'repair_steps' in k.delete_options)} runs; "
+             f"this is a {cfg.kind!r} run")
+    options = {name: value for name, value in given.items() if name in kind.delete_options}
     try:
         kind.check_delete(cfg, spec, **options)
     except AnchoringError as e:
@@ -158,11 +157,6 @@ def delete_cmd(
         if "progress" in kind.delete_options:
             options["progress"] = update
         _apply_edit(lambda: kind.delete(run, spec, out_dir, **options), renamed=renamed)
-
-
-def _kinds_whose_delete_takes(option: str) -> str:
-    """The kinds whose `delete` takes `option`, as an error names them."""
-    return " and ".join(repr(k.name) for k in REGISTRY.values() if option in k.delete_options)
 
 
 @app.command("relearn")

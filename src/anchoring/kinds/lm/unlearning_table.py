@@ -279,19 +279,15 @@ def never_lower_note(unlearning: dict[str, Any]) -> str:
     kept is 1 by the definition (the lowest point is the start), and a reader would take that for an
     edit that held; what it shows is a fine-tune that only raised the loss (often one on a few passages
     at the attack's rate), which says nothing about how the edit would fare against a gentler one."""
-    out = []
-    for m in dict.fromkeys(r["method"] for r in unlearning["rows"]):
-        at = {}
-        for r in unlearning["rows"]:
-            for k, got in (r.get("relearn") or {}).items() if r["method"] == m else ():
-                kept = _num(got.get("kept"))
-                if not got.get("diverged") and not math.isnan(kept) and _num(got.get("lowest")) >= _num(got.get("after_edit")):
-                    at.setdefault(int(k), []).append(r["seed"])
-        if at:
-            out.append(f"{m} (" + "; ".join(f"K = {k}: seed{'s' if len(ss) > 1 else ''} {', '.join(map(str, sorted(ss)))}"
-                                            for k, ss in sorted(at.items())) + ")")
-    if not out:
+    at: dict[str, dict[int, list[int]]] = {}  # method → K → seeds, methods in the table's order
+    for r in unlearning["rows"]:
+        for k, got in (r.get("relearn") or {}).items():
+            if not got.get("diverged") and not math.isnan(_num(got.get("kept"))) and _num(got.get("lowest")) >= _num(got.get("after_edit")):
+                at.setdefault(r["method"], {}).setdefault(int(k), []).append(r["seed"])
+    if not at:
         return ""
+    out = [f"{m} (" + "; ".join(f"K = {k}: seed{'s' if len(ss) > 1 else ''} {', '.join(map(str, sorted(ss)))}"
+                                for k, ss in sorted(ks.items())) + ")" for m, ks in at.items()]
     return ("kept is 1 where no step of the attack brought the concept loss below the edited model's (the fine-tune "
             "only raised it): a failed attack, not evidence that the edit held; see unlearning_curves.csv: " + "; ".join(out))
 
