@@ -511,12 +511,15 @@ def test_coverage_figure_draws_r_against_coverage():
 
 
 @pytest.mark.parametrize("override,message", [("unlearning.relearn_k=[0]", "relearn_k"),
-                                              ('lm.arms=["anchored"]', "needs the control arm")])
+                                              ('lm.arms=["anchored"]', "needs the control arm"),
+                                              ("unlearning.distil_noise=0", "distil_noise"),
+                                              ("unlearning.distil_steps=10", "has no anchored arm")])
 def test_bad_unlearning_config_is_one_line(tmp_path, override, message):
     from anchoring.errors import AnchoringError
 
+    arms = ['lm.arms=["control","oracle-filtered"]'] if "distil_steps" in override else []  # no anchored arm to distil
     with pytest.raises((AnchoringError, ValueError)) as e:
-        experiments.load("lm-anchor-passages", tiny(tmp_path, "unlearning.enabled=true", override))
+        experiments.load("lm-anchor-passages", tiny(tmp_path, "unlearning.enabled=true", *arms, override))
     assert message in str(e.value) and "\n" not in str(e.value).strip()
 
 
@@ -869,6 +872,10 @@ def test_relearn_on_a_finished_run_gives_the_in_run_table_and_takes_its_own_atta
     (["--eval-chars", "199"], "--eval-chars: Input should be greater than or equal to 200"),
     (["--repair-steps", "-2"], "--repair-steps: Input should be greater than or equal to 0"),
     (["--repair-lr", "0"], "--repair-lr: Input should be greater than 0"),
+    (["--distil-steps", "-1"], "--distil-steps: Input should be greater than or equal to 0"),
+    (["--distil-noise", "1.5"], "--distil-noise: Input should be less than or equal to 1"),
+    (["--distil-noise", "0"], "--distil-noise: Input should be greater than 0"),
+    (["--distil-lr", "0"], "--distil-lr: Input should be greater than 0"),
     (["--samples", "4,99999999"], "--samples: K = 99,999,999 asks for more passages than the"),  # was capped silently
 ])
 def test_relearn_on_an_lm_run_refuses_bad_input_in_one_line(unlearned, args, message):
@@ -1383,3 +1390,40 @@ def test_the_unlearning_evaluation_after_training_reports_to_the_runs_progress(t
                   progress=lambda done, total: seen.append((done, total)))
     after = [(d, t) for d, t in seen if t != 10]  # 2 jobs × 5 steps trained; then the fine-tuning steps
     assert after and after[-1][0] == after[-1][1] and [d for d, _ in after] == sorted(d for d, _ in after), seen
+
+
+def test_the_distilled_deletion_is_a_row_with_its_control_and_its_own_targets(unlearned):
+    """`unlearning.distil_steps`: the deleted anchored model, distilled into a student that starts near it
+    (noise 0.2), keeps most of the deletion's rise in concept loss; the same distillation of the unedited
+    model, its control, does not raise it as much; the control is not attacked, the distilled deletion is,
+    and the table names both, with target lines of their own."""
+    path, summary = unlearned
+    run = lifecycle.load_run(path)
+    models = {(arm, s): m for arm in run.arms for s, m in zip(run.seeds, run.arms[arm])}
+    u = run.config.unlearning.model_copy(update={"distil_steps": 30, "distil_noise": 0.2, "distil_lr": 1e-3,
+                                                  "recover_steps": 0})
+    cfg = run.config.model_copy(update={"unlearning": u})
+    seen: list[int] = []
+    got = ul.evaluate(cfg, run.data, models, progress=lambda done, total: seen.append(total))
+    rows = {r["method"]: r for r in got["rows"]}
+    plain = {r["method"]: r for r in summary["unlearning"]["rows"]}
+    d, alone, delete_ = rows[ul.DISTILLED], rows[ul.DISTIL_ONLY], plain["anchoring · delete"]
+    assert d["before"] == alone["before"] == delete_["before"]  # both start from the anchored model
+    assert d["fine_tuned"] and set(d["relearn"]) == {"2"} and "leftover" not in d
+    assert not alone["fine_tuned"] and not alone["relearn"]
+    assert d["d_forget_concept"] > alone["d_forget_concept"] + 0.5 * delete_["d_forget_concept"], (d, alone, delete_)
+    assert got["distil_steps"] == 30 and seen[-1] == seen[0]
+    assert seen[0] == sum(ul.method_ticks(m, u) for m in ul.methods(cfg, run.data, models, run.seeds[0]))
+    assert any("anchoring · delete → distil: the deleted anchored model distilled" in n for n in ut.notes(got))
+    assert f"{ul.DISTILLED} keeps ≥ 50% of Δforget after relearning on K = 2" in ut.targets(got)
+    assert ul.DISTILLED not in plain  # off by default
+
+
+def test_relearn_refuses_to_distil_a_run_without_the_anchored_arm(unlearned):
+    from anchoring.kinds.lm import control
+
+    path, _summary = unlearned
+    run = lifecycle.load_run(path)
+    del run.arms["anchored"]  # a run that trained the control and filters only
+    with pytest.raises(AnchoringError, match="--distil-steps distils anchoring's deletion, and this run has only control"):
+        control.relearn(run, distil_steps=5)

@@ -172,6 +172,13 @@ def relearn_cmd(
     repair_steps: Optional[int] = typer.Option(None, "--repair-steps", help="LM: repair every edit this many steps on retain "
                                                                             "passages first (default unlearning.repair_steps)"),
     repair_lr: Optional[float] = typer.Option(None, "--repair-lr", help="LM: the repair's rate (default unlearning.repair_lr)"),
+    distil_steps: Optional[int] = typer.Option(None, "--distil-steps", help="LM: also distil anchoring's deletion into a fresh "
+                                                                            "model this many steps, as one more row (default "
+                                                                            "unlearning.distil_steps)"),
+    distil_noise: Optional[float] = typer.Option(None, "--distil-noise", help="LM: how far the student starts towards a fresh "
+                                                                              "model, in (0, 1] (default unlearning.distil_noise)"),
+    distil_lr: Optional[float] = typer.Option(None, "--distil-lr", help="LM: the distillation's peak rate (default "
+                                                                        "unlearning.distil_lr)"),
     retain: Optional[int] = typer.Option(None, "--retain", help="colour: extra random colours mixed in (retain data; default 0)"),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="colour: concept MSE at which it counts as recovered "
                                                                         "(default 0.01)"),
@@ -186,7 +193,8 @@ def relearn_cmd(
     ks = None if samples is None else (_dims(samples, "--samples", "1,4,16", distinct=True) or [])
     run = open_run(run_dir, finished=True)
     given = {"concept": concept, "samples": ks, "steps": steps, "lr": lr, "eval_chars": eval_chars,
-             "repair_steps": repair_steps, "repair_lr": repair_lr, "retain": retain,
+             "repair_steps": repair_steps, "repair_lr": repair_lr, "distil_steps": distil_steps, "distil_noise": distil_noise,
+             "distil_lr": distil_lr, "retain": retain,
              "threshold": threshold, "baseline": baseline}
     with progress_bar(kind_of(run.config).relearn_label, sys.stderr.isatty()) as update:
         _apply_edit(lambda: kind_of(run.config).relearn(run, **{k: v for k, v in given.items() if v is not None},

@@ -36,9 +36,11 @@ T = TypeVar("T")
 
 def finetune(model: nn.Module, loss: Callable[[nn.Module, int], torch.Tensor], score: Callable[[nn.Module], T],
              steps: int, lr: float, *, stop: Callable[[T], bool] | None = None,
-             keep: Callable[[nn.Module], Any] | None = None, tick: Callable[[], None] | None = None) -> list[T]:
+             keep: Callable[[nn.Module], Any] | None = None, tick: Callable[[], None] | None = None,
+             rate: Callable[[int], float] | None = None) -> list[T]:
     """Adam on a copy of `model` with `loss(model, step)`; `score` (in eval mode, no gradients)
-    before the first step and after each: steps + 1 points, fewer when `stop` says so. Weights go
+    before the first step and after each: steps + 1 points, fewer when `stop` says so. `rate(step)`
+    scales `lr` at each step (a schedule; constant without it). Weights go
     back on the sphere after each step when the model keeps them there (`normalize_weights`), then
     `keep` (in place) constrains them. Any model and task: the caller says what is learned and scored.
 
@@ -52,6 +54,9 @@ def finetune(model: nn.Module, loss: Callable[[nn.Module, int], torch.Tensor], s
         if stop is not None and stop(curve[-1]):
             break
         m.train()  # trained as in training, scored as it would be used (dropout off, statistics frozen)
+        if rate is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr * rate(step)
         value = loss(m, step)
         if not bool(torch.isfinite(value.detach()).all()):
             raise _diverged(f"fine-tuning diverged at step {step} of {steps} (lr {lr:g}): the loss is not finite", curve)

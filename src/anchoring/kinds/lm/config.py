@@ -153,6 +153,13 @@ class UnlearningConfig(_Strict):
                                                     "re-applied after each step, before it is scored and attacked (0: none)")
     repair_lr: float = Field(1e-4, gt=0, description="learning rate of the repair fine-tune (a fresh Adam at 1e-3 "
                                                     "moves a converged model enough to cost retain text by itself)")
+    distil_steps: int = Field(0, ge=0, description="distil anchoring's deletion into a fresh (or partly noised) model for "
+                              "this many steps on all training text, and score it as one more row, with the same "
+                              "distillation of the unedited anchored model as its control (0: none; about a training "
+                              "run's time per seed)")
+    distil_noise: float = Field(1.0, gt=0, le=1, description="how far the student starts from the teacher's weights "
+                                "towards a fresh model's (1: a fresh model)")
+    distil_lr: float = Field(3e-3, gt=0, description="peak rate of the distillation (warm-up from 1e-4, flat, down to a tenth)")
     fit_positions: int = Field(32768, ge=20, description="training positions the post-hoc directions are fitted on "
                                                          "(read from the control stream, one batch of windows at a time)")
 
@@ -192,6 +199,8 @@ class LMExperiment(TrainedExperiment):
     def _unlearning_arms(self) -> "LMExperiment":
         if self.unlearning.enabled and "control" not in self.lm.arms:
             raise ValueError("unlearning.enabled needs the control arm (the 'before' of every filter and post-hoc method)")
+        if self.unlearning.enabled and self.unlearning.distil_steps and "anchored" not in self.lm.arms:
+            raise ValueError("unlearning.distil_steps distils anchoring's deletion, and lm.arms has no anchored arm")
         return self
 
     @model_validator(mode="after")

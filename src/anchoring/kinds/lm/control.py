@@ -274,14 +274,15 @@ def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repa
 
 def relearn(run, concept: str | None = None, samples: list[int] | None = None, steps: int | None = None,
             lr: float | None = None, progress: Callable[[int, int], None] | None = None, *, eval_chars: int | None = None,
-            repair_steps: int | None = None, repair_lr: float | None = None, retain: int | None = None,
+            repair_steps: int | None = None, repair_lr: float | None = None, distil_steps: int | None = None,
+            distil_noise: float | None = None, distil_lr: float | None = None, retain: int | None = None,
             threshold: float | None = None, baseline: bool | None = None) -> EditResult:
     """The unlearning evaluation of a finished run, without training it again: every method that its
     arms allow (anchoring's edits of the anchored arm, the post-hoc directions of the control, the
     filtered arms), scored on forget and retain text and attacked by relearning, exactly as
-    `unlearning.enabled` does after training. `samples`, `steps`, `lr`, `eval_chars`, `repair_steps` and
-    `repair_lr` replace the run's `unlearning.relearn_k`, `relearn_steps`, `relearn_lr`, `eval_chars`,
-    `repair_steps` and `repair_lr` (a repair that diverged in training's evaluation is scored again at
+    `unlearning.enabled` does after training. `samples`, `steps`, `lr`, `eval_chars`, `repair_steps`,
+    `repair_lr` and the `distil_*` options replace the run's `unlearning.relearn_k`, `relearn_steps`, `relearn_lr`,
+    `eval_chars`, `repair_steps`, `repair_lr` and `distil_*` (a repair that diverged in training's evaluation is scored again at
     another rate this way). Written to `<run>/relearn/<concept>`."""
     colour_only = {"--retain": retain, "--threshold": threshold, "--baseline/--no-baseline": baseline}
     given = [flag for flag, v in colour_only.items() if v is not None]
@@ -301,27 +302,21 @@ def relearn(run, concept: str | None = None, samples: list[int] | None = None, s
         raise AnchoringError(f"relearning is measured against the control arm, and this run has only "
                              f"{', '.join(run.arms)}; train it with the control (lm.arms)")
     u = cfg.unlearning
-    update: dict[str, Any] = {"enabled": True}
-    if samples is not None:
-        update["relearn_k"] = samples
-    if steps is not None:
-        update["relearn_steps"] = steps
-    if lr is not None:
-        update["relearn_lr"] = lr
-    if eval_chars is not None:
-        update["eval_chars"] = eval_chars
-    if repair_steps is not None:
-        update["repair_steps"] = repair_steps
-    if repair_lr is not None:
-        update["repair_lr"] = repair_lr
+    given = {"relearn_k": samples, "relearn_steps": steps, "relearn_lr": lr, "eval_chars": eval_chars,
+             "repair_steps": repair_steps, "repair_lr": repair_lr, "distil_steps": distil_steps,
+             "distil_noise": distil_noise, "distil_lr": distil_lr}
+    update: dict[str, Any] = {"enabled": True, **{k: v for k, v in given.items() if v is not None}}
     try:  # the config's own checks, so the bounds and messages are the config keys'
         u = type(u).model_validate({**u.model_dump(), **update})
     except ValidationError as e:
         first = e.errors()[0]
         flags = {"relearn_k": "--samples", "relearn_steps": "--steps", "relearn_lr": "--lr", "eval_chars": "--eval-chars",
-                 "repair_steps": "--repair-steps", "repair_lr": "--repair-lr"}
+                 "repair_steps": "--repair-steps", "repair_lr": "--repair-lr", "distil_steps": "--distil-steps",
+                 "distil_noise": "--distil-noise", "distil_lr": "--distil-lr"}
         flag = flags.get(str(first["loc"][0]) if first["loc"] else "", "")
         raise AnchoringError(f"{flag or 'unlearning'}: {first['msg'].removeprefix('Value error, ')}") from None
+    if u.distil_steps and "anchored" not in run.arms:
+        raise AnchoringError(f"--distil-steps distils anchoring's deletion, and this run has only {', '.join(run.arms)}")
     cfg = cfg.model_copy(update={"unlearning": u})
     d = run.data
     if samples is not None:

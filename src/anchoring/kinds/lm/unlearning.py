@@ -14,7 +14,10 @@ Methods, per seed (each with the model it starts from, "before", and the one it 
 - `mean-difference · …`, `LEACE · …`: the control arm, edited along post-hoc directions (`posthoc`);
 - `weak filter`, `oracle filter`: before = the control arm, after = the filtered arm;
 - `SGTM`, `gradient routing`: the arm as trained, and `baselines.ablated` of it (only when those arms exist);
-- `repair alone (control)`: with a repair (below), the control arm repaired without any edit.
+- `repair alone (control)`: with a repair (below), the control arm repaired without any edit;
+- `anchoring · delete → distil`: with `unlearning.distil_steps` > 0, the deleted anchored model distilled
+  into a fresh (or partly noised) model on all training text (`distil`), and `distil alone (control)`,
+  the anchored model distilled the same way with no edit.
 
 With `unlearning.repair_steps` > 0 every edit's "after" model is first *repaired*: fine-tuned on
 retain passages only, with the edit put back after every step (`repair`), before it is scored
@@ -44,9 +47,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from anchoring import runs
+from anchoring.control.relearn import diverging
 from anchoring.control.relearn import finetune as shared_finetune
 from anchoring.control.surgery import residual_component
 from anchoring.errors import AnchoringError
+from anchoring.kinds.lm import distil
 from anchoring.kinds.lm import evaluate as ev
 from anchoring.kinds.lm.config import LMExperiment, UnlearningConfig
 from anchoring.kinds.lm.data import LMData
@@ -56,7 +61,7 @@ CURVES = "unlearning_curves.csv"
 PARTIAL = "unlearning-partial"  # a run's finished methods while its evaluation is unfinished (one JSON file per seed)
 SCORING = 2  # part of every saved seed's key: raise it whenever a change alters what a row or curve holds, so an
 # evaluation resumed after an upgrade never reads rows the older code scored (2: ratio floors, relative β tolerance)
-PICK_SALT, BATCH_SALT, MIX_SALT, REPAIR_SALT, MIX_RETAIN_SALT = 0x4E1, 0x4E2, 0x4E3, 0x4E4, 0x4E5
+PICK_SALT, BATCH_SALT, MIX_SALT, REPAIR_SALT, MIX_RETAIN_SALT, DISTIL_SALT = 0x4E1, 0x4E2, 0x4E3, 0x4E4, 0x4E5, 0x309
 TINY = 1e-6  # nats/char: a difference this small is no difference
 COST_FLOOR = 1e-3  # nats/char: a change under this prints as 0.000 or 0.001, and a ratio over it says more about rounding than
 # about the edit (Δforget 0.005 over a cost of 0.0002 read as 25): a ratio with such a denominator is ∞ or undefined
@@ -70,7 +75,10 @@ MATCHED_DELETE = "anchoring · matched random deletion"
 MATCHED_BLIND = "anchoring · matched random blinding"
 MATCHED_COST = "mean-difference · delete at anchoring's retain cost"  # the deletion target's comparison, not attacked
 REPAIR_ONLY = "repair alone (control)"  # a model repaired without any edit (the table: the control arm; `delete`: the anchored arm)
-CONTROL_ROWS = (MATCHED_RANDOM, MATCHED_DELETE, MATCHED_BLIND, REPAIR_ONLY)  # a method's control, not a method: figures draw it apart, never attacked
+DISTILLED = "anchoring · delete → distil"  # the deletion distilled into a fresh or noised model (`distil`)
+DISTIL_ONLY = "distil alone (control)"  # the anchored model distilled the same way with no edit
+# a method's control, not a method: figures draw it apart, never attacked
+CONTROL_ROWS = (MATCHED_RANDOM, MATCHED_DELETE, MATCHED_BLIND, REPAIR_ONLY, DISTIL_ONLY)
 Progress = Callable[[int, int], None]
 
 
@@ -125,6 +133,7 @@ class Method:
     removed: list[torch.Tensor] | None = None  # a deletion's directions: its row reports how much of them is left
     redo: Callable[[nn.Module], nn.Module] | None = None  # the weight edit as a copying map, applied again after each repair step
     repairable: bool = True  # False for the filters: a trained arm, not an edit of `before`
+    student: nn.Module | None = None  # with one, `after` is the teacher, and the student distilled from it is scored
 
 
 def methods(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.Module], seed: int) -> list[Method]:
@@ -163,6 +172,8 @@ def methods(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.Mo
             out.append(Method(name, arm, control, models[arm, seed], True, repairable=False))
     if cfg.unlearning.repair_steps:  # retain-only training shifts a model away from the forget text by itself
         out.append(Method(REPAIR_ONLY, "control", control, control, True))
+    if cfg.unlearning.distil_steps and "anchored" in arms:
+        out += distil_methods(cfg, models["anchored", seed], seed)
     extra = [a for a in BASELINES if a in arms]
     if extra:
         from anchoring.kinds.lm.baselines import ablated  # only present where those arms are
@@ -171,6 +182,22 @@ def methods(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.Mo
             m = models[arm, seed]
             out.append(Method(BASELINES[arm], arm, m, ablated(m, cfg, arm), True, redo=lambda x, arm=arm: ablated(x, cfg, arm)))
     return out
+
+
+def distil_methods(cfg: LMExperiment, anchored: nn.Module, seed: int) -> list[Method]:
+    """The distilled deletion and its control: the anchored model deleted, or left as it is, each the
+    teacher of a student that starts `unlearning.distil_noise` of the way from it to a fresh model
+    (the same fresh model for both, per seed). Neither is repaired: the distillation is a retraining."""
+    from anchoring.kinds.lm.edits import edited
+    from anchoring.kinds.lm.training import build_model
+
+    u = cfg.unlearning
+    fresh = distil.fresh_model(lambda: build_model(cfg, anchored.embed.weight.shape[0], "anchored", seed), seed)
+    deleted = edited(anchored, cfg, "delete")
+    return [Method(DISTILLED, "anchored", anchored, deleted, True, repairable=False,  # no leftover: the student's axes are its own
+                   student=distil.noised(deleted, fresh, u.distil_noise)),
+            Method(DISTIL_ONLY, "anchored", anchored, anchored, True, repairable=False,
+                   student=distil.noised(anchored, fresh, u.distil_noise))]
 
 
 def repair(model: nn.Module, redo: Callable[[nn.Module], nn.Module] | None, batches: Callable[[int], torch.Tensor],
@@ -194,6 +221,12 @@ def repair_windows(data: LMData, window: int, seed: int) -> "Windows":
     if not (ref == 0).any():
         raise AnchoringError("a repair trains on retain passages, and this run's training split has none")
     return Windows(data, np.flatnonzero(ref == 0), window, seed, REPAIR_SALT)
+
+
+def distil_windows(data: LMData, window: int, seed: int) -> "Windows":
+    """The distillation's windows for `seed`: every training passage, the concept's too (the teacher's
+    outputs there are what the student should learn), the same for the deletion and its control."""
+    return Windows(data, np.arange(len(data.train_tokens)), window, seed, DISTIL_SALT)
 
 
 def recovery_windows(data: LMData, forget: np.ndarray, window: int, seed: int) -> tuple["Windows", "Windows"]:
@@ -287,7 +320,7 @@ def method_ticks(m: Method, u: UnlearningConfig) -> int:
     """The fine-tuning steps one method is given: its repair, attacks and recovery (a recovery may stop
     early, and a fine-tune that diverges stops there)."""
     attacks = len(u.relearn_k) * u.relearn_steps + u.recover_steps if attacked(m, u.attack_hooks) else 0
-    return attacks + (u.repair_steps if m.repairable else 0)
+    return attacks + (u.repair_steps if m.repairable else 0) + (u.distil_steps if m.student is not None else 0)
 
 
 def _planned_ticks(ms: list[Method], u: UnlearningConfig) -> int:
@@ -307,6 +340,7 @@ class SeedSetting:
     attack: dict[int, Windows]
     mix: tuple[Windows, Windows]
     fix: Windows | None
+    distil: Callable[[int], torch.Tensor] | None = None  # the distillation's batch of each step
 
 
 def score_method(m: Method, seed: int, at: SeedSetting, u: UnlearningConfig, probe: torch.Tensor, residual: list[str],
@@ -335,6 +369,9 @@ def _score_method(m: Method, seed: int, at: SeedSetting, u: UnlearningConfig, pr
     es, small, bs, target = at.es, at.small, at.bs, at.target
     curves: list[dict[str, Any]] = []
     edit_only = None
+    if m.student is not None:
+        with diverging(f"the distillation of {m.name} (seed {seed})", "give a smaller unlearning.distil_lr"):
+            m.after = distil.distilled(m.after, m.student, at.distil, u.distil_steps, u.distil_lr, tick)
     if at.fix is not None and m.repairable:
         edit_only = losses(m.after, es, bs)
         fix = at.fix
@@ -463,6 +500,9 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
                              {k: Windows(data, forget[:k], window, seed, (BATCH_SALT << 20) + k) for k in u.relearn_k},  # never a MIX_SALT
                              recovery_windows(data, forget, window, seed),
                              repair_windows(data, window, seed) if u.repair_steps else None)
+            if u.distil_steps:
+                w = distil_windows(data, window, seed)
+                at.distil = lambda step, w=w: w.batch(step, cfg.lm.batch_size)
             for m in by_seed[seed][len(seed_rows):]:
                 row, points = score_method(m, seed, at, u, probe, residual, ticked)
                 seed_rows.append(row)
@@ -482,6 +522,7 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
     return {"rows": rows, "curves": CURVES, "curve_points": curves, "relearn_k": list(u.relearn_k),
             "relearn_steps": u.relearn_steps, "relearn_lr": u.relearn_lr, "recover_cap": u.recover_steps, "repair_steps": u.repair_steps,
             "repair_lr": u.repair_lr,
+            **({"distil_steps": u.distil_steps, "distil_noise": u.distil_noise, "distil_lr": u.distil_lr} if u.distil_steps else {}),
             "eval_positions": {"table": int((es.cls[:, 1:] != ev.PAD).sum()), "curves": int((small.cls[:, 1:] != ev.PAD).sum())},
             "note": ("suppress rows are hooks, not weight edits: they are fine-tuned with the hook kept in place; the matched "
                      "controls (random move, random deletion, random blinding) are not fine-tuned" if u.attack_hooks else

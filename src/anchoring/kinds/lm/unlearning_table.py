@@ -13,6 +13,8 @@ from anchoring.evaluate.stats import median
 from anchoring.kinds.lm.unlearning import (
     CONTROL_ROWS,
     COST_FLOOR,
+    DISTIL_ONLY,
+    DISTILLED,
     DIVERGED,
     MATCHED_COST,
     ND,
@@ -59,8 +61,8 @@ def targets(unlearning: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
     out: dict[str, dict[str, Any]] = {}
     # the writers' deletion first (the edit the targets name), then the readers' blinding, each against
-    # the same edit along the post-hoc mean-difference direction
-    for edit in ("delete", "blind"):
+    # the same edit along the post-hoc mean-difference direction, then the deletion distilled (when scored)
+    for edit in ("delete", "blind", "delete → distil"):
         mine, md = f"anchoring · {edit}", f"mean-difference · {edit}"
         if not any(r["method"] == mine for r in rows):
             continue
@@ -213,7 +215,8 @@ def notes(unlearning: dict[str, Any]) -> list[str]:
     """What the table's cells cannot say (broken fine-tunes, undefined shares, failed attacks, R's
     denominator, the matched and repaired rows), under the CLI's table and the report's alike."""
     said = [diverged_note(unlearning), nothing_kept_note(unlearning), never_lower_note(unlearning),
-            nothing_to_recover_note(unlearning), r_note(unlearning), matched_note(unlearning), repair_note(unlearning)]
+            nothing_to_recover_note(unlearning), r_note(unlearning), matched_note(unlearning), repair_note(unlearning),
+            distil_note(unlearning)]
     return [n for n in said if n]
 
 
@@ -342,3 +345,15 @@ def repair_note(unlearning: dict[str, Any]) -> str:
         return ""
     return (f"every edit (not the filters) was repaired before scoring: {n} fine-tuning steps on retain passages with the "
             "edit re-applied after each step; the mean-difference deletion at anchoring's retain cost is not computed then")
+
+
+def distil_note(unlearning: dict[str, Any]) -> str:
+    """What the distilled rows are ("" when the run scored none)."""
+    n = unlearning.get("distil_steps") or 0
+    if not n:
+        return ""
+    alpha = unlearning["distil_noise"]
+    start = "a fresh model" if alpha == 1 else f"the edited model moved {alpha:g} of the way to a fresh model"
+    return (f"{DISTILLED}: the deleted anchored model distilled into {start} for {n} steps on all training text (peak rate "
+            f"{unlearning['distil_lr']:g}), the student free to write along any direction; {DISTIL_ONLY}: the anchored model "
+            "distilled the same way with no edit, not fine-tuned")
