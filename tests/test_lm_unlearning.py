@@ -1396,12 +1396,12 @@ def test_the_distilled_deletion_is_a_row_with_its_control_and_its_own_targets(un
     """`unlearning.distil_steps`: the deleted anchored model, distilled into a student that starts near it
     (noise 0.2), keeps most of the deletion's rise in concept loss; the same distillation of the unedited
     model, its control, does not raise it as much; the control is not attacked, the distilled deletion is,
-    and the table names both, with target lines of their own."""
+    neither is repaired when the other edits are, and the table names both, with target lines of their own."""
     path, summary = unlearned
     run = lifecycle.load_run(path)
     models = {(arm, s): m for arm in run.arms for s, m in zip(run.seeds, run.arms[arm])}
     u = run.config.unlearning.model_copy(update={"distil_steps": 30, "distil_noise": 0.2, "distil_lr": 1e-3,
-                                                  "recover_steps": 0})
+                                                  "recover_steps": 0, "repair_steps": 2})
     cfg = run.config.model_copy(update={"unlearning": u})
     seen: list[int] = []
     got = ul.evaluate(cfg, run.data, models, progress=lambda done, total: seen.append(total))
@@ -1411,6 +1411,8 @@ def test_the_distilled_deletion_is_a_row_with_its_control_and_its_own_targets(un
     assert d["before"] == alone["before"] == delete_["before"]  # both start from the anchored model
     assert d["fine_tuned"] and set(d["relearn"]) == {"2"} and "leftover" not in d
     assert not alone["fine_tuned"] and not alone["relearn"]
+    assert "edit_only" not in d and "edit_only" not in alone and "edit_only" in rows["anchoring · delete"]  # a retraining: not repaired
+    assert "every edit (not the filters and the distilled rows) was repaired" in ut.repair_note(got)
     assert d["d_forget_concept"] > alone["d_forget_concept"] + 0.5 * delete_["d_forget_concept"], (d, alone, delete_)
     assert got["distil_steps"] == 30 and seen[-1] == seen[0]
     assert seen[0] == sum(ul.method_ticks(m, u) for m in ul.methods(cfg, run.data, models, run.seeds[0]))

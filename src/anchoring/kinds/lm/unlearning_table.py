@@ -62,7 +62,7 @@ def targets(unlearning: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     # the writers' deletion first (the edit the targets name), then the readers' blinding, each against
     # the same edit along the post-hoc mean-difference direction, then the deletion distilled (when scored)
-    for edit in ("delete", "blind", "delete → distil"):
+    for edit in ("delete", "blind", DISTILLED.removeprefix("anchoring · ")):
         mine, md = f"anchoring · {edit}", f"mean-difference · {edit}"
         if not any(r["method"] == mine for r in rows):
             continue
@@ -343,7 +343,8 @@ def repair_note(unlearning: dict[str, Any]) -> str:
     n = unlearning.get("repair_steps") or 0
     if not n:
         return ""
-    return (f"every edit (not the filters) was repaired before scoring: {n} fine-tuning steps on retain passages with the "
+    spared = "the filters and the distilled rows" if unlearning.get("distil_steps") else "the filters"
+    return (f"every edit (not {spared}) was repaired before scoring: {n} fine-tuning steps on retain passages with the "
             "edit re-applied after each step; the mean-difference deletion at anchoring's retain cost is not computed then")
 
 
