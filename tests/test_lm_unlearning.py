@@ -1403,8 +1403,8 @@ def test_the_distilled_deletion_is_a_row_with_its_control_and_its_own_targets(un
     u = run.config.unlearning.model_copy(update={"distil_steps": 30, "distil_noise": 0.2, "distil_lr": 1e-3,
                                                   "recover_steps": 0, "repair_steps": 2})
     cfg = run.config.model_copy(update={"unlearning": u})
-    seen: list[int] = []
-    got = ul.evaluate(cfg, run.data, models, progress=lambda done, total: seen.append(total))
+    seen: list[tuple[int, int]] = []
+    got = ul.evaluate(cfg, run.data, models, progress=lambda done, total: seen.append((done, total)))
     rows = {r["method"]: r for r in got["rows"]}
     plain = {r["method"]: r for r in summary["unlearning"]["rows"]}
     d, alone, delete_ = rows[ul.DISTILLED], rows[ul.DISTIL_ONLY], plain["anchoring · delete"]
@@ -1414,8 +1414,13 @@ def test_the_distilled_deletion_is_a_row_with_its_control_and_its_own_targets(un
     assert "edit_only" not in d and "edit_only" not in alone and "edit_only" in rows["anchoring · delete"]  # a retraining: not repaired
     assert "every edit (not the filters and the distilled rows) was repaired" in ut.repair_note(got)
     assert d["d_forget_concept"] > alone["d_forget_concept"] + 0.5 * delete_["d_forget_concept"], (d, alone, delete_)
-    assert got["distil_steps"] == 30 and seen[-1] == seen[0]
-    assert seen[0] == sum(ul.method_ticks(m, u) for m in ul.methods(cfg, run.data, models, run.seeds[0]))
+    assert d["after"]["retain"] != pytest.approx(delete_["after"]["retain"], abs=1e-4)  # a student, not the deleted model
+    assert alone["retain_cost"] > 0.01  # a student that falls short of its teacher costs ordinary text
+    assert got["distil_steps"] == 30
+    total = sum(ul.method_ticks(m, u) for m in ul.methods(cfg, run.data, models, run.seeds[0]))
+    assert all(t == total and d_ <= t for d_, t in seen) and seen[-1][0] == total  # the distillations' steps counted
+    distilling = ul.method_ticks(ul.distil_methods(cfg, models["anchored", run.seeds[0]], run.seeds[0])[1], u)
+    assert distilling == 30  # the control: its distillation only (not repaired, not attacked)
     assert any("anchoring · delete → distil: the deleted anchored model distilled" in n for n in ut.notes(got))
     assert f"{ul.DISTILLED} keeps ≥ 50% of Δforget after relearning on K = 2" in ut.targets(got)
     assert ul.DISTILLED not in plain  # off by default
@@ -1429,3 +1434,36 @@ def test_relearn_refuses_to_distil_a_run_without_the_anchored_arm(unlearned):
     del run.arms["anchored"]  # a run that trained the control and filters only
     with pytest.raises(AnchoringError, match="--distil-steps distils anchoring's deletion, and this run has only control"):
         control.relearn(run, distil_steps=5)
+
+
+def test_a_distillation_that_blows_up_is_recorded_on_its_rows_and_the_rest_of_the_table_stands(unlearned):
+    """A distillation rate far too high breaks the student: its rows say so and are undefined after the
+    edit, their target lines are not met and name the distillation, and every other row is as before."""
+    path, summary = unlearned
+    run = lifecycle.load_run(path)
+    models = {(arm, s): m for arm in run.arms for s, m in zip(run.seeds, run.arms[arm])}
+    u = run.config.unlearning.model_copy(update={"distil_steps": 3, "distil_lr": 1e30, "recover_steps": 0, "relearn_steps": 1})
+    got = ul.evaluate(run.config.model_copy(update={"unlearning": u}), run.data, models)
+    rows = {r["method"]: r for r in got["rows"]}
+    for name in (ul.DISTILLED, ul.DISTIL_ONLY):
+        assert rows[name]["repair_diverged"].startswith("the distillation's fine-tuning diverged"), rows[name]
+        assert math.isnan(rows[name]["d_forget_concept"]) and "edit_only" not in rows[name]
+    assert rows["anchoring · delete"]["d_forget_concept"] == pytest.approx(
+        {r["method"]: r for r in summary["unlearning"]["rows"]}["anchoring · delete"]["d_forget_concept"], abs=1e-6)
+    said = " ".join(ut.notes(got))
+    assert "2 distillation(s) diverged at unlearning.distil_lr 1e+30" in said and "repair(s) diverged" not in said
+    line = ut.targets(got)[f"{ul.DISTILLED}: Δforget at concept positions ≥ 0.5 nats/char"]
+    assert not line["met"] and "(1 seed's distillation diverged, left out: not met)" in report.left_out_note(line)
+
+
+def test_relearn_distil_steps_adds_the_distilled_rows_to_the_attack(unlearned):
+    path, _summary = unlearned
+    out = path / "relearn" / "violence"
+    r = CliRunner().invoke(app, ["relearn", str(path), "--samples", "2", "--steps", "1", "--distil-steps", "2",
+                                 "--distil-noise", "0.5", "--distil-lr", "1e-3"])
+    assert r.exit_code == 0, r.stderr
+    got = json.loads((out / "summary.json").read_text())
+    rows = {x["method"]: x for x in got["unlearning"]["rows"]}
+    assert {ul.DISTILLED, ul.DISTIL_ONLY} <= set(rows) and rows[ul.DISTILLED]["relearn"]
+    assert got["unlearning_config"]["distil_steps"] == 2 and got["unlearning"]["distil_noise"] == 0.5
+    assert "moved 0.5 of the way to a fresh model" in r.stdout.replace("\n", " ")

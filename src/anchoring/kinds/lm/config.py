@@ -155,8 +155,8 @@ class UnlearningConfig(_Strict):
                                                     "moves a converged model enough to cost retain text by itself)")
     distil_steps: int = Field(0, ge=0, description="distil anchoring's deletion into a fresh (or partly noised) model for "
                               "this many steps on all training text, and score it as one more row, with the same "
-                              "distillation of the unedited anchored model as its control (0: none; about a training "
-                              "run's time per seed)")
+                              "distillation of the unedited anchored model as its control (0: none; two "
+                              "distillations per seed, each about a training run's time at 1000 steps)")
     distil_noise: float = Field(1.0, gt=0, le=1, description="how far the student starts from the teacher's weights "
                                 "towards a fresh model's (1: a fresh model)")
     distil_lr: float = Field(3e-3, gt=0, description="peak rate of the distillation (warm-up from 1e-4, flat, down to a tenth)")

@@ -302,10 +302,10 @@ def relearn(run, concept: str | None = None, samples: list[int] | None = None, s
         raise AnchoringError(f"relearning is measured against the control arm, and this run has only "
                              f"{', '.join(run.arms)}; train it with the control (lm.arms)")
     u = cfg.unlearning
-    given = {"relearn_k": samples, "relearn_steps": steps, "relearn_lr": lr, "eval_chars": eval_chars,
-             "repair_steps": repair_steps, "repair_lr": repair_lr, "distil_steps": distil_steps,
-             "distil_noise": distil_noise, "distil_lr": distil_lr}
-    update: dict[str, Any] = {"enabled": True, **{k: v for k, v in given.items() if v is not None}}
+    options = {"relearn_k": samples, "relearn_steps": steps, "relearn_lr": lr, "eval_chars": eval_chars,
+               "repair_steps": repair_steps, "repair_lr": repair_lr, "distil_steps": distil_steps,
+               "distil_noise": distil_noise, "distil_lr": distil_lr}
+    update: dict[str, Any] = {"enabled": True, **{k: v for k, v in options.items() if v is not None}}
     try:  # the config's own checks, so the bounds and messages are the config keys'
         u = type(u).model_validate({**u.model_dump(), **update})
     except ValidationError as e:

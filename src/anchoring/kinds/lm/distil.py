@@ -23,8 +23,8 @@ START = 1e-4  # the rate the warm-up starts from, as in the shipped training sch
 
 
 def fresh_model(build: Callable[[], nn.Module], seed: int) -> nn.Module:
-    """A newly initialised model for seed `seed`, the same on every call, without moving the global RNG
-    (which the caller's other methods and fine-tunes may draw from)."""
+    """A newly initialised model for seed `seed`, the same on every call, without moving the CPU's global
+    RNG (which the caller's other methods and fine-tunes may draw from; the evaluation runs on the CPU)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(INIT_SEED + seed)
         return build()
@@ -47,7 +47,8 @@ def noised(model: nn.Module, fresh: nn.Module, alpha: float) -> nn.Module:
 
 def rate(step: int, steps: int, lr: float) -> float:
     """The share of the peak rate `lr` at `step` of `steps`: a linear warm-up over the first 5% from 1e-4
-    (or from `lr` when that is lower), flat to 80%, then down to a tenth. Why: the shipped LM schedules
+    (or from `lr` when that is lower), flat to 80%, then down towards a tenth (0.1 + 4.5/steps at the
+    last step). Why: the shipped LM schedules
     train this way, and a student trained from scratch at a constant rate ends visibly short of its
     teacher in the same steps."""
     f = step / steps

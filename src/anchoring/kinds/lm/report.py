@@ -123,12 +123,14 @@ def left_out_note(t: dict[str, Any]) -> str:
     said = f" ({n} seed{'s' * (n != 1)} undefined, {treated})" if n else ""
     broke = t.get("diverged_seeds") or 0
     unrepaired = t.get("repair_diverged_seeds") or 0
+    undistilled = t.get("distil_diverged_seeds") or 0
 
     def whose(n: int) -> str:
         return f"{n} seed's" if n == 1 else f"{n} seeds'"
 
     return (said + (f" ({whose(broke)} attack diverged, left out: not met)" if broke else "")
-            + (f" ({whose(unrepaired)} repair diverged, left out: not met)" if unrepaired else ""))
+            + (f" ({whose(unrepaired)} repair diverged, left out: not met)" if unrepaired else "")
+            + (f" ({whose(undistilled)} distillation diverged, left out: not met)" if undistilled else ""))
 
 
 TARGET_STEPS = 1000  # the budget the LM targets are stated for: every built-in LM schedule's length

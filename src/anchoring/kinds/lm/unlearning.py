@@ -21,7 +21,9 @@ Methods, per seed (each with the model it starts from, "before", and the one it 
 
 With `unlearning.repair_steps` > 0 every edit's "after" model is first *repaired*: fine-tuned on
 retain passages only, with the edit put back after every step (`repair`), before it is scored
-and attacked. The filters are trained arms, not edits, and are not repaired.
+and attacked. The filters are trained arms, not edits, and are not repaired; nor are the distilled
+rows, whose distillation is a retraining (a distillation that diverges is recorded as a repair that
+diverged is).
 
 Losses are nats per character on held-out text (`evaluate.eval_set`): *forget* = every token of a
 reference-positive passage, *concept* = its concept positions, *retain* = every token of a
@@ -47,7 +49,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from anchoring import runs
-from anchoring.control.relearn import diverging
 from anchoring.control.relearn import finetune as shared_finetune
 from anchoring.control.surgery import residual_component
 from anchoring.errors import AnchoringError
@@ -61,7 +62,8 @@ CURVES = "unlearning_curves.csv"
 PARTIAL = "unlearning-partial"  # a run's finished methods while its evaluation is unfinished (one JSON file per seed)
 SCORING = 2  # part of every saved seed's key: raise it whenever a change alters what a row or curve holds, so an
 # evaluation resumed after an upgrade never reads rows the older code scored (2: ratio floors, relative β tolerance)
-PICK_SALT, BATCH_SALT, MIX_SALT, REPAIR_SALT, MIX_RETAIN_SALT, DISTIL_SALT = 0x4E1, 0x4E2, 0x4E3, 0x4E4, 0x4E5, 0x309
+PICK_SALT, BATCH_SALT, MIX_SALT, REPAIR_SALT, MIX_RETAIN_SALT = 0x4E1, 0x4E2, 0x4E3, 0x4E4, 0x4E5
+DISTIL_SALT = 0x309  # the distillation's windows: the salt of its first measurements (docs/lm.md), kept so they reproduce
 TINY = 1e-6  # nats/char: a difference this small is no difference
 COST_FLOOR = 1e-3  # nats/char: a change under this prints as 0.000 or 0.001, and a ratio over it says more about rounding than
 # about the edit (Δforget 0.005 over a cost of 0.0002 read as 25): a ratio with such a denominator is ∞ or undefined
@@ -317,8 +319,8 @@ def _saved_seed(partial: Path, seed: int, key: str) -> dict[str, Any] | None:
 
 
 def method_ticks(m: Method, u: UnlearningConfig) -> int:
-    """The fine-tuning steps one method is given: its repair, attacks and recovery (a recovery may stop
-    early, and a fine-tune that diverges stops there)."""
+    """The fine-tuning steps one method is given: its distillation, repair, attacks and recovery (a
+    recovery may stop early, and a fine-tune that diverges stops there)."""
     attacks = len(u.relearn_k) * u.relearn_steps + u.recover_steps if attacked(m, u.attack_hooks) else 0
     return attacks + (u.repair_steps if m.repairable else 0) + (u.distil_steps if m.student is not None else 0)
 
@@ -364,14 +366,16 @@ def score_method(m: Method, seed: int, at: SeedSetting, u: UnlearningConfig, pro
 
 def _score_method(m: Method, seed: int, at: SeedSetting, u: UnlearningConfig, probe: torch.Tensor, residual: list[str],
                   tick: Callable[[], None]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """One method's table row and fine-tuning curve points: its repair (when asked), its losses before
-    and after, the deletion's leftover, the relearning attacks and the recovery."""
+    """One method's table row and fine-tuning curve points: its distillation or repair (when asked), its
+    losses before and after, the deletion's leftover, the relearning attacks and the recovery."""
     es, small, bs, target = at.es, at.small, at.bs, at.target
     curves: list[dict[str, Any]] = []
     edit_only = None
     if m.student is not None:
-        with diverging(f"the distillation of {m.name} (seed {seed})", "give a smaller unlearning.distil_lr"):
+        try:
             m.after = distil.distilled(m.after, m.student, at.distil, u.distil_steps, u.distil_lr, tick)
+        except Diverged as e:  # recorded as a broken repair is: the run's other methods and seeds still count
+            return broken_repair_row(m, seed, losses(m.before, es, bs), None, u, f"the distillation's {e}"), curves
     if at.fix is not None and m.repairable:
         edit_only = losses(m.after, es, bs)
         fix = at.fix
@@ -417,14 +421,17 @@ def _score_method(m: Method, seed: int, at: SeedSetting, u: UnlearningConfig, pr
     return row, curves
 
 
-def broken_repair_row(m: Method, seed: int, before: dict[str, float], edit_only: dict[str, float], u: UnlearningConfig,
-                      message: str) -> dict[str, Any]:
-    """The row of a method whose repair diverged (a rate too high for the edited model): its losses after,
-    its differences, relearning and recovery are undefined, not those of broken weights, and
-    `repair_diverged` says why. Failing instead would lose a run that trained for hours, and the
-    targets this row would count towards are reported as not met."""
+def broken_repair_row(m: Method, seed: int, before: dict[str, float], edit_only: dict[str, float] | None,
+                      u: UnlearningConfig, message: str) -> dict[str, Any]:
+    """The row of a method whose repair or distillation diverged (a rate too high for the model; `edit_only`
+    None for a distillation, which has no edit alone to show): its losses after, its differences,
+    relearning and recovery are undefined, not those of broken weights, and `repair_diverged` says why.
+    Failing instead would lose a run that trained for hours, and the targets this row would count
+    towards are reported as not met."""
     row = _row(m.name, seed, m.arm, m.weights_edited, before, dict.fromkeys(before, float("nan")), attacked(m, u.attack_hooks))
-    row.update(edit_only=edit_only, repair_steps=u.repair_steps, repair_diverged=message)
+    row["repair_diverged"] = message
+    if edit_only is not None:
+        row.update(edit_only=edit_only, repair_steps=u.repair_steps)
     if row["fine_tuned"]:  # it would have been attacked and recovered: neither ran
         row["recover_diverged"] = message
     return row

@@ -57,7 +57,8 @@ def targets(unlearning: dict[str, Any]) -> dict[str, dict[str, Any]]:
         are undefined and left out, so the line is not met on them (a median over the seeds that
         survived says nothing of the ones that did not)."""
         broke = len({r["seed"] for r in rows if r["method"] in methods and r.get("repair_diverged")})
-        return {**line, "met": False, "repair_diverged_seeds": broke} if broke else line
+        key = "distil_diverged_seeds" if DISTILLED in methods else "repair_diverged_seeds"  # never repaired: its own fine-tune
+        return {**line, "met": False, key: broke} if broke else line
 
     out: dict[str, dict[str, Any]] = {}
     # the writers' deletion first (the edit the targets name), then the readers' blinding, each against
@@ -249,7 +250,10 @@ def diverged_note(unlearning: dict[str, Any]) -> str:
            for k, got in (r.get("relearn") or {}).items() if got.get("diverged")]
     out += [f"{r['method']} seed {r['seed']} recovery" for r in unlearning["rows"]
             if r.get("recover_diverged") and not r.get("repair_diverged")]
-    repairs = [f"{r['method']} seed {r['seed']}" for r in unlearning["rows"] if r.get("repair_diverged")]
+    repairs = [f"{r['method']} seed {r['seed']}" for r in unlearning["rows"]
+               if r.get("repair_diverged") and r["method"] not in (DISTILLED, DISTIL_ONLY)]
+    distils = [f"{r['method']} seed {r['seed']}" for r in unlearning["rows"]
+               if r.get("repair_diverged") and r["method"] in (DISTILLED, DISTIL_ONLY)]
     said = []
     if out:
         said.append(f"{len(out)} fine-tune(s) diverged at unlearning.relearn_lr {unlearning.get('relearn_lr', '?')} and stop "
@@ -259,6 +263,10 @@ def diverged_note(unlearning: dict[str, Any]) -> str:
         said.append(f"{len(repairs)} repair(s) diverged at unlearning.repair_lr {unlearning.get('repair_lr', '?')}, so "
                     f"everything after the edit is undefined there and the method's targets are not met (a smaller rate: "
                     f"`anchoring relearn RUN --repair-lr`): " + "; ".join(repairs))
+    if distils:
+        said.append(f"{len(distils)} distillation(s) diverged at unlearning.distil_lr {unlearning.get('distil_lr', '?')}, so "
+                    f"everything after it is undefined there and the method's targets are not met (a smaller rate: "
+                    f"`anchoring relearn RUN --distil-lr`): " + "; ".join(distils))
     return ". ".join(said)
 
 
@@ -354,7 +362,7 @@ def distil_note(unlearning: dict[str, Any]) -> str:
     if not n:
         return ""
     alpha = unlearning["distil_noise"]
-    start = "a fresh model" if alpha == 1 else f"the edited model moved {alpha:g} of the way to a fresh model"
+    start = "a fresh model" if alpha == 1 else f"a copy of its teacher moved {alpha:g} of the way to a fresh model"
     return (f"{DISTILLED}: the deleted anchored model distilled into {start} for {n} steps on all training text (peak rate "
             f"{unlearning['distil_lr']:g}), the student free to write along any direction; {DISTIL_ONLY}: the anchored model "
-            "distilled the same way with no edit, not fine-tuned")
+            "distilled the same way with no edit, not attacked")
