@@ -48,9 +48,8 @@ def noised(model: nn.Module, fresh: nn.Module, alpha: float) -> nn.Module:
 def rate(step: int, steps: int, lr: float) -> float:
     """The share of the peak rate `lr` at `step` of `steps`: a linear warm-up over the first 5% from 1e-4
     (or from `lr` when that is lower), flat to 80%, then down towards a tenth (0.1 + 4.5/steps at the
-    last step). Why: the shipped LM schedules
-    train this way, and a student trained from scratch at a constant rate ends visibly short of its
-    teacher in the same steps."""
+    last step). Why: the shipped LM schedules train this way, and a student trained from scratch at a
+    constant rate ends visibly short of its teacher in the same steps."""
     f = step / steps
     start = min(1.0, START / lr)
     if f < 0.05:
