@@ -34,6 +34,7 @@ The table, the targets and their notes are read from these rows by `unlearning_t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -506,10 +507,8 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
             at = SeedSetting(es, small, bs, losses(control, small, bs)["concept"], forget,
                              {k: Windows(data, forget[:k], window, seed, (BATCH_SALT << 20) + k) for k in u.relearn_k},  # never a MIX_SALT
                              recovery_windows(data, forget, window, seed),
-                             repair_windows(data, window, seed) if u.repair_steps else None)
-            if u.distil_steps:
-                w = distil_windows(data, window, seed)
-                at.distil = lambda step, w=w: w.batch(step, cfg.lm.batch_size)
+                             repair_windows(data, window, seed) if u.repair_steps else None,
+                             functools.partial(distil_windows(data, window, seed).batch, n=cfg.lm.batch_size) if u.distil_steps else None)
             for m in by_seed[seed][len(seed_rows):]:
                 row, points = score_method(m, seed, at, u, probe, residual, ticked)
                 seed_rows.append(row)

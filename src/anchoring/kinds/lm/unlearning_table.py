@@ -250,23 +250,18 @@ def diverged_note(unlearning: dict[str, Any]) -> str:
            for k, got in (r.get("relearn") or {}).items() if got.get("diverged")]
     out += [f"{r['method']} seed {r['seed']} recovery" for r in unlearning["rows"]
             if r.get("recover_diverged") and not r.get("repair_diverged")]
-    repairs = [f"{r['method']} seed {r['seed']}" for r in unlearning["rows"]
-               if r.get("repair_diverged") and r["method"] not in (DISTILLED, DISTIL_ONLY)]
-    distils = [f"{r['method']} seed {r['seed']}" for r in unlearning["rows"]
-               if r.get("repair_diverged") and r["method"] in (DISTILLED, DISTIL_ONLY)]
+    broken = [r for r in unlearning["rows"] if r.get("repair_diverged")]  # a repair's, or a distillation's (never repaired)
     said = []
     if out:
         said.append(f"{len(out)} fine-tune(s) diverged at unlearning.relearn_lr {unlearning.get('relearn_lr', '?')} and stop "
                     f"at their last finite point, their relearned, kept and recovery undefined (a smaller rate: `anchoring "
                     f"relearn RUN --lr`): " + "; ".join(out))
-    if repairs:
-        said.append(f"{len(repairs)} repair(s) diverged at unlearning.repair_lr {unlearning.get('repair_lr', '?')}, so "
-                    f"everything after the edit is undefined there and the method's targets are not met (a smaller rate: "
-                    f"`anchoring relearn RUN --repair-lr`): " + "; ".join(repairs))
-    if distils:
-        said.append(f"{len(distils)} distillation(s) diverged at unlearning.distil_lr {unlearning.get('distil_lr', '?')}, so "
-                    f"everything after it is undefined there and the method's targets are not met (a smaller rate: "
-                    f"`anchoring relearn RUN --distil-lr`): " + "; ".join(distils))
+    for noun, key, after, distilled in (("repair", "repair", "the edit", False), ("distillation", "distil", "it", True)):
+        names = [f"{r['method']} seed {r['seed']}" for r in broken if (r["method"] in (DISTILLED, DISTIL_ONLY)) == distilled]
+        if names:
+            said.append(f"{len(names)} {noun}(s) diverged at unlearning.{key}_lr {unlearning.get(f'{key}_lr', '?')}, so "
+                        f"everything after {after} is undefined there and the method's targets are not met (a smaller rate: "
+                        f"`anchoring relearn RUN --{key}-lr`): " + "; ".join(names))
     return ". ".join(said)
 
 
