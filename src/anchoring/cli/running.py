@@ -52,7 +52,7 @@ def run_cmd(
         if nproc is not None:
             key = kind_of(cfg).nproc_key
             if key is None:
-                fail(f"--nproc is for {kinds_with(lambda k: k.nproc_key is not None)} experiments; {cfg.name!r} is a {cfg.kind!r} experiment")
+                fail(f"--nproc is for {_parallel_kinds()} experiments; {cfg.name!r} is a {cfg.kind!r} experiment")
             if nproc < 1:
                 fail(f"--nproc must be a positive integer, got {nproc}")
             if any(o.split("=", 1)[0].strip() == key for o in overrides):
@@ -70,7 +70,7 @@ def run_cmd(
     launched = runtime.launched_by_torchrun()
     if launched:
         if kind_of(cfg).nproc_key is None:
-            fail(f"torchrun runs {kinds_with(lambda k: k.nproc_key is not None)} experiments only; {cfg.name!r} is a {cfg.kind!r} experiment")
+            fail(f"torchrun runs {_parallel_kinds()} experiments only; {cfg.name!r} is a {cfg.kind!r} experiment")
         if out_dir is None:
             fail(f"under torchrun, run {cfg.name!r} with --out DIR (every worker must write the same run)")
         _check_split(cfg, launched[1])
@@ -89,6 +89,11 @@ def _follow(cfg, path: Path, rank: int) -> None:
         stopped(f"rank {rank}: interrupted; its checkpoint is saved")
     except AnchoringError as e:
         fail(str(e))
+
+
+def _parallel_kinds() -> str:
+    """The kinds that train data-parallel, as the errors name them."""
+    return kinds_with(lambda k: k.nproc_key is not None)
 
 
 def _check_split(cfg, world: int, flag: str | None = None) -> None:
@@ -129,7 +134,7 @@ def resume_cmd(run_dir: Path = typer.Argument(..., help="run directory with a ch
         try:
             cfg = lifecycle.resumable_config(run_dir, warn=lambda _: None)  # rank 0 warns below, in lifecycle.resume
             if kind_of(cfg).nproc_key is None:
-                fail(f"torchrun resumes {kinds_with(lambda k: k.nproc_key is not None)} runs only; {str(run_dir)!r} is a {cfg.kind!r} run")
+                fail(f"torchrun resumes {_parallel_kinds()} runs only; {str(run_dir)!r} is a {cfg.kind!r} run")
             _check_split(cfg, launched[1])
             if launched[0] != 0:
                 _follow(cfg, run_dir, launched[0])
