@@ -1396,7 +1396,8 @@ def test_the_distilled_deletion_is_a_row_with_its_control_and_its_own_targets(un
     """`unlearning.distil_steps`: the deleted anchored model, distilled into a student that starts near it
     (noise 0.2), keeps most of the deletion's rise in concept loss; the same distillation of the unedited
     model, its control, does not raise it as much; the control is not attacked, the distilled deletion is,
-    neither is repaired when the other edits are, and the table names both, with target lines of their own."""
+    both are repaired after their distillation when the other edits are, and the table names both, with
+    target lines of their own."""
     path, summary = unlearned
     run = lifecycle.load_run(path)
     models = {(arm, s): m for arm in run.arms for s, m in zip(run.seeds, run.arms[arm])}
@@ -1411,8 +1412,9 @@ def test_the_distilled_deletion_is_a_row_with_its_control_and_its_own_targets(un
     assert d["before"] == alone["before"] == delete_["before"]  # both start from the anchored model
     assert d["fine_tuned"] and set(d["relearn"]) == {"2"} and "leftover" not in d
     assert not alone["fine_tuned"] and not alone["relearn"]
-    assert "edit_only" not in d and "edit_only" not in alone and "edit_only" in rows["anchoring · delete"]  # a retraining: not repaired
-    assert "every edit (not the filters and the distilled rows) was repaired" in ut.repair_note(got)
+    for r in (d, alone):  # repaired after the distillation: the unrepaired student is kept beside the repaired one
+        assert r["repair_steps"] == 2 and r["edit_only"]["retain"] != pytest.approx(r["after"]["retain"], abs=1e-6), r
+    assert "the distilled rows after their distillation, with no edit to re-apply" in ut.repair_note(got)
     assert d["d_forget_concept"] > alone["d_forget_concept"] + 0.5 * delete_["d_forget_concept"], (d, alone, delete_)
     assert d["after"]["retain"] != pytest.approx(delete_["after"]["retain"], abs=1e-4)  # a student, not the deleted model
     assert alone["retain_cost"] > 0.01  # a student that falls short of its teacher costs ordinary text
@@ -1420,7 +1422,7 @@ def test_the_distilled_deletion_is_a_row_with_its_control_and_its_own_targets(un
     total = sum(ul.method_ticks(m, u) for m in ul.methods(cfg, run.data, models, run.seeds[0]))
     assert all(t == total and d_ <= t for d_, t in seen) and seen[-1][0] == total  # the distillations' steps counted
     distilling = ul.method_ticks(ul.distil_methods(cfg, models["anchored", run.seeds[0]], run.seeds[0])[1], u)
-    assert distilling == 30  # the control: its distillation only (not repaired, not attacked)
+    assert distilling == 30 + 2  # the control: its distillation and repair (not attacked)
     assert any("anchoring · delete → distil: the deleted anchored model distilled" in n for n in ut.notes(got))
     assert f"{ul.DISTILLED} keeps ≥ 50% of Δforget after relearning on K = 2" in ut.targets(got)
     assert ul.DISTILLED not in plain  # off by default
@@ -1454,6 +1456,25 @@ def test_a_distillation_that_blows_up_is_recorded_on_its_rows_and_the_rest_of_th
     assert "2 distillation(s) diverged at unlearning.distil_lr 1e+30" in said and "repair(s) diverged" not in said
     line = ut.targets(got)[f"{ul.DISTILLED}: Δforget at concept positions ≥ 0.5 nats/char"]
     assert not line["met"] and "(1 seed's distillation diverged, left out: not met)" in report.left_out_note(line)
+
+
+def test_a_repair_that_blows_up_after_a_distillation_is_named_as_the_repair(unlearned):
+    """The distilled rows are repaired like every edit; a repair rate far too high breaks them there, and
+    their rows, target lines and notes say it was the repair, not the distillation, that diverged."""
+    path, _summary = unlearned
+    run = lifecycle.load_run(path)
+    models = {(arm, s): m for arm in run.arms for s, m in zip(run.seeds, run.arms[arm])}
+    u = run.config.unlearning.model_copy(update={"distil_steps": 3, "distil_lr": 1e-3, "repair_steps": 3, "repair_lr": 1e30,
+                                                  "recover_steps": 0, "relearn_steps": 1})
+    got = ul.evaluate(run.config.model_copy(update={"unlearning": u}), run.data, models)
+    rows = {r["method"]: r for r in got["rows"]}
+    for name in (ul.DISTILLED, ul.DISTIL_ONLY):
+        assert rows[name]["repair_diverged"].startswith("the repair's"), rows[name]
+        assert "edit_only" in rows[name] and math.isnan(rows[name]["d_forget_concept"])
+    line = ut.targets(got)[f"{ul.DISTILLED}: Δforget at concept positions ≥ 0.5 nats/char"]
+    assert not line["met"] and line["repair_diverged_seeds"] == 1 and "distil_diverged_seeds" not in line, line
+    said = " ".join(ut.notes(got))
+    assert f"{ul.DISTILLED} seed {run.seeds[0]}" in said and "distillation(s) diverged" not in said, said
 
 
 def test_relearn_distil_steps_adds_the_distilled_rows_to_the_attack(unlearned):

@@ -21,9 +21,9 @@ Methods, per seed (each with the model it starts from, "before", and the one it 
 
 With `unlearning.repair_steps` > 0 every edit's "after" model is first *repaired*: fine-tuned on
 retain passages only, with the edit put back after every step (`repair`), before it is scored
-and attacked. The filters are trained arms, not edits, and are not repaired; nor are the distilled
-rows, whose distillation is a retraining (a distillation that diverges is recorded as a repair that
-diverged is).
+and attacked. The filters are trained arms, not edits, and are not repaired. The distilled rows are
+repaired after their distillation, with nothing to put back (a distillation that diverges is recorded
+as a repair that diverged is).
 
 Losses are nats per character on held-out text (`evaluate.eval_set`): *forget* = every token of a
 reference-positive passage, *concept* = its concept positions, *retain* = every token of a
@@ -61,8 +61,9 @@ from anchoring.train.skeleton import Diverged
 
 CURVES = "unlearning_curves.csv"
 PARTIAL = "unlearning-partial"  # a run's finished methods while its evaluation is unfinished (one JSON file per seed)
-SCORING = 2  # part of every saved seed's key: raise it whenever a change alters what a row or curve holds, so an
-# evaluation resumed after an upgrade never reads rows the older code scored (2: ratio floors, relative β tolerance)
+SCORING = 3  # part of every saved seed's key: raise it whenever a change alters what a row or curve holds, so an
+# evaluation resumed after an upgrade never reads rows the older code scored (2: ratio floors, relative β tolerance;
+# 3: the distilled rows repaired with the other edits)
 PICK_SALT, BATCH_SALT, MIX_SALT, REPAIR_SALT, MIX_RETAIN_SALT = 0x4E1, 0x4E2, 0x4E3, 0x4E4, 0x4E5
 DISTIL_SALT = 0x309  # the distillation's windows: the salt of its first measurements (docs/lm.md), kept so they reproduce
 TINY = 1e-6  # nats/char: a difference this small is no difference
@@ -80,6 +81,7 @@ MATCHED_COST = "mean-difference · delete at anchoring's retain cost"  # the del
 REPAIR_ONLY = "repair alone (control)"  # a model repaired without any edit (the table: the control arm; `delete`: the anchored arm)
 DISTILLED = "anchoring · delete → distil"  # the deletion distilled into a fresh or noised model (`distil`)
 DISTIL_ONLY = "distil alone (control)"  # the anchored model distilled the same way with no edit
+DISTIL_BROKE = "the distillation's"  # how a row's `repair_diverged` starts when its distillation, not its repair, broke
 # a method's control, not a method: figures draw it apart, never attacked
 CONTROL_ROWS = (MATCHED_RANDOM, MATCHED_DELETE, MATCHED_BLIND, REPAIR_ONLY, DISTIL_ONLY)
 Progress = Callable[[int, int], None]
@@ -190,17 +192,18 @@ def methods(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.Mo
 def distil_methods(cfg: LMExperiment, anchored: nn.Module, seed: int) -> list[Method]:
     """The distilled deletion and its control: the anchored model deleted, or left as it is, each the
     teacher of a student that starts `unlearning.distil_noise` of the way from it to a fresh model
-    (the same fresh model for both, per seed). Neither is repaired: the distillation is a retraining."""
+    (the same fresh model for both, per seed). With `unlearning.repair_steps`, both students are then
+    repaired like every edit, with no edit to re-apply: a student's axes are its own, so retain-only
+    steps are all the repair can be."""
     from anchoring.kinds.lm.edits import edited
     from anchoring.kinds.lm.training import build_model
 
     u = cfg.unlearning
     fresh = distil.fresh_model(lambda: build_model(cfg, anchored.embed.weight.shape[0], "anchored", seed), seed)
     deleted = edited(anchored, cfg, "delete")
-    return [Method(DISTILLED, "anchored", anchored, deleted, True, repairable=False,  # no leftover: the student's axes are its own
+    return [Method(DISTILLED, "anchored", anchored, deleted, True,  # no leftover: the student's axes are its own
                    student=distil.noised(deleted, fresh, u.distil_noise)),
-            Method(DISTIL_ONLY, "anchored", anchored, anchored, True, repairable=False,
-                   student=distil.noised(anchored, fresh, u.distil_noise))]
+            Method(DISTIL_ONLY, "anchored", anchored, anchored, True, student=distil.noised(anchored, fresh, u.distil_noise))]
 
 
 def repair(model: nn.Module, redo: Callable[[nn.Module], nn.Module] | None, batches: Callable[[int], torch.Tensor],
@@ -376,7 +379,7 @@ def _score_method(m: Method, seed: int, at: SeedSetting, u: UnlearningConfig, pr
         try:
             m.after = distil.distilled(m.after, m.student, at.distil, u.distil_steps, u.distil_lr, tick)
         except Diverged as e:  # recorded as a broken repair is: the run's other methods and seeds still count
-            return broken_repair_row(m, seed, losses(m.before, es, bs), None, u, f"the distillation's {e}"), curves
+            return broken_repair_row(m, seed, losses(m.before, es, bs), None, u, f"{DISTIL_BROKE} {e}"), curves
     if at.fix is not None and m.repairable:
         edit_only = losses(m.after, es, bs)
         fix = at.fix

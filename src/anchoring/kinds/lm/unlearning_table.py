@@ -13,6 +13,7 @@ from anchoring.evaluate.stats import median
 from anchoring.kinds.lm.unlearning import (
     CONTROL_ROWS,
     COST_FLOOR,
+    DISTIL_BROKE,
     DISTIL_ONLY,
     DISTILLED,
     DIVERGED,
@@ -56,9 +57,10 @@ def targets(unlearning: dict[str, Any]) -> dict[str, dict[str, Any]]:
         """A target line of `methods` with the seeds where a repair of any of them diverged: their values
         are undefined and left out, so the line is not met on them (a median over the seeds that
         survived says nothing of the ones that did not)."""
-        broke = len({r["seed"] for r in rows if r["method"] in methods and r.get("repair_diverged")})
-        key = "distil_diverged_seeds" if DISTILLED in methods else "repair_diverged_seeds"  # never repaired: its own fine-tune
-        return {**line, "met": False, key: broke} if broke else line
+        broken = [r for r in rows if r["method"] in methods and r.get("repair_diverged")]
+        counts = {key: len({r["seed"] for r in broken if r["repair_diverged"].startswith(DISTIL_BROKE) == distilled})
+                  for key, distilled in (("repair_diverged_seeds", False), ("distil_diverged_seeds", True))}
+        return {**line, "met": False, **{k: n for k, n in counts.items() if n}} if broken else line
 
     out: dict[str, dict[str, Any]] = {}
     # the writers' deletion first (the edit the targets name), then the readers' blinding, each against
@@ -250,14 +252,14 @@ def diverged_note(unlearning: dict[str, Any]) -> str:
            for k, got in (r.get("relearn") or {}).items() if got.get("diverged")]
     out += [f"{r['method']} seed {r['seed']} recovery" for r in unlearning["rows"]
             if r.get("recover_diverged") and not r.get("repair_diverged")]
-    broken = [r for r in unlearning["rows"] if r.get("repair_diverged")]  # a repair's, or a distillation's (never repaired)
+    broken = [r for r in unlearning["rows"] if r.get("repair_diverged")]  # a repair's, or a distillation's
     said = []
     if out:
         said.append(f"{len(out)} fine-tune(s) diverged at unlearning.relearn_lr {unlearning.get('relearn_lr', '?')} and stop "
                     f"at their last finite point, their relearned, kept and recovery undefined (a smaller rate: `anchoring "
                     f"relearn RUN --lr`): " + "; ".join(out))
     for noun, key, after, distilled in (("repair", "repair", "the edit", False), ("distillation", "distil", "it", True)):
-        names = [f"{r['method']} seed {r['seed']}" for r in broken if (r["method"] in (DISTILLED, DISTIL_ONLY)) == distilled]
+        names = [f"{r['method']} seed {r['seed']}" for r in broken if r["repair_diverged"].startswith(DISTIL_BROKE) == distilled]
         if names:
             said.append(f"{len(names)} {noun}(s) diverged at unlearning.{key}_lr {unlearning.get(f'{key}_lr', '?')}, so "
                         f"everything after {after} is undefined there and the method's targets are not met (a smaller rate: "
@@ -346,9 +348,11 @@ def repair_note(unlearning: dict[str, Any]) -> str:
     n = unlearning.get("repair_steps") or 0
     if not n:
         return ""
-    spared = "the filters and the distilled rows" if unlearning.get("distil_steps") else "the filters"
-    return (f"every edit (not {spared}) was repaired before scoring: {n} fine-tuning steps on retain passages with the "
-            "edit re-applied after each step; the mean-difference deletion at anchoring's retain cost is not computed then")
+    students = (" (the distilled rows after their distillation, with no edit to re-apply: a student's axes are its own)"
+                if unlearning.get("distil_steps") else "")
+    return (f"every edit (not the filters) was repaired before scoring: {n} fine-tuning steps on retain passages with the "
+            f"edit re-applied after each step{students}; the mean-difference deletion at anchoring's retain cost is not "
+            "computed then")
 
 
 def distil_note(unlearning: dict[str, Any]) -> str:
