@@ -581,6 +581,37 @@ def test_targets_count_an_edit_that_removed_nothing_as_keeping_nothing():
     assert "R (anchoring · delete vs oracle filter) ≥ 0.5" in ut.targets({"rows": rows, "relearn_k": [64]})
 
 
+def test_a_distilled_row_broken_in_its_distillation_and_in_its_repair_is_counted_under_each():
+    """Since the distilled rows are repaired too, one seed's distillation and another's repair can break on
+    the same row: the target line counts each under its own cause and the notes list each under its own
+    rate. The repair note says the students were repaired only where their rows show it (a summary from
+    before their repair has no `edit_only`)."""
+    nan = float("nan")
+    before = dict.fromkeys(("forget", "concept", "retain"), 1.0)
+
+    def row(seed: int, broke: str | None = None, repaired: bool = True) -> dict:
+        out = {"method": ul.DISTILLED, "seed": seed, "d_forget_concept": nan if broke else 0.3, "d_forget": nan if broke else 0.3,
+               "retain_cost": nan if broke else 0.01, "before": before, "weights_edited": True, "fine_tuned": True,
+               "after": dict.fromkeys(before, nan) if broke else {"forget": 1.3, "concept": 1.3, "retain": 1.01},
+               "recover_steps": None, "relearn": {} if broke else {"64": {"kept": 0.8, "relearned": 0.1}}}
+        if repaired and broke != "the distillation's":
+            out["edit_only"] = before
+        return {**out, "repair_diverged": f"{broke} fine-tuning diverged at step 2"} if broke else out
+
+    u = {"rows": [row(0, "the distillation's"), row(1, "the repair's"), row(2)], "relearn_k": [64], "distil_steps": 3,
+         "distil_noise": 1.0, "distil_lr": 1e30, "repair_steps": 2, "repair_lr": 1e30}
+    line = ut.targets(u)[f"{ul.DISTILLED}: Δforget at concept positions ≥ 0.5 nats/char"]
+    assert not line["met"] and line["repair_diverged_seeds"] == 1 and line["distil_diverged_seeds"] == 1, line
+    said = report.left_out_note(line)
+    assert "(1 seed's repair diverged, left out: not met)" in said and "(1 seed's distillation diverged" in said, said
+    notes = ut.diverged_note(u)
+    assert "1 repair(s) diverged at unlearning.repair_lr 1e+30, so everything after the edit is undefined there" in notes
+    assert notes.endswith(f"{ul.DISTILLED} seed 0") and f"{ul.DISTILLED} seed 1." in notes, notes
+    assert "the distilled rows after their distillation" in ut.repair_note(u)
+    old = {**u, "rows": [row(s, repaired=False) for s in range(3)]}  # written before the distilled rows were repaired
+    assert "every edit (not the filters and the distilled rows) was repaired" in ut.repair_note(old)
+
+
 def test_a_seed_whose_repair_diverged_fails_every_target_line_of_its_method_and_is_counted_once():
     """Medians leave an undefined seed out, so a method whose repair broke on one seed of three would be
     judged on the other two alone: its lines must say MISS and name the broken seed once, not also as

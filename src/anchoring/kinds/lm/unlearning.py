@@ -389,7 +389,7 @@ def _score_method(m: Method, seed: int, at: SeedSetting, u: UnlearningConfig, pr
             return broken_repair_row(m, seed, losses(m.before, es, bs), edit_only, u, f"the repair's {e}"), curves
     row = _row(m.name, seed, m.arm, m.weights_edited, losses(m.before, es, bs), losses(m.after, es, bs),
                attacked(m, u.attack_hooks))
-    if edit_only is not None:  # the edit alone, before its repair
+    if edit_only is not None:  # the edit alone (a distilled row: the unrepaired student), before its repair
         row["edit_only"] = edit_only
         row["repair_steps"] = u.repair_steps
     if m.removed:  # exact (0) for a basis axis; a slanted direction leaks back through the per-dim step α
@@ -427,8 +427,8 @@ def _score_method(m: Method, seed: int, at: SeedSetting, u: UnlearningConfig, pr
 
 def broken_repair_row(m: Method, seed: int, before: dict[str, float], edit_only: dict[str, float] | None,
                       u: UnlearningConfig, message: str) -> dict[str, Any]:
-    """The row of a method whose repair or distillation diverged (a rate too high for the model; `edit_only`
-    None for a distillation, which has no edit alone to show): its losses after, its differences,
+    """The row of a method whose repair or distillation diverged (a rate too high for the model; `edit_only`:
+    the model the repair started from, None when the distillation broke first): its losses after, its differences,
     relearning and recovery are undefined, not those of broken weights, and `repair_diverged` says why.
     Failing instead would lose a run that trained for hours, and the targets this row would count
     towards are reported as not met."""

@@ -348,9 +348,12 @@ def repair_note(unlearning: dict[str, Any]) -> str:
     n = unlearning.get("repair_steps") or 0
     if not n:
         return ""
+    distilled = [r for r in unlearning["rows"] if r["method"] in (DISTILLED, DISTIL_ONLY)]
+    repaired = any("edit_only" in r for r in distilled)  # a summary older than their repair has none
     students = (" (the distilled rows after their distillation, with no edit to re-apply: a student's axes are its own)"
-                if unlearning.get("distil_steps") else "")
-    return (f"every edit (not the filters) was repaired before scoring: {n} fine-tuning steps on retain passages with the "
+                if repaired else "")
+    spared = "the filters and the distilled rows" if distilled and not repaired else "the filters"
+    return (f"every edit (not {spared}) was repaired before scoring: {n} fine-tuning steps on retain passages with the "
             f"edit re-applied after each step{students}; the mean-difference deletion at anchoring's retain cost is not "
             "computed then")
 
