@@ -425,6 +425,12 @@ def _score_method(m: Method, seed: int, at: SeedSetting, u: UnlearningConfig, pr
     return row, curves
 
 
+def distillation_broke(row: dict[str, Any]) -> bool:
+    """Whether a row's broken fine-tune (`repair_diverged`) was its distillation rather than its repair: a
+    distilled row is repaired too, so the method's name cannot tell them apart."""
+    return str(row.get("repair_diverged") or "").startswith(DISTIL_BROKE)
+
+
 def broken_repair_row(m: Method, seed: int, before: dict[str, float], edit_only: dict[str, float] | None,
                       u: UnlearningConfig, message: str) -> dict[str, Any]:
     """The row of a method whose repair or distillation diverged (a rate too high for the model; `edit_only`:

@@ -13,12 +13,12 @@ from anchoring.evaluate.stats import median
 from anchoring.kinds.lm.unlearning import (
     CONTROL_ROWS,
     COST_FLOOR,
-    DISTIL_BROKE,
     DISTIL_ONLY,
     DISTILLED,
     DIVERGED,
     MATCHED_COST,
     ND,
+    distillation_broke,
     ratio,
     selectivity,
 )
@@ -58,7 +58,7 @@ def targets(unlearning: dict[str, Any]) -> dict[str, dict[str, Any]]:
         are undefined and left out, so the line is not met on them (a median over the seeds that
         survived says nothing of the ones that did not)."""
         broken = [r for r in rows if r["method"] in methods and r.get("repair_diverged")]
-        counts = {key: len({r["seed"] for r in broken if r["repair_diverged"].startswith(DISTIL_BROKE) == distilled})
+        counts = {key: len({r["seed"] for r in broken if distillation_broke(r) == distilled})
                   for key, distilled in (("repair_diverged_seeds", False), ("distil_diverged_seeds", True))}
         return {**line, "met": False, **{k: n for k, n in counts.items() if n}} if broken else line
 
@@ -259,7 +259,7 @@ def diverged_note(unlearning: dict[str, Any]) -> str:
                     f"at their last finite point, their relearned, kept and recovery undefined (a smaller rate: `anchoring "
                     f"relearn RUN --lr`): " + "; ".join(out))
     for noun, key, after, distilled in (("repair", "repair", "the edit", False), ("distillation", "distil", "it", True)):
-        names = [f"{r['method']} seed {r['seed']}" for r in broken if r["repair_diverged"].startswith(DISTIL_BROKE) == distilled]
+        names = [f"{r['method']} seed {r['seed']}" for r in broken if distillation_broke(r) == distilled]
         if names:
             said.append(f"{len(names)} {noun}(s) diverged at unlearning.{key}_lr {unlearning.get(f'{key}_lr', '?')}, so "
                         f"everything after {after} is undefined there and the method's targets are not met (a smaller rate: "
