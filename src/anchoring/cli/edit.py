@@ -173,8 +173,9 @@ def relearn_cmd(
                                                                             "passages first (default unlearning.repair_steps)"),
     repair_lr: Optional[float] = typer.Option(None, "--repair-lr", help="LM: the repair's rate (default unlearning.repair_lr)"),
     distil_steps: Optional[int] = typer.Option(None, "--distil-steps", help="LM: also distil anchoring's deletion into a fresh "
-                                                                            "model this many steps, as one more row (default "
-                                                                            "unlearning.distil_steps)"),
+                                                                            "model this many steps: two more rows, the distilled "
+                                                                            "deletion and the same distillation of the unedited "
+                                                                            "model (default unlearning.distil_steps)"),
     distil_noise: Optional[float] = typer.Option(None, "--distil-noise", help="LM: how far the student starts towards a fresh "
                                                                               "model, in (0, 1] (default unlearning.distil_noise)"),
     distil_lr: Optional[float] = typer.Option(None, "--distil-lr", help="LM: the distillation's peak rate (default "

@@ -154,8 +154,8 @@ class UnlearningConfig(_Strict):
     repair_lr: float = Field(1e-4, gt=0, description="learning rate of the repair fine-tune (a fresh Adam at 1e-3 "
                                                     "moves a converged model enough to cost retain text by itself)")
     distil_steps: int = Field(0, ge=0, description="distil anchoring's deletion into a fresh (or partly noised) model for "
-                              "this many steps on all training text, and score it as one more row, with the same "
-                              "distillation of the unedited anchored model as its control (0: none; two "
+                              "this many steps on all training text, and score it as a row of its own, with the same "
+                              "distillation of the unedited anchored model as its control row (0: none; two "
                               "distillations per seed, each about a training run's time at 1000 steps)")
     distil_noise: float = Field(1.0, gt=0, le=1, description="how far the student starts from the teacher's weights "
                                 "towards a fresh model's (1: a fresh model)")
