@@ -880,10 +880,12 @@ def test_relearn_on_a_finished_run_gives_the_in_run_table_and_takes_its_own_atta
         m.chdir(out)
         assert CliRunner().invoke(app, ["show", "."]).stdout == shown.stdout
     r = CliRunner().invoke(app, ["relearn", str(path), "--samples", "1,3", "--steps", "2", "--concept", "violence",
-                                 "--eval-chars", "3000"])
+                                 "--eval-chars", "3000", "--attack-unedited"])
     assert r.exit_code == 0, r.stderr
     again = json.loads((out / "summary.json").read_text())
     assert again["unlearning_config"]["eval_chars"] == 3000
+    assert again["unlearning_config"]["attack_unedited"] and "kept vs unedited K=3" in r.stdout
+    assert all("kept_unedited" in rec for x in again["unlearning"]["rows"] for rec in x["relearn"].values())
     assert again["unlearning"]["eval_positions"]["curves"] > got["unlearning"]["eval_positions"]["curves"]  # 3000 > 1500
     curves = pd.read_csv(out / ul.CURVES)
     relearned = curves[curves.fine_tune.str.startswith("relearn")]
@@ -1519,3 +1521,81 @@ def test_relearn_distil_steps_adds_the_distilled_rows_to_the_attack(unlearned):
     assert {ul.DISTILLED, ul.DISTIL_ONLY} <= set(rows) and rows[ul.DISTILLED]["relearn"]
     assert got["unlearning_config"]["distil_steps"] == 2 and got["unlearning"]["distil_noise"] == 0.5
     assert "moved 0.5 of the way to a fresh model" in r.stdout.replace("\n", " ")
+
+
+def test_attacking_the_unedited_models_counts_kept_from_where_the_attack_takes_them(unlearned):
+    """`unlearning.attack_unedited`: every attack runs again on the unedited models (the anchored arm for
+    anchoring's rows, the control for the post-hoc rows and the filters), from the same windows, and each
+    attacked row gets that attack's drop and its kept share counted from there; the rows are otherwise
+    those of the plain evaluation, the progress counts the extra attacks, and the table shows the column."""
+    path, _summary = unlearned
+    run = lifecycle.load_run(path)
+    models = {(arm, s): m for arm in run.arms for s, m in zip(run.seeds, run.arms[arm])}
+    u = run.config.unlearning.model_copy(update={"attack_unedited": True})
+    cfg = run.config.model_copy(update={"unlearning": u})
+    seen: list[tuple[int, int]] = []
+    got = ul.evaluate(cfg, run.data, models, progress=lambda done, total: seen.append((done, total)))
+    plain = ul.evaluate(run.config, run.data, models)
+    seed = run.seeds[0]
+    k = u.relearn_k[0]
+    forget = ul.forget_passages(run.data, seed)
+    w = ul.Windows(run.data, forget[:k], cfg.lm.tokens, seed, (ul.BATCH_SALT << 20) + k)
+    small = ul.ev.eval_set(run.data, cfg.lm.tokens, u.eval_chars, cfg.evaluate.after, order=cfg.evaluate.order)
+    drops = {}
+    for arm in ("anchored", "control"):  # the attack on the unedited model, run here on its own
+        curve = ul.finetune(models[arm, seed], lambda step: w.batch(step, u.relearn_batch), u.relearn_steps, u.relearn_lr,
+                            lambda m: ul.losses(m, small, cfg.evaluate.batch_size))
+        drops[arm] = curve[0]["concept"] - min(c["concept"] for c in curve)
+    assert min(drops.values()) > 0.01  # this attack does lower the unedited models' concept loss, so the count differs
+    attacked = [r for r in got["rows"] if r.get("relearn")]
+    assert {r["method"] for r in attacked} >= {"anchoring · delete", "mean-difference · delete", "oracle filter"}
+    for r, p in zip(got["rows"], plain["rows"]):
+        assert r["method"] == p["method"] and r["d_forget_concept"] == p["d_forget_concept"]
+        for key, rec in (r.get("relearn") or {}).items():
+            old = p["relearn"][key]
+            assert {x: rec[x] for x in old if x != "kept"} == {x: old[x] for x in old if x != "kept"}
+            arm = "anchored" if r["method"].startswith("anchoring") else "control"
+            assert rec["unedited"] == arm and rec["unedited_drop"] == pytest.approx(drops[arm], abs=1e-9), (r["method"], rec)
+            rise = rec["after_edit"] - rec["before_edit"]
+            if rise >= ul.KEPT_FLOOR:
+                want = (rec["lowest"] - rec["before_edit"] + drops[arm]) / rise
+                assert rec["kept_unedited"] == pytest.approx(want) and rec["kept"] == pytest.approx(old["kept"])
+            else:
+                assert math.isnan(rec["kept_unedited"])
+    planned = ul._planned_ticks(ul.methods(cfg, run.data, models, seed), u)
+    assert ul.unedited_ticks(ul.methods(cfg, run.data, models, seed), u) == 2 * u.relearn_steps  # anchored, control
+    assert seen[-1] == (planned, planned) and [d for d, _ in seen] == sorted(d for d, _ in seen)
+    head, rows = ut.table(got)
+    col = head.index(f"{ut.UNEDITED} K={k}")
+    med = next(row for row in rows if row[0] == "anchoring · delete" and row[1] == "median")
+    mine = [r for r in got["rows"] if r["method"] == "anchoring · delete"]
+    assert med[col] == pytest.approx(ut.ranked_median([ut.kept_for_median(r, k, "kept_unedited") for r in mine]), nan_ok=True)
+    assert any(n.startswith("kept vs unedited") and f"anchored, seed {seed}: K={k}" in n for n in ut.notes(got))
+    assert f"{ut.UNEDITED} K={k}" not in ut.table(plain)[0] and not any(n.startswith("kept vs") for n in ut.notes(plain))
+
+
+def test_an_evaluation_stopped_in_the_attacks_on_the_unedited_models_annotates_its_saved_rows_on_resuming(
+        unlearned, tmp_path, monkeypatch):
+    """The attacks on the unedited models run after a seed's last method, so a stop there leaves every
+    method saved but the seed unfinished: the resumed evaluation reads the rows back, runs those attacks
+    and gives what an evaluation never stopped gives."""
+    path, _summary = unlearned
+    run = lifecycle.load_run(path)
+    models = {(arm, s): m for arm in run.arms for s, m in zip(run.seeds, run.arms[arm])}
+    u = run.config.unlearning.model_copy(update={"attack_unedited": True, "recover_steps": 0})
+    cfg = run.config.model_copy(update={"unlearning": u})
+    real = ul.attack_unedited
+
+    def stop(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ul, "attack_unedited", stop)
+    with pytest.raises(KeyboardInterrupt):
+        ul.evaluate(cfg, run.data, models, partial=tmp_path)
+    saved = json.loads((tmp_path / f"seed{run.seeds[0]}.json").read_text())
+    assert not saved["complete"] and len(saved["rows"]) == len(ul.methods(cfg, run.data, models, run.seeds[0]))
+    monkeypatch.setattr(ul, "attack_unedited", real)
+    resumed = ul.evaluate(cfg, run.data, models, partial=tmp_path)
+    assert all("kept_unedited" in rec for r in resumed["rows"] for rec in (r.get("relearn") or {}).values())
+    assert table_json(resumed) == table_json(ul.evaluate(cfg, run.data, models))
+    assert json.loads((tmp_path / f"seed{run.seeds[0]}.json").read_text())["complete"]

@@ -212,6 +212,7 @@ def test_bad_input_is_one_line_and_writes_nothing(anchored_run, tmp_path):
     one_line_error(invoke("relearn", out, "--eval-chars", "5000", "--no-baseline"), "--eval-chars is for LM runs")
     one_line_error(invoke("relearn", out, "--repair-lr", "0.1", "--no-baseline"), "--repair-steps and --repair-lr are for LM runs")
     one_line_error(invoke("relearn", out, "--distil-steps", "10", "--no-baseline"), "--distil-noise and --distil-lr are for LM runs")
+    one_line_error(invoke("relearn", out, "--attack-unedited", "--no-baseline"), "--attack-unedited is for LM runs")
     one_line_error(invoke("run", "--set", 'interventions.0.falloff="bezier:0.5,0,0.9,0.1,0"', "--out", tmp_path / "bz",
                           *SHORT), "a Bézier mapper only applies to repel")  # before training, not after
     one_line_error(invoke("intervene", out, "--concept", "red", "--site", "decoder"), "not the latent width")

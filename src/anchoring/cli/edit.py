@@ -180,6 +180,9 @@ def relearn_cmd(
                                                                               "model, in (0, 1] (default unlearning.distil_noise)"),
     distil_lr: Optional[float] = typer.Option(None, "--distil-lr", help="LM: the distillation's peak rate (default "
                                                                         "unlearning.distil_lr)"),
+    attack_unedited: Optional[bool] = typer.Option(None, "--attack-unedited/--no-attack-unedited", help="LM: also attack each "
+                                                   "method's unedited model, and count kept from where that attack takes it "
+                                                   "(default unlearning.attack_unedited)"),
     retain: Optional[int] = typer.Option(None, "--retain", help="colour: extra random colours mixed in (retain data; default 0)"),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="colour: concept MSE at which it counts as recovered "
                                                                         "(default 0.01)"),
@@ -195,7 +198,7 @@ def relearn_cmd(
     run = open_run(run_dir, finished=True)
     given = {"concept": concept, "samples": ks, "steps": steps, "lr": lr, "eval_chars": eval_chars,
              "repair_steps": repair_steps, "repair_lr": repair_lr, "distil_steps": distil_steps, "distil_noise": distil_noise,
-             "distil_lr": distil_lr, "retain": retain,
+             "distil_lr": distil_lr, "attack_unedited": attack_unedited, "retain": retain,
              "threshold": threshold, "baseline": baseline}
     with progress_bar(kind_of(run.config).relearn_label, sys.stderr.isatty()) as update:
         _apply_edit(lambda: kind_of(run.config).relearn(run, **{k: v for k, v in given.items() if v is not None},

@@ -203,7 +203,8 @@ def median_steps(got: Sequence[int | None], steps: int) -> str:
 def relearn(run: ColourRun, concept: str = "red", samples: Sequence[int] = (1, 4, 16, 64), steps: int = 200, *,
             lr: float = 0.01, retain: int = 0, threshold: float = 0.01, baseline: bool = True, progress=None,
             eval_chars: int | None = None, repair_steps: int | None = None, repair_lr: float | None = None,
-            distil_steps: int | None = None, distil_noise: float | None = None, distil_lr: float | None = None) -> EditResult:
+            distil_steps: int | None = None, distil_noise: float | None = None, distil_lr: float | None = None,
+            attack_unedited: bool | None = None) -> EditResult:
     """Delete the concept (ablate its dims), then fine-tune on K concept samples; same for a post-hoc baseline."""
     if eval_chars is not None:
         raise AnchoringError("--eval-chars is for LM runs; a colour run's relearning error is scored on every colour of its concept")
@@ -212,6 +213,9 @@ def relearn(run: ColourRun, concept: str = "red", samples: Sequence[int] = (1, 4
     if distil_steps is not None or distil_noise is not None or distil_lr is not None:
         raise AnchoringError("--distil-steps, --distil-noise and --distil-lr are for LM runs; a colour run's deletion is "
                              "attacked as it is")
+    if attack_unedited is not None:
+        raise AnchoringError("--attack-unedited is for LM runs; a colour run's relearning is measured by steps to recover, "
+                             "not by a share kept")
     from anchoring import lifecycle
 
     if not samples or any(k < 1 for k in samples) or steps < 1:

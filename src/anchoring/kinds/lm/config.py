@@ -147,6 +147,11 @@ class UnlearningConfig(_Strict):
     attack_hooks: bool = Field(True, description="fine-tune the hook methods (the suppress rows) too, with the hook kept in "
                                                   "place: the attack a hook that ships inside the model has to survive "
                                                   "(the matched random move, a control, is never fine-tuned)")
+    attack_unedited: bool = Field(False, description="run every attack on each method's unedited model too, and count "
+                                  "each row's kept share also from where that attack takes the unedited model "
+                                  "(`kept_unedited`): a fine-tune that lowers the unedited model's own concept loss "
+                                  "would otherwise take that drop off every edit's share (one more attack per K "
+                                  "and unedited model)")
     posthoc: list[Posthoc] = Field(default_factory=lambda: ["mean-difference", "leace"],
                                    description="post-hoc directions fitted on the control arm")
     repair_steps: int = Field(0, ge=0, description="retain-only fine-tuning steps after every edit, with the edit "

@@ -275,15 +275,17 @@ def delete(run, spec: InterventionConfig, out: Path, repair_steps: int = 0, repa
 def relearn(run, concept: str | None = None, samples: list[int] | None = None, steps: int | None = None,
             lr: float | None = None, progress: Callable[[int, int], None] | None = None, *, eval_chars: int | None = None,
             repair_steps: int | None = None, repair_lr: float | None = None, distil_steps: int | None = None,
-            distil_noise: float | None = None, distil_lr: float | None = None, retain: int | None = None,
+            distil_noise: float | None = None, distil_lr: float | None = None, attack_unedited: bool | None = None,
+            retain: int | None = None,
             threshold: float | None = None, baseline: bool | None = None) -> EditResult:
     """The unlearning evaluation of a finished run, without training it again: every method that its
     arms allow (anchoring's edits of the anchored arm, the post-hoc directions of the control, the
     filtered arms), scored on forget and retain text and attacked by relearning, exactly as
     `unlearning.enabled` does after training. `samples`, `steps`, `lr`, `eval_chars`, `repair_steps`,
-    `repair_lr` and the `distil_*` options replace the run's `unlearning.relearn_k`, `relearn_steps`, `relearn_lr`,
-    `eval_chars`, `repair_steps`, `repair_lr` and `distil_*` (a repair that diverged in training's evaluation is scored again at
-    another rate this way). Written to `<run>/relearn/<concept>`."""
+    `repair_lr`, the `distil_*` options and `attack_unedited` replace the run's `unlearning.relearn_k`,
+    `relearn_steps`, `relearn_lr`, `eval_chars`, `repair_steps`, `repair_lr`, `distil_*` and `attack_unedited`
+    (a repair that diverged in training's evaluation is scored again at another rate this way). Written to
+    `<run>/relearn/<concept>`."""
     colour_only = {"--retain": retain, "--threshold": threshold, "--baseline/--no-baseline": baseline}
     given = [flag for flag, v in colour_only.items() if v is not None]
     if given:
@@ -304,7 +306,7 @@ def relearn(run, concept: str | None = None, samples: list[int] | None = None, s
     u = cfg.unlearning
     options = {"relearn_k": samples, "relearn_steps": steps, "relearn_lr": lr, "eval_chars": eval_chars,
                "repair_steps": repair_steps, "repair_lr": repair_lr, "distil_steps": distil_steps,
-               "distil_noise": distil_noise, "distil_lr": distil_lr}
+               "distil_noise": distil_noise, "distil_lr": distil_lr, "attack_unedited": attack_unedited}
     update: dict[str, Any] = {"enabled": True, **{k: v for k, v in options.items() if v is not None}}
     try:  # the config's own checks, so the bounds and messages are the config keys'
         u = type(u).model_validate({**u.model_dump(), **update})

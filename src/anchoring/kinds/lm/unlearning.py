@@ -330,8 +330,65 @@ def method_ticks(m: Method, u: UnlearningConfig) -> int:
 
 
 def _planned_ticks(ms: list[Method], u: UnlearningConfig) -> int:
-    """The fine-tuning steps one seed's methods are given."""
-    return sum(method_ticks(m, u) for m in ms)
+    """The fine-tuning steps one seed's methods are given, with the attacks on their unedited models."""
+    return sum(method_ticks(m, u) for m in ms) + unedited_ticks(ms, u)
+
+
+def unedited_models(ms: list[Method], u: UnlearningConfig) -> list[nn.Module]:
+    """The distinct unedited models (`before`) of the methods the attack runs on, in order of first use:
+    the anchored arm for anchoring's rows, the control for the post-hoc directions and the filters."""
+    out: dict[int, nn.Module] = {}
+    for m in ms:
+        if attacked(m, u.attack_hooks):
+            out.setdefault(id(m.before), m.before)
+    return list(out.values())
+
+
+def unedited_ticks(ms: list[Method], u: UnlearningConfig) -> int:
+    """The steps of the attacks on the unedited models (`unlearning.attack_unedited`)."""
+    return len(unedited_models(ms, u)) * len(u.relearn_k) * u.relearn_steps if u.attack_unedited else 0
+
+
+def kept_unedited(record: dict[str, Any], drop: float) -> float:
+    """The share of an edit's rise in concept loss that survives the attack, counted from where the same
+    attack takes the unedited model (`drop` below its own loss) rather than from the unedited loss itself:
+    (lowest − before + drop) / (after − before). Why: a fine-tune that finds headroom in the unedited
+    model would take that drop off `kept` for every edit of it, though no edit caused it. Undefined
+    where `kept` is (a rise under KEPT_FLOOR, a broken attack) and where the unedited model's attack broke."""
+    rise = record["after_edit"] - record["before_edit"]
+    if record.get("diverged") or not math.isfinite(drop) or not rise >= KEPT_FLOOR:
+        return float("nan")
+    return ratio(record["lowest"] - record["before_edit"] + drop, rise)
+
+
+def attack_unedited(ms: list[Method], rows: list[dict[str, Any]], at: SeedSetting, u: UnlearningConfig,
+                    tick: Callable[[int], None], names: dict[int, str]) -> None:
+    """Every attack of one seed run again on each unedited model, from the same windows; each attacked row's
+    records gain `unedited` (the arm of its unedited model: `names` by `id`, else the method's arm),
+    `unedited_drop` (how far the attack took that model below its own concept loss; NaN when that attack
+    diverged) and `kept_unedited`. `rows` are the rows of `ms`, in order."""
+    if [r["method"] for r in rows] != [m.name for m in ms]:
+        raise AnchoringError("internal: the rows to annotate are not those of the seed's methods")
+    score = lambda model: losses(model, at.small, at.bs)  # noqa: E731
+    drops: dict[tuple[int, str], float] = {}
+    for model in unedited_models(ms, u):
+        for k, w in at.attack.items():
+            spent = [0]
+
+            def counted() -> None:
+                spent[0] += 1
+                tick(1)
+
+            curve, broke = cut_at_divergence(lambda w=w, model=model: finetune(
+                model, lambda step: w.batch(step, u.relearn_batch), u.relearn_steps, u.relearn_lr, score, tick=counted))
+            if u.relearn_steps > spent[0]:
+                tick(u.relearn_steps - spent[0])
+            start = curve[0]["concept"]
+            drops[id(model), str(k)] = float("nan") if broke else start - min(c["concept"] for c in curve)
+    for m, row in zip(ms, rows):
+        for k, record in (row.get("relearn") or {}).items():
+            drop = drops.get((id(m.before), k), float("nan"))
+            record.update(unedited=names.get(id(m.before), m.arm), unedited_drop=drop, kept_unedited=kept_unedited(record, drop))
 
 
 @dataclass
@@ -524,6 +581,9 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
                 seed_curves += points
                 if partial is not None:
                     _save_seed(partial, seed, keys[seed], counted[0], seed_rows, seed_curves, False)
+            if u.attack_unedited:  # after every method, so a resumed seed annotates its saved rows too
+                attack_unedited(by_seed[seed], seed_rows, at, u, ticked,
+                                {id(model): arm for (arm, s), model in models.items() if s == seed})
             matched = None if u.repair_steps else cost_matched_row(seed_rows, by_seed[seed], es, bs)
             if matched is not None:
                 seed_rows.append(matched)
@@ -536,7 +596,7 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
         runs.write_atomic(path / CURVES, pd.DataFrame(curves).to_csv(index=False, float_format="%.8g"))
     return {"rows": rows, "curves": CURVES, "curve_points": curves, "relearn_k": list(u.relearn_k),
             "relearn_steps": u.relearn_steps, "relearn_lr": u.relearn_lr, "recover_cap": u.recover_steps, "repair_steps": u.repair_steps,
-            "repair_lr": u.repair_lr,
+            "repair_lr": u.repair_lr, "attack_unedited": u.attack_unedited,
             **({"distil_steps": u.distil_steps, "distil_noise": u.distil_noise, "distil_lr": u.distil_lr} if u.distil_steps else {}),
             "eval_positions": {"table": int((es.cls[:, 1:] != ev.PAD).sum()), "curves": int((small.cls[:, 1:] != ev.PAD).sum())},
             "note": ("suppress rows are hooks, not weight edits: they are fine-tuned with the hook kept in place; the matched "

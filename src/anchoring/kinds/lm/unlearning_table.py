@@ -28,10 +28,23 @@ def _num(v: Any) -> float:
     return float("nan") if v is None else float(v)
 
 
-def columns(ks: list[int]) -> list[str]:
+UNEDITED = "kept vs unedited"  # the column of `kept_unedited` (`unlearning.attack_unedited`)
+
+
+def shares(unedited: bool) -> tuple[tuple[str, str], ...]:
+    """(column name, record key) of each attack's figures, with `kept_unedited` when it was measured."""
+    return (("relearned", "relearned"), ("kept", "kept"), *([(UNEDITED, "kept_unedited")] if unedited else []))
+
+
+def has_unedited(unlearning: dict[str, Any]) -> bool:
+    """Whether the table's attacks were also run on the unedited models (summaries before that option say nothing)."""
+    return bool(unlearning.get("attack_unedited"))
+
+
+def columns(ks: list[int], unedited: bool = False) -> list[str]:
     return ["method", "seed", "forget before", "forget after", "concept before", "concept after", "retain before",
             "retain after", "Δforget", "Δforget (concept)", "retain cost", "selectivity", "R", "direction left",
-            *[f"{name} K={k}" for k in ks for name in ("relearned", "kept")], "steps to recover"]
+            *[f"{name} K={k}" for k in ks for name, _ in shares(unedited)], "steps to recover"]
 
 
 def targets(unlearning: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -100,15 +113,17 @@ def targets(unlearning: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def kept_for_median(row: dict[str, Any], k: int) -> float:
-    """A row's share kept at K = k as medians count it: NaN when the row was not attacked at k, and 0
-    when it was but its edit raised the forget loss too little for a share ("kept" undefined): it
-    had nothing to keep, and leaving it out would let the seeds where the edit worked decide alone."""
+def kept_for_median(row: dict[str, Any], k: int, key: str = "kept") -> float:
+    """A row's share kept at K = k (`key`: "kept", or "kept_unedited") as medians count it: NaN when the
+    row was not attacked at k, and 0 when it was but its edit raised the forget loss too little for a
+    share ("kept" undefined): it had nothing to keep, and leaving it out would let the seeds where the
+    edit worked decide alone. A `kept_unedited` undefined for another reason (the unedited model's
+    attack broke) stays NaN."""
     got = (row.get("relearn") or {}).get(str(k))
     if got is None or got.get("diverged"):  # not attacked, or the attack broke: no share either way
         return float("nan")
-    v = _num(got.get("kept"))
-    return 0.0 if math.isnan(v) else v
+    v = _num(got.get(key))
+    return 0.0 if math.isnan(v) and math.isnan(_num(got.get("kept"))) else v
 
 
 def ranked_median(values: list[float]) -> float:
@@ -125,6 +140,7 @@ def table(unlearning: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
 
     ks = unlearning["relearn_k"]
     cap = unlearning.get("recover_cap")
+    figures = shares(has_unedited(unlearning))
 
     def values(r: dict[str, Any]) -> list[float]:
         rel = r.get("relearn") or {}
@@ -132,7 +148,7 @@ def table(unlearning: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
                 _num(r["after"]["concept"]), _num(r["before"]["retain"]), _num(r["after"]["retain"]),
                 _num(r["d_forget"]), _num(r["d_forget_concept"]), _num(r["retain_cost"]),
                 selectivity(_num(r["d_forget_concept"]), _num(r["retain_cost"])),
-                _num(r["R"]), _num(r.get("leftover")), *[_num(rel.get(str(k), {}).get(name)) for k in ks for name in ("relearned", "kept")]]
+                _num(r["R"]), _num(r.get("leftover")), *[_num(rel.get(str(k), {}).get(key)) for k in ks for _, key in figures]]
 
     def recover(r: dict[str, Any]) -> Any:
         if r["method"] in CONTROL_ROWS:  # never fine-tuned
@@ -147,7 +163,7 @@ def table(unlearning: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
             return DIVERGED
         return r["recover_steps"] if r["recover_steps"] is not None else f"> {cap}"
 
-    head = columns(ks)
+    head = columns(ks, has_unedited(unlearning))
     rows: list[list[Any]] = []
     for m in dict.fromkeys(r["method"] for r in unlearning["rows"]):
         mine = [r for r in unlearning["rows"] if r["method"] == m]
@@ -161,8 +177,8 @@ def table(unlearning: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
             med_rec = f"> {cap}"
         med = [median(list(col)) for col in vals.T]
         for k in ks:  # as the target line: an attacked seed whose edit had nothing to keep kept 0, not "unknown"
-            shares = [kept_for_median(r, k) for r in mine]
-            med[head.index(f"kept K={k}") - 2] = median(shares)
+            for name, key in figures[1:]:
+                med[head.index(f"{name} K={k}") - 2] = median([kept_for_median(r, k, key) for r in mine])
         rows.append([m, "median", *med, med_rec])
         rows += [[m, r["seed"], *values(r), recover(r)] for r in mine]
     return head, rows
@@ -219,8 +235,24 @@ def notes(unlearning: dict[str, Any]) -> list[str]:
     denominator, the matched and repaired rows), under the CLI's table and the report's alike."""
     said = [diverged_note(unlearning), nothing_kept_note(unlearning), never_lower_note(unlearning),
             nothing_to_recover_note(unlearning), r_note(unlearning), matched_note(unlearning), repair_note(unlearning),
-            distil_note(unlearning)]
+            distil_note(unlearning), unedited_note(unlearning)]
     return [n for n in said if n]
+
+
+def unedited_note(unlearning: dict[str, Any]) -> str:
+    """What the "kept vs unedited" columns count, with how far the attack took each unedited model ("" without them)."""
+    if not has_unedited(unlearning):
+        return ""
+    drops: dict[tuple[str, int], dict[str, float]] = {}
+    for r in unlearning["rows"]:
+        for k, got in (r.get("relearn") or {}).items():
+            if "unedited_drop" in got:
+                drops.setdefault((str(got.get("unedited")), r["seed"]), {})[k] = _num(got["unedited_drop"])
+    told = "; ".join(f"{arm}, seed {seed}: " + ", ".join(f"K={k} {'–' if math.isnan(v) else f'{v:.3f}'}" for k, v in d.items())
+                     for (arm, seed), d in sorted(drops.items()))
+    return ("kept vs unedited = (lowest − before + drop) / (after − before): the share kept counted from where the same "
+            "attack takes the unedited model, drop below its own concept loss (so headroom the attack finds without any "
+            "edit does not count against the edit); drops: " + (told or "none measured"))
 
 
 NAME_WIDTH = 20  # the CLI table's method column: longer names wrap
