@@ -1564,7 +1564,8 @@ def test_attacking_the_unedited_models_counts_kept_from_where_the_attack_takes_t
                 assert math.isnan(rec["kept_unedited"])
     planned = ul._planned_ticks(ul.methods(cfg, run.data, models, seed), u)
     assert ul.unedited_ticks(ul.methods(cfg, run.data, models, seed), u) == 2 * u.relearn_steps  # anchored, control
-    assert seen[-1] == (planned, planned) and [d for d, _ in seen] == sorted(d for d, _ in seen)
+    # the bar closes at its total anyway: the steps before it show that the extra attacks ticked
+    assert (planned - 1, planned) in seen and seen[-1] == (planned, planned) and [d for d, _ in seen] == sorted(d for d, _ in seen)
     head, rows = ut.table(got)
     col = head.index(f"{ut.UNEDITED} K={k}")
     med = next(row for row in rows if row[0] == "anchoring · delete" and row[1] == "median")
@@ -1599,3 +1600,47 @@ def test_an_evaluation_stopped_in_the_attacks_on_the_unedited_models_annotates_i
     assert all("kept_unedited" in rec for r in resumed["rows"] for rec in (r.get("relearn") or {}).values())
     assert table_json(resumed) == table_json(ul.evaluate(cfg, run.data, models))
     assert json.loads((tmp_path / f"seed{run.seeds[0]}.json").read_text())["complete"]
+
+
+def test_an_unedited_attack_that_diverges_leaves_kept_vs_unedited_undefined_not_zero(monkeypatch):
+    """An attack on an unedited model that diverges has no drop: the rows of that model get NaN (not a
+    share counted from a broken curve), their medians leave them out rather than count 0, the note says
+    why the cell is "–", the bar still moves by the attack's planned steps, and the rows of the other
+    unedited model are counted from their own drop."""
+    from types import SimpleNamespace
+
+    from anchoring.kinds.lm.config import UnlearningConfig
+    from anchoring.train.skeleton import Diverged
+
+    a, c = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    ms = [ul.Method("anchoring · delete", "anchored", a, a, True),
+          ul.Method("oracle filter", "oracle-filtered", c, c, True, repairable=False)]
+    rows = [{"method": m.name, "seed": 0, "relearn": {"4": {"lowest": 1.2, "before_edit": 1.0, "after_edit": 1.5, "kept": 0.4}}}
+            for m in ms]
+
+    def fake_finetune(model, batches, steps, lr, score, tick=None, **_kwargs):
+        if model is a:  # breaks after two of its three steps
+            tick(), tick()
+            e = Diverged("fine-tuning diverged at step 2 of 3")
+            e.curve = [{"concept": 1.0}, {"concept": 0.9}]
+            raise e
+        for _ in range(steps):
+            tick()
+        return [{"concept": 1.0}, {"concept": 0.95}, {"concept": 0.97}, {"concept": 0.96}]
+
+    monkeypatch.setattr(ul, "finetune", fake_finetune)
+    at = SimpleNamespace(attack={4: SimpleNamespace(batch=lambda step, n: None)}, small=None, bs=1)
+    u = UnlearningConfig(relearn_k=[4], relearn_steps=3, attack_unedited=True)
+    ticks: list[int] = []
+    ul.attack_unedited(ms, rows, at, u, ticks.append, {id(a): "anchored", id(c): "control"})
+    assert sum(ticks) == 2 * 3 == ul.unedited_ticks(ms, u)
+    broken, fine = rows[0]["relearn"]["4"], rows[1]["relearn"]["4"]
+    assert broken["unedited"] == "anchored" and math.isnan(broken["unedited_drop"]) and math.isnan(broken["kept_unedited"])
+    assert fine["unedited"] == "control" and fine["unedited_drop"] == pytest.approx(0.05)
+    assert fine["kept_unedited"] == pytest.approx((1.2 - 1.0 + 0.05) / 0.5)
+    assert math.isnan(ut.kept_for_median(rows[0], 4, "kept_unedited")) and ut.kept_for_median(rows[0], 4) == 0.4
+    nothing = {"relearn": {"4": {"kept": float("nan"), "kept_unedited": float("nan")}}}  # an edit with nothing to keep
+    assert ut.kept_for_median(nothing, 4, "kept_unedited") == 0.0 == ut.kept_for_median(nothing, 4)
+    note = ut.unedited_note({"attack_unedited": True, "rows": rows})
+    assert "anchored, seed 0: K=4 –" in note and "control, seed 0: K=4 0.050" in note and "diverged" in note
+    assert ut.unedited_note({"rows": rows}) == ""  # a summary written without the option

@@ -314,7 +314,7 @@ def relearn(run, concept: str | None = None, samples: list[int] | None = None, s
         first = e.errors()[0]
         flags = {"relearn_k": "--samples", "relearn_steps": "--steps", "relearn_lr": "--lr", "eval_chars": "--eval-chars",
                  "repair_steps": "--repair-steps", "repair_lr": "--repair-lr", "distil_steps": "--distil-steps",
-                 "distil_noise": "--distil-noise", "distil_lr": "--distil-lr"}
+                 "distil_noise": "--distil-noise", "distil_lr": "--distil-lr", "attack_unedited": "--attack-unedited"}
         flag = flags.get(str(first["loc"][0]) if first["loc"] else "", "")
         raise AnchoringError(f"{flag or 'unlearning'}: {first['msg'].removeprefix('Value error, ')}") from None
     if u.distil_steps and "anchored" not in run.arms:

@@ -299,7 +299,9 @@ def seed_key(cfg: LMExperiment, models: dict[tuple[str, int], nn.Module], seed: 
     A saved seed is reused only under an equal key, so an interrupted evaluation resumes to the numbers
     an unbroken one gives, and other options (`anchoring relearn --steps`), retrained arms or rows
     scored by an older version of this module (`SCORING`) are never read back."""
-    h = hashlib.sha256(f"scoring {SCORING}\0".encode() + cfg.model_dump_json().encode())
+    # an option left off is left out, so that evaluations saved before it existed are still read back
+    off = None if cfg.unlearning.attack_unedited else {"unlearning": {"attack_unedited"}}
+    h = hashlib.sha256(f"scoring {SCORING}\0".encode() + cfg.model_dump_json(exclude=off).encode())
     for (arm, s), model in sorted(models.items(), key=lambda kv: kv[0]):
         if s != seed:
             continue
@@ -596,7 +598,7 @@ def evaluate(cfg: LMExperiment, data: LMData, models: dict[tuple[str, int], nn.M
         runs.write_atomic(path / CURVES, pd.DataFrame(curves).to_csv(index=False, float_format="%.8g"))
     return {"rows": rows, "curves": CURVES, "curve_points": curves, "relearn_k": list(u.relearn_k),
             "relearn_steps": u.relearn_steps, "relearn_lr": u.relearn_lr, "recover_cap": u.recover_steps, "repair_steps": u.repair_steps,
-            "repair_lr": u.repair_lr, "attack_unedited": u.attack_unedited,
+            "repair_lr": u.repair_lr, **({"attack_unedited": True} if u.attack_unedited else {}),
             **({"distil_steps": u.distil_steps, "distil_noise": u.distil_noise, "distil_lr": u.distil_lr} if u.distil_steps else {}),
             "eval_positions": {"table": int((es.cls[:, 1:] != ev.PAD).sum()), "curves": int((small.cls[:, 1:] != ev.PAD).sum())},
             "note": ("suppress rows are hooks, not weight edits: they are fine-tuned with the hook kept in place; the matched "

@@ -252,7 +252,8 @@ def unedited_note(unlearning: dict[str, Any]) -> str:
                      for (arm, seed), d in sorted(drops.items()))
     return ("kept vs unedited = (lowest − before + drop) / (after − before): the share kept counted from where the same "
             "attack takes the unedited model, drop below its own concept loss (so headroom the attack finds without any "
-            "edit does not count against the edit); drops: " + (told or "none measured"))
+            "edit does not count against the edit); drops: " + (told or "none measured")
+            + ("; –: the attack on the unedited model diverged, and kept vs unedited is undefined there" if "–" in told else ""))
 
 
 NAME_WIDTH = 20  # the CLI table's method column: longer names wrap
