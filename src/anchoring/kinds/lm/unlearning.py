@@ -338,7 +338,8 @@ def _planned_ticks(ms: list[Method], u: UnlearningConfig) -> int:
 
 def unedited_models(ms: list[Method], u: UnlearningConfig) -> list[nn.Module]:
     """The distinct unedited models (`before`) of the methods the attack runs on, in order of first use:
-    the anchored arm for anchoring's rows, the control for the post-hoc directions and the filters."""
+    the anchored arm for anchoring's rows, the control for the post-hoc directions and the filters, the
+    SGTM and routing arms as trained for their ablations."""
     out: dict[int, nn.Module] = {}
     for m in ms:
         if attacked(m, u.attack_hooks):
@@ -356,11 +357,11 @@ def kept_unedited(record: dict[str, Any], drop: float) -> float:
     attack takes the unedited model (`drop` below its own loss) rather than from the unedited loss itself:
     (lowest − before + drop) / (after − before). Why: a fine-tune that finds headroom in the unedited
     model would take that drop off `kept` for every edit of it, though no edit caused it. Undefined
-    where `kept` is (a rise under KEPT_FLOOR, a broken attack) and where the unedited model's attack broke."""
-    rise = record["after_edit"] - record["before_edit"]
-    if record.get("diverged") or not math.isfinite(drop) or not rise >= KEPT_FLOOR:
+    where `kept` is (`relearn_record` decides that: a rise under KEPT_FLOOR, a broken attack) and where
+    the unedited model's attack broke."""
+    if math.isnan(record["kept"]) or not math.isfinite(drop):
         return float("nan")
-    return ratio(record["lowest"] - record["before_edit"] + drop, rise)
+    return ratio(record["lowest"] - record["before_edit"] + drop, record["after_edit"] - record["before_edit"])
 
 
 def attack_unedited(ms: list[Method], rows: list[dict[str, Any]], at: SeedSetting, u: UnlearningConfig,
